@@ -723,6 +723,20 @@ impl Store {
         self.inner.raft.shutdown().await.map_err(|error| StoreError::Raft {
             message: format!("raft did not shut down cleanly: {error}"),
         })?;
+        // openraft's state machine worker and replication tasks stop on their own shortly after
+        // the core; wait for them to let go of the database so that the data directory is free
+        // once the last handle is dropped (a restart in the same process, or a next process).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&self.inner.database) > 1 {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    node_id = self.inner.node_id,
+                    "raft tasks still hold the store database after shutdown"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         tracing::info!(node_id = self.inner.node_id, "store shut down");
         Ok(())
     }
