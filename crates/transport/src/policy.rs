@@ -1,0 +1,230 @@
+//! How many parallel bulk connections a session uses: a pure policy, no IO and no clock.
+//!
+//! Start from the bandwidth-delay product divided by what one TCP connection can keep in flight
+//! (its maximum send buffer), then probe: add a connection, measure the total rate over the next
+//! interval, keep adding while the rate rises by at least `growth_threshold`, and settle when it
+//! does not. A settled session probes again only if the rate later falls well below what it
+//! settled at (the path changed). Measurements taken while the application offered too little
+//! data say nothing about the path and are ignored, as is the first interval after a change
+//! (a new connection needs a few round trips to ramp up).
+
+/// The first stream count: enough connections to cover the bandwidth-delay product when each can
+/// keep `per_connection_window_bytes` in flight.
+pub fn initial_stream_count(
+    bandwidth_bytes_per_second: f64,
+    round_trip_seconds: f64,
+    per_connection_window_bytes: u64,
+    minimum_streams: u32,
+    maximum_streams: u32,
+) -> u32 {
+    let bandwidth_delay_product = (bandwidth_bytes_per_second * round_trip_seconds).max(0.0);
+    let window = per_connection_window_bytes.max(1) as f64;
+    let estimate = (bandwidth_delay_product / window).ceil();
+    let estimate = if estimate.is_finite() {
+        estimate.min(f64::from(u32::MAX)) as u32
+    } else {
+        maximum_streams
+    };
+    estimate.clamp(minimum_streams.max(1), maximum_streams.max(minimum_streams.max(1)))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StreamCountPolicyConfig {
+    pub minimum_streams: u32,
+    pub maximum_streams: u32,
+    /// Relative rate gain that justifies the connection just added (1.10 = +10 %).
+    pub growth_threshold: f64,
+    /// A settled session probes again when the rate falls below this share of its settled rate.
+    pub reprobe_below_share: f64,
+}
+
+impl Default for StreamCountPolicyConfig {
+    fn default() -> StreamCountPolicyConfig {
+        StreamCountPolicyConfig {
+            minimum_streams: 1,
+            maximum_streams: 16,
+            growth_threshold: 1.10,
+            reprobe_below_share: 0.6,
+        }
+    }
+}
+
+/// One rate measurement over an interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateMeasurement {
+    /// Bulk connections open during the whole interval.
+    pub streams: u32,
+    pub bytes_per_second: f64,
+    /// The application had more data than the transport could carry (the send window was full at
+    /// some point, or data kept arriving): only then does the rate reflect the path.
+    pub demand_exceeded_capacity: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamCountDecision {
+    Hold,
+    /// Open this many more bulk connections.
+    Add(u32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PolicyPhase {
+    /// Adding connections; holds the rate measured before the last addition.
+    Probing { rate_before_addition: Option<f64> },
+    /// Adding no more; holds the rate it settled at.
+    Settled { settled_rate: f64 },
+}
+
+#[derive(Clone, Debug)]
+pub struct StreamCountPolicy {
+    config: StreamCountPolicyConfig,
+    phase: PolicyPhase,
+    skip_next_measurement: bool,
+}
+
+impl StreamCountPolicy {
+    pub fn new(config: StreamCountPolicyConfig) -> StreamCountPolicy {
+        StreamCountPolicy {
+            config,
+            phase: PolicyPhase::Probing {
+                rate_before_addition: None,
+            },
+            skip_next_measurement: true,
+        }
+    }
+
+    pub fn phase(&self) -> PolicyPhase {
+        self.phase
+    }
+
+    pub fn on_measurement(&mut self, measurement: RateMeasurement) -> StreamCountDecision {
+        if !measurement.demand_exceeded_capacity || !measurement.bytes_per_second.is_finite() {
+            return StreamCountDecision::Hold;
+        }
+        if self.skip_next_measurement {
+            self.skip_next_measurement = false;
+            return StreamCountDecision::Hold;
+        }
+        let rate = measurement.bytes_per_second;
+        let at_maximum = measurement.streams >= self.config.maximum_streams;
+        match self.phase {
+            PolicyPhase::Probing {
+                rate_before_addition,
+            } => {
+                let improved = match rate_before_addition {
+                    None => true,
+                    Some(before) => rate >= before * self.config.growth_threshold,
+                };
+                if improved && !at_maximum {
+                    self.phase = PolicyPhase::Probing {
+                        rate_before_addition: Some(rate),
+                    };
+                    self.skip_next_measurement = true;
+                    StreamCountDecision::Add(1)
+                } else {
+                    self.phase = PolicyPhase::Settled {
+                        settled_rate: rate.max(rate_before_addition.unwrap_or(0.0)),
+                    };
+                    StreamCountDecision::Hold
+                }
+            }
+            PolicyPhase::Settled { settled_rate } => {
+                if rate < settled_rate * self.config.reprobe_below_share && !at_maximum {
+                    self.phase = PolicyPhase::Probing {
+                        rate_before_addition: Some(rate),
+                    };
+                    self.skip_next_measurement = true;
+                    StreamCountDecision::Add(1)
+                } else {
+                    StreamCountDecision::Hold
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(streams: u32, bytes_per_second: f64) -> RateMeasurement {
+        RateMeasurement {
+            streams,
+            bytes_per_second,
+            demand_exceeded_capacity: true,
+        }
+    }
+
+    #[test]
+    fn initial_estimate_covers_the_bandwidth_delay_product() {
+        // 1 Gbit/s, 50 ms: 6.25 MB in flight; 4 MiB per connection needs 2.
+        assert_eq!(initial_stream_count(125e6, 0.05, 4 << 20, 1, 16), 2);
+        // 100 Mbit/s, 50 ms: 625 kB fits in one connection.
+        assert_eq!(initial_stream_count(12.5e6, 0.05, 4 << 20, 1, 16), 1);
+        // 10 Gbit/s, 200 ms, clamped to the maximum.
+        assert_eq!(initial_stream_count(1.25e9, 0.2, 4 << 20, 1, 16), 16);
+        assert_eq!(initial_stream_count(f64::NAN, 0.05, 0, 2, 8), 2);
+        assert_eq!(initial_stream_count(f64::INFINITY, 1.0, 1, 1, 8), 8);
+    }
+
+    #[test]
+    fn adds_streams_while_the_rate_rises_and_settles_when_it_stops() {
+        let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
+        assert_eq!(policy.on_measurement(measured(2, 50e6)), StreamCountDecision::Hold, "warm-up");
+        assert_eq!(policy.on_measurement(measured(2, 50e6)), StreamCountDecision::Add(1));
+        assert_eq!(policy.on_measurement(measured(3, 60e6)), StreamCountDecision::Hold, "ramp");
+        assert_eq!(policy.on_measurement(measured(3, 75e6)), StreamCountDecision::Add(1));
+        assert_eq!(policy.on_measurement(measured(4, 75e6)), StreamCountDecision::Hold, "ramp");
+        assert_eq!(policy.on_measurement(measured(4, 78e6)), StreamCountDecision::Hold);
+        assert_eq!(policy.phase(), PolicyPhase::Settled { settled_rate: 78e6 });
+        assert_eq!(policy.on_measurement(measured(4, 80e6)), StreamCountDecision::Hold);
+    }
+
+    #[test]
+    fn idle_application_measurements_are_ignored() {
+        let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
+        let idle = RateMeasurement {
+            streams: 1,
+            bytes_per_second: 1.0,
+            demand_exceeded_capacity: false,
+        };
+        for _ in 0..10 {
+            assert_eq!(policy.on_measurement(idle), StreamCountDecision::Hold);
+        }
+        assert_eq!(
+            policy.phase(),
+            PolicyPhase::Probing {
+                rate_before_addition: None
+            }
+        );
+    }
+
+    #[test]
+    fn never_exceeds_the_maximum() {
+        let config = StreamCountPolicyConfig {
+            maximum_streams: 3,
+            ..StreamCountPolicyConfig::default()
+        };
+        let mut policy = StreamCountPolicy::new(config);
+        let mut streams = 1;
+        let mut rate = 10e6;
+        for _ in 0..20 {
+            if let StreamCountDecision::Add(count) = policy.on_measurement(measured(streams, rate)) {
+                streams += count;
+            }
+            rate *= 2.0;
+        }
+        assert_eq!(streams, 3);
+    }
+
+    #[test]
+    fn probes_again_after_a_large_drop() {
+        let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
+        policy.on_measurement(measured(4, 100e6));
+        policy.on_measurement(measured(4, 100e6));
+        policy.on_measurement(measured(5, 100e6));
+        policy.on_measurement(measured(5, 100e6));
+        assert!(matches!(policy.phase(), PolicyPhase::Settled { .. }));
+        assert_eq!(policy.on_measurement(measured(5, 30e6)), StreamCountDecision::Add(1));
+    }
+}

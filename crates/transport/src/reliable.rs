@@ -1,0 +1,455 @@
+//! Sans-IO state of one direction of one ordered, reliable channel: sequence numbers, the
+//! retransmission store, flow-control credit and the receiver's reorder buffer.
+//!
+//! The session layer feeds events in (frame received, acknowledgement received, connection lost)
+//! and asks what to transmit next; nothing here touches a socket or a clock, so the resume and
+//! memory-bound rules are unit-tested directly.
+//!
+//! Memory accounting charges every frame its payload length plus [`FRAME_CHARGE_BYTES`], so a
+//! peer that sends many tiny frames cannot grow the bookkeeping beyond the window either. Rules:
+//! - the sender keeps at most `send_window_bytes` (charged) of frames that are not yet
+//!   acknowledged as received, queued or in flight;
+//! - the sender transmits a frame only when its cumulative charged end offset is within the
+//!   credit the receiver granted (bytes the receiver's application consumed + its window);
+//! - the receiver therefore never holds more than its `receive_window_bytes` and treats a frame
+//!   beyond that as a protocol violation;
+//! - an acknowledgement says every sequence number below `contiguous_sequence` was received; such
+//!   frames are dropped from the store and never transmitted again, even after a reconnection.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+
+use crate::error::TransportError;
+use crate::frame::Acknowledgement;
+
+/// Bookkeeping cost charged per frame on top of its payload.
+pub const FRAME_CHARGE_BYTES: u64 = 128;
+
+pub fn charge_of(payload_len: usize) -> u64 {
+    payload_len as u64 + FRAME_CHARGE_BYTES
+}
+
+#[derive(Debug)]
+struct OutboundFrame {
+    payload: Bytes,
+    end_of_stream: bool,
+    end_offset: u64,
+    assigned_connection: Option<u64>,
+}
+
+/// A frame chosen for transmission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmission {
+    pub sequence: u64,
+    pub payload: Bytes,
+    pub end_of_stream: bool,
+    pub retransmission: bool,
+}
+
+/// The sending half of a channel.
+#[derive(Debug)]
+pub struct OutboundChannel {
+    send_window_bytes: u64,
+    next_sequence: u64,
+    next_end_offset: u64,
+    frames: BTreeMap<u64, OutboundFrame>,
+    pending: BTreeSet<u64>,
+    transmitted_once: BTreeSet<u64>,
+    buffered_bytes: u64,
+    acknowledged_sequence: u64,
+    credit_limit: u64,
+    peer_receive_window: u64,
+    end_of_stream_queued: bool,
+    pub payload_bytes_enqueued: u64,
+    pub payload_bytes_acknowledged: u64,
+    pub payload_bytes_retransmitted: u64,
+}
+
+impl OutboundChannel {
+    pub fn new(send_window_bytes: u64, peer_receive_window: u64) -> OutboundChannel {
+        OutboundChannel {
+            send_window_bytes,
+            next_sequence: 0,
+            next_end_offset: 0,
+            frames: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            transmitted_once: BTreeSet::new(),
+            buffered_bytes: 0,
+            acknowledged_sequence: 0,
+            credit_limit: peer_receive_window,
+            peer_receive_window,
+            end_of_stream_queued: false,
+            payload_bytes_enqueued: 0,
+            payload_bytes_acknowledged: 0,
+            payload_bytes_retransmitted: 0,
+        }
+    }
+
+    /// Whether a payload of this length fits the send window now. An empty store always accepts
+    /// one frame so that a window smaller than a frame cannot deadlock.
+    pub fn has_room_for(&self, payload_len: usize) -> bool {
+        self.frames.is_empty() || self.buffered_bytes + charge_of(payload_len) <= self.send_window_bytes
+    }
+
+    pub fn end_of_stream_queued(&self) -> bool {
+        self.end_of_stream_queued
+    }
+
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffered_bytes
+    }
+
+    /// Queues a frame; returns its sequence number. The caller checks `has_room_for` first.
+    pub fn enqueue(&mut self, payload: Bytes, end_of_stream: bool) -> Result<u64, TransportError> {
+        if self.end_of_stream_queued {
+            return Err(TransportError::Protocol {
+                reason: "send after end of stream".to_string(),
+            });
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let charge = charge_of(payload.len());
+        self.next_end_offset += charge;
+        self.buffered_bytes += charge;
+        self.payload_bytes_enqueued += payload.len() as u64;
+        self.end_of_stream_queued = end_of_stream;
+        self.frames.insert(
+            sequence,
+            OutboundFrame {
+                payload,
+                end_of_stream,
+                end_offset: self.next_end_offset,
+                assigned_connection: None,
+            },
+        );
+        self.pending.insert(sequence);
+        Ok(sequence)
+    }
+
+    /// The lowest-numbered frame not on a live connection, if the receiver's credit allows it;
+    /// the frame is then assigned to `connection_id` until acknowledged or that connection is lost.
+    pub fn next_transmission(&mut self, connection_id: u64) -> Option<Transmission> {
+        let sequence = *self.pending.first()?;
+        let frame = self.frames.get_mut(&sequence)?;
+        if frame.end_offset > self.credit_limit {
+            return None;
+        }
+        self.pending.remove(&sequence);
+        frame.assigned_connection = Some(connection_id);
+        let retransmission = !self.transmitted_once.insert(sequence);
+        if retransmission {
+            self.payload_bytes_retransmitted += frame.payload.len() as u64;
+        }
+        Some(Transmission {
+            sequence,
+            payload: frame.payload.clone(),
+            end_of_stream: frame.end_of_stream,
+            retransmission,
+        })
+    }
+
+    /// Applies an acknowledgement; returns whether it freed space or granted credit.
+    pub fn on_acknowledgement(&mut self, ack: Acknowledgement) -> Result<bool, TransportError> {
+        if ack.contiguous_sequence > self.next_sequence {
+            return Err(TransportError::Protocol {
+                reason: format!(
+                    "acknowledgement of sequence {} beyond the {} frames sent",
+                    ack.contiguous_sequence, self.next_sequence
+                ),
+            });
+        }
+        let mut changed = false;
+        while self.acknowledged_sequence < ack.contiguous_sequence {
+            let sequence = self.acknowledged_sequence;
+            if let Some(frame) = self.frames.remove(&sequence) {
+                self.buffered_bytes -= charge_of(frame.payload.len());
+                self.payload_bytes_acknowledged += frame.payload.len() as u64;
+            }
+            self.pending.remove(&sequence);
+            self.transmitted_once.remove(&sequence);
+            self.acknowledged_sequence += 1;
+            changed = true;
+        }
+        let credit_limit = ack.consumed_bytes.saturating_add(self.peer_receive_window);
+        if credit_limit > self.credit_limit {
+            self.credit_limit = credit_limit;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Every frame assigned to the lost connection and not yet acknowledged goes back to pending.
+    pub fn on_connection_lost(&mut self, connection_id: u64) -> usize {
+        let mut requeued = 0;
+        for (sequence, frame) in self.frames.iter_mut() {
+            if frame.assigned_connection == Some(connection_id) {
+                frame.assigned_connection = None;
+                self.pending.insert(*sequence);
+                requeued += 1;
+            }
+        }
+        requeued
+    }
+
+    /// Everything queued, including the end-of-stream marker if any, was acknowledged.
+    pub fn all_acknowledged(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+/// Result of offering a received frame to the inbound half.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reception {
+    /// New frame stored; the contiguous prefix may have advanced.
+    Stored,
+    /// Already received earlier (a retransmission after a reconnection); dropped.
+    Duplicate,
+}
+
+/// A frame handed to the application, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub payload: Bytes,
+    pub end_of_stream: bool,
+    /// Charged bytes to pass to `mark_consumed` once the application is done with it.
+    pub charge: u64,
+}
+
+/// The receiving half of a channel.
+#[derive(Debug)]
+pub struct InboundChannel {
+    receive_window_bytes: u64,
+    next_delivery: u64,
+    contiguous: u64,
+    reorder: BTreeMap<u64, (Bytes, bool)>,
+    held_bytes: u64,
+    consumed_bytes: u64,
+    end_of_stream_sequence: Option<u64>,
+    pub payload_bytes_received: u64,
+    pub duplicate_frames: u64,
+}
+
+impl InboundChannel {
+    pub fn new(receive_window_bytes: u64) -> InboundChannel {
+        InboundChannel {
+            receive_window_bytes,
+            next_delivery: 0,
+            contiguous: 0,
+            reorder: BTreeMap::new(),
+            held_bytes: 0,
+            consumed_bytes: 0,
+            end_of_stream_sequence: None,
+            payload_bytes_received: 0,
+            duplicate_frames: 0,
+        }
+    }
+
+    pub fn on_data(
+        &mut self,
+        sequence: u64,
+        payload: Bytes,
+        end_of_stream: bool,
+    ) -> Result<Reception, TransportError> {
+        if sequence < self.contiguous || self.reorder.contains_key(&sequence) {
+            self.duplicate_frames += 1;
+            return Ok(Reception::Duplicate);
+        }
+        if payload.is_empty() && !end_of_stream {
+            return Err(TransportError::Protocol {
+                reason: format!("empty data frame {sequence}"),
+            });
+        }
+        if let Some(last) = self.end_of_stream_sequence
+            && (sequence > last || end_of_stream)
+        {
+            return Err(TransportError::Protocol {
+                reason: format!("frame {sequence} after end of stream at {last}"),
+            });
+        }
+        if end_of_stream && self.reorder.keys().next_back().is_some_and(|high| *high > sequence) {
+            return Err(TransportError::Protocol {
+                reason: format!("end of stream at {sequence} before frames already received"),
+            });
+        }
+        let charge = charge_of(payload.len());
+        if self.held_bytes + charge > self.receive_window_bytes {
+            return Err(TransportError::Protocol {
+                reason: format!(
+                    "frame {sequence} overflows the receive window ({} of {} bytes held)",
+                    self.held_bytes, self.receive_window_bytes
+                ),
+            });
+        }
+        self.held_bytes += charge;
+        self.payload_bytes_received += payload.len() as u64;
+        if end_of_stream {
+            self.end_of_stream_sequence = Some(sequence);
+        }
+        self.reorder.insert(sequence, (payload, end_of_stream));
+        while self.reorder.contains_key(&self.contiguous) {
+            self.contiguous += 1;
+        }
+        Ok(Reception::Stored)
+    }
+
+    /// The next frame in order, if it has arrived. Its charge stays held until `mark_consumed`.
+    pub fn take_next(&mut self) -> Option<Delivery> {
+        let (payload, end_of_stream) = self.reorder.remove(&self.next_delivery)?;
+        self.next_delivery += 1;
+        Some(Delivery {
+            charge: charge_of(payload.len()),
+            payload,
+            end_of_stream,
+        })
+    }
+
+    pub fn mark_consumed(&mut self, charge: u64) {
+        self.held_bytes = self.held_bytes.saturating_sub(charge);
+        self.consumed_bytes += charge;
+    }
+
+    pub fn acknowledgement(&self) -> Acknowledgement {
+        Acknowledgement {
+            contiguous_sequence: self.contiguous,
+            consumed_bytes: self.consumed_bytes,
+        }
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    pub fn has_deliverable(&self) -> bool {
+        self.reorder.contains_key(&self.next_delivery)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(byte: u8, len: usize) -> Bytes {
+        Bytes::from(vec![byte; len])
+    }
+
+    #[test]
+    fn frames_are_delivered_in_order_whatever_the_arrival_order() {
+        let mut inbound = InboundChannel::new(1 << 20);
+        for sequence in [2u64, 0, 3, 1] {
+            assert_eq!(
+                inbound.on_data(sequence, payload(sequence as u8, 10), false).unwrap(),
+                Reception::Stored
+            );
+        }
+        assert_eq!(inbound.acknowledgement().contiguous_sequence, 4);
+        for expected in 0..4u8 {
+            let delivery = inbound.take_next().unwrap();
+            assert_eq!(delivery.payload[0], expected);
+            inbound.mark_consumed(delivery.charge);
+        }
+        assert!(inbound.take_next().is_none());
+        assert_eq!(inbound.held_bytes(), 0);
+    }
+
+    #[test]
+    fn duplicates_after_resume_are_dropped() {
+        let mut inbound = InboundChannel::new(1 << 20);
+        inbound.on_data(0, payload(1, 10), false).unwrap();
+        inbound.on_data(2, payload(3, 10), false).unwrap();
+        assert_eq!(inbound.on_data(0, payload(1, 10), false).unwrap(), Reception::Duplicate);
+        assert_eq!(inbound.on_data(2, payload(3, 10), false).unwrap(), Reception::Duplicate);
+        assert_eq!(inbound.duplicate_frames, 2);
+    }
+
+    #[test]
+    fn receiver_rejects_frames_beyond_its_window() {
+        let mut inbound = InboundChannel::new(charge_of(100) * 2);
+        inbound.on_data(0, payload(0, 100), false).unwrap();
+        inbound.on_data(1, payload(0, 100), false).unwrap();
+        let error = inbound.on_data(2, payload(0, 100), false).unwrap_err();
+        assert!(error.to_string().contains("receive window"), "{error}");
+        let delivery = inbound.take_next().unwrap();
+        inbound.mark_consumed(delivery.charge);
+        inbound.on_data(2, payload(0, 100), false).unwrap();
+    }
+
+    #[test]
+    fn data_after_end_of_stream_is_a_protocol_violation() {
+        let mut inbound = InboundChannel::new(1 << 20);
+        inbound.on_data(1, Bytes::new(), true).unwrap();
+        assert!(inbound.on_data(2, payload(0, 1), false).is_err());
+        assert!(inbound.on_data(0, Bytes::new(), false).is_err(), "empty non-final frame");
+    }
+
+    #[test]
+    fn sender_respects_window_and_credit() {
+        let window = charge_of(1000) * 4;
+        let mut outbound = OutboundChannel::new(window, charge_of(1000) * 2);
+        for _ in 0..4 {
+            assert!(outbound.has_room_for(1000));
+            outbound.enqueue(payload(0, 1000), false).unwrap();
+        }
+        assert!(!outbound.has_room_for(1000));
+        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 0);
+        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 1);
+        assert!(outbound.next_transmission(1).is_none(), "credit for two frames only");
+        outbound
+            .on_acknowledgement(Acknowledgement {
+                contiguous_sequence: 2,
+                consumed_bytes: charge_of(1000),
+            })
+            .unwrap();
+        assert!(outbound.has_room_for(1000));
+        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 2);
+        assert!(outbound.next_transmission(1).is_none());
+    }
+
+    #[test]
+    fn acknowledged_frames_are_never_transmitted_again_after_a_connection_loss() {
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        for _ in 0..6 {
+            outbound.enqueue(payload(0, 100), false).unwrap();
+        }
+        // Frames 0, 2, 4 go on connection 1; 1, 3, 5 on connection 2.
+        for index in 0..6 {
+            let transmission = outbound.next_transmission(1 + index % 2).unwrap();
+            assert_eq!(transmission.sequence, index);
+        }
+        outbound
+            .on_acknowledgement(Acknowledgement {
+                contiguous_sequence: 3,
+                consumed_bytes: 0,
+            })
+            .unwrap();
+        assert_eq!(outbound.on_connection_lost(1), 1, "only frame 4 is unacknowledged on 1");
+        let resent = outbound.next_transmission(3).unwrap();
+        assert_eq!(resent.sequence, 4);
+        assert!(resent.retransmission);
+        assert!(outbound.next_transmission(3).is_none(), "frames on connection 2 stay there");
+        assert_eq!(outbound.on_connection_lost(2), 2);
+        let again: Vec<u64> = std::iter::from_fn(|| outbound.next_transmission(3))
+            .map(|transmission| transmission.sequence)
+            .collect();
+        assert_eq!(again, vec![3, 5]);
+        assert_eq!(outbound.payload_bytes_retransmitted, 300);
+    }
+
+    #[test]
+    fn acknowledgement_beyond_what_was_sent_is_rejected() {
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        outbound.enqueue(payload(0, 1), false).unwrap();
+        assert!(
+            outbound
+                .on_acknowledgement(Acknowledgement {
+                    contiguous_sequence: 5,
+                    consumed_bytes: 0,
+                })
+                .is_err()
+        );
+    }
+}

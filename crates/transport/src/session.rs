@@ -1,0 +1,1590 @@
+//! Sessions: one bulk byte stream and one control channel between two authenticated hosts,
+//! carried by one control connection and N bulk connections, all TLS over TCP, resumed after
+//! connection loss.
+//!
+//! This module owns the executor around the sans-IO pieces (`frame`, `reliable`, `policy`):
+//! dialing and accepting connections, the hello that binds a connection to a session, the reader
+//! and writer tasks of every connection, reconnection, the resume deadline and stream-count
+//! adaptation. It must not decide what the bytes mean: callers (the codec, migration, image
+//! push) own their payloads.
+//!
+//! Roles: the dialer opens every connection and re-opens lost ones; the listener accepts them and
+//! attaches each to its session by session id, only if the connection authenticates as the same
+//! peer certificate that opened the session. Either side may send bulk data and control messages.
+//!
+//! Memory per session, by construction (see `reliable`): at most `bulk_send_window_bytes +
+//! control_window_bytes` held for sending and `bulk_receive_window_bytes + control_window_bytes`
+//! held for receiving (payload plus 128 bytes per frame), plus per connection one read buffer and
+//! one write buffer of `IO_BUFFER_BYTES` and one frame being read (at most `MAX_FRAME_PAYLOAD`),
+//! plus the kernel's socket buffers.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use crate::error::TransportError;
+use crate::frame::{
+    Acknowledgement, Channel, ConnectionPurpose, FRAME_HEADER_LEN, FRAME_TAG_LEN, FrameHeader,
+    FrameKind, HELLO_LEN, Hello, HelloStatus, MAX_FRAME_PAYLOAD, frame_tag,
+};
+use crate::identity::Fingerprint;
+use crate::policy::{
+    RateMeasurement, StreamCountDecision, StreamCountPolicy, StreamCountPolicyConfig,
+    initial_stream_count,
+};
+use crate::reliable::{InboundChannel, OutboundChannel, Reception, Transmission};
+use crate::socket;
+use crate::tls::{PINNED_SERVER_NAME, PeerTrust, TlsSettings};
+
+/// Read and write buffer per connection.
+pub const IO_BUFFER_BYTES: usize = 256 << 10;
+
+/// A session's identifier, chosen at random by the dialer.
+pub type SessionId = [u8; 16];
+
+/// Tunables of a session. Both sides announce their receive windows in the hello.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Bound on bulk data queued or in flight and not yet acknowledged by the peer.
+    pub bulk_send_window_bytes: u64,
+    /// Bound on bulk data received and not yet consumed by the application.
+    pub bulk_receive_window_bytes: u64,
+    /// Bound on control messages in each direction (both send and receive side).
+    pub control_window_bytes: u64,
+    /// Largest payload per bulk frame; `send` splits larger buffers.
+    pub max_frame_payload: usize,
+    /// TCP congestion control set on every socket (`None` keeps the system default).
+    pub congestion_control: Option<String>,
+    /// Bulk connections to open first; `None` estimates from the bandwidth-delay product.
+    pub initial_bulk_connections: Option<u32>,
+    pub minimum_bulk_connections: u32,
+    pub maximum_bulk_connections: u32,
+    /// Expected path bandwidth, for the first estimate only (the forecast, when one exists).
+    pub bandwidth_hint_bytes_per_second: f64,
+    /// What one TCP connection can keep in flight; defaults to the kernel's largest send buffer.
+    pub per_connection_window_bytes: u64,
+    /// Add bulk connections while the measured rate rises.
+    pub adapt_stream_count: bool,
+    /// Interval between rate measurements.
+    pub measurement_interval: Duration,
+    /// How long a session survives without any connection before failing.
+    pub resume_timeout: Duration,
+    /// Limit on TCP connect, TLS handshake and hello together.
+    pub handshake_timeout: Duration,
+    /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
+    pub server_name: String,
+}
+
+impl Default for SessionOptions {
+    fn default() -> SessionOptions {
+        SessionOptions {
+            bulk_send_window_bytes: 32 << 20,
+            bulk_receive_window_bytes: 32 << 20,
+            control_window_bytes: 4 << 20,
+            max_frame_payload: 128 << 10,
+            congestion_control: Some("bbr".to_string()),
+            initial_bulk_connections: None,
+            minimum_bulk_connections: 1,
+            maximum_bulk_connections: 16,
+            bandwidth_hint_bytes_per_second: 125e6,
+            per_connection_window_bytes: socket::per_connection_window_bytes(),
+            adapt_stream_count: true,
+            measurement_interval: Duration::from_secs(1),
+            resume_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            server_name: PINNED_SERVER_NAME.to_string(),
+        }
+    }
+}
+
+impl SessionOptions {
+    fn validate(&self) -> Result<(), TransportError> {
+        let invalid = |reason: String| Err(TransportError::InvalidOptions { reason });
+        if self.max_frame_payload == 0 || self.max_frame_payload > MAX_FRAME_PAYLOAD {
+            return invalid(format!(
+                "max_frame_payload must be between 1 and {MAX_FRAME_PAYLOAD}"
+            ));
+        }
+        let smallest_window = crate::reliable::charge_of(self.max_frame_payload);
+        for (name, value) in [
+            ("bulk_send_window_bytes", self.bulk_send_window_bytes),
+            ("bulk_receive_window_bytes", self.bulk_receive_window_bytes),
+        ] {
+            if value < smallest_window {
+                return invalid(format!("{name} must hold at least one frame ({smallest_window} bytes)"));
+            }
+        }
+        let smallest_control = crate::reliable::charge_of(MAX_FRAME_PAYLOAD);
+        if self.control_window_bytes < smallest_control {
+            return invalid(format!(
+                "control_window_bytes must hold at least {smallest_control} bytes"
+            ));
+        }
+        if self.minimum_bulk_connections == 0
+            || self.maximum_bulk_connections < self.minimum_bulk_connections
+        {
+            return invalid("need 1 <= minimum_bulk_connections <= maximum_bulk_connections".into());
+        }
+        Ok(())
+    }
+}
+
+/// A control-channel message from the peer.
+#[derive(Debug)]
+pub enum ControlIncoming {
+    Notification(Bytes),
+    Request(ControlRequest),
+}
+
+/// A request from the peer; answer it with [`ControlRequest::respond`].
+#[derive(Debug)]
+pub struct ControlRequest {
+    pub body: Bytes,
+    request_id: u64,
+    shared: Weak<SessionShared>,
+}
+
+impl ControlRequest {
+    pub async fn respond(self, body: Bytes) -> Result<(), TransportError> {
+        let shared = self.shared.upgrade().ok_or(TransportError::SessionClosed {
+            session: "dropped".to_string(),
+        })?;
+        shared
+            .send_control(ControlMessageKind::Response, self.request_id, body)
+            .await
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ControlMessageKind {
+    Notification = 0,
+    Request = 1,
+    Response = 2,
+}
+
+const CONTROL_MESSAGE_HEADER_LEN: usize = 9;
+
+/// Request/response and notification messages alongside the bulk stream, on their own connection
+/// so they never wait behind bulk data. Ordered and resumed like the bulk stream.
+#[derive(Clone)]
+pub struct ControlChannel {
+    shared: Arc<SessionShared>,
+}
+
+impl ControlChannel {
+    /// Sends a request and waits for the peer's response.
+    pub async fn request(&self, body: Bytes) -> Result<Bytes, TransportError> {
+        let (sender, receiver) = oneshot::channel();
+        let request_id = {
+            let mut core = self.shared.lock();
+            let id = core.next_request_id;
+            core.next_request_id += 1;
+            core.pending_requests.insert(id, sender);
+            id
+        };
+        self.shared
+            .send_control(ControlMessageKind::Request, request_id, body)
+            .await?;
+        receiver.await.map_err(|_| self.shared.terminal_error())
+    }
+
+    /// Sends a message that needs no answer (progress, for example).
+    pub async fn notify(&self, body: Bytes) -> Result<(), TransportError> {
+        self.shared
+            .send_control(ControlMessageKind::Notification, 0, body)
+            .await
+    }
+
+    /// The next request or notification from the peer; `None` once the peer closed the session.
+    pub async fn next_incoming(&self) -> Result<Option<ControlIncoming>, TransportError> {
+        let shared = &self.shared;
+        loop {
+            let notified = pin!(shared.control_readers.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            {
+                let mut core = shared.lock();
+                if let Some((kind, request_id, body, charge)) = core.control_incoming.pop_front() {
+                    core.control_in.mark_consumed(charge);
+                    drop(core);
+                    shared.control_writer.notify_waiters();
+                    return Ok(Some(match kind {
+                        ControlMessageKind::Request => ControlIncoming::Request(ControlRequest {
+                            body,
+                            request_id,
+                            shared: Arc::downgrade(shared),
+                        }),
+                        _ => ControlIncoming::Notification(body),
+                    }));
+                }
+                match &core.state {
+                    SessionState::Open => {}
+                    SessionState::PeerClosed | SessionState::Closed => return Ok(None),
+                    SessionState::Failed(_) => return Err(shared.terminal_error_locked(&core)),
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counters and choices of a session, for metrics, logs and progress displays.
+#[derive(Clone, Debug)]
+pub struct SessionStats {
+    pub session_id: String,
+    pub peer_fingerprint: Fingerprint,
+    /// The TLS key exchange group of the first connection (X25519MLKEM768 expected).
+    pub key_exchange_group: Option<String>,
+    /// The TCP congestion control in effect on the first connection.
+    pub congestion_control: Option<String>,
+    pub bulk_connections: u32,
+    /// Bulk connection slots the session maintains (the adaptive choice).
+    pub target_bulk_connections: u32,
+    pub control_connected: bool,
+    pub bulk_bytes_sent: u64,
+    pub bulk_bytes_acknowledged: u64,
+    pub bulk_bytes_received: u64,
+    pub bulk_bytes_retransmitted: u64,
+    pub duplicate_frames_received: u64,
+    pub send_buffered_bytes: u64,
+    pub receive_buffered_bytes: u64,
+    pub reconnections: u64,
+    pub round_trip_estimate: Option<Duration>,
+    /// Bulk payload per second (acknowledged by the peer plus received) over the last interval.
+    pub measured_rate_bytes_per_second: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SessionState {
+    Open,
+    /// The peer ended its control stream: it is closing; lost connections are not an error.
+    PeerClosed,
+    Closed,
+    Failed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Control,
+    Bulk,
+}
+
+struct SessionCore {
+    bulk_out: OutboundChannel,
+    control_out: OutboundChannel,
+    bulk_in: InboundChannel,
+    control_in: InboundChannel,
+    bulk_end_delivered: bool,
+    control_incoming: VecDeque<(ControlMessageKind, u64, Bytes, u64)>,
+    pending_requests: HashMap<u64, oneshot::Sender<Bytes>>,
+    next_request_id: u64,
+    live_connections: HashMap<u64, Lane>,
+    disconnected_since: Option<Instant>,
+    state: SessionState,
+    last_bulk_ack_sent: Option<Acknowledgement>,
+    last_control_ack_sent: Option<Acknowledgement>,
+    key_exchange_group: Option<String>,
+    congestion_control: Option<String>,
+    target_bulk_connections: u32,
+    reconnections: u64,
+    round_trip_estimate: Option<Duration>,
+    sender_blocked_since_measurement: bool,
+    measured_rate_bytes_per_second: f64,
+}
+
+struct DialerContext {
+    address: SocketAddr,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+struct SessionShared {
+    session_id: SessionId,
+    session_name: String,
+    peer_fingerprint: Fingerprint,
+    options: SessionOptions,
+    dialer: Option<DialerContext>,
+    core: Mutex<SessionCore>,
+    next_connection_id: AtomicU64,
+    bulk_writers: Notify,
+    control_writer: Notify,
+    bulk_readers: Notify,
+    control_readers: Notify,
+    senders: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for SessionShared {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SessionShared")
+            .field("session", &self.session_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn session_name(session_id: &SessionId) -> String {
+    session_id.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+impl SessionShared {
+    fn new(
+        session_id: SessionId,
+        peer_fingerprint: Fingerprint,
+        options: SessionOptions,
+        peer_bulk_receive_window: u64,
+        peer_control_receive_window: u64,
+        dialer: Option<DialerContext>,
+    ) -> Arc<SessionShared> {
+        let core = SessionCore {
+            bulk_out: OutboundChannel::new(options.bulk_send_window_bytes, peer_bulk_receive_window),
+            control_out: OutboundChannel::new(options.control_window_bytes, peer_control_receive_window),
+            bulk_in: InboundChannel::new(options.bulk_receive_window_bytes),
+            control_in: InboundChannel::new(options.control_window_bytes),
+            bulk_end_delivered: false,
+            control_incoming: VecDeque::new(),
+            pending_requests: HashMap::new(),
+            next_request_id: 0,
+            live_connections: HashMap::new(),
+            disconnected_since: Some(Instant::now()),
+            state: SessionState::Open,
+            last_bulk_ack_sent: None,
+            last_control_ack_sent: None,
+            key_exchange_group: None,
+            congestion_control: None,
+            target_bulk_connections: 0,
+            reconnections: 0,
+            round_trip_estimate: None,
+            sender_blocked_since_measurement: false,
+            measured_rate_bytes_per_second: 0.0,
+        };
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(SessionShared {
+            session_id,
+            session_name: session_name(&session_id),
+            peer_fingerprint,
+            options,
+            dialer,
+            core: Mutex::new(core),
+            next_connection_id: AtomicU64::new(1),
+            bulk_writers: Notify::new(),
+            control_writer: Notify::new(),
+            bulk_readers: Notify::new(),
+            control_readers: Notify::new(),
+            senders: Notify::new(),
+            shutdown,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SessionCore> {
+        // A panic while holding the lock would be a bug; keep serving the state rather than
+        // cascading panics into every task.
+        self.core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wake_everyone(&self) {
+        self.bulk_writers.notify_waiters();
+        self.control_writer.notify_waiters();
+        self.bulk_readers.notify_waiters();
+        self.control_readers.notify_waiters();
+        self.senders.notify_waiters();
+    }
+
+    fn fail(&self, reason: String) {
+        {
+            let mut core = self.lock();
+            if !matches!(core.state, SessionState::Open | SessionState::PeerClosed) {
+                return;
+            }
+            tracing::warn!(session = %self.session_name, %reason, "transport session failed");
+            core.state = SessionState::Failed(reason);
+            core.pending_requests.clear();
+        }
+        self.shutdown.send_replace(true);
+        self.wake_everyone();
+    }
+
+    fn shut_down(&self) {
+        {
+            let mut core = self.lock();
+            if matches!(core.state, SessionState::Open | SessionState::PeerClosed) {
+                core.state = SessionState::Closed;
+            }
+            core.pending_requests.clear();
+        }
+        self.shutdown.send_replace(true);
+        self.wake_everyone();
+    }
+
+    fn terminal_error(&self) -> TransportError {
+        let core = self.lock();
+        self.terminal_error_locked(&core)
+    }
+
+    fn terminal_error_locked(&self, core: &SessionCore) -> TransportError {
+        match &core.state {
+            SessionState::Failed(reason) => TransportError::SessionFailed {
+                session: self.session_name.clone(),
+                reason: reason.clone(),
+            },
+            _ => TransportError::SessionClosed {
+                session: self.session_name.clone(),
+            },
+        }
+    }
+
+    /// Waits for room in an outbound channel, then queues the payload.
+    async fn enqueue(
+        &self,
+        lane: Lane,
+        payload: Bytes,
+        end_of_stream: bool,
+    ) -> Result<(), TransportError> {
+        loop {
+            let notified = pin!(self.senders.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            {
+                let mut core = self.lock();
+                if core.state != SessionState::Open {
+                    return Err(self.terminal_error_locked(&core));
+                }
+                let channel = match lane {
+                    Lane::Bulk => &mut core.bulk_out,
+                    Lane::Control => &mut core.control_out,
+                };
+                if channel.has_room_for(payload.len()) {
+                    channel.enqueue(payload, end_of_stream)?;
+                    drop(core);
+                    match lane {
+                        Lane::Bulk => self.bulk_writers.notify_waiters(),
+                        Lane::Control => self.control_writer.notify_waiters(),
+                    }
+                    return Ok(());
+                }
+                if lane == Lane::Bulk {
+                    core.sender_blocked_since_measurement = true;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn send_control(
+        &self,
+        kind: ControlMessageKind,
+        request_id: u64,
+        body: Bytes,
+    ) -> Result<(), TransportError> {
+        if body.len() + CONTROL_MESSAGE_HEADER_LEN > MAX_FRAME_PAYLOAD {
+            return Err(TransportError::InvalidOptions {
+                reason: format!(
+                    "control message of {} bytes exceeds the {} byte limit",
+                    body.len(),
+                    MAX_FRAME_PAYLOAD - CONTROL_MESSAGE_HEADER_LEN
+                ),
+            });
+        }
+        let mut message = BytesMut::with_capacity(body.len() + CONTROL_MESSAGE_HEADER_LEN);
+        message.put_u8(kind as u8);
+        message.put_u64(request_id);
+        message.put_slice(&body);
+        self.enqueue(Lane::Control, message.freeze(), false).await
+    }
+
+    /// Applies one verified frame from the peer.
+    fn on_frame(&self, header: FrameHeader, payload: Bytes) -> Result<(), TransportError> {
+        let mut core = self.lock();
+        match (header.kind, header.channel) {
+            (FrameKind::Data, Channel::Bulk) => {
+                let reception =
+                    core.bulk_in
+                        .on_data(header.sequence, payload, header.end_of_stream)?;
+                drop(core);
+                if reception == Reception::Stored {
+                    self.bulk_readers.notify_waiters();
+                    self.control_writer.notify_waiters();
+                }
+            }
+            (FrameKind::Data, Channel::Control) => {
+                let reception =
+                    core.control_in
+                        .on_data(header.sequence, payload, header.end_of_stream)?;
+                if reception == Reception::Stored {
+                    dispatch_control(&mut core)?;
+                    drop(core);
+                    self.control_readers.notify_waiters();
+                    self.control_writer.notify_waiters();
+                    // A peer that closed may also have ended the bulk stream.
+                    self.bulk_readers.notify_waiters();
+                }
+            }
+            (FrameKind::Ack, channel) => {
+                let ack = Acknowledgement::decode(&payload)?;
+                let changed = match channel {
+                    Channel::Bulk => core.bulk_out.on_acknowledgement(ack)?,
+                    Channel::Control => core.control_out.on_acknowledgement(ack)?,
+                };
+                drop(core);
+                if changed {
+                    self.senders.notify_waiters();
+                    match channel {
+                        Channel::Bulk => self.bulk_writers.notify_waiters(),
+                        Channel::Control => self.control_writer.notify_waiters(),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn register_connection(&self, lane: Lane) -> u64 {
+        let connection_id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let mut core = self.lock();
+        core.live_connections.insert(connection_id, lane);
+        core.disconnected_since = None;
+        if lane == Lane::Control {
+            // The new control connection starts by telling the peer where we are.
+            core.last_bulk_ack_sent = None;
+            core.last_control_ack_sent = None;
+        }
+        drop(core);
+        self.control_writer.notify_waiters();
+        connection_id
+    }
+
+    fn connection_lost(&self, connection_id: u64) {
+        let mut core = self.lock();
+        core.live_connections.remove(&connection_id);
+        let requeued_bulk = core.bulk_out.on_connection_lost(connection_id);
+        let requeued_control = core.control_out.on_connection_lost(connection_id);
+        if core.live_connections.is_empty() {
+            core.disconnected_since = Some(Instant::now());
+        }
+        drop(core);
+        tracing::debug!(
+            session = %self.session_name,
+            connection_id,
+            requeued_bulk,
+            requeued_control,
+            "transport connection lost"
+        );
+        self.bulk_writers.notify_waiters();
+        self.control_writer.notify_waiters();
+    }
+
+    fn is_terminal(&self) -> bool {
+        matches!(
+            self.lock().state,
+            SessionState::Closed | SessionState::Failed(_)
+        )
+    }
+}
+
+fn dispatch_control(core: &mut SessionCore) -> Result<(), TransportError> {
+    while let Some(delivery) = core.control_in.take_next() {
+        if delivery.end_of_stream {
+            core.control_in.mark_consumed(delivery.charge);
+            if core.state == SessionState::Open {
+                core.state = SessionState::PeerClosed;
+            }
+            continue;
+        }
+        let mut message = delivery.payload;
+        if message.len() < CONTROL_MESSAGE_HEADER_LEN {
+            return Err(TransportError::Protocol {
+                reason: format!("control message of {} bytes", message.len()),
+            });
+        }
+        let kind = match message.get_u8() {
+            0 => ControlMessageKind::Notification,
+            1 => ControlMessageKind::Request,
+            2 => ControlMessageKind::Response,
+            other => {
+                return Err(TransportError::Protocol {
+                    reason: format!("unknown control message kind {other}"),
+                });
+            }
+        };
+        let request_id = message.get_u64();
+        if kind == ControlMessageKind::Response {
+            core.control_in.mark_consumed(delivery.charge);
+            match core.pending_requests.remove(&request_id) {
+                Some(waiter) => {
+                    // The requester may have given up; nothing else to do then.
+                    let _ = waiter.send(message);
+                }
+                None => {
+                    return Err(TransportError::Protocol {
+                        reason: format!("response to unknown request {request_id}"),
+                    });
+                }
+            }
+        } else {
+            core.control_incoming
+                .push_back((kind, request_id, message, delivery.charge));
+        }
+    }
+    Ok(())
+}
+
+/// One end of a session. Dropping it shuts the session down at once (use [`Session::close`]
+/// to finish cleanly).
+#[derive(Debug)]
+pub struct Session {
+    shared: Arc<SessionShared>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.shut_down();
+    }
+}
+
+impl Session {
+    /// Dials `address`, authenticates both sides with `tls`, opens a session, and starts its bulk
+    /// connections in the background.
+    pub async fn connect(
+        address: SocketAddr,
+        tls: &TlsSettings,
+        options: SessionOptions,
+    ) -> Result<Session, TransportError> {
+        options.validate()?;
+        let server_name = match &tls.trust {
+            PeerTrust::PinnedFingerprints(_) => PINNED_SERVER_NAME.to_string(),
+            PeerTrust::ClusterCertificateAuthority { .. } => options.server_name.clone(),
+        };
+        let server_name =
+            ServerName::try_from(server_name.clone()).map_err(|_| TransportError::InvalidOptions {
+                reason: format!("invalid server name {server_name:?}"),
+            })?;
+        let dialer = DialerContext {
+            address,
+            connector: TlsConnector::from(tls.client_config()?),
+            server_name,
+        };
+        let session_id: SessionId = rand::random();
+        let dial_started = Instant::now();
+        let established = dial(
+            &dialer,
+            &options,
+            Hello {
+                code: ConnectionPurpose::OpenSession as u8,
+                session_id,
+                connection_index: 0,
+                bulk_receive_window: options.bulk_receive_window_bytes,
+                control_receive_window: options.control_window_bytes,
+            },
+        )
+        .await?;
+        let shared = SessionShared::new(
+            session_id,
+            established.peer_fingerprint,
+            options.clone(),
+            established.reply.bulk_receive_window,
+            established.reply.control_receive_window,
+            Some(dialer),
+        );
+        let initial_bulk_connections = options.initial_bulk_connections.unwrap_or_else(|| {
+            initial_stream_count(
+                options.bandwidth_hint_bytes_per_second,
+                established.tcp_connect_time.as_secs_f64(),
+                options.per_connection_window_bytes,
+                options.minimum_bulk_connections,
+                options.maximum_bulk_connections,
+            )
+        });
+        let initial_bulk_connections = initial_bulk_connections.clamp(
+            options.minimum_bulk_connections,
+            options.maximum_bulk_connections,
+        );
+        {
+            let mut core = shared.lock();
+            core.key_exchange_group = established.key_exchange_group.clone();
+            core.congestion_control = established.congestion_control.clone();
+            core.round_trip_estimate = Some(established.tcp_connect_time);
+            core.target_bulk_connections = initial_bulk_connections;
+        }
+        tracing::info!(
+            session = %shared.session_name,
+            peer = %address,
+            peer_fingerprint = %shared.peer_fingerprint,
+            key_exchange_group = ?established.key_exchange_group,
+            congestion_control = ?established.congestion_control,
+            round_trip_ms = established.tcp_connect_time.as_secs_f64() * 1e3,
+            bulk_connections = initial_bulk_connections,
+            setup_ms = dial_started.elapsed().as_secs_f64() * 1e3,
+            "transport session opened"
+        );
+        tokio::spawn(maintain_connection(
+            shared.clone(),
+            Lane::Control,
+            0,
+            Some(established.stream),
+        ));
+        for index in 1..=initial_bulk_connections {
+            tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, index, None));
+        }
+        tokio::spawn(supervise(shared.clone()));
+        Ok(Session { shared })
+    }
+
+    /// Queues bulk data; waits while the send window is full (backpressure from the receiver).
+    pub async fn send(&self, data: Bytes) -> Result<(), TransportError> {
+        let mut data = data;
+        while !data.is_empty() {
+            let chunk = data.split_to(data.len().min(self.shared.options.max_frame_payload));
+            self.shared.enqueue(Lane::Bulk, chunk, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the bulk stream: the peer's `recv` returns `None` after the last byte.
+    pub async fn finish(&self) -> Result<(), TransportError> {
+        if self.shared.lock().bulk_out.end_of_stream_queued() {
+            return Ok(());
+        }
+        self.shared.enqueue(Lane::Bulk, Bytes::new(), true).await
+    }
+
+    /// The next bulk data in order; `None` after the peer called `finish`.
+    pub async fn recv(&self) -> Result<Option<Bytes>, TransportError> {
+        let shared = &self.shared;
+        loop {
+            let notified = pin!(shared.bulk_readers.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            {
+                let mut core = shared.lock();
+                if core.bulk_end_delivered {
+                    return Ok(None);
+                }
+                if let SessionState::Failed(_) = core.state {
+                    return Err(shared.terminal_error_locked(&core));
+                }
+                if let Some(delivery) = core.bulk_in.take_next() {
+                    core.bulk_in.mark_consumed(delivery.charge);
+                    if delivery.end_of_stream {
+                        core.bulk_end_delivered = true;
+                    }
+                    drop(core);
+                    shared.control_writer.notify_waiters();
+                    if delivery.end_of_stream {
+                        return Ok(None);
+                    }
+                    return Ok(Some(delivery.payload));
+                }
+                if matches!(core.state, SessionState::PeerClosed | SessionState::Closed) {
+                    return Err(shared.terminal_error_locked(&core));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until the peer has received everything queued so far (bulk and control).
+    pub async fn flush(&self) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        loop {
+            let notified = pin!(shared.senders.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            {
+                let core = shared.lock();
+                if core.bulk_out.all_acknowledged() && core.control_out.all_acknowledged() {
+                    return Ok(());
+                }
+                if matches!(core.state, SessionState::Failed(_) | SessionState::Closed) {
+                    return Err(shared.terminal_error_locked(&core));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends the bulk stream if not done yet, tells the peer the session is closing, waits until
+    /// the peer has received everything, and shuts the session down.
+    pub async fn close(self) -> Result<(), TransportError> {
+        if self.shared.lock().state == SessionState::Open {
+            self.finish().await?;
+            self.shared.enqueue(Lane::Control, Bytes::new(), true).await?;
+            self.flush().await?;
+        }
+        self.shared.shut_down();
+        Ok(())
+    }
+
+    pub fn control(&self) -> ControlChannel {
+        ControlChannel {
+            shared: self.shared.clone(),
+        }
+    }
+
+    pub fn session_id(&self) -> SessionId {
+        self.shared.session_id
+    }
+
+    pub fn peer_fingerprint(&self) -> Fingerprint {
+        self.shared.peer_fingerprint
+    }
+
+    pub fn stats(&self) -> SessionStats {
+        let core = self.shared.lock();
+        SessionStats {
+            session_id: self.shared.session_name.clone(),
+            peer_fingerprint: self.shared.peer_fingerprint,
+            key_exchange_group: core.key_exchange_group.clone(),
+            congestion_control: core.congestion_control.clone(),
+            bulk_connections: core
+                .live_connections
+                .values()
+                .filter(|lane| **lane == Lane::Bulk)
+                .count() as u32,
+            target_bulk_connections: core.target_bulk_connections,
+            control_connected: core.live_connections.values().any(|lane| *lane == Lane::Control),
+            bulk_bytes_sent: core.bulk_out.payload_bytes_enqueued,
+            bulk_bytes_acknowledged: core.bulk_out.payload_bytes_acknowledged,
+            bulk_bytes_received: core.bulk_in.payload_bytes_received,
+            bulk_bytes_retransmitted: core.bulk_out.payload_bytes_retransmitted,
+            duplicate_frames_received: core.bulk_in.duplicate_frames
+                + core.control_in.duplicate_frames,
+            send_buffered_bytes: core.bulk_out.buffered_bytes(),
+            receive_buffered_bytes: core.bulk_in.held_bytes(),
+            reconnections: core.reconnections,
+            round_trip_estimate: core.round_trip_estimate,
+            measured_rate_bytes_per_second: core.measured_rate_bytes_per_second,
+        }
+    }
+}
+
+struct EstablishedConnection {
+    stream: TlsStream<TcpStream>,
+    reply: Hello,
+    peer_fingerprint: Fingerprint,
+    key_exchange_group: Option<String>,
+    congestion_control: Option<String>,
+    tcp_connect_time: Duration,
+}
+
+async fn dial(
+    dialer: &DialerContext,
+    options: &SessionOptions,
+    hello: Hello,
+) -> Result<EstablishedConnection, TransportError> {
+    let peer = dialer.address;
+    let attempt = async {
+        let started = Instant::now();
+        let tcp = socket::connect(peer, options.congestion_control.as_deref())
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "connecting",
+                peer,
+                source,
+            })?;
+        let tcp_connect_time = started.elapsed();
+        let congestion_control =
+            socket::configure_connected(&tcp, options.congestion_control.as_deref());
+        let mut stream = dialer
+            .connector
+            .connect(dialer.server_name.clone(), tcp)
+            .await
+            .map_err(|source| TransportError::Handshake { peer, source })?;
+        let (_, connection) = stream.get_ref();
+        let peer_fingerprint = connection
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
+            .ok_or_else(|| TransportError::Refused {
+                peer,
+                reason: "no peer certificate".to_string(),
+            })?;
+        let key_exchange_group = connection
+            .negotiated_key_exchange_group()
+            .map(|group| format!("{:?}", group.name()));
+        let io_error = |action| move |source| TransportError::Io { action, peer, source };
+        stream
+            .write_all(&hello.encode())
+            .await
+            .map_err(io_error("sending hello"))?;
+        stream.flush().await.map_err(io_error("sending hello"))?;
+        let mut reply = [0u8; HELLO_LEN];
+        stream
+            .read_exact(&mut reply)
+            .await
+            .map_err(io_error("reading hello reply"))?;
+        let reply = Hello::decode(&reply).map_err(|status| TransportError::Refused {
+            peer,
+            reason: format!("bad hello reply: {}", status.describe()),
+        })?;
+        if reply.status() != HelloStatus::Accepted || reply.session_id != hello.session_id {
+            return Err(TransportError::Refused {
+                peer,
+                reason: reply.status().describe().to_string(),
+            });
+        }
+        Ok(EstablishedConnection {
+            stream: TlsStream::Client(stream),
+            reply,
+            peer_fingerprint,
+            key_exchange_group,
+            congestion_control,
+            tcp_connect_time,
+        })
+    };
+    tokio::time::timeout(options.handshake_timeout, attempt)
+        .await
+        .map_err(|_| TransportError::Io {
+            action: "establishing a connection",
+            peer,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+        })?
+}
+
+/// Dialer side: keeps one connection slot alive, re-dialing after a loss, until the session ends.
+async fn maintain_connection(
+    shared: Arc<SessionShared>,
+    lane: Lane,
+    index: u32,
+    mut first: Option<TlsStream<TcpStream>>,
+) {
+    let Some(dialer) = shared.dialer.as_ref() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(20);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if shared.is_terminal() || shared.lock().state == SessionState::PeerClosed {
+            return;
+        }
+        let stream = match first.take() {
+            Some(stream) => Some(stream),
+            None => {
+                let purpose = match lane {
+                    Lane::Control => ConnectionPurpose::ResumeControl,
+                    Lane::Bulk => ConnectionPurpose::Bulk,
+                };
+                let hello = Hello {
+                    code: purpose as u8,
+                    session_id: shared.session_id,
+                    connection_index: index,
+                    bulk_receive_window: shared.options.bulk_receive_window_bytes,
+                    control_receive_window: shared.options.control_window_bytes,
+                };
+                match dial(dialer, &shared.options, hello).await {
+                    Ok(established) if established.peer_fingerprint != shared.peer_fingerprint => {
+                        shared.fail("peer identity changed on reconnection".to_string());
+                        return;
+                    }
+                    Ok(established) => {
+                        shared.lock().reconnections += 1;
+                        Some(established.stream)
+                    }
+                    Err(TransportError::Refused { reason, .. }) => {
+                        shared.fail(format!("peer refused to resume: {reason}"));
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::debug!(
+                            session = %shared.session_name, index, error = %error,
+                            "transport reconnection attempt failed"
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(stream) = stream {
+            backoff = Duration::from_millis(20);
+            run_connection(&shared, stream, lane).await;
+        }
+        if shared.is_terminal() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = wait_for_shutdown(&mut shutdown) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Runs one authenticated connection until it fails or the session ends.
+async fn run_connection(shared: &Arc<SessionShared>, stream: TlsStream<TcpStream>, lane: Lane) {
+    let connection_id = shared.register_connection(lane);
+    let (reader, writer) = tokio::io::split(stream);
+    let mut shutdown = shared.shutdown.subscribe();
+    let outcome = tokio::select! {
+        result = read_frames(shared, reader) => result,
+        result = async {
+            match lane {
+                Lane::Bulk => write_bulk(shared, writer, connection_id).await,
+                Lane::Control => write_control(shared, writer, connection_id).await,
+            }
+        } => result,
+        _ = wait_for_shutdown(&mut shutdown) => Ok(()),
+    };
+    shared.connection_lost(connection_id);
+    match outcome {
+        Ok(()) => {}
+        Err(error @ (TransportError::Protocol { .. } | TransportError::FrameIntegrity { .. })) => {
+            shared.fail(error.to_string());
+        }
+        Err(error) => {
+            tracing::debug!(session = %shared.session_name, connection_id, error = %error, "transport connection ended");
+        }
+    }
+}
+
+async fn read_frames(
+    shared: &SessionShared,
+    reader: ReadHalf<TlsStream<TcpStream>>,
+) -> Result<(), TransportError> {
+    let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
+    let peer = unspecified_peer();
+    let io_error = |source| TransportError::Io {
+        action: "reading frames",
+        peer,
+        source,
+    };
+    loop {
+        let mut header_bytes = [0u8; FRAME_HEADER_LEN];
+        reader.read_exact(&mut header_bytes).await.map_err(io_error)?;
+        let header = FrameHeader::decode(&header_bytes)?;
+        let mut payload = BytesMut::zeroed(header.payload_len as usize);
+        reader.read_exact(&mut payload).await.map_err(io_error)?;
+        let mut tag = [0u8; FRAME_TAG_LEN];
+        reader.read_exact(&mut tag).await.map_err(io_error)?;
+        if frame_tag(&header_bytes, &payload) != tag {
+            return Err(TransportError::FrameIntegrity {
+                channel: header.channel as u8,
+                sequence: header.sequence,
+            });
+        }
+        shared.on_frame(header, payload.freeze())?;
+    }
+}
+
+/// Resolves once the session or listener is shut down (or its sender is gone).
+async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stopped| *stopped).await;
+}
+
+fn unspecified_peer() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+async fn write_frame(
+    writer: &mut BufWriter<WriteHalf<TlsStream<TcpStream>>>,
+    header: FrameHeader,
+    payload: &[u8],
+) -> Result<(), TransportError> {
+    let header_bytes = header.encode();
+    let tag = frame_tag(&header_bytes, payload);
+    let io_error = |source| TransportError::Io {
+        action: "writing frames",
+        peer: unspecified_peer(),
+        source,
+    };
+    writer.write_all(&header_bytes).await.map_err(io_error)?;
+    writer.write_all(payload).await.map_err(io_error)?;
+    writer.write_all(&tag).await.map_err(io_error)?;
+    Ok(())
+}
+
+fn data_header(channel: Channel, transmission: &Transmission) -> FrameHeader {
+    FrameHeader {
+        kind: FrameKind::Data,
+        channel,
+        end_of_stream: transmission.end_of_stream,
+        payload_len: transmission.payload.len() as u32,
+        sequence: transmission.sequence,
+    }
+}
+
+async fn write_bulk(
+    shared: &SessionShared,
+    writer: WriteHalf<TlsStream<TcpStream>>,
+    connection_id: u64,
+) -> Result<(), TransportError> {
+    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
+    loop {
+        let notified = pin!(shared.bulk_writers.notified());
+        let mut notified = notified;
+        notified.as_mut().enable();
+        let transmission = {
+            let mut core = shared.lock();
+            if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
+                return Ok(());
+            }
+            core.bulk_out.next_transmission(connection_id)
+        };
+        match transmission {
+            Some(transmission) => {
+                write_frame(
+                    &mut writer,
+                    data_header(Channel::Bulk, &transmission),
+                    &transmission.payload,
+                )
+                .await?;
+            }
+            None => {
+                writer.flush().await.map_err(|source| TransportError::Io {
+                    action: "flushing frames",
+                    peer: unspecified_peer(),
+                    source,
+                })?;
+                notified.await;
+            }
+        }
+    }
+}
+
+enum ControlWork {
+    Data(Transmission),
+    Ack(Channel, Acknowledgement),
+}
+
+async fn write_control(
+    shared: &SessionShared,
+    writer: WriteHalf<TlsStream<TcpStream>>,
+    connection_id: u64,
+) -> Result<(), TransportError> {
+    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
+    loop {
+        let notified = pin!(shared.control_writer.notified());
+        let mut notified = notified;
+        notified.as_mut().enable();
+        let work = {
+            let mut core = shared.lock();
+            if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
+                return Ok(());
+            }
+            let bulk_ack = core.bulk_in.acknowledgement();
+            let control_ack = core.control_in.acknowledgement();
+            if core.last_control_ack_sent != Some(control_ack) {
+                core.last_control_ack_sent = Some(control_ack);
+                Some(ControlWork::Ack(Channel::Control, control_ack))
+            } else if core.last_bulk_ack_sent != Some(bulk_ack) {
+                core.last_bulk_ack_sent = Some(bulk_ack);
+                Some(ControlWork::Ack(Channel::Bulk, bulk_ack))
+            } else {
+                core.control_out
+                    .next_transmission(connection_id)
+                    .map(ControlWork::Data)
+            }
+        };
+        match work {
+            Some(ControlWork::Data(transmission)) => {
+                write_frame(
+                    &mut writer,
+                    data_header(Channel::Control, &transmission),
+                    &transmission.payload,
+                )
+                .await?;
+            }
+            Some(ControlWork::Ack(channel, ack)) => {
+                let header = FrameHeader {
+                    kind: FrameKind::Ack,
+                    channel,
+                    end_of_stream: false,
+                    payload_len: crate::frame::ACK_PAYLOAD_LEN as u32,
+                    sequence: 0,
+                };
+                write_frame(&mut writer, header, &ack.encode()).await?;
+            }
+            None => {
+                writer.flush().await.map_err(|source| TransportError::Io {
+                    action: "flushing frames",
+                    peer: unspecified_peer(),
+                    source,
+                })?;
+                notified.await;
+            }
+        }
+    }
+}
+
+/// Both roles: fails the session when it stays without connections past the resume timeout.
+/// Dialer: measures the bulk rate and adds connections as the policy decides.
+async fn supervise(shared: Arc<SessionShared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let tick = Duration::from_millis(100).min(shared.options.measurement_interval);
+    let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig {
+        minimum_streams: shared.options.minimum_bulk_connections,
+        maximum_streams: shared.options.maximum_bulk_connections,
+        ..StreamCountPolicyConfig::default()
+    });
+    let mut last_measurement = Instant::now();
+    let mut last_bytes = 0u64;
+    let mut next_index = u32::MAX / 2;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = wait_for_shutdown(&mut shutdown) => return,
+        }
+        let mut core = shared.lock();
+        match core.state {
+            SessionState::Open => {}
+            SessionState::PeerClosed => continue,
+            SessionState::Closed | SessionState::Failed(_) => return,
+        }
+        if let Some(since) = core.disconnected_since
+            && since.elapsed() > shared.options.resume_timeout
+        {
+            drop(core);
+            shared.fail(
+                TransportError::ResumeTimedOut {
+                    session: shared.session_name.clone(),
+                    seconds: shared.options.resume_timeout.as_secs(),
+                }
+                .to_string(),
+            );
+            return;
+        }
+        let elapsed = last_measurement.elapsed();
+        if elapsed < shared.options.measurement_interval {
+            continue;
+        }
+        let bytes = core.bulk_out.payload_bytes_acknowledged + core.bulk_in.payload_bytes_received;
+        let rate = (bytes - last_bytes) as f64 / elapsed.as_secs_f64();
+        let received_any = core.bulk_in.payload_bytes_received > 0;
+        let demand_exceeded_capacity = core.sender_blocked_since_measurement
+            || core.bulk_out.has_pending()
+            || (received_any && bytes > last_bytes);
+        core.sender_blocked_since_measurement = false;
+        core.measured_rate_bytes_per_second = rate;
+        last_measurement = Instant::now();
+        last_bytes = bytes;
+        let streams = core
+            .live_connections
+            .values()
+            .filter(|lane| **lane == Lane::Bulk)
+            .count() as u32;
+        let target = core.target_bulk_connections;
+        if shared.dialer.is_none() || !shared.options.adapt_stream_count || streams < target {
+            continue;
+        }
+        let decision = policy.on_measurement(RateMeasurement {
+            streams,
+            bytes_per_second: rate,
+            demand_exceeded_capacity,
+        });
+        tracing::debug!(
+            session = %shared.session_name, streams, rate_mbit_per_second = rate * 8e-6,
+            demand_exceeded_capacity, phase = ?policy.phase(), "transport rate measured"
+        );
+        if let StreamCountDecision::Add(count) = decision {
+            let count = count.min(shared.options.maximum_bulk_connections.saturating_sub(target));
+            core.target_bulk_connections += count;
+            drop(core);
+            tracing::info!(
+                session = %shared.session_name,
+                bulk_connections = target + count,
+                rate_mbit_per_second = rate * 8e-6,
+                "transport adding bulk connections"
+            );
+            for _ in 0..count {
+                next_index += 1;
+                tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, next_index, None));
+            }
+        }
+    }
+}
+
+/// Counters of a listener.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    pub connections_accepted: u64,
+    /// TLS handshakes that failed (unpinned or missing certificate, garbage) or bad hellos.
+    pub connections_refused: u64,
+    pub sessions_opened: u64,
+    /// Connections attached to an existing session (bulk connections and resumptions).
+    pub connections_attached: u64,
+}
+
+#[derive(Default)]
+struct ListenerCounters {
+    connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
+    sessions_opened: AtomicU64,
+    connections_attached: AtomicU64,
+}
+
+type SessionRegistry = Mutex<HashMap<(Fingerprint, SessionId), Weak<SessionShared>>>;
+
+struct ListenerContext {
+    acceptor: TlsAcceptor,
+    options: SessionOptions,
+    registry: SessionRegistry,
+    counters: ListenerCounters,
+    new_sessions: mpsc::Sender<Session>,
+}
+
+/// Accepts sessions from authenticated peers.
+pub struct Listener {
+    local_address: SocketAddr,
+    context: Arc<ListenerContext>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Session>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+impl Listener {
+    pub async fn bind(
+        address: SocketAddr,
+        tls: &TlsSettings,
+        options: SessionOptions,
+    ) -> Result<Listener, TransportError> {
+        options.validate()?;
+        let tcp = TcpListener::bind(address)
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "binding the listener",
+                peer: address,
+                source,
+            })?;
+        let local_address = tcp.local_addr().map_err(|source| TransportError::Io {
+            action: "reading the listener address",
+            peer: address,
+            source,
+        })?;
+        let (new_sessions, incoming) = mpsc::channel(64);
+        let context = Arc::new(ListenerContext {
+            acceptor: TlsAcceptor::from(tls.server_config()?),
+            options,
+            registry: Mutex::new(HashMap::new()),
+            counters: ListenerCounters::default(),
+            new_sessions,
+        });
+        let (shutdown, _) = watch::channel(false);
+        tokio::spawn(accept_loop(tcp, context.clone(), shutdown.subscribe()));
+        Ok(Listener {
+            local_address,
+            context,
+            incoming: tokio::sync::Mutex::new(incoming),
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_address
+    }
+
+    /// The next session opened by an authenticated peer.
+    pub async fn accept(&self) -> Result<Session, TransportError> {
+        self.incoming
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or(TransportError::ListenerClosed)
+    }
+
+    pub fn stats(&self) -> ListenerStats {
+        let counters = &self.context.counters;
+        ListenerStats {
+            connections_accepted: counters.connections_accepted.load(Ordering::Relaxed),
+            connections_refused: counters.connections_refused.load(Ordering::Relaxed),
+            sessions_opened: counters.sessions_opened.load(Ordering::Relaxed),
+            connections_attached: counters.connections_attached.load(Ordering::Relaxed),
+        }
+    }
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    context: Arc<ListenerContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = tcp.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    context.counters.connections_accepted.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(handle_incoming(context.clone(), stream, peer));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "transport listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = wait_for_shutdown(&mut shutdown) => return,
+        }
+    }
+}
+
+async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: SocketAddr) {
+    let options = &context.options;
+    let congestion_control = socket::configure_connected(&tcp, options.congestion_control.as_deref());
+    let handshake = async {
+        let mut stream = context
+            .acceptor
+            .accept(tcp)
+            .await
+            .map_err(|source| TransportError::Handshake { peer, source })?;
+        let (_, connection) = stream.get_ref();
+        let peer_fingerprint = connection
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
+            .ok_or_else(|| TransportError::Refused {
+                peer,
+                reason: "no client certificate".to_string(),
+            })?;
+        let key_exchange_group = connection
+            .negotiated_key_exchange_group()
+            .map(|group| format!("{:?}", group.name()));
+        let mut hello = [0u8; HELLO_LEN];
+        stream
+            .read_exact(&mut hello)
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "reading hello",
+                peer,
+                source,
+            })?;
+        Ok::<_, TransportError>((stream, peer_fingerprint, key_exchange_group, hello))
+    };
+    let (mut stream, peer_fingerprint, key_exchange_group, hello_bytes) =
+        match tokio::time::timeout(options.handshake_timeout, handshake).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(error)) => {
+                context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, error = %error, source = ?std::error::Error::source(&error).map(ToString::to_string), "transport connection refused");
+                return;
+            }
+            Err(_) => {
+                context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "transport handshake timed out");
+                return;
+            }
+        };
+    let refuse = |status: HelloStatus, session_id: SessionId| Hello {
+        code: status as u8,
+        session_id,
+        connection_index: 0,
+        bulk_receive_window: 0,
+        control_receive_window: 0,
+    };
+    let hello = match Hello::decode(&hello_bytes) {
+        Ok(hello) if hello.purpose().is_some() => hello,
+        Ok(hello) => {
+            refuse_connection(&context, stream, refuse(HelloStatus::Malformed, hello.session_id), peer).await;
+            return;
+        }
+        Err(status) => {
+            refuse_connection(&context, stream, refuse(status, [0; 16]), peer).await;
+            return;
+        }
+    };
+    let reply = Hello {
+        code: HelloStatus::Accepted as u8,
+        session_id: hello.session_id,
+        connection_index: hello.connection_index,
+        bulk_receive_window: options.bulk_receive_window_bytes,
+        control_receive_window: options.control_window_bytes,
+    };
+    let key = (peer_fingerprint, hello.session_id);
+    let (shared, lane, new_session) = match hello.purpose() {
+        Some(ConnectionPurpose::OpenSession) => {
+            let created = {
+                let mut registry =
+                    context.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                registry.retain(|_, session| session.strong_count() > 0);
+                if registry.contains_key(&key) {
+                    None
+                } else {
+                    let shared = SessionShared::new(
+                        hello.session_id,
+                        peer_fingerprint,
+                        options.clone(),
+                        hello.bulk_receive_window,
+                        hello.control_receive_window,
+                        None,
+                    );
+                    {
+                        let mut core = shared.lock();
+                        core.key_exchange_group = key_exchange_group;
+                        core.congestion_control = congestion_control;
+                    }
+                    registry.insert(key, Arc::downgrade(&shared));
+                    Some(shared)
+                }
+            };
+            let Some(shared) = created else {
+                refuse_connection(&context, stream, refuse(HelloStatus::Malformed, hello.session_id), peer).await;
+                return;
+            };
+            (shared, Lane::Control, true)
+        }
+        Some(purpose) => {
+            let found = context
+                .registry
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get(&key)
+                .and_then(Weak::upgrade);
+            let Some(shared) = found.filter(|shared| !shared.is_terminal()) else {
+                tracing::warn!(%peer, %peer_fingerprint, "connection for an unknown session refused");
+                refuse_connection(&context, stream, refuse(HelloStatus::UnknownSession, hello.session_id), peer).await;
+                return;
+            };
+            let lane = if purpose == ConnectionPurpose::Bulk {
+                Lane::Bulk
+            } else {
+                Lane::Control
+            };
+            context.counters.connections_attached.fetch_add(1, Ordering::Relaxed);
+            (shared, lane, false)
+        }
+        None => return,
+    };
+    if let Err(error) = async {
+        stream.write_all(&reply.encode()).await?;
+        stream.flush().await
+    }
+    .await
+    {
+        tracing::debug!(%peer, %error, "cannot send hello reply");
+        return;
+    }
+    if new_session {
+        context.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %shared.session_name, %peer, %peer_fingerprint, "transport session accepted");
+        tokio::spawn(supervise(shared.clone()));
+        let session = Session {
+            shared: shared.clone(),
+        };
+        if context.new_sessions.send(session).await.is_err() {
+            return;
+        }
+    }
+    run_connection(&shared, TlsStream::Server(stream), lane).await;
+}
+
+async fn refuse_connection(
+    context: &ListenerContext,
+    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+    reply: Hello,
+    peer: SocketAddr,
+) {
+    context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%peer, status = HelloStatus::describe(reply.status()), "transport hello refused");
+    let _ = stream.write_all(&reply.encode()).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,61 @@
+//! TCP socket set-up for transport connections: congestion control per socket (BBR by default:
+//! loss-based CUBIC collapses on long lossy paths, and other hosts may default to it), no Nagle
+//! delay. Send and receive buffers are left to the kernel's autotuning, which setting them would
+//! disable.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Fallback for a connection's largest send buffer when `/proc` cannot be read.
+const DEFAULT_PER_CONNECTION_WINDOW_BYTES: u64 = 4 << 20;
+
+/// Applies the options to a connected socket; returns the congestion control in effect.
+pub fn configure_connected(stream: &TcpStream, congestion_control: Option<&str>) -> Option<String> {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot disable nagle on transport socket");
+    }
+    let socket = SockRef::from(stream);
+    if let Some(name) = congestion_control
+        && let Err(error) = socket.set_tcp_congestion(name.as_bytes())
+    {
+        tracing::warn!(congestion_control = name, %error, "cannot set tcp congestion control");
+    }
+    socket
+        .tcp_congestion()
+        .ok()
+        .map(|name| String::from_utf8_lossy(&name).trim_end_matches('\0').to_string())
+}
+
+/// Connects with the congestion control set before the handshake, so the first round trips use it.
+pub async fn connect(address: SocketAddr, congestion_control: Option<&str>) -> io::Result<TcpStream> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(name) = congestion_control
+        && let Err(error) = SockRef::from(&socket).set_tcp_congestion(name.as_bytes())
+    {
+        tracing::warn!(congestion_control = name, %error, "cannot set tcp congestion control");
+    }
+    socket.connect(address).await
+}
+
+/// The most one TCP connection can keep in flight here: the kernel's maximum send buffer
+/// (third field of `net.ipv4.tcp_wmem`).
+pub fn per_connection_window_bytes() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(DEFAULT_PER_CONNECTION_WINDOW_BYTES)
+}
+
+/// Congestion control algorithms this kernel offers.
+pub fn available_congestion_controls() -> Vec<String> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+        .map(|text| text.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}

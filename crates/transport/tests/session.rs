@@ -1,0 +1,272 @@
+//! Loopback tests of sessions: round trips over N streams, bidirectional use, the control channel,
+//! resume after cut connections, backpressure bounds, and stream-count adaptation.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use novacron_transport::{ControlIncoming, Session};
+
+async fn receive_all(session: &Session) -> (u64, blake3::Hash) {
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    while let Some(chunk) = session.recv().await.unwrap() {
+        total += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (total, hasher.finalize())
+}
+
+async fn send_in_pieces(session: &Session, payload: &Bytes, piece: usize) {
+    let mut offset = 0;
+    while offset < payload.len() {
+        let end = (offset + piece).min(payload.len());
+        session.send(payload.slice(offset..end)).await.unwrap();
+        offset = end;
+    }
+    session.finish().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_random_payload_round_trips_over_four_streams_with_post_quantum_key_exchange() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(4)).await;
+        let payload = random_payload(64 << 20, 1);
+        let expected = blake3::hash(&payload);
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, test_options(4))
+            .await
+            .unwrap();
+        let accepted = listener.accept().await.unwrap();
+        assert_eq!(accepted.peer_fingerprint(), dialer_tls.identity.fingerprint());
+        assert_eq!(dialer.peer_fingerprint(), listener_tls.identity.fingerprint());
+        let receiver = tokio::spawn(async move {
+            let result = receive_all(&accepted).await;
+            (result, accepted)
+        });
+        // Odd piece size so frames and application writes do not line up.
+        send_in_pieces(&dialer, &payload, 1_000_003).await;
+        let ((total, hash), accepted) = receiver.await.unwrap();
+        assert_eq!(total, payload.len() as u64);
+        assert_eq!(hash, expected);
+        let stats = dialer.stats();
+        assert_eq!(stats.key_exchange_group.as_deref(), Some("X25519MLKEM768"));
+        assert_eq!(
+            accepted.stats().key_exchange_group.as_deref(),
+            Some("X25519MLKEM768")
+        );
+        assert_eq!(stats.bulk_connections, 4, "{stats:?}");
+        assert_eq!(stats.bulk_bytes_retransmitted, 0);
+        dialer.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_and_the_control_channel_work_at_once() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        let dialer = std::sync::Arc::new(
+            Session::connect(listener.local_addr(), &dialer_tls, test_options(2))
+                .await
+                .unwrap(),
+        );
+        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
+        let forward = random_payload(8 << 20, 2);
+        let backward = random_payload(6 << 20, 3);
+
+        // The listener answers "which of these do you have?" requests while it streams back.
+        let responder_control = accepted.control();
+        let responder = tokio::spawn(async move {
+            let mut notifications = Vec::new();
+            while let Some(incoming) = responder_control.next_incoming().await.unwrap() {
+                match incoming {
+                    ControlIncoming::Request(request) => {
+                        let mut answer = request.body.to_vec();
+                        answer.reverse();
+                        request.respond(Bytes::from(answer)).await.unwrap();
+                    }
+                    ControlIncoming::Notification(body) => {
+                        notifications.push(body);
+                        if notifications.len() == 3 {
+                            return notifications;
+                        }
+                    }
+                }
+            }
+            notifications
+        });
+        let listener_side = accepted.clone();
+        let backward_clone = backward.clone();
+        let listener_sends =
+            tokio::spawn(async move { send_in_pieces(&listener_side, &backward_clone, 65_537).await });
+        let dialer_side = dialer.clone();
+        let dialer_receives = tokio::spawn(async move { receive_all(&dialer_side).await });
+        let listener_side = accepted.clone();
+        let listener_receives = tokio::spawn(async move { receive_all(&listener_side).await });
+
+        let control = dialer.control();
+        for index in 0..20u8 {
+            let answer = control.request(Bytes::from(vec![index, 1, 2])).await.unwrap();
+            assert_eq!(&answer[..], &[2, 1, index]);
+        }
+        for index in 0..3u8 {
+            control.notify(Bytes::from(vec![index])).await.unwrap();
+        }
+        send_in_pieces(&dialer, &forward, 300_000).await;
+
+        let notifications = responder.await.unwrap();
+        assert_eq!(notifications, vec![Bytes::from_static(&[0]), Bytes::from_static(&[1]), Bytes::from_static(&[2])]);
+        listener_sends.await.unwrap();
+        let (total, hash) = listener_receives.await.unwrap();
+        assert_eq!((total, hash), (forward.len() as u64, blake3::hash(&forward)));
+        let (total, hash) = dialer_receives.await.unwrap();
+        assert_eq!((total, hash), (backward.len() as u64, blake3::hash(&backward)));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(3)).await;
+        let proxy = CuttingProxy::start(listener.local_addr()).await;
+        let payload = random_payload(48 << 20, 4);
+        let expected = blake3::hash(&payload);
+        let mut options = test_options(3);
+        // A small window keeps the sender from finishing before the cuts.
+        options.bulk_send_window_bytes = 2 << 20;
+        let dialer = Session::connect(proxy.address, &dialer_tls, options).await.unwrap();
+        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
+        let receiver_session = accepted.clone();
+        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        let sender = tokio::spawn(async move {
+            send_in_pieces(&dialer, &payload, 1 << 20).await;
+            dialer.flush().await.unwrap();
+            dialer
+        });
+        for cut in 1..=3u64 {
+            let threshold = cut * (12 << 20);
+            wait_until("receiver progress before the cut", TEST_DEADLINE, || {
+                accepted.stats().bulk_bytes_received >= threshold
+            })
+            .await;
+            proxy.cut_all();
+        }
+        let (total, hash) = receiver.await.unwrap();
+        assert_eq!(total, 48 << 20);
+        assert_eq!(hash, expected, "data lost, duplicated or reordered across resumes");
+        let dialer = sender.await.unwrap();
+        let stats = dialer.stats();
+        assert!(stats.reconnections >= 3, "{stats:?}");
+        assert!(proxy.connections.load(std::sync::atomic::Ordering::Relaxed) > 4);
+        // Resent bytes are bounded by what was unacknowledged at the cuts: at most the window
+        // each time.
+        assert!(stats.bulk_bytes_retransmitted <= 3 * (2 << 20), "{stats:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_receiver_bounds_memory_on_both_sides() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let mut options = test_options(2);
+        options.bulk_send_window_bytes = 4 << 20;
+        options.bulk_receive_window_bytes = 3 << 20;
+        let listener = listen(&listener_tls, options.clone()).await;
+        let dialer = std::sync::Arc::new(
+            Session::connect(listener.local_addr(), &dialer_tls, options.clone())
+                .await
+                .unwrap(),
+        );
+        let accepted = listener.accept().await.unwrap();
+        let payload = random_payload(32 << 20, 5);
+        let sending = dialer.clone();
+        let sent_payload = payload.clone();
+        let sender = tokio::spawn(async move {
+            send_in_pieces(&sending, &sent_payload, 256 << 10).await;
+        });
+        // The receiver does not read: the receiver fills its window, the sender its own, then
+        // the sender's `send` blocks.
+        wait_until("windows to fill", TEST_DEADLINE, || {
+            let sent = dialer.stats();
+            let received = accepted.stats();
+            received.receive_buffered_bytes + (256 << 10) > options.bulk_receive_window_bytes
+                && sent.send_buffered_bytes + (256 << 10) > options.bulk_send_window_bytes
+        })
+        .await;
+        let sent = dialer.stats();
+        let received = accepted.stats();
+        assert!(received.receive_buffered_bytes <= options.bulk_receive_window_bytes);
+        assert!(sent.send_buffered_bytes <= options.bulk_send_window_bytes);
+        assert!(sent.bulk_bytes_sent < 16 << 20, "sender ran ahead: {sent:?}");
+        assert!(!sender.is_finished());
+        // Now read everything, checking the bound on the way.
+        let mut hasher = blake3::Hasher::new();
+        let mut total = 0usize;
+        while let Some(chunk) = accepted.recv().await.unwrap() {
+            assert!(accepted.stats().receive_buffered_bytes <= options.bulk_receive_window_bytes);
+            assert!(dialer.stats().send_buffered_bytes <= options.bulk_send_window_bytes);
+            total += chunk.len();
+            hasher.update(&chunk);
+        }
+        sender.await.unwrap();
+        assert_eq!(total, payload.len());
+        assert_eq!(hasher.finalize(), blake3::hash(&payload));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        let options = novacron_transport::SessionOptions {
+            initial_bulk_connections: None,
+            adapt_stream_count: true,
+            maximum_bulk_connections: 3,
+            measurement_interval: Duration::from_millis(100),
+            // Loopback has almost no round trip: the estimate is the minimum.
+            bandwidth_hint_bytes_per_second: 1e3,
+            ..test_options(1)
+        };
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+            .await
+            .unwrap();
+        assert_eq!(dialer.stats().target_bulk_connections, 1);
+        let accepted = listener.accept().await.unwrap();
+        // The receiver drains slowly and ever faster, so each added stream appears to help
+        // until the maximum; the policy's own rules are unit-tested in `policy`.
+        let receiver = tokio::spawn(async move {
+            let mut total = 0usize;
+            while let Some(chunk) = accepted.recv().await.unwrap() {
+                total += chunk.len();
+            }
+            total
+        });
+        let chunk = random_payload(1 << 20, 6);
+        let mut sent = 0usize;
+        let started = tokio::time::Instant::now();
+        while dialer.stats().target_bulk_connections < 2 {
+            dialer.send(chunk.clone()).await.unwrap();
+            sent += chunk.len();
+            assert!(started.elapsed() < TEST_DEADLINE, "no stream was added");
+        }
+        dialer.finish().await.unwrap();
+        assert_eq!(receiver.await.unwrap(), sent);
+        let stats = dialer.stats();
+        assert!(stats.measured_rate_bytes_per_second > 0.0, "{stats:?}");
+    })
+    .await;
+}
