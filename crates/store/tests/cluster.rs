@@ -1,0 +1,284 @@
+//! Multi-node stores in one process over [`InProcessTransport`]: replication, membership
+//! changes, leader failover, partitions, and snapshot installation on a lagging learner.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{DEADLINE, eventually};
+use novacron_store::{
+    Bootstrap, Consistency, InProcessTransport, NodeRole, Store, StoreConfig, StoreError,
+};
+use tempfile::TempDir;
+
+struct Cluster {
+    transport: InProcessTransport,
+    stores: BTreeMap<u64, Store>,
+    _dirs: Vec<TempDir>,
+}
+
+fn node_config(dir: &TempDir, node_id: u64, transport: &InProcessTransport) -> StoreConfig {
+    let mut config = StoreConfig::new(dir.path(), node_id, format!("node-{node_id}"));
+    config.transport = Some(std::sync::Arc::new(transport.clone()));
+    config.bootstrap = if node_id == 1 {
+        Bootstrap::SingleNode
+    } else {
+        Bootstrap::JoinExisting
+    };
+    config.request_timeout = Duration::from_secs(3);
+    config
+}
+
+impl Cluster {
+    /// Starts node 1 as a single-node cluster and the others as empty nodes waiting to join.
+    async fn start(nodes: u64, tune: impl Fn(&mut StoreConfig)) -> Cluster {
+        let transport = InProcessTransport::new();
+        let mut stores = BTreeMap::new();
+        let mut dirs = Vec::new();
+        for node_id in 1..=nodes {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut config = node_config(&dir, node_id, &transport);
+            tune(&mut config);
+            let store = Store::open(config).await.expect("open node");
+            transport.register(&store);
+            stores.insert(node_id, store);
+            dirs.push(dir);
+        }
+        Cluster {
+            transport,
+            stores,
+            _dirs: dirs,
+        }
+    }
+
+    /// Starts `nodes` nodes and makes them all voters.
+    async fn start_voters(nodes: u64) -> Cluster {
+        let cluster = Cluster::start(nodes, |_| {}).await;
+        let leader = cluster.node(1);
+        for node_id in 2..=nodes {
+            leader
+                .add_learner(node_id, format!("node-{node_id}"))
+                .await
+                .expect("add learner");
+        }
+        leader
+            .change_membership((1..=nodes).collect())
+            .await
+            .expect("change membership");
+        cluster
+    }
+
+    fn node(&self, node_id: u64) -> &Store {
+        &self.stores[&node_id]
+    }
+
+    async fn leader_among(&self, candidates: &[u64]) -> u64 {
+        eventually("a leader among the running nodes", || async {
+            let leaders: BTreeSet<u64> = candidates
+                .iter()
+                .filter_map(|id| self.node(*id).metrics().leader_id)
+                .collect();
+            let leader = *leaders.iter().next()?;
+            let agreed = leaders.len() == 1 && candidates.contains(&leader);
+            let leads = self.node(leader).metrics().role == NodeRole::Leader;
+            (agreed && leads).then_some(leader)
+        })
+        .await
+    }
+
+    async fn shutdown(self) {
+        for store in self.stores.values() {
+            store.shutdown().await.expect("shutdown");
+        }
+    }
+}
+
+async fn wait_for_value(store: &Store, key: &str, value: &[u8]) -> u64 {
+    eventually(&format!("{key} on node {}", store.node_id()), || async {
+        let item = store.get(key, Consistency::Local).await.expect("local get")?;
+        (item.value == value).then_some(item.mod_revision)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_replicate_writes_to_every_node() {
+    let cluster = Cluster::start_voters(3).await;
+    let leader = cluster.node(1);
+    let metrics = leader.metrics();
+    assert_eq!(metrics.membership.voters, BTreeSet::from([1, 2, 3]));
+    assert!(metrics.membership.learners.is_empty());
+    assert_eq!(metrics.membership.addresses[&2], "node-2");
+
+    let revision = leader.put("vms/web", b"spec".to_vec()).await.expect("write through leader");
+    for node_id in [1, 2, 3] {
+        let seen = wait_for_value(cluster.node(node_id), "vms/web", b"spec").await;
+        assert_eq!(seen, revision, "same revision on node {node_id}");
+    }
+
+    // A follower refuses writes and linearizable reads, and names the leader.
+    let error = cluster
+        .node(2)
+        .put("vms/other", b"x".to_vec())
+        .await
+        .expect_err("follower write");
+    match error {
+        StoreError::NotLeader {
+            leader_hint: Some(hint),
+        } => {
+            assert_eq!(hint.node_id, 1);
+            assert_eq!(hint.address.as_deref(), Some("node-1"));
+        }
+        other => panic!("expected NotLeader with a hint, got {other}"),
+    }
+    let read = cluster.node(3).get("vms/web", Consistency::Linearizable).await;
+    assert!(matches!(read, Err(StoreError::NotLeader { .. })), "{read:?}");
+
+    // Watches work on followers, from their own applied state.
+    let mut watcher = cluster.node(3).watch("vms/", revision).expect("watch on follower");
+    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    assert_eq!((event.key(), event.revision()), ("vms/web", revision));
+    let next = leader.put("vms/db", b"db".to_vec()).await.expect("write");
+    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    assert_eq!((event.key(), event.revision()), ("vms/db", next));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_receives_the_log_and_is_promoted_to_voter() {
+    let cluster = Cluster::start(2, |_| {}).await;
+    let leader = cluster.node(1);
+    leader.put("vms/before", b"1".to_vec()).await.expect("write");
+    leader.add_learner(2, "node-2").await.expect("add learner");
+    let metrics = leader.metrics();
+    assert_eq!(metrics.membership.voters, BTreeSet::from([1]));
+    assert_eq!(metrics.membership.learners, BTreeSet::from([2]));
+    wait_for_value(cluster.node(2), "vms/before", b"1").await;
+    assert_eq!(cluster.node(2).metrics().role, NodeRole::Learner);
+
+    leader.change_membership(BTreeSet::from([1, 2])).await.expect("promote");
+    let metrics = leader.metrics();
+    assert_eq!(metrics.membership.voters, BTreeSet::from([1, 2]));
+    assert!(metrics.membership.learners.is_empty());
+    assert!(!metrics.membership.joint);
+    cluster
+        .node(2)
+        .wait_for("node 2 to become a follower", DEADLINE, |metrics| {
+            metrics.role == NodeRole::Follower
+        })
+        .await
+        .expect("follower");
+
+    // Promoting a node that is not a learner is refused with a clear error.
+    let error = leader
+        .change_membership(BTreeSet::from([1, 2, 9]))
+        .await
+        .expect_err("unknown node");
+    assert!(matches!(error, StoreError::Membership { .. }), "{error}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_shutdown_elects_a_new_leader_and_writes_continue() {
+    let cluster = Cluster::start_voters(3).await;
+    cluster.node(1).put("vms/a", b"1".to_vec()).await.expect("write");
+    for node_id in [2, 3] {
+        wait_for_value(cluster.node(node_id), "vms/a", b"1").await;
+    }
+    cluster.node(1).shutdown().await.expect("shutdown leader");
+
+    let new_leader = cluster.leader_among(&[2, 3]).await;
+    let other = if new_leader == 2 { 3 } else { 2 };
+    let revision = cluster
+        .node(new_leader)
+        .put("vms/b", b"2".to_vec())
+        .await
+        .expect("write through the new leader");
+    assert_eq!(wait_for_value(cluster.node(other), "vms/b", b"2").await, revision);
+    let a = cluster
+        .node(new_leader)
+        .get("vms/a", Consistency::Linearizable)
+        .await
+        .expect("read");
+    assert_eq!(a.expect("committed write survives failover").value, b"1");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_cannot_write_and_catches_up_after_healing() {
+    let cluster = Cluster::start_voters(3).await;
+    cluster.transport.isolate(1);
+    let new_leader = cluster.leader_among(&[2, 3]).await;
+    let revision = cluster
+        .node(new_leader)
+        .put("vms/majority", b"m".to_vec())
+        .await
+        .expect("majority writes");
+
+    let minority = cluster.node(1).put("vms/minority", b"x".to_vec()).await;
+    assert!(
+        matches!(
+            minority,
+            Err(StoreError::Timeout { .. } | StoreError::NotLeader { .. } | StoreError::NoQuorum { .. })
+        ),
+        "{minority:?}"
+    );
+
+    cluster.transport.heal(1);
+    assert_eq!(wait_for_value(cluster.node(1), "vms/majority", b"m").await, revision);
+    assert!(
+        cluster
+            .node(new_leader)
+            .get("vms/minority", Consistency::Linearizable)
+            .await
+            .expect("read")
+            .is_none(),
+        "the minority's write was never committed"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learner_behind_a_purged_log_gets_a_snapshot() {
+    let cluster = Cluster::start(2, |config| config.snapshot_after_log_entries = 20).await;
+    let leader = cluster.node(1);
+    for index in 0..120u32 {
+        leader
+            .put(format!("vms/{index:03}"), index.to_le_bytes().to_vec())
+            .await
+            .expect("write");
+    }
+    leader.delete("vms/005").await.expect("delete");
+    leader
+        .wait_for("the leader to purge its log", DEADLINE, |metrics| {
+            metrics.purged_index.is_some_and(|purged| purged > 20)
+        })
+        .await
+        .expect("purge");
+
+    leader.add_learner(2, "node-2").await.expect("add learner");
+    let learner = cluster.node(2);
+    let leader_revision = leader.current_revision().expect("revision");
+    eventually("the learner to reach the leader's revision", || async {
+        (learner.current_revision().expect("revision") == leader_revision).then_some(())
+    })
+    .await;
+    assert!(
+        learner.metrics().snapshot_index.is_some(),
+        "the learner was brought up to date by a snapshot"
+    );
+    let on_leader = leader.list("vms/", Consistency::Local).await.expect("list");
+    let on_learner = learner.list("vms/", Consistency::Local).await.expect("list");
+    assert_eq!(on_learner, on_leader, "identical keys, values and revisions");
+    assert_eq!(on_learner.items.len(), 119);
+
+    // History before the snapshot is not available on the learner; after it, it is.
+    let error = learner.watch("vms/", 1).expect_err("compacted");
+    assert!(matches!(error, StoreError::Compacted { .. }), "{error}");
+    let mut watcher = learner.watch("vms/", leader_revision + 1).expect("watch");
+    let next = leader.put("vms/new", b"n".to_vec()).await.expect("write");
+    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    assert_eq!(event.revision(), next);
+    cluster.shutdown().await;
+}
