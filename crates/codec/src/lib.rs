@@ -1,1 +1,49 @@
-//! placeholder, replaced as the crate is built
+//! NovaCron's codec (HDE in the design documents): turns guest pages and disk-image chunks into
+//! as few bytes on the wire as the destination's existing content allows, and back.
+//!
+//! - [`page`]: fixed 4 KiB pages keyed by (QEMU RAM block name, offset), record by record, with a
+//!   mirror of pages already sent on both sides; tiers zero → known hash → delta → zstd.
+//! - [`chunk`]: content-defined chunks (FastCDC 2020) for disk images and files; tiers zero →
+//!   known hash → known 4 KiB blocks inside a new chunk → zstd.
+//! - [`frame`]: the versioned, length-delimited frame both use; batches many pages or chunks
+//!   into one zstd-compressed body.
+//! - [`store`]: the destination's content-addressed chunk store (redb index + pack files), with
+//!   a 4 KiB-aligned index of every stored image.
+//! - [`level`]: the zstd level from the measured link rate and compression speed.
+//!
+//! The codec does no network IO: the transport carries its frames and answers its
+//! "which of these hashes do you hold?" questions through [`RemoteHashQuery`]. Decoding never
+//! panics on input and never allocates beyond the limits in each decoder's configuration.
+
+pub mod chunk;
+pub mod delta;
+pub mod error;
+pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod hash;
+pub mod level;
+pub mod page;
+pub mod store;
+mod wire;
+
+/// Size of a guest page and of an aligned block.
+pub const PAGE_SIZE: usize = 4096;
+
+pub use chunk::{
+    ChunkBoundary, ChunkDecoder, ChunkDecoderConfig, ChunkEncoder, ChunkEncoderConfig, ChunkStats,
+    ChunkingParameters, DEFAULT_CHUNKING, chunk_boundaries,
+};
+pub use error::{DecodeError, EncodeError};
+pub use frame::{
+    FRAME_HEADER_LENGTH, FRAME_VERSION, FrameHeader, frame_length, parse_frame_header,
+};
+pub use hash::{
+    BoxError, ChunkRepository, ContentHash, LocalContentSource, MemoryRepository, NothingLocal,
+    NothingRemote, RemoteHashQuery,
+};
+pub use level::{LevelMeter, LevelProfile, choose_zstd_level};
+pub use page::{Page, PageDecoder, PageDecoderConfig, PageEncoder, PageEncoderConfig, PageStats};
+pub use store::{
+    ChunkStore, ImageManifest, ImageSummary, STORE_FORMAT_VERSION, StoreError, StoreRepository,
+};

@@ -1,0 +1,769 @@
+//! Page codec: fixed 4 KiB pages (guest RAM), keyed by (block name, byte offset in the block) as
+//! in QEMU's migration stream, encoded record by record in tiers, cheapest first:
+//!
+//! 1. **zero**: the page is all zeros (one tag byte);
+//! 2. **known**: the destination holds a page with the same BLAKE3 hash, either because it was sent
+//!    earlier in this transfer (the page mirror) or because the destination's chunk store has it
+//!    (asked through [`RemoteHashQuery`], once per frame);
+//! 3. **delta**: XOR + run-length against the previous version of the same page, when that is at
+//!    most [`PageEncoderConfig::delta_limit`] bytes;
+//! 4. **literal**: the page itself.
+//!
+//! Pages are batched into frames (see [`crate::frame`]) and the whole frame body is compressed
+//! with zstd, which is where literal and delta pages get compressed: batching is what makes zstd
+//! pay on 4 KiB pages. A body that does not shrink is sent as it is.
+//!
+//! Both sides keep a **page mirror**: for every key, the hash of the content last sent, and for
+//! every such hash one copy of the content. The encoder and decoder update it in the same order
+//! (every encoded page, plus [`PageEncoder::observe_page`] / [`PageDecoder::observe_page`] for
+//! pages that travel outside the codec, such as QEMU's own ZERO or XBZRLE records), so they agree
+//! on what "known" and "previous version" mean without ever talking about it. Its size is capped
+//! by `mirror_page_limit` distinct keys, which must be the same on both sides.
+//!
+//! Body layout: one entry per page, in order. An entry is a tag byte (bits 0-1 tier, bit 2 "next
+//! page of the same block as the previous entry", bit 3 "a new block name follows"), then unless
+//! bit 2 is set the key (`u8 length + name` when bit 3 is set, otherwise a varint index into the
+//! block table built from the names in order of first appearance; then a varint page index =
+//! offset / 4096), then the tier's payload: nothing, a 32-byte hash, `varint length + delta`, or
+//! 4096 bytes.
+//!
+//! An error from either side leaves its mirror in an unspecified state: the transfer has to
+//! restart. This module does no IO; it must not know about QEMU's record syntax.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::PAGE_SIZE;
+use crate::delta::{apply_delta, encode_delta};
+use crate::error::{DecodeError, EncodeError};
+use crate::frame::{FrameKind, FrameReader, FrameWriter};
+use crate::hash::{ContentHash, ContentHashBuildHasher, LocalContentSource, RemoteHashQuery};
+use crate::wire::{Reader, put_varint};
+
+/// One guest page.
+pub type Page = [u8; PAGE_SIZE];
+
+/// Most pages one frame may carry (16 MiB of input).
+pub const MAX_PAGES_PER_FRAME: usize = 4096;
+
+/// Most distinct block names in one transfer (QEMU machines have a handful).
+pub const MAX_BLOCKS: usize = 1024;
+
+const MAX_BLOCK_NAME_LENGTH: usize = 255;
+
+/// Upper bound of one entry's encoded size: tag, name, page index, tier payload.
+const MAX_PAGE_ENTRY_LENGTH: usize = 1 + 1 + MAX_BLOCK_NAME_LENGTH + 10 + 10 + PAGE_SIZE;
+
+const TIER_ZERO: u8 = 0;
+const TIER_KNOWN: u8 = 1;
+const TIER_DELTA: u8 = 2;
+const TIER_LITERAL: u8 = 3;
+const TIER_MASK: u8 = 0x03;
+const TAG_NEXT_PAGE: u8 = 0x04;
+const TAG_NEW_BLOCK: u8 = 0x08;
+const TAG_KNOWN_BITS: u8 = TIER_MASK | TAG_NEXT_PAGE | TAG_NEW_BLOCK;
+
+/// The tier a page was encoded in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageTier {
+    Zero,
+    Known,
+    Delta,
+    Literal,
+}
+
+/// Counters of one side of a page transfer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Pages whose content was sent earlier in this transfer.
+    pub known_from_transfer: u64,
+    /// Pages found in the destination's chunk store.
+    pub known_from_destination: u64,
+    pub delta_pages: u64,
+    pub literal_pages: u64,
+    pub frames: u64,
+    /// Page bytes in (`pages × 4096`).
+    pub input_bytes: u64,
+    /// Frame bytes out, headers included.
+    pub frame_bytes: u64,
+    /// Time spent in zstd.
+    pub compression_time: Duration,
+}
+
+/// Returns true if every byte of `bytes` is zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (words, tail) = bytes.as_chunks::<16>();
+    words.iter().all(|word| u128::from_ne_bytes(*word) == 0) && tail.iter().all(|&byte| byte == 0)
+}
+
+#[derive(Default)]
+struct BlockTable {
+    names: Vec<String>,
+    by_name: HashMap<String, u32>,
+}
+
+impl BlockTable {
+    fn name(&self, index: u32) -> &str {
+        self.names.get(index as usize).map_or("", String::as_str)
+    }
+}
+
+struct MirrorContent {
+    page: Box<Page>,
+    holders: u32,
+}
+
+/// What the destination holds, as both sides agree.
+struct PageMirror {
+    by_key: HashMap<(u32, u64), ContentHash>,
+    by_hash: HashMap<ContentHash, MirrorContent, ContentHashBuildHasher>,
+    page_limit: usize,
+}
+
+impl PageMirror {
+    fn new(page_limit: usize) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            by_hash: HashMap::default(),
+            page_limit,
+        }
+    }
+
+    fn page_for_key(&self, key: (u32, u64)) -> Option<&Page> {
+        let hash = self.by_key.get(&key)?;
+        self.by_hash.get(hash).map(|content| &*content.page)
+    }
+
+    fn page_for_hash(&self, hash: &ContentHash) -> Option<&Page> {
+        self.by_hash.get(hash).map(|content| &*content.page)
+    }
+
+    fn contains_hash(&self, hash: &ContentHash) -> bool {
+        self.by_hash.contains_key(hash)
+    }
+
+    /// Records that the page at `key` now holds `page` (hash `hash`). Fails, changing nothing,
+    /// when `key` is new and the mirror is full.
+    fn record(&mut self, key: (u32, u64), hash: ContentHash, page: &Page) -> Result<(), usize> {
+        match self.by_key.get(&key) {
+            Some(old) if *old == hash => return Ok(()),
+            Some(old) => {
+                let old = *old;
+                if let Some(content) = self.by_hash.get_mut(&old) {
+                    content.holders -= 1;
+                    if content.holders == 0 {
+                        self.by_hash.remove(&old);
+                    }
+                }
+            }
+            None if self.by_key.len() >= self.page_limit => return Err(self.page_limit),
+            None => {}
+        }
+        self.by_hash
+            .entry(hash)
+            .or_insert_with(|| MirrorContent {
+                page: Box::new(*page),
+                holders: 0,
+            })
+            .holders += 1;
+        self.by_key.insert(key, hash);
+        Ok(())
+    }
+}
+
+/// Settings of a [`PageEncoder`].
+#[derive(Clone, Debug)]
+pub struct PageEncoderConfig {
+    /// Starting zstd level; change it during a transfer with [`PageEncoder::set_zstd_level`]
+    /// (see [`crate::level::choose_zstd_level`]).
+    pub zstd_level: i32,
+    /// Pages per frame before [`PageEncoder::push_page`] reports the frame full.
+    pub pages_per_frame: usize,
+    /// Most distinct page keys the mirror tracks; must equal the decoder's.
+    pub mirror_page_limit: usize,
+    /// Largest delta sent instead of the page; 0 disables the delta tier.
+    pub delta_limit: usize,
+    /// Ask the destination which hashes its chunk store holds.
+    pub query_destination: bool,
+}
+
+impl Default for PageEncoderConfig {
+    fn default() -> Self {
+        Self {
+            zstd_level: 3,
+            pages_per_frame: 256,
+            mirror_page_limit: 1 << 24,
+            delta_limit: PAGE_SIZE / 2,
+            query_destination: true,
+        }
+    }
+}
+
+struct PendingPage {
+    block: u32,
+    page_index: u64,
+    first_use_of_block: bool,
+}
+
+/// Encodes pages into frames. Push pages with [`PageEncoder::push_page`], then write a frame with
+/// [`PageEncoder::finish_frame`] whenever the frame is full or the caller needs the bytes out
+/// (at the end of a QEMU RAM section, say).
+pub struct PageEncoder<Q: RemoteHashQuery> {
+    config: PageEncoderConfig,
+    query: Q,
+    mirror: PageMirror,
+    blocks: BlockTable,
+    pending: Vec<PendingPage>,
+    pending_data: Vec<u8>,
+    destination_holds: HashSet<ContentHash, ContentHashBuildHasher>,
+    body: Vec<u8>,
+    delta_scratch: Vec<u8>,
+    writer: FrameWriter,
+    stats: PageStats,
+}
+
+impl<Q: RemoteHashQuery> PageEncoder<Q> {
+    pub fn new(config: PageEncoderConfig, query: Q) -> Result<Self, EncodeError> {
+        let writer = FrameWriter::new(config.zstd_level)?;
+        Ok(Self {
+            mirror: PageMirror::new(config.mirror_page_limit),
+            config: PageEncoderConfig {
+                pages_per_frame: config.pages_per_frame.clamp(1, MAX_PAGES_PER_FRAME),
+                ..config
+            },
+            query,
+            blocks: BlockTable::default(),
+            pending: Vec::new(),
+            pending_data: Vec::new(),
+            destination_holds: HashSet::default(),
+            body: Vec::new(),
+            delta_scratch: Vec::new(),
+            writer,
+            stats: PageStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> &PageStats {
+        &self.stats
+    }
+
+    pub fn zstd_level(&self) -> i32 {
+        self.writer.level()
+    }
+
+    /// Changes the zstd level for the following frames (the decoder does not need to know).
+    pub fn set_zstd_level(&mut self, level: i32) -> Result<(), EncodeError> {
+        self.writer.set_level(level)
+    }
+
+    /// Pages waiting for [`PageEncoder::finish_frame`].
+    pub fn pending_pages(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn block_index(&mut self, block: &str) -> Result<(u32, bool), EncodeError> {
+        if let Some(&index) = self.blocks.by_name.get(block) {
+            return Ok((index, false));
+        }
+        if block.is_empty() || block.len() > MAX_BLOCK_NAME_LENGTH {
+            return Err(EncodeError::BadBlockName {
+                block: block.to_owned(),
+            });
+        }
+        if self.blocks.names.len() >= MAX_BLOCKS {
+            return Err(EncodeError::TooManyBlocks { limit: MAX_BLOCKS });
+        }
+        let index = self.blocks.names.len() as u32;
+        self.blocks.names.push(block.to_owned());
+        self.blocks.by_name.insert(block.to_owned(), index);
+        Ok((index, true))
+    }
+
+    fn page_index(block: &str, offset: u64) -> Result<u64, EncodeError> {
+        if offset % PAGE_SIZE as u64 != 0 {
+            return Err(EncodeError::UnalignedOffset {
+                block: block.to_owned(),
+                offset,
+            });
+        }
+        Ok(offset / PAGE_SIZE as u64)
+    }
+
+    /// Queues the page at `offset` in `block`. Returns true once the frame is full: call
+    /// [`PageEncoder::finish_frame`] before pushing more.
+    pub fn push_page(
+        &mut self,
+        block: &str,
+        offset: u64,
+        page: &Page,
+    ) -> Result<bool, EncodeError> {
+        if self.pending.len() >= self.config.pages_per_frame {
+            return Err(EncodeError::FrameFull {
+                pages: self.pending.len(),
+            });
+        }
+        let page_index = Self::page_index(block, offset)?;
+        let (block, first_use_of_block) = self.block_index(block)?;
+        self.pending.push(PendingPage {
+            block,
+            page_index,
+            first_use_of_block,
+        });
+        self.pending_data.extend_from_slice(page);
+        Ok(self.pending.len() >= self.config.pages_per_frame)
+    }
+
+    /// Records that the destination now holds `page` at (`block`, `offset`) although the codec did
+    /// not carry it (QEMU's own ZERO or XBZRLE records). The decoder must make the same call at the
+    /// same point of the stream. Only allowed between frames.
+    pub fn observe_page(
+        &mut self,
+        block: &str,
+        offset: u64,
+        page: &Page,
+    ) -> Result<(), EncodeError> {
+        if !self.pending.is_empty() {
+            return Err(EncodeError::PagesPending);
+        }
+        let page_index = Self::page_index(block, offset)?;
+        let hash = if is_zero(page) {
+            ContentHash::of_zero_page()
+        } else {
+            ContentHash::of(page)
+        };
+        // Observing registers the name on both sides, in the same order, so no frame sends it.
+        let (block_index, _) = self.block_index(block)?;
+        self.mirror
+            .record((block_index, page_index), hash, page)
+            .map_err(|limit| EncodeError::MirrorFull { limit })
+    }
+
+    /// Encodes every pending page into one frame appended to `out`. Returns the frame's length
+    /// (0 and no frame when nothing was pending).
+    pub fn finish_frame(&mut self, out: &mut Vec<u8>) -> Result<usize, EncodeError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let count = self.pending.len();
+        // Pass 1: zero check and hashes; collect the hashes to ask the destination about.
+        let mut hashes: Vec<Option<ContentHash>> = Vec::with_capacity(count);
+        let mut questions: Vec<ContentHash> = Vec::new();
+        for page in self.pending_data.chunks_exact(PAGE_SIZE) {
+            if is_zero(page) {
+                hashes.push(None);
+                continue;
+            }
+            let hash = ContentHash::of(page);
+            if self.config.query_destination
+                && !self.mirror.contains_hash(&hash)
+                && !self.destination_holds.contains(&hash)
+            {
+                questions.push(hash);
+            }
+            hashes.push(Some(hash));
+        }
+        if !questions.is_empty() {
+            questions.sort_unstable();
+            questions.dedup();
+            let answers = self
+                .query
+                .which_of(&questions)
+                .map_err(EncodeError::HashQuery)?;
+            if answers.len() != questions.len() {
+                return Err(EncodeError::HashQueryAnswerCount {
+                    questions: questions.len(),
+                    answers: answers.len(),
+                });
+            }
+            if self.destination_holds.len() > self.config.mirror_page_limit {
+                self.destination_holds.clear();
+            }
+            self.destination_holds.extend(
+                questions
+                    .iter()
+                    .zip(&answers)
+                    .filter(|(_, held)| **held)
+                    .map(|(hash, _)| *hash),
+            );
+        }
+
+        // Pass 2: in order, choose the tier and update the mirror as the decoder will.
+        self.body.clear();
+        let mut previous_key: Option<(u32, u64)> = None;
+        let pending = std::mem::take(&mut self.pending);
+        let pending_data = std::mem::take(&mut self.pending_data);
+        for ((entry, page), hash) in pending
+            .iter()
+            .zip(pending_data.as_chunks::<PAGE_SIZE>().0)
+            .zip(&hashes)
+        {
+            let key = (entry.block, entry.page_index);
+            let tag_position = self.body.len();
+            self.body.push(0);
+            let mut tag = 0u8;
+            if entry.first_use_of_block {
+                tag |= TAG_NEW_BLOCK;
+                let name = self.blocks.name(entry.block).as_bytes();
+                self.body.push(name.len() as u8);
+                self.body.extend_from_slice(name);
+                put_varint(&mut self.body, entry.page_index);
+            } else if previous_key.is_some_and(|(block, index)| {
+                block == entry.block && index.checked_add(1) == Some(entry.page_index)
+            }) {
+                tag |= TAG_NEXT_PAGE;
+            } else {
+                put_varint(&mut self.body, u64::from(entry.block));
+                put_varint(&mut self.body, entry.page_index);
+            }
+            previous_key = Some(key);
+
+            let (tier_tag, recorded_hash) = match hash {
+                None => {
+                    self.stats.zero_pages += 1;
+                    (TIER_ZERO, ContentHash::of_zero_page())
+                }
+                Some(hash) if self.mirror.contains_hash(hash) => {
+                    self.stats.known_from_transfer += 1;
+                    self.body.extend_from_slice(hash.as_bytes());
+                    (TIER_KNOWN, *hash)
+                }
+                Some(hash) if self.destination_holds.contains(hash) => {
+                    self.stats.known_from_destination += 1;
+                    self.body.extend_from_slice(hash.as_bytes());
+                    (TIER_KNOWN, *hash)
+                }
+                Some(hash) => {
+                    let mut tier = TIER_LITERAL;
+                    if self.config.delta_limit > 0
+                        && let Some(previous) = self.mirror.page_for_key(key)
+                    {
+                        self.delta_scratch.clear();
+                        if encode_delta(
+                            previous,
+                            page,
+                            self.config.delta_limit,
+                            &mut self.delta_scratch,
+                        ) {
+                            put_varint(&mut self.body, self.delta_scratch.len() as u64);
+                            self.body.extend_from_slice(&self.delta_scratch);
+                            tier = TIER_DELTA;
+                        }
+                    }
+                    if tier == TIER_LITERAL {
+                        self.stats.literal_pages += 1;
+                        self.body.extend_from_slice(page);
+                    } else {
+                        self.stats.delta_pages += 1;
+                    }
+                    (tier, *hash)
+                }
+            };
+            self.body[tag_position] = tag | tier_tag;
+            self.mirror
+                .record(key, recorded_hash, page)
+                .map_err(|limit| EncodeError::MirrorFull { limit })?;
+        }
+        self.stats.pages += count as u64;
+        self.stats.input_bytes += (count * PAGE_SIZE) as u64;
+
+        let started = Instant::now();
+        let written = self
+            .writer
+            .write_frame(FrameKind::Pages, count as u32, &self.body, out)?;
+        self.stats.compression_time += started.elapsed();
+        self.stats.frames += 1;
+        self.stats.frame_bytes += written as u64;
+
+        self.pending = pending;
+        self.pending.clear();
+        self.pending_data = pending_data;
+        self.pending_data.clear();
+        Ok(written)
+    }
+}
+
+/// Settings of a [`PageDecoder`].
+#[derive(Clone, Debug)]
+pub struct PageDecoderConfig {
+    /// Most distinct page keys the mirror tracks; must equal the encoder's.
+    pub mirror_page_limit: usize,
+}
+
+impl Default for PageDecoderConfig {
+    fn default() -> Self {
+        Self {
+            mirror_page_limit: PageEncoderConfig::default().mirror_page_limit,
+        }
+    }
+}
+
+/// Decodes page frames back into pages, in order, resolving "known" pages from the mirror or
+/// from `source` (the destination's chunk store).
+pub struct PageDecoder<S: LocalContentSource> {
+    source: S,
+    mirror: PageMirror,
+    blocks: BlockTable,
+    reader: FrameReader,
+    stats: PageStats,
+}
+
+impl<S: LocalContentSource> PageDecoder<S> {
+    pub fn new(config: PageDecoderConfig, source: S) -> Result<Self, DecodeError> {
+        Ok(Self {
+            source,
+            mirror: PageMirror::new(config.mirror_page_limit),
+            blocks: BlockTable::default(),
+            reader: FrameReader::new()?,
+            stats: PageStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> &PageStats {
+        &self.stats
+    }
+
+    /// The decoder's half of [`PageEncoder::observe_page`].
+    pub fn observe_page(
+        &mut self,
+        block: &str,
+        offset: u64,
+        page: &Page,
+    ) -> Result<(), DecodeError> {
+        if block.is_empty() || block.len() > MAX_BLOCK_NAME_LENGTH {
+            return Err(DecodeError::Malformed {
+                what: "observed block name",
+                offset: 0,
+                reason: "must be 1 to 255 bytes",
+            });
+        }
+        if offset % PAGE_SIZE as u64 != 0 {
+            return Err(DecodeError::Malformed {
+                what: "observed page offset",
+                offset: 0,
+                reason: "not page aligned",
+            });
+        }
+        let block_index = match self.blocks.by_name.get(block) {
+            Some(&index) => index,
+            None => register_block(&mut self.blocks, block.to_owned(), 0)?,
+        };
+        let hash = if is_zero(page) {
+            ContentHash::of_zero_page()
+        } else {
+            ContentHash::of(page)
+        };
+        self.mirror
+            .record((block_index, offset / PAGE_SIZE as u64), hash, page)
+            .map_err(|limit| DecodeError::MirrorFull { limit })
+    }
+
+    /// Decodes one whole frame, calling `emit(block, offset, page)` for each page in order.
+    /// Returns the number of pages.
+    pub fn decode_frame(
+        &mut self,
+        frame: &[u8],
+        mut emit: impl FnMut(&str, u64, &Page),
+    ) -> Result<usize, DecodeError> {
+        let Self {
+            source,
+            mirror,
+            blocks,
+            reader,
+            stats,
+        } = self;
+        let max_body = MAX_PAGES_PER_FRAME * MAX_PAGE_ENTRY_LENGTH;
+        let (header, body) = reader.open(frame, FrameKind::Pages, MAX_PAGES_PER_FRAME, max_body)?;
+        let declared = header.entry_count as usize;
+        if body.len() > declared * MAX_PAGE_ENTRY_LENGTH {
+            return Err(DecodeError::LimitExceeded {
+                what: "page frame body length",
+                offset: 10,
+                value: body.len() as u64,
+                limit: (declared * MAX_PAGE_ENTRY_LENGTH) as u64,
+            });
+        }
+        let mut body = Reader::new(body);
+        let mut previous_key: Option<(u32, u64)> = None;
+        let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+        let mut decoded = 0usize;
+        while !body.is_empty() {
+            if decoded == declared {
+                return Err(DecodeError::EntryCountMismatch {
+                    declared,
+                    actual: decoded + 1,
+                });
+            }
+            let tag_offset = body.position();
+            let tag = body.u8("page entry tag")?;
+            if tag & !TAG_KNOWN_BITS != 0 || tag & TAG_NEXT_PAGE != 0 && tag & TAG_NEW_BLOCK != 0 {
+                return Err(DecodeError::Malformed {
+                    what: "page entry tag",
+                    offset: tag_offset,
+                    reason: "unknown bits set",
+                });
+            }
+            let key = if tag & TAG_NEXT_PAGE != 0 {
+                match previous_key {
+                    Some((block, index)) if index < u64::MAX / PAGE_SIZE as u64 => {
+                        (block, index + 1)
+                    }
+                    _ => {
+                        return Err(DecodeError::Malformed {
+                            what: "page entry key",
+                            offset: tag_offset,
+                            reason: "next-page entry without a previous page in the frame",
+                        });
+                    }
+                }
+            } else {
+                let block = if tag & TAG_NEW_BLOCK != 0 {
+                    let name_offset = body.position();
+                    let length = body.u8("block name length")? as usize;
+                    let name = body.take(length, "block name")?;
+                    let name = std::str::from_utf8(name).map_err(|_| DecodeError::Malformed {
+                        what: "block name",
+                        offset: name_offset,
+                        reason: "not utf-8",
+                    })?;
+                    if name.is_empty() {
+                        return Err(DecodeError::Malformed {
+                            what: "block name",
+                            offset: name_offset,
+                            reason: "empty",
+                        });
+                    }
+                    if blocks.by_name.contains_key(name) {
+                        return Err(DecodeError::Malformed {
+                            what: "block name",
+                            offset: name_offset,
+                            reason: "block announced twice",
+                        });
+                    }
+                    register_block(blocks, name.to_owned(), name_offset)?
+                } else {
+                    let index_offset = body.position();
+                    let index = body.varint("block index")?;
+                    if index >= blocks.names.len() as u64 {
+                        return Err(DecodeError::LimitExceeded {
+                            what: "block index",
+                            offset: index_offset,
+                            value: index,
+                            limit: blocks.names.len() as u64,
+                        });
+                    }
+                    index as u32
+                };
+                let index_offset = body.position();
+                let page_index = body.varint("page index")?;
+                if page_index > u64::MAX / PAGE_SIZE as u64 {
+                    return Err(DecodeError::LimitExceeded {
+                        what: "page index",
+                        offset: index_offset,
+                        value: page_index,
+                        limit: u64::MAX / PAGE_SIZE as u64,
+                    });
+                }
+                (block, page_index)
+            };
+            previous_key = Some(key);
+
+            let hash = match tag & TIER_MASK {
+                TIER_ZERO => {
+                    page.fill(0);
+                    stats.zero_pages += 1;
+                    ContentHash::of_zero_page()
+                }
+                TIER_KNOWN => {
+                    let hash = body.hash("known page hash")?;
+                    if let Some(known) = mirror.page_for_hash(&hash) {
+                        page.copy_from_slice(known);
+                        stats.known_from_transfer += 1;
+                    } else {
+                        let content = source
+                            .content(&hash)
+                            .map_err(|error| DecodeError::LocalSource {
+                                hash,
+                                source: error,
+                            })?
+                            .ok_or(DecodeError::UnknownHash { hash })?;
+                        if content.len() != PAGE_SIZE {
+                            return Err(DecodeError::ContentLengthMismatch {
+                                hash,
+                                expected: PAGE_SIZE,
+                                actual: content.len(),
+                            });
+                        }
+                        let actual = ContentHash::of(&content);
+                        if actual != hash {
+                            return Err(DecodeError::HashMismatch {
+                                expected: hash,
+                                actual,
+                            });
+                        }
+                        page.copy_from_slice(&content);
+                        stats.known_from_destination += 1;
+                    }
+                    hash
+                }
+                TIER_DELTA => {
+                    let length = body.length("delta length", PAGE_SIZE * 2)?;
+                    let delta = body.take(length, "delta")?;
+                    let previous =
+                        mirror
+                            .page_for_key(key)
+                            .ok_or_else(|| DecodeError::DeltaWithoutBase {
+                                block: blocks.name(key.0).to_owned(),
+                                offset: key.1 * PAGE_SIZE as u64,
+                            })?;
+                    page.copy_from_slice(previous);
+                    apply_delta(&mut page, delta)?;
+                    stats.delta_pages += 1;
+                    ContentHash::of(&page[..])
+                }
+                _ => {
+                    let literal = body.take(PAGE_SIZE, "literal page")?;
+                    page.copy_from_slice(literal);
+                    stats.literal_pages += 1;
+                    ContentHash::of(&page[..])
+                }
+            };
+            mirror
+                .record(key, hash, &page)
+                .map_err(|limit| DecodeError::MirrorFull { limit })?;
+            emit(blocks.name(key.0), key.1 * PAGE_SIZE as u64, &page);
+            decoded += 1;
+        }
+        if decoded != declared {
+            return Err(DecodeError::EntryCountMismatch {
+                declared,
+                actual: decoded,
+            });
+        }
+        stats.pages += decoded as u64;
+        stats.input_bytes += (decoded * PAGE_SIZE) as u64;
+        stats.frames += 1;
+        stats.frame_bytes += frame.len() as u64;
+        Ok(decoded)
+    }
+}
+
+fn register_block(
+    blocks: &mut BlockTable,
+    name: String,
+    offset: usize,
+) -> Result<u32, DecodeError> {
+    if blocks.names.len() >= MAX_BLOCKS {
+        return Err(DecodeError::LimitExceeded {
+            what: "block count",
+            offset,
+            value: blocks.names.len() as u64 + 1,
+            limit: MAX_BLOCKS as u64,
+        });
+    }
+    let index = blocks.names.len() as u32;
+    blocks.by_name.insert(name.clone(), index);
+    blocks.names.push(name);
+    Ok(index)
+}
