@@ -1135,3 +1135,217 @@ impl ChunkRepository for StoreRepository<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(length: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..length)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn put_get_contains_and_references() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(directory.path()).unwrap();
+        let first = pseudo_random(10_000, 1);
+        let second = pseudo_random(20_000, 2);
+        let hashes = store.put_many(&[&first, &second, &first]).unwrap();
+        assert_eq!(hashes[0], hashes[2]);
+        assert_eq!(store.get(&hashes[0]).unwrap().unwrap(), first);
+        assert_eq!(store.get(&hashes[1]).unwrap().unwrap(), second);
+        assert_eq!(store.references(&hashes[0]).unwrap(), 2);
+        let absent = ContentHash::of(b"absent");
+        assert_eq!(
+            store.which_of(&[hashes[1], absent, hashes[0]]).unwrap(),
+            vec![true, false, true]
+        );
+        assert!(store.get(&absent).unwrap().is_none());
+        assert!(store.release(&hashes[0]).unwrap());
+        assert!(store.contains(&hashes[0]).unwrap());
+        assert!(store.release(&hashes[0]).unwrap());
+        assert!(!store.contains(&hashes[0]).unwrap());
+        assert!(!store.release(&hashes[0]).unwrap());
+    }
+
+    #[test]
+    fn contents_survive_reopening() {
+        let directory = tempfile::tempdir().unwrap();
+        let data = pseudo_random(50_000, 3);
+        let hash = ChunkStore::open(directory.path())
+            .unwrap()
+            .put(&data)
+            .unwrap();
+        let store = ChunkStore::open(directory.path()).unwrap();
+        assert_eq!(store.get(&hash).unwrap().unwrap(), data);
+        // Appending after reopening continues the same pack.
+        let more = pseudo_random(1000, 4);
+        let more_hash = store.put(&more).unwrap();
+        assert_eq!(store.get(&more_hash).unwrap().unwrap(), more);
+        assert_eq!(store.get(&hash).unwrap().unwrap(), data);
+    }
+
+    #[test]
+    fn uncommitted_pack_tail_is_truncated_on_open() {
+        let directory = tempfile::tempdir().unwrap();
+        let data = pseudo_random(5000, 5);
+        let hash = ChunkStore::open(directory.path())
+            .unwrap()
+            .put(&data)
+            .unwrap();
+        // A crash after writing a batch's bytes but before its index commit leaves a tail.
+        let pack = pack_path(directory.path(), 1);
+        let committed = std::fs::metadata(&pack).unwrap().len();
+        {
+            let file = OpenOptions::new().append(true).open(&pack).unwrap();
+            file.write_all_at(&pseudo_random(3000, 6), committed)
+                .unwrap();
+        }
+        let store = ChunkStore::open(directory.path()).unwrap();
+        assert_eq!(std::fs::metadata(&pack).unwrap().len(), committed);
+        assert_eq!(store.get(&hash).unwrap().unwrap(), data);
+    }
+
+    #[test]
+    fn damaged_pack_is_reported_not_returned() {
+        let directory = tempfile::tempdir().unwrap();
+        let data = pseudo_random(5000, 7);
+        let store = ChunkStore::open(directory.path()).unwrap();
+        let hash = store.put(&data).unwrap();
+        let pack = pack_path(directory.path(), 1);
+        let file = OpenOptions::new().write(true).open(&pack).unwrap();
+        file.write_all_at(&[0xff; 16], PACK_MAGIC.len() as u64 + 100)
+            .unwrap();
+        assert!(matches!(
+            store.get(&hash),
+            Err(StoreError::CorruptData { .. })
+        ));
+    }
+
+    #[test]
+    fn other_format_versions_are_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        drop(ChunkStore::open(directory.path()).unwrap());
+        {
+            let database = redb::Database::create(directory.path().join("index.redb")).unwrap();
+            let transaction = database.begin_write().unwrap();
+            transaction
+                .open_table(META)
+                .unwrap()
+                .insert("format_version", 99)
+                .unwrap();
+            transaction.commit().unwrap();
+        }
+        assert!(matches!(
+            ChunkStore::open(directory.path()),
+            Err(StoreError::UnsupportedVersion { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn image_is_indexed_by_chunks_and_aligned_blocks() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(directory.path()).unwrap();
+        let mut image = pseudo_random(3 << 20, 8);
+        image[1 << 20..(1 << 20) + 200_000].fill(0);
+        image.extend_from_slice(&pseudo_random(1234, 9)); // a ragged tail
+        let summary = store.put_image("base", &image[..]).unwrap();
+        assert_eq!(summary.length, image.len() as u64);
+        let zero_blocks = image
+            .chunks_exact(BLOCK_SIZE)
+            .filter(|block| is_zero(block))
+            .count();
+        assert_eq!(
+            summary.indexed_blocks as usize,
+            image.len() / BLOCK_SIZE - zero_blocks
+        );
+
+        // Every non-zero aligned block, as a guest page holding file data would be found.
+        for (index, block) in image.chunks_exact(BLOCK_SIZE).enumerate().step_by(37) {
+            if is_zero(block) {
+                continue;
+            }
+            let hash = ContentHash::of(block);
+            assert!(store.contains(&hash).unwrap(), "block {index} not indexed");
+            assert_eq!(store.get(&hash).unwrap().unwrap(), block, "block {index}");
+        }
+        // An unaligned 4 KiB window is not indexed.
+        assert!(
+            !store
+                .contains(&ContentHash::of(&image[100..100 + BLOCK_SIZE]))
+                .unwrap()
+        );
+
+        let mut copy = Vec::new();
+        assert_eq!(
+            store.read_image("base", &mut copy).unwrap(),
+            image.len() as u64
+        );
+        assert!(copy == image);
+        assert_eq!(
+            store.image_manifest("base").unwrap().unwrap().length,
+            image.len() as u64
+        );
+
+        // Storing it again adds no data.
+        let again = store.put_image("base-again", &image[..]).unwrap();
+        assert_eq!(again.new_chunks, 0);
+        assert_eq!(again.new_bytes, 0);
+        assert!(matches!(
+            store.read_image("missing", std::io::sink()),
+            Err(StoreError::ImageNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn decoder_repository_stores_received_chunks() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(directory.path()).unwrap();
+        let data = pseudo_random(300_000, 10);
+        let mut encoder =
+            crate::chunk::ChunkEncoder::new(crate::chunk::ChunkEncoderConfig::default(), &store)
+                .unwrap();
+        let mut frames = Vec::new();
+        encoder
+            .encode_reader(&data[..], |frame| {
+                frames.push(frame.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        let mut decoder = crate::chunk::ChunkDecoder::new(
+            crate::chunk::ChunkDecoderConfig::default(),
+            StoreRepository::new(&store),
+        )
+        .unwrap();
+        let mut output = Vec::new();
+        for frame in &frames {
+            decoder
+                .decode_frame(frame, |bytes| {
+                    output.extend_from_slice(bytes);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        assert!(output == data);
+        // A second transfer of the same data now sends hashes only.
+        let mut encoder =
+            crate::chunk::ChunkEncoder::new(crate::chunk::ChunkEncoderConfig::default(), &store)
+                .unwrap();
+        let mut wire = 0usize;
+        encoder
+            .encode_reader(&data[..], |frame| {
+                wire += frame.len();
+                Ok(())
+            })
+            .unwrap();
+        assert!(wire < 2000, "second transfer sent {wire} bytes");
+    }
+}
