@@ -50,7 +50,9 @@ pub enum StoreError {
     },
 
     /// A value is larger than the store accepts.
-    #[error("value for key {key:?} is {size} bytes, more than the limit of {limit} bytes; store large data outside the store and keep a reference")]
+    #[error(
+        "value for key {key:?} is {size} bytes, more than the limit of {limit} bytes; store large data outside the store and keep a reference"
+    )]
     ValueTooLarge {
         /// The key being written.
         key: String,
@@ -61,7 +63,9 @@ pub enum StoreError {
     },
 
     /// The on-disk store was written by a newer NovaCron.
-    #[error("store at {path} has format version {found}, this build supports up to {supported}; upgrade novacron or restore a backup written by this version")]
+    #[error(
+        "store at {path} has format version {found}, this build supports up to {supported}; upgrade novacron or restore a backup written by this version"
+    )]
     FormatVersion {
         /// The database file.
         path: PathBuf,
@@ -72,14 +76,18 @@ pub enum StoreError {
     },
 
     /// Another process (or another `Store` in this process) holds the data directory.
-    #[error("store database {path} is already open by another process; stop the other novacron serve using this data directory or choose another --data-dir")]
+    #[error(
+        "store database {path} is already open by another process; stop the other novacron serve using this data directory or choose another --data-dir"
+    )]
     AlreadyOpen {
         /// The database file.
         path: PathBuf,
     },
 
     /// Reading or writing the database failed.
-    #[error("store storage failed while {action} ({path}); check the disk (space, permissions, errors in the kernel log)")]
+    #[error(
+        "store storage failed while {action} ({path}); check the disk (space, permissions, errors in the kernel log)"
+    )]
     Storage {
         /// What the store was doing.
         action: String,
@@ -95,7 +103,9 @@ pub enum StoreError {
     ShuttingDown,
 
     /// A request did not complete in time.
-    #[error("{operation} did not complete within {timeout:?}; the cluster may have lost its quorum: check that a majority of voters is running and reachable")]
+    #[error(
+        "{operation} did not complete within {timeout:?}; the cluster may have lost its quorum: check that a majority of voters is running and reachable"
+    )]
     Timeout {
         /// The operation that timed out.
         operation: String,
@@ -104,7 +114,9 @@ pub enum StoreError {
     },
 
     /// The leader could not confirm its leadership with a quorum of voters.
-    #[error("the leader could not reach a quorum of voters ({message}); check that a majority of voters is running and reachable")]
+    #[error(
+        "the leader could not reach a quorum of voters ({message}); check that a majority of voters is running and reachable"
+    )]
     NoQuorum {
         /// Details from raft.
         message: String,
@@ -118,14 +130,18 @@ pub enum StoreError {
     },
 
     /// A watch fell too far behind the stream of changes and lost some of them.
-    #[error("watch on prefix {prefix:?} fell behind and missed changes; list the prefix again and watch from the listed revision + 1")]
+    #[error(
+        "watch on prefix {prefix:?} fell behind and missed changes; list the prefix again and watch from the listed revision + 1"
+    )]
     WatchLagged {
         /// The watched prefix.
         prefix: String,
     },
 
     /// A watch asked for changes that are no longer kept.
-    #[error("changes before revision {compacted_revision} are no longer kept (watch asked from {requested}); list the prefix again and watch from the listed revision + 1")]
+    #[error(
+        "changes before revision {compacted_revision} are no longer kept (watch asked from {requested}); list the prefix again and watch from the listed revision + 1"
+    )]
     Compacted {
         /// The revision the watch asked to start from.
         requested: u64,
@@ -134,7 +150,9 @@ pub enum StoreError {
     },
 
     /// The state was replaced by a snapshot from the leader while a watch was open.
-    #[error("watch on prefix {prefix:?} was reset because this node installed a snapshot; list the prefix again and watch from the listed revision + 1")]
+    #[error(
+        "watch on prefix {prefix:?} was reset because this node installed a snapshot; list the prefix again and watch from the listed revision + 1"
+    )]
     WatchReset {
         /// The watched prefix.
         prefix: String,

@@ -156,8 +156,7 @@ impl Transaction {
 
     /// Adds a delete.
     pub fn delete(mut self, key: impl Into<String>) -> Self {
-        self.operations
-            .push(Operation::Delete { key: key.into() });
+        self.operations.push(Operation::Delete { key: key.into() });
         self
     }
 

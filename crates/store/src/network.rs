@@ -199,7 +199,8 @@ impl NetworkConnection {
         RemoteFailure: DeserializeOwned + Into<RaftError<NodeId, ApiError>>,
         ApiError: std::error::Error,
     {
-        let body = encode_message(request).map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        let body = encode_message(request)
+            .map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
         let message = RaftMessage {
             kind,
             source_node_id: self.source_node_id,
@@ -278,7 +279,9 @@ struct Envelope<T> {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MessageCodecError {
-    #[error("raft message format version {found}, this node speaks {supported}; run the same novacron version on every host")]
+    #[error(
+        "raft message format version {found}, this node speaks {supported}; run the same novacron version on every host"
+    )]
     Version { found: u32, supported: u32 },
     #[error(transparent)]
     Json(#[from] serde_json::Error),
@@ -383,15 +386,18 @@ impl RaftTransport for InProcessTransport {
             })?;
             let store = Store { inner };
             let kind = message.kind;
-            store.handle_raft_message(message).await.map_err(|error| match error {
-                crate::StoreError::ShuttingDown => unreachable("node is shutting down"),
-                other => TransportError::Failed {
-                    kind,
-                    node_id: target.node_id,
-                    address: target.address.clone(),
-                    source: Box::new(other),
-                },
-            })
+            store
+                .handle_raft_message(message)
+                .await
+                .map_err(|error| match error {
+                    crate::StoreError::ShuttingDown => unreachable("node is shutting down"),
+                    other => TransportError::Failed {
+                        kind,
+                        node_id: target.node_id,
+                        address: target.address.clone(),
+                        source: Box::new(other),
+                    },
+                })
         }
         .boxed()
     }

@@ -31,16 +31,13 @@ use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::error::{Result, StoreError};
 use crate::kv::{
-    FailedCondition, KeyValue, Listing, Operation, Transaction, TransactionOutcome,
-    WatchEvent,
+    FailedCondition, KeyValue, Listing, Operation, Transaction, TransactionOutcome, WatchEvent,
 };
 use crate::raft_types::{Node, NodeId, TypeConfig};
 use crate::records::{self, RecordError};
@@ -101,10 +98,14 @@ impl StoreDatabase {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| StoreError::storage("creating the data directory", data_dir, error))?;
         let path = data_dir.join(DATABASE_FILE_NAME);
-        let database = Database::builder().create(&path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen { path: path.clone() },
-            other => StoreError::storage("opening the database", &path, other),
-        })?;
+        let database = Database::builder()
+            .create(&path)
+            .map_err(|error| match error {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::AlreadyOpen { path: path.clone() }
+                }
+                other => StoreError::storage("opening the database", &path, other),
+            })?;
         let store_database = Self { database, path };
         store_database.check_format_version()?;
         Ok(Arc::new(store_database))
@@ -203,8 +204,9 @@ impl StoreDatabase {
         else {
             return Ok(None);
         };
-        let record = records::decode_key_record(guard.value())
-            .map_err(|error| StoreError::storage(format!("decoding key {key:?}"), &self.path, error))?;
+        let record = records::decode_key_record(guard.value()).map_err(|error| {
+            StoreError::storage(format!("decoding key {key:?}"), &self.path, error)
+        })?;
         Ok(Some(record.to_key_value(key)))
     }
 
@@ -255,8 +257,9 @@ impl StoreDatabase {
         let meta = transaction
             .open_table(META)
             .map_err(|error| self.read_error("opening the meta table", error))?;
-        let state = read_state_machine_meta(&meta)
-            .map_err(|error| StoreError::storage("reading state machine meta", &self.path, error))?;
+        let state = read_state_machine_meta(&meta).map_err(|error| {
+            StoreError::storage("reading state machine meta", &self.path, error)
+        })?;
         let mut events = Vec::new();
         if from_revision > state.compacted_revision && from_revision <= state.revision {
             let table = transaction
@@ -444,7 +447,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
         let database = self.database.clone();
-        let bytes = serde_json::to_vec(&committed).map_err(|error| StorageIOError::write(&error))?;
+        let bytes =
+            serde_json::to_vec(&committed).map_err(|error| StorageIOError::write(&error))?;
         run_blocking(move || {
             let mut transaction = database.database.begin_write()?;
             // Made durable by the next log append; losing it only delays re-applying.
@@ -462,8 +466,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
         let read = || -> std::result::Result<Option<LogId<NodeId>>, OperationError> {
             let transaction = self.database.database.begin_read()?;
-            Ok(read_json::<Option<LogId<NodeId>>>(&transaction.open_table(META)?, META_COMMITTED)?
-                .flatten())
+            Ok(
+                read_json::<Option<LogId<NodeId>>>(&transaction.open_table(META)?, META_COMMITTED)?
+                    .flatten(),
+            )
         };
         read().map_err(|error| StorageIOError::read(&error).into())
     }
@@ -521,7 +527,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let database = self.database.clone();
-        let bytes = serde_json::to_vec(&Some(log_id)).map_err(|error| StorageIOError::write_logs(&error))?;
+        let bytes = serde_json::to_vec(&Some(log_id))
+            .map_err(|error| StorageIOError::write_logs(&error))?;
         run_blocking(move || {
             let mut transaction = database.database.begin_write()?;
             // Purged entries are covered by a snapshot; a purge lost in a crash is harmless.
@@ -703,7 +710,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     match entry.payload {
                         EntryPayload::Blank => outcomes.push(noop_outcome(&state)),
                         EntryPayload::Normal(request) => {
-                            let (outcome, events) = apply_transaction(&mut kv, &mut state, &request)?;
+                            let (outcome, events) =
+                                apply_transaction(&mut kv, &mut state, &request)?;
                             if !events.is_empty() {
                                 changes.insert(
                                     state.revision,
@@ -795,7 +803,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(|error| StorageIOError::write_snapshot(Some(signature), &error))?;
-        tracing::info!(revision = decoded_revision, "installed a snapshot from the leader");
+        tracing::info!(
+            revision = decoded_revision,
+            "installed a snapshot from the leader"
+        );
         let _ = self.notices.send(ChangeNotice::Reset {
             revision: decoded_revision,
         });
@@ -849,7 +860,11 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let snapshot_id = match &state.last_applied {
                 Some(log_id) => format!(
                     "{}-{}-{}-r{}-{}",
-                    log_id.leader_id.term, log_id.leader_id.node_id, log_id.index, state.revision, sequence
+                    log_id.leader_id.term,
+                    log_id.leader_id.node_id,
+                    log_id.index,
+                    state.revision,
+                    sequence
                 ),
                 None => format!("empty-r{}-{}", state.revision, sequence),
             };
@@ -896,7 +911,8 @@ mod tests {
             let database = StoreDatabase::open(directory.path()).expect("open fresh");
             database.force_format_version(FORMAT_VERSION + 1);
         }
-        let error = StoreDatabase::open(directory.path()).expect_err("newer format must be refused");
+        let error =
+            StoreDatabase::open(directory.path()).expect_err("newer format must be refused");
         assert!(
             matches!(error, StoreError::FormatVersion { found, supported, .. } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
             "{error}"
@@ -925,9 +941,7 @@ mod conformance {
     struct RedbStoreBuilder;
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for RedbStoreBuilder {
-        async fn build(
-            &self,
-        ) -> StorageResult<(tempfile::TempDir, LogStore, StateMachineStore)> {
+        async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachineStore)> {
             let directory = tempfile::tempdir().map_err(|error| StorageIOError::write(&error))?;
             let database = StoreDatabase::open(directory.path())
                 .map_err(|error| StorageIOError::write(&error))?;

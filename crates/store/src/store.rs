@@ -99,14 +99,21 @@ impl std::fmt::Debug for StoreConfig {
             .field("request_timeout", &self.request_timeout)
             .field("watch_history_revisions", &self.watch_history_revisions)
             .field("watch_buffer", &self.watch_buffer)
-            .field("snapshot_after_log_entries", &self.snapshot_after_log_entries)
+            .field(
+                "snapshot_after_log_entries",
+                &self.snapshot_after_log_entries,
+            )
             .finish()
     }
 }
 
 impl StoreConfig {
     /// A single-node configuration with default tuning.
-    pub fn new(data_dir: impl Into<PathBuf>, node_id: u64, node_address: impl Into<String>) -> Self {
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        node_id: u64,
+        node_address: impl Into<String>,
+    ) -> Self {
         Self {
             data_dir: data_dir.into(),
             node_id,
@@ -329,7 +336,9 @@ impl Store {
         let data_dir = config.data_dir.clone();
         let database = tokio::task::spawn_blocking(move || StoreDatabase::open(&data_dir))
             .await
-            .map_err(|error| StoreError::storage("opening the database", &config.data_dir, error))??;
+            .map_err(|error| {
+                StoreError::storage("opening the database", &config.data_dir, error)
+            })??;
         let (notices, _) = broadcast::channel(config.watch_buffer);
         let transport = config
             .transport
@@ -340,11 +349,20 @@ impl Store {
             source_node_id: config.node_id,
         };
         let log_store = LogStore::new(database.clone());
-        let state_machine =
-            StateMachineStore::new(database.clone(), notices.clone(), config.watch_history_revisions);
-        let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine)
-            .await
-            .map_err(fatal_error)?;
+        let state_machine = StateMachineStore::new(
+            database.clone(),
+            notices.clone(),
+            config.watch_history_revisions,
+        );
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(fatal_error)?;
         let (stopped, _) = watch::channel(false);
         let store = Store {
             inner: Arc::new(StoreInner {
@@ -373,7 +391,8 @@ impl Store {
         let raft = &self.inner.raft;
         let initialized = raft.is_initialized().await.map_err(fatal_error)?;
         if !initialized {
-            let members = BTreeMap::from([(config.node_id, Node::new(config.node_address.clone()))]);
+            let members =
+                BTreeMap::from([(config.node_id, Node::new(config.node_address.clone()))]);
             match raft.initialize(members).await {
                 Ok(()) => {}
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
@@ -617,7 +636,9 @@ impl Store {
     /// Waits until this node knows a leader; returns its id.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64> {
         let metrics = self
-            .wait_for("a raft leader", timeout, |metrics| metrics.leader_id.is_some())
+            .wait_for("a raft leader", timeout, |metrics| {
+                metrics.leader_id.is_some()
+            })
             .await?;
         metrics.leader_id.ok_or(StoreError::ShuttingDown)
     }
@@ -720,9 +741,13 @@ impl Store {
         if self.inner.stopped.send_replace(true) {
             return Ok(());
         }
-        self.inner.raft.shutdown().await.map_err(|error| StoreError::Raft {
-            message: format!("raft did not shut down cleanly: {error}"),
-        })?;
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|error| StoreError::Raft {
+                message: format!("raft did not shut down cleanly: {error}"),
+            })?;
         // openraft's state machine worker and replication tasks stop on their own shortly after
         // the core; wait for them to let go of the database so that the data directory is free
         // once the last handle is dropped (a restart in the same process, or a next process).

@@ -68,9 +68,7 @@ impl Watcher {
                 compacted_revision: history.compacted_revision,
             });
         }
-        let delivered_through = history
-            .revision
-            .max(from_revision.saturating_sub(1));
+        let delivered_through = history.revision.max(from_revision.saturating_sub(1));
         Ok(Self {
             prefix,
             pending: history.events.into(),

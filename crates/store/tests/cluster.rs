@@ -96,7 +96,10 @@ impl Cluster {
 
 async fn wait_for_value(store: &Store, key: &str, value: &[u8]) -> u64 {
     eventually(&format!("{key} on node {}", store.node_id()), || async {
-        let item = store.get(key, Consistency::Local).await.expect("local get")?;
+        let item = store
+            .get(key, Consistency::Local)
+            .await
+            .expect("local get")?;
         (item.value == value).then_some(item.mod_revision)
     })
     .await
@@ -111,7 +114,10 @@ async fn three_voters_replicate_writes_to_every_node() {
     assert!(metrics.membership.learners.is_empty());
     assert_eq!(metrics.membership.addresses[&2], "node-2");
 
-    let revision = leader.put("vms/web", b"spec".to_vec()).await.expect("write through leader");
+    let revision = leader
+        .put("vms/web", b"spec".to_vec())
+        .await
+        .expect("write through leader");
     for node_id in [1, 2, 3] {
         let seen = wait_for_value(cluster.node(node_id), "vms/web", b"spec").await;
         assert_eq!(seen, revision, "same revision on node {node_id}");
@@ -132,15 +138,30 @@ async fn three_voters_replicate_writes_to_every_node() {
         }
         other => panic!("expected NotLeader with a hint, got {other}"),
     }
-    let read = cluster.node(3).get("vms/web", Consistency::Linearizable).await;
-    assert!(matches!(read, Err(StoreError::NotLeader { .. })), "{read:?}");
+    let read = cluster
+        .node(3)
+        .get("vms/web", Consistency::Linearizable)
+        .await;
+    assert!(
+        matches!(read, Err(StoreError::NotLeader { .. })),
+        "{read:?}"
+    );
 
     // Watches work on followers, from their own applied state.
-    let mut watcher = cluster.node(3).watch("vms/", revision).expect("watch on follower");
-    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    let mut watcher = cluster
+        .node(3)
+        .watch("vms/", revision)
+        .expect("watch on follower");
+    let event = tokio::time::timeout(DEADLINE, watcher.next())
+        .await
+        .expect("event")
+        .expect("event");
     assert_eq!((event.key(), event.revision()), ("vms/web", revision));
     let next = leader.put("vms/db", b"db".to_vec()).await.expect("write");
-    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    let event = tokio::time::timeout(DEADLINE, watcher.next())
+        .await
+        .expect("event")
+        .expect("event");
     assert_eq!((event.key(), event.revision()), ("vms/db", next));
     cluster.shutdown().await;
 }
@@ -149,7 +170,10 @@ async fn three_voters_replicate_writes_to_every_node() {
 async fn a_learner_receives_the_log_and_is_promoted_to_voter() {
     let cluster = Cluster::start(2, |_| {}).await;
     let leader = cluster.node(1);
-    leader.put("vms/before", b"1".to_vec()).await.expect("write");
+    leader
+        .put("vms/before", b"1".to_vec())
+        .await
+        .expect("write");
     leader.add_learner(2, "node-2").await.expect("add learner");
     let metrics = leader.metrics();
     assert_eq!(metrics.membership.voters, BTreeSet::from([1]));
@@ -157,7 +181,10 @@ async fn a_learner_receives_the_log_and_is_promoted_to_voter() {
     wait_for_value(cluster.node(2), "vms/before", b"1").await;
     assert_eq!(cluster.node(2).metrics().role, NodeRole::Learner);
 
-    leader.change_membership(BTreeSet::from([1, 2])).await.expect("promote");
+    leader
+        .change_membership(BTreeSet::from([1, 2]))
+        .await
+        .expect("promote");
     let metrics = leader.metrics();
     assert_eq!(metrics.membership.voters, BTreeSet::from([1, 2]));
     assert!(metrics.membership.learners.is_empty());
@@ -182,7 +209,11 @@ async fn a_learner_receives_the_log_and_is_promoted_to_voter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_shutdown_elects_a_new_leader_and_writes_continue() {
     let cluster = Cluster::start_voters(3).await;
-    cluster.node(1).put("vms/a", b"1".to_vec()).await.expect("write");
+    cluster
+        .node(1)
+        .put("vms/a", b"1".to_vec())
+        .await
+        .expect("write");
     for node_id in [2, 3] {
         wait_for_value(cluster.node(node_id), "vms/a", b"1").await;
     }
@@ -195,7 +226,10 @@ async fn leader_shutdown_elects_a_new_leader_and_writes_continue() {
         .put("vms/b", b"2".to_vec())
         .await
         .expect("write through the new leader");
-    assert_eq!(wait_for_value(cluster.node(other), "vms/b", b"2").await, revision);
+    assert_eq!(
+        wait_for_value(cluster.node(other), "vms/b", b"2").await,
+        revision
+    );
     let a = cluster
         .node(new_leader)
         .get("vms/a", Consistency::Linearizable)
@@ -220,13 +254,18 @@ async fn an_isolated_leader_cannot_write_and_catches_up_after_healing() {
     assert!(
         matches!(
             minority,
-            Err(StoreError::Timeout { .. } | StoreError::NotLeader { .. } | StoreError::NoQuorum { .. })
+            Err(StoreError::Timeout { .. }
+                | StoreError::NotLeader { .. }
+                | StoreError::NoQuorum { .. })
         ),
         "{minority:?}"
     );
 
     cluster.transport.heal(1);
-    assert_eq!(wait_for_value(cluster.node(1), "vms/majority", b"m").await, revision);
+    assert_eq!(
+        wait_for_value(cluster.node(1), "vms/majority", b"m").await,
+        revision
+    );
     assert!(
         cluster
             .node(new_leader)
@@ -269,8 +308,14 @@ async fn a_new_learner_behind_a_purged_log_gets_a_snapshot() {
         "the learner was brought up to date by a snapshot"
     );
     let on_leader = leader.list("vms/", Consistency::Local).await.expect("list");
-    let on_learner = learner.list("vms/", Consistency::Local).await.expect("list");
-    assert_eq!(on_learner, on_leader, "identical keys, values and revisions");
+    let on_learner = learner
+        .list("vms/", Consistency::Local)
+        .await
+        .expect("list");
+    assert_eq!(
+        on_learner, on_leader,
+        "identical keys, values and revisions"
+    );
     assert_eq!(on_learner.items.len(), 119);
 
     // History before the snapshot is not available on the learner; after it, it is.
@@ -278,7 +323,10 @@ async fn a_new_learner_behind_a_purged_log_gets_a_snapshot() {
     assert!(matches!(error, StoreError::Compacted { .. }), "{error}");
     let mut watcher = learner.watch("vms/", leader_revision + 1).expect("watch");
     let next = leader.put("vms/new", b"n".to_vec()).await.expect("write");
-    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    let event = tokio::time::timeout(DEADLINE, watcher.next())
+        .await
+        .expect("event")
+        .expect("event");
     assert_eq!(event.revision(), next);
     cluster.shutdown().await;
 }

@@ -20,7 +20,13 @@ const CHILD_DIR_ENV: &str = "NOVACRON_STORE_TEST_CHILD_DIR";
 
 fn spawn_child(test_name: &str, dir: &Path) -> Child {
     Command::new(std::env::current_exe().expect("test binary path"))
-        .args(["--exact", test_name, "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            test_name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR_ENV, dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -47,7 +53,10 @@ async fn child_writes_until_killed() {
             let mut index = 0u64;
             while started.elapsed() < Duration::from_secs(60) {
                 let key = format!("crash/{generation}/{writer}/{index}");
-                let revision = store.put(key.clone(), key.clone().into_bytes()).await.expect("put");
+                let revision = store
+                    .put(key.clone(), key.clone().into_bytes())
+                    .await
+                    .expect("put");
                 println!("acked {key} {revision}");
                 index += 1;
             }
@@ -91,7 +100,11 @@ fn run_and_kill_writer(dir: &Path, acks: usize) -> BTreeMap<String, u64> {
         }
         assert!(started.elapsed() < DEADLINE * 3, "child too slow");
     }
-    assert!(acked.len() >= acks, "child stopped after {} acks", acked.len());
+    assert!(
+        acked.len() >= acks,
+        "child stopped after {} acks",
+        acked.len()
+    );
     // Child::kill sends SIGKILL: no destructor, no shutdown, writes in flight.
     child.kill().expect("kill -9 the child");
     child.wait().expect("reap the child");
@@ -147,13 +160,23 @@ fn a_second_process_cannot_open_the_same_directory() {
     assert!(output.status.success(), "child failed: {stdout}");
     let line = stdout
         .lines()
-        .find(|line| line.contains("already-open: ") || line.contains("other-error: ") || line.ends_with("opened"))
+        .find(|line| {
+            line.contains("already-open: ")
+                || line.contains("other-error: ")
+                || line.ends_with("opened")
+        })
         .unwrap_or_else(|| panic!("child printed no result: {stdout}"));
     assert!(line.contains("already-open: "), "{line}");
-    assert!(line.contains("another process"), "the message tells the operator what to do: {line}");
+    assert!(
+        line.contains("another process"),
+        "the message tells the operator what to do: {line}"
+    );
     let store = Arc::new(store);
     runtime.block_on(async {
-        store.put("vms/still-mine", b"1".to_vec()).await.expect("the owner keeps working");
+        store
+            .put("vms/still-mine", b"1".to_vec())
+            .await
+            .expect("the owner keeps working");
         store.shutdown().await.expect("shutdown");
     });
 }

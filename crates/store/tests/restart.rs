@@ -40,14 +40,32 @@ async fn restart_keeps_keys_revisions_and_leadership() {
         metrics.last_applied_index
     );
     assert_eq!(store.current_revision().expect("revision"), revision);
-    assert!(store.get("vms/a", Consistency::Linearizable).await.expect("get").is_none());
-    let b = store.get("vms/b", Consistency::Linearizable).await.expect("get").expect("b");
+    assert!(
+        store
+            .get("vms/a", Consistency::Linearizable)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let b = store
+        .get("vms/b", Consistency::Linearizable)
+        .await
+        .expect("get")
+        .expect("b");
     assert_eq!(b.value, b"2");
-    let next = store.put("vms/c", b"3".to_vec()).await.expect("put after restart");
+    let next = store
+        .put("vms/c", b"3".to_vec())
+        .await
+        .expect("put after restart");
     assert_eq!(next, revision + 1);
     // The watch history survives too.
-    let mut watcher = store.watch("vms/", revision).expect("watch from before restart");
-    let event = tokio::time::timeout(DEADLINE, watcher.next()).await.expect("event").expect("event");
+    let mut watcher = store
+        .watch("vms/", revision)
+        .expect("watch from before restart");
+    let event = tokio::time::timeout(DEADLINE, watcher.next())
+        .await
+        .expect("event")
+        .expect("event");
     assert_eq!(event.revision(), revision);
     store.shutdown().await.expect("shutdown");
 }
@@ -71,7 +89,10 @@ async fn dropping_without_shutdown_releases_the_directory_and_keeps_state() {
         }
     })
     .await;
-    let kept = store.get("vms/kept", Consistency::Linearizable).await.expect("get");
+    let kept = store
+        .get("vms/kept", Consistency::Linearizable)
+        .await
+        .expect("get");
     assert_eq!(kept.expect("kept").value, b"yes");
     store.shutdown().await.expect("shutdown");
 }
@@ -84,7 +105,10 @@ async fn snapshot_and_log_purge_then_restart() {
     let revision = {
         let store = Store::open(config.clone()).await.expect("open");
         for index in 0..200 {
-            store.put(format!("vms/{index:03}"), vm_record(index)).await.expect("put");
+            store
+                .put(format!("vms/{index:03}"), vm_record(index))
+                .await
+                .expect("put");
         }
         let metrics = store
             .wait_for("a snapshot and a log purge", DEADLINE, |metrics| {
@@ -101,10 +125,16 @@ async fn snapshot_and_log_purge_then_restart() {
     };
     let store = Store::open(config).await.expect("reopen");
     assert_eq!(store.current_revision().expect("revision"), revision);
-    let listing = store.list("vms/", Consistency::Linearizable).await.expect("list");
+    let listing = store
+        .list("vms/", Consistency::Linearizable)
+        .await
+        .expect("list");
     assert_eq!(listing.items.len(), 200);
     assert_eq!(listing.items[7].value, vm_record(7));
-    store.put("vms/after", b"x".to_vec()).await.expect("write after restart");
+    store
+        .put("vms/after", b"x".to_vec())
+        .await
+        .expect("write after restart");
     store.shutdown().await.expect("shutdown");
 }
 
@@ -125,7 +155,10 @@ async fn store_with_a_thousand_vm_records_reopens_quickly() {
     let started = Instant::now();
     let store = open_single(dir.path()).await;
     let open_time = started.elapsed();
-    let listing = store.list("vms/", Consistency::Linearizable).await.expect("list");
+    let listing = store
+        .list("vms/", Consistency::Linearizable)
+        .await
+        .expect("list");
     let ready_time = started.elapsed();
     assert_eq!(listing.items.len(), 1000);
     eprintln!("open with 1000 vm records: {open_time:?}, open + linearizable list: {ready_time:?}");
