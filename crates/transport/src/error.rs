@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot {action}: {reason}")]
-    Certificate { action: &'static str, reason: String },
+    Certificate {
+        action: &'static str,
+        reason: String,
+    },
 
     #[error("invalid fingerprint {text:?}: expected sha256: followed by 64 hex digits")]
     InvalidFingerprint { text: String },

@@ -326,7 +326,10 @@ mod tests {
         for (index, value) in [(0usize, 9u8), (1, 2), (2, 0x80), (3, 1)] {
             let mut bytes = good;
             bytes[index] = value;
-            assert!(FrameHeader::decode(&bytes).is_err(), "byte {index} = {value}");
+            assert!(
+                FrameHeader::decode(&bytes).is_err(),
+                "byte {index} = {value}"
+            );
         }
     }
 

@@ -69,7 +69,8 @@ impl FromStr for Fingerprint {
         }
         let mut bytes = [0u8; 32];
         for (index, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| invalid())?;
+            *byte =
+                u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).map_err(|_| invalid())?;
         }
         Ok(Fingerprint(bytes))
     }
@@ -160,9 +161,10 @@ impl ClusterCertificateAuthority {
         let key_pair = KeyPair::generate().map_err(certificate_error("generate ca key"))?;
         let mut params = CertificateParams::new(Vec::<String>::new())
             .map_err(certificate_error("build ca parameters"))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("novacron cluster ca {cluster_name}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("novacron cluster ca {cluster_name}"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,

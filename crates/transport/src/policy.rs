@@ -25,7 +25,10 @@ pub fn initial_stream_count(
     } else {
         maximum_streams
     };
-    estimate.clamp(minimum_streams.max(1), maximum_streams.max(minimum_streams.max(1)))
+    estimate.clamp(
+        minimum_streams.max(1),
+        maximum_streams.max(minimum_streams.max(1)),
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -170,14 +173,38 @@ mod tests {
     #[test]
     fn adds_streams_while_the_rate_rises_and_settles_when_it_stops() {
         let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
-        assert_eq!(policy.on_measurement(measured(2, 50e6)), StreamCountDecision::Hold, "warm-up");
-        assert_eq!(policy.on_measurement(measured(2, 50e6)), StreamCountDecision::Add(1));
-        assert_eq!(policy.on_measurement(measured(3, 60e6)), StreamCountDecision::Hold, "ramp");
-        assert_eq!(policy.on_measurement(measured(3, 75e6)), StreamCountDecision::Add(1));
-        assert_eq!(policy.on_measurement(measured(4, 75e6)), StreamCountDecision::Hold, "ramp");
-        assert_eq!(policy.on_measurement(measured(4, 78e6)), StreamCountDecision::Hold);
+        assert_eq!(
+            policy.on_measurement(measured(2, 50e6)),
+            StreamCountDecision::Hold,
+            "warm-up"
+        );
+        assert_eq!(
+            policy.on_measurement(measured(2, 50e6)),
+            StreamCountDecision::Add(1)
+        );
+        assert_eq!(
+            policy.on_measurement(measured(3, 60e6)),
+            StreamCountDecision::Hold,
+            "ramp"
+        );
+        assert_eq!(
+            policy.on_measurement(measured(3, 75e6)),
+            StreamCountDecision::Add(1)
+        );
+        assert_eq!(
+            policy.on_measurement(measured(4, 75e6)),
+            StreamCountDecision::Hold,
+            "ramp"
+        );
+        assert_eq!(
+            policy.on_measurement(measured(4, 78e6)),
+            StreamCountDecision::Hold
+        );
         assert_eq!(policy.phase(), PolicyPhase::Settled { settled_rate: 78e6 });
-        assert_eq!(policy.on_measurement(measured(4, 80e6)), StreamCountDecision::Hold);
+        assert_eq!(
+            policy.on_measurement(measured(4, 80e6)),
+            StreamCountDecision::Hold
+        );
     }
 
     #[test]
@@ -209,7 +236,8 @@ mod tests {
         let mut streams = 1;
         let mut rate = 10e6;
         for _ in 0..20 {
-            if let StreamCountDecision::Add(count) = policy.on_measurement(measured(streams, rate)) {
+            if let StreamCountDecision::Add(count) = policy.on_measurement(measured(streams, rate))
+            {
                 streams += count;
             }
             rate *= 2.0;
@@ -225,6 +253,9 @@ mod tests {
         policy.on_measurement(measured(5, 100e6));
         policy.on_measurement(measured(5, 100e6));
         assert!(matches!(policy.phase(), PolicyPhase::Settled { .. }));
-        assert_eq!(policy.on_measurement(measured(5, 30e6)), StreamCountDecision::Add(1));
+        assert_eq!(
+            policy.on_measurement(measured(5, 30e6)),
+            StreamCountDecision::Add(1)
+        );
     }
 }

@@ -89,7 +89,8 @@ impl OutboundChannel {
     /// Whether a payload of this length fits the send window now. An empty store always accepts
     /// one frame so that a window smaller than a frame cannot deadlock.
     pub fn has_room_for(&self, payload_len: usize) -> bool {
-        self.frames.is_empty() || self.buffered_bytes + charge_of(payload_len) <= self.send_window_bytes
+        self.frames.is_empty()
+            || self.buffered_bytes + charge_of(payload_len) <= self.send_window_bytes
     }
 
     pub fn end_of_stream_queued(&self) -> bool {
@@ -271,7 +272,13 @@ impl InboundChannel {
                 reason: format!("frame {sequence} after end of stream at {last}"),
             });
         }
-        if end_of_stream && self.reorder.keys().next_back().is_some_and(|high| *high > sequence) {
+        if end_of_stream
+            && self
+                .reorder
+                .keys()
+                .next_back()
+                .is_some_and(|high| *high > sequence)
+        {
             return Err(TransportError::Protocol {
                 reason: format!("end of stream at {sequence} before frames already received"),
             });
@@ -342,7 +349,9 @@ mod tests {
         let mut inbound = InboundChannel::new(1 << 20);
         for sequence in [2u64, 0, 3, 1] {
             assert_eq!(
-                inbound.on_data(sequence, payload(sequence as u8, 10), false).unwrap(),
+                inbound
+                    .on_data(sequence, payload(sequence as u8, 10), false)
+                    .unwrap(),
                 Reception::Stored
             );
         }
@@ -361,8 +370,14 @@ mod tests {
         let mut inbound = InboundChannel::new(1 << 20);
         inbound.on_data(0, payload(1, 10), false).unwrap();
         inbound.on_data(2, payload(3, 10), false).unwrap();
-        assert_eq!(inbound.on_data(0, payload(1, 10), false).unwrap(), Reception::Duplicate);
-        assert_eq!(inbound.on_data(2, payload(3, 10), false).unwrap(), Reception::Duplicate);
+        assert_eq!(
+            inbound.on_data(0, payload(1, 10), false).unwrap(),
+            Reception::Duplicate
+        );
+        assert_eq!(
+            inbound.on_data(2, payload(3, 10), false).unwrap(),
+            Reception::Duplicate
+        );
         assert_eq!(inbound.duplicate_frames, 2);
     }
 
@@ -383,7 +398,10 @@ mod tests {
         let mut inbound = InboundChannel::new(1 << 20);
         inbound.on_data(1, Bytes::new(), true).unwrap();
         assert!(inbound.on_data(2, payload(0, 1), false).is_err());
-        assert!(inbound.on_data(0, Bytes::new(), false).is_err(), "empty non-final frame");
+        assert!(
+            inbound.on_data(0, Bytes::new(), false).is_err(),
+            "empty non-final frame"
+        );
     }
 
     #[test]
@@ -397,7 +415,10 @@ mod tests {
         assert!(!outbound.has_room_for(1000));
         assert_eq!(outbound.next_transmission(1).unwrap().sequence, 0);
         assert_eq!(outbound.next_transmission(1).unwrap().sequence, 1);
-        assert!(outbound.next_transmission(1).is_none(), "credit for two frames only");
+        assert!(
+            outbound.next_transmission(1).is_none(),
+            "credit for two frames only"
+        );
         outbound
             .on_acknowledgement(Acknowledgement {
                 contiguous_sequence: 2,
@@ -426,11 +447,18 @@ mod tests {
                 consumed_bytes: 0,
             })
             .unwrap();
-        assert_eq!(outbound.on_connection_lost(1), 1, "only frame 4 is unacknowledged on 1");
+        assert_eq!(
+            outbound.on_connection_lost(1),
+            1,
+            "only frame 4 is unacknowledged on 1"
+        );
         let resent = outbound.next_transmission(3).unwrap();
         assert_eq!(resent.sequence, 4);
         assert!(resent.retransmission);
-        assert!(outbound.next_transmission(3).is_none(), "frames on connection 2 stay there");
+        assert!(
+            outbound.next_transmission(3).is_none(),
+            "frames on connection 2 stay there"
+        );
         assert_eq!(outbound.on_connection_lost(2), 2);
         let again: Vec<u64> = std::iter::from_fn(|| outbound.next_transmission(3))
             .map(|transmission| transmission.sequence)

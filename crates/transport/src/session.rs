@@ -121,7 +121,9 @@ impl SessionOptions {
             ("bulk_receive_window_bytes", self.bulk_receive_window_bytes),
         ] {
             if value < smallest_window {
-                return invalid(format!("{name} must hold at least one frame ({smallest_window} bytes)"));
+                return invalid(format!(
+                    "{name} must hold at least one frame ({smallest_window} bytes)"
+                ));
             }
         }
         let smallest_control = crate::reliable::charge_of(MAX_FRAME_PAYLOAD);
@@ -133,7 +135,9 @@ impl SessionOptions {
         if self.minimum_bulk_connections == 0
             || self.maximum_bulk_connections < self.minimum_bulk_connections
         {
-            return invalid("need 1 <= minimum_bulk_connections <= maximum_bulk_connections".into());
+            return invalid(
+                "need 1 <= minimum_bulk_connections <= maximum_bulk_connections".into(),
+            );
         }
         Ok(())
     }
@@ -334,7 +338,10 @@ impl std::fmt::Debug for SessionShared {
 }
 
 fn session_name(session_id: &SessionId) -> String {
-    session_id.iter().map(|byte| format!("{byte:02x}")).collect()
+    session_id
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 impl SessionShared {
@@ -347,8 +354,14 @@ impl SessionShared {
         dialer: Option<DialerContext>,
     ) -> Arc<SessionShared> {
         let core = SessionCore {
-            bulk_out: OutboundChannel::new(options.bulk_send_window_bytes, peer_bulk_receive_window),
-            control_out: OutboundChannel::new(options.control_window_bytes, peer_control_receive_window),
+            bulk_out: OutboundChannel::new(
+                options.bulk_send_window_bytes,
+                peer_bulk_receive_window,
+            ),
+            control_out: OutboundChannel::new(
+                options.control_window_bytes,
+                peer_control_receive_window,
+            ),
             bulk_in: InboundChannel::new(options.bulk_receive_window_bytes),
             control_in: InboundChannel::new(options.control_window_bytes),
             bulk_end_delivered: false,
@@ -389,7 +402,9 @@ impl SessionShared {
     fn lock(&self) -> MutexGuard<'_, SessionCore> {
         // A panic while holding the lock would be a bug; keep serving the state rather than
         // cascading panics into every task.
-        self.core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn wake_everyone(&self) {
@@ -664,10 +679,11 @@ impl Session {
             PeerTrust::PinnedFingerprints(_) => PINNED_SERVER_NAME.to_string(),
             PeerTrust::ClusterCertificateAuthority { .. } => options.server_name.clone(),
         };
-        let server_name =
-            ServerName::try_from(server_name.clone()).map_err(|_| TransportError::InvalidOptions {
+        let server_name = ServerName::try_from(server_name.clone()).map_err(|_| {
+            TransportError::InvalidOptions {
                 reason: format!("invalid server name {server_name:?}"),
-            })?;
+            }
+        })?;
         let dialer = DialerContext {
             address,
             connector: TlsConnector::from(tls.client_config()?),
@@ -817,7 +833,9 @@ impl Session {
     pub async fn close(self) -> Result<(), TransportError> {
         if self.shared.lock().state == SessionState::Open {
             self.finish().await?;
-            self.shared.enqueue(Lane::Control, Bytes::new(), true).await?;
+            self.shared
+                .enqueue(Lane::Control, Bytes::new(), true)
+                .await?;
             self.flush().await?;
         }
         self.shared.shut_down();
@@ -851,7 +869,10 @@ impl Session {
                 .filter(|lane| **lane == Lane::Bulk)
                 .count() as u32,
             target_bulk_connections: core.target_bulk_connections,
-            control_connected: core.live_connections.values().any(|lane| *lane == Lane::Control),
+            control_connected: core
+                .live_connections
+                .values()
+                .any(|lane| *lane == Lane::Control),
             bulk_bytes_sent: core.bulk_out.payload_bytes_enqueued,
             bulk_bytes_acknowledged: core.bulk_out.payload_bytes_acknowledged,
             bulk_bytes_received: core.bulk_in.payload_bytes_received,
@@ -911,7 +932,13 @@ async fn dial(
         let key_exchange_group = connection
             .negotiated_key_exchange_group()
             .map(|group| format!("{:?}", group.name()));
-        let io_error = |action| move |source| TransportError::Io { action, peer, source };
+        let io_error = |action| {
+            move |source| TransportError::Io {
+                action,
+                peer,
+                source,
+            }
+        };
         stream
             .write_all(&hello.encode())
             .await
@@ -1058,7 +1085,10 @@ async fn read_frames(
     };
     loop {
         let mut header_bytes = [0u8; FRAME_HEADER_LEN];
-        reader.read_exact(&mut header_bytes).await.map_err(io_error)?;
+        reader
+            .read_exact(&mut header_bytes)
+            .await
+            .map_err(io_error)?;
         let header = FrameHeader::decode(&header_bytes)?;
         let mut payload = BytesMut::zeroed(header.payload_len as usize);
         reader.read_exact(&mut payload).await.map_err(io_error)?;
@@ -1284,7 +1314,12 @@ async fn supervise(shared: Arc<SessionShared>) {
             demand_exceeded_capacity, phase = ?policy.phase(), "transport rate measured"
         );
         if let StreamCountDecision::Add(count) = decision {
-            let count = count.min(shared.options.maximum_bulk_connections.saturating_sub(target));
+            let count = count.min(
+                shared
+                    .options
+                    .maximum_bulk_connections
+                    .saturating_sub(target),
+            );
             core.target_bulk_connections += count;
             drop(core);
             tracing::info!(
@@ -1295,7 +1330,12 @@ async fn supervise(shared: Arc<SessionShared>) {
             );
             for _ in 0..count {
                 next_index += 1;
-                tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, next_index, None));
+                tokio::spawn(maintain_connection(
+                    shared.clone(),
+                    Lane::Bulk,
+                    next_index,
+                    None,
+                ));
             }
         }
     }
@@ -1430,7 +1470,8 @@ async fn accept_loop(
 
 async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: SocketAddr) {
     let options = &context.options;
-    let congestion_control = socket::configure_connected(&tcp, options.congestion_control.as_deref());
+    let congestion_control =
+        socket::configure_connected(&tcp, options.congestion_control.as_deref());
     let handshake = async {
         let mut stream = context
             .acceptor
@@ -1464,12 +1505,18 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         match tokio::time::timeout(options.handshake_timeout, handshake).await {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(error)) => {
-                context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                context
+                    .counters
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, error = %error, source = ?std::error::Error::source(&error).map(ToString::to_string), "transport connection refused");
                 return;
             }
             Err(_) => {
-                context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                context
+                    .counters
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "transport handshake timed out");
                 return;
             }
@@ -1484,7 +1531,13 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
     let hello = match Hello::decode(&hello_bytes) {
         Ok(hello) if hello.purpose().is_some() => hello,
         Ok(hello) => {
-            refuse_connection(&context, stream, refuse(HelloStatus::Malformed, hello.session_id), peer).await;
+            refuse_connection(
+                &context,
+                stream,
+                refuse(HelloStatus::Malformed, hello.session_id),
+                peer,
+            )
+            .await;
             return;
         }
         Err(status) => {
@@ -1503,31 +1556,40 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
     let (shared, lane, new_session) = match hello.purpose() {
         Some(ConnectionPurpose::OpenSession) => {
             let created = {
-                let mut registry =
-                    context.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut registry = context
+                    .registry
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 registry.retain(|_, session| session.strong_count() > 0);
-                if registry.contains_key(&key) {
-                    None
-                } else {
-                    let shared = SessionShared::new(
-                        hello.session_id,
-                        peer_fingerprint,
-                        options.clone(),
-                        hello.bulk_receive_window,
-                        hello.control_receive_window,
-                        None,
-                    );
-                    {
-                        let mut core = shared.lock();
-                        core.key_exchange_group = key_exchange_group;
-                        core.congestion_control = congestion_control;
+                match registry.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(_) => None,
+                    std::collections::hash_map::Entry::Vacant(vacant) => {
+                        let shared = SessionShared::new(
+                            hello.session_id,
+                            peer_fingerprint,
+                            options.clone(),
+                            hello.bulk_receive_window,
+                            hello.control_receive_window,
+                            None,
+                        );
+                        {
+                            let mut core = shared.lock();
+                            core.key_exchange_group = key_exchange_group;
+                            core.congestion_control = congestion_control;
+                        }
+                        vacant.insert(Arc::downgrade(&shared));
+                        Some(shared)
                     }
-                    registry.insert(key, Arc::downgrade(&shared));
-                    Some(shared)
                 }
             };
             let Some(shared) = created else {
-                refuse_connection(&context, stream, refuse(HelloStatus::Malformed, hello.session_id), peer).await;
+                refuse_connection(
+                    &context,
+                    stream,
+                    refuse(HelloStatus::Malformed, hello.session_id),
+                    peer,
+                )
+                .await;
                 return;
             };
             (shared, Lane::Control, true)
@@ -1541,7 +1603,13 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                 .and_then(Weak::upgrade);
             let Some(shared) = found.filter(|shared| !shared.is_terminal()) else {
                 tracing::warn!(%peer, %peer_fingerprint, "connection for an unknown session refused");
-                refuse_connection(&context, stream, refuse(HelloStatus::UnknownSession, hello.session_id), peer).await;
+                refuse_connection(
+                    &context,
+                    stream,
+                    refuse(HelloStatus::UnknownSession, hello.session_id),
+                    peer,
+                )
+                .await;
                 return;
             };
             let lane = if purpose == ConnectionPurpose::Bulk {
@@ -1549,7 +1617,10 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             } else {
                 Lane::Control
             };
-            context.counters.connections_attached.fetch_add(1, Ordering::Relaxed);
+            context
+                .counters
+                .connections_attached
+                .fetch_add(1, Ordering::Relaxed);
             (shared, lane, false)
         }
         None => return,
@@ -1564,7 +1635,10 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         return;
     }
     if new_session {
-        context.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        context
+            .counters
+            .sessions_opened
+            .fetch_add(1, Ordering::Relaxed);
         tracing::info!(session = %shared.session_name, %peer, %peer_fingerprint, "transport session accepted");
         tokio::spawn(supervise(shared.clone()));
         let session = Session {
@@ -1583,7 +1657,10 @@ async fn refuse_connection(
     reply: Hello,
     peer: SocketAddr,
 ) {
-    context.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+    context
+        .counters
+        .connections_refused
+        .fetch_add(1, Ordering::Relaxed);
     tracing::warn!(%peer, status = HelloStatus::describe(reply.status()), "transport hello refused");
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;

@@ -23,14 +23,18 @@ pub fn configure_connected(stream: &TcpStream, congestion_control: Option<&str>)
     {
         tracing::warn!(congestion_control = name, %error, "cannot set tcp congestion control");
     }
-    socket
-        .tcp_congestion()
-        .ok()
-        .map(|name| String::from_utf8_lossy(&name).trim_end_matches('\0').to_string())
+    socket.tcp_congestion().ok().map(|name| {
+        String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_string()
+    })
 }
 
 /// Connects with the congestion control set before the handshake, so the first round trips use it.
-pub async fn connect(address: SocketAddr, congestion_control: Option<&str>) -> io::Result<TcpStream> {
+pub async fn connect(
+    address: SocketAddr,
+    congestion_control: Option<&str>,
+) -> io::Result<TcpStream> {
     let socket = if address.is_ipv4() {
         TcpSocket::new_v4()?
     } else {

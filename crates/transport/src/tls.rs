@@ -11,12 +11,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -36,7 +36,9 @@ pub enum PeerTrust {
     PinnedFingerprints(Vec<Fingerprint>),
     /// Any certificate chaining to one of these cluster CA roots (and, on the dialer, naming the
     /// server name it dials).
-    ClusterCertificateAuthority { root_certificates: Vec<CertificateDer<'static>> },
+    ClusterCertificateAuthority {
+        root_certificates: Vec<CertificateDer<'static>>,
+    },
 }
 
 /// This host's identity and its trust policy for peers.
@@ -56,10 +58,12 @@ impl TlsSettings {
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TransportError> {
         let provider = crypto_provider();
         let client_verifier: Arc<dyn ClientCertVerifier> = match &self.trust {
-            PeerTrust::PinnedFingerprints(fingerprints) => Arc::new(PinnedCertificateVerifier::new(
-                fingerprints.clone(),
-                provider.signature_verification_algorithms,
-            )?),
+            PeerTrust::PinnedFingerprints(fingerprints) => {
+                Arc::new(PinnedCertificateVerifier::new(
+                    fingerprints.clone(),
+                    provider.signature_verification_algorithms,
+                )?)
+            }
             PeerTrust::ClusterCertificateAuthority { root_certificates } => {
                 WebPkiClientVerifier::builder_with_provider(
                     Arc::new(root_store(root_certificates)?),
@@ -87,10 +91,12 @@ impl TlsSettings {
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TransportError> {
         let provider = crypto_provider();
         let server_verifier: Arc<dyn ServerCertVerifier> = match &self.trust {
-            PeerTrust::PinnedFingerprints(fingerprints) => Arc::new(PinnedCertificateVerifier::new(
-                fingerprints.clone(),
-                provider.signature_verification_algorithms,
-            )?),
+            PeerTrust::PinnedFingerprints(fingerprints) => {
+                Arc::new(PinnedCertificateVerifier::new(
+                    fingerprints.clone(),
+                    provider.signature_verification_algorithms,
+                )?)
+            }
             PeerTrust::ClusterCertificateAuthority { root_certificates } => {
                 WebPkiServerVerifier::builder_with_provider(
                     Arc::new(root_store(root_certificates)?),
@@ -122,7 +128,9 @@ fn tls_configuration_error(error: rustls::Error) -> TransportError {
     }
 }
 
-fn root_store(root_certificates: &[CertificateDer<'static>]) -> Result<RootCertStore, TransportError> {
+fn root_store(
+    root_certificates: &[CertificateDer<'static>],
+) -> Result<RootCertStore, TransportError> {
     let mut store = RootCertStore::empty();
     for certificate in root_certificates {
         store

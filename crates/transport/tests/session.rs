@@ -41,8 +41,14 @@ async fn large_random_payload_round_trips_over_four_streams_with_post_quantum_ke
             .await
             .unwrap();
         let accepted = listener.accept().await.unwrap();
-        assert_eq!(accepted.peer_fingerprint(), dialer_tls.identity.fingerprint());
-        assert_eq!(dialer.peer_fingerprint(), listener_tls.identity.fingerprint());
+        assert_eq!(
+            accepted.peer_fingerprint(),
+            dialer_tls.identity.fingerprint()
+        );
+        assert_eq!(
+            dialer.peer_fingerprint(),
+            listener_tls.identity.fingerprint()
+        );
         let receiver = tokio::spawn(async move {
             let result = receive_all(&accepted).await;
             (result, accepted)
@@ -104,7 +110,9 @@ async fn both_directions_and_the_control_channel_work_at_once() {
         let listener_side = accepted.clone();
         let backward_clone = backward.clone();
         let listener_sends =
-            tokio::spawn(async move { send_in_pieces(&listener_side, &backward_clone, 65_537).await });
+            tokio::spawn(
+                async move { send_in_pieces(&listener_side, &backward_clone, 65_537).await },
+            );
         let dialer_side = dialer.clone();
         let dialer_receives = tokio::spawn(async move { receive_all(&dialer_side).await });
         let listener_side = accepted.clone();
@@ -112,7 +120,10 @@ async fn both_directions_and_the_control_channel_work_at_once() {
 
         let control = dialer.control();
         for index in 0..20u8 {
-            let answer = control.request(Bytes::from(vec![index, 1, 2])).await.unwrap();
+            let answer = control
+                .request(Bytes::from(vec![index, 1, 2]))
+                .await
+                .unwrap();
             assert_eq!(&answer[..], &[2, 1, index]);
         }
         for index in 0..3u8 {
@@ -121,12 +132,25 @@ async fn both_directions_and_the_control_channel_work_at_once() {
         send_in_pieces(&dialer, &forward, 300_000).await;
 
         let notifications = responder.await.unwrap();
-        assert_eq!(notifications, vec![Bytes::from_static(&[0]), Bytes::from_static(&[1]), Bytes::from_static(&[2])]);
+        assert_eq!(
+            notifications,
+            vec![
+                Bytes::from_static(&[0]),
+                Bytes::from_static(&[1]),
+                Bytes::from_static(&[2])
+            ]
+        );
         listener_sends.await.unwrap();
         let (total, hash) = listener_receives.await.unwrap();
-        assert_eq!((total, hash), (forward.len() as u64, blake3::hash(&forward)));
+        assert_eq!(
+            (total, hash),
+            (forward.len() as u64, blake3::hash(&forward))
+        );
         let (total, hash) = dialer_receives.await.unwrap();
-        assert_eq!((total, hash), (backward.len() as u64, blake3::hash(&backward)));
+        assert_eq!(
+            (total, hash),
+            (backward.len() as u64, blake3::hash(&backward))
+        );
     })
     .await;
 }
@@ -143,7 +167,9 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
         let mut options = test_options(3);
         // A small window keeps the sender from finishing before the cuts.
         options.bulk_send_window_bytes = 2 << 20;
-        let dialer = Session::connect(proxy.address, &dialer_tls, options).await.unwrap();
+        let dialer = Session::connect(proxy.address, &dialer_tls, options)
+            .await
+            .unwrap();
         let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
         let receiver_session = accepted.clone();
         let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
@@ -162,7 +188,10 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
         }
         let (total, hash) = receiver.await.unwrap();
         assert_eq!(total, 48 << 20);
-        assert_eq!(hash, expected, "data lost, duplicated or reordered across resumes");
+        assert_eq!(
+            hash, expected,
+            "data lost, duplicated or reordered across resumes"
+        );
         let dialer = sender.await.unwrap();
         let stats = dialer.stats();
         assert!(stats.reconnections >= 3, "{stats:?}");
@@ -208,7 +237,10 @@ async fn a_slow_receiver_bounds_memory_on_both_sides() {
         let received = accepted.stats();
         assert!(received.receive_buffered_bytes <= options.bulk_receive_window_bytes);
         assert!(sent.send_buffered_bytes <= options.bulk_send_window_bytes);
-        assert!(sent.bulk_bytes_sent < 16 << 20, "sender ran ahead: {sent:?}");
+        assert!(
+            sent.bulk_bytes_sent < 16 << 20,
+            "sender ran ahead: {sent:?}"
+        );
         assert!(!sender.is_finished());
         // Now read everything, checking the bound on the way.
         let mut hasher = blake3::Hasher::new();
