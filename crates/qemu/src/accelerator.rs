@@ -1,0 +1,210 @@
+//! Accelerator probe: KVM when `/dev/kvm` can really run a 64-bit guest, TCG otherwise.
+//!
+//! On some hosts `/dev/kvm` opens and QEMU starts with `-accel kvm`, yet guests never get past
+//! real mode (nested virtualization without the features QEMU needs). So the probe boots a tiny
+//! firmware (source in `accelerator/probe-firmware.S`) that enters long mode, computes a sum and
+//! reports through the `isa-debug-exit` device; only that exit code selects KVM. The probe never
+//! fails: any problem selects TCG with the reason.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+use crate::binaries::QemuBinaries;
+
+/// How long a working KVM may take to run the probe firmware to its end.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// QEMU's exit status when the probe firmware writes 0x2a to isa-debug-exit: (0x2a << 1) | 1.
+const PROBE_SUCCESS_EXIT_CODE: i32 = 85;
+const FIRMWARE_SIZE: usize = 64 * 1024;
+const RESET_VECTOR_OFFSET: usize = 0xfff0;
+/// `ljmp $0xf000, $0`: from the reset vector to the start of the firmware.
+const RESET_VECTOR_JUMP: [u8; 5] = [0xea, 0x00, 0x00, 0x00, 0xf0];
+/// Assembled `accelerator/probe-firmware.S`, loaded at 0xf0000.
+const PROBE_FIRMWARE_CODE: [u8; 182] = [
+    0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xc0, 0x8e, 0xd0, 0x66, 0xc7, 0x06, 0x00, 0x10, 0x03, 0x20,
+    0x00, 0x00, 0x66, 0xc7, 0x06, 0x04, 0x10, 0x00, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x00, 0x20,
+    0x03, 0x30, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x04, 0x20, 0x00, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06,
+    0x00, 0x30, 0x83, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x04, 0x30, 0x00, 0x00, 0x00, 0x00, 0x2e,
+    0x66, 0x0f, 0x01, 0x16, 0xb0, 0x00, 0x0f, 0x20, 0xe0, 0x66, 0x83, 0xc8, 0x20, 0x0f, 0x22, 0xe0,
+    0x66, 0xb8, 0x00, 0x10, 0x00, 0x00, 0x0f, 0x22, 0xd8, 0x66, 0xb9, 0x80, 0x00, 0x00, 0xc0, 0x0f,
+    0x32, 0x66, 0x0d, 0x00, 0x01, 0x00, 0x00, 0x0f, 0x30, 0x0f, 0x20, 0xc0, 0x66, 0x0d, 0x01, 0x00,
+    0x00, 0x80, 0x0f, 0x22, 0xc0, 0x66, 0xea, 0x7d, 0x00, 0x0f, 0x00, 0x08, 0x00, 0x48, 0x31, 0xc0,
+    0x48, 0xc7, 0xc1, 0xe8, 0x03, 0x00, 0x00, 0x48, 0x01, 0xc8, 0xe2, 0xfb, 0x48, 0x3d, 0x14, 0xa3,
+    0x07, 0x00, 0x75, 0x04, 0xb0, 0x2a, 0xe6, 0xf4, 0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0x8d, 0x74, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x9a, 0x20, 0x00,
+    0x0f, 0x00, 0xa0, 0x00, 0x0f, 0x00,
+];
+
+/// The CPU accelerator a VM runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// Hardware virtualization through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation (Tiny Code Generator).
+    Tcg,
+}
+
+impl Accelerator {
+    /// The value of QEMU's `-accel` option.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+
+    /// The CPU model used with this accelerator: the host's CPU under KVM, QEMU's portable
+    /// `qemu64` under TCG (fast to emulate, migratable between any two hosts).
+    pub fn cpu_model(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "host",
+            Accelerator::Tcg => "qemu64",
+        }
+    }
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.qemu_name())
+    }
+}
+
+/// Result of [`probe_accelerator`]: which accelerator to use and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceleratorProbe {
+    /// The accelerator VMs on this host should use.
+    pub accelerator: Accelerator,
+    /// Human-readable reason, e.g. why KVM was rejected.
+    pub reason: String,
+}
+
+/// Probes whether KVM can run a guest on this host; TCG otherwise. Takes up to a few seconds.
+pub async fn probe_accelerator(binaries: &QemuBinaries) -> AcceleratorProbe {
+    probe_accelerator_with_device(binaries, Path::new("/dev/kvm")).await
+}
+
+/// [`probe_accelerator`] run once per process; later calls return the first result.
+pub async fn probe_accelerator_cached(binaries: &QemuBinaries) -> AcceleratorProbe {
+    static PROBE: OnceCell<AcceleratorProbe> = OnceCell::const_new();
+    PROBE
+        .get_or_init(|| probe_accelerator(binaries))
+        .await
+        .clone()
+}
+
+async fn probe_accelerator_with_device(
+    binaries: &QemuBinaries,
+    kvm_device: &Path,
+) -> AcceleratorProbe {
+    let tcg = |reason: String| {
+        tracing::info!(%reason, "kvm not usable, using tcg");
+        AcceleratorProbe {
+            accelerator: Accelerator::Tcg,
+            reason,
+        }
+    };
+    if let Err(error) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kvm_device)
+    {
+        return tcg(format!("cannot open {}: {error}", kvm_device.display()));
+    }
+    let directory = match tempfile::Builder::new()
+        .prefix("novacron-kvm-probe")
+        .tempdir()
+    {
+        Ok(directory) => directory,
+        Err(error) => {
+            return tcg(format!(
+                "cannot create a temporary directory for the kvm probe: {error}"
+            ));
+        }
+    };
+    let firmware_path = directory.path().join("probe-firmware.bin");
+    if let Err(error) = std::fs::write(&firmware_path, probe_firmware()) {
+        return tcg(format!("cannot write the kvm probe firmware: {error}"));
+    }
+    let mut command = tokio::process::Command::new(&binaries.system);
+    command
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-monitor", "none", "-serial", "none", "-parallel", "none"])
+        .arg("-bios")
+        .arg(&firmware_path)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => return tcg(format!("cannot run {}: {error}", binaries.system.display())),
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
+        Err(_elapsed) => tcg(format!(
+            "kvm accepted the probe guest but did not run it to completion within {PROBE_TIMEOUT:?} (it cannot run ordinary guests here)"
+        )),
+        Ok(Err(error)) => tcg(format!("waiting for the kvm probe failed: {error}")),
+        Ok(Ok(output)) if output.status.code() == Some(PROBE_SUCCESS_EXIT_CODE) => {
+            AcceleratorProbe {
+                accelerator: Accelerator::Kvm,
+                reason: "kvm ran the 64-bit probe guest to completion".to_owned(),
+            }
+        }
+        Ok(Ok(output)) => {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            tcg(format!(
+                "kvm probe guest failed ({}): {}",
+                output.status,
+                stderr.trim()
+            ))
+        }
+    }
+}
+
+fn probe_firmware() -> Vec<u8> {
+    let mut firmware = vec![0u8; FIRMWARE_SIZE];
+    firmware[..PROBE_FIRMWARE_CODE.len()].copy_from_slice(&PROBE_FIRMWARE_CODE);
+    firmware[RESET_VECTOR_OFFSET..RESET_VECTOR_OFFSET + RESET_VECTOR_JUMP.len()]
+        .copy_from_slice(&RESET_VECTOR_JUMP);
+    firmware
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_kvm_device_selects_tcg_with_reason() {
+        let binaries = QemuBinaries {
+            system: "/bin/false".into(),
+            img: "/bin/false".into(),
+        };
+        let probe = probe_accelerator_with_device(&binaries, Path::new("/nonexistent/kvm")).await;
+        assert_eq!(probe.accelerator, Accelerator::Tcg);
+        assert!(
+            probe.reason.contains("/nonexistent/kvm"),
+            "{}",
+            probe.reason
+        );
+    }
+
+    #[test]
+    fn firmware_has_code_and_reset_vector() {
+        let firmware = probe_firmware();
+        assert_eq!(firmware.len(), FIRMWARE_SIZE);
+        assert_eq!(firmware[0], 0xfa, "starts with cli");
+        assert_eq!(
+            &firmware[RESET_VECTOR_OFFSET..RESET_VECTOR_OFFSET + 5],
+            &RESET_VECTOR_JUMP
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Boots the real test guest (scripts/build-guest) under QEMU and drives it: console line, pause
+//! and resume, ACPI power-down, kill -9, re-attach after the client is dropped.
+
+mod common;
+
+use novacron_qemu::{QemuExitReason, QemuVm, QmpEventKind, RunState, VmError};
+
+use common::{
+    READY_LINE, binaries, guest_spec, run_directory, wait_for_console, wait_for_process_gone,
+};
+
+async fn next_event_of(
+    events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
+    kind: QmpEventKind,
+) {
+    let deadline = common::GUEST_DEADLINE;
+    tokio::time::timeout(deadline, async {
+        loop {
+            let event = events.recv().await.expect("event stream");
+            if event.kind() == kind {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {kind:?} event within {deadline:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_prints_ready_line_and_disk_size_on_the_serial_console() {
+    let run_dir = run_directory();
+    // The overlay is larger than the 64 MiB image: the guest must see the larger disk.
+    let spec = guest_spec("boot", run_dir.path(), Some(128 * 1024 * 1024)).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let console = vm.run_directory().console_log();
+    let log = wait_for_console(&console, "NOVACRON-DISK vda").await;
+    let ready = log
+        .lines()
+        .find(|line| line.starts_with(READY_LINE))
+        .expect("ready line");
+    let uptime: f64 = ready[READY_LINE.len()..]
+        .trim()
+        .parse()
+        .expect("uptime after the ready line");
+    assert!(uptime > 0.0, "{ready}");
+    assert!(log.contains("NOVACRON-DISK vda 134217728"), "{log}");
+
+    let status = vm.qmp().query_status().await.expect("query-status");
+    assert_eq!(status.status, RunState::Running);
+    let exit = vm.force_stop().await.expect("force stop");
+    assert_eq!(
+        exit.reason,
+        QemuExitReason::HostShutdown {
+            reason: "host-qmp-quit".into()
+        }
+    );
+    assert!(exit.console_log_tail.contains(READY_LINE));
+    assert!(
+        !vm.run_directory().pid_file().exists(),
+        "pid file removed after exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_change_the_run_state_and_emit_events() {
+    let run_dir = run_directory();
+    let spec = guest_spec("pause", run_dir.path(), None).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
+    let mut events = vm.subscribe_events();
+
+    vm.qmp().stop().await.expect("stop");
+    next_event_of(&mut events, QmpEventKind::Stop).await;
+    let status = vm.qmp().query_status().await.expect("query-status");
+    assert_eq!((status.status, status.running), (RunState::Paused, false));
+
+    vm.qmp().cont().await.expect("cont");
+    next_event_of(&mut events, QmpEventKind::Resume).await;
+    let status = vm.qmp().query_status().await.expect("query-status");
+    assert_eq!((status.status, status.running), (RunState::Running, true));
+
+    // The raw-JSON path works for commands without a helper.
+    let name = vm
+        .qmp()
+        .execute("query-name", None)
+        .await
+        .expect("query-name");
+    assert_eq!(name["name"], "pause");
+    vm.force_stop().await.expect("force stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acpi_power_down_ends_qemu_with_a_guest_shutdown() {
+    let run_dir = run_directory();
+    let spec = guest_spec("powerdown", run_dir.path(), None).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
+    let pid = vm.pid();
+
+    let exit = vm.stop(common::GUEST_DEADLINE).await.expect("stop");
+    assert_eq!(
+        exit.reason,
+        QemuExitReason::GuestShutdown {
+            reason: "guest-shutdown".into()
+        },
+        "{exit}"
+    );
+    assert!(exit.is_orderly());
+    assert!(
+        exit.console_log_tail.contains("NOVACRON-GUEST-POWERDOWN"),
+        "{}",
+        exit.console_log_tail
+    );
+    wait_for_process_gone(pid).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_is_reported_as_killed() {
+    let run_dir = run_directory();
+    let spec = guest_spec("killed", run_dir.path(), None).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let status = std::process::Command::new("kill")
+        .args(["-9", &vm.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(common::GUEST_DEADLINE, vm.wait_for_exit())
+        .await
+        .expect("exit reported");
+    assert_eq!(exit.reason, QemuExitReason::Killed { signal: 9 });
+    assert!(!exit.is_orderly());
+    assert!(exit.to_string().contains("SIGKILL"), "{exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattach_after_dropping_the_client_finds_the_running_vm() {
+    let run_dir = run_directory();
+    let spec = guest_spec("reattach", run_dir.path(), None).await;
+    let uuid = spec.uuid;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
+    let pid = vm.pid();
+    // Simulates a restart of `novacron serve`: the handle and its QMP connection go away.
+    drop(vm);
+
+    // Another VM's uuid does not match this QEMU.
+    assert!(
+        QemuVm::attach(run_dir.path(), uuid::Uuid::new_v4())
+            .await
+            .expect("attach")
+            .is_none()
+    );
+
+    let vm = QemuVm::attach(run_dir.path(), uuid)
+        .await
+        .expect("attach")
+        .expect("qemu still running");
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(vm.name(), "reattach");
+    let status = vm.qmp().query_status().await.expect("query-status");
+    assert_eq!(status.status, RunState::Running);
+
+    // Launching again into the same run directory is refused while it runs.
+    let again = QemuVm::launch(&binaries(), &spec).await.unwrap_err();
+    assert!(
+        matches!(again, VmError::AlreadyRunning { pid: running, .. } if running == pid),
+        "{again}"
+    );
+
+    // After a re-attach QEMU is not watched as a child: a kill -9 is seen through the pidfd and,
+    // without a SHUTDOWN event, reported as vanished (killed or crashed).
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(common::GUEST_DEADLINE, vm.wait_for_exit())
+        .await
+        .expect("exit reported");
+    assert_eq!(exit.reason, QemuExitReason::Vanished);
+    drop(vm);
+    wait_for_process_gone(pid).await;
+
+    // The pid file is gone or stale now: nothing to attach to.
+    assert!(
+        QemuVm::attach(run_dir.path(), uuid)
+            .await
+            .expect("attach")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn stale_pid_file_of_another_program_is_ignored_and_removed() {
+    let run_dir = run_directory();
+    let pid_file = run_dir.path().join("qemu.pid");
+    // Our own pid: alive, but not a QEMU.
+    std::fs::write(&pid_file, format!("{}\n", std::process::id())).unwrap();
+    assert!(
+        QemuVm::attach(run_dir.path(), uuid::Uuid::new_v4())
+            .await
+            .expect("attach")
+            .is_none()
+    );
+    assert!(!pid_file.exists(), "stale pid file removed");
+}
+
+#[tokio::test]
+async fn qemu_start_failure_carries_its_stderr_and_leaves_nothing_running() {
+    let run_dir = run_directory();
+    let mut spec = guest_spec("broken", run_dir.path(), None).await;
+    if let Some(kernel) = spec.kernel.as_mut() {
+        kernel.kernel = run_dir.path().join("no-such-vmlinuz");
+    }
+    let error = QemuVm::launch(&binaries(), &spec).await.unwrap_err();
+    match &error {
+        VmError::StartFailed { stderr, .. } => {
+            assert!(stderr.contains("no-such-vmlinuz"), "{stderr}")
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(
+        error.to_string().contains("broken"),
+        "error names the vm: {error}"
+    );
+    assert!(!run_dir.path().join("qmp.sock").exists());
+    assert!(!run_dir.path().join("qemu.pid").exists());
+}
+
+#[tokio::test]
+async fn missing_qemu_binary_names_the_package() {
+    let run_dir = run_directory();
+    let error = novacron_qemu::QemuBinaries::from_paths(
+        run_dir.path().join("qemu-system-x86_64"),
+        "/usr/bin/qemu-img",
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("apt-get install -y qemu-system-x86"),
+        "{error}"
+    );
+
+    // A configured path that disappears later fails at launch with the path in the error.
+    let binaries = novacron_qemu::QemuBinaries {
+        system: run_dir.path().join("gone/qemu-system-x86_64"),
+        img: "/usr/bin/qemu-img".into(),
+    };
+    let spec =
+        novacron_qemu::LaunchSpec::new("nobinary", uuid::Uuid::new_v4(), run_dir.path().join("vm"));
+    let error = QemuVm::launch(&binaries, &spec).await.unwrap_err();
+    assert!(matches!(error, VmError::Binary(_)), "{error:?}");
+    assert!(
+        error.to_string().contains("gone/qemu-system-x86_64"),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("apt-get install -y qemu-system-x86"),
+        "{error}"
+    );
+}
