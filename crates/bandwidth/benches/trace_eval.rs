@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let options = EvaluationOptions {
         learned_model,
+        compare_coarse_history: learned_model == LearnedModelChoice::LeaveOneDriveOut,
         ..EvaluationOptions::default()
     };
     let started = Instant::now();

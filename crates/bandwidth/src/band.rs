@@ -16,7 +16,7 @@ const UPPER_QUANTILE: f64 = 0.9;
 /// Half-width (log space) of the prior band used when no error has been seen: a factor of 4.
 const PRIOR_HALF_WIDTH: f64 = std::f64::consts::LN_2 * 2.0;
 /// Pseudo-count of the prior: after this many checked forecasts the prior adds half its width.
-const PRIOR_WEIGHT: f64 = 5.0;
+const PRIOR_WEIGHT: f64 = 2.0;
 
 /// Default number of recent checked forecasts a band and the recent accuracy are computed from.
 pub const DEFAULT_BAND_WINDOW: usize = 150;
@@ -104,16 +104,14 @@ impl BandCalibrator {
     }
 }
 
-/// Conformal-style order statistic: for the upper quantile the `ceil(q (n + 1))`-th smallest, for the
-/// lower one the mirror image, clamped to the sample.
+/// Empirical quantile with linear interpolation between order statistics (the common "type 7"
+/// estimator). `sorted` must not be empty.
 fn order_statistic(sorted: &[f64], quantile: f64) -> f64 {
-    let count = sorted.len();
-    let rank = if quantile >= 0.5 {
-        (quantile * (count as f64 + 1.0)).ceil() as usize
-    } else {
-        (quantile * (count as f64 + 1.0)).floor() as usize
-    };
-    sorted[rank.clamp(1, count) - 1]
+    let position = quantile.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let below = position.floor() as usize;
+    let above = (below + 1).min(sorted.len() - 1);
+    let fraction = position - below as f64;
+    sorted[below] * (1.0 - fraction) + sorted[above] * fraction
 }
 
 /// A forecast with its band, as recorded for later checking.

@@ -20,7 +20,8 @@ use utoipa::ToSchema;
 use crate::band::{CheckedForecast, DEFAULT_BAND_WINDOW, ForecastTracker, ScoreTotals};
 use crate::ensemble::AdaptiveEnsemble;
 use crate::learned::{
-    LearnedModel, LearnedPredictor, ModelError, TrainingOptions, TrainingSeries, train,
+    CoarseHistoryPredictor, LearnedModel, LearnedPredictor, ModelError, TrainingOptions,
+    TrainingSeries, coarsen, train, train_on_boundaries,
 };
 use crate::predictor::{Predictor, classic_predictors};
 use crate::trace::{DeliveryTrace, TraceError, drive_name, steps_in, trace_name};
@@ -70,6 +71,10 @@ pub struct EvaluationOptions {
     pub training: TrainingOptions,
     /// Checked forecasts a band is computed from.
     pub band_window: usize,
+    /// With leave-one-drive-out: also evaluate a learned model that sees only whole seconds of
+    /// history (trained and tested on 1 s block means), at granularities of whole seconds, to
+    /// measure what the 100 ms history adds.
+    pub compare_coarse_history: bool,
 }
 
 impl Default for EvaluationOptions {
@@ -83,6 +88,7 @@ impl Default for EvaluationOptions {
             learned_model: LearnedModelChoice::Shipped,
             training: TrainingOptions::default(),
             band_window: DEFAULT_BAND_WINDOW,
+            compare_coarse_history: false,
         }
     }
 }
@@ -162,11 +168,23 @@ pub fn walk_forward(
     (checked, tracker.totals())
 }
 
+/// Block (in 100 ms steps) of the coarse-history comparison: one second.
+const COARSE_BLOCK_STEPS: usize = 10;
+
 fn evaluation_predictors(
     block_steps: usize,
     learned_model: Option<&Arc<LearnedModel>>,
+    coarse_model: Option<&Arc<LearnedModel>>,
 ) -> Vec<Box<dyn Predictor>> {
     let mut predictors = classic_predictors(block_steps);
+    if let Some(model) = coarse_model
+        && block_steps.is_multiple_of(COARSE_BLOCK_STEPS)
+    {
+        predictors.push(Box::new(CoarseHistoryPredictor::new(
+            Arc::clone(model),
+            COARSE_BLOCK_STEPS,
+        )));
+    }
     let mut members: Vec<Box<dyn Predictor>> = Vec::new();
     if let Some(model) = learned_model {
         predictors.push(Box::new(LearnedPredictor::new(Arc::clone(model))));
@@ -215,6 +233,7 @@ pub fn evaluate(
 
     // The learned model to use for each trace, and whether it was fitted on that trace.
     let mut models: Vec<Option<(Arc<LearnedModel>, bool)>> = vec![None; traces.len()];
+    let mut coarse_models: Vec<Option<Arc<LearnedModel>>> = vec![None; traces.len()];
     match options.learned_model {
         LearnedModelChoice::Skip => {}
         LearnedModelChoice::Shipped => {
@@ -244,9 +263,33 @@ pub fn evaluate(
                     })
                     .collect();
                 let model = Arc::new(train(&training, &block_sizes, options.training));
-                for (slot, trace) in models.iter_mut().zip(&traces) {
+                let coarse_model = options.compare_coarse_history.then(|| {
+                    let coarse_training: Vec<TrainingSeries> = training
+                        .iter()
+                        .map(|series| TrainingSeries {
+                            name: series.name.clone(),
+                            base_bits_per_second: coarsen(
+                                &series.base_bits_per_second,
+                                COARSE_BLOCK_STEPS,
+                            ),
+                        })
+                        .collect();
+                    let coarse_horizons: Vec<usize> = block_sizes
+                        .iter()
+                        .copied()
+                        .filter(|steps| steps.is_multiple_of(COARSE_BLOCK_STEPS))
+                        .collect();
+                    Arc::new(train_on_boundaries(
+                        &coarse_training,
+                        &coarse_horizons,
+                        options.training,
+                        COARSE_BLOCK_STEPS,
+                    ))
+                });
+                for (index, trace) in traces.iter().enumerate() {
                     if trace.drive == *held_out {
-                        *slot = Some((Arc::clone(&model), false));
+                        models[index] = Some((Arc::clone(&model), false));
+                        coarse_models[index] = coarse_model.clone();
                     }
                 }
             }
@@ -257,37 +300,45 @@ pub fn evaluate(
     for &block_steps in &block_sizes {
         let mut section = GranularityReport {
             granularity_millis: block_steps as u64 * crate::trace::BASE_STEP_MILLIS,
-            predictors: evaluation_predictors(block_steps, models[0].as_ref().map(|(m, _)| m))
-                .iter()
-                .map(|predictor| predictor.name())
-                .collect(),
+            predictors: evaluation_predictors(
+                block_steps,
+                models[0].as_ref().map(|(m, _)| m),
+                coarse_models[0].as_ref(),
+            )
+            .iter()
+            .map(|predictor| predictor.name())
+            .collect(),
             traces: Vec::new(),
             mean_over_unseen_traces: Vec::new(),
             skipped_traces: Vec::new(),
         };
-        for (trace, model) in traces.iter().zip(&models) {
+        for ((trace, model), coarse_model) in traces.iter().zip(&models).zip(&coarse_models) {
             if trace.base.len() < 2 * block_steps {
                 section.skipped_traces.push(trace.name.clone());
                 continue;
             }
             let mut intervals = 0;
-            let scores = evaluation_predictors(block_steps, model.as_ref().map(|(m, _)| m))
-                .into_iter()
-                .map(|mut predictor| {
-                    let (_, totals) = walk_forward(
-                        &trace.base,
-                        block_steps,
-                        predictor.as_mut(),
-                        options.band_window,
-                    );
-                    intervals = totals.checked;
-                    PredictorScore {
-                        predictor: predictor.name(),
-                        accuracy: totals.accuracy().unwrap_or(0.0),
-                        inside_band_share: totals.inside_band_share().unwrap_or(0.0),
-                    }
-                })
-                .collect();
+            let scores = evaluation_predictors(
+                block_steps,
+                model.as_ref().map(|(m, _)| m),
+                coarse_model.as_ref(),
+            )
+            .into_iter()
+            .map(|mut predictor| {
+                let (_, totals) = walk_forward(
+                    &trace.base,
+                    block_steps,
+                    predictor.as_mut(),
+                    options.band_window,
+                );
+                intervals = totals.checked;
+                PredictorScore {
+                    predictor: predictor.name(),
+                    accuracy: totals.accuracy().unwrap_or(0.0),
+                    inside_band_share: totals.inside_band_share().unwrap_or(0.0),
+                }
+            })
+            .collect();
             section.traces.push(TraceScores {
                 trace: trace.name.clone(),
                 intervals,
@@ -509,8 +560,8 @@ mod tests {
         }
         let model = LearnedModel::shipped().expect("shipped model");
         for block_steps in [1, 10, 50] {
-            let original_run = evaluation_predictors(block_steps, Some(&model));
-            let perturbed_run = evaluation_predictors(block_steps, Some(&model));
+            let original_run = evaluation_predictors(block_steps, Some(&model), Some(&model));
+            let perturbed_run = evaluation_predictors(block_steps, Some(&model), Some(&model));
             for (mut a, mut b) in original_run.into_iter().zip(perturbed_run) {
                 let (checked_a, _) = walk_forward(&original, block_steps, a.as_mut(), 150);
                 let (checked_b, _) = walk_forward(&perturbed, block_steps, b.as_mut(), 150);

@@ -389,8 +389,17 @@ struct TrainingSet {
     weights: Vec<f64>,
 }
 
-fn training_set(series: &[TrainingSeries], horizon_steps: usize) -> TrainingSet {
-    let stride = (horizon_steps / 5).clamp(1, 5);
+/// Training samples: a forecast at every `stride`-th boundary (aligned to multiples of the
+/// stride when `aligned`, otherwise starting after the first step).
+fn training_set(
+    series: &[TrainingSeries],
+    horizon_steps: usize,
+    stride: Option<usize>,
+) -> TrainingSet {
+    let (stride, first_boundary) = match stride {
+        Some(stride) => (stride.max(1), stride.max(1)),
+        None => ((horizon_steps / 5).clamp(1, 5), 1),
+    };
     let mut set = TrainingSet {
         features: Vec::new(),
         targets: Vec::new(),
@@ -400,7 +409,7 @@ fn training_set(series: &[TrainingSeries], horizon_steps: usize) -> TrainingSet 
         let samples = &trace.base_bits_per_second;
         let first_sample = set.targets.len();
         let mut actual_total = 0.0;
-        let mut boundary = 1;
+        let mut boundary = first_boundary;
         while boundary + horizon_steps <= samples.len() {
             let history = &samples[boundary.saturating_sub(HISTORY_STEPS)..boundary];
             if let Some((reference, features)) = compute_features(history, horizon_steps) {
@@ -593,8 +602,9 @@ fn train_horizon(
     series: &[TrainingSeries],
     horizon_steps: usize,
     options: TrainingOptions,
+    boundary_steps: Option<usize>,
 ) -> HorizonModel {
-    let set = training_set(series, horizon_steps);
+    let set = training_set(series, horizon_steps, boundary_steps);
     if set.targets.is_empty() {
         return HorizonModel {
             horizon_steps,
@@ -649,15 +659,37 @@ fn train_horizon(
     }
 }
 
-/// Trains one boosted ensemble per horizon on the given series. Deterministic.
+/// Trains one boosted ensemble per horizon on the given series, with a training sample at every
+/// few 100 ms steps (every step for the shortest horizons). Deterministic.
 pub fn train(
     series: &[TrainingSeries],
     horizons_steps: &[usize],
     options: TrainingOptions,
 ) -> LearnedModel {
+    train_with_boundaries(series, horizons_steps, options, None)
+}
+
+/// Like [`train`], but with training samples only at multiples of `boundary_steps`: for series
+/// whose samples are only known at that resolution (a sample in the middle of a block would
+/// otherwise see the block's later part).
+pub fn train_on_boundaries(
+    series: &[TrainingSeries],
+    horizons_steps: &[usize],
+    options: TrainingOptions,
+    boundary_steps: usize,
+) -> LearnedModel {
+    train_with_boundaries(series, horizons_steps, options, Some(boundary_steps))
+}
+
+fn train_with_boundaries(
+    series: &[TrainingSeries],
+    horizons_steps: &[usize],
+    options: TrainingOptions,
+    boundary_steps: Option<usize>,
+) -> LearnedModel {
     let mut horizons: Vec<HorizonModel> = horizons_steps
         .iter()
-        .map(|&horizon_steps| train_horizon(series, horizon_steps.max(1), options))
+        .map(|&horizon_steps| train_horizon(series, horizon_steps.max(1), options, boundary_steps))
         .collect();
     horizons.sort_by_key(|horizon| horizon.horizon_steps);
     LearnedModel {
@@ -704,9 +736,71 @@ impl Predictor for LearnedPredictor {
     }
 }
 
+/// Replaces every sample by the mean of its block of `block_steps` (a trailing partial block is
+/// dropped): the same series as seen by a measurement with only block resolution.
+pub fn coarsen(base_bits_per_second: &[f64], block_steps: usize) -> Vec<f64> {
+    let block_steps = block_steps.max(1);
+    base_bits_per_second
+        .chunks_exact(block_steps)
+        .flat_map(|block| {
+            let mean = block.iter().sum::<f64>() / block_steps as f64;
+            std::iter::repeat_n(mean, block_steps)
+        })
+        .collect()
+}
+
+/// The learned model fed only whole blocks (for example whole seconds): used to measure what the
+/// finer 100 ms history is worth. It forecasts from the history up to the last complete block.
+#[derive(Debug, Clone)]
+pub struct CoarseHistoryPredictor {
+    inner: LearnedPredictor,
+    block: crate::predictor::BlockAccumulator,
+    block_steps: usize,
+}
+
+impl CoarseHistoryPredictor {
+    /// `model` (trained on [`coarsen`]ed series) fed blocks of `block_steps`.
+    pub fn new(model: Arc<LearnedModel>, block_steps: usize) -> Self {
+        Self {
+            inner: LearnedPredictor::new(model),
+            block: crate::predictor::BlockAccumulator::new(block_steps),
+            block_steps: block_steps.max(1),
+        }
+    }
+}
+
+impl Predictor for CoarseHistoryPredictor {
+    fn name(&self) -> String {
+        format!(
+            "learned-gbt({} ms history)",
+            self.block_steps as u128 * BASE_STEP.as_millis()
+        )
+    }
+
+    fn observe(&mut self, bits_per_second: f64) {
+        if let Some(mean) = self.block.push(clean_sample(bits_per_second)) {
+            for _ in 0..self.block_steps {
+                self.inner.observe(mean);
+            }
+        }
+    }
+
+    fn forecast(&self, horizon_steps: usize) -> Option<f64> {
+        self.inner.forecast(horizon_steps)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coarsened_history_is_block_means() {
+        assert_eq!(
+            coarsen(&[1.0, 3.0, 5.0, 7.0, 9.0], 2),
+            vec![2.0, 2.0, 6.0, 6.0]
+        );
+    }
 
     #[test]
     fn shipped_model_loads_and_has_the_supported_version() {
