@@ -1,1 +1,32 @@
-//! placeholder, replaced as the crate is built
+//! Plain data shared by every NovaCron crate: VM and image records, their names, the API's error
+//! codes. No IO lives here, so every other crate (and the API's OpenAPI document) can depend on it.
+//!
+//! Records are stored in the replicated store as JSON; each carries a `format_version` so a newer
+//! binary can read an older record and an older one refuses a newer record clearly.
+
+pub mod api;
+pub mod error;
+pub mod image;
+pub mod name;
+pub mod size;
+pub mod vm;
+
+pub use api::{CreateVmRequest, DeleteOptions, Health, HostInfo, StopOptions};
+pub use error::{ApiErrorBody, ErrorCode};
+pub use image::{ImageFormat, ImageRecord};
+pub use name::{ImageName, NameError, VmName};
+pub use size::{ByteSize, ParseSizeError};
+pub use vm::{
+    Accelerator, DesiredPower, RestartPolicy, VmEvent, VmRecord, VmSpec, VmState, VmStatus,
+};
+
+/// Version of the JSON records this build writes into the store.
+pub const RECORD_FORMAT_VERSION: u32 = 1;
+
+/// Seconds since the Unix epoch, the timestamp type used in records.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,329 @@
+//! [`Host`]: start-up of one host (data directory lock, store, QEMU probe, reconciler) and the
+//! service the API calls.
+
+use crate::AgentError;
+use crate::paths::{DataPaths, MAX_DATA_DIR_BYTES};
+use crate::records::Records;
+use crate::resources::HostCapacity;
+use novacron_qemu::{AcceleratorProbe, BinaryError, QemuBinaries, QemuImg};
+use novacron_store::{Store, StoreConfig};
+use novacron_types::{Accelerator, HostInfo, VmEvent};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OnceCell, broadcast};
+
+/// Settings of one host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub data_dir: PathBuf,
+    /// This host's name in the cluster (default: the system hostname).
+    pub host_name: String,
+    /// Explicit QEMU binaries; `None` searches `PATH`.
+    pub qemu_system_binary: Option<PathBuf>,
+    pub qemu_img_binary: Option<PathBuf>,
+    /// How long `vm stop` waits for an ACPI power-down before forcing, unless the request says.
+    pub default_stop_timeout: Duration,
+}
+
+impl HostConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            host_name: system_host_name(),
+            qemu_system_binary: None,
+            qemu_img_binary: None,
+            default_stop_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// QEMU on this host: its binaries (looked up again while missing, so installing QEMU while
+/// `serve` runs is enough) and the accelerator probe, run once in the background at start-up.
+pub struct Hypervisor {
+    system_binary: Option<PathBuf>,
+    img_binary: Option<PathBuf>,
+    located: OnceCell<QemuBinaries>,
+    probe: OnceCell<AcceleratorProbe>,
+}
+
+impl Hypervisor {
+    fn new(config: &HostConfig) -> Self {
+        Self {
+            system_binary: config.qemu_system_binary.clone(),
+            img_binary: config.qemu_img_binary.clone(),
+            located: OnceCell::new(),
+            probe: OnceCell::new(),
+        }
+    }
+
+    pub fn binaries(&self) -> Result<&QemuBinaries, AgentError> {
+        if let Some(binaries) = self.located.get() {
+            return Ok(binaries);
+        }
+        let binaries = match (&self.system_binary, &self.img_binary) {
+            (None, None) => QemuBinaries::locate(),
+            (system, img) => QemuBinaries::from_paths(
+                system.clone().unwrap_or_else(|| "qemu-system-x86_64".into()),
+                img.clone().unwrap_or_else(|| "qemu-img".into()),
+            ),
+        }
+        .map_err(|error: BinaryError| AgentError::MissingBinary(error))?;
+        let _ = self.located.set(binaries);
+        self.located.get().ok_or_else(|| AgentError::InvalidArgument("qemu binaries".into()))
+    }
+
+    pub fn qemu_img(&self) -> Result<QemuImg, AgentError> {
+        Ok(QemuImg::new(self.binaries()?))
+    }
+
+    /// The accelerator VMs get: KVM when it really runs a guest here, TCG otherwise.
+    pub async fn accelerator(&self) -> Result<&AcceleratorProbe, AgentError> {
+        let binaries = self.binaries()?;
+        Ok(self
+            .probe
+            .get_or_init(|| novacron_qemu::probe_accelerator_cached(binaries))
+            .await)
+    }
+}
+
+pub(crate) fn to_record_accelerator(accelerator: novacron_qemu::Accelerator) -> Accelerator {
+    match accelerator {
+        novacron_qemu::Accelerator::Kvm => Accelerator::Kvm,
+        novacron_qemu::Accelerator::Tcg => Accelerator::Tcg,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StateLabel {
+    pub state: String,
+}
+
+/// Metrics of the agent; each one is updated by the reconciler or the image store.
+#[derive(Default)]
+pub(crate) struct AgentMetrics {
+    pub state_transitions: Family<StateLabel, Counter>,
+    pub qemu_launches: Counter,
+    pub qemu_unexpected_exits: Counter,
+}
+
+/// What the service and the reconciler share.
+pub(crate) struct Shared {
+    pub config: HostConfig,
+    pub paths: DataPaths,
+    pub records: Records,
+    pub hypervisor: Arc<Hypervisor>,
+    pub capacity: HostCapacity,
+    pub metrics: AgentMetrics,
+}
+
+/// One running host. Dropping it stops the reconciler; QEMU processes keep running.
+pub struct Host {
+    pub(crate) shared: Arc<Shared>,
+    events: broadcast::Sender<VmEvent>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    store: Store,
+    _lock: std::fs::File,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+impl Host {
+    /// Starts a host on `config.data_dir`: takes the directory's lock, opens the store and, in
+    /// parallel, probes QEMU; then starts the reconciler. Returns once the API can be served.
+    pub async fn start(config: HostConfig) -> Result<Arc<Host>, AgentError> {
+        let paths = DataPaths::new(&config.data_dir);
+        let data_dir_display = config.data_dir.display().to_string();
+        if config.data_dir.as_os_str().len() > MAX_DATA_DIR_BYTES {
+            return Err(AgentError::InvalidArgument(format!(
+                "data directory {data_dir_display} is longer than {MAX_DATA_DIR_BYTES} bytes; VM \
+                 sockets inside it would exceed the Unix socket path limit — choose a shorter \
+                 --data-dir"
+            )));
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|error| AgentError::io(format!("creating data directory {data_dir_display}"), error))?;
+        let lock = lock_data_dir(&paths)?;
+
+        let hypervisor = Arc::new(Hypervisor::new(&config));
+        let store_config = StoreConfig::new(paths.store_dir(), 1, config.host_name.clone());
+        let store_task = tokio::spawn(Store::open(store_config));
+        // The accelerator probe runs QEMU for a moment: start it now, beside the store. The
+        // reconciler waits for its result before it launches anything.
+        let probe_hypervisor = hypervisor.clone();
+        tokio::spawn(async move {
+            match probe_hypervisor.accelerator().await {
+                Ok(probe) => tracing::info!(
+                    accelerator = probe.accelerator.qemu_name(),
+                    reason = %probe.reason,
+                    "accelerator probed"
+                ),
+                Err(error) => tracing::warn!(%error, "qemu is not usable; vms cannot start"),
+            }
+        });
+        let store = store_task
+            .await
+            .map_err(|error| AgentError::InvalidArgument(format!("store start-up failed: {error}")))??;
+
+        let shared = Arc::new(Shared {
+            paths,
+            records: Records::new(store.clone()),
+            hypervisor,
+            capacity: HostCapacity::read(),
+            metrics: AgentMetrics::default(),
+            config,
+        });
+        crate::images::sweep(&shared.paths, &shared.records).await?;
+        tokio::fs::create_dir_all(shared.paths.vms_dir())
+            .await
+            .map_err(|error| AgentError::io("creating the vms directory", error))?;
+
+        let (events, _) = broadcast::channel(1024);
+        let background = vec![
+            tokio::spawn(crate::events::publish(store.clone(), events.clone())),
+            tokio::spawn(crate::reconciler::run(shared.clone())),
+        ];
+        Ok(Arc::new(Host { shared, events, background, store, _lock: lock }))
+    }
+
+    /// Stops the reconciler and closes the store. QEMU processes keep running; the next start
+    /// re-attaches to them.
+    pub async fn shutdown(&self) {
+        for task in &self.background {
+            task.abort();
+        }
+        if let Err(error) = self.store.shutdown().await {
+            tracing::warn!(%error, "store shutdown");
+        }
+    }
+
+    pub fn paths(&self) -> &DataPaths {
+        &self.shared.paths
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<VmEvent> {
+        self.events.subscribe()
+    }
+
+    /// Adds the agent's and the store's metrics to a registry.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let metrics = &self.shared.metrics;
+        registry.register(
+            "vm_state_transitions",
+            "VM state changes written by the reconciler, by new state",
+            metrics.state_transitions.clone(),
+        );
+        registry.register("qemu_launches", "QEMU processes started", metrics.qemu_launches.clone());
+        registry.register(
+            "qemu_unexpected_exits",
+            "QEMU processes that ended without being asked to",
+            metrics.qemu_unexpected_exits.clone(),
+        );
+    }
+
+    pub async fn info(&self) -> Result<HostInfo, AgentError> {
+        let shared = &self.shared;
+        let probe = shared.hypervisor.accelerator().await?;
+        let qemu_version = novacron_qemu_version(shared.hypervisor.binaries()?).await;
+        Ok(HostInfo {
+            host: shared.config.host_name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            cpus: shared.capacity.cpus,
+            memory_bytes: shared.capacity.memory_bytes,
+            accelerator: to_record_accelerator(probe.accelerator),
+            accelerator_reason: probe.reason.lines().next().unwrap_or_default().to_string(),
+            qemu_version,
+            data_dir: shared.paths.root().display().to_string(),
+            vms: shared.records.vms().await?.len(),
+            images: shared.records.images().await?.len(),
+        })
+    }
+}
+
+async fn novacron_qemu_version(binaries: &QemuBinaries) -> String {
+    let output = tokio::process::Command::new(&binaries.system)
+        .arg("--version")
+        .output()
+        .await;
+    match output {
+        Ok(output) => String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        Err(error) => format!("unknown ({error})"),
+    }
+}
+
+/// Takes `serve.lock` so that two `serve` processes never share a data directory.
+fn lock_data_dir(paths: &DataPaths) -> Result<std::fs::File, AgentError> {
+    let path = paths.lock_file();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|error| AgentError::io(format!("opening {}", path.display()), error))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(_) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(AgentError::DataDirInUse {
+                directory: paths.root().display().to_string(),
+                holder: holder.trim().to_string(),
+            });
+        }
+    }
+    file.set_len(0).map_err(|error| AgentError::io("writing serve.lock", error))?;
+    write!(file, "{}", std::process::id())
+        .map_err(|error| AgentError::io("writing serve.lock", error))?;
+    Ok(file)
+}
+
+/// Reads the admin token, creating it (mode 0600) on first start. Returns the token and whether
+/// it was created now.
+pub fn ensure_admin_token(paths: &DataPaths) -> Result<(String, bool), AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = paths.token_file();
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_string(), false)),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(AgentError::io(format!("reading {}", path.display()), error)),
+    }
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|error| AgentError::io(format!("creating {}", path.display()), error))?;
+    writeln!(file, "{token}")
+        .and_then(|()| file.sync_all())
+        .map_err(|error| AgentError::io(format!("writing {}", path.display()), error))?;
+    Ok((token, true))
+}

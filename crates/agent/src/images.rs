@@ -1,0 +1,225 @@
+//! The image store: imported disk images, checked with qemu-img and kept content-addressed by the
+//! BLAKE3 hash of their bytes under `<data>/images/`. An upload is written to the staging
+//! directory while it is hashed, checked, then renamed into place before its record is written;
+//! start-up removes staging leftovers and image files without a record, so a crash at any point
+//! leaves nothing half-made.
+
+use crate::paths::DataPaths;
+use crate::records::Records;
+use crate::{AgentError, Hypervisor};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use novacron_types::{ImageFormat, ImageName, ImageRecord, RECORD_FORMAT_VERSION, unix_now};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use tokio::io::AsyncWriteExt;
+
+/// Where the bytes of an imported image come from.
+pub enum ImportSource {
+    /// An upload (the API's request body).
+    Stream(Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>),
+    /// A file on this host, copied (never moved) into the store.
+    File(PathBuf),
+}
+
+fn to_qemu_format(format: ImageFormat) -> novacron_qemu::ImageFormat {
+    match format {
+        ImageFormat::Qcow2 => novacron_qemu::ImageFormat::Qcow2,
+        ImageFormat::Raw => novacron_qemu::ImageFormat::Raw,
+    }
+}
+
+pub(crate) fn qemu_format(record: &ImageRecord) -> novacron_qemu::ImageFormat {
+    to_qemu_format(record.format)
+}
+
+/// Removes its file on drop unless disarmed: an import that fails anywhere leaves no file.
+struct StagedFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub(crate) async fn import(
+    paths: &DataPaths,
+    records: &Records,
+    hypervisor: &Hypervisor,
+    name: &str,
+    source: ImportSource,
+) -> Result<ImageRecord, AgentError> {
+    let name = ImageName::new(name)?;
+    let qemu_img = hypervisor.qemu_img()?;
+    if records.resolve_image(name.as_str()).await.is_ok() {
+        let existing = records.resolve_image(name.as_str()).await?;
+        return Err(AgentError::ImageNameTaken { name: name.to_string(), id: existing.id });
+    }
+    let staging = paths.staging_dir();
+    let mut staged = StagedFile {
+        path: staging.join(format!("{}.part", uuid::Uuid::new_v4().simple())),
+        armed: true,
+    };
+    let (hash, file_bytes) = write_staged(&staged.path, source).await?;
+    let id = hash.to_hex().to_string();
+
+    let display = format!("upload for image {name:?}");
+    let (info, format) = qemu_img.inspect_runnable(&staged.path).await.map_err(|error| {
+        AgentError::BadImage { file: display.clone(), reason: error.to_string() }
+    })?;
+    let format = match format {
+        novacron_qemu::ImageFormat::Qcow2 => ImageFormat::Qcow2,
+        novacron_qemu::ImageFormat::Raw => ImageFormat::Raw,
+    };
+    if let Some(backing) = &info.backing_file {
+        return Err(AgentError::BadImage {
+            file: display,
+            reason: format!(
+                "it has a backing file ({backing}); an image must be self-contained — flatten it \
+                 with `qemu-img convert -O qcow2 IN OUT` first"
+            ),
+        });
+    }
+    if format == ImageFormat::Raw && looks_like_text(&staged.path)? {
+        return Err(AgentError::BadImage {
+            file: display,
+            reason: "it looks like a text file, not a disk; import a qcow2 image or a raw disk"
+                .into(),
+        });
+    }
+    let check = qemu_img
+        .check(&staged.path, to_qemu_format(format))
+        .await
+        .map_err(|error| AgentError::BadImage { file: display.clone(), reason: error.to_string() })?;
+    if !check.is_healthy() {
+        return Err(AgentError::BadImage {
+            file: display,
+            reason: format!(
+                "qemu-img check found {} corruption(s) and {} error(s)",
+                check.corruptions, check.check_errors
+            ),
+        });
+    }
+    if let Some(existing) = records.image(&id).await? {
+        return Err(AgentError::ImageNameTaken { name: existing.name.to_string(), id });
+    }
+    let final_path = paths.image_file(&id, format);
+    tokio::fs::rename(&staged.path, &final_path)
+        .await
+        .map_err(|error| AgentError::io(format!("storing image {name}"), error))?;
+    staged.path = final_path;
+    let record = ImageRecord {
+        format_version: RECORD_FORMAT_VERSION,
+        id,
+        name,
+        format,
+        virtual_bytes: info.virtual_size,
+        file_bytes,
+        created_at: unix_now(),
+    };
+    records.create_image(&record).await?;
+    staged.armed = false;
+    tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image imported");
+    Ok(record)
+}
+
+async fn write_staged(
+    path: &Path,
+    source: ImportSource,
+) -> Result<(blake3::Hash, u64), AgentError> {
+    let context = || format!("writing upload to {}", path.display());
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|error| AgentError::io(context(), error))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    match source {
+        ImportSource::Stream(mut stream) => {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|error| AgentError::io("receiving the upload", error))?;
+                hasher.update(&chunk);
+                total += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(|error| AgentError::io(context(), error))?;
+            }
+        }
+        ImportSource::File(source_path) => {
+            let mut source = tokio::fs::File::open(&source_path).await.map_err(|error| {
+                AgentError::io(format!("opening {}", source_path.display()), error)
+            })?;
+            let mut buffer = vec![0u8; 1 << 20];
+            loop {
+                let count = tokio::io::AsyncReadExt::read(&mut source, &mut buffer)
+                    .await
+                    .map_err(|error| AgentError::io(format!("reading {}", source_path.display()), error))?;
+                if count == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..count]);
+                total += count as u64;
+                file.write_all(&buffer[..count])
+                    .await
+                    .map_err(|error| AgentError::io(context(), error))?;
+            }
+        }
+    }
+    file.sync_all().await.map_err(|error| AgentError::io(context(), error))?;
+    if total == 0 {
+        return Err(AgentError::BadImage {
+            file: "upload".into(),
+            reason: "it is empty".into(),
+        });
+    }
+    Ok((hasher.finalize(), total))
+}
+
+/// A raw "disk" whose first 4 KiB are printable text is a text file sent by mistake.
+fn looks_like_text(path: &Path) -> Result<bool, AgentError> {
+    use std::io::Read;
+    let mut head = vec![0u8; 4096];
+    let mut file = std::fs::File::open(path)
+        .map_err(|error| AgentError::io(format!("reading {}", path.display()), error))?;
+    let count = file
+        .read(&mut head)
+        .map_err(|error| AgentError::io(format!("reading {}", path.display()), error))?;
+    head.truncate(count);
+    Ok(!head.is_empty()
+        && std::str::from_utf8(&head).is_ok()
+        && !head.contains(&0)
+        && head.iter().all(|&byte| byte == b'\n' || byte == b'\t' || byte == b'\r' || byte >= 0x20))
+}
+
+/// Removes staging leftovers and image files that no record names (a crash between the rename
+/// and the record write).
+pub(crate) async fn sweep(paths: &DataPaths, records: &Records) -> Result<(), AgentError> {
+    for directory in [paths.staging_dir(), paths.images_dir()] {
+        tokio::fs::create_dir_all(&directory)
+            .await
+            .map_err(|error| AgentError::io(format!("creating {}", directory.display()), error))?;
+    }
+    if let Ok(mut entries) = tokio::fs::read_dir(paths.staging_dir()).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+    let known: HashSet<PathBuf> = records
+        .images()
+        .await?
+        .iter()
+        .map(|image| paths.image_file(&image.id, image.format))
+        .collect();
+    if let Ok(mut entries) = tokio::fs::read_dir(paths.images_dir()).await {
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            if !known.contains(&entry.path()) {
+                tracing::warn!(file = %entry.path().display(), "removing image file without a record");
+                let _ = tokio::fs::remove_file(entry.path()).await;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Where a host keeps its files. Everything lives under one data directory:
+//!
+//! ```text
+//! <data>/serve.lock          held by the running `novacron serve`
+//! <data>/admin.token         the admin API token (mode 0600)
+//! <data>/store/              the replicated store (redb)
+//! <data>/images/<id>.<fmt>   imported images, named by the BLAKE3 of their bytes
+//! <data>/staging/            uploads in progress (emptied at start-up)
+//! <data>/vms/<uuid>/         one directory per VM: disk overlay, serial log, QMP and console
+//!                            sockets, pid file (named by uuid to keep socket paths short)
+//! ```
+
+use novacron_types::ImageFormat;
+use std::path::{Path, PathBuf};
+
+/// Unix socket paths are limited to 107 bytes; a VM directory adds 50 bytes to the data dir.
+pub const MAX_DATA_DIR_BYTES: usize = 56;
+
+#[derive(Debug, Clone)]
+pub struct DataPaths {
+    root: PathBuf,
+}
+
+impl DataPaths {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("serve.lock")
+    }
+
+    pub fn token_file(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn image_file(&self, id: &str, format: ImageFormat) -> PathBuf {
+        self.images_dir().join(format!("{id}.{}", format.as_str()))
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// The directory of the VM with this uuid (its QEMU run directory too).
+    pub fn vm_dir(&self, uuid: &str) -> PathBuf {
+        self.vms_dir().join(uuid.replace('-', ""))
+    }
+
+    pub fn vm_disk(&self, uuid: &str) -> PathBuf {
+        self.vm_dir(uuid).join("disk.qcow2")
+    }
+}

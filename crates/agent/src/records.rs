@@ -1,0 +1,251 @@
+//! Typed access to the records the agent keeps in the store. This is the only module that knows
+//! the key layout:
+//!
+//! ```text
+//! vms/<name>            VmRecord (JSON)
+//! images/<id>           ImageRecord (JSON)
+//! image-names/<name>    the id of the image with that name
+//! ```
+//!
+//! Every read-modify-write is a compare-and-swap on the key's `mod_revision`, so the API (which
+//! writes desired state) and the reconciler (which writes status) never overwrite each other.
+
+use crate::AgentError;
+use novacron_store::{Consistency, KeyValue, Store, Transaction};
+use novacron_types::{ImageRecord, RECORD_FORMAT_VERSION, VmRecord};
+use serde::de::DeserializeOwned;
+
+pub const VM_PREFIX: &str = "vms/";
+pub const IMAGE_PREFIX: &str = "images/";
+pub const IMAGE_NAME_PREFIX: &str = "image-names/";
+
+pub fn vm_key(name: &str) -> String {
+    format!("{VM_PREFIX}{name}")
+}
+
+pub fn image_key(id: &str) -> String {
+    format!("{IMAGE_PREFIX}{id}")
+}
+
+pub fn image_name_key(name: &str) -> String {
+    format!("{IMAGE_NAME_PREFIX}{name}")
+}
+
+/// A record with the revision it was read at, for compare-and-swap.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub record: T,
+    pub mod_revision: u64,
+}
+
+fn decode<T: DeserializeOwned>(key_value: &KeyValue) -> Result<T, AgentError> {
+    let version: Option<u32> = serde_json::from_slice::<serde_json::Value>(&key_value.value)
+        .ok()
+        .and_then(|value| value.get("format_version").and_then(|v| v.as_u64()))
+        .and_then(|v| u32::try_from(v).ok());
+    if let Some(version) = version
+        && version > RECORD_FORMAT_VERSION
+    {
+        return Err(AgentError::CorruptRecord {
+            key: key_value.key.clone(),
+            reason: format!(
+                "written by a newer NovaCron (record format {version}, this build reads up to \
+                 {RECORD_FORMAT_VERSION}); upgrade this host"
+            ),
+        });
+    }
+    serde_json::from_slice(&key_value.value).map_err(|error| AgentError::CorruptRecord {
+        key: key_value.key.clone(),
+        reason: error.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail (no maps with non-string keys, no I/O).
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct Records {
+    store: Store,
+}
+
+impl Records {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>, AgentError> {
+        let Some(key_value) = self.store.get(&vm_key(name), Consistency::Linearizable).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Versioned { record: decode(&key_value)?, mod_revision: key_value.mod_revision }))
+    }
+
+    pub async fn vms(&self) -> Result<Vec<Versioned<VmRecord>>, AgentError> {
+        let listing = self.store.list(VM_PREFIX, Consistency::Linearizable).await?;
+        listing
+            .items
+            .iter()
+            .map(|key_value| {
+                Ok(Versioned { record: decode(key_value)?, mod_revision: key_value.mod_revision })
+            })
+            .collect()
+    }
+
+    /// Writes a new VM record; fails with `VmAlreadyExists` when the name is taken.
+    pub async fn create_vm(&self, record: &VmRecord) -> Result<u64, AgentError> {
+        let name = record.spec.name.as_str();
+        let mut transaction = Transaction::new()
+            .when_absent(vm_key(name))
+            .put(vm_key(name), encode(record));
+        if let Some(image_id) = &record.spec.image_id {
+            transaction = transaction.when_exists(image_key(image_id));
+        }
+        let outcome = self.store.transaction(transaction).await?;
+        if outcome.succeeded {
+            return Ok(outcome.revision);
+        }
+        match outcome.failed_condition.map(|failed| failed.condition.key().to_string()) {
+            Some(key) if key.starts_with(IMAGE_PREFIX) => Err(AgentError::ImageNotFound {
+                reference: record.spec.image_id.clone().unwrap_or_default(),
+            }),
+            _ => Err(AgentError::VmAlreadyExists { name: name.to_string() }),
+        }
+    }
+
+    /// Reads the VM, lets `change` modify it and writes it back if it changed, retrying when
+    /// someone else wrote in between. `change` returns `Ok(false)` to leave the record as is.
+    pub async fn update_vm(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut VmRecord) -> Result<bool, AgentError>,
+    ) -> Result<VmRecord, AgentError> {
+        loop {
+            let Some(current) = self.vm(name).await? else {
+                return Err(AgentError::VmNotFound { name: name.to_string() });
+            };
+            let mut record = current.record;
+            if !change(&mut record)? {
+                return Ok(record);
+            }
+            let outcome = self
+                .store
+                .transaction(
+                    Transaction::new()
+                        .when_mod_revision(vm_key(name), current.mod_revision)
+                        .put(vm_key(name), encode(&record)),
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(record);
+            }
+        }
+    }
+
+    /// Removes a VM record if it was not changed since `mod_revision`.
+    pub async fn delete_vm(&self, name: &str, mod_revision: u64) -> Result<bool, AgentError> {
+        let outcome = self
+            .store
+            .transaction(
+                Transaction::new()
+                    .when_mod_revision(vm_key(name), mod_revision)
+                    .delete(vm_key(name)),
+            )
+            .await?;
+        Ok(outcome.succeeded)
+    }
+
+    pub async fn image(&self, id: &str) -> Result<Option<ImageRecord>, AgentError> {
+        let Some(key_value) = self.store.get(&image_key(id), Consistency::Linearizable).await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(decode(&key_value)?))
+    }
+
+    /// Finds an image by name or by id (a full id or a unique prefix of at least 8 characters).
+    pub async fn resolve_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {
+        let not_found = || AgentError::ImageNotFound { reference: reference.to_string() };
+        if reference.is_empty() || reference.contains('/') {
+            return Err(not_found());
+        }
+        if let Some(key_value) =
+            self.store.get(&image_name_key(reference), Consistency::Linearizable).await?
+        {
+            let id = String::from_utf8_lossy(&key_value.value).to_string();
+            return self.image(&id).await?.ok_or_else(not_found);
+        }
+        if reference.len() >= 8 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
+            let listing = self
+                .store
+                .list(&image_key(&reference.to_ascii_lowercase()), Consistency::Linearizable)
+                .await?;
+            if listing.items.len() == 1 {
+                return decode(&listing.items[0]);
+            }
+        }
+        Err(not_found())
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageRecord>, AgentError> {
+        let listing = self.store.list(IMAGE_PREFIX, Consistency::Linearizable).await?;
+        let mut images: Vec<ImageRecord> =
+            listing.items.iter().map(decode).collect::<Result<_, _>>()?;
+        images.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(images)
+    }
+
+    /// Writes a new image record and its name index entry atomically.
+    pub async fn create_image(&self, record: &ImageRecord) -> Result<(), AgentError> {
+        let name = record.name.as_str();
+        let outcome = self
+            .store
+            .transaction(
+                Transaction::new()
+                    .when_absent(image_key(&record.id))
+                    .when_absent(image_name_key(name))
+                    .put(image_key(&record.id), encode(record))
+                    .put(image_name_key(name), record.id.clone().into_bytes()),
+            )
+            .await?;
+        if outcome.succeeded {
+            return Ok(());
+        }
+        let failed_key = outcome
+            .failed_condition
+            .map(|failed| failed.condition.key().to_string())
+            .unwrap_or_default();
+        if failed_key.starts_with(IMAGE_NAME_PREFIX) {
+            let id = self
+                .store
+                .get(&failed_key, Consistency::Linearizable)
+                .await?
+                .map(|key_value| String::from_utf8_lossy(&key_value.value).to_string())
+                .unwrap_or_default();
+            return Err(AgentError::ImageNameTaken { name: name.to_string(), id });
+        }
+        let existing = self.image(&record.id).await?;
+        Err(AgentError::ImageNameTaken {
+            name: existing.map(|image| image.name.to_string()).unwrap_or_default(),
+            id: record.id.clone(),
+        })
+    }
+
+    pub async fn delete_image(&self, record: &ImageRecord) -> Result<(), AgentError> {
+        self.store
+            .transaction(
+                Transaction::new()
+                    .when_exists(image_key(&record.id))
+                    .delete(image_key(&record.id))
+                    .delete(image_name_key(record.name.as_str())),
+            )
+            .await?;
+        Ok(())
+    }
+}

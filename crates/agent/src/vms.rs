@@ -1,0 +1,373 @@
+//! The VM and image operations the API calls. Each validates its input, then writes desired state;
+//! the reconciler does the rest. `create_vm` also creates the VM's disk overlay before it
+//! returns, so a full disk or a broken image is reported to the caller, and undone, at once.
+
+use crate::host::{Host, Shared};
+use crate::images::{ImportSource, qemu_format};
+use crate::AgentError;
+use novacron_qemu::RunDirectory;
+use novacron_types::{
+    ByteSize, CreateVmRequest, DeleteOptions, DesiredPower, ImageRecord, RECORD_FORMAT_VERSION,
+    StopOptions, VmName, VmRecord, VmSpec, VmState, VmStatus, unix_now,
+};
+use std::path::{Path, PathBuf};
+
+const MIN_MEMORY_BYTES: u64 = 32 << 20;
+const MAX_CMDLINE_BYTES: usize = 4096;
+
+fn validate_host_file(what: &str, path: &str) -> Result<PathBuf, AgentError> {
+    let path_buf = PathBuf::from(path);
+    if !path_buf.is_absolute() {
+        return Err(AgentError::InvalidArgument(format!(
+            "{what} path {path:?} must be absolute (a file on the host running novacron serve)"
+        )));
+    }
+    match std::fs::metadata(&path_buf) {
+        Ok(metadata) if metadata.is_file() => Ok(path_buf),
+        Ok(_) => Err(AgentError::InvalidArgument(format!("{what} {path:?} is not a regular file"))),
+        Err(error) => Err(AgentError::InvalidArgument(format!(
+            "{what} {path:?} cannot be read on this host: {error}"
+        ))),
+    }
+}
+
+impl Host {
+    pub async fn list_vms(&self) -> Result<Vec<VmRecord>, AgentError> {
+        Ok(self.shared.records.vms().await?.into_iter().map(|versioned| versioned.record).collect())
+    }
+
+    pub async fn get_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
+        let name = VmName::new(name)?;
+        self.shared
+            .records
+            .vm(name.as_str())
+            .await?
+            .map(|versioned| versioned.record)
+            .ok_or_else(|| AgentError::VmNotFound { name: name.to_string() })
+    }
+
+    pub async fn create_vm(&self, request: CreateVmRequest) -> Result<VmRecord, AgentError> {
+        let shared = &self.shared;
+        let name = VmName::new(request.name.clone())?;
+        let capacity = shared.capacity;
+        if request.cpus == 0 {
+            return Err(AgentError::InvalidArgument("cpus must be at least 1".into()));
+        }
+        if request.cpus > capacity.cpus {
+            return Err(AgentError::InsufficientResources {
+                what: "cpus",
+                asked: request.cpus.to_string(),
+                available: capacity.cpus.to_string(),
+            });
+        }
+        if request.memory_bytes < MIN_MEMORY_BYTES || request.memory_bytes % (1 << 20) != 0 {
+            return Err(AgentError::InvalidArgument(format!(
+                "memory {} must be a whole number of MiB and at least {}",
+                ByteSize(request.memory_bytes),
+                ByteSize(MIN_MEMORY_BYTES)
+            )));
+        }
+        if request.memory_bytes > capacity.memory_bytes {
+            return Err(AgentError::InsufficientResources {
+                what: "memory",
+                asked: ByteSize(request.memory_bytes).to_string(),
+                available: ByteSize(capacity.memory_bytes).to_string(),
+            });
+        }
+        let image = match &request.image {
+            Some(reference) => Some(shared.records.resolve_image(reference).await?),
+            None => None,
+        };
+        match (&image, request.disk_bytes) {
+            (None, Some(_)) => {
+                return Err(AgentError::InvalidArgument(
+                    "a disk size needs an image (--image) to back the disk".into(),
+                ));
+            }
+            (Some(image), Some(disk)) if disk < image.virtual_bytes => {
+                return Err(AgentError::InvalidArgument(format!(
+                    "disk size {} is smaller than image {}'s {}",
+                    ByteSize(disk),
+                    image.name,
+                    ByteSize(image.virtual_bytes)
+                )));
+            }
+            _ => {}
+        }
+        let kernel = request.kernel.as_deref().map(|path| validate_host_file("kernel", path)).transpose()?;
+        let initrd = request.initrd.as_deref().map(|path| validate_host_file("initrd", path)).transpose()?;
+        if initrd.is_some() && kernel.is_none() {
+            return Err(AgentError::InvalidArgument("--initrd needs --kernel".into()));
+        }
+        if request.cmdline.is_some() && kernel.is_none() {
+            return Err(AgentError::InvalidArgument("--cmdline needs --kernel".into()));
+        }
+        if request.cmdline.as_ref().is_some_and(|cmdline| cmdline.len() > MAX_CMDLINE_BYTES) {
+            return Err(AgentError::InvalidArgument(format!(
+                "kernel command line is longer than {MAX_CMDLINE_BYTES} bytes"
+            )));
+        }
+        if image.is_none() && kernel.is_none() {
+            return Err(AgentError::InvalidArgument(
+                "nothing to boot: give an image (--image) or a kernel (--kernel)".into(),
+            ));
+        }
+        // Refuse early, with the package name, when QEMU is missing.
+        shared.hypervisor.binaries()?;
+
+        let now = unix_now();
+        let record = VmRecord {
+            format_version: RECORD_FORMAT_VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            spec: VmSpec {
+                name: name.clone(),
+                image_id: image.as_ref().map(|image| image.id.clone()),
+                cpus: request.cpus,
+                memory_bytes: request.memory_bytes,
+                disk_bytes: request.disk_bytes,
+                kernel,
+                initrd,
+                cmdline: request.cmdline.clone(),
+                restart_policy: request.restart_policy,
+            },
+            desired: if request.start { DesiredPower::Running } else { DesiredPower::Stopped },
+            deletion_requested: false,
+            restart_generation: 0,
+            stop_force: false,
+            stop_timeout_secs: shared.config.default_stop_timeout.as_secs(),
+            status: VmStatus {
+                state: VmState::Creating,
+                reason: None,
+                accelerator: None,
+                accelerator_reason: None,
+                pid: None,
+                host: shared.config.host_name.clone(),
+                since: now,
+                restarts: 0,
+                observed_restart_generation: 0,
+            },
+            created_at: now,
+        };
+        shared.records.create_vm(&record).await?;
+        if let Err(error) = prepare_disk(shared, &record, image.as_ref()).await {
+            // Undo: no directory, no record.
+            let _ = tokio::fs::remove_dir_all(shared.paths.vm_dir(&record.uuid)).await;
+            if let Ok(Some(current)) = shared.records.vm(name.as_str()).await {
+                let _ = shared.records.delete_vm(name.as_str(), current.mod_revision).await;
+            }
+            return Err(error);
+        }
+        let record = shared
+            .records
+            .update_vm(name.as_str(), |record| {
+                if record.status.state != VmState::Creating {
+                    return Ok(false);
+                }
+                record.status.state = VmState::Stopped;
+                record.status.since = unix_now();
+                Ok(true)
+            })
+            .await?;
+        tracing::info!(vm = %name, uuid = %record.uuid, "vm created");
+        Ok(record)
+    }
+
+    pub async fn start_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
+        self.shared.hypervisor.binaries()?;
+        self.change_vm(name, |record| {
+            record.desired = DesiredPower::Running;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn stop_vm(&self, name: &str, options: StopOptions) -> Result<VmRecord, AgentError> {
+        let default_timeout = self.shared.config.default_stop_timeout.as_secs();
+        self.change_vm(name, |record| {
+            record.desired = DesiredPower::Stopped;
+            record.stop_force = options.force;
+            record.stop_timeout_secs = options.timeout_secs.unwrap_or(default_timeout);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn pause_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
+        self.change_vm(name, |record| {
+            if !matches!(record.status.state, VmState::Running | VmState::Paused | VmState::Starting)
+            {
+                return Err(AgentError::VmWrongState {
+                    name: record.spec.name.to_string(),
+                    state: record.status.state,
+                    hint: "only a running VM can be paused; start it first",
+                });
+            }
+            record.desired = DesiredPower::Paused;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn resume_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
+        self.change_vm(name, |record| {
+            if record.desired != DesiredPower::Paused && record.status.state != VmState::Paused {
+                return Err(AgentError::VmWrongState {
+                    name: record.spec.name.to_string(),
+                    state: record.status.state,
+                    hint: "only a paused VM can be resumed",
+                });
+            }
+            record.desired = DesiredPower::Running;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn restart_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
+        self.change_vm(name, |record| {
+            if !record.status.state.has_process() {
+                return Err(AgentError::VmWrongState {
+                    name: record.spec.name.to_string(),
+                    state: record.status.state,
+                    hint: "a VM that is not running cannot be restarted; use `vm start`",
+                });
+            }
+            record.restart_generation += 1;
+            record.desired = DesiredPower::Running;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete_vm(&self, name: &str, options: DeleteOptions) -> Result<VmRecord, AgentError> {
+        self.change_vm(name, |record| {
+            if record.status.state.has_process() && !options.force {
+                return Err(AgentError::VmWrongState {
+                    name: record.spec.name.to_string(),
+                    state: record.status.state,
+                    hint: "stop it first (`novacron vm stop`) or delete with --force",
+                });
+            }
+            record.deletion_requested = true;
+            record.desired = DesiredPower::Stopped;
+            record.stop_force = true;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The VM's serial console log file (it may not exist before the first boot).
+    pub async fn serial_log_path(&self, name: &str) -> Result<PathBuf, AgentError> {
+        let record = self.get_vm(name).await?;
+        Ok(RunDirectory::new(self.shared.paths.vm_dir(&record.uuid)).console_log())
+    }
+
+    /// The VM's console socket; the VM must be running.
+    pub async fn console_socket_path(&self, name: &str) -> Result<PathBuf, AgentError> {
+        let record = self.get_vm(name).await?;
+        if !matches!(record.status.state, VmState::Running | VmState::Paused) {
+            return Err(AgentError::VmWrongState {
+                name: record.spec.name.to_string(),
+                state: record.status.state,
+                hint: "the console needs a running VM; start it first",
+            });
+        }
+        Ok(RunDirectory::new(self.shared.paths.vm_dir(&record.uuid)).console_socket())
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<ImageRecord>, AgentError> {
+        self.shared.records.images().await
+    }
+
+    pub async fn get_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {
+        self.shared.records.resolve_image(reference).await
+    }
+
+    pub async fn import_image(&self, name: &str, source: ImportSource) -> Result<ImageRecord, AgentError> {
+        let shared = &self.shared;
+        crate::images::import(&shared.paths, &shared.records, &shared.hypervisor, name, source).await
+    }
+
+    pub async fn delete_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {
+        let shared = &self.shared;
+        let image = shared.records.resolve_image(reference).await?;
+        let users: Vec<String> = shared
+            .records
+            .vms()
+            .await?
+            .into_iter()
+            .filter(|vm| vm.record.spec.image_id.as_deref() == Some(image.id.as_str()))
+            .map(|vm| vm.record.spec.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(AgentError::ImageInUse { name: image.name.to_string(), users: users.join(", ") });
+        }
+        shared.records.delete_image(&image).await?;
+        let file = shared.paths.image_file(&image.id, image.format);
+        if let Err(error) = tokio::fs::remove_file(&file).await {
+            tracing::warn!(file = %file.display(), %error, "image file already gone");
+        }
+        tracing::info!(image = %image.name, id = %image.id, "image deleted");
+        Ok(image)
+    }
+
+    /// Applies a change to a VM's desired state; refused while the VM is being deleted.
+    async fn change_vm(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut VmRecord) -> Result<(), AgentError>,
+    ) -> Result<VmRecord, AgentError> {
+        let name = VmName::new(name)?;
+        self.shared
+            .records
+            .update_vm(name.as_str(), |record| {
+                if record.deletion_requested {
+                    return Err(AgentError::VmWrongState {
+                        name: record.spec.name.to_string(),
+                        state: VmState::Deleting,
+                        hint: "it is being deleted",
+                    });
+                }
+                change(record)?;
+                Ok(true)
+            })
+            .await
+    }
+}
+
+/// Creates the VM's directory and its disk overlay. Idempotent: a leftover partial overlay (a
+/// crash during an earlier attempt) is replaced.
+pub(crate) async fn prepare_disk(
+    shared: &Shared,
+    record: &VmRecord,
+    image: Option<&ImageRecord>,
+) -> Result<(), AgentError> {
+    let directory = shared.paths.vm_dir(&record.uuid);
+    tokio::fs::create_dir_all(&directory)
+        .await
+        .map_err(|error| AgentError::io(format!("creating {}", directory.display()), error))?;
+    let Some(image) = image else {
+        return Ok(());
+    };
+    let disk = shared.paths.vm_disk(&record.uuid);
+    let _ = tokio::fs::remove_file(&disk).await;
+    let backing = shared.paths.image_file(&image.id, image.format);
+    let qemu_img = shared.hypervisor.qemu_img()?;
+    qemu_img
+        .create_overlay(&backing, qemu_format(image), &disk, record.spec.disk_bytes)
+        .await
+        .map_err(|error| disk_error(&directory, &record.spec.name, error))?;
+    Ok(())
+}
+
+fn disk_error(directory: &Path, name: &VmName, error: novacron_qemu::ImageError) -> AgentError {
+    let message = error.to_string();
+    if message.contains("No space left on device") {
+        return AgentError::DiskFull {
+            directory: directory.display().to_string(),
+            what: format!("the disk of vm {name}"),
+            reason: message,
+        };
+    }
+    AgentError::QemuImg(error)
+}

@@ -1,0 +1,392 @@
+//! The handlers. Each one validates its input, calls the host agent once and maps the result.
+
+use crate::ApiState;
+use crate::error::ApiError;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use novacron_agent::ImportSource;
+use novacron_types::{
+    CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo, ImageRecord, StopOptions,
+    VmEvent, VmRecord,
+};
+use serde::Deserialize;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(host_info))
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(start_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(restart_vm))
+        .routes(routes!(pause_vm))
+        .routes(routes!(resume_vm))
+        .routes(routes!(vm_logs))
+        .routes(routes!(vm_console))
+        .routes(routes!(list_images, import_image))
+        .routes(routes!(get_image, delete_image))
+        .routes(routes!(events))
+}
+
+/// Checks the bearer token on every path but health, and counts every request.
+pub async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let public = request.uri().path() == "/api/v1/health";
+    let response = if public || token_matches(request.headers(), &state.admin_token) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            ErrorCode::Unauthenticated,
+            "missing or wrong bearer token; send `Authorization: Bearer <token>` with the token \
+             that `novacron serve` wrote into its data directory (admin.token)",
+        )
+        .into_response()
+    };
+    let labels =
+        crate::metrics::RequestLabels { method, status: response.status().as_u16() };
+    state.metrics.requests.get_or_create(&labels).inc();
+    state.metrics.request_seconds.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(token) = value.strip_prefix("Bearer ") else {
+        return false;
+    };
+    bool::from(token.trim().as_bytes().ct_eq(expected.as_bytes()))
+}
+
+/// Health of this host's API; the only call that needs no token.
+#[utoipa::path(get, path = "/api/v1/health", tag = "host", security(()),
+    responses((status = 200, body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+/// This host: capacity, accelerator, QEMU version.
+#[utoipa::path(get, path = "/api/v1/host", tag = "host",
+    responses((status = 200, body = HostInfo), (status = 401, body = novacron_types::ApiErrorBody)))]
+async fn host_info(State(state): State<ApiState>) -> ApiResult<Json<HostInfo>> {
+    Ok(Json(state.host.info().await?))
+}
+
+/// All VMs, ordered by name.
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
+    responses((status = 200, body = Vec<VmRecord>), (status = 401, body = novacron_types::ApiErrorBody)))]
+async fn list_vms(State(state): State<ApiState>) -> ApiResult<Json<Vec<VmRecord>>> {
+    Ok(Json(state.host.list_vms().await?))
+}
+
+/// Creates a VM (and starts it unless `start` is false). Returns at once with the VM in
+/// `creating`; watch its state with `GET /api/v1/vms/{name}` or the event stream.
+#[utoipa::path(post, path = "/api/v1/vms", tag = "vms", request_body = CreateVmRequest,
+    responses(
+        (status = 201, body = VmRecord),
+        (status = 400, description = "invalid name, size or path", body = novacron_types::ApiErrorBody),
+        (status = 404, description = "unknown image", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "name taken", body = novacron_types::ApiErrorBody),
+        (status = 422, description = "does not fit on the host", body = novacron_types::ApiErrorBody),
+    ))]
+async fn create_vm(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateVmRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<VmRecord>)> {
+    let Json(request) = body?;
+    let record = state.host.create_vm(request).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(record)))
+}
+
+/// One VM with its desired state and observed status.
+#[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = VmRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn get_vm(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmRecord>> {
+    Ok(Json(state.host.get_vm(&name).await?))
+}
+
+/// Deletes a VM, its disk and its logs. A running VM is refused unless `force=true`.
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), DeleteOptions),
+    responses((status = 202, body = VmRecord), (status = 404, body = novacron_types::ApiErrorBody),
+        (status = 409, description = "running, use force", body = novacron_types::ApiErrorBody)))]
+async fn delete_vm(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    options: Result<Query<DeleteOptions>, QueryRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<VmRecord>)> {
+    let Query(options) = options?;
+    let record = state.host.delete_vm(&name, options).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(record)))
+}
+
+macro_rules! power_handler {
+    ($function:ident, $path:literal, $doc:literal, $method:ident) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "vms",
+            params(("name" = String, Path, description = "VM name")),
+            responses((status = 202, body = VmRecord), (status = 404, body = novacron_types::ApiErrorBody),
+                (status = 409, body = novacron_types::ApiErrorBody)))]
+        async fn $function(
+            State(state): State<ApiState>,
+            Path(name): Path<String>,
+        ) -> ApiResult<(axum::http::StatusCode, Json<VmRecord>)> {
+            let record = state.host.$method(&name).await?;
+            Ok((axum::http::StatusCode::ACCEPTED, Json(record)))
+        }
+    };
+}
+
+power_handler!(start_vm, "/api/v1/vms/{name}/start", "Starts a stopped or failed VM.", start_vm);
+power_handler!(restart_vm, "/api/v1/vms/{name}/restart", "Restarts a VM (a hard reset of QEMU).", restart_vm);
+power_handler!(pause_vm, "/api/v1/vms/{name}/pause", "Pauses a running VM's vCPUs.", pause_vm);
+power_handler!(resume_vm, "/api/v1/vms/{name}/resume", "Resumes a paused VM.", resume_vm);
+
+/// Stops a VM: ACPI power-down, then forced after `timeout_secs`; `force=true` skips the
+/// power-down.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StopOptions),
+    responses((status = 202, body = VmRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn stop_vm(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    options: Result<Query<StopOptions>, QueryRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<VmRecord>)> {
+    let Query(options) = options?;
+    let record = state.host.stop_vm(&name, options).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(record)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogOptions {
+    /// Keep the response open and send new output as it arrives.
+    #[serde(default)]
+    follow: bool,
+    /// Start this many bytes before the end (default: the whole log).
+    tail_bytes: Option<u64>,
+}
+
+/// The VM's serial console output, kept in a file across restarts of the VM.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/logs", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), LogOptions),
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn vm_logs(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    options: Result<Query<LogOptions>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(options) = options?;
+    let path = state.host.serial_log_path(&name).await?;
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => Some(file),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(ApiError::new(ErrorCode::Internal, format!("reading {}: {error}", path.display())));
+        }
+    };
+    if let (Some(file), Some(tail)) = (file.as_mut(), options.tail_bytes) {
+        let length = file.metadata().await.map(|metadata| metadata.len()).unwrap_or(0);
+        let start = length.saturating_sub(tail);
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|error| ApiError::new(ErrorCode::Internal, error.to_string()))?;
+    }
+    let follow = options.follow;
+    let host = state.host.clone();
+    let stream = async_stream_log(file, path, follow, host, name);
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream))
+        .into_response())
+}
+
+/// Streams a log file; with `follow`, keeps polling it for growth until the VM is deleted or
+/// the client goes away (the stream is dropped).
+fn async_stream_log(
+    file: Option<tokio::fs::File>,
+    path: std::path::PathBuf,
+    follow: bool,
+    host: std::sync::Arc<novacron_agent::Host>,
+    name: String,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    futures::stream::unfold((file, path), move |(mut file, path)| {
+        let host = host.clone();
+        let name = name.clone();
+        async move {
+            loop {
+                if file.is_none() {
+                    file = tokio::fs::File::open(&path).await.ok();
+                }
+                if let Some(open) = file.as_mut() {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    match open.read(&mut buffer).await {
+                        Ok(0) => {}
+                        Ok(count) => {
+                            buffer.truncate(count);
+                            return Some((Ok(bytes::Bytes::from(buffer)), (file, path)));
+                        }
+                        Err(error) => return Some((Err(error), (None, path))),
+                    }
+                }
+                if !follow || host.get_vm(&name).await.is_err() {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    })
+}
+
+/// Interactive serial console over a websocket: binary messages carry console bytes both ways.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 101, description = "websocket upgrade"),
+        (status = 404, body = novacron_types::ApiErrorBody),
+        (status = 409, description = "VM not running", body = novacron_types::ApiErrorBody)))]
+async fn vm_console(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let socket_path = state.host.console_socket_path(&name).await?;
+    let console = tokio::net::UnixStream::connect(&socket_path).await.map_err(|error| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            format!("vm {name:?} console is not reachable ({error}); is the VM running?"),
+        )
+    })?;
+    Ok(upgrade.on_upgrade(move |websocket| relay_console(websocket, console)))
+}
+
+async fn relay_console(websocket: WebSocket, console: tokio::net::UnixStream) {
+    let (mut console_read, mut console_write) = console.into_split();
+    let (mut socket_write, mut socket_read) = websocket.split();
+    let to_client = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            match console_read.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(count) => {
+                    let message = Message::Binary(bytes::Bytes::copy_from_slice(&buffer[..count]));
+                    if socket_write.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = socket_write.send(Message::Close(None)).await;
+    };
+    let from_client = async {
+        while let Some(Ok(message)) = socket_read.next().await {
+            let data = match message {
+                Message::Binary(data) => data,
+                Message::Text(text) => bytes::Bytes::copy_from_slice(text.as_bytes()),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if console_write.write_all(&data).await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        () = to_client => {},
+        () = from_client => {},
+    }
+}
+
+/// All images, ordered by name.
+#[utoipa::path(get, path = "/api/v1/images", tag = "images",
+    responses((status = 200, body = Vec<ImageRecord>)))]
+async fn list_images(State(state): State<ApiState>) -> ApiResult<Json<Vec<ImageRecord>>> {
+    Ok(Json(state.host.list_images().await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ImportOptions {
+    /// Name of the new image.
+    name: String,
+}
+
+/// Imports a disk image (qcow2 or raw) sent as the request body. The image is checked with
+/// qemu-img and stored under the BLAKE3 hash of its content.
+#[utoipa::path(post, path = "/api/v1/images", tag = "images", params(ImportOptions),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ImageRecord),
+        (status = 400, description = "not a disk image", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "name taken", body = novacron_types::ApiErrorBody),
+        (status = 422, description = "disk full", body = novacron_types::ApiErrorBody)))]
+async fn import_image(
+    State(state): State<ApiState>,
+    options: Result<Query<ImportOptions>, QueryRejection>,
+    body: Body,
+) -> ApiResult<(axum::http::StatusCode, Json<ImageRecord>)> {
+    let Query(options) = options?;
+    let stream = body.into_data_stream().map(|chunk| chunk.map_err(std::io::Error::other));
+    let record = state
+        .host
+        .import_image(&options.name, ImportSource::Stream(Box::pin(stream)))
+        .await?;
+    Ok((axum::http::StatusCode::CREATED, Json(record)))
+}
+
+/// One image, by name or id.
+#[utoipa::path(get, path = "/api/v1/images/{image}", tag = "images",
+    params(("image" = String, Path, description = "image name or id")),
+    responses((status = 200, body = ImageRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn get_image(
+    State(state): State<ApiState>,
+    Path(image): Path<String>,
+) -> ApiResult<Json<ImageRecord>> {
+    Ok(Json(state.host.get_image(&image).await?))
+}
+
+/// Deletes an image; refused while a VM uses it.
+#[utoipa::path(delete, path = "/api/v1/images/{image}", tag = "images",
+    params(("image" = String, Path, description = "image name or id")),
+    responses((status = 200, body = ImageRecord), (status = 404, body = novacron_types::ApiErrorBody),
+        (status = 409, description = "in use", body = novacron_types::ApiErrorBody)))]
+async fn delete_image(
+    State(state): State<ApiState>,
+    Path(image): Path<String>,
+) -> ApiResult<Json<ImageRecord>> {
+    Ok(Json(state.host.delete_image(&image).await?))
+}
+
+/// Server-sent events: one `vm` event (JSON `VmEvent`) per VM state change.
+#[utoipa::path(get, path = "/api/v1/events", tag = "host",
+    responses((status = 200, content_type = "text/event-stream", body = VmEvent)))]
+async fn events(State(state): State<ApiState>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let receiver = state.host.subscribe_events();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(receiver).map(|item| {
+        Ok(match item {
+            Ok(event) => Event::default()
+                .event("vm")
+                .id(event.revision.to_string())
+                .json_data(&event)
+                .unwrap_or_else(|_| Event::default().comment("unencodable event")),
+            Err(_) => Event::default().event("lagged").data("events were dropped; re-list VMs"),
+        })
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,236 @@
+//! The command line. `serve` runs a host; every other command is a client of a host's REST API.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "novacron",
+    version,
+    about = "NovaCron: a control plane for QEMU virtual machines",
+    long_about = "NovaCron runs QEMU virtual machines on a cluster of hosts.\n\n\
+                  `novacron serve` runs a host (with no cluster configured it is a one-host \
+                  cluster). Every other command talks to a host's REST API; on the host itself \
+                  it finds the admin token by itself.",
+    after_help = "Examples:\n  novacron serve\n  novacron image import disk.qcow2 --name debian\n  \
+                  novacron vm create web --image debian --cpus 2 --memory 1GiB\n  \
+                  novacron vm list --output json\n\n\
+                  Exit codes: 0 ok, 1 internal error, 2 invalid argument, 3 bad token, 4 not found, \
+                  5 already exists, 6 conflict (wrong state), 7 insufficient resources, \
+                  8 unavailable (server down, QEMU missing)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub client: ClientOptions,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientOptions {
+    /// URL of the host's API
+    #[arg(long, global = true, env = "NOVACRON_SERVER", default_value = "http://127.0.0.1:7180")]
+    pub server: String,
+    /// API token (default: read from the local data directory's admin.token)
+    #[arg(long, global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory to find the local admin token in (and, for `serve`, to keep state in)
+    #[arg(long, global = true, env = "NOVACRON_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Output format
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people
+    Table,
+    /// JSON for scripts
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a NovaCron host (API, store, reconciler) in the foreground
+    Serve(ServeArgs),
+    /// Create and manage virtual machines
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Import and manage disk images
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Show this host: capacity, accelerator, QEMU version
+    Host,
+    /// Follow VM state changes as they happen
+    Events,
+    /// Print a shell completion script (e.g. `novacron completions bash > /etc/bash_completion.d/novacron`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (keys: data_dir, listen, host_name, stop_timeout_secs); flags and
+    /// environment variables override it
+    #[arg(long, env = "NOVACRON_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address the API listens on
+    #[arg(long, env = "NOVACRON_LISTEN")]
+    pub listen: Option<String>,
+    /// This host's name (default: the system hostname)
+    #[arg(long, env = "NOVACRON_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// Path of qemu-system-x86_64 (default: search PATH)
+    #[arg(long, env = "NOVACRON_QEMU")]
+    pub qemu: Option<PathBuf>,
+    /// Path of qemu-img (default: search PATH)
+    #[arg(long, env = "NOVACRON_QEMU_IMG")]
+    pub qemu_img: Option<PathBuf>,
+    /// Log as JSON lines instead of text
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (and start it, unless --no-start)
+    Create(CreateArgs),
+    /// List VMs
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one VM in detail
+    Show { name: String },
+    /// Start a stopped or failed VM
+    Start(WaitArgs),
+    /// Stop a VM: ACPI power-down, then force after --timeout
+    Stop(StopArgs),
+    /// Restart a VM (power-down and start again)
+    Restart(WaitArgs),
+    /// Pause a running VM's CPUs
+    Pause(WaitArgs),
+    /// Resume a paused VM
+    Resume(WaitArgs),
+    /// Delete a VM with its disk and logs (a running VM needs --force)
+    #[command(visible_alias = "rm")]
+    Delete(DeleteArgs),
+    /// Print the VM's serial console output
+    Logs(LogsArgs),
+    /// Attach to the VM's serial console (detach with Ctrl-])
+    Console { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name: lowercase letters, digits and '-'
+    pub name: String,
+    /// Image (name or id) the VM's disk is backed by
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Virtual CPUs
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Memory, e.g. 512MiB or 2GiB
+    #[arg(long, default_value = "512MiB")]
+    pub memory: String,
+    /// Disk size (default: the image's size), e.g. 10GiB
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Kernel for a direct boot (a path on the host)
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for a direct boot (a path on the host)
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// What to do when QEMU exits on its own
+    #[arg(long, value_enum, default_value_t = RestartPolicyArg::Never)]
+    pub restart: RestartPolicyArg,
+    /// Create the VM without starting it
+    #[arg(long)]
+    pub no_start: bool,
+    #[command(flatten)]
+    pub wait: WaitOptions,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RestartPolicyArg {
+    Never,
+    OnFailure,
+    Always,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitOptions {
+    /// Return at once instead of waiting for the VM to reach its new state
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this many seconds
+    #[arg(long, default_value_t = 120)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub wait: WaitOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    pub name: String,
+    /// End QEMU at once, without an ACPI power-down
+    #[arg(long)]
+    pub force: bool,
+    /// Seconds to wait for the guest to power off before forcing
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub wait: WaitOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    pub name: String,
+    /// Delete even if the VM is running (it is stopped at once)
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub wait: WaitOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub name: String,
+    /// Keep printing new output
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only the last N bytes
+    #[arg(long)]
+    pub tail_bytes: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a qcow2 or raw disk image file
+    Import {
+        /// The image file (on this machine; it is uploaded)
+        file: PathBuf,
+        /// Image name (default: the file name)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one image
+    Show { image: String },
+    /// Delete an image (refused while a VM uses it)
+    #[command(visible_alias = "rm")]
+    Delete { image: String },
+}

@@ -1,0 +1,106 @@
+//! `novacron serve`: runs one host. Settings come from, in order of precedence, flags,
+//! environment variables, the TOML config file and defaults.
+
+use crate::cli::{ClientOptions, ServeArgs};
+use crate::client::default_data_dir;
+use anyhow::{Context, bail};
+use novacron_agent::{Host, HostConfig, ensure_admin_token};
+use novacron_api::{ApiMetrics, ApiState};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7180";
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    host_name: Option<String>,
+    stop_timeout_secs: Option<u64>,
+    qemu: Option<PathBuf>,
+    qemu_img: Option<PathBuf>,
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
+    let Some(path) = path else { return Ok(ConfigFile::default()) };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
+}
+
+pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let file = load_config(args.config.as_ref())?;
+    let data_dir = client.data_dir.clone().or(file.data_dir).unwrap_or_else(default_data_dir);
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let mut config = HostConfig::new(&data_dir);
+    if let Some(host_name) = args.host_name.or(file.host_name) {
+        config.host_name = host_name;
+    }
+    config.qemu_system_binary = args.qemu.or(file.qemu);
+    config.qemu_img_binary = args.qemu_img.or(file.qemu_img);
+    if let Some(seconds) = file.stop_timeout_secs {
+        config.default_stop_timeout = Duration::from_secs(seconds);
+    }
+
+    let address: std::net::SocketAddr = match listen.parse() {
+        Ok(address) => address,
+        Err(_) => bail!("--listen {listen:?} is not an address like 127.0.0.1:7180"),
+    };
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => listener,
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "cannot listen on {address}: the port is already in use (another `novacron serve`?); \
+             stop it or choose another --listen"
+        ),
+        Err(error) => bail!("cannot listen on {address}: {error}"),
+    };
+
+    let host = Host::start(config).await.map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (token, created) =
+        ensure_admin_token(host.paths()).map_err(|error| anyhow::anyhow!("{error}"))?;
+    if created {
+        eprintln!(
+            "created the admin API token in {} (mode 0600); the CLI on this host reads it by itself",
+            host.paths().token_file().display()
+        );
+    }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("novacron");
+    host.register_metrics(&mut registry);
+    let state = ApiState {
+        host: host.clone(),
+        admin_token: Arc::new(token),
+        metrics: Arc::new(ApiMetrics::new(registry)),
+    };
+    let app = novacron_api::app(state);
+    tracing::info!(
+        %address,
+        data_dir = %data_dir.display(),
+        ready_ms = started.elapsed().as_millis() as u64,
+        "novacron api ready"
+    );
+    eprintln!("novacron serve: API on http://{address}, data in {}", data_dir.display());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("api server failed")?;
+    tracing::info!("shutting down; running vms keep running");
+    host.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate.recv() => {},
+    }
+}
