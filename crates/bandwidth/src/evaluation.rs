@@ -113,6 +113,8 @@ pub struct TraceScores {
     pub intervals: u64,
     /// True when the learned model was fitted on this trace (its score here is not honest).
     pub learned_model_fitted_on_trace: bool,
+    /// Trace files the learned model used on this trace was fitted on.
+    pub learned_model_trained_on: Vec<String>,
     /// Scores, in the report's predictor order.
     pub scores: Vec<PredictorScore>,
 }
@@ -343,6 +345,10 @@ pub fn evaluate(
                 trace: trace.name.clone(),
                 intervals,
                 learned_model_fitted_on_trace: model.as_ref().is_some_and(|(_, fitted)| *fitted),
+                learned_model_trained_on: model
+                    .as_ref()
+                    .map(|(model, _)| model.trained_on.clone())
+                    .unwrap_or_default(),
                 scores,
             });
         }
@@ -653,6 +659,56 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("### horizon 5 s"), "{table}");
+    }
+
+    #[test]
+    fn leave_one_drive_out_never_tests_on_a_training_drive() {
+        let paths: Vec<PathBuf> = shared_traces()
+            .into_iter()
+            .filter(|path| {
+                let name = trace_name(path);
+                name == "TMobile-LTE-short.down" || name.starts_with("ATT-LTE-driving")
+            })
+            .collect();
+        assert_eq!(paths.len(), 3);
+        // A tiny model keeps this fast in debug builds; the bench runs the real one.
+        let options = EvaluationOptions {
+            granularities: vec![Duration::from_secs(1)],
+            learned_model: LearnedModelChoice::LeaveOneDriveOut,
+            training: TrainingOptions {
+                trees: 5,
+                bins: 16,
+                ..TrainingOptions::default()
+            },
+            compare_coarse_history: true,
+            ..EvaluationOptions::default()
+        };
+        let report = evaluate(&paths, &options).expect("evaluation runs");
+        let section = &report.granularities[0];
+        assert!(
+            section
+                .predictors
+                .contains(&"learned-gbt(1000 ms history)".to_string())
+        );
+        assert_eq!(section.traces.len(), 3);
+        for trace in &section.traces {
+            assert!(!trace.learned_model_fitted_on_trace);
+            assert!(
+                !trace.learned_model_trained_on.is_empty(),
+                "{}",
+                trace.trace
+            );
+            let tested_drive = drive_name(std::path::Path::new(&trace.trace));
+            for trained in &trace.learned_model_trained_on {
+                assert_ne!(
+                    drive_name(std::path::Path::new(trained)),
+                    tested_drive,
+                    "{} was tested with a model trained on {trained}",
+                    trace.trace
+                );
+            }
+        }
+        assert!(section.target_check("ensemble").is_some());
     }
 
     #[test]

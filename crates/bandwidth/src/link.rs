@@ -625,6 +625,44 @@ mod tests {
     }
 
     #[test]
+    fn link_model_fed_a_field_trace_forecasts_like_the_evaluation() {
+        // The transport's view of a trace: bytes acknowledged per 100 ms of sending.
+        let path = crate::trace::trace_directory().join("Verizon-EVDO-driving.up");
+        let trace = crate::trace::DeliveryTrace::load(&path).expect("shared trace");
+        let base = trace.base_series().expect("series").bits_per_second;
+        let mut model = LinkModel::new();
+        for rate in &base {
+            model.observe(
+                (rate * BASE_STEP.as_secs_f64() / 8.0).round() as u64,
+                BASE_STEP,
+            );
+        }
+        let (_, last_value) = crate::evaluation::walk_forward(
+            &base,
+            10,
+            &mut LastValue::new(10),
+            DEFAULT_BAND_WINDOW,
+        );
+        let report = model.accuracy_so_far();
+        let one_second = &report.horizons[0];
+        let accuracy = one_second.accuracy.expect("accuracy");
+        let last_value_accuracy = last_value.accuracy().expect("accuracy");
+        // The shipped model was fitted on this trace: this checks the wiring, not generalisation.
+        assert!(
+            accuracy > last_value_accuracy,
+            "link model {accuracy} vs last value {last_value_accuracy}"
+        );
+        let inside = one_second.inside_band_share.expect("calibration");
+        assert!((0.7..=0.9).contains(&inside), "inside band {inside}");
+        let forecast = model
+            .forecast(ForecastHorizon::ThirtySeconds)
+            .expect("forecast");
+        assert!(forecast.lower <= forecast.expected_bits_per_sec);
+        assert!(forecast.expected_bits_per_sec <= forecast.upper);
+        assert!(forecast.confidence > 0.3, "{}", forecast.confidence);
+    }
+
+    #[test]
     fn horizon_covering_a_duration() {
         assert_eq!(
             ForecastHorizon::covering(Duration::from_millis(300)),
