@@ -13,12 +13,14 @@
 //! with zstd, which is where literal and delta pages get compressed: batching is what makes zstd
 //! pay on 4 KiB pages. A body that does not shrink is sent as it is.
 //!
-//! Both sides keep a **page mirror**: for every key, the hash of the content last sent, and for
-//! every such hash one copy of the content. The encoder and decoder update it in the same order
-//! (every encoded page, plus [`PageEncoder::observe_page`] / [`PageDecoder::observe_page`] for
-//! pages that travel outside the codec, such as QEMU's own ZERO or XBZRLE records), so they agree
-//! on what "known" and "previous version" mean without ever talking about it. Its size is capped
-//! by `mirror_page_limit` distinct keys, which must be the same on both sides.
+//! Both sides keep a **page mirror**: for every key, the hash of the content last sent there,
+//! with a count of keys per hash. The encoder and decoder update it in the same order (every
+//! encoded page, plus [`PageEncoder::observe_page`] / [`PageDecoder::observe_page`] for pages that
+//! travel outside the codec, such as QEMU's own ZERO or XBZRLE records), so they agree on what
+//! "known" means without ever talking about it. The decoder also keeps one copy of each distinct
+//! content (it must produce it); the encoder keeps only hashes plus a bounded cache of recent
+//! pages as delta bases, so its memory does not grow with the guest. The number of keys is capped
+//! by `mirror_page_limit`, which must be the same on both sides.
 //!
 //! Body layout: one entry per page, in order. An entry is a tag byte (bits 0-1 tier, bit 2 "next
 //! page of the same block as the previous entry", bit 3 "a new block name follows"), then unless
@@ -30,7 +32,7 @@
 //! An error from either side leaves its mirror in an unspecified state: the transfer has to
 //! restart. This module does no IO; it must not know about QEMU's record syntax.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::PAGE_SIZE;
@@ -111,7 +113,8 @@ impl BlockTable {
 }
 
 struct MirrorContent {
-    page: Box<Page>,
+    /// Only the decoder keeps contents; the encoder needs hashes alone.
+    page: Option<Box<Page>>,
     holders: u32,
 }
 
@@ -133,20 +136,27 @@ impl PageMirror {
 
     fn page_for_key(&self, key: (u32, u64)) -> Option<&Page> {
         let hash = self.by_key.get(&key)?;
-        self.by_hash.get(hash).map(|content| &*content.page)
+        self.page_for_hash(hash)
     }
 
     fn page_for_hash(&self, hash: &ContentHash) -> Option<&Page> {
-        self.by_hash.get(hash).map(|content| &*content.page)
+        self.by_hash
+            .get(hash)
+            .and_then(|content| content.page.as_deref())
     }
 
     fn contains_hash(&self, hash: &ContentHash) -> bool {
         self.by_hash.contains_key(hash)
     }
 
-    /// Records that the page at `key` now holds `page` (hash `hash`). Fails, changing nothing,
-    /// when `key` is new and the mirror is full.
-    fn record(&mut self, key: (u32, u64), hash: ContentHash, page: &Page) -> Result<(), usize> {
+    /// Records that the page at `key` now holds content `hash` (kept when `page` is given).
+    /// Fails, changing nothing, when `key` is new and the mirror is full.
+    fn record(
+        &mut self,
+        key: (u32, u64),
+        hash: ContentHash,
+        page: Option<&Page>,
+    ) -> Result<(), usize> {
         match self.by_key.get(&key) {
             Some(old) if *old == hash => return Ok(()),
             Some(old) => {
@@ -164,7 +174,7 @@ impl PageMirror {
         self.by_hash
             .entry(hash)
             .or_insert_with(|| MirrorContent {
-                page: Box::new(*page),
+                page: page.map(|page| Box::new(*page)),
                 holders: 0,
             })
             .holders += 1;
@@ -185,6 +195,9 @@ pub struct PageEncoderConfig {
     pub mirror_page_limit: usize,
     /// Largest delta sent instead of the page; 0 disables the delta tier.
     pub delta_limit: usize,
+    /// Pages whose last content the encoder keeps as delta bases (like QEMU's XBZRLE cache; the
+    /// decoder always holds every page, so this bounds only the encoder's memory).
+    pub delta_cache_pages: usize,
     /// Ask the destination which hashes its chunk store holds.
     pub query_destination: bool,
 }
@@ -196,30 +209,109 @@ impl Default for PageEncoderConfig {
             pages_per_frame: 256,
             mirror_page_limit: 1 << 24,
             delta_limit: PAGE_SIZE / 2,
+            delta_cache_pages: 16_384,
             query_destination: true,
         }
     }
+}
+
+/// The last content of recently sent pages, as delta bases. Bounded, first in first out; an
+/// evicted page's buffer is reused so that a long transfer stops allocating.
+struct DeltaCache {
+    pages: HashMap<(u32, u64), Box<Page>>,
+    order: VecDeque<(u32, u64)>,
+    capacity: usize,
+}
+
+impl DeltaCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            pages: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &(u32, u64)) -> Option<&Page> {
+        self.pages.get(key).map(|page| &**page)
+    }
+
+    fn forget(&mut self, key: &(u32, u64)) {
+        self.pages.remove(key);
+    }
+
+    fn remember(&mut self, key: (u32, u64), page: &Page) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Some(existing) = self.pages.get_mut(&key) {
+            existing.copy_from_slice(page);
+            return;
+        }
+        let mut recycled = None;
+        while self.pages.len() >= self.capacity {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(buffer) = self.pages.remove(&oldest) {
+                recycled = Some(buffer);
+            }
+        }
+        // Keys re-sent after eviction leave stale entries in `order`; drop them now and then.
+        if self.order.len() > self.capacity.saturating_mul(4) {
+            self.order.retain(|key| self.pages.contains_key(key));
+        }
+        let buffer = match recycled {
+            Some(mut buffer) => {
+                buffer.copy_from_slice(page);
+                buffer
+            }
+            None => Box::new(*page),
+        };
+        self.pages.insert(key, buffer);
+        self.order.push_back(key);
+    }
+}
+
+/// How a queued page will go out, as far as is known before the destination answers.
+enum PendingTier {
+    Zero,
+    /// Sent earlier in this transfer.
+    KnownFromTransfer(ContentHash),
+    /// Depends on the destination's answer: known, else delta (bytes in `delta_data`), else
+    /// literal (bytes in `literal_data`).
+    Undecided {
+        hash: ContentHash,
+        literal_start: usize,
+        delta: Option<(usize, usize)>,
+    },
 }
 
 struct PendingPage {
     block: u32,
     page_index: u64,
     first_use_of_block: bool,
+    tier: PendingTier,
 }
 
 /// Encodes pages into frames. Push pages with [`PageEncoder::push_page`], then write a frame with
 /// [`PageEncoder::finish_frame`] whenever the frame is full or the caller needs the bytes out
 /// (at the end of a QEMU RAM section, say).
+///
+/// Zero pages and pages sent earlier are settled as they are pushed (a hash and a mirror update,
+/// no copy); only the others are copied, and their tier is settled at the end of the frame, after
+/// one question to the destination for all of them.
 pub struct PageEncoder<Q: RemoteHashQuery> {
     config: PageEncoderConfig,
     query: Q,
     mirror: PageMirror,
+    delta_cache: DeltaCache,
     blocks: BlockTable,
     pending: Vec<PendingPage>,
-    pending_data: Vec<u8>,
+    literal_data: Vec<u8>,
+    delta_data: Vec<u8>,
     destination_holds: HashSet<ContentHash, ContentHashBuildHasher>,
     body: Vec<u8>,
-    delta_scratch: Vec<u8>,
     writer: FrameWriter,
     stats: PageStats,
 }
@@ -229,6 +321,11 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         let writer = FrameWriter::new(config.zstd_level)?;
         Ok(Self {
             mirror: PageMirror::new(config.mirror_page_limit),
+            delta_cache: DeltaCache::new(if config.delta_limit > 0 {
+                config.delta_cache_pages
+            } else {
+                0
+            }),
             config: PageEncoderConfig {
                 pages_per_frame: config.pages_per_frame.clamp(1, MAX_PAGES_PER_FRAME),
                 ..config
@@ -236,10 +333,10 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             query,
             blocks: BlockTable::default(),
             pending: Vec::new(),
-            pending_data: Vec::new(),
+            literal_data: Vec::new(),
+            delta_data: Vec::new(),
             destination_holds: HashSet::default(),
             body: Vec::new(),
-            delta_scratch: Vec::new(),
             writer,
             stats: PageStats::default(),
         })
@@ -291,6 +388,26 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         Ok(offset / PAGE_SIZE as u64)
     }
 
+    /// Records `page` as the content at `key` in the mirror and the delta cache.
+    fn record(
+        &mut self,
+        key: (u32, u64),
+        hash: ContentHash,
+        page: &Page,
+        zero: bool,
+    ) -> Result<(), EncodeError> {
+        self.mirror
+            .record(key, hash, None)
+            .map_err(|limit| EncodeError::MirrorFull { limit })?;
+        if zero {
+            // The decoder's base for this key is now a zero page; never delta against older content.
+            self.delta_cache.forget(&key);
+        } else {
+            self.delta_cache.remember(key, page);
+        }
+        Ok(())
+    }
+
     /// Queues the page at `offset` in `block`. Returns true once the frame is full: call
     /// [`PageEncoder::finish_frame`] before pushing more.
     pub fn push_page(
@@ -306,12 +423,46 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         }
         let page_index = Self::page_index(block, offset)?;
         let (block, first_use_of_block) = self.block_index(block)?;
+        let key = (block, page_index);
+        let zero = is_zero(page);
+        let (hash, tier) = if zero {
+            (ContentHash::of_zero_page(), PendingTier::Zero)
+        } else {
+            let hash = ContentHash::of(page);
+            if self.mirror.contains_hash(&hash) {
+                (hash, PendingTier::KnownFromTransfer(hash))
+            } else {
+                let literal_start = self.literal_data.len();
+                self.literal_data.extend_from_slice(page);
+                let mut delta = None;
+                if let Some(previous) = self.delta_cache.get(&key) {
+                    let delta_start = self.delta_data.len();
+                    if encode_delta(
+                        previous,
+                        page,
+                        self.config.delta_limit,
+                        &mut self.delta_data,
+                    ) {
+                        delta = Some((delta_start, self.delta_data.len()));
+                    }
+                }
+                (
+                    hash,
+                    PendingTier::Undecided {
+                        hash,
+                        literal_start,
+                        delta,
+                    },
+                )
+            }
+        };
+        self.record(key, hash, page, zero)?;
         self.pending.push(PendingPage {
             block,
             page_index,
             first_use_of_block,
+            tier,
         });
-        self.pending_data.extend_from_slice(page);
         Ok(self.pending.len() >= self.config.pages_per_frame)
     }
 
@@ -328,16 +479,15 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             return Err(EncodeError::PagesPending);
         }
         let page_index = Self::page_index(block, offset)?;
-        let hash = if is_zero(page) {
+        let zero = is_zero(page);
+        let hash = if zero {
             ContentHash::of_zero_page()
         } else {
             ContentHash::of(page)
         };
         // Observing registers the name on both sides, in the same order, so no frame sends it.
         let (block_index, _) = self.block_index(block)?;
-        self.mirror
-            .record((block_index, page_index), hash, page)
-            .map_err(|limit| EncodeError::MirrorFull { limit })
+        self.record((block_index, page_index), hash, page, zero)
     }
 
     /// Encodes every pending page into one frame appended to `out`. Returns the frame's length
@@ -347,59 +497,48 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             return Ok(0);
         }
         let count = self.pending.len();
-        // Pass 1: zero check and hashes; collect the hashes to ask the destination about.
-        let mut hashes: Vec<Option<ContentHash>> = Vec::with_capacity(count);
-        let mut questions: Vec<ContentHash> = Vec::new();
-        for page in self.pending_data.chunks_exact(PAGE_SIZE) {
-            if is_zero(page) {
-                hashes.push(None);
-                continue;
+        if self.config.query_destination {
+            let mut questions: Vec<ContentHash> = self
+                .pending
+                .iter()
+                .filter_map(|entry| match entry.tier {
+                    PendingTier::Undecided { hash, .. }
+                        if !self.destination_holds.contains(&hash) =>
+                    {
+                        Some(hash)
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !questions.is_empty() {
+                questions.sort_unstable();
+                questions.dedup();
+                let answers = self
+                    .query
+                    .which_of(&questions)
+                    .map_err(EncodeError::HashQuery)?;
+                if answers.len() != questions.len() {
+                    return Err(EncodeError::HashQueryAnswerCount {
+                        questions: questions.len(),
+                        answers: answers.len(),
+                    });
+                }
+                if self.destination_holds.len() > self.config.mirror_page_limit {
+                    self.destination_holds.clear();
+                }
+                self.destination_holds.extend(
+                    questions
+                        .iter()
+                        .zip(&answers)
+                        .filter(|(_, held)| **held)
+                        .map(|(hash, _)| *hash),
+                );
             }
-            let hash = ContentHash::of(page);
-            if self.config.query_destination
-                && !self.mirror.contains_hash(&hash)
-                && !self.destination_holds.contains(&hash)
-            {
-                questions.push(hash);
-            }
-            hashes.push(Some(hash));
-        }
-        if !questions.is_empty() {
-            questions.sort_unstable();
-            questions.dedup();
-            let answers = self
-                .query
-                .which_of(&questions)
-                .map_err(EncodeError::HashQuery)?;
-            if answers.len() != questions.len() {
-                return Err(EncodeError::HashQueryAnswerCount {
-                    questions: questions.len(),
-                    answers: answers.len(),
-                });
-            }
-            if self.destination_holds.len() > self.config.mirror_page_limit {
-                self.destination_holds.clear();
-            }
-            self.destination_holds.extend(
-                questions
-                    .iter()
-                    .zip(&answers)
-                    .filter(|(_, held)| **held)
-                    .map(|(hash, _)| *hash),
-            );
         }
 
-        // Pass 2: in order, choose the tier and update the mirror as the decoder will.
         self.body.clear();
         let mut previous_key: Option<(u32, u64)> = None;
-        let pending = std::mem::take(&mut self.pending);
-        let pending_data = std::mem::take(&mut self.pending_data);
-        for ((entry, page), hash) in pending
-            .iter()
-            .zip(pending_data.as_chunks::<PAGE_SIZE>().0)
-            .zip(&hashes)
-        {
-            let key = (entry.block, entry.page_index);
+        for entry in &self.pending {
             let tag_position = self.body.len();
             self.body.push(0);
             let mut tag = 0u8;
@@ -417,53 +556,41 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                 put_varint(&mut self.body, u64::from(entry.block));
                 put_varint(&mut self.body, entry.page_index);
             }
-            previous_key = Some(key);
+            previous_key = Some((entry.block, entry.page_index));
 
-            let (tier_tag, recorded_hash) = match hash {
-                None => {
+            let tier = match entry.tier {
+                PendingTier::Zero => {
                     self.stats.zero_pages += 1;
-                    (TIER_ZERO, ContentHash::of_zero_page())
+                    TIER_ZERO
                 }
-                Some(hash) if self.mirror.contains_hash(hash) => {
+                PendingTier::KnownFromTransfer(hash) => {
                     self.stats.known_from_transfer += 1;
                     self.body.extend_from_slice(hash.as_bytes());
-                    (TIER_KNOWN, *hash)
+                    TIER_KNOWN
                 }
-                Some(hash) if self.destination_holds.contains(hash) => {
+                PendingTier::Undecided { hash, .. } if self.destination_holds.contains(&hash) => {
                     self.stats.known_from_destination += 1;
                     self.body.extend_from_slice(hash.as_bytes());
-                    (TIER_KNOWN, *hash)
+                    TIER_KNOWN
                 }
-                Some(hash) => {
-                    let mut tier = TIER_LITERAL;
-                    if self.config.delta_limit > 0
-                        && let Some(previous) = self.mirror.page_for_key(key)
-                    {
-                        self.delta_scratch.clear();
-                        if encode_delta(
-                            previous,
-                            page,
-                            self.config.delta_limit,
-                            &mut self.delta_scratch,
-                        ) {
-                            put_varint(&mut self.body, self.delta_scratch.len() as u64);
-                            self.body.extend_from_slice(&self.delta_scratch);
-                            tier = TIER_DELTA;
-                        }
-                    }
-                    if tier == TIER_LITERAL {
-                        self.stats.literal_pages += 1;
-                        self.body.extend_from_slice(page);
-                    } else {
-                        self.stats.delta_pages += 1;
-                    }
-                    (tier, *hash)
+                PendingTier::Undecided {
+                    delta: Some((start, end)),
+                    ..
+                } => {
+                    self.stats.delta_pages += 1;
+                    put_varint(&mut self.body, (end - start) as u64);
+                    self.body.extend_from_slice(&self.delta_data[start..end]);
+                    TIER_DELTA
+                }
+                PendingTier::Undecided { literal_start, .. } => {
+                    self.stats.literal_pages += 1;
+                    self.body.extend_from_slice(
+                        &self.literal_data[literal_start..literal_start + PAGE_SIZE],
+                    );
+                    TIER_LITERAL
                 }
             };
-            self.body[tag_position] = tag | tier_tag;
-            self.mirror
-                .record(key, recorded_hash, page)
-                .map_err(|limit| EncodeError::MirrorFull { limit })?;
+            self.body[tag_position] = tag | tier;
         }
         self.stats.pages += count as u64;
         self.stats.input_bytes += (count * PAGE_SIZE) as u64;
@@ -476,10 +603,9 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         self.stats.frames += 1;
         self.stats.frame_bytes += written as u64;
 
-        self.pending = pending;
         self.pending.clear();
-        self.pending_data = pending_data;
-        self.pending_data.clear();
+        self.literal_data.clear();
+        self.delta_data.clear();
         Ok(written)
     }
 }
@@ -555,7 +681,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
             ContentHash::of(page)
         };
         self.mirror
-            .record((block_index, offset / PAGE_SIZE as u64), hash, page)
+            .record((block_index, offset / PAGE_SIZE as u64), hash, Some(page))
             .map_err(|limit| DecodeError::MirrorFull { limit })
     }
 
@@ -730,7 +856,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
                 }
             };
             mirror
-                .record(key, hash, &page)
+                .record(key, hash, Some(&page))
                 .map_err(|limit| DecodeError::MirrorFull { limit })?;
             emit(blocks.name(key.0), key.1 * PAGE_SIZE as u64, &page);
             decoded += 1;

@@ -183,8 +183,9 @@ proptest! {
         operations in proptest::collection::vec(operation(), 1..160),
         pages_per_frame in 1usize..40,
         level in prop_oneof![Just(1), Just(3), Just(9)],
+        delta_cache_pages in prop_oneof![Just(0usize), 1usize..8, Just(16_384usize)],
     ) {
-        let config = PageEncoderConfig { pages_per_frame, zstd_level: level, ..PageEncoderConfig::default() };
+        let config = PageEncoderConfig { pages_per_frame, zstd_level: level, delta_cache_pages, ..PageEncoderConfig::default() };
         let mut harness = Harness::new(remote_with_pool(), config);
         harness.run(&operations);
         prop_assert_eq!(harness.sent.len(), harness.received.len());
@@ -317,13 +318,18 @@ fn mirror_limit_is_enforced_on_both_sides() {
         ..Default::default()
     };
     let mut encoder = PageEncoder::new(config, NothingRemote).unwrap();
-    for index in 0..5u64 {
+    for index in 0..4u64 {
         encoder
             .push_page("pc.ram", index * PAGE_SIZE as u64, &text_page(index))
             .unwrap();
     }
+    // A fifth key does not fit; a known key still does.
+    assert!(matches!(
+        encoder.push_page("pc.ram", 4 * PAGE_SIZE as u64, &text_page(4)),
+        Err(novacron_codec::EncodeError::MirrorFull { limit: 4 })
+    ));
+    encoder.push_page("pc.ram", 0, &text_page(9)).unwrap();
     let mut frame = Vec::new();
-    assert!(encoder.finish_frame(&mut frame).is_err());
 
     let mut encoder = PageEncoder::new(PageEncoderConfig::default(), NothingRemote).unwrap();
     for index in 0..5u64 {
