@@ -598,12 +598,19 @@ impl TreeBuilder<'_> {
     }
 }
 
+/// Deepest tree the file format can hold comfortably (node indices are 16-bit).
+const DEEPEST_TREE: usize = 12;
+
 fn train_horizon(
     series: &[TrainingSeries],
     horizon_steps: usize,
     options: TrainingOptions,
     boundary_steps: Option<usize>,
 ) -> HorizonModel {
+    let options = TrainingOptions {
+        max_depth: options.max_depth.min(DEEPEST_TREE),
+        ..options
+    };
     let set = training_set(series, horizon_steps, boundary_steps);
     if set.targets.is_empty() {
         return HorizonModel {

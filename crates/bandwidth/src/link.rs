@@ -20,10 +20,14 @@ use crate::learned::{LearnedModel, LearnedPredictor};
 use crate::predictor::{Ewma, HarmonicMean, Holt, LastValue, Predictor};
 use crate::trace::BASE_STEP;
 
-/// A single sample longer than this only contributes its last part: the model's memory is shorter.
+/// A single sample longer than this counts as this long (at its mean rate): the model's memory is
+/// shorter, and a huge interval must not cost a huge loop.
 const LONGEST_SAMPLE: Duration = Duration::from_secs(60);
-/// Classic predictors of a link work on one-second blocks.
-const LINK_BLOCK_STEPS: usize = 10;
+/// Classic predictors of a link work on blocks as long as the horizon, at most this (5 s): "last
+/// value" for the next 5 s is the last 5 s.
+const LINK_LONGEST_BLOCK_STEPS: usize = 50;
+/// The current rate shown for a link is the mean of the last second.
+const LINK_CURRENT_RATE_STEPS: usize = 10;
 /// Forecasts of every horizon are made and checked once per second of active time.
 const LINK_DECISION_STEPS: usize = 10;
 
@@ -164,15 +168,19 @@ pub struct LinkModel {
     last_second: std::collections::VecDeque<f64>,
 }
 
-fn link_members(learned_model: Option<&Arc<LearnedModel>>) -> Vec<Box<dyn Predictor>> {
+fn link_members(
+    learned_model: Option<&Arc<LearnedModel>>,
+    horizon: ForecastHorizon,
+) -> Vec<Box<dyn Predictor>> {
+    let block_steps = horizon.steps().min(LINK_LONGEST_BLOCK_STEPS);
     let mut members: Vec<Box<dyn Predictor>> = Vec::new();
     if let Some(model) = learned_model {
         members.push(Box::new(LearnedPredictor::new(Arc::clone(model))));
     }
-    members.push(Box::new(Ewma::new(0.7, LINK_BLOCK_STEPS)));
-    members.push(Box::new(LastValue::new(LINK_BLOCK_STEPS)));
-    members.push(Box::new(Holt::new(LINK_BLOCK_STEPS)));
-    members.push(Box::new(HarmonicMean::new(5, LINK_BLOCK_STEPS)));
+    members.push(Box::new(Ewma::new(0.7, block_steps)));
+    members.push(Box::new(LastValue::new(block_steps)));
+    members.push(Box::new(Holt::new(block_steps)));
+    members.push(Box::new(HarmonicMean::new(5, block_steps)));
     members
 }
 
@@ -196,7 +204,7 @@ impl LinkModel {
             .map(|horizon| HorizonState {
                 horizon,
                 ensemble: AdaptiveEnsemble::new(
-                    link_members(learned_model.as_ref()),
+                    link_members(learned_model.as_ref(), horizon),
                     horizon.steps(),
                     LINK_DECISION_STEPS,
                 ),
@@ -209,7 +217,7 @@ impl LinkModel {
             partial_step_nanos: 0,
             steps_seen: 0,
             bytes_observed: 0,
-            last_second: std::collections::VecDeque::with_capacity(LINK_BLOCK_STEPS),
+            last_second: std::collections::VecDeque::with_capacity(LINK_CURRENT_RATE_STEPS),
         }
     }
 
@@ -224,7 +232,6 @@ impl LinkModel {
             return;
         }
         let counted = interval.min(LONGEST_SAMPLE);
-        // Bits falling in the part beyond LONGEST_SAMPLE are dropped with it.
         let bits_per_nano = total_bits / interval.as_nanos() as f64;
         let step_nanos = BASE_STEP.as_nanos();
         let mut remaining = counted.as_nanos();
@@ -254,7 +261,7 @@ impl LinkModel {
 
     fn push_step(&mut self, bits_per_second: f64) {
         self.steps_seen += 1;
-        if self.last_second.len() == LINK_BLOCK_STEPS {
+        if self.last_second.len() == LINK_CURRENT_RATE_STEPS {
             self.last_second.pop_front();
         }
         self.last_second.push_back(bits_per_second);
