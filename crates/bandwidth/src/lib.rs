@@ -34,7 +34,7 @@ pub use learned::{
 };
 pub use link::{
     AccuracyReport, CandidateAccuracy, Forecast, ForecastHorizon, HorizonAccuracy, LinkModel,
-    LinkRegistry, LinkSummary,
+    LinkRegistry, LinkSummary, TransferEstimate,
 };
 pub use predictor::{Ewma, HarmonicMean, Holt, LastValue, Predictor, classic_predictors};
 pub use trace::{

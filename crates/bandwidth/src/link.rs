@@ -104,6 +104,32 @@ pub struct Forecast {
     pub observed_seconds: f64,
 }
 
+/// How long sending a number of bytes should take at a forecast rate: what an ETA shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TransferEstimate {
+    /// At the expected rate, seconds; absent when the expected rate is zero.
+    pub expected_seconds: Option<f64>,
+    /// At the upper edge of the band, seconds (about one chance in ten of being faster).
+    pub optimistic_seconds: Option<f64>,
+    /// At the lower edge of the band, seconds (about one chance in ten of being slower); absent
+    /// when the band reaches zero (an outage is plausible).
+    pub pessimistic_seconds: Option<f64>,
+}
+
+impl Forecast {
+    /// Time to send `bytes` at this forecast's rates. The rates are those of the forecast's
+    /// horizon; for transfers much longer than it the estimate is only as good as that horizon.
+    pub fn time_to_send(&self, bytes: u64) -> TransferEstimate {
+        let bits = bytes as f64 * 8.0;
+        let seconds_at = |rate: f64| (rate > 0.0 && rate.is_finite()).then(|| bits / rate);
+        TransferEstimate {
+            expected_seconds: seconds_at(self.expected_bits_per_sec),
+            optimistic_seconds: seconds_at(self.upper),
+            pessimistic_seconds: seconds_at(self.lower),
+        }
+    }
+}
+
 /// How well one horizon's forecasts have matched reality on a link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HorizonAccuracy {
@@ -667,6 +693,23 @@ mod tests {
         assert!(forecast.lower <= forecast.expected_bits_per_sec);
         assert!(forecast.expected_bits_per_sec <= forecast.upper);
         assert!(forecast.confidence > 0.3, "{}", forecast.confidence);
+    }
+
+    #[test]
+    fn transfer_time_from_a_forecast() {
+        let forecast = Forecast {
+            horizon: ForecastHorizon::ThirtySeconds,
+            expected_bits_per_sec: 8.0e6,
+            lower: 0.0,
+            upper: 16.0e6,
+            confidence: 0.5,
+            predictor_name: "ewma(0.7)".to_string(),
+            observed_seconds: 60.0,
+        };
+        let estimate = forecast.time_to_send(10_000_000);
+        assert_eq!(estimate.expected_seconds, Some(10.0));
+        assert_eq!(estimate.optimistic_seconds, Some(5.0));
+        assert_eq!(estimate.pessimistic_seconds, None);
     }
 
     #[test]
