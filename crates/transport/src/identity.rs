@@ -141,6 +141,11 @@ impl HostIdentity {
         &self.certificate_chain
     }
 
+    /// The private key, PKCS#8 DER, for storing the identity (keep it secret).
+    pub fn private_key_pkcs8_der(&self) -> &[u8] {
+        &self.private_key_pkcs8_der
+    }
+
     pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.private_key_pkcs8_der.clone()))
     }
