@@ -115,26 +115,35 @@ async fn probe_accelerator_with_device(
     {
         return tcg(format!("cannot open {}: {error}", kvm_device.display()));
     }
-    let directory = match tempfile::Builder::new()
+    match run_probe_guest(binaries, Accelerator::Kvm).await {
+        Ok(()) => AcceleratorProbe {
+            accelerator: Accelerator::Kvm,
+            reason: "kvm ran the 64-bit probe guest to completion".to_owned(),
+        },
+        Err(reason) => tcg(reason),
+    }
+}
+
+/// Boots the probe firmware with `accelerator`; `Err` says why it did not run to completion.
+async fn run_probe_guest(binaries: &QemuBinaries, accelerator: Accelerator) -> Result<(), String> {
+    let directory = tempfile::Builder::new()
         .prefix("novacron-kvm-probe")
         .tempdir()
-    {
-        Ok(directory) => directory,
-        Err(error) => {
-            return tcg(format!(
-                "cannot create a temporary directory for the kvm probe: {error}"
-            ));
-        }
-    };
+        .map_err(|error| {
+            format!("cannot create a temporary directory for the {accelerator} probe: {error}")
+        })?;
     let firmware_path = directory.path().join("probe-firmware.bin");
-    if let Err(error) = std::fs::write(&firmware_path, probe_firmware()) {
-        return tcg(format!("cannot write the kvm probe firmware: {error}"));
-    }
+    std::fs::write(&firmware_path, probe_firmware())
+        .map_err(|error| format!("cannot write the {accelerator} probe firmware: {error}"))?;
     let mut command = tokio::process::Command::new(&binaries.system);
     command
         .args([
-            "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
+            "-accel",
+            accelerator.qemu_name(),
+            "-cpu",
+            accelerator.cpu_model(),
         ])
+        .args(["-machine", "q35", "-m", "16"])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-monitor", "none", "-serial", "none", "-parallel", "none"])
         .arg("-bios")
@@ -144,25 +153,21 @@ async fn probe_accelerator_with_device(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => return tcg(format!("cannot run {}: {error}", binaries.system.display())),
-    };
+    let child = command
+        .spawn()
+        .map_err(|error| format!("cannot run {}: {error}", binaries.system.display()))?;
     match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
-        Err(_elapsed) => tcg(format!(
-            "kvm accepted the probe guest but did not run it to completion within {PROBE_TIMEOUT:?} (it cannot run ordinary guests here)"
+        Err(_elapsed) => Err(format!(
+            "{accelerator} accepted the probe guest but did not run it to completion within {PROBE_TIMEOUT:?} (it cannot run ordinary guests here)"
         )),
-        Ok(Err(error)) => tcg(format!("waiting for the kvm probe failed: {error}")),
-        Ok(Ok(output)) if output.status.code() == Some(PROBE_SUCCESS_EXIT_CODE) => {
-            AcceleratorProbe {
-                accelerator: Accelerator::Kvm,
-                reason: "kvm ran the 64-bit probe guest to completion".to_owned(),
-            }
-        }
+        Ok(Err(error)) => Err(format!(
+            "waiting for the {accelerator} probe failed: {error}"
+        )),
+        Ok(Ok(output)) if output.status.code() == Some(PROBE_SUCCESS_EXIT_CODE) => Ok(()),
         Ok(Ok(output)) => {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            tcg(format!(
-                "kvm probe guest failed ({}): {}",
+            Err(format!(
+                "{accelerator} probe guest failed ({}): {}",
                 output.status,
                 stderr.trim()
             ))
@@ -195,6 +200,23 @@ mod tests {
             "{}",
             probe.reason
         );
+    }
+
+    /// Pins the firmware bytes: under TCG (always able to run it) it must reach the success exit.
+    #[tokio::test]
+    async fn probe_firmware_runs_to_completion_under_tcg() {
+        let binaries = QemuBinaries::locate().expect("qemu-system-x86_64 is needed for this test");
+        run_probe_guest(&binaries, Accelerator::Tcg)
+            .await
+            .expect("probe firmware under tcg");
+    }
+
+    #[tokio::test]
+    async fn probe_gives_an_accelerator_and_a_reason() {
+        let binaries = QemuBinaries::locate().expect("qemu-system-x86_64 is needed for this test");
+        let probe = probe_accelerator_cached(&binaries).await;
+        assert!(!probe.reason.is_empty());
+        assert_eq!(probe_accelerator_cached(&binaries).await, probe, "cached");
     }
 
     #[test]

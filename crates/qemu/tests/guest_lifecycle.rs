@@ -262,3 +262,34 @@ async fn missing_qemu_binary_names_the_package() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_workload_reports_progress_and_intact_memory() {
+    let run_dir = run_directory();
+    let mut spec = guest_spec("workload", run_dir.path(), None).await;
+    if let Some(kernel) = spec.kernel.as_mut() {
+        kernel.cmdline = Some(
+            "console=ttyS0 panic=-1 quiet novacron.workload=1 novacron.workload_mib=16".to_owned(),
+        );
+    }
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let console = vm.run_directory().console_log();
+    let log = wait_for_console(&console, "NOVACRON-WORKLOAD tick=3 ").await;
+    // The shell's prompt on the same console may precede a line: look for the marker anywhere.
+    let ticks: Vec<&str> = log
+        .lines()
+        .filter_map(|line| line.find("NOVACRON-WORKLOAD ").map(|start| &line[start..]))
+        .collect();
+    assert!(ticks.len() >= 3, "{log}");
+    for line in &ticks {
+        assert!(line.contains(" pages=4096 "), "16 MiB region: {line}");
+        assert!(line.contains(" errors=0 "), "memory intact: {line}");
+    }
+    assert!(!log.contains("NOVACRON-WORKLOAD-CORRUPT"), "{log}");
+
+    // Paused and resumed, the same process continues counting.
+    vm.qmp().stop().await.expect("stop");
+    vm.qmp().cont().await.expect("cont");
+    wait_for_console(&console, "NOVACRON-WORKLOAD tick=5 ").await;
+    vm.force_stop().await.expect("force stop");
+}
