@@ -128,8 +128,11 @@ pub struct GranularityReport {
     pub predictors: Vec<String>,
     /// One row per trace long enough for two intervals.
     pub traces: Vec<TraceScores>,
-    /// Mean over the traces the learned model was not fitted on (all traces when none was).
+    /// Mean over the traces the learned model was not fitted on; empty when it was fitted on
+    /// every trace.
     pub mean_over_unseen_traces: Vec<PredictorScore>,
+    /// Mean over every trace (in-sample for the learned model where it was fitted on a trace).
+    pub mean_over_all_traces: Vec<PredictorScore>,
     /// Traces too short for this granularity, left out.
     pub skipped_traces: Vec<String>,
 }
@@ -312,6 +315,7 @@ pub fn evaluate(
             .collect(),
             traces: Vec::new(),
             mean_over_unseen_traces: Vec::new(),
+            mean_over_all_traces: Vec::new(),
             skipped_traces: Vec::new(),
         };
         for ((trace, model), coarse_model) in traces.iter().zip(&models).zip(&coarse_models) {
@@ -352,7 +356,8 @@ pub fn evaluate(
                 scores,
             });
         }
-        section.mean_over_unseen_traces = mean_scores(&section);
+        section.mean_over_unseen_traces = mean_scores(&section, true);
+        section.mean_over_all_traces = mean_scores(&section, false);
         sections.push(section);
     }
     Ok(EvaluationReport {
@@ -361,18 +366,21 @@ pub fn evaluate(
     })
 }
 
-fn mean_scores(section: &GranularityReport) -> Vec<PredictorScore> {
+fn mean_scores(section: &GranularityReport, unseen_only: bool) -> Vec<PredictorScore> {
     let unseen: Vec<&TraceScores> = section
         .traces
         .iter()
-        .filter(|trace| !trace.learned_model_fitted_on_trace)
+        .filter(|trace| !(unseen_only && trace.learned_model_fitted_on_trace))
         .collect();
+    if unseen.is_empty() {
+        return Vec::new();
+    }
     section
         .predictors
         .iter()
         .enumerate()
         .map(|(column, predictor)| {
-            let count = unseen.len().max(1) as f64;
+            let count = unseen.len() as f64;
             PredictorScore {
                 predictor: predictor.clone(),
                 accuracy: unseen
@@ -413,7 +421,10 @@ impl GranularityReport {
             .count();
         Some(TargetCheck {
             predictor: predictor.to_string(),
-            mean_accuracy: self.mean_over_unseen_traces[column].accuracy,
+            mean_accuracy: self
+                .mean_over_unseen_traces
+                .get(column)
+                .map_or(0.0, |score| score.accuracy),
             unseen_traces: unseen.len(),
             traces_beating_baselines,
         })
@@ -500,16 +511,29 @@ impl fmt::Display for EvaluationReport {
                 }
                 writeln!(formatter)?;
             }
-            write!(formatter, "| **mean (unseen)** | |")?;
-            for score in &section.mean_over_unseen_traces {
-                write!(
-                    formatter,
-                    " **{:.3}** / {:.0} % |",
-                    score.accuracy,
-                    score.inside_band_share * 100.0
-                )?;
+            let fitted_on_some = section
+                .traces
+                .iter()
+                .any(|trace| trace.learned_model_fitted_on_trace);
+            let mean_rows = [
+                ("mean (unseen)", &section.mean_over_unseen_traces),
+                ("mean (all, * in-sample)", &section.mean_over_all_traces),
+            ];
+            for (label, scores) in mean_rows {
+                if scores.is_empty() || (label.starts_with("mean (all") && !fitted_on_some) {
+                    continue;
+                }
+                write!(formatter, "| **{label}** | |")?;
+                for score in scores {
+                    write!(
+                        formatter,
+                        " **{:.3}** / {:.0} % |",
+                        score.accuracy,
+                        score.inside_band_share * 100.0
+                    )?;
+                }
+                writeln!(formatter)?;
             }
-            writeln!(formatter)?;
             if !section.skipped_traces.is_empty() {
                 writeln!(
                     formatter,
@@ -520,6 +544,14 @@ impl fmt::Display for EvaluationReport {
             if section.granularity_millis == 1000 {
                 for candidate in ["learned-gbt", "ensemble"] {
                     if let Some(check) = section.target_check(candidate) {
+                        if check.unseen_traces == 0 {
+                            writeln!(
+                                formatter,
+                                "\ntarget (1 s): not checked for {}, the learned model was fitted on every trace given; give other traces or use leave-one-drive-out",
+                                check.predictor
+                            )?;
+                            continue;
+                        }
                         writeln!(
                             formatter,
                             "\ntarget (1 s, unseen traces): {} mean {:.3} (target ≥ {TARGET_ACCURACY}), beats last-value and ewma(0.7) on {} of {} traces: {}",
@@ -659,6 +691,17 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("### horizon 5 s"), "{table}");
+        // Its only trace was fitted on: no honest mean exists, the in-sample one is labelled.
+        assert!(one_second.mean_over_unseen_traces.is_empty());
+        assert!(!table.contains("mean (unseen)"), "{table}");
+        assert!(table.contains("mean (all, * in-sample)"), "{table}");
+        assert_eq!(
+            one_second
+                .target_check("ensemble")
+                .expect("check")
+                .unseen_traces,
+            0
+        );
     }
 
     #[test]
