@@ -35,6 +35,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         files = list_trace_files(&trace_directory())?;
     }
     let options = EvaluationOptions {
+        // The library's default steps plus the link model's longest horizon (few intervals per
+        // trace there: its calibration figures are rough).
+        granularities: vec![
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        ],
         learned_model,
         compare_coarse_history: learned_model == LearnedModelChoice::LeaveOneDriveOut,
         ..EvaluationOptions::default()
