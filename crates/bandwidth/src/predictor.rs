@@ -1,7 +1,7 @@
 //! The predictor interface and the classic predictors: last value, EWMA, Holt and harmonic mean.
 //!
 //! Every predictor is sans-IO: it is fed the measured throughput of each consecutive
-//! [`BASE_STEP`](crate::trace::BASE_STEP) (100 ms) and asked for the expected mean throughput over
+//! [`BASE_STEP`] (100 ms) and asked for the expected mean throughput over
 //! the next few base steps. It never reads a clock or a file, and it only ever sees the past, so the
 //! same code serves the walk-forward evaluation and the live per-link model.
 //!
