@@ -7,6 +7,7 @@
 //!   skipped when they are missing.
 //! - `CODEC_BENCH_RAM_IMAGE` any file to encode as guest RAM (a RAM dump of a booted guest).
 //! - `CODEC_BENCH_LINK_MBIT` link rate the zstd level is chosen for (default 100).
+//! - `CODEC_BENCH_LEVEL` use this zstd level for the disk part instead of measuring levels.
 //! - `CODEC_BENCH_PAGES` pages per RAM case (default 65536 = 256 MiB).
 //! - `CODEC_BENCH_RAM_LEVEL` zstd level of the RAM part, codec and baseline alike (default 3).
 //! - `CODEC_BENCH_SKIP` comma list of parts to skip: `ram`, `disk`, `baselines`.
@@ -75,6 +76,31 @@ fn text_fill(buffer: &mut [u8], seed: u64) {
     }
 }
 
+/// CPU time of the calling thread, from /proc/thread-self/schedstat (first field, ns): on a
+/// shared machine, wall time counts time spent waiting for a core, CPU time does not.
+fn thread_cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|text| {
+            text.split_whitespace()
+                .next()
+                .and_then(|field| field.parse::<u64>().ok())
+        })
+        .map_or(0.0, |nanoseconds| nanoseconds as f64 / 1e9)
+}
+
+/// Wall and CPU seconds of `work`.
+fn timed<T>(work: impl FnOnce() -> T) -> (T, f64, f64) {
+    let cpu_before = thread_cpu_seconds();
+    let started = Instant::now();
+    let result = work();
+    (
+        result,
+        started.elapsed().as_secs_f64(),
+        thread_cpu_seconds() - cpu_before,
+    )
+}
+
 fn gigabytes_per_second(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / seconds.max(1e-9) / 1e9
 }
@@ -82,22 +108,27 @@ fn gigabytes_per_second(bytes: u64, seconds: f64) -> f64 {
 struct RamRow {
     case: String,
     input_bytes: u64,
-    codec_wire: u64,
-    codec_seconds: f64,
-    baseline_wire: u64,
-    baseline_seconds: f64,
+    codec: Measured,
+    baseline: Measured,
     tiers: String,
 }
 
-/// Encodes `pages` (keys `pc.ram` + index × 4 KiB, starting at `first_key`) and returns wire
-/// bytes and seconds; `warm_up` pages are sent first, untimed (the content the destination
-/// already got earlier in the transfer).
+/// Wire bytes with the wall and CPU seconds it took to produce them.
+struct Measured {
+    wire: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+}
+
+/// Encodes `pages` (keys `pc.ram` + index × 4 KiB) after `warm_up` pages sent untimed (content
+/// the destination got earlier in the transfer); `second_pass` is then sent to the same keys,
+/// and only that pass is timed when given.
 fn encode_pages(
     pages: &[u8],
     warm_up: &[u8],
     level: i32,
     remote: MemoryRepository,
-) -> (u64, f64, novacron_codec::PageStats) {
+) -> (Measured, novacron_codec::PageStats) {
     let mut encoder = PageEncoder::new(
         PageEncoderConfig {
             zstd_level: level,
@@ -107,50 +138,52 @@ fn encode_pages(
     )
     .unwrap();
     let mut frame = Vec::with_capacity(2 << 20);
-    let mut key = 0u64;
-    for page in warm_up.as_chunks::<PAGE_SIZE>().0 {
-        if encoder
-            .push_page("warm-up", key * PAGE_SIZE as u64, page)
-            .unwrap()
-        {
-            frame.clear();
-            encoder.finish_frame(&mut frame).unwrap();
-        }
-        key += 1;
-    }
-    frame.clear();
-    encoder.finish_frame(&mut frame).unwrap();
+    send_pages(&mut encoder, "warm-up", warm_up, &mut frame);
     let before = encoder.stats().frame_bytes;
-    let started = Instant::now();
+    let ((), seconds, cpu_seconds) =
+        timed(|| send_pages(&mut encoder, "pc.ram", pages, &mut frame));
+    let measured = Measured {
+        wire: encoder.stats().frame_bytes - before,
+        seconds,
+        cpu_seconds,
+    };
+    (measured, encoder.stats().clone())
+}
+
+fn send_pages<Q: novacron_codec::RemoteHashQuery>(
+    encoder: &mut PageEncoder<Q>,
+    block: &str,
+    pages: &[u8],
+    frame: &mut Vec<u8>,
+) {
     for (index, page) in pages.as_chunks::<PAGE_SIZE>().0.iter().enumerate() {
         if encoder
-            .push_page("pc.ram", index as u64 * PAGE_SIZE as u64, page)
+            .push_page(block, index as u64 * PAGE_SIZE as u64, page)
             .unwrap()
         {
             frame.clear();
-            encoder.finish_frame(&mut frame).unwrap();
+            encoder.finish_frame(frame).unwrap();
         }
     }
     frame.clear();
-    encoder.finish_frame(&mut frame).unwrap();
-    let seconds = started.elapsed().as_secs_f64();
-    (
-        encoder.stats().frame_bytes - before,
-        seconds,
-        encoder.stats().clone(),
-    )
+    encoder.finish_frame(frame).unwrap();
 }
 
 /// Baseline: zstd at `level` over the same pages in 1 MiB pieces (what a generic compressed
 /// stream such as QEMU's multifd+zstd does, without tiers).
-fn zstd_baseline(pages: &[u8], level: i32) -> (u64, f64) {
+fn zstd_baseline(pages: &[u8], level: i32) -> Measured {
     let mut compressor = zstd::bulk::Compressor::new(level).unwrap();
-    let started = Instant::now();
-    let mut wire = 0u64;
-    for piece in pages.chunks(1 << 20) {
-        wire += compressor.compress(piece).unwrap().len() as u64;
+    let (wire, seconds, cpu_seconds) = timed(|| {
+        pages
+            .chunks(1 << 20)
+            .map(|piece| compressor.compress(piece).unwrap().len() as u64)
+            .sum()
+    });
+    Measured {
+        wire,
+        seconds,
+        cpu_seconds,
     }
-    (wire, started.elapsed().as_secs_f64())
 }
 
 fn tiers(stats: &novacron_codec::PageStats) -> String {
@@ -171,15 +204,12 @@ fn ram_case(
     level: i32,
     remote: MemoryRepository,
 ) -> RamRow {
-    let (codec_wire, codec_seconds, stats) = encode_pages(pages, warm_up, level, remote);
-    let (baseline_wire, baseline_seconds) = zstd_baseline(pages, level);
+    let (codec, stats) = encode_pages(pages, warm_up, level, remote);
     RamRow {
         case: case.to_owned(),
         input_bytes: pages.len() as u64,
-        codec_wire,
-        codec_seconds,
-        baseline_wire,
-        baseline_seconds,
+        codec,
+        baseline: zstd_baseline(pages, level),
         tiers: tiers(&stats),
     }
 }
@@ -187,20 +217,27 @@ fn ram_case(
 fn print_ram_table(rows: &[RamRow], level: i32) {
     println!("\n### RAM pages, one core (zstd level {level} in both columns)\n");
     println!(
-        "| case | input MiB | codec wire bytes | codec ratio | codec GB/s | zstd -{level} (1 MiB blocks) wire bytes | zstd ratio | zstd GB/s | codec tiers |"
+        "GB/s per core = input bytes / CPU time of the encoding thread; in brackets, input bytes / \
+         elapsed time (the machine is shared, so elapsed time includes waiting for a core).\n"
+    );
+    println!(
+        "| case | input MiB | codec wire bytes | codec ratio | codec GB/s per core (elapsed) | \
+         zstd -{level} (1 MiB blocks) wire bytes | zstd ratio | zstd GB/s per core (elapsed) | codec tiers |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for row in rows {
         println!(
-            "| {} | {:.0} | {} | {:.1}× | {:.2} | {} | {:.1}× | {:.2} | {} |",
+            "| {} | {:.0} | {} | {:.1}× | {:.2} ({:.2}) | {} | {:.1}× | {:.2} ({:.2}) | {} |",
             row.case,
             row.input_bytes as f64 / (1 << 20) as f64,
-            row.codec_wire,
-            row.input_bytes as f64 / row.codec_wire.max(1) as f64,
-            gigabytes_per_second(row.input_bytes, row.codec_seconds),
-            row.baseline_wire,
-            row.input_bytes as f64 / row.baseline_wire.max(1) as f64,
-            gigabytes_per_second(row.input_bytes, row.baseline_seconds),
+            row.codec.wire,
+            row.input_bytes as f64 / row.codec.wire.max(1) as f64,
+            gigabytes_per_second(row.input_bytes, row.codec.cpu_seconds),
+            gigabytes_per_second(row.input_bytes, row.codec.seconds),
+            row.baseline.wire,
+            row.input_bytes as f64 / row.baseline.wire.max(1) as f64,
+            gigabytes_per_second(row.input_bytes, row.baseline.cpu_seconds),
+            gigabytes_per_second(row.input_bytes, row.baseline.seconds),
             row.tiers,
         );
     }
@@ -275,64 +312,41 @@ fn ram_part(level: i32) {
         level,
         MemoryRepository::new(),
     ));
-    // Second pass over the same pages with ~1 % of each page rewritten: the delta tier.
+
+    // The same pages sent again with 40 bytes of each rewritten: the delta tier. The first pass
+    // goes to the same keys, untimed.
     let mut dirtied = text.clone();
     for (index, page) in dirtied.chunks_exact_mut(PAGE_SIZE).enumerate() {
         let at = (index * 131) % (PAGE_SIZE - 40);
         xorshift_fill(&mut page[at..at + 40], index as u64 + 1);
     }
-    let (codec_wire, codec_seconds, stats) = {
-        let mut encoder = PageEncoder::new(
-            PageEncoderConfig {
-                zstd_level: level,
-                ..Default::default()
-            },
-            NothingRemote,
-        )
-        .unwrap();
-        let mut frame = Vec::new();
-        for (index, page) in text.as_chunks::<PAGE_SIZE>().0.iter().enumerate() {
-            if encoder
-                .push_page("pc.ram", index as u64 * PAGE_SIZE as u64, page)
-                .unwrap()
-            {
-                frame.clear();
-                encoder.finish_frame(&mut frame).unwrap();
-            }
-        }
-        frame.clear();
-        encoder.finish_frame(&mut frame).unwrap();
-        let before = encoder.stats().frame_bytes;
-        let started = Instant::now();
-        for (index, page) in dirtied.as_chunks::<PAGE_SIZE>().0.iter().enumerate() {
-            if encoder
-                .push_page("pc.ram", index as u64 * PAGE_SIZE as u64, page)
-                .unwrap()
-            {
-                frame.clear();
-                encoder.finish_frame(&mut frame).unwrap();
-            }
-        }
-        frame.clear();
-        encoder.finish_frame(&mut frame).unwrap();
-        (
-            encoder.stats().frame_bytes - before,
-            started.elapsed().as_secs_f64(),
-            encoder.stats().clone(),
-        )
-    };
-    let (baseline_wire, baseline_seconds) = zstd_baseline(&dirtied, level);
+    let mut encoder = PageEncoder::new(
+        PageEncoderConfig {
+            zstd_level: level,
+            ..Default::default()
+        },
+        NothingRemote,
+    )
+    .unwrap();
+    let mut frame = Vec::new();
+    send_pages(&mut encoder, "pc.ram", &text, &mut frame);
+    let first_pass = encoder.stats().clone();
+    let ((), seconds, cpu_seconds) =
+        timed(|| send_pages(&mut encoder, "pc.ram", &dirtied, &mut frame));
+    let stats = encoder.stats();
     rows.push(RamRow {
-        case: "text pages re-sent, 1 % changed".to_owned(),
+        case: "text pages re-sent, 1 % of each changed".to_owned(),
         input_bytes: dirtied.len() as u64,
-        codec_wire,
-        codec_seconds,
-        baseline_wire,
-        baseline_seconds,
+        codec: Measured {
+            wire: stats.frame_bytes - first_pass.frame_bytes,
+            seconds,
+            cpu_seconds,
+        },
+        baseline: zstd_baseline(&dirtied, level),
         tiers: format!(
             "(second pass) delta {} · literal {}",
-            stats.delta_pages,
-            stats.literal_pages - (bytes / PAGE_SIZE) as u64
+            stats.delta_pages - first_pass.delta_pages,
+            stats.literal_pages - first_pass.literal_pages
         ),
     });
     drop(text);
@@ -634,7 +648,11 @@ fn main() {
     let link_mbit: f64 = environment("CODEC_BENCH_LINK_MBIT")
         .and_then(|value| value.parse().ok())
         .unwrap_or(100.0);
-    let (level, meter) = measured_level(link_mbit);
+    let (level, meter) = match environment("CODEC_BENCH_LEVEL").and_then(|value| value.parse().ok())
+    {
+        Some(level) => (level, LevelMeter::new()),
+        None => measured_level(link_mbit),
+    };
     println!("## NovaCron codec benchmark\n");
     println!("Levels measured on a sample (one core): ");
     println!("\n| zstd level | MB/s | ratio |\n|---:|---:|---:|");

@@ -209,7 +209,7 @@ impl Default for PageEncoderConfig {
             pages_per_frame: 256,
             mirror_page_limit: 1 << 24,
             delta_limit: PAGE_SIZE / 2,
-            delta_cache_pages: 16_384,
+            delta_cache_pages: 65_536,
             query_destination: true,
         }
     }
@@ -388,22 +388,23 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         Ok(offset / PAGE_SIZE as u64)
     }
 
-    /// Records `page` as the content at `key` in the mirror and the delta cache.
+    /// Records `hash` as the content at `key` in the mirror. The delta cache keeps `page` as the
+    /// key's next delta base only when `delta_base` is set; otherwise it forgets the key, because
+    /// a stale base would make the decoder apply a delta to a different page.
     fn record(
         &mut self,
         key: (u32, u64),
         hash: ContentHash,
         page: &Page,
-        zero: bool,
+        delta_base: bool,
     ) -> Result<(), EncodeError> {
         self.mirror
             .record(key, hash, None)
             .map_err(|limit| EncodeError::MirrorFull { limit })?;
-        if zero {
-            // The decoder's base for this key is now a zero page; never delta against older content.
-            self.delta_cache.forget(&key);
-        } else {
+        if delta_base {
             self.delta_cache.remember(key, page);
+        } else {
+            self.delta_cache.forget(&key);
         }
         Ok(())
     }
@@ -456,7 +457,10 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                 )
             }
         };
-        self.record(key, hash, page, zero)?;
+        // Zero pages and pages sent earlier are not kept as delta bases: copying them would cost
+        // more than the rare delta against them saves.
+        let delta_base = matches!(tier, PendingTier::Undecided { .. });
+        self.record(key, hash, page, delta_base)?;
         self.pending.push(PendingPage {
             block,
             page_index,
@@ -487,7 +491,7 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         };
         // Observing registers the name on both sides, in the same order, so no frame sends it.
         let (block_index, _) = self.block_index(block)?;
-        self.record((block_index, page_index), hash, page, zero)
+        self.record((block_index, page_index), hash, page, !zero)
     }
 
     /// Encodes every pending page into one frame appended to `out`. Returns the frame's length
