@@ -24,7 +24,9 @@ pub enum LinkError {
     #[error("invalid link configuration: {reason}")]
     InvalidConfiguration { reason: String },
     /// A TUN or TAP device could not be created (needs root and /dev/net/tun).
-    #[error("cannot create {kind} device from pattern {pattern:?} (root and /dev/net/tun are needed)")]
+    #[error(
+        "cannot create {kind} device from pattern {pattern:?} (root and /dev/net/tun are needed)"
+    )]
     CreateDevice {
         kind: &'static str,
         pattern: String,

@@ -118,6 +118,8 @@ pub(crate) struct Direction {
     pub(crate) model: DirectionModel,
     pub(crate) handle: Arc<DirectionHandle>,
     pub(crate) buffer_size: usize,
+    /// SCHED_FIFO priority for the thread, if wanted.
+    pub(crate) realtime_priority: Option<i32>,
 }
 
 /// Starts the thread for one direction. It runs until `stop` is set.
@@ -142,6 +144,11 @@ fn elapsed_ns(clock_start: Instant) -> u64 {
 
 fn run_direction(mut direction: Direction, clock_start: Instant, stop: &AtomicBool) {
     sys::set_thread_timer_slack(Duration::from_nanos(1));
+    if let Some(priority) = direction.realtime_priority
+        && let Err(error) = sys::set_thread_realtime(priority)
+    {
+        tracing::debug!(direction = %direction.label, %error, "no real-time priority, forwarding at normal priority");
+    }
     let mut pending: BinaryHeap<Pending> = BinaryHeap::new();
     let mut spare_buffers: Vec<Vec<u8>> = Vec::new();
     let mut sequence = 0u64;

@@ -41,7 +41,9 @@ pub mod units;
 
 pub use error::LinkError;
 pub use forwarder::DirectionCountersSnapshot;
-pub use link::{LINK_INTERFACE, LinkBuilder, LinkCounters, LinkDirection, LinkEmulator, RunningLink};
+pub use link::{
+    LINK_INTERFACE, LinkBuilder, LinkCounters, LinkDirection, LinkEmulator, RunningLink,
+};
 pub use model::{Capacity, DirectionShape};
 pub use netns::cleanup_stale;
 pub use region::{HOST_INTERFACE, HostLinkShape, Region, RegionBuilder, RegionHost, RunningRegion};

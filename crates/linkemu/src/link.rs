@@ -23,11 +23,29 @@ use crate::trace::DeliveryTrace;
 /// Name of the emulated interface inside each namespace of a [`RunningLink`].
 pub const LINK_INTERFACE: &str = "wan0";
 
-/// TCP buffer limits set in every namespace, large enough for 1 Gbit/s at 100+ ms RTT.
-pub(crate) const TCP_BUFFER_SYSCTLS: [(&str, &str); 2] = [
+/// Socket buffer limits set in every namespace: TCP can grow to 64 MiB (1 Gbit/s at 100+ ms
+/// RTT), and UDP sockets get 4 MiB receive buffers so bursts released by the emulator are not
+/// dropped by the receiving socket. Each is best effort (older kernels keep some global).
+pub(crate) const SOCKET_BUFFER_SYSCTLS: [(&str, &str); 5] = [
     ("net.ipv4.tcp_rmem", "4096 131072 67108864"),
     ("net.ipv4.tcp_wmem", "4096 16384 67108864"),
+    ("net.core.rmem_max", "67108864"),
+    ("net.core.wmem_max", "67108864"),
+    ("net.core.rmem_default", "4194304"),
 ];
+
+/// Applies [`SOCKET_BUFFER_SYSCTLS`] in `namespace`, logging (not failing on) each refusal.
+pub(crate) fn tune_socket_buffers(namespace: &str) {
+    for setting in SOCKET_BUFFER_SYSCTLS {
+        if let Err(error) = netns::set_sysctls(namespace, &[setting]) {
+            tracing::debug!(%namespace, %error, "socket buffer limit left at its default");
+        }
+    }
+}
+
+/// SCHED_FIFO priority of forwarder threads: above every normal thread, below kernel threads
+/// that use real-time priorities (which start at 50).
+const REALTIME_PRIORITY: i32 = 10;
 
 /// Entry point: `LinkEmulator::builder()`.
 #[derive(Debug)]
@@ -191,8 +209,10 @@ impl LinkBuilder {
         }
         let mut a_to_b = self.a_to_b.clone();
         let mut b_to_a = self.b_to_a.clone();
-        for (shape, path) in [(&mut a_to_b, &self.trace_a_to_b), (&mut b_to_a, &self.trace_b_to_a)]
-        {
+        for (shape, path) in [
+            (&mut a_to_b, &self.trace_a_to_b),
+            (&mut b_to_a, &self.trace_b_to_a),
+        ] {
             if let Some(path) = path {
                 shape.capacity = Capacity::Trace(Arc::new(DeliveryTrace::from_file(path)?));
             }
@@ -215,20 +235,29 @@ impl LinkBuilder {
         namespaces.create(&namespace_b)?;
         let device_a = attach_device(DeviceKind::Tun, &namespace_a, LINK_INTERFACE)?;
         let device_b = attach_device(DeviceKind::Tun, &namespace_b, LINK_INTERFACE)?;
-        for (namespace, address) in [(&namespace_a, self.address_a), (&namespace_b, self.address_b)]
-        {
+        for (namespace, address) in [
+            (&namespace_a, self.address_a),
+            (&namespace_b, self.address_b),
+        ] {
             let mtu = self.mtu.to_string();
             let queue = self.device_queue_packets.to_string();
             netns::ip_in(
                 namespace,
-                &["link", "set", "dev", LINK_INTERFACE, "mtu", &mtu, "txqueuelen", &queue],
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    LINK_INTERFACE,
+                    "mtu",
+                    &mtu,
+                    "txqueuelen",
+                    &queue,
+                ],
             )?;
             let cidr = format!("{address}/{}", self.prefix_length);
             netns::ip_in(namespace, &["addr", "add", &cidr, "dev", LINK_INTERFACE])?;
             netns::ip_in(namespace, &["link", "set", "dev", LINK_INTERFACE, "up"])?;
-            if let Err(error) = netns::set_sysctls(namespace, &TCP_BUFFER_SYSCTLS) {
-                tracing::warn!(%namespace, %error, "tcp buffer limits left at their defaults");
-            }
+            tune_socket_buffers(namespace);
         }
         let round_trip = a_to_b.delay + b_to_a.delay;
         let models = [
@@ -421,7 +450,10 @@ pub(crate) fn attach_device(
             source,
         })?;
     netns::ip(&["link", "set", "dev", &transient_name, "netns", namespace])?;
-    netns::ip_in(namespace, &["link", "set", "dev", &transient_name, "name", final_name])?;
+    netns::ip_in(
+        namespace,
+        &["link", "set", "dev", &transient_name, "name", final_name],
+    )?;
     Ok(file)
 }
 
@@ -464,6 +496,7 @@ impl ForwarderPair {
                 model: model_a_to_b,
                 handle: Arc::clone(&handles[0]),
                 buffer_size,
+                realtime_priority: Some(REALTIME_PRIORITY),
             },
             Direction {
                 label: format!("{label} b>a"),
@@ -472,6 +505,7 @@ impl ForwarderPair {
                 model: model_b_to_a,
                 handle: Arc::clone(&handles[1]),
                 buffer_size,
+                realtime_priority: Some(REALTIME_PRIORITY),
             },
         ];
         for direction in directions {

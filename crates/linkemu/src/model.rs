@@ -156,7 +156,11 @@ pub struct DirectionModel {
 impl DirectionModel {
     /// Builds the model; `round_trip` sizes the default queue.
     pub fn new(shape: &DirectionShape, round_trip: Duration, seed: u64) -> Self {
-        let loss = if shape.loss.is_nan() { 0.0 } else { shape.loss.clamp(0.0, 1.0) };
+        let loss = if shape.loss.is_nan() {
+            0.0
+        } else {
+            shape.loss.clamp(0.0, 1.0)
+        };
         let loss_threshold = if loss >= 1.0 {
             None
         } else {
@@ -273,7 +277,8 @@ fn serve(bottleneck: &mut Bottleneck, now_ns: u64, length: u32) -> u64 {
             let serialization_ns =
                 (u128::from(length) * 8 * 1_000_000_000).div_ceil(u128::from(*bits_per_second));
             let start = (*busy_until_ns).max(now_ns);
-            *busy_until_ns = start.saturating_add(u64::try_from(serialization_ns).unwrap_or(u64::MAX));
+            *busy_until_ns =
+                start.saturating_add(u64::try_from(serialization_ns).unwrap_or(u64::MAX));
             *busy_until_ns
         }
         Bottleneck::Trace { trace, cursor } => {
@@ -282,7 +287,10 @@ fn serve(bottleneck: &mut Bottleneck, now_ns: u64, length: u32) -> u64 {
                 Some((index, remaining)) if trace.opportunity_time_ns(index) >= now_ns => {
                     (index, remaining)
                 }
-                _ => (trace.first_opportunity_at_or_after(now_ns), OPPORTUNITY_BYTES),
+                _ => (
+                    trace.first_opportunity_at_or_after(now_ns),
+                    OPPORTUNITY_BYTES,
+                ),
             };
             let mut to_send = length.max(1);
             loop {
@@ -333,11 +341,31 @@ mod tests {
             1,
         );
         // 1500 bytes at 12 Mbit/s take exactly 1 ms.
-        assert_eq!(model.admit(0, 1500), Verdict::Deliver { release_at_ns: 11 * MS });
-        assert_eq!(model.admit(0, 1500), Verdict::Deliver { release_at_ns: 12 * MS });
-        assert_eq!(model.admit(0, 750), Verdict::Deliver { release_at_ns: 12 * MS + MS / 2 });
+        assert_eq!(
+            model.admit(0, 1500),
+            Verdict::Deliver {
+                release_at_ns: 11 * MS
+            }
+        );
+        assert_eq!(
+            model.admit(0, 1500),
+            Verdict::Deliver {
+                release_at_ns: 12 * MS
+            }
+        );
+        assert_eq!(
+            model.admit(0, 750),
+            Verdict::Deliver {
+                release_at_ns: 12 * MS + MS / 2
+            }
+        );
         // An idle link starts serializing at arrival.
-        assert_eq!(model.admit(100 * MS, 1500), Verdict::Deliver { release_at_ns: 111 * MS });
+        assert_eq!(
+            model.admit(100 * MS, 1500),
+            Verdict::Deliver {
+                release_at_ns: 111 * MS
+            }
+        );
     }
 
     #[test]
@@ -360,7 +388,10 @@ mod tests {
         // After 3 ms three packets have left, so three more fit.
         let later: Vec<Verdict> = (0..5).map(|_| model.admit(3 * MS, 1500)).collect();
         assert_eq!(
-            later.iter().filter(|v| matches!(v, Verdict::Deliver { .. })).count(),
+            later
+                .iter()
+                .filter(|v| matches!(v, Verdict::Deliver { .. }))
+                .count(),
             3
         );
         assert_eq!(model.backlog_bytes(3 * MS), 15_000);
@@ -417,7 +448,10 @@ mod tests {
             }
             previous_reordered = release_at_ns;
         }
-        assert!(overtakes > 1000, "reordering allowed: {overtakes} overtakes");
+        assert!(
+            overtakes > 1000,
+            "reordering allowed: {overtakes} overtakes"
+        );
     }
 
     #[test]
@@ -449,9 +483,19 @@ mod tests {
         );
         assert_eq!(model.admit(0, 750), Verdict::Deliver { release_at_ns: MS });
         assert_eq!(model.admit(0, 750), Verdict::Deliver { release_at_ns: MS });
-        assert_eq!(model.admit(0, 750), Verdict::Deliver { release_at_ns: 2 * MS });
+        assert_eq!(
+            model.admit(0, 750),
+            Verdict::Deliver {
+                release_at_ns: 2 * MS
+            }
+        );
         // Opportunities that passed with an empty queue are wasted.
-        assert_eq!(model.admit(10 * MS + 1, 1500), Verdict::Deliver { release_at_ns: 11 * MS });
+        assert_eq!(
+            model.admit(10 * MS + 1, 1500),
+            Verdict::Deliver {
+                release_at_ns: 11 * MS
+            }
+        );
     }
 
     #[test]
@@ -462,7 +506,10 @@ mod tests {
         );
         assert_eq!(queue, 6_250_000);
         assert_eq!(
-            default_queue_bytes(&Capacity::BitsPerSecond(1_000_000), Duration::from_millis(1)),
+            default_queue_bytes(
+                &Capacity::BitsPerSecond(1_000_000),
+                Duration::from_millis(1)
+            ),
             96_000
         );
     }

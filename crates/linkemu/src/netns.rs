@@ -31,7 +31,10 @@ pub(crate) fn unique_instance_name(prefix: &str) -> Result<String, LinkError> {
         });
     }
     let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
-    Ok(format!("{NAMESPACE_PREFIX}{prefix}-{}-{serial}", std::process::id()))
+    Ok(format!(
+        "{NAMESPACE_PREFIX}{prefix}-{}-{serial}",
+        std::process::id()
+    ))
 }
 
 /// Runs a command to completion; a non-zero exit is an error carrying its stderr.
@@ -105,9 +108,11 @@ where
 {
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
-            sys::enter_network_namespace(namespace).map_err(|source| LinkError::EnterNamespace {
-                namespace: namespace.to_owned(),
-                source,
+            sys::enter_network_namespace(namespace).map_err(|source| {
+                LinkError::EnterNamespace {
+                    namespace: namespace.to_owned(),
+                    source,
+                }
             })?;
             Ok(work())
         });
@@ -160,7 +165,10 @@ pub fn cleanup_stale() -> Result<Vec<String>, LinkError> {
         }
     }
     if !removed.is_empty() {
-        tracing::info!(count = removed.len(), "removed namespaces left by killed runs");
+        tracing::info!(
+            count = removed.len(),
+            "removed namespaces left by killed runs"
+        );
     }
     Ok(removed)
 }

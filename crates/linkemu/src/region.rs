@@ -9,7 +9,7 @@ use std::process::Command;
 
 use crate::error::LinkError;
 use crate::forwarder::DirectionCountersSnapshot;
-use crate::link::{ForwarderPair, NamespaceGuard, TCP_BUFFER_SYSCTLS, attach_device};
+use crate::link::{ForwarderPair, NamespaceGuard, attach_device, tune_socket_buffers};
 use crate::model::{DirectionModel, DirectionShape};
 use crate::netns;
 use crate::sys::DeviceKind;
@@ -82,7 +82,11 @@ impl RegionBuilder {
                 reason: format!("a region has 1 to 250 hosts, not {}", self.host_count),
             });
         }
-        if let Some((host, _)) = self.shapes.iter().find(|(host, _)| *host >= self.host_count) {
+        if let Some((host, _)) = self
+            .shapes
+            .iter()
+            .find(|(host, _)| *host >= self.host_count)
+        {
             return Err(LinkError::NoSuchHost {
                 host: *host,
                 host_count: self.host_count,
@@ -109,8 +113,16 @@ impl RegionBuilder {
                     netns::ip_in(
                         &namespace,
                         &[
-                            "link", "add", HOST_INTERFACE, "type", "veth", "peer", "name", &port,
-                            "netns", &switch,
+                            "link",
+                            "add",
+                            HOST_INTERFACE,
+                            "type",
+                            "veth",
+                            "peer",
+                            "name",
+                            &port,
+                            "netns",
+                            &switch,
                         ],
                     )?;
                 }
@@ -133,6 +145,7 @@ impl RegionBuilder {
                             1500 + 64,
                         )?,
                     ));
+                    // Ethernet frames are up to 1514 bytes plus a VLAN tag.
                     for (device_namespace, device) in
                         [(&namespace, HOST_INTERFACE), (&switch, port.as_str())]
                     {
@@ -149,9 +162,7 @@ impl RegionBuilder {
             let cidr = format!("{address}/24");
             netns::ip_in(&namespace, &["addr", "add", &cidr, "dev", HOST_INTERFACE])?;
             netns::ip_in(&namespace, &["link", "set", "dev", HOST_INTERFACE, "up"])?;
-            if let Err(error) = netns::set_sysctls(&namespace, &TCP_BUFFER_SYSCTLS) {
-                tracing::warn!(%namespace, %error, "tcp buffer limits left at their defaults");
-            }
+            tune_socket_buffers(&namespace);
             hosts.push(RegionHost {
                 namespace,
                 address,

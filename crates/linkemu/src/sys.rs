@@ -129,3 +129,19 @@ pub fn enter_network_namespace(name: &str) -> io::Result<()> {
 pub fn process_exists(process_id: u32) -> bool {
     std::path::Path::new(&format!("/proc/{process_id}")).exists()
 }
+
+/// Asks for real-time FIFO scheduling of the calling thread at `priority` (1-99), so a
+/// forwarder thread is not starved by CPU-bound neighbours (compilers, the traffic generators
+/// themselves). The thread blocks in `ppoll` between packets, so it cannot monopolize a CPU, and
+/// the kernel's RT throttling caps it anyway.
+pub fn set_thread_realtime(priority: i32) -> io::Result<()> {
+    let parameters = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `parameters` is a valid sched_param; pid 0 means the calling thread.
+    let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &parameters) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -157,8 +157,8 @@ mod tests {
 
     #[test]
     fn shipped_cellular_traces_parse() {
-        let directory = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/data/bandwidth-traces");
+        let directory =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/bandwidth-traces");
         let Ok(entries) = std::fs::read_dir(&directory) else {
             return; // the shared data directory is not beside this checkout
         };

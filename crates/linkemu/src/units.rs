@@ -20,7 +20,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "k" | "kbit" | "kbps" | "kb/s" => 1e3,
         "m" | "mbit" | "mbps" | "mb/s" => 1e6,
         "g" | "gbit" | "gbps" | "gb/s" => 1e9,
-        other => return Err(format!("unknown rate unit {other:?} in {text:?} (use kbit, mbit, gbit)")),
+        other => {
+            return Err(format!(
+                "unknown rate unit {other:?} in {text:?} (use kbit, mbit, gbit)"
+            ));
+        }
     };
     let bits = value * multiplier;
     if !(1.0..=1e12).contains(&bits) {
@@ -62,7 +66,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "k" => 1024.0,
         "m" => 1024.0 * 1024.0,
         "g" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use k, m, g)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use k, m, g)"
+            ));
+        }
     };
     Ok((value * multiplier) as u64)
 }

@@ -13,7 +13,11 @@ use novacron_linkemu::{LinkEmulator, RunningLink, units};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Parser)]
-#[command(name = "novacron-linkemu", version, about = "userspace WAN link emulator between two network namespaces")]
+#[command(
+    name = "novacron-linkemu",
+    version,
+    about = "userspace WAN link emulator between two network namespaces"
+)]
 struct Arguments {
     #[command(subcommand)]
     command: Action,
@@ -24,7 +28,7 @@ enum Action {
     /// Set up a link, print one JSON line (namespaces, addresses), forward until Ctrl-C/SIGTERM
     /// or until COMMAND (run with LINKEMU_NS_A, LINKEMU_NS_B, LINKEMU_ADDR_A, LINKEMU_ADDR_B set)
     /// exits, then print the counters as one JSON line and tear down.
-    Up(UpArguments),
+    Up(Box<UpArguments>),
     /// Remove namespaces left by killed runs (their owning process is gone).
     Cleanup,
 }
