@@ -54,7 +54,7 @@ pub enum AgentError {
         source: novacron_qemu::QmpError,
     },
     #[error("store: {0}")]
-    Store(#[from] novacron_store::StoreError),
+    Store(novacron_store::StoreError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -63,6 +63,20 @@ pub enum AgentError {
     },
     #[error("record {key} in the store is unreadable: {reason}")]
     CorruptRecord { key: String, reason: String },
+}
+
+impl From<novacron_store::StoreError> for AgentError {
+    fn from(error: novacron_store::StoreError) -> Self {
+        let message = error.to_string();
+        if message.contains("No space left on device") {
+            return AgentError::DiskFull {
+                directory: "the store".into(),
+                what: "a write".into(),
+                reason: format!("{message}; free some space and restart novacron serve"),
+            };
+        }
+        AgentError::Store(error)
+    }
 }
 
 impl AgentError {

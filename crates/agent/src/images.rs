@@ -61,6 +61,7 @@ pub(crate) async fn import(
         let existing = records.resolve_image(name.as_str()).await?;
         return Err(AgentError::ImageNameTaken { name: name.to_string(), id: existing.id });
     }
+    crate::vms::ensure_free_space(paths.root(), &format!("image {name}"))?;
     let staging = paths.staging_dir();
     let mut staged = StagedFile {
         path: staging.join(format!("{}.part", uuid::Uuid::new_v4().simple())),

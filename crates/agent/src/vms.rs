@@ -114,6 +114,7 @@ impl Host {
         }
         // Refuse early, with the package name, when QEMU is missing.
         shared.hypervisor.binaries()?;
+        ensure_free_space(shared.paths.root(), &format!("the disk of vm {name}"))?;
 
         let now = unix_now();
         let record = VmRecord {
@@ -149,6 +150,7 @@ impl Host {
             created_at: now,
         };
         shared.records.create_vm(&record).await?;
+        failpoint("create-after-record");
         if let Err(error) = prepare_disk(shared, &record, image.as_ref()).await {
             // Undo: no directory, no record.
             let _ = tokio::fs::remove_dir_all(shared.paths.vm_dir(&record.uuid)).await;
@@ -332,6 +334,37 @@ impl Host {
                 Ok(true)
             })
             .await
+    }
+}
+
+/// Space the data directory must keep free for a create: the store's log and the overlay's
+/// metadata need a little, and a store that hits a full disk stops accepting writes.
+const MIN_FREE_BYTES: u64 = 64 << 20;
+
+pub(crate) fn ensure_free_space(directory: &Path, what: &str) -> Result<(), AgentError> {
+    let stats = rustix::fs::statvfs(directory)
+        .map_err(|error| AgentError::io(format!("checking free space in {}", directory.display()), error.into()))?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    if free < MIN_FREE_BYTES {
+        return Err(AgentError::DiskFull {
+            directory: directory.display().to_string(),
+            what: what.to_string(),
+            reason: format!(
+                "{} free, {} needed; free some space or move --data-dir",
+                ByteSize(free),
+                ByteSize(MIN_FREE_BYTES)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Test hook: `NOVACRON_FAILPOINT=<name>` makes the process abort at that point, as `kill -9`
+/// would, so tests can check recovery from a crash at an exact step.
+fn failpoint(name: &str) {
+    if std::env::var("NOVACRON_FAILPOINT").is_ok_and(|value| value == name) {
+        tracing::error!(failpoint = name, "failpoint reached, aborting");
+        std::process::abort();
     }
 }
 

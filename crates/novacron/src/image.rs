@@ -18,6 +18,25 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
                     .map(|name| name.to_string_lossy().to_string())
                     .ok_or_else(|| CliError::new(ErrorCode::InvalidArgument, format!("{} has no file name; pass --name", file.display())))?,
             };
+            novacron_types::ImageName::new(name.clone())
+                .map_err(|error| CliError::new(ErrorCode::InvalidArgument, error.to_string()))?;
+            // Ask first: the server refuses a taken name before reading the upload, which a
+            // client still sending the body would only see as a broken connection.
+            match client.get::<ImageRecord>(&format!("/api/v1/images/{}", url_encode(&name))).await {
+                Ok(existing) => {
+                    return Err(CliError::new(
+                        ErrorCode::AlreadyExists,
+                        format!(
+                            "an image named {:?} already exists (id {}); delete it or choose another --name",
+                            existing.name.as_str(),
+                            existing.id
+                        ),
+                    ));
+                }
+                Err(error) if error.code == ErrorCode::NotFound => {}
+                Err(error) if error.code == ErrorCode::InvalidArgument => {}
+                Err(error) => return Err(error),
+            }
             let opened = tokio::fs::File::open(&file).await.map_err(|error| {
                 CliError::new(ErrorCode::InvalidArgument, format!("cannot read {}: {error}", file.display()))
             })?;

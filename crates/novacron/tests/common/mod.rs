@@ -1,0 +1,258 @@
+//! Test harness: a real `novacron serve` process on a temporary data directory and a free port,
+//! driven through the real `novacron` CLI, booting the real test guest under QEMU.
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_novacron");
+
+/// The test guest built by `scripts/build-guest`.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+}
+
+pub fn guest() -> Guest {
+    let directory = std::env::var_os("NOVACRON_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+        cache.join("novacron/guest")
+    });
+    let guest = Guest {
+        kernel: directory.join("vmlinuz"),
+        initrd: directory.join("initrd.img"),
+        disk: directory.join("disk.qcow2"),
+    };
+    assert!(
+        guest.kernel.exists() && guest.initrd.exists() && guest.disk.exists(),
+        "the test guest is missing in {}: run scripts/build-guest first",
+        directory.display()
+    );
+    guest
+}
+
+/// Polls `condition` until it returns `Some` or the deadline passes.
+pub fn poll<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+pub struct TestHost {
+    pub directory: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub port: u16,
+    pub serve: Option<Child>,
+    pub extra_env: Vec<(String, String)>,
+    pub extra_args: Vec<String>,
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+impl TestHost {
+    pub fn new() -> Self {
+        let directory = tempfile::Builder::new().prefix("nc").tempdir_in("/tmp").expect("temp dir");
+        let data_dir = directory.path().join("d");
+        Self { data_dir, directory, port: free_port(), serve: None, extra_env: Vec::new(), extra_args: Vec::new() }
+    }
+
+    pub fn start() -> Self {
+        let mut host = Self::new();
+        host.spawn_serve();
+        host
+    }
+
+    pub fn server(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts `serve` and waits until its API answers.
+    pub fn spawn_serve(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.directory.path().join("serve.log"))
+            .expect("serve log");
+        let mut command = Command::new(BINARY);
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.extra_args)
+            .env("NOVACRON_DATA_DIR", &self.data_dir)
+            .env("NOVACRON_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        self.serve = Some(command.spawn().expect("spawn novacron serve"));
+        let url = format!("{}/api/v1/health", self.server());
+        poll("the API to answer", Duration::from_secs(30), || {
+            if let Some(child) = self.serve.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("novacron serve exited with {status}; log:\n{}", self.serve_log());
+            }
+            http_get_status(&url).filter(|status| *status == 200)
+        });
+    }
+
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.directory.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// `kill -9` of `serve` (QEMU processes are not its children and keep running).
+    pub fn kill_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the CLI against this host.
+    pub fn cli(&self, arguments: &[&str]) -> Output {
+        Command::new(BINARY)
+            .args(arguments)
+            .env("NOVACRON_SERVER", self.server())
+            .env("NOVACRON_DATA_DIR", &self.data_dir)
+            .env_remove("NOVACRON_TOKEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the novacron cli")
+    }
+
+    /// Runs the CLI, asserts success and returns stdout.
+    pub fn ok(&self, arguments: &[&str]) -> String {
+        let output = self.cli(arguments);
+        assert!(
+            output.status.success(),
+            "novacron {arguments:?} failed ({}):\nstdout: {}\nstderr: {}\nserve log tail:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            tail(&self.serve_log(), 3000)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    /// Runs the CLI, asserts it failed with `exit_code` and returns stderr.
+    pub fn fails(&self, arguments: &[&str], exit_code: i32) -> String {
+        let output = self.cli(arguments);
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert_eq!(
+            output.status.code(),
+            Some(exit_code),
+            "novacron {arguments:?}: expected exit {exit_code}, got {}; stderr: {stderr}",
+            output.status
+        );
+        stderr
+    }
+
+    pub fn json(&self, arguments: &[&str]) -> Value {
+        let mut all: Vec<&str> = arguments.to_vec();
+        all.extend(["--output", "json"]);
+        let stdout = self.ok(&all);
+        serde_json::from_str(&stdout).unwrap_or_else(|error| panic!("not json ({error}): {stdout}"))
+    }
+
+    pub fn vm(&self, name: &str) -> Value {
+        self.json(&["vm", "show", name])
+    }
+
+    pub fn import_guest_image(&self, name: &str) {
+        let guest = guest();
+        self.ok(&["image", "import", guest.disk.to_str().expect("utf-8 path"), "--name", name]);
+    }
+
+    /// Creates a VM booting the test guest's kernel with the image as its disk.
+    pub fn create_guest_vm(&self, name: &str, image: &str, extra: &[&str]) -> Value {
+        let guest = guest();
+        let mut arguments = vec![
+            "vm",
+            "create",
+            name,
+            "--image",
+            image,
+            "--memory",
+            "256MiB",
+            "--kernel",
+            guest.kernel.to_str().expect("utf-8"),
+            "--initrd",
+            guest.initrd.to_str().expect("utf-8"),
+            "--cmdline",
+            "console=ttyS0 panic=-1",
+        ];
+        arguments.extend_from_slice(extra);
+        arguments.extend(["--output", "json"]);
+        let stdout = self.ok(&arguments);
+        serde_json::from_str(&stdout).expect("vm json")
+    }
+
+    pub fn serial_log(&self, name: &str) -> String {
+        String::from_utf8_lossy(&self.cli(&["vm", "logs", name]).stdout).to_string()
+    }
+
+    pub fn wait_for_console(&self, name: &str, needle: &str) {
+        poll(&format!("{needle:?} on the console of {name}"), Duration::from_secs(90), || {
+            self.serial_log(name).contains(needle).then_some(())
+        });
+    }
+
+    pub fn wait_for_state(&self, name: &str, state: &str) -> Value {
+        poll(&format!("vm {name} to be {state}"), Duration::from_secs(90), || {
+            let vm = self.vm(name);
+            (vm["status"]["state"] == state).then_some(vm)
+        })
+    }
+
+    pub fn vm_directory(&self, uuid: &str) -> PathBuf {
+        self.data_dir.join("vms").join(uuid.replace('-', ""))
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.kill_serve();
+        // Never leave a QEMU behind: kill every one whose pid file is in this data directory.
+        if let Ok(entries) = std::fs::read_dir(self.data_dir.join("vms")) {
+            for entry in entries.flatten() {
+                if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
+                    let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                }
+            }
+        }
+    }
+}
+
+pub fn tail(text: &str, bytes: usize) -> &str {
+    let start = text.len().saturating_sub(bytes);
+    let start = (start..text.len()).find(|index| text.is_char_boundary(*index)).unwrap_or(text.len());
+    &text[start..]
+}
+
+/// Status code of a plain GET (no token), or `None` when nothing answers.
+pub fn http_get_status(url: &str) -> Option<u16> {
+    let output = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]).output().ok()?;
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok().filter(|code| *code != 0)
+}
+
+pub fn process_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| !stat.contains(") Z "))
+            .unwrap_or(false)
+}
