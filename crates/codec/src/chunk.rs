@@ -79,7 +79,7 @@ impl ChunkingParameters {
         if min > average || average > max {
             return Err("chunk sizes must satisfy min <= average <= max");
         }
-        if min % 2 != 0 || average % 2 != 0 || max % 2 != 0 {
+        if !min.is_multiple_of(2) || !average.is_multiple_of(2) || !max.is_multiple_of(2) {
             return Err("chunk sizes must be even");
         }
         Ok(())

@@ -17,7 +17,7 @@ const MIN_UNCHANGED_GAP: usize = 4;
 fn first_difference(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE], from: usize) -> Option<usize> {
     let mut position = from;
     // Word at a time until aligned to 8, then 8 bytes per step.
-    while position < PAGE_SIZE && position % 8 != 0 {
+    while position < PAGE_SIZE && !position.is_multiple_of(8) {
         if old[position] != new[position] {
             return Some(position);
         }

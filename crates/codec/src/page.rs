@@ -379,7 +379,7 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
     }
 
     fn page_index(block: &str, offset: u64) -> Result<u64, EncodeError> {
-        if offset % PAGE_SIZE as u64 != 0 {
+        if !offset.is_multiple_of(PAGE_SIZE as u64) {
             return Err(EncodeError::UnalignedOffset {
                 block: block.to_owned(),
                 offset,
@@ -668,7 +668,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
                 reason: "must be 1 to 255 bytes",
             });
         }
-        if offset % PAGE_SIZE as u64 != 0 {
+        if !offset.is_multiple_of(PAGE_SIZE as u64) {
             return Err(DecodeError::Malformed {
                 what: "observed page offset",
                 offset: 0,

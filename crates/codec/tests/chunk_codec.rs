@@ -18,7 +18,7 @@ fn deterministic_input(length: usize, seed: u64) -> Vec<u8> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        if state % 7 == 0 {
+        if state.is_multiple_of(7) {
             data.extend_from_slice(b"the quick brown fox jumps over the lazy dog. ");
         } else {
             data.extend_from_slice(&state.to_le_bytes());
