@@ -88,7 +88,9 @@ impl BenchOptions {
                 }
                 "--size-mib" => options.size_bytes = value()?.parse::<u64>()? * MIB,
                 "--trace-size-mib" => options.trace_size_bytes = value()?.parse::<u64>()? * MIB,
-                "--scenarios" => options.scenarios = value()?.split(',').map(String::from).collect(),
+                "--scenarios" => {
+                    options.scenarios = value()?.split(',').map(String::from).collect()
+                }
                 "--tools" => options.tools = value()?.split(',').map(String::from).collect(),
                 "--trace" => options.trace = PathBuf::from(value()?),
                 other => bail!("unknown argument {other}"),
@@ -99,7 +101,9 @@ impl BenchOptions {
 }
 
 async fn run(options: BenchOptions) -> anyhow::Result<()> {
-    let work = tempfile::Builder::new().prefix("transport-bench-").tempdir_in("/var/tmp")?;
+    let work = tempfile::Builder::new()
+        .prefix("transport-bench-")
+        .tempdir_in("/var/tmp")?;
     let largest = options.size_bytes.max(options.trace_size_bytes);
     let data_file = work.path().join("payload.bin");
     eprintln!("writing {} MiB of random data", largest / MIB);
@@ -185,7 +189,12 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
             drop(link);
             let (tool_name, bytes, seconds, mut note) = match outcome {
                 Ok(measured) => measured,
-                Err(error) => (tool_name(tool), scenario.size_bytes, None, format!("failed: {error:#}")),
+                Err(error) => (
+                    tool_name(tool),
+                    scenario.size_bytes,
+                    None,
+                    format!("failed: {error:#}"),
+                ),
             };
             if note.is_empty() {
                 note = format!(
@@ -262,8 +271,14 @@ fn write_random_file(path: &Path, size: u64) -> anyhow::Result<()> {
 fn write_identities(directory: &Path) -> anyhow::Result<()> {
     for role in ["send", "recv"] {
         let identity = HostIdentity::generate_self_signed(role)?;
-        std::fs::write(directory.join(format!("{role}.crt")), identity.certificate_chain()[0].as_ref())?;
-        std::fs::write(directory.join(format!("{role}.key")), identity.private_key_pkcs8_der())?;
+        std::fs::write(
+            directory.join(format!("{role}.crt")),
+            identity.certificate_chain()[0].as_ref(),
+        )?;
+        std::fs::write(
+            directory.join(format!("{role}.key")),
+            identity.private_key_pkcs8_der(),
+        )?;
     }
     Ok(())
 }
@@ -274,9 +289,9 @@ fn load_tls(directory: &Path, own: &str, peer: &str) -> anyhow::Result<TlsSettin
     let peer_certificate = std::fs::read(directory.join(format!("{peer}.crt")))?;
     Ok(TlsSettings {
         identity: HostIdentity::from_der(vec![CertificateDer::from(certificate)], key)?,
-        trust: PeerTrust::PinnedFingerprints(vec![novacron_transport::Fingerprint::of_certificate(
-            &peer_certificate,
-        )]),
+        trust: PeerTrust::PinnedFingerprints(vec![
+            novacron_transport::Fingerprint::of_certificate(&peer_certificate),
+        ]),
     })
 }
 
@@ -288,7 +303,9 @@ async fn timed_transfer(
     limit: Duration,
 ) -> anyhow::Result<(f64, String, String)> {
     receiver.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut receiver = tokio::process::Command::from(receiver).kill_on_drop(true).spawn()?;
+    let mut receiver = tokio::process::Command::from(receiver)
+        .kill_on_drop(true)
+        .spawn()?;
     let stdout = receiver.stdout.take().context("receiver stdout")?;
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -299,7 +316,9 @@ async fn timed_transfer(
     }
     sender.stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
-    let sender = tokio::process::Command::from(sender).kill_on_drop(true).spawn()?;
+    let sender = tokio::process::Command::from(sender)
+        .kill_on_drop(true)
+        .spawn()?;
     let receiver_output = async {
         let mut rest = String::new();
         while let Some(line) = lines.next_line().await? {
@@ -316,6 +335,9 @@ async fn timed_transfer(
     let sender_output = tokio::time::timeout(Duration::from_secs(30), sender.wait_with_output())
         .await
         .context("sender did not exit")??;
+    if std::env::var_os("DWCP_BENCH_VERBOSE").is_some() {
+        eprint!("{}", String::from_utf8_lossy(&sender_output.stderr));
+    }
     if !status.success() {
         bail!("receiver failed: {status}");
     }
@@ -326,7 +348,11 @@ async fn timed_transfer(
             String::from_utf8_lossy(&sender_output.stderr)
         );
     }
-    Ok((seconds, receiver_text, String::from_utf8_lossy(&sender_output.stdout).into_owned()))
+    Ok((
+        seconds,
+        receiver_text,
+        String::from_utf8_lossy(&sender_output.stdout).into_owned(),
+    ))
 }
 
 fn time_limit(scenario: &Scenario) -> Duration {
@@ -356,8 +382,14 @@ async fn run_novacron(
         .env("DWCP_BENCH_DIR", work)
         .env("DWCP_BENCH_FILE", data_file)
         .env("DWCP_BENCH_BYTES", scenario.size_bytes.to_string())
-        .env("DWCP_BENCH_RATE_HINT", scenario.link_bits_per_second.to_string())
-        .env("DWCP_BENCH_PEER", format!("{}:{NOVACRON_PORT}", link.addr_b()));
+        .env(
+            "DWCP_BENCH_RATE_HINT",
+            scenario.link_bits_per_second.to_string(),
+        )
+        .env(
+            "DWCP_BENCH_PEER",
+            format!("{}:{NOVACRON_PORT}", link.addr_b()),
+        );
     let (seconds, receiver_text, sender_text) =
         timed_transfer(receiver, sender, time_limit(scenario)).await?;
     let expected = hash_prefix(data_file, scenario.size_bytes)?;
@@ -371,7 +403,12 @@ async fn run_novacron(
         field(&sender_text, "congestion_control").unwrap_or_default(),
         field(&sender_text, "key_exchange_group").unwrap_or_default(),
     );
-    Ok((tool_name("novacron"), scenario.size_bytes, Some(seconds), note))
+    Ok((
+        tool_name("novacron"),
+        scenario.size_bytes,
+        Some(seconds),
+        note,
+    ))
 }
 
 fn field(text: &str, key: &str) -> Option<String> {
@@ -413,8 +450,17 @@ async fn run_socat(
     ]);
     // Give the listener a moment to bind after printing ready: retry the connect in socat.
     let (seconds, _, _) = timed_transfer(receiver, sender, time_limit(scenario)).await?;
-    let tool = if congestion_control.is_some() { "socat-cubic" } else { "socat" };
-    Ok((tool_name(tool), scenario.size_bytes, Some(seconds), String::new()))
+    let tool = if congestion_control.is_some() {
+        "socat-cubic"
+    } else {
+        "socat"
+    };
+    Ok((
+        tool_name(tool),
+        scenario.size_bytes,
+        Some(seconds),
+        String::new(),
+    ))
 }
 
 async fn run_rsync(
@@ -466,7 +512,12 @@ async fn run_rsync(
     let (seconds, _, _) = timed_transfer(receiver, sender, time_limit(scenario)).await?;
     let _ = std::fs::remove_dir_all(&destination);
     let _ = std::fs::remove_dir_all(&source);
-    Ok((tool_name("rsync"), scenario.size_bytes, Some(seconds), String::new()))
+    Ok((
+        tool_name("rsync"),
+        scenario.size_bytes,
+        Some(seconds),
+        String::new(),
+    ))
 }
 
 async fn run_scp(
@@ -535,12 +586,20 @@ async fn run_scp(
     let _ = std::fs::remove_file(ssh.join("scp-done"));
     let _ = std::fs::remove_file(&part);
     let (seconds, _, _) = outcome?;
-    Ok((tool_name("scp"), scenario.size_bytes, Some(seconds), String::new()))
+    Ok((
+        tool_name("scp"),
+        scenario.size_bytes,
+        Some(seconds),
+        String::new(),
+    ))
 }
 
 async fn run_iperf(link: &RunningLink, scenario: &Scenario) -> anyhow::Result<Measured> {
     let mut receiver = link.command_in_b("sh");
-    receiver.args(["-c", &format!("echo ready; exec iperf3 -s -1 -p {IPERF_PORT} >/dev/null")]);
+    receiver.args([
+        "-c",
+        &format!("echo ready; exec iperf3 -s -1 -p {IPERF_PORT} >/dev/null"),
+    ]);
     let mut sender = link.command_in_a("sh");
     sender.args([
         "-c",
@@ -577,7 +636,9 @@ fn environment(name: &str) -> anyhow::Result<String> {
 fn child_receive() -> anyhow::Result<()> {
     let directory = PathBuf::from(environment("DWCP_BENCH_DIR")?);
     let listen: SocketAddr = environment("DWCP_BENCH_LISTEN")?.parse()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let tls = load_tls(&directory, "recv", "send")?;
         let listener = Listener::bind(listen, &tls, SessionOptions::default()).await?;
@@ -593,7 +654,8 @@ fn child_receive() -> anyhow::Result<()> {
         println!("bytes={total}");
         println!("blake3={}", hasher.finalize().to_hex());
         // Wait for the sender's close so its final acknowledgements get through.
-        let _ = tokio::time::timeout(Duration::from_secs(5), session.control().next_incoming()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), session.control().next_incoming()).await;
         Ok(())
     })
 }
@@ -634,7 +696,9 @@ fn child_send() -> anyhow::Result<()> {
             }
         }
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let tls = load_tls(&directory, "send", "recv")?;
         let options = SessionOptions {
@@ -649,8 +713,14 @@ fn child_send() -> anyhow::Result<()> {
         session.flush().await?;
         let stats = session.stats();
         println!("bulk_connections={}", stats.target_bulk_connections);
-        println!("congestion_control={}", stats.congestion_control.unwrap_or_default());
-        println!("key_exchange_group={}", stats.key_exchange_group.unwrap_or_default());
+        println!(
+            "congestion_control={}",
+            stats.congestion_control.unwrap_or_default()
+        );
+        println!(
+            "key_exchange_group={}",
+            stats.key_exchange_group.unwrap_or_default()
+        );
         println!("retransmitted={}", stats.bulk_bytes_retransmitted);
         session.close().await?;
         Ok::<_, anyhow::Error>(())

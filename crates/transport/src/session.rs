@@ -306,6 +306,7 @@ struct SessionCore {
     measured_rate_bytes_per_second: f64,
 }
 
+#[derive(Clone)]
 struct DialerContext {
     address: SocketAddr,
     connector: TlsConnector,
@@ -691,6 +692,31 @@ impl Session {
         };
         let session_id: SessionId = rand::random();
         let dial_started = Instant::now();
+        // The first bulk connections are dialed alongside the control connection (the listener
+        // holds them until the session exists), so data can flow one handshake earlier.
+        let first_wave = options
+            .initial_bulk_connections
+            .unwrap_or(options.minimum_bulk_connections)
+            .clamp(
+                options.minimum_bulk_connections,
+                options.maximum_bulk_connections,
+            );
+        let early_bulk: Vec<_> = (1..=first_wave)
+            .map(|index| {
+                let dialer = dialer.clone();
+                let options = options.clone();
+                tokio::spawn(async move {
+                    let hello = Hello {
+                        code: ConnectionPurpose::Bulk as u8,
+                        session_id,
+                        connection_index: index,
+                        bulk_receive_window: options.bulk_receive_window_bytes,
+                        control_receive_window: options.control_window_bytes,
+                    };
+                    dial(&dialer, &options, hello).await
+                })
+            })
+            .collect();
         let established = dial(
             &dialer,
             &options,
@@ -702,7 +728,16 @@ impl Session {
                 control_receive_window: options.control_window_bytes,
             },
         )
-        .await?;
+        .await;
+        let established = match established {
+            Ok(established) => established,
+            Err(error) => {
+                for handle in &early_bulk {
+                    handle.abort();
+                }
+                return Err(error);
+            }
+        };
         let shared = SessionShared::new(
             session_id,
             established.peer_fingerprint,
@@ -720,10 +755,12 @@ impl Session {
                 options.maximum_bulk_connections,
             )
         });
-        let initial_bulk_connections = initial_bulk_connections.clamp(
-            options.minimum_bulk_connections,
-            options.maximum_bulk_connections,
-        );
+        let initial_bulk_connections = initial_bulk_connections
+            .clamp(
+                options.minimum_bulk_connections,
+                options.maximum_bulk_connections,
+            )
+            .max(first_wave);
         {
             let mut core = shared.lock();
             core.key_exchange_group = established.key_exchange_group.clone();
@@ -748,7 +785,29 @@ impl Session {
             0,
             Some(established.stream),
         ));
-        for index in 1..=initial_bulk_connections {
+        for (position, handle) in early_bulk.into_iter().enumerate() {
+            let first = match handle.await {
+                Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
+                    Some(bulk.stream)
+                }
+                Ok(Ok(_)) => {
+                    tracing::warn!(session = %shared.session_name, "bulk connection reached a different peer");
+                    None
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(session = %shared.session_name, error = %error, "early bulk connection failed");
+                    None
+                }
+                Err(_) => None,
+            };
+            tokio::spawn(maintain_connection(
+                shared.clone(),
+                Lane::Bulk,
+                position as u32 + 1,
+                first,
+            ));
+        }
+        for index in first_wave + 1..=initial_bulk_connections {
             tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, index, None));
         }
         tokio::spawn(supervise(shared.clone()));
@@ -828,15 +887,24 @@ impl Session {
         }
     }
 
-    /// Ends the bulk stream if not done yet, tells the peer the session is closing, waits until
-    /// the peer has received everything, and shuts the session down.
+    /// Ends the bulk stream if not done yet, waits until the peer has received everything sent,
+    /// tells the peer the session is closing, and shuts the session down. The goodbye itself is
+    /// best effort (bounded by a short wait): everything that matters was acknowledged before it.
     pub async fn close(self) -> Result<(), TransportError> {
         if self.shared.lock().state == SessionState::Open {
             self.finish().await?;
+            self.flush().await?;
             self.shared
                 .enqueue(Lane::Control, Bytes::new(), true)
                 .await?;
-            self.flush().await?;
+            let goodbye_wait = self
+                .shared
+                .lock()
+                .round_trip_estimate
+                .unwrap_or(Duration::from_millis(100))
+                .saturating_mul(4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(2));
+            let _ = tokio::time::timeout(goodbye_wait, self.flush()).await;
         }
         self.shared.shut_down();
         Ok(())
@@ -1368,6 +1436,36 @@ struct ListenerContext {
     registry: SessionRegistry,
     counters: ListenerCounters,
     new_sessions: mpsc::Sender<Session>,
+    /// Woken whenever a session is registered.
+    registered: Notify,
+}
+
+/// Looks a session up; a connection may arrive just before the one that opens its session
+/// (the dialer opens them together), so wait briefly for it. Only authenticated peers get here.
+async fn find_session(
+    context: &ListenerContext,
+    key: &(Fingerprint, SessionId),
+) -> Option<Arc<SessionShared>> {
+    let deadline = tokio::time::Instant::now()
+        + context
+            .options
+            .handshake_timeout
+            .min(Duration::from_secs(2));
+    loop {
+        let notified = pin!(context.registered.notified());
+        let mut notified = notified;
+        notified.as_mut().enable();
+        let found = context
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(key)
+            .and_then(Weak::upgrade);
+        if found.is_some() || tokio::time::Instant::now() >= deadline {
+            return found;
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
 }
 
 /// Accepts sessions from authenticated peers.
@@ -1410,6 +1508,7 @@ impl Listener {
             registry: Mutex::new(HashMap::new()),
             counters: ListenerCounters::default(),
             new_sessions,
+            registered: Notify::new(),
         });
         let (shutdown, _) = watch::channel(false);
         tokio::spawn(accept_loop(tcp, context.clone(), shutdown.subscribe()));
@@ -1582,6 +1681,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                     }
                 }
             };
+            context.registered.notify_waiters();
             let Some(shared) = created else {
                 refuse_connection(
                     &context,
@@ -1595,12 +1695,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             (shared, Lane::Control, true)
         }
         Some(purpose) => {
-            let found = context
-                .registry
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .get(&key)
-                .and_then(Weak::upgrade);
+            let found = find_session(&context, &key).await;
             let Some(shared) = found.filter(|shared| !shared.is_terminal()) else {
                 tracing::warn!(%peer, %peer_fingerprint, "connection for an unknown session refused");
                 refuse_connection(

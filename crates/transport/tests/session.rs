@@ -196,9 +196,12 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
         let stats = dialer.stats();
         assert!(stats.reconnections >= 3, "{stats:?}");
         assert!(proxy.connections.load(std::sync::atomic::Ordering::Relaxed) > 4);
-        // Resent bytes are bounded by what was unacknowledged at the cuts: at most the window
-        // each time.
-        assert!(stats.bulk_bytes_retransmitted <= 3 * (2 << 20), "{stats:?}");
+        // Only unacknowledged frames are resent: at most a send window per lost connection (a
+        // requeued frame can land on a connection that is already cut but not yet noticed).
+        assert!(
+            stats.bulk_bytes_retransmitted <= stats.reconnections * (2 << 20),
+            "{stats:?}"
+        );
     })
     .await;
 }
