@@ -5,32 +5,18 @@
 //! Run: `cargo bench -p novacron-qemu --bench launch_overhead` (after `scripts/build-guest`).
 //! `NOVACRON_BENCH_ITERATIONS` (default 5) sets the number of boots of each kind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use novacron_qemu::{
     Accelerator, DirectKernelBoot, ImageFormat, LaunchSpec, QemuBinaries, QemuImg, QemuVm,
-    probe_accelerator,
+    TestGuest, probe_accelerator,
 };
 
-const READY_LINE: &str = "NOVACRON-GUEST-READY";
-const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+const READY_LINE: &str = novacron_qemu::test_guest::READY_LINE;
+const CMDLINE: &str = novacron_qemu::test_guest::DEFAULT_CMDLINE;
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn guest_directory() -> PathBuf {
-    match std::env::var_os("NOVACRON_GUEST_DIR") {
-        Some(directory) => PathBuf::from(directory),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
-                });
-            cache.join("novacron/guest")
-        }
-    }
-}
 
 /// Polls `log` every millisecond until the ready line appears; returns the time since `start`.
 async fn time_to_ready(log: &Path, start: Instant) -> Result<Duration, String> {
@@ -165,13 +151,9 @@ async fn main() -> Result<(), String> {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(5);
-    let guest = guest_directory();
-    if !guest.join("vmlinuz").is_file() {
-        return Err(format!(
-            "no test guest in {}: run scripts/build-guest first",
-            guest.display()
-        ));
-    }
+    let guest = TestGuest::locate()
+        .map_err(|error| error.to_string())?
+        .directory;
     let binaries = QemuBinaries::locate().map_err(|error| error.to_string())?;
     let probe = probe_accelerator(&binaries).await;
     eprintln!("accelerator: {} ({})", probe.accelerator, probe.reason);

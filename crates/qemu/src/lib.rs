@@ -4,7 +4,7 @@
 //! whether KVM can really run a guest ([`accelerator`]), launches QEMU detached in its own session
 //! with a QMP socket, a pid file and a logged serial console ([`launch`]), talks QMP ([`qmp`]),
 //! re-attaches to a QEMU left running by a previous `novacron serve`, watches for its exit and stops
-//! it ([`vm`]), and wraps `qemu-img` ([`image`]). It keeps no desired state and makes no policy
+//! it ([`vm`]), and wraps `qemu-img` ([`image`]). [`test_guest`] finds the project's test guest. It keeps no desired state and makes no policy
 //! decisions (restart, placement): the VM manager above it does.
 //!
 //! The usual flow:
@@ -29,6 +29,7 @@ pub mod binaries;
 pub mod image;
 pub mod launch;
 pub mod qmp;
+pub mod test_guest;
 pub mod vm;
 
 pub use accelerator::{Accelerator, AcceleratorProbe, probe_accelerator, probe_accelerator_cached};
@@ -36,4 +37,5 @@ pub use binaries::{BinaryError, QemuBinaries};
 pub use image::{ImageCheck, ImageError, ImageFormat, ImageInfo, QemuImg};
 pub use launch::{DirectKernelBoot, DiskSpec, LaunchSpec, RunDirectory};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpEventKind, RunState, StatusInfo};
+pub use test_guest::{TestGuest, TestGuestError, wait_for_console_text};
 pub use vm::{QemuExit, QemuExitReason, QemuVm, VmError};

@@ -5,9 +5,9 @@ mod common;
 
 use novacron_qemu::{QemuExitReason, QemuVm, QmpEventKind, RunState, VmError};
 
-use common::{
-    READY_LINE, binaries, guest_spec, run_directory, wait_for_console, wait_for_process_gone,
-};
+use novacron_qemu::test_guest::READY_LINE;
+
+use common::{binaries, guest_spec, run_directory, wait_for_console, wait_for_process_gone};
 
 async fn next_event_of(
     events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
