@@ -404,25 +404,51 @@ impl Store {
                 Err(RaftError::Fatal(fatal)) => return Err(fatal_error(fatal)),
             }
         }
-        let metrics = self.metrics();
+        // The metrics are published by raft's own task: wait until they show the membership.
+        let metrics = self
+            .wait_for("raft to load its membership", config.startup_timeout, |metrics| {
+                !metrics.membership.voters.is_empty()
+            })
+            .await?;
         let only_voter = metrics.membership.voters == BTreeSet::from([config.node_id]);
         if !only_voter {
             // A member of a larger cluster: its peers elect a leader; don't block start-up.
             return Ok(());
         }
-        if metrics.leader_id != Some(config.node_id) {
-            // Alone, there is nobody to wait for: campaign now instead of after an election
-            // timeout.
-            raft.trigger().elect().await.map_err(fatal_error)?;
-        }
         let node_id = config.node_id;
-        self.wait_for(
-            "this node to lead its single-node cluster",
-            config.startup_timeout,
-            |metrics| metrics.leader_id == Some(node_id) && metrics.role == NodeRole::Leader,
-        )
-        .await?;
-        Ok(())
+        let leads = |metrics: &StoreMetrics| {
+            metrics.leader_id == Some(node_id) && metrics.role == NodeRole::Leader
+        };
+        let deadline = Instant::now() + config.startup_timeout;
+        if initialized {
+            // A restarted sole voter whose vote was committed restores itself as leader at
+            // once. Otherwise, alone, there is nobody to wait for: campaign now rather than after
+            // an election timeout. (A fresh cluster campaigns inside `initialize`.)
+            let quick = self
+                .wait_for("leadership restored", config.timing.heartbeat_interval, leads)
+                .await;
+            if quick.is_err() && self.metrics().role == NodeRole::Follower {
+                raft.trigger().elect().await.map_err(fatal_error)?;
+            }
+        }
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            self.wait_for("this node to lead its single-node cluster", remaining, leads)
+                .await?;
+            // Confirm with raft itself (the metrics may lag behind a new election).
+            match raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(RaftError::APIError(error)) => {
+                    return Err(StoreError::Raft {
+                        message: format!("single-node cluster did not settle: {error}"),
+                    });
+                }
+                Err(RaftError::Fatal(fatal)) => return Err(fatal_error(fatal)),
+            }
+        }
     }
 
     /// This node's raft id.
