@@ -496,6 +496,40 @@ fn disk_part(level: i32, link_mbit: f64) {
         index_seconds
     );
 
+    // A guest's RAM against a destination that holds the disk image: page-cache pages holding
+    // file contents are found through the store's 4 KiB-aligned index (DESIGN.md 2.5).
+    if let Some(path) = environment("CODEC_BENCH_RAM_IMAGE") {
+        let mut image = Vec::new();
+        File::open(&path)
+            .and_then(|mut file| file.read_to_end(&mut image))
+            .expect("reading CODEC_BENCH_RAM_IMAGE");
+        image.truncate(image.len() / PAGE_SIZE * PAGE_SIZE);
+        for (name, remote) in [("no store", None), ("store holds base.raw", Some(&store))] {
+            let mut encoder = PageEncoder::new(
+                PageEncoderConfig {
+                    zstd_level: level,
+                    query_destination: remote.is_some(),
+                    ..Default::default()
+                },
+                &store,
+            )
+            .unwrap();
+            let mut frame = Vec::new();
+            let ((), seconds, cpu_seconds) =
+                timed(|| send_pages(&mut encoder, "pc.ram", &image, &mut frame));
+            let stats = encoder.stats();
+            println!(
+                "\nRAM image {path} ({name}, zstd {level}): {} bytes → {} on the wire ({:.1}×), {:.2} GB/s per core ({:.2} elapsed); {}",
+                image.len(),
+                stats.frame_bytes,
+                image.len() as f64 / stats.frame_bytes.max(1) as f64,
+                gigabytes_per_second(image.len() as u64, cpu_seconds),
+                gigabytes_per_second(image.len() as u64, seconds),
+                tiers(stats)
+            );
+        }
+    }
+
     // Send the second image.
     let mut encoder = ChunkEncoder::new(
         ChunkEncoderConfig {
