@@ -162,7 +162,9 @@ async fn main() -> Result<(), String> {
     let mut driver = Vec::new();
     let mut driver_with_overlay = Vec::new();
     for iteration in 0..iterations {
-        for kind in 0..3 {
+        // Rotate the order every iteration so no kind always follows the same other kind.
+        for offset in 0..3 {
+            let kind = (iteration + offset) % 3;
             let run_dir = tempfile::Builder::new()
                 .prefix("ncq-bench-")
                 .tempdir_in("/tmp")

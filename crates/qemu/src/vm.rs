@@ -245,6 +245,13 @@ impl QemuVm {
     /// On failure nothing is left running and the error carries QEMU's stderr.
     pub async fn launch(binaries: &QemuBinaries, spec: &LaunchSpec) -> Result<Self, VmError> {
         let name = spec.name.clone();
+        // QEMU runs with its run directory as working directory (a core dump lands there), so
+        // every path it is given must be absolute.
+        let spec = &absolute_paths(spec).map_err(|source| VmError::RunDirectory {
+            name: name.clone(),
+            path: spec.run_dir.clone(),
+            source,
+        })?;
         spec.validate().map_err(|detail| VmError::InvalidSpec {
             name: name.clone(),
             detail,
@@ -325,6 +332,7 @@ impl QemuVm {
         };
         command
             .args(spec.qemu_arguments())
+            .current_dir(run_directory.path())
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout_log))
             .stderr(Stdio::from(log))
@@ -618,6 +626,21 @@ impl QemuVm {
             }),
         }
     }
+}
+
+fn absolute_paths(spec: &LaunchSpec) -> std::io::Result<LaunchSpec> {
+    let mut spec = spec.clone();
+    spec.run_dir = std::path::absolute(&spec.run_dir)?;
+    if let Some(disk) = spec.disk.as_mut() {
+        disk.path = std::path::absolute(&disk.path)?;
+    }
+    if let Some(kernel) = spec.kernel.as_mut() {
+        kernel.kernel = std::path::absolute(&kernel.kernel)?;
+        if let Some(initrd) = kernel.initrd.as_mut() {
+            *initrd = std::path::absolute(&*initrd)?;
+        }
+    }
+    Ok(spec)
 }
 
 async fn wait_for_qmp(

@@ -293,3 +293,106 @@ async fn memory_workload_reports_progress_and_intact_memory() {
     wait_for_console(&console, "NOVACRON-WORKLOAD tick=5 ").await;
     vm.force_stop().await.expect("force stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serial_console_socket_is_interactive_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let run_dir = run_directory();
+    let spec = guest_spec("console", run_dir.path(), None).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let console_log = vm.run_directory().console_log();
+    wait_for_console(&console_log, READY_LINE).await;
+
+    let mut console = tokio::net::UnixStream::connect(vm.run_directory().console_socket())
+        .await
+        .expect("connect to the console socket");
+    // The shell computes the marker, so seeing it proves the input reached the guest.
+    console
+        .write_all(b"\necho console-$((6 * 7))-ok\n")
+        .await
+        .expect("write");
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(common::GUEST_DEADLINE, async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let read = console.read(&mut buffer).await.expect("read");
+            assert!(read > 0, "console closed");
+            seen.extend_from_slice(&buffer[..read]);
+            if String::from_utf8_lossy(&seen).contains("console-42-ok") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "no echo on the console: {}",
+        String::from_utf8_lossy(&seen)
+    );
+    // What the socket client saw is also in the log file.
+    wait_for_console(&console_log, "console-42-ok").await;
+    vm.force_stop().await.expect("force stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_forces_quit_when_the_guest_ignores_the_power_button() {
+    let run_dir = run_directory();
+    // Paused vCPUs cannot react to the ACPI power button.
+    let spec = guest_spec("ignores", run_dir.path(), None)
+        .await
+        .start_paused(true);
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let status = vm.qmp().query_status().await.expect("query-status");
+    assert_eq!(status.status, RunState::Prelaunch);
+    let exit = vm
+        .stop(std::time::Duration::from_secs(2))
+        .await
+        .expect("stop");
+    assert_eq!(
+        exit.reason,
+        QemuExitReason::HostShutdown {
+            reason: "host-qmp-quit".into()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_told_apart_crash_versus_orderly_termination() {
+    for (signal, expected) in [
+        (
+            "-SEGV",
+            QemuExitReason::Crashed {
+                signal: libc::SIGSEGV,
+            },
+        ),
+        (
+            "-TERM",
+            QemuExitReason::HostShutdown {
+                reason: "host-signal".into(),
+            },
+        ),
+    ] {
+        let run_dir = run_directory();
+        let spec = guest_spec("signalled", run_dir.path(), None)
+            .await
+            .start_paused(true);
+        let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+        let status = std::process::Command::new("kill")
+            .args([signal, &vm.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = tokio::time::timeout(common::GUEST_DEADLINE, vm.wait_for_exit())
+            .await
+            .expect("exit reported");
+        assert_eq!(exit.reason, expected, "{signal}: {exit}");
+        if signal == "-TERM" {
+            assert!(
+                exit.qemu_log_tail.contains("terminating on signal 15"),
+                "{}",
+                exit.qemu_log_tail
+            );
+        }
+    }
+}
