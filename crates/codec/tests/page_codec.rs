@@ -396,3 +396,15 @@ proptest! {
         let _ = decoder.decode_frame(&frame, |_, _, _| {});
     }
 }
+
+/// The migration proxy and the transport move codec state between threads and tasks.
+#[test]
+fn codec_state_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<PageEncoder<MemoryRepository>>();
+    assert_send::<PageDecoder<MemoryRepository>>();
+    assert_send::<novacron_codec::ChunkEncoder<MemoryRepository>>();
+    assert_send::<novacron_codec::ChunkDecoder<MemoryRepository>>();
+    assert_send_sync::<novacron_codec::ChunkStore>();
+}
