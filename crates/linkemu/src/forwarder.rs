@@ -8,8 +8,8 @@ use std::cmp::Ordering as CompareOrdering;
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,19 @@ fn add(counter: &AtomicU64, amount: u64) {
 pub(crate) struct DirectionHandle {
     pub(crate) counters: DirectionCounters,
     pub(crate) disconnected: AtomicBool,
+    /// A model to switch to (a reshaped link); packets already in flight keep their times.
+    pub(crate) replacement: Mutex<Option<DirectionModel>>,
+    pub(crate) replacement_pending: AtomicBool,
+}
+
+impl DirectionHandle {
+    pub(crate) fn replace_model(&self, model: DirectionModel) {
+        *self
+            .replacement
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(model);
+        self.replacement_pending.store(true, Ordering::Release);
+    }
 }
 
 struct Pending {
@@ -155,6 +168,15 @@ fn run_direction(mut direction: Direction, clock_start: Instant, stop: &AtomicBo
     let handle = Arc::clone(&direction.handle);
     let counters = &handle.counters;
     while !stop.load(Ordering::Relaxed) {
+        if handle.replacement_pending.swap(false, Ordering::Acquire)
+            && let Some(model) = handle
+                .replacement
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        {
+            direction.model = model;
+        }
         let now = elapsed_ns(clock_start);
         release_due(&mut direction, &mut pending, &mut spare_buffers, now);
         let wait = pending

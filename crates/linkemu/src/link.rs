@@ -6,8 +6,8 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -284,8 +284,10 @@ impl LinkBuilder {
             namespace_b,
             address_a: self.address_a,
             address_b: self.address_b,
-            shapes: [a_to_b, b_to_a],
-            queue_limits,
+            shapes: Mutex::new([a_to_b, b_to_a]),
+            queue_limits: Mutex::new(queue_limits),
+            seed: self.seed,
+            reshapes: AtomicU64::new(0),
         })
     }
 }
@@ -308,8 +310,17 @@ pub struct RunningLink {
     namespace_b: String,
     address_a: Ipv4Addr,
     address_b: Ipv4Addr,
-    shapes: [DirectionShape; 2],
-    queue_limits: [u64; 2],
+    shapes: Mutex<[DirectionShape; 2]>,
+    queue_limits: Mutex<[u64; 2]>,
+    seed: u64,
+    reshapes: AtomicU64,
+}
+
+fn index_of(direction: LinkDirection) -> usize {
+    match direction {
+        LinkDirection::AToB => 0,
+        LinkDirection::BToA => 1,
+    }
 }
 
 impl RunningLink {
@@ -329,19 +340,32 @@ impl RunningLink {
     pub fn addr_b(&self) -> Ipv4Addr {
         self.address_b
     }
-    /// The shape a direction was built with (traces resolved).
-    pub fn shape(&self, direction: LinkDirection) -> &DirectionShape {
-        match direction {
-            LinkDirection::AToB => &self.shapes[0],
-            LinkDirection::BToA => &self.shapes[1],
-        }
+    /// The shape a direction has now (traces resolved).
+    pub fn shape(&self, direction: LinkDirection) -> DirectionShape {
+        self.shapes.lock().unwrap_or_else(PoisonError::into_inner)[index_of(direction)].clone()
     }
     /// The drop-tail limit in force for a direction, bytes.
     pub fn queue_limit_bytes(&self, direction: LinkDirection) -> u64 {
-        match direction {
-            LinkDirection::AToB => self.queue_limits[0],
-            LinkDirection::BToA => self.queue_limits[1],
-        }
+        self.queue_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)[index_of(direction)]
+    }
+    /// Changes a direction's shape while the link runs (a capacity drop, a loss burst): packets
+    /// already past the bottleneck keep their delivery times, new ones follow the new shape,
+    /// and the bottleneck queue starts empty. The loss and jitter streams are reseeded from the
+    /// link's seed and the number of reshapes, so a scripted sequence stays reproducible.
+    pub fn set_shape(&self, direction: LinkDirection, shape: DirectionShape) {
+        let index = index_of(direction);
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        shapes[index] = shape;
+        let round_trip = shapes[0].delay + shapes[1].delay;
+        let generation = self.reshapes.fetch_add(1, Ordering::Relaxed) + 1;
+        let seed = self.seed ^ generation.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ index as u64;
+        let model = DirectionModel::new(&shapes[index], round_trip, seed);
+        self.queue_limits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)[index] = model.queue_limit_bytes();
+        self.forwarder.handles[index].replace_model(model);
     }
     /// `ip netns exec <ns A> <program>`; add arguments and run it as usual.
     pub fn command_in_a(&self, program: &str) -> Command {
@@ -368,11 +392,7 @@ impl RunningLink {
     }
     /// Cuts (false) or restores (true) one direction: while cut, every packet is dropped.
     pub fn set_direction_connected(&self, direction: LinkDirection, connected: bool) {
-        let index = match direction {
-            LinkDirection::AToB => 0,
-            LinkDirection::BToA => 1,
-        };
-        self.forwarder.handles[index]
+        self.forwarder.handles[index_of(direction)]
             .disconnected
             .store(!connected, Ordering::Relaxed);
     }

@@ -107,13 +107,9 @@ fn loss_rate_matches_configured_probability() {
     let sender = udp_socket_in_a(&link);
     let sent = 20_000u64;
     let receiving = std::thread::spawn(move || {
-        receive_indexes(
-            &receiver,
-            Duration::from_millis(500),
-            Duration::from_secs(60),
-        )
+        receive_indexes(&receiver, Duration::from_secs(2), Duration::from_secs(60))
     });
-    send_paced(&sender, to, sent, 100, 10_000.0);
+    send_paced(&sender, to, sent, 100, 8_000.0);
     let received = receiving.join().expect("receiver thread").len() as u64;
     let measured = 1.0 - received as f64 / sent as f64;
     assert!(
@@ -308,6 +304,41 @@ fn partition_drops_everything_until_healed() {
     assert_eq!(
         measure_round_trips(&client, echo.address, 3, Duration::from_secs(2)).len(),
         3
+    );
+}
+
+#[test]
+fn shape_changes_while_the_link_runs() {
+    let link = LinkEmulator::builder()
+        .name_prefix("reshape")
+        .delay(Duration::from_millis(2))
+        .spawn()
+        .expect("spawn link");
+    let echo = echo_on_b(&link);
+    let client = udp_socket_in_a(&link);
+    let mut before = measure_round_trips(&client, echo.address, 10, Duration::from_secs(2));
+    assert!(median(&mut before) < Duration::from_millis(10));
+    link.set_shape(
+        LinkDirection::AToB,
+        novacron_linkemu::DirectionShape {
+            delay: Duration::from_millis(30),
+            ..link.shape(LinkDirection::AToB)
+        },
+    );
+    let mut after = measure_round_trips(&client, echo.address, 10, Duration::from_secs(2));
+    assert_eq!(after.len(), 10);
+    let after = median(&mut after);
+    assert!(
+        after >= Duration::from_millis(32) && after <= Duration::from_millis(32).mul_f64(1.10),
+        "round trip after reshaping {after:?}"
+    );
+    assert_eq!(
+        link.shape(LinkDirection::AToB).delay,
+        Duration::from_millis(30)
+    );
+    assert_eq!(
+        link.shape(LinkDirection::BToA).delay,
+        Duration::from_millis(2)
     );
 }
 
