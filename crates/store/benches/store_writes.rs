@@ -67,7 +67,10 @@ async fn store_writes(dir: &Path, writers: usize, duration: Duration) -> Figures
     // Warm-up: a few writes so the first fsyncs of a fresh file are not counted.
     for index in 0..20 {
         if let Err(error) = store.put(format!("warmup/{index}"), vm_record(index)).await {
-            panic!("warm-up write {index}: {error}; metrics {:?}", store.metrics());
+            panic!(
+                "warm-up write {index}: {error}; metrics {:?}",
+                store.metrics()
+            );
         }
     }
     let started = Instant::now();
@@ -230,17 +233,34 @@ fn main() {
         println!("|---|---:|---:|---:|---:|");
         let writer_counts: Vec<usize> = std::env::var("STORE_BENCH_WRITERS")
             .ok()
-            .map(|list| list.split(',').filter_map(|item| item.trim().parse().ok()).collect())
+            .map(|list| {
+                list.split(',')
+                    .filter_map(|item| item.trim().parse().ok())
+                    .collect()
+            })
             .unwrap_or_else(|| vec![1, 256]);
         for writers in writer_counts {
-            let mut store_figures =
-                store_writes(&root.path().join(format!("store-{writers}")), writers, duration)
-                    .await;
-            let mut redb_figures =
-                redb_writes(&root.path().join(format!("redb-{writers}")), writers, duration).await;
+            let mut store_figures = store_writes(
+                &root.path().join(format!("store-{writers}")),
+                writers,
+                duration,
+            )
+            .await;
+            let mut redb_figures = redb_writes(
+                &root.path().join(format!("redb-{writers}")),
+                writers,
+                duration,
+            )
+            .await;
             for (name, figures) in [
-                ("novacron store put (raft + redb, fsync)", &mut store_figures),
-                ("baseline: redb, one fsynced txn per write", &mut redb_figures),
+                (
+                    "novacron store put (raft + redb, fsync)",
+                    &mut store_figures,
+                ),
+                (
+                    "baseline: redb, one fsynced txn per write",
+                    &mut redb_figures,
+                ),
             ] {
                 let p50 = figures.percentile(0.50);
                 let p99 = figures.percentile(0.99);
@@ -265,7 +285,10 @@ fn main() {
             millis(store_p50),
             millis(store_max)
         );
-        println!("| baseline: redb open + read of vms/ | {} | |", millis(redb_p50));
+        println!(
+            "| baseline: redb open + read of vms/ | {} | |",
+            millis(redb_p50)
+        );
 
         println!("\n| read (1 000 VM records, 1 reader) | reads/s | p50 ms | p99 ms |");
         println!("|---|---:|---:|---:|");

@@ -39,7 +39,7 @@ use crate::error::{Result, StoreError};
 use crate::kv::{
     FailedCondition, KeyValue, Listing, Operation, Transaction, TransactionOutcome, WatchEvent,
 };
-use crate::raft_types::{Node, NodeId, TypeConfig};
+use crate::raft_types::{BatchOutcome, Node, NodeId, TypeConfig};
 use crate::records::{self, RecordError};
 use crate::watch::ChangeNotice;
 
@@ -664,15 +664,6 @@ fn apply_transaction(
     Ok((outcome, events))
 }
 
-fn noop_outcome(state: &StateMachineMeta) -> TransactionOutcome {
-    TransactionOutcome {
-        succeeded: true,
-        revision: state.revision,
-        failed_condition: None,
-        deleted_keys: 0,
-    }
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -686,7 +677,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((state.last_applied, state.last_membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<TransactionOutcome>>
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<BatchOutcome>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -708,26 +699,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 for entry in entries {
                     state.last_applied = Some(entry.log_id);
                     match entry.payload {
-                        EntryPayload::Blank => outcomes.push(noop_outcome(&state)),
-                        EntryPayload::Normal(request) => {
-                            let (outcome, events) =
-                                apply_transaction(&mut kv, &mut state, &request)?;
-                            if !events.is_empty() {
-                                changes.insert(
-                                    state.revision,
-                                    records::encode_changes(&events).as_slice(),
-                                )?;
-                                notices.push(ChangeNotice::Changes {
-                                    revision: state.revision,
-                                    events: Arc::new(events),
-                                });
+                        EntryPayload::Blank => outcomes.push(BatchOutcome::default()),
+                        EntryPayload::Normal(batch) => {
+                            let mut batch_outcome = BatchOutcome {
+                                outcomes: Vec::with_capacity(batch.transactions.len()),
+                            };
+                            for request in &batch.transactions {
+                                let (outcome, events) =
+                                    apply_transaction(&mut kv, &mut state, request)?;
+                                if !events.is_empty() {
+                                    changes.insert(
+                                        state.revision,
+                                        records::encode_changes(&events).as_slice(),
+                                    )?;
+                                    notices.push(ChangeNotice::Changes {
+                                        revision: state.revision,
+                                        events: Arc::new(events),
+                                    });
+                                }
+                                batch_outcome.outcomes.push(outcome);
                             }
-                            outcomes.push(outcome);
+                            outcomes.push(batch_outcome);
                         }
                         EntryPayload::Membership(membership) => {
                             state.last_membership =
                                 StoredMembership::new(Some(entry.log_id), membership);
-                            outcomes.push(noop_outcome(&state));
+                            outcomes.push(BatchOutcome::default());
                         }
                     }
                 }

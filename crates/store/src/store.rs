@@ -15,7 +15,7 @@ use openraft::error::{
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
 use crate::error::{LeaderHint, Result, StoreError};
 use crate::kv::{Consistency, KeyValue, Listing, Transaction, TransactionOutcome, validate_key};
@@ -23,7 +23,7 @@ use crate::network::{
     NetworkFactory, NoTransport, RaftMessage, RaftMessageKind, RaftTransport, decode_message,
     encode_message,
 };
-use crate::raft_types::{Node, NodeId, TypeConfig};
+use crate::raft_types::{Node, NodeId, TypeConfig, WriteBatch};
 use crate::storage::{LogStore, StateMachineStore, StoreDatabase};
 use crate::watch::{ChangeNotice, Watcher};
 
@@ -83,6 +83,8 @@ pub struct StoreConfig {
     pub watch_buffer: usize,
     /// Build a snapshot (and purge the log before it) after this many log entries.
     pub snapshot_after_log_entries: u64,
+    /// Most transactions proposed together in one raft entry (group commit).
+    pub max_write_batch: usize,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -103,6 +105,7 @@ impl std::fmt::Debug for StoreConfig {
                 "snapshot_after_log_entries",
                 &self.snapshot_after_log_entries,
             )
+            .field("max_write_batch", &self.max_write_batch)
             .finish()
     }
 }
@@ -126,6 +129,7 @@ impl StoreConfig {
             watch_history_revisions: 10_000,
             watch_buffer: 4096,
             snapshot_after_log_entries: 10_000,
+            max_write_batch: 512,
         }
     }
 
@@ -261,6 +265,91 @@ pub(crate) struct StoreInner {
     notices: broadcast::Sender<ChangeNotice>,
     stopped: watch::Sender<bool>,
     request_timeout: Duration,
+    write_queue: mpsc::Sender<WriteRequest>,
+}
+
+/// A transaction waiting for the batcher, with the way back to its caller.
+struct WriteRequest {
+    transaction: Transaction,
+    reply: oneshot::Sender<Result<TransactionOutcome>>,
+}
+
+/// Upper bound of the keys and values of one batch, so one raft entry stays small enough to
+/// replicate quickly.
+const MAX_WRITE_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Batches proposed to raft and not yet answered. While they are in flight, new transactions
+/// queue up and form the next batch: one log append and one fsync for all of them.
+const WRITE_BATCHES_IN_FLIGHT: usize = 2;
+
+fn transaction_size(transaction: &Transaction) -> usize {
+    let conditions: usize = transaction
+        .conditions
+        .iter()
+        .map(|condition| condition.key().len() + 16)
+        .sum();
+    let operations: usize = transaction
+        .operations
+        .iter()
+        .map(|operation| match operation {
+            crate::kv::Operation::Put { key, value } => key.len() + value.len(),
+            crate::kv::Operation::Delete { key } => key.len(),
+            crate::kv::Operation::DeletePrefix { prefix } => prefix.len(),
+        })
+        .sum();
+    conditions + operations + 16
+}
+
+/// Group commit: takes the queued transactions, proposes them as one raft entry, and answers
+/// each caller with its own outcome. Ends when every `Store` handle is gone.
+async fn run_write_batcher(
+    raft: Raft<TypeConfig>,
+    mut queue: mpsc::Receiver<WriteRequest>,
+    max_write_batch: usize,
+) {
+    let in_flight = Arc::new(Semaphore::new(WRITE_BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        // Wait for a slot before draining the queue, so the batch grows while raft is busy.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut bytes = transaction_size(&first.transaction);
+        let mut batch = vec![first];
+        while batch.len() < max_write_batch && bytes < MAX_WRITE_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(request) => {
+                    bytes += transaction_size(&request.transaction);
+                    batch.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (transactions, replies): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|request| (request.transaction, request.reply))
+                .unzip();
+            let result = raft.client_write(WriteBatch { transactions }).await;
+            drop(permit);
+            match result {
+                Ok(response) => {
+                    let mut outcomes = response.data.outcomes.into_iter();
+                    for reply in replies {
+                        let answer = outcomes.next().ok_or_else(|| StoreError::Raft {
+                            message: "a write batch returned fewer outcomes than transactions"
+                                .into(),
+                        });
+                        let _ = reply.send(answer);
+                    }
+                }
+                Err(error) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(client_write_error(error.clone())));
+                    }
+                }
+            }
+        });
+    }
 }
 
 impl Drop for StoreInner {
@@ -364,6 +453,12 @@ impl Store {
         .await
         .map_err(fatal_error)?;
         let (stopped, _) = watch::channel(false);
+        let (write_queue, write_receiver) = mpsc::channel(config.max_write_batch.max(1) * 4);
+        tokio::spawn(run_write_batcher(
+            raft.clone(),
+            write_receiver,
+            config.max_write_batch.max(1),
+        ));
         let store = Store {
             inner: Arc::new(StoreInner {
                 node_id: config.node_id,
@@ -373,6 +468,7 @@ impl Store {
                 notices,
                 stopped,
                 request_timeout: config.request_timeout,
+                write_queue,
             }),
         };
         if config.bootstrap == Bootstrap::SingleNode {
@@ -406,9 +502,11 @@ impl Store {
         }
         // The metrics are published by raft's own task: wait until they show the membership.
         let metrics = self
-            .wait_for("raft to load its membership", config.startup_timeout, |metrics| {
-                !metrics.membership.voters.is_empty()
-            })
+            .wait_for(
+                "raft to load its membership",
+                config.startup_timeout,
+                |metrics| !metrics.membership.voters.is_empty(),
+            )
             .await?;
         let only_voter = metrics.membership.voters == BTreeSet::from([config.node_id]);
         if !only_voter {
@@ -425,7 +523,11 @@ impl Store {
             // once. Otherwise, alone, there is nobody to wait for: campaign now rather than after
             // an election timeout. (A fresh cluster campaigns inside `initialize`.)
             let quick = self
-                .wait_for("leadership restored", config.timing.heartbeat_interval, leads)
+                .wait_for(
+                    "leadership restored",
+                    config.timing.heartbeat_interval,
+                    leads,
+                )
                 .await;
             if quick.is_err() && self.metrics().role == NodeRole::Follower {
                 raft.trigger().elect().await.map_err(fatal_error)?;
@@ -433,8 +535,12 @@ impl Store {
         }
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            self.wait_for("this node to lead its single-node cluster", remaining, leads)
-                .await?;
+            self.wait_for(
+                "this node to lead its single-node cluster",
+                remaining,
+                leads,
+            )
+            .await?;
             // Confirm with raft itself (the metrics may lag behind a new election).
             match raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
@@ -495,12 +601,13 @@ impl Store {
         self.check_running()?;
         transaction.validate()?;
         self.with_timeout("write", async {
+            let (reply, answer) = oneshot::channel();
             self.inner
-                .raft
-                .client_write(transaction)
+                .write_queue
+                .send(WriteRequest { transaction, reply })
                 .await
-                .map(|response| response.data)
-                .map_err(client_write_error)
+                .map_err(|_| StoreError::ShuttingDown)?;
+            answer.await.map_err(|_| StoreError::ShuttingDown)?
         })
         .await
     }

@@ -447,3 +447,25 @@ async fn calls_after_shutdown_fail_with_shutting_down() {
         Err(StoreError::ShuttingDown)
     ));
 }
+
+#[tokio::test]
+async fn concurrent_transactions_are_group_committed_in_one_log_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_single(dir.path()).await;
+    let before = store.metrics().last_log_index.expect("log index");
+    let revision_before = store.current_revision().expect("revision");
+    // On this single-threaded test runtime, join_all queues all 100 writes before the batcher
+    // runs, so they form one batch.
+    let writes = (0..100).map(|index| store.put(format!("vms/{index:03}"), vec![1u8]));
+    let revisions: Vec<u64> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(|result| result.expect("put"))
+        .collect();
+    let after = store.metrics().last_log_index.expect("log index");
+    assert_eq!(after - before, 1, "100 writes, one log entry");
+    // Each transaction still has its own revision, in order.
+    let expected: Vec<u64> = (revision_before + 1..=revision_before + 100).collect();
+    assert_eq!(revisions, expected);
+    store.shutdown().await.expect("shutdown");
+}
