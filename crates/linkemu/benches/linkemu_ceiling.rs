@@ -4,16 +4,18 @@
 //! namespaces measured in the same run. Needs root and iperf3. Prints one markdown table.
 //!
 //! `cargo bench -p novacron-linkemu --bench linkemu_ceiling` (LINKEMU_BENCH_SECONDS sets the
-//! length of each iperf3 run, default 10).
+//! length of each iperf3 run, default 10; LINKEMU_BENCH_TRACE the trace replayed, default
+//! ../shared/data/bandwidth-traces/TMobile-LTE-short.down).
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use novacron_linkemu::netns;
-use novacron_linkemu::{LinkCounters, LinkEmulator};
+use novacron_linkemu::{DeliveryTrace, LinkCounters, LinkEmulator};
 
 const IPERF_PORT: &str = "5201";
 
@@ -233,6 +235,51 @@ fn shaped_run(
     Ok((result, ip_rate, measured_loss, idle_round_trip))
 }
 
+/// iperf3 -P 8 over a replayed trace (both directions), 50 ms RTT: bytes the link delivered
+/// in a steady window against the trace's delivery opportunities in that same window.
+fn trace_run(path: &Path, seconds: u64) -> anyhow::Result<Row> {
+    let trace = DeliveryTrace::from_file(path)?;
+    let link = LinkEmulator::builder()
+        .name_prefix("bench")
+        .delay(Duration::from_millis(25))
+        .trace(path)
+        .spawn()?;
+    let (result, window) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| iperf(link.ns_a(), link.ns_b(), link.addr_b(), 8, seconds));
+        pause(Duration::from_secs(3));
+        let (before, start) = (link.counters(), link.elapsed());
+        pause(Duration::from_secs(seconds.saturating_sub(2).max(1)));
+        let (after, end) = (link.counters(), link.elapsed());
+        (running.join(), (before, start, after, end))
+    });
+    let result = result.map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
+    let (before, start, after, end) = window;
+    let offered = trace.opportunities_between(
+        u64::try_from(start.as_nanos())?,
+        u64::try_from(end.as_nanos())?,
+    ) as f64
+        * 1500.0
+        * 8.0
+        / (end - start).as_secs_f64();
+    let delivered = (after.a_to_b.bytes_forwarded - before.a_to_b.bytes_forwarded) as f64 * 8.0
+        / (end - start).as_secs_f64();
+    Ok(Row {
+        measurement: format!(
+            "iperf3 -P 8 over trace {}, 50 ms RTT",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        configured: format!("{} (trace, same window)", megabits(offered)),
+        baseline: "-".into(),
+        emulator: megabits(delivered),
+        note: format!(
+            "{:.1} % of the window's opportunities used (link IP bytes); iperf3 goodput {}; trace mean {}",
+            100.0 * delivered / offered,
+            megabits(result.received_bits_per_second),
+            megabits(trace.average_bits_per_second())
+        ),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     if std::env::args().any(|argument| argument == "--list") {
         return Ok(()); // cargo test --benches asks for a list; this bench is not a test
@@ -318,6 +365,19 @@ fn main() -> anyhow::Result<()> {
                 round_trip.as_secs_f64() * 1e3
             ),
         });
+    }
+
+    // 3. Trace replay: how much of the trace's capacity in the window iperf3 -P 8 gets.
+    let trace_path = std::env::var("LINKEMU_BENCH_TRACE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/data/bandwidth-traces/TMobile-LTE-short.down")
+        });
+    if trace_path.exists() {
+        rows.push(trace_run(&trace_path, seconds)?);
+    } else {
+        eprintln!("no trace at {}, trace row skipped", trace_path.display());
     }
 
     println!("| measurement | configured | baseline (veth pair) | emulator | note |");

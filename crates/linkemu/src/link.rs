@@ -367,6 +367,11 @@ impl RunningLink {
             .unwrap_or_else(PoisonError::into_inner)[index] = model.queue_limit_bytes();
         self.forwarder.handles[index].replace_model(model);
     }
+    /// Time on the link's clock: traces are replayed from 0 at spawn, so opportunity `k` of a
+    /// trace happens when this reads `trace.opportunity_time_ns(k)`.
+    pub fn elapsed(&self) -> Duration {
+        self.forwarder.clock_start.elapsed()
+    }
     /// `ip netns exec <ns A> <program>`; add arguments and run it as usual.
     pub fn command_in_a(&self, program: &str) -> Command {
         netns::command_in(&self.namespace_a, program)
@@ -480,6 +485,7 @@ pub(crate) fn attach_device(
 /// The two forwarder threads between two devices.
 #[derive(Debug)]
 pub(crate) struct ForwarderPair {
+    pub(crate) clock_start: Instant,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     pub(crate) handles: [Arc<DirectionHandle>; 2],
@@ -503,6 +509,7 @@ impl ForwarderPair {
         ];
         let clock_start = Instant::now();
         let mut pair = Self {
+            clock_start,
             stop: Arc::clone(&stop),
             threads: Vec::new(),
             handles: handles.clone(),
