@@ -1,7 +1,7 @@
 //! Delta of a page against its previous version: XOR of the two, run-length encoded, in the
 //! spirit of QEMU's XBZRLE. The encoding is a sequence of runs, each
 //! `varint unchanged_length, varint changed_length, changed_length XOR bytes`; bytes after the last
-//! run are unchanged. Unchanged gaps shorter than [`MIN_UNCHANGED_GAP`] are folded into the
+//! run are unchanged. Unchanged gaps shorter than 4 bytes are folded into the
 //! changed run, because a run header costs about as much as the bytes it would skip.
 //!
 //! The decoder applies a delta in place and checks every run against the page bounds.

@@ -11,6 +11,19 @@
 //!   a 4 KiB-aligned index of every stored image.
 //! - [`level`]: the zstd level from the measured link rate and compression speed.
 //!
+//! Typical use. Sender of a migration: one [`PageEncoder`] per migration, `push_page(block,
+//! offset, page)` for every RAM page record, `finish_frame` when it reports the frame full or
+//! when the proxy must flush (end of a RAM section), frames handed to the transport in order.
+//! Receiver: one [`PageDecoder`] over the local [`ChunkStore`], `decode_frame` per frame in the
+//! same order. Images: [`ChunkEncoder::encode_reader`] on the sender with the transport's
+//! [`RemoteHashQuery`], [`ChunkDecoder`] over a [`StoreRepository`] on the receiver, then
+//! [`ChunkStore::put_image`] of the received file so the next transfer finds it.
+//!
+//! Frames depend on earlier frames of the same transfer (the page mirror, chunks sent earlier):
+//! they must reach the decoder complete, once, and in order, which the transport guarantees. A
+//! transfer that resumes after a reconnect continues with the same encoder and decoder; one that
+//! restarts from scratch needs new ones on both sides.
+//!
 //! The codec does no network IO: the transport carries its frames and answers its
 //! "which of these hashes do you hold?" questions through [`RemoteHashQuery`]. Decoding never
 //! panics on input and never allocates beyond the limits in each decoder's configuration.
