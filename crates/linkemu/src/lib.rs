@@ -26,6 +26,15 @@
 //! # Ok::<(), novacron_linkemu::LinkError>(())
 //! ```
 //!
+//! Why the rate is modelled in the forwarder and not with `tbf` on the TUN devices: `tbf` on a
+//! TUN shapes egress from the sending namespace into the TUN, so the bottleneck queue would sit
+//! in the sender's own kernel, before the delay line, where TCP small queues push back on the
+//! sender instead of dropping; a WAN bottleneck is a drop-tail queue in the middle of the path.
+//! The forwarder's serialization-time model gives that, exactly per packet, plus trace replay,
+//! which `tbf` cannot do. The forwarder threads ask for SCHED_FIFO (root has it) so that
+//! CPU-bound neighbours do not starve them; without it a loaded 2-core machine halves the
+//! reachable rate at 50 ms RTT. Measured ceiling and accuracy: `bench/linkemu/README.md`.
+//!
 //! What this crate must not do: touch interfaces or namespaces it did not create (leftover
 //! removal only deletes `nle-…` namespaces whose owning process is gone).
 
