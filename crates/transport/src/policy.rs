@@ -6,7 +6,9 @@
 //! does not. A settled session probes again only if the rate later falls well below what it
 //! settled at (the path changed). Measurements taken while the application offered too little
 //! data say nothing about the path and are ignored, as is the first interval after a change
-//! (a new connection needs a few round trips to ramp up).
+//! (a new connection needs a few round trips to ramp up). Rates measured over one interval are
+//! noisy (acknowledgements arrive in bursts, the CPU is shared), so every decision compares the
+//! mean of `samples_per_decision` intervals.
 
 /// The first stream count: enough connections to cover the bandwidth-delay product when each can
 /// keep `per_connection_window_bytes` in flight.
@@ -39,6 +41,8 @@ pub struct StreamCountPolicyConfig {
     pub growth_threshold: f64,
     /// A settled session probes again when the rate falls below this share of its settled rate.
     pub reprobe_below_share: f64,
+    /// Intervals averaged into one decision (at least 1).
+    pub samples_per_decision: u32,
 }
 
 impl Default for StreamCountPolicyConfig {
@@ -48,6 +52,7 @@ impl Default for StreamCountPolicyConfig {
             maximum_streams: 16,
             growth_threshold: 1.10,
             reprobe_below_share: 0.6,
+            samples_per_decision: 2,
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct StreamCountPolicy {
     config: StreamCountPolicyConfig,
     phase: PolicyPhase,
     skip_next_measurement: bool,
+    samples: Vec<f64>,
 }
 
 impl StreamCountPolicy {
@@ -93,6 +99,7 @@ impl StreamCountPolicy {
                 rate_before_addition: None,
             },
             skip_next_measurement: true,
+            samples: Vec::new(),
         }
     }
 
@@ -108,7 +115,12 @@ impl StreamCountPolicy {
             self.skip_next_measurement = false;
             return StreamCountDecision::Hold;
         }
-        let rate = measurement.bytes_per_second;
+        self.samples.push(measurement.bytes_per_second);
+        if self.samples.len() < self.config.samples_per_decision.max(1) as usize {
+            return StreamCountDecision::Hold;
+        }
+        let rate = self.samples.iter().sum::<f64>() / self.samples.len() as f64;
+        self.samples.clear();
         let at_maximum = measurement.streams >= self.config.maximum_streams;
         match self.phase {
             PolicyPhase::Probing {
@@ -150,6 +162,15 @@ impl StreamCountPolicy {
 mod tests {
     use super::*;
 
+    /// One decision's worth of identical samples; returns the last decision.
+    fn decide(policy: &mut StreamCountPolicy, streams: u32, rate: f64) -> StreamCountDecision {
+        let mut decision = StreamCountDecision::Hold;
+        for _ in 0..StreamCountPolicyConfig::default().samples_per_decision {
+            decision = policy.on_measurement(measured(streams, rate));
+        }
+        decision
+    }
+
     fn measured(streams: u32, bytes_per_second: f64) -> RateMeasurement {
         RateMeasurement {
             streams,
@@ -174,37 +195,43 @@ mod tests {
     fn adds_streams_while_the_rate_rises_and_settles_when_it_stops() {
         let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
         assert_eq!(
-            policy.on_measurement(measured(2, 50e6)),
+            policy.on_measurement(measured(2, 9e6)),
             StreamCountDecision::Hold,
             "warm-up"
         );
-        assert_eq!(
-            policy.on_measurement(measured(2, 50e6)),
-            StreamCountDecision::Add(1)
-        );
+        assert_eq!(decide(&mut policy, 2, 50e6), StreamCountDecision::Add(1));
         assert_eq!(
             policy.on_measurement(measured(3, 60e6)),
             StreamCountDecision::Hold,
             "ramp"
         );
-        assert_eq!(
-            policy.on_measurement(measured(3, 75e6)),
-            StreamCountDecision::Add(1)
-        );
+        assert_eq!(decide(&mut policy, 3, 75e6), StreamCountDecision::Add(1));
         assert_eq!(
             policy.on_measurement(measured(4, 75e6)),
             StreamCountDecision::Hold,
             "ramp"
         );
-        assert_eq!(
-            policy.on_measurement(measured(4, 78e6)),
-            StreamCountDecision::Hold
-        );
+        assert_eq!(decide(&mut policy, 4, 78e6), StreamCountDecision::Hold);
         assert_eq!(policy.phase(), PolicyPhase::Settled { settled_rate: 78e6 });
+        assert_eq!(decide(&mut policy, 4, 80e6), StreamCountDecision::Hold);
+    }
+
+    #[test]
+    fn one_noisy_interval_does_not_justify_a_stream() {
+        let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
+        policy.on_measurement(measured(1, 10e6));
+        assert_eq!(decide(&mut policy, 1, 90e6), StreamCountDecision::Add(1));
+        policy.on_measurement(measured(2, 60e6));
+        // 125 then 70: a spike, mean 97.5, not 10 % above 90.
         assert_eq!(
-            policy.on_measurement(measured(4, 80e6)),
+            policy.on_measurement(measured(2, 125e6)),
             StreamCountDecision::Hold
         );
+        assert_eq!(
+            policy.on_measurement(measured(2, 70e6)),
+            StreamCountDecision::Hold
+        );
+        assert!(matches!(policy.phase(), PolicyPhase::Settled { .. }));
     }
 
     #[test]
@@ -249,13 +276,10 @@ mod tests {
     fn probes_again_after_a_large_drop() {
         let mut policy = StreamCountPolicy::new(StreamCountPolicyConfig::default());
         policy.on_measurement(measured(4, 100e6));
-        policy.on_measurement(measured(4, 100e6));
+        decide(&mut policy, 4, 100e6);
         policy.on_measurement(measured(5, 100e6));
-        policy.on_measurement(measured(5, 100e6));
+        decide(&mut policy, 5, 100e6);
         assert!(matches!(policy.phase(), PolicyPhase::Settled { .. }));
-        assert_eq!(
-            policy.on_measurement(measured(5, 30e6)),
-            StreamCountDecision::Add(1)
-        );
+        assert_eq!(decide(&mut policy, 5, 30e6), StreamCountDecision::Add(1));
     }
 }
