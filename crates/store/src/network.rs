@@ -254,7 +254,7 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
     > {
         self.call::<_, _, RaftError<NodeId, InstallSnapshotError>, _>(
             RaftMessageKind::InstallSnapshot,
-            &request,
+            &SnapshotChunk::from(request),
             &option,
         )
         .await
@@ -299,15 +299,65 @@ pub(crate) fn decode_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Mes
     struct VersionOnly {
         format_version: u32,
     }
-    let version: VersionOnly = serde_json::from_slice(bytes)?;
-    if version.format_version != RAFT_MESSAGE_FORMAT_VERSION {
-        return Err(MessageCodecError::Version {
-            found: version.format_version,
-            supported: RAFT_MESSAGE_FORMAT_VERSION,
-        });
+    let check_version = |version: u32| {
+        if version == RAFT_MESSAGE_FORMAT_VERSION {
+            Ok(())
+        } else {
+            Err(MessageCodecError::Version {
+                found: version,
+                supported: RAFT_MESSAGE_FORMAT_VERSION,
+            })
+        }
+    };
+    match serde_json::from_slice::<Envelope<T>>(bytes) {
+        Ok(envelope) => {
+            check_version(envelope.format_version)?;
+            Ok(envelope.payload)
+        }
+        Err(error) => {
+            // Explain a version mismatch rather than the decoding error it causes.
+            if let Ok(version) = serde_json::from_slice::<VersionOnly>(bytes) {
+                check_version(version.format_version)?;
+            }
+            Err(error.into())
+        }
     }
-    let envelope: Envelope<T> = serde_json::from_slice(bytes)?;
-    Ok(envelope.payload)
+}
+
+/// An `InstallSnapshotRequest` on the wire, with its data as base64 rather than a JSON array of
+/// numbers.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct SnapshotChunk {
+    vote: openraft::Vote<NodeId>,
+    meta: openraft::SnapshotMeta<NodeId, Node>,
+    offset: u64,
+    #[serde(with = "crate::kv::base64_bytes")]
+    data: Vec<u8>,
+    done: bool,
+}
+
+impl From<InstallSnapshotRequest<TypeConfig>> for SnapshotChunk {
+    fn from(request: InstallSnapshotRequest<TypeConfig>) -> Self {
+        Self {
+            vote: request.vote,
+            meta: request.meta,
+            offset: request.offset,
+            data: request.data,
+            done: request.done,
+        }
+    }
+}
+
+impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
+    fn from(chunk: SnapshotChunk) -> Self {
+        Self {
+            vote: chunk.vote,
+            meta: chunk.meta,
+            offset: chunk.offset,
+            data: chunk.data,
+            done: chunk.done,
+        }
+    }
 }
 
 /// A transport between stores in one process, for tests: delivers messages by calling the
@@ -400,5 +450,56 @@ impl RaftTransport for InProcessTransport {
                 })
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_kinds_have_stable_names() {
+        for kind in [
+            RaftMessageKind::AppendEntries,
+            RaftMessageKind::Vote,
+            RaftMessageKind::InstallSnapshot,
+        ] {
+            assert_eq!(RaftMessageKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(RaftMessageKind::parse("nope"), None);
+    }
+
+    #[test]
+    fn messages_of_another_format_version_are_refused_with_a_clear_error() {
+        let bytes = br#"{"format_version":99,"payload":{"whatever":1}}"#;
+        let error = decode_message::<VoteRequest<NodeId>>(bytes).expect_err("refused");
+        assert!(
+            matches!(error, MessageCodecError::Version { found: 99, .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("same novacron version"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn snapshot_chunks_round_trip_with_base64_data() {
+        let request = InstallSnapshotRequest::<TypeConfig> {
+            vote: openraft::Vote::new_committed(3, 1),
+            meta: openraft::SnapshotMeta::default(),
+            offset: 4096,
+            data: vec![0, 1, 2, 255, 254],
+            done: true,
+        };
+        let bytes = encode_message(&SnapshotChunk::from(request.clone())).expect("encode");
+        let text = String::from_utf8(bytes.clone()).expect("json");
+        assert!(text.contains("\"AAEC//4=\""), "{text}");
+        let decoded: SnapshotChunk = decode_message(&bytes).expect("decode");
+        let back = InstallSnapshotRequest::<TypeConfig>::from(decoded);
+        assert_eq!(
+            (back.vote, back.offset, back.data, back.done),
+            (request.vote, request.offset, request.data, request.done)
+        );
     }
 }

@@ -20,8 +20,8 @@ use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use crate::error::{LeaderHint, Result, StoreError};
 use crate::kv::{Consistency, KeyValue, Listing, Transaction, TransactionOutcome, validate_key};
 use crate::network::{
-    NetworkFactory, NoTransport, RaftMessage, RaftMessageKind, RaftTransport, decode_message,
-    encode_message,
+    NetworkFactory, NoTransport, RaftMessage, RaftMessageKind, RaftTransport, SnapshotChunk,
+    decode_message, encode_message,
 };
 use crate::raft_types::{Node, NodeId, TypeConfig, WriteBatch};
 use crate::storage::{LogStore, StateMachineStore, StoreDatabase};
@@ -840,9 +840,11 @@ impl Store {
                 encode_message(&result)
             }
             RaftMessageKind::InstallSnapshot => {
-                let request: InstallSnapshotRequest<TypeConfig> =
+                let chunk: SnapshotChunk =
                     decode_message(&message.body).map_err(|error| invalid(&error))?;
-                let result = raft.install_snapshot(request).await;
+                let result = raft
+                    .install_snapshot(InstallSnapshotRequest::from(chunk))
+                    .await;
                 encode_message(&result)
             }
         };
