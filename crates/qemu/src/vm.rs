@@ -146,6 +146,9 @@ pub enum VmError {
         pid: i32,
         run_dir: PathBuf,
     },
+    /// Another launch into the same run directory is under way.
+    #[error("vm {name} is already being launched in {}", run_dir.display())]
+    LaunchInProgress { name: String, run_dir: PathBuf },
     /// QEMU could not be executed.
     #[error("cannot execute {} for vm {name}", binary.display())]
     Spawn {
@@ -271,6 +274,29 @@ impl QemuVm {
                 .create(run_directory.path())
                 .map_err(directory_error(run_directory.path()))?;
         }
+        // Held until this function returns: two launches into one run directory would otherwise
+        // both remove "stale" sockets, one of them the other's live QMP socket.
+        let lock_path = run_directory.path().join("launch.lock");
+        let _launch_lock = {
+            let lock_file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(directory_error(&lock_path))?;
+            match lock_file.try_lock() {
+                Ok(()) => lock_file,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(VmError::LaunchInProgress {
+                        name,
+                        run_dir: spec.run_dir.clone(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(directory_error(&lock_path)(source));
+                }
+            }
+        };
         if let Some(pid) = live_qemu_pid(&run_directory, spec.uuid) {
             return Err(VmError::AlreadyRunning {
                 name,

@@ -396,3 +396,31 @@ async fn signals_are_told_apart_crash_versus_orderly_termination() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_launches_into_one_run_directory_start_one_qemu() {
+    let run_dir = run_directory();
+    let spec = guest_spec("twice", run_dir.path(), None)
+        .await
+        .start_paused(true);
+    let binaries = binaries();
+    let (first, second) = tokio::join!(
+        QemuVm::launch(&binaries, &spec),
+        QemuVm::launch(&binaries, &spec)
+    );
+    let (running, refused) = match (first, second) {
+        (Ok(vm), Err(error)) | (Err(error), Ok(vm)) => (vm, error),
+        (first, second) => panic!("expected exactly one launch to succeed: {first:?} / {second:?}"),
+    };
+    assert!(
+        matches!(
+            refused,
+            VmError::LaunchInProgress { .. } | VmError::AlreadyRunning { .. }
+        ),
+        "{refused:?}"
+    );
+    // The survivor's QMP socket was not removed by the refused launch.
+    assert!(running.run_directory().qmp_socket().exists());
+    running.qmp().query_status().await.expect("query-status");
+    running.force_stop().await.expect("force stop");
+}
