@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use novacron_linkemu::{LinkEmulator, RunningLink, units};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -130,6 +130,18 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
             if let Some(queue) = up.queue {
                 builder = builder.queue_bytes(queue);
             }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            // Watch the signals before the link exists, so a SIGTERM sent as soon as the
+            // link is announced still tears it down.
+            let signals = runtime.block_on(async {
+                anyhow::Ok((
+                    signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+                    signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+                ))
+            })?;
             let link = builder.spawn().context("cannot set up the emulated link")?;
             println!(
                 "{}",
@@ -139,11 +151,7 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
                     "interface": novacron_linkemu::LINK_INTERFACE,
                 })
             );
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            let code = runtime.block_on(wait_for_end(&link, &up))?;
+            let code = runtime.block_on(wait_for_end(&link, &up, signals))?;
             println!("{}", serde_json::json!({ "counters": link.counters() }));
             link.shutdown().context("teardown")?;
             Ok(code)
@@ -151,9 +159,11 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn wait_for_end(link: &RunningLink, up: &UpArguments) -> anyhow::Result<ExitCode> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+async fn wait_for_end(
+    link: &RunningLink,
+    up: &UpArguments,
+    (mut terminate, mut interrupt): (Signal, Signal),
+) -> anyhow::Result<ExitCode> {
     let mut child = match up.command.split_first() {
         None => None,
         Some((program, arguments)) => Some(
