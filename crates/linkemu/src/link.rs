@@ -167,6 +167,28 @@ impl LinkBuilder {
         self.seed = seed;
         self
     }
+    /// One-way delay of one direction only.
+    pub fn delay_for(mut self, direction: LinkDirection, delay: Duration) -> Self {
+        self.shape_mut(direction).delay = delay;
+        self
+    }
+    /// Loss probability of one direction only.
+    pub fn loss_for(mut self, direction: LinkDirection, probability: f64) -> Self {
+        self.shape_mut(direction).loss = probability;
+        self
+    }
+    /// Fixed rate of one direction only (asymmetric links).
+    pub fn rate_for(mut self, direction: LinkDirection, bits_per_second: f64) -> Self {
+        self.shape_mut(direction).capacity =
+            Capacity::BitsPerSecond(bits_per_second.max(1.0) as u64);
+        self
+    }
+    fn shape_mut(&mut self, direction: LinkDirection) -> &mut DirectionShape {
+        match direction {
+            LinkDirection::AToB => &mut self.a_to_b,
+            LinkDirection::BToA => &mut self.b_to_a,
+        }
+    }
     /// Replaces the whole shape of one direction (a trace set by path still wins).
     pub fn direction(mut self, direction: LinkDirection, shape: DirectionShape) -> Self {
         match direction {

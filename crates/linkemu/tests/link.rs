@@ -63,7 +63,8 @@ fn receive_indexes(socket: &UdpSocket, quiet: Duration, limit: Duration) -> Vec<
 fn round_trip_time_matches_configured_delay() {
     let link = LinkEmulator::builder()
         .name_prefix("rtt")
-        .delay(Duration::from_millis(20))
+        .delay_for(LinkDirection::AToB, Duration::from_millis(15))
+        .delay_for(LinkDirection::BToA, Duration::from_millis(25))
         .spawn()
         .expect("spawn link");
     let echo = echo_on_b(&link);
@@ -433,6 +434,37 @@ fn cli_tears_down_on_sigterm() {
         .expect("wait")
         .is_some()));
     assert!(!namespace_exists(&namespace));
+}
+
+#[test]
+fn cli_runs_a_command_over_the_link_and_returns_its_exit_code() {
+    // The command sees the link through its environment; the link goes down when it exits.
+    let output = Command::new(env!("CARGO_BIN_EXE_novacron-linkemu"))
+        .args(["up", "--name-prefix", "clicmd", "--delay-a-to-b", "3ms"])
+        .args(["--rate-b-to-a", "20mbit", "--loss-b-to-a", "0.1%", "--"])
+        .args([
+            "sh",
+            "-c",
+            "test -e /run/netns/$LINKEMU_NS_A && echo $LINKEMU_NS_B && exit 3",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run cli");
+    assert_eq!(output.status.code(), Some(3));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines = stdout.lines();
+    let link: serde_json::Value =
+        serde_json::from_str(lines.next().expect("link line")).expect("json");
+    let namespace_b = link["ns_b"].as_str().expect("ns_b");
+    assert_eq!(
+        lines.next(),
+        Some(namespace_b),
+        "the command saw the namespaces"
+    );
+    let counters: serde_json::Value =
+        serde_json::from_str(lines.next().expect("counters line")).expect("json");
+    assert!(counters["counters"]["a_to_b"]["packets_received"].is_u64());
+    assert!(!namespace_exists(namespace_b));
 }
 
 #[test]

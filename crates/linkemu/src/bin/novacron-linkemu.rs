@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use novacron_linkemu::{LinkEmulator, RunningLink, units};
+use novacron_linkemu::{LinkDirection, LinkEmulator, RunningLink, units};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Debug, Parser)]
@@ -53,6 +53,24 @@ struct UpArguments {
     /// Rate per direction, e.g. 1gbit, 100mbit (IP bytes counted); unlimited if absent.
     #[arg(long, value_parser = units::parse_rate)]
     rate: Option<u64>,
+    /// One-way delay A→B only (overrides --delay for that direction).
+    #[arg(long, value_parser = units::parse_duration)]
+    delay_a_to_b: Option<Duration>,
+    /// One-way delay B→A only.
+    #[arg(long, value_parser = units::parse_duration)]
+    delay_b_to_a: Option<Duration>,
+    /// Loss A→B only (overrides --loss for that direction).
+    #[arg(long, value_parser = units::parse_probability)]
+    loss_a_to_b: Option<f64>,
+    /// Loss B→A only.
+    #[arg(long, value_parser = units::parse_probability)]
+    loss_b_to_a: Option<f64>,
+    /// Rate A→B only (overrides --rate for that direction).
+    #[arg(long, value_parser = units::parse_rate)]
+    rate_a_to_b: Option<u64>,
+    /// Rate B→A only.
+    #[arg(long, value_parser = units::parse_rate)]
+    rate_b_to_a: Option<u64>,
     /// Capacity trace (one line per 1500-byte delivery opportunity, ms) for both directions.
     #[arg(long, conflicts_with = "rate")]
     trace: Option<PathBuf>,
@@ -117,6 +135,30 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
                 .addresses(up.addr_a, up.addr_b, 24);
             if let Some(rate) = up.rate {
                 builder = builder.rate_bits_per_sec(rate as f64);
+            }
+            for (direction, delay, loss, rate) in [
+                (
+                    LinkDirection::AToB,
+                    up.delay_a_to_b,
+                    up.loss_a_to_b,
+                    up.rate_a_to_b,
+                ),
+                (
+                    LinkDirection::BToA,
+                    up.delay_b_to_a,
+                    up.loss_b_to_a,
+                    up.rate_b_to_a,
+                ),
+            ] {
+                if let Some(delay) = delay {
+                    builder = builder.delay_for(direction, delay);
+                }
+                if let Some(loss) = loss {
+                    builder = builder.loss_for(direction, loss);
+                }
+                if let Some(rate) = rate {
+                    builder = builder.rate_for(direction, rate as f64);
+                }
             }
             if let Some(trace) = &up.trace {
                 builder = builder.trace(trace);
