@@ -239,24 +239,31 @@ fn tool_name(tool: &str) -> &'static str {
 }
 
 fn print_table(rows: &[Row]) {
+    let rate_of = |row: &Row| row.seconds.map(|seconds| row.bytes as f64 * 8.0 / seconds);
     println!();
-    println!("| scenario | tool | bytes | seconds | goodput Mbit/s | share of link | note |");
-    println!("|---|---|---:|---:|---:|---:|---|");
+    println!(
+        "| scenario | tool | bytes | seconds | goodput Mbit/s | share of link | share of iperf3 -P 8 | note |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---|");
     for row in rows {
-        let (seconds, rate, share) = match row.seconds {
-            Some(seconds) => {
-                let rate = row.bytes as f64 * 8.0 / seconds;
-                (
-                    format!("{seconds:.2}"),
-                    format!("{:.1}", rate / 1e6),
-                    format!("{:.1} %", 100.0 * rate / row.link_bits_per_second),
-                )
-            }
-            None => ("—".into(), "—".into(), "—".into()),
+        let ceiling = rows
+            .iter()
+            .find(|other| other.scenario == row.scenario && other.tool == tool_name("iperf3"))
+            .and_then(rate_of);
+        let (seconds, rate, share, share_of_ceiling) = match (row.seconds, rate_of(row)) {
+            (Some(seconds), Some(rate)) => (
+                format!("{seconds:.2}"),
+                format!("{:.1}", rate / 1e6),
+                format!("{:.1} %", 100.0 * rate / row.link_bits_per_second),
+                ceiling.map_or("—".to_string(), |ceiling| {
+                    format!("{:.1} %", 100.0 * rate / ceiling)
+                }),
+            ),
+            _ => ("—".into(), "—".into(), "—".into(), "—".into()),
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            row.scenario, row.tool, row.bytes, seconds, rate, share, row.note
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.scenario, row.tool, row.bytes, seconds, rate, share, share_of_ceiling, row.note
         );
     }
 }

@@ -1116,14 +1116,19 @@ async fn maintain_connection(
 /// Runs one authenticated connection until it fails or the session ends.
 async fn run_connection(shared: &Arc<SessionShared>, stream: TlsStream<TcpStream>, lane: Lane) {
     let connection_id = shared.register_connection(lane);
+    let peer = stream
+        .get_ref()
+        .0
+        .peer_addr()
+        .unwrap_or_else(|_| unspecified_peer());
     let (reader, writer) = tokio::io::split(stream);
     let mut shutdown = shared.shutdown.subscribe();
     let outcome = tokio::select! {
-        result = read_frames(shared, reader) => result,
+        result = read_frames(shared, reader, peer) => result,
         result = async {
             match lane {
-                Lane::Bulk => write_bulk(shared, writer, connection_id).await,
-                Lane::Control => write_control(shared, writer, connection_id).await,
+                Lane::Bulk => write_bulk(shared, writer, connection_id, peer).await,
+                Lane::Control => write_control(shared, writer, connection_id, peer).await,
             }
         } => result,
         _ = wait_for_shutdown(&mut shutdown) => Ok(()),
@@ -1143,9 +1148,9 @@ async fn run_connection(shared: &Arc<SessionShared>, stream: TlsStream<TcpStream
 async fn read_frames(
     shared: &SessionShared,
     reader: ReadHalf<TlsStream<TcpStream>>,
+    peer: SocketAddr,
 ) -> Result<(), TransportError> {
     let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
-    let peer = unspecified_peer();
     let io_error = |source| TransportError::Io {
         action: "reading frames",
         peer,
@@ -1185,12 +1190,13 @@ async fn write_frame(
     writer: &mut BufWriter<WriteHalf<TlsStream<TcpStream>>>,
     header: FrameHeader,
     payload: &[u8],
+    peer: SocketAddr,
 ) -> Result<(), TransportError> {
     let header_bytes = header.encode();
     let tag = frame_tag(&header_bytes, payload);
     let io_error = |source| TransportError::Io {
         action: "writing frames",
-        peer: unspecified_peer(),
+        peer,
         source,
     };
     writer.write_all(&header_bytes).await.map_err(io_error)?;
@@ -1213,6 +1219,7 @@ async fn write_bulk(
     shared: &SessionShared,
     writer: WriteHalf<TlsStream<TcpStream>>,
     connection_id: u64,
+    peer: SocketAddr,
 ) -> Result<(), TransportError> {
     let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
     loop {
@@ -1232,13 +1239,14 @@ async fn write_bulk(
                     &mut writer,
                     data_header(Channel::Bulk, &transmission),
                     &transmission.payload,
+                    peer,
                 )
                 .await?;
             }
             None => {
                 writer.flush().await.map_err(|source| TransportError::Io {
                     action: "flushing frames",
-                    peer: unspecified_peer(),
+                    peer,
                     source,
                 })?;
                 notified.await;
@@ -1256,6 +1264,7 @@ async fn write_control(
     shared: &SessionShared,
     writer: WriteHalf<TlsStream<TcpStream>>,
     connection_id: u64,
+    peer: SocketAddr,
 ) -> Result<(), TransportError> {
     let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
     loop {
@@ -1287,6 +1296,7 @@ async fn write_control(
                     &mut writer,
                     data_header(Channel::Control, &transmission),
                     &transmission.payload,
+                    peer,
                 )
                 .await?;
             }
@@ -1298,12 +1308,12 @@ async fn write_control(
                     payload_len: crate::frame::ACK_PAYLOAD_LEN as u32,
                     sequence: 0,
                 };
-                write_frame(&mut writer, header, &ack.encode()).await?;
+                write_frame(&mut writer, header, &ack.encode(), peer).await?;
             }
             None => {
                 writer.flush().await.map_err(|source| TransportError::Io {
                     action: "flushing frames",
-                    peer: unspecified_peer(),
+                    peer,
                     source,
                 })?;
                 notified.await;
