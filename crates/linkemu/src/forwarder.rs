@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::error::LinkError;
 use crate::model::{DirectionModel, Verdict};
+use crate::offload;
 use crate::sys;
 
 /// Longest wait before a thread re-checks its stop flag.
@@ -103,6 +104,9 @@ struct Pending {
     sequence: u64,
     buffer: Vec<u8>,
     length: usize,
+    /// Wire packets and IP bytes this stands for (more than one for a TCP super-packet).
+    wire_packets: u64,
+    wire_bytes: u64,
 }
 
 impl PartialEq for Pending {
@@ -133,6 +137,8 @@ pub(crate) struct Direction {
     pub(crate) buffer_size: usize,
     /// SCHED_FIFO priority for the thread, if wanted.
     pub(crate) realtime_priority: Option<i32>,
+    /// Devices carry a virtio header and TCP super-packets (see [`crate::offload`]).
+    pub(crate) segmentation_offload: bool,
 }
 
 /// Starts the thread for one direction. It runs until `stop` is set.
@@ -217,6 +223,13 @@ fn run_direction(mut direction: Direction, clock_start: Instant, stop: &AtomicBo
                 }
             };
             let now = elapsed_ns(clock_start);
+            if direction.segmentation_offload {
+                let frame = buffer[..length].to_vec();
+                spare_buffers.push(buffer);
+                admit_offloaded(&mut direction, &mut pending, &mut sequence, now, frame);
+                release_due(&mut direction, &mut pending, &mut spare_buffers, now);
+                continue;
+            }
             add(&counters.packets_received, 1);
             add(&counters.bytes_received, length as u64);
             if handle.disconnected.load(Ordering::Relaxed) {
@@ -232,6 +245,8 @@ fn run_direction(mut direction: Direction, clock_start: Instant, stop: &AtomicBo
                         sequence,
                         buffer,
                         length,
+                        wire_packets: 1,
+                        wire_bytes: length as u64,
                     });
                 }
                 Verdict::DropLoss => {
@@ -259,8 +274,8 @@ fn release_due(
         let Some(packet) = pending.pop() else { break };
         match (&*direction.output).write(&packet.buffer[..packet.length]) {
             Ok(_) => {
-                add(&counters.packets_forwarded, 1);
-                add(&counters.bytes_forwarded, packet.length as u64);
+                add(&counters.packets_forwarded, packet.wire_packets);
+                add(&counters.bytes_forwarded, packet.wire_bytes);
             }
             Err(error) => {
                 add(&counters.dropped_by_write_error, 1);
@@ -268,8 +283,90 @@ fn release_due(
             }
         }
         // Keep a bounded pool: enough for bursts, not the whole bandwidth-delay product.
-        if spare_buffers.len() < 4096 {
+        if spare_buffers.len() < 4096 && packet.buffer.len() == direction.buffer_size {
             spare_buffers.push(packet.buffer);
         }
+    }
+}
+
+/// Runs every wire segment of an offloaded packet through the model, then queues the surviving
+/// runs of consecutive segments, each released when its last segment is due.
+fn admit_offloaded(
+    direction: &mut Direction,
+    pending: &mut BinaryHeap<Pending>,
+    sequence: &mut u64,
+    now: u64,
+    frame: Vec<u8>,
+) {
+    let handle = Arc::clone(&direction.handle);
+    let counters = &handle.counters;
+    let disconnected = handle.disconnected.load(Ordering::Relaxed);
+    let packet = offload::parse(&frame);
+    let segments = packet.map_or(1, |packet| packet.segments());
+    let wire_lengths: Vec<usize> = (0..segments)
+        .map(|index| match &packet {
+            Some(packet) => packet.segment_wire_bytes(index),
+            None => frame.len().saturating_sub(offload::VIRTIO_HEADER_BYTES),
+        })
+        .collect();
+    let wire_bytes_of = |index: usize| wire_lengths[index];
+    let mut releases: Vec<Option<u64>> = Vec::with_capacity(segments);
+    for index in 0..segments {
+        let wire_bytes = wire_bytes_of(index);
+        add(&counters.packets_received, 1);
+        add(&counters.bytes_received, wire_bytes as u64);
+        if disconnected {
+            add(&counters.dropped_while_disconnected, 1);
+            releases.push(None);
+            continue;
+        }
+        releases.push(match direction.model.admit(now, wire_bytes) {
+            Verdict::Deliver { release_at_ns } => Some(release_at_ns),
+            Verdict::DropLoss => {
+                add(&counters.dropped_by_loss, 1);
+                None
+            }
+            Verdict::DropQueue => {
+                add(&counters.dropped_by_queue, 1);
+                None
+            }
+        });
+    }
+    let mut push = |buffer: Vec<u8>, release_at_ns: u64, first: usize, end: usize| {
+        *sequence += 1;
+        let length = buffer.len();
+        pending.push(Pending {
+            release_at_ns,
+            sequence: *sequence,
+            buffer,
+            length,
+            wire_packets: (end - first) as u64,
+            wire_bytes: (first..end).map(|index| wire_bytes_of(index) as u64).sum(),
+        });
+    };
+    if releases.iter().all(Option::is_some) {
+        let release_at_ns = releases.iter().flatten().copied().max().unwrap_or(now);
+        push(frame, release_at_ns, 0, segments);
+        return;
+    }
+    let Some(packet) = packet else { return };
+    let mut index = 0;
+    while index < segments {
+        if releases[index].is_none() {
+            index += 1;
+            continue;
+        }
+        let first = index;
+        let mut release_at_ns = 0;
+        while let Some(Some(release)) = releases.get(index) {
+            release_at_ns = release_at_ns.max(*release);
+            index += 1;
+        }
+        push(
+            offload::build_run(&frame, &packet, first, index),
+            release_at_ns,
+            first,
+            index,
+        );
     }
 }

@@ -43,6 +43,7 @@ mod forwarder;
 mod link;
 pub mod model;
 pub mod netns;
+pub mod offload;
 mod region;
 mod sys;
 pub mod trace;

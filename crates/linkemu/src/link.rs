@@ -81,6 +81,7 @@ pub struct LinkBuilder {
     prefix_length: u8,
     mtu: u32,
     device_queue_packets: u32,
+    segmentation_offload: bool,
 }
 
 impl Default for LinkBuilder {
@@ -97,6 +98,7 @@ impl Default for LinkBuilder {
             prefix_length: 24,
             mtu: 1500,
             device_queue_packets: 5000,
+            segmentation_offload: false,
         }
     }
 }
@@ -217,6 +219,17 @@ impl LinkBuilder {
         self
     }
 
+    /// Let TCP super-packets (up to 64 KiB, `IFF_VNET_HDR` with TSO) cross the link instead of
+    /// 1500-byte packets: several times less CPU per byte. The model still acts per wire
+    /// segment (each is admitted, lost or queued on its own; survivors are re-assembled into
+    /// smaller super-packets), but a super-packet's segments are delivered together when the
+    /// last of them is due, so delivery is burstier by up to one super-packet's serialization
+    /// time (0.5 ms at 1 Gbit/s). Off by default.
+    pub fn segmentation_offload(mut self, enabled: bool) -> Self {
+        self.segmentation_offload = enabled;
+        self
+    }
+
     /// Creates the namespaces and devices and starts the forwarder.
     pub fn spawn(self) -> Result<RunningLink, LinkError> {
         if !(68..=65535).contains(&self.mtu) {
@@ -255,8 +268,13 @@ impl LinkBuilder {
         let namespace_b = format!("{instance}-b");
         namespaces.create(&namespace_a)?;
         namespaces.create(&namespace_b)?;
-        let device_a = attach_device(DeviceKind::Tun, &namespace_a, LINK_INTERFACE)?;
-        let device_b = attach_device(DeviceKind::Tun, &namespace_b, LINK_INTERFACE)?;
+        let kind = if self.segmentation_offload {
+            DeviceKind::OffloadingTun
+        } else {
+            DeviceKind::Tun
+        };
+        let device_a = attach_device(kind, &namespace_a, LINK_INTERFACE)?;
+        let device_b = attach_device(kind, &namespace_b, LINK_INTERFACE)?;
         for (namespace, address) in [
             (&namespace_a, self.address_a),
             (&namespace_b, self.address_b),
@@ -287,12 +305,18 @@ impl LinkBuilder {
             DirectionModel::new(&b_to_a, round_trip, self.seed ^ 0x5bd1_e995_0000_0001),
         ];
         let queue_limits = [models[0].queue_limit_bytes(), models[1].queue_limit_bytes()];
+        let buffer_size = if self.segmentation_offload {
+            65536 + 64
+        } else {
+            self.mtu as usize + 64
+        };
         let forwarder = ForwarderPair::start(
             &instance,
             device_a,
             device_b,
             models,
-            self.mtu as usize + 64,
+            buffer_size,
+            self.segmentation_offload,
         )?;
         tracing::info!(
             namespace_a = %namespace_a,
@@ -484,18 +508,22 @@ pub(crate) fn attach_device(
     final_name: &str,
 ) -> Result<File, LinkError> {
     let pattern = match kind {
-        DeviceKind::Tun => "nlet%d",
+        DeviceKind::Tun | DeviceKind::OffloadingTun => "nlet%d",
         DeviceKind::Tap => "nlep%d",
     };
-    let (file, transient_name) =
-        sys::create_tun_device(pattern, kind).map_err(|source| LinkError::CreateDevice {
-            kind: match kind {
-                DeviceKind::Tun => "tun",
-                DeviceKind::Tap => "tap",
-            },
-            pattern: pattern.to_owned(),
-            source,
-        })?;
+    let created = match kind {
+        DeviceKind::OffloadingTun => sys::create_offloading_tun_device(pattern),
+        _ => sys::create_tun_device(pattern, kind),
+    };
+    let (file, transient_name) = created.map_err(|source| LinkError::CreateDevice {
+        kind: match kind {
+            DeviceKind::Tun => "tun",
+            DeviceKind::OffloadingTun => "offloading tun",
+            DeviceKind::Tap => "tap",
+        },
+        pattern: pattern.to_owned(),
+        source,
+    })?;
     netns::ip(&["link", "set", "dev", &transient_name, "netns", namespace])?;
     netns::ip_in(
         namespace,
@@ -521,6 +549,7 @@ impl ForwarderPair {
         device_b: File,
         models: [DirectionModel; 2],
         buffer_size: usize,
+        segmentation_offload: bool,
     ) -> Result<Self, LinkError> {
         let device_a = Arc::new(device_a);
         let device_b = Arc::new(device_b);
@@ -546,6 +575,7 @@ impl ForwarderPair {
                 handle: Arc::clone(&handles[0]),
                 buffer_size,
                 realtime_priority: Some(REALTIME_PRIORITY),
+                segmentation_offload,
             },
             Direction {
                 label: format!("{label} b>a"),
@@ -555,6 +585,7 @@ impl ForwarderPair {
                 handle: Arc::clone(&handles[1]),
                 buffer_size,
                 realtime_priority: Some(REALTIME_PRIORITY),
+                segmentation_offload,
             },
         ];
         for direction in directions {

@@ -143,6 +143,7 @@ impl RegionBuilder {
                             switch_device,
                             models,
                             1500 + 64,
+                            false,
                         )?,
                     ));
                     // Ethernet frames are up to 1514 bytes plus a VLAN tag.

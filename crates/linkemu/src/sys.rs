@@ -15,6 +15,13 @@ const TUNSETIFF: u64 = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
+const TUN_F_TSO_ECN: libc::c_ulong = 0x08;
 const INTERFACE_NAME_SIZE: usize = 16;
 
 /// Which kind of virtual device to create: layer 3 (IP packets) or layer 2 (Ethernet frames).
@@ -24,6 +31,8 @@ pub enum DeviceKind {
     Tun,
     /// `IFF_TAP`: reads and writes carry Ethernet frames (for attaching to a bridge).
     Tap,
+    /// `IFF_TUN` with a virtio header and TCP segmentation offload.
+    OffloadingTun,
 }
 
 /// `struct ifreq` restricted to the members `TUNSETIFF` uses; the kernel copies 40 bytes.
@@ -38,6 +47,27 @@ struct InterfaceRequest {
 /// `%d` so the kernel picks a free name). Returns the device's file and its actual name. The
 /// device disappears when the file is closed (it is not persistent).
 pub fn create_tun_device(name_pattern: &str, kind: DeviceKind) -> io::Result<(File, String)> {
+    create_device(name_pattern, kind, false)
+}
+
+/// Like [`create_tun_device`], but with a `virtio_net_hdr` in front of every packet and TCP
+/// segmentation and checksum offload enabled, so TCP super-packets of up to 64 KiB cross it.
+pub fn create_offloading_tun_device(name_pattern: &str) -> io::Result<(File, String)> {
+    let (file, name) = create_device(name_pattern, DeviceKind::Tun, true)?;
+    let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+    // SAFETY: `file` is a TUN device descriptor; TUNSETOFFLOAD takes its argument by value.
+    let result = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, offloads) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((file, name))
+}
+
+fn create_device(
+    name_pattern: &str,
+    kind: DeviceKind,
+    virtio_header: bool,
+) -> io::Result<(File, String)> {
     if name_pattern.len() >= INTERFACE_NAME_SIZE || name_pattern.as_bytes().contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -52,8 +82,9 @@ pub fn create_tun_device(name_pattern: &str, kind: DeviceKind) -> io::Result<(Fi
     let mut request = InterfaceRequest {
         name: [0; INTERFACE_NAME_SIZE],
         flags: IFF_NO_PI
+            | if virtio_header { IFF_VNET_HDR } else { 0 }
             | match kind {
-                DeviceKind::Tun => IFF_TUN,
+                DeviceKind::Tun | DeviceKind::OffloadingTun => IFF_TUN,
                 DeviceKind::Tap => IFF_TAP,
             },
         padding: [0; 22],

@@ -480,3 +480,72 @@ fn leftovers_of_a_killed_run_are_cleaned_up() {
     cleanup_stale().expect("cleanup");
     assert!(namespaces.iter().all(|name| !namespace_exists(name)));
 }
+
+fn pattern_byte(index: u64) -> u8 {
+    (index.wrapping_mul(7) ^ (index >> 11)) as u8
+}
+
+#[test]
+fn offloaded_super_packets_keep_data_intact_and_loss_per_segment() {
+    let loss = 0.02;
+    let link = LinkEmulator::builder()
+        .name_prefix("offload")
+        .delay(Duration::from_millis(5))
+        .rate_bits_per_sec(200e6)
+        .loss_for(LinkDirection::AToB, loss)
+        .segmentation_offload(true)
+        .seed(9)
+        .spawn()
+        .expect("spawn link");
+    let address_b = link.addr_b();
+    let listener = link
+        .in_ns_b(move || TcpListener::bind((address_b, 0)))
+        .expect("enter namespace b")
+        .expect("bind listener");
+    let to = listener.local_addr().expect("bound");
+    let stream = link
+        .in_ns_a(move || TcpStream::connect_timeout(&to, Duration::from_secs(10)))
+        .expect("enter namespace a")
+        .expect("connect across the link");
+    let total: u64 = 30 * 1024 * 1024;
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut stream = stream;
+        let mut offset = 0u64;
+        let mut chunk = vec![0u8; 128 * 1024];
+        while offset < total {
+            let length = chunk.len().min((total - offset) as usize);
+            for (index, byte) in chunk[..length].iter_mut().enumerate() {
+                *byte = pattern_byte(offset + index as u64);
+            }
+            stream.write_all(&chunk[..length]).expect("send");
+            offset += length as u64;
+        }
+    });
+    let (mut stream, _) = listener.accept().expect("accept");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut received = 0u64;
+    let mut buffer = vec![0u8; 256 * 1024];
+    while received < total {
+        let length = std::io::Read::read(&mut stream, &mut buffer).expect("receive");
+        assert!(length > 0, "connection closed after {received} bytes");
+        for (index, byte) in buffer[..length].iter().enumerate() {
+            let at = received + index as u64;
+            assert_eq!(*byte, pattern_byte(at), "corrupt byte at offset {at}");
+        }
+        received += length as u64;
+    }
+    sender.join().expect("sender");
+    let counters = link.counters().a_to_b;
+    let applied = counters.dropped_by_loss as f64 / counters.packets_received as f64;
+    assert!(
+        counters.packets_received > total / 1500,
+        "counters are per wire segment: {counters:?}"
+    );
+    assert!(
+        (applied - loss).abs() <= loss * 0.15,
+        "loss applied per segment {applied:.4}, configured {loss}: {counters:?}"
+    );
+}

@@ -83,6 +83,9 @@ struct UpArguments {
     /// Bottleneck queue limit per direction, e.g. 1m (default: about one bandwidth-delay product).
     #[arg(long, value_parser = units::parse_bytes)]
     queue: Option<u64>,
+    /// Carry TCP super-packets across the link (less CPU; the model still acts per segment).
+    #[arg(long)]
+    offload: bool,
     /// Seed for loss and jitter.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -132,6 +135,7 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
                 .allow_reordering(up.reorder)
                 .loss(up.loss)
                 .seed(up.seed)
+                .segmentation_offload(up.offload)
                 .addresses(up.addr_a, up.addr_b, 24);
             if let Some(rate) = up.rate {
                 builder = builder.rate_bits_per_sec(rate as f64);
