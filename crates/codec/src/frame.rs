@@ -24,6 +24,9 @@ pub const FRAME_VERSION: u8 = 1;
 pub const FRAME_HEADER_LENGTH: usize = 18;
 
 const FLAG_ZSTD: u8 = 0x01;
+
+/// Magic number of a standard zstd frame (0xFD2FB528, little-endian).
+const ZSTD_FRAME_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 const KNOWN_FLAGS: u8 = FLAG_ZSTD;
 
 /// Bodies shorter than this are sent as they are.
@@ -281,6 +284,25 @@ impl FrameReader {
         if !header.compressed {
             return Ok((header, payload));
         }
+        // Exactly one standard zstd frame: no legacy-format frames (zstd still decodes them, old
+        // code we do not want facing the network), no skippable or concatenated frames.
+        if payload.len() < 4 || payload[..4] != ZSTD_FRAME_MAGIC {
+            return Err(DecodeError::Malformed {
+                what: "frame body",
+                offset: FRAME_HEADER_LENGTH,
+                reason: "not a zstd frame",
+            });
+        }
+        match zstd::zstd_safe::find_frame_compressed_size(payload) {
+            Ok(length) if length == payload.len() => {}
+            _ => {
+                return Err(DecodeError::Malformed {
+                    what: "frame body",
+                    offset: FRAME_HEADER_LENGTH,
+                    reason: "body is not exactly one complete zstd frame",
+                });
+            }
+        }
         let declared = header.body_length as usize;
         self.body.clear();
         self.body.reserve_exact(declared);
@@ -317,6 +339,43 @@ mod tests {
             assert_eq!(header.entry_count, 1);
             assert_eq!(decoded, &body[..]);
         }
+    }
+
+    #[test]
+    fn only_one_standard_zstd_frame_is_accepted() {
+        let mut writer = FrameWriter::new(3).unwrap();
+        let mut reader = FrameReader::new().unwrap();
+        let body = vec![b'z'; 5000];
+        let mut out = Vec::new();
+        writer
+            .write_frame(FrameKind::Chunks, 1, &body, &mut out)
+            .unwrap();
+        let payload = out[FRAME_HEADER_LENGTH..].to_vec();
+        // Two concatenated zstd frames, header adjusted to match: refused.
+        let mut doubled = out[..FRAME_HEADER_LENGTH].to_vec();
+        doubled[10..14].copy_from_slice(&10_000u32.to_le_bytes());
+        doubled[14..18].copy_from_slice(&((payload.len() * 2) as u32).to_le_bytes());
+        doubled.extend_from_slice(&payload);
+        doubled.extend_from_slice(&payload);
+        assert!(
+            reader
+                .open(&doubled, FrameKind::Chunks, 10, 1 << 20)
+                .is_err()
+        );
+        // A legacy (v0.7) magic number: refused before zstd sees it.
+        let mut legacy = out.clone();
+        legacy[FRAME_HEADER_LENGTH] = 0x27;
+        assert!(matches!(
+            reader.open(&legacy, FrameKind::Chunks, 10, 1 << 20),
+            Err(DecodeError::Malformed {
+                what: "frame body",
+                ..
+            })
+        ));
+        assert_eq!(
+            reader.open(&out, FrameKind::Chunks, 10, 1 << 20).unwrap().1,
+            &body[..]
+        );
     }
 
     #[test]
