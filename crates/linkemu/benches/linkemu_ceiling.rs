@@ -192,18 +192,41 @@ fn pause(duration: Duration) {
 
 /// iperf3 on a shaped link; the link's own IP-level rate is sampled from its counters over the
 /// steady-state window (after iperf3's 2 s omitted warm-up).
+/// CPU time this process has used (its forwarder threads; iperf3 runs in child processes).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&index| fields.get(index)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+struct ShapedResult {
+    iperf: IperfResult,
+    ip_rate: f64,
+    measured_loss: f64,
+    idle_round_trip: Duration,
+    forwarder_cores: f64,
+}
+
 fn shaped_run(
     rate: f64,
     one_way: Duration,
     loss: f64,
     seconds: u64,
-    streams: u32,
-) -> anyhow::Result<(IperfResult, f64, f64, Duration)> {
+    offload: bool,
+) -> anyhow::Result<ShapedResult> {
+    let streams = 8;
     let link = LinkEmulator::builder()
         .name_prefix("bench")
         .delay(one_way)
         .loss(loss)
         .rate_bits_per_sec(rate)
+        .segmentation_offload(offload)
         .seed(1)
         .spawn()?;
     let idle_round_trip =
@@ -219,20 +242,28 @@ fn shaped_run(
         }
         pause(Duration::from_secs(2));
         let before: LinkCounters = link.counters();
+        let cpu_before = process_cpu_seconds();
         let window_start = Instant::now();
         pause(Duration::from_secs(seconds.saturating_sub(1).max(1)));
         let after = link.counters();
-        let window = (before, after, window_start.elapsed().as_secs_f64());
+        let cpu = process_cpu_seconds() - cpu_before;
+        let window = (before, after, window_start.elapsed().as_secs_f64(), cpu);
         (running.join(), window)
     });
     let result = result.map_err(|_| anyhow::anyhow!("iperf3 thread panicked"))??;
-    let (before, after, elapsed) = window;
+    let (before, after, elapsed, cpu) = window;
     let ip_rate =
         (after.a_to_b.bytes_forwarded - before.a_to_b.bytes_forwarded) as f64 * 8.0 / elapsed;
     let received = after.a_to_b.packets_received - before.a_to_b.packets_received;
     let measured_loss = (after.a_to_b.dropped_by_loss - before.a_to_b.dropped_by_loss) as f64
         / received.max(1) as f64;
-    Ok((result, ip_rate, measured_loss, idle_round_trip))
+    Ok(ShapedResult {
+        iperf: result,
+        ip_rate,
+        measured_loss,
+        idle_round_trip,
+        forwarder_cores: cpu / elapsed,
+    })
 }
 
 /// iperf3 -P 8 over a replayed trace (both directions), 50 ms RTT: bytes the link delivered
@@ -310,6 +341,12 @@ fn main() -> anyhow::Result<()> {
         2000,
     )?;
     drop(veth);
+    let link = LinkEmulator::builder()
+        .name_prefix("bench")
+        .segmentation_offload(true)
+        .spawn()?;
+    let offloaded = iperf(link.ns_a(), link.ns_b(), link.addr_b(), 8, seconds)?;
+    drop(link);
     let link = LinkEmulator::builder().name_prefix("bench").spawn()?;
     let unshaped = iperf(link.ns_a(), link.ns_b(), link.addr_b(), 8, seconds)?;
     let emulator_round_trip =
@@ -322,6 +359,13 @@ fn main() -> anyhow::Result<()> {
         baseline: megabits(baseline.received_bits_per_second),
         emulator: megabits(unshaped.received_bits_per_second),
         note: format!("{} retransmits", unshaped.retransmits),
+    });
+    rows.push(Row {
+        measurement: "max forwarding rate, iperf3 -P 8, no shaping, segmentation offload".into(),
+        configured: "unlimited".into(),
+        baseline: megabits(baseline.received_bits_per_second),
+        emulator: megabits(offloaded.received_bits_per_second),
+        note: format!("{} retransmits", offloaded.retransmits),
     });
     rows.push(Row {
         measurement: "max forwarding rate, 1 TCP stream, no shaping".into(),
@@ -342,27 +386,34 @@ fn main() -> anyhow::Result<()> {
     });
 
     // 2. Accuracy on shaped links.
-    for (rate, loss) in [(1e9, 0.005), (100e6, 0.0)] {
-        let (result, ip_rate, measured_loss, round_trip) =
-            shaped_run(rate, Duration::from_millis(25), loss, seconds, 8)?;
+    for (rate, loss, offload) in [(1e9, 0.005, false), (1e9, 0.005, true), (100e6, 0.0, false)] {
+        let shaped = shaped_run(rate, Duration::from_millis(25), loss, seconds, offload)?;
+        let (result, ip_rate, measured_loss, round_trip) = (
+            shaped.iperf,
+            shaped.ip_rate,
+            shaped.measured_loss,
+            shaped.idle_round_trip,
+        );
         // A 1500-byte IP packet carries 1448 bytes of TCP payload (timestamps on).
         let goodput_ceiling = rate * 1448.0 / 1500.0;
         rows.push(Row {
             measurement: format!(
-                "iperf3 -P 8 goodput, {} 50 ms RTT {} % loss",
+                "iperf3 -P 8 goodput, {} 50 ms RTT {} % loss{}",
                 megabits(rate),
-                loss * 100.0
+                loss * 100.0,
+                if offload { ", segmentation offload" } else { "" }
             ),
             configured: megabits(goodput_ceiling),
             baseline: "-".into(),
             emulator: megabits(result.received_bits_per_second),
             note: format!(
-                "{:.1} % of payload ceiling (first 2 s omitted); link IP rate {} = {:.1} % of configured; loss applied {:.3} %; idle RTT {:.2} ms",
+                "{:.1} % of payload ceiling (first 2 s omitted); link IP rate {} = {:.1} % of configured; loss applied {:.3} %; idle RTT {:.2} ms; forwarder CPU {:.2} cores",
                 100.0 * result.received_bits_per_second / goodput_ceiling,
                 megabits(ip_rate),
                 100.0 * ip_rate / rate,
                 measured_loss * 100.0,
-                round_trip.as_secs_f64() * 1e3
+                round_trip.as_secs_f64() * 1e3,
+                shaped.forwarder_cores
             ),
         });
     }
