@@ -32,8 +32,22 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
     toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
 }
 
+/// Raises the open-file limit to its maximum: every API client and every VM's QMP and console
+/// sockets take a descriptor.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(error) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(%error, "cannot raise the open-file limit");
+        }
+    }
+}
+
 pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    raise_open_file_limit();
     let file = load_config(args.config.as_ref())?;
     let data_dir = client.data_dir.clone().or(file.data_dir).unwrap_or_else(default_data_dir);
     let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());

@@ -82,6 +82,20 @@ impl TestHost {
 
     /// Starts `serve` and waits until its API answers.
     pub fn spawn_serve(&mut self) {
+        self.spawn_serve_without_waiting();
+        let url = format!("{}/api/v1/health", self.server());
+        poll("the API to answer", Duration::from_secs(30), || {
+            if let Some(child) = self.serve.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("novacron serve exited with {status}; log:\n{}", self.serve_log());
+            }
+            http_get_status(&url).filter(|status| *status == 200)
+        });
+    }
+
+    /// Starts `serve` and returns at once.
+    pub fn spawn_serve_without_waiting(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -100,15 +114,6 @@ impl TestHost {
             command.env(key, value);
         }
         self.serve = Some(command.spawn().expect("spawn novacron serve"));
-        let url = format!("{}/api/v1/health", self.server());
-        poll("the API to answer", Duration::from_secs(30), || {
-            if let Some(child) = self.serve.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("novacron serve exited with {status}; log:\n{}", self.serve_log());
-            }
-            http_get_status(&url).filter(|status| *status == 200)
-        });
     }
 
     pub fn serve_log(&self) -> String {
