@@ -41,6 +41,12 @@
 //! still act on every 1500-byte wire segment ([`offload`]). It is off by default because a
 //! super-packet's segments are delivered together, which is burstier than a real wire.
 //!
+//! The `novacron-linkemu` binary does the same for scripts: `novacron-linkemu up --delay 25ms
+//! --loss 0.5% --rate 1gbit [--trace FILE] [-- COMMAND]` prints one JSON line with the namespace
+//! names and addresses, forwards until Ctrl-C/SIGTERM (or until COMMAND exits, which sees
+//! `LINKEMU_NS_A`, `LINKEMU_NS_B`, `LINKEMU_ADDR_A`, `LINKEMU_ADDR_B`), then prints the counters
+//! and tears down; `novacron-linkemu cleanup` removes leftovers of killed runs.
+//!
 //! What this crate must not do: touch interfaces or namespaces it did not create (leftover
 //! removal only deletes `nle-…` namespaces whose owning process is gone).
 
@@ -64,3 +70,15 @@ pub use model::{Capacity, DirectionShape};
 pub use netns::cleanup_stale;
 pub use region::{HOST_INTERFACE, HostLinkShape, Region, RegionBuilder, RegionHost, RunningRegion};
 pub use trace::DeliveryTrace;
+
+#[cfg(test)]
+mod tests {
+    /// Links and regions are shared with measuring threads (`std::thread::scope`), so they must
+    /// stay `Send + Sync`.
+    #[test]
+    fn running_links_and_regions_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<crate::RunningLink>();
+        shareable::<crate::RunningRegion>();
+    }
+}

@@ -5,6 +5,9 @@
 //! them, rebuilds the surviving runs as smaller super-packets (sequence numbers, lengths, IP ID,
 //! flags and the partial checksum fixed up), exactly what the kernel's own segmentation would
 //! have produced for those segments. Pure functions over byte slices; no IO.
+//!
+//! Only TCP over IPv4 and over IPv6 without extension headers is split; any other offloaded
+//! packet (rare: the devices only offer TSO) counts as one packet of its full length.
 
 /// Size of the legacy `struct virtio_net_hdr` the TUN device puts in front of each packet.
 pub const VIRTIO_HEADER_BYTES: usize = 10;
