@@ -2,10 +2,12 @@
 //! host with interface `eth0` on that bridge, at 10.78.0.<i+1>/24. A host's attachment is either a
 //! plain veth pair or, when shaped, a TAP pair with this crate's forwarder in between (delay,
 //! loss, rate, trace, as for [`crate::LinkEmulator`]). Any host can be cut off and reconnected
-//! (a partition) by setting its bridge port down or up.
+//! (a partition) by setting its bridge port down or up. Hosts can be split over several sites
+//! (bridges) joined through emulated links, for tests across regions.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::atomic::Ordering;
 
 use crate::error::LinkError;
 use crate::forwarder::DirectionCountersSnapshot;
@@ -34,6 +36,8 @@ pub struct RegionBuilder {
     host_count: usize,
     shapes: Vec<(usize, HostLinkShape)>,
     seed: u64,
+    host_sites: Vec<usize>,
+    inter_site: HostLinkShape,
 }
 
 /// A set of hosts on a bridge: `Region::builder().hosts(3).spawn()?`.
@@ -48,6 +52,8 @@ impl Region {
             host_count: 3,
             shapes: Vec::new(),
             seed: 1,
+            host_sites: Vec::new(),
+            inter_site: HostLinkShape::default(),
         }
     }
 }
@@ -67,6 +73,19 @@ impl RegionBuilder {
     pub fn shape_host(mut self, host: usize, shape: HostLinkShape) -> Self {
         self.shapes.retain(|(index, _)| *index != host);
         self.shapes.push((host, shape));
+        self
+    }
+    /// Splits the hosts over sites (for example two regions of a federation): `sites[i]` is
+    /// host i's site, numbered from 0. Each site has its own bridge; site k > 0 reaches site 0
+    /// through an emulated link shaped by [`Self::inter_site_shape`] (a star around site 0).
+    /// All hosts stay in one subnet. Default: every host in site 0.
+    pub fn sites(mut self, sites: &[usize]) -> Self {
+        self.host_sites = sites.to_vec();
+        self
+    }
+    /// Shape of each inter-site link: `outbound` is site k → site 0, `inbound` the reverse.
+    pub fn inter_site_shape(mut self, shape: HostLinkShape) -> Self {
+        self.inter_site = shape;
         self
     }
     /// Seed for loss and jitter of shaped hosts.
@@ -97,13 +116,70 @@ impl RegionBuilder {
         }
         let instance = netns::unique_instance_name(&self.name_prefix)?;
         let mut namespaces = NamespaceGuard::default();
-        let switch = format!("{instance}-sw");
-        namespaces.create(&switch)?;
-        netns::ip_in(&switch, &["link", "add", BRIDGE, "type", "bridge"])?;
-        netns::ip_in(&switch, &["link", "set", BRIDGE, "up"])?;
+        let host_sites = if self.host_sites.is_empty() {
+            vec![0; self.host_count]
+        } else {
+            self.host_sites.clone()
+        };
+        if host_sites.len() != self.host_count {
+            return Err(LinkError::InvalidConfiguration {
+                reason: format!(
+                    "{} site numbers given for {} hosts",
+                    host_sites.len(),
+                    self.host_count
+                ),
+            });
+        }
+        let site_count = host_sites.iter().copied().max().unwrap_or(0) + 1;
+        let mut switches = Vec::with_capacity(site_count);
+        for site in 0..site_count {
+            let switch = if site == 0 {
+                format!("{instance}-sw")
+            } else {
+                format!("{instance}-sw{site}")
+            };
+            namespaces.create(&switch)?;
+            netns::ip_in(&switch, &["link", "add", BRIDGE, "type", "bridge"])?;
+            netns::ip_in(&switch, &["link", "set", BRIDGE, "up"])?;
+            switches.push(switch);
+        }
+        let mut site_links = Vec::new();
+        for site in 1..site_count {
+            let far_port = "s0";
+            let near_port = format!("s{site}");
+            let far_device = attach_device(DeviceKind::Tap, &switches[site], far_port)?;
+            let near_device = attach_device(DeviceKind::Tap, &switches[0], &near_port)?;
+            let shape = &self.inter_site;
+            let round_trip = shape.outbound.delay + shape.inbound.delay;
+            let seed = self.seed ^ (site as u64).wrapping_mul(0x51_7cc1_b727_220a);
+            let models = [
+                DirectionModel::new(&shape.outbound, round_trip, seed),
+                DirectionModel::new(&shape.inbound, round_trip, seed ^ 0x5bd1_e995),
+            ];
+            site_links.push((
+                site,
+                ForwarderPair::start(
+                    &format!("{instance}-site{site}"),
+                    far_device,
+                    near_device,
+                    models,
+                    1500 + 64,
+                    false,
+                )?,
+            ));
+            for (switch, port) in [
+                (&switches[site], far_port),
+                (&switches[0], near_port.as_str()),
+            ] {
+                netns::ip_in(switch, &["link", "set", "dev", port, "txqueuelen", "5000"])?;
+                netns::ip_in(switch, &["link", "set", "dev", port, "master", BRIDGE])?;
+                netns::ip_in(switch, &["link", "set", "dev", port, "up"])?;
+            }
+        }
         let mut hosts = Vec::with_capacity(self.host_count);
         let mut forwarders = Vec::new();
         for index in 0..self.host_count {
+            let switch = &switches[host_sites[index]];
             let namespace = format!("{instance}-h{index}");
             namespaces.create(&namespace)?;
             let port = format!("p{index}");
@@ -122,13 +198,13 @@ impl RegionBuilder {
                             "name",
                             &port,
                             "netns",
-                            &switch,
+                            switch,
                         ],
                     )?;
                 }
                 Some((_, shape)) => {
                     let host_device = attach_device(DeviceKind::Tap, &namespace, HOST_INTERFACE)?;
-                    let switch_device = attach_device(DeviceKind::Tap, &switch, &port)?;
+                    let switch_device = attach_device(DeviceKind::Tap, switch, &port)?;
                     let round_trip = shape.outbound.delay + shape.inbound.delay;
                     let seed = self.seed.wrapping_add(index as u64 * 0x9e37_79b9);
                     let models = [
@@ -148,7 +224,7 @@ impl RegionBuilder {
                     ));
                     // Ethernet frames are up to 1514 bytes plus a VLAN tag.
                     for (device_namespace, device) in
-                        [(&namespace, HOST_INTERFACE), (&switch, port.as_str())]
+                        [(&namespace, HOST_INTERFACE), (switch, port.as_str())]
                     {
                         netns::ip_in(
                             device_namespace,
@@ -157,8 +233,8 @@ impl RegionBuilder {
                     }
                 }
             }
-            netns::ip_in(&switch, &["link", "set", "dev", &port, "master", BRIDGE])?;
-            netns::ip_in(&switch, &["link", "set", "dev", &port, "up"])?;
+            netns::ip_in(switch, &["link", "set", "dev", &port, "master", BRIDGE])?;
+            netns::ip_in(switch, &["link", "set", "dev", &port, "up"])?;
             let address = Ipv4Addr::new(10, 78, 0, index as u8 + 1);
             let cidr = format!("{address}/24");
             netns::ip_in(&namespace, &["addr", "add", &cidr, "dev", HOST_INTERFACE])?;
@@ -168,13 +244,15 @@ impl RegionBuilder {
                 namespace,
                 address,
                 port,
+                site: host_sites[index],
             });
         }
-        tracing::info!(%switch, hosts = hosts.len(), "region up");
+        tracing::info!(switch = %switches[0], hosts = hosts.len(), sites = site_count, "region up");
         Ok(RunningRegion {
             forwarders,
+            site_links,
             namespaces,
-            switch,
+            switches,
             hosts,
         })
     }
@@ -186,6 +264,7 @@ pub struct RegionHost {
     namespace: String,
     address: Ipv4Addr,
     port: String,
+    site: usize,
 }
 
 impl RegionHost {
@@ -197,14 +276,19 @@ impl RegionHost {
     pub fn address(&self) -> Ipv4Addr {
         self.address
     }
+    /// The site the host is in (0 unless [`RegionBuilder::sites`] was used).
+    pub fn site(&self) -> usize {
+        self.site
+    }
 }
 
 /// A running region; dropping it deletes every namespace and stops every forwarder.
 #[derive(Debug)]
 pub struct RunningRegion {
     forwarders: Vec<(usize, ForwarderPair)>,
+    site_links: Vec<(usize, ForwarderPair)>,
     namespaces: NamespaceGuard,
-    switch: String,
+    switches: Vec<String>,
     hosts: Vec<RegionHost>,
 }
 
@@ -220,9 +304,39 @@ impl RunningRegion {
             host_count: self.hosts.len(),
         })
     }
-    /// The switch namespace holding the bridge.
+    /// The switch namespace holding site 0's bridge.
     pub fn switch_namespace(&self) -> &str {
-        &self.switch
+        &self.switches[0]
+    }
+    /// Cuts (false) or restores (true) the emulated link between site `site` (> 0) and site 0:
+    /// a partition between sites, while hosts within each site still reach each other.
+    pub fn set_site_connected(&self, site: usize, connected: bool) -> Result<(), LinkError> {
+        let (_, pair) = self
+            .site_links
+            .iter()
+            .find(|(index, _)| *index == site)
+            .ok_or_else(|| LinkError::InvalidConfiguration {
+                reason: format!("site {site} has no link to site 0 in this region"),
+            })?;
+        for handle in &pair.handles {
+            handle.disconnected.store(!connected, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+    /// Counters of the link between site `site` and site 0: (toward site 0, from site 0).
+    pub fn site_link_counters(
+        &self,
+        site: usize,
+    ) -> Option<(DirectionCountersSnapshot, DirectionCountersSnapshot)> {
+        self.site_links
+            .iter()
+            .find(|(index, _)| *index == site)
+            .map(|(_, pair)| {
+                (
+                    pair.handles[0].counters.snapshot(),
+                    pair.handles[1].counters.snapshot(),
+                )
+            })
     }
     /// `ip netns exec <host ns> <program>`.
     pub fn command_in_host(&self, index: usize, program: &str) -> Result<Command, LinkError> {
@@ -238,9 +352,13 @@ impl RunningRegion {
     }
     /// Connects (true) or cuts off (false) a host: its bridge port goes up or down.
     pub fn set_host_link_up(&self, index: usize, up: bool) -> Result<(), LinkError> {
-        let port = &self.host(index)?.port;
+        let host = self.host(index)?;
         let state = if up { "up" } else { "down" };
-        netns::ip_in(&self.switch, &["link", "set", "dev", port, state]).map(drop)
+        netns::ip_in(
+            &self.switches[host.site],
+            &["link", "set", "dev", &host.port, state],
+        )
+        .map(drop)
     }
     /// Counters of a shaped host's attachment: (outbound, inbound); `None` for unshaped hosts.
     pub fn host_counters(
@@ -261,7 +379,7 @@ impl RunningRegion {
 
 impl Drop for RunningRegion {
     fn drop(&mut self) {
-        for (_, forwarder) in &mut self.forwarders {
+        for (_, forwarder) in self.forwarders.iter_mut().chain(self.site_links.iter_mut()) {
             forwarder.stop();
         }
         if let Err(error) = self.namespaces.delete_all() {

@@ -71,3 +71,70 @@ fn hosts_reach_each_other_and_partitions_heal() {
     drop(region);
     assert!(namespaces.iter().all(|name| !namespace_exists(name)));
 }
+
+#[test]
+fn sites_are_joined_by_a_shaped_link_that_can_be_cut() {
+    let one_way = Duration::from_millis(20);
+    let wan = DirectionShape {
+        delay: one_way,
+        ..Default::default()
+    };
+    let region = Region::builder()
+        .name_prefix("sites")
+        .hosts(4)
+        .sites(&[0, 0, 1, 1])
+        .inter_site_shape(HostLinkShape {
+            outbound: wan.clone(),
+            inbound: wan,
+        })
+        .spawn()
+        .expect("spawn region");
+    assert_eq!(region.host(2).expect("host").site(), 1);
+    let echo_1 = EchoServer::start(socket_on(&region, 1));
+    let echo_2 = EchoServer::start(socket_on(&region, 2));
+    let echo_3 = EchoServer::start(socket_on(&region, 3));
+    let client_0 = socket_on(&region, 0);
+    let client_2 = socket_on(&region, 2);
+
+    let mut local = measure_round_trips(&client_0, echo_1.address, 10, Duration::from_secs(2));
+    assert_eq!(local.len(), 10);
+    assert!(median(&mut local) < Duration::from_millis(10));
+    let mut remote = measure_round_trips(&client_0, echo_2.address, 10, Duration::from_secs(2));
+    assert!(remote.len() >= 9, "the other site is reachable");
+    let remote = median(&mut remote);
+    assert!(
+        remote >= 2 * one_way && remote <= (2 * one_way).mul_f64(1.10),
+        "round trip between sites {remote:?}"
+    );
+
+    region.set_site_connected(1, false).expect("cut site 1");
+    assert!(
+        measure_round_trips(&client_0, echo_2.address, 3, Duration::from_millis(300)).is_empty()
+    );
+    assert_eq!(
+        measure_round_trips(&client_2, echo_3.address, 3, Duration::from_secs(2)).len(),
+        3,
+        "hosts within the cut-off site still reach each other"
+    );
+    assert!(
+        region
+            .site_link_counters(1)
+            .expect("site link")
+            .0
+            .dropped_while_disconnected
+            > 0
+            || region
+                .site_link_counters(1)
+                .expect("site link")
+                .1
+                .dropped_while_disconnected
+                > 0
+    );
+    region
+        .set_site_connected(1, true)
+        .expect("reconnect site 1");
+    assert!(wait_until(Duration::from_secs(10), || {
+        !measure_round_trips(&client_0, echo_2.address, 1, Duration::from_millis(300)).is_empty()
+    }));
+    assert!(region.set_site_connected(5, false).is_err());
+}
