@@ -116,7 +116,9 @@ impl LinkBuilder {
         self
     }
     /// Uniform jitter of ± this around the delay, both directions; order is kept unless
-    /// [`Self::allow_reordering`].
+    /// [`Self::allow_reordering`], by holding a packet until the one before it is delivered,
+    /// so with packets closer together than the jitter the mean delay rises towards
+    /// `delay + jitter`.
     pub fn jitter(mut self, jitter: Duration) -> Self {
         self.a_to_b.jitter = jitter;
         self.b_to_a.jitter = jitter;
