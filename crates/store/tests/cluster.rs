@@ -296,8 +296,21 @@ async fn a_new_learner_behind_a_purged_log_gets_a_snapshot() {
         .await
         .expect("purge");
 
+    // A watch open on the empty node before it joins is told to re-list when the snapshot
+    // replaces its state.
+    let mut early_watcher = cluster
+        .node(2)
+        .watch("vms/", 0)
+        .expect("watch before joining");
     leader.add_learner(2, "node-2").await.expect("add learner");
     let learner = cluster.node(2);
+    let reset = tokio::time::timeout(DEADLINE, early_watcher.next())
+        .await
+        .expect("answer");
+    assert!(
+        matches!(reset, Err(StoreError::WatchReset { .. })),
+        "{reset:?}"
+    );
     let leader_revision = leader.current_revision().expect("revision");
     eventually("the learner to reach the leader's revision", || async {
         (learner.current_revision().expect("revision") == leader_revision).then_some(())
