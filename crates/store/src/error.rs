@@ -104,7 +104,7 @@ pub enum StoreError {
 
     /// A request did not complete in time.
     #[error(
-        "{operation} did not complete within {timeout:?}; the cluster may have lost its quorum: check that a majority of voters is running and reachable"
+        "{operation} did not complete within {timeout:?}; the cluster may have lost its quorum: check that a majority of voters is running and reachable (a write that timed out may still be applied: re-read before retrying)"
     )]
     Timeout {
         /// The operation that timed out.

@@ -212,6 +212,8 @@ pub struct StoreMetrics {
     pub millis_since_quorum_ack: Option<u64>,
     /// Membership.
     pub membership: ClusterMembership,
+    /// On a leader: per member, the highest log index known to be replicated to it.
+    pub replication: BTreeMap<u64, Option<u64>>,
 }
 
 impl StoreMetrics {
@@ -240,6 +242,16 @@ impl StoreMetrics {
             snapshot_index: metrics.snapshot.map(|log_id| log_id.index),
             purged_index: metrics.purged.map(|log_id| log_id.index),
             millis_since_quorum_ack: metrics.millis_since_quorum_ack,
+            replication: metrics
+                .replication
+                .as_ref()
+                .map(|replication| {
+                    replication
+                        .iter()
+                        .map(|(node_id, matched)| (*node_id, matched.map(|log_id| log_id.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
             membership: ClusterMembership {
                 voters,
                 learners,
@@ -777,14 +789,33 @@ impl Store {
     }
 
     /// Adds a node as a learner (leader only) and waits until it has caught up with the log.
+    ///
+    /// The learner is a member as soon as this returns or fails with `Timeout` (it then keeps
+    /// catching up in the background: watch `StoreMetrics::replication`).
     pub async fn add_learner(&self, node_id: u64, address: impl Into<String>) -> Result<()> {
         self.check_running()?;
         let address = address.into();
-        self.inner
-            .raft
-            .add_learner(node_id, Node::new(address), true)
-            .await
-            .map_err(client_write_error)?;
+        let response = self
+            .with_timeout("adding a learner", async {
+                self.inner
+                    .raft
+                    .add_learner(node_id, Node::new(address), false)
+                    .await
+                    .map_err(client_write_error)
+            })
+            .await?;
+        let target = response.log_id.index;
+        self.wait_for(
+            &format!("learner {node_id} to catch up with the log"),
+            self.inner.request_timeout,
+            |metrics| {
+                metrics
+                    .replication
+                    .get(&node_id)
+                    .is_some_and(|matched| matched.is_some_and(|index| index >= target))
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -797,11 +828,14 @@ impl Store {
                 message: "the set of voters must not be empty".into(),
             });
         }
-        self.inner
-            .raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
-            .await
-            .map_err(client_write_error)?;
+        self.with_timeout("changing the voters", async {
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+                .map_err(client_write_error)
+        })
+        .await?;
         Ok(())
     }
 
@@ -809,11 +843,14 @@ impl Store {
     /// [`Store::change_membership`] first.
     pub async fn remove_learners(&self, node_ids: BTreeSet<u64>) -> Result<()> {
         self.check_running()?;
-        self.inner
-            .raft
-            .change_membership(ChangeMembers::RemoveNodes(node_ids), false)
-            .await
-            .map_err(client_write_error)?;
+        self.with_timeout("removing learners", async {
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(node_ids), false)
+                .await
+                .map_err(client_write_error)
+        })
+        .await?;
         Ok(())
     }
 

@@ -122,6 +122,17 @@ impl Watcher {
         }
     }
 
+    /// The watcher as a stream: yields events, then the error that ends it (if any), then ends.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<WatchEvent>> + Send {
+        futures::stream::unfold(Some(self), |state| async move {
+            let mut watcher = state?;
+            match watcher.next().await {
+                Ok(event) => Some((Ok(event), Some(watcher))),
+                Err(error) => Some((Err(error), None)),
+            }
+        })
+    }
+
     fn error(&self, failure: WatchFailure) -> StoreError {
         match failure {
             WatchFailure::Lagged => StoreError::WatchLagged {

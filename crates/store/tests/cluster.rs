@@ -111,6 +111,10 @@ async fn three_voters_replicate_writes_to_every_node() {
     let leader = cluster.node(1);
     let metrics = leader.metrics();
     assert_eq!(metrics.membership.voters, BTreeSet::from([1, 2, 3]));
+    assert_eq!(
+        metrics.replication.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
     assert!(metrics.membership.learners.is_empty());
     assert_eq!(metrics.membership.addresses[&2], "node-2");
 
@@ -342,4 +346,36 @@ async fn a_new_learner_behind_a_purged_log_gets_a_snapshot() {
         .expect("event");
     assert_eq!(event.revision(), next);
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_learner_times_out_without_blocking_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = StoreConfig::new(dir.path(), 1, "node-1");
+    config.request_timeout = Duration::from_millis(500);
+    // No transport: every peer is unreachable.
+    let store = Store::open(config).await.expect("open");
+    let error = store
+        .add_learner(2, "node-2")
+        .await
+        .expect_err("the learner cannot catch up");
+    assert!(matches!(error, StoreError::Timeout { .. }), "{error}");
+    let metrics = store.metrics();
+    assert_eq!(metrics.membership.learners, BTreeSet::from([2]));
+    assert_eq!(
+        metrics.replication.get(&2),
+        Some(&None),
+        "nothing replicated to node 2"
+    );
+    // A learner does not count toward the quorum: writes go on.
+    store
+        .put("vms/a", b"1".to_vec())
+        .await
+        .expect("write with a dead learner");
+    store
+        .remove_learners(BTreeSet::from([2]))
+        .await
+        .expect("remove learner");
+    assert!(store.metrics().membership.learners.is_empty());
+    store.shutdown().await.expect("shutdown");
 }

@@ -469,3 +469,41 @@ async fn concurrent_transactions_are_group_committed_in_one_log_entry() {
     assert_eq!(revisions, expected);
     store.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_watcher_works_as_a_stream_and_ends_with_its_error() {
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_single(dir.path()).await;
+    let first = store.put("vms/a", b"1".to_vec()).await.expect("put");
+    let second = store.put("vms/b", b"2".to_vec()).await.expect("put");
+    let mut stream = Box::pin(store.watch("vms/", first).expect("watch").into_stream());
+    let revisions = [
+        stream
+            .next()
+            .await
+            .expect("item")
+            .expect("event")
+            .revision(),
+        stream
+            .next()
+            .await
+            .expect("item")
+            .expect("event")
+            .revision(),
+    ];
+    assert_eq!(revisions, [first, second]);
+    store.shutdown().await.expect("shutdown");
+    let last = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("answer");
+    assert!(
+        matches!(last, Some(Err(StoreError::ShuttingDown))),
+        "{last:?}"
+    );
+    assert!(
+        stream.next().await.is_none(),
+        "the stream ends after its error"
+    );
+}
