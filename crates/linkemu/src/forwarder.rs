@@ -139,6 +139,8 @@ pub(crate) struct Direction {
     pub(crate) realtime_priority: Option<i32>,
     /// Devices carry a virtio header and TCP super-packets (see [`crate::offload`]).
     pub(crate) segmentation_offload: bool,
+    /// Timed wake-ups happen on multiples of this (0: exactly when a packet is due).
+    pub(crate) release_granularity_ns: u64,
 }
 
 /// Starts the thread for one direction. It runs until `stop` is set.
@@ -185,9 +187,17 @@ fn run_direction(mut direction: Direction, clock_start: Instant, stop: &AtomicBo
         }
         let now = elapsed_ns(clock_start);
         release_due(&mut direction, &mut pending, &mut spare_buffers, now);
+        // Timed wake-ups are rounded up to the release granularity: each one is costly (about
+        // as much as forwarding a packet), and a packet may leave late by less than it.
         let wait = pending
             .peek()
-            .map(|next| Duration::from_nanos(next.release_at_ns.saturating_sub(now)))
+            .map(|next| {
+                let wake = match direction.release_granularity_ns {
+                    0 => next.release_at_ns,
+                    granularity => next.release_at_ns.div_ceil(granularity) * granularity,
+                };
+                Duration::from_nanos(wake.saturating_sub(now))
+            })
             .unwrap_or(IDLE_WAKE)
             .min(IDLE_WAKE);
         match sys::wait_readable(&direction.input, wait) {

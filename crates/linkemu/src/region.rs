@@ -11,7 +11,10 @@ use std::sync::atomic::Ordering;
 
 use crate::error::LinkError;
 use crate::forwarder::DirectionCountersSnapshot;
-use crate::link::{ForwarderPair, NamespaceGuard, attach_device, tune_socket_buffers};
+use crate::link::{
+    DEFAULT_RELEASE_GRANULARITY, ForwarderOptions, ForwarderPair, NamespaceGuard, attach_device,
+    tune_socket_buffers,
+};
 use crate::model::{DirectionModel, DirectionShape};
 use crate::netns;
 use crate::sys::DeviceKind;
@@ -163,8 +166,11 @@ impl RegionBuilder {
                     far_device,
                     near_device,
                     models,
-                    1500 + 64,
-                    false,
+                    ForwarderOptions {
+                        buffer_size: 1500 + 64,
+                        segmentation_offload: false,
+                        release_granularity: DEFAULT_RELEASE_GRANULARITY,
+                    },
                 )?,
             ));
             for (switch, port) in [
@@ -218,8 +224,11 @@ impl RegionBuilder {
                             host_device,
                             switch_device,
                             models,
-                            1500 + 64,
-                            false,
+                            ForwarderOptions {
+                                buffer_size: 1500 + 64,
+                                segmentation_offload: false,
+                                release_granularity: DEFAULT_RELEASE_GRANULARITY,
+                            },
                         )?,
                     ));
                     // Ethernet frames are up to 1514 bytes plus a VLAN tag.

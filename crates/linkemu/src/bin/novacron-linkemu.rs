@@ -86,6 +86,9 @@ struct UpArguments {
     /// Carry TCP super-packets across the link (less CPU; the model still acts per segment).
     #[arg(long)]
     offload: bool,
+    /// Delayed packets leave on multiples of this, up to this late (0 = exact, more CPU).
+    #[arg(long, value_parser = units::parse_duration, default_value = "200us")]
+    release_granularity: Duration,
     /// Seed for loss and jitter.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -136,6 +139,7 @@ fn run(arguments: Arguments) -> anyhow::Result<ExitCode> {
                 .loss(up.loss)
                 .seed(up.seed)
                 .segmentation_offload(up.offload)
+                .release_granularity(up.release_granularity)
                 .addresses(up.addr_a, up.addr_b, 24);
             if let Some(rate) = up.rate {
                 builder = builder.rate_bits_per_sec(rate as f64);
