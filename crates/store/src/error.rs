@@ -129,9 +129,9 @@ pub enum StoreError {
         message: String,
     },
 
-    /// A watch fell too far behind the stream of changes and lost some of them.
+    /// A watch fell further behind than the kept history; the changes it missed are gone.
     #[error(
-        "watch on prefix {prefix:?} fell behind and missed changes; list the prefix again and watch from the listed revision + 1"
+        "watch on prefix {prefix:?} fell behind the kept change history and missed changes; list the prefix again and watch from the listed revision + 1"
     )]
     WatchLagged {
         /// The watched prefix.

@@ -685,12 +685,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let database = self.database.clone();
         let history = self.watch_history_revisions;
-        let (outcomes, notices) = run_blocking(move || {
+        let (outcomes, changed_revision) = run_blocking(move || {
             let mut transaction = database.database.begin_write()?;
             // Durable with the next log append; after a crash the committed log is re-applied.
             transaction.set_durability(Durability::None)?;
             let mut outcomes = Vec::with_capacity(entries.len());
-            let mut notices = Vec::new();
+            let mut changed_revision = None;
             {
                 let mut meta = transaction.open_table(META)?;
                 let mut kv = transaction.open_table(KV)?;
@@ -712,10 +712,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                                         state.revision,
                                         records::encode_changes(&events).as_slice(),
                                     )?;
-                                    notices.push(ChangeNotice::Changes {
-                                        revision: state.revision,
-                                        events: Arc::new(events),
-                                    });
+                                    changed_revision = Some(state.revision);
                                 }
                                 batch_outcome.outcomes.push(outcome);
                             }
@@ -738,13 +735,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 meta.insert(META_STATE_MACHINE, serde_json::to_vec(&state)?.as_slice())?;
             }
             transaction.commit()?;
-            Ok((outcomes, notices))
+            Ok((outcomes, changed_revision))
         })
         .await
         .map_err(|error| StorageIOError::write_state_machine(&error))?;
-        for notice in notices {
+        if let Some(revision) = changed_revision {
             // No receiver is not an error: nobody is watching.
-            let _ = self.notices.send(notice);
+            let _ = self.notices.send(ChangeNotice::Changes { revision });
         }
         Ok(outcomes)
     }
@@ -804,9 +801,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             revision = decoded_revision,
             "installed a snapshot from the leader"
         );
-        let _ = self.notices.send(ChangeNotice::Reset {
-            revision: decoded_revision,
-        });
+        let _ = self.notices.send(ChangeNotice::Reset);
         Ok(())
     }
 

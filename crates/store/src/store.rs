@@ -79,7 +79,9 @@ pub struct StoreConfig {
     pub request_timeout: Duration,
     /// How many revisions of change history are kept for watches that resume from the past.
     pub watch_history_revisions: u64,
-    /// How many live changes a watcher may fall behind before it fails with `WatchLagged`.
+    /// How many change notices are buffered per watcher; a watcher that misses notices catches
+    /// up from the history (it fails with `WatchLagged` only when the history no longer holds
+    /// what it missed).
     pub watch_buffer: usize,
     /// Build a snapshot (and purge the log before it) after this many log entries.
     pub snapshot_after_log_entries: u64,

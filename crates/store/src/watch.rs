@@ -1,14 +1,15 @@
 //! Watches: a stream of the changes under a key prefix, starting at a chosen revision.
 //!
-//! A [`Watcher`] first replays the kept history (the `changes` table) from its start revision,
-//! then follows the live notices the state machine broadcasts after each applied batch. It
-//! subscribes to the live notices before reading the history and skips notices it already
-//! replayed, so no change is missed or repeated. A watcher that falls behind the broadcast
-//! buffer, or whose node installs a snapshot, fails with an error telling the caller to list
+//! The changes themselves are read from the store's kept history (the `changes` table, the last
+//! `watch_history_revisions` revisions); the state machine only broadcasts "revision N is
+//! applied" notices to wake watchers. So a slow watcher costs no memory and loses nothing while
+//! the history still holds what it has not read: a watcher that falls behind the broadcast
+//! buffer catches up from the table. Only when the history it needs was pruned, or when its node
+//! replaced its state with a snapshot, does it fail, with an error telling the caller to list
 //! again: it never silently skips changes.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::{broadcast, watch};
 
@@ -19,16 +20,10 @@ use crate::storage::StoreDatabase;
 /// What the state machine broadcasts after it commits.
 #[derive(Debug, Clone)]
 pub(crate) enum ChangeNotice {
-    /// The changes of one revision.
-    Changes {
-        revision: u64,
-        events: Arc<Vec<WatchEvent>>,
-    },
-    /// The whole state was replaced by a snapshot at `revision`.
-    Reset {
-        #[allow(dead_code)]
-        revision: u64,
-    },
+    /// Revisions up to `revision` are applied and in the history.
+    Changes { revision: u64 },
+    /// The whole state was replaced by a snapshot.
+    Reset,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +37,8 @@ enum WatchFailure {
 #[derive(Debug)]
 pub struct Watcher {
     prefix: String,
+    /// Weak, so an idle watcher does not keep the database open after shutdown.
+    database: Weak<StoreDatabase>,
     pending: VecDeque<WatchEvent>,
     /// Every change up to this revision is already queued or delivered.
     delivered_through: u64,
@@ -52,14 +49,14 @@ pub struct Watcher {
 
 impl Watcher {
     pub(crate) fn start(
-        database: &StoreDatabase,
+        database: &Arc<StoreDatabase>,
         prefix: String,
         from_revision: u64,
         notices: &broadcast::Sender<ChangeNotice>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self> {
         // Subscribe first: a change committed between the history read and the subscription
-        // would otherwise be lost.
+        // would otherwise be noticed by nobody.
         let receiver = notices.subscribe();
         let history = database.changes_since(&prefix, from_revision)?;
         if from_revision != 0 && from_revision <= history.compacted_revision {
@@ -71,6 +68,7 @@ impl Watcher {
         let delivered_through = history.revision.max(from_revision.saturating_sub(1));
         Ok(Self {
             prefix,
+            database: Arc::downgrade(database),
             pending: history.events.into(),
             delivered_through,
             receiver,
@@ -94,28 +92,21 @@ impl Watcher {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            tokio::select! {
+            let woken = tokio::select! {
                 biased;
-                received = self.receiver.recv() => match received {
-                    Ok(ChangeNotice::Changes { revision, events }) => {
-                        if revision > self.delivered_through {
-                            self.delivered_through = revision;
-                            let prefix = &self.prefix;
-                            self.pending.extend(
-                                events.iter().filter(|event| event.key().starts_with(prefix.as_str())).cloned(),
-                            );
-                        }
+                received = self.receiver.recv() => Some(received),
+                _ = self.shutdown.wait_for(|stopped| *stopped) => None,
+            };
+            match woken {
+                Some(Ok(ChangeNotice::Changes { revision })) => {
+                    if revision > self.delivered_through {
+                        self.catch_up()?;
                     }
-                    Ok(ChangeNotice::Reset { .. }) => self.failure = Some(WatchFailure::Reset),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(prefix = %self.prefix, missed, "watch fell behind");
-                        self.failure = Some(WatchFailure::Lagged);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        self.failure = Some(WatchFailure::ShuttingDown);
-                    }
-                },
-                _ = self.shutdown.wait_for(|stopped| *stopped) => {
+                }
+                Some(Ok(ChangeNotice::Reset)) => self.failure = Some(WatchFailure::Reset),
+                // Missed notices, not changes: the history has them.
+                Some(Err(broadcast::error::RecvError::Lagged(_))) => self.catch_up()?,
+                Some(Err(broadcast::error::RecvError::Closed)) | None => {
                     self.failure = Some(WatchFailure::ShuttingDown);
                 }
             }
@@ -131,6 +122,41 @@ impl Watcher {
                 Err(error) => Some((Err(error), None)),
             }
         })
+    }
+
+    /// Reads every change after `delivered_through` from the history.
+    fn catch_up(&mut self) -> Result<()> {
+        // One read covers every queued notice; a queued reset still wins.
+        loop {
+            match self.receiver.try_recv() {
+                Ok(ChangeNotice::Reset) => {
+                    self.failure = Some(WatchFailure::Reset);
+                    return Ok(());
+                }
+                Ok(ChangeNotice::Changes { .. })
+                | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+        }
+        let Some(database) = self.database.upgrade() else {
+            self.failure = Some(WatchFailure::ShuttingDown);
+            return Ok(());
+        };
+        let from_revision = self.delivered_through + 1;
+        let history = database.changes_since(&self.prefix, from_revision)?;
+        if from_revision <= history.compacted_revision {
+            tracing::warn!(
+                prefix = %self.prefix,
+                from_revision,
+                compacted_revision = history.compacted_revision,
+                "watch fell behind the kept history"
+            );
+            self.failure = Some(WatchFailure::Lagged);
+            return Ok(());
+        }
+        self.pending.extend(history.events);
+        self.delivered_through = self.delivered_through.max(history.revision);
+        Ok(())
     }
 
     fn error(&self, failure: WatchFailure) -> StoreError {

@@ -359,13 +359,41 @@ async fn watch_from_a_compacted_revision_is_refused() {
 }
 
 #[tokio::test]
-async fn a_lagging_watcher_is_told_to_relist_instead_of_losing_changes() {
+async fn a_slow_watcher_catches_up_from_the_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = single_node_config(dir.path());
-    config.watch_buffer = 4;
+    config.watch_buffer = 2;
     let store = Store::open(config).await.expect("open");
     let mut watcher = store.watch("vms/", 0).expect("watch");
-    for index in 0..20u8 {
+    let mut revisions = Vec::new();
+    for index in 0..30u8 {
+        revisions.push(
+            store
+                .put(format!("vms/{index}"), vec![index])
+                .await
+                .expect("put"),
+        );
+    }
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        seen.push(next_event(&mut watcher).await.revision());
+    }
+    assert_eq!(
+        seen, revisions,
+        "every change, in order, despite a 2-notice buffer"
+    );
+    store.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_watcher_behind_the_kept_history_is_told_to_relist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = single_node_config(dir.path());
+    config.watch_buffer = 2;
+    config.watch_history_revisions = 8;
+    let store = Store::open(config).await.expect("open");
+    let mut watcher = store.watch("vms/", 0).expect("watch");
+    for index in 0..40u8 {
         store
             .put(format!("vms/{index}"), vec![index])
             .await
