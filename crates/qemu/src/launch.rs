@@ -182,6 +182,9 @@ impl LaunchSpec {
         ]);
         push(&["-serial", "chardev:console"]);
         push(&["-pidfile", &run_directory.pid_file().to_string_lossy()]);
+        // A guest kernel panic is reported to QEMU, which then exits with a `guest-panic` shutdown
+        // instead of the guest rebooting in a loop unnoticed.
+        push(&["-device", "pvpanic", "-action", "panic=shutdown"]);
         if let Some(disk) = &self.disk {
             push(&[
                 "-blockdev",
@@ -240,7 +243,9 @@ impl RunDirectory {
         self.path.join("qmp.sock")
     }
 
-    /// Serial console socket: `vm console` connects here (one client at a time).
+    /// Serial console socket: `vm console` connects here (one client at a time). A connected
+    /// client must keep reading: QEMU's serial device waits for the socket, so an unread client
+    /// stalls the guest's console output (and a kernel printing to it).
     pub fn console_socket(&self) -> PathBuf {
         self.path.join("console.sock")
     }

@@ -47,9 +47,10 @@ const LAUNCH_RECORD_FORMAT: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum QemuExitReason {
-    /// The guest powered off, halted or panicked; `reason` is QEMU's (`guest-shutdown`,
-    /// `guest-panic`, ...).
+    /// The guest powered off or halted; `reason` is QEMU's (`guest-shutdown`, ...).
     GuestShutdown { reason: String },
+    /// The guest kernel panicked (reported through the pvpanic device).
+    GuestPanicked,
     /// The host asked QEMU to exit: QMP `quit` (`host-qmp-quit`) or SIGTERM/SIGINT/SIGHUP
     /// (`host-signal`).
     HostShutdown { reason: String },
@@ -94,6 +95,7 @@ impl std::fmt::Display for QemuExit {
             QemuExitReason::HostShutdown { reason } => {
                 write!(formatter, "stopped by the host ({reason})")?
             }
+            QemuExitReason::GuestPanicked => write!(formatter, "guest kernel panicked")?,
             QemuExitReason::Killed { signal } => {
                 write!(formatter, "qemu killed by {}", signal_name(*signal))?
             }
@@ -770,7 +772,9 @@ fn classify_exit(
             .and_then(serde_json::Value::as_str)
             .unwrap_or("unknown")
             .to_owned();
-        return if guest {
+        return if reason == "guest-panic" {
+            QemuExitReason::GuestPanicked
+        } else if guest {
             QemuExitReason::GuestShutdown { reason }
         } else {
             QemuExitReason::HostShutdown { reason }

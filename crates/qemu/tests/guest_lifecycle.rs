@@ -9,6 +9,9 @@ use novacron_qemu::test_guest::READY_LINE;
 
 use common::{binaries, guest_spec, run_directory, wait_for_console, wait_for_process_gone};
 
+/// Printed by busybox's shell on the console when it starts, after the ready line.
+const SHELL_BANNER: &str = "Enter 'help' for a list of built-in commands.";
+
 async fn next_event_of(
     events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
     kind: QmpEventKind,
@@ -32,6 +35,7 @@ async fn boot_prints_ready_line_and_disk_size_on_the_serial_console() {
     // The overlay is larger than the 64 MiB image: the guest must see the larger disk.
     let spec = guest_spec("boot", run_dir.path(), Some(128 * 1024 * 1024)).await;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     let console = vm.run_directory().console_log();
     let log = wait_for_console(&console, "NOVACRON-DISK vda").await;
     let ready = log
@@ -66,6 +70,7 @@ async fn pause_and_resume_change_the_run_state_and_emit_events() {
     let run_dir = run_directory();
     let spec = guest_spec("pause", run_dir.path(), None).await;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
     let mut events = vm.subscribe_events();
 
@@ -94,6 +99,7 @@ async fn acpi_power_down_ends_qemu_with_a_guest_shutdown() {
     let run_dir = run_directory();
     let spec = guest_spec("powerdown", run_dir.path(), None).await;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
     let pid = vm.pid();
 
@@ -119,6 +125,7 @@ async fn kill_9_is_reported_as_killed() {
     let run_dir = run_directory();
     let spec = guest_spec("killed", run_dir.path(), None).await;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     let status = std::process::Command::new("kill")
         .args(["-9", &vm.pid().to_string()])
         .status()
@@ -138,6 +145,7 @@ async fn reattach_after_dropping_the_client_finds_the_running_vm() {
     let spec = guest_spec("reattach", run_dir.path(), None).await;
     let uuid = spec.uuid;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     wait_for_console(&vm.run_directory().console_log(), READY_LINE).await;
     let pid = vm.pid();
     // Simulates a restart of `novacron serve`: the handle and its QMP connection go away.
@@ -273,6 +281,7 @@ async fn memory_workload_reports_progress_and_intact_memory() {
         );
     }
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     let console = vm.run_directory().console_log();
     let log = wait_for_console(&console, "NOVACRON-WORKLOAD tick=3 ").await;
     // The shell's prompt on the same console may precede a line: look for the marker anywhere.
@@ -301,8 +310,9 @@ async fn serial_console_socket_is_interactive_and_logged() {
     let run_dir = run_directory();
     let spec = guest_spec("console", run_dir.path(), None).await;
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     let console_log = vm.run_directory().console_log();
-    wait_for_console(&console_log, READY_LINE).await;
+    wait_for_console(&console_log, SHELL_BANNER).await;
 
     let mut console = tokio::net::UnixStream::connect(vm.run_directory().console_socket())
         .await
@@ -343,6 +353,7 @@ async fn stop_forces_quit_when_the_guest_ignores_the_power_button() {
         .await
         .start_paused(true);
     let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
     let status = vm.qmp().query_status().await.expect("query-status");
     assert_eq!(status.status, RunState::Prelaunch);
     let exit = vm
@@ -378,6 +389,7 @@ async fn signals_are_told_apart_crash_versus_orderly_termination() {
             .await
             .start_paused(true);
         let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+        let _cleanup = common::KillOnDrop::new(&vm);
         let status = std::process::Command::new("kill")
             .args([signal, &vm.pid().to_string()])
             .status()
@@ -412,6 +424,7 @@ async fn concurrent_launches_into_one_run_directory_start_one_qemu() {
         (Ok(vm), Err(error)) | (Err(error), Ok(vm)) => (vm, error),
         (first, second) => panic!("expected exactly one launch to succeed: {first:?} / {second:?}"),
     };
+    let _cleanup = common::KillOnDrop::new(&running);
     assert!(
         matches!(
             refused,
@@ -423,4 +436,41 @@ async fn concurrent_launches_into_one_run_directory_start_one_qemu() {
     assert!(running.run_directory().qmp_socket().exists());
     running.qmp().query_status().await.expect("query-status");
     running.force_stop().await.expect("force stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_kernel_panic_is_reported_not_rebooted() {
+    use tokio::io::AsyncWriteExt;
+
+    let run_dir = run_directory();
+    let spec = guest_spec("panics", run_dir.path(), None).await;
+    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
+    let _cleanup = common::KillOnDrop::new(&vm);
+    // Input sent before the shell runs may be eaten by its terminal query: wait for its banner.
+    wait_for_console(&vm.run_directory().console_log(), SHELL_BANNER).await;
+    let console = tokio::net::UnixStream::connect(vm.run_directory().console_socket())
+        .await
+        .expect("connect to the console socket");
+    // A connected console client must keep reading: QEMU's serial output waits for the socket,
+    // and the guest's oops printout would crawl (regression: this test took 80 s without it).
+    let (mut console_output, mut console_input) = console.into_split();
+    let drain = tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut console_output, &mut sink).await;
+    });
+    console_input
+        .write_all(b"\necho c > /proc/sysrq-trigger\n")
+        .await
+        .expect("write");
+    let exit = tokio::time::timeout(common::GUEST_DEADLINE, vm.wait_for_exit())
+        .await
+        .expect("exit reported");
+    assert_eq!(exit.reason, QemuExitReason::GuestPanicked, "{exit}");
+    assert!(!exit.is_orderly());
+    assert!(
+        exit.console_log_tail.contains("sysrq"),
+        "{}",
+        exit.console_log_tail
+    );
+    drain.abort();
 }

@@ -67,3 +67,31 @@ pub async fn wait_for_process_gone(pid: i32) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Kills a test's QEMU when the test ends while it still runs (a failed assertion): QEMU is
+/// detached in its own session and would otherwise outlive the test process.
+pub struct KillOnDrop {
+    pid: i32,
+    uuid: String,
+}
+
+impl KillOnDrop {
+    pub fn new(vm: &novacron_qemu::QemuVm) -> Self {
+        Self {
+            pid: vm.pid(),
+            uuid: vm.uuid().to_string(),
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Only if the pid still names this QEMU (never a reused pid).
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&self.uuid) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.pid.to_string()])
+                .status();
+        }
+    }
+}
