@@ -194,7 +194,11 @@ pub enum VmError {
     },
 }
 
-/// What was launched, written to the run directory and read back on re-attach.
+/// What was launched, written to the run directory as `launch.json` and read back on re-attach.
+///
+/// On-disk format, version 1 (`format: 1`): `{"format", "name", "uuid", "accelerator" ("kvm" |
+/// "tcg"), "qemu_binary"}`. A re-attach that cannot read it falls back to the process's command
+/// line (`-uuid`, `-accel`), so a newer format never strands a running VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LaunchRecord {
     format: u32,
