@@ -38,7 +38,7 @@ pub struct DirectionCounters {
     dropped_by_write_error: AtomicU64,
 }
 
-/// A snapshot of [`DirectionCounters`].
+/// A snapshot of one direction's live counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DirectionCountersSnapshot {
     /// Packets read from the sending side.
