@@ -670,7 +670,11 @@ fn child_receive() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let tls = load_tls(&directory, "recv", "send")?;
-        let listener = Listener::bind(listen, &tls, SessionOptions::default()).await?;
+        let mut options = SessionOptions::default();
+        if let Ok(window) = std::env::var("DWCP_BENCH_WINDOW_MIB") {
+            options.bulk_receive_window_bytes = window.parse::<u64>()? * MIB;
+        }
+        let listener = Listener::bind(listen, &tls, options).await?;
         println!("ready");
         std::io::stdout().flush()?;
         let session = listener.accept().await?;
@@ -730,10 +734,17 @@ fn child_send() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let tls = load_tls(&directory, "send", "recv")?;
-        let options = SessionOptions {
+        let mut options = SessionOptions {
             bandwidth_hint_bytes_per_second: rate_hint / 8.0,
             ..SessionOptions::default()
         };
+        if let Ok(window) = std::env::var("DWCP_BENCH_WINDOW_MIB") {
+            options.bulk_send_window_bytes = window.parse::<u64>()? * MIB;
+        }
+        if let Ok(streams) = std::env::var("DWCP_BENCH_STREAMS") {
+            options.initial_bulk_connections = Some(streams.parse()?);
+            options.adapt_stream_count = false;
+        }
         let session = Session::connect(peer, &tls, options).await?;
         while let Some(chunk) = incoming.recv().await {
             session.send(chunk).await?;

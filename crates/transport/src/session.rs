@@ -1478,7 +1478,8 @@ async fn find_session(
     }
 }
 
-/// Accepts sessions from authenticated peers.
+/// Accepts sessions from authenticated peers. Keep it alive as long as its sessions: dropping it
+/// stops accepting connections, so its sessions can no longer be resumed after a connection loss.
 pub struct Listener {
     local_address: SocketAddr,
     context: Arc<ListenerContext>,
