@@ -414,7 +414,8 @@ async fn run_novacron(
         bail!("received data differs (blake3 {received_hash}, expected {expected})");
     }
     let note = format!(
-        "blake3 ok; {} bulk connections (chosen adaptively), cc {}, kx {}",
+        "blake3 ok; control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively), cc {}, kx {}",
+        field(&sender_text, "control_round_trip_ms").unwrap_or_default(),
         field(&sender_text, "bulk_connections").unwrap_or_default(),
         field(&sender_text, "congestion_control").unwrap_or_default(),
         field(&sender_text, "key_exchange_group").unwrap_or_default(),
@@ -678,6 +679,19 @@ fn child_receive() -> anyhow::Result<()> {
         println!("ready");
         std::io::stdout().flush()?;
         let session = listener.accept().await?;
+        // Answers the sender's control requests (the return path a migration needs) until the
+        // sender closes the session.
+        let control = session.control();
+        let responder = tokio::spawn(async move {
+            while let Ok(Some(incoming)) = control.next_incoming().await {
+                if let novacron_transport::ControlIncoming::Request(request) = incoming {
+                    let body = request.body.clone();
+                    if request.respond(body).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         let mut hasher = blake3::Hasher::new();
         let mut total = 0u64;
         while let Some(chunk) = session.recv().await? {
@@ -687,8 +701,7 @@ fn child_receive() -> anyhow::Result<()> {
         println!("bytes={total}");
         println!("blake3={}", hasher.finalize().to_hex());
         // Wait for the sender's close so its final acknowledgements get through.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), session.control().next_incoming()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), responder).await;
         Ok(())
     })
 }
@@ -746,11 +759,44 @@ fn child_send() -> anyhow::Result<()> {
             options.adapt_stream_count = false;
         }
         let session = Session::connect(peer, &tls, options).await?;
+        // Control round trips while the bulk data flows: every 100 ms, a small request the
+        // receiver echoes.
+        let control = session.control();
+        let (stop_pings, mut ping_stop) = tokio::sync::watch::channel(false);
+        let pinger = tokio::spawn(async move {
+            let mut round_trips = Vec::new();
+            loop {
+                let started = Instant::now();
+                if control.request(Bytes::from_static(b"ping")).await.is_err() {
+                    break;
+                }
+                round_trips.push(started.elapsed().as_secs_f64() * 1e3);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = ping_stop.changed() => break,
+                }
+            }
+            round_trips
+        });
         while let Some(chunk) = incoming.recv().await {
             session.send(chunk).await?;
         }
         session.finish().await?;
         session.flush().await?;
+        stop_pings.send_replace(true);
+        let mut round_trips = pinger.await?;
+        round_trips.sort_by(f64::total_cmp);
+        if !round_trips.is_empty() {
+            let percentile =
+                |share: f64| round_trips[((round_trips.len() - 1) as f64 * share).round() as usize];
+            println!(
+                "control_round_trip_ms=p50 {:.0}, p99 {:.0}, max {:.0} over {}",
+                percentile(0.5),
+                percentile(0.99),
+                percentile(1.0),
+                round_trips.len()
+            );
+        }
         let stats = session.stats();
         println!("bulk_connections={}", stats.target_bulk_connections);
         println!(
