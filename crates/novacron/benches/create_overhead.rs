@@ -101,7 +101,13 @@ fn main() {
     println!("## vm create + start to the guest's serial line ({RUNS} interleaved runs, TCG, 256 MiB)\n");
     println!("| | min | median | max |");
     println!("|---|---|---|---|");
-    println!("| bare qemu-system-x86_64 | {:.0?} | {:.0?} | {:.0?} |", bare[0], median(&bare), bare[RUNS - 1]);
-    println!("| novacron vm create (CLI → API → store → reconciler → QEMU) | {:.0?} | {:.0?} | {:.0?} |", ours[0], median(&ours), ours[RUNS - 1]);
+    let ms = |duration: Duration| duration.as_millis();
+    println!("| bare qemu-system-x86_64 | {} ms | {} ms | {} ms |", ms(bare[0]), ms(median(&bare)), ms(bare[RUNS - 1]));
+    println!(
+        "| novacron vm create (CLI → API → store → reconciler → QEMU) | {} ms | {} ms | {} ms |",
+        ms(ours[0]),
+        ms(median(&ours)),
+        ms(ours[RUNS - 1])
+    );
     println!("\nNovaCron overhead (difference of medians): {:.0} ms (target < 100 ms)", overhead * 1000.0);
 }

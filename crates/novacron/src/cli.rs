@@ -64,6 +64,9 @@ pub enum Command {
     Host,
     /// Follow VM state changes as they happen
     Events,
+    /// Network links between hosts: bandwidth forecasts
+    #[command(subcommand)]
+    Link(LinkCommand),
     /// Print a shell completion script (e.g. `novacron completions bash > /etc/bash_completion.d/novacron`)
     Completions {
         #[arg(value_enum)]
@@ -233,4 +236,29 @@ pub enum ImageCommand {
     /// Delete an image (refused while a VM uses it)
     #[command(visible_alias = "rm")]
     Delete { image: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Evaluate the bandwidth predictors on throughput trace files (mahimahi format: one line
+    /// per 1500-byte delivery opportunity, in ms) and print accuracy (1 - WAPE) and band
+    /// calibration per trace and horizon. Runs locally; needs no server.
+    Eval {
+        /// Trace files
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Learned model: the one shipped in this build, or retrained leaving each drive out
+        #[arg(long, value_enum, default_value_t = LearnedModelArg::Shipped)]
+        model: LearnedModelArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LearnedModelArg {
+    /// The model shipped in this build (traces it was fitted on are marked in the table)
+    Shipped,
+    /// Retrain on the other drives for each drive tested
+    LeaveOneDriveOut,
+    /// Only the classic predictors
+    Skip,
 }

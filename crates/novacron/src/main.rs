@@ -64,6 +64,9 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
         clap_complete::generate(shell, &mut Cli::command(), "novacron", &mut std::io::stdout());
         return Ok(());
     }
+    if let Command::Link(cli::LinkCommand::Eval { files, model }) = command {
+        return link_eval(files, model);
+    }
     let client = Client::new(options)?;
     match command {
         Command::Vm(command) => vm::run(&client, options.output, command).await,
@@ -86,7 +89,7 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
             Ok(())
         }
         Command::Events => follow_events(&client, options.output).await,
-        Command::Serve(_) | Command::Completions { .. } => Ok(()),
+        Command::Serve(_) | Command::Completions { .. } | Command::Link(_) => Ok(()),
     }
 }
 
@@ -118,5 +121,21 @@ async fn follow_events(client: &Client, format: cli::OutputFormat) -> Result<(),
             }
         }
     }
+    Ok(())
+}
+
+fn link_eval(files: Vec<std::path::PathBuf>, model: cli::LearnedModelArg) -> Result<(), CliError> {
+    use novacron_bandwidth::{EvaluationOptions, LearnedModelChoice};
+    let options = EvaluationOptions {
+        learned_model: match model {
+            cli::LearnedModelArg::Shipped => LearnedModelChoice::Shipped,
+            cli::LearnedModelArg::LeaveOneDriveOut => LearnedModelChoice::LeaveOneDriveOut,
+            cli::LearnedModelArg::Skip => LearnedModelChoice::Skip,
+        },
+        ..EvaluationOptions::default()
+    };
+    let report = novacron_bandwidth::evaluate(&files, &options)
+        .map_err(|error| CliError::new(ErrorCode::InvalidArgument, error.to_string()))?;
+    println!("{report}");
     Ok(())
 }

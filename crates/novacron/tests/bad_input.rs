@@ -73,7 +73,14 @@ fn image_imports_refuse_non_images_and_bad_names() {
     assert!(status.success());
     let error = host.fails(&["image", "import", sneaky.to_str().expect("utf-8"), "--name", "sneaky"], 2);
     assert!(error.contains("backing file"), "{error}");
+    // A qcow2 whose L1 table points past the end of the file is corrupt.
     let guest = common::guest();
+    let corrupt = scratch.join("corrupt.qcow2");
+    let mut bytes = std::fs::read(&guest.disk).expect("guest disk");
+    bytes[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(&corrupt, &bytes).expect("write");
+    let error = host.fails(&["image", "import", corrupt.to_str().expect("utf-8"), "--name", "corrupt"], 2);
+    assert!(error.contains("not a usable disk image"), "{error}");
     let error = host.fails(&["image", "import", guest.disk.to_str().expect("utf-8"), "--name", "../up"], 2);
     assert!(error.contains("image name"), "{error}");
     host.fails(&["image", "import", "/nonexistent.qcow2"], 2);
