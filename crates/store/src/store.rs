@@ -940,3 +940,32 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+
+    #[test]
+    fn store_is_clone_send_sync() {
+        assert_shareable::<Store>();
+        assert_shareable::<StoreConfig>();
+    }
+
+    #[test]
+    fn invalid_timing_is_refused() {
+        let mut config = StoreConfig::new("/nonexistent", 1, "node-1");
+        config.timing.election_timeout_min = Duration::from_millis(300);
+        config.timing.election_timeout_max = Duration::from_millis(100);
+        assert!(matches!(
+            config.raft_config(),
+            Err(StoreError::Config { .. })
+        ));
+        let empty_address = StoreConfig::new("/nonexistent", 1, "");
+        assert!(matches!(
+            empty_address.raft_config(),
+            Err(StoreError::Config { .. })
+        ));
+    }
+}
