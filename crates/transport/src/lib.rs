@@ -9,6 +9,18 @@
 //! - [`policy`]: how many bulk connections to use (sans-IO).
 //! - [`session`]: the executor: [`Session`], [`Listener`], [`ControlChannel`].
 //!
+//! Use: the destination binds a [`Listener`] and `accept`s; the source calls [`Session::connect`].
+//! Both sides then `send`/`recv` bulk data (ordered, reliable, across reconnections), end it with
+//! `finish`, and exchange requests, responses and notifications on [`Session::control`], which has
+//! its own connection so it never waits behind bulk data. [`Session::stats`] reports the chosen
+//! number of connections, the measured rate, retransmissions and reconnections.
+//!
+//! Memory bound per session (enforced, see `reliable` and `session`): sending side at most
+//! `bulk_send_window_bytes + control_window_bytes`, receiving side at most
+//! `bulk_receive_window_bytes + control_window_bytes` (payload plus 128 bytes per frame; defaults
+//! 32 MiB + 4 MiB each), plus per connection 2 × 256 KiB of IO buffers and one frame being read
+//! (≤ 1 MiB), plus kernel socket buffers. A peer that sends beyond the window fails the session.
+//!
 //! This crate carries bytes; it does not interpret them (that is the codec's and migration's job).
 
 pub mod error;
