@@ -30,13 +30,25 @@ pub enum AgentError {
     #[error("image {name:?} is used by vm(s) {users}; delete those VMs first")]
     ImageInUse { name: String, users: String },
     #[error("vm {name:?} is {state}; {hint}")]
-    VmWrongState { name: String, state: VmState, hint: &'static str },
+    VmWrongState {
+        name: String,
+        state: VmState,
+        hint: &'static str,
+    },
     #[error("{what} does not fit on this host: asked for {asked}, the host has {available}")]
-    InsufficientResources { what: &'static str, asked: String, available: String },
+    InsufficientResources {
+        what: &'static str,
+        asked: String,
+        available: String,
+    },
     #[error("{file} is not a usable disk image: {reason}")]
     BadImage { file: String, reason: String },
     #[error("not enough disk space in {directory} for {what}: {reason}")]
-    DiskFull { directory: String, what: String, reason: String },
+    DiskFull {
+        directory: String,
+        what: String,
+        reason: String,
+    },
     #[error(transparent)]
     MissingBinary(#[from] novacron_qemu::BinaryError),
     #[error(transparent)]
@@ -88,7 +100,10 @@ impl AgentError {
                 reason: source.to_string(),
             };
         }
-        AgentError::Io { context: context.into(), source }
+        AgentError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn code(&self) -> ErrorCode {
@@ -97,9 +112,7 @@ impl AgentError {
             | AgentError::InvalidSize(_)
             | AgentError::InvalidArgument(_)
             | AgentError::BadImage { .. } => ErrorCode::InvalidArgument,
-            AgentError::VmNotFound { .. } | AgentError::ImageNotFound { .. } => {
-                ErrorCode::NotFound
-            }
+            AgentError::VmNotFound { .. } | AgentError::ImageNotFound { .. } => ErrorCode::NotFound,
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists
             }
@@ -107,9 +120,9 @@ impl AgentError {
             AgentError::InsufficientResources { .. } | AgentError::DiskFull { .. } => {
                 ErrorCode::InsufficientResources
             }
-            AgentError::MissingBinary(_) | AgentError::Store(_) | AgentError::DataDirInUse { .. } => {
-                ErrorCode::Unavailable
-            }
+            AgentError::MissingBinary(_)
+            | AgentError::Store(_)
+            | AgentError::DataDirInUse { .. } => ErrorCode::Unavailable,
             AgentError::QemuImg(_)
             | AgentError::Qemu { .. }
             | AgentError::Qmp { .. }

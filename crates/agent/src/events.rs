@@ -9,7 +9,10 @@ use tokio::sync::broadcast;
 
 pub(crate) async fn publish(store: Store, sender: broadcast::Sender<VmEvent>) {
     loop {
-        let listing = match store.list(VM_PREFIX, novacron_store::Consistency::Local).await {
+        let listing = match store
+            .list(VM_PREFIX, novacron_store::Consistency::Local)
+            .await
+        {
             Ok(listing) => listing,
             Err(error) => {
                 tracing::warn!(%error, "event stream cannot list vms; retrying");
@@ -61,7 +64,13 @@ pub(crate) async fn publish(store: Store, sender: broadcast::Sender<VmEvent>) {
                 }
                 WatchEvent::Delete { key, revision } => {
                     last_state.remove(key);
-                    VmEvent { revision: *revision, vm, state: None, reason: None, at: unix_now() }
+                    VmEvent {
+                        revision: *revision,
+                        vm,
+                        state: None,
+                        reason: None,
+                        at: unix_now(),
+                    }
                 }
             };
             // No subscriber is fine: events are only for whoever listens now.

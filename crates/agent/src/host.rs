@@ -77,13 +77,17 @@ impl Hypervisor {
         let binaries = match (&self.system_binary, &self.img_binary) {
             (None, None) => QemuBinaries::locate(),
             (system, img) => QemuBinaries::from_paths(
-                system.clone().unwrap_or_else(|| "qemu-system-x86_64".into()),
+                system
+                    .clone()
+                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
                 img.clone().unwrap_or_else(|| "qemu-img".into()),
             ),
         }
         .map_err(|error: BinaryError| AgentError::MissingBinary(error))?;
         let _ = self.located.set(binaries);
-        self.located.get().ok_or_else(|| AgentError::InvalidArgument("qemu binaries".into()))
+        self.located
+            .get()
+            .ok_or_else(|| AgentError::InvalidArgument("qemu binaries".into()))
     }
 
     pub fn qemu_img(&self) -> Result<QemuImg, AgentError> {
@@ -160,8 +164,9 @@ impl Host {
                  --data-dir"
             )));
         }
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|error| AgentError::io(format!("creating data directory {data_dir_display}"), error))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            AgentError::io(format!("creating data directory {data_dir_display}"), error)
+        })?;
         let lock = lock_data_dir(&paths)?;
 
         let hypervisor = Arc::new(Hypervisor::new(&config));
@@ -180,9 +185,9 @@ impl Host {
                 Err(error) => tracing::warn!(%error, "qemu is not usable; vms cannot start"),
             }
         });
-        let store = store_task
-            .await
-            .map_err(|error| AgentError::InvalidArgument(format!("store start-up failed: {error}")))??;
+        let store = store_task.await.map_err(|error| {
+            AgentError::InvalidArgument(format!("store start-up failed: {error}"))
+        })??;
 
         let shared = Arc::new(Shared {
             paths,
@@ -202,7 +207,13 @@ impl Host {
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
         ];
-        Ok(Arc::new(Host { shared, events, background, store, _lock: lock }))
+        Ok(Arc::new(Host {
+            shared,
+            events,
+            background,
+            store,
+            _lock: lock,
+        }))
     }
 
     /// Stops the reconciler and closes the store. QEMU processes keep running; the next start
@@ -232,7 +243,11 @@ impl Host {
             "VM state changes written by the reconciler, by new state",
             metrics.state_transitions.clone(),
         );
-        registry.register("qemu_launches", "QEMU processes started", metrics.qemu_launches.clone());
+        registry.register(
+            "qemu_launches",
+            "QEMU processes started",
+            metrics.qemu_launches.clone(),
+        );
         registry.register(
             "qemu_unexpected_exits",
             "QEMU processes that ended without being asked to",
@@ -295,7 +310,8 @@ fn lock_data_dir(paths: &DataPaths) -> Result<std::fs::File, AgentError> {
             });
         }
     }
-    file.set_len(0).map_err(|error| AgentError::io("writing serve.lock", error))?;
+    file.set_len(0)
+        .map_err(|error| AgentError::io("writing serve.lock", error))?;
     write!(file, "{}", std::process::id())
         .map_err(|error| AgentError::io("writing serve.lock", error))?;
     Ok(file)

@@ -59,7 +59,10 @@ pub(crate) async fn import(
     let qemu_img = hypervisor.qemu_img()?;
     if records.resolve_image(name.as_str()).await.is_ok() {
         let existing = records.resolve_image(name.as_str()).await?;
-        return Err(AgentError::ImageNameTaken { name: name.to_string(), id: existing.id });
+        return Err(AgentError::ImageNameTaken {
+            name: name.to_string(),
+            id: existing.id,
+        });
     }
     crate::vms::ensure_free_space(paths.root(), &format!("image {name}"))?;
     let staging = paths.staging_dir();
@@ -71,9 +74,13 @@ pub(crate) async fn import(
     let id = hash.to_hex().to_string();
 
     let display = format!("upload for image {name:?}");
-    let (info, format) = qemu_img.inspect_runnable(&staged.path).await.map_err(|error| {
-        AgentError::BadImage { file: display.clone(), reason: error.to_string() }
-    })?;
+    let (info, format) = qemu_img
+        .inspect_runnable(&staged.path)
+        .await
+        .map_err(|error| AgentError::BadImage {
+            file: display.clone(),
+            reason: error.to_string(),
+        })?;
     let format = match format {
         novacron_qemu::ImageFormat::Qcow2 => ImageFormat::Qcow2,
         novacron_qemu::ImageFormat::Raw => ImageFormat::Raw,
@@ -97,7 +104,10 @@ pub(crate) async fn import(
     let check = qemu_img
         .check(&staged.path, to_qemu_format(format))
         .await
-        .map_err(|error| AgentError::BadImage { file: display.clone(), reason: error.to_string() })?;
+        .map_err(|error| AgentError::BadImage {
+            file: display.clone(),
+            reason: error.to_string(),
+        })?;
     if !check.is_healthy() {
         return Err(AgentError::BadImage {
             file: display,
@@ -108,7 +118,10 @@ pub(crate) async fn import(
         });
     }
     if let Some(existing) = records.image(&id).await? {
-        return Err(AgentError::ImageNameTaken { name: existing.name.to_string(), id });
+        return Err(AgentError::ImageNameTaken {
+            name: existing.name.to_string(),
+            id,
+        });
     }
     let final_path = paths.image_file(&id, format);
     tokio::fs::rename(&staged.path, &final_path)
@@ -146,7 +159,9 @@ async fn write_staged(
                 let chunk = chunk.map_err(|error| AgentError::io("receiving the upload", error))?;
                 hasher.update(&chunk);
                 total += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(|error| AgentError::io(context(), error))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|error| AgentError::io(context(), error))?;
             }
         }
         ImportSource::File(source_path) => {
@@ -157,7 +172,9 @@ async fn write_staged(
             loop {
                 let count = tokio::io::AsyncReadExt::read(&mut source, &mut buffer)
                     .await
-                    .map_err(|error| AgentError::io(format!("reading {}", source_path.display()), error))?;
+                    .map_err(|error| {
+                        AgentError::io(format!("reading {}", source_path.display()), error)
+                    })?;
                 if count == 0 {
                     break;
                 }
@@ -169,7 +186,9 @@ async fn write_staged(
             }
         }
     }
-    file.sync_all().await.map_err(|error| AgentError::io(context(), error))?;
+    file.sync_all()
+        .await
+        .map_err(|error| AgentError::io(context(), error))?;
     if total == 0 {
         return Err(AgentError::BadImage {
             file: "upload".into(),
@@ -192,7 +211,9 @@ fn looks_like_text(path: &Path) -> Result<bool, AgentError> {
     Ok(!head.is_empty()
         && std::str::from_utf8(&head).is_ok()
         && !head.contains(&0)
-        && head.iter().all(|&byte| byte == b'\n' || byte == b'\t' || byte == b'\r' || byte >= 0x20))
+        && head
+            .iter()
+            .all(|&byte| byte == b'\n' || byte == b'\t' || byte == b'\r' || byte >= 0x20))
 }
 
 /// Removes staging leftovers and image files that no record names (a crash between the rename

@@ -36,7 +36,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let mut actors: HashMap<String, ActorHandle> = HashMap::new();
     let mut first_pass = true;
     loop {
-        let listing = match shared.records.store().list(VM_PREFIX, Consistency::Local).await {
+        let listing = match shared
+            .records
+            .store()
+            .list(VM_PREFIX, Consistency::Local)
+            .await
+        {
             Ok(listing) => listing,
             Err(error) => {
                 tracing::warn!(%error, "reconciler cannot list vms; retrying");
@@ -56,7 +61,11 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             ensure_actor(&shared, &mut actors, name, first_pass);
         }
         first_pass = false;
-        let mut watcher = match shared.records.store().watch(VM_PREFIX, listing.revision + 1) {
+        let mut watcher = match shared
+            .records
+            .store()
+            .watch(VM_PREFIX, listing.revision + 1)
+        {
             Ok(watcher) => watcher,
             Err(error) => {
                 tracing::warn!(%error, "reconciler cannot watch vms; retrying");
@@ -251,8 +260,11 @@ impl VmActor {
     /// while nobody watched, finish a create that a crash interrupted.
     async fn recover(&mut self, record: &VmRecord) -> Result<Option<Next>, AgentError> {
         let directory = self.shared.paths.vm_dir(&record.uuid);
-        let uuid = uuid::Uuid::parse_str(&record.uuid)
-            .map_err(|error| AgentError::CorruptRecord { key: self.name.clone(), reason: error.to_string() })?;
+        let uuid =
+            uuid::Uuid::parse_str(&record.uuid).map_err(|error| AgentError::CorruptRecord {
+                key: self.name.clone(),
+                reason: error.to_string(),
+            })?;
         match QemuVm::attach(&directory, uuid).await {
             Ok(Some(qemu)) => {
                 tracing::info!(vm = %self.name, pid = qemu.pid(), "re-attached to running qemu");
@@ -295,13 +307,20 @@ impl VmActor {
         let shared = self.shared.clone();
         let binaries = shared.hypervisor.binaries()?;
         let probe = shared.hypervisor.accelerator().await?;
-        let uuid = uuid::Uuid::parse_str(&record.uuid)
-            .map_err(|error| AgentError::CorruptRecord { key: self.name.clone(), reason: error.to_string() })?;
-        let mut spec = LaunchSpec::new(record.spec.name.as_str(), uuid, shared.paths.vm_dir(&record.uuid))
-            .cpus(record.spec.cpus)
-            .memory_mib(record.spec.memory_bytes >> 20)
-            .accelerator(probe.accelerator)
-            .start_paused(record.desired == DesiredPower::Paused);
+        let uuid =
+            uuid::Uuid::parse_str(&record.uuid).map_err(|error| AgentError::CorruptRecord {
+                key: self.name.clone(),
+                reason: error.to_string(),
+            })?;
+        let mut spec = LaunchSpec::new(
+            record.spec.name.as_str(),
+            uuid,
+            shared.paths.vm_dir(&record.uuid),
+        )
+        .cpus(record.spec.cpus)
+        .memory_mib(record.spec.memory_bytes >> 20)
+        .accelerator(probe.accelerator)
+        .start_paused(record.desired == DesiredPower::Paused);
         if record.spec.image_id.is_some() {
             // The overlay is qcow2 whatever the image's format.
             spec = spec.disk(shared.paths.vm_disk(&record.uuid), ImageFormat::Qcow2);
@@ -351,20 +370,39 @@ impl VmActor {
         }
     }
 
-    async fn ensure_run_state(&mut self, record: &VmRecord, paused: bool) -> Result<Next, AgentError> {
-        let Some(qemu) = &self.qemu else { return Ok(Next::Again) };
+    async fn ensure_run_state(
+        &mut self,
+        record: &VmRecord,
+        paused: bool,
+    ) -> Result<Next, AgentError> {
+        let Some(qemu) = &self.qemu else {
+            return Ok(Next::Again);
+        };
         let status = qemu
             .qmp()
             .query_status()
             .await
-            .map_err(|source| AgentError::Qmp { name: self.name.clone(), source })?;
+            .map_err(|source| AgentError::Qmp {
+                name: self.name.clone(),
+                source,
+            })?;
         let is_paused = matches!(status.status, RunState::Paused);
         if paused && status.running {
-            qemu.qmp().stop().await.map_err(|source| AgentError::Qmp { name: self.name.clone(), source })?;
+            qemu.qmp().stop().await.map_err(|source| AgentError::Qmp {
+                name: self.name.clone(),
+                source,
+            })?;
         } else if !paused && is_paused {
-            qemu.qmp().cont().await.map_err(|source| AgentError::Qmp { name: self.name.clone(), source })?;
+            qemu.qmp().cont().await.map_err(|source| AgentError::Qmp {
+                name: self.name.clone(),
+                source,
+            })?;
         }
-        let want = if paused { VmState::Paused } else { VmState::Running };
+        let want = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         if record.status.state != want {
             let pid = u32::try_from(qemu.pid()).ok();
             let accelerator = to_record_accelerator(qemu.accelerator());
@@ -378,25 +416,36 @@ impl VmActor {
     }
 
     async fn stop(&mut self, record: &VmRecord) -> Result<Next, AgentError> {
-        let Some(qemu) = self.qemu.take() else { return Ok(Next::Again) };
+        let Some(qemu) = self.qemu.take() else {
+            return Ok(Next::Again);
+        };
         self.set_state(VmState::Stopping, None, |_| {}).await?;
         let result = if record.stop_force {
             qemu.force_stop().await
         } else {
-            qemu.stop(Duration::from_secs(record.stop_timeout_secs)).await
+            qemu.stop(Duration::from_secs(record.stop_timeout_secs))
+                .await
         };
-        let exit = result.map_err(|source| AgentError::Qemu { name: self.name.clone(), source })?;
+        let exit = result.map_err(|source| AgentError::Qemu {
+            name: self.name.clone(),
+            source,
+        })?;
         tracing::info!(vm = %self.name, %exit, "vm stopped");
-        self.set_state(VmState::Stopped, None, |record| record.status.pid = None).await?;
+        self.set_state(VmState::Stopped, None, |record| record.status.pid = None)
+            .await?;
         Ok(Next::Wait(None))
     }
 
     async fn restart(&mut self, record: &VmRecord) -> Result<Next, AgentError> {
         if let Some(qemu) = self.qemu.take() {
-            self.set_state(VmState::Stopping, Some("restarting".into()), |_| {}).await?;
+            self.set_state(VmState::Stopping, Some("restarting".into()), |_| {})
+                .await?;
             qemu.stop(Duration::from_secs(record.stop_timeout_secs))
                 .await
-                .map_err(|source| AgentError::Qemu { name: self.name.clone(), source })?;
+                .map_err(|source| AgentError::Qemu {
+                    name: self.name.clone(),
+                    source,
+                })?;
         }
         let generation = record.restart_generation;
         self.set_state(VmState::Stopped, Some("restarting".into()), |record| {
@@ -409,19 +458,34 @@ impl VmActor {
 
     async fn delete(&mut self, record: &VmRecord, mod_revision: u64) -> Result<Next, AgentError> {
         if let Some(qemu) = self.qemu.take() {
-            qemu.force_stop().await.map_err(|source| AgentError::Qemu { name: self.name.clone(), source })?;
+            qemu.force_stop().await.map_err(|source| AgentError::Qemu {
+                name: self.name.clone(),
+                source,
+            })?;
         }
         let directory = self.shared.paths.vm_dir(&record.uuid);
         match tokio::fs::remove_dir_all(&directory).await {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(AgentError::io(format!("removing {}", directory.display()), error)),
+            Err(error) => {
+                return Err(AgentError::io(
+                    format!("removing {}", directory.display()),
+                    error,
+                ));
+            }
         }
-        if self.shared.records.delete_vm(&self.name, mod_revision).await? {
+        if self
+            .shared
+            .records
+            .delete_vm(&self.name, mod_revision)
+            .await?
+        {
             self.shared
                 .metrics
                 .state_transitions
-                .get_or_create(&crate::host::StateLabel { state: "deleted".into() })
+                .get_or_create(&crate::host::StateLabel {
+                    state: "deleted".into(),
+                })
                 .inc();
             tracing::info!(vm = %self.name, "vm deleted");
             Ok(Next::Done)
@@ -431,7 +495,11 @@ impl VmActor {
     }
 
     /// QEMU ended without being asked to: record why, then restart it if the policy says so.
-    async fn record_unexpected_exit(&mut self, record: &VmRecord, exit: &QemuExit) -> Result<(), AgentError> {
+    async fn record_unexpected_exit(
+        &mut self,
+        record: &VmRecord,
+        exit: &QemuExit,
+    ) -> Result<(), AgentError> {
         self.shared.metrics.qemu_unexpected_exits.inc();
         let clean_shutdown = matches!(&exit.reason, QemuExitReason::GuestShutdown { reason } if reason == "guest-shutdown");
         let restart = match record.spec.restart_policy {
@@ -446,7 +514,8 @@ impl VmActor {
         };
         tracing::warn!(vm = %self.name, %reason, restart, "qemu exited unexpectedly");
         if restart {
-            let backoff = Duration::from_secs(1u64 << record.status.restarts.min(5)).min(MAX_RESTART_BACKOFF);
+            let backoff =
+                Duration::from_secs(1u64 << record.status.restarts.min(5)).min(MAX_RESTART_BACKOFF);
             self.restart_not_before = Some(Instant::now() + backoff);
         }
         self.set_state(state, Some(reason), |record| {
@@ -485,7 +554,9 @@ impl VmActor {
         self.shared
             .metrics
             .state_transitions
-            .get_or_create(&crate::host::StateLabel { state: state.as_str().into() })
+            .get_or_create(&crate::host::StateLabel {
+                state: state.as_str().into(),
+            })
             .inc();
         Ok(record)
     }

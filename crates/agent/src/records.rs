@@ -80,20 +80,32 @@ impl Records {
     }
 
     pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>, AgentError> {
-        let Some(key_value) = self.store.get(&vm_key(name), Consistency::Linearizable).await?
+        let Some(key_value) = self
+            .store
+            .get(&vm_key(name), Consistency::Linearizable)
+            .await?
         else {
             return Ok(None);
         };
-        Ok(Some(Versioned { record: decode(&key_value)?, mod_revision: key_value.mod_revision }))
+        Ok(Some(Versioned {
+            record: decode(&key_value)?,
+            mod_revision: key_value.mod_revision,
+        }))
     }
 
     pub async fn vms(&self) -> Result<Vec<Versioned<VmRecord>>, AgentError> {
-        let listing = self.store.list(VM_PREFIX, Consistency::Linearizable).await?;
+        let listing = self
+            .store
+            .list(VM_PREFIX, Consistency::Linearizable)
+            .await?;
         listing
             .items
             .iter()
             .map(|key_value| {
-                Ok(Versioned { record: decode(key_value)?, mod_revision: key_value.mod_revision })
+                Ok(Versioned {
+                    record: decode(key_value)?,
+                    mod_revision: key_value.mod_revision,
+                })
             })
             .collect()
     }
@@ -111,11 +123,16 @@ impl Records {
         if outcome.succeeded {
             return Ok(outcome.revision);
         }
-        match outcome.failed_condition.map(|failed| failed.condition.key().to_string()) {
+        match outcome
+            .failed_condition
+            .map(|failed| failed.condition.key().to_string())
+        {
             Some(key) if key.starts_with(IMAGE_PREFIX) => Err(AgentError::ImageNotFound {
                 reference: record.spec.image_id.clone().unwrap_or_default(),
             }),
-            _ => Err(AgentError::VmAlreadyExists { name: name.to_string() }),
+            _ => Err(AgentError::VmAlreadyExists {
+                name: name.to_string(),
+            }),
         }
     }
 
@@ -128,7 +145,9 @@ impl Records {
     ) -> Result<VmRecord, AgentError> {
         loop {
             let Some(current) = self.vm(name).await? else {
-                return Err(AgentError::VmNotFound { name: name.to_string() });
+                return Err(AgentError::VmNotFound {
+                    name: name.to_string(),
+                });
             };
             let mut record = current.record;
             if !change(&mut record)? {
@@ -162,7 +181,10 @@ impl Records {
     }
 
     pub async fn image(&self, id: &str) -> Result<Option<ImageRecord>, AgentError> {
-        let Some(key_value) = self.store.get(&image_key(id), Consistency::Linearizable).await?
+        let Some(key_value) = self
+            .store
+            .get(&image_key(id), Consistency::Linearizable)
+            .await?
         else {
             return Ok(None);
         };
@@ -171,12 +193,16 @@ impl Records {
 
     /// Finds an image by name or by id (a full id or a unique prefix of at least 8 characters).
     pub async fn resolve_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {
-        let not_found = || AgentError::ImageNotFound { reference: reference.to_string() };
+        let not_found = || AgentError::ImageNotFound {
+            reference: reference.to_string(),
+        };
         if reference.is_empty() || reference.contains('/') {
             return Err(not_found());
         }
-        if let Some(key_value) =
-            self.store.get(&image_name_key(reference), Consistency::Linearizable).await?
+        if let Some(key_value) = self
+            .store
+            .get(&image_name_key(reference), Consistency::Linearizable)
+            .await?
         {
             let id = String::from_utf8_lossy(&key_value.value).to_string();
             return self.image(&id).await?.ok_or_else(not_found);
@@ -184,7 +210,10 @@ impl Records {
         if reference.len() >= 8 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
             let listing = self
                 .store
-                .list(&image_key(&reference.to_ascii_lowercase()), Consistency::Linearizable)
+                .list(
+                    &image_key(&reference.to_ascii_lowercase()),
+                    Consistency::Linearizable,
+                )
                 .await?;
             if listing.items.len() == 1 {
                 return decode(&listing.items[0]);
@@ -194,7 +223,10 @@ impl Records {
     }
 
     pub async fn images(&self) -> Result<Vec<ImageRecord>, AgentError> {
-        let listing = self.store.list(IMAGE_PREFIX, Consistency::Linearizable).await?;
+        let listing = self
+            .store
+            .list(IMAGE_PREFIX, Consistency::Linearizable)
+            .await?;
         let mut images: Vec<ImageRecord> =
             listing.items.iter().map(decode).collect::<Result<_, _>>()?;
         images.sort_by(|a, b| a.name.cmp(&b.name));
@@ -228,11 +260,16 @@ impl Records {
                 .await?
                 .map(|key_value| String::from_utf8_lossy(&key_value.value).to_string())
                 .unwrap_or_default();
-            return Err(AgentError::ImageNameTaken { name: name.to_string(), id });
+            return Err(AgentError::ImageNameTaken {
+                name: name.to_string(),
+                id,
+            });
         }
         let existing = self.image(&record.id).await?;
         Err(AgentError::ImageNameTaken {
-            name: existing.map(|image| image.name.to_string()).unwrap_or_default(),
+            name: existing
+                .map(|image| image.name.to_string())
+                .unwrap_or_default(),
             id: record.id.clone(),
         })
     }

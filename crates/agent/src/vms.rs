@@ -2,9 +2,9 @@
 //! the reconciler does the rest. `create_vm` also creates the VM's disk overlay before it
 //! returns, so a full disk or a broken image is reported to the caller, and undone, at once.
 
+use crate::AgentError;
 use crate::host::{Host, Shared};
 use crate::images::{ImportSource, qemu_format};
-use crate::AgentError;
 use novacron_qemu::RunDirectory;
 use novacron_types::{
     ByteSize, CreateVmRequest, DeleteOptions, DesiredPower, ImageRecord, RECORD_FORMAT_VERSION,
@@ -24,7 +24,9 @@ fn validate_host_file(what: &str, path: &str) -> Result<PathBuf, AgentError> {
     }
     match std::fs::metadata(&path_buf) {
         Ok(metadata) if metadata.is_file() => Ok(path_buf),
-        Ok(_) => Err(AgentError::InvalidArgument(format!("{what} {path:?} is not a regular file"))),
+        Ok(_) => Err(AgentError::InvalidArgument(format!(
+            "{what} {path:?} is not a regular file"
+        ))),
         Err(error) => Err(AgentError::InvalidArgument(format!(
             "{what} {path:?} cannot be read on this host: {error}"
         ))),
@@ -33,7 +35,14 @@ fn validate_host_file(what: &str, path: &str) -> Result<PathBuf, AgentError> {
 
 impl Host {
     pub async fn list_vms(&self) -> Result<Vec<VmRecord>, AgentError> {
-        Ok(self.shared.records.vms().await?.into_iter().map(|versioned| versioned.record).collect())
+        Ok(self
+            .shared
+            .records
+            .vms()
+            .await?
+            .into_iter()
+            .map(|versioned| versioned.record)
+            .collect())
     }
 
     pub async fn get_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
@@ -43,7 +52,9 @@ impl Host {
             .vm(name.as_str())
             .await?
             .map(|versioned| versioned.record)
-            .ok_or_else(|| AgentError::VmNotFound { name: name.to_string() })
+            .ok_or_else(|| AgentError::VmNotFound {
+                name: name.to_string(),
+            })
     }
 
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<VmRecord, AgentError> {
@@ -51,7 +62,9 @@ impl Host {
         let name = VmName::new(request.name.clone())?;
         let capacity = shared.capacity;
         if request.cpus == 0 {
-            return Err(AgentError::InvalidArgument("cpus must be at least 1".into()));
+            return Err(AgentError::InvalidArgument(
+                "cpus must be at least 1".into(),
+            ));
         }
         if request.cpus > capacity.cpus {
             return Err(AgentError::InsufficientResources {
@@ -60,7 +73,7 @@ impl Host {
                 available: capacity.cpus.to_string(),
             });
         }
-        if request.memory_bytes < MIN_MEMORY_BYTES || request.memory_bytes % (1 << 20) != 0 {
+        if request.memory_bytes < MIN_MEMORY_BYTES || !request.memory_bytes.is_multiple_of(1 << 20) {
             return Err(AgentError::InvalidArgument(format!(
                 "memory {} must be a whole number of MiB and at least {}",
                 ByteSize(request.memory_bytes),
@@ -94,15 +107,31 @@ impl Host {
             }
             _ => {}
         }
-        let kernel = request.kernel.as_deref().map(|path| validate_host_file("kernel", path)).transpose()?;
-        let initrd = request.initrd.as_deref().map(|path| validate_host_file("initrd", path)).transpose()?;
+        let kernel = request
+            .kernel
+            .as_deref()
+            .map(|path| validate_host_file("kernel", path))
+            .transpose()?;
+        let initrd = request
+            .initrd
+            .as_deref()
+            .map(|path| validate_host_file("initrd", path))
+            .transpose()?;
         if initrd.is_some() && kernel.is_none() {
-            return Err(AgentError::InvalidArgument("--initrd needs --kernel".into()));
+            return Err(AgentError::InvalidArgument(
+                "--initrd needs --kernel".into(),
+            ));
         }
         if request.cmdline.is_some() && kernel.is_none() {
-            return Err(AgentError::InvalidArgument("--cmdline needs --kernel".into()));
+            return Err(AgentError::InvalidArgument(
+                "--cmdline needs --kernel".into(),
+            ));
         }
-        if request.cmdline.as_ref().is_some_and(|cmdline| cmdline.len() > MAX_CMDLINE_BYTES) {
+        if request
+            .cmdline
+            .as_ref()
+            .is_some_and(|cmdline| cmdline.len() > MAX_CMDLINE_BYTES)
+        {
             return Err(AgentError::InvalidArgument(format!(
                 "kernel command line is longer than {MAX_CMDLINE_BYTES} bytes"
             )));
@@ -131,7 +160,11 @@ impl Host {
                 cmdline: request.cmdline.clone(),
                 restart_policy: request.restart_policy,
             },
-            desired: if request.start { DesiredPower::Running } else { DesiredPower::Stopped },
+            desired: if request.start {
+                DesiredPower::Running
+            } else {
+                DesiredPower::Stopped
+            },
             deletion_requested: false,
             restart_generation: 0,
             stop_force: false,
@@ -155,7 +188,10 @@ impl Host {
             // Undo: no directory, no record.
             let _ = tokio::fs::remove_dir_all(shared.paths.vm_dir(&record.uuid)).await;
             if let Ok(Some(current)) = shared.records.vm(name.as_str()).await {
-                let _ = shared.records.delete_vm(name.as_str(), current.mod_revision).await;
+                let _ = shared
+                    .records
+                    .delete_vm(name.as_str(), current.mod_revision)
+                    .await;
             }
             return Err(error);
         }
@@ -196,8 +232,10 @@ impl Host {
 
     pub async fn pause_vm(&self, name: &str) -> Result<VmRecord, AgentError> {
         self.change_vm(name, |record| {
-            if !matches!(record.status.state, VmState::Running | VmState::Paused | VmState::Starting)
-            {
+            if !matches!(
+                record.status.state,
+                VmState::Running | VmState::Paused | VmState::Starting
+            ) {
                 return Err(AgentError::VmWrongState {
                     name: record.spec.name.to_string(),
                     state: record.status.state,
@@ -241,7 +279,11 @@ impl Host {
         .await
     }
 
-    pub async fn delete_vm(&self, name: &str, options: DeleteOptions) -> Result<VmRecord, AgentError> {
+    pub async fn delete_vm(
+        &self,
+        name: &str,
+        options: DeleteOptions,
+    ) -> Result<VmRecord, AgentError> {
         self.change_vm(name, |record| {
             if record.status.state.has_process() && !options.force {
                 return Err(AgentError::VmWrongState {
@@ -285,9 +327,20 @@ impl Host {
         self.shared.records.resolve_image(reference).await
     }
 
-    pub async fn import_image(&self, name: &str, source: ImportSource) -> Result<ImageRecord, AgentError> {
+    pub async fn import_image(
+        &self,
+        name: &str,
+        source: ImportSource,
+    ) -> Result<ImageRecord, AgentError> {
         let shared = &self.shared;
-        crate::images::import(&shared.paths, &shared.records, &shared.hypervisor, name, source).await
+        crate::images::import(
+            &shared.paths,
+            &shared.records,
+            &shared.hypervisor,
+            name,
+            source,
+        )
+        .await
     }
 
     pub async fn delete_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {
@@ -302,7 +355,10 @@ impl Host {
             .map(|vm| vm.record.spec.name.to_string())
             .collect();
         if !users.is_empty() {
-            return Err(AgentError::ImageInUse { name: image.name.to_string(), users: users.join(", ") });
+            return Err(AgentError::ImageInUse {
+                name: image.name.to_string(),
+                users: users.join(", "),
+            });
         }
         shared.records.delete_image(&image).await?;
         let file = shared.paths.image_file(&image.id, image.format);
@@ -342,8 +398,12 @@ impl Host {
 const MIN_FREE_BYTES: u64 = 64 << 20;
 
 pub(crate) fn ensure_free_space(directory: &Path, what: &str) -> Result<(), AgentError> {
-    let stats = rustix::fs::statvfs(directory)
-        .map_err(|error| AgentError::io(format!("checking free space in {}", directory.display()), error.into()))?;
+    let stats = rustix::fs::statvfs(directory).map_err(|error| {
+        AgentError::io(
+            format!("checking free space in {}", directory.display()),
+            error.into(),
+        )
+    })?;
     let free = stats.f_bavail.saturating_mul(stats.f_frsize);
     if free < MIN_FREE_BYTES {
         return Err(AgentError::DiskFull {

@@ -14,7 +14,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -40,26 +43,38 @@ impl From<AgentError> for ApiError {
         if code == ErrorCode::Internal {
             tracing::error!(error = %error, "request failed");
         }
-        Self { code, message: error.to_string() }
+        Self {
+            code,
+            message: error.to_string(),
+        }
     }
 }
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
-        Self::new(ErrorCode::InvalidArgument, format!("invalid request body: {}", rejection.body_text()))
+        Self::new(
+            ErrorCode::InvalidArgument,
+            format!("invalid request body: {}", rejection.body_text()),
+        )
     }
 }
 
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
-        Self::new(ErrorCode::InvalidArgument, format!("invalid query: {}", rejection.body_text()))
+        Self::new(
+            ErrorCode::InvalidArgument,
+            format!("invalid query: {}", rejection.body_text()),
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = ApiErrorBody { code: self.code, message: self.message };
+        let body = ApiErrorBody {
+            code: self.code,
+            message: self.message,
+        };
         (status, axum::Json(body)).into_response()
     }
 }

@@ -91,6 +91,9 @@ pub fn app(state: ApiState) -> Router {
             }),
         )
         .route("/metrics", axum::routing::get(metrics::render))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), routes::authenticate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            routes::authenticate,
+        ))
         .with_state(state)
 }

@@ -31,18 +31,29 @@ impl ApiMetrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let request_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let api = registry.sub_registry_with_prefix("api");
-        api.register("requests", "API requests by method and status", requests.clone());
+        api.register(
+            "requests",
+            "API requests by method and status",
+            requests.clone(),
+        );
         api.register(
             "request_seconds",
             "time to the response head of API requests",
             request_seconds.clone(),
         );
-        Self { registry: Mutex::new(registry), requests, request_seconds }
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            request_seconds,
+        }
     }
 
     pub fn encode(&self) -> String {
         let mut text = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &registry) {
             tracing::error!(%error, "metrics encoding failed");
         }
@@ -52,5 +63,11 @@ impl ApiMetrics {
 
 pub async fn render(State(state): State<ApiState>) -> impl IntoResponse {
     let text = state.metrics.encode();
-    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use novacron_agent::ImportSource;
 use novacron_types::{
-    CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo, ImageRecord, StopOptions,
-    VmEvent, VmRecord,
+    CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo, ImageRecord, StopOptions, VmEvent,
+    VmRecord,
 };
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -60,15 +60,22 @@ pub async fn authenticate(State(state): State<ApiState>, request: Request, next:
         )
         .into_response()
     };
-    let labels =
-        crate::metrics::RequestLabels { method, status: response.status().as_u16() };
+    let labels = crate::metrics::RequestLabels {
+        method,
+        status: response.status().as_u16(),
+    };
     state.metrics.requests.get_or_create(&labels).inc();
-    state.metrics.request_seconds.observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .request_seconds
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
 fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok())
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
     else {
         return false;
     };
@@ -82,7 +89,10 @@ fn token_matches(headers: &HeaderMap, expected: &str) -> bool {
 #[utoipa::path(get, path = "/api/v1/health", tag = "host", security(()),
     responses((status = 200, body = Health)))]
 async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// This host: capacity, accelerator, QEMU version.
@@ -122,7 +132,10 @@ async fn create_vm(
 #[utoipa::path(get, path = "/api/v1/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, body = VmRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
-async fn get_vm(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<VmRecord>> {
+async fn get_vm(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<VmRecord>> {
     Ok(Json(state.host.get_vm(&name).await?))
 }
 
@@ -158,10 +171,30 @@ macro_rules! power_handler {
     };
 }
 
-power_handler!(start_vm, "/api/v1/vms/{name}/start", "Starts a stopped or failed VM.", start_vm);
-power_handler!(restart_vm, "/api/v1/vms/{name}/restart", "Restarts a VM (a hard reset of QEMU).", restart_vm);
-power_handler!(pause_vm, "/api/v1/vms/{name}/pause", "Pauses a running VM's vCPUs.", pause_vm);
-power_handler!(resume_vm, "/api/v1/vms/{name}/resume", "Resumes a paused VM.", resume_vm);
+power_handler!(
+    start_vm,
+    "/api/v1/vms/{name}/start",
+    "Starts a stopped or failed VM.",
+    start_vm
+);
+power_handler!(
+    restart_vm,
+    "/api/v1/vms/{name}/restart",
+    "Restarts a VM (a hard reset of QEMU).",
+    restart_vm
+);
+power_handler!(
+    pause_vm,
+    "/api/v1/vms/{name}/pause",
+    "Pauses a running VM's vCPUs.",
+    pause_vm
+);
+power_handler!(
+    resume_vm,
+    "/api/v1/vms/{name}/resume",
+    "Resumes a paused VM.",
+    resume_vm
+);
 
 /// Stops a VM: ACPI power-down, then forced after `timeout_secs`; `force=true` skips the
 /// power-down.
@@ -203,11 +236,18 @@ async fn vm_logs(
         Ok(file) => Some(file),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(error) => {
-            return Err(ApiError::new(ErrorCode::Internal, format!("reading {}: {error}", path.display())));
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("reading {}: {error}", path.display()),
+            ));
         }
     };
     if let (Some(file), Some(tail)) = (file.as_mut(), options.tail_bytes) {
-        let length = file.metadata().await.map(|metadata| metadata.len()).unwrap_or(0);
+        let length = file
+            .metadata()
+            .await
+            .map(|metadata| metadata.len())
+            .unwrap_or(0);
         let start = length.saturating_sub(tail);
         file.seek(std::io::SeekFrom::Start(start))
             .await
@@ -216,7 +256,10 @@ async fn vm_logs(
     let follow = options.follow;
     let host = state.host.clone();
     let stream = async_stream_log(file, path, follow, host, name);
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream))
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
         .into_response())
 }
 
@@ -269,12 +312,14 @@ async fn vm_console(
     upgrade: WebSocketUpgrade,
 ) -> ApiResult<Response> {
     let socket_path = state.host.console_socket_path(&name).await?;
-    let console = tokio::net::UnixStream::connect(&socket_path).await.map_err(|error| {
-        ApiError::new(
-            ErrorCode::Conflict,
-            format!("vm {name:?} console is not reachable ({error}); is the VM running?"),
-        )
-    })?;
+    let console = tokio::net::UnixStream::connect(&socket_path)
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!("vm {name:?} console is not reachable ({error}); is the VM running?"),
+            )
+        })?;
     Ok(upgrade.on_upgrade(move |websocket| relay_console(websocket, console)))
 }
 
@@ -342,7 +387,9 @@ async fn import_image(
     body: Body,
 ) -> ApiResult<(axum::http::StatusCode, Json<ImageRecord>)> {
     let Query(options) = options?;
-    let stream = body.into_data_stream().map(|chunk| chunk.map_err(std::io::Error::other));
+    let stream = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(std::io::Error::other));
     let record = state
         .host
         .import_image(&options.name, ImportSource::Stream(Box::pin(stream)))
@@ -376,7 +423,9 @@ async fn delete_image(
 /// Server-sent events: one `vm` event (JSON `VmEvent`) per VM state change.
 #[utoipa::path(get, path = "/api/v1/events", tag = "host",
     responses((status = 200, content_type = "text/event-stream", body = VmEvent)))]
-async fn events(State(state): State<ApiState>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+async fn events(
+    State(state): State<ApiState>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let receiver = state.host.subscribe_events();
     let stream = tokio_stream::wrappers::BroadcastStream::new(receiver).map(|item| {
         Ok(match item {
@@ -385,7 +434,9 @@ async fn events(State(state): State<ApiState>) -> Sse<impl futures::Stream<Item 
                 .id(event.revision.to_string())
                 .json_data(&event)
                 .unwrap_or_else(|_| Event::default().comment("unencodable event")),
-            Err(_) => Event::default().event("lagged").data("events were dropped; re-list VMs"),
+            Err(_) => Event::default()
+                .event("lagged")
+                .data("events were dropped; re-list VMs"),
         })
     });
     Sse::new(stream).keep_alive(KeepAlive::default())

@@ -20,15 +20,26 @@ fn every_operation_documents_its_responses_and_the_bearer_scheme_exists() {
     let document: serde_json::Value =
         serde_json::from_str(&novacron_api::openapi_json()).expect("json");
     let paths = document["paths"].as_object().expect("paths");
-    for expected in ["/api/v1/vms", "/api/v1/vms/{name}/console", "/api/v1/images", "/api/v1/events"] {
+    for expected in [
+        "/api/v1/vms",
+        "/api/v1/vms/{name}/console",
+        "/api/v1/images",
+        "/api/v1/events",
+    ] {
         assert!(paths.contains_key(expected), "{expected} is documented");
     }
     for (path, item) in paths {
         for (method, operation) in item.as_object().expect("operation map") {
             let responses = operation["responses"].as_object().expect("responses");
-            assert!(!responses.is_empty(), "{method} {path} documents its responses");
+            assert!(
+                !responses.is_empty(),
+                "{method} {path} documents its responses"
+            );
         }
     }
     assert!(document["components"]["securitySchemes"]["bearer"].is_object());
-    assert_eq!(document["paths"]["/api/v1/health"]["get"]["security"], serde_json::json!([{}]));
+    assert_eq!(
+        document["paths"]["/api/v1/health"]["get"]["security"],
+        serde_json::json!([{}])
+    );
 }

@@ -23,9 +23,19 @@ fn main() {
     raise_open_file_limit();
     let guest = common::guest();
     let host = TestHost::start();
-    let token = std::fs::read_to_string(host.data_dir.join("admin.token")).expect("token").trim().to_string();
+    let token = std::fs::read_to_string(host.data_dir.join("admin.token"))
+        .expect("token")
+        .trim()
+        .to_string();
     for index in 0..VMS {
-        host.ok(&["vm", "create", &format!("load-{index}"), "--kernel", guest.kernel.to_str().expect("utf-8"), "--no-start"]);
+        host.ok(&[
+            "vm",
+            "create",
+            &format!("load-{index}"),
+            "--kernel",
+            guest.kernel.to_str().expect("utf-8"),
+            "--no-start",
+        ]);
     }
     let server = host.server();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -37,14 +47,20 @@ fn main() {
             let token = token.clone();
             tasks.push(tokio::spawn(async move {
                 // One connection per client, as 1 000 separate programs would have.
-                let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().expect("client");
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .expect("client");
                 let mut latencies = Vec::with_capacity(REQUESTS_PER_CLIENT);
                 let mut errors = 0usize;
                 for request_index in 0..REQUESTS_PER_CLIENT {
                     let url = if request_index % 2 == 0 {
                         format!("{server}/api/v1/vms")
                     } else {
-                        format!("{server}/api/v1/vms/load-{}", (client_index + request_index) % VMS)
+                        format!(
+                            "{server}/api/v1/vms/load-{}",
+                            (client_index + request_index) % VMS
+                        )
                     };
                     let sent = Instant::now();
                     match client.get(&url).bearer_auth(&token).send().await {
@@ -71,9 +87,12 @@ fn main() {
     });
     let mut latencies = latencies;
     latencies.sort();
-    let percentile = |fraction: f64| latencies[((latencies.len() as f64 - 1.0) * fraction) as usize];
+    let percentile =
+        |fraction: f64| latencies[((latencies.len() as f64 - 1.0) * fraction) as usize];
     let total = latencies.len();
-    println!("## API load: {CLIENTS} concurrent clients, {REQUESTS_PER_CLIENT} requests each (half list of {VMS} VMs, half get one VM)\n");
+    println!(
+        "## API load: {CLIENTS} concurrent clients, {REQUESTS_PER_CLIENT} requests each (half list of {VMS} VMs, half get one VM)\n"
+    );
     println!("| requests | errors | throughput | p50 | p90 | p99 | max |");
     println!("|---|---|---|---|---|---|---|");
     println!(

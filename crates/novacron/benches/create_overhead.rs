@@ -21,11 +21,17 @@ fn wait_for_ready(log: &Path, started: Instant) -> Duration {
     let deadline = started + Duration::from_secs(120);
     loop {
         if std::fs::read(log).is_ok_and(|bytes| {
-            bytes.windows(b"NOVACRON-GUEST-READY".len()).any(|window| window == b"NOVACRON-GUEST-READY")
+            bytes
+                .windows(b"NOVACRON-GUEST-READY".len())
+                .any(|window| window == b"NOVACRON-GUEST-READY")
         }) {
             return started.elapsed();
         }
-        assert!(Instant::now() < deadline, "no ready line in {}", log.display());
+        assert!(
+            Instant::now() < deadline,
+            "no ready line in {}",
+            log.display()
+        );
         std::thread::park_timeout(Duration::from_millis(2));
     }
 }
@@ -42,7 +48,14 @@ fn bare_qemu(guest: &common::Guest, scratch: &Path, run: usize) -> Duration {
     let log = scratch.join(format!("bare-{run}.log"));
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-no-user-config", "-nodefaults", "-display", "none", "-machine", "q35"])
+        .args([
+            "-no-user-config",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "q35",
+        ])
         .args(["-accel", "tcg", "-cpu", "qemu64", "-smp", "1", "-m", "256M"])
         .arg("-kernel")
         .arg(&guest.kernel)
@@ -68,13 +81,25 @@ fn novacron(host: &TestHost, guest: &common::Guest, run: usize) -> Duration {
     let name = format!("bench-{run}");
     let started = Instant::now();
     host.ok(&[
-        "vm", "create", &name, "--image", "img", "--memory", "256MiB", "--no-wait",
-        "--kernel", guest.kernel.to_str().expect("utf-8"),
-        "--initrd", guest.initrd.to_str().expect("utf-8"),
-        "--cmdline", CMDLINE,
+        "vm",
+        "create",
+        &name,
+        "--image",
+        "img",
+        "--memory",
+        "256MiB",
+        "--no-wait",
+        "--kernel",
+        guest.kernel.to_str().expect("utf-8"),
+        "--initrd",
+        guest.initrd.to_str().expect("utf-8"),
+        "--cmdline",
+        CMDLINE,
     ]);
     let vm = host.vm(&name);
-    let log = host.vm_directory(vm["uuid"].as_str().expect("uuid")).join("console.log");
+    let log = host
+        .vm_directory(vm["uuid"].as_str().expect("uuid"))
+        .join("console.log");
     let elapsed = wait_for_ready(&log, started);
     host.ok(&["vm", "delete", &name, "--force"]);
     elapsed
@@ -98,16 +123,26 @@ fn main() {
     ours.sort();
     let median = |samples: &[Duration]| samples[samples.len() / 2];
     let overhead = median(&ours).as_secs_f64() - median(&bare).as_secs_f64();
-    println!("## vm create + start to the guest's serial line ({RUNS} interleaved runs, TCG, 256 MiB)\n");
+    println!(
+        "## vm create + start to the guest's serial line ({RUNS} interleaved runs, TCG, 256 MiB)\n"
+    );
     println!("| | min | median | max |");
     println!("|---|---|---|---|");
     let ms = |duration: Duration| duration.as_millis();
-    println!("| bare qemu-system-x86_64 | {} ms | {} ms | {} ms |", ms(bare[0]), ms(median(&bare)), ms(bare[RUNS - 1]));
+    println!(
+        "| bare qemu-system-x86_64 | {} ms | {} ms | {} ms |",
+        ms(bare[0]),
+        ms(median(&bare)),
+        ms(bare[RUNS - 1])
+    );
     println!(
         "| novacron vm create (CLI → API → store → reconciler → QEMU) | {} ms | {} ms | {} ms |",
         ms(ours[0]),
         ms(median(&ours)),
         ms(ours[RUNS - 1])
     );
-    println!("\nNovaCron overhead (difference of medians): {:.0} ms (target < 100 ms)", overhead * 1000.0);
+    println!(
+        "\nNovaCron overhead (difference of medians): {:.0} ms (target < 100 ms)",
+        overhead * 1000.0
+    );
 }

@@ -35,7 +35,11 @@ fn main() {
                 .send()
                 .await
                 .expect("create");
-            assert!(response.status().is_success(), "create vm-{index}: {}", response.status());
+            assert!(
+                response.status().is_success(),
+                "create vm-{index}: {}",
+                response.status()
+            );
         }
     });
     let mut health = Vec::new();
@@ -51,7 +55,11 @@ fn main() {
                 if answered.is_ok_and(|response| response.status().is_success()) {
                     break;
                 }
-                assert!(Instant::now() < deadline, "serve did not come up: {}", host.serve_log());
+                assert!(
+                    Instant::now() < deadline,
+                    "serve did not come up: {}",
+                    host.serve_log()
+                );
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         });
@@ -73,13 +81,21 @@ fn main() {
     }
     let summary = |samples: &mut Vec<Duration>| {
         samples.sort();
-        (samples[samples.len() / 2], samples[samples.len() * 9 / 10], samples[samples.len() - 1])
+        (
+            samples[samples.len() / 2],
+            samples[samples.len() * 9 / 10],
+            samples[samples.len() - 1],
+        )
     };
     let (health_p50, health_p90, health_max) = summary(&mut health);
     let (list_p50, list_p90, list_max) = summary(&mut listed);
     println!("## serve start-up, warm store with {VMS} VMs ({RUNS} restarts)\n");
     println!("| measured from process spawn to | p50 | p90 | max | target |");
     println!("|---|---|---|---|---|");
-    println!("| health endpoint answers (polled every 2 ms) | {health_p50:.0?} | {health_p90:.0?} | {health_max:.0?} | < 300 ms |");
-    println!("| authenticated list of {VMS} VMs returned | {list_p50:.0?} | {list_p90:.0?} | {list_max:.0?} | |");
+    println!(
+        "| health endpoint answers (polled every 2 ms) | {health_p50:.0?} | {health_p90:.0?} | {health_max:.0?} | < 300 ms |"
+    );
+    println!(
+        "| authenticated list of {VMS} VMs returned | {list_p50:.0?} | {list_p90:.0?} | {list_max:.0?} | |"
+    );
 }

@@ -29,7 +29,12 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct ClientOptions {
     /// URL of the host's API
-    #[arg(long, global = true, env = "NOVACRON_SERVER", default_value = "http://127.0.0.1:7180")]
+    #[arg(
+        long,
+        global = true,
+        env = "NOVACRON_SERVER",
+        default_value = "http://127.0.0.1:7180"
+    )]
     pub server: String,
     /// API token (default: read from the local data directory's admin.token)
     #[arg(long, global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]

@@ -17,7 +17,10 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -51,7 +54,11 @@ impl Client {
         let (token, token_source) = match &options.token {
             Some(token) => (Some(token.clone()), "--token/NOVACRON_TOKEN".to_string()),
             None => {
-                let path = options.data_dir.clone().unwrap_or_else(default_data_dir).join("admin.token");
+                let path = options
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(default_data_dir)
+                    .join("admin.token");
                 match std::fs::read_to_string(&path) {
                     Ok(token) => (Some(token.trim().to_string()), path.display().to_string()),
                     Err(_) => (None, path.display().to_string()),
@@ -61,7 +68,12 @@ impl Client {
         let http = reqwest::Client::builder()
             .build()
             .map_err(|error| CliError::new(ErrorCode::Internal, format!("http client: {error}")))?;
-        Ok(Self { http, base, token, token_source })
+        Ok(Self {
+            http,
+            base,
+            token,
+            token_source,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -120,7 +132,10 @@ impl Client {
     pub async fn json<T: DeserializeOwned>(&self, builder: RequestBuilder) -> CliResult<T> {
         let response = self.send(builder).await?;
         response.json::<T>().await.map_err(|error| {
-            CliError::new(ErrorCode::Internal, format!("unexpected answer from the API: {error}"))
+            CliError::new(
+                ErrorCode::Internal,
+                format!("unexpected answer from the API: {error}"),
+            )
         })
     }
 

@@ -43,24 +43,34 @@ impl Drop for RawMode {
 
 pub async fn attach(client: &Client, name: &str) -> CliResult<()> {
     // Ask over plain HTTP first so a wrong name or state gets the API's clear error.
-    let _: VmRecord = client.get(&format!("/api/v1/vms/{}", crate::image::url_encode(name))).await?;
+    let _: VmRecord = client
+        .get(&format!("/api/v1/vms/{}", crate::image::url_encode(name)))
+        .await?;
     let url = format!(
         "{}/api/v1/vms/{}/console",
         client.base().replacen("http", "ws", 1),
         crate::image::url_encode(name)
     );
-    let mut request = url
-        .into_client_request()
-        .map_err(|error| CliError::new(ErrorCode::InvalidArgument, format!("console url: {error}")))?;
+    let mut request = url.into_client_request().map_err(|error| {
+        CliError::new(ErrorCode::InvalidArgument, format!("console url: {error}"))
+    })?;
     if let Some(token) = client.token() {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| CliError::new(ErrorCode::InvalidArgument, "the token has invalid characters"))?;
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            CliError::new(
+                ErrorCode::InvalidArgument,
+                "the token has invalid characters",
+            )
+        })?;
         request.headers_mut().insert("authorization", value);
     }
-    let (socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|error| {
-        CliError::new(ErrorCode::Conflict, format!("cannot open the console of vm {name}: {error}"))
-    })?;
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(|error| {
+            CliError::new(
+                ErrorCode::Conflict,
+                format!("cannot open the console of vm {name}: {error}"),
+            )
+        })?;
     eprintln!("connected to the console of vm {name}; detach with Ctrl-]\r");
     let (mut write, mut read) = socket.split();
     let raw = RawMode::enter();
@@ -75,11 +85,17 @@ pub async fn attach(client: &Client, name: &str) -> CliResult<()> {
             let chunk = &buffer[..count];
             if let Some(position) = chunk.iter().position(|&byte| byte == DETACH_BYTE) {
                 if position > 0 {
-                    let _ = write.send(Message::Binary(chunk[..position].to_vec().into())).await;
+                    let _ = write
+                        .send(Message::Binary(chunk[..position].to_vec().into()))
+                        .await;
                 }
                 break;
             }
-            if write.send(Message::Binary(chunk.to_vec().into())).await.is_err() {
+            if write
+                .send(Message::Binary(chunk.to_vec().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
         }

@@ -16,13 +16,21 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
                 None => file
                     .file_name()
                     .map(|name| name.to_string_lossy().to_string())
-                    .ok_or_else(|| CliError::new(ErrorCode::InvalidArgument, format!("{} has no file name; pass --name", file.display())))?,
+                    .ok_or_else(|| {
+                        CliError::new(
+                            ErrorCode::InvalidArgument,
+                            format!("{} has no file name; pass --name", file.display()),
+                        )
+                    })?,
             };
             novacron_types::ImageName::new(name.clone())
                 .map_err(|error| CliError::new(ErrorCode::InvalidArgument, error.to_string()))?;
             // Ask first: the server refuses a taken name before reading the upload, which a
             // client still sending the body would only see as a broken connection.
-            match client.get::<ImageRecord>(&format!("/api/v1/images/{}", url_encode(&name))).await {
+            match client
+                .get::<ImageRecord>(&format!("/api/v1/images/{}", url_encode(&name)))
+                .await
+            {
                 Ok(existing) => {
                     return Err(CliError::new(
                         ErrorCode::AlreadyExists,
@@ -38,9 +46,16 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
                 Err(error) => return Err(error),
             }
             let opened = tokio::fs::File::open(&file).await.map_err(|error| {
-                CliError::new(ErrorCode::InvalidArgument, format!("cannot read {}: {error}", file.display()))
+                CliError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("cannot read {}: {error}", file.display()),
+                )
             })?;
-            let length = opened.metadata().await.map(|metadata| metadata.len()).unwrap_or(0);
+            let length = opened
+                .metadata()
+                .await
+                .map(|metadata| metadata.len())
+                .unwrap_or(0);
             let progress = if std::io::stderr().is_terminal() {
                 let bar = indicatif::ProgressBar::new(length);
                 bar.set_style(
@@ -56,12 +71,13 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
                 indicatif::ProgressBar::hidden()
             };
             let counter = progress.clone();
-            let stream = tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20).map(move |chunk| {
-                if let Ok(bytes) = &chunk {
-                    counter.inc(bytes.len() as u64);
-                }
-                chunk
-            });
+            let stream =
+                tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20).map(move |chunk| {
+                    if let Ok(bytes) = &chunk {
+                        counter.inc(bytes.len() as u64);
+                    }
+                    chunk
+                });
             let query = format!("/api/v1/images?name={}", url_encode(&name));
             let request = client
                 .request(Method::POST, &query)
@@ -93,17 +109,25 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
             });
         }
         ImageCommand::Show { image } => {
-            let record: ImageRecord = client.get(&format!("/api/v1/images/{}", url_encode(&image))).await?;
+            let record: ImageRecord = client
+                .get(&format!("/api/v1/images/{}", url_encode(&image)))
+                .await?;
             show(format, &record);
         }
         ImageCommand::Delete { image } => {
             let record: ImageRecord = client
-                .json(client.request(Method::DELETE, &format!("/api/v1/images/{}", url_encode(&image))))
+                .json(client.request(
+                    Method::DELETE,
+                    &format!("/api/v1/images/{}", url_encode(&image)),
+                ))
                 .await?;
             if format == OutputFormat::Table {
                 println!("image {} deleted", record.name);
             } else {
-                println!("{}", serde_json::json!({ "deleted": record.name, "id": record.id }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "deleted": record.name, "id": record.id })
+                );
             }
         }
     }
@@ -113,7 +137,9 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
 pub fn url_encode(text: &str) -> String {
     text.bytes()
         .map(|byte| match byte {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (byte as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                (byte as char).to_string()
+            }
             _ => format!("%{byte:02X}"),
         })
         .collect()

@@ -20,7 +20,10 @@ fn main() -> ExitCode {
     // The only TLS provider in the build: aws-lc-rs, which offers the X25519MLKEM768 hybrid.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -51,7 +54,9 @@ fn main() -> ExitCode {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NOVACRON_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -61,7 +66,12 @@ fn init_tracing(json: bool) {
 
 async fn client_command(options: &cli::ClientOptions, command: Command) -> Result<(), CliError> {
     if let Command::Completions { shell } = command {
-        clap_complete::generate(shell, &mut Cli::command(), "novacron", &mut std::io::stdout());
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "novacron",
+            &mut std::io::stdout(),
+        );
         return Ok(());
     }
     if let Command::Link(cli::LinkCommand::Eval { files, model }) = command {
@@ -78,8 +88,15 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
                     ("host", info.host.clone()),
                     ("version", info.version.clone()),
                     ("cpus", info.cpus.to_string()),
-                    ("memory", novacron_types::ByteSize(info.memory_bytes).to_string()),
-                    ("accelerator", format!("{:?} ({})", info.accelerator, info.accelerator_reason).to_lowercase()),
+                    (
+                        "memory",
+                        novacron_types::ByteSize(info.memory_bytes).to_string(),
+                    ),
+                    (
+                        "accelerator",
+                        format!("{:?} ({})", info.accelerator, info.accelerator_reason)
+                            .to_lowercase(),
+                    ),
                     ("qemu", info.qemu_version.clone()),
                     ("data dir", info.data_dir.clone()),
                     ("vms", info.vms.to_string()),
@@ -94,13 +111,16 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
 }
 
 async fn follow_events(client: &Client, format: cli::OutputFormat) -> Result<(), CliError> {
-    let mut response = client.send(client.request(reqwest::Method::GET, "/api/v1/events")).await?;
+    let mut response = client
+        .send(client.request(reqwest::Method::GET, "/api/v1/events"))
+        .await?;
     let mut pending = String::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|error| CliError::new(ErrorCode::Unavailable, format!("event stream broke: {error}")))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|error| {
+        CliError::new(
+            ErrorCode::Unavailable,
+            format!("event stream broke: {error}"),
+        )
+    })? {
         pending.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = pending.find("\n\n") {
             let block: String = pending.drain(..end + 2).collect();
@@ -111,9 +131,14 @@ async fn follow_events(client: &Client, format: cli::OutputFormat) -> Result<(),
                 cli::OutputFormat::Json => println!("{}", data.trim()),
                 cli::OutputFormat::Table => {
                     if let Ok(event) = serde_json::from_str::<VmEvent>(data.trim()) {
-                        let state = event.state.map(|state| state.to_string()).unwrap_or_else(|| "deleted".into());
+                        let state = event
+                            .state
+                            .map(|state| state.to_string())
+                            .unwrap_or_else(|| "deleted".into());
                         match event.reason {
-                            Some(reason) => println!("{}  {}  {state}  ({reason})", event.revision, event.vm),
+                            Some(reason) => {
+                                println!("{}  {}  {state}  ({reason})", event.revision, event.vm)
+                            }
                             None => println!("{}  {}  {state}", event.revision, event.vm),
                         }
                     }

@@ -26,7 +26,9 @@ struct ConfigFile {
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
-    let Some(path) = path else { return Ok(ConfigFile::default()) };
+    let Some(path) = path else {
+        return Ok(ConfigFile::default());
+    };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config file {} is invalid", path.display()))
@@ -49,8 +51,15 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
     let started = Instant::now();
     raise_open_file_limit();
     let file = load_config(args.config.as_ref())?;
-    let data_dir = client.data_dir.clone().or(file.data_dir).unwrap_or_else(default_data_dir);
-    let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let data_dir = client
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(default_data_dir);
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
     let mut config = HostConfig::new(&data_dir);
     if let Some(host_name) = args.host_name.or(file.host_name) {
         config.host_name = host_name;
@@ -74,7 +83,9 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
         Err(error) => bail!("cannot listen on {address}: {error}"),
     };
 
-    let host = Host::start(config).await.map_err(|error| anyhow::anyhow!("{error}"))?;
+    let host = Host::start(config)
+        .await
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     let (token, created) =
         ensure_admin_token(host.paths()).map_err(|error| anyhow::anyhow!("{error}"))?;
     if created {
@@ -97,7 +108,10 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
         ready_ms = started.elapsed().as_millis() as u64,
         "novacron api ready"
     );
-    eprintln!("novacron serve: API on http://{address}, data in {}", data_dir.display());
+    eprintln!(
+        "novacron serve: API on http://{address}, data in {}",
+        data_dir.display()
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

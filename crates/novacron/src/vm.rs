@@ -4,9 +4,7 @@
 use crate::cli::{OutputFormat, RestartPolicyArg, VmCommand, WaitOptions};
 use crate::client::{CliError, CliResult, Client};
 use crate::output;
-use novacron_types::{
-    ByteSize, CreateVmRequest, ErrorCode, RestartPolicy, VmRecord, VmState,
-};
+use novacron_types::{ByteSize, CreateVmRequest, ErrorCode, RestartPolicy, VmRecord, VmState};
 use reqwest::Method;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -14,10 +12,12 @@ use std::time::{Duration, Instant};
 pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> CliResult<()> {
     match command {
         VmCommand::Create(args) => {
-            let memory: ByteSize = args
-                .memory
-                .parse()
-                .map_err(|error: novacron_types::ParseSizeError| CliError::new(ErrorCode::InvalidArgument, error.to_string()))?;
+            let memory: ByteSize =
+                args.memory
+                    .parse()
+                    .map_err(|error: novacron_types::ParseSizeError| {
+                        CliError::new(ErrorCode::InvalidArgument, error.to_string())
+                    })?;
             let disk = args
                 .disk
                 .as_deref()
@@ -28,7 +28,12 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 path.map(|path| {
                     std::path::absolute(&path)
                         .map(|path| path.display().to_string())
-                        .map_err(|error| CliError::new(ErrorCode::InvalidArgument, format!("{}: {error}", path.display())))
+                        .map_err(|error| {
+                            CliError::new(
+                                ErrorCode::InvalidArgument,
+                                format!("{}: {error}", path.display()),
+                            )
+                        })
                 })
                 .transpose()
             };
@@ -48,11 +53,23 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 },
                 start: !args.no_start,
             };
-            let record: VmRecord =
-                client.json(client.request(Method::POST, "/api/v1/vms").json(&request)).await?;
-            let target = if args.no_start { VmState::Stopped } else { VmState::Running };
-            let record = settle(client, &record.spec.name.to_string(), &[target], &args.wait, "creating").await?
-                .unwrap_or(record);
+            let record: VmRecord = client
+                .json(client.request(Method::POST, "/api/v1/vms").json(&request))
+                .await?;
+            let target = if args.no_start {
+                VmState::Stopped
+            } else {
+                VmState::Running
+            };
+            let record = settle(
+                client,
+                &record.spec.name.to_string(),
+                &[target],
+                &args.wait,
+                "creating",
+            )
+            .await?
+            .unwrap_or(record);
             show(format, &record);
         }
         VmCommand::List => {
@@ -66,28 +83,58 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                             vm.status.state.to_string(),
                             vm.spec.cpus.to_string(),
                             ByteSize(vm.spec.memory_bytes).to_string(),
-                            vm.spec.image_id.as_deref().map(short_id).unwrap_or("-").to_string(),
+                            vm.spec
+                                .image_id
+                                .as_deref()
+                                .map(short_id)
+                                .unwrap_or("-")
+                                .to_string(),
                             vm.status.host.clone(),
                             output::age(vm.status.since),
                         ]
                     })
                     .collect();
-                output::table(&["NAME", "STATE", "CPUS", "MEMORY", "IMAGE", "HOST", "SINCE"], &rows);
+                output::table(
+                    &["NAME", "STATE", "CPUS", "MEMORY", "IMAGE", "HOST", "SINCE"],
+                    &rows,
+                );
             });
         }
         VmCommand::Show { name } => {
-            let record: VmRecord = client.get(&format!("/api/v1/vms/{}", encode(&name))).await?;
+            let record: VmRecord = client
+                .get(&format!("/api/v1/vms/{}", encode(&name)))
+                .await?;
             show(format, &record);
         }
         VmCommand::Start(args) => {
-            change(client, format, &args.name, "start", "", &[VmState::Running], &args.wait, "starting").await?;
+            change(
+                client,
+                format,
+                &args.name,
+                "start",
+                "",
+                &[VmState::Running],
+                &args.wait,
+                "starting",
+            )
+            .await?;
         }
         VmCommand::Stop(args) => {
             let mut query = format!("?force={}", args.force);
             if let Some(timeout) = args.timeout {
                 query.push_str(&format!("&timeout_secs={timeout}"));
             }
-            change(client, format, &args.name, "stop", &query, &[VmState::Stopped], &args.wait, "stopping").await?;
+            change(
+                client,
+                format,
+                &args.name,
+                "stop",
+                &query,
+                &[VmState::Stopped],
+                &args.wait,
+                "stopping",
+            )
+            .await?;
         }
         VmCommand::Restart(args) => {
             let path = format!("/api/v1/vms/{}/restart", encode(&args.name));
@@ -102,10 +149,30 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
             show(format, &record);
         }
         VmCommand::Pause(args) => {
-            change(client, format, &args.name, "pause", "", &[VmState::Paused], &args.wait, "pausing").await?;
+            change(
+                client,
+                format,
+                &args.name,
+                "pause",
+                "",
+                &[VmState::Paused],
+                &args.wait,
+                "pausing",
+            )
+            .await?;
         }
         VmCommand::Resume(args) => {
-            change(client, format, &args.name, "resume", "", &[VmState::Running], &args.wait, "resuming").await?;
+            change(
+                client,
+                format,
+                &args.name,
+                "resume",
+                "",
+                &[VmState::Running],
+                &args.wait,
+                "resuming",
+            )
+            .await?;
         }
         VmCommand::Delete(args) => {
             let path = format!("/api/v1/vms/{}?force={}", encode(&args.name), args.force);
@@ -120,7 +187,11 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
             }
         }
         VmCommand::Logs(args) => {
-            let mut path = format!("/api/v1/vms/{}/logs?follow={}", encode(&args.name), args.follow);
+            let mut path = format!(
+                "/api/v1/vms/{}/logs?follow={}",
+                encode(&args.name),
+                args.follow
+            );
             if let Some(tail) = args.tail_bytes {
                 path.push_str(&format!("&tail_bytes={tail}"));
             }
@@ -161,7 +232,9 @@ async fn change(
 ) -> CliResult<()> {
     let path = format!("/api/v1/vms/{}/{action}{query}", encode(name));
     let record: VmRecord = client.json(client.request(Method::POST, &path)).await?;
-    let record = settle(client, name, targets, wait, doing).await?.unwrap_or(record);
+    let record = settle(client, name, targets, wait, doing)
+        .await?
+        .unwrap_or(record);
     show(format, &record);
     Ok(())
 }
@@ -174,7 +247,10 @@ async fn settle(
     wait: &WaitOptions,
     doing: &str,
 ) -> CliResult<Option<VmRecord>> {
-    wait_for(client, name, wait, doing, |record| targets.contains(&record.status.state)).await
+    wait_for(client, name, wait, doing, |record| {
+        targets.contains(&record.status.state)
+    })
+    .await
 }
 
 async fn wait_for(
@@ -202,7 +278,10 @@ async fn wait_for(
                 ErrorCode::Internal,
                 format!(
                     "vm {name} failed: {}\n(`novacron vm logs {name}` shows its console)",
-                    record.status.reason.unwrap_or_else(|| "no reason recorded".into())
+                    record
+                        .status
+                        .reason
+                        .unwrap_or_else(|| "no reason recorded".into())
                 ),
             ));
         }
@@ -236,7 +315,10 @@ async fn wait_until_gone(client: &Client, name: &str, wait: &WaitOptions) -> Cli
                 spinner.finish_and_clear();
                 return Err(CliError::new(
                     ErrorCode::Unavailable,
-                    format!("vm {name} is still being deleted after {}s", wait.wait_timeout),
+                    format!(
+                        "vm {name} is still being deleted after {}s",
+                        wait.wait_timeout
+                    ),
                 ));
             }
             Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -258,7 +340,9 @@ fn show(format: OutputFormat, record: &VmRecord) {
     output::emit(format, record, |vm| {
         let status = &vm.status;
         let accelerator = match (status.accelerator, &status.accelerator_reason) {
-            (Some(accelerator), Some(reason)) => format!("{accelerator:?} ({reason})").to_lowercase(),
+            (Some(accelerator), Some(reason)) => {
+                format!("{accelerator:?} ({reason})").to_lowercase()
+            }
             (Some(accelerator), None) => format!("{accelerator:?}").to_lowercase(),
             _ => "-".into(),
         };
@@ -266,17 +350,45 @@ fn show(format: OutputFormat, record: &VmRecord) {
             ("name", vm.spec.name.to_string()),
             ("uuid", vm.uuid.clone()),
             ("state", status.state.to_string()),
-            ("reason", status.reason.clone().unwrap_or_else(|| "-".into())),
+            (
+                "reason",
+                status.reason.clone().unwrap_or_else(|| "-".into()),
+            ),
             ("desired", format!("{:?}", vm.desired).to_lowercase()),
             ("host", status.host.clone()),
             ("accelerator", accelerator),
-            ("pid", status.pid.map(|pid| pid.to_string()).unwrap_or_else(|| "-".into())),
+            (
+                "pid",
+                status
+                    .pid
+                    .map(|pid| pid.to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ),
             ("cpus", vm.spec.cpus.to_string()),
             ("memory", ByteSize(vm.spec.memory_bytes).to_string()),
-            ("image", vm.spec.image_id.clone().unwrap_or_else(|| "-".into())),
-            ("disk", vm.spec.disk_bytes.map(|disk| ByteSize(disk).to_string()).unwrap_or_else(|| "image size".into())),
-            ("kernel", vm.spec.kernel.as_ref().map(|path| path.display().to_string()).unwrap_or_else(|| "-".into())),
-            ("restart policy", format!("{:?}", vm.spec.restart_policy).to_lowercase()),
+            (
+                "image",
+                vm.spec.image_id.clone().unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "disk",
+                vm.spec
+                    .disk_bytes
+                    .map(|disk| ByteSize(disk).to_string())
+                    .unwrap_or_else(|| "image size".into()),
+            ),
+            (
+                "kernel",
+                vm.spec
+                    .kernel
+                    .as_ref()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "restart policy",
+                format!("{:?}", vm.spec.restart_policy).to_lowercase(),
+            ),
             ("restarts", status.restarts.to_string()),
             ("since", format!("{} ago", output::age(status.since))),
         ]);

@@ -6,7 +6,9 @@ use common::TestHost;
 use std::process::Command;
 
 fn vm_dirs(host: &TestHost) -> usize {
-    std::fs::read_dir(host.data_dir.join("vms")).map(|entries| entries.count()).unwrap_or(0)
+    std::fs::read_dir(host.data_dir.join("vms"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -17,26 +19,72 @@ fn vm_requests_are_validated_and_leave_nothing_behind() {
     let kernel = guest.kernel.to_str().expect("utf-8");
 
     let error = host.fails(&["vm", "create", "../etc", "--image", "img"], 2);
-    assert!(error.contains("vm name") && error.contains("'.'"), "{error}");
+    assert!(
+        error.contains("vm name") && error.contains("'.'"),
+        "{error}"
+    );
     let error = host.fails(&["vm", "create", "Bad_Name", "--image", "img"], 2);
     assert!(error.contains("lowercase"), "{error}");
-    let error = host.fails(&["vm", "create", "big", "--image", "img", "--memory", "100TiB"], 7);
-    assert!(error.contains("memory") && error.contains("the host has"), "{error}");
-    let error = host.fails(&["vm", "create", "wide", "--image", "img", "--cpus", "4096"], 7);
+    let error = host.fails(
+        &[
+            "vm", "create", "big", "--image", "img", "--memory", "100TiB",
+        ],
+        7,
+    );
+    assert!(
+        error.contains("memory") && error.contains("the host has"),
+        "{error}"
+    );
+    let error = host.fails(
+        &["vm", "create", "wide", "--image", "img", "--cpus", "4096"],
+        7,
+    );
     assert!(error.contains("cpus"), "{error}");
-    let error = host.fails(&["vm", "create", "x", "--image", "img", "--memory", "12parsecs"], 2);
+    let error = host.fails(
+        &[
+            "vm",
+            "create",
+            "x",
+            "--image",
+            "img",
+            "--memory",
+            "12parsecs",
+        ],
+        2,
+    );
     assert!(error.contains("invalid size"), "{error}");
     let error = host.fails(&["vm", "create", "x", "--image", "nope"], 4);
-    assert!(error.contains("nope") && error.contains("image list"), "{error}");
-    let error = host.fails(&["vm", "create", "x", "--kernel", "/nonexistent/vmlinuz"], 2);
+    assert!(
+        error.contains("nope") && error.contains("image list"),
+        "{error}"
+    );
+    let error = host.fails(
+        &["vm", "create", "x", "--kernel", "/nonexistent/vmlinuz"],
+        2,
+    );
     assert!(error.contains("/nonexistent/vmlinuz"), "{error}");
-    let error = host.fails(&["vm", "create", "x", "--image", "img", "--disk", "1MiB"], 2);
+    let error = host.fails(
+        &["vm", "create", "x", "--image", "img", "--disk", "1MiB"],
+        2,
+    );
     assert!(error.contains("smaller than image"), "{error}");
     let error = host.fails(&["vm", "create", "x"], 2);
     assert!(error.contains("nothing to boot"), "{error}");
 
-    host.ok(&["vm", "create", "dup", "--image", "img", "--kernel", kernel, "--no-start"]);
-    let error = host.fails(&["vm", "create", "dup", "--image", "img", "--kernel", kernel], 5);
+    host.ok(&[
+        "vm",
+        "create",
+        "dup",
+        "--image",
+        "img",
+        "--kernel",
+        kernel,
+        "--no-start",
+    ]);
+    let error = host.fails(
+        &["vm", "create", "dup", "--image", "img", "--kernel", kernel],
+        5,
+    );
     assert!(error.contains("already exists"), "{error}");
     let error = host.fails(&["vm", "show", "ghost"], 4);
     assert!(error.contains("ghost"), "{error}");
@@ -56,22 +104,58 @@ fn image_imports_refuse_non_images_and_bad_names() {
     let scratch = host.directory.path();
     let text = scratch.join("notes.txt");
     std::fs::write(&text, "this is not a disk image\n".repeat(512)).expect("write");
-    let error = host.fails(&["image", "import", text.to_str().expect("utf-8"), "--name", "notes"], 2);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            text.to_str().expect("utf-8"),
+            "--name",
+            "notes",
+        ],
+        2,
+    );
     assert!(error.contains("not a usable disk image"), "{error}");
     let odd = scratch.join("odd.bin");
     std::fs::write(&odd, vec![7u8; 1000]).expect("write");
-    let error = host.fails(&["image", "import", odd.to_str().expect("utf-8"), "--name", "odd"], 2);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            odd.to_str().expect("utf-8"),
+            "--name",
+            "odd",
+        ],
+        2,
+    );
     assert!(error.contains("not a usable disk image"), "{error}");
     // A qcow2 that points at a host file must never be imported.
     let sneaky = scratch.join("sneaky.qcow2");
     let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/hostname"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/hostname",
+        ])
         .arg(&sneaky)
         .arg("1M")
         .status()
         .expect("qemu-img");
     assert!(status.success());
-    let error = host.fails(&["image", "import", sneaky.to_str().expect("utf-8"), "--name", "sneaky"], 2);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            sneaky.to_str().expect("utf-8"),
+            "--name",
+            "sneaky",
+        ],
+        2,
+    );
     assert!(error.contains("backing file"), "{error}");
     // A qcow2 whose L1 table points past the end of the file is corrupt.
     let guest = common::guest();
@@ -79,33 +163,81 @@ fn image_imports_refuse_non_images_and_bad_names() {
     let mut bytes = std::fs::read(&guest.disk).expect("guest disk");
     bytes[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
     std::fs::write(&corrupt, &bytes).expect("write");
-    let error = host.fails(&["image", "import", corrupt.to_str().expect("utf-8"), "--name", "corrupt"], 2);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            corrupt.to_str().expect("utf-8"),
+            "--name",
+            "corrupt",
+        ],
+        2,
+    );
     assert!(error.contains("not a usable disk image"), "{error}");
-    let error = host.fails(&["image", "import", guest.disk.to_str().expect("utf-8"), "--name", "../up"], 2);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            guest.disk.to_str().expect("utf-8"),
+            "--name",
+            "../up",
+        ],
+        2,
+    );
     assert!(error.contains("image name"), "{error}");
     host.fails(&["image", "import", "/nonexistent.qcow2"], 2);
 
     host.import_guest_image("good");
-    let error = host.fails(&["image", "import", guest.disk.to_str().expect("utf-8"), "--name", "good"], 5);
+    let error = host.fails(
+        &[
+            "image",
+            "import",
+            guest.disk.to_str().expect("utf-8"),
+            "--name",
+            "good",
+        ],
+        5,
+    );
     assert!(error.contains("already exists"), "{error}");
     // Same content under another name is the same image.
-    host.fails(&["image", "import", guest.disk.to_str().expect("utf-8"), "--name", "again"], 5);
+    host.fails(
+        &[
+            "image",
+            "import",
+            guest.disk.to_str().expect("utf-8"),
+            "--name",
+            "again",
+        ],
+        5,
+    );
 
     let images = host.json(&["image", "list"]);
     assert_eq!(images.as_array().map(Vec::len), Some(1));
-    let files: Vec<_> = std::fs::read_dir(host.data_dir.join("images")).expect("images").collect();
+    let files: Vec<_> = std::fs::read_dir(host.data_dir.join("images"))
+        .expect("images")
+        .collect();
     assert_eq!(files.len(), 1, "refused imports left no file");
-    let staging: Vec<_> = std::fs::read_dir(host.data_dir.join("staging")).expect("staging").collect();
+    let staging: Vec<_> = std::fs::read_dir(host.data_dir.join("staging"))
+        .expect("staging")
+        .collect();
     assert!(staging.is_empty(), "no upload leftovers");
 }
 
 #[test]
 fn tokens_are_required_and_checked() {
     let host = TestHost::start();
-    assert_eq!(common::http_get_status(&format!("{}/api/v1/health", host.server())), Some(200));
-    assert_eq!(common::http_get_status(&format!("{}/api/v1/vms", host.server())), Some(401));
+    assert_eq!(
+        common::http_get_status(&format!("{}/api/v1/health", host.server())),
+        Some(200)
+    );
+    assert_eq!(
+        common::http_get_status(&format!("{}/api/v1/vms", host.server())),
+        Some(401)
+    );
     let token_file = host.data_dir.join("admin.token");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).expect("token").permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).expect("token").permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let output = Command::new(common::BINARY)
         .args(["vm", "list"])
@@ -137,7 +269,10 @@ fn serve_refuses_a_busy_port_and_a_data_directory_in_use() {
         .expect("serve");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("in use by another `novacron serve`"), "{stderr}");
+    assert!(
+        stderr.contains("in use by another `novacron serve`"),
+        "{stderr}"
+    );
     // Other data directory, same port.
     let output = Command::new(common::BINARY)
         .args(["serve", "--listen", &format!("127.0.0.1:{}", host.port)])
@@ -158,10 +293,19 @@ fn a_missing_qemu_binary_is_named_with_its_package() {
     host.spawn_serve();
     let guest = common::guest();
     let error = host.fails(
-        &["vm", "create", "x", "--kernel", guest.kernel.to_str().expect("utf-8")],
+        &[
+            "vm",
+            "create",
+            "x",
+            "--kernel",
+            guest.kernel.to_str().expect("utf-8"),
+        ],
         8,
     );
-    assert!(error.contains("qemu-system-x86"), "names the Debian package: {error}");
+    assert!(
+        error.contains("qemu-system-x86"),
+        "names the Debian package: {error}"
+    );
     assert_eq!(host.json(&["vm", "list"]).as_array().map(Vec::len), Some(0));
 }
 
@@ -192,11 +336,23 @@ fn a_full_disk_while_creating_a_disk_is_reported_and_undone() {
         .output();
     let guest = common::guest();
     let error = host.fails(
-        &["vm", "create", "x", "--image", "img", "--kernel", guest.kernel.to_str().expect("utf-8")],
+        &[
+            "vm",
+            "create",
+            "x",
+            "--image",
+            "img",
+            "--kernel",
+            guest.kernel.to_str().expect("utf-8"),
+        ],
         7,
     );
     assert!(error.contains("not enough disk space"), "{error}");
-    assert_eq!(host.json(&["vm", "list"]).as_array().map(Vec::len), Some(0), "no record left");
+    assert_eq!(
+        host.json(&["vm", "list"]).as_array().map(Vec::len),
+        Some(0),
+        "no record left"
+    );
     assert_eq!(vm_dirs(&host), 0, "no vm directory left");
     let _ = std::fs::remove_file(&filler);
     host.kill_serve();

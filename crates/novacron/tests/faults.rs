@@ -15,15 +15,28 @@ fn running_vms_survive_a_kill_9_of_serve_and_are_reattached() {
     host.wait_for_console("keep", "NOVACRON-GUEST-READY");
 
     host.kill_serve();
-    assert!(process_alive(pid), "qemu is not a child of serve and keeps running");
+    assert!(
+        process_alive(pid),
+        "qemu is not a child of serve and keeps running"
+    );
     host.spawn_serve();
 
     let vm = host.vm("keep");
     assert_eq!(vm["status"]["state"], "running");
-    assert_eq!(vm["status"]["pid"].as_u64(), Some(pid), "same qemu, re-attached");
+    assert_eq!(
+        vm["status"]["pid"].as_u64(),
+        Some(pid),
+        "same qemu, re-attached"
+    );
     // Re-attached for real: QMP control works through the new serve.
-    assert_eq!(host.json(&["vm", "pause", "keep"])["status"]["state"], "paused");
-    assert_eq!(host.json(&["vm", "resume", "keep"])["status"]["state"], "running");
+    assert_eq!(
+        host.json(&["vm", "pause", "keep"])["status"]["state"],
+        "paused"
+    );
+    assert_eq!(
+        host.json(&["vm", "resume", "keep"])["status"]["state"],
+        "running"
+    );
     host.ok(&["vm", "stop", "keep", "--force"]);
     assert!(!process_alive(pid));
 }
@@ -37,16 +50,28 @@ fn qemu_killed_turns_the_vm_failed_with_the_reason_and_the_policy_restarts_it() 
 
     host.wait_for_console("plain", "NOVACRON-GUEST-READY");
     let plain_pid = plain["status"]["pid"].as_u64().expect("pid");
-    std::process::Command::new("kill").args(["-9", &plain_pid.to_string()]).status().expect("kill");
+    std::process::Command::new("kill")
+        .args(["-9", &plain_pid.to_string()])
+        .status()
+        .expect("kill");
     let failed = host.wait_for_state("plain", "failed");
-    let reason = failed["status"]["reason"].as_str().unwrap_or_default().to_string();
-    assert!(reason.contains("SIGKILL") || reason.contains("killed"), "reason names the kill: {reason}");
+    let reason = failed["status"]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("SIGKILL") || reason.contains("killed"),
+        "reason names the kill: {reason}"
+    );
     assert_eq!(failed["desired"], "stopped", "policy never: stays down");
     // The log is kept for a post-mortem.
     assert!(host.serial_log("plain").contains("NOVACRON-GUEST-READY"));
 
     let healing_pid = healing["status"]["pid"].as_u64().expect("pid");
-    std::process::Command::new("kill").args(["-9", &healing_pid.to_string()]).status().expect("kill");
+    std::process::Command::new("kill")
+        .args(["-9", &healing_pid.to_string()])
+        .status()
+        .expect("kill");
     let restarted = poll("healing to be restarted", Duration::from_secs(90), || {
         let vm = host.vm("healing");
         (vm["status"]["state"] == "running" && vm["status"]["pid"].as_u64() != Some(healing_pid))
@@ -55,7 +80,10 @@ fn qemu_killed_turns_the_vm_failed_with_the_reason_and_the_policy_restarts_it() 
     assert_eq!(restarted["status"]["restarts"], 1);
 
     // A failed VM starts again on request.
-    assert_eq!(host.json(&["vm", "start", "plain"])["status"]["state"], "running");
+    assert_eq!(
+        host.json(&["vm", "start", "plain"])["status"]["state"],
+        "running"
+    );
 }
 
 #[test]
@@ -69,15 +97,33 @@ fn a_crash_in_the_middle_of_vm_create_is_finished_after_restart() {
     host.spawn_serve();
     let guest = common::guest();
     let output = host.cli(&[
-        "vm", "create", "halfway", "--image", "img", "--memory", "256MiB",
-        "--kernel", guest.kernel.to_str().expect("utf-8"),
-        "--initrd", guest.initrd.to_str().expect("utf-8"),
-        "--cmdline", "console=ttyS0 panic=-1",
+        "vm",
+        "create",
+        "halfway",
+        "--image",
+        "img",
+        "--memory",
+        "256MiB",
+        "--kernel",
+        guest.kernel.to_str().expect("utf-8"),
+        "--initrd",
+        guest.initrd.to_str().expect("utf-8"),
+        "--cmdline",
+        "console=ttyS0 panic=-1",
     ]);
-    assert!(!output.status.success(), "the create was cut off by the crash");
-    poll("serve to die at the failpoint", Duration::from_secs(30), || {
-        host.serve.as_mut().and_then(|child| child.try_wait().ok().flatten())
-    });
+    assert!(
+        !output.status.success(),
+        "the create was cut off by the crash"
+    );
+    poll(
+        "serve to die at the failpoint",
+        Duration::from_secs(30),
+        || {
+            host.serve
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten())
+        },
+    );
     host.serve = None;
     host.extra_env.clear();
     host.spawn_serve();
@@ -88,6 +134,13 @@ fn a_crash_in_the_middle_of_vm_create_is_finished_after_restart() {
     host.wait_for_console("halfway", "NOVACRON-GUEST-READY");
     let vms = host.json(&["vm", "list"]);
     assert_eq!(vms.as_array().map(Vec::len), Some(1));
-    let qemus = std::process::Command::new("pgrep").args(["-f", "--", &format!("-uuid {uuid}")]).output().expect("pgrep");
-    assert_eq!(String::from_utf8_lossy(&qemus.stdout).lines().count(), 1, "exactly one qemu for the vm");
+    let qemus = std::process::Command::new("pgrep")
+        .args(["-f", "--", &format!("-uuid {uuid}")])
+        .output()
+        .expect("pgrep");
+    assert_eq!(
+        String::from_utf8_lossy(&qemus.stdout).lines().count(),
+        1,
+        "exactly one qemu for the vm"
+    );
 }

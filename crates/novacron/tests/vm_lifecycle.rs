@@ -12,15 +12,32 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
     let images = host.json(&["image", "list"]);
     assert_eq!(images[0]["name"], "guest");
     assert_eq!(images[0]["format"], "qcow2");
-    assert_eq!(images[0]["id"].as_str().map(str::len), Some(64), "blake3 hex id");
+    assert_eq!(
+        images[0]["id"].as_str().map(str::len),
+        Some(64),
+        "blake3 hex id"
+    );
 
     let created = host.create_guest_vm("life", "guest", &[]);
-    assert_eq!(created["status"]["state"], "running", "create waits until running");
-    assert_eq!(created["status"]["accelerator"], "tcg", "kvm cannot run guests on this machine");
-    assert!(created["status"]["accelerator_reason"].as_str().is_some_and(|reason| !reason.is_empty()));
+    assert_eq!(
+        created["status"]["state"], "running",
+        "create waits until running"
+    );
+    assert_eq!(
+        created["status"]["accelerator"], "tcg",
+        "kvm cannot run guests on this machine"
+    );
+    assert!(
+        created["status"]["accelerator_reason"]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty())
+    );
     let uuid = created["uuid"].as_str().expect("uuid").to_string();
     let directory = host.vm_directory(&uuid);
-    assert!(directory.join("disk.qcow2").exists(), "the disk overlay exists");
+    assert!(
+        directory.join("disk.qcow2").exists(),
+        "the disk overlay exists"
+    );
     host.wait_for_console("life", "NOVACRON-GUEST-READY");
     host.wait_for_console("life", "NOVACRON-DISK vda 67108864");
 
@@ -47,7 +64,12 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
 
     // The console log survives restarts of the VM: two boots so far after the restart.
     poll("two boots in the log", Duration::from_secs(90), || {
-        (host.serial_log("life").matches("NOVACRON-GUEST-READY").count() >= 3).then_some(())
+        (host
+            .serial_log("life")
+            .matches("NOVACRON-GUEST-READY")
+            .count()
+            >= 3)
+            .then_some(())
     });
 
     let list = host.json(&["vm", "list"]);
@@ -60,7 +82,10 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
     assert!(!directory.exists(), "vm directory removed");
     assert!(!process_alive(second_pid), "qemu killed on delete");
     host.ok(&["image", "delete", "guest"]);
-    assert_eq!(host.json(&["image", "list"]).as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        host.json(&["image", "list"]).as_array().map(Vec::len),
+        Some(0)
+    );
 }
 
 #[test]
@@ -83,21 +108,28 @@ fn vm_created_without_start_stays_stopped_and_events_report_changes() {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if sender.send(line).is_err() {
                 break;
             }
         }
     });
     let mut seen = Vec::new();
-    poll("running and deleted events", Duration::from_secs(30), || {
-        while let Ok(line) = receiver.try_recv() {
-            seen.push(line);
-        }
-        let running = seen.iter().any(|line| line.contains("\"running\""));
-        let deleted = seen.iter().any(|line| line.contains("\"state\":null"));
-        (running && deleted).then_some(())
-    });
+    poll(
+        "running and deleted events",
+        Duration::from_secs(30),
+        || {
+            while let Ok(line) = receiver.try_recv() {
+                seen.push(line);
+            }
+            let running = seen.iter().any(|line| line.contains("\"running\""));
+            let deleted = seen.iter().any(|line| line.contains("\"state\":null"));
+            (running && deleted).then_some(())
+        },
+    );
     let _ = events.kill();
     let _ = events.wait();
 }
@@ -116,10 +148,13 @@ fn console_websocket_is_interactive() {
         use tokio_tungstenite::tungstenite::Message;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut request = url.into_client_request().expect("request");
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {}", token.trim()).parse().expect("header"));
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("connect");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token.trim()).parse().expect("header"),
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connect");
         socket
             .send(Message::Binary(b"echo $((6*7))-novacron\n".to_vec().into()))
             .await
@@ -138,7 +173,10 @@ fn console_websocket_is_interactive() {
         }
         String::from_utf8_lossy(&seen).to_string()
     });
-    assert!(answer.contains("42-novacron"), "the guest shell answered through the console: {answer:?}");
+    assert!(
+        answer.contains("42-novacron"),
+        "the guest shell answered through the console: {answer:?}"
+    );
     // Without a token the console is refused.
     let refused = common::http_get_status(&format!("{}/api/v1/vms/chat/console", host.server()));
     assert_eq!(refused, Some(401));

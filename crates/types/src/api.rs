@@ -39,7 +39,9 @@ fn default_true() -> bool {
 }
 
 /// Query of `POST /api/v1/vms/{name}/stop`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams,
+)]
 pub struct StopOptions {
     /// Skip the ACPI power-down and end QEMU at once.
     #[serde(default)]
@@ -49,7 +51,9 @@ pub struct StopOptions {
 }
 
 /// Query of `DELETE /api/v1/vms/{name}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams,
+)]
 pub struct DeleteOptions {
     /// Delete even when the VM is running (it is stopped at once).
     #[serde(default)]

@@ -10,10 +10,12 @@ pub enum NameError {
     #[error("{kind} name is empty")]
     Empty { kind: &'static str },
     #[error("{kind} name {name:?} is longer than {max} characters")]
-    TooLong { kind: &'static str, name: String, max: usize },
-    #[error(
-        "{kind} name {name:?} has the character {character:?} at position {position}; {rule}"
-    )]
+    TooLong {
+        kind: &'static str,
+        name: String,
+        max: usize,
+    },
+    #[error("{kind} name {name:?} has the character {character:?} at position {position}; {rule}")]
     BadCharacter {
         kind: &'static str,
         name: String,
@@ -24,8 +26,7 @@ pub enum NameError {
 }
 
 const VM_RULE: &str = "use lowercase letters, digits and '-', starting with a letter or digit";
-const IMAGE_RULE: &str =
-    "use letters, digits, '.', '_' and '-', starting with a letter or digit";
+const IMAGE_RULE: &str = "use letters, digits, '.', '_' and '-', starting with a letter or digit";
 
 fn validate(
     kind: &'static str,
@@ -38,7 +39,11 @@ fn validate(
         return Err(NameError::Empty { kind });
     }
     if name.chars().count() > max {
-        return Err(NameError::TooLong { kind, name: name.to_string(), max });
+        return Err(NameError::TooLong {
+            kind,
+            name: name.to_string(),
+            max,
+        });
     }
     for (position, character) in name.chars().enumerate() {
         let first_ok = position > 0 || character.is_ascii_alphanumeric();
@@ -151,11 +156,24 @@ mod tests {
 
     #[test]
     fn vm_names_refuse_traversal_and_bad_characters() {
-        for bad in ["", "../etc", "a/b", "-x", "Web", "a b", "a.b", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            "-x",
+            "Web",
+            "a b",
+            "a.b",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert!(VmName::new(bad).is_err(), "{bad:?} must be refused");
         }
         let error = VmName::new("a/b").unwrap_err().to_string();
-        assert!(error.contains("'/'") && error.contains("position 1"), "{error}");
+        assert!(
+            error.contains("'/'") && error.contains("position 1"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ impl std::str::FromStr for ByteSize {
     type Err = ParseSizeError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let error = |reason| ParseSizeError { input: input.to_string(), reason };
+        let error = |reason| ParseSizeError {
+            input: input.to_string(),
+            reason,
+        };
         let trimmed = input.trim();
         let split = trimmed
             .find(|c: char| !c.is_ascii_digit())
@@ -44,7 +47,9 @@ impl std::str::FromStr for ByteSize {
         if digits.is_empty() {
             return Err(error("it does not start with a number"));
         }
-        let number: u64 = digits.parse().map_err(|_| error("the number is too large"))?;
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| error("the number is too large"))?;
         let unit = unit.trim().to_ascii_lowercase();
         let multiplier = if unit.is_empty() {
             1
@@ -65,9 +70,14 @@ impl std::str::FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bytes = self.0;
-        for (unit, multiplier) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (unit, multiplier) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if bytes >= multiplier {
-                if bytes % multiplier == 0 {
+                if bytes.is_multiple_of(multiplier) {
                     return write!(formatter, "{}{unit}", bytes / multiplier);
                 }
                 return write!(formatter, "{:.1}{unit}", bytes as f64 / multiplier as f64);
@@ -93,7 +103,14 @@ mod tests {
 
     #[test]
     fn refuses_garbage_with_a_reason() {
-        for bad in ["", "MiB", "12XB", "-1", "99999999999999999999", "18446744073709551615GiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "12XB",
+            "-1",
+            "99999999999999999999",
+            "18446744073709551615GiB",
+        ] {
             let error = bad.parse::<ByteSize>().unwrap_err();
             assert!(error.to_string().contains("examples"), "{error}");
         }

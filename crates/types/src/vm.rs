@@ -77,7 +77,10 @@ impl VmState {
 
     /// A QEMU process may exist in this state.
     pub fn has_process(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
     }
 }
 

@@ -18,12 +18,16 @@ pub struct Guest {
 }
 
 pub fn guest() -> Guest {
-    let directory = std::env::var_os("NOVACRON_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
-        cache.join("novacron/guest")
-    });
+    let directory = std::env::var_os("NOVACRON_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("novacron/guest")
+        });
     let guest = Guest {
         kernel: directory.join("vmlinuz"),
         initrd: directory.join("initrd.img"),
@@ -44,7 +48,10 @@ pub fn poll<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Opt
         if let Some(value) = condition() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::park_timeout(Duration::from_millis(100));
     }
 }
@@ -65,9 +72,19 @@ pub fn free_port() -> u16 {
 
 impl TestHost {
     pub fn new() -> Self {
-        let directory = tempfile::Builder::new().prefix("nc").tempdir_in("/tmp").expect("temp dir");
+        let directory = tempfile::Builder::new()
+            .prefix("nc")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
         let data_dir = directory.path().join("d");
-        Self { data_dir, directory, port: free_port(), serve: None, extra_env: Vec::new(), extra_args: Vec::new() }
+        Self {
+            data_dir,
+            directory,
+            port: free_port(),
+            serve: None,
+            extra_env: Vec::new(),
+            extra_args: Vec::new(),
+        }
     }
 
     pub fn start() -> Self {
@@ -88,7 +105,10 @@ impl TestHost {
             if let Some(child) = self.serve.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("novacron serve exited with {status}; log:\n{}", self.serve_log());
+                panic!(
+                    "novacron serve exited with {status}; log:\n{}",
+                    self.serve_log()
+                );
             }
             http_get_status(&url).filter(|status| *status == 200)
         });
@@ -180,7 +200,13 @@ impl TestHost {
 
     pub fn import_guest_image(&self, name: &str) {
         let guest = guest();
-        self.ok(&["image", "import", guest.disk.to_str().expect("utf-8 path"), "--name", name]);
+        self.ok(&[
+            "image",
+            "import",
+            guest.disk.to_str().expect("utf-8 path"),
+            "--name",
+            name,
+        ]);
     }
 
     /// Creates a VM booting the test guest's kernel with the image as its disk.
@@ -212,16 +238,22 @@ impl TestHost {
     }
 
     pub fn wait_for_console(&self, name: &str, needle: &str) {
-        poll(&format!("{needle:?} on the console of {name}"), Duration::from_secs(90), || {
-            self.serial_log(name).contains(needle).then_some(())
-        });
+        poll(
+            &format!("{needle:?} on the console of {name}"),
+            Duration::from_secs(90),
+            || self.serial_log(name).contains(needle).then_some(()),
+        );
     }
 
     pub fn wait_for_state(&self, name: &str, state: &str) -> Value {
-        poll(&format!("vm {name} to be {state}"), Duration::from_secs(90), || {
-            let vm = self.vm(name);
-            (vm["status"]["state"] == state).then_some(vm)
-        })
+        poll(
+            &format!("vm {name} to be {state}"),
+            Duration::from_secs(90),
+            || {
+                let vm = self.vm(name);
+                (vm["status"]["state"] == state).then_some(vm)
+            },
+        )
     }
 
     pub fn vm_directory(&self, uuid: &str) -> PathBuf {
@@ -245,14 +277,23 @@ impl Drop for TestHost {
 
 pub fn tail(text: &str, bytes: usize) -> &str {
     let start = text.len().saturating_sub(bytes);
-    let start = (start..text.len()).find(|index| text.is_char_boundary(*index)).unwrap_or(text.len());
+    let start = (start..text.len())
+        .find(|index| text.is_char_boundary(*index))
+        .unwrap_or(text.len());
     &text[start..]
 }
 
 /// Status code of a plain GET (no token), or `None` when nothing answers.
 pub fn http_get_status(url: &str) -> Option<u16> {
-    let output = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]).output().ok()?;
-    String::from_utf8_lossy(&output.stdout).trim().parse().ok().filter(|code| *code != 0)
+    let output = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()
+        .filter(|code| *code != 0)
 }
 
 pub fn process_alive(pid: u64) -> bool {
