@@ -414,9 +414,10 @@ async fn run_novacron(
         bail!("received data differs (blake3 {received_hash}, expected {expected})");
     }
     let note = format!(
-        "blake3 ok; control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively), cc {}, kx {}",
+        "blake3 ok; control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}",
         field(&sender_text, "control_round_trip_ms").unwrap_or_default(),
         field(&sender_text, "bulk_connections").unwrap_or_default(),
+        field(&sender_text, "round_trip_estimate_ms").unwrap_or_default(),
         field(&sender_text, "congestion_control").unwrap_or_default(),
         field(&sender_text, "key_exchange_group").unwrap_or_default(),
     );
@@ -799,6 +800,10 @@ fn child_send() -> anyhow::Result<()> {
         }
         let stats = session.stats();
         println!("bulk_connections={}", stats.target_bulk_connections);
+        println!(
+            "round_trip_estimate_ms={:.1}",
+            stats.round_trip_estimate.unwrap_or_default().as_secs_f64() * 1e3
+        );
         println!(
             "congestion_control={}",
             stats.congestion_control.unwrap_or_default()
