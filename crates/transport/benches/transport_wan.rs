@@ -596,7 +596,7 @@ async fn run_scp(
         &format!(
             "/usr/sbin/sshd -D -e -f {}/sshd_config & pid=$!; \
              while ! ss -ltn | grep -q :{SSH_PORT}; do :; done; echo ready; \
-             while [ ! -f {}/scp-done ]; do sleep 0.02; done; kill $pid",
+             while [ ! -f {}/scp-done ]; do sleep 0.02; done; pkill -P $pid; kill $pid",
             ssh.display(),
             ssh.display()
         ),
