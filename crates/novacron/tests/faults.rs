@@ -95,22 +95,8 @@ fn a_crash_in_the_middle_of_vm_create_is_finished_after_restart() {
     // This serve aborts right after writing the VM record, before the disk exists.
     host.extra_env = vec![("NOVACRON_FAILPOINT".into(), "create-after-record".into())];
     host.spawn_serve();
-    let guest = common::guest();
-    let output = host.cli(&[
-        "vm",
-        "create",
-        "halfway",
-        "--image",
-        "img",
-        "--memory",
-        "256MiB",
-        "--kernel",
-        guest.kernel.to_str().expect("utf-8"),
-        "--initrd",
-        guest.initrd.to_str().expect("utf-8"),
-        "--cmdline",
-        "console=ttyS0 panic=-1",
-    ]);
+    let arguments = TestHost::guest_vm_arguments("halfway", "img");
+    let output = host.cli(&arguments.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
         !output.status.success(),
         "the create was cut off by the crash"

@@ -209,24 +209,29 @@ impl TestHost {
         ]);
     }
 
+    /// The `vm create` arguments that boot the test guest's kernel with `image` as its disk.
+    pub fn guest_vm_arguments(name: &str, image: &str) -> Vec<String> {
+        let guest = guest();
+        let path = |path: &Path| path.to_str().expect("utf-8 path").to_string();
+        let mut arguments: Vec<String> =
+            ["vm", "create", name, "--image", image, "--memory", "256MiB"]
+                .iter()
+                .map(|argument| argument.to_string())
+                .collect();
+        arguments.extend([
+            "--kernel".into(),
+            path(&guest.kernel),
+            "--initrd".into(),
+            path(&guest.initrd),
+        ]);
+        arguments.extend(["--cmdline".into(), "console=ttyS0 panic=-1".into()]);
+        arguments
+    }
+
     /// Creates a VM booting the test guest's kernel with the image as its disk.
     pub fn create_guest_vm(&self, name: &str, image: &str, extra: &[&str]) -> Value {
-        let guest = guest();
-        let mut arguments = vec![
-            "vm",
-            "create",
-            name,
-            "--image",
-            image,
-            "--memory",
-            "256MiB",
-            "--kernel",
-            guest.kernel.to_str().expect("utf-8"),
-            "--initrd",
-            guest.initrd.to_str().expect("utf-8"),
-            "--cmdline",
-            "console=ttyS0 panic=-1",
-        ];
+        let owned = Self::guest_vm_arguments(name, image);
+        let mut arguments: Vec<&str> = owned.iter().map(String::as_str).collect();
         arguments.extend_from_slice(extra);
         arguments.extend(["--output", "json"]);
         let stdout = self.ok(&arguments);
