@@ -73,7 +73,8 @@ impl Host {
                 available: capacity.cpus.to_string(),
             });
         }
-        if request.memory_bytes < MIN_MEMORY_BYTES || !request.memory_bytes.is_multiple_of(1 << 20) {
+        if request.memory_bytes < MIN_MEMORY_BYTES || !request.memory_bytes.is_multiple_of(1 << 20)
+        {
             return Err(AgentError::InvalidArgument(format!(
                 "memory {} must be a whole number of MiB and at least {}",
                 ByteSize(request.memory_bytes),
