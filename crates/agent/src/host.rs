@@ -11,6 +11,7 @@ use novacron_types::{Accelerator, HostInfo, VmEvent};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::io::Write;
 use std::path::PathBuf;
@@ -122,6 +123,31 @@ pub(crate) struct AgentMetrics {
     pub state_transitions: Family<StateLabel, Counter>,
     pub qemu_launches: Counter,
     pub qemu_unexpected_exits: Counter,
+    pub store_is_leader: Gauge,
+    pub store_term: Gauge,
+    pub store_last_log_index: Gauge,
+    pub store_last_applied_index: Gauge,
+}
+
+/// Copies the store's raft metrics into the gauges once a second.
+async fn export_store_metrics(store: Store, shared: Arc<Shared>) {
+    let as_gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        let metrics = store.metrics();
+        let gauges = &shared.metrics;
+        gauges
+            .store_is_leader
+            .set(i64::from(metrics.leader_id == Some(metrics.node_id)));
+        gauges.store_term.set(as_gauge(metrics.term));
+        gauges
+            .store_last_log_index
+            .set(as_gauge(metrics.last_log_index.unwrap_or(0)));
+        gauges
+            .store_last_applied_index
+            .set(as_gauge(metrics.last_applied_index.unwrap_or(0)));
+    }
 }
 
 /// What the service and the reconciler share.
@@ -206,6 +232,7 @@ impl Host {
         let background = vec![
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
+            tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
         ];
         Ok(Arc::new(Host {
             shared,
@@ -252,6 +279,26 @@ impl Host {
             "qemu_unexpected_exits",
             "QEMU processes that ended without being asked to",
             metrics.qemu_unexpected_exits.clone(),
+        );
+        registry.register(
+            "store_is_leader",
+            "1 while this host leads the store's raft group",
+            metrics.store_is_leader.clone(),
+        );
+        registry.register(
+            "store_term",
+            "current raft term",
+            metrics.store_term.clone(),
+        );
+        registry.register(
+            "store_last_log_index",
+            "index of the last entry in this host's raft log",
+            metrics.store_last_log_index.clone(),
+        );
+        registry.register(
+            "store_last_applied_index",
+            "index of the last raft entry applied to this host's state machine",
+            metrics.store_last_applied_index.clone(),
         );
     }
 

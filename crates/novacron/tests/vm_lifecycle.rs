@@ -181,3 +181,39 @@ fn console_websocket_is_interactive() {
     let refused = common::http_get_status(&format!("{}/api/v1/vms/chat/console", host.server()));
     assert_eq!(refused, Some(401));
 }
+
+#[test]
+fn metrics_are_served_to_token_holders() {
+    let host = TestHost::start();
+    let token = std::fs::read_to_string(host.data_dir.join("admin.token")).expect("token");
+    let url = format!("{}/metrics", host.server());
+    assert_eq!(
+        common::http_get_status(&url),
+        Some(401),
+        "metrics need the token"
+    );
+    let body = poll(
+        "the store gauges to be exported",
+        Duration::from_secs(30),
+        || {
+            let output = std::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-H",
+                    &format!("Authorization: Bearer {}", token.trim()),
+                    &url,
+                ])
+                .output()
+                .ok()?;
+            let body = String::from_utf8_lossy(&output.stdout).to_string();
+            body.contains("novacron_store_is_leader 1").then_some(body)
+        },
+    );
+    for metric in [
+        "novacron_api_requests_total",
+        "novacron_store_term",
+        "novacron_qemu_launches_total",
+    ] {
+        assert!(body.contains(metric), "{metric} is exported:\n{body}");
+    }
+}
