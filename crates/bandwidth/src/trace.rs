@@ -276,12 +276,21 @@ pub fn drive_name(path: &Path) -> String {
 }
 
 /// Where the shared field traces live: `$NOVACRON_TRACE_DIR`, else `shared/data/bandwidth-traces`
-/// beside the repository.
+/// beside the repository, else the workplace's `/work/shared/data/bandwidth-traces` (a checkout
+/// elsewhere, as in CI).
 pub fn trace_directory() -> PathBuf {
-    match std::env::var_os(TRACE_DIRECTORY_VARIABLE) {
-        Some(directory) if !directory.is_empty() => PathBuf::from(directory),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/bandwidth-traces"),
+    if let Some(directory) = std::env::var_os(TRACE_DIRECTORY_VARIABLE)
+        && !directory.is_empty()
+    {
+        return PathBuf::from(directory);
     }
+    let beside_repository =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/bandwidth-traces");
+    let workplace = PathBuf::from("/work/shared/data/bandwidth-traces");
+    if !beside_repository.is_dir() && workplace.is_dir() {
+        return workplace;
+    }
+    beside_repository
 }
 
 /// The trace files of a directory (every regular file except READMEs and hidden files), sorted by

@@ -157,18 +157,29 @@ mod tests {
 
     #[test]
     fn shipped_cellular_traces_parse() {
-        let directory =
+        let beside =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/bandwidth-traces");
-        let Ok(entries) = std::fs::read_dir(&directory) else {
-            return; // the shared data directory is not beside this checkout
-        };
+        let directory = std::env::var_os("NOVACRON_TRACE_DIR")
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .chain([beside, "/work/shared/data/bandwidth-traces".into()])
+            .find(|directory| directory.is_dir())
+            .expect("the shared traces: set NOVACRON_TRACE_DIR to shared/data/bandwidth-traces");
+        let entries = std::fs::read_dir(&directory).expect("list the traces");
+        let mut parsed = 0;
         for entry in entries.flatten() {
             let path = entry.path();
             let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             if extension == "up" || extension == "down" {
                 let trace = DeliveryTrace::from_file(&path).expect("shipped trace parses");
                 assert!(trace.average_bits_per_second() > 10_000.0, "{path:?}");
+                parsed += 1;
             }
         }
+        assert!(
+            parsed >= 7,
+            "found {parsed} traces in {}",
+            directory.display()
+        );
     }
 }
