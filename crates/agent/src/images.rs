@@ -57,8 +57,7 @@ pub(crate) async fn import(
 ) -> Result<ImageRecord, AgentError> {
     let name = ImageName::new(name)?;
     let qemu_img = hypervisor.qemu_img()?;
-    if records.resolve_image(name.as_str()).await.is_ok() {
-        let existing = records.resolve_image(name.as_str()).await?;
+    if let Ok(existing) = records.resolve_image(name.as_str()).await {
         return Err(AgentError::ImageNameTaken {
             name: name.to_string(),
             id: existing.id,
