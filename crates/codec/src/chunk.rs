@@ -694,26 +694,5 @@ fn resolve<R: ChunkRepository>(
     hash: ContentHash,
     length: usize,
 ) -> Result<Vec<u8>, DecodeError> {
-    let content = repository
-        .content(&hash)
-        .map_err(|error| DecodeError::LocalSource {
-            hash,
-            source: error,
-        })?
-        .ok_or(DecodeError::UnknownHash { hash })?;
-    if content.len() != length {
-        return Err(DecodeError::ContentLengthMismatch {
-            hash,
-            expected: length,
-            actual: content.len(),
-        });
-    }
-    let actual = ContentHash::of(&content);
-    if actual != hash {
-        return Err(DecodeError::HashMismatch {
-            expected: hash,
-            actual,
-        });
-    }
-    Ok(content)
+    crate::hash::verified_content(hash, length, repository.content(&hash))
 }

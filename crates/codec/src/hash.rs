@@ -193,3 +193,34 @@ impl std::hash::Hasher for ContentHashHasher {
 }
 
 pub(crate) type ContentHashBuildHasher = std::hash::BuildHasherDefault<ContentHashHasher>;
+
+/// Checks content a destination looked up by hash before a decoder uses it: present, of the
+/// expected length, and really hashing to `hash` (a damaged local store must not corrupt a VM).
+pub(crate) fn verified_content(
+    hash: ContentHash,
+    expected_length: usize,
+    looked_up: Result<Option<Vec<u8>>, BoxError>,
+) -> Result<Vec<u8>, crate::error::DecodeError> {
+    use crate::error::DecodeError;
+    let content = looked_up
+        .map_err(|error| DecodeError::LocalSource {
+            hash,
+            source: error,
+        })?
+        .ok_or(DecodeError::UnknownHash { hash })?;
+    if content.len() != expected_length {
+        return Err(DecodeError::ContentLengthMismatch {
+            hash,
+            expected: expected_length,
+            actual: content.len(),
+        });
+    }
+    let actual = ContentHash::of(&content);
+    if actual != hash {
+        return Err(DecodeError::HashMismatch {
+            expected: hash,
+            actual,
+        });
+    }
+    Ok(content)
+}

@@ -811,27 +811,8 @@ impl<S: LocalContentSource> PageDecoder<S> {
                         page.copy_from_slice(known);
                         stats.known_from_transfer += 1;
                     } else {
-                        let content = source
-                            .content(&hash)
-                            .map_err(|error| DecodeError::LocalSource {
-                                hash,
-                                source: error,
-                            })?
-                            .ok_or(DecodeError::UnknownHash { hash })?;
-                        if content.len() != PAGE_SIZE {
-                            return Err(DecodeError::ContentLengthMismatch {
-                                hash,
-                                expected: PAGE_SIZE,
-                                actual: content.len(),
-                            });
-                        }
-                        let actual = ContentHash::of(&content);
-                        if actual != hash {
-                            return Err(DecodeError::HashMismatch {
-                                expected: hash,
-                                actual,
-                            });
-                        }
+                        let content =
+                            crate::hash::verified_content(hash, PAGE_SIZE, source.content(&hash))?;
                         page.copy_from_slice(&content);
                         stats.known_from_destination += 1;
                     }
