@@ -1,0 +1,1 @@
+//! Placement core (being written).
