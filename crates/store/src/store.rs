@@ -692,6 +692,56 @@ impl Store {
         .await
     }
 
+    /// The log index a linearizable read must see (raft read-index), confirmed with a quorum by
+    /// this node, which must be the leader (else `NotLeader`). A follower serves a linearizable
+    /// read by asking the leader for this index, waiting with [`Store::wait_for_applied`] until
+    /// its own state machine has applied it, and then reading locally.
+    pub async fn read_index(&self) -> Result<u64> {
+        self.check_running()?;
+        self.with_timeout("read index", async {
+            match self.inner.raft.get_read_log_id().await {
+                Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                    Err(StoreError::NotLeader {
+                        leader_hint: leader_hint(&forward),
+                    })
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(error))) => {
+                    Err(StoreError::NoQuorum {
+                        message: error.to_string(),
+                    })
+                }
+                Err(RaftError::Fatal(fatal)) => Err(fatal_error(fatal)),
+            }
+        })
+        .await
+    }
+
+    /// Waits until this node's state machine has applied the log up to `index` (at most the
+    /// store's request timeout).
+    pub async fn wait_for_applied(&self, index: u64) -> Result<()> {
+        self.check_running()?;
+        if index == 0 {
+            return Ok(());
+        }
+        self.wait_for(
+            &format!("the state machine to apply log index {index}"),
+            self.inner.request_timeout,
+            |metrics| {
+                metrics
+                    .last_applied_index
+                    .is_some_and(|applied| applied >= index)
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// How long a write or a linearizable read may take (`StoreConfig::request_timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
     /// Reads one key.
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<KeyValue>> {
         validate_key(key)?;

@@ -379,3 +379,46 @@ async fn an_unreachable_learner_times_out_without_blocking_writes() {
     assert!(store.metrics().membership.learners.is_empty());
     store.shutdown().await.expect("shutdown");
 }
+
+/// The follower read path that `novacron-cluster` builds on: the leader hands out a read index
+/// confirmed by a quorum, a follower waits until it has applied that index and reads locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_index_from_the_leader_makes_a_follower_read_fresh() {
+    let cluster = Cluster::start_voters(3).await;
+    let leader_id = cluster.leader_among(&[1, 2, 3]).await;
+    let follower_id = [1, 2, 3]
+        .into_iter()
+        .find(|id| *id != leader_id)
+        .expect("a follower");
+    let leader = cluster.node(leader_id);
+    let follower = cluster.node(follower_id);
+
+    let error = follower
+        .read_index()
+        .await
+        .expect_err("a follower has no read index");
+    match error {
+        StoreError::NotLeader { leader_hint } => {
+            assert_eq!(leader_hint.map(|hint| hint.node_id), Some(leader_id));
+        }
+        other => panic!("expected NotLeader, got {other}"),
+    }
+
+    leader.put("fresh/key", b"v1".to_vec()).await.expect("put");
+    let index = leader.read_index().await.expect("read index on the leader");
+    assert!(
+        index >= leader.metrics().last_applied_index.unwrap_or_default(),
+        "the read index covers everything the leader applied"
+    );
+    follower
+        .wait_for_applied(index)
+        .await
+        .expect("follower applies the read index");
+    let item = follower
+        .get("fresh/key", Consistency::Local)
+        .await
+        .expect("local get")
+        .expect("the write is visible on the follower after its read index");
+    assert_eq!(item.value, b"v1");
+    cluster.shutdown().await;
+}
