@@ -117,6 +117,9 @@ pub struct TraceScores {
     pub learned_model_trained_on: Vec<String>,
     /// Scores, in the report's predictor order.
     pub scores: Vec<PredictorScore>,
+    /// Accuracy of the two-sided reference (not a predictor: it sees the future), see
+    /// [`two_sided_reference_accuracy`]; `None` when the trace has fewer than three intervals.
+    pub two_sided_reference_accuracy: Option<f64>,
 }
 
 /// Results at one granularity.
@@ -135,6 +138,8 @@ pub struct GranularityReport {
     pub mean_over_all_traces: Vec<PredictorScore>,
     /// Traces too short for this granularity, left out.
     pub skipped_traces: Vec<String>,
+    /// Mean over the unseen traces of the two-sided reference's accuracy.
+    pub two_sided_reference_mean: Option<f64>,
 }
 
 /// The whole evaluation; `Display` prints it as markdown tables.
@@ -171,6 +176,33 @@ pub fn walk_forward(
         }
     }
     (checked, tracker.totals())
+}
+
+/// A reference for how predictable a series is, not a predictor: each interval "forecast" as the
+/// mean of the interval before it and the interval after it. It knows the local rate on both sides
+/// of the interval, which no causal forecaster does, so a forecaster scoring well below it is not
+/// evidence of a weak model; a target above it is out of reach of any forecaster that sees only
+/// the past, short of one that knows something the neighbouring intervals do not show. Scored
+/// like [`walk_forward`] (1 − WAPE) over every interval that has a neighbour on both sides.
+pub fn two_sided_reference_accuracy(
+    base_bits_per_second: &[f64],
+    block_steps: usize,
+) -> Option<f64> {
+    let block_steps = block_steps.max(1);
+    let blocks: Vec<f64> = base_bits_per_second
+        .chunks_exact(block_steps)
+        .map(|block| block.iter().sum::<f64>() / block_steps as f64)
+        .collect();
+    if blocks.len() < 3 {
+        return None;
+    }
+    let (mut absolute_error, mut actual) = (0.0, 0.0);
+    for window in blocks.windows(3) {
+        let reference = (window[0] + window[2]) / 2.0;
+        absolute_error += (reference - window[1]).abs();
+        actual += window[1];
+    }
+    (actual > 0.0).then(|| 1.0 - absolute_error / actual)
 }
 
 /// Block (in 100 ms steps) of the coarse-history comparison: one second.
@@ -317,6 +349,7 @@ pub fn evaluate(
             mean_over_unseen_traces: Vec::new(),
             mean_over_all_traces: Vec::new(),
             skipped_traces: Vec::new(),
+            two_sided_reference_mean: None,
         };
         for ((trace, model), coarse_model) in traces.iter().zip(&models).zip(&coarse_models) {
             if trace.base.len() < 2 * block_steps {
@@ -354,8 +387,20 @@ pub fn evaluate(
                     .map(|(model, _)| model.trained_on.clone())
                     .unwrap_or_default(),
                 scores,
+                two_sided_reference_accuracy: two_sided_reference_accuracy(
+                    &trace.base,
+                    block_steps,
+                ),
             });
         }
+        let references: Vec<f64> = section
+            .traces
+            .iter()
+            .filter(|trace| !trace.learned_model_fitted_on_trace)
+            .filter_map(|trace| trace.two_sided_reference_accuracy)
+            .collect();
+        section.two_sided_reference_mean = (!references.is_empty())
+            .then(|| references.iter().sum::<f64>() / references.len() as f64);
         section.mean_over_unseen_traces = mean_scores(&section, true);
         section.mean_over_all_traces = mean_scores(&section, false);
         sections.push(section);
@@ -453,6 +498,10 @@ impl TargetCheck {
     }
 }
 
+fn reference_cell(accuracy: Option<f64>) -> String {
+    accuracy.map_or_else(|| "–".to_string(), |accuracy| format!("{accuracy:.3}"))
+}
+
 fn describe_granularity(millis: u64) -> String {
     if millis.is_multiple_of(1000) {
         format!("{} s", millis / 1000)
@@ -484,12 +533,12 @@ impl fmt::Display for EvaluationReport {
             for predictor in &section.predictors {
                 write!(formatter, " {predictor} |")?;
             }
-            writeln!(formatter)?;
+            writeln!(formatter, " two-sided reference † |")?;
             write!(formatter, "|---|---:|")?;
             for _ in &section.predictors {
                 write!(formatter, "---:|")?;
             }
-            writeln!(formatter)?;
+            writeln!(formatter, "---:|")?;
             for trace in &section.traces {
                 let marker = if trace.learned_model_fitted_on_trace {
                     " *"
@@ -509,7 +558,11 @@ impl fmt::Display for EvaluationReport {
                         score.inside_band_share * 100.0
                     )?;
                 }
-                writeln!(formatter)?;
+                writeln!(
+                    formatter,
+                    " {} |",
+                    reference_cell(trace.two_sided_reference_accuracy)
+                )?;
             }
             let fitted_on_some = section
                 .traces
@@ -532,8 +585,17 @@ impl fmt::Display for EvaluationReport {
                         score.inside_band_share * 100.0
                     )?;
                 }
-                writeln!(formatter)?;
+                let reference = if label.starts_with("mean (unseen") {
+                    reference_cell(section.two_sided_reference_mean)
+                } else {
+                    String::new()
+                };
+                writeln!(formatter, " {reference} |")?;
             }
+            writeln!(
+                formatter,
+                "\n† not a predictor: the mean of the intervals before and after, so it sees the future; how well the local rate explains an interval"
+            )?;
             if !section.skipped_traces.is_empty() {
                 writeln!(
                     formatter,
@@ -586,6 +648,17 @@ mod tests {
                 level * (0.5 + noise)
             })
             .collect()
+    }
+
+    #[test]
+    fn two_sided_reference_scores_each_inner_interval_against_its_neighbours() {
+        // Blocks of two steps with means 10, 20, 40, 40: inner blocks 20 (neighbours 10 and 40 →
+        // 25, error 5) and 40 (neighbours 20 and 40 → 30, error 10); a partial tail is ignored.
+        let base = [10.0, 10.0, 10.0, 30.0, 40.0, 40.0, 40.0, 40.0, 99.0];
+        let accuracy = two_sided_reference_accuracy(&base, 2).unwrap();
+        assert!((accuracy - (1.0 - 15.0 / 60.0)).abs() < 1e-12, "{accuracy}");
+        assert_eq!(two_sided_reference_accuracy(&base[..4], 2), None);
+        assert_eq!(two_sided_reference_accuracy(&[0.0; 6], 2), None);
     }
 
     #[test]
