@@ -424,7 +424,14 @@ impl MtlsRaftTransport {
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(Frame::Reply { body, .. })) => Ok(body),
-            Ok(Ok(Frame::Error { failure, .. })) => Err(RequestError::Remote(failure)),
+            Ok(Ok(Frame::Error { failure, .. })) => {
+                if matches!(failure, RemoteFailure::Refused { .. }) {
+                    // The listener closes a connection after refusing a message on it; don't
+                    // let the next request race that close.
+                    connection.close();
+                }
+                Err(RequestError::Remote(failure))
+            }
             Ok(Ok(Frame::Request { .. })) => Err(RequestError::Failed(reason(
                 "the peer answered with a request",
             ))),
