@@ -6,6 +6,9 @@
 //!   writes and read-index requests over one multiplexed mTLS connection per peer
 //!   (format in [`wire`]).
 //! - [`ClusterStore`]: transactions and linearizable reads that work on any node.
+//! - [`join`]: one-time expiring join tokens, node id allocation, host admission.
+//! - [`membership`]: the voter policy (1 → 3 → 5 voters, lost voters replaced), pure.
+//! - [`timing`]: raft heartbeat and election timeouts from measured RTTs, pure.
 //!
 //! Use on a host: load its [`NodeIdentity`], build an [`MtlsRaftTransport`], bind a
 //! [`RaftListener`] (its address is the node's raft address), open the [`novacron_store::Store`]
@@ -14,7 +17,10 @@
 pub mod cluster_store;
 pub mod error;
 pub mod identity;
+pub mod join;
+pub mod membership;
 pub mod server;
+pub mod timing;
 pub mod transport;
 pub mod wire;
 
