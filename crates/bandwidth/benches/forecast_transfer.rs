@@ -3,8 +3,10 @@
 //!
 //! - `fixed zstd-N`: one level for the whole transfer (what a tool without a forecast does);
 //! - `forecast`: before each block, the level [`LevelMeter::choose`] picks for the link's 1 s
-//!   forecast (the [`LinkModel`] ensemble fed with the transport's acknowledged bytes), from
-//!   compression speeds and ratios measured on this host and this data.
+//!   forecast (the [`LinkModel`] ensemble fed with the transport's rate samples in which the
+//!   sender was backlogged), from compression speeds and ratios measured on this host and this
+//!   data; after a run of samples in which the compressor set the pace, one block at the fastest
+//!   level probes the link.
 //!
 //! Every policy gets a new link replaying the trace from its start, so each sees the same capacity
 //! over time. Reported per policy: time, bytes on the wire, the raw (uncompressed) bytes
@@ -20,7 +22,7 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use novacron_bandwidth::{ForecastHorizon, LinkModel};
 use novacron_codec::LevelMeter;
 use novacron_linkemu::{DeliveryTrace, LinkEmulator};
-use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use novacron_transport::{
+    HostIdentity, Listener, PeerTrust, RateObserver, Session, SessionOptions, TlsSettings,
+};
 
 const MIB: usize = 1 << 20;
 const PORT: u16 = 7420;
@@ -37,14 +41,13 @@ const PORT: u16 = 7420;
 const BLOCK_BYTES: usize = 512 << 10;
 /// Levels the forecast policy chooses among (measured on the data before the transfers).
 const LEVELS: [i32; 7] = [1, 3, 6, 9, 12, 15, 19];
-/// The controller's sampling interval.
-const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
-/// A sample counts as the link's rate only if the sender waited on the link for at least this
-/// share of the interval; otherwise the compressor, not the link, set the pace.
-const LINK_LIMITED_SHARE: f64 = 0.5;
-/// After this many compressor-limited samples in a row the next block goes at the fastest level,
-/// a probe that fills the link so its rate can be measured again.
-const PROBE_AFTER_APP_LIMITED_SAMPLES: u32 = 20;
+/// The transport's measurement interval: one rate sample each.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the controller turns the forecast into a level.
+const DECISION_INTERVAL: Duration = Duration::from_millis(100);
+/// After this many samples in a row in which the compressor, not the link, set the pace, the
+/// next block goes at the fastest level: a probe that fills the link so its rate shows again.
+const PROBE_AFTER_APP_LIMITED_SAMPLES: u32 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Policy {
@@ -388,9 +391,9 @@ struct Sent {
     probes: u32,
 }
 
-/// Compresses `data` block by block at the level the policy gives and sends it. The forecast
-/// policy's controller samples the session every 100 ms and feeds the link model with the
-/// acknowledged bytes of intervals in which the sender waited on the link.
+/// Compresses `data` block by block at the level the policy gives and sends it. For the forecast
+/// policy, the session's rate samples feed the link model and a controller turns its 1 s
+/// forecast into the level every 100 ms.
 fn send(
     peer: SocketAddr,
     tls: &TlsSettings,
@@ -404,13 +407,39 @@ fn send(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let session = Arc::new(Session::connect(peer, tls, options).await?);
+        // The transport's rate samples feed the link model; only samples in which the sender
+        // was backlogged measure the link (the others measure the compressor).
+        let model = Arc::new(Mutex::new(LinkModel::new()));
+        let probe_requested = Arc::new(AtomicBool::new(false));
+        let app_limited_in_a_row = Arc::new(AtomicU32::new(0));
+        let options = SessionOptions {
+            measurement_interval: SAMPLE_INTERVAL,
+            rate_observer: (policy == Policy::Forecast).then(|| {
+                let model = Arc::clone(&model);
+                let probe_requested = Arc::clone(&probe_requested);
+                let app_limited_in_a_row = Arc::clone(&app_limited_in_a_row);
+                RateObserver::new(move |sample| {
+                    if sample.sender_backlogged {
+                        model
+                            .lock()
+                            .expect("model")
+                            .observe(sample.bytes_acknowledged, sample.interval);
+                        app_limited_in_a_row.store(0, Ordering::Relaxed);
+                    } else if app_limited_in_a_row.fetch_add(1, Ordering::Relaxed) + 1
+                        >= PROBE_AFTER_APP_LIMITED_SAMPLES
+                    {
+                        probe_requested.store(true, Ordering::Relaxed);
+                        app_limited_in_a_row.store(0, Ordering::Relaxed);
+                    }
+                })
+            }),
+            ..options
+        };
+        let session = Session::connect(peer, tls, options).await?;
         let level = Arc::new(AtomicI32::new(match policy {
             Policy::Fixed(level) => level,
             Policy::Forecast => novacron_codec::level::FALLBACK_LEVEL,
         }));
-        let probe_requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let blocked_nanos = Arc::new(AtomicU64::new(0));
         let meter = Arc::new(Mutex::new(meter.clone()));
 
         // The compressor runs on its own thread and hands blocks to the sending task.
@@ -455,41 +484,19 @@ fn send(
         };
 
         let controller = (policy == Policy::Forecast).then(|| {
-            let session = Arc::clone(&session);
             let level = Arc::clone(&level);
-            let probe_requested = Arc::clone(&probe_requested);
-            let blocked_nanos = Arc::clone(&blocked_nanos);
             let meter = Arc::clone(&meter);
+            let model = Arc::clone(&model);
             tokio::spawn(async move {
-                let mut model = LinkModel::new();
-                let mut acknowledged = session.stats().bulk_bytes_acknowledged;
-                let mut blocked = blocked_nanos.load(Ordering::Relaxed);
-                let mut app_limited_in_a_row = 0u32;
-                let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+                let mut ticker = tokio::time::interval(DECISION_INTERVAL);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut last = Instant::now();
                 loop {
                     ticker.tick().await;
-                    let now = Instant::now();
-                    let interval = now - last;
-                    last = now;
-                    let stats = session.stats();
-                    let newly_acknowledged = stats.bulk_bytes_acknowledged - acknowledged;
-                    acknowledged = stats.bulk_bytes_acknowledged;
-                    let blocked_now = blocked_nanos.load(Ordering::Relaxed);
-                    let waited = Duration::from_nanos(blocked_now - blocked);
-                    blocked = blocked_now;
-                    if waited.as_secs_f64() >= interval.as_secs_f64() * LINK_LIMITED_SHARE {
-                        model.observe(newly_acknowledged, interval);
-                        app_limited_in_a_row = 0;
-                    } else {
-                        app_limited_in_a_row += 1;
-                        if app_limited_in_a_row >= PROBE_AFTER_APP_LIMITED_SAMPLES {
-                            probe_requested.store(true, Ordering::Relaxed);
-                            app_limited_in_a_row = 0;
-                        }
-                    }
-                    if let Some(forecast) = model.forecast(ForecastHorizon::OneSecond) {
+                    let forecast = model
+                        .lock()
+                        .expect("model")
+                        .forecast(ForecastHorizon::OneSecond);
+                    if let Some(forecast) = forecast {
                         let chosen = meter
                             .lock()
                             .expect("meter")
@@ -503,22 +510,15 @@ fn send(
         let mut wire_bytes = 0u64;
         while let Some((_, block)) = incoming.recv().await {
             wire_bytes += block.len() as u64;
-            let started = Instant::now();
             session.send(block).await?;
-            blocked_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         session.finish().await?;
         session.flush().await?;
         if let Some(controller) = controller {
             controller.abort();
-            // The aborted task drops its handle on the session when it ends.
-            let _ = controller.await;
         }
         let (blocks_per_level, probes) = compressor.join().expect("compressor thread")?;
-        match Arc::try_unwrap(session) {
-            Ok(session) => session.close().await?,
-            Err(_) => bail!("session still shared after the transfer"),
-        }
+        session.close().await?;
         Ok(Sent {
             wire_bytes,
             blocks_per_level,

@@ -35,7 +35,7 @@ pub mod tls;
 pub use error::TransportError;
 pub use identity::{ClusterCertificateAuthority, Fingerprint, HostIdentity};
 pub use session::{
-    ControlChannel, ControlIncoming, ControlRequest, Listener, ListenerStats, Session, SessionId,
-    SessionOptions, SessionStats,
+    ControlChannel, ControlIncoming, ControlRequest, Listener, ListenerStats, RateObserver,
+    RateSample, Session, SessionId, SessionOptions, SessionStats,
 };
 pub use tls::{PeerTrust, TlsSettings};

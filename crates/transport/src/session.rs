@@ -81,6 +81,8 @@ pub struct SessionOptions {
     pub resume_timeout: Duration,
     /// Limit on TCP connect, TLS handshake and hello together.
     pub handshake_timeout: Duration,
+    /// Called with every rate measurement (each `measurement_interval`), for a link model.
+    pub rate_observer: Option<RateObserver>,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
 }
@@ -103,7 +105,42 @@ impl Default for SessionOptions {
             resume_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             server_name: PINNED_SERVER_NAME.to_string(),
+            rate_observer: None,
         }
+    }
+}
+
+/// What the session moved over one measurement interval: the input of a per-link throughput
+/// model (bytes acknowledged per interval).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateSample {
+    /// Length of the interval.
+    pub interval: Duration,
+    /// Bulk payload the peer acknowledged during the interval (this side sending).
+    pub bytes_acknowledged: u64,
+    /// Bulk payload received during the interval (this side receiving).
+    pub bytes_received: u64,
+    /// The sender had more to send than the link took during the interval (it waited for the
+    /// send window, or data was still queued at its end): `bytes_acknowledged` measures the
+    /// path, not the application. Samples without it are at most a lower bound of the path's
+    /// rate.
+    pub sender_backlogged: bool,
+}
+
+/// Receives a session's [`RateSample`]s; it runs on the session's supervisor, so it must be
+/// quick (update a model, never block).
+#[derive(Clone)]
+pub struct RateObserver(Arc<dyn Fn(RateSample) + Send + Sync>);
+
+impl RateObserver {
+    pub fn new(observe: impl Fn(RateSample) + Send + Sync + 'static) -> RateObserver {
+        RateObserver(Arc::new(observe))
+    }
+}
+
+impl std::fmt::Debug for RateObserver {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("RateObserver")
     }
 }
 
@@ -1334,6 +1371,7 @@ async fn supervise(shared: Arc<SessionShared>) {
     });
     let mut last_measurement = Instant::now();
     let mut last_bytes = 0u64;
+    let (mut last_acknowledged, mut last_received) = (0u64, 0u64);
     let mut next_index = u32::MAX / 2;
     loop {
         tokio::select! {
@@ -1369,6 +1407,18 @@ async fn supervise(shared: Arc<SessionShared>) {
         let demand_exceeded_capacity = core.sender_blocked_since_measurement
             || core.bulk_out.has_pending()
             || (received_any && bytes > last_bytes);
+        if let Some(observer) = &shared.options.rate_observer {
+            let acknowledged = core.bulk_out.payload_bytes_acknowledged;
+            let received = core.bulk_in.payload_bytes_received;
+            (observer.0)(RateSample {
+                interval: elapsed,
+                bytes_acknowledged: acknowledged - last_acknowledged,
+                bytes_received: received - last_received,
+                sender_backlogged: core.sender_blocked_since_measurement
+                    || core.bulk_out.has_pending(),
+            });
+            (last_acknowledged, last_received) = (acknowledged, received);
+        }
         core.sender_blocked_since_measurement = false;
         core.measured_rate_bytes_per_second = rate;
         last_measurement = Instant::now();

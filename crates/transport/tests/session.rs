@@ -305,3 +305,98 @@ async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
+    use novacron_transport::{RateObserver, RateSample};
+    use std::sync::{Arc, Mutex};
+    init_tracing();
+    within(async {
+        let recorder = || {
+            let samples: Arc<Mutex<Vec<RateSample>>> = Arc::default();
+            let sink = Arc::clone(&samples);
+            let observer = RateObserver::new(move |sample| sink.lock().unwrap().push(sample));
+            (samples, observer)
+        };
+        let (dialer_samples, dialer_observer) = recorder();
+        let (listener_samples, listener_observer) = recorder();
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let mut options = test_options(2);
+        options.bulk_send_window_bytes = 2 << 20;
+        options.bulk_receive_window_bytes = 2 << 20;
+        options.measurement_interval = Duration::from_millis(100);
+        let listener = listen(
+            &listener_tls,
+            novacron_transport::SessionOptions {
+                rate_observer: Some(listener_observer),
+                ..options.clone()
+            },
+        )
+        .await;
+        let dialer = Arc::new(
+            Session::connect(
+                listener.local_addr(),
+                &dialer_tls,
+                novacron_transport::SessionOptions {
+                    rate_observer: Some(dialer_observer),
+                    ..options.clone()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let accepted = listener.accept().await.unwrap();
+        // Idle: samples come, with nothing moved and no backlog.
+        wait_until("idle samples", TEST_DEADLINE, || {
+            dialer_samples.lock().unwrap().len() >= 2
+        })
+        .await;
+        assert!(
+            dialer_samples
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|sample| { sample.bytes_acknowledged == 0 && !sample.sender_backlogged })
+        );
+
+        // The receiver does not read until the sender has been held back for a whole sample.
+        let payload = random_payload(16 << 20, 9);
+        let sending = Arc::clone(&dialer);
+        let sent_payload = payload.clone();
+        let sender = tokio::spawn(async move {
+            send_in_pieces(&sending, &sent_payload, 256 << 10).await;
+        });
+        wait_until("a backlogged sample", TEST_DEADLINE, || {
+            dialer_samples
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|sample| sample.sender_backlogged)
+        })
+        .await;
+        let (total, hash) = receive_all(&accepted).await;
+        sender.await.unwrap();
+        assert_eq!(
+            (total, hash),
+            (payload.len() as u64, blake3::hash(&payload))
+        );
+        let sum = |samples: &Arc<Mutex<Vec<RateSample>>>, pick: fn(&RateSample) -> u64| {
+            samples.lock().unwrap().iter().map(pick).sum::<u64>()
+        };
+        wait_until("every byte in the samples", TEST_DEADLINE, || {
+            sum(&dialer_samples, |sample| sample.bytes_acknowledged) == total
+                && sum(&listener_samples, |sample| sample.bytes_received) == total
+        })
+        .await;
+        assert_eq!(sum(&dialer_samples, |sample| sample.bytes_received), 0);
+        assert!(
+            dialer_samples
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|sample| sample.interval >= Duration::from_millis(100))
+        );
+        drop(accepted);
+    })
+    .await;
+}
