@@ -75,6 +75,16 @@ pub enum AgentError {
     },
     #[error("record {key} in the store is unreadable: {reason}")]
     CorruptRecord { key: String, reason: String },
+    #[error(
+        "host {fingerprint} is not a trusted peer here; `novacron peer list` shows the trusted \
+         ones"
+    )]
+    PeerNotFound { fingerprint: String },
+    #[error("transfer {id:?} does not exist; `novacron transfer list` shows the transfers")]
+    TransferNotFound { id: String },
+    /// A transfer could not start; `code` says why (unreachable, untrusted, name taken ...).
+    #[error("{message}")]
+    Transfer { code: ErrorCode, message: String },
 }
 
 impl From<novacron_store::StoreError> for AgentError {
@@ -112,7 +122,11 @@ impl AgentError {
             | AgentError::InvalidSize(_)
             | AgentError::InvalidArgument(_)
             | AgentError::BadImage { .. } => ErrorCode::InvalidArgument,
-            AgentError::VmNotFound { .. } | AgentError::ImageNotFound { .. } => ErrorCode::NotFound,
+            AgentError::VmNotFound { .. }
+            | AgentError::ImageNotFound { .. }
+            | AgentError::PeerNotFound { .. }
+            | AgentError::TransferNotFound { .. } => ErrorCode::NotFound,
+            AgentError::Transfer { code, .. } => *code,
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists
             }

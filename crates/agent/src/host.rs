@@ -30,6 +30,12 @@ pub struct HostConfig {
     pub qemu_img_binary: Option<PathBuf>,
     /// How long `vm stop` waits for an ACPI power-down before forcing, unless the request says.
     pub default_stop_timeout: Duration,
+    /// Where the DWCP transfer listener binds (`None`: no listener; pushes and pulls this host
+    /// starts still work).
+    pub transfer_listen: Option<std::net::SocketAddr>,
+    /// When true, a transfer address that cannot be bound only disables the listener (with a
+    /// warning) instead of failing the start (used for the default address).
+    pub transfer_listen_optional: bool,
 }
 
 impl HostConfig {
@@ -40,6 +46,8 @@ impl HostConfig {
             qemu_system_binary: None,
             qemu_img_binary: None,
             default_stop_timeout: Duration::from_secs(30),
+            transfer_listen: None,
+            transfer_listen_optional: false,
         }
     }
 }
@@ -158,12 +166,15 @@ pub(crate) struct Shared {
     pub hypervisor: Arc<Hypervisor>,
     pub capacity: HostCapacity,
     pub metrics: AgentMetrics,
+    /// The chunk store every image is indexed in (`<data>/chunks/`).
+    pub chunks: Arc<novacron_codec::ChunkStore>,
 }
 
 /// One running host. Dropping it stops the reconciler; QEMU processes keep running.
 pub struct Host {
     pub(crate) shared: Arc<Shared>,
     events: broadcast::Sender<VmEvent>,
+    pub(crate) transfers: Arc<crate::transfer::TransferService>,
     background: Vec<tokio::task::JoinHandle<()>>,
     store: Store,
     _lock: std::fs::File,
@@ -171,6 +182,10 @@ pub struct Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        let transfers = self.transfers.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { transfers.shutdown().await });
+        }
         for task in &self.background {
             task.abort();
         }
@@ -211,8 +226,28 @@ impl Host {
                 Err(error) => tracing::warn!(%error, "qemu is not usable; vms cannot start"),
             }
         });
+        let chunks_dir = paths.chunks_dir();
+        let chunks_task =
+            tokio::task::spawn_blocking(move || novacron_codec::ChunkStore::open(&chunks_dir));
+        let identity_paths = paths.clone();
+        let identity_host_name = config.host_name.clone();
+        let identity_task = tokio::task::spawn_blocking(move || {
+            crate::identity::load_or_create(&identity_paths, &identity_host_name)
+        });
         let store = store_task.await.map_err(|error| {
             AgentError::InvalidArgument(format!("store start-up failed: {error}"))
+        })??;
+        let chunks = chunks_task
+            .await
+            .map_err(|error| {
+                AgentError::InvalidArgument(format!("chunk store start-up failed: {error}"))
+            })?
+            .map_err(|error| AgentError::CorruptRecord {
+                key: paths.chunks_dir().display().to_string(),
+                reason: format!("cannot open the chunk store: {error}"),
+            })?;
+        let identity = identity_task.await.map_err(|error| {
+            AgentError::InvalidArgument(format!("identity start-up failed: {error}"))
         })??;
 
         let shared = Arc::new(Shared {
@@ -221,6 +256,7 @@ impl Host {
             hypervisor,
             capacity: HostCapacity::read(),
             metrics: AgentMetrics::default(),
+            chunks: Arc::new(chunks),
             config,
         });
         crate::images::sweep(&shared.paths, &shared.records).await?;
@@ -228,6 +264,17 @@ impl Host {
             .await
             .map_err(|error| AgentError::io("creating the vms directory", error))?;
 
+        let transfers = crate::transfer::TransferService::new(
+            shared.clone(),
+            identity,
+            shared.config.transfer_listen,
+        );
+        if let Err(error) = transfers.start_listener().await {
+            if !shared.config.transfer_listen_optional {
+                return Err(error);
+            }
+            tracing::warn!(%error, "transfer listener not started; this host cannot receive pushes or serve pulls (pass --transfer-listen to choose an address)");
+        }
         let (events, _) = broadcast::channel(1024);
         let background = vec![
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
@@ -237,6 +284,7 @@ impl Host {
         Ok(Arc::new(Host {
             shared,
             events,
+            transfers,
             background,
             store,
             _lock: lock,
@@ -246,6 +294,7 @@ impl Host {
     /// Stops the reconciler and closes the store. QEMU processes keep running; the next start
     /// re-attaches to them.
     pub async fn shutdown(&self) {
+        self.transfers.shutdown().await;
         for task in &self.background {
             task.abort();
         }
@@ -317,6 +366,11 @@ impl Host {
             data_dir: shared.paths.root().display().to_string(),
             vms: shared.records.vms().await?.len(),
             images: shared.records.images().await?.len(),
+            fingerprint: self.transfers.fingerprint().to_string(),
+            transfer_address: self
+                .transfers
+                .bound_address()
+                .map(|address| address.to_string()),
         })
     }
 }
@@ -389,4 +443,60 @@ pub fn ensure_admin_token(paths: &DataPaths) -> Result<(String, bool), AgentErro
         .and_then(|()| file.sync_all())
         .map_err(|error| AgentError::io(format!("writing {}", path.display()), error))?;
     Ok((token, true))
+}
+
+/// Peers and image transfers (`novacron peer ...`, `novacron image push/pull`).
+impl Host {
+    /// The SHA-256 fingerprint of this host's transfer certificate.
+    pub fn fingerprint(&self) -> String {
+        self.transfers.fingerprint().to_string()
+    }
+
+    pub async fn trust_peer(
+        &self,
+        request: novacron_types::TrustPeerRequest,
+    ) -> Result<novacron_types::PeerRecord, AgentError> {
+        self.transfers.trust_peer(request).await
+    }
+
+    pub async fn list_peers(&self) -> Result<Vec<novacron_types::PeerRecord>, AgentError> {
+        self.transfers.peers().await
+    }
+
+    /// Forgets a peer, by fingerprint or label.
+    pub async fn forget_peer(
+        &self,
+        reference: &str,
+    ) -> Result<novacron_types::PeerRecord, AgentError> {
+        self.transfers.forget_peer(reference).await
+    }
+
+    pub async fn start_transfer(
+        &self,
+        request: novacron_types::CreateTransferRequest,
+    ) -> Result<novacron_types::TransferInfo, AgentError> {
+        self.transfers.start(request).await
+    }
+
+    pub fn list_transfers(&self) -> Vec<novacron_types::TransferInfo> {
+        self.transfers.list()
+    }
+
+    pub fn get_transfer(&self, id: &str) -> Result<novacron_types::TransferInfo, AgentError> {
+        self.transfers.get(id)
+    }
+
+    /// Asks a running transfer to stop; it ends as `cancelled` shortly after, leaving nothing.
+    pub fn cancel_transfer(&self, id: &str) -> Result<novacron_types::TransferInfo, AgentError> {
+        self.transfers.cancel(id)
+    }
+}
+
+impl Host {
+    /// The address the transfer listener is bound to, if it runs.
+    pub fn info_transfer_address(&self) -> Option<String> {
+        self.transfers
+            .bound_address()
+            .map(|address| address.to_string())
+    }
 }

@@ -35,9 +35,21 @@ pub(crate) fn qemu_format(record: &ImageRecord) -> novacron_qemu::ImageFormat {
 }
 
 /// Removes its file on drop unless disarmed: an import that fails anywhere leaves no file.
-struct StagedFile {
-    path: PathBuf,
+pub(crate) struct StagedFile {
+    pub path: PathBuf,
     armed: bool,
+}
+
+impl StagedFile {
+    /// A new file name in the staging directory (the file is not created here).
+    pub(crate) fn in_staging(paths: &DataPaths) -> Self {
+        Self {
+            path: paths
+                .staging_dir()
+                .join(format!("{}.part", uuid::Uuid::new_v4().simple())),
+            armed: true,
+        }
+    }
 }
 
 impl Drop for StagedFile {
@@ -64,15 +76,38 @@ pub(crate) async fn import(
         });
     }
     crate::vms::ensure_free_space(paths.root(), &format!("image {name}"))?;
-    let staging = paths.staging_dir();
-    let mut staged = StagedFile {
-        path: staging.join(format!("{}.part", uuid::Uuid::new_v4().simple())),
-        armed: true,
-    };
+    let mut staged = StagedFile::in_staging(paths);
     let (hash, file_bytes) = write_staged(&staged.path, source).await?;
     let id = hash.to_hex().to_string();
-
     let display = format!("upload for image {name:?}");
+    store_staged(
+        paths,
+        records,
+        &qemu_img,
+        name,
+        &mut staged,
+        id,
+        file_bytes,
+        &display,
+    )
+    .await
+}
+
+/// Checks a fully written staged file with qemu-img (a runnable, self-contained, healthy disk),
+/// moves it into the image store and writes its record. On any error the staged file is left
+/// armed, so dropping it removes it. `id` is the BLAKE3 (hex) of the file's bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn store_staged(
+    paths: &DataPaths,
+    records: &Records,
+    qemu_img: &novacron_qemu::QemuImg,
+    name: ImageName,
+    staged: &mut StagedFile,
+    id: String,
+    file_bytes: u64,
+    display: &str,
+) -> Result<ImageRecord, AgentError> {
+    let display = display.to_string();
     let (info, format) = qemu_img
         .inspect_runnable(&staged.path)
         .await
@@ -138,8 +173,46 @@ pub(crate) async fn import(
     };
     records.create_image(&record).await?;
     staged.armed = false;
-    tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image imported");
+    tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image stored");
     Ok(record)
+}
+
+/// Indexes a stored image in the chunk store (its chunks, manifest and aligned 4 KiB blocks), so
+/// later transfers to this host send only what it lacks. Best effort: an image that could not be
+/// indexed still works, transfers of similar images just send more.
+pub(crate) async fn index_image(
+    chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
+    paths: &DataPaths,
+    record: &ImageRecord,
+) {
+    let chunks = chunks.clone();
+    let path = paths.image_file(&record.id, record.format);
+    let id = record.id.clone();
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path)
+            .map_err(|error| format!("opening {}: {error}", path.display()))?;
+        chunks
+            .put_image(&id, std::io::BufReader::with_capacity(1 << 20, file))
+            .map_err(|error| error.to_string())
+    })
+    .await;
+    match outcome {
+        Ok(Ok(summary)) => tracing::info!(
+            image = %record.name,
+            chunks = summary.chunks,
+            new_chunks = summary.new_chunks,
+            new_bytes = summary.new_bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "image indexed in the chunk store"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(image = %record.name, %error, "cannot index image in the chunk store")
+        }
+        Err(error) => {
+            tracing::warn!(image = %record.name, %error, "cannot index image in the chunk store")
+        }
+    }
 }
 
 async fn write_staged(

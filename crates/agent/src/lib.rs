@@ -9,14 +9,17 @@
 mod error;
 mod events;
 mod host;
+mod identity;
 mod images;
 pub mod paths;
 mod reconciler;
 mod records;
 mod resources;
+mod transfer;
 mod vms;
 
 pub use error::AgentError;
 pub use host::{Host, HostConfig, Hypervisor, ensure_admin_token};
 pub use images::ImportSource;
 pub use paths::DataPaths;
+pub use transfer::protocol::TRANSFER_PROTOCOL_VERSION;

@@ -5,7 +5,9 @@
 //! <data>/admin.token         the admin API token (mode 0600)
 //! <data>/store/              the replicated store (redb)
 //! <data>/images/<id>.<fmt>   imported images, named by the BLAKE3 of their bytes
-//! <data>/staging/            uploads in progress (emptied at start-up)
+//! <data>/staging/            uploads and received images in progress (emptied at start-up)
+//! <data>/identity/           this host's transfer certificate and key (host.key.der mode 0600)
+//! <data>/chunks/             the chunk store (redb index + packs) indexing every image
 //! <data>/vms/<uuid>/         one directory per VM: disk overlay, serial log, QMP and console
 //!                            sockets, pid file (named by uuid to keep socket paths short)
 //! ```
@@ -52,6 +54,14 @@ impl DataPaths {
 
     pub fn staging_dir(&self) -> PathBuf {
         self.root.join("staging")
+    }
+
+    pub fn identity_dir(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+
+    pub fn chunks_dir(&self) -> PathBuf {
+        self.root.join("chunks")
     }
 
     pub fn vms_dir(&self) -> PathBuf {

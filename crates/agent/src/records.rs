@@ -5,6 +5,8 @@
 //! vms/<name>            VmRecord (JSON)
 //! images/<id>           ImageRecord (JSON)
 //! image-names/<name>    the id of the image with that name
+//! peers/<fingerprint>   PeerRecord (JSON): a host trusted for transfers, by certificate
+//!                       fingerprint (`sha256:<hex>`)
 //! ```
 //!
 //! Every read-modify-write is a compare-and-swap on the key's `mod_revision`, so the API (which
@@ -12,12 +14,17 @@
 
 use crate::AgentError;
 use novacron_store::{Consistency, KeyValue, Store, Transaction};
-use novacron_types::{ImageRecord, RECORD_FORMAT_VERSION, VmRecord};
+use novacron_types::{ImageRecord, PeerRecord, RECORD_FORMAT_VERSION, VmRecord};
 use serde::de::DeserializeOwned;
 
 pub const VM_PREFIX: &str = "vms/";
 pub const IMAGE_PREFIX: &str = "images/";
 pub const IMAGE_NAME_PREFIX: &str = "image-names/";
+pub const PEER_PREFIX: &str = "peers/";
+
+pub fn peer_key(fingerprint: &str) -> String {
+    format!("{PEER_PREFIX}{fingerprint}")
+}
 
 pub fn vm_key(name: &str) -> String {
     format!("{VM_PREFIX}{name}")
@@ -284,5 +291,34 @@ impl Records {
             )
             .await?;
         Ok(())
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerRecord>, AgentError> {
+        let listing = self
+            .store
+            .list(PEER_PREFIX, Consistency::Linearizable)
+            .await?;
+        listing.items.iter().map(decode).collect()
+    }
+
+    /// Writes (or replaces, to change its label) a trusted peer.
+    pub async fn put_peer(&self, record: &PeerRecord) -> Result<(), AgentError> {
+        self.store
+            .transaction(Transaction::new().put(peer_key(&record.fingerprint), encode(record)))
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a trusted peer; false if it was not trusted.
+    pub async fn delete_peer(&self, fingerprint: &str) -> Result<bool, AgentError> {
+        let outcome = self
+            .store
+            .transaction(
+                Transaction::new()
+                    .when_exists(peer_key(fingerprint))
+                    .delete(peer_key(fingerprint)),
+            )
+            .await?;
+        Ok(outcome.succeeded)
     }
 }

@@ -334,14 +334,16 @@ impl Host {
         source: ImportSource,
     ) -> Result<ImageRecord, AgentError> {
         let shared = &self.shared;
-        crate::images::import(
+        let record = crate::images::import(
             &shared.paths,
             &shared.records,
             &shared.hypervisor,
             name,
             source,
         )
-        .await
+        .await?;
+        crate::images::index_image(&shared.chunks, &shared.paths, &record).await;
+        Ok(record)
     }
 
     pub async fn delete_image(&self, reference: &str) -> Result<ImageRecord, AgentError> {

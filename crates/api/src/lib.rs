@@ -41,6 +41,7 @@ pub struct ApiState {
     tags(
         (name = "vms", description = "Virtual machines"),
         (name = "images", description = "Disk images"),
+        (name = "transfers", description = "Trusted peers and image transfers between hosts (DWCP)"),
         (name = "host", description = "This host, health and events")
     )
 )]

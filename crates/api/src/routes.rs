@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use novacron_agent::ImportSource;
 use novacron_types::{
-    CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo, ImageRecord, StopOptions, VmEvent,
-    VmRecord,
+    CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
+    ImageRecord, PeerRecord, StopOptions, TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
 };
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -42,6 +42,10 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(vm_console))
         .routes(routes!(list_images, import_image))
         .routes(routes!(get_image, delete_image))
+        .routes(routes!(list_peers, trust_peer))
+        .routes(routes!(forget_peer))
+        .routes(routes!(list_transfers, create_transfer))
+        .routes(routes!(get_transfer, cancel_transfer))
         .routes(routes!(events))
 }
 
@@ -418,6 +422,91 @@ async fn delete_image(
     Path(image): Path<String>,
 ) -> ApiResult<Json<ImageRecord>> {
     Ok(Json(state.host.delete_image(&image).await?))
+}
+
+/// Hosts trusted for image transfers (pinned by certificate fingerprint).
+#[utoipa::path(get, path = "/api/v1/peers", tag = "transfers",
+    responses((status = 200, body = Vec<PeerRecord>)))]
+async fn list_peers(State(state): State<ApiState>) -> ApiResult<Json<Vec<PeerRecord>>> {
+    Ok(Json(state.host.list_peers().await?))
+}
+
+/// Trusts a host for image transfers by the fingerprint `GET /api/v1/host` shows on it. Trusting
+/// it again replaces its label.
+#[utoipa::path(post, path = "/api/v1/peers", tag = "transfers", request_body = TrustPeerRequest,
+    responses((status = 201, body = PeerRecord),
+        (status = 400, description = "not a fingerprint", body = novacron_types::ApiErrorBody)))]
+async fn trust_peer(
+    State(state): State<ApiState>,
+    body: Result<Json<TrustPeerRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<PeerRecord>)> {
+    let Json(request) = body?;
+    let record = state.host.trust_peer(request).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(record)))
+}
+
+/// Stops trusting a host (by fingerprint or label); new sessions from it are refused.
+#[utoipa::path(delete, path = "/api/v1/peers/{peer}", tag = "transfers",
+    params(("peer" = String, Path, description = "fingerprint or label")),
+    responses((status = 200, body = PeerRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn forget_peer(
+    State(state): State<ApiState>,
+    Path(peer): Path<String>,
+) -> ApiResult<Json<PeerRecord>> {
+    Ok(Json(state.host.forget_peer(&peer).await?))
+}
+
+/// Image transfers this host runs or ran since it started (both those it started and those a
+/// peer started), oldest first.
+#[utoipa::path(get, path = "/api/v1/transfers", tag = "transfers",
+    responses((status = 200, body = Vec<TransferInfo>)))]
+async fn list_transfers(State(state): State<ApiState>) -> Json<Vec<TransferInfo>> {
+    Json(state.host.list_transfers())
+}
+
+/// Starts pushing an image to a peer or pulling one from it. Returns once the peer accepted
+/// (the transfer then runs in the background; poll `GET /api/v1/transfers/{id}`), or at once
+/// with `already_present` when the destination holds the image.
+#[utoipa::path(post, path = "/api/v1/transfers", tag = "transfers",
+    request_body = CreateTransferRequest,
+    responses((status = 201, body = TransferInfo),
+        (status = 400, description = "bad fingerprint, address or name", body = novacron_types::ApiErrorBody),
+        (status = 401, description = "the peer does not trust this host, or is not the fingerprinted host", body = novacron_types::ApiErrorBody),
+        (status = 404, description = "unknown image", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "name taken at the destination", body = novacron_types::ApiErrorBody),
+        (status = 422, description = "no disk space at the destination", body = novacron_types::ApiErrorBody),
+        (status = 503, description = "peer unreachable", body = novacron_types::ApiErrorBody)))]
+async fn create_transfer(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateTransferRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<TransferInfo>)> {
+    let Json(request) = body?;
+    let info = state.host.start_transfer(request).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(info)))
+}
+
+/// One transfer with its progress.
+#[utoipa::path(get, path = "/api/v1/transfers/{id}", tag = "transfers",
+    params(("id" = String, Path, description = "transfer id")),
+    responses((status = 200, body = TransferInfo), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn get_transfer(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TransferInfo>> {
+    Ok(Json(state.host.get_transfer(&id)?))
+}
+
+/// Cancels a running transfer: it ends as `cancelled`, leaving no image or staging file at the
+/// destination (chunks already received stay in its chunk store, so a rerun is cheaper).
+#[utoipa::path(delete, path = "/api/v1/transfers/{id}", tag = "transfers",
+    params(("id" = String, Path, description = "transfer id")),
+    responses((status = 202, body = TransferInfo), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn cancel_transfer(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<(axum::http::StatusCode, Json<TransferInfo>)> {
+    let info = state.host.cancel_transfer(&id)?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(info)))
 }
 
 /// Server-sent events: one `vm` event (JSON `VmEvent`) per VM state change.

@@ -65,8 +65,14 @@ pub enum Command {
     /// Import and manage disk images
     #[command(subcommand)]
     Image(ImageCommand),
-    /// Show this host: capacity, accelerator, QEMU version
+    /// Show this host: capacity, accelerator, QEMU version, transfer fingerprint and address
     Host,
+    /// Hosts trusted for image transfers, pinned by certificate fingerprint
+    #[command(subcommand)]
+    Peer(PeerCommand),
+    /// Image transfers (push/pull) this host runs: list, show, cancel
+    #[command(subcommand)]
+    Transfer(TransferCommand),
     /// Follow VM state changes as they happen
     Events,
     /// Network links between hosts: bandwidth forecasts
@@ -97,9 +103,59 @@ pub struct ServeArgs {
     /// Path of qemu-img (default: search PATH)
     #[arg(long, env = "NOVACRON_QEMU_IMG")]
     pub qemu_img: Option<PathBuf>,
+    /// Address of the DWCP transfer listener that receives pushes and serves pulls (mTLS; only
+    /// peers trusted with `novacron peer trust` get in), or `off`. Default 0.0.0.0:7181; if the
+    /// default port is taken the listener is disabled with a warning
+    #[arg(long, env = "NOVACRON_TRANSFER_LISTEN")]
+    pub transfer_listen: Option<String>,
     /// Log as JSON lines instead of text
     #[arg(long)]
     pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Trust a host for image transfers, by the fingerprint `novacron host` prints on it. Both
+    /// hosts must trust each other: run it on each side with the other's fingerprint
+    Trust {
+        /// sha256:<64 hex digits>
+        fingerprint: String,
+        /// A label for people
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List trusted hosts
+    #[command(visible_alias = "ls")]
+    List,
+    /// Stop trusting a host (by fingerprint or label); its new sessions are refused
+    #[command(visible_alias = "rm")]
+    Forget { peer: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TransferCommand {
+    /// List transfers since this host's `serve` started
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one transfer
+    Show { id: String },
+    /// Cancel a running transfer (nothing is left half-made at the destination)
+    Cancel { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// The peer's fingerprint (`novacron host` on it); the connection is refused unless the peer
+    /// presents exactly this certificate
+    #[arg(long)]
+    pub fingerprint: String,
+    /// Name of the image where it arrives (default: the same name)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Start the transfer and return at once, without a progress bar (follow it with
+    /// `novacron transfer show ID`)
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +297,28 @@ pub enum ImageCommand {
     /// Delete an image (refused while a VM uses it)
     #[command(visible_alias = "rm")]
     Delete { image: String },
+    /// Send an image to another host over DWCP (only chunks it lacks travel). Ctrl-C stops
+    /// watching, not the transfer: `novacron transfer cancel ID` stops it
+    Push {
+        /// Local image (name or id)
+        image: String,
+        /// The peer's transfer address, HOST:PORT (its `serve --transfer-listen`, default port 7181)
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
+    /// Fetch an image from another host over DWCP (only chunks this host lacks travel). Ctrl-C
+    /// stops watching, not the transfer: `novacron transfer cancel ID` stops it
+    Pull {
+        /// The image's name (or id) on the peer
+        image: String,
+        /// The peer's transfer address, HOST:PORT
+        #[arg(long)]
+        from: String,
+        #[command(flatten)]
+        transfer: TransferArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

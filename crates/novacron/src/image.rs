@@ -89,6 +89,36 @@ pub async fn run(client: &Client, format: OutputFormat, command: ImageCommand) -
             let record = result?;
             show(format, &record);
         }
+        ImageCommand::Push {
+            image,
+            to,
+            transfer,
+        } => {
+            return crate::transfer::start(
+                client,
+                format,
+                novacron_types::TransferDirection::Push,
+                image,
+                to,
+                transfer,
+            )
+            .await;
+        }
+        ImageCommand::Pull {
+            image,
+            from,
+            transfer,
+        } => {
+            return crate::transfer::start(
+                client,
+                format,
+                novacron_types::TransferDirection::Pull,
+                image,
+                from,
+                transfer,
+            )
+            .await;
+        }
         ImageCommand::List => {
             let images: Vec<ImageRecord> = client.get("/api/v1/images").await?;
             output::emit(format, &images, |images| {

@@ -8,6 +8,7 @@ mod console;
 mod image;
 mod output;
 mod serve;
+mod transfer;
 mod vm;
 
 use clap::{CommandFactory, Parser};
@@ -101,11 +102,22 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
                     ("data dir", info.data_dir.clone()),
                     ("vms", info.vms.to_string()),
                     ("images", info.images.to_string()),
+                    ("fingerprint", info.fingerprint.clone()),
+                    (
+                        "transfers on",
+                        info.transfer_address
+                            .clone()
+                            .unwrap_or_else(|| "- (no transfer listener)".into()),
+                    ),
                 ]);
             });
             Ok(())
         }
         Command::Events => follow_events(&client, options.output).await,
+        Command::Peer(command) => transfer::peer_command(&client, options.output, command).await,
+        Command::Transfer(command) => {
+            transfer::transfer_command(&client, options.output, command).await
+        }
         Command::Serve(_) | Command::Completions { .. } | Command::Link(_) => Ok(()),
     }
 }

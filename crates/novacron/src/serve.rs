@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7180";
+pub const DEFAULT_TRANSFER_LISTEN: &str = "0.0.0.0:7181";
 
 /// The config file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +24,7 @@ struct ConfigFile {
     stop_timeout_secs: Option<u64>,
     qemu: Option<PathBuf>,
     qemu_img: Option<PathBuf>,
+    transfer_listen: Option<String>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
@@ -69,6 +71,19 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
     if let Some(seconds) = file.stop_timeout_secs {
         config.default_stop_timeout = Duration::from_secs(seconds);
     }
+    let transfer_listen = args.transfer_listen.or(file.transfer_listen);
+    config.transfer_listen_optional = transfer_listen.is_none();
+    let transfer_listen = transfer_listen.unwrap_or_else(|| DEFAULT_TRANSFER_LISTEN.to_string());
+    config.transfer_listen = if transfer_listen == "off" {
+        None
+    } else {
+        match transfer_listen.parse() {
+            Ok(address) => Some(address),
+            Err(_) => bail!(
+                "--transfer-listen {transfer_listen:?} is not an address like 0.0.0.0:7181 (or off)"
+            ),
+        }
+    };
 
     let address: std::net::SocketAddr = match listen.parse() {
         Ok(address) => address,
@@ -112,6 +127,16 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
         "novacron serve: API on http://{address}, data in {}",
         data_dir.display()
     );
+    match host.info_transfer_address() {
+        Some(transfer_address) => eprintln!(
+            "novacron serve: transfers on {transfer_address}, fingerprint {}",
+            host.fingerprint()
+        ),
+        None => eprintln!(
+            "novacron serve: no transfer listener; fingerprint {}",
+            host.fingerprint()
+        ),
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -73,6 +73,11 @@ pub struct HostInfo {
     pub data_dir: String,
     pub vms: usize,
     pub images: usize,
+    /// SHA-256 fingerprint of this host's transfer certificate, what peers pin
+    /// (`novacron peer trust <fingerprint>` on them).
+    pub fingerprint: String,
+    /// Address the DWCP transfer listener is bound to, if it runs.
+    pub transfer_address: Option<String>,
 }
 
 /// What `GET /api/v1/health` reports (no token needed).

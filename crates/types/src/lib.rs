@@ -9,6 +9,7 @@ pub mod error;
 pub mod image;
 pub mod name;
 pub mod size;
+pub mod transfer;
 pub mod vm;
 
 pub use api::{CreateVmRequest, DeleteOptions, Health, HostInfo, StopOptions};
@@ -16,6 +17,10 @@ pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
 pub use name::{ImageName, NameError, VmName};
 pub use size::{ByteSize, ParseSizeError};
+pub use transfer::{
+    CreateTransferRequest, PeerRecord, TransferDirection, TransferInfo, TransferState,
+    TrustPeerRequest,
+};
 pub use vm::{
     Accelerator, DesiredPower, RestartPolicy, VmEvent, VmRecord, VmSpec, VmState, VmStatus,
 };

@@ -1,0 +1,1075 @@
+//! Image transfers between hosts over DWCP (`novacron image push/pull`): the transfer listener,
+//! the pinned-fingerprint trust it enforces, and the in-memory list of transfers with their
+//! progress. The messages are in [`protocol`]; the sending side in `send`, the receiving side in
+//! `receive`.
+//!
+//! Trust before clustering: a host accepts transport sessions only from the fingerprints in its
+//! peer records (plus its own), and a dialer accepts only the fingerprint it was given. Changing
+//! the peer list rebinds the listener on the same address with the new list; sessions already
+//! open keep running, but one that loses a connection during such a rebind cannot resume inside
+//! the session (running the transfer again resends only what the destination lacks).
+//!
+//! Resume: the receiver keeps every chunk it decodes in its chunk store as frames arrive, and the
+//! sender asks which chunks the receiver holds before each frame, so a cancelled or failed
+//! transfer, run again, sends only what is missing. A dropped connection inside a session is
+//! resumed by the transport itself (within its resume timeout).
+
+pub mod protocol;
+mod receive;
+mod send;
+
+use crate::host::Shared;
+use crate::{AgentError, images};
+use novacron_codec::ChunkStore;
+use novacron_transport::{
+    ControlIncoming, Fingerprint, HostIdentity, Listener, PeerTrust, Session, SessionOptions,
+    TlsSettings, TransportError,
+};
+use novacron_types::{
+    CreateTransferRequest, ErrorCode, ImageName, ImageRecord, PeerRecord, RECORD_FORMAT_VERSION,
+    TransferDirection, TransferInfo, TransferState, TrustPeerRequest, unix_now,
+};
+use protocol::{FetchReply, ImageOffer, Message, OfferDecision};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Bytes a receiver keeps free beyond the image itself.
+const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
+
+/// Why a transfer failed, with the stable code the API and CLI report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TransferFailure {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl TransferFailure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn cancelled() -> Self {
+        Self::new(ErrorCode::Conflict, "cancelled")
+    }
+
+    /// A transport failure in the middle of a transfer.
+    pub fn session(error: &TransportError) -> Self {
+        match error {
+            TransportError::ResumeTimedOut { seconds, .. } => Self::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "lost the connection to the peer and could not resume it within {seconds} s \
+                     (is the peer's `novacron serve` still running?); run the command again: \
+                     only what the destination lacks is sent again"
+                ),
+            ),
+            other => Self::new(
+                ErrorCode::Unavailable,
+                format!("the transfer session failed: {}", describe(other)),
+            ),
+        }
+    }
+
+    fn into_agent_error(self) -> AgentError {
+        AgentError::Transfer {
+            code: self.code,
+            message: self.message,
+        }
+    }
+}
+
+impl From<AgentError> for TransferFailure {
+    fn from(error: AgentError) -> Self {
+        Self::new(error.code(), error.to_string())
+    }
+}
+
+impl From<protocol::ProtocolError> for TransferFailure {
+    fn from(error: protocol::ProtocolError) -> Self {
+        Self::new(ErrorCode::Internal, error.to_string())
+    }
+}
+
+/// An error with its chain of sources, for messages about lower layers.
+pub(crate) fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(source) = current {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        current = source.source();
+    }
+    text
+}
+
+/// True if an ENOSPC is anywhere in the chain.
+pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(28)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    error.to_string().contains("No space left on device")
+}
+
+struct Outcome {
+    state: TransferState,
+    message: Option<String>,
+    error_code: Option<ErrorCode>,
+    image_id: Option<String>,
+    already_present: bool,
+    elapsed_at_end: Option<f64>,
+    wire_rate: f64,
+    reconnections: u64,
+}
+
+/// One transfer and its live counters.
+pub(crate) struct Transfer {
+    id: String,
+    direction: TransferDirection,
+    initiated_by_peer: bool,
+    image: String,
+    target_name: String,
+    peer_address: String,
+    peer_fingerprint: String,
+    pub total_bytes: AtomicU64,
+    pub raw_bytes_done: AtomicU64,
+    pub wire_bytes: AtomicU64,
+    started: Instant,
+    started_at: u64,
+    outcome: Mutex<Outcome>,
+    session: Mutex<Option<Arc<Session>>>,
+    pub cancel: CancellationToken,
+}
+
+impl Transfer {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        direction: TransferDirection,
+        initiated_by_peer: bool,
+        image: &str,
+        target_name: &str,
+        peer_address: &str,
+        peer_fingerprint: Fingerprint,
+        total_bytes: u64,
+        image_id: Option<String>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            direction,
+            initiated_by_peer,
+            image: image.to_string(),
+            target_name: target_name.to_string(),
+            peer_address: peer_address.to_string(),
+            peer_fingerprint: peer_fingerprint.to_string(),
+            total_bytes: AtomicU64::new(total_bytes),
+            raw_bytes_done: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            started: Instant::now(),
+            started_at: unix_now(),
+            outcome: Mutex::new(Outcome {
+                state: TransferState::Running,
+                message: None,
+                error_code: None,
+                image_id,
+                already_present: false,
+                elapsed_at_end: None,
+                wire_rate: 0.0,
+                reconnections: 0,
+            }),
+            session: Mutex::new(None),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn attach_session(&self, session: &Arc<Session>) {
+        *self
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(session.clone());
+    }
+
+    pub fn info(&self) -> TransferInfo {
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let outcome = self.lock();
+        let (wire_rate, reconnections) = match &session {
+            Some(session) => {
+                let stats = session.stats();
+                (stats.measured_rate_bytes_per_second, stats.reconnections)
+            }
+            None => (outcome.wire_rate, outcome.reconnections),
+        };
+        let elapsed = outcome
+            .elapsed_at_end
+            .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
+        let raw = self.raw_bytes_done.load(Ordering::Relaxed);
+        TransferInfo {
+            id: self.id.clone(),
+            direction: self.direction,
+            initiated_by_peer: self.initiated_by_peer,
+            image: self.image.clone(),
+            target_name: self.target_name.clone(),
+            image_id: outcome.image_id.clone(),
+            peer_address: self.peer_address.clone(),
+            peer_fingerprint: self.peer_fingerprint.clone(),
+            state: outcome.state,
+            message: outcome.message.clone(),
+            error_code: outcome.error_code,
+            total_bytes: self.total_bytes.load(Ordering::Relaxed),
+            raw_bytes_done: raw,
+            wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
+            already_present: outcome.already_present,
+            started_at: self.started_at,
+            elapsed_seconds: elapsed,
+            rate_bytes_per_second: if elapsed > 0.0 {
+                raw as f64 / elapsed
+            } else {
+                0.0
+            },
+            wire_rate_bytes_per_second: wire_rate,
+            reconnections,
+        }
+    }
+
+    /// Records the end of the transfer (once; later calls are ignored).
+    fn finish(&self, result: Result<String, TransferFailure>) {
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut outcome = self.lock();
+        if outcome.state.is_finished() {
+            return;
+        }
+        if let Some(session) = session {
+            let stats = session.stats();
+            outcome.wire_rate = stats.measured_rate_bytes_per_second;
+            outcome.reconnections = stats.reconnections;
+        }
+        outcome.elapsed_at_end = Some(self.started.elapsed().as_secs_f64());
+        match result {
+            Ok(message) => {
+                outcome.state = TransferState::Succeeded;
+                outcome.message = Some(message);
+                tracing::info!(transfer = %self.id, image = %self.image, target = %self.target_name,
+                    raw_bytes = self.raw_bytes_done.load(Ordering::Relaxed),
+                    wire_bytes = self.wire_bytes.load(Ordering::Relaxed),
+                    seconds = outcome.elapsed_at_end.unwrap_or_default(), "transfer succeeded");
+            }
+            Err(failure) => {
+                outcome.state =
+                    if self.cancel.is_cancelled() && failure == TransferFailure::cancelled() {
+                        TransferState::Cancelled
+                    } else {
+                        TransferState::Failed
+                    };
+                tracing::warn!(transfer = %self.id, image = %self.image, error = %failure.message, "transfer ended without success");
+                outcome.message = Some(failure.message);
+                outcome.error_code = Some(failure.code);
+            }
+        }
+    }
+
+    fn finish_already_present(&self, name: &str, id: &str) {
+        {
+            let mut outcome = self.lock();
+            outcome.already_present = true;
+            outcome.image_id = Some(id.to_string());
+        }
+        self.finish(Ok(format!(
+            "already present at the destination as image {name:?}; nothing was sent"
+        )));
+    }
+}
+
+struct RunningListener {
+    accept_task: tokio::task::JoinHandle<()>,
+    address: SocketAddr,
+}
+
+/// The transfer side of a host.
+pub(crate) struct TransferService {
+    host: Arc<Shared>,
+    identity: HostIdentity,
+    requested_address: Option<SocketAddr>,
+    listener: tokio::sync::Mutex<Option<RunningListener>>,
+    bound_address: Mutex<Option<SocketAddr>>,
+    transfers: Mutex<HashMap<String, Arc<Transfer>>>,
+    options: SessionOptions,
+}
+
+impl TransferService {
+    pub fn new(
+        host: Arc<Shared>,
+        identity: HostIdentity,
+        requested_address: Option<SocketAddr>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            host,
+            identity,
+            requested_address,
+            listener: tokio::sync::Mutex::new(None),
+            bound_address: Mutex::new(None),
+            transfers: Mutex::new(HashMap::new()),
+            options: SessionOptions::default(),
+        })
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.identity.fingerprint()
+    }
+
+    pub fn bound_address(&self) -> Option<SocketAddr> {
+        *self
+            .bound_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn chunks(&self) -> &Arc<ChunkStore> {
+        &self.host.chunks
+    }
+
+    /// Own fingerprint plus every trusted peer's.
+    async fn trusted_fingerprints(&self) -> Result<Vec<Fingerprint>, AgentError> {
+        let mut fingerprints = vec![self.fingerprint()];
+        for peer in self.host.records.peers().await? {
+            match Fingerprint::from_str(&peer.fingerprint) {
+                Ok(fingerprint) => fingerprints.push(fingerprint),
+                Err(error) => {
+                    tracing::warn!(fingerprint = %peer.fingerprint, %error, "ignoring a malformed peer record")
+                }
+            }
+        }
+        Ok(fingerprints)
+    }
+
+    /// Binds (or rebinds, after the peer list changed) the transfer listener.
+    pub async fn start_listener(self: &Arc<Self>) -> Result<(), AgentError> {
+        let Some(requested) = self.requested_address else {
+            return Ok(());
+        };
+        let mut slot = self.listener.lock().await;
+        let address = match slot.take() {
+            Some(running) => {
+                running.accept_task.abort();
+                let _ = running.accept_task.await;
+                running.address
+            }
+            None => requested,
+        };
+        let tls = TlsSettings {
+            identity: self.identity.clone(),
+            trust: PeerTrust::PinnedFingerprints(self.trusted_fingerprints().await?),
+        };
+        // The old listener closes its socket asynchronously: retry while the port is busy.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match Listener::bind(address, &tls, self.options.clone()).await {
+                Ok(listener) => break listener,
+                Err(TransportError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && slot_was_running(address, requested)
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(TransportError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "cannot listen for transfers on {address}: the port is already in use \
+                         (another `novacron serve`?); choose another --transfer-listen"
+                    )));
+                }
+                Err(error) => {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "cannot listen for transfers on {address}: {}",
+                        describe(&error)
+                    )));
+                }
+            }
+        };
+        let bound = listener.local_addr();
+        *self
+            .bound_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bound);
+        let service = Arc::downgrade(self);
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let session = match listener.accept().await {
+                    Ok(session) => session,
+                    Err(error) => {
+                        tracing::warn!(%error, "transfer listener stopped");
+                        return;
+                    }
+                };
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                tokio::spawn(async move { service.serve_incoming(session).await });
+            }
+        });
+        *slot = Some(RunningListener {
+            accept_task,
+            address: bound,
+        });
+        tracing::info!(address = %bound, fingerprint = %self.fingerprint(), "transfer listener ready");
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        if let Some(running) = self.listener.lock().await.take() {
+            running.accept_task.abort();
+        }
+        let transfers: Vec<Arc<Transfer>> = self
+            .transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for transfer in transfers {
+            transfer.cancel.cancel();
+        }
+    }
+
+    // ----- peers -----
+
+    pub async fn trust_peer(
+        self: &Arc<Self>,
+        request: TrustPeerRequest,
+    ) -> Result<PeerRecord, AgentError> {
+        let fingerprint = parse_fingerprint(&request.fingerprint)?;
+        if fingerprint == self.fingerprint() {
+            return Err(AgentError::InvalidArgument(format!(
+                "{fingerprint} is this host's own fingerprint; trust the other host's \
+                 (`novacron host` on it prints it)"
+            )));
+        }
+        if let Some(name) = &request.name
+            && (name.is_empty() || name.len() > 64 || name.chars().any(char::is_control))
+        {
+            return Err(AgentError::InvalidArgument(format!(
+                "peer name {name:?} must be 1 to 64 printable characters"
+            )));
+        }
+        let record = PeerRecord {
+            format_version: RECORD_FORMAT_VERSION,
+            fingerprint: fingerprint.to_string(),
+            name: request.name,
+            trusted_at: unix_now(),
+        };
+        self.host.records.put_peer(&record).await?;
+        self.start_listener().await?;
+        tracing::info!(fingerprint = %record.fingerprint, name = ?record.name, "peer trusted");
+        Ok(record)
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerRecord>, AgentError> {
+        let mut peers = self.host.records.peers().await?;
+        peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.fingerprint.cmp(&b.fingerprint)));
+        Ok(peers)
+    }
+
+    /// Forgets a peer by fingerprint or by its label.
+    pub async fn forget_peer(self: &Arc<Self>, reference: &str) -> Result<PeerRecord, AgentError> {
+        let peers = self.host.records.peers().await?;
+        let wanted = Fingerprint::from_str(reference).ok().map(|f| f.to_string());
+        let found = peers.into_iter().find(|peer| {
+            Some(&peer.fingerprint) == wanted.as_ref() || peer.name.as_deref() == Some(reference)
+        });
+        let Some(peer) = found else {
+            return Err(AgentError::PeerNotFound {
+                fingerprint: reference.to_string(),
+            });
+        };
+        self.host.records.delete_peer(&peer.fingerprint).await?;
+        self.start_listener().await?;
+        tracing::info!(fingerprint = %peer.fingerprint, "peer forgotten");
+        Ok(peer)
+    }
+
+    // ----- transfers -----
+
+    pub fn list(&self) -> Vec<TransferInfo> {
+        let mut list: Vec<TransferInfo> = self
+            .transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|transfer| transfer.info())
+            .collect();
+        list.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    fn find(&self, id: &str) -> Result<Arc<Transfer>, AgentError> {
+        self.transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::TransferNotFound { id: id.to_string() })
+    }
+
+    pub fn get(&self, id: &str) -> Result<TransferInfo, AgentError> {
+        Ok(self.find(id)?.info())
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<TransferInfo, AgentError> {
+        let transfer = self.find(id)?;
+        transfer.cancel.cancel();
+        Ok(transfer.info())
+    }
+
+    fn register(&self, transfer: &Arc<Transfer>) {
+        self.transfers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(transfer.id.clone(), transfer.clone());
+    }
+
+    /// Starts a push or pull: validates, connects, negotiates, and returns once the transfer
+    /// runs (or ended at once because the image was already there). Errors before that point
+    /// are returned here and leave nothing behind on either host.
+    pub async fn start(
+        self: &Arc<Self>,
+        request: CreateTransferRequest,
+    ) -> Result<TransferInfo, AgentError> {
+        let fingerprint = parse_fingerprint(&request.fingerprint)?;
+        if let Some(name) = &request.name {
+            ImageName::new(name.as_str())?;
+        }
+        let local_image = match request.direction {
+            TransferDirection::Push => Some(self.host.records.resolve_image(&request.image).await?),
+            TransferDirection::Pull => {
+                if request.image.is_empty() || request.image.contains('/') {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "{:?} is not an image name or id",
+                        request.image
+                    )));
+                }
+                None
+            }
+        };
+        let address = resolve_address(&request.address).await?;
+        let tls = TlsSettings {
+            identity: self.identity.clone(),
+            trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
+        };
+        let session = Session::connect(address, &tls, self.options.clone())
+            .await
+            .map_err(|error| {
+                connect_failure(&error, &request.address, fingerprint, self.fingerprint())
+                    .into_agent_error()
+            })?;
+        let session = Arc::new(session);
+        let control = session.control();
+        match (request.direction, local_image) {
+            (TransferDirection::Push, Some(image)) => {
+                let target = request
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| image.name.to_string());
+                let offer = ImageOffer {
+                    name: target.clone(),
+                    id: image.id.clone(),
+                    size: image.file_bytes,
+                    format: image.format,
+                };
+                let reply = ask(&control, Message::Offer(offer)).await?;
+                let Message::OfferReply(decision) = reply else {
+                    return Err(unexpected("offer reply", &reply));
+                };
+                let transfer = Transfer::new(
+                    TransferDirection::Push,
+                    false,
+                    image.name.as_str(),
+                    &target,
+                    &request.address,
+                    fingerprint,
+                    image.file_bytes,
+                    Some(image.id.clone()),
+                );
+                match decision {
+                    OfferDecision::Proceed => {}
+                    OfferDecision::AlreadyPresent { name } => {
+                        self.register(&transfer);
+                        transfer.finish_already_present(&name, &image.id);
+                        close_quietly(session).await;
+                        return Ok(transfer.info());
+                    }
+                    OfferDecision::Refused { code, message } => {
+                        close_quietly(session).await;
+                        return Err(AgentError::Transfer {
+                            code,
+                            message: format!("the destination refused the image: {message}"),
+                        });
+                    }
+                }
+                self.register(&transfer);
+                transfer.attach_session(&session);
+                let service = self.clone();
+                let running = transfer.clone();
+                let path = self.host.paths.image_file(&image.id, image.format);
+                tokio::spawn(async move {
+                    let result = send::send_image(&service, session, running.clone(), path).await;
+                    running.finish(result.map(|()| "sent and verified by the destination".into()));
+                });
+                Ok(transfer.info())
+            }
+            (_, _) => {
+                let reply = ask(
+                    &control,
+                    Message::Fetch {
+                        image: request.image.clone(),
+                    },
+                )
+                .await?;
+                let offer = match reply {
+                    Message::FetchReply(FetchReply::Offer(offer)) => offer,
+                    Message::FetchReply(FetchReply::Refused { code, message }) => {
+                        close_quietly(session).await;
+                        return Err(AgentError::Transfer {
+                            code,
+                            message: format!("the source host refused: {message}"),
+                        });
+                    }
+                    other => return Err(unexpected("fetch reply", &other)),
+                };
+                let target = request.name.clone().unwrap_or_else(|| offer.name.clone());
+                let decision = self.decide(&target, &offer).await;
+                notify(&control, Message::PullDecision(decision.clone())).await?;
+                let transfer = Transfer::new(
+                    TransferDirection::Pull,
+                    false,
+                    &offer.name,
+                    &target,
+                    &request.address,
+                    fingerprint,
+                    offer.size,
+                    Some(offer.id.clone()),
+                );
+                match decision {
+                    OfferDecision::Proceed => {}
+                    OfferDecision::AlreadyPresent { name } => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), session.flush()).await;
+                        self.register(&transfer);
+                        transfer.finish_already_present(&name, &offer.id);
+                        return Ok(transfer.info());
+                    }
+                    OfferDecision::Refused { code, message } => {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), session.flush()).await;
+                        return Err(AgentError::Transfer { code, message });
+                    }
+                }
+                self.register(&transfer);
+                transfer.attach_session(&session);
+                let service = self.clone();
+                let running = transfer.clone();
+                let offer = ImageOffer {
+                    name: target,
+                    ..offer
+                };
+                tokio::spawn(async move {
+                    let result =
+                        receive::receive_image(&service, session, running.clone(), offer).await;
+                    running.finish(result);
+                });
+                Ok(transfer.info())
+            }
+        }
+    }
+
+    /// Whether this host takes an image offered under `name`.
+    async fn decide(&self, name: &str, offer: &ImageOffer) -> OfferDecision {
+        let refused = |code, message: String| OfferDecision::Refused { code, message };
+        let host_name = &self.host.config.host_name;
+        if let Err(error) = ImageName::new(name) {
+            return refused(ErrorCode::InvalidArgument, error.to_string());
+        }
+        if offer.id.len() != 64 || !offer.id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return refused(
+                ErrorCode::InvalidArgument,
+                format!("{:?} is not an image id (64 hex digits)", offer.id),
+            );
+        }
+        match self.host.records.image(&offer.id).await {
+            Ok(Some(existing)) => {
+                return OfferDecision::AlreadyPresent {
+                    name: existing.name.to_string(),
+                };
+            }
+            Ok(None) => {}
+            Err(error) => return refused(error.code(), error.to_string()),
+        }
+        match self.host.records.resolve_image(name).await {
+            Ok(existing) if existing.name.as_str() == name => {
+                return refused(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "an image named {name:?} already exists on host {host_name} with a \
+                         different id ({}); choose another --name or delete it there",
+                        &existing.id[..12]
+                    ),
+                );
+            }
+            Ok(_) | Err(AgentError::ImageNotFound { .. }) => {}
+            Err(error) => return refused(error.code(), error.to_string()),
+        }
+        if let Err(error) = self.host.hypervisor.qemu_img() {
+            return refused(error.code(), error.to_string());
+        }
+        if let Err(failure) = check_free_space(&self.host.paths, offer.size, host_name) {
+            return refused(failure.code, failure.message);
+        }
+        OfferDecision::Proceed
+    }
+
+    /// A session a peer opened: it pushes to us or pulls from us.
+    async fn serve_incoming(self: Arc<Self>, session: Session) {
+        let peer = session.peer_fingerprint();
+        let session = Arc::new(session);
+        let control = session.control();
+        let first = tokio::time::timeout(Duration::from_secs(30), control.next_incoming()).await;
+        let request = match first {
+            Ok(Ok(Some(ControlIncoming::Request(request)))) => request,
+            Ok(Ok(None)) => return,
+            Ok(Err(error)) => {
+                tracing::warn!(%peer, %error, "incoming transfer session failed before its request");
+                return;
+            }
+            Ok(Ok(Some(ControlIncoming::Notification(_)))) | Err(_) => {
+                tracing::warn!(%peer, "incoming transfer session sent no request; closing it");
+                return;
+            }
+        };
+        let message = match Message::decode(&request.body) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%peer, %error, "incoming transfer request refused");
+                let reply = Message::OfferReply(OfferDecision::Refused {
+                    code: ErrorCode::InvalidArgument,
+                    message: error.to_string(),
+                });
+                let _ = request.respond(reply.encode()).await;
+                close_quietly(session).await;
+                return;
+            }
+        };
+        match message {
+            Message::Offer(offer) => {
+                let decision = self.decide(&offer.name, &offer).await;
+                tracing::info!(%peer, image = %offer.name, id = %offer.id, decision = ?decision, "push offered");
+                if request
+                    .respond(Message::OfferReply(decision.clone()).encode())
+                    .await
+                    .is_err()
+                    || decision != OfferDecision::Proceed
+                {
+                    close_quietly(session).await;
+                    return;
+                }
+                let transfer = Transfer::new(
+                    TransferDirection::Push,
+                    true,
+                    &offer.name,
+                    &offer.name,
+                    "incoming",
+                    peer,
+                    offer.size,
+                    Some(offer.id.clone()),
+                );
+                self.register(&transfer);
+                transfer.attach_session(&session);
+                let result = receive::receive_image(&self, session, transfer.clone(), offer).await;
+                transfer.finish(result);
+            }
+            Message::Fetch { image } => {
+                let reply = match self.host.records.resolve_image(&image).await {
+                    Ok(record) => FetchReply::Offer(ImageOffer {
+                        name: record.name.to_string(),
+                        id: record.id.clone(),
+                        size: record.file_bytes,
+                        format: record.format,
+                    }),
+                    Err(error) => FetchReply::Refused {
+                        code: error.code(),
+                        message: error.to_string(),
+                    },
+                };
+                tracing::info!(%peer, %image, "pull requested");
+                let FetchReply::Offer(offer) = reply.clone() else {
+                    let _ = request.respond(Message::FetchReply(reply).encode()).await;
+                    close_quietly(session).await;
+                    return;
+                };
+                if request
+                    .respond(Message::FetchReply(reply).encode())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let decision =
+                    tokio::time::timeout(Duration::from_secs(30), control.next_incoming()).await;
+                match decision {
+                    Ok(Ok(Some(ControlIncoming::Notification(body)))) => {
+                        match Message::decode(&body) {
+                            Ok(Message::PullDecision(OfferDecision::Proceed)) => {}
+                            Ok(Message::PullDecision(decision)) => {
+                                tracing::info!(%peer, %image, ?decision, "pull not needed or refused by the puller");
+                                return;
+                            }
+                            other => {
+                                tracing::warn!(%peer, ?other, "unexpected message instead of a pull decision");
+                                return;
+                            }
+                        }
+                    }
+                    _ => return,
+                }
+                let Ok(record) = self.host.records.resolve_image(&offer.name).await else {
+                    return;
+                };
+                let transfer = Transfer::new(
+                    TransferDirection::Pull,
+                    true,
+                    record.name.as_str(),
+                    record.name.as_str(),
+                    "incoming",
+                    peer,
+                    record.file_bytes,
+                    Some(record.id.clone()),
+                );
+                self.register(&transfer);
+                transfer.attach_session(&session);
+                let path = self.host.paths.image_file(&record.id, record.format);
+                let result = send::send_image(&self, session, transfer.clone(), path).await;
+                transfer.finish(result.map(|()| "sent and verified by the destination".into()));
+            }
+            other => {
+                tracing::warn!(%peer, message = other.name(), "unexpected first transfer message");
+                close_quietly(session).await;
+            }
+        }
+    }
+
+    /// Checks, stores and indexes a received image (the receiver's last step).
+    pub(crate) async fn store_received(
+        &self,
+        offer: &ImageOffer,
+        staged: &mut images::StagedFile,
+        file_bytes: u64,
+    ) -> Result<ImageRecord, AgentError> {
+        let name = ImageName::new(offer.name.as_str())?;
+        let qemu_img = self.host.hypervisor.qemu_img()?;
+        let record = images::store_staged(
+            &self.host.paths,
+            &self.host.records,
+            &qemu_img,
+            name,
+            staged,
+            offer.id.clone(),
+            file_bytes,
+            &format!("image {:?} received from a peer", offer.name),
+        )
+        .await?;
+        images::index_image(self.chunks(), &self.host.paths, &record).await;
+        Ok(record)
+    }
+}
+
+fn slot_was_running(address: SocketAddr, requested: SocketAddr) -> bool {
+    // A rebind reuses the bound address (never port 0); only then is a busy port transient.
+    address != requested || address.port() != 0
+}
+
+fn parse_fingerprint(text: &str) -> Result<Fingerprint, AgentError> {
+    Fingerprint::from_str(text).map_err(|_| {
+        AgentError::InvalidArgument(format!(
+            "{text:?} is not a host fingerprint: expected sha256: followed by 64 hex digits, as \
+             `novacron host` prints it on that host"
+        ))
+    })
+}
+
+async fn resolve_address(text: &str) -> Result<SocketAddr, AgentError> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    if !text.contains(':') {
+        return Err(AgentError::InvalidArgument(format!(
+            "{text:?} is not a transfer address: give HOST:PORT (the peer's --transfer-listen, \
+             default port 7181)"
+        )));
+    }
+    let mut addresses =
+        tokio::net::lookup_host(text)
+            .await
+            .map_err(|error| AgentError::Transfer {
+                code: ErrorCode::Unavailable,
+                message: format!("cannot resolve {text:?}: {error}"),
+            })?;
+    addresses.next().ok_or_else(|| AgentError::Transfer {
+        code: ErrorCode::Unavailable,
+        message: format!("{text:?} resolves to no address"),
+    })
+}
+
+/// Maps a failed dial to what the user should do about it.
+fn connect_failure(
+    error: &TransportError,
+    address: &str,
+    expected: Fingerprint,
+    own: Fingerprint,
+) -> TransferFailure {
+    let text = describe(error);
+    let untrusted = || {
+        TransferFailure::new(
+            ErrorCode::Unauthenticated,
+            format!(
+                "the host at {address} does not trust this host; run `novacron peer trust {own}` \
+                 on that host, then try again"
+            ),
+        )
+    };
+    match error {
+        TransportError::Handshake { .. }
+            if text.contains("invalid peer certificate") || text.contains("Certificate") =>
+        {
+            TransferFailure::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the host at {address} is not the host with fingerprint {expected} (it \
+                     presented another certificate); check the fingerprint with `novacron host` \
+                     on that host"
+                ),
+            )
+        }
+        TransportError::Handshake { .. } if text.contains("alert") => untrusted(),
+        TransportError::Io { action, .. }
+            if (*action == "reading hello reply" || *action == "sending hello")
+                && (text.contains("alert") || text.contains("reset") || text.contains("eof")) =>
+        {
+            untrusted()
+        }
+        TransportError::Io { action, .. } if *action == "connecting" => TransferFailure::new(
+            ErrorCode::Unavailable,
+            format!(
+                "cannot connect to {address} ({}); is `novacron serve` running there, and is \
+                 {address} its transfer address (`novacron host` there shows it)?",
+                root_cause(error)
+            ),
+        ),
+        _ => TransferFailure::new(
+            ErrorCode::Unavailable,
+            format!("cannot open a transfer session with {address}: {text}"),
+        ),
+    }
+}
+
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut current = error;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+fn check_free_space(
+    paths: &crate::paths::DataPaths,
+    size: u64,
+    host_name: &str,
+) -> Result<(), TransferFailure> {
+    let stats = rustix::fs::statvfs(paths.root()).map_err(|error| {
+        TransferFailure::new(
+            ErrorCode::Internal,
+            format!(
+                "cannot check free space in {}: {error}",
+                paths.root().display()
+            ),
+        )
+    })?;
+    let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+    let needed = size.saturating_add(RECEIVE_HEADROOM_BYTES);
+    if free < needed {
+        return Err(TransferFailure::new(
+            ErrorCode::InsufficientResources,
+            format!(
+                "not enough disk space on host {host_name} ({}) for the image: {} free, {} \
+                 needed",
+                paths.root().display(),
+                novacron_types::ByteSize(free),
+                novacron_types::ByteSize(needed)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn ask(
+    control: &novacron_transport::ControlChannel,
+    message: Message,
+) -> Result<Message, AgentError> {
+    let answer = control
+        .request(message.encode())
+        .await
+        .map_err(|error| TransferFailure::session(&error).into_agent_error())?;
+    Message::decode(&answer).map_err(|error| TransferFailure::from(error).into_agent_error())
+}
+
+async fn notify(
+    control: &novacron_transport::ControlChannel,
+    message: Message,
+) -> Result<(), AgentError> {
+    control
+        .notify(message.encode())
+        .await
+        .map_err(|error| TransferFailure::session(&error).into_agent_error())
+}
+
+fn unexpected(expected: &'static str, got: &Message) -> AgentError {
+    TransferFailure::from(protocol::ProtocolError::Unexpected {
+        expected,
+        got: got.name(),
+    })
+    .into_agent_error()
+}
+
+/// Closes a session cleanly if nobody else holds it, within a short bound.
+pub(crate) async fn close_quietly(session: Arc<Session>) {
+    match Arc::try_unwrap(session) {
+        Ok(session) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), session.close()).await;
+        }
+        Err(shared) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), shared.flush()).await;
+        }
+    }
+}
