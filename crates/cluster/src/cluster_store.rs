@@ -9,6 +9,7 @@
 //! write whose exchange failed after sending is returned as an error, never repeated, because it
 //! may have been applied.
 
+use std::future::Future;
 use std::time::Duration;
 
 use novacron_store::{
@@ -87,12 +88,16 @@ impl ClusterStore {
 
     /// Runs `local` on the leader or `remote` against it, following leader changes until the
     /// store's request timeout.
-    async fn on_leader<T>(
+    async fn on_leader<T, Local, LocalFuture>(
         &self,
         request: Request,
-        local: impl AsyncFn() -> std::result::Result<T, StoreError>,
+        local: Local,
         decode: impl Fn(Vec<u8>) -> Result<T>,
-    ) -> Result<T> {
+    ) -> Result<T>
+    where
+        Local: Fn() -> LocalFuture,
+        LocalFuture: Future<Output = std::result::Result<T, StoreError>>,
+    {
         let budget = self.budget();
         let deadline = tokio::time::Instant::now() + budget;
         let mut last_problem = String::from("no leader known yet");
@@ -157,7 +162,7 @@ impl ClusterStore {
         transaction.validate()?;
         self.on_leader(
             Request::Transaction(transaction.clone()),
-            async || self.store.transaction(transaction.clone()).await,
+            || self.store.transaction(transaction.clone()),
             |body| {
                 serde_json::from_slice(&body).map_err(|error| ClusterError::PeerRefused {
                     request: "forwarded transaction",
@@ -185,7 +190,7 @@ impl ClusterStore {
         let index = self
             .on_leader(
                 Request::ReadIndex,
-                async || self.store.read_index().await,
+                || self.store.read_index(),
                 |body| {
                     let bytes: [u8; 8] =
                         body.as_slice()
@@ -220,6 +225,67 @@ impl ClusterStore {
         }
         self.prepare_read(consistency).await?;
         Ok(self.store.list(prefix, Consistency::Local).await?)
+    }
+
+    /// Adds an admitted host (one with a host record, see [`crate::join::admit_host`]) to raft
+    /// as a learner, from any node; returns once it has caught up with the log. The address is
+    /// the one recorded at admission, never one given here.
+    pub async fn add_learner(&self, node_id: u64) -> Result<()> {
+        let host = crate::join::host_record(self, node_id)
+            .await?
+            .ok_or_else(|| ClusterError::Membership {
+                reason: format!(
+                    "node {node_id} was not admitted (no host record); join with a token first"
+                ),
+            })?;
+        let address = host.raft_address;
+        self.on_leader(
+            Request::AddLearner { node_id },
+            || self.store.add_learner(node_id, address.clone()),
+            |_| Ok(()),
+        )
+        .await
+    }
+
+    /// Removes a host from the region, from any node: a voter is demoted first (one joint
+    /// change; refused if it is the last voter), then it leaves the membership and its host
+    /// record is deleted. Whether the host may be removed (VMs still on it) is the caller's
+    /// decision; choosing a replacement voter is the voter policy's.
+    pub async fn remove_host(&self, node_id: u64) -> Result<()> {
+        self.on_leader(
+            Request::RemoveHost { node_id },
+            move || async move {
+                let store = &self.store;
+                let membership = store.metrics().membership;
+                if membership.voters.contains(&node_id) {
+                    let remaining: std::collections::BTreeSet<u64> = membership
+                        .voters
+                        .iter()
+                        .copied()
+                        .filter(|voter| *voter != node_id)
+                        .collect();
+                    if remaining.is_empty() {
+                        return Err(StoreError::Membership {
+                            message: format!(
+                                "node {node_id} is the only voter; add another host before removing it"
+                            ),
+                        });
+                    }
+                    store.change_membership(remaining).await?;
+                }
+                if store.metrics().membership.learners.contains(&node_id) {
+                    store
+                        .remove_learners(std::collections::BTreeSet::from([node_id]))
+                        .await?;
+                }
+                Ok(())
+            },
+            |_| Ok(()),
+        )
+        .await?;
+        crate::join::forget_host(self, node_id).await?;
+        self.transport.disconnect(node_id);
+        Ok(())
     }
 
     /// Watches a prefix on this node's state (see [`Store::watch`]).

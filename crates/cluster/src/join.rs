@@ -302,6 +302,22 @@ pub async fn list_join_tokens(cluster: &ClusterStore) -> Result<Vec<JoinTokenRec
         .collect()
 }
 
+/// A token's record and its revision, read through the leader.
+async fn read_join_token(
+    cluster: &ClusterStore,
+    token: &JoinToken,
+) -> Result<(JoinTokenRecord, u64)> {
+    let key = format!("{JOIN_TOKEN_KEY_PREFIX}{}", token.token_id);
+    let item = cluster
+        .get(&key, Consistency::Linearizable)
+        .await?
+        .ok_or_else(|| ClusterError::JoinTokenRefused {
+            token_id: token.token_id.clone(),
+            reason: JoinTokenRefusal::Unknown.to_string(),
+        })?;
+    Ok((decode_record(&key, &item.value)?, item.mod_revision))
+}
+
 /// Redeems `token` for `node_id`: checks it and marks it used, atomically.
 pub async fn redeem_join_token(
     cluster: &ClusterStore,
@@ -313,18 +329,14 @@ pub async fn redeem_join_token(
         reason: reason.to_string(),
     };
     let key = format!("{JOIN_TOKEN_KEY_PREFIX}{}", token.token_id);
-    let item = cluster
-        .get(&key, Consistency::Linearizable)
-        .await?
-        .ok_or_else(|| refused(JoinTokenRefusal::Unknown))?;
-    let record: JoinTokenRecord = decode_record(&key, &item.value)?;
+    let (record, mod_revision) = read_join_token(cluster, token).await?;
     let now = now_unix_millis();
     record.check(token, now).map_err(refused)?;
     let value = encode_record(&key, &record.redeemed(node_id, now))?;
     let outcome = cluster
         .transaction(
             Transaction::new()
-                .when_mod_revision(key.clone(), item.mod_revision)
+                .when_mod_revision(key.clone(), mod_revision)
                 .put(key, value),
         )
         .await?;
@@ -378,6 +390,15 @@ pub async fn record_host(cluster: &ClusterStore, record: &HostRecord) -> Result<
     Ok(())
 }
 
+/// One host's record, read through the leader.
+pub async fn host_record(cluster: &ClusterStore, node_id: u64) -> Result<Option<HostRecord>> {
+    let key = host_key(node_id);
+    match cluster.get(&key, Consistency::Linearizable).await? {
+        Some(item) => Ok(Some(decode_record(&key, &item.value)?)),
+        None => Ok(None),
+    }
+}
+
 /// Every recorded host, by node id.
 pub async fn list_hosts(cluster: &ClusterStore) -> Result<Vec<HostRecord>> {
     let listing = cluster
@@ -414,6 +435,9 @@ pub struct JoinRequest {
 /// The cluster's answer: the node id, the signed certificate and the CA certificate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinGrant {
+    /// The node that admitted the host (its certificate names it): ask it, with the new
+    /// certificate, to add the host as a learner.
+    pub admitted_by_node_id: u64,
     /// The joiner's raft node id.
     pub node_id: u64,
     /// Its certificate (PEM).
@@ -453,6 +477,15 @@ pub async fn admit_host(
         .copied()
         .max()
         .unwrap_or(0);
+    // Check the token before an id is spent on the host (ids are never reused; a refused
+    // joiner should not leave a gap). `redeem_join_token` checks again, atomically.
+    let (record, _) = read_join_token(cluster, &token).await?;
+    record
+        .check(&token, now_unix_millis())
+        .map_err(|reason| ClusterError::JoinTokenRefused {
+            token_id: token.token_id.clone(),
+            reason: reason.to_string(),
+        })?;
     let node_id = allocate_node_id(cluster, highest + 1).await?;
     redeem_join_token(cluster, &token, node_id).await?;
     let certificate_pem = ca.sign_node_certificate(&request.csr_pem, node_id)?;
@@ -471,6 +504,7 @@ pub async fn admit_host(
     )
     .await?;
     Ok(JoinGrant {
+        admitted_by_node_id: cluster.node_id(),
         node_id,
         certificate_pem,
         ca_certificate_pem: ca.certificate_pem(),

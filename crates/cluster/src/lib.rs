@@ -7,6 +7,7 @@
 //!   (format in [`wire`]).
 //! - [`ClusterStore`]: transactions and linearizable reads that work on any node.
 //! - [`join`]: one-time expiring join tokens, node id allocation, host admission.
+//! - [`joiner`]: the joining host's side: enrolment over the listener, CA pinned by the token.
 //! - [`membership`]: the voter policy (1 → 3 → 5 voters, lost voters replaced), pure.
 //! - [`timing`]: raft heartbeat and election timeouts from measured RTTs, pure.
 //!
@@ -18,6 +19,7 @@ pub mod cluster_store;
 pub mod error;
 pub mod identity;
 pub mod join;
+pub mod joiner;
 pub mod membership;
 pub mod server;
 pub mod timing;

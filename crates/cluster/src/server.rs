@@ -5,8 +5,10 @@
 //! requests to [`Store::read_index`].
 //!
 //! A raft message whose `source_node_id` is not the authenticated node is refused and the
-//! connection closed: a host may speak only for itself. The server owns no raft logic; it must
-//! not interpret raft bodies.
+//! connection closed: a host may speak only for itself. A peer without a certificate (a host
+//! that is joining) may send one thing only, a join request, answered only by a host that holds
+//! the cluster CA ([`RaftListener::serve_cluster`]). The server owns no raft logic; it must not
+//! interpret raft bodies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,8 +21,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cluster_store::ClusterStore;
 use crate::error::{ClusterError, Result};
-use crate::identity::{NodeIdentity, node_id_of_certificate};
+use crate::identity::{ClusterCa, NodeIdentity, node_id_of_certificate};
 use crate::transport::read_frame;
 use crate::wire::{Frame, RemoteFailure, Request};
 
@@ -52,10 +55,7 @@ impl RaftListener {
     /// Binds `address` (e.g. `0.0.0.0:7181`, or port 0 in tests) with `identity`'s certificate;
     /// clients must present a certificate from the same cluster CA.
     pub async fn bind(address: &str, identity: &NodeIdentity) -> Result<RaftListener> {
-        let server_config = identity
-            .tls_settings()
-            .server_config()
-            .map_err(|source| ClusterError::Tls { source })?;
+        let server_config = server_config(identity)?;
         let listener =
             TcpListener::bind(address)
                 .await
@@ -78,16 +78,53 @@ impl RaftListener {
         })
     }
 
+    /// Like [`Self::bind`] on an already bound socket: a joining host binds first (its raft
+    /// address goes into the join request) and gets its identity afterwards.
+    pub fn from_listener(listener: TcpListener, identity: &NodeIdentity) -> Result<RaftListener> {
+        let server_config = server_config(identity)?;
+        let local_address = listener
+            .local_addr()
+            .map_err(|source| ClusterError::Listener {
+                address: "bound socket".to_string(),
+                action: "reading the bound address",
+                source,
+            })?;
+        Ok(RaftListener {
+            listener,
+            acceptor: TlsAcceptor::from(server_config),
+            local_address,
+        })
+    }
+
     /// The bound address.
     pub fn local_address(&self) -> SocketAddr {
         self.local_address
     }
 
-    /// Starts serving `store`.
+    /// Starts serving raft, forwarded writes and read-index requests for `store`. Join and
+    /// membership requests are refused: use [`Self::serve_cluster`] for them.
     pub fn serve(self, store: Store) -> RaftServer {
+        self.start(Arc::new(ServerContext {
+            store,
+            cluster: None,
+            ca: None,
+        }))
+    }
+
+    /// Starts serving everything: raft, forwarded writes and reads, membership requests, and,
+    /// when `ca` is given, join requests from hosts without a certificate yet.
+    pub fn serve_cluster(self, cluster: ClusterStore, ca: Option<Arc<ClusterCa>>) -> RaftServer {
+        self.start(Arc::new(ServerContext {
+            store: cluster.store().clone(),
+            cluster: Some(cluster),
+            ca,
+        }))
+    }
+
+    fn start(self, context: Arc<ServerContext>) -> RaftServer {
         let (stop, stopped) = watch::channel(false);
         let local_address = self.local_address;
-        let accept_task = tokio::spawn(accept_loop(self.listener, self.acceptor, store, stopped));
+        let accept_task = tokio::spawn(accept_loop(self.listener, self.acceptor, context, stopped));
         tracing::info!(address = %local_address, "cluster raft listener serving");
         RaftServer {
             local_address,
@@ -95,6 +132,48 @@ impl RaftListener {
             accept_task: Some(accept_task),
         }
     }
+}
+
+/// What a listener serves.
+struct ServerContext {
+    store: Store,
+    cluster: Option<ClusterStore>,
+    ca: Option<Arc<ClusterCa>>,
+}
+
+/// mTLS server configuration: TLS 1.3, the aws-lc-rs provider (X25519MLKEM768 first), this
+/// host's certificate, client certificates verified against the cluster CA. A client without a
+/// certificate is let through the handshake only to send a join request.
+fn server_config(identity: &NodeIdentity) -> Result<Arc<rustls::ServerConfig>> {
+    let tls_error = |reason: String| ClusterError::Tls {
+        source: novacron_transport::TransportError::TlsConfiguration { reason },
+    };
+    let provider = novacron_transport::tls::crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(identity.ca_certificate_der().clone())
+        .map_err(|error| tls_error(error.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|error| tls_error(format!("client verifier: {error}")))?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        identity
+            .host_identity()
+            .private_key_pkcs8_der()
+            .to_vec()
+            .into(),
+    );
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| tls_error(error.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.host_identity().certificate_chain().to_vec(), key)
+        .map_err(|error| tls_error(error.to_string()))?;
+    Ok(Arc::new(config))
 }
 
 /// A running cluster listener. [`Self::shutdown`] stops it and closes its connections.
@@ -145,7 +224,7 @@ impl Drop for RaftServer {
 async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    store: Store,
+    context: Arc<ServerContext>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -155,7 +234,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    connections.spawn(serve_connection(tcp, peer, acceptor.clone(), store.clone()));
+                    connections.spawn(serve_connection(tcp, peer, acceptor.clone(), context.clone()));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: keep serving the others.
@@ -169,7 +248,12 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, store: Store) {
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    context: Arc<ServerContext>,
+) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -181,6 +265,7 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
             return;
         }
     };
+    // `None`: a joining host without a certificate.
     let peer_node_id = match tls
         .get_ref()
         .1
@@ -188,17 +273,14 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
         .and_then(|chain| chain.first())
         .map(|leaf| node_id_of_certificate(leaf.as_ref()))
     {
-        Some(Ok(node_id)) => node_id,
+        Some(Ok(node_id)) => Some(node_id),
         Some(Err(error)) => {
             tracing::warn!(%peer, %error, "cluster peer certificate names no node");
             return;
         }
-        None => {
-            tracing::warn!(%peer, "cluster peer presented no certificate");
-            return;
-        }
+        None => None,
     };
-    tracing::debug!(%peer, peer_node_id, "cluster connection accepted");
+    tracing::debug!(%peer, ?peer_node_id, "cluster connection accepted");
 
     let (mut reader, mut writer) = tokio::io::split(tls);
     let (replies, mut reply_queue) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
@@ -228,30 +310,24 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
         let (id, request) = match frame {
             Ok(Some(Frame::Request { id, request })) => (id, request),
             Ok(Some(_)) => {
-                tracing::warn!(%peer, peer_node_id, "cluster peer sent a reply to the listener");
+                tracing::warn!(%peer, ?peer_node_id, "cluster peer sent a reply to the listener");
                 break;
             }
             Ok(None) => break,
             Err(error) => {
-                tracing::warn!(%peer, peer_node_id, %error, "cluster connection read failed");
+                tracing::warn!(%peer, ?peer_node_id, %error, "cluster connection read failed");
                 break;
             }
         };
-        if let Request::Raft(message) = &request
-            && message.source_node_id != peer_node_id
-        {
+        if let Some(refusal) = refusal(peer_node_id, &request) {
             tracing::warn!(
                 %peer,
-                peer_node_id,
-                claimed_node_id = message.source_node_id,
-                "raft message refused: its source is not the authenticated node"
+                ?peer_node_id,
+                request = request.name(),
+                %refusal,
+                "cluster request refused"
             );
-            let failure = RemoteFailure::Refused {
-                message: format!(
-                    "the raft message claims to come from node {} but the connection is authenticated as node {peer_node_id}",
-                    message.source_node_id
-                ),
-            };
+            let failure = RemoteFailure::Refused { message: refusal };
             if let Ok(bytes) = (Frame::Error { id, failure }).encode() {
                 let _ = replies.send(bytes).await;
             }
@@ -260,10 +336,10 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let store = store.clone();
+        let context = context.clone();
         let replies = replies.clone();
         requests.spawn(async move {
-            let frame = handle_request(&store, id, request).await;
+            let frame = handle_request(&context, id, request).await;
             match frame.encode() {
                 Ok(bytes) => {
                     let _ = replies.send(bytes).await;
@@ -287,16 +363,58 @@ async fn serve_connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAccepto
     let _ = writer_task.await;
 }
 
-async fn handle_request(store: &Store, id: u64, request: Request) -> Frame {
+/// Why a request may not be served on this connection, if it may not: a host speaks only for
+/// itself, and a host without a certificate may only ask to join.
+fn refusal(peer_node_id: Option<u64>, request: &Request) -> Option<String> {
+    match (peer_node_id, request) {
+        (_, Request::Join(_)) => None,
+        (None, other) => Some(format!(
+            "{} needs a cluster certificate; only a join request is accepted without one",
+            other.name()
+        )),
+        (Some(peer_node_id), Request::Raft(message)) if message.source_node_id != peer_node_id => {
+            Some(format!(
+                "the raft message claims to come from node {} but the connection is authenticated as node {peer_node_id}",
+                message.source_node_id
+            ))
+        }
+        (Some(_), _) => None,
+    }
+}
+
+fn cluster_error_failure(error: &ClusterError) -> RemoteFailure {
+    match error {
+        ClusterError::Store(store_error) => RemoteFailure::from_store(store_error),
+        ClusterError::JoinTokenRefused { .. }
+        | ClusterError::InvalidJoinToken { .. }
+        | ClusterError::Certificate { .. }
+        | ClusterError::Membership { .. } => RemoteFailure::Refused {
+            message: error.to_string(),
+        },
+        other => RemoteFailure::Failed {
+            message: other.to_string(),
+        },
+    }
+}
+
+fn encoded<T: serde::Serialize>(value: &T) -> std::result::Result<Vec<u8>, RemoteFailure> {
+    serde_json::to_vec(value).map_err(|error| RemoteFailure::Failed {
+        message: error.to_string(),
+    })
+}
+
+async fn handle_request(context: &ServerContext, id: u64, request: Request) -> Frame {
+    let store = &context.store;
+    let not_served = |what: &str| RemoteFailure::Refused {
+        message: format!("this host does not serve {what}"),
+    };
     let result: std::result::Result<Vec<u8>, RemoteFailure> = match request {
         Request::Raft(message) => store
             .handle_raft_message(message)
             .await
             .map_err(|error| RemoteFailure::from_store(&error)),
         Request::Transaction(transaction) => match store.transaction(transaction).await {
-            Ok(outcome) => serde_json::to_vec(&outcome).map_err(|error| RemoteFailure::Failed {
-                message: error.to_string(),
-            }),
+            Ok(outcome) => encoded(&outcome),
             Err(error) => Err(RemoteFailure::from_store(&error)),
         },
         Request::ReadIndex => store
@@ -304,9 +422,82 @@ async fn handle_request(store: &Store, id: u64, request: Request) -> Frame {
             .await
             .map(|index| index.to_be_bytes().to_vec())
             .map_err(|error| RemoteFailure::from_store(&error)),
+        Request::Join(join) => match (&context.cluster, &context.ca) {
+            (Some(cluster), Some(ca)) => match crate::join::admit_host(cluster, ca, &join).await {
+                Ok(grant) => {
+                    tracing::info!(
+                        host_name = %join.host_name,
+                        node_id = grant.node_id,
+                        "host admitted"
+                    );
+                    encoded(&grant)
+                }
+                Err(error) => {
+                    tracing::warn!(host_name = %join.host_name, %error, "join refused");
+                    Err(cluster_error_failure(&error))
+                }
+            },
+            _ => Err(not_served(
+                "joins: it does not hold the cluster ca; join through the host that does",
+            )),
+        },
+        Request::AddLearner { node_id } => match &context.cluster {
+            Some(cluster) => cluster
+                .add_learner(node_id)
+                .await
+                .map(|()| Vec::new())
+                .map_err(|error| cluster_error_failure(&error)),
+            None => Err(not_served("membership requests")),
+        },
+        Request::RemoveHost { node_id } => match &context.cluster {
+            Some(cluster) => cluster
+                .remove_host(node_id)
+                .await
+                .map(|()| Vec::new())
+                .map_err(|error| cluster_error_failure(&error)),
+            None => Err(not_served("membership requests")),
+        },
     };
     match result {
         Ok(body) => Frame::Reply { id, body },
         Err(failure) => Frame::Error { id, failure },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use novacron_store::{RaftMessage, RaftMessageKind};
+
+    fn raft(source_node_id: u64) -> Request {
+        Request::Raft(RaftMessage {
+            kind: RaftMessageKind::AppendEntries,
+            source_node_id,
+            body: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn without_a_certificate_only_a_join_is_served_and_a_host_speaks_only_for_itself() {
+        let join = Request::Join(crate::join::JoinRequest {
+            token: String::new(),
+            csr_pem: String::new(),
+            host_name: String::new(),
+            raft_address: String::new(),
+        });
+        assert_eq!(refusal(None, &join), None);
+        for request in [
+            raft(1),
+            Request::ReadIndex,
+            Request::AddLearner { node_id: 1 },
+            Request::RemoveHost { node_id: 1 },
+            Request::Transaction(novacron_store::Transaction::new()),
+        ] {
+            let reason = refusal(None, &request).expect("refused");
+            assert!(reason.contains("needs a cluster certificate"), "{reason}");
+        }
+        assert_eq!(refusal(Some(4), &raft(4)), None);
+        assert!(refusal(Some(4), &raft(5)).is_some());
+        assert_eq!(refusal(Some(4), &Request::ReadIndex), None);
     }
 }

@@ -448,6 +448,61 @@ impl MtlsRaftTransport {
     }
 }
 
+impl MtlsRaftTransport {
+    async fn membership_request(
+        &self,
+        via_node_id: u64,
+        via_address: &str,
+        request: Request,
+    ) -> Result<()> {
+        let name = request.name();
+        match self.request(via_node_id, via_address, request).await {
+            Ok(_) => Ok(()),
+            Err(RequestError::Unreachable(source)) => Err(ClusterError::PeerUnreachable {
+                node_id: via_node_id,
+                address: via_address.to_string(),
+                source,
+            }),
+            Err(RequestError::Failed(source)) => Err(ClusterError::PeerFailed {
+                request: name,
+                node_id: via_node_id,
+                address: via_address.to_string(),
+                source,
+            }),
+            Err(RequestError::Remote(failure)) => Err(ClusterError::PeerRefused {
+                request: name,
+                node_id: via_node_id,
+                message: failure.to_string(),
+            }),
+        }
+    }
+
+    /// Asks the member `via_node_id` at `via_address` (any member; it forwards to the leader) to
+    /// add admitted host `node_id` as a learner. Used by a joining host right after
+    /// [`crate::joiner::enrol`], with its new identity.
+    pub async fn add_learner_via(
+        &self,
+        via_node_id: u64,
+        via_address: &str,
+        node_id: u64,
+    ) -> Result<()> {
+        self.membership_request(via_node_id, via_address, Request::AddLearner { node_id })
+            .await
+    }
+
+    /// Asks a member to remove host `node_id` from the region (see
+    /// [`crate::ClusterStore::remove_host`]).
+    pub async fn remove_host_via(
+        &self,
+        via_node_id: u64,
+        via_address: &str,
+        node_id: u64,
+    ) -> Result<()> {
+        self.membership_request(via_node_id, via_address, Request::RemoveHost { node_id })
+            .await
+    }
+}
+
 impl RaftTransport for MtlsRaftTransport {
     fn send(
         &self,

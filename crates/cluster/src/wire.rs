@@ -10,9 +10,14 @@
 //! - `RAFT` (1): `u8 raft message kind | u64 source node id | raft body` (the store's JSON).
 //! - `TRANSACTION` (2): a forwarded write, the JSON of a [`Transaction`].
 //! - `READ_INDEX` (3): empty; asks the leader for a read index.
+//! - `JOIN` (4): the JSON of a [`JoinRequest`]; the only request accepted from a peer without a
+//!   client certificate. Replied with the JSON of a [`crate::join::JoinGrant`].
+//! - `ADD_LEARNER` (5): `u64 node id`; adds an admitted host to raft as a learner (leader).
+//! - `REMOVE_HOST` (6): `u64 node id`; removes a host from raft and its record (leader).
 //! - `REPLY` (128): the reply bytes (raft reply body, JSON outcome, or a u64 read index).
 //! - `ERROR` (129): the JSON of a [`RemoteFailure`].
 
+use crate::join::JoinRequest;
 use novacron_store::{LeaderHint, RaftMessage, RaftMessageKind, StoreError, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +31,9 @@ pub(crate) const HEADER_BYTES: usize = 1 + 1 + 8;
 const KIND_RAFT: u8 = 1;
 const KIND_TRANSACTION: u8 = 2;
 const KIND_READ_INDEX: u8 = 3;
+const KIND_JOIN: u8 = 4;
+const KIND_ADD_LEARNER: u8 = 5;
+const KIND_REMOVE_HOST: u8 = 6;
 const KIND_REPLY: u8 = 128;
 const KIND_ERROR: u8 = 129;
 
@@ -38,6 +46,12 @@ pub(crate) enum Request {
     Transaction(Transaction),
     /// A linearizable read's read index, asked of the leader.
     ReadIndex,
+    /// A host asking to be admitted (unauthenticated connection).
+    Join(JoinRequest),
+    /// Add an admitted host as a learner.
+    AddLearner { node_id: u64 },
+    /// Remove a host from the membership (voter: demoted first) and forget it.
+    RemoveHost { node_id: u64 },
 }
 
 impl Request {
@@ -50,6 +64,9 @@ impl Request {
             },
             Request::Transaction(_) => "forwarded transaction",
             Request::ReadIndex => "read index",
+            Request::Join(_) => "join",
+            Request::AddLearner { .. } => "add learner",
+            Request::RemoveHost { .. } => "remove host",
         }
     }
 }
@@ -202,6 +219,16 @@ impl Frame {
                         .map_err(|error| malformed(error.to_string()))?,
                 ),
                 Request::ReadIndex => (KIND_READ_INDEX, Vec::new()),
+                Request::Join(join) => (
+                    KIND_JOIN,
+                    serde_json::to_vec(join).map_err(|error| malformed(error.to_string()))?,
+                ),
+                Request::AddLearner { node_id } => {
+                    (KIND_ADD_LEARNER, node_id.to_be_bytes().to_vec())
+                }
+                Request::RemoveHost { node_id } => {
+                    (KIND_REMOVE_HOST, node_id.to_be_bytes().to_vec())
+                }
             },
             Frame::Reply { body, .. } => (KIND_REPLY, body.clone()),
             Frame::Error { failure, .. } => (
@@ -282,6 +309,27 @@ impl Frame {
                     request: Request::ReadIndex,
                 }
             }
+            KIND_JOIN => Frame::Request {
+                id,
+                request: Request::Join(
+                    serde_json::from_slice(payload)
+                        .map_err(|error| malformed(format!("join request: {error}")))?,
+                ),
+            },
+            KIND_ADD_LEARNER | KIND_REMOVE_HOST => {
+                let node_id: [u8; 8] = payload
+                    .try_into()
+                    .map_err(|_| malformed("membership request is not 8 bytes"))?;
+                let node_id = u64::from_be_bytes(node_id);
+                Frame::Request {
+                    id,
+                    request: if kind == KIND_ADD_LEARNER {
+                        Request::AddLearner { node_id }
+                    } else {
+                        Request::RemoveHost { node_id }
+                    },
+                }
+            }
             KIND_REPLY => Frame::Reply {
                 id,
                 body: payload.to_vec(),
@@ -355,6 +403,32 @@ mod tests {
                 request: Request::ReadIndex
             }
         ));
+        match round_trip(&Frame::Request {
+            id: 5,
+            request: Request::AddLearner { node_id: 42 },
+        }) {
+            Frame::Request {
+                id: 5,
+                request: Request::AddLearner { node_id: 42 },
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        let join = JoinRequest {
+            token: "t".into(),
+            csr_pem: "c".into(),
+            host_name: "h".into(),
+            raft_address: "127.0.0.1:1".into(),
+        };
+        match round_trip(&Frame::Request {
+            id: 6,
+            request: Request::Join(join),
+        }) {
+            Frame::Request {
+                id: 6,
+                request: Request::Join(decoded),
+            } => assert_eq!(decoded.host_name, "h"),
+            other => panic!("unexpected {other:?}"),
+        }
         match round_trip(&Frame::Reply {
             id: 2,
             body: vec![1, 2, 3],
@@ -431,6 +505,8 @@ mod tests {
             vec![WIRE_VERSION, KIND_ERROR, 0, 0, 0, 0, 0, 0, 0, 0, b'1'],
             vec![WIRE_VERSION, KIND_READ_INDEX, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             vec![WIRE_VERSION, KIND_REPLY],
+            vec![WIRE_VERSION, KIND_ADD_LEARNER, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            vec![WIRE_VERSION, KIND_JOIN, 0, 0, 0, 0, 0, 0, 0, 0, b'['],
         ] {
             assert!(Frame::decode(&garbage).is_err(), "{garbage:?}");
         }
