@@ -444,6 +444,10 @@ pub struct JoinGrant {
     pub certificate_pem: String,
     /// The cluster CA certificate (PEM); the joiner checks it against the token's fingerprint.
     pub ca_certificate_pem: String,
+    /// The region's raft timing, if one was stored: the joiner writes it to its data directory
+    /// ([`crate::timing::write_timing_file`]) before it opens its store.
+    #[serde(default)]
+    pub raft_timing: Option<crate::timing::RaftTimingRecord>,
 }
 
 /// Admits a host: checks the token pins this cluster's CA, redeems it, allocates a node id,
@@ -508,6 +512,7 @@ pub async fn admit_host(
         node_id,
         certificate_pem,
         ca_certificate_pem: ca.certificate_pem(),
+        raft_timing: crate::timing::load_raft_timing(cluster).await?,
     })
 }
 

@@ -10,14 +10,14 @@
 //! the peer shutting down) is *unreachable*, raft backs off; sent but no good reply is *failed*.
 //! This module must not retry raft messages: raft does that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use novacron_store::{RaftMessage, RaftTarget, RaftTransport, TransportError};
+use novacron_store::{RaftMessage, RaftMessageKind, RaftTarget, RaftTransport, TransportError};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -247,7 +247,11 @@ struct Inner {
     options: MtlsRaftOptions,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     connections_opened: AtomicU64,
+    round_trips: Mutex<HashMap<u64, VecDeque<Duration>>>,
 }
+
+/// Round-trip samples kept per peer (the most recent).
+pub const ROUND_TRIP_SAMPLES_PER_PEER: usize = 512;
 
 /// The store's raft transport over mutual TLS between hosts, trusting the cluster CA. Cheap to
 /// clone.
@@ -281,6 +285,7 @@ impl MtlsRaftTransport {
                 options,
                 peers: Mutex::new(HashMap::new()),
                 connections_opened: AtomicU64::new(0),
+                round_trips: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -293,6 +298,28 @@ impl MtlsRaftTransport {
     /// How many connections this transport has opened so far (reconnections included).
     pub fn connections_opened(&self) -> u64 {
         self.inner.connections_opened.load(Ordering::Relaxed)
+    }
+
+    /// The recent round trips of raft append-entries exchanges (heartbeats and replication)
+    /// with each of `peers`: the input of [`crate::timing::raft_timing_for_round_trips`] when
+    /// `peers` are the voters and this node leads. A sample is the time from queuing the request
+    /// to receiving its reply, so it includes the peer's handling (a log append) as raft sees it.
+    pub fn round_trip_samples(&self, peers: &[u64]) -> Vec<Duration> {
+        let round_trips = lock(&self.inner.round_trips);
+        peers
+            .iter()
+            .filter_map(|peer| round_trips.get(peer))
+            .flat_map(|samples| samples.iter().copied())
+            .collect()
+    }
+
+    fn record_round_trip(&self, node_id: u64, round_trip: Duration) {
+        let mut round_trips = lock(&self.inner.round_trips);
+        let samples = round_trips.entry(node_id).or_default();
+        if samples.len() == ROUND_TRIP_SAMPLES_PER_PEER {
+            samples.pop_front();
+        }
+        samples.push_back(round_trip);
     }
 
     /// Closes the connection to a peer (the next request dials again), e.g. after the peer was
@@ -511,11 +538,17 @@ impl RaftTransport for MtlsRaftTransport {
     ) -> BoxFuture<'_, std::result::Result<Vec<u8>, TransportError>> {
         async move {
             let kind = message.kind;
+            let started = tokio::time::Instant::now();
             match self
                 .request(target.node_id, &target.address, Request::Raft(message))
                 .await
             {
-                Ok(reply) => Ok(reply),
+                Ok(reply) => {
+                    if kind == RaftMessageKind::AppendEntries {
+                        self.record_round_trip(target.node_id, started.elapsed());
+                    }
+                    Ok(reply)
+                }
                 Err(RequestError::Unreachable(source)) => Err(TransportError::Unreachable {
                     node_id: target.node_id,
                     address: target.address,

@@ -107,6 +107,9 @@ async fn join_through(address: &str, token: &str, host_name: &str) -> Result<Hos
         Duration::from_secs(10),
     )
     .await?;
+    if let Some(timing) = &grant.raft_timing {
+        assert!(timing.timing().is_ok(), "the grant carries a valid timing");
+    }
     let listener = RaftListener::from_listener(socket, &identity).expect("listener");
     let host = open_host(&identity, listener, Bootstrap::JoinExisting, None).await;
     host.cluster
@@ -153,6 +156,12 @@ async fn hosts_join_with_one_time_tokens_become_voters_and_can_be_removed() {
         .await
         .expect("token");
 
+    novacron_cluster::timing::store_raft_timing(
+        &first.cluster,
+        &novacron_cluster::timing::RaftTimingRecord::from_samples(&[Duration::from_millis(1)]),
+    )
+    .await
+    .expect("store the region's timing");
     let second = join_through(&first.address, &token.to_string(), "host-2")
         .await
         .expect("host 2 joins");

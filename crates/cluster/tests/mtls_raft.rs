@@ -224,6 +224,17 @@ async fn writes_on_a_follower_are_forwarded_to_the_leader_and_seen_everywhere() 
         "the follower dialed only the leader, once"
     );
 
+    // The leader measured its round trips to the voters; on loopback they give the LAN timing.
+    let leader_transport = region.host(leader).cluster.transport();
+    let voters: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
+    let samples = leader_transport.round_trip_samples(&voters);
+    assert!(!samples.is_empty(), "heartbeats and appends were timed");
+    assert!(samples.len() <= 2 * novacron_cluster::transport::ROUND_TRIP_SAMPLES_PER_PEER);
+    let record = novacron_cluster::timing::RaftTimingRecord::from_samples(&samples);
+    assert_eq!(record.samples, samples.len() as u64);
+    let timing = record.timing().expect("valid timing");
+    assert!(timing.heartbeat_interval >= novacron_cluster::timing::MIN_HEARTBEAT);
+
     region.shutdown().await;
 }
 
