@@ -135,6 +135,48 @@ pub fn certificate_der_from_pem(pem: &str) -> Result<CertificateDer<'static>> {
     })
 }
 
+/// File names of a saved [`NodeIdentity`] ([`NodeIdentity::save`]).
+pub const HOST_CERTIFICATE_FILE: &str = "host.pem";
+/// The host key file (mode 0600).
+pub const HOST_KEY_FILE: &str = "host.key";
+/// The cluster CA certificate file a host trusts.
+pub const CA_CERTIFICATE_FILE: &str = "ca.pem";
+/// The CA key file (mode 0600), only on hosts that admit others ([`ClusterCa::save`]).
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// Writes `contents` to `dir/name` atomically (temporary file, then rename), mode 0600 when
+/// `secret`.
+fn write_file(dir: &std::path::Path, name: &str, contents: &str, secret: bool) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io_error = |action: &'static str| {
+        move |error: std::io::Error| ClusterError::Certificate {
+            action,
+            reason: format!("{}: {error}", dir.join(name).display()),
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io_error("create the identity directory"))?;
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&temporary)
+        .map_err(io_error("write an identity file"))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("write an identity file"))?;
+    std::fs::rename(&temporary, dir.join(name)).map_err(io_error("write an identity file"))
+}
+
+fn read_file(dir: &std::path::Path, name: &str) -> Result<String> {
+    std::fs::read_to_string(dir.join(name)).map_err(|error| ClusterError::Certificate {
+        action: "read an identity file",
+        reason: format!("{}: {error}", dir.join(name).display()),
+    })
+}
+
 /// The cluster certificate authority: signs host certificates. Created once at `cluster init`.
 pub struct ClusterCa {
     issuer: Issuer<'static, KeyPair>,
@@ -210,6 +252,20 @@ impl ClusterCa {
             certificate_der,
             private_key_pem: private_key_pem.to_string(),
         })
+    }
+
+    /// Saves the CA into `dir` ([`CA_CERTIFICATE_FILE`], [`CA_KEY_FILE`] with mode 0600).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        write_file(dir, CA_CERTIFICATE_FILE, &self.certificate_pem(), false)?;
+        write_file(dir, CA_KEY_FILE, &self.private_key_pem, true)
+    }
+
+    /// Loads a CA saved with [`Self::save`].
+    pub fn load(dir: &std::path::Path) -> Result<ClusterCa> {
+        ClusterCa::from_pem(
+            &read_file(dir, CA_CERTIFICATE_FILE)?,
+            &read_file(dir, CA_KEY_FILE)?,
+        )
     }
 
     /// The CA certificate (DER).
@@ -339,6 +395,23 @@ impl NodeIdentity {
             host,
             ca_certificate,
         })
+    }
+
+    /// Saves the identity into `dir` ([`HOST_CERTIFICATE_FILE`], [`HOST_KEY_FILE`] with mode
+    /// 0600, [`CA_CERTIFICATE_FILE`]).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        write_file(dir, CA_CERTIFICATE_FILE, &self.ca_certificate_pem(), false)?;
+        write_file(dir, HOST_KEY_FILE, &self.private_key_pem(), true)?;
+        write_file(dir, HOST_CERTIFICATE_FILE, &self.certificate_pem(), false)
+    }
+
+    /// Loads an identity saved with [`Self::save`] (checked as [`Self::from_pem`] does).
+    pub fn load(dir: &std::path::Path) -> Result<NodeIdentity> {
+        NodeIdentity::from_pem(
+            &read_file(dir, HOST_CERTIFICATE_FILE)?,
+            &read_file(dir, HOST_KEY_FILE)?,
+            &read_file(dir, CA_CERTIFICATE_FILE)?,
+        )
     }
 
     /// The raft node id this identity was issued for.
@@ -574,6 +647,33 @@ mod tests {
             &ca.certificate_pem(),
         );
         assert!(wrong_key.is_err());
+    }
+
+    #[test]
+    fn identities_are_saved_with_secret_keys_readable_only_by_the_owner() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::generate("files").expect("ca");
+        ca.save(dir.path()).expect("save ca");
+        let identity = ca.issue_node_identity(3).expect("identity");
+        identity.save(dir.path()).expect("save identity");
+        for (name, mode) in [
+            (CA_KEY_FILE, 0o600),
+            (HOST_KEY_FILE, 0o600),
+            (HOST_CERTIFICATE_FILE, 0o644),
+        ] {
+            let metadata = std::fs::metadata(dir.path().join(name)).expect("metadata");
+            assert_eq!(metadata.permissions().mode() & 0o777, mode, "{name}");
+        }
+        let loaded = NodeIdentity::load(dir.path()).expect("load identity");
+        assert_eq!(loaded.node_id(), 3);
+        assert_eq!(
+            ClusterCa::load(dir.path()).expect("load ca").fingerprint(),
+            ca.fingerprint()
+        );
+        let empty = tempfile::tempdir().expect("tempdir");
+        let error = NodeIdentity::load(empty.path()).expect_err("nothing saved");
+        assert!(error.to_string().contains("host.pem"), "{error}");
     }
 
     #[test]
