@@ -471,3 +471,79 @@ async fn a_stopped_peer_is_unreachable_and_forwarding_reports_no_leader() {
     assert!(matches!(error, ClusterError::NoLeader { .. }), "{error}");
     store.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_unreachable_or_failed_and_the_transport_reconnects() {
+    let ca = ClusterCa::generate("silent").expect("ca");
+    let client = ca.issue_node_identity(1).expect("client identity");
+    let server = ca.issue_node_identity(2).expect("server identity");
+    let short = MtlsRaftOptions {
+        connect_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_millis(300),
+    };
+    let transport = MtlsRaftTransport::new(&client, short).expect("transport");
+
+    // Accepts TCP, never speaks TLS: the handshake times out, nothing was delivered.
+    let mute = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mute_address = mute.local_addr().expect("address").to_string();
+    let mute_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = mute.accept().await {
+            held.push(socket);
+        }
+    });
+    let error = transport
+        .send(
+            RaftTarget {
+                node_id: 2,
+                address: mute_address,
+            },
+            vote_message(1),
+        )
+        .await
+        .expect_err("no handshake");
+    assert!(
+        matches!(error, TransportError::Unreachable { .. }),
+        "{error}"
+    );
+    mute_task.abort();
+
+    // Completes the handshake and reads requests, never replies: the request fails (it was
+    // sent) and the connection is dropped, so the next request dials again.
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        server
+            .tls_settings()
+            .server_config()
+            .expect("server config"),
+    );
+    let deaf = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let deaf_address = deaf.local_addr().expect("address").to_string();
+    let deaf_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = deaf.accept().await {
+            if let Ok(mut tls) = acceptor.accept(socket).await {
+                held.push(tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink).await;
+                }));
+            }
+        }
+    });
+    let target = RaftTarget {
+        node_id: 2,
+        address: deaf_address,
+    };
+    for attempt in 1..=2u64 {
+        let error = transport
+            .send(target.clone(), vote_message(1))
+            .await
+            .expect_err("no reply");
+        assert!(matches!(error, TransportError::Failed { .. }), "{error}");
+        assert_eq!(transport.connections_opened(), attempt);
+    }
+    deaf_task.abort();
+}
