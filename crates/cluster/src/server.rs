@@ -24,13 +24,17 @@ use tokio_rustls::TlsAcceptor;
 use crate::cluster_store::ClusterStore;
 use crate::error::{ClusterError, Result};
 use crate::identity::{ClusterCa, NodeIdentity, node_id_of_certificate};
-use crate::transport::read_frame;
+use crate::transport::read_frame_limited;
 use crate::wire::{Frame, RemoteFailure, Request};
 
 /// How long a connecting peer may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests served at once per connection; the reader waits beyond that (backpressure).
 const REQUESTS_IN_FLIGHT_PER_CONNECTION: usize = 512;
+/// Largest frame from a peer without a certificate (a join request is a few KiB).
+const MAX_UNAUTHENTICATED_FRAME_BYTES: usize = 64 * 1024;
+/// How long a peer without a certificate may stay silent.
+const UNAUTHENTICATED_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Reply frames queued per connection.
 const REPLY_QUEUE: usize = 256;
 
@@ -300,13 +304,27 @@ async fn serve_connection(
         let _ = writer.shutdown().await;
     });
 
+    let frame_limit = if peer_node_id.is_some() {
+        crate::wire::MAX_FRAME_BYTES
+    } else {
+        MAX_UNAUTHENTICATED_FRAME_BYTES
+    };
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION));
     let mut requests = JoinSet::new();
     loop {
-        let frame = tokio::select! {
-            frame = read_frame(&mut reader) => frame,
-            Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+        // Not raced against anything: a frame read is not cancel-safe (a partial read would
+        // desynchronize the stream). A peer without a certificate gets an idle limit.
+        let read = read_frame_limited(&mut reader, frame_limit);
+        let frame = if peer_node_id.is_some() {
+            read.await
+        } else {
+            match tokio::time::timeout(UNAUTHENTICATED_IDLE_TIMEOUT, read).await {
+                Ok(frame) => frame,
+                Err(_) => break,
+            }
         };
+        // Reap the requests that finished meanwhile.
+        while requests.try_join_next().is_some() {}
         let (id, request) = match frame {
             Ok(Some(Frame::Request { id, request })) => (id, request),
             Ok(Some(_)) => {

@@ -1,17 +1,24 @@
 //! Raft timing from measured round trips between voters (ACP in the design).
 //!
+//! The samples are the round trips of raft append-entries exchanges between the leader and the
+//! voters, as the transport measures them (network RTT plus the follower's log append), with an
+//! exchange that hit its deadline counted at the deadline.
+//!
 //! The rule ([`raft_timing_for_round_trips`]):
-//! - Take the 99th percentile of the round-trip samples between voters (one slow outlier does
-//!   not set the pace; sustained jitter does).
-//! - **Heartbeat = that RTT, rounded up to 10 ms, clamped to [50 ms, 1 s].** A heartbeat more
-//!   frequent than one round trip only piles messages up in flight without telling a follower
-//!   anything sooner; a rarer one delays failure detection, which is a multiple of it. 50 ms keeps
-//!   a LAN region from spending its CPU on heartbeats; 1 s bounds detection on absurd links.
+//! - Take the 99th percentile of the samples (one slow outlier does not set the pace; sustained
+//!   jitter or slow appends do).
+//! - **Heartbeat = twice that, rounded up to 10 ms, clamped to [50 ms, 1 s].** openraft 0.9
+//!   uses the heartbeat interval as the deadline of every append-entries RPC, heartbeats and
+//!   replication alike: an append slower than the heartbeat is cancelled and sent again, forever.
+//!   So the heartbeat must cover a loaded append's round trip with room to spare (2x), and no
+//!   more: failure detection is a multiple of it. 50 ms keeps a LAN region from spending its CPU
+//!   on heartbeats; 1 s bounds detection on absurd links. When appends hit the deadline their
+//!   samples raise the p99 and the next timing doubles the heartbeat, so it converges.
 //! - **Election timeout = 10 to 15 heartbeats.** A follower campaigns only after about ten
 //!   heartbeats in a row failed to arrive, so loss and jitter on a 40 ms link do not cause
-//!   elections (the 5-heartbeat width of the random range, at least five round trips, keeps
-//!   candidates from splitting the vote). A LAN region fails over in 0.5 to 0.75 s plus one
-//!   election; a region over 40 ms links (heartbeat 50 ms) the same; a 200 ms link in 2 to 3 s.
+//!   elections (the 5-heartbeat width of the random range keeps candidates from splitting the
+//!   vote). A LAN region fails over in 0.5 to 0.75 s plus one election; a region over 40 ms
+//!   links (heartbeat 100 ms) in 1 to 1.5 s; a 180 ms link (heartbeat 370 ms) in 3.7 to 5.6 s.
 //!
 //! openraft's configuration is fixed for the life of a `Raft` instance, so a new timing applies
 //! when a host (re)opens its store: the leader computes it from the RTTs it measures and stores
@@ -60,7 +67,10 @@ pub fn round_trip_percentile_99(samples: &[Duration]) -> Option<Duration> {
 /// With no samples (a single host, or nothing measured yet) it is the LAN timing.
 pub fn raft_timing_for_round_trips(samples: &[Duration]) -> RaftTiming {
     let round_trip = round_trip_percentile_99(samples).unwrap_or(Duration::ZERO);
-    let steps = round_trip.as_nanos().div_ceil(ROUNDING.as_nanos());
+    let steps = round_trip
+        .saturating_mul(2)
+        .as_nanos()
+        .div_ceil(ROUNDING.as_nanos());
     let rounded = ROUNDING.saturating_mul(u32::try_from(steps).unwrap_or(u32::MAX));
     let heartbeat = rounded.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
     RaftTiming {
@@ -221,16 +231,16 @@ mod tests {
 
     #[test]
     fn a_wan_region_gets_timing_that_tolerates_its_round_trips() {
-        // 40 ms links with jitter up to 48 ms.
+        // 40 ms links with jitter up to 48 ms: appends keep a 2x margin under their deadline.
         let samples: Vec<Duration> = (0..200).map(|index| ms(40 + index % 9)).collect();
         let timing = raft_timing_for_round_trips(&samples);
-        assert_eq!(timing.heartbeat_interval, ms(50));
+        assert_eq!(timing.heartbeat_interval, ms(100));
         assert!(timing.election_timeout_min >= samples.iter().max().unwrap().saturating_mul(10));
         // 180 ms intercontinental links.
         let timing = raft_timing_for_round_trips(&[ms(180), ms(175), ms(183)]);
-        assert_eq!(timing.heartbeat_interval, ms(190));
-        assert_eq!(timing.election_timeout_min, ms(1900));
-        assert_eq!(timing.election_timeout_max, ms(2850));
+        assert_eq!(timing.heartbeat_interval, ms(370));
+        assert_eq!(timing.election_timeout_min, ms(3700));
+        assert_eq!(timing.election_timeout_max, ms(5550));
         // Absurd links are capped.
         let timing = raft_timing_for_round_trips(&[Duration::from_secs(5)]);
         assert_eq!(timing.heartbeat_interval, MAX_HEARTBEAT);
@@ -245,6 +255,13 @@ mod tests {
             raft_timing_for_round_trips(&samples).heartbeat_interval,
             ms(50)
         );
+        // Appends that keep hitting a 50 ms deadline double the heartbeat.
+        let mut samples = vec![ms(10); 90];
+        samples.extend(vec![ms(50); 10]);
+        assert_eq!(
+            raft_timing_for_round_trips(&samples).heartbeat_interval,
+            ms(100)
+        );
     }
 
     #[test]
@@ -257,11 +274,11 @@ mod tests {
         let lan = raft_timing_for_round_trips(&[ms(1)]);
         assert!(!timing_change_is_worth_a_restart(
             &lan,
-            &raft_timing_for_round_trips(&[ms(55)])
+            &raft_timing_for_round_trips(&[ms(29)])
         ));
         assert!(timing_change_is_worth_a_restart(
             &lan,
-            &raft_timing_for_round_trips(&[ms(80)])
+            &raft_timing_for_round_trips(&[ms(40)])
         ));
     }
 

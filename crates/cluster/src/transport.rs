@@ -84,6 +84,15 @@ pub(crate) enum FrameReadError {
 pub(crate) async fn read_frame<Reader: AsyncRead + Unpin>(
     reader: &mut Reader,
 ) -> std::result::Result<Option<Frame>, FrameReadError> {
+    read_frame_limited(reader, crate::wire::MAX_FRAME_BYTES).await
+}
+
+/// Like [`read_frame`], refusing frames longer than `max_bytes` (a peer without a certificate
+/// gets a small limit: a join request is a few KiB).
+pub(crate) async fn read_frame_limited<Reader: AsyncRead + Unpin>(
+    reader: &mut Reader,
+    max_bytes: usize,
+) -> std::result::Result<Option<Frame>, FrameReadError> {
     let mut length = [0u8; 4];
     match reader.read_exact(&mut length).await {
         Ok(_) => {}
@@ -91,6 +100,9 @@ pub(crate) async fn read_frame<Reader: AsyncRead + Unpin>(
         Err(error) => return Err(error.into()),
     }
     let length = Frame::check_length(u32::from_be_bytes(length))?;
+    if length > max_bytes {
+        return Err(WireError::Length { length }.into());
+    }
     // Grow as bytes arrive rather than trusting the prefix with one large allocation.
     let mut buffer = Vec::with_capacity(length.min(1024 * 1024));
     let read = (&mut *reader)
@@ -530,6 +542,24 @@ impl MtlsRaftTransport {
     }
 }
 
+/// Records an append-entries round trip when dropped: after the reply, or when openraft
+/// cancels the exchange at its deadline.
+struct RoundTripTimer<'a> {
+    transport: &'a MtlsRaftTransport,
+    node_id: u64,
+    started: tokio::time::Instant,
+    armed: bool,
+}
+
+impl Drop for RoundTripTimer<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.transport
+                .record_round_trip(self.node_id, self.started.elapsed());
+        }
+    }
+}
+
 impl RaftTransport for MtlsRaftTransport {
     fn send(
         &self,
@@ -538,17 +568,26 @@ impl RaftTransport for MtlsRaftTransport {
     ) -> BoxFuture<'_, std::result::Result<Vec<u8>, TransportError>> {
         async move {
             let kind = message.kind;
-            let started = tokio::time::Instant::now();
-            match self
+            // Times append-entries exchanges; one that openraft cancels at its deadline (the
+            // future is dropped) counts at the time it had run, which is that deadline.
+            let mut timer = (kind == RaftMessageKind::AppendEntries).then(|| RoundTripTimer {
+                transport: self,
+                node_id: target.node_id,
+                started: tokio::time::Instant::now(),
+                armed: true,
+            });
+            let result = self
                 .request(target.node_id, &target.address, Request::Raft(message))
-                .await
+                .await;
+            if result.is_err()
+                && let Some(timer) = timer.as_mut()
             {
-                Ok(reply) => {
-                    if kind == RaftMessageKind::AppendEntries {
-                        self.record_round_trip(target.node_id, started.elapsed());
-                    }
-                    Ok(reply)
-                }
+                // A failed exchange says nothing about the round trip.
+                timer.armed = false;
+            }
+            drop(timer);
+            match result {
+                Ok(reply) => Ok(reply),
                 Err(RequestError::Unreachable(source)) => Err(TransportError::Unreachable {
                     node_id: target.node_id,
                     address: target.address,

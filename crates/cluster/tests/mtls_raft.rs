@@ -12,8 +12,8 @@ use novacron_cluster::{
     RaftListener, RaftServer,
 };
 use novacron_store::{
-    Bootstrap, Consistency, NodeRole, RaftMessage, RaftMessageKind, RaftTarget, RaftTransport,
-    Store, StoreConfig, Transaction, TransportError,
+    Bootstrap, Consistency, NodeRole, RaftMessage, RaftMessageKind, RaftTarget, RaftTiming,
+    RaftTransport, Store, StoreConfig, Transaction, TransportError,
 };
 use tempfile::TempDir;
 
@@ -54,7 +54,7 @@ struct Host {
 }
 
 impl Host {
-    async fn start(ca: &ClusterCa, node_id: u64, bootstrap: Bootstrap) -> Host {
+    async fn start(ca: &ClusterCa, node_id: u64, bootstrap: Bootstrap, timing: RaftTiming) -> Host {
         let identity = ca.issue_node_identity(node_id).expect("issue identity");
         let transport = MtlsRaftTransport::new(&identity, options()).expect("transport");
         let listener = RaftListener::bind("127.0.0.1:0", &identity)
@@ -66,6 +66,7 @@ impl Host {
         config.transport = Some(Arc::new(transport.clone()));
         config.bootstrap = bootstrap;
         config.request_timeout = Duration::from_secs(5);
+        config.timing = timing;
         let store = Store::open(config).await.expect("open store");
         let server = listener.serve(store.clone());
         Host {
@@ -96,13 +97,17 @@ struct Region {
 impl Region {
     /// Node 1 initializes; nodes 2 and 3 join as learners over mTLS and become voters.
     async fn start_three_voters() -> Region {
+        Region::start_three_voters_with(RaftTiming::default()).await
+    }
+
+    async fn start_three_voters_with(timing: RaftTiming) -> Region {
         let ca = ClusterCa::generate("test-region").expect("ca");
         let mut hosts = BTreeMap::new();
-        hosts.insert(1, Host::start(&ca, 1, Bootstrap::SingleNode).await);
+        hosts.insert(1, Host::start(&ca, 1, Bootstrap::SingleNode, timing).await);
         for node_id in [2, 3] {
             hosts.insert(
                 node_id,
-                Host::start(&ca, node_id, Bootstrap::JoinExisting).await,
+                Host::start(&ca, node_id, Bootstrap::JoinExisting, timing).await,
             );
         }
         let first = hosts[&1].store().clone();
@@ -546,4 +551,44 @@ async fn a_silent_peer_is_unreachable_or_failed_and_the_transport_reconnects() {
         assert_eq!(transport.connections_opened(), attempt);
     }
     deaf_task.abort();
+}
+
+/// Regression: the listener once raced its frame reads against finishing requests, and a read
+/// cancelled half-way lost bytes and desynchronized the connection. Large frames arriving while
+/// other requests complete exercise exactly that.
+///
+/// openraft 0.9 gives every append-entries RPC the heartbeat interval as its deadline, and a
+/// megabyte append (JSON, TLS, fsync) takes longer than the 50 ms LAN heartbeat in a debug build:
+/// this test runs with the timing the ACP rule derives from such appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_concurrent_forwarded_writes_keep_the_stream_in_step() {
+    let timing =
+        novacron_cluster::timing::raft_timing_for_round_trips(&[Duration::from_millis(240)]);
+    let region = Region::start_three_voters_with(timing).await;
+    let leader = region.leader_among(&[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let cluster = region.host(follower).cluster.clone();
+    let writes = (0..24u8).map(|index| {
+        let cluster = cluster.clone();
+        async move {
+            let size = if index % 2 == 0 { 100 * 1024 } else { 16 };
+            cluster
+                .put(format!("large/{index:02}"), vec![index; size])
+                .await
+        }
+    });
+    for result in futures::future::join_all(writes).await {
+        result.expect("forwarded write");
+    }
+    let listing = cluster
+        .list("large/", Consistency::Linearizable)
+        .await
+        .expect("list");
+    assert_eq!(listing.items.len(), 24);
+    for item in &listing.items {
+        let index: u8 = item.key["large/".len()..].parse().expect("index");
+        assert!(item.value.iter().all(|byte| *byte == index), "{}", item.key);
+    }
+    assert_eq!(cluster.transport().connections_opened(), 1);
+    region.shutdown().await;
 }
