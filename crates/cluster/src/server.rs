@@ -357,7 +357,7 @@ async fn serve_connection(
         let context = context.clone();
         let replies = replies.clone();
         requests.spawn(async move {
-            let frame = handle_request(&context, id, request).await;
+            let frame = handle_request(&context, peer_node_id, id, request).await;
             match frame.encode() {
                 Ok(bytes) => {
                     let _ = replies.send(bytes).await;
@@ -421,8 +421,51 @@ fn encoded<T: serde::Serialize>(value: &T) -> std::result::Result<Vec<u8>, Remot
     })
 }
 
-async fn handle_request(context: &ServerContext, id: u64, request: Request) -> Frame {
+/// Why an authenticated host may not make `request`, if it may not: forwarded writes, reads
+/// and membership requests come only from current members (a removed host keeps a valid
+/// certificate, not a say), except a host's request to add itself right after admission.
+fn membership_refusal(
+    store: &Store,
+    peer_node_id: Option<u64>,
+    request: &Request,
+) -> Option<String> {
+    let peer = peer_node_id?;
+    match request {
+        Request::Raft(_) | Request::Join(_) => None,
+        Request::AddLearner { node_id } if *node_id == peer => None,
+        Request::Transaction(_)
+        | Request::ReadIndex
+        | Request::AddLearner { .. }
+        | Request::RemoveHost { .. } => {
+            let is_member = store.metrics().membership.addresses.contains_key(&peer);
+            (!is_member).then(|| {
+                format!(
+                    "node {peer} is not a member of this region; {} refused",
+                    request.name()
+                )
+            })
+        }
+    }
+}
+
+async fn handle_request(
+    context: &ServerContext,
+    peer_node_id: Option<u64>,
+    id: u64,
+    request: Request,
+) -> Frame {
     let store = &context.store;
+    if let Some(message) = membership_refusal(store, peer_node_id, &request) {
+        tracing::warn!(
+            ?peer_node_id,
+            request = request.name(),
+            "request from a non-member refused"
+        );
+        return Frame::Error {
+            id,
+            failure: RemoteFailure::Refused { message },
+        };
+    }
     let not_served = |what: &str| RemoteFailure::Refused {
         message: format!("this host does not serve {what}"),
     };

@@ -222,6 +222,15 @@ async fn hosts_join_with_one_time_tokens_become_voters_and_can_be_removed() {
 
     // Remove host 3 from host 2 (forwarded to the leader).
     second.cluster.remove_host(3).await.expect("remove host 3");
+    // Its certificate is still valid, but it is no longer a member: the leader refuses its
+    // membership requests (and forwarded writes and reads).
+    let error = third
+        .cluster
+        .transport()
+        .add_learner_via(1, &first.address, 2)
+        .await
+        .expect_err("a removed host has no say");
+    assert!(error.to_string().contains("not a member"), "{error}");
     let metrics = first.cluster.store().metrics();
     assert!(!metrics.membership.voters.contains(&3));
     assert!(!metrics.membership.learners.contains(&3));
