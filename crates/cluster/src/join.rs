@@ -601,3 +601,50 @@ mod tests {
         }
     }
 }
+
+/// One line of `cluster list`: what the cluster recorded of a host and its raft role as this
+/// node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSummary {
+    /// The host's record.
+    pub record: HostRecord,
+    /// `leader`, `voter`, `learner`, or `not_member` (admitted but not added yet, or removed).
+    pub role: String,
+    /// On the leader: the highest log index known replicated to the host.
+    pub replicated_index: Option<u64>,
+    /// The leader's last log index, to compare with `replicated_index`.
+    pub leader_last_log_index: Option<u64>,
+}
+
+/// Every recorded host with its role, for `cluster list` (health and capacity come from the
+/// agents' heartbeats, which live elsewhere).
+pub async fn host_summaries(cluster: &ClusterStore) -> Result<Vec<HostSummary>> {
+    let hosts = list_hosts(cluster).await?;
+    let metrics = cluster.store().metrics();
+    let leads = metrics.leader_id == Some(metrics.node_id);
+    Ok(hosts
+        .into_iter()
+        .map(|record| {
+            let node_id = record.node_id;
+            let role = if metrics.leader_id == Some(node_id) {
+                "leader"
+            } else if metrics.membership.voters.contains(&node_id) {
+                "voter"
+            } else if metrics.membership.learners.contains(&node_id) {
+                "learner"
+            } else {
+                "not_member"
+            };
+            HostSummary {
+                role: role.to_string(),
+                replicated_index: if leads {
+                    metrics.replication.get(&node_id).copied().flatten()
+                } else {
+                    None
+                },
+                leader_last_log_index: if leads { metrics.last_log_index } else { None },
+                record,
+            }
+        })
+        .collect())
+}

@@ -216,6 +216,19 @@ async fn hosts_join_with_one_time_tokens_become_voters_and_can_be_removed() {
         .put("joined/works", b"yes".to_vec())
         .await
         .expect("write forwarded from a joined host");
+    let summaries = join::host_summaries(&first.cluster)
+        .await
+        .expect("summaries");
+    let roles: Vec<(u64, &str)> = summaries
+        .iter()
+        .map(|summary| (summary.record.node_id, summary.role.as_str()))
+        .collect();
+    assert_eq!(roles, [(1, "leader"), (2, "voter"), (3, "voter")]);
+    assert!(
+        summaries
+            .iter()
+            .all(|summary| summary.replicated_index.is_some())
+    );
     let hosts = join::list_hosts(&third.cluster).await.expect("hosts");
     let names: Vec<&str> = hosts.iter().map(|host| host.host_name.as_str()).collect();
     assert_eq!(names, ["host-1", "host-2", "host-3"]);
