@@ -66,8 +66,34 @@ async fn receive_and_store(
     ));
     let control = session.control();
     let mut decoded: Option<Decoded> = None;
+    let mut pending_verify: Option<novacron_transport::ControlRequest> = None;
     let cancel = transfer.cancel.clone();
     let result = loop {
+        if decoded.is_some()
+            && let Some(request) = pending_verify.take()
+        {
+            let Some((mut staged, hash, length)) = decoded.take() else {
+                continue;
+            };
+            let stored = verify_and_store(service, offer, &mut staged, hash, length).await;
+            let reply = match &stored {
+                Ok(record) => VerifyReply::Stored {
+                    name: record.name.to_string(),
+                    id: record.id.clone(),
+                },
+                Err(failure) => VerifyReply::Failed {
+                    code: failure.code,
+                    message: failure.message.clone(),
+                },
+            };
+            let _ = request.respond(Message::VerifyReply(reply).encode()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), session.flush()).await;
+            break match stored {
+                Ok(record) => Ok(format!("stored as image {:?}", record.name.as_str())),
+                // The sender has the reason now; nothing more to tell it.
+                Err(failure) => return Err(failure),
+            };
+        }
         tokio::select! {
             incoming = control.next_incoming() => {
                 let request = match incoming {
@@ -95,33 +121,9 @@ async fn receive_and_store(
                         }
                     }
                     Ok(Message::Verify) => {
-                        let outcome = match decoded.take() {
-                            Some(decoded) => Ok(decoded),
-                            None => join(&mut decode_task).await,
-                        };
-                        let stored = match outcome {
-                            Ok((mut staged, hash, length)) => {
-                                verify_and_store(service, offer, &mut staged, hash, length).await
-                            }
-                            Err(failure) => Err(failure),
-                        };
-                        let reply = match &stored {
-                            Ok(record) => VerifyReply::Stored {
-                                name: record.name.to_string(),
-                                id: record.id.clone(),
-                            },
-                            Err(failure) => VerifyReply::Failed {
-                                code: failure.code,
-                                message: failure.message.clone(),
-                            },
-                        };
-                        let _ = request.respond(Message::VerifyReply(reply).encode()).await;
-                        let _ = tokio::time::timeout(Duration::from_secs(5), session.flush()).await;
-                        break match stored {
-                            Ok(record) => Ok(format!("stored as image {:?}", record.name.as_str())),
-                            // The sender has the reason now; nothing more to tell it.
-                            Err(failure) => return Err(failure),
-                        };
+                        // Answered once the last frame is decoded; until then keep watching for
+                        // an abort or a cancel.
+                        pending_verify = Some(request);
                     }
                     Ok(other) => {
                         break Err(TransferFailure::from(protocol::ProtocolError::Unexpected {
@@ -145,12 +147,6 @@ async fn receive_and_store(
     decode_task.abort();
     drop(decoded);
     result
-}
-
-async fn join(
-    task: &mut tokio::task::JoinHandle<Result<Decoded, TransferFailure>>,
-) -> Result<Decoded, TransferFailure> {
-    flatten(task.await)
 }
 
 fn flatten(

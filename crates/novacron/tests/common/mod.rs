@@ -63,6 +63,12 @@ pub struct TestHost {
     pub serve: Option<Child>,
     pub extra_env: Vec<(String, String)>,
     pub extra_args: Vec<String>,
+    /// Port of the DWCP transfer listener (`serve --transfer-listen`).
+    pub transfer_port: u16,
+    /// Address the API and the transfer listener bind to.
+    pub bind_ip: String,
+    /// Network namespace `serve` and the CLI run in (`ip netns exec`), if any.
+    pub namespace: Option<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -84,6 +90,34 @@ impl TestHost {
             serve: None,
             extra_env: Vec::new(),
             extra_args: Vec::new(),
+            transfer_port: free_port(),
+            bind_ip: "127.0.0.1".into(),
+            namespace: None,
+        }
+    }
+
+    /// A host whose `serve` and CLI run inside network namespace `namespace`, bound to `ip`.
+    pub fn in_namespace(namespace: &str, ip: &str) -> Self {
+        let mut host = Self::new();
+        host.namespace = Some(namespace.to_string());
+        host.bind_ip = ip.to_string();
+        host
+    }
+
+    /// The transfer address peers push to and pull from.
+    pub fn transfer_address(&self) -> String {
+        format!("{}:{}", self.bind_ip, self.transfer_port)
+    }
+
+    /// A command for `program`, inside this host's namespace if it has one.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace, program]);
+                command
+            }
+            None => Command::new(program),
         }
     }
 
@@ -94,7 +128,7 @@ impl TestHost {
     }
 
     pub fn server(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.bind_ip, self.port)
     }
 
     /// Starts `serve` and waits until its API answers.
@@ -110,7 +144,7 @@ impl TestHost {
                     self.serve_log()
                 );
             }
-            http_get_status(&url).filter(|status| *status == 200)
+            http_get_status_with(self.command("curl"), &url).filter(|status| *status == 200)
         });
     }
 
@@ -121,9 +155,14 @@ impl TestHost {
             .append(true)
             .open(self.directory.path().join("serve.log"))
             .expect("serve log");
-        let mut command = Command::new(BINARY);
+        let mut command = self.command(BINARY);
         command
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "serve",
+                "--listen",
+                &format!("{}:{}", self.bind_ip, self.port),
+            ])
+            .args(["--transfer-listen", &self.transfer_address()])
             .args(&self.extra_args)
             .env("NOVACRON_DATA_DIR", &self.data_dir)
             .env("NOVACRON_LOG", "info,openraft=warn")
@@ -150,7 +189,7 @@ impl TestHost {
 
     /// Runs the CLI against this host.
     pub fn cli(&self, arguments: &[&str]) -> Output {
-        Command::new(BINARY)
+        self.command(BINARY)
             .args(arguments)
             .env("NOVACRON_SERVER", self.server())
             .env("NOVACRON_DATA_DIR", &self.data_dir)
@@ -290,7 +329,12 @@ pub fn tail(text: &str, bytes: usize) -> &str {
 
 /// Status code of a plain GET (no token), or `None` when nothing answers.
 pub fn http_get_status(url: &str) -> Option<u16> {
-    let output = Command::new("curl")
+    http_get_status_with(Command::new("curl"), url)
+}
+
+/// [`http_get_status`] with a prepared `curl` command (in a namespace, say).
+pub fn http_get_status_with(mut curl: Command, url: &str) -> Option<u16> {
+    let output = curl
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url])
         .output()
         .ok()?;
