@@ -153,12 +153,21 @@ fn push_and_pull_between_two_hosts_keep_the_bytes_and_send_only_what_is_new() {
     assert_eq!(pushed["state"], "succeeded", "{pushed}");
     assert_eq!(image_file(&b, "base"), base);
     let wire = pushed["wire_bytes"].as_u64().expect("wire bytes");
+    eprintln!("first push: {} raw bytes, {wire} on the wire", base.len());
     // Zeros and the repeated MiB cost almost nothing; the random 16 MiB is sent once.
     assert!(
         wire < 20 * MIB as u64 && wire > 15 * MIB as u64,
         "first push put {wire} bytes on the wire"
     );
-    let received = incoming(&b, "base");
+    // The destination records its end just after answering the sender.
+    let received = poll(
+        "the destination to record the push",
+        Duration::from_secs(30),
+        || {
+            let received = incoming(&b, "base");
+            (received["state"] != "running").then_some(received)
+        },
+    );
     assert_eq!(received["initiated_by_peer"], true, "{received}");
     assert_eq!(received["state"], "succeeded", "{received}");
 
@@ -190,6 +199,10 @@ fn push_and_pull_between_two_hosts_keep_the_bytes_and_send_only_what_is_new() {
     assert_eq!(second["state"], "succeeded", "{second}");
     assert_eq!(image_file(&b, "changed"), changed);
     let second_wire = second["wire_bytes"].as_u64().expect("wire bytes");
+    eprintln!(
+        "similar image: {} raw bytes, {second_wire} on the wire",
+        changed.len()
+    );
     // Measured: about 0.5 MiB for 64 changed 4 KiB blocks in 48 MiB (about 1 %).
     assert!(
         second_wire * 30 < changed.len() as u64,
@@ -317,6 +330,10 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
     link.set_connected(true);
     let finished = wait_for_transfer(&a, &id, Duration::from_secs(90));
     assert_eq!(finished["state"], "succeeded", "{finished}");
+    eprintln!(
+        "cut link: {} s, {} reconnections",
+        finished["elapsed_seconds"], finished["reconnections"]
+    );
     assert_eq!(image_file(&b, "first"), first);
 
     // (d) cancel half-way, then push again: the second run sends well under the full size.
@@ -351,6 +368,11 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
     assert_eq!(rerun["state"], "succeeded", "{rerun}");
     assert_eq!(image_file(&b, "second"), second);
     let wire = rerun["wire_bytes"].as_u64().expect("wire bytes");
+    eprintln!(
+        "rerun after cancel: {} raw bytes, {wire} on the wire (cancelled run sent {})",
+        second.len(),
+        cancelled["wire_bytes"]
+    );
     assert!(
         wire < second.len() as u64 * 6 / 10,
         "the rerun sent {wire} of {} bytes",
