@@ -1,0 +1,20 @@
+//! The live-migration data path (issue 5): QEMU's precopy migration stream taken apart into RAM
+//! page records and opaque bytes, and put back together byte for byte.
+//!
+//! - [`stream`]: a sans-IO streaming parser of QEMU's migration stream (format in the crate's
+//!   README) that turns bytes into [`StreamEvent`]s: RAM pages keyed by (RAM block name, offset),
+//!   zero pages, and opaque bytes to pass through unchanged.
+//! - [`rebuild`]: the inverse, writing the identical byte stream from those events, with a
+//!   BLAKE3 checksum of what it wrote.
+//!
+//! This crate does not start QEMU and does not decide when to migrate; the migration state machine
+//! above it does.
+
+pub mod rebuild;
+pub mod stream;
+
+pub use rebuild::StreamRebuilder;
+pub use stream::{
+    PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming, StreamEvent,
+    StreamParser, StreamStats, ZeroPage,
+};
