@@ -6,13 +6,21 @@
 //!   zero pages, and opaque bytes to pass through unchanged.
 //! - [`rebuild`]: the inverse, writing the identical byte stream from those events, with a
 //!   BLAKE3 checksum of what it wrote.
+//! - [`proxy`]: the stream proxy over a DWCP transport session: PAGE payloads re-encoded with the
+//!   page codec, everything else compressed, the identical stream rebuilt at the destination and
+//!   proved equal by a stream-level BLAKE3 checksum.
 //!
 //! This crate does not start QEMU and does not decide when to migrate; the migration state machine
 //! above it does.
 
+pub mod proxy;
 pub mod rebuild;
 pub mod stream;
 
+pub use proxy::{
+    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, receive_migration_stream,
+    send_migration_stream,
+};
 pub use rebuild::StreamRebuilder;
 pub use stream::{
     PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming, StreamEvent,

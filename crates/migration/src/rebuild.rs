@@ -60,6 +60,13 @@ impl StreamRebuilder {
         written
     }
 
+    /// Appends bytes that pass through unchanged.
+    pub fn write_opaque(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(bytes);
+        self.hasher.update(bytes);
+        self.length += bytes.len() as u64;
+    }
+
     /// Appends a PAGE record whose payload is given apart from its header (a decoded page).
     pub fn write_page(
         &mut self,
