@@ -110,6 +110,13 @@ impl ClusterStore {
                     Err(StoreError::NotLeader { .. }) => {
                         last_problem = "leadership moved while serving the request".into();
                     }
+                    // A read index has no effect: when the leader could not confirm its
+                    // leadership in time (a slow heartbeat round), ask again within the budget.
+                    Err(error @ (StoreError::NoQuorum { .. } | StoreError::Timeout { .. }))
+                        if matches!(request, Request::ReadIndex) =>
+                    {
+                        last_problem = error.to_string();
+                    }
                     other => return other.map_err(ClusterError::from),
                 },
                 Some(Route::Remote { node_id, address }) => {
@@ -131,6 +138,14 @@ impl ClusterStore {
                             if matches!(request, Request::ReadIndex) =>
                         {
                             last_problem = format!("leader node {node_id} is shutting down");
+                        }
+                        Err(RequestError::Remote(
+                            failure @ (RemoteFailure::NoQuorum { .. }
+                            | RemoteFailure::Timeout { .. }),
+                        )) if matches!(request, Request::ReadIndex) => {
+                            last_problem = format!(
+                                "leader node {node_id} could not confirm its leadership: {failure}"
+                            );
                         }
                         Err(RequestError::Remote(failure)) => {
                             return Err(remote_failure_error(node_id, &request, failure));

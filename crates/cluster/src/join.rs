@@ -158,7 +158,7 @@ pub enum JoinTokenRefusal {
     #[error("the token expired; create a new one with `novacron cluster token create`")]
     Expired,
     /// Already redeemed.
-    #[error("the token was already used (by node {used_by_node_id:?}); tokens are one-time")]
+    #[error("the token was already used{}; tokens are one-time: create a new one with `novacron cluster token create`", used_by_node_id.map(|id| format!(" (by node {id})")).unwrap_or_default())]
     AlreadyUsed {
         /// Who used it.
         used_by_node_id: Option<u64>,

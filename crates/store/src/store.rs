@@ -891,6 +891,35 @@ impl Store {
         Ok(())
     }
 
+    /// Changes the raft address recorded for a member (leader only): used when a one-host
+    /// store becomes the first host of a region and its raft endpoint moves from a placeholder
+    /// to a real listener. The node must already be a member.
+    pub async fn set_node_address(&self, node_id: u64, address: impl Into<String>) -> Result<()> {
+        self.check_running()?;
+        let address = address.into();
+        let membership = self.metrics().membership;
+        if !membership.voters.contains(&node_id) && !membership.learners.contains(&node_id) {
+            return Err(StoreError::Membership {
+                message: format!("node {node_id} is not a member; cannot change its address"),
+            });
+        }
+        if membership.addresses.get(&node_id) == Some(&address) {
+            return Ok(());
+        }
+        self.with_timeout("changing a node's address", async {
+            self.inner
+                .raft
+                .change_membership(
+                    ChangeMembers::SetNodes(BTreeMap::from([(node_id, Node::new(address))])),
+                    false,
+                )
+                .await
+                .map_err(client_write_error)
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Removes learners from the cluster (leader only). Demote a voter with
     /// [`Store::change_membership`] first.
     pub async fn remove_learners(&self, node_ids: BTreeSet<u64>) -> Result<()> {
