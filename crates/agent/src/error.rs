@@ -85,6 +85,9 @@ pub enum AgentError {
     /// A transfer could not start; `code` says why (unreachable, untrusted, name taken ...).
     #[error("{message}")]
     Transfer { code: ErrorCode, message: String },
+    /// A region operation failed; `code` says how (no leader, refused token, host not found ...).
+    #[error("{message}")]
+    Cluster { code: ErrorCode, message: String },
 }
 
 impl From<novacron_store::StoreError> for AgentError {
@@ -126,7 +129,7 @@ impl AgentError {
             | AgentError::ImageNotFound { .. }
             | AgentError::PeerNotFound { .. }
             | AgentError::TransferNotFound { .. } => ErrorCode::NotFound,
-            AgentError::Transfer { code, .. } => *code,
+            AgentError::Transfer { code, .. } | AgentError::Cluster { code, .. } => *code,
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists
             }

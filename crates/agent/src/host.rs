@@ -6,7 +6,7 @@ use crate::paths::{DataPaths, MAX_DATA_DIR_BYTES};
 use crate::records::Records;
 use crate::resources::HostCapacity;
 use novacron_qemu::{AcceleratorProbe, BinaryError, QemuBinaries, QemuImg};
-use novacron_store::{Store, StoreConfig};
+use novacron_store::Store;
 use novacron_types::{Accelerator, HostInfo, VmEvent};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -168,6 +168,8 @@ pub(crate) struct Shared {
     pub metrics: AgentMetrics,
     /// The chunk store every image is indexed in (`<data>/chunks/`).
     pub chunks: Arc<novacron_codec::ChunkStore>,
+    /// The region this host is a member of; `None` for a one-host cluster.
+    pub region: Option<Arc<crate::region::Region>>,
 }
 
 /// One running host. Dropping it stops the reconciler; QEMU processes keep running.
@@ -177,6 +179,8 @@ pub struct Host {
     pub(crate) transfers: Arc<crate::transfer::TransferService>,
     background: Vec<tokio::task::JoinHandle<()>>,
     store: Store,
+    /// Set by cluster init and join: `serve` must restart to open the store in the region.
+    restart: tokio::sync::watch::Sender<bool>,
     _lock: std::fs::File,
 }
 
@@ -211,8 +215,12 @@ impl Host {
         let lock = lock_data_dir(&paths)?;
 
         let hypervisor = Arc::new(Hypervisor::new(&config));
-        let store_config = StoreConfig::new(paths.store_dir(), 1, config.host_name.clone());
-        let store_task = tokio::spawn(Store::open(store_config));
+        let store_paths = paths.clone();
+        let store_host_name = config.host_name.clone();
+        let store_task =
+            tokio::spawn(
+                async move { crate::region::open_store(&store_paths, &store_host_name).await },
+            );
         // The accelerator probe runs QEMU for a moment: start it now, beside the store. The
         // reconciler waits for its result before it launches anything.
         let probe_hypervisor = hypervisor.clone();
@@ -234,7 +242,7 @@ impl Host {
         let identity_task = tokio::task::spawn_blocking(move || {
             crate::identity::load_or_create(&identity_paths, &identity_host_name)
         });
-        let store = store_task.await.map_err(|error| {
+        let (store, region) = store_task.await.map_err(|error| {
             AgentError::InvalidArgument(format!("store start-up failed: {error}"))
         })??;
         let chunks = chunks_task
@@ -250,16 +258,47 @@ impl Host {
             AgentError::InvalidArgument(format!("identity start-up failed: {error}"))
         })??;
 
+        let records = match &region {
+            Some(region) => Records::in_region(region.cluster.clone()),
+            None => Records::new(store.clone()),
+        };
         let shared = Arc::new(Shared {
             paths,
-            records: Records::new(store.clone()),
+            records,
+            region: region.clone(),
             hypervisor,
             capacity: HostCapacity::read(),
             metrics: AgentMetrics::default(),
             chunks: Arc::new(chunks),
             config,
         });
-        crate::images::sweep(&shared.paths, &shared.records).await?;
+        let mut background = Vec::new();
+        match &region {
+            // One host: its store answers at once.
+            None => crate::images::sweep(&shared.paths, &shared.records).await?,
+            // A region member may not reach a leader yet (joining, or a minority after a
+            // restart): sweep once it can read, without holding up the start.
+            Some(region) => {
+                let sweep_shared = shared.clone();
+                background.push(tokio::spawn(async move {
+                    while let Err(error) =
+                        crate::images::sweep(&sweep_shared.paths, &sweep_shared.records).await
+                    {
+                        tracing::info!(%error, "image sweep waits for the region's store");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }));
+                background.push(tokio::spawn(region.clone().become_learner()));
+                background.push(tokio::spawn(crate::region::heartbeat(
+                    shared.clone(),
+                    region.clone(),
+                )));
+                background.push(tokio::spawn(crate::region::leader_loop(
+                    shared.clone(),
+                    region.clone(),
+                )));
+            }
+        }
         tokio::fs::create_dir_all(shared.paths.vms_dir())
             .await
             .map_err(|error| AgentError::io("creating the vms directory", error))?;
@@ -276,17 +315,19 @@ impl Host {
             tracing::warn!(%error, "transfer listener not started; this host cannot receive pushes or serve pulls (pass --transfer-listen to choose an address)");
         }
         let (events, _) = broadcast::channel(1024);
-        let background = vec![
+        background.extend([
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
             tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
-        ];
+        ]);
+        let (restart, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Host {
             shared,
             events,
             transfers,
             background,
             store,
+            restart,
             _lock: lock,
         }))
     }
@@ -298,6 +339,9 @@ impl Host {
         for task in &self.background {
             task.abort();
         }
+        if let Some(region) = &self.shared.region {
+            region.shutdown().await;
+        }
         if let Err(error) = self.store.shutdown().await {
             tracing::warn!(%error, "store shutdown");
         }
@@ -305,6 +349,16 @@ impl Host {
 
     pub fn paths(&self) -> &DataPaths {
         &self.shared.paths
+    }
+
+    /// Becomes true when `serve` must restart itself (after cluster init or join) to open the
+    /// store in the region.
+    pub fn restart_requested(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.restart.subscribe()
+    }
+
+    pub(crate) fn request_restart(&self) {
+        self.restart.send_replace(true);
     }
 
     pub fn subscribe_events(&self) -> broadcast::Receiver<VmEvent> {

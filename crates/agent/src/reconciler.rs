@@ -215,9 +215,17 @@ impl VmActor {
     }
 
     async fn step(&mut self, record: VmRecord, mod_revision: u64) -> Result<Next, AgentError> {
+        // In a region every host sees every VM; each runs only those assigned to it. (A VM
+        // moved away while running here is migration's business, issue 5: it is left alone.)
+        if record.status.host != self.shared.config.host_name {
+            return Ok(Next::Done);
+        }
         if !self.attached_once {
+            // Only once it succeeded: a failed first look (a disk that could not be made yet)
+            // is tried again at the next step.
+            let next = self.recover(&record).await?;
             self.attached_once = true;
-            if let Some(next) = self.recover(&record).await? {
+            if let Some(next) = next {
                 return Ok(next);
             }
         }
@@ -283,9 +291,11 @@ impl VmActor {
             self.record_unexpected_exit(record, &exit).await?;
             return Ok(Some(Next::Again));
         }
-        if record.status.state == VmState::Creating && self.recovering && !record.deletion_requested
+        if record.status.state == VmState::Creating
+            && (self.recovering || record.disk_by_assigned_host)
+            && !record.deletion_requested
         {
-            tracing::info!(vm = %self.name, "finishing a create interrupted by a restart");
+            tracing::info!(vm = %self.name, "making the disk of a vm created for this host, or finishing a create interrupted by a restart");
             let image = match &record.spec.image_id {
                 Some(id) => self.shared.records.image(id).await?,
                 None => None,

@@ -7,20 +7,30 @@
 //! image-names/<name>    the id of the image with that name
 //! peers/<fingerprint>   PeerRecord (JSON): a host trusted for transfers, by certificate
 //!                       fingerprint (`sha256:<hex>`)
+//! host-status/<node id, 20 digits>   HostHeartbeat (JSON): each host's status and capacity
 //! ```
+//!
+//! In a region the writes and linearizable reads go through the [`ClusterStore`] (forwarded to
+//! the leader), so any host serves any call; on a one-host cluster they go to the local store.
 //!
 //! Every read-modify-write is a compare-and-swap on the key's `mod_revision`, so the API (which
 //! writes desired state) and the reconciler (which writes status) never overwrite each other.
 
 use crate::AgentError;
-use novacron_store::{Consistency, KeyValue, Store, Transaction};
-use novacron_types::{ImageRecord, PeerRecord, RECORD_FORMAT_VERSION, VmRecord};
+use novacron_cluster::ClusterStore;
+use novacron_store::{Consistency, KeyValue, Listing, Store, Transaction, TransactionOutcome};
+use novacron_types::{HostHeartbeat, ImageRecord, PeerRecord, RECORD_FORMAT_VERSION, VmRecord};
 use serde::de::DeserializeOwned;
 
 pub const VM_PREFIX: &str = "vms/";
 pub const IMAGE_PREFIX: &str = "images/";
 pub const IMAGE_NAME_PREFIX: &str = "image-names/";
 pub const PEER_PREFIX: &str = "peers/";
+pub const HOST_STATUS_PREFIX: &str = "host-status/";
+
+pub fn host_status_key(node_id: u64) -> String {
+    format!("{HOST_STATUS_PREFIX}{node_id:020}")
+}
 
 pub fn peer_key(fingerprint: &str) -> String {
     format!("{PEER_PREFIX}{fingerprint}")
@@ -72,18 +82,110 @@ fn encode<T: serde::Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).unwrap_or_default()
 }
 
+/// Where reads and writes go: the local store alone, or the region's store through the leader.
+#[derive(Clone)]
+enum Backend {
+    Local(Store),
+    Region(ClusterStore),
+}
+
+/// The store as the records see it: transactions, reads and lists, routed by [`Backend`].
+#[derive(Clone)]
+pub struct RecordStore {
+    backend: Backend,
+}
+
+impl RecordStore {
+    pub async fn transaction(
+        &self,
+        transaction: Transaction,
+    ) -> Result<TransactionOutcome, AgentError> {
+        match &self.backend {
+            Backend::Local(store) => Ok(store.transaction(transaction).await?),
+            Backend::Region(cluster) => Ok(cluster.transaction(transaction).await?),
+        }
+    }
+
+    pub async fn get(
+        &self,
+        key: &str,
+        consistency: Consistency,
+    ) -> Result<Option<KeyValue>, AgentError> {
+        match &self.backend {
+            Backend::Local(store) => Ok(store.get(key, consistency).await?),
+            Backend::Region(cluster) => Ok(cluster.get(key, consistency).await?),
+        }
+    }
+
+    pub async fn list(
+        &self,
+        prefix: &str,
+        consistency: Consistency,
+    ) -> Result<Listing, AgentError> {
+        match &self.backend {
+            Backend::Local(store) => Ok(store.list(prefix, consistency).await?),
+            Backend::Region(cluster) => Ok(cluster.list(prefix, consistency).await?),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Records {
-    store: Store,
+    store: RecordStore,
+    local: Store,
 }
 
 impl Records {
+    /// Records of a one-host cluster.
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store: RecordStore {
+                backend: Backend::Local(store.clone()),
+            },
+            local: store,
+        }
     }
 
+    /// Records of a region member: writes and fresh reads through the leader.
+    pub fn in_region(cluster: ClusterStore) -> Self {
+        Self {
+            local: cluster.store().clone(),
+            store: RecordStore {
+                backend: Backend::Region(cluster),
+            },
+        }
+    }
+
+    /// The local store (watches, local reads, metrics).
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.local
+    }
+
+    /// Heartbeats of every host.
+    pub async fn heartbeats(&self) -> Result<Vec<HostHeartbeat>, AgentError> {
+        let listing = self
+            .store
+            .list(HOST_STATUS_PREFIX, Consistency::Linearizable)
+            .await?;
+        listing.items.iter().map(decode).collect()
+    }
+
+    /// Writes this host's heartbeat.
+    pub async fn put_heartbeat(&self, heartbeat: &HostHeartbeat) -> Result<(), AgentError> {
+        self.store
+            .transaction(
+                Transaction::new().put(host_status_key(heartbeat.node_id), encode(heartbeat)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a host's heartbeat (the host left the region).
+    pub async fn delete_heartbeat(&self, node_id: u64) -> Result<(), AgentError> {
+        self.store
+            .transaction(Transaction::new().delete(host_status_key(node_id)))
+            .await?;
+        Ok(())
     }
 
     pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>, AgentError> {

@@ -144,7 +144,14 @@ impl Host {
         }
         // Refuse early, with the package name, when QEMU is missing.
         shared.hypervisor.binaries()?;
-        ensure_free_space(shared.paths.root(), &format!("the disk of vm {name}"))?;
+        let assigned_host = self.assigned_host(request.host.as_deref()).await?;
+        // In a region the assigned host's reconciler makes the disk, even when it is this host:
+        // a forwarded write whose answer was lost may still be applied later, and the VM must
+        // then come out of `creating` by itself. One host makes the disk in this request.
+        let here = assigned_host == shared.config.host_name && shared.region.is_none();
+        if here {
+            ensure_free_space(shared.paths.root(), &format!("the disk of vm {name}"))?;
+        }
 
         let now = unix_now();
         let record = VmRecord {
@@ -176,14 +183,20 @@ impl Host {
                 accelerator: None,
                 accelerator_reason: None,
                 pid: None,
-                host: shared.config.host_name.clone(),
+                host: assigned_host.clone(),
                 since: now,
                 restarts: 0,
                 observed_restart_generation: 0,
             },
             created_at: now,
+            disk_by_assigned_host: !here,
         };
         shared.records.create_vm(&record).await?;
+        if !here {
+            // The assigned host's reconciler makes the disk and moves the VM out of `creating`.
+            tracing::info!(vm = %name, host = %assigned_host, "vm recorded; its host makes the disk");
+            return Ok(record);
+        }
         failpoint("create-after-record");
         if let Err(error) = prepare_disk(shared, &record, image.as_ref()).await {
             // Undo: no directory, no record.
@@ -209,6 +222,27 @@ impl Host {
             .await?;
         tracing::info!(vm = %name, uuid = %record.uuid, "vm created");
         Ok(record)
+    }
+
+    /// The host a new VM is assigned to: the one asked for (which must be in the cluster), else
+    /// this host.
+    async fn assigned_host(&self, asked: Option<&str>) -> Result<String, AgentError> {
+        let local = &self.shared.config.host_name;
+        let Some(asked) = asked.filter(|asked| *asked != local.as_str()) else {
+            return Ok(local.clone());
+        };
+        let hosts = match &self.shared.region {
+            Some(region) => region.host_names().await?,
+            None => vec![local.clone()],
+        };
+        if hosts.iter().any(|host| host == asked) {
+            return Ok(asked.to_string());
+        }
+        Err(AgentError::InvalidArgument(format!(
+            "--host {asked:?} is not a host of this cluster (hosts: {}); `novacron cluster list` \
+             shows them",
+            hosts.join(", ")
+        )))
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<VmRecord, AgentError> {

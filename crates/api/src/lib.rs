@@ -42,7 +42,8 @@ pub struct ApiState {
         (name = "vms", description = "Virtual machines"),
         (name = "images", description = "Disk images"),
         (name = "transfers", description = "Trusted peers and image transfers between hosts (DWCP)"),
-        (name = "host", description = "This host, health and events")
+        (name = "host", description = "This host, health and events"),
+        (name = "cluster", description = "The region: hosts, join tokens, init, join, removal")
     )
 )]
 struct ApiDoc;

@@ -14,6 +14,10 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use novacron_agent::ImportSource;
 use novacron_types::{
+    ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest, ClusterMembershipChange,
+    CreateJoinTokenRequest, JoinTokenInfo, RemoveHostOptions,
+};
+use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
     ImageRecord, PeerRecord, StopOptions, TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
 };
@@ -47,6 +51,11 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_transfers, create_transfer))
         .routes(routes!(get_transfer, cancel_transfer))
         .routes(routes!(events))
+        .routes(routes!(cluster_info))
+        .routes(routes!(cluster_init))
+        .routes(routes!(cluster_join))
+        .routes(routes!(create_join_token))
+        .routes(routes!(remove_cluster_host))
 }
 
 /// Checks the bearer token on every path but health, and counts every request.
@@ -529,4 +538,80 @@ async fn events(
         })
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// The region: hosts with their raft role, raft address, health (from heartbeats) and capacity.
+/// On a host that is not in a region, the one host.
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
+    responses((status = 200, body = ClusterInfo),
+        (status = 503, description = "no reachable leader", body = novacron_types::ApiErrorBody)))]
+async fn cluster_info(State(state): State<ApiState>) -> ApiResult<Json<ClusterInfo>> {
+    Ok(Json(state.host.cluster_info().await?))
+}
+
+/// Makes this host the first host of a region: creates the cluster CA and this host's
+/// certificate (node 1), then `serve` restarts itself (same pid) with its cluster listener.
+/// VMs and images already here become the region's.
+#[utoipa::path(post, path = "/api/v1/cluster/init", tag = "cluster",
+    request_body = ClusterInitRequest,
+    responses((status = 202, body = ClusterMembershipChange),
+        (status = 400, description = "bad name or address, port in use", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "already in a region", body = novacron_types::ApiErrorBody)))]
+async fn cluster_init(
+    State(state): State<ApiState>,
+    body: Result<Json<ClusterInitRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<ClusterMembershipChange>)> {
+    let Json(request) = body?;
+    let change = state.host.cluster_init(request).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(change)))
+}
+
+/// Joins a region with a one-time token: this (fresh) host enrols with the region's first
+/// host, then `serve` restarts itself with an empty store, is added as a learner and catches up;
+/// the leader promotes it to voter when the voter policy says so (1, 3, 5 voters).
+#[utoipa::path(post, path = "/api/v1/cluster/join", tag = "cluster",
+    request_body = ClusterJoinRequest,
+    responses((status = 202, body = ClusterMembershipChange),
+        (status = 400, description = "bad, used or expired token; bad address", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "already in a region, or not a fresh host", body = novacron_types::ApiErrorBody),
+        (status = 503, description = "the region's host is unreachable", body = novacron_types::ApiErrorBody)))]
+async fn cluster_join(
+    State(state): State<ApiState>,
+    body: Result<Json<ClusterJoinRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<ClusterMembershipChange>)> {
+    let Json(request) = body?;
+    let change = state.host.cluster_join(request).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(change)))
+}
+
+/// Creates a one-time, expiring join token (only on a host holding the cluster CA). The token is
+/// shown once; the region keeps only its hash.
+#[utoipa::path(post, path = "/api/v1/cluster/tokens", tag = "cluster",
+    request_body = CreateJoinTokenRequest,
+    responses((status = 201, body = JoinTokenInfo),
+        (status = 400, description = "not in a region; lifetime out of range", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "this host does not hold the CA", body = novacron_types::ApiErrorBody)))]
+async fn create_join_token(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateJoinTokenRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<JoinTokenInfo>)> {
+    let Json(request) = body?;
+    let token = state.host.create_join_token(request).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(token)))
+}
+
+/// Removes a host (by name or node id) from the region. Refused while VMs are assigned to it
+/// unless `force=true`; VMs are not evacuated.
+#[utoipa::path(delete, path = "/api/v1/cluster/hosts/{host}", tag = "cluster",
+    params(("host" = String, Path, description = "host name or node id"), RemoveHostOptions),
+    responses((status = 200, body = ClusterHost),
+        (status = 404, body = novacron_types::ApiErrorBody),
+        (status = 409, description = "VMs assigned, use force; or the last voter", body = novacron_types::ApiErrorBody)))]
+async fn remove_cluster_host(
+    State(state): State<ApiState>,
+    Path(host): Path<String>,
+    options: Result<Query<RemoveHostOptions>, QueryRejection>,
+) -> ApiResult<Json<ClusterHost>> {
+    let Query(options) = options?;
+    Ok(Json(state.host.remove_cluster_host(&host, options).await?))
 }

@@ -73,6 +73,9 @@ pub enum Command {
     /// Image transfers (push/pull) this host runs: list, show, cancel
     #[command(subcommand)]
     Transfer(TransferCommand),
+    /// The region: init, join tokens, join, list hosts, remove a host
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Follow VM state changes as they happen
     Events,
     /// Network links between hosts: bandwidth forecasts
@@ -111,6 +114,73 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text
     #[arg(long)]
     pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make the host the first host of a region: creates the cluster CA and its certificate,
+    /// starts its cluster (raft) listener. `serve` restarts itself (same pid); VMs keep running
+    /// and its VMs and images become the region's
+    Init {
+        /// Region name
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        addresses: RaftAddressArgs,
+    },
+    /// Join tokens (one-time, expiring), created on the region's first host
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Make the host (a fresh one: no VMs, no images) join a region through the cluster
+    /// listener of its first host. `serve` restarts itself with an empty store, becomes a
+    /// learner and catches up; the leader makes it a voter when the region needs one (1, 3, 5)
+    Join {
+        /// Cluster listener of the region's first host, HOST:PORT (printed by `token create`)
+        address: String,
+        /// The join token printed by `novacron cluster token create` (`--token` is the API
+        /// token of every command, hence the longer name)
+        #[arg(long, env = "NOVACRON_JOIN_TOKEN", hide_env_values = true)]
+        join_token: String,
+        #[command(flatten)]
+        addresses: RaftAddressArgs,
+        /// Give up waiting for the host to become a member after this many seconds
+        #[arg(long, default_value_t = 60)]
+        wait_timeout: u64,
+    },
+    /// List the region's hosts: role, raft address, health (heartbeat), capacity
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove a host from the region (refused while VMs are assigned to it, unless --force;
+    /// VMs are not evacuated)
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// Host name or node id
+        host: String,
+        /// Remove even though VMs are assigned to it (they stay assigned to a host that is gone)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RaftAddressArgs {
+    /// Address the cluster (raft) listener binds [default: 0.0.0.0:7182]
+    #[arg(long)]
+    pub raft_listen: Option<String>,
+    /// Address other hosts reach the cluster listener at (needed when --raft-listen binds every
+    /// interface)
+    #[arg(long)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time join token (printed once)
+    Create {
+        /// Lifetime, e.g. 30m, 1h, 2d (at most 7d)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +287,9 @@ pub struct CreateArgs {
     /// Create the VM without starting it
     #[arg(long)]
     pub no_start: bool,
+    /// Run the VM on this host of the region (default: the host that serves the request)
+    #[arg(long)]
+    pub host: Option<String>,
     #[command(flatten)]
     pub wait: WaitOptions,
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod cluster;
 mod console;
 mod image;
 mod output;
@@ -114,6 +115,7 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
             Ok(())
         }
         Command::Events => follow_events(&client, options.output).await,
+        Command::Cluster(command) => cluster::run(&client, options.output, command).await,
         Command::Peer(command) => transfer::peer_command(&client, options.output, command).await,
         Command::Transfer(command) => {
             transfer::transfer_command(&client, options.output, command).await

@@ -137,23 +137,72 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
             host.fingerprint()
         ),
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("api server failed")?;
-    tracing::info!("shutting down; running vms keep running");
+    let restart = host.restart_requested();
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let stopping = stopping.clone();
+        let restart = restart.clone();
+        async move {
+            shutdown_signal(restart).await;
+            stopping.notify_one();
+        }
+    });
+    // Open streams (events, logs -f) would hold a graceful shutdown forever: give in-flight
+    // requests a moment, then stop anyway.
+    tokio::select! {
+        result = server => result.context("api server failed")?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(GRACEFUL_SHUTDOWN_LIMIT).await;
+        } => {}
+    }
+    let restarting = *restart.borrow();
+    if restarting {
+        tracing::info!(
+            "restarting to take the host's new role in the region; running vms keep running"
+        );
+    } else {
+        tracing::info!("shutting down; running vms keep running");
+    }
     host.shutdown().await;
+    drop(host);
+    if restarting {
+        return restart_self();
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// How long a stopping `serve` waits for open requests.
+const GRACEFUL_SHUTDOWN_LIMIT: Duration = Duration::from_secs(3);
+
+/// Replaces this process with a new `serve` with the same arguments (same pid, so supervisors and
+/// `serve.lock` readers keep tracking it). Every descriptor is close-on-exec, so the data
+/// directory lock and the listeners are released for the new image.
+fn restart_self() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut arguments = std::env::args_os();
+    let program_name = arguments.next().unwrap_or_else(|| "novacron".into());
+    let error = std::process::Command::new("/proc/self/exe")
+        .arg0(program_name)
+        .args(arguments)
+        .exec();
+    bail!("cannot restart novacron serve: {error}; start it again by hand")
+}
+
+async fn shutdown_signal(mut restart: tokio::sync::watch::Receiver<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
+    let restart_requested = async move {
+        if restart.wait_for(|requested| *requested).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let mut terminate = match signal(SignalKind::terminate()) {
         Ok(stream) => stream,
-        Err(_) => return std::future::pending().await,
+        Err(_) => return restart_requested.await,
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminate.recv() => {},
+        () = restart_requested => {},
     }
 }

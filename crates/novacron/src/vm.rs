@@ -52,6 +52,7 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                     RestartPolicyArg::Always => RestartPolicy::Always,
                 },
                 start: !args.no_start,
+                host: args.host,
             };
             let record: VmRecord = client
                 .json(client.request(Method::POST, "/api/v1/vms").json(&request))

@@ -26,6 +26,9 @@ pub struct CreateVmRequest {
     /// Start the VM once created (default true).
     #[serde(default = "default_true")]
     pub start: bool,
+    /// Host (by name) to run the VM on; default the host that serves the request.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 fn default_cpus() -> u32 {

@@ -5,6 +5,7 @@
 //! binary can read an older record and an older one refuses a newer record clearly.
 
 pub mod api;
+pub mod cluster;
 pub mod error;
 pub mod image;
 pub mod name;
@@ -13,6 +14,10 @@ pub mod transfer;
 pub mod vm;
 
 pub use api::{CreateVmRequest, DeleteOptions, Health, HostInfo, StopOptions};
+pub use cluster::{
+    ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest, ClusterMembershipChange,
+    CreateJoinTokenRequest, HostHeartbeat, JoinTokenInfo, RemoveHostOptions,
+};
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
 pub use name::{ImageName, NameError, VmName};

@@ -135,6 +135,10 @@ pub struct VmRecord {
     pub stop_timeout_secs: u64,
     pub status: VmStatus,
     pub created_at: u64,
+    /// The VM's disk is made by the host it is assigned to (`status.host`), not by the host
+    /// that took the create request (which wrote the record in `creating` and returned).
+    #[serde(default)]
+    pub disk_by_assigned_host: bool,
 }
 
 /// A state change, as streamed by the event endpoint.

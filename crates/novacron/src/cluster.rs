@@ -1,0 +1,271 @@
+//! `novacron cluster ...`: region commands. Init and join make the host's `serve` restart into
+//! the region; the commands wait (with a deadline) until the host answers again in its new role.
+
+use crate::cli::{ClusterCommand, OutputFormat, TokenCommand};
+use crate::client::{CliError, CliResult, Client};
+use crate::output;
+use novacron_types::{
+    ByteSize, ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest,
+    ClusterMembershipChange, CreateJoinTokenRequest, ErrorCode, JoinTokenInfo,
+};
+use reqwest::Method;
+use std::time::{Duration, Instant};
+
+pub async fn run(client: &Client, format: OutputFormat, command: ClusterCommand) -> CliResult<()> {
+    match command {
+        ClusterCommand::Init { name, addresses } => {
+            let request = ClusterInitRequest {
+                name,
+                raft_listen: addresses.raft_listen,
+                advertise: addresses.advertise,
+            };
+            let change: ClusterMembershipChange = client
+                .json(
+                    client
+                        .request(Method::POST, "/api/v1/cluster/init")
+                        .json(&request),
+                )
+                .await?;
+            let info = wait_for_member(client, change.node_id, Duration::from_secs(60)).await?;
+            output::emit(format, &info, |info| {
+                println!(
+                    "region {} created; this host is node {} with its cluster listener at {}",
+                    info.region.as_deref().unwrap_or("-"),
+                    change.node_id,
+                    change.raft_address
+                );
+                println!(
+                    "next: `novacron cluster token create` here, then on a new host `novacron cluster join {} --join-token TOKEN`",
+                    change.raft_address
+                );
+            });
+        }
+        ClusterCommand::Token(TokenCommand::Create { ttl }) => {
+            let ttl = parse_duration(&ttl)?;
+            let token: JoinTokenInfo = client
+                .json(client.request(Method::POST, "/api/v1/cluster/tokens").json(
+                    &CreateJoinTokenRequest {
+                        ttl_secs: Some(ttl.as_secs()),
+                    },
+                ))
+                .await?;
+            output::emit(format, &token, |token| {
+                println!("{}", token.token);
+                eprintln!(
+                    "one-time token, valid for {}; on the new host: novacron cluster join {} --join-token <token>",
+                    humanize(ttl),
+                    token.join_address
+                );
+            });
+        }
+        ClusterCommand::Join {
+            address,
+            join_token,
+            addresses,
+            wait_timeout,
+        } => {
+            let request = ClusterJoinRequest {
+                address,
+                token: join_token,
+                raft_listen: addresses.raft_listen,
+                advertise: addresses.advertise,
+            };
+            let change: ClusterMembershipChange = client
+                .json(
+                    client
+                        .request(Method::POST, "/api/v1/cluster/join")
+                        .json(&request),
+                )
+                .await?;
+            let info =
+                wait_for_member(client, change.node_id, Duration::from_secs(wait_timeout)).await?;
+            output::emit(format, &info, |info| {
+                let role = info
+                    .hosts
+                    .iter()
+                    .find(|host| host.node_id == change.node_id)
+                    .map(|host| host.role.clone())
+                    .unwrap_or_default();
+                println!(
+                    "joined region {} as node {} ({role}); cluster listener at {}",
+                    info.region.as_deref().unwrap_or("-"),
+                    change.node_id,
+                    change.raft_address
+                );
+            });
+        }
+        ClusterCommand::List => {
+            let info: ClusterInfo = client.get("/api/v1/cluster").await?;
+            output::emit(format, &info, print_hosts);
+        }
+        ClusterCommand::Remove { host, force } => {
+            let removed: ClusterHost = client
+                .json(client.request(
+                    Method::DELETE,
+                    &format!(
+                        "/api/v1/cluster/hosts/{}?force={force}",
+                        crate::image::url_encode(&host)
+                    ),
+                ))
+                .await?;
+            output::emit(format, &removed, |removed| {
+                println!(
+                    "removed host {} (node {}) from the region",
+                    removed.host, removed.node_id
+                );
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the restarted host answers and lists itself as a member (voter, learner or
+/// leader).
+async fn wait_for_member(
+    client: &Client,
+    node_id: u64,
+    timeout: Duration,
+) -> CliResult<ClusterInfo> {
+    let deadline = Instant::now() + timeout;
+    let mut last_problem;
+    // The host answers the request, then restarts: let it go down first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    loop {
+        match client.get::<ClusterInfo>("/api/v1/cluster").await {
+            Ok(info) if info.node_id == node_id => {
+                let member = info.hosts.iter().any(|host| {
+                    host.node_id == node_id
+                        && matches!(host.role.as_str(), "leader" | "voter" | "learner")
+                });
+                if member {
+                    return Ok(info);
+                }
+                last_problem = format!("node {node_id} is not a member yet");
+            }
+            Ok(_) => last_problem = "the host has not restarted into the region yet".into(),
+            Err(error) => last_problem = error.message,
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the host did not become a member of the region within {}s ({last_problem}); \
+                     its `serve` log says why, `novacron cluster list` shows the state",
+                    timeout.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn print_hosts(info: &ClusterInfo) {
+    match &info.region {
+        Some(region) => println!(
+            "region {region}, this host is node {}, leader {}",
+            info.node_id,
+            info.leader_id
+                .map(|id| format!("node {id}"))
+                .unwrap_or_else(|| "unknown".into())
+        ),
+        None => println!(
+            "not in a region (one-host cluster); `novacron cluster init` makes this host the first host of one"
+        ),
+    }
+    let rows: Vec<Vec<String>> = info
+        .hosts
+        .iter()
+        .map(|host| {
+            let heartbeat = host.heartbeat.as_ref();
+            vec![
+                host.node_id.to_string(),
+                host.host.clone(),
+                host.role.clone(),
+                host.raft_address.clone(),
+                match host.heartbeat_age_secs {
+                    Some(age) => format!("{} ({age}s ago)", host.health),
+                    None => host.health.clone(),
+                },
+                heartbeat
+                    .map(|heartbeat| heartbeat.cpus.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                heartbeat
+                    .map(|heartbeat| {
+                        format!(
+                            "{} / {}",
+                            ByteSize(heartbeat.memory_available_bytes),
+                            ByteSize(heartbeat.memory_bytes)
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                heartbeat
+                    .map(|heartbeat| {
+                        format!("{} ({} running)", heartbeat.vms, heartbeat.vms_running)
+                    })
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "ID",
+            "HOST",
+            "ROLE",
+            "RAFT ADDRESS",
+            "HEALTH",
+            "CPUS",
+            "MEMORY FREE",
+            "VMS",
+        ],
+        &rows,
+    );
+}
+
+/// `30m`, `1h`, `2d`, `90s` or plain seconds.
+fn parse_duration(text: &str) -> CliResult<Duration> {
+    let invalid = || {
+        CliError::new(
+            ErrorCode::InvalidArgument,
+            format!("--ttl {text:?} is not a duration like 90s, 30m, 1h or 2d"),
+        )
+    };
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(index) => text.split_at(index),
+        None => (text, "s"),
+    };
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number.checked_mul(60).ok_or_else(invalid)?,
+        "h" => number.checked_mul(3600).ok_or_else(invalid)?,
+        "d" => number.checked_mul(86_400).ok_or_else(invalid)?,
+        _ => return Err(invalid()),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+fn humanize(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert_eq!(humanize(Duration::from_secs(3600)), "1h");
+    }
+}

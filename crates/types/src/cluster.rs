@@ -1,0 +1,115 @@
+//! Bodies of the region API (`/api/v1/cluster...`): init, join tokens, join, the host list and
+//! host removal, plus the heartbeat record every host keeps in the store.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Body of `POST /api/v1/cluster/init`: make this host the first host of a region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterInitRequest {
+    /// Region name (written into the cluster CA's certificate). Default `novacron`.
+    pub name: Option<String>,
+    /// Address the cluster (raft) listener binds, default `0.0.0.0:7182`.
+    pub raft_listen: Option<String>,
+    /// Address other hosts reach the cluster listener at (required when `raft_listen` binds
+    /// every interface).
+    pub advertise: Option<String>,
+}
+
+/// Body of `POST /api/v1/cluster/join`: make this (fresh) host join a region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterJoinRequest {
+    /// Cluster listener of a host of the region that holds the CA (the first host), HOST:PORT.
+    pub address: String,
+    /// The one-time token `novacron cluster token create` printed.
+    pub token: String,
+    /// Address this host's cluster listener binds, default `0.0.0.0:7182`.
+    pub raft_listen: Option<String>,
+    /// Address the region reaches this host's cluster listener at.
+    pub advertise: Option<String>,
+}
+
+/// What init and join answer: the host restarts its `serve` to take the new role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterMembershipChange {
+    pub region: String,
+    pub node_id: u64,
+    pub raft_address: String,
+    /// Always true: `serve` restarts itself (same pid) to open the store in the region.
+    pub restarting: bool,
+}
+
+/// Body of `POST /api/v1/cluster/tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateJoinTokenRequest {
+    /// Lifetime in seconds (default 3600, at most 7 days).
+    pub ttl_secs: Option<u64>,
+}
+
+/// A new join token. The secret is shown once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenInfo {
+    pub token: String,
+    pub token_id: String,
+    pub expires_at_unix_ms: u64,
+    /// Where joiners should connect (this host's cluster listener).
+    pub join_address: String,
+}
+
+/// Query of `DELETE /api/v1/cluster/hosts/{host}`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams,
+)]
+pub struct RemoveHostOptions {
+    /// Remove even though VMs are assigned to the host (they are not evacuated: they stay
+    /// assigned to a host that no longer exists until deleted).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What each host writes to the store every few seconds (`host-status/<node id>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostHeartbeat {
+    pub format_version: u32,
+    pub node_id: u64,
+    pub host: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// VMs assigned to the host.
+    pub vms: u32,
+    /// Those of them with a QEMU process.
+    pub vms_running: u32,
+    /// Sum of the memory of its VMs that should run.
+    pub vm_memory_bytes: u64,
+    /// Unix milliseconds, by the host's clock.
+    pub at_unix_ms: u64,
+}
+
+/// One line of `cluster list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterHost {
+    pub node_id: u64,
+    pub host: String,
+    /// `leader`, `voter`, `learner` or `not_member` (admitted but not added, or removed).
+    pub role: String,
+    pub raft_address: String,
+    /// `ok`, or `unreachable` when its last heartbeat is older than the limit (or missing).
+    pub health: String,
+    /// Seconds since its last heartbeat, if one was seen.
+    pub heartbeat_age_secs: Option<u64>,
+    pub heartbeat: Option<HostHeartbeat>,
+}
+
+/// `GET /api/v1/cluster`: the region as the host that answers sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterInfo {
+    /// `None` when this host is not in a region (a one-host cluster).
+    pub region: Option<String>,
+    /// This host's raft node id.
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    /// A host whose heartbeat is older than this is shown as unreachable.
+    pub unreachable_after_secs: u64,
+    pub hosts: Vec<ClusterHost>,
+}
