@@ -82,6 +82,11 @@ pub enum AgentError {
     PeerNotFound { fingerprint: String },
     #[error("transfer {id:?} does not exist; `novacron transfer list` shows the transfers")]
     TransferNotFound { id: String },
+    #[error(
+        "no link to {peer:?} has been measured; a link appears once this host has sent to the \
+         peer (`novacron link list` shows the measured ones)"
+    )]
+    LinkNotFound { peer: String },
     /// A transfer could not start; `code` says why (unreachable, untrusted, name taken ...).
     #[error("{message}")]
     Transfer { code: ErrorCode, message: String },
@@ -128,7 +133,8 @@ impl AgentError {
             AgentError::VmNotFound { .. }
             | AgentError::ImageNotFound { .. }
             | AgentError::PeerNotFound { .. }
-            | AgentError::TransferNotFound { .. } => ErrorCode::NotFound,
+            | AgentError::TransferNotFound { .. }
+            | AgentError::LinkNotFound { .. } => ErrorCode::NotFound,
             AgentError::Transfer { code, .. } | AgentError::Cluster { code, .. } => *code,
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists

@@ -158,6 +158,15 @@ async fn export_store_metrics(store: Store, shared: Arc<Shared>) {
     }
 }
 
+/// Copies the links' models into their gauges once a second.
+async fn export_link_metrics(links: Arc<crate::links::LinkMonitor>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        interval.tick().await;
+        links.export_metrics();
+    }
+}
+
 /// What the service and the reconciler share.
 pub(crate) struct Shared {
     pub config: HostConfig,
@@ -319,6 +328,7 @@ impl Host {
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
             tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
+            tokio::spawn(export_link_metrics(transfers.links.clone())),
         ]);
         let (restart, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Host {
@@ -403,6 +413,7 @@ impl Host {
             "index of the last raft entry applied to this host's state machine",
             metrics.store_last_applied_index.clone(),
         );
+        self.transfers.links.register_metrics(registry);
     }
 
     pub async fn info(&self) -> Result<HostInfo, AgentError> {
@@ -530,6 +541,28 @@ impl Host {
         request: novacron_types::CreateTransferRequest,
     ) -> Result<novacron_types::TransferInfo, AgentError> {
         self.transfers.start(request).await
+    }
+
+    /// The links this host has sent over, with their measured rates and forecasts.
+    pub async fn list_links(&self) -> Result<Vec<novacron_types::LinkInfo>, AgentError> {
+        let peers = self.transfers.peers().await?;
+        Ok(self.transfers.links.list(|fingerprint| {
+            peers
+                .iter()
+                .find(|peer| peer.fingerprint == fingerprint)
+                .and_then(|peer| peer.name.clone())
+        }))
+    }
+
+    /// One link, by the peer's fingerprint or its peer label.
+    pub async fn get_link(&self, peer: &str) -> Result<novacron_types::LinkInfo, AgentError> {
+        self.list_links()
+            .await?
+            .into_iter()
+            .find(|link| link.peer_fingerprint == peer || link.peer_name.as_deref() == Some(peer))
+            .ok_or_else(|| AgentError::LinkNotFound {
+                peer: peer.to_string(),
+            })
     }
 
     pub fn list_transfers(&self) -> Vec<novacron_types::TransferInfo> {

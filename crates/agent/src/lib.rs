@@ -11,6 +11,7 @@ mod events;
 mod host;
 mod identity;
 mod images;
+mod links;
 pub mod paths;
 mod reconciler;
 mod records;

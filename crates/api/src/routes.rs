@@ -19,7 +19,8 @@ use novacron_types::{
 };
 use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
-    ImageRecord, PeerRecord, StopOptions, TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
+    ImageRecord, LinkInfo, PeerRecord, StopOptions, TransferInfo, TrustPeerRequest, VmEvent,
+    VmRecord,
 };
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -50,6 +51,8 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(forget_peer))
         .routes(routes!(list_transfers, create_transfer))
         .routes(routes!(get_transfer, cancel_transfer))
+        .routes(routes!(list_links))
+        .routes(routes!(get_link))
         .routes(routes!(events))
         .routes(routes!(cluster_info))
         .routes(routes!(cluster_init))
@@ -516,6 +519,25 @@ async fn cancel_transfer(
 ) -> ApiResult<(axum::http::StatusCode, Json<TransferInfo>)> {
     let info = state.host.cancel_transfer(&id)?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(info)))
+}
+
+/// The links to peers this host has sent over: current rate, forecasts with their 80 % bands per
+/// horizon, the predictor in use and its accuracy so far. Only sending measures a link.
+#[utoipa::path(get, path = "/api/v1/links", tag = "transfers",
+    responses((status = 200, body = Vec<LinkInfo>)))]
+async fn list_links(State(state): State<ApiState>) -> ApiResult<Json<Vec<LinkInfo>>> {
+    Ok(Json(state.host.list_links().await?))
+}
+
+/// One link, by the peer's fingerprint or label.
+#[utoipa::path(get, path = "/api/v1/links/{peer}", tag = "transfers",
+    params(("peer" = String, Path, description = "fingerprint or peer label")),
+    responses((status = 200, body = LinkInfo), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn get_link(
+    State(state): State<ApiState>,
+    Path(peer): Path<String>,
+) -> ApiResult<Json<LinkInfo>> {
+    Ok(Json(state.host.get_link(&peer).await?))
 }
 
 /// Server-sent events: one `vm` event (JSON `VmEvent`) per VM state change.

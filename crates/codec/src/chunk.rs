@@ -254,25 +254,42 @@ impl<Q: RemoteHashQuery> ChunkEncoder<Q> {
     pub fn encode_reader<R: Read>(
         &mut self,
         reader: R,
+        sink: impl FnMut(&[u8]) -> Result<(), crate::hash::BoxError>,
+    ) -> Result<(), EncodeError> {
+        let level = self.config.zstd_level;
+        self.encode_reader_choosing_level(reader, |_| level, sink)
+    }
+
+    /// Like [`encode_reader`](Self::encode_reader), but asks `choose_level` for the zstd level
+    /// before each frame is encoded, with the statistics so far: a transfer adapts the level to
+    /// the link as it goes (the decoder needs no notice; every frame is self-describing).
+    pub fn encode_reader_choosing_level<R: Read>(
+        &mut self,
+        reader: R,
+        mut choose_level: impl FnMut(&ChunkStats) -> i32,
         mut sink: impl FnMut(&[u8]) -> Result<(), crate::hash::BoxError>,
     ) -> Result<(), EncodeError> {
         let mut frame = Vec::new();
         let chunking = self.config.chunking;
+        let mut encode_frame = |encoder: &mut Self, frame: &mut Vec<u8>| {
+            let level = choose_level(&encoder.stats);
+            encoder.set_zstd_level(level)?;
+            frame.clear();
+            encoder.finish_frame(frame)
+        };
         for_each_chunk(
             reader,
             chunking,
             |offset, data| {
                 if self.push_chunk(offset, data) {
-                    frame.clear();
-                    self.finish_frame(&mut frame)?;
+                    encode_frame(self, &mut frame)?;
                     sink(&frame).map_err(EncodeError::Output)?;
                 }
                 Ok(())
             },
             |offset, source| EncodeError::Input { offset, source },
         )?;
-        frame.clear();
-        if self.finish_frame(&mut frame)? > 0 {
+        if !self.pending.is_empty() && encode_frame(self, &mut frame)? > 0 {
             sink(&frame).map_err(EncodeError::Output)?;
         }
         Ok(())

@@ -2,7 +2,8 @@
 //! level. Encoding and sending overlap, so a level delivers input at
 //! `min(compression threads × its compression speed, link rate × its ratio)` bytes per second;
 //! the chooser takes the level that delivers the most, and among levels within
-//! [`NEAR_BEST_FRACTION`] of the best, the one that puts the fewest bytes on the wire. Fast links
+//! [`NEAR_BEST_FRACTION`] of the best, the one that puts the fewest bytes on the wire (the
+//! fastest of those within [`SAME_RATIO_FRACTION`] of the fewest). Fast links
 //! therefore get fast levels (compression is the bottleneck) and slow links get hard ones.
 //!
 //! [`choose_zstd_level`] is a pure function; [`LevelMeter`] keeps the measurements it consumes.
@@ -11,6 +12,9 @@ use std::time::Duration;
 
 /// Levels within this fraction of the best delivered rate count as equally fast.
 pub const NEAR_BEST_FRACTION: f64 = 0.05;
+
+/// Ratios within this fraction of each other count as the same: the faster level wins.
+pub const SAME_RATIO_FRACTION: f64 = 0.01;
 
 /// Level used when nothing is known about the link.
 pub const FALLBACK_LEVEL: i32 = 3;
@@ -100,18 +104,24 @@ pub fn choose_zstd_level(
     if best_rate <= 0.0 {
         return FALLBACK_LEVEL;
     }
-    profiles
+    let near_best: Vec<&LevelProfile> = profiles
         .iter()
         .filter(usable)
         .filter(|profile| {
             delivered_input_rate(profile, link_bytes_per_second, compression_threads)
                 >= best_rate * (1.0 - NEAR_BEST_FRACTION)
         })
-        .max_by(|left, right| {
-            left.compression_ratio
-                .total_cmp(&right.compression_ratio)
-                .then_with(|| right.level.cmp(&left.level))
-        })
+        .collect();
+    let best_ratio = near_best
+        .iter()
+        .map(|profile| profile.compression_ratio)
+        .fold(0.0f64, f64::max);
+    // The fewest wire bytes, but a harder level must save at least SAME_RATIO_FRACTION more to
+    // be worth its CPU (on incompressible data every level is "as good").
+    near_best
+        .into_iter()
+        .filter(|profile| profile.compression_ratio >= best_ratio * (1.0 - SAME_RATIO_FRACTION))
+        .min_by_key(|profile| profile.level)
         .map_or(FALLBACK_LEVEL, |profile| profile.level)
 }
 
@@ -121,15 +131,37 @@ pub fn choose_zstd_level(
 pub struct LevelMeter {
     profiles: Vec<LevelProfile>,
     weight_of_new_sample: f64,
+    /// How compressible the data is compared with the data [`DEFAULT_PROFILES`] describe: 1
+    /// means as compressible, 0 incompressible. Every observation moves it, whatever the level,
+    /// and it sets the ratio of every default level: the data decides how much any level can
+    /// gain, and a transfer measures only the level it uses. Without it, random data measured at
+    /// level 3 would still let level 12 promise its default ratio.
+    compressibility: f64,
+    /// Levels measured at least once (their first measurement replaces the default).
+    measured_levels: Vec<i32>,
 }
+
+/// Weight of a new observation of the data's compressibility: content changes from frame to
+/// frame, and a transfer of a few frames must follow it.
+const COMPRESSIBILITY_WEIGHT: f64 = 0.5;
 
 impl Default for LevelMeter {
     fn default() -> Self {
         Self {
             profiles: DEFAULT_PROFILES.to_vec(),
             weight_of_new_sample: 0.2,
+            compressibility: 1.0,
+            measured_levels: Vec::new(),
         }
     }
+}
+
+/// The default ratio of `level`, when it is one of [`DEFAULT_PROFILES`].
+fn default_ratio(level: i32) -> Option<f64> {
+    DEFAULT_PROFILES
+        .iter()
+        .find(|profile| profile.level == level)
+        .map(|profile| profile.compression_ratio)
 }
 
 impl LevelMeter {
@@ -150,25 +182,57 @@ impl LevelMeter {
         }
         let speed = input_bytes as f64 / elapsed.as_secs_f64();
         let ratio = input_bytes as f64 / output_bytes as f64;
-        let weight = self.weight_of_new_sample;
-        match self
-            .profiles
-            .iter_mut()
-            .find(|profile| profile.level == level)
-        {
-            Some(profile) => {
-                profile.input_bytes_per_second =
-                    profile.input_bytes_per_second * (1.0 - weight) + speed * weight;
-                profile.compression_ratio =
-                    profile.compression_ratio * (1.0 - weight) + ratio * weight;
+        let first_of_level = !self.measured_levels.contains(&level);
+        let first_of_all = self.measured_levels.is_empty();
+        if first_of_level {
+            self.measured_levels.push(level);
+        }
+        // A first measurement replaces the default guess.
+        let speed_weight = if first_of_level {
+            1.0
+        } else {
+            self.weight_of_new_sample
+        };
+        let Some(default) = default_ratio(level) else {
+            // A level without a default: its own measurements only.
+            match self
+                .profiles
+                .iter_mut()
+                .find(|profile| profile.level == level)
+            {
+                Some(profile) => {
+                    let weight = self.weight_of_new_sample;
+                    profile.input_bytes_per_second =
+                        profile.input_bytes_per_second * (1.0 - weight) + speed * weight;
+                    profile.compression_ratio =
+                        profile.compression_ratio * (1.0 - weight) + ratio * weight;
+                }
+                None => {
+                    self.profiles.push(LevelProfile {
+                        level,
+                        input_bytes_per_second: speed,
+                        compression_ratio: ratio,
+                    });
+                    self.profiles.sort_by_key(|profile| profile.level);
+                }
             }
-            None => {
-                self.profiles.push(LevelProfile {
-                    level,
-                    input_bytes_per_second: speed,
-                    compression_ratio: ratio,
-                });
-                self.profiles.sort_by_key(|profile| profile.level);
+            return;
+        };
+        let compressibility = ((ratio - 1.0) / (default - 1.0)).clamp(0.0, 4.0);
+        let compressibility_weight = if first_of_all {
+            1.0
+        } else {
+            COMPRESSIBILITY_WEIGHT
+        };
+        self.compressibility = self.compressibility * (1.0 - compressibility_weight)
+            + compressibility * compressibility_weight;
+        for profile in &mut self.profiles {
+            if let Some(default) = default_ratio(profile.level) {
+                profile.compression_ratio = 1.0 + (default - 1.0) * self.compressibility;
+            }
+            if profile.level == level {
+                profile.input_bytes_per_second =
+                    profile.input_bytes_per_second * (1.0 - speed_weight) + speed * speed_weight;
             }
         }
     }
@@ -197,7 +261,9 @@ impl LevelMeter {
             });
         }
         if !measured.is_empty() {
+            self.measured_levels = measured.iter().map(|profile| profile.level).collect();
             self.profiles = measured;
+            self.compressibility = 1.0;
         }
         Ok(())
     }
@@ -285,6 +351,25 @@ mod tests {
         );
         assert_eq!(choose_zstd_level(0.0, 1, &DEFAULT_PROFILES), FALLBACK_LEVEL);
         assert_eq!(choose_zstd_level(1e9, 1, &[]), FALLBACK_LEVEL);
+    }
+
+    #[test]
+    fn incompressible_data_seen_at_one_level_stops_every_level_promising_gains() {
+        let mut meter = LevelMeter::new();
+        let slow_link = 50.0 * MEGABIT;
+        assert!(
+            meter.choose(slow_link, 1) > 3,
+            "defaults favour a harder level"
+        );
+        // Level 3 measured once on random data: no gain. Harder levels cannot gain either.
+        meter.observe(3, 8 << 20, (8 << 20) + 1024, Duration::from_millis(20));
+        assert_eq!(meter.choose(slow_link, 1), 1);
+        // The data turns compressible again (level 1 measures a good ratio): within a few
+        // frames harder levels pay again.
+        for _ in 0..3 {
+            meter.observe(1, 8 << 20, (8 << 20) / 3, Duration::from_millis(20));
+        }
+        assert!(meter.choose(slow_link, 1) > 3);
     }
 
     #[test]

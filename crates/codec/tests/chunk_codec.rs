@@ -175,6 +175,90 @@ fn modified_image_sends_little_more_than_the_change() {
     );
 }
 
+/// A transfer that changes its zstd level between frames (as the link forecast moves) decodes
+/// to the same bytes, and the level asked for is the one that compresses each frame.
+#[test]
+fn the_level_can_change_between_frames() {
+    // Text-like input (words drawn from a small vocabulary), where zstd levels differ.
+    let words = [
+        "migration",
+        "page",
+        "dirty",
+        "link",
+        "forecast",
+        "chunk",
+        "store",
+        "raft",
+        "leader",
+        "region",
+        "host",
+        "guest",
+        "memory",
+        "disk",
+        "image",
+        "stream",
+        "frame",
+        "level",
+    ];
+    let mut state = 0x5eed_u64;
+    let mut data = Vec::with_capacity(6 << 20);
+    while data.len() < 6 << 20 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(words[(state % words.len() as u64) as usize].as_bytes());
+        data.push(if state.is_multiple_of(11) {
+            b'\n'
+        } else {
+            b' '
+        });
+    }
+    let config = ChunkEncoderConfig {
+        frame_input_target: 1 << 20,
+        ..ChunkEncoderConfig::default()
+    };
+    let mut encoder = ChunkEncoder::new(config.clone(), NothingRemote).unwrap();
+    let levels = [1, 19, -3, 6, 3, 12, 1];
+    let mut asked = Vec::new();
+    let mut frames = Vec::new();
+    encoder
+        .encode_reader_choosing_level(
+            &data[..],
+            |stats| {
+                // Statistics so far are handed over: one more frame each time.
+                assert_eq!(stats.frames as usize, asked.len());
+                let level = levels[asked.len() % levels.len()];
+                asked.push(level);
+                level
+            },
+            |frame| {
+                frames.push(frame.to_vec());
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(asked.len(), frames.len());
+    assert!(frames.len() >= 5, "{} frames", frames.len());
+    let (decoded, _) = decode_all(&frames, MemoryRepository::new());
+    assert_eq!(decoded, data);
+    // The hardest level made a smaller frame than the fastest one would have on the same input.
+    let (fixed_fast, _) = encode_all(
+        &data,
+        ChunkEncoderConfig {
+            zstd_level: -3,
+            ..config
+        },
+        NothingRemote,
+    );
+    let total = |frames: &[Vec<u8>]| frames.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        total(&frames) < total(&fixed_fast),
+        "{} >= {}",
+        total(&frames),
+        total(&fixed_fast)
+    );
+}
+
 #[test]
 fn repeated_content_within_one_transfer_is_sent_once() {
     let piece = deterministic_input(512 << 10, 3);

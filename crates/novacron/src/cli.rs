@@ -78,7 +78,7 @@ pub enum Command {
     Cluster(ClusterCommand),
     /// Follow VM state changes as they happen
     Events,
-    /// Network links between hosts: bandwidth forecasts
+    /// Network links between hosts: measured rates, bandwidth forecasts, predictor evaluation
     #[command(subcommand)]
     Link(LinkCommand),
     /// Print a shell completion script (e.g. `novacron completions bash > /etc/bash_completion.d/novacron`)
@@ -396,6 +396,15 @@ pub enum ImageCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum LinkCommand {
+    /// Links to peers this host has sent over: current rate, 1 s forecast with its 80 % band,
+    /// the predictor in use and its accuracy so far (only sending measures a link)
+    #[command(visible_alias = "ls")]
+    List,
+    /// One link with its forecasts for the next 1 s, 5 s and 30 s
+    Show {
+        /// The peer's fingerprint or its label (`novacron peer list`)
+        peer: String,
+    },
     /// Evaluate the bandwidth predictors on throughput trace files (mahimahi format: one line
     /// per 1500-byte delivery opportunity, in ms) and print accuracy (1 - WAPE) and band
     /// calibration per trace and horizon. Runs locally; needs no server.

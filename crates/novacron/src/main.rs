@@ -7,6 +7,7 @@ mod client;
 mod cluster;
 mod console;
 mod image;
+mod link;
 mod output;
 mod serve;
 mod transfer;
@@ -119,6 +120,10 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
         Command::Peer(command) => transfer::peer_command(&client, options.output, command).await,
         Command::Transfer(command) => {
             transfer::transfer_command(&client, options.output, command).await
+        }
+        Command::Link(cli::LinkCommand::List) => link::list(&client, options.output).await,
+        Command::Link(cli::LinkCommand::Show { peer }) => {
+            link::show(&client, options.output, &peer).await
         }
         Command::Serve(_) | Command::Completions { .. } | Command::Link(_) => Ok(()),
     }

@@ -8,8 +8,8 @@ use crate::client::{CliError, CliResult, Client};
 use crate::image::url_encode;
 use crate::output;
 use novacron_types::{
-    ByteSize, CreateTransferRequest, ErrorCode, PeerRecord, TransferDirection, TransferInfo,
-    TransferState, TrustPeerRequest,
+    ByteSize, CreateTransferRequest, ErrorCode, PeerRecord, TransferDirection,
+    TransferEstimateBasis, TransferInfo, TransferState, TrustPeerRequest,
 };
 use reqwest::Method;
 use std::io::IsTerminal;
@@ -66,7 +66,7 @@ async fn follow(client: &Client, mut info: TransferInfo) -> CliResult<TransferIn
         let bar = indicatif::ProgressBar::new(info.total_bytes);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -87,9 +87,15 @@ async fn follow(client: &Client, mut info: TransferInfo) -> CliResult<TransferIn
         bar.set_length(info.total_bytes);
         bar.set_position(info.raw_bytes_done);
         bar.set_message(format!(
-            "wire {} (saved {})",
+            "wire {} (saved {}){}{}",
             ByteSize(info.wire_bytes),
-            saved_percent(&info)
+            saved_percent(&info),
+            info.zstd_level
+                .map(|level| format!(" zstd {level}"))
+                .unwrap_or_default(),
+            eta(&info)
+                .map(|eta| format!(" eta {eta}"))
+                .unwrap_or_default()
         ));
     }
     bar.finish_and_clear();
@@ -102,6 +108,23 @@ fn saved_percent(info: &TransferInfo) -> String {
     }
     let saved = 1.0 - info.wire_bytes as f64 / info.raw_bytes_done as f64;
     format!("{:.1}%", saved * 100.0)
+}
+
+/// The host's ETA (from the link forecast while this host sends, else the measured rate).
+fn eta(info: &TransferInfo) -> Option<String> {
+    let seconds = info.eta_seconds?;
+    let basis = match info.eta_basis {
+        Some(TransferEstimateBasis::Forecast) => " (forecast)",
+        Some(TransferEstimateBasis::MeasuredRate) | None => "",
+    };
+    let seconds = seconds.round() as u64;
+    Some(if seconds >= 3600 {
+        format!("{}h{:02}m{basis}", seconds / 3600, seconds % 3600 / 60)
+    } else if seconds >= 60 {
+        format!("{}m{:02}s{basis}", seconds / 60, seconds % 60)
+    } else {
+        format!("{seconds}s{basis}")
+    })
 }
 
 fn rate(bytes_per_second: f64) -> String {
@@ -188,6 +211,19 @@ fn show_details(info: &TransferInfo) {
         ),
         ("time", format!("{:.1} s", info.elapsed_seconds)),
         ("rate", rate(info.rate_bytes_per_second)),
+        (
+            "link forecast",
+            info.forecast_bits_per_second
+                .map(crate::link::bits_per_second)
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "zstd level",
+            info.zstd_level
+                .map(|level| level.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("eta", eta(info).unwrap_or_else(|| "-".into())),
         ("reconnections", info.reconnections.to_string()),
     ]);
 }

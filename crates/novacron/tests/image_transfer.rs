@@ -351,6 +351,20 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
             (done > second.len() as u64 / 2).then_some(())
         },
     );
+    // Half-way, the sender shows an ETA (from the link forecast, or the measured rate before
+    // the link has one) and the zstd level it chose.
+    let running = a.json(&["transfer", "show", &id]);
+    if running["state"] == "running" {
+        assert!(running["eta_seconds"].is_number(), "{running}");
+        assert!(running["zstd_level"].is_i64(), "{running}");
+        eprintln!(
+            "half-way: eta {} s ({}), link forecast {} bit/s, zstd level {}",
+            running["eta_seconds"],
+            running["eta_basis"],
+            running["forecast_bits_per_second"],
+            running["zstd_level"]
+        );
+    }
     a.ok(&["transfer", "cancel", &id]);
     let cancelled = wait_for_transfer(&a, &id, Duration::from_secs(30));
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
@@ -378,6 +392,39 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
         "the rerun sent {wire} of {} bytes",
         second.len()
     );
+
+    // The sender measured the link it sent over: one link, to b, at a rate the 100 Mbit/s
+    // emulated link allows (random data keeps the sender ahead of the link, so its samples
+    // measure the link), with a forecast.
+    let links = a.json(&["link", "list"]);
+    let links = links.as_array().expect("links");
+    assert_eq!(links.len(), 1, "{links:?}");
+    let measured = &links[0];
+    assert_eq!(measured["peer_fingerprint"], fingerprint_b, "{measured}");
+    let summary = &measured["summary"];
+    let observed_seconds = summary["observed_seconds"].as_f64().expect("seconds");
+    let mean_bits_per_second =
+        summary["bytes_observed"].as_f64().expect("bytes") * 8.0 / observed_seconds;
+    eprintln!(
+        "link a→b: {observed_seconds:.1} s measured, mean {:.1} Mbit/s, forecasts {}",
+        mean_bits_per_second / 1e6,
+        summary["forecasts"]
+    );
+    assert!(observed_seconds >= 1.0, "{measured}");
+    assert!(
+        mean_bits_per_second < 110e6 && mean_bits_per_second > 5e6,
+        "{measured}"
+    );
+    assert_eq!(
+        summary["forecasts"][0]["horizon"], "one_second",
+        "{measured}"
+    );
+    let shown = a.json(&["link", "show", &fingerprint_b]);
+    assert_eq!(shown["peer_fingerprint"], fingerprint_b, "{shown}");
+    // The receiver measured nothing: only sending measures a link.
+    assert_eq!(b.json(&["link", "list"]), serde_json::json!([]));
+    let missing = b.fails(&["link", "show", &fingerprint_b], 4);
+    assert!(missing.contains("no link"), "{missing}");
     drop(a);
     drop(b);
     link.shutdown().expect("tear the link down");

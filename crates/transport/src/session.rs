@@ -114,6 +114,9 @@ impl Default for SessionOptions {
 /// model (bytes acknowledged per interval).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateSample {
+    /// The peer at the other end: one observer (e.g. a listener's) can serve many sessions and
+    /// keep a model per link.
+    pub peer_fingerprint: Fingerprint,
     /// Length of the interval.
     pub interval: Duration,
     /// Bulk payload the peer acknowledged during the interval (this side sending).
@@ -1411,6 +1414,7 @@ async fn supervise(shared: Arc<SessionShared>) {
             let acknowledged = core.bulk_out.payload_bytes_acknowledged;
             let received = core.bulk_in.payload_bytes_received;
             (observer.0)(RateSample {
+                peer_fingerprint: shared.peer_fingerprint,
                 interval: elapsed,
                 bytes_acknowledged: acknowledged - last_acknowledged,
                 bytes_received: received - last_received,

@@ -389,6 +389,17 @@ async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
         })
         .await;
         assert_eq!(sum(&dialer_samples, |sample| sample.bytes_received), 0);
+        // Each side's samples name the other end, so one observer can keep a model per link.
+        let names_only = |samples: &Arc<Mutex<Vec<RateSample>>>, peer| {
+            samples
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|sample| sample.peer_fingerprint == peer)
+        };
+        assert!(names_only(&dialer_samples, dialer.peer_fingerprint()));
+        assert!(names_only(&listener_samples, accepted.peer_fingerprint()));
+        assert_ne!(dialer.peer_fingerprint(), accepted.peer_fingerprint());
         assert!(
             dialer_samples
                 .lock()

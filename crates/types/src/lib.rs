@@ -8,6 +8,7 @@ pub mod api;
 pub mod cluster;
 pub mod error;
 pub mod image;
+pub mod link;
 pub mod name;
 pub mod size;
 pub mod transfer;
@@ -20,11 +21,12 @@ pub use cluster::{
 };
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
+pub use link::LinkInfo;
 pub use name::{ImageName, NameError, VmName};
 pub use size::{ByteSize, ParseSizeError};
 pub use transfer::{
-    CreateTransferRequest, PeerRecord, TransferDirection, TransferInfo, TransferState,
-    TrustPeerRequest,
+    CreateTransferRequest, PeerRecord, TransferDirection, TransferEstimateBasis, TransferInfo,
+    TransferState, TrustPeerRequest,
 };
 pub use vm::{
     Accelerator, DesiredPower, RestartPolicy, VmEvent, VmRecord, VmSpec, VmState, VmStatus,

@@ -102,4 +102,23 @@ pub struct TransferInfo {
     pub wire_rate_bytes_per_second: f64,
     /// Reconnections the transport made inside this transfer's session.
     pub reconnections: u64,
+    /// The zstd level of the latest frame this host sent (the sender adapts it to the link's
+    /// forecast); absent on the receiving side.
+    pub zstd_level: Option<i32>,
+    /// The link's 1 s throughput forecast, bits per second, while this host sends.
+    pub forecast_bits_per_second: Option<f64>,
+    /// Seconds until the transfer should end, while it runs and once a rate is known.
+    pub eta_seconds: Option<f64>,
+    /// What the ETA was computed from.
+    pub eta_basis: Option<TransferEstimateBasis>,
+}
+
+/// What a transfer's ETA comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferEstimateBasis {
+    /// The link model's throughput forecast (this host sends and measures the link).
+    Forecast,
+    /// The session's measured rate (this host receives, or the link has no forecast yet).
+    MeasuredRate,
 }

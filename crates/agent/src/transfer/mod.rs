@@ -19,7 +19,9 @@ mod receive;
 mod send;
 
 use crate::host::Shared;
+use crate::links::LinkMonitor;
 use crate::{AgentError, images};
+use novacron_bandwidth::ForecastHorizon;
 use novacron_codec::ChunkStore;
 use novacron_transport::{
     ControlIncoming, Fingerprint, HostIdentity, Listener, PeerTrust, Session, SessionOptions,
@@ -27,16 +29,20 @@ use novacron_transport::{
 };
 use novacron_types::{
     CreateTransferRequest, ErrorCode, ImageName, ImageRecord, PeerRecord, RECORD_FORMAT_VERSION,
-    TransferDirection, TransferInfo, TransferState, TrustPeerRequest, unix_now,
+    TransferDirection, TransferEstimateBasis, TransferInfo, TransferState, TrustPeerRequest,
+    unix_now,
 };
 use protocol::{FetchReply, ImageOffer, Message, OfferDecision};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Below this much progress the wire-to-raw ratio is not known yet; the ETA assumes 1.
+const ETA_MINIMUM_RAW_BYTES: u64 = 1 << 20;
 
 /// Bytes a receiver keeps free beyond the image itself.
 const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -143,7 +149,9 @@ pub(crate) struct Transfer {
     image: String,
     target_name: String,
     peer_address: String,
-    peer_fingerprint: String,
+    peer_fingerprint: Fingerprint,
+    /// The zstd level the sender chose for its latest frame (0 before the first, or receiving).
+    pub zstd_level: AtomicI32,
     pub total_bytes: AtomicU64,
     pub raw_bytes_done: AtomicU64,
     pub wire_bytes: AtomicU64,
@@ -173,7 +181,8 @@ impl Transfer {
             image: image.to_string(),
             target_name: target_name.to_string(),
             peer_address: peer_address.to_string(),
-            peer_fingerprint: peer_fingerprint.to_string(),
+            peer_fingerprint,
+            zstd_level: AtomicI32::new(0),
             total_bytes: AtomicU64::new(total_bytes),
             raw_bytes_done: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
@@ -207,24 +216,95 @@ impl Transfer {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(session.clone());
     }
 
-    pub fn info(&self) -> TransferInfo {
+    /// True when this host is the sending end (a push it started, or a pull a peer started).
+    fn this_host_sends(&self) -> bool {
+        (self.direction == TransferDirection::Push) != self.initiated_by_peer
+    }
+
+    /// When the rest should arrive: the remaining raw bytes at the wire-to-raw ratio so far,
+    /// plus what was encoded but not yet acknowledged, at the link's forecast when this host
+    /// sends (it measures the link), else at the session's measured rate.
+    fn estimate(
+        &self,
+        links: &LinkMonitor,
+        raw_done: u64,
+        wire_done: u64,
+        unacknowledged: u64,
+        measured_rate: f64,
+    ) -> (Option<f64>, Option<f64>, Option<TransferEstimateBasis>) {
+        let forecast = self
+            .this_host_sends()
+            .then(|| links.forecast(self.peer_fingerprint, ForecastHorizon::OneSecond))
+            .flatten();
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        let wire_per_raw = if raw_done >= ETA_MINIMUM_RAW_BYTES && wire_done > 0 {
+            wire_done as f64 / raw_done as f64
+        } else {
+            1.0
+        };
+        let remaining_wire_bytes =
+            total.saturating_sub(raw_done) as f64 * wire_per_raw + unacknowledged as f64;
+        let forecast_rate = forecast
+            .as_ref()
+            .map(|forecast| forecast.expected_bits_per_sec);
+        let Some(first_guess) = forecast.as_ref().and_then(|forecast| {
+            forecast
+                .time_to_send(remaining_wire_bytes as u64)
+                .expected_seconds
+        }) else {
+            let eta = (measured_rate > 0.0).then(|| remaining_wire_bytes / measured_rate);
+            return (
+                forecast_rate,
+                eta,
+                eta.map(|_| TransferEstimateBasis::MeasuredRate),
+            );
+        };
+        // A long remainder is better served by a longer horizon's forecast, once it has one.
+        let horizon = ForecastHorizon::covering(Duration::from_secs_f64(first_guess));
+        let eta = links
+            .forecast(self.peer_fingerprint, horizon)
+            .and_then(|forecast| {
+                forecast
+                    .time_to_send(remaining_wire_bytes as u64)
+                    .expected_seconds
+            })
+            .unwrap_or(first_guess);
+        (
+            forecast_rate,
+            Some(eta),
+            Some(TransferEstimateBasis::Forecast),
+        )
+    }
+
+    pub fn info(&self, links: &LinkMonitor) -> TransferInfo {
         let session = self
             .session
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let outcome = self.lock();
-        let (wire_rate, reconnections) = match &session {
+        let (wire_rate, reconnections, unacknowledged) = match &session {
             Some(session) => {
                 let stats = session.stats();
-                (stats.measured_rate_bytes_per_second, stats.reconnections)
+                (
+                    stats.measured_rate_bytes_per_second,
+                    stats.reconnections,
+                    stats.send_buffered_bytes,
+                )
             }
-            None => (outcome.wire_rate, outcome.reconnections),
+            None => (outcome.wire_rate, outcome.reconnections, 0),
         };
         let elapsed = outcome
             .elapsed_at_end
             .unwrap_or_else(|| self.started.elapsed().as_secs_f64());
         let raw = self.raw_bytes_done.load(Ordering::Relaxed);
+        let wire = self.wire_bytes.load(Ordering::Relaxed);
+        let (forecast_bits_per_second, eta_seconds, eta_basis) = if outcome.state.is_finished() {
+            (None, None, None)
+        } else {
+            self.estimate(links, raw, wire, unacknowledged, wire_rate)
+        };
+        let zstd_level = self.zstd_level.load(Ordering::Relaxed);
         TransferInfo {
             id: self.id.clone(),
             direction: self.direction,
@@ -233,13 +313,13 @@ impl Transfer {
             target_name: self.target_name.clone(),
             image_id: outcome.image_id.clone(),
             peer_address: self.peer_address.clone(),
-            peer_fingerprint: self.peer_fingerprint.clone(),
+            peer_fingerprint: self.peer_fingerprint.to_string(),
             state: outcome.state,
             message: outcome.message.clone(),
             error_code: outcome.error_code,
             total_bytes: self.total_bytes.load(Ordering::Relaxed),
             raw_bytes_done: raw,
-            wire_bytes: self.wire_bytes.load(Ordering::Relaxed),
+            wire_bytes: wire,
             already_present: outcome.already_present,
             started_at: self.started_at,
             elapsed_seconds: elapsed,
@@ -250,6 +330,10 @@ impl Transfer {
             },
             wire_rate_bytes_per_second: wire_rate,
             reconnections,
+            zstd_level: (zstd_level != 0).then_some(zstd_level),
+            forecast_bits_per_second,
+            eta_seconds,
+            eta_basis,
         }
     }
 
@@ -319,6 +403,8 @@ pub(crate) struct TransferService {
     bound_address: Mutex<Option<SocketAddr>>,
     transfers: Mutex<HashMap<String, Arc<Transfer>>>,
     options: SessionOptions,
+    /// Throughput models of the links this host sends over (fed by every session's samples).
+    pub links: Arc<LinkMonitor>,
 }
 
 impl TransferService {
@@ -327,6 +413,7 @@ impl TransferService {
         identity: HostIdentity,
         requested_address: Option<SocketAddr>,
     ) -> Arc<Self> {
+        let links = LinkMonitor::new();
         Arc::new(Self {
             host,
             identity,
@@ -334,7 +421,11 @@ impl TransferService {
             listener: tokio::sync::Mutex::new(None),
             bound_address: Mutex::new(None),
             transfers: Mutex::new(HashMap::new()),
-            options: SessionOptions::default(),
+            options: SessionOptions {
+                rate_observer: Some(links.rate_observer()),
+                ..SessionOptions::default()
+            },
+            links,
         })
     }
 
@@ -522,7 +613,7 @@ impl TransferService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
-            .map(|transfer| transfer.info())
+            .map(|transfer| transfer.info(&self.links))
             .collect();
         list.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         list
@@ -538,13 +629,13 @@ impl TransferService {
     }
 
     pub fn get(&self, id: &str) -> Result<TransferInfo, AgentError> {
-        Ok(self.find(id)?.info())
+        Ok(self.find(id)?.info(&self.links))
     }
 
     pub fn cancel(&self, id: &str) -> Result<TransferInfo, AgentError> {
         let transfer = self.find(id)?;
         transfer.cancel.cancel();
-        Ok(transfer.info())
+        Ok(transfer.info(&self.links))
     }
 
     fn register(&self, transfer: &Arc<Transfer>) {
@@ -588,6 +679,7 @@ impl TransferService {
                 connect_failure(&error, &request.address, fingerprint, self.fingerprint())
                     .into_agent_error()
             })?;
+        self.links.note_address(fingerprint, &request.address);
         let session = Arc::new(session);
         let control = session.control();
         match (request.direction, local_image) {
@@ -622,7 +714,7 @@ impl TransferService {
                         self.register(&transfer);
                         transfer.finish_already_present(&name, &image.id);
                         close_quietly(session).await;
-                        return Ok(transfer.info());
+                        return Ok(transfer.info(&self.links));
                     }
                     OfferDecision::Refused { code, message } => {
                         close_quietly(session).await;
@@ -641,7 +733,7 @@ impl TransferService {
                     let result = send::send_image(&service, session, running.clone(), path).await;
                     running.finish(result.map(|()| "sent and verified by the destination".into()));
                 });
-                Ok(transfer.info())
+                Ok(transfer.info(&self.links))
             }
             (_, _) => {
                 let reply = ask(
@@ -681,7 +773,7 @@ impl TransferService {
                         let _ = tokio::time::timeout(Duration::from_secs(2), session.flush()).await;
                         self.register(&transfer);
                         transfer.finish_already_present(&name, &offer.id);
-                        return Ok(transfer.info());
+                        return Ok(transfer.info(&self.links));
                     }
                     OfferDecision::Refused { code, message } => {
                         let _ = tokio::time::timeout(Duration::from_secs(2), session.flush()).await;
@@ -701,7 +793,7 @@ impl TransferService {
                         receive::receive_image(&service, session, running.clone(), offer).await;
                     running.finish(result);
                 });
-                Ok(transfer.info())
+                Ok(transfer.info(&self.links))
             }
         }
     }

@@ -5,8 +5,14 @@
 
 use super::protocol::{self, Failure, Message, VerifyReply};
 use super::{Transfer, TransferFailure, TransferService, close_quietly, describe};
-use novacron_codec::{BoxError, ChunkEncoder, ChunkEncoderConfig, ContentHash, RemoteHashQuery};
-use novacron_transport::{ControlChannel, ControlIncoming, Session};
+use crate::links::LinkMonitor;
+use novacron_bandwidth::ForecastHorizon;
+use novacron_codec::level::FALLBACK_LEVEL;
+use novacron_codec::{
+    BoxError, ChunkEncoder, ChunkEncoderConfig, ChunkStats, ContentHash, LevelMeter,
+    RemoteHashQuery,
+};
+use novacron_transport::{ControlChannel, ControlIncoming, Fingerprint, Session};
 use novacron_types::ErrorCode;
 use std::io::Read;
 use std::path::PathBuf;
@@ -15,6 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
+
+/// The level of a probe frame: the fastest the meter knows, so the link, not the compressor, is
+/// the limit.
+const PROBE_LEVEL: i32 = 1;
 
 /// Input bytes per frame: one hash question and one durable commit at the receiver per frame.
 const FRAME_INPUT_TARGET: usize = 8 << 20;
@@ -71,7 +81,7 @@ impl<R: Read> Read for CountingReader<R> {
 
 /// Sends the image at `path`; returns once the receiver verified and stored it.
 pub(crate) async fn send_image(
-    _service: &Arc<TransferService>,
+    service: &Arc<TransferService>,
     session: Arc<Session>,
     transfer: Arc<Transfer>,
     path: PathBuf,
@@ -85,7 +95,8 @@ pub(crate) async fn send_image(
         stop.clone(),
         peer_failure.clone(),
     ));
-    let result = send_and_verify(&session, &transfer, path, &control, &stop).await;
+    let links = service.links.clone();
+    let result = send_and_verify(&session, &transfer, links, path, &control, &stop).await;
     watcher.abort();
     let peer_failure = peer_failure
         .lock()
@@ -114,6 +125,7 @@ pub(crate) async fn send_image(
 async fn send_and_verify(
     session: &Arc<Session>,
     transfer: &Arc<Transfer>,
+    links: Arc<LinkMonitor>,
     path: PathBuf,
     control: &ControlChannel,
     stop: &CancellationToken,
@@ -123,10 +135,12 @@ async fn send_and_verify(
     let encoder_transfer = transfer.clone();
     let encoder_stop = stop.clone();
     let encoded = tokio::task::spawn_blocking(move || {
+        let level_policy = LevelPolicy::new(links, encoder_session.peer_fingerprint());
         encode_file(
             &handle,
             &encoder_session,
             &encoder_transfer,
+            level_policy,
             &path,
             &encoder_stop,
         )
@@ -172,6 +186,7 @@ fn encode_file(
     handle: &Handle,
     session: &Arc<Session>,
     transfer: &Arc<Transfer>,
+    mut level_policy: LevelPolicy,
     path: &std::path::Path,
     stop: &CancellationToken,
 ) -> Result<(), TransferFailure> {
@@ -197,7 +212,12 @@ fn encode_file(
     let mut encoder = ChunkEncoder::new(config, query).map_err(|error| {
         TransferFailure::new(ErrorCode::Internal, format!("codec: {}", describe(&error)))
     })?;
-    let outcome = encoder.encode_reader(reader, |frame| {
+    let choose_level = |stats: &ChunkStats| {
+        let level = level_policy.next_frame_level(stats);
+        transfer.zstd_level.store(level, Ordering::Relaxed);
+        level
+    };
+    let outcome = encoder.encode_reader_choosing_level(reader, choose_level, |frame| {
         let data = protocol::bulk_frame(frame);
         let length = data.len() as u64;
         handle.block_on(async {
@@ -219,6 +239,55 @@ fn encode_file(
                 TransferFailure::new(ErrorCode::Internal, format!("encoding the image: {text}"))
             }))
         }
+    }
+}
+
+/// Chooses each frame's zstd level from the link's 1 s forecast against the measured speed and
+/// ratio of each level (as the transfer's own frames show them): a fast level when the link is
+/// fast, a harder one when it is slow (see `novacron_codec::choose_zstd_level`). Before the link
+/// has a forecast the codec's fallback level is used; when the link asks for a probe (this
+/// sender could not keep it busy for a while, so its rate is unknown), one frame goes at the
+/// fastest level.
+struct LevelPolicy {
+    links: Arc<LinkMonitor>,
+    peer: Fingerprint,
+    meter: LevelMeter,
+    previous: Option<(i32, ChunkStats)>,
+}
+
+impl LevelPolicy {
+    fn new(links: Arc<LinkMonitor>, peer: Fingerprint) -> Self {
+        Self {
+            links,
+            peer,
+            meter: LevelMeter::new(),
+            previous: None,
+        }
+    }
+
+    fn next_frame_level(&mut self, stats: &ChunkStats) -> i32 {
+        // What the previous frame's level achieved on its literal bytes.
+        if let Some((level, before)) = &self.previous {
+            self.meter.observe(
+                *level,
+                (stats.literal_bytes - before.literal_bytes) as usize,
+                (stats.frame_bytes - before.frame_bytes) as usize,
+                stats
+                    .compression_time
+                    .saturating_sub(before.compression_time),
+            );
+        }
+        let level = if self.links.take_probe_request(self.peer) {
+            PROBE_LEVEL
+        } else {
+            match self.links.forecast(self.peer, ForecastHorizon::OneSecond) {
+                Some(forecast) => self.meter.choose(forecast.expected_bits_per_sec / 8.0, 1),
+                None => FALLBACK_LEVEL,
+            }
+        };
+        tracing::debug!(peer = %self.peer, level, "zstd level for the next frame");
+        self.previous = Some((level, stats.clone()));
+        level
     }
 }
 

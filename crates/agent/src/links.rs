@@ -1,0 +1,321 @@
+//! The links to other hosts, as this host's transfers measure them: a throughput model per peer
+//! (`novacron-bandwidth`'s [`LinkRegistry`]), fed by the transport's rate samples, read by the
+//! transfers (zstd level, ETA), the API (`GET /api/v1/links`) and the metrics.
+//!
+//! Only samples in which this host was sending and kept the link busy measure the link; samples
+//! in which the sender ran dry measure the sender (its compressor, its disk). When a sender has
+//! been starved for [`PROBE_AFTER_APPLICATION_LIMITED_SAMPLES`] samples in a row, the link asks
+//! the sender for a probe: one frame at the fastest setting, so the link's rate shows again. This
+//! module decides nothing about transfers and does no IO.
+
+use novacron_bandwidth::{Forecast, ForecastHorizon, LinkRegistry};
+use novacron_transport::{Fingerprint, RateObserver, RateSample};
+use novacron_types::{LinkInfo, unix_now};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Starved samples in a row (1 s each by default) before a probe is asked for.
+pub(crate) const PROBE_AFTER_APPLICATION_LIMITED_SAMPLES: u32 = 4;
+
+#[derive(Default)]
+struct LinkDetail {
+    last_address: Option<String>,
+    last_measured_at: u64,
+    application_limited_samples: u64,
+    application_limited_in_a_row: u32,
+    probe_requested: bool,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerHorizonLabels {
+    peer: String,
+    horizon: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The links' Prometheus gauges, refreshed by [`LinkMonitor::export_metrics`].
+#[derive(Default)]
+struct LinkMetrics {
+    rate: Family<PeerLabels, FloatGauge>,
+    observed_seconds: Family<PeerLabels, FloatGauge>,
+    forecast: Family<PeerHorizonLabels, FloatGauge>,
+    forecast_lower: Family<PeerHorizonLabels, FloatGauge>,
+    forecast_upper: Family<PeerHorizonLabels, FloatGauge>,
+    accuracy: Family<PeerHorizonLabels, FloatGauge>,
+}
+
+/// Every link this host has sent over, with its model.
+#[derive(Default)]
+pub(crate) struct LinkMonitor {
+    registry: LinkRegistry<Fingerprint>,
+    details: Mutex<HashMap<Fingerprint, LinkDetail>>,
+    metrics: LinkMetrics,
+}
+
+impl LinkMonitor {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn details(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, LinkDetail>> {
+        self.details
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An observer for a session's options: every session of a dialler or a listener can share
+    /// it, since each sample names its peer.
+    pub fn rate_observer(self: &Arc<Self>) -> RateObserver {
+        let monitor: Weak<LinkMonitor> = Arc::downgrade(self);
+        RateObserver::new(move |sample| {
+            if let Some(monitor) = monitor.upgrade() {
+                monitor.observe(&sample);
+            }
+        })
+    }
+
+    /// Feeds one transport sample to its link.
+    pub fn observe(&self, sample: &RateSample) {
+        let peer = sample.peer_fingerprint;
+        if sample.sender_backlogged {
+            self.registry
+                .observe(&peer, sample.bytes_acknowledged, sample.interval);
+            let mut details = self.details();
+            let detail = details.entry(peer).or_default();
+            detail.last_measured_at = unix_now();
+            detail.application_limited_in_a_row = 0;
+        } else if sample.bytes_acknowledged > 0 {
+            // Sending, but the sender ran dry: a lower bound of the link, not a measurement.
+            let mut details = self.details();
+            let detail = details.entry(peer).or_default();
+            detail.application_limited_samples += 1;
+            detail.application_limited_in_a_row += 1;
+            if detail.application_limited_in_a_row >= PROBE_AFTER_APPLICATION_LIMITED_SAMPLES {
+                detail.probe_requested = true;
+                detail.application_limited_in_a_row = 0;
+            }
+        }
+    }
+
+    /// Remembers the address `peer` was dialled at (shown by `link list`).
+    pub fn note_address(&self, peer: Fingerprint, address: &str) {
+        self.details().entry(peer).or_default().last_address = Some(address.to_string());
+    }
+
+    /// True once after the link asked for a probe (see the module documentation).
+    pub fn take_probe_request(&self, peer: Fingerprint) -> bool {
+        self.details()
+            .get_mut(&peer)
+            .is_some_and(|detail| std::mem::take(&mut detail.probe_requested))
+    }
+
+    pub fn forecast(&self, peer: Fingerprint, horizon: ForecastHorizon) -> Option<Forecast> {
+        self.registry.forecast(&peer, horizon)
+    }
+
+    /// Adds the link gauges to `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let metrics = &self.metrics;
+        registry.register(
+            "link_rate_bits_per_second",
+            "throughput of the link to a peer over the last second of sending",
+            metrics.rate.clone(),
+        );
+        registry.register(
+            "link_observed_seconds",
+            "seconds of sending that measured the link to a peer",
+            metrics.observed_seconds.clone(),
+        );
+        registry.register(
+            "link_forecast_bits_per_second",
+            "expected throughput of the link to a peer over the horizon",
+            metrics.forecast.clone(),
+        );
+        registry.register(
+            "link_forecast_lower_bits_per_second",
+            "lower edge of the forecast's 80 % band",
+            metrics.forecast_lower.clone(),
+        );
+        registry.register(
+            "link_forecast_upper_bits_per_second",
+            "upper edge of the forecast's 80 % band",
+            metrics.forecast_upper.clone(),
+        );
+        registry.register(
+            "link_forecast_accuracy",
+            "1 - WAPE of the checked forecasts of the link so far",
+            metrics.accuracy.clone(),
+        );
+    }
+
+    /// Copies every link's current state into the gauges.
+    pub fn export_metrics(&self) {
+        let metrics = &self.metrics;
+        for (peer, summary) in self.registry.summaries() {
+            let peer = peer.to_string();
+            let labels = PeerLabels { peer: peer.clone() };
+            if let Some(rate) = summary.current_bits_per_sec {
+                metrics.rate.get_or_create(&labels).set(rate);
+            }
+            metrics
+                .observed_seconds
+                .get_or_create(&labels)
+                .set(summary.observed_seconds);
+            let horizon_labels = |horizon: ForecastHorizon| PeerHorizonLabels {
+                peer: peer.clone(),
+                horizon: horizon_name(horizon).into(),
+            };
+            for forecast in &summary.forecasts {
+                let labels = horizon_labels(forecast.horizon);
+                metrics
+                    .forecast
+                    .get_or_create(&labels)
+                    .set(forecast.expected_bits_per_sec);
+                metrics
+                    .forecast_lower
+                    .get_or_create(&labels)
+                    .set(forecast.lower);
+                metrics
+                    .forecast_upper
+                    .get_or_create(&labels)
+                    .set(forecast.upper);
+            }
+            for horizon in &summary.accuracy.horizons {
+                if let Some(accuracy) = horizon.accuracy {
+                    metrics
+                        .accuracy
+                        .get_or_create(&horizon_labels(horizon.horizon))
+                        .set(accuracy);
+                }
+            }
+        }
+    }
+
+    /// Every measured link; `name_of` gives a peer's label.
+    pub fn list(&self, name_of: impl Fn(&str) -> Option<String>) -> Vec<LinkInfo> {
+        let summaries = self.registry.summaries();
+        let details = self.details();
+        let mut links: Vec<LinkInfo> = summaries
+            .into_iter()
+            .map(|(peer, summary)| {
+                let fingerprint = peer.to_string();
+                let detail = details.get(&peer);
+                LinkInfo {
+                    peer_name: name_of(&fingerprint),
+                    peer_fingerprint: fingerprint,
+                    peer_address: detail.and_then(|detail| detail.last_address.clone()),
+                    last_measured_at: detail.map_or(0, |detail| detail.last_measured_at),
+                    application_limited_samples: detail
+                        .map_or(0, |detail| detail.application_limited_samples),
+                    summary,
+                }
+            })
+            .collect();
+        links.sort_by(|left, right| {
+            (&left.peer_name, &left.peer_fingerprint)
+                .cmp(&(&right.peer_name, &right.peer_fingerprint))
+        });
+        links
+    }
+}
+
+/// A horizon as the metrics and the CLI name it.
+pub(crate) fn horizon_name(horizon: ForecastHorizon) -> &'static str {
+    match horizon {
+        ForecastHorizon::OneSecond => "1s",
+        ForecastHorizon::FiveSeconds => "5s",
+        ForecastHorizon::ThirtySeconds => "30s",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sample(peer: Fingerprint, bytes: u64, backlogged: bool) -> RateSample {
+        RateSample {
+            peer_fingerprint: peer,
+            interval: Duration::from_secs(1),
+            bytes_acknowledged: bytes,
+            bytes_received: 0,
+            sender_backlogged: backlogged,
+        }
+    }
+
+    #[test]
+    fn backlogged_samples_measure_the_link_and_name_their_peer() {
+        let monitor = LinkMonitor::new();
+        let (near, far) = (Fingerprint([1; 32]), Fingerprint([2; 32]));
+        for _ in 0..10 {
+            monitor.observe(&sample(near, 12_500_000, true)); // 100 Mbit/s
+            monitor.observe(&sample(far, 1_250_000, true)); // 10 Mbit/s
+        }
+        let near_rate = monitor
+            .forecast(near, ForecastHorizon::OneSecond)
+            .unwrap()
+            .expected_bits_per_sec;
+        let far_rate = monitor
+            .forecast(far, ForecastHorizon::OneSecond)
+            .unwrap()
+            .expected_bits_per_sec;
+        assert!((near_rate - 100e6).abs() < 1e6, "{near_rate}");
+        assert!((far_rate - 10e6).abs() < 1e5, "{far_rate}");
+        monitor.note_address(far, "192.0.2.7:7181");
+        let links = monitor
+            .list(|fingerprint| (fingerprint == far.to_string()).then(|| "far-site".to_string()));
+        assert_eq!(links.len(), 2);
+        let far_link = links
+            .iter()
+            .find(|link| link.peer_name.as_deref() == Some("far-site"))
+            .unwrap();
+        assert_eq!(far_link.peer_address.as_deref(), Some("192.0.2.7:7181"));
+        assert_eq!(far_link.summary.bytes_observed, 12_500_000);
+
+        let mut registry = Registry::default();
+        monitor.register_metrics(&mut registry);
+        monitor.export_metrics();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let far_rate_line = format!("link_rate_bits_per_second{{peer=\"{far}\"}} 10000000");
+        assert!(text.contains(&far_rate_line), "{text}");
+        assert!(
+            text.contains(&format!(
+                "link_forecast_bits_per_second{{peer=\"{near}\",horizon=\"1s\"}}"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_starved_sender_does_not_measure_the_link_and_asks_for_a_probe() {
+        let monitor = LinkMonitor::new();
+        let peer = Fingerprint([3; 32]);
+        for _ in 0..PROBE_AFTER_APPLICATION_LIMITED_SAMPLES - 1 {
+            monitor.observe(&sample(peer, 1_000, false));
+        }
+        assert!(!monitor.take_probe_request(peer));
+        monitor.observe(&sample(peer, 1_000, false));
+        assert!(monitor.take_probe_request(peer));
+        assert!(!monitor.take_probe_request(peer), "a request is taken once");
+        // Nothing measured: no model, no listed link.
+        assert!(monitor.forecast(peer, ForecastHorizon::OneSecond).is_none());
+        assert!(monitor.list(|_| None).is_empty());
+        // Idle samples (nothing sent) are neither.
+        for _ in 0..10 {
+            monitor.observe(&sample(peer, 0, false));
+        }
+        assert!(!monitor.take_probe_request(peer));
+    }
+}
