@@ -262,15 +262,6 @@ impl Region {
         }
     }
 
-    /// Host names of the region's admitted hosts.
-    pub(crate) async fn host_names(&self) -> Result<Vec<String>, AgentError> {
-        Ok(join::list_hosts(&self.cluster)
-            .await?
-            .into_iter()
-            .map(|host| host.host_name)
-            .collect())
-    }
-
     /// A joined host asks to be added as a learner until it is a member.
     pub(crate) async fn become_learner(self: Arc<Self>) {
         let Some(via) = self.settings().join_via else {
@@ -348,7 +339,23 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
             }
         }
     }
+    let mut images = Vec::new();
+    if let Ok(listing) = shared
+        .records
+        .store()
+        .list(crate::records::IMAGE_PREFIX, Consistency::Local)
+        .await
+    {
+        for item in &listing.items {
+            if let Ok(image) = serde_json::from_slice::<novacron_types::ImageRecord>(&item.value)
+                && shared.paths.image_file(&image.id, image.format).exists()
+            {
+                images.push(image.id);
+            }
+        }
+    }
     HostHeartbeat {
+        images,
         format_version: RECORD_FORMAT_VERSION,
         node_id,
         host: host_name.clone(),
@@ -844,5 +851,123 @@ impl Host {
         self.shared.records.delete_heartbeat(host.node_id).await?;
         tracing::info!(host = %host.host, node_id = host.node_id, "host removed from the region");
         Ok(host)
+    }
+}
+
+/// Where a new VM goes in a region: the placement core (filters, then scores; see
+/// `novacron_placement`) over the region's hosts, their heartbeats (capacity, health, images held)
+/// and the VMs already assigned. `pinned` restricts it to one host, which must still fit.
+/// Returns the host's name and the sentence `vm show` prints.
+pub(crate) async fn place_vm(
+    shared: &Shared,
+    region: &Region,
+    cpus: u32,
+    memory_bytes: u64,
+    image: Option<&str>,
+    pinned: Option<&str>,
+) -> Result<(String, String), AgentError> {
+    use novacron_placement::{HostSpec, HostState, Placement, Policy, Request, Snapshot, VmSpec};
+    let hosts = join::list_hosts(&region.cluster).await?;
+    let heartbeats = shared.records.heartbeats().await?;
+    let local = local_heartbeat(shared, region.node_id()).await;
+    let membership = region.cluster.store().metrics().membership;
+    let now = join::now_unix_millis();
+    let fresh = u64::try_from(UNREACHABLE_AFTER.as_millis()).unwrap_or(u64::MAX);
+    let specs: Vec<HostSpec> = hosts
+        .iter()
+        .map(|host| {
+            let heartbeat = if host.node_id == region.node_id() {
+                Some(&local)
+            } else {
+                heartbeats
+                    .iter()
+                    .find(|heartbeat| heartbeat.node_id == host.node_id)
+            };
+            let member = membership.voters.contains(&host.node_id)
+                || membership.learners.contains(&host.node_id);
+            let alive = heartbeat.is_some_and(|beat| now.saturating_sub(beat.at_unix_ms) <= fresh);
+            HostSpec {
+                id: host.node_id,
+                name: host.host_name.clone(),
+                state: if member && alive {
+                    HostState::Ready
+                } else {
+                    HostState::Unreachable
+                },
+                labels: Default::default(),
+                cpu_capacity: heartbeat.map(|beat| beat.cpus).unwrap_or(0),
+                memory_capacity_mib: heartbeat.map(|beat| beat.memory_bytes >> 20).unwrap_or(0),
+                cpu_reserved: 0,
+                memory_reserved_mib: 0,
+                images: heartbeat
+                    .map(|beat| beat.images.clone())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    let id_of = |name: &str| {
+        hosts
+            .iter()
+            .find(|host| host.host_name == name)
+            .map(|host| host.node_id)
+    };
+    // Every VM assigned to a host holds its resources there, running or not.
+    let vms: Vec<VmSpec> = shared
+        .records
+        .vms()
+        .await?
+        .into_iter()
+        .filter_map(|vm| {
+            Some(VmSpec {
+                host: id_of(&vm.record.status.host)?,
+                cpus: vm.record.spec.cpus,
+                memory_mib: vm.record.spec.memory_bytes >> 20,
+                image: vm.record.spec.image_id.clone(),
+                anti_affinity_group: None,
+            })
+        })
+        .collect();
+    let pinned_host = match pinned {
+        None => None,
+        Some(name) => Some(id_of(name).ok_or_else(|| {
+            AgentError::InvalidArgument(format!(
+                "--host {name:?} is not a host of this region (hosts: {}); `novacron cluster \
+                 list` shows them",
+                hosts
+                    .iter()
+                    .map(|host| host.host_name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?),
+    };
+    let invalid = |error: novacron_placement::PlacementError| {
+        AgentError::InvalidArgument(format!("placement: {error}"))
+    };
+    // Images are not fetched between hosts automatically yet: none counts as fetchable.
+    let snapshot = Snapshot::new(specs, vms, std::iter::empty()).map_err(invalid)?;
+    let request = Request {
+        cpus,
+        memory_mib: memory_bytes >> 20,
+        image: image.map(str::to_string),
+        pinned_host,
+        ..Request::default()
+    };
+    match snapshot
+        .place(&request, &Policy::default())
+        .map_err(invalid)?
+    {
+        Placement::Decision(decision) => Ok((decision.host_name, decision.explanation)),
+        Placement::Refusal(refusal) => {
+            let reasons: Vec<String> = refusal
+                .exclusions
+                .iter()
+                .map(|excluded| format!("{}: {}", excluded.host_name, excluded.exclusion))
+                .collect();
+            Err(AgentError::Cluster {
+                code: ErrorCode::InsufficientResources,
+                message: format!("{} ({})", refusal.summary(), reasons.join("; ")),
+            })
+        }
     }
 }

@@ -144,7 +144,21 @@ impl Host {
         }
         // Refuse early, with the package name, when QEMU is missing.
         shared.hypervisor.binaries()?;
-        let assigned_host = self.assigned_host(request.host.as_deref()).await?;
+        let (assigned_host, placement) = match &shared.region {
+            Some(region) => {
+                let (host, explanation) = crate::region::place_vm(
+                    shared,
+                    region,
+                    request.cpus,
+                    request.memory_bytes,
+                    image.as_ref().map(|image| image.id.as_str()),
+                    request.host.as_deref(),
+                )
+                .await?;
+                (host, Some(explanation))
+            }
+            None => (self.assigned_host(request.host.as_deref()).await?, None),
+        };
         // In a region the assigned host's reconciler makes the disk, even when it is this host:
         // a forwarded write whose answer was lost may still be applied later, and the VM must
         // then come out of `creating` by itself. One host makes the disk in this request.
@@ -190,6 +204,7 @@ impl Host {
             },
             created_at: now,
             disk_by_assigned_host: !here,
+            placement,
         };
         shared.records.create_vm(&record).await?;
         if !here {
@@ -224,17 +239,14 @@ impl Host {
         Ok(record)
     }
 
-    /// The host a new VM is assigned to: the one asked for (which must be in the cluster), else
-    /// this host.
+    /// The host a new VM is assigned to on a one-host cluster: this host (the only one `--host`
+    /// may name). In a region, placement decides (`region::place_vm`).
     async fn assigned_host(&self, asked: Option<&str>) -> Result<String, AgentError> {
         let local = &self.shared.config.host_name;
         let Some(asked) = asked.filter(|asked| *asked != local.as_str()) else {
             return Ok(local.clone());
         };
-        let hosts = match &self.shared.region {
-            Some(region) => region.host_names().await?,
-            None => vec![local.clone()],
-        };
+        let hosts = [local.clone()];
         if hosts.iter().any(|host| host == asked) {
             return Ok(asked.to_string());
         }

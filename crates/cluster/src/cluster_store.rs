@@ -150,6 +150,14 @@ impl ClusterStore {
                         Err(RequestError::Remote(failure)) => {
                             return Err(remote_failure_error(node_id, &request, failure));
                         }
+                        // A read index has no effect: a lost answer is only a problem.
+                        Err(RequestError::Failed(source))
+                            if matches!(request, Request::ReadIndex) =>
+                        {
+                            last_problem = format!(
+                                "leader node {node_id} at {address} did not answer the read index: {source}"
+                            );
+                        }
                         Err(RequestError::Failed(source)) => {
                             return Err(ClusterError::PeerFailed {
                                 request: request.name(),

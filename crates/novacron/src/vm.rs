@@ -357,6 +357,10 @@ fn show(format: OutputFormat, record: &VmRecord) {
             ),
             ("desired", format!("{:?}", vm.desired).to_lowercase()),
             ("host", status.host.clone()),
+            (
+                "placement",
+                vm.placement.clone().unwrap_or_else(|| "-".into()),
+            ),
             ("accelerator", accelerator),
             (
                 "pid",

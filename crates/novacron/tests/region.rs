@@ -97,14 +97,25 @@ fn roles(list: &Value) -> Vec<(String, String, String)> {
 }
 
 /// A diskless VM booting the test guest's kernel, created stopped: a write that needs no image.
+/// The fault scenarios pin it (`--host`): placement may still pick a host that died less than
+/// the heartbeat limit ago, and such a VM would wait in `creating` until its host is back.
 fn create_stopped_vm(host: &TestHost, name: &str, on: Option<&str>) -> std::process::Output {
+    create_vm_with_memory(host, name, on, "128MiB")
+}
+
+fn create_vm_with_memory(
+    host: &TestHost,
+    name: &str,
+    on: Option<&str>,
+    memory: &str,
+) -> std::process::Output {
     let guest = guest();
     let mut arguments = vec![
         "vm".to_string(),
         "create".into(),
         name.into(),
         "--memory".into(),
-        "128MiB".into(),
+        memory.into(),
         "--kernel".into(),
         guest.kernel.display().to_string(),
         "--initrd".into(),
@@ -254,7 +265,11 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
         let leader = list["leader_id"].as_u64()?;
         (leader != old_leader as u64 + 1).then_some(leader)
     });
-    let created = create_stopped_vm(&hosts.hosts[survivor], "after-failover", None);
+    let created = create_stopped_vm(
+        &hosts.hosts[survivor],
+        "after-failover",
+        Some(&format!("host-{survivor}")),
+    );
     assert_success(
         &created,
         "vm create after the leader died",
@@ -297,7 +312,11 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
     let majority = (leader + 2) % 3;
     hosts.set_link_up(cut, false);
     let attempt_started = Instant::now();
-    let output = create_stopped_vm(&hosts.hosts[cut], "from-the-minority", None);
+    let output = create_stopped_vm(
+        &hosts.hosts[cut],
+        "from-the-minority",
+        Some(&format!("host-{cut}")),
+    );
     let took = attempt_started.elapsed();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(
@@ -314,7 +333,11 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
         "the write failed after {took:?}, not within a bounded time"
     );
     eprintln!("write on the cut-off host-{cut} refused after {took:?}: {stderr}");
-    let created = create_stopped_vm(&hosts.hosts[majority], "during-partition", None);
+    let created = create_stopped_vm(
+        &hosts.hosts[majority],
+        "during-partition",
+        Some(&format!("host-{majority}")),
+    );
     assert_success(
         &created,
         "vm create on the majority",
@@ -330,7 +353,11 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
             output.status.success().then_some(())
         },
     );
-    let created = create_stopped_vm(&hosts.hosts[cut], "after-healing", None);
+    let created = create_stopped_vm(
+        &hosts.hosts[cut],
+        "after-healing",
+        Some(&format!("host-{cut}")),
+    );
     assert_success(&created, "vm create on the healed host", &hosts.hosts[cut]);
     let names: Vec<String> = hosts.hosts[majority]
         .json(&["vm", "list"])
@@ -364,4 +391,76 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
     }
     eprintln!("the refused write was applied later: {applied}");
     eprintln!("whole scenario took {:?}", started.elapsed());
+}
+
+#[test]
+fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
+    let hosts = Hosts::start(3);
+    form_region(&hosts);
+    let first = &hosts.hosts[0];
+    let list = cluster_list(first);
+    let memory_mib = list["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .filter_map(|host| host["heartbeat"]["memory_bytes"].as_u64())
+        .min()
+        .expect("capacities from heartbeats")
+        >> 20;
+    // Each VM takes 60 % of a host's memory: one per host, and a fourth fits nowhere.
+    let big = format!("{}MiB", memory_mib * 6 / 10);
+    let mut placed = Vec::new();
+    for name in ["big-1", "big-2", "big-3"] {
+        let output = create_vm_with_memory(first, name, None, &big);
+        assert_success(&output, &format!("vm create {name} without --host"), first);
+        let vm = first.vm(name);
+        let host = vm["status"]["host"]
+            .as_str()
+            .expect("assigned host")
+            .to_string();
+        let explanation = vm["placement"]
+            .as_str()
+            .expect("placement explanation")
+            .to_string();
+        assert!(
+            explanation.starts_with(&format!("{host} (id "))
+                && explanation.contains("won with score"),
+            "{explanation}"
+        );
+        let shown = first.ok(&["vm", "show", name]);
+        assert!(
+            shown.contains("won with score"),
+            "vm show prints it: {shown}"
+        );
+        eprintln!("{name} placed: {explanation}");
+        placed.push(host);
+    }
+    placed.sort();
+    assert_eq!(
+        placed,
+        ["host-0", "host-1", "host-2"],
+        "spread over every host"
+    );
+
+    let output = create_vm_with_memory(first, "big-4", None, &big);
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "refused as insufficient: {stderr}"
+    );
+    for host in ["host-0", "host-1", "host-2"] {
+        assert!(
+            stderr.contains(&format!("{host}: ")),
+            "{host} and its reason in: {stderr}"
+        );
+    }
+    assert!(stderr.contains("memory"), "{stderr}");
+    eprintln!("refusal: {stderr}");
+    let output = first.cli(&["vm", "show", "big-4"]);
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "a refused create leaves nothing"
+    );
 }

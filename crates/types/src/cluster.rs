@@ -84,6 +84,10 @@ pub struct HostHeartbeat {
     pub vm_memory_bytes: u64,
     /// Unix milliseconds, by the host's clock.
     pub at_unix_ms: u64,
+    /// Ids of the images whose files the host holds (placement prefers, and for now requires,
+    /// a host holding the VM's image).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// One line of `cluster list`.

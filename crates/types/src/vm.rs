@@ -139,6 +139,10 @@ pub struct VmRecord {
     /// that took the create request (which wrote the record in `creating` and returned).
     #[serde(default)]
     pub disk_by_assigned_host: bool,
+    /// Why placement chose `status.host` (`None` when the host was not placed by the region's
+    /// placement, e.g. on a one-host cluster).
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 /// A state change, as streamed by the event endpoint.
