@@ -16,6 +16,8 @@
 pub mod proxy;
 pub mod rebuild;
 pub mod stream;
+#[doc(hidden)]
+pub mod synthetic;
 
 pub use proxy::{
     ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, receive_migration_stream,

@@ -650,6 +650,11 @@ pub async fn send_migration_stream(
         if out.len() >= 1 << 20 {
             send(session, &mut out).await?;
         }
+        // Encoding is CPU work on a runtime thread, and a source that is always ready (a file, a
+        // fast socket) never makes this loop wait: yield so that the transport's own tasks
+        // (TLS, acknowledgements, liveness) keep running. Without it a session could starve and
+        // be declared lost.
+        tokio::task::yield_now().await;
     }
     session.finish().await?;
     session.flush().await?;
@@ -673,7 +678,9 @@ async fn send(session: &Session, out: &mut Vec<u8>) -> Result<(), ProxyError> {
 
 /// Destination side: receives the proxy messages from `session` and writes the rebuilt stream
 /// into `sink` (the destination QEMU's `-incoming` socket). Succeeds only when the END message
-/// arrived and the rebuilt stream's length and BLAKE3 equal the source's.
+/// arrived and the rebuilt stream's length and BLAKE3 equal the source's. Afterwards drop the
+/// session: the source closes its end once everything is acknowledged, and `Session::close` on
+/// this side would then wait for a peer that is gone.
 pub async fn receive_migration_stream(
     session: &Session,
     mut sink: impl AsyncWrite + Unpin,
@@ -683,6 +690,8 @@ pub async fn receive_migration_stream(
     let mut out = Vec::new();
     while let Some(bytes) = session.recv().await? {
         decoder.push(&bytes, &mut out)?;
+        // Decoding is CPU work on a runtime thread: let the transport's tasks run (see above).
+        tokio::task::yield_now().await;
         if !out.is_empty() {
             sink.write_all(&out)
                 .await
@@ -716,71 +725,10 @@ pub async fn receive_migration_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::{STREAM_MAGIC, STREAM_VERSION, ram_flag, section_type};
+    use crate::stream::{STREAM_MAGIC, STREAM_VERSION, section_type};
 
-    /// A stream of a 1 MiB "guest" sent twice (a second pass with a few pages changed), so every
-    /// codec tier shows up: zero, literal, known (the same content elsewhere), delta.
     fn two_pass_stream() -> Vec<u8> {
-        let mut stream = Vec::new();
-        stream.extend_from_slice(&STREAM_MAGIC.to_be_bytes());
-        stream.extend_from_slice(&STREAM_VERSION.to_be_bytes());
-        stream.push(section_type::START);
-        stream.extend_from_slice(&2u32.to_be_bytes());
-        stream.push(3);
-        stream.extend_from_slice(b"ram");
-        stream.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4]);
-        stream.extend_from_slice(&((1u64 << 20) | ram_flag::MEM_SIZE).to_be_bytes());
-        stream.push(6);
-        stream.extend_from_slice(b"pc.ram");
-        stream.extend_from_slice(&(1u64 << 20).to_be_bytes());
-        stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
-        stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
-        let page_content = |index: u64, pass: u8| -> [u8; PAGE_SIZE] {
-            let mut page = [0u8; PAGE_SIZE];
-            for (position, byte) in page.iter_mut().enumerate() {
-                *byte = (index as usize % 7 + position / 64) as u8;
-            }
-            if pass == 1 && index.is_multiple_of(3) {
-                page[100] ^= 0xff;
-            }
-            page
-        };
-        for pass in 0..2u8 {
-            stream.push(section_type::PART);
-            stream.extend_from_slice(&2u32.to_be_bytes());
-            for index in 0..256u64 {
-                let first = pass == 0 && index == 0;
-                let continue_flag = if first { 0 } else { ram_flag::CONTINUE };
-                let offset = index * PAGE_SIZE as u64;
-                if index % 4 == 1 {
-                    stream.extend_from_slice(
-                        &(offset | ram_flag::ZERO | continue_flag).to_be_bytes(),
-                    );
-                    if first {
-                        stream.push(6);
-                        stream.extend_from_slice(b"pc.ram");
-                    }
-                    stream.push(0);
-                    continue;
-                }
-                stream.extend_from_slice(&(offset | ram_flag::PAGE | continue_flag).to_be_bytes());
-                if first {
-                    stream.push(6);
-                    stream.extend_from_slice(b"pc.ram");
-                }
-                stream.extend_from_slice(&page_content(index, pass));
-            }
-            stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
-            stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
-        }
-        stream.push(section_type::FULL);
-        stream.extend_from_slice(&3u32.to_be_bytes());
-        stream.push(5);
-        stream.extend_from_slice(b"timer");
-        stream.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2]);
-        stream.extend_from_slice(&[9; 40]);
-        stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 3, section_type::EOF]);
-        stream
+        crate::synthetic::two_pass_stream(256)
     }
 
     fn encode(stream: &[u8], read_size: usize, flush_every_read: bool) -> (Vec<u8>, ProxyReport) {
