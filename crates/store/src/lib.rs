@@ -28,7 +28,7 @@ pub use kv::{
 pub use network::{
     InProcessTransport, RaftMessage, RaftMessageKind, RaftTarget, RaftTransport, TransportError,
 };
-pub use storage::{DATABASE_FILE_NAME, FORMAT_VERSION};
+pub use storage::{DATABASE_FILE_NAME, FORMAT_VERSION, MAX_APPEND_ENTRIES_BYTES};
 pub use store::{
     Bootstrap, ClusterMembership, NodeRole, RaftTiming, Store, StoreConfig, StoreMetrics,
 };

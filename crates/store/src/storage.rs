@@ -382,7 +382,39 @@ impl LogStore {
         }
         Ok(entries)
     }
+
+    /// Entries from `range` whose stored (JSON) size adds up to at most `budget` bytes; the
+    /// first entry is always returned, whatever its size, so a non-empty range never yields
+    /// nothing.
+    fn read_entries_within(
+        &self,
+        range: impl RangeBounds<u64>,
+        budget: usize,
+    ) -> std::result::Result<Vec<Entry<TypeConfig>>, OperationError> {
+        let transaction = self.database.database.begin_read()?;
+        let table = transaction.open_table(LOG)?;
+        let mut entries = Vec::new();
+        let mut total = 0usize;
+        for item in table.range(range)? {
+            let (_, bytes) = item?;
+            let bytes = bytes.value();
+            total = total.saturating_add(bytes.len());
+            if !entries.is_empty() && total > budget {
+                break;
+            }
+            entries.push(serde_json::from_slice(bytes)?);
+        }
+        Ok(entries)
+    }
 }
+
+/// Most bytes of log entries (as stored, which is how they travel) that replication sends in one
+/// append-entries message. openraft 0.9 gives every append the heartbeat interval as its
+/// deadline and would otherwise send up to 300 entries at once (each up to a whole write batch),
+/// which can miss that deadline on every retry and never replicate. Replication reads its
+/// batches through `limited_get_log_entries`, so the cap also keeps the leader from reading
+/// entries it will not send.
+pub const MAX_APPEND_ENTRIES_BYTES: usize = 1024 * 1024;
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -390,6 +422,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
         self.read_entries(range)
+            .map_err(|error| StorageIOError::read_logs(&error).into())
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_entries_within(start..end, MAX_APPEND_ENTRIES_BYTES)
             .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 }

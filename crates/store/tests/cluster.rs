@@ -422,3 +422,80 @@ async fn read_index_from_the_leader_makes_a_follower_read_fresh() {
     assert_eq!(item.value, b"v1");
     cluster.shutdown().await;
 }
+
+/// Wraps the in-process transport and remembers the largest append-entries message sent.
+struct RecordingTransport {
+    inner: InProcessTransport,
+    largest_append: std::sync::atomic::AtomicUsize,
+}
+
+impl novacron_store::RaftTransport for RecordingTransport {
+    fn send(
+        &self,
+        target: novacron_store::RaftTarget,
+        message: novacron_store::RaftMessage,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<u8>, novacron_store::TransportError>> {
+        if message.kind == novacron_store::RaftMessageKind::AppendEntries {
+            self.largest_append
+                .fetch_max(message.body.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner.send(target, message)
+    }
+}
+
+/// Regression: openraft 0.9 gives every append-entries the heartbeat interval (50 ms) as its
+/// deadline, so a learner behind by many large entries was sent them all in one message that
+/// could miss the deadline on every retry. Appends are capped (`MAX_APPEND_ENTRIES_BYTES`): the
+/// learner catches up in steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_behind_by_large_entries_catches_up_in_capped_appends() {
+    const ENTRIES: usize = 64;
+    let inner = InProcessTransport::new();
+    let recording = std::sync::Arc::new(RecordingTransport {
+        inner: inner.clone(),
+        largest_append: Default::default(),
+    });
+    let mut stores = Vec::new();
+    let mut dirs = Vec::new();
+    for node_id in [1, 2] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = node_config(&dir, node_id, &inner);
+        config.transport = Some(recording.clone());
+        config.request_timeout = Duration::from_secs(30);
+        let store = Store::open(config).await.expect("open node");
+        inner.register(&store);
+        stores.push(store);
+        dirs.push(dir);
+    }
+    let leader = &stores[0];
+    // 64 entries of ~85 KiB encoded (64 KiB values): ~5.5 MiB the learner lacks, which openraft
+    // would send in one message (up to 300 entries) that does not fit the 50 ms deadline.
+    let value = vec![7u8; 64 * 1024];
+    for index in 0..ENTRIES {
+        leader
+            .put(format!("images/big-{index:03}"), value.clone())
+            .await
+            .expect("write a large value");
+    }
+    leader
+        .add_learner(2, "node-2")
+        .await
+        .expect("the learner catches up");
+    for index in 0..ENTRIES {
+        wait_for_value(&stores[1], &format!("images/big-{index:03}"), &value).await;
+    }
+    let largest = recording
+        .largest_append
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        largest <= novacron_store::MAX_APPEND_ENTRIES_BYTES * 2,
+        "largest append-entries message was {largest} bytes"
+    );
+    eprintln!(
+        "largest append-entries message: {largest} bytes (cap {} bytes of entries)",
+        novacron_store::MAX_APPEND_ENTRIES_BYTES
+    );
+    for store in &stores {
+        store.shutdown().await.expect("shutdown");
+    }
+}
