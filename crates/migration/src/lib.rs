@@ -13,6 +13,8 @@
 //! This crate does not start QEMU and does not decide when to migrate; the migration state machine
 //! above it does.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 pub mod rebuild;
 pub mod stream;

@@ -1,0 +1,428 @@
+//! Migration benchmark skeleton (issue 5): the same running test guest migrated over the same
+//! emulated WAN link (`novacron-linkemu`) by QEMU's own precopy (one TCP stream) and through the
+//! NovaCron proxy (codec + transport session), one after the other in one run. Prints one table.
+//! Needs root (namespaces, TUN devices) and the test guest (`scripts/build-guest`).
+//!
+//! QEMU runs in the root namespace; the link joins two namespaces A and B. Both methods carry
+//! QEMU's stream the same way into and out of the link: the source QEMU migrates into a unix
+//! socket served by a thread in namespace A, and a thread in namespace B writes into the
+//! destination QEMU's `-incoming` unix socket. For "qemu precopy" those threads only relay bytes
+//! over one TCP connection; for "proxy" they run `send_migration_stream` /
+//! `receive_migration_stream` over a transport session. QEMU's max-bandwidth is raised to
+//! 1 GiB/s in both, so the link (or the proxy) sets the pace.
+//!
+//! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 256 --workload-mib 64
+//! --methods qemu,proxy`. See bench/migration/README.md.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use novacron_linkemu::{LinkEmulator, RunningLink};
+use novacron_migration::{ProxyConfig, receive_migration_stream, send_migration_stream};
+use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
+use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use serde_json::json;
+
+const DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Debug)]
+struct Options {
+    rate_mbit: f64,
+    delay_ms: u64,
+    loss: f64,
+    memory_mib: u64,
+    workload_mib: u64,
+    methods: Vec<Method>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    QemuPrecopy,
+    Proxy,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::QemuPrecopy => "qemu precopy (1 tcp stream)",
+            Method::Proxy => "novacron proxy (codec + transport)",
+        }
+    }
+}
+
+struct Outcome {
+    method: Method,
+    seconds: f64,
+    stream_bytes: u64,
+    wire_bytes: u64,
+    passes: u64,
+    qemu_downtime_ms: u64,
+    guest_continued: bool,
+}
+
+fn parse_options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        rate_mbit: 100.0,
+        delay_ms: 25,
+        loss: 0.0,
+        memory_mib: 256,
+        workload_mib: 64,
+        methods: vec![Method::QemuPrecopy, Method::Proxy],
+    };
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let mut index = 0;
+    while index < arguments.len() {
+        let name = arguments[index].as_str();
+        // cargo bench passes `--bench`; ignore it.
+        if name == "--bench" {
+            index += 1;
+            continue;
+        }
+        let value = arguments
+            .get(index + 1)
+            .with_context(|| format!("{name} needs a value"))?;
+        match name {
+            "--rate-mbit" => options.rate_mbit = value.parse()?,
+            "--delay-ms" => options.delay_ms = value.parse()?,
+            "--loss" => options.loss = value.parse()?,
+            "--memory-mib" => options.memory_mib = value.parse()?,
+            "--workload-mib" => options.workload_mib = value.parse()?,
+            "--methods" => {
+                options.methods = value
+                    .split(',')
+                    .map(|method| match method {
+                        "qemu" => Ok(Method::QemuPrecopy),
+                        "proxy" => Ok(Method::Proxy),
+                        other => bail!("unknown method {other:?}: use qemu and/or proxy"),
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            other => bail!(
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods"
+            ),
+        }
+        index += 2;
+    }
+    Ok(options)
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let guest = TestGuest::locate()?;
+    let binaries = QemuBinaries::locate()?;
+    let link = Arc::new(
+        LinkEmulator::builder()
+            .name_prefix("nmig")
+            .delay(Duration::from_millis(options.delay_ms))
+            .loss(options.loss)
+            .rate_bits_per_sec(options.rate_mbit * 1e6)
+            .seed(5)
+            .spawn()
+            .context("starting the link emulator (run as root)")?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut outcomes = Vec::new();
+    for &method in &options.methods {
+        let outcome = runtime.block_on(run_one(method, &link, &options, &guest, &binaries))?;
+        outcomes.push(outcome);
+    }
+    println!(
+        "\nlink: {} Mbit/s, {} ms RTT, {} % loss; guest {} MiB (TCG) with a {} MiB dirtying workload",
+        options.rate_mbit,
+        2 * options.delay_ms,
+        options.loss * 100.0,
+        options.memory_mib,
+        options.workload_mib
+    );
+    println!(
+        "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | guest continued |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for outcome in &outcomes {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+            outcome.method.name(),
+            outcome.seconds,
+            outcome.stream_bytes as f64 / 1e6,
+            outcome.wire_bytes as f64 / 1e6,
+            outcome.passes,
+            outcome.qemu_downtime_ms,
+            if outcome.guest_continued { "yes" } else { "no" }
+        );
+    }
+    Ok(())
+}
+
+fn guest_spec(
+    guest: &TestGuest,
+    options: &Options,
+    name: &str,
+    run_dir: &Path,
+    incoming: Option<&Path>,
+) -> LaunchSpec {
+    let extra = format!(
+        "novacron.workload=1 novacron.workload_mib={}",
+        options.workload_mib
+    );
+    let mut spec = LaunchSpec::new(name, uuid::Uuid::new_v4(), run_dir)
+        .memory_mib(options.memory_mib)
+        .kernel(guest.kernel_boot(&extra));
+    if let Some(incoming) = incoming {
+        spec = spec.start_paused(true);
+        spec.extra_arguments = vec![
+            "-incoming".to_owned(),
+            format!("unix:{}", incoming.display()),
+        ];
+    }
+    spec
+}
+
+fn pinned_pair() -> anyhow::Result<(TlsSettings, TlsSettings)> {
+    let destination = HostIdentity::generate_self_signed("destination")?;
+    let source = HostIdentity::generate_self_signed("source")?;
+    Ok((
+        TlsSettings {
+            trust: PeerTrust::PinnedFingerprints(vec![source.fingerprint()]),
+            identity: destination.clone(),
+        },
+        TlsSettings {
+            trust: PeerTrust::PinnedFingerprints(vec![destination.fingerprint()]),
+            identity: source,
+        },
+    ))
+}
+
+fn last_tick(console: &Path) -> u64 {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find_map(|line| {
+            let start = line.find("NOVACRON-WORKLOAD tick=")? + "NOVACRON-WORKLOAD tick=".len();
+            line[start..].split(' ').next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+async fn run_one(
+    method: Method,
+    link: &Arc<RunningLink>,
+    options: &Options,
+    guest: &TestGuest,
+    binaries: &QemuBinaries,
+) -> anyhow::Result<Outcome> {
+    eprintln!("== {}", method.name());
+    let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
+    let destination_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
+    let source = QemuVm::launch(
+        binaries,
+        &guest_spec(guest, options, "bench-src", source_dir.path(), None),
+    )
+    .await?;
+    let source_console = source.run_directory().console_log();
+    wait_for_console_text(&source_console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
+    let incoming = destination_dir.path().join("in.sock");
+    let destination = QemuVm::launch(
+        binaries,
+        &guest_spec(
+            guest,
+            options,
+            "bench-dst",
+            destination_dir.path(),
+            Some(&incoming),
+        ),
+    )
+    .await?;
+
+    let (destination_tls, source_tls) = pinned_pair()?;
+    let address_b = link.addr_b();
+    let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
+    let destination_thread = {
+        let link = link.clone();
+        let incoming = incoming.clone();
+        std::thread::spawn(move || {
+            link.in_ns_b(move || {
+                destination_side(method, address_b, incoming, destination_tls, port_sender)
+            })
+        })
+    };
+    let port = port_receiver
+        .await
+        .context("the destination side did not start")?;
+    let outgoing = source_dir.path().join("out.sock");
+    let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
+    let source_thread = {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            link.in_ns_a(move || {
+                source_side(
+                    method,
+                    unix_listener,
+                    SocketAddr::from((address_b, port)),
+                    source_tls,
+                )
+            })
+        })
+    };
+
+    let wire_before = link.counters().a_to_b.bytes_forwarded;
+    source
+        .qmp()
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 1u64 << 30 })),
+        )
+        .await?;
+    let started = Instant::now();
+    source
+        .qmp()
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", outgoing.display()) })),
+        )
+        .await?;
+    let info = loop {
+        let info = source.qmp().query_migrate().await?;
+        match info["status"].as_str().unwrap_or_default() {
+            "completed" => break info,
+            "failed" | "cancelled" => bail!("migration failed: {info}"),
+            _ => {}
+        }
+        if started.elapsed() > DEADLINE {
+            bail!("migration not done after {DEADLINE:?}: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    loop {
+        let status = destination.qmp().query_status().await?;
+        if !matches!(status.status, novacron_qemu::RunState::Inmigrate) {
+            break;
+        }
+        if started.elapsed() > DEADLINE {
+            bail!("destination still loading after {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stream_bytes = tokio::task::spawn_blocking(move || source_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("source side panicked"))??
+        .context("source side")?;
+    tokio::task::spawn_blocking(move || destination_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("destination side panicked"))??
+        .context("destination side")?;
+    let wire_bytes = link.counters().a_to_b.bytes_forwarded - wire_before;
+
+    let source_tick = last_tick(&source_console);
+    destination.qmp().cont().await?;
+    let guest_continued = wait_for_console_text(
+        &destination.run_directory().console_log(),
+        &format!("NOVACRON-WORKLOAD tick={} ", source_tick + 3),
+        Duration::from_secs(60),
+    )
+    .await
+    .is_ok();
+    let _ = destination.force_stop().await;
+    let _ = source.force_stop().await;
+    Ok(Outcome {
+        method,
+        seconds,
+        stream_bytes,
+        wire_bytes,
+        passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+        qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        guest_continued,
+    })
+}
+
+/// Runs in namespace B: listens on the link, writes what arrives into the destination QEMU.
+fn destination_side(
+    method: Method,
+    address: Ipv4Addr,
+    incoming: PathBuf,
+    tls: TlsSettings,
+    port: tokio::sync::oneshot::Sender<u16>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match method {
+            Method::QemuPrecopy => {
+                let listener = tokio::net::TcpListener::bind((address, 0)).await?;
+                let _ = port.send(listener.local_addr()?.port());
+                let (mut from_link, _) = listener.accept().await?;
+                let mut to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
+                tokio::io::copy(&mut from_link, &mut to_qemu).await?;
+            }
+            Method::Proxy => {
+                let listener = Listener::bind(
+                    SocketAddr::from((address, 0)),
+                    &tls,
+                    SessionOptions::default(),
+                )
+                .await?;
+                let _ = port.send(listener.local_addr().port());
+                let session = listener.accept().await?;
+                let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
+                let report =
+                    receive_migration_stream(&session, to_qemu, &ProxyConfig::default()).await?;
+                eprintln!(
+                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes",
+                    report.stream_bytes, report.message_bytes
+                );
+                drop(session);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs in namespace A: takes QEMU's stream from the unix socket and sends it over the link.
+/// Returns QEMU's stream length.
+fn source_side(
+    method: Method,
+    unix_listener: std::os::unix::net::UnixListener,
+    destination: SocketAddr,
+    tls: TlsSettings,
+) -> anyhow::Result<u64> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        unix_listener.set_nonblocking(true)?;
+        let unix_listener = tokio::net::UnixListener::from_std(unix_listener)?;
+        let (mut from_qemu, _) = unix_listener.accept().await?;
+        match method {
+            Method::QemuPrecopy => {
+                let mut to_link = tokio::net::TcpStream::connect(destination).await?;
+                let copied = tokio::io::copy(&mut from_qemu, &mut to_link).await?;
+                Ok(copied)
+            }
+            Method::Proxy => {
+                let session = Session::connect(destination, &tls, SessionOptions::default()).await?;
+                let report =
+                    send_migration_stream(from_qemu, &session, &ProxyConfig::default()).await?;
+                session.close().await?;
+                let codec = &report.codec;
+                eprintln!(
+                    "   proxy source: {} pages ({} known, {} delta, {} literal), {} message bytes for {} stream bytes",
+                    report.pages,
+                    codec.known_from_transfer,
+                    codec.delta_pages,
+                    codec.literal_pages,
+                    report.message_bytes,
+                    report.stream_bytes
+                );
+                Ok(report.stream_bytes)
+            }
+        }
+    })
+}

@@ -1,0 +1,65 @@
+//! Entry points shared by the cargo-fuzz targets (`crates/migration/fuzz`) and the stable test
+//! that replays the committed corpus, so both exercise exactly the same code. Each takes
+//! arbitrary bytes; any outcome but a panic, an out-of-bounds access or unbounded allocation is
+//! acceptable, and what was accepted must rebuild to exactly the bytes consumed.
+
+use crate::proxy::{ProxyConfig, ProxyDecoder};
+use crate::rebuild::StreamRebuilder;
+use crate::stream::StreamParser;
+
+/// Parses `data` as a migration stream, fed in pieces whose sizes come from the first byte, and
+/// checks that the events rebuild the consumed prefix byte for byte.
+pub fn parse_stream_input(data: &[u8]) {
+    let Some((&cut, data)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut).max(1) * 37;
+    let mut parser = StreamParser::new();
+    let mut rebuilder = StreamRebuilder::new();
+    let mut out = Vec::new();
+    let mut failed = false;
+    'feed: for chunk in data.chunks(cut) {
+        parser.feed(chunk);
+        loop {
+            match parser.next_event() {
+                Ok(Some(event)) => {
+                    rebuilder.write_event(&event, &mut out);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    failed = true;
+                    break 'feed;
+                }
+            }
+        }
+    }
+    if !failed {
+        parser.finish();
+        while let Ok(Some(event)) = parser.next_event() {
+            rebuilder.write_event(&event, &mut out);
+        }
+    }
+    let consumed = parser.stats().bytes as usize;
+    assert_eq!(
+        &out[..],
+        &data[..consumed],
+        "rebuilt bytes differ from consumed input"
+    );
+}
+
+/// Decodes `data` as proxy messages (as the destination would receive them) with a small page
+/// mirror.
+pub fn decode_proxy_input(data: &[u8]) {
+    let mut config = ProxyConfig::default();
+    config.encoder.mirror_page_limit = 4096;
+    let Ok(mut decoder) = ProxyDecoder::new(&config) else {
+        return;
+    };
+    let mut out = Vec::new();
+    for chunk in data.chunks(4096) {
+        if decoder.push(chunk, &mut out).is_err() {
+            return;
+        }
+        out.clear();
+    }
+}

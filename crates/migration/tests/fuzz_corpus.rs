@@ -1,0 +1,76 @@
+//! Replays the committed cargo-fuzz corpus (`crates/migration/fuzz/corpus/<target>/`) through the
+//! same entry points the fuzz targets call, so every stable test run checks that no corpus input
+//! panics. `regenerate_fuzz_seeds` (ignored) rewrites the seed files from synthetic streams.
+
+use std::path::{Path, PathBuf};
+
+use novacron_migration::fuzzing::{decode_proxy_input, parse_stream_input};
+use novacron_migration::synthetic::two_pass_stream;
+use novacron_migration::{ProxyConfig, ProxyEncoder};
+
+fn corpus_directory(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target)
+}
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(corpus_directory(target))
+        .unwrap_or_else(|error| panic!("corpus of {target} missing: {error}"))
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|path| std::fs::read(path).unwrap())
+        .collect()
+}
+
+#[test]
+fn stream_corpus_parses_without_panicking() {
+    let inputs = corpus("stream");
+    assert!(
+        inputs.len() >= 2,
+        "stream corpus has {} inputs",
+        inputs.len()
+    );
+    for bytes in &inputs {
+        parse_stream_input(bytes);
+    }
+}
+
+#[test]
+fn proxy_message_corpus_decodes_without_panicking() {
+    let inputs = corpus("proxy_messages");
+    assert!(!inputs.is_empty());
+    for bytes in &inputs {
+        decode_proxy_input(bytes);
+    }
+}
+
+fn proxy_messages(stream: &[u8]) -> Vec<u8> {
+    let mut config = ProxyConfig::default();
+    config.encoder.mirror_page_limit = 4096;
+    let mut encoder = ProxyEncoder::new(&config).unwrap();
+    let mut messages = Vec::new();
+    encoder.push(stream, &mut messages).unwrap();
+    encoder.finish(&mut messages).unwrap();
+    messages
+}
+
+/// Rewrites the seeds: `cargo test -p novacron-migration --test fuzz_corpus -- --ignored`.
+#[test]
+#[ignore]
+fn regenerate_fuzz_seeds() {
+    for (name, pages) in [("seed-small", 2u64), ("seed-medium", 8)] {
+        let stream = two_pass_stream(pages);
+        let mut input = vec![3u8];
+        input.extend_from_slice(&stream);
+        std::fs::write(corpus_directory("stream").join(name), &input).unwrap();
+        std::fs::write(
+            corpus_directory("proxy_messages").join(name),
+            proxy_messages(&stream),
+        )
+        .unwrap();
+    }
+}
