@@ -236,3 +236,150 @@ async fn paused_guest_migrates_through_the_proxy_and_its_memory_verifies() {
 async fn live_guest_migrates_through_the_proxy() {
     migrate_through_proxy(false, false).await;
 }
+
+/// Forwards writes to `inner` until `limit` bytes have passed, then fails every write: a
+/// destination that dies part-way through the stream.
+struct FailAfter<W> {
+    inner: W,
+    remaining: u64,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FailAfter<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("destination died")));
+        }
+        let allowed = buffer.len().min(self.remaining as usize);
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(context, &buffer[..allowed]);
+        if let std::task::Poll::Ready(Ok(written)) = &result {
+            self.remaining -= *written as u64;
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(context)
+    }
+}
+
+/// Fail safe: the destination side dies 32 MiB into the stream. The proxy fails on both sides,
+/// the destination QEMU gets a cut stream and never runs the guest, and the source guest keeps
+/// running with its memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_dying_mid_stream_leaves_the_source_running() {
+    let source_dir = run_directory();
+    let destination_dir = run_directory();
+    let (source, _source_guard) = launch(&guest_spec("cut-src", source_dir.path(), None)).await;
+    let source_console = source.run_directory().console_log();
+    wait_for_console(&source_console, "NOVACRON-WORKLOAD tick=2 ").await;
+    let incoming = destination_dir.path().join("in.sock");
+    let (destination, _destination_guard) = launch(&guest_spec(
+        "cut-dst",
+        destination_dir.path(),
+        Some(&format!("unix:{}", incoming.display())),
+    ))
+    .await;
+
+    let (destination_tls, source_tls) = pinned_pair();
+    let config = ProxyConfig::default();
+    let options = SessionOptions {
+        resume_timeout: Duration::from_secs(5),
+        ..session_options()
+    };
+    let listener = Listener::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &destination_tls,
+        options.clone(),
+    )
+    .await
+    .expect("bind");
+    let address = listener.local_addr();
+    let destination_side = {
+        let config = config.clone();
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            let session = listener.accept().await.expect("accept");
+            let to_qemu = tokio::net::UnixStream::connect(&incoming)
+                .await
+                .expect("connect to -incoming");
+            let sink = FailAfter {
+                inner: to_qemu,
+                remaining: 32 << 20,
+            };
+            receive_migration_stream(&session, sink, &config).await
+            // The session and the socket into QEMU drop here, as in a crash.
+        })
+    };
+    let outgoing = source_dir.path().join("out.sock");
+    let from_qemu_listener = tokio::net::UnixListener::bind(&outgoing).expect("bind");
+    set_max_bandwidth(&source, 1 << 30).await;
+    start_migration(&source, &format!("unix:{}", outgoing.display())).await;
+    let (from_qemu, _) = timeout(DEADLINE, from_qemu_listener.accept())
+        .await
+        .expect("qemu connects in time")
+        .expect("accept");
+    let session = Session::connect(address, &source_tls, options)
+        .await
+        .expect("connect");
+    let sent = timeout(
+        DEADLINE,
+        send_migration_stream(from_qemu, &session, &config),
+    )
+    .await
+    .expect("the source side ends in time");
+    let error = sent.expect_err("the source side fails when the destination is gone");
+    println!("source side: {error}");
+    drop(session);
+    let received = timeout(DEADLINE, destination_side)
+        .await
+        .expect("destination ends in time")
+        .expect("destination task");
+    let error = received.expect_err("the destination side fails");
+    assert!(error.to_string().contains("writing the stream"), "{error}");
+
+    // QEMU reports the failed migration and the guest runs on at the source.
+    let info = wait_for_migration_status(&source, &["failed", "cancelled"]).await;
+    println!("source qemu: {}", info["status"]);
+    let status = source.qmp().query_status().await.expect("query-status");
+    assert!(status.running, "the source guest keeps running: {status:?}");
+    let text = std::fs::read_to_string(&source_console).unwrap_or_default();
+    let tick = workload_ticks(&text).last().expect("ticks").tick;
+    check_guest_continues_in_place(&source_console, tick + 3).await;
+
+    // The destination got a cut stream: QEMU refuses it and exits; the guest never ran there.
+    let exit = timeout(DEADLINE, destination.wait_for_exit())
+        .await
+        .expect("the destination qemu exits on the cut stream");
+    println!("destination qemu: {exit}");
+    let destination_log =
+        std::fs::read_to_string(destination.run_directory().console_log()).unwrap_or_default();
+    assert!(
+        workload_ticks(&destination_log).is_empty(),
+        "the guest never ran at the destination: {destination_log}"
+    );
+    source.force_stop().await.expect("stop source");
+}
+
+/// Waits until the source's own workload reaches `tick` with no error (it never left).
+async fn check_guest_continues_in_place(console: &std::path::Path, tick: u64) {
+    let log = wait_for_console(console, &format!("NOVACRON-WORKLOAD tick={tick} ")).await;
+    assert!(!log.contains("NOVACRON-WORKLOAD-CORRUPT"), "{log}");
+    assert!(
+        workload_ticks(&log).iter().all(|tick| tick.errors == 0),
+        "{log}"
+    );
+}
