@@ -167,31 +167,16 @@ impl NovaRegion {
         duration: Duration,
         tag: &str,
     ) -> anyhow::Result<Figures> {
-        let started = Instant::now();
-        let deadline = started + duration;
-        let mut tasks = Vec::new();
-        for writer in 0..writers {
-            let cluster = self.leader.clone();
-            let tag = tag.to_string();
-            tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut index = 0usize;
-                while Instant::now() < deadline {
-                    let begun = Instant::now();
-                    cluster
-                        .put(format!("vms/{tag}-w{writer}-{index}"), vm_record(index))
-                        .await?;
-                    latencies.push(begun.elapsed());
-                    index += 1;
-                }
-                anyhow::Ok(latencies)
-            }));
-        }
-        let mut parts = Vec::new();
-        for task in tasks {
-            parts.push(task.await??);
-        }
-        Ok(Figures::merge(parts, started.elapsed()))
+        let tag = tag.to_string();
+        let cluster = self.leader.clone();
+        closed_loop(writers, duration, move |writer, index| {
+            let (cluster, key) = (cluster.clone(), format!("vms/{tag}-w{writer}-{index}"));
+            async move {
+                cluster.put(key, vm_record(index)).await?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     /// Median and p99 of the leader's append-entries round trips (mTLS, loopback) so far.
@@ -409,40 +394,54 @@ async fn etcd_requests(
     write: bool,
 ) -> anyhow::Result<Figures> {
     let channels = connections(address, writers.clamp(1, 16)).await?;
+    let tag = tag.to_string();
+    closed_loop(writers, duration, move |writer, index| {
+        let channel = channels[writer % channels.len()].clone();
+        let key = format!("vms/{tag}-w{writer}-{index}").into_bytes();
+        async move {
+            if write {
+                let request = PutRequest {
+                    key,
+                    value: vm_record(index),
+                };
+                unary::<PutRequest, IgnoredResponse>(channel, "/etcdserverpb.KV/Put", request)
+                    .await?;
+            } else {
+                let request = RangeRequest {
+                    key: b"vms/warm-up".to_vec(),
+                    serializable: true,
+                };
+                unary::<RangeRequest, IgnoredResponse>(channel, "/etcdserverpb.KV/Range", request)
+                    .await?;
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// `writers` concurrent clients, each issuing `request(writer, index)` back to back until
+/// `duration` has passed; every request's latency is kept.
+async fn closed_loop<Request, Pending>(
+    writers: usize,
+    duration: Duration,
+    request: Request,
+) -> anyhow::Result<Figures>
+where
+    Request: Fn(usize, usize) -> Pending + Clone + Send + Sync + 'static,
+    Pending: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for writer in 0..writers {
-        let channel = channels[writer % channels.len()].clone();
-        let tag = tag.to_string();
+        let request = request.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut index = 0usize;
             while Instant::now() < deadline {
                 let begun = Instant::now();
-                if write {
-                    let request = PutRequest {
-                        key: format!("vms/{tag}-w{writer}-{index}").into_bytes(),
-                        value: vm_record(index),
-                    };
-                    unary::<PutRequest, IgnoredResponse>(
-                        channel.clone(),
-                        "/etcdserverpb.KV/Put",
-                        request,
-                    )
-                    .await?;
-                } else {
-                    let request = RangeRequest {
-                        key: b"vms/warm-up".to_vec(),
-                        serializable: true,
-                    };
-                    unary::<RangeRequest, IgnoredResponse>(
-                        channel.clone(),
-                        "/etcdserverpb.KV/Range",
-                        request,
-                    )
-                    .await?;
-                }
+                request(writer, index).await?;
                 latencies.push(begun.elapsed());
                 index += 1;
             }
