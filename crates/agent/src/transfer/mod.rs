@@ -433,6 +433,23 @@ impl TransferService {
         self.identity.fingerprint()
     }
 
+    /// Session options for dialling `peer`: the link's forecast, when it has one, is the
+    /// transport's first bandwidth estimate (its initial stream count is the bandwidth-delay
+    /// product over one connection's window).
+    fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
+        let forecast = self
+            .links
+            .forecast(peer, ForecastHorizon::FiveSeconds)
+            .or_else(|| self.links.forecast(peer, ForecastHorizon::OneSecond));
+        match forecast {
+            Some(forecast) if forecast.expected_bits_per_sec > 0.0 => SessionOptions {
+                bandwidth_hint_bytes_per_second: forecast.expected_bits_per_sec / 8.0,
+                ..self.options.clone()
+            },
+            _ => self.options.clone(),
+        }
+    }
+
     pub fn bound_address(&self) -> Option<SocketAddr> {
         *self
             .bound_address
@@ -673,7 +690,7 @@ impl TransferService {
             identity: self.identity.clone(),
             trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
         };
-        let session = Session::connect(address, &tls, self.options.clone())
+        let session = Session::connect(address, &tls, self.session_options_for(fingerprint))
             .await
             .map_err(|error| {
                 connect_failure(&error, &request.address, fingerprint, self.fingerprint())
