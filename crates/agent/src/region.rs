@@ -1,7 +1,8 @@
 //! This host as a member of a region (issue 4): the settings file under `<data>/cluster/`, opening
 //! the store with the mTLS raft transport, `cluster init` / `join` / `token create` / `list` /
 //! `remove`, the heartbeat every host writes, and the leader's loop that applies the voter
-//! policy (1 → 3 → 5 voters).
+//! policy (1 → 3 → 5 voters) and recommends a raft timing from measured round trips (applied by
+//! each host at its next start).
 //!
 //! Init and join change how the store must be opened (a transport, a node id, a fresh store for a
 //! joiner), so they write the new settings and ask `serve` to restart itself; the next start
@@ -309,6 +310,10 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, region: Arc<Region>) {
         if let Err(error) = shared.records.put_heartbeat(&heartbeat).await {
             tracing::debug!(%error, "heartbeat not written");
         }
+        match timing::load_raft_timing(&region.cluster).await {
+            Ok(stored) => mirror_raft_timing(&region, stored),
+            Err(error) => tracing::debug!(%error, "region raft timing unreadable"),
+        }
     }
 }
 
@@ -466,7 +471,62 @@ async fn leader_pass(
     if let Some(change) = membership::next_membership_change(policy, &view) {
         membership::apply_membership_change(store, &change).await?;
     }
+    recommend_raft_timing(region, &metrics.membership.voters).await
+}
+
+/// On the leader: derives the raft timing from the append round trips measured to the other
+/// voters and stores it when it differs enough from the current one (every host writes it to
+/// its timing file; it applies at each host's next start).
+async fn recommend_raft_timing(
+    region: &Region,
+    voters: &std::collections::BTreeSet<u64>,
+) -> Result<(), AgentError> {
+    let peers: Vec<u64> = voters
+        .iter()
+        .copied()
+        .filter(|voter| *voter != region.node_id())
+        .collect();
+    let samples = region.cluster.transport().round_trip_samples(&peers);
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let proposed = timing::RaftTimingRecord::from_samples(&samples);
+    let current = match timing::load_raft_timing(&region.cluster).await? {
+        Some(record) => record.timing()?,
+        None => timing::read_timing_file(&cluster_dir(&region.paths)),
+    };
+    if timing::timing_change_is_worth_a_restart(&current, &proposed.timing()?) {
+        tracing::info!(
+            heartbeat_ms = proposed.heartbeat_ms,
+            election_timeout_min_ms = proposed.election_timeout_min_ms,
+            round_trip_p99_us = proposed.measured_round_trip_p99_us,
+            samples = proposed.samples,
+            "recommending a new raft timing; hosts apply it at their next start"
+        );
+        timing::store_raft_timing(&region.cluster, &proposed).await?;
+    }
     Ok(())
+}
+
+/// Every host: mirrors the region's stored timing into its timing file, read at the next start.
+fn mirror_raft_timing(region: &Region, stored: Option<timing::RaftTimingRecord>) {
+    let Some(record) = stored else {
+        return;
+    };
+    let dir = cluster_dir(&region.paths);
+    let on_disk = std::fs::read(dir.join(timing::RAFT_TIMING_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<timing::RaftTimingRecord>(&bytes).ok());
+    if on_disk.as_ref() == Some(&record) {
+        return;
+    }
+    match timing::write_timing_file(&dir, &record) {
+        Ok(()) => tracing::info!(
+            heartbeat_ms = record.heartbeat_ms,
+            "region raft timing saved; it applies at the next start"
+        ),
+        Err(error) => tracing::warn!(%error, "cannot save the region's raft timing"),
+    }
 }
 
 /// Checks that `address` can be bound now (the listener binds it after the restart).

@@ -7,8 +7,8 @@ use crate::host::{Host, Shared};
 use crate::images::{ImportSource, qemu_format};
 use novacron_qemu::RunDirectory;
 use novacron_types::{
-    ByteSize, CreateVmRequest, DeleteOptions, DesiredPower, ImageRecord, RECORD_FORMAT_VERSION,
-    StopOptions, VmName, VmRecord, VmSpec, VmState, VmStatus, unix_now,
+    ByteSize, CreateVmRequest, DeleteOptions, DesiredPower, ErrorCode, ImageRecord,
+    RECORD_FORMAT_VERSION, StopOptions, VmName, VmRecord, VmSpec, VmState, VmStatus, unix_now,
 };
 use std::path::{Path, PathBuf};
 
@@ -347,15 +347,34 @@ impl Host {
         .await
     }
 
+    /// Logs and the console are files and sockets on the VM's own host: refuse, naming that
+    /// host, when another host is asked.
+    fn ensure_on_this_host(&self, record: &VmRecord, what: &str) -> Result<(), AgentError> {
+        if record.status.host == self.shared.config.host_name {
+            return Ok(());
+        }
+        Err(AgentError::Cluster {
+            code: ErrorCode::Conflict,
+            message: format!(
+                "vm {:?} runs on host {}; its {what} is only served there: point --server at \
+                 that host's API",
+                record.spec.name.as_str(),
+                record.status.host
+            ),
+        })
+    }
+
     /// The VM's serial console log file (it may not exist before the first boot).
     pub async fn serial_log_path(&self, name: &str) -> Result<PathBuf, AgentError> {
         let record = self.get_vm(name).await?;
+        self.ensure_on_this_host(&record, "serial log")?;
         Ok(RunDirectory::new(self.shared.paths.vm_dir(&record.uuid)).console_log())
     }
 
     /// The VM's console socket; the VM must be running.
     pub async fn console_socket_path(&self, name: &str) -> Result<PathBuf, AgentError> {
         let record = self.get_vm(name).await?;
+        self.ensure_on_this_host(&record, "console")?;
         if !matches!(record.status.state, VmState::Running | VmState::Paused) {
             return Err(AgentError::VmWrongState {
                 name: record.spec.name.to_string(),

@@ -254,6 +254,8 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
     );
     let stderr = hosts.hosts[0].fails(&["cluster", "remove", "host-2"], 6);
     assert!(stderr.contains("pinned"), "{stderr}");
+    let stderr = hosts.hosts[0].fails(&["vm", "logs", "pinned"], 6);
+    assert!(stderr.contains("runs on host host-2"), "{stderr}");
 
     // kill -9 of the leader: a new leader, writes continue through a survivor.
     let old_leader = leader_index(&hosts, 0);
