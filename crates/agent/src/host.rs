@@ -36,6 +36,9 @@ pub struct HostConfig {
     /// When true, a transfer address that cannot be bound only disables the listener (with a
     /// warning) instead of failing the start (used for the default address).
     pub transfer_listen_optional: bool,
+    /// In a region: how long a voter may be silent before the leader replaces it with a
+    /// healthy learner.
+    pub voter_loss_grace: Duration,
 }
 
 impl HostConfig {
@@ -48,6 +51,7 @@ impl HostConfig {
             default_stop_timeout: Duration::from_secs(30),
             transfer_listen: None,
             transfer_listen_optional: false,
+            voter_loss_grace: Duration::from_secs(60),
         }
     }
 }

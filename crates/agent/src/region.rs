@@ -379,6 +379,7 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
 pub(crate) async fn leader_loop(shared: Arc<Shared>, region: Arc<Region>) {
     let policy = MembershipPolicy {
         heartbeat_fresh_within: UNREACHABLE_AFTER,
+        voter_loss_grace: shared.config.voter_loss_grace,
         ..MembershipPolicy::default()
     };
     let mut interval = tokio::time::interval(LEADER_LOOP_INTERVAL);

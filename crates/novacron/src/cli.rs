@@ -111,6 +111,10 @@ pub struct ServeArgs {
     /// default port is taken the listener is disabled with a warning
     #[arg(long, env = "NOVACRON_TRANSFER_LISTEN")]
     pub transfer_listen: Option<String>,
+    /// In a region: seconds a voter may be silent before the leader replaces it with a healthy
+    /// learner (default 60)
+    #[arg(long, env = "NOVACRON_VOTER_LOSS_GRACE_SECS")]
+    pub voter_loss_grace: Option<u64>,
     /// Log as JSON lines instead of text
     #[arg(long)]
     pub log_json: bool,

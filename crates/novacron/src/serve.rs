@@ -25,6 +25,7 @@ struct ConfigFile {
     qemu: Option<PathBuf>,
     qemu_img: Option<PathBuf>,
     transfer_listen: Option<String>,
+    voter_loss_grace_secs: Option<u64>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
@@ -70,6 +71,12 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
     config.qemu_img_binary = args.qemu_img.or(file.qemu_img);
     if let Some(seconds) = file.stop_timeout_secs {
         config.default_stop_timeout = Duration::from_secs(seconds);
+    }
+    if let Some(seconds) = args.voter_loss_grace.or(file.voter_loss_grace_secs) {
+        if seconds == 0 {
+            bail!("--voter-loss-grace must be at least 1 second");
+        }
+        config.voter_loss_grace = Duration::from_secs(seconds);
     }
     let transfer_listen = args.transfer_listen.or(file.transfer_listen);
     config.transfer_listen_optional = transfer_listen.is_none();

@@ -23,6 +23,10 @@ struct Hosts {
 
 impl Hosts {
     fn start(count: usize) -> Hosts {
+        Self::start_with(count, &[])
+    }
+
+    fn start_with(count: usize, serve_arguments: &[&str]) -> Hosts {
         let region = Region::builder()
             .name_prefix("ncregion")
             .hosts(count)
@@ -36,6 +40,9 @@ impl Hosts {
             test_host
                 .extra_args
                 .extend(["--host-name".to_string(), format!("host-{index}")]);
+            test_host
+                .extra_args
+                .extend(serve_arguments.iter().map(|argument| argument.to_string()));
             test_host.spawn_serve();
             hosts.push(test_host);
         }
@@ -180,16 +187,28 @@ fn form_region(hosts: &Hosts) {
         }
     }
 
+    let count = hosts.hosts.len();
+    // 3 voters for 3 or 4 hosts, the rest learners.
+    let learners_wanted = count.saturating_sub(3);
     poll(
-        "three voters with fresh heartbeats",
+        "three voters (and the learners) with fresh heartbeats",
         Duration::from_secs(60),
         || {
             let list = try_cluster_list(first)?;
             let roles = roles(&list);
             let leaders = roles.iter().filter(|(_, role, _)| role == "leader").count();
             let voters = roles.iter().filter(|(_, role, _)| role == "voter").count();
+            let learners = roles
+                .iter()
+                .filter(|(_, role, _)| role == "learner")
+                .count();
             let healthy = roles.iter().all(|(_, _, health)| health == "ok");
-            (roles.len() == 3 && leaders == 1 && voters == 2 && healthy).then_some(())
+            (roles.len() == count
+                && leaders == 1
+                && voters == 2
+                && learners == learners_wanted
+                && healthy)
+                .then_some(())
         },
     );
 }
@@ -232,6 +251,14 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
 
     form_region(&hosts);
     eprintln!("region formed after {:?}", started.elapsed());
+    let stderr = hosts.hosts[1].fails(&["cluster", "init"], 5);
+    assert!(stderr.contains("already node"), "{stderr}");
+    let stderr = hosts.hosts[1].fails(&["cluster", "token", "create"], 6);
+    assert!(stderr.contains("does not hold the cluster CA"), "{stderr}");
+    let stderr = hosts.hosts[0].fails(&["cluster", "token", "create", "--ttl", "8d"], 2);
+    assert!(stderr.contains("out of range"), "{stderr}");
+    let stderr = hosts.hosts[0].fails(&["cluster", "remove", "no-such-host"], 4);
+    assert!(stderr.contains("not in the region"), "{stderr}");
 
     // Any host serves any call; a VM runs where it is assigned.
     let created = create_stopped_vm(&hosts.hosts[0], "pinned", Some("host-2"));
@@ -464,5 +491,60 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
         output.status.code(),
         Some(4),
         "a refused create leaves nothing"
+    );
+}
+
+#[test]
+fn a_dead_voter_is_replaced_by_a_healthy_learner() {
+    let mut hosts = Hosts::start_with(4, &["--voter-loss-grace", "3"]);
+    form_region(&hosts);
+    let list = cluster_list(&hosts.hosts[0]);
+    let before = roles(&list);
+    let learner = before
+        .iter()
+        .find(|(_, role, _)| role == "learner")
+        .map(|(name, _, _)| name.clone())
+        .expect("a learner");
+    let leader = leader_index(&hosts, 0);
+    let victim = (0..4)
+        .find(|index| {
+            *index != leader
+                && before
+                    .iter()
+                    .any(|(name, role, _)| *name == format!("host-{index}") && role == "voter")
+        })
+        .expect("a voter that does not lead");
+    let killed_at = Instant::now();
+    hosts.hosts[victim].kill_serve();
+    let survivor = (0..4).find(|index| *index != victim).expect("a survivor");
+    poll(
+        "the learner promoted in place of the dead voter",
+        Duration::from_secs(60),
+        || {
+            let roles = roles(&try_cluster_list(&hosts.hosts[survivor])?);
+            let role_of = |name: &str| {
+                roles
+                    .iter()
+                    .find(|(have, _, _)| have == name)
+                    .map(|(_, role, _)| role.clone())
+            };
+            let promoted = matches!(role_of(&learner).as_deref(), Some("voter" | "leader"));
+            let demoted = role_of(&format!("host-{victim}")).as_deref() == Some("learner");
+            (promoted && demoted).then_some(())
+        },
+    );
+    eprintln!(
+        "host-{victim} killed; {learner} became a voter {:?} later",
+        killed_at.elapsed()
+    );
+    let created = create_stopped_vm(
+        &hosts.hosts[survivor],
+        "after-replacement",
+        Some(&format!("host-{survivor}")),
+    );
+    assert_success(
+        &created,
+        "vm create after the voter was replaced",
+        &hosts.hosts[survivor],
     );
 }
