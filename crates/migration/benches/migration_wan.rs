@@ -12,7 +12,7 @@
 //! 1 GiB/s in both, so the link (or the proxy) sets the pace.
 //!
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 256 --workload-mib 64
-//! --methods qemu,proxy`. See bench/migration/README.md.
+//! --methods qemu,proxy --send-window-mib 2`. See bench/migration/README.md.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,9 @@ struct Options {
     memory_mib: u64,
     workload_mib: u64,
     methods: Vec<Method>,
+    /// The proxy's transport send window: data queued beyond the link is data the guest's
+    /// final pause has to wait for.
+    send_window_mib: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +63,8 @@ struct Outcome {
     wire_bytes: u64,
     passes: u64,
     qemu_downtime_ms: u64,
+    /// Source STOP event to destination RESUME event (QMP timestamps, same host clock).
+    real_pause_ms: Option<f64>,
     guest_continued: bool,
 }
 
@@ -71,6 +76,7 @@ fn parse_options() -> anyhow::Result<Options> {
         memory_mib: 256,
         workload_mib: 64,
         methods: vec![Method::QemuPrecopy, Method::Proxy],
+        send_window_mib: 2,
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -90,6 +96,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--loss" => options.loss = value.parse()?,
             "--memory-mib" => options.memory_mib = value.parse()?,
             "--workload-mib" => options.workload_mib = value.parse()?,
+            "--send-window-mib" => options.send_window_mib = value.parse()?,
             "--methods" => {
                 options.methods = value
                     .split(',')
@@ -101,7 +108,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods, --send-window-mib"
             ),
         }
         index += 2;
@@ -140,18 +147,21 @@ fn main() -> anyhow::Result<()> {
         options.workload_mib
     );
     println!(
-        "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | guest continued |"
+        "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | real pause STOP→RESUME (ms) | guest continued |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for outcome in &outcomes {
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
             outcome.method.name(),
             outcome.seconds,
             outcome.stream_bytes as f64 / 1e6,
             outcome.wire_bytes as f64 / 1e6,
             outcome.passes,
             outcome.qemu_downtime_ms,
+            outcome
+                .real_pause_ms
+                .map_or("?".to_owned(), |pause| format!("{pause:.0}")),
             if outcome.guest_continued { "yes" } else { "no" }
         );
     }
@@ -255,6 +265,7 @@ async fn run_one(
         .context("the destination side did not start")?;
     let outgoing = source_dir.path().join("out.sock");
     let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
+    let send_window_bytes = options.send_window_mib << 20;
     let source_thread = {
         let link = link.clone();
         std::thread::spawn(move || {
@@ -264,11 +275,14 @@ async fn run_one(
                     unix_listener,
                     SocketAddr::from((address_b, port)),
                     source_tls,
+                    send_window_bytes,
                 )
             })
         })
     };
 
+    let mut source_events = source.subscribe_events();
+    let mut destination_events = destination.subscribe_events();
     let wire_before = link.counters().a_to_b.bytes_forwarded;
     source
         .qmp()
@@ -319,7 +333,14 @@ async fn run_one(
     let wire_bytes = link.counters().a_to_b.bytes_forwarded - wire_before;
 
     let source_tick = last_tick(&source_console);
+    // The destination was started paused (it must not run before the stream is verified):
+    // resume it as soon as it has loaded, as an orchestrator would.
     destination.qmp().cont().await?;
+    let stopped = first_event(&mut source_events, "STOP").await;
+    let resumed = first_event(&mut destination_events, "RESUME").await;
+    let real_pause_ms = stopped
+        .zip(resumed)
+        .map(|(stopped, resumed)| (resumed - stopped) * 1e3);
     let guest_continued = wait_for_console_text(
         &destination.run_directory().console_log(),
         &format!("NOVACRON-WORKLOAD tick={} ", source_tick + 3),
@@ -336,8 +357,28 @@ async fn run_one(
         wire_bytes,
         passes: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        real_pause_ms,
         guest_continued,
     })
+}
+
+/// The host-clock time (seconds) of the first `name` event received, waiting up to 5 s.
+async fn first_event(
+    events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
+    name: &str,
+) -> Option<f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .ok()?
+            .ok()?;
+        if event.event == name {
+            return Some(
+                event.timestamp_seconds as f64 + event.timestamp_microseconds as f64 / 1e6,
+            );
+        }
+    }
 }
 
 /// Runs in namespace B: listens on the link, writes what arrives into the destination QEMU.
@@ -391,6 +432,7 @@ fn source_side(
     unix_listener: std::os::unix::net::UnixListener,
     destination: SocketAddr,
     tls: TlsSettings,
+    send_window_bytes: u64,
 ) -> anyhow::Result<u64> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -407,7 +449,11 @@ fn source_side(
                 Ok(copied)
             }
             Method::Proxy => {
-                let session = Session::connect(destination, &tls, SessionOptions::default()).await?;
+                let options = SessionOptions {
+                    bulk_send_window_bytes: send_window_bytes,
+                    ..SessionOptions::default()
+                };
+                let session = Session::connect(destination, &tls, options).await?;
                 let report =
                     send_migration_stream(from_qemu, &session, &ProxyConfig::default()).await?;
                 session.close().await?;

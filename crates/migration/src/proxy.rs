@@ -619,6 +619,12 @@ impl ProxyDecoder {
 /// Source side: reads QEMU's migration stream from `source` (the socket QEMU migrates into)
 /// until it closes, and sends it over `session`. Returns once the destination has received
 /// everything (the bulk stream is finished, not closed).
+///
+/// Give the session a small bulk send window (a few MiB, at least twice the link's
+/// bandwidth-delay product): QEMU sees only how fast this proxy takes its bytes, so everything
+/// queued beyond the link is data the guest's final pause waits for. Measured at 100 Mbit/s,
+/// 50 ms RTT: a 32 MiB window gave a 3.2 s pause (source STOP to destination RESUME), 4 MiB
+/// gave 0.87 s, with the same total time.
 pub async fn send_migration_stream(
     mut source: impl AsyncRead + Unpin,
     session: &Session,
