@@ -836,6 +836,26 @@ mod tests {
     }
 
     #[test]
+    fn sides_that_disagree_on_the_mirror_limit_or_version_are_refused_at_the_hello() {
+        let stream = two_pass_stream();
+        let (messages, _) = encode(&stream, stream.len(), false);
+        let mut config = ProxyConfig::default();
+        config.encoder.mirror_page_limit = 4096;
+        let mut decoder = ProxyDecoder::new(&config).unwrap();
+        let error = decoder.push(&messages, &mut Vec::new()).unwrap_err();
+        assert!(error.to_string().contains("mirror limit"), "{error}");
+
+        let mut newer = messages.clone();
+        newer[MESSAGE_HEADER_LENGTH + HELLO_MAGIC.len()] = PROXY_VERSION + 1;
+        let mut decoder = ProxyDecoder::new(&ProxyConfig::default()).unwrap();
+        let error = decoder.push(&newer, &mut Vec::new()).unwrap_err();
+        assert!(
+            error.to_string().contains("this build speaks version 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_source_asking_for_a_return_path_is_refused() {
         let mut stream = STREAM_MAGIC.to_be_bytes().to_vec();
         stream.extend_from_slice(&STREAM_VERSION.to_be_bytes());
