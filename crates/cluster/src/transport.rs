@@ -376,6 +376,10 @@ impl MtlsRaftTransport {
             }
         };
         let _ = tcp.set_nodelay(true);
+        // Closing this side (a request timed out, the peer was removed) resets the connection
+        // and drops what the kernel has not sent yet: a forwarded write stuck behind a cut link
+        // must not reach the leader after the link heals, once its caller was told it failed.
+        let _ = tcp.set_zero_linger();
         let server_name = ServerName::try_from(node_server_name(node_id))
             .map_err(|error| RequestError::Unreachable(Box::new(error)))?;
         let tls =

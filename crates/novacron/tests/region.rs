@@ -340,6 +340,19 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
     let cut = (leader + 1) % 3;
     let majority = (leader + 2) % 3;
     hosts.set_link_up(cut, false);
+    // At once, while the cut-off host still believes in its leader: a plain forwarded write (no
+    // read before it) is queued on the connection to the leader, fails after the request
+    // timeout, and must not be applied when the link comes back (the connection is reset,
+    // dropping the unsent request). Later, with no leader known, nothing is sent at all.
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    let attempt_started = Instant::now();
+    let output = hosts.hosts[cut].cli(&["peer", "trust", &fingerprint, "--name", "cut-off"]);
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(8), "{stderr}");
+    eprintln!(
+        "forwarded write on the cut-off host refused after {:?}: {stderr}",
+        attempt_started.elapsed()
+    );
     let attempt_started = Instant::now();
     let output = create_stopped_vm(
         &hosts.hosts[cut],
@@ -419,6 +432,11 @@ fn a_three_host_region_survives_a_killed_leader_and_a_partitioned_minority() {
         hosts.hosts[majority].wait_for_state("from-the-minority", "stopped");
     }
     eprintln!("the refused write was applied later: {applied}");
+    let peers = hosts.hosts[majority].json(&["peer", "list"]);
+    assert!(
+        !peers.to_string().contains(&fingerprint),
+        "a forwarded write reported as failed reached the leader after healing: {peers}"
+    );
     eprintln!("whole scenario took {:?}", started.elapsed());
 }
 
