@@ -4,7 +4,9 @@
 use crate::cli::{OutputFormat, RestartPolicyArg, VmCommand, WaitOptions};
 use crate::client::{CliError, CliResult, Client};
 use crate::output;
-use novacron_types::{ByteSize, CreateVmRequest, ErrorCode, RestartPolicy, VmRecord, VmState};
+use novacron_types::{
+    ByteSize, CreateVmRequest, ErrorCode, RestartPolicy, VmRecord, VmState, VmStatus,
+};
 use reqwest::Method;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -68,6 +70,7 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 &[target],
                 &args.wait,
                 "creating",
+                None,
             )
             .await?
             .unwrap_or(record);
@@ -141,10 +144,18 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
             let path = format!("/api/v1/vms/{}/restart", encode(&args.name));
             let record: VmRecord = client.json(client.request(Method::POST, &path)).await?;
             let generation = record.restart_generation;
-            let record = wait_for(client, &args.name, &args.wait, "restarting", |record| {
-                record.status.observed_restart_generation >= generation
-                    && record.status.state == VmState::Running
-            })
+            let stale = stale_failure(&record);
+            let record = wait_for(
+                client,
+                &args.name,
+                &args.wait,
+                "restarting",
+                stale,
+                |record| {
+                    record.status.observed_restart_generation >= generation
+                        && record.status.state == VmState::Running
+                },
+            )
             .await?
             .unwrap_or(record);
             show(format, &record);
@@ -233,22 +244,31 @@ async fn change(
 ) -> CliResult<()> {
     let path = format!("/api/v1/vms/{}/{action}{query}", encode(name));
     let record: VmRecord = client.json(client.request(Method::POST, &path)).await?;
-    let record = settle(client, name, targets, wait, doing)
+    let record = settle(client, name, targets, wait, doing, stale_failure(&record))
         .await?
         .unwrap_or(record);
     show(format, &record);
     Ok(())
 }
 
-/// Waits until the VM is in one of `targets`; a `failed` VM ends the wait with its reason.
+/// The failure a VM was in when a request was made: until the host reacts to the request the VM
+/// still shows it, and it must not end the wait (regression: `vm start` of a failed VM reported
+/// the old failure when it polled before the reconciler moved the VM to `starting`).
+fn stale_failure(record: &VmRecord) -> Option<VmStatus> {
+    (record.status.state == VmState::Failed).then(|| record.status.clone())
+}
+
+/// Waits until the VM is in one of `targets`; a `failed` VM (other than `stale`) ends the wait
+/// with its reason.
 async fn settle(
     client: &Client,
     name: &str,
     targets: &[VmState],
     wait: &WaitOptions,
     doing: &str,
+    stale: Option<VmStatus>,
 ) -> CliResult<Option<VmRecord>> {
-    wait_for(client, name, wait, doing, |record| {
+    wait_for(client, name, wait, doing, stale, |record| {
         targets.contains(&record.status.state)
     })
     .await
@@ -259,6 +279,7 @@ async fn wait_for(
     name: &str,
     wait: &WaitOptions,
     doing: &str,
+    stale: Option<VmStatus>,
     done: impl Fn(&VmRecord) -> bool,
 ) -> CliResult<Option<VmRecord>> {
     if wait.no_wait {
@@ -273,7 +294,7 @@ async fn wait_for(
             spinner.finish_and_clear();
             return Ok(Some(record));
         }
-        if record.status.state == VmState::Failed {
+        if record.status.state == VmState::Failed && stale.as_ref() != Some(&record.status) {
             spinner.finish_and_clear();
             return Err(CliError::new(
                 ErrorCode::Internal,
