@@ -161,19 +161,50 @@ pub async fn check_guest_continues(
     last_source_tick: u64,
     ticks_after: u64,
 ) -> Vec<WorkloadTick> {
+    guest_continues(console_log, last_source_tick, ticks_after, DEADLINE)
+        .await
+        .unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// What [`check_guest_continues`] checks, as a result: `Err` says what went wrong (the guest
+/// stalled before `ticks_after` more ticks within `deadline`, its counter does not continue the
+/// source's, or its memory check failed).
+pub async fn guest_continues(
+    console_log: &Path,
+    last_source_tick: u64,
+    ticks_after: u64,
+    deadline: Duration,
+) -> Result<Vec<WorkloadTick>, String> {
     let target = last_source_tick + ticks_after;
-    let log = wait_for_console(console_log, &format!("NOVACRON-WORKLOAD tick={target} ")).await;
-    assert!(!log.contains("NOVACRON-WORKLOAD-CORRUPT"), "{log}");
-    let ticks = workload_ticks(&log);
-    let first = ticks.first().expect("destination ticks");
-    assert!(
-        first.tick > last_source_tick && first.tick <= last_source_tick + 2,
-        "the destination's counter continues the source's ({last_source_tick}): {ticks:?}"
-    );
-    for tick in &ticks {
-        assert_eq!(tick.errors, 0, "memory corrupted after migration: {log}");
+    let log = wait_for_console_text(
+        console_log,
+        &format!("NOVACRON-WORKLOAD tick={target} "),
+        deadline,
+    )
+    .await
+    .map_err(|error| {
+        format!(
+            "the destination stalled: {error}; log so far:\n{}",
+            std::fs::read_to_string(console_log).unwrap_or_default()
+        )
+    })?;
+    if log.contains("NOVACRON-WORKLOAD-CORRUPT") {
+        return Err(format!("the workload reported corruption: {log}"));
     }
-    ticks
+    let ticks = workload_ticks(&log);
+    let Some(first) = ticks.first() else {
+        return Err(format!("no workload ticks on the destination: {log}"));
+    };
+    if first.tick <= last_source_tick || first.tick > last_source_tick + 2 {
+        return Err(format!(
+            "the destination's counter does not continue the source's ({last_source_tick}): \
+             {ticks:?}"
+        ));
+    }
+    if ticks.iter().any(|tick| tick.errors != 0) {
+        return Err(format!("memory corrupted after migration: {log}"));
+    }
+    Ok(ticks)
 }
 
 /// Kills a test's QEMU when the test ends while it still runs (a failed assertion): QEMU is
