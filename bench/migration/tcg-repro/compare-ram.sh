@@ -1,12 +1,13 @@
 #!/bin/bash
 # Live-migrates the test guest QEMU to QEMU, then compares the source's final RAM with what the
 # destination loaded (QMP pmemsave of both, before the destination runs): see README.md. Add a
-# QMP "stop" on the source before "migrate" for the paused control.
+# QMP "stop" on the source before "migrate" for the paused control. ACCEL=tcg,thread=single
+# changes the accelerator options.
 set -u
 TAG=$1; QARGS=$2; CMD=$3; BW=${4:-33554432}
 D=/tmp/migx/$TAG; rm -rf $D; mkdir -p $D
 G=~/.cache/novacron/guest
-common="-nodefaults -nographic -machine q35 -accel tcg $QARGS -m 256M -kernel $G/vmlinuz -initrd $G/initrd.img"
+common="-nodefaults -nographic -machine q35 -accel ${ACCEL:-tcg} $QARGS -m 256M -kernel $G/vmlinuz -initrd $G/initrd.img"
 cmdline="console=ttyS0 panic=-1 quiet novacron.workload=1 novacron.workload_mib=64 $CMD"
 qemu-system-x86_64 $common -append "$cmdline" -serial file:$D/src.log -qmp unix:$D/src.qmp,server=on,wait=off -display none -daemonize -pidfile $D/src.pid
 qemu-system-x86_64 $common -append "$cmdline" -serial file:$D/dst.log -qmp unix:$D/dst.qmp,server=on,wait=off -display none -incoming unix:$D/in.sock -S -daemonize -pidfile $D/dst.pid
