@@ -74,6 +74,20 @@ fn cluster_dir(paths: &DataPaths) -> PathBuf {
     paths.root().join("cluster")
 }
 
+/// The cluster directory for an init or a join, which must not exist yet: one left without
+/// region settings is an interrupted init or join, and the user must decide about it.
+fn free_cluster_dir(paths: &DataPaths) -> Result<PathBuf, AgentError> {
+    let dir = cluster_dir(paths);
+    if dir.exists() {
+        return Err(AgentError::InvalidArgument(format!(
+            "{} exists without region settings (an interrupted init or join?); remove it and \
+             try again",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
 fn settings_path(paths: &DataPaths) -> PathBuf {
     cluster_dir(paths).join(SETTINGS_FILE)
 }
@@ -689,14 +703,7 @@ impl Host {
             listen_and_advertise(request.raft_listen.as_deref(), request.advertise.as_deref())
                 .await?;
         let paths = self.shared.paths.clone();
-        let dir = cluster_dir(&paths);
-        if dir.exists() {
-            return Err(AgentError::InvalidArgument(format!(
-                "{} exists without region settings (an interrupted init or join?); remove it and \
-                 try again",
-                dir.display()
-            )));
-        }
+        let dir = free_cluster_dir(&paths)?;
         let settings = RegionSettings {
             format_version: SETTINGS_FORMAT_VERSION,
             region: Some(name.clone()),
@@ -771,14 +778,7 @@ impl Host {
             listen_and_advertise(request.raft_listen.as_deref(), request.advertise.as_deref())
                 .await?;
         let paths = self.shared.paths.clone();
-        let dir = cluster_dir(&paths);
-        if dir.exists() {
-            return Err(AgentError::InvalidArgument(format!(
-                "{} exists without region settings (an interrupted init or join?); remove it and \
-                 try again",
-                dir.display()
-            )));
-        }
+        let dir = free_cluster_dir(&paths)?;
         let (identity, grant) = joiner::enrol(
             &request.address,
             &request.token,
