@@ -87,6 +87,13 @@ pub enum AgentError {
          peer (`novacron link list` shows the measured ones)"
     )]
     LinkNotFound { peer: String },
+    #[error(
+        "migration {reference:?} does not exist; `novacron migration list` shows the migrations"
+    )]
+    MigrationNotFound { reference: String },
+    /// A migration could not start or failed; `code` says why.
+    #[error("{message}")]
+    Migration { code: ErrorCode, message: String },
     /// A transfer could not start; `code` says why (unreachable, untrusted, name taken ...).
     #[error("{message}")]
     Transfer { code: ErrorCode, message: String },
@@ -134,8 +141,11 @@ impl AgentError {
             | AgentError::ImageNotFound { .. }
             | AgentError::PeerNotFound { .. }
             | AgentError::TransferNotFound { .. }
-            | AgentError::LinkNotFound { .. } => ErrorCode::NotFound,
-            AgentError::Transfer { code, .. } | AgentError::Cluster { code, .. } => *code,
+            | AgentError::LinkNotFound { .. }
+            | AgentError::MigrationNotFound { .. } => ErrorCode::NotFound,
+            AgentError::Transfer { code, .. }
+            | AgentError::Cluster { code, .. }
+            | AgentError::Migration { code, .. } => *code,
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists
             }

@@ -183,6 +183,19 @@ pub(crate) struct Shared {
     pub chunks: Arc<novacron_codec::ChunkStore>,
     /// The region this host is a member of; `None` for a one-host cluster.
     pub region: Option<Arc<crate::region::Region>>,
+    /// This host's transfer listener as the region reaches it: (address, certificate
+    /// fingerprint), set once the listener is bound; published in the heartbeat.
+    pub transfer_endpoint: std::sync::OnceLock<(Option<String>, String)>,
+    /// The transfer service (migrations dial through it); weak, as it holds this.
+    pub transfer_service: std::sync::OnceLock<std::sync::Weak<crate::transfer::TransferService>>,
+}
+
+impl Shared {
+    pub fn transfer_service(&self) -> Option<Arc<crate::transfer::TransferService>> {
+        self.transfer_service
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+    }
 }
 
 /// One running host. Dropping it stops the reconciler; QEMU processes keep running.
@@ -284,6 +297,8 @@ impl Host {
             metrics: AgentMetrics::default(),
             chunks: Arc::new(chunks),
             config,
+            transfer_endpoint: std::sync::OnceLock::new(),
+            transfer_service: std::sync::OnceLock::new(),
         });
         let mut background = Vec::new();
         match &region {
@@ -326,6 +341,18 @@ impl Host {
                 return Err(error);
             }
             tracing::warn!(%error, "transfer listener not started; this host cannot receive pushes or serve pulls (pass --transfer-listen to choose an address)");
+        }
+        let _ = shared.transfer_service.set(Arc::downgrade(&transfers));
+        let advertised = transfers
+            .bound_address()
+            .map(|bound| crate::region::advertised_transfer_address(&shared, bound));
+        let _ = shared
+            .transfer_endpoint
+            .set((advertised, transfers.fingerprint().to_string()));
+        if shared.region.is_some() {
+            background.push(tokio::spawn(crate::transfer::follow_region_trust(
+                transfers.clone(),
+            )));
         }
         let (events, _) = broadcast::channel(1024);
         background.extend([

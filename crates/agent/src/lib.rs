@@ -12,6 +12,7 @@ mod host;
 mod identity;
 mod images;
 mod links;
+mod migration;
 pub mod paths;
 mod reconciler;
 mod records;

@@ -126,9 +126,13 @@ fn ensure_actor(
 /// At start-up: VM directories that no record names (a delete interrupted after the record was
 /// removed) are torn down, killing a QEMU still running there.
 async fn sweep_orphans(shared: &Shared, items: &[novacron_store::KeyValue]) {
+    // A directory of a VM that another host owns is left from a migration (a source that
+    // stopped before removing it, or a destination whose incoming QEMU lost its migration when
+    // this process ended): the owner runs the VM, so this copy goes.
     let known: HashSet<String> = items
         .iter()
         .filter_map(|item| serde_json::from_slice::<VmRecord>(&item.value).ok())
+        .filter(|record| shared.region.is_none() || record.status.host == shared.config.host_name)
         .map(|record| record.uuid.replace('-', ""))
         .collect();
     let Ok(mut entries) = tokio::fs::read_dir(shared.paths.vms_dir()).await else {
@@ -147,6 +151,39 @@ async fn sweep_orphans(shared: &Shared, items: &[novacron_store::KeyValue]) {
         }
         let _ = tokio::fs::remove_dir_all(entry.path()).await;
     }
+}
+
+/// How QEMU is started for a VM on this host (a migration's incoming QEMU uses the same, so the
+/// two machines match).
+pub(crate) fn launch_spec(
+    shared: &Shared,
+    record: &VmRecord,
+    accelerator: novacron_qemu::Accelerator,
+) -> Result<LaunchSpec, AgentError> {
+    let uuid = uuid::Uuid::parse_str(&record.uuid).map_err(|error| AgentError::CorruptRecord {
+        key: record.spec.name.to_string(),
+        reason: error.to_string(),
+    })?;
+    let mut spec = LaunchSpec::new(
+        record.spec.name.as_str(),
+        uuid,
+        shared.paths.vm_dir(&record.uuid),
+    )
+    .cpus(record.spec.cpus)
+    .memory_mib(record.spec.memory_bytes >> 20)
+    .accelerator(accelerator);
+    if record.spec.image_id.is_some() {
+        // The overlay is qcow2 whatever the image's format.
+        spec = spec.disk(shared.paths.vm_disk(&record.uuid), ImageFormat::Qcow2);
+    }
+    if let Some(kernel) = &record.spec.kernel {
+        spec = spec.kernel(DirectKernelBoot {
+            kernel: kernel.clone(),
+            initrd: record.spec.initrd.clone(),
+            cmdline: record.spec.cmdline.clone(),
+        });
+    }
+    Ok(spec)
 }
 
 enum Next {
@@ -231,6 +268,9 @@ impl VmActor {
         }
         if record.deletion_requested {
             return self.delete(&record, mod_revision).await;
+        }
+        if let Some(id) = record.migration.clone() {
+            return self.migrate_out(&record, &id).await;
         }
         if let Some(qemu) = &self.qemu
             && let Some(exit) = qemu.exit_status()
@@ -317,31 +357,8 @@ impl VmActor {
         let shared = self.shared.clone();
         let binaries = shared.hypervisor.binaries()?;
         let probe = shared.hypervisor.accelerator().await?;
-        let uuid =
-            uuid::Uuid::parse_str(&record.uuid).map_err(|error| AgentError::CorruptRecord {
-                key: self.name.clone(),
-                reason: error.to_string(),
-            })?;
-        let mut spec = LaunchSpec::new(
-            record.spec.name.as_str(),
-            uuid,
-            shared.paths.vm_dir(&record.uuid),
-        )
-        .cpus(record.spec.cpus)
-        .memory_mib(record.spec.memory_bytes >> 20)
-        .accelerator(probe.accelerator)
-        .start_paused(record.desired == DesiredPower::Paused);
-        if record.spec.image_id.is_some() {
-            // The overlay is qcow2 whatever the image's format.
-            spec = spec.disk(shared.paths.vm_disk(&record.uuid), ImageFormat::Qcow2);
-        }
-        if let Some(kernel) = &record.spec.kernel {
-            spec = spec.kernel(DirectKernelBoot {
-                kernel: kernel.clone(),
-                initrd: record.spec.initrd.clone(),
-                cmdline: record.spec.cmdline.clone(),
-            });
-        }
+        let spec = launch_spec(&shared, record, probe.accelerator)?
+            .start_paused(record.desired == DesiredPower::Paused);
         self.set_state(VmState::Starting, None, |_| {}).await?;
         shared.metrics.qemu_launches.inc();
         match QemuVm::launch(binaries, &spec).await {
@@ -538,6 +555,31 @@ impl VmActor {
         })
         .await?;
         Ok(())
+    }
+
+    /// The VM is to move to another host: the migration runs here, on the source, while this
+    /// actor waits (nothing else may touch the VM meanwhile). Afterwards the VM either runs on
+    /// the destination (its QEMU here is stopped and its directory removed) or still runs here.
+    async fn migrate_out(&mut self, record: &VmRecord, id: &str) -> Result<Next, AgentError> {
+        let outcome =
+            crate::migration::run_source(&self.shared, record, id, self.qemu.as_ref()).await;
+        match outcome {
+            crate::migration::SourceOutcome::Moved => {
+                if let Some(qemu) = self.qemu.take()
+                    && let Err(error) = qemu.force_stop().await
+                {
+                    tracing::warn!(vm = %self.name, %error, "stopping the migrated source qemu");
+                }
+                let directory = self.shared.paths.vm_dir(&record.uuid);
+                if let Err(error) = tokio::fs::remove_dir_all(&directory).await
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(vm = %self.name, %error, "removing the migrated vm's directory");
+                }
+                Ok(Next::Done)
+            }
+            crate::migration::SourceOutcome::Stayed => Ok(Next::Again),
+        }
     }
 
     /// Writes the observed state (and whatever `extra` changes) with compare-and-swap.

@@ -8,6 +8,7 @@
 //! peers/<fingerprint>   PeerRecord (JSON): a host trusted for transfers, by certificate
 //!                       fingerprint (`sha256:<hex>`)
 //! host-status/<node id, 20 digits>   HostHeartbeat (JSON): each host's status and capacity
+//! migrations/<id>       MigrationRecord (JSON): a live migration's state machine and history
 //! ```
 //!
 //! In a region the writes and linearizable reads go through the [`ClusterStore`] (forwarded to
@@ -19,7 +20,9 @@
 use crate::AgentError;
 use novacron_cluster::ClusterStore;
 use novacron_store::{Consistency, KeyValue, Listing, Store, Transaction, TransactionOutcome};
-use novacron_types::{HostHeartbeat, ImageRecord, PeerRecord, RECORD_FORMAT_VERSION, VmRecord};
+use novacron_types::{
+    HostHeartbeat, ImageRecord, MigrationRecord, PeerRecord, RECORD_FORMAT_VERSION, VmRecord,
+};
 use serde::de::DeserializeOwned;
 
 pub const VM_PREFIX: &str = "vms/";
@@ -27,6 +30,11 @@ pub const IMAGE_PREFIX: &str = "images/";
 pub const IMAGE_NAME_PREFIX: &str = "image-names/";
 pub const PEER_PREFIX: &str = "peers/";
 pub const HOST_STATUS_PREFIX: &str = "host-status/";
+pub const MIGRATION_PREFIX: &str = "migrations/";
+
+pub fn migration_key(id: &str) -> String {
+    format!("{MIGRATION_PREFIX}{id}")
+}
 
 pub fn host_status_key(node_id: u64) -> String {
     format!("{HOST_STATUS_PREFIX}{node_id:020}")
@@ -422,5 +430,124 @@ impl Records {
             )
             .await?;
         Ok(outcome.succeeded)
+    }
+
+    pub async fn migration(
+        &self,
+        id: &str,
+    ) -> Result<Option<Versioned<MigrationRecord>>, AgentError> {
+        let Some(key_value) = self
+            .store
+            .get(&migration_key(id), Consistency::Linearizable)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Versioned {
+            record: decode(&key_value)?,
+            mod_revision: key_value.mod_revision,
+        }))
+    }
+
+    pub async fn migrations(&self) -> Result<Vec<MigrationRecord>, AgentError> {
+        let listing = self
+            .store
+            .list(MIGRATION_PREFIX, Consistency::Linearizable)
+            .await?;
+        listing.items.iter().map(decode).collect()
+    }
+
+    /// Records a new migration and marks the VM as migrating, both or neither: fails (returns
+    /// false) when the VM changed since `vm.mod_revision`.
+    pub async fn begin_migration(
+        &self,
+        vm: &Versioned<VmRecord>,
+        migration: &MigrationRecord,
+    ) -> Result<bool, AgentError> {
+        let name = vm.record.spec.name.as_str();
+        let mut record = vm.record.clone();
+        record.migration = Some(migration.id.clone());
+        let outcome = self
+            .store
+            .transaction(
+                Transaction::new()
+                    .when_mod_revision(vm_key(name), vm.mod_revision)
+                    .when_absent(migration_key(&migration.id))
+                    .put(vm_key(name), encode(&record))
+                    .put(migration_key(&migration.id), encode(migration)),
+            )
+            .await?;
+        Ok(outcome.succeeded)
+    }
+
+    /// Reads the migration, lets `change` modify it and writes it back if it changed (CAS,
+    /// retried). Returns the record as stored.
+    pub async fn update_migration(
+        &self,
+        id: &str,
+        mut change: impl FnMut(&mut MigrationRecord) -> Result<bool, AgentError>,
+    ) -> Result<MigrationRecord, AgentError> {
+        loop {
+            let Some(current) = self.migration(id).await? else {
+                return Err(AgentError::MigrationNotFound {
+                    reference: id.to_string(),
+                });
+            };
+            let mut record = current.record;
+            if !change(&mut record)? {
+                return Ok(record);
+            }
+            let outcome = self
+                .store
+                .transaction(
+                    Transaction::new()
+                        .when_mod_revision(migration_key(id), current.mod_revision)
+                        .put(migration_key(id), encode(&record)),
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(record);
+            }
+        }
+    }
+
+    /// Changes a VM and its migration in one transaction (CAS on both, retried): how a migration
+    /// ends, so that the VM's owner and the migration's outcome never disagree. `change` returns
+    /// `Ok(false)` to write nothing; the result is `None` then.
+    pub async fn update_vm_and_migration(
+        &self,
+        vm: &str,
+        id: &str,
+        mut change: impl FnMut(&mut VmRecord, &mut MigrationRecord) -> Result<bool, AgentError>,
+    ) -> Result<Option<(VmRecord, MigrationRecord)>, AgentError> {
+        loop {
+            let Some(current_vm) = self.vm(vm).await? else {
+                return Err(AgentError::VmNotFound {
+                    name: vm.to_string(),
+                });
+            };
+            let Some(current) = self.migration(id).await? else {
+                return Err(AgentError::MigrationNotFound {
+                    reference: id.to_string(),
+                });
+            };
+            let (mut vm_record, mut migration) = (current_vm.record, current.record);
+            if !change(&mut vm_record, &mut migration)? {
+                return Ok(None);
+            }
+            let outcome = self
+                .store
+                .transaction(
+                    Transaction::new()
+                        .when_mod_revision(vm_key(vm), current_vm.mod_revision)
+                        .when_mod_revision(migration_key(id), current.mod_revision)
+                        .put(vm_key(vm), encode(&vm_record))
+                        .put(migration_key(id), encode(&migration)),
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(Some((vm_record, migration)));
+            }
+        }
     }
 }

@@ -271,6 +271,11 @@ impl Region {
         self.cluster.node_id()
     }
 
+    /// This node's raft address as the region reaches it.
+    pub(crate) fn advertise(&self) -> String {
+        self.settings().advertise
+    }
+
     pub(crate) async fn shutdown(&self) {
         if let Some(server) = self.server.lock().await.take() {
             server.shutdown().await;
@@ -385,6 +390,33 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
         vms_running: running,
         vm_memory_bytes: memory,
         at_unix_ms: join::now_unix_millis(),
+        transfer_address: shared
+            .transfer_endpoint
+            .get()
+            .and_then(|(address, _)| address.clone()),
+        transfer_fingerprint: shared
+            .transfer_endpoint
+            .get()
+            .map(|(_, fingerprint)| fingerprint.clone()),
+    }
+}
+
+/// The transfer address other hosts of the region dial: the bound one, or, when it is bound to
+/// every interface, the IP this host advertises to the region with the bound port.
+pub(crate) fn advertised_transfer_address(shared: &Shared, bound: std::net::SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let advertised_ip = shared.region.as_ref().and_then(|region| {
+        region
+            .advertise()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|address| address.ip())
+    });
+    match advertised_ip {
+        Some(ip) => std::net::SocketAddr::new(ip, bound.port()).to_string(),
+        None => bound.to_string(),
     }
 }
 
@@ -927,6 +959,38 @@ pub(crate) async fn place_vm(
     image: Option<&str>,
     pinned: Option<&str>,
 ) -> Result<(String, String), AgentError> {
+    place(shared, region, cpus, memory_bytes, image, pinned, None).await
+}
+
+/// Where a VM moves (`vm migrate`): placement over every host but the one it runs on, which is
+/// treated as draining.
+pub(crate) async fn place_vm_elsewhere(
+    shared: &Shared,
+    region: &Region,
+    record: &novacron_types::VmRecord,
+    pinned: Option<&str>,
+) -> Result<(String, String), AgentError> {
+    place(
+        shared,
+        region,
+        record.spec.cpus,
+        record.spec.memory_bytes,
+        record.spec.image_id.as_deref(),
+        pinned,
+        Some(&record.status.host),
+    )
+    .await
+}
+
+async fn place(
+    shared: &Shared,
+    region: &Region,
+    cpus: u32,
+    memory_bytes: u64,
+    image: Option<&str>,
+    pinned: Option<&str>,
+    leaving: Option<&str>,
+) -> Result<(String, String), AgentError> {
     use novacron_placement::{HostSpec, HostState, Placement, Policy, Request, Snapshot, VmSpec};
     let hosts = join::list_hosts(&region.cluster).await?;
     let heartbeats = shared.records.heartbeats().await?;
@@ -950,10 +1014,12 @@ pub(crate) async fn place_vm(
             HostSpec {
                 id: host.node_id,
                 name: host.host_name.clone(),
-                state: if member && alive {
-                    HostState::Ready
-                } else {
+                state: if !(member && alive) {
                     HostState::Unreachable
+                } else if leaving == Some(host.host_name.as_str()) {
+                    HostState::Draining
+                } else {
+                    HostState::Ready
                 },
                 labels: Default::default(),
                 cpu_capacity: heartbeat.map(|beat| beat.cpus).unwrap_or(0),

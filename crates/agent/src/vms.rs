@@ -205,6 +205,7 @@ impl Host {
             created_at: now,
             disk_by_assigned_host: !here,
             placement,
+            migration: None,
         };
         shared.records.create_vm(&record).await?;
         if !here {
@@ -452,6 +453,15 @@ impl Host {
                         name: record.spec.name.to_string(),
                         state: VmState::Deleting,
                         hint: "it is being deleted",
+                    });
+                }
+                if let Some(migration) = &record.migration {
+                    return Err(AgentError::Migration {
+                        code: ErrorCode::Conflict,
+                        message: format!(
+                            "vm {} is being migrated (migration {migration}); wait for it                              (`novacron migration show {migration}`) or cancel it (`novacron vm                              migrate {} --cancel`)",
+                            record.spec.name, record.spec.name
+                        ),
                     });
                 }
                 change(record)?;

@@ -19,8 +19,8 @@ use novacron_types::{
 };
 use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
-    ImageRecord, LinkInfo, PeerRecord, StopOptions, TransferInfo, TrustPeerRequest, VmEvent,
-    VmRecord,
+    ImageRecord, LinkInfo, MigrateVmRequest, MigrationRecord, PeerRecord, StopOptions,
+    TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
 };
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -51,6 +51,9 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(forget_peer))
         .routes(routes!(list_transfers, create_transfer))
         .routes(routes!(get_transfer, cancel_transfer))
+        .routes(routes!(migrate_vm, cancel_vm_migration))
+        .routes(routes!(list_migrations))
+        .routes(routes!(get_migration))
         .routes(routes!(list_links))
         .routes(routes!(get_link))
         .routes(routes!(events))
@@ -495,6 +498,60 @@ async fn create_transfer(
     let Json(request) = body?;
     let info = state.host.start_transfer(request).await?;
     Ok((axum::http::StatusCode::CREATED, Json(info)))
+}
+
+/// Starts moving a running VM to another host of the region, live (a stopped VM without a disk
+/// moves at once: a cold move). `to` names the host; without it placement chooses. Returns the
+/// migration; poll `GET /api/v1/migrations/{id}` for its phase and progress.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    request_body = MigrateVmRequest,
+    responses((status = 202, body = MigrationRecord),
+        (status = 400, description = "not in a region, the VM's own host, unknown host, bad limit", body = novacron_types::ApiErrorBody),
+        (status = 404, description = "unknown VM", body = novacron_types::ApiErrorBody),
+        (status = 409, description = "already migrating, being deleted, starting or stopping, or has a local disk", body = novacron_types::ApiErrorBody),
+        (status = 422, description = "no host has room", body = novacron_types::ApiErrorBody)))]
+async fn migrate_vm(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<MigrateVmRequest>, JsonRejection>,
+) -> ApiResult<(axum::http::StatusCode, Json<MigrationRecord>)> {
+    let Json(request) = body?;
+    let migration = state.host.migrate_vm(&name, request).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(migration)))
+}
+
+/// Cancels a VM's migration: it ends as `cancelled` and the VM stays on its source host (unless
+/// the switch-over already recorded the new host).
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/migrate", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 202, body = MigrationRecord),
+        (status = 404, body = novacron_types::ApiErrorBody),
+        (status = 409, description = "not migrating", body = novacron_types::ApiErrorBody)))]
+async fn cancel_vm_migration(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<(axum::http::StatusCode, Json<MigrationRecord>)> {
+    let migration = state.host.cancel_migration(&name).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(migration)))
+}
+
+/// Every migration of the region, newest first (history included).
+#[utoipa::path(get, path = "/api/v1/migrations", tag = "vms",
+    responses((status = 200, body = Vec<MigrationRecord>), (status = 401, body = novacron_types::ApiErrorBody)))]
+async fn list_migrations(State(state): State<ApiState>) -> ApiResult<Json<Vec<MigrationRecord>>> {
+    Ok(Json(state.host.list_migrations().await?))
+}
+
+/// One migration by id, or the latest migration of a VM by the VM's name.
+#[utoipa::path(get, path = "/api/v1/migrations/{id}", tag = "vms",
+    params(("id" = String, Path, description = "migration id or VM name")),
+    responses((status = 200, body = MigrationRecord), (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn get_migration(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<MigrationRecord>> {
+    Ok(Json(state.host.get_migration(&id).await?))
 }
 
 /// One transfer with its progress.

@@ -76,6 +76,9 @@ pub enum Command {
     /// The region: init, join tokens, join, list hosts, remove a host
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Live migrations between hosts: list and show (start one with `vm migrate`)
+    #[command(subcommand)]
+    Migration(MigrationCommand),
     /// Follow VM state changes as they happen
     Events,
     /// Network links between hosts: measured rates, bandwidth forecasts, predictor evaluation
@@ -258,6 +261,39 @@ pub enum VmCommand {
     Logs(LogsArgs),
     /// Attach to the VM's serial console (detach with Ctrl-])
     Console { name: String },
+    /// Move a VM to another host of the region, live: memory is carried by DWCP while the guest
+    /// runs, then it pauses briefly and resumes on the destination. A stopped VM without a disk
+    /// moves at once (cold move). Ctrl-C ends only the command; `--cancel` stops the migration.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    pub name: String,
+    /// Destination host (`novacron cluster list` shows them); without it placement chooses
+    #[arg(long, conflicts_with = "cancel")]
+    pub to: Option<String>,
+    /// Cancel the VM's migration under way; the VM stays on its source host
+    #[arg(long)]
+    pub cancel: bool,
+    /// Longest pause of the guest at switch-over, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = novacron_types::migration::DEFAULT_DOWNTIME_LIMIT_MS)]
+    pub downtime_limit: u64,
+    /// Give up after this many seconds; the VM then stays on its source host
+    #[arg(long, value_name = "SECONDS", default_value_t = novacron_types::migration::DEFAULT_MIGRATION_TIMEOUT_SECS)]
+    pub timeout: u64,
+    /// Return once the migration is recorded instead of following it
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCommand {
+    /// Migrations of the region, newest first (finished ones included)
+    #[command(visible_alias = "ls")]
+    List,
+    /// One migration in detail: by id, or the latest of a VM by the VM's name
+    Show { migration: String },
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ mod cluster;
 mod console;
 mod image;
 mod link;
+mod migration;
 mod output;
 mod serve;
 mod transfer;
@@ -121,6 +122,7 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
         Command::Transfer(command) => {
             transfer::transfer_command(&client, options.output, command).await
         }
+        Command::Migration(command) => migration::run(&client, options.output, command).await,
         Command::Link(cli::LinkCommand::List) => link::list(&client, options.output).await,
         Command::Link(cli::LinkCommand::Show { peer }) => {
             link::show(&client, options.output, &peer).await

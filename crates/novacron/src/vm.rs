@@ -217,6 +217,7 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
             }
         }
         VmCommand::Console { name } => crate::console::attach(client, &name).await?,
+        VmCommand::Migrate(args) => crate::migration::migrate(client, format, args).await?,
     }
     Ok(())
 }
@@ -381,6 +382,10 @@ fn show(format: OutputFormat, record: &VmRecord) {
             (
                 "placement",
                 vm.placement.clone().unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "migration",
+                vm.migration.clone().unwrap_or_else(|| "-".into()),
             ),
             ("accelerator", accelerator),
             (

@@ -135,8 +135,12 @@ async fn run_probe_guest(binaries: &QemuBinaries, accelerator: Accelerator) -> R
     let firmware_path = directory.path().join("probe-firmware.bin");
     std::fs::write(&firmware_path, probe_firmware())
         .map_err(|error| format!("cannot write the {accelerator} probe firmware: {error}"))?;
-    let mut command = tokio::process::Command::new(&binaries.system);
+    // Under coreutils' `timeout`: a probe whose vCPU never finishes must not outlive a `serve`
+    // that was killed before it could kill the probe (seen here: orphaned probes spinning).
+    let mut command = tokio::process::Command::new("timeout");
     command
+        .args(["--signal=KILL", &PROBE_TIMEOUT.as_secs().to_string()])
+        .arg(&binaries.system)
         .args([
             "-accel",
             accelerator.qemu_name(),
@@ -151,24 +155,40 @@ async fn run_probe_guest(binaries: &QemuBinaries, accelerator: Accelerator) -> R
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = command
+        .stderr(Stdio::piped());
+    let mut child = command
         .spawn()
         .map_err(|error| format!("cannot run {}: {error}", binaries.system.display()))?;
-    match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
-        Err(_elapsed) => Err(format!(
+    let stderr = child.stderr.take();
+    let stderr_reader = tokio::spawn(async move {
+        let mut text = String::new();
+        if let Some(mut stderr) = stderr {
+            use tokio::io::AsyncReadExt;
+            let _ = stderr.read_to_string(&mut text).await;
+        }
+        text
+    });
+    // `timeout` kills QEMU at PROBE_TIMEOUT and exits with 128 + 9; killing `timeout` itself
+    // here would orphan QEMU, so this side only waits (a little longer).
+    let timed_out = || {
+        Err(format!(
             "{accelerator} accepted the probe guest but did not run it to completion within {PROBE_TIMEOUT:?} (it cannot run ordinary guests here)"
-        )),
+        ))
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT + Duration::from_secs(5), child.wait()).await {
+        Err(_elapsed) => {
+            stderr_reader.abort();
+            timed_out()
+        }
         Ok(Err(error)) => Err(format!(
             "waiting for the {accelerator} probe failed: {error}"
         )),
-        Ok(Ok(output)) if output.status.code() == Some(PROBE_SUCCESS_EXIT_CODE) => Ok(()),
-        Ok(Ok(output)) => {
-            let stderr = String::from_utf8_lossy(&output.stderr);
+        Ok(Ok(status)) if status.code() == Some(PROBE_SUCCESS_EXIT_CODE) => Ok(()),
+        Ok(Ok(status)) if status.code() == Some(128 + 9) => timed_out(),
+        Ok(Ok(status)) => {
+            let stderr = stderr_reader.await.unwrap_or_default();
             Err(format!(
-                "{accelerator} probe guest failed ({}): {}",
-                output.status,
+                "{accelerator} probe guest failed ({status}): {}",
                 stderr.trim()
             ))
         }

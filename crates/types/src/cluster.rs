@@ -88,6 +88,12 @@ pub struct HostHeartbeat {
     /// a host holding the VM's image).
     #[serde(default)]
     pub images: Vec<String>,
+    /// Where the host's DWCP transfer listener is reached (live migrations and image moves
+    /// between hosts of the region dial it), and the fingerprint its certificate must have.
+    #[serde(default)]
+    pub transfer_address: Option<String>,
+    #[serde(default)]
+    pub transfer_fingerprint: Option<String>,
 }
 
 /// One line of `cluster list`.

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod error;
 pub mod image;
 pub mod link;
+pub mod migration;
 pub mod name;
 pub mod size;
 pub mod transfer;
@@ -22,6 +23,7 @@ pub use cluster::{
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
 pub use link::LinkInfo;
+pub use migration::{MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord};
 pub use name::{ImageName, NameError, VmName};
 pub use size::{ByteSize, ParseSizeError};
 pub use transfer::{

@@ -143,6 +143,10 @@ pub struct VmRecord {
     /// placement, e.g. on a one-host cluster).
     #[serde(default)]
     pub placement: Option<String>,
+    /// The live migration under way (its id, key `migrations/<id>`). While it is set, the source
+    /// host's migration drives QEMU and nothing else may change the VM.
+    #[serde(default)]
+    pub migration: Option<String>,
 }
 
 /// A state change, as streamed by the event endpoint.

@@ -389,6 +389,49 @@ impl Transfer {
     }
 }
 
+/// The transfer fingerprints the region's hosts publish in their heartbeats.
+async fn region_fingerprints(host: &Shared) -> Result<Vec<Fingerprint>, AgentError> {
+    Ok(host
+        .records
+        .heartbeats()
+        .await?
+        .iter()
+        .filter_map(|beat| beat.transfer_fingerprint.as_deref())
+        .filter_map(|text| Fingerprint::from_str(text).ok())
+        .collect())
+}
+
+/// In a region: rebinds the transfer listener whenever the set of member hosts' fingerprints
+/// changes (a host joined or left), so migrations and image moves between members are accepted
+/// without `peer trust`.
+pub(crate) async fn follow_region_trust(service: Arc<TransferService>) {
+    let mut interval = tokio::time::interval(crate::region::HEARTBEAT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if service.bound_address().is_none() {
+            continue;
+        }
+        let Ok(wanted) = service.trusted_fingerprints().await else {
+            continue;
+        };
+        let current = service
+            .listener_trust
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if wanted != current {
+            tracing::info!(
+                hosts = wanted.len(),
+                "the region's hosts changed; the transfer listener now trusts them"
+            );
+            if let Err(error) = service.start_listener().await {
+                tracing::warn!(%error, "transfer listener not rebound");
+            }
+        }
+    }
+}
+
 struct RunningListener {
     accept_task: tokio::task::JoinHandle<()>,
     address: SocketAddr,
@@ -401,6 +444,8 @@ pub(crate) struct TransferService {
     requested_address: Option<SocketAddr>,
     listener: tokio::sync::Mutex<Option<RunningListener>>,
     bound_address: Mutex<Option<SocketAddr>>,
+    /// The fingerprints the running listener accepts.
+    listener_trust: Mutex<Vec<Fingerprint>>,
     transfers: Mutex<HashMap<String, Arc<Transfer>>>,
     options: SessionOptions,
     /// Throughput models of the links this host sends over (fed by every session's samples).
@@ -420,6 +465,7 @@ impl TransferService {
             requested_address,
             listener: tokio::sync::Mutex::new(None),
             bound_address: Mutex::new(None),
+            listener_trust: Mutex::new(Vec::new()),
             transfers: Mutex::new(HashMap::new()),
             options: SessionOptions {
                 rate_observer: Some(links.rate_observer()),
@@ -433,10 +479,18 @@ impl TransferService {
         self.identity.fingerprint()
     }
 
+    pub(crate) fn identity(&self) -> &HostIdentity {
+        &self.identity
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.host
+    }
+
     /// Session options for dialling `peer`: the link's forecast, when it has one, is the
     /// transport's first bandwidth estimate (its initial stream count is the bandwidth-delay
     /// product over one connection's window).
-    fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
+    pub(crate) fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
         let forecast = self
             .links
             .forecast(peer, ForecastHorizon::FiveSeconds)
@@ -461,7 +515,8 @@ impl TransferService {
         &self.host.chunks
     }
 
-    /// Own fingerprint plus every trusted peer's.
+    /// Own fingerprint plus every trusted peer's and, in a region, every member host's (from
+    /// their heartbeats, which only region members can write).
     async fn trusted_fingerprints(&self) -> Result<Vec<Fingerprint>, AgentError> {
         let mut fingerprints = vec![self.fingerprint()];
         for peer in self.host.records.peers().await? {
@@ -472,6 +527,11 @@ impl TransferService {
                 }
             }
         }
+        if self.host.region.is_some() {
+            fingerprints.extend(region_fingerprints(&self.host).await?);
+        }
+        fingerprints.sort();
+        fingerprints.dedup();
         Ok(fingerprints)
     }
 
@@ -489,9 +549,14 @@ impl TransferService {
             }
             None => requested,
         };
+        let trusted = self.trusted_fingerprints().await?;
+        *self
+            .listener_trust
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = trusted.clone();
         let tls = TlsSettings {
             identity: self.identity.clone(),
-            trust: PeerTrust::PinnedFingerprints(self.trusted_fingerprints().await?),
+            trust: PeerTrust::PinnedFingerprints(trusted),
         };
         // The old listener closes its socket asynchronously: retry while the port is busy.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -892,6 +957,9 @@ impl TransferService {
             }
         };
         match message {
+            Message::Migration(protocol::MigrationControl::Begin { id }) => {
+                crate::migration::serve_destination(self, session, request, id).await;
+            }
             Message::Offer(offer) => {
                 let decision = self.decide(&offer.name, &offer).await;
                 tracing::info!(%peer, image = %offer.name, id = %offer.id, decision = ?decision, "push offered");

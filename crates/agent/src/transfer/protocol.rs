@@ -14,6 +14,12 @@
 //!   (bulk stream: frames)       finish
 //!   Verify                     → VerifyReply{stored{name,id} | failed{code,message}}
 //! either side, on failure:     Abort{code,message} (notification)
+//!
+//! live migration (source dials the destination; see `crate::migration`):
+//!   Migration(Begin{id})       → Migration(Ready | Refused{code,message})
+//!   (bulk stream: the migration proxy's messages, `novacron_migration::proxy`)
+//!   destination → source:      Migration(Loaded{pid,stream_checksum} | Refused{..}) (notification)
+//!   source → destination:      Migration(Commit | Abort{message}) (notification)
 //! ```
 //!
 //! Bulk stream: the codec's chunk frames, each preceded by its length as a u32 little-endian,
@@ -80,6 +86,28 @@ pub struct Failure {
     pub message: String,
 }
 
+/// The steps of a live migration between the two agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "step")]
+pub enum MigrationControl {
+    /// Source → destination (request): start an incoming QEMU for migration `id`.
+    Begin { id: String },
+    /// Destination → source (reply): its QEMU waits for the stream.
+    Ready,
+    /// Destination → source: it cannot take the VM (reply to Begin) or lost it (notification).
+    Refused { code: ErrorCode, message: String },
+    /// Destination → source (notification): the stream was rebuilt identically (length and
+    /// BLAKE3) and its QEMU loaded it; the guest waits paused.
+    Loaded {
+        pid: Option<u32>,
+        stream_checksum: String,
+    },
+    /// Source → destination (notification): the destination is recorded as the VM's host.
+    Commit,
+    /// Source → destination (notification): abandoned; the VM stays on the source.
+    Abort { message: String },
+}
+
 /// One control-channel message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -93,6 +121,7 @@ pub enum Message {
     Verify,
     VerifyReply(VerifyReply),
     Abort(Failure),
+    Migration(MigrationControl),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,6 +154,7 @@ const WHICH_OF_ANSWER: u8 = 7;
 const VERIFY: u8 = 8;
 const VERIFY_REPLY: u8 = 9;
 const ABORT: u8 = 10;
+const MIGRATION: u8 = 11;
 
 #[derive(Serialize, Deserialize)]
 struct FetchBody {
@@ -159,6 +189,7 @@ impl Message {
             Message::Verify => "verify",
             Message::VerifyReply(_) => "verify reply",
             Message::Abort(_) => "abort",
+            Message::Migration(_) => "migration step",
         }
     }
 
@@ -208,6 +239,10 @@ impl Message {
             Message::Abort(failure) => {
                 out.put_u8(ABORT);
                 out.put_slice(&json(failure));
+            }
+            Message::Migration(step) => {
+                out.put_u8(MIGRATION);
+                out.put_slice(&json(step));
             }
         }
         out.freeze()
@@ -270,6 +305,7 @@ impl Message {
             }
             VERIFY_REPLY => Message::VerifyReply(from_json("verify reply", body)?),
             ABORT => Message::Abort(from_json("abort", body)?),
+            MIGRATION => Message::Migration(from_json("migration step", body)?),
             kind => return Err(ProtocolError::UnknownKind { kind }),
         })
     }
@@ -358,6 +394,16 @@ mod tests {
             Message::Abort(Failure {
                 code: ErrorCode::InsufficientResources,
                 message: "disk full".into(),
+            }),
+            Message::Migration(MigrationControl::Begin { id: "m1".into() }),
+            Message::Migration(MigrationControl::Ready),
+            Message::Migration(MigrationControl::Loaded {
+                pid: Some(7),
+                stream_checksum: "12 bytes, blake3 00".into(),
+            }),
+            Message::Migration(MigrationControl::Commit),
+            Message::Migration(MigrationControl::Abort {
+                message: "cancelled".into(),
             }),
         ];
         for message in messages {

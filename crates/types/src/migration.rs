@@ -1,0 +1,146 @@
+//! Live migrations (`novacron vm migrate`): the request, and the record kept in the store (key
+//! `migrations/<id>`) that is both the migration's state machine and its history.
+//!
+//! The source host's agent drives a migration and writes its phase and progress; the destination
+//! host's agent prepares the incoming QEMU when the source asks for it. The record changes owner of
+//! the VM in the same store transaction that marks the migration completed, so at every moment
+//! exactly one host owns the VM: the source until that transaction, the destination after it.
+
+use crate::ErrorCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Default limit on the guest's pause at switch-over.
+pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
+/// Smallest and largest downtime limit accepted.
+pub const DOWNTIME_LIMIT_RANGE_MS: (u64, u64) = (10, 60_000);
+/// Default time a migration may take before it is cancelled.
+pub const DEFAULT_MIGRATION_TIMEOUT_SECS: u64 = 600;
+
+/// `POST /api/v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrateVmRequest {
+    /// Destination host; `None` lets placement choose among the other hosts.
+    pub to: Option<String>,
+    /// Longest pause of the guest at switch-over, in milliseconds (default 300).
+    pub downtime_limit_ms: Option<u64>,
+    /// Give up (and leave the VM on the source) after this many seconds (default 600).
+    pub timeout_secs: Option<u64>,
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Recorded; the source host has not picked it up yet.
+    Requested,
+    /// The source asked the destination to start an incoming QEMU.
+    Preparing,
+    /// Memory is being copied while the guest runs.
+    Memory,
+    /// The guest is paused; the last pages and device state are in flight, then the new owner
+    /// is recorded.
+    SwitchOver,
+    /// The VM runs on the destination.
+    Completed,
+    /// The VM stayed on the source (see `message`).
+    Failed,
+    /// Cancelled by the user; the VM stayed on the source.
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Requested => "requested",
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Memory => "memory",
+            MigrationPhase::SwitchOver => "switch-over",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+            MigrationPhase::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Counters of a migration, written by the source about once a second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationProgress {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Bytes of QEMU's migration stream so far (what QEMU alone would have sent).
+    pub stream_bytes: u64,
+    /// Bytes NovaCron put on the link for it (after the page codec and compression).
+    pub wire_bytes: u64,
+    /// Memory QEMU still has to send in this pass.
+    pub remaining_bytes: u64,
+    /// Precopy passes over memory so far.
+    pub passes: u64,
+    /// The guest's dirty rate, pages per second, as QEMU measured it.
+    pub dirty_pages_per_second: u64,
+    /// Link rate (bits per second) measured by the transport.
+    pub rate_bits_per_second: f64,
+    /// QEMU's estimate of the switch-over pause, in milliseconds.
+    pub expected_downtime_ms: Option<u64>,
+    /// Seconds until the end, at the current rate.
+    pub eta_seconds: Option<f64>,
+    /// Pages sent as zero, already known to the destination, delta, or literal.
+    pub pages_zero: u64,
+    pub pages_known: u64,
+    pub pages_delta: u64,
+    pub pages_literal: u64,
+}
+
+/// One migration, as kept in the store and returned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationRecord {
+    pub format_version: u32,
+    pub id: String,
+    pub vm: String,
+    pub vm_uuid: String,
+    /// Host the VM runs on when the migration starts.
+    pub source: String,
+    pub destination: String,
+    /// Why the destination was chosen when placement chose it.
+    pub placement: Option<String>,
+    pub phase: MigrationPhase,
+    pub downtime_limit_ms: u64,
+    pub timeout_secs: u64,
+    /// Set by `vm migrate --cancel`; the source aborts unless the new owner is already recorded.
+    pub cancel_requested: bool,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub finished_at: Option<u64>,
+    /// What happened, for a finished migration (always set for `failed`).
+    pub message: Option<String>,
+    pub error_code: Option<ErrorCode>,
+    pub progress: MigrationProgress,
+    /// Length and BLAKE3 of QEMU's stream, when the destination proved it rebuilt it identically.
+    pub stream_checksum: Option<String>,
+    /// Unix milliseconds of the source's STOP event and the destination's RESUME event: the
+    /// guest's real pause (both clocks are the hosts' own).
+    pub stopped_at_ms: Option<u64>,
+    pub resumed_at_ms: Option<u64>,
+    /// Seconds from the start of the memory copy to the end.
+    pub total_seconds: Option<f64>,
+}
+
+impl MigrationRecord {
+    /// The guest's pause, from the source's STOP to the destination's RESUME.
+    pub fn pause_ms(&self) -> Option<u64> {
+        Some(self.resumed_at_ms?.saturating_sub(self.stopped_at_ms?))
+    }
+}
