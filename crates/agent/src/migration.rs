@@ -1179,7 +1179,7 @@ async fn receive_and_wait(
     let checksum = format!(
         "{} bytes, blake3 {}",
         report.stream_bytes,
-        hex(&report.stream_checksum)
+        blake3::Hash::from(report.stream_checksum).to_hex()
     );
     // QEMU loads as the stream arrives; it leaves `inmigrate` once the whole state is in.
     let loaded_by = Instant::now() + LOAD_TIMEOUT;
@@ -1344,10 +1344,6 @@ async fn remove_vm_directory(shared: &Shared, record: &VmRecord) {
         let _ = qemu.force_stop().await;
     }
     let _ = tokio::fs::remove_dir_all(&directory).await;
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Live migrations (`novacron vm migrate`, `novacron migration ...`).

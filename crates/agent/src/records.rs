@@ -196,18 +196,54 @@ impl Records {
         Ok(())
     }
 
-    pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>, AgentError> {
-        let Some(key_value) = self
-            .store
-            .get(&vm_key(name), Consistency::Linearizable)
-            .await?
-        else {
+    /// A record with its revision (linearizable read).
+    async fn versioned<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, AgentError> {
+        let Some(key_value) = self.store.get(key, Consistency::Linearizable).await? else {
             return Ok(None);
         };
         Ok(Some(Versioned {
             record: decode(&key_value)?,
             mod_revision: key_value.mod_revision,
         }))
+    }
+
+    /// Reads the record at `key`, lets `change` modify it and writes it back if it changed
+    /// (compare-and-swap on its revision, retried when someone else wrote in between).
+    /// `change` returns `Ok(false)` to leave the record as is; `missing` is the error when the
+    /// record does not exist.
+    async fn read_modify_write<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        key: &str,
+        missing: impl Fn() -> AgentError,
+        mut change: impl FnMut(&mut T) -> Result<bool, AgentError>,
+    ) -> Result<T, AgentError> {
+        loop {
+            let Some(current) = self.versioned::<T>(key).await? else {
+                return Err(missing());
+            };
+            let mut record = current.record;
+            if !change(&mut record)? {
+                return Ok(record);
+            }
+            let outcome = self
+                .store
+                .transaction(
+                    Transaction::new()
+                        .when_mod_revision(key, current.mod_revision)
+                        .put(key, encode(&record)),
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(record);
+            }
+        }
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<Option<Versioned<VmRecord>>, AgentError> {
+        self.versioned(&vm_key(name)).await
     }
 
     pub async fn vms(&self) -> Result<Vec<Versioned<VmRecord>>, AgentError> {
@@ -258,30 +294,12 @@ impl Records {
     pub async fn update_vm(
         &self,
         name: &str,
-        mut change: impl FnMut(&mut VmRecord) -> Result<bool, AgentError>,
+        change: impl FnMut(&mut VmRecord) -> Result<bool, AgentError>,
     ) -> Result<VmRecord, AgentError> {
-        loop {
-            let Some(current) = self.vm(name).await? else {
-                return Err(AgentError::VmNotFound {
-                    name: name.to_string(),
-                });
-            };
-            let mut record = current.record;
-            if !change(&mut record)? {
-                return Ok(record);
-            }
-            let outcome = self
-                .store
-                .transaction(
-                    Transaction::new()
-                        .when_mod_revision(vm_key(name), current.mod_revision)
-                        .put(vm_key(name), encode(&record)),
-                )
-                .await?;
-            if outcome.succeeded {
-                return Ok(record);
-            }
-        }
+        let missing = || AgentError::VmNotFound {
+            name: name.to_string(),
+        };
+        self.read_modify_write(&vm_key(name), missing, change).await
     }
 
     /// Removes a VM record if it was not changed since `mod_revision`.
@@ -436,17 +454,7 @@ impl Records {
         &self,
         id: &str,
     ) -> Result<Option<Versioned<MigrationRecord>>, AgentError> {
-        let Some(key_value) = self
-            .store
-            .get(&migration_key(id), Consistency::Linearizable)
-            .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Versioned {
-            record: decode(&key_value)?,
-            mod_revision: key_value.mod_revision,
-        }))
+        self.versioned(&migration_key(id)).await
     }
 
     pub async fn migrations(&self) -> Result<Vec<MigrationRecord>, AgentError> {
@@ -485,30 +493,13 @@ impl Records {
     pub async fn update_migration(
         &self,
         id: &str,
-        mut change: impl FnMut(&mut MigrationRecord) -> Result<bool, AgentError>,
+        change: impl FnMut(&mut MigrationRecord) -> Result<bool, AgentError>,
     ) -> Result<MigrationRecord, AgentError> {
-        loop {
-            let Some(current) = self.migration(id).await? else {
-                return Err(AgentError::MigrationNotFound {
-                    reference: id.to_string(),
-                });
-            };
-            let mut record = current.record;
-            if !change(&mut record)? {
-                return Ok(record);
-            }
-            let outcome = self
-                .store
-                .transaction(
-                    Transaction::new()
-                        .when_mod_revision(migration_key(id), current.mod_revision)
-                        .put(migration_key(id), encode(&record)),
-                )
-                .await?;
-            if outcome.succeeded {
-                return Ok(record);
-            }
-        }
+        let missing = || AgentError::MigrationNotFound {
+            reference: id.to_string(),
+        };
+        self.read_modify_write(&migration_key(id), missing, change)
+            .await
     }
 
     /// Changes a VM and its migration in one transaction (CAS on both, retried): how a migration

@@ -378,6 +378,10 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
             }
         }
     }
+    let (transfer_address, transfer_fingerprint) = match shared.transfer_endpoint.get() {
+        Some((address, fingerprint)) => (address.clone(), Some(fingerprint.clone())),
+        None => (None, None),
+    };
     HostHeartbeat {
         images,
         format_version: RECORD_FORMAT_VERSION,
@@ -390,14 +394,8 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
         vms_running: running,
         vm_memory_bytes: memory,
         at_unix_ms: join::now_unix_millis(),
-        transfer_address: shared
-            .transfer_endpoint
-            .get()
-            .and_then(|(address, _)| address.clone()),
-        transfer_fingerprint: shared
-            .transfer_endpoint
-            .get()
-            .map(|(_, fingerprint)| fingerprint.clone()),
+        transfer_address,
+        transfer_fingerprint,
     }
 }
 
@@ -959,6 +957,7 @@ pub(crate) async fn place_vm(
     image: Option<&str>,
     pinned: Option<&str>,
 ) -> Result<(String, String), AgentError> {
+    let pinned = pinned.map(|name| ("--host", name));
     place(shared, region, cpus, memory_bytes, image, pinned, None).await
 }
 
@@ -976,7 +975,7 @@ pub(crate) async fn place_vm_elsewhere(
         record.spec.cpus,
         record.spec.memory_bytes,
         record.spec.image_id.as_deref(),
-        pinned,
+        pinned.map(|name| ("--to", name)),
         Some(&record.status.host),
     )
     .await
@@ -988,7 +987,8 @@ async fn place(
     cpus: u32,
     memory_bytes: u64,
     image: Option<&str>,
-    pinned: Option<&str>,
+    // The pinned host's name, with the flag that named it (for the error).
+    pinned: Option<(&str, &str)>,
     leaving: Option<&str>,
 ) -> Result<(String, String), AgentError> {
     use novacron_placement::{HostSpec, HostState, Placement, Policy, Request, Snapshot, VmSpec};
@@ -1056,9 +1056,9 @@ async fn place(
         .collect();
     let pinned_host = match pinned {
         None => None,
-        Some(name) => Some(id_of(name).ok_or_else(|| {
+        Some((flag, name)) => Some(id_of(name).ok_or_else(|| {
             AgentError::InvalidArgument(format!(
-                "--host {name:?} is not a host of this region (hosts: {}); `novacron cluster \
+                "{flag} {name:?} is not a host of this region (hosts: {}); `novacron cluster \
                  list` shows them",
                 hosts
                     .iter()
