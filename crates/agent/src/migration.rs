@@ -49,6 +49,12 @@ const SEND_WINDOW_BYTES: u64 = 4 << 20;
 /// QEMU's own cap, far above any link: the transport's backpressure paces QEMU, and QEMU applies
 /// its cap before the proxy's compression.
 const QEMU_MAX_BANDWIDTH: u64 = 64 << 30;
+/// How long the source's session waits for a lost connection to come back before the migration
+/// fails (the guest keeps running on the source meanwhile; a longer wait only delays the end).
+const SESSION_RESUME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the destination looks at the migration record while it receives (to notice that the
+/// source ended it, when the session alone would take the listener's resume timeout to fail).
+const DESTINATION_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the source reads QEMU's progress and the record (cancel).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the destination may take to load the stream after it ended.
@@ -532,6 +538,7 @@ impl Source<'_> {
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
         let options = SessionOptions {
             bulk_send_window_bytes: SEND_WINDOW_BYTES,
+            resume_timeout: SESSION_RESUME_TIMEOUT,
             ..service.session_options_for(fingerprint)
         };
         let tls = TlsSettings {
@@ -681,11 +688,7 @@ impl Source<'_> {
             }
             tokio::select! {
                 result = &mut sender, if sent.is_none() => {
-                    let report = result
-                        .map_err(|error| Failure::new(ErrorCode::Internal, format!("the stream sender ended: {error}")))?
-                        .map_err(|error| Failure::new(ErrorCode::Unavailable, format!(
-                            "sending the migration stream failed: {}", crate::transfer::describe(&error))))?;
-                    sent = Some(report);
+                    sent = Some(sender_outcome(result)?);
                 }
                 event = events.recv() => {
                     if let Ok(event) = event
@@ -724,6 +727,13 @@ impl Source<'_> {
                     match status.as_str() {
                         "completed" => qemu_done = true,
                         "failed" | "cancelled" => {
+                            // QEMU fails when the proxy drops its socket: the proxy's error (a
+                            // lost session, say) is the reason, when there is one.
+                            if sent.is_none()
+                                && let Ok(result) = tokio::time::timeout(Duration::from_secs(2), &mut sender).await
+                            {
+                                sender_outcome(result)?;
+                            }
                             return Err(Failure::new(ErrorCode::Internal, format!(
                                 "qemu reports the migration {status}")));
                         }
@@ -802,7 +812,9 @@ impl Source<'_> {
             .is_none_or(|last| last.elapsed() >= Duration::from_secs(1));
         if due {
             self.last_progress_write = Some(Instant::now());
-            let current = self
+            // Best effort: a store that does not answer (this host cut off from the leader)
+            // does not stop the copy; the session's own failure or the commit decides.
+            let written = self
                 .shared
                 .records
                 .update_migration(&self.id, |record| {
@@ -812,8 +824,14 @@ impl Source<'_> {
                     record.progress = progress.clone();
                     Ok(true)
                 })
-                .await?;
-            self.migration = current;
+                .await;
+            match written {
+                Ok(current) => self.migration = current,
+                Err(error) => {
+                    tracing::debug!(vm = %self.name, %error, "migration progress not written");
+                    self.migration.progress = progress;
+                }
+            }
         } else {
             self.migration.progress = progress;
         }
@@ -937,6 +955,31 @@ impl Source<'_> {
     }
 }
 
+/// The proxy sender's result, its error as the migration's reason.
+fn sender_outcome(
+    result: Result<
+        Result<novacron_migration::ProxyReport, novacron_migration::ProxyError>,
+        tokio::task::JoinError,
+    >,
+) -> Result<novacron_migration::ProxyReport, Failure> {
+    result
+        .map_err(|error| {
+            Failure::new(
+                ErrorCode::Internal,
+                format!("the stream sender ended: {error}"),
+            )
+        })?
+        .map_err(|error| {
+            Failure::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "sending the migration stream failed: {}; the VM stayed on the source",
+                    crate::transfer::describe(&error)
+                ),
+            )
+        })
+}
+
 fn event_unix_ms(event: &novacron_qemu::QmpEvent) -> u64 {
     let seconds = u64::try_from(event.timestamp_seconds).unwrap_or(0);
     let micros = u64::try_from(event.timestamp_microseconds).unwrap_or(0);
@@ -1030,7 +1073,10 @@ pub(crate) async fn serve_destination(
         discard_incoming(&shared, &record, qemu).await;
         return;
     }
-    let result = receive_and_wait(&shared, &session, &record, &qemu, &id).await;
+    let result = tokio::select! {
+        result = receive_and_wait(&shared, &session, &record, &qemu, &id) => result,
+        ended = ended_elsewhere(&shared, &id) => Err(ended),
+    };
     match result {
         Ok(()) => {
             tracing::info!(vm = %name, migration = %id, "incoming migration committed; the vm runs here");
@@ -1052,6 +1098,39 @@ pub(crate) async fn serve_destination(
             if !settle_after_failure(&shared, &record, &qemu, &id).await {
                 discard_incoming(&shared, &record, qemu).await;
             }
+        }
+    }
+}
+
+/// Returns once the migration's record says it failed or was cancelled (written by the source,
+/// or by a source that restarted): the destination stops waiting for a session that may take its
+/// resume timeout to fail.
+async fn ended_elsewhere(shared: &Shared, id: &str) -> AgentError {
+    let mut interval = tokio::time::interval(DESTINATION_WATCH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        match shared.records.migration(id).await {
+            Ok(Some(migration))
+                if matches!(
+                    migration.record.phase,
+                    MigrationPhase::Failed | MigrationPhase::Cancelled
+                ) =>
+            {
+                return migration_error(
+                    ErrorCode::Conflict,
+                    format!(
+                        "the source ended the migration: {}",
+                        migration.record.message.unwrap_or_default()
+                    ),
+                );
+            }
+            Ok(None) => {
+                return AgentError::MigrationNotFound {
+                    reference: id.to_string(),
+                };
+            }
+            _ => {}
         }
     }
 }

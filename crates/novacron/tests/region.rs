@@ -27,9 +27,20 @@ impl Hosts {
     }
 
     fn start_with(count: usize, serve_arguments: &[&str]) -> Hosts {
-        let region = Region::builder()
-            .name_prefix("ncregion")
-            .hosts(count)
+        Self::start_shaped(count, serve_arguments, &[])
+    }
+
+    /// Hosts whose bridge ports are shaped (`shapes`: host index and shape).
+    fn start_shaped(
+        count: usize,
+        serve_arguments: &[&str],
+        shapes: &[(usize, novacron_linkemu::HostLinkShape)],
+    ) -> Hosts {
+        let mut builder = Region::builder().name_prefix("ncregion").hosts(count);
+        for (index, shape) in shapes {
+            builder = builder.shape_host(*index, shape.clone());
+        }
+        let region = builder
             .spawn()
             .expect("create the namespaces (the test needs root)");
         let mut hosts = Vec::new();
@@ -811,4 +822,186 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         list.as_array().is_some_and(|list| list.len() >= 4),
         "{list}"
     );
+}
+
+/// Starts a live migration of `name` without waiting and polls (through `observer`, a host that
+/// stays reachable) until it copies memory and has put `bytes` on the wire. Returns its id.
+fn start_migration_and_wait_for_memory(
+    requester: &TestHost,
+    observer: &TestHost,
+    name: &str,
+    to: &str,
+    bytes: u64,
+) -> String {
+    let started = requester.json(&["vm", "migrate", name, "--to", to, "--no-wait"]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    poll(
+        &format!("migration {id} copying memory past {bytes} bytes"),
+        Duration::from_secs(60),
+        || {
+            let record = observer.json(&["migration", "show", &id]);
+            assert!(
+                !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+                "the migration ended before the fault: {record}"
+            );
+            (record["phase"] == "memory" && record["progress"]["wire_bytes"].as_u64()? >= bytes)
+                .then_some(())
+        },
+    );
+    id
+}
+
+/// Polls `observer` until the migration ended without moving the VM; returns the record.
+fn wait_for_failed_migration(observer: &TestHost, id: &str) -> Value {
+    poll(
+        &format!("migration {id} to fail"),
+        Duration::from_secs(90),
+        || {
+            let output = observer.cli(&["migration", "show", id, "--output", "json"]);
+            let record: Value = serde_json::from_slice(&output.stdout).ok()?;
+            (record["phase"] == "failed").then_some(record)
+        },
+    )
+}
+
+/// Faults in the middle of a live migration, each leaving exactly one running copy of the VM,
+/// on the source, and nothing on the destination: the source's link cut, the destination's
+/// `serve` killed with `kill -9` (and started again), the source's `serve` killed and started
+/// again. The source's outbound link is shaped to 40 Mbit/s so the memory copy lasts long enough
+/// to be interrupted.
+#[test]
+fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
+    use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
+    let shape = HostLinkShape {
+        outbound: DirectionShape {
+            capacity: Capacity::BitsPerSecond(40_000_000),
+            delay: Duration::from_millis(5),
+            ..DirectionShape::default()
+        },
+        inbound: DirectionShape::default(),
+    };
+    let mut hosts = Hosts::start_shaped(3, &[], &[(0, shape)]);
+    form_region(&hosts);
+    let guest = guest();
+    let kernel = guest.kernel.display().to_string();
+    let initrd = guest.initrd.display().to_string();
+    let created = hosts.hosts[0].cli(&[
+        "vm",
+        "create",
+        "steady",
+        "--memory",
+        "256MiB",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=16",
+        "--host",
+        "host-0",
+        "--wait-timeout",
+        "90",
+    ]);
+    assert_success(&created, "vm create steady", &hosts.hosts[0]);
+    let vm = wait_until_owned_by(&hosts.hosts[0], "steady", "host-0", "running");
+    let uuid = vm["uuid"].as_str().expect("uuid").to_string();
+    let stays_on_source = |hosts: &Hosts, destination: usize| {
+        wait_until_owned_by(&hosts.hosts[0], "steady", "host-0", "running");
+        poll(
+            "one qemu for the vm, none left on the destination",
+            Duration::from_secs(60),
+            || {
+                (qemu_processes(&uuid) == 1
+                    && !hosts.hosts[destination].vm_directory(&uuid).exists())
+                .then_some(())
+            },
+        );
+        let before = last_workload_tick(&hosts.hosts[0].serial_log("steady")).map(|(tick, _)| tick);
+        poll(
+            "the guest keeps running on the source",
+            Duration::from_secs(60),
+            || {
+                last_workload_tick(&hosts.hosts[0].serial_log("steady"))
+                    .filter(|(tick, errors)| Some(*tick) > before && *errors == 0)
+            },
+        );
+    };
+
+    // 1. The source's link is cut mid-memory: the source's session gives up after its resume
+    //    timeout; once the link is back it records the failure, and the destination removes
+    //    its QEMU.
+    let id = start_migration_and_wait_for_memory(
+        &hosts.hosts[0],
+        &hosts.hosts[1],
+        "steady",
+        "host-1",
+        4 << 20,
+    );
+    hosts.set_link_up(0, false);
+    poll(
+        "the source to give up the cut-off migration",
+        Duration::from_secs(60),
+        || {
+            hosts.hosts[0]
+                .serve_log()
+                .contains("migration ended; the vm stays on the source")
+                .then_some(())
+        },
+    );
+    hosts.set_link_up(0, true);
+    let failed = wait_for_failed_migration(&hosts.hosts[1], &id);
+    eprintln!("link cut: {}", failed["message"]);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("session"),
+        "the cut session is the reason: {failed}"
+    );
+    stays_on_source(&hosts, 1);
+
+    // 2. The destination's serve is killed mid-memory: the source fails the migration; the
+    //    destination's orphaned incoming QEMU is removed when its serve starts again.
+    let id = start_migration_and_wait_for_memory(
+        &hosts.hosts[0],
+        &hosts.hosts[0],
+        "steady",
+        "host-1",
+        4 << 20,
+    );
+    hosts.hosts[1].kill_serve();
+    let failed = wait_for_failed_migration(&hosts.hosts[0], &id);
+    eprintln!("destination killed: {}", failed["message"]);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stayed on the source"),
+        "{failed}"
+    );
+    hosts.hosts[1].spawn_serve();
+    stays_on_source(&hosts, 1);
+
+    // 3. The source's serve is killed mid-memory and started again: QEMU's migration dies with
+    //    the socket, the guest keeps running, the restarted source records the failure and the
+    //    destination removes its QEMU.
+    let id = start_migration_and_wait_for_memory(
+        &hosts.hosts[0],
+        &hosts.hosts[2],
+        "steady",
+        "host-2",
+        4 << 20,
+    );
+    hosts.hosts[0].kill_serve();
+    hosts.hosts[0].spawn_serve();
+    let failed = wait_for_failed_migration(&hosts.hosts[2], &id);
+    eprintln!("source killed: {}", failed["message"]);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("restarted"),
+        "{failed}"
+    );
+    stays_on_source(&hosts, 2);
 }

@@ -9,6 +9,12 @@ use std::net::SocketAddr;
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
+/// A connection whose sent data stays unacknowledged this long, or whose idle peer stops
+/// answering keepalive probes for about this long, is closed by the kernel, so the session
+/// notices a silently dead path (a cut link sends no reset) and starts resuming, instead of
+/// waiting for TCP's own give-up after about 15 minutes.
+pub const DEAD_CONNECTION_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Fallback for a connection's largest send buffer when `/proc` cannot be read.
 const DEFAULT_PER_CONNECTION_WINDOW_BYTES: u64 = 4 << 20;
 
@@ -18,6 +24,16 @@ pub fn configure_connected(stream: &TcpStream, congestion_control: Option<&str>)
         tracing::debug!(%error, "cannot disable nagle on transport socket");
     }
     let socket = SockRef::from(stream);
+    if let Err(error) = socket.set_tcp_user_timeout(Some(DEAD_CONNECTION_AFTER)) {
+        tracing::debug!(%error, "cannot set tcp user timeout on transport socket");
+    }
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(DEAD_CONNECTION_AFTER / 3)
+        .with_interval(DEAD_CONNECTION_AFTER / 6)
+        .with_retries(4);
+    if let Err(error) = socket.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "cannot enable tcp keepalive on transport socket");
+    }
     if let Some(name) = congestion_control
         && let Err(error) = socket.set_tcp_congestion(name.as_bytes())
     {
