@@ -151,7 +151,10 @@ pub(crate) async fn store_staged(
             ),
         });
     }
-    if let Some(existing) = records.image(&id).await? {
+    let existing = records.image(&id).await?;
+    if let Some(existing) = &existing
+        && (existing.format != format || paths.image_file(&id, format).exists())
+    {
         return Err(AgentError::ImageNameTaken {
             name: existing.name.to_string(),
             id,
@@ -162,6 +165,13 @@ pub(crate) async fn store_staged(
         .await
         .map_err(|error| AgentError::io(format!("storing image {name}"), error))?;
     staged.path = final_path;
+    if let Some(existing) = existing {
+        // A region's image whose file this host lacked: the copy is now here, under the
+        // region's record (a host's heartbeat lists it from now on).
+        staged.armed = false;
+        tracing::info!(image = %existing.name, id = %existing.id, "copy of a region image stored");
+        return Ok(existing);
+    }
     let record = ImageRecord {
         format_version: RECORD_FORMAT_VERSION,
         id,

@@ -159,12 +159,12 @@ pub(crate) async fn request(
                    the other",
         });
     }
-    if record.spec.image_id.is_some() {
+    if cold && record.spec.image_id.is_some() {
         return Err(migration_error(
             ErrorCode::Conflict,
             format!(
-                "vm {name} has a local disk; moving local disks between hosts is not built yet \
-                 (issue 5: NBD and block mirror), only VMs without a disk move so far"
+                "vm {name} is stopped and has a local disk; a cold move of a disk is not built \
+                 yet: start it and migrate it live"
             ),
         ));
     }
@@ -397,6 +397,7 @@ pub(crate) async fn run_source(
         qemu,
         started: Instant::now(),
         last_progress_write: None,
+        disk: None,
     };
     match source.run().await {
         Ok(SourceOutcome::Moved) => SourceOutcome::Moved,
@@ -522,6 +523,15 @@ struct Source<'a> {
     qemu: &'a QemuVm,
     started: Instant,
     last_progress_write: Option<Instant>,
+    /// The disk mirror, while it runs.
+    disk: Option<DiskMirror>,
+}
+
+/// How to open another session to the destination.
+struct Dial {
+    address: std::net::SocketAddr,
+    tls: TlsSettings,
+    options: SessionOptions,
 }
 
 impl Source<'_> {
@@ -558,7 +568,7 @@ impl Source<'_> {
                     ),
                 )
             })?;
-        let session = Session::connect(socket_address, &tls, options)
+        let session = Session::connect(socket_address, &tls, options.clone())
             .await
             .map_err(|error| {
                 Failure::new(
@@ -572,7 +582,19 @@ impl Source<'_> {
             })?;
         service.links.note_address(fingerprint, &address);
         let session = Arc::new(session);
-        let result = self.with_session(&session).await;
+        let dial = Dial {
+            address: socket_address,
+            tls,
+            options: SessionOptions {
+                // The NBD session carries the disk both ways; its window is not the pause's.
+                bulk_send_window_bytes: 16 << 20,
+                ..options
+            },
+        };
+        let result = self.with_session(&session, &dial).await;
+        if let Some(disk) = self.disk.take() {
+            disk.clean_up(self.qemu, &self.name).await;
+        }
         if let Err(failure) = &result {
             let abort = Message::Migration(MigrationControl::Abort {
                 message: failure.message.clone(),
@@ -587,7 +609,11 @@ impl Source<'_> {
         result
     }
 
-    async fn with_session(&mut self, session: &Arc<Session>) -> Result<SourceOutcome, Failure> {
+    async fn with_session(
+        &mut self,
+        session: &Arc<Session>,
+        dial: &Dial,
+    ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
@@ -618,6 +644,13 @@ impl Source<'_> {
             Err(error) => return Err(Failure::new(ErrorCode::Internal, error.to_string())),
         }
 
+        let memory_from = if self.record.spec.image_id.is_some() {
+            self.mirror_disk(dial).await?;
+            MigrationPhase::Disk
+        } else {
+            MigrationPhase::Preparing
+        };
+
         // QEMU migrates into a socket this agent owns.
         let directory = self.shared.paths.vm_dir(&self.record.uuid);
         let socket_path = directory.join("migrate-out.sock");
@@ -634,6 +667,9 @@ impl Source<'_> {
             Some(json!({ "capabilities": [
                 { "capability": "auto-converge", "state": true },
                 { "capability": "events", "state": true },
+                // With a disk: stop after the guest paused, before the last device state, so
+                // the mirror finishes first (`pre-switchover`, then `migrate-continue`).
+                { "capability": "pause-before-switchover", "state": self.disk.is_some() },
             ]})),
         )
         .await
@@ -667,8 +703,7 @@ impl Source<'_> {
             })?;
         drop(listener);
         let _ = std::fs::remove_file(&socket_path);
-        self.set_phase(MigrationPhase::Preparing, MigrationPhase::Memory)
-            .await?;
+        self.set_phase(memory_from, MigrationPhase::Memory).await?;
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
@@ -726,6 +761,16 @@ impl Source<'_> {
                     let status = self.poll_progress(session, &sent).await?;
                     match status.as_str() {
                         "completed" => qemu_done = true,
+                        "pre-switchover" => {
+                            if let Some(disk) = &self.disk {
+                                disk.finish(self.qemu, &self.name).await?;
+                            }
+                            self.qemu
+                                .qmp()
+                                .execute("migrate-continue", Some(json!({ "state": "pre-switchover" })))
+                                .await
+                                .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+                        }
                         "failed" | "cancelled" => {
                             // QEMU fails when the proxy drops its socket: the proxy's error (a
                             // lost session, say) is the reason, when there is one.
@@ -771,6 +816,140 @@ impl Source<'_> {
         tracing::info!(vm = %self.name, migration = %self.id, destination = %self.migration.destination,
             stream_bytes = report.stream_bytes, wire_bytes = report.message_bytes, "vm migrated");
         Ok(SourceOutcome::Moved)
+    }
+
+    /// Mirrors the VM's disk to the destination's NBD export through a second session, until
+    /// QEMU says the mirror is in sync (guest writes keep being mirrored afterwards).
+    async fn mirror_disk(&mut self, dial: &Dial) -> Result<(), Failure> {
+        self.set_phase(MigrationPhase::Preparing, MigrationPhase::Disk)
+            .await?;
+        let session = Session::connect(dial.address, &dial.tls, dial.options.clone())
+            .await
+            .map_err(|error| session_failure("opening the disk session", &error))?;
+        let session = Arc::new(session);
+        let begin = Message::Migration(MigrationControl::DiskBegin {
+            id: self.id.clone(),
+        });
+        let reply = session
+            .control()
+            .request(begin.encode())
+            .await
+            .map_err(|error| session_failure("asking the destination for its disk", &error))?;
+        match Message::decode(&reply) {
+            Ok(Message::Migration(MigrationControl::Ready)) => {}
+            Ok(Message::Migration(MigrationControl::Refused { code, message })) => {
+                return Err(Failure::new(
+                    code,
+                    format!(
+                        "host {} refused the disk: {message}",
+                        self.migration.destination
+                    ),
+                ));
+            }
+            _ => {
+                return Err(Failure::new(
+                    ErrorCode::Internal,
+                    "the destination answered the disk request with something else",
+                ));
+            }
+        }
+        let socket_path = self
+            .shared
+            .paths
+            .vm_dir(&self.record.uuid)
+            .join("nbd-out.sock");
+        let _ = std::fs::remove_file(&socket_path);
+        let listener = tokio::net::UnixListener::bind(&socket_path).map_err(|error| {
+            Failure::new(
+                ErrorCode::Internal,
+                format!("cannot listen on {}: {error}", socket_path.display()),
+            )
+        })?;
+        let pipe_session = session.clone();
+        let pipe = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await?;
+            pipe_unix_over_session(stream, &pipe_session).await
+        });
+        self.disk = Some(DiskMirror {
+            session,
+            pipe,
+            socket_path: socket_path.clone(),
+        });
+        let qmp = self.qemu.qmp();
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "nbd",
+                "node-name": MIRROR_TARGET_NODE,
+                "server": { "type": "unix", "path": socket_path.display().to_string() },
+                "export": DISK_NODE,
+            })),
+        )
+        .await
+        .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+        // `top`: only what the VM's overlay holds; the destination's overlay reads the rest from
+        // its own copy of the base image.
+        qmp.execute(
+            "blockdev-mirror",
+            Some(json!({
+                "job-id": MIRROR_JOB,
+                "device": DISK_NODE,
+                "target": MIRROR_TARGET_NODE,
+                "sync": "top",
+            })),
+        )
+        .await
+        .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+        let deadline = self.started + Duration::from_secs(self.migration.timeout_secs.max(10));
+        loop {
+            let job = mirror_job(self.qemu, &self.name).await?.ok_or_else(|| {
+                Failure::new(ErrorCode::Internal, "the disk mirror ended by itself")
+            })?;
+            let (length, offset) = (
+                job["len"].as_u64().unwrap_or(0),
+                job["offset"].as_u64().unwrap_or(0),
+            );
+            self.migration.progress.disk_bytes = length;
+            self.migration.progress.disk_bytes_done = offset;
+            if job["ready"].as_bool() == Some(true) {
+                break;
+            }
+            if let Some(error) = job["error"].as_str() {
+                return Err(Failure::new(
+                    ErrorCode::Unavailable,
+                    format!("the disk mirror failed: {error}"),
+                ));
+            }
+            let progress = self.migration.progress.clone();
+            let _ = self
+                .shared
+                .records
+                .update_migration(&self.id, |record| {
+                    record.progress = progress.clone();
+                    Ok(!record.phase.is_finished())
+                })
+                .await
+                .map(|record| {
+                    if record.cancel_requested {
+                        self.migration.cancel_requested = true;
+                    }
+                });
+            if self.migration.cancel_requested {
+                return Err(Failure::cancelled(
+                    "cancelled (`vm migrate --cancel`); the VM stayed on the source",
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::cancelled(format!(
+                    "timed out after {} s (--timeout) while mirroring the disk; the VM stayed on \
+                     the source",
+                    self.migration.timeout_secs
+                )));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        tracing::info!(vm = %self.name, bytes = self.migration.progress.disk_bytes, "disk mirror in sync");
+        Ok(())
     }
 
     /// Reads QEMU's progress, writes it into the record about once a second, and notices a
@@ -953,6 +1132,114 @@ impl Source<'_> {
             }
         }
     }
+}
+
+/// The node name of a VM's disk (its format layer), as `launch_spec` attaches it.
+const DISK_NODE: &str = "disk0";
+const MIRROR_TARGET_NODE: &str = "migration-target";
+const MIRROR_JOB: &str = "migration-disk";
+/// The destination's NBD export of the VM's disk.
+const NBD_EXPORT_ID: &str = "migration";
+
+/// The source side of a disk mirror: the second session and the task that pipes QEMU's NBD
+/// client connection over it.
+struct DiskMirror {
+    session: Arc<Session>,
+    pipe: tokio::task::JoinHandle<std::io::Result<()>>,
+    socket_path: std::path::PathBuf,
+}
+
+impl DiskMirror {
+    /// At `pre-switchover` (the guest is paused): completes the mirror without switching the
+    /// source to the target (`block-job-cancel` of a ready job), so every guest write is at the
+    /// destination before its QEMU gets the last device state.
+    async fn finish(&self, qemu: &QemuVm, name: &str) -> Result<(), Failure> {
+        qemu.qmp()
+            .execute("block-job-cancel", Some(json!({ "device": MIRROR_JOB })))
+            .await
+            .map_err(|error| Failure::from(qmp_error(name, error)))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mirror_job(qemu, name).await?.is_some() {
+            if Instant::now() > deadline {
+                return Err(Failure::new(
+                    ErrorCode::Internal,
+                    "the disk mirror did not complete within 60 s of the switch-over",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Ends whatever is left: the job (forced), the NBD client node, the pipe and the session.
+    async fn clean_up(self, qemu: &QemuVm, name: &str) {
+        if matches!(mirror_job(qemu, name).await, Ok(Some(_))) {
+            let _ = qemu
+                .qmp()
+                .execute(
+                    "block-job-cancel",
+                    Some(json!({ "device": MIRROR_JOB, "force": true })),
+                )
+                .await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(mirror_job(qemu, name).await, Ok(Some(_))) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let _ = qemu
+            .qmp()
+            .execute(
+                "blockdev-del",
+                Some(json!({ "node-name": MIRROR_TARGET_NODE })),
+            )
+            .await;
+        self.pipe.abort();
+        let _ = std::fs::remove_file(&self.socket_path);
+        crate::transfer::close_quietly(self.session).await;
+    }
+}
+
+/// The migration's mirror job as `query-block-jobs` shows it, if it runs.
+async fn mirror_job(qemu: &QemuVm, name: &str) -> Result<Option<Value>, Failure> {
+    let jobs = qemu
+        .qmp()
+        .execute("query-block-jobs", None)
+        .await
+        .map_err(|error| Failure::from(qmp_error(name, error)))?;
+    Ok(jobs
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|job| job["device"] == MIRROR_JOB))
+        .cloned())
+}
+
+/// Carries a unix stream over a session's bulk streams, both ways, until either side ends.
+async fn pipe_unix_over_session(
+    stream: tokio::net::UnixStream,
+    session: &Session,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut reader, mut writer) = stream.into_split();
+    let outbound = async {
+        let mut buffer = vec![0u8; 256 << 10];
+        loop {
+            let read = reader.read(&mut buffer).await?;
+            if read == 0 {
+                let _ = session.finish().await;
+                return Ok::<(), std::io::Error>(());
+            }
+            session
+                .send(bytes::Bytes::copy_from_slice(&buffer[..read]))
+                .await
+                .map_err(std::io::Error::other)?;
+        }
+    };
+    let inbound = async {
+        while let Some(data) = session.recv().await.map_err(std::io::Error::other)? {
+            writer.write_all(&data).await?;
+        }
+        writer.shutdown().await
+    };
+    tokio::try_join!(outbound, inbound).map(|_| ())
 }
 
 /// The proxy sender's result, its error as the migration's reason.
@@ -1174,12 +1461,30 @@ async fn prepare_destination(
             format!("vm {} is not the subject of migration {id}", migration.vm),
         ));
     }
-    if record.spec.image_id.is_some() {
-        return Err(migration_error(
-            ErrorCode::Conflict,
-            "VMs with a local disk cannot be migrated yet",
-        ));
-    }
+    let image = match &record.spec.image_id {
+        None => None,
+        Some(id) => {
+            let image =
+                shared
+                    .records
+                    .image(id)
+                    .await?
+                    .ok_or_else(|| AgentError::ImageNotFound {
+                        reference: id.clone(),
+                    })?;
+            if !shared.paths.image_file(&image.id, image.format).exists() {
+                return Err(migration_error(
+                    ErrorCode::Conflict,
+                    format!(
+                        "host {} does not hold image {} (the VM's base image); copy it there \
+                         first (`novacron image push {} --to ...`)",
+                        shared.config.host_name, image.name, image.name
+                    ),
+                ));
+            }
+            Some(image)
+        }
+    };
     let available = crate::resources::memory_available_bytes().unwrap_or(u64::MAX);
     if available < record.spec.memory_bytes {
         return Err(AgentError::InsufficientResources {
@@ -1196,6 +1501,10 @@ async fn prepare_destination(
     tokio::fs::create_dir_all(&directory)
         .await
         .map_err(|error| AgentError::io(format!("creating {}", directory.display()), error))?;
+    if let Err(error) = crate::vms::prepare_disk(shared, &record, image.as_ref()).await {
+        let _ = tokio::fs::remove_dir_all(&directory).await;
+        return Err(error);
+    }
     let binaries = shared.hypervisor.binaries()?;
     let probe = shared.hypervisor.accelerator().await?;
     let incoming = directory.join("incoming.sock");
@@ -1215,6 +1524,13 @@ async fn prepare_destination(
             });
         }
     };
+    if image.is_some()
+        && let Err(error) = export_disk(&qemu, &directory, &record.spec.name).await
+    {
+        let _ = qemu.force_stop().await;
+        let _ = tokio::fs::remove_dir_all(&directory).await;
+        return Err(error);
+    }
     tracing::info!(vm = %record.spec.name, migration = %id, pid = qemu.pid(), "incoming qemu waits for the migration");
     Ok((record, qemu))
 }
@@ -1342,8 +1658,111 @@ async fn receive_and_wait(
     Ok(())
 }
 
+/// Exports the incoming QEMU's disk over NBD on a unix socket in the VM's directory, writable,
+/// for the source's block mirror (QEMU activates the image for it).
+async fn export_disk(
+    qemu: &QemuVm,
+    directory: &std::path::Path,
+    name: &novacron_types::VmName,
+) -> Result<(), AgentError> {
+    let socket = directory.join("nbd.sock");
+    qemu.qmp()
+        .execute(
+            "nbd-server-start",
+            Some(json!({
+                "addr": { "type": "unix", "data": { "path": socket.display().to_string() } }
+            })),
+        )
+        .await
+        .map_err(|error| qmp_error(name.as_str(), error))?;
+    qemu.qmp()
+        .execute(
+            "block-export-add",
+            Some(json!({
+                "type": "nbd",
+                "id": NBD_EXPORT_ID,
+                "node-name": DISK_NODE,
+                "writable": true,
+            })),
+        )
+        .await
+        .map_err(|error| qmp_error(name.as_str(), error))?;
+    Ok(())
+}
+
+/// Stops the NBD export before the guest runs here (nothing but the guest may write its disk).
+async fn close_disk_export(qemu: &QemuVm) {
+    let _ = qemu
+        .qmp()
+        .execute(
+            "block-export-del",
+            Some(json!({ "id": NBD_EXPORT_ID, "mode": "hard" })),
+        )
+        .await;
+    let _ = qemu.qmp().execute("nbd-server-stop", None).await;
+}
+
+/// Answers the source's second session of a migration with a disk: connects it to the incoming
+/// QEMU's NBD export and carries NBD both ways until either side ends.
+pub(crate) async fn serve_destination_disk(
+    service: Arc<TransferService>,
+    session: Arc<Session>,
+    request: novacron_transport::ControlRequest,
+    id: String,
+) {
+    let shared = service.shared().clone();
+    let connected = async {
+        let migration = shared
+            .records
+            .migration(&id)
+            .await?
+            .ok_or_else(|| AgentError::MigrationNotFound {
+                reference: id.clone(),
+            })?
+            .record;
+        if migration.destination != shared.config.host_name || migration.phase.is_finished() {
+            return Err(migration_error(
+                ErrorCode::Conflict,
+                format!("migration {id} does not bring a disk to this host now"),
+            ));
+        }
+        let socket = shared.paths.vm_dir(&migration.vm_uuid).join("nbd.sock");
+        tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|error| AgentError::io(format!("connecting to {}", socket.display()), error))
+    }
+    .await;
+    let stream = match connected {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(migration = %id, %error, "disk session refused");
+            let reply = Message::Migration(MigrationControl::Refused {
+                code: error.code(),
+                message: error.to_string(),
+            });
+            let _ = request.respond(reply.encode()).await;
+            crate::transfer::close_quietly(session).await;
+            return;
+        }
+    };
+    if request
+        .respond(Message::Migration(MigrationControl::Ready).encode())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    if let Err(error) = pipe_unix_over_session(stream, &session).await {
+        tracing::debug!(migration = %id, %error, "disk session ended");
+    }
+    crate::transfer::close_quietly(session).await;
+}
+
 /// The VM is this host's: run the guest and record when it resumed.
 async fn resume_here(shared: &Shared, qemu: &QemuVm, record: &VmRecord, id: &str) {
+    if record.spec.image_id.is_some() {
+        close_disk_export(qemu).await;
+    }
     let mut events = qemu.subscribe_events();
     let wants_running = match shared.records.vm(record.spec.name.as_str()).await {
         Ok(Some(vm)) => vm.record.desired != DesiredPower::Paused,

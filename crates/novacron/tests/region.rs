@@ -822,6 +822,77 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         list.as_array().is_some_and(|list| list.len() >= 4),
         "{list}"
     );
+
+    // A VM with a local disk: the destination needs the base image (pushed there first), makes
+    // its own overlay on it, and the source's block mirror fills it with what the VM wrote.
+    first.import_guest_image("base");
+    let destination_info = destination.json(&["host"]);
+    let fingerprint = destination_info["fingerprint"]
+        .as_str()
+        .expect("fingerprint");
+    first.ok(&[
+        "image",
+        "push",
+        "base",
+        "--to",
+        &destination.transfer_address(),
+        "--fingerprint",
+        fingerprint,
+    ]);
+    let mut arguments = TestHost::guest_vm_arguments("disky", "base");
+    let cmdline = arguments
+        .iter()
+        .position(|argument| argument == "--cmdline")
+        .expect("cmdline argument")
+        + 1;
+    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42".into();
+    arguments.extend(["--host".into(), "host-0".into()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    assert_success(&first.cli(&arguments), "vm create disky", first);
+    first.wait_for_console("disky", "NOVACRON-DISK-MARKED NCMARK42");
+    let disky = wait_until_owned_by(first, "disky", "host-0", "running");
+    let disky_uuid = disky["uuid"].as_str().expect("uuid").to_string();
+    // host-2 lacks the base image: placement refuses it and says why.
+    let stderr = first.fails(&["vm", "migrate", "disky", "--to", "host-2"], 7);
+    assert!(stderr.contains("image"), "{stderr}");
+    first.ok(&["vm", "pause", "disky"]);
+    wait_until_owned_by(first, "disky", "host-0", "paused");
+    let moved = first.json(&["vm", "migrate", "disky", "--to", "host-1"]);
+    assert_moved(&moved, "host-0", "host-1");
+    assert!(
+        moved["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
+        "the disk was mirrored: {moved}"
+    );
+    wait_until_owned_by(first, "disky", "host-1", "paused");
+    poll(
+        "disky's source copy removed",
+        Duration::from_secs(30),
+        || {
+            (!first.vm_directory(&disky_uuid).exists() && qemu_processes(&disky_uuid) == 1)
+                .then_some(())
+        },
+    );
+    destination.ok(&["vm", "stop", "disky", "--force"]);
+    destination.wait_for_state("disky", "stopped");
+    let overlay = destination.vm_directory(&disky_uuid).join("disk.qcow2");
+    let raw = destination.directory.path().join("disky.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(
+        converted.success(),
+        "qemu-img convert of {}",
+        overlay.display()
+    );
+    let bytes = std::fs::read(&raw).expect("the converted disk");
+    assert_eq!(
+        &bytes[1 << 20..(1 << 20) + 8],
+        b"NCMARK42",
+        "the guest's write reached the destination's disk"
+    );
 }
 
 /// Starts a live migration of `name` without waiting and polls (through `observer`, a host that

@@ -36,6 +36,9 @@ pub enum MigrationPhase {
     Requested,
     /// The source asked the destination to start an incoming QEMU.
     Preparing,
+    /// The VM's local disk is mirrored to the destination (only blocks the destination's copy
+    /// of the base image lacks); guest writes keep being mirrored until the switch-over.
+    Disk,
     /// Memory is being copied while the guest runs.
     Memory,
     /// The guest is paused; the last pages and device state are in flight, then the new owner
@@ -54,6 +57,7 @@ impl MigrationPhase {
         match self {
             MigrationPhase::Requested => "requested",
             MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Disk => "disk",
             MigrationPhase::Memory => "memory",
             MigrationPhase::SwitchOver => "switch-over",
             MigrationPhase::Completed => "completed",
@@ -81,6 +85,12 @@ impl std::fmt::Display for MigrationPhase {
 pub struct MigrationProgress {
     /// Guest memory size.
     pub memory_bytes: u64,
+    /// The disk mirror's work: bytes to copy (QEMU's estimate, it grows with guest writes) and
+    /// copied so far; zero for a VM without a disk.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    #[serde(default)]
+    pub disk_bytes_done: u64,
     /// Bytes of QEMU's migration stream so far (what QEMU alone would have sent).
     pub stream_bytes: u64,
     /// Bytes NovaCron put on the link for it (after the page codec and compression).

@@ -894,11 +894,19 @@ impl TransferService {
             );
         }
         match self.host.records.image(&offer.id).await {
-            Ok(Some(existing)) => {
+            // In a region the record is shared: the image is present only if its file is here.
+            Ok(Some(existing))
+                if self
+                    .host
+                    .paths
+                    .image_file(&existing.id, existing.format)
+                    .exists() =>
+            {
                 return OfferDecision::AlreadyPresent {
                     name: existing.name.to_string(),
                 };
             }
+            Ok(Some(_)) => return OfferDecision::Proceed,
             Ok(None) => {}
             Err(error) => return refused(error.code(), error.to_string()),
         }
@@ -959,6 +967,9 @@ impl TransferService {
         match message {
             Message::Migration(protocol::MigrationControl::Begin { id }) => {
                 crate::migration::serve_destination(self, session, request, id).await;
+            }
+            Message::Migration(protocol::MigrationControl::DiskBegin { id }) => {
+                crate::migration::serve_destination_disk(self, session, request, id).await;
             }
             Message::Offer(offer) => {
                 let decision = self.decide(&offer.name, &offer).await;

@@ -17,6 +17,8 @@
 //!
 //! live migration (source dials the destination; see `crate::migration`):
 //!   Migration(Begin{id})       → Migration(Ready | Refused{code,message})
+//!   with a disk, on a second session: Migration(DiskBegin{id}) → Ready | Refused, then NBD
+//!   between the source QEMU's block mirror and the destination QEMU's export, both ways
 //!   (bulk stream: the migration proxy's messages, `novacron_migration::proxy`)
 //!   destination → source:      Migration(Loaded{pid,stream_checksum} | Refused{..}) (notification)
 //!   source → destination:      Migration(Commit | Abort{message}) (notification)
@@ -92,6 +94,10 @@ pub struct Failure {
 pub enum MigrationControl {
     /// Source → destination (request): start an incoming QEMU for migration `id`.
     Begin { id: String },
+    /// Source → destination (request, on a second session): connect this session to the
+    /// incoming QEMU's NBD export of the VM's disk; the session's bulk streams then carry NBD
+    /// in both directions (the source QEMU's block mirror is the client).
+    DiskBegin { id: String },
     /// Destination → source (reply): its QEMU waits for the stream.
     Ready,
     /// Destination → source: it cannot take the VM (reply to Begin) or lost it (notification).
@@ -397,6 +403,7 @@ mod tests {
             }),
             Message::Migration(MigrationControl::Begin { id: "m1".into() }),
             Message::Migration(MigrationControl::Ready),
+            Message::Migration(MigrationControl::DiskBegin { id: "m1".into() }),
             Message::Migration(MigrationControl::Loaded {
                 pid: Some(7),
                 stream_checksum: "12 bytes, blake3 00".into(),
