@@ -42,10 +42,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Bulk data the source may have queued beyond what the destination acknowledged. QEMU only sees
-/// how fast the proxy takes its stream, so everything queued beyond the link is data the final
-/// pause waits for (a 32 MiB window made the pause 3.2 s in the bench, 4 MiB 0.87 s).
-const SEND_WINDOW_BYTES: u64 = 4 << 20;
+/// Ceiling of the memory session's bulk send window. The proxy keeps the window near twice the
+/// measured bandwidth-delay product times four (from 2 MiB up): QEMU only sees how fast the proxy takes its
+/// stream, so everything queued beyond the link is data the final pause waits for (a 32 MiB
+/// window made the pause 3.2 s at 100 Mbit/s in the bench), while a window below the product
+/// caps the rate (2 MiB on 1 Gbit/s with 50 ms: 9.5 s instead of 3.0 s).
+const SEND_WINDOW_CEILING_BYTES: u64 = 64 << 20;
 /// QEMU's own cap, far above any link: the transport's backpressure paces QEMU, and QEMU applies
 /// its cap before the proxy's compression.
 const QEMU_MAX_BANDWIDTH: u64 = 64 << 30;
@@ -547,7 +549,7 @@ impl Source<'_> {
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
         let options = SessionOptions {
-            bulk_send_window_bytes: SEND_WINDOW_BYTES,
+            bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
             resume_timeout: SESSION_RESUME_TIMEOUT,
             ..service.session_options_for(fingerprint)
         };
@@ -707,9 +709,21 @@ impl Source<'_> {
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
-        let mut sender = tokio::spawn(async move {
-            send_migration_stream(stream, &sender_session, &ProxyConfig::default()).await
+        // The adaptive send window starts from the link's forecast when this host has one.
+        let forecast = self.shared.transfer_service().and_then(|service| {
+            service.links.forecast(
+                session.peer_fingerprint(),
+                novacron_bandwidth::ForecastHorizon::FiveSeconds,
+            )
         });
+        let mut config = ProxyConfig::default();
+        if let Some(forecast) = forecast.filter(|forecast| forecast.expected_bits_per_sec > 0.0) {
+            config.initial_rate_bytes_per_second = forecast.expected_bits_per_sec / 8.0;
+        }
+        let mut sender =
+            tokio::spawn(
+                async move { send_migration_stream(stream, &sender_session, &config).await },
+            );
         let mut sent = None;
         let mut qemu_done = false;
         let mut stopped_at_ms = None;

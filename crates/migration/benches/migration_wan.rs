@@ -11,8 +11,9 @@
 //! `receive_migration_stream` over a transport session. QEMU's max-bandwidth is raised to
 //! 1 GiB/s in both, so the link (or the proxy) sets the pace.
 //!
-//! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 256 --workload-mib 64
-//! --methods qemu,proxy --send-window-mib 2`. See bench/migration/README.md.
+//! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
+//! --methods qemu,multifd,xbzrle,proxy [--send-window-mib N (fixed; default: the proxy's adaptive
+//! window)] [--zstd-level L]`. See bench/migration/README.md.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -39,19 +40,68 @@ struct Options {
     /// The proxy's transport send window: data queued beyond the link is data the guest's
     /// final pause has to wait for.
     send_window_mib: u64,
+    /// The proxy's zstd level for page frames.
+    zstd_level: i32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
     QemuPrecopy,
+    /// QEMU's multifd with 4 channels and zstd, max-bandwidth far above the link (QEMU applies
+    /// its cap before compression).
+    QemuMultifdZstd,
+    /// QEMU's precopy with XBZRLE (delta of re-sent pages against a 256 MiB cache).
+    QemuXbzrle,
     Proxy,
 }
+
+/// QEMU's multifd channels for [`Method::QemuMultifdZstd`].
+const MULTIFD_CHANNELS: usize = 4;
 
 impl Method {
     fn name(self) -> &'static str {
         match self {
             Method::QemuPrecopy => "qemu precopy (1 tcp stream)",
+            Method::QemuMultifdZstd => "qemu multifd x4 + zstd",
+            Method::QemuXbzrle => "qemu precopy + xbzrle",
             Method::Proxy => "novacron proxy (codec + transport)",
+        }
+    }
+
+    fn parse(text: &str) -> anyhow::Result<Method> {
+        Ok(match text {
+            "qemu" => Method::QemuPrecopy,
+            "multifd" => Method::QemuMultifdZstd,
+            "xbzrle" => Method::QemuXbzrle,
+            "proxy" => Method::Proxy,
+            other => bail!("unknown method {other:?}: use qemu, multifd, xbzrle and/or proxy"),
+        })
+    }
+
+    /// Connections QEMU opens to the migration socket (the main one, plus multifd channels).
+    fn connections(self) -> usize {
+        match self {
+            Method::QemuMultifdZstd => 1 + MULTIFD_CHANNELS,
+            _ => 1,
+        }
+    }
+
+    /// Capabilities and parameters set on both QEMUs before the migration.
+    fn settings(self) -> (serde_json::Value, serde_json::Value) {
+        match self {
+            Method::QemuMultifdZstd => (
+                json!([{ "capability": "multifd", "state": true }]),
+                json!({
+                    "multifd-channels": MULTIFD_CHANNELS,
+                    "multifd-compression": "zstd",
+                    "multifd-zstd-level": 1,
+                }),
+            ),
+            Method::QemuXbzrle => (
+                json!([{ "capability": "xbzrle", "state": true }]),
+                json!({ "xbzrle-cache-size": 256u64 << 20 }),
+            ),
+            Method::QemuPrecopy | Method::Proxy => (json!([]), json!({})),
         }
     }
 }
@@ -75,8 +125,14 @@ fn parse_options() -> anyhow::Result<Options> {
         loss: 0.0,
         memory_mib: 256,
         workload_mib: 64,
-        methods: vec![Method::QemuPrecopy, Method::Proxy],
-        send_window_mib: 2,
+        methods: vec![
+            Method::QemuPrecopy,
+            Method::QemuMultifdZstd,
+            Method::QemuXbzrle,
+            Method::Proxy,
+        ],
+        send_window_mib: 0,
+        zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -97,18 +153,15 @@ fn parse_options() -> anyhow::Result<Options> {
             "--memory-mib" => options.memory_mib = value.parse()?,
             "--workload-mib" => options.workload_mib = value.parse()?,
             "--send-window-mib" => options.send_window_mib = value.parse()?,
+            "--zstd-level" => options.zstd_level = value.parse()?,
             "--methods" => {
                 options.methods = value
                     .split(',')
-                    .map(|method| match method {
-                        "qemu" => Ok(Method::QemuPrecopy),
-                        "proxy" => Ok(Method::Proxy),
-                        other => bail!("unknown method {other:?}: use qemu and/or proxy"),
-                    })
+                    .map(Method::parse)
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods, --send-window-mib"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods, --send-window-mib, --zstd-level"
             ),
         }
         index += 2;
@@ -146,6 +199,13 @@ fn main() -> anyhow::Result<()> {
         options.memory_mib,
         options.workload_mib
     );
+    // The floor: the workload's region is fresh pseudo-random data (neither zero, repeated nor
+    // compressible), so at least that much crosses the link whatever the method.
+    let floor_seconds = (options.workload_mib << 20) as f64 * 8.0 / (options.rate_mbit * 1e6);
+    println!(
+        "floor: {} MiB of incompressible workload memory at {} Mbit/s = {floor_seconds:.1} s",
+        options.workload_mib, options.rate_mbit
+    );
     println!(
         "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | real pause STOP→RESUME (ms) | guest continued |"
     );
@@ -172,6 +232,7 @@ fn guest_spec(
     guest: &TestGuest,
     options: &Options,
     name: &str,
+    uuid: uuid::Uuid,
     run_dir: &Path,
     incoming: Option<&Path>,
 ) -> LaunchSpec {
@@ -179,15 +240,13 @@ fn guest_spec(
         "novacron.workload=1 novacron.workload_mib={}",
         options.workload_mib
     );
-    let mut spec = LaunchSpec::new(name, uuid::Uuid::new_v4(), run_dir)
+    let mut spec = LaunchSpec::new(name, uuid, run_dir)
         .memory_mib(options.memory_mib)
         .kernel(guest.kernel_boot(&extra));
-    if let Some(incoming) = incoming {
+    if incoming.is_some() {
+        // `defer`: capabilities (multifd) must be set before QEMU listens (`migrate-incoming`).
         spec = spec.start_paused(true);
-        spec.extra_arguments = vec![
-            "-incoming".to_owned(),
-            format!("unix:{}", incoming.display()),
-        ];
+        spec.extra_arguments = vec!["-incoming".to_owned(), "defer".to_owned()];
     }
     spec
 }
@@ -228,9 +287,11 @@ async fn run_one(
     eprintln!("== {}", method.name());
     let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
     let destination_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
+    // One VM identity on both sides, as a real migration has (multifd checks it).
+    let uuid = uuid::Uuid::new_v4();
     let source = QemuVm::launch(
         binaries,
-        &guest_spec(guest, options, "bench-src", source_dir.path(), None),
+        &guest_spec(guest, options, "bench-src", uuid, source_dir.path(), None),
     )
     .await?;
     let source_console = source.run_directory().console_log();
@@ -242,12 +303,32 @@ async fn run_one(
             guest,
             options,
             "bench-dst",
+            uuid,
             destination_dir.path(),
             Some(&incoming),
         ),
     )
     .await?;
 
+    let (capabilities, parameters) = method.settings();
+    for vm in [&source, &destination] {
+        vm.qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": capabilities })),
+            )
+            .await?;
+        vm.qmp()
+            .execute("migrate-set-parameters", Some(parameters.clone()))
+            .await?;
+    }
+    destination
+        .qmp()
+        .execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", incoming.display()) })),
+        )
+        .await?;
     let (destination_tls, source_tls) = pinned_pair()?;
     let address_b = link.addr_b();
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
@@ -266,6 +347,7 @@ async fn run_one(
     let outgoing = source_dir.path().join("out.sock");
     let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
     let send_window_bytes = options.send_window_mib << 20;
+    let zstd_level = options.zstd_level;
     let source_thread = {
         let link = link.clone();
         std::thread::spawn(move || {
@@ -276,6 +358,7 @@ async fn run_one(
                     SocketAddr::from((address_b, port)),
                     source_tls,
                     send_window_bytes,
+                    zstd_level,
                 )
             })
         })
@@ -288,7 +371,7 @@ async fn run_one(
         .qmp()
         .execute(
             "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 1u64 << 30 })),
+            Some(json!({ "max-bandwidth": 64u64 << 30 })),
         )
         .await?;
     let started = Instant::now();
@@ -303,7 +386,11 @@ async fn run_one(
         let info = source.qmp().query_migrate().await?;
         match info["status"].as_str().unwrap_or_default() {
             "completed" => break info,
-            "failed" | "cancelled" => bail!("migration failed: {info}"),
+            "failed" | "cancelled" => {
+                let log = std::fs::read_to_string(destination.run_directory().qemu_log())
+                    .unwrap_or_default();
+                bail!("migration failed: {info}; destination qemu log: {log}")
+            }
             _ => {}
         }
         if started.elapsed() > DEADLINE {
@@ -395,12 +482,22 @@ fn destination_side(
         .build()?;
     runtime.block_on(async move {
         match method {
-            Method::QemuPrecopy => {
+            Method::QemuPrecopy | Method::QemuMultifdZstd | Method::QemuXbzrle => {
+                // One TCP connection per QEMU connection, connected to the destination in the
+                // order the source accepted them (the main channel first).
                 let listener = tokio::net::TcpListener::bind((address, 0)).await?;
                 let _ = port.send(listener.local_addr()?.port());
-                let (mut from_link, _) = listener.accept().await?;
-                let mut to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
-                tokio::io::copy(&mut from_link, &mut to_qemu).await?;
+                let mut copies = Vec::new();
+                for _ in 0..method.connections() {
+                    let (mut from_link, _) = listener.accept().await?;
+                    let mut to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
+                    copies.push(tokio::spawn(async move {
+                        tokio::io::copy(&mut from_link, &mut to_qemu).await
+                    }));
+                }
+                for copy in copies {
+                    copy.await??;
+                }
             }
             Method::Proxy => {
                 let listener = Listener::bind(
@@ -433,7 +530,14 @@ fn source_side(
     destination: SocketAddr,
     tls: TlsSettings,
     send_window_bytes: u64,
+    zstd_level: i32,
 ) -> anyhow::Result<u64> {
+    let mut config = ProxyConfig::default();
+    config.encoder.zstd_level = zstd_level;
+    if send_window_bytes > 0 {
+        // A fixed window (`--send-window-mib`), instead of the proxy's adaptive one.
+        config.adaptive_send_window_minimum = None;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -441,21 +545,35 @@ fn source_side(
     runtime.block_on(async move {
         unix_listener.set_nonblocking(true)?;
         let unix_listener = tokio::net::UnixListener::from_std(unix_listener)?;
-        let (mut from_qemu, _) = unix_listener.accept().await?;
         match method {
-            Method::QemuPrecopy => {
-                let mut to_link = tokio::net::TcpStream::connect(destination).await?;
-                let copied = tokio::io::copy(&mut from_qemu, &mut to_link).await?;
+            Method::QemuPrecopy | Method::QemuMultifdZstd | Method::QemuXbzrle => {
+                let mut copies = Vec::new();
+                for _ in 0..method.connections() {
+                    let (mut from_qemu, _) = unix_listener.accept().await?;
+                    let mut to_link = tokio::net::TcpStream::connect(destination).await?;
+                    copies.push(tokio::spawn(async move {
+                        tokio::io::copy(&mut from_qemu, &mut to_link).await
+                    }));
+                }
+                let mut copied = 0;
+                for copy in copies {
+                    copied += copy.await??;
+                }
                 Ok(copied)
             }
             Method::Proxy => {
+                let (from_qemu, _) = unix_listener.accept().await?;
                 let options = SessionOptions {
-                    bulk_send_window_bytes: send_window_bytes,
+                    bulk_send_window_bytes: if send_window_bytes > 0 {
+                        send_window_bytes
+                    } else {
+                        64 << 20
+                    },
                     ..SessionOptions::default()
                 };
                 let session = Session::connect(destination, &tls, options).await?;
                 let report =
-                    send_migration_stream(from_qemu, &session, &ProxyConfig::default()).await?;
+                    send_migration_stream(from_qemu, &session, &config).await?;
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(

@@ -86,6 +86,16 @@ impl OutboundChannel {
         }
     }
 
+    /// Changes the send window. Frames already queued stay; a smaller window only makes new
+    /// payloads wait longer.
+    pub fn set_send_window(&mut self, send_window_bytes: u64) {
+        self.send_window_bytes = send_window_bytes.max(1);
+    }
+
+    pub fn send_window(&self) -> u64 {
+        self.send_window_bytes
+    }
+
     /// Whether a payload of this length fits the send window now. An empty store always accepts
     /// one frame so that a window smaller than a frame cannot deadlock.
     pub fn has_room_for(&self, payload_len: usize) -> bool {

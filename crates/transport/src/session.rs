@@ -950,6 +950,23 @@ impl Session {
         Ok(())
     }
 
+    /// Changes the bulk send window while the session runs, within the configured
+    /// `bulk_send_window_bytes` (so the memory bound stays). A sender that must not queue much
+    /// beyond the path (a live migration: queued data is what the guest's final pause waits for)
+    /// keeps it near twice the bandwidth-delay product it measures. Returns the window set.
+    pub fn set_bulk_send_window(&self, bytes: u64) -> u64 {
+        let bytes = bytes.clamp(1, self.shared.options.bulk_send_window_bytes);
+        self.shared.lock().bulk_out.set_send_window(bytes);
+        // Senders waiting for room may fit now.
+        self.shared.senders.notify_waiters();
+        bytes
+    }
+
+    /// The bulk send window in effect.
+    pub fn bulk_send_window(&self) -> u64 {
+        self.shared.lock().bulk_out.send_window()
+    }
+
     pub fn control(&self) -> ControlChannel {
         ControlChannel {
             shared: self.shared.clone(),
