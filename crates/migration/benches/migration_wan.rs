@@ -15,6 +15,9 @@
 //! --methods qemu,multifd,xbzrle,proxy [--send-window-mib N (fixed; default: the proxy's adaptive
 //! window)] [--zstd-level L]`. See bench/migration/README.md.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -294,6 +297,8 @@ async fn run_one(
         &guest_spec(guest, options, "bench-src", uuid, source_dir.path(), None),
     )
     .await?;
+    // Both QEMUs die with this run, also when it fails half-way.
+    let _source_guard = common::KillOnDrop::new(&source);
     let source_console = source.run_directory().console_log();
     wait_for_console_text(&source_console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
     let incoming = destination_dir.path().join("in.sock");
@@ -309,6 +314,7 @@ async fn run_one(
         ),
     )
     .await?;
+    let _destination_guard = common::KillOnDrop::new(&destination);
 
     let (capabilities, parameters) = method.settings();
     for vm in [&source, &destination] {
