@@ -1356,12 +1356,7 @@ pub(crate) async fn serve_destination(
         Ok(prepared) => prepared,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "incoming migration refused");
-            let reply = Message::Migration(MigrationControl::Refused {
-                code: error.code(),
-                message: error.to_string(),
-            });
-            let _ = request.respond(reply.encode()).await;
-            crate::transfer::close_quietly(session).await;
+            refuse(request, session, &error).await;
             return;
         }
     };
@@ -1434,6 +1429,20 @@ async fn ended_elsewhere(shared: &Shared, id: &str) -> AgentError {
             _ => {}
         }
     }
+}
+
+/// Answers a source's request with the reason this host cannot take part, and closes the session.
+async fn refuse(
+    request: novacron_transport::ControlRequest,
+    session: Arc<Session>,
+    error: &AgentError,
+) {
+    let reply = Message::Migration(MigrationControl::Refused {
+        code: error.code(),
+        message: error.to_string(),
+    });
+    let _ = request.respond(reply.encode()).await;
+    crate::transfer::close_quietly(session).await;
 }
 
 async fn prepare_destination(
@@ -1750,12 +1759,7 @@ pub(crate) async fn serve_destination_disk(
         Ok(stream) => stream,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "disk session refused");
-            let reply = Message::Migration(MigrationControl::Refused {
-                code: error.code(),
-                message: error.to_string(),
-            });
-            let _ = request.respond(reply.encode()).await;
-            crate::transfer::close_quietly(session).await;
+            refuse(request, session, &error).await;
             return;
         }
     };

@@ -922,9 +922,10 @@ fn start_migration_and_wait_for_memory(
     id
 }
 
-/// Polls `observer` until the migration ended without moving the VM; returns the record.
-fn wait_for_failed_migration(observer: &TestHost, id: &str) -> Value {
-    poll(
+/// Polls `observer` until the migration ended without moving the VM, and checks that its
+/// message names `reason`.
+fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
+    let failed = poll(
         &format!("migration {id} to fail"),
         Duration::from_secs(90),
         || {
@@ -932,7 +933,15 @@ fn wait_for_failed_migration(observer: &TestHost, id: &str) -> Value {
             let record: Value = serde_json::from_slice(&output.stdout).ok()?;
             (record["phase"] == "failed").then_some(record)
         },
-    )
+    );
+    eprintln!("migration {id} failed: {}", failed["message"]);
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(reason),
+        "the reason names {reason:?}: {failed}"
+    );
 }
 
 /// Faults in the middle of a live migration, each leaving exactly one running copy of the VM,
@@ -1020,15 +1029,7 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         },
     );
     hosts.set_link_up(0, true);
-    let failed = wait_for_failed_migration(&hosts.hosts[1], &id);
-    eprintln!("link cut: {}", failed["message"]);
-    assert!(
-        failed["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("session"),
-        "the cut session is the reason: {failed}"
-    );
+    wait_for_failed_migration(&hosts.hosts[1], &id, "session");
     stays_on_source(&hosts, 1);
 
     // 2. The destination's serve is killed mid-memory: the source fails the migration; the
@@ -1041,15 +1042,7 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         4 << 20,
     );
     hosts.hosts[1].kill_serve();
-    let failed = wait_for_failed_migration(&hosts.hosts[0], &id);
-    eprintln!("destination killed: {}", failed["message"]);
-    assert!(
-        failed["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("stayed on the source"),
-        "{failed}"
-    );
+    wait_for_failed_migration(&hosts.hosts[0], &id, "stayed on the source");
     hosts.hosts[1].spawn_serve();
     stays_on_source(&hosts, 1);
 
@@ -1065,14 +1058,6 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     );
     hosts.hosts[0].kill_serve();
     hosts.hosts[0].spawn_serve();
-    let failed = wait_for_failed_migration(&hosts.hosts[2], &id);
-    eprintln!("source killed: {}", failed["message"]);
-    assert!(
-        failed["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("restarted"),
-        "{failed}"
-    );
+    wait_for_failed_migration(&hosts.hosts[2], &id, "restarted");
     stays_on_source(&hosts, 2);
 }
