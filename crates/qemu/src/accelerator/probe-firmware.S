@@ -8,7 +8,7 @@
  *
  * Regenerate the bytes:
  *   as --64 -o probe.o probe-firmware.S && objcopy -O binary -j .text probe.o probe.bin
- *   head -c 182 probe.bin | xxd -i
+ *   head -c 190 probe.bin | xxd -i
  */
 /* KVM probe firmware: real mode -> long mode -> write 0x2a to isa-debug-exit (port 0xf4). */
     .code16
@@ -51,9 +51,13 @@ long_mode:
     jne 2f
     movb $0x2a, %al
     outb %al, $0xf4
+    /* QEMU >= 9 may let the vCPU run on after the write before it exits: stop here */
+3:  hlt
+    jmp 3b
 2:  movb $0x01, %al
     outb %al, $0xf4
-    hlt
+4:  hlt
+    jmp 4b
     .align 8
 gdt:
     .quad 0
