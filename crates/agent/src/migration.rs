@@ -51,6 +51,10 @@ const SEND_WINDOW_CEILING_BYTES: u64 = 64 << 20;
 /// QEMU's own cap, far above any link: the transport's backpressure paces QEMU, and QEMU applies
 /// its cap before the proxy's compression.
 const QEMU_MAX_BANDWIDTH: u64 = 64 << 30;
+/// How long the source keeps dialling a destination that refuses or drops its handshake: a host
+/// that just joined is trusted by the others' listeners once its heartbeat reached them (a few
+/// heartbeat intervals).
+const CONNECT_RETRY_WINDOW: Duration = Duration::from_secs(15);
 /// How long the source's session waits for a lost connection to come back before the migration
 /// fails (the guest keeps running on the source meanwhile; a longer wait only delays the end).
 const SESSION_RESUME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -570,18 +574,30 @@ impl Source<'_> {
                     ),
                 )
             })?;
-        let session = Session::connect(socket_address, &tls, options.clone())
-            .await
-            .map_err(|error| {
-                Failure::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "cannot reach host {} at {address}: {}",
-                        self.migration.destination,
-                        crate::transfer::describe(&error)
-                    ),
-                )
-            })?;
+        // A host that just joined is trusted by the destination's listener only once its
+        // heartbeat has been seen there: handshakes refused for that short while are retried.
+        let connect_deadline = Instant::now() + CONNECT_RETRY_WINDOW;
+        let session = loop {
+            match Session::connect(socket_address, &tls, options.clone()).await {
+                Ok(session) => break session,
+                Err(error) if Instant::now() < connect_deadline => {
+                    tracing::info!(vm = %self.name, destination = %self.migration.destination,
+                        error = %crate::transfer::describe(&error), "destination not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    return Err(Failure::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "cannot reach host {} at {address} (tried for {} s): {}",
+                            self.migration.destination,
+                            CONNECT_RETRY_WINDOW.as_secs(),
+                            crate::transfer::describe(&error)
+                        ),
+                    ));
+                }
+            }
+        };
         service.links.note_address(fingerprint, &address);
         let session = Arc::new(session);
         let dial = Dial {

@@ -595,6 +595,27 @@ fn last_workload_tick(log: &str) -> Option<(u64, u64)> {
     })
 }
 
+/// Waits until the workload of `name`'s guest on `host` has run three ticks past `after` (its
+/// counter continues from the source's; with the 16 MiB region the guest re-verifies every page
+/// in two ticks) and asserts that no page was found corrupted. Returns the tick reached.
+fn assert_workload_continues(host: &TestHost, name: &str, after: u64) -> u64 {
+    let (tick, errors) = poll(
+        &format!(
+            "the workload of {name} past tick {after} on {}",
+            host.name()
+        ),
+        Duration::from_secs(90),
+        || last_workload_tick(&host.serial_log(name)).filter(|(tick, _)| *tick >= after + 3),
+    );
+    assert_eq!(
+        errors,
+        0,
+        "guest memory verified on {} (tick {tick})",
+        host.name()
+    );
+    tick
+}
+
 /// QEMU processes on this machine whose command line names `uuid`.
 fn qemu_processes(uuid: &str) -> usize {
     let output = std::process::Command::new("pgrep")
@@ -642,16 +663,11 @@ fn assert_moved(record: &Value, from: &str, to: &str) {
     );
 }
 
-/// A VM moves between hosts of a region: paused (then resumed, and its workload re-verifies its
-/// memory on the destination), live, chosen by placement, twice at once (refused), cancelled,
-/// and cold; bad requests change nothing. After each move exactly one QEMU runs the VM and the
-/// source's directory is gone.
-///
-/// The guest's memory is checked after the paused move, not after the live one: QEMU 7.2 under
-/// TCG (the only accelerator here) loses a few dirty pages in every live migration, without
-/// NovaCron in the path (bench/migration/tcg-repro), so a live-moved guest may crash. The live
-/// moves are checked by the byte-identity of the rebuilt stream (BLAKE3 over QEMU's stream,
-/// compared by the destination), the owner change and the clean-up.
+/// A VM moves between hosts of a region, live under a dirtying workload: there and back, chosen
+/// by placement, twice at once (refused), cancelled, cold, and with a local disk; bad requests
+/// change nothing. After each move exactly one QEMU runs the VM, the source's directory is gone,
+/// the rebuilt stream was byte-identical (BLAKE3, compared by the destination) and the guest's
+/// workload continues on the destination with its whole memory region re-verified.
 #[test]
 fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     let hosts = Hosts::start(3);
@@ -709,43 +725,37 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     assert!(stderr.contains("not being migrated"), "{stderr}");
     assert_eq!(qemu_processes(&uuid), 1, "still one qemu after refusals");
 
-    // Paused move host-0 -> host-1, asked on host-2 (any host takes the request); resumed
-    // there, the workload continues from the source's counter and re-verifies its memory.
-    first.ok(&["vm", "pause", "mover"]);
-    wait_until_owned_by(first, "mover", "host-0", "paused");
-    let moved = hosts.hosts[2].json(&["vm", "migrate", "mover", "--to", "host-1"]);
-    assert_moved(&moved, "host-0", "host-1");
-    let destination = &hosts.hosts[1];
-    wait_until_owned_by(first, "mover", "host-1", "paused");
-    poll("the source's copy removed", Duration::from_secs(30), || {
-        (!first.vm_directory(&uuid).exists() && qemu_processes(&uuid) == 1).then_some(())
-    });
-    destination.ok(&["vm", "resume", "mover"]);
-    let (tick, errors) = poll(
-        "the workload continues on host-1",
-        Duration::from_secs(90),
-        || {
-            last_workload_tick(&destination.serial_log("mover"))
-                .filter(|(tick, _)| *tick > source_tick.0)
-        },
-    );
-    assert_eq!(
-        errors, 0,
-        "guest memory verified after the move (tick {tick})"
-    );
+    // Live moves under the dirtying workload, host-0 -> host-1 (asked on host-2: any host takes
+    // the request) and back: each time the workload's counter continues on the destination and
+    // the guest re-verifies its whole region there.
+    let mut tick = source_tick.0;
+    for (from, to, asked) in [(0, 1, 2), (1, 0, 1)] {
+        let moved =
+            hosts.hosts[asked].json(&["vm", "migrate", "mover", "--to", hosts.hosts[to].name()]);
+        assert_moved(&moved, hosts.hosts[from].name(), hosts.hosts[to].name());
+        assert!(
+            moved["stopped_at_ms"].is_u64() && moved["resumed_at_ms"].is_u64(),
+            "the source's STOP and the destination's RESUME were seen: {moved}"
+        );
+        wait_until_owned_by(first, "mover", hosts.hosts[to].name(), "running");
+        poll("the source's copy removed", Duration::from_secs(30), || {
+            (!hosts.hosts[from].vm_directory(&uuid).exists() && qemu_processes(&uuid) == 1)
+                .then_some(())
+        });
+        tick = assert_workload_continues(&hosts.hosts[to], "mover", tick);
+    }
     let shown = first.ok(&["migration", "show", "mover"]);
     assert!(
-        shown.contains("completed") && shown.contains("host-1"),
+        shown.contains("completed") && shown.contains("host-0"),
         "{shown}"
     );
 
     // Two migrations of one VM at once: the second is refused; the first is cancelled, or had
-    // already finished. Either way exactly one QEMU runs the VM afterwards.
-    first.ok(&["vm", "pause", "mover"]);
-    wait_until_owned_by(first, "mover", "host-1", "paused");
-    let started = destination.json(&["vm", "migrate", "mover", "--to", "host-2", "--no-wait"]);
+    // already finished. Either way exactly one QEMU runs the VM afterwards, and its memory is
+    // intact.
+    let started = first.json(&["vm", "migrate", "mover", "--to", "host-2", "--no-wait"]);
     let id = started["id"].as_str().expect("migration id").to_string();
-    let stderr = first.fails(&["vm", "migrate", "mover", "--to", "host-0"], 6);
+    let stderr = first.fails(&["vm", "migrate", "mover", "--to", "host-1"], 6);
     assert!(stderr.contains("already being migrated"), "{stderr}");
     let _ = first.cli(&["vm", "migrate", "mover", "--cancel"]);
     let ended = poll("the migration to end", Duration::from_secs(120), || {
@@ -759,16 +769,20 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     let owner = if ended["phase"] == "completed" {
         "host-2"
     } else {
-        "host-1"
+        "host-0"
     };
-    wait_until_owned_by(first, "mover", owner, "paused");
+    wait_until_owned_by(first, "mover", owner, "running");
     poll("one qemu for the vm", Duration::from_secs(30), || {
         (qemu_processes(&uuid) == 1).then_some(())
     });
+    let owner_host = hosts
+        .hosts
+        .iter()
+        .find(|host| host.name() == owner)
+        .expect("owner host");
+    tick = assert_workload_continues(owner_host, "mover", tick);
 
     // Live, without --to: placement picks one of the other hosts.
-    first.ok(&["vm", "resume", "mover"]);
-    wait_until_owned_by(first, "mover", owner, "running");
     let live = first.json(&["vm", "migrate", "mover"]);
     let to = live["destination"]
         .as_str()
@@ -782,23 +796,20 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
             .is_some_and(|text| text.contains("won")),
         "{live}"
     );
-    assert!(
-        live["stopped_at_ms"].is_u64(),
-        "the source's STOP was seen: {live}"
-    );
     let vm = first.vm("mover");
     assert_eq!(vm["status"]["host"], to.as_str(), "{vm}");
     assert!(vm["migration"].is_null(), "{vm}");
-    let old_owner = hosts
-        .hosts
-        .iter()
-        .find(|host| host.extra_args.iter().any(|argument| argument == owner))
-        .expect("owner host");
     poll(
         "the live source's copy removed",
         Duration::from_secs(30),
-        || (!old_owner.vm_directory(&uuid).exists() && qemu_processes(&uuid) <= 1).then_some(()),
+        || (!owner_host.vm_directory(&uuid).exists() && qemu_processes(&uuid) == 1).then_some(()),
     );
+    let new_owner = hosts
+        .hosts
+        .iter()
+        .find(|host| host.name() == to)
+        .expect("new owner host");
+    assert_workload_continues(new_owner, "mover", tick);
 
     // A stopped VM without a disk moves cold: only its record.
     assert_success(
@@ -823,8 +834,10 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         "{list}"
     );
 
-    // A VM with a local disk: the destination needs the base image (pushed there first), makes
-    // its own overlay on it, and the source's block mirror fills it with what the VM wrote.
+    // A VM with a local disk, live under the workload: the destination needs the base image
+    // (pushed there first), makes its own overlay on it, and the source's block mirror fills it
+    // with what the VM wrote while QEMU copies memory.
+    let destination = &hosts.hosts[1];
     first.import_guest_image("base");
     let destination_info = destination.json(&["host"]);
     let fingerprint = destination_info["fingerprint"]
@@ -845,25 +858,28 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         .position(|argument| argument == "--cmdline")
         .expect("cmdline argument")
         + 1;
-    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42".into();
+    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 \
+                          novacron.workload=1 novacron.workload_mib=16"
+        .into();
     arguments.extend(["--host".into(), "host-0".into()]);
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     assert_success(&first.cli(&arguments), "vm create disky", first);
     first.wait_for_console("disky", "NOVACRON-DISK-MARKED NCMARK42");
     let disky = wait_until_owned_by(first, "disky", "host-0", "running");
     let disky_uuid = disky["uuid"].as_str().expect("uuid").to_string();
+    let disky_tick = poll("disky's workload ticks", Duration::from_secs(90), || {
+        last_workload_tick(&first.serial_log("disky"))
+    });
     // host-2 lacks the base image: placement refuses it and says why.
     let stderr = first.fails(&["vm", "migrate", "disky", "--to", "host-2"], 7);
     assert!(stderr.contains("image"), "{stderr}");
-    first.ok(&["vm", "pause", "disky"]);
-    wait_until_owned_by(first, "disky", "host-0", "paused");
     let moved = first.json(&["vm", "migrate", "disky", "--to", "host-1"]);
     assert_moved(&moved, "host-0", "host-1");
     assert!(
         moved["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
         "the disk was mirrored: {moved}"
     );
-    wait_until_owned_by(first, "disky", "host-1", "paused");
+    wait_until_owned_by(first, "disky", "host-1", "running");
     poll(
         "disky's source copy removed",
         Duration::from_secs(30),
@@ -872,6 +888,7 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
                 .then_some(())
         },
     );
+    assert_workload_continues(destination, "disky", disky_tick.0);
     destination.ok(&["vm", "stop", "disky", "--force"]);
     destination.wait_for_state("disky", "stopped");
     let overlay = destination.vm_directory(&disky_uuid).join("disk.qcow2");
@@ -947,8 +964,9 @@ fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
 /// Faults in the middle of a live migration, each leaving exactly one running copy of the VM,
 /// on the source, and nothing on the destination: the source's link cut, the destination's
 /// `serve` killed with `kill -9` (and started again), the source's `serve` killed and started
-/// again. The source's outbound link is shaped to 40 Mbit/s so the memory copy lasts long enough
-/// to be interrupted.
+/// again, a cancel while the guest is stopped for switch-over. The source's outbound link is
+/// shaped to 40 Mbit/s so the memory copy lasts long enough to be interrupted. After each, the
+/// guest's workload re-verifies its whole memory region on the source.
 #[test]
 fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
@@ -996,15 +1014,9 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
                 .then_some(())
             },
         );
-        let before = last_workload_tick(&hosts.hosts[0].serial_log("steady")).map(|(tick, _)| tick);
-        poll(
-            "the guest keeps running on the source",
-            Duration::from_secs(60),
-            || {
-                last_workload_tick(&hosts.hosts[0].serial_log("steady"))
-                    .filter(|(tick, errors)| Some(*tick) > before && *errors == 0)
-            },
-        );
+        let before =
+            last_workload_tick(&hosts.hosts[0].serial_log("steady")).map_or(0, |(tick, _)| tick);
+        assert_workload_continues(&hosts.hosts[0], "steady", before);
     };
 
     // 1. The source's link is cut mid-memory: the source's session gives up after its resume
@@ -1060,4 +1072,49 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     hosts.hosts[0].spawn_serve();
     wait_for_failed_migration(&hosts.hosts[2], &id, "restarted");
     stays_on_source(&hosts, 2);
+
+    // 4. Cancelled during switch-over: a downtime limit of a minute lets QEMU stop the guest
+    //    almost at once and send the rest of its memory paused (about 10 s over this link);
+    //    the cancel lands while the guest is stopped, and the source resumes it.
+    let started = hosts.hosts[0].json(&[
+        "vm",
+        "migrate",
+        "steady",
+        "--to",
+        "host-1",
+        "--no-wait",
+        "--downtime-limit",
+        "60000",
+    ]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    poll(
+        &format!("migration {id} in switch-over"),
+        Duration::from_secs(60),
+        || {
+            let record = hosts.hosts[1].json(&["migration", "show", &id]);
+            assert!(
+                !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+                "the migration ended before the cancel: {record}"
+            );
+            (record["phase"] == "switch-over").then_some(())
+        },
+    );
+    hosts.hosts[2].ok(&["vm", "migrate", "steady", "--cancel"]);
+    let ended = poll(
+        &format!("migration {id} to end"),
+        Duration::from_secs(90),
+        || {
+            let record = hosts.hosts[1].json(&["migration", "show", &id]);
+            record["phase"]
+                .as_str()
+                .is_some_and(|phase| ["failed", "cancelled", "completed"].contains(&phase))
+                .then_some(record)
+        },
+    );
+    assert_eq!(ended["phase"], "cancelled", "{ended}");
+    assert!(
+        ended["stopped_at_ms"].is_u64(),
+        "the guest had stopped: {ended}"
+    );
+    stays_on_source(&hosts, 1);
 }

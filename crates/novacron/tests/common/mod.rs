@@ -77,6 +77,15 @@ pub fn free_port() -> u16 {
 }
 
 impl TestHost {
+    /// The host's name (`serve --host-name`), or "" when it was started without one.
+    pub fn name(&self) -> &str {
+        self.extra_args
+            .iter()
+            .position(|argument| argument == "--host-name")
+            .and_then(|index| self.extra_args.get(index + 1))
+            .map_or("", String::as_str)
+    }
+
     pub fn new() -> Self {
         let directory = tempfile::Builder::new()
             .prefix("nc")
