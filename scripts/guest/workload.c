@@ -1,8 +1,8 @@
 /*
  * NovaCron guest memory workload, for live-migration checks.
  *
- * Keeps a region of memory whose every 4 KiB page holds a pattern derived from (page number,
- * page generation). Every tick it rewrites some pages (a new generation: they are dirty for
+ * Keeps a region of memory whose every 4 KiB page holds pseudo-random words derived from (page
+ * number, page generation, word). Every tick it rewrites some pages (a new generation: they are dirty for
  * migration), re-verifies a rolling window of pages against their expected pattern, and prints
  *
  *   NOVACRON-WORKLOAD tick=<n> pages=<n> dirtied=<total> verified=<total> errors=<total> state=<hex>
@@ -40,18 +40,20 @@ static uint64_t pattern_seed(uint64_t page, uint32_t generation)
     return mix((page << 32) ^ generation);
 }
 
+/* Every word of every generation is a fresh pseudo-random value: a page is incompressible, and so
+ * is its difference from the page's previous generation (a delta codec gains nothing). */
 static void fill_page(uint64_t *words, uint64_t page, uint32_t generation)
 {
     uint64_t seed = pattern_seed(page, generation);
     for (size_t word = 0; word < PAGE_WORDS; word++)
-        words[word] = seed ^ (word * 0x100000001b3ULL);
+        words[word] = mix(seed + word);
 }
 
 static int page_is_intact(const uint64_t *words, uint64_t page, uint32_t generation)
 {
     uint64_t seed = pattern_seed(page, generation);
     for (size_t word = 0; word < PAGE_WORDS; word++)
-        if (words[word] != (seed ^ (word * 0x100000001b3ULL)))
+        if (words[word] != mix(seed + word))
             return 0;
     return 1;
 }

@@ -28,11 +28,15 @@ use crate::host::Shared;
 use crate::records::Versioned;
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
-use novacron_migration::{ProxyConfig, receive_migration_stream, send_migration_stream};
+use novacron_migration::{
+    ConvergencePlanner, Plan, PlanInputs, ProxyConfig, receive_migration_stream,
+    send_migration_stream,
+};
 use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
     ControlIncoming, Fingerprint, PeerTrust, Session, SessionOptions, TlsSettings,
 };
+use novacron_types::migration::ConvergencePolicy;
 use novacron_types::{
     DesiredPower, ErrorCode, MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord,
     RECORD_FORMAT_VERSION, VmRecord, VmState, unix_now,
@@ -188,6 +192,7 @@ pub(crate) async fn request(
         phase: MigrationPhase::Requested,
         downtime_limit_ms,
         timeout_secs,
+        when_not_converging: request.when_not_converging.unwrap_or_default(),
         cancel_requested: false,
         created_at: now,
         finished_at: None,
@@ -404,6 +409,8 @@ pub(crate) async fn run_source(
         started: Instant::now(),
         last_progress_write: None,
         disk: None,
+        planner: ConvergencePlanner::new(),
+        initial_dirty_rate: 0.0,
     };
     match source.run().await {
         Ok(SourceOutcome::Moved) => SourceOutcome::Moved,
@@ -531,6 +538,10 @@ struct Source<'a> {
     last_progress_write: Option<Instant>,
     /// The disk mirror, while it runs.
     disk: Option<DiskMirror>,
+    planner: ConvergencePlanner,
+    /// The guest's dirty rate (bytes/s) QEMU measured before the move; QEMU's own figure
+    /// replaces it after the first pass.
+    initial_dirty_rate: f64,
 }
 
 /// How to open another session to the destination.
@@ -680,10 +691,43 @@ impl Source<'_> {
             )
         })?;
         let qmp = self.qemu.qmp();
+        // The adaptive send window starts from the link's forecast when this host has one.
+        let forecast = self.shared.transfer_service().and_then(|service| {
+            service.links.forecast(
+                session.peer_fingerprint(),
+                novacron_bandwidth::ForecastHorizon::FiveSeconds,
+            )
+        });
+        let mut config = ProxyConfig::default();
+        let forecast_rate = forecast
+            .filter(|forecast| forecast.expected_bits_per_sec > 0.0)
+            .map(|forecast| forecast.expected_bits_per_sec / 8.0);
+        if let Some(rate) = forecast_rate {
+            config.initial_rate_bytes_per_second = rate;
+        }
+        // The plan before the move: the guest's dirty rate measured by QEMU (a second's
+        // sample), the link's forecast, no compression assumed.
+        self.initial_dirty_rate = measure_dirty_rate(self.qemu).await;
+        let round_trip = session.stats().round_trip_estimate.unwrap_or_default();
+        let (plan, _) = self.planner.update(&PlanInputs {
+            remaining_bytes: self.record.spec.memory_bytes,
+            dirty_bytes_per_second: self.initial_dirty_rate,
+            wire_bytes_per_second: forecast_rate.unwrap_or(0.0),
+            encoding_ratio: 1.0,
+            in_flight_wire_bytes: novacron_migration::expected_send_window(
+                &config,
+                forecast_rate.unwrap_or(config.initial_rate_bytes_per_second),
+                round_trip,
+            ),
+            round_trip,
+            downtime_limit: Duration::from_millis(self.migration.downtime_limit_ms),
+        });
+        self.note_plan(&plan, self.initial_dirty_rate, forecast_rate.is_some());
+        let throttle = self.migration.when_not_converging == ConvergencePolicy::Throttle;
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
-                { "capability": "auto-converge", "state": true },
+                { "capability": "auto-converge", "state": throttle },
                 { "capability": "events", "state": true },
                 // With a disk: stop after the guest paused, before the last device state, so
                 // the mirror finishes first (`pre-switchover`, then `migrate-continue`).
@@ -692,15 +736,18 @@ impl Source<'_> {
         )
         .await
         .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(json!({
-                "downtime-limit": self.migration.downtime_limit_ms,
-                "max-bandwidth": QEMU_MAX_BANDWIDTH,
-            })),
-        )
-        .await
-        .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+        let mut parameters = json!({
+            "downtime-limit": plan.qemu_downtime_limit_ms,
+            "max-bandwidth": QEMU_MAX_BANDWIDTH,
+        });
+        if throttle && plan.throttle_percent > 0 {
+            // Start auto-converge at the throttle the plan says is needed rather than
+            // QEMU's 20 % and several passes of stepping up.
+            parameters["cpu-throttle-initial"] = json!(plan.throttle_percent.clamp(20, 99));
+        }
+        qmp.execute("migrate-set-parameters", Some(parameters))
+            .await
+            .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
         let mut events = self.qemu.subscribe_events();
         qmp.execute(
             "migrate",
@@ -725,17 +772,6 @@ impl Source<'_> {
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
-        // The adaptive send window starts from the link's forecast when this host has one.
-        let forecast = self.shared.transfer_service().and_then(|service| {
-            service.links.forecast(
-                session.peer_fingerprint(),
-                novacron_bandwidth::ForecastHorizon::FiveSeconds,
-            )
-        });
-        let mut config = ProxyConfig::default();
-        if let Some(forecast) = forecast.filter(|forecast| forecast.expected_bits_per_sec > 0.0) {
-            config.initial_rate_bytes_per_second = forecast.expected_bits_per_sec / 8.0;
-        }
         let mut sender =
             tokio::spawn(
                 async move { send_migration_stream(stream, &sender_session, &config).await },
@@ -846,6 +882,28 @@ impl Source<'_> {
         tracing::info!(vm = %self.name, migration = %self.id, destination = %self.migration.destination,
             stream_bytes = report.stream_bytes, wire_bytes = report.message_bytes, "vm migrated");
         Ok(SourceOutcome::Moved)
+    }
+
+    /// Puts the plan into the progress the record shows.
+    fn note_plan(&mut self, plan: &Plan, dirty_bytes_per_second: f64, link_known: bool) {
+        let progress = &mut self.migration.progress;
+        progress.qemu_downtime_limit_ms = Some(plan.qemu_downtime_limit_ms);
+        if !link_known {
+            progress.plan = Some("no measurement of this link yet: planned once bytes flow".into());
+            progress.converges = None;
+            return;
+        }
+        let mut text = plan.summary(dirty_bytes_per_second);
+        if !plan.converges {
+            text.push_str(match self.migration.when_not_converging {
+                ConvergencePolicy::Throttle => "; throttling the guest's vCPUs (auto-converge)",
+                ConvergencePolicy::KeepCopying => {
+                    "; --when-not-converging keep-copying: copying on until --timeout"
+                }
+            });
+        }
+        progress.plan = Some(text);
+        progress.converges = Some(plan.converges);
     }
 
     /// Mirrors the VM's disk to the destination's NBD export through a second session, until
@@ -1016,6 +1074,45 @@ impl Source<'_> {
             }),
             ..self.migration.progress.clone()
         };
+        let mut progress = progress;
+        progress.throttle_percent = number(&info["cpu-throttle-percentage"]);
+        if status == "active" && stats.measured_rate_bytes_per_second > 0.0 {
+            let qemu_dirty = progress.dirty_pages_per_second as f64 * 4096.0;
+            let dirty = if qemu_dirty > 0.0 {
+                qemu_dirty
+            } else {
+                self.initial_dirty_rate
+            };
+            let ratio = self
+                .planner
+                .observe_ratio(number(&ram["transferred"]), stats.bulk_bytes_sent);
+            let (plan, change) = self.planner.update(&PlanInputs {
+                remaining_bytes: progress.remaining_bytes,
+                dirty_bytes_per_second: dirty,
+                wire_bytes_per_second: stats.measured_rate_bytes_per_second,
+                encoding_ratio: ratio,
+                in_flight_wire_bytes: session.bulk_send_window(),
+                round_trip: stats.round_trip_estimate.unwrap_or_default(),
+                downtime_limit: Duration::from_millis(self.migration.downtime_limit_ms),
+            });
+            if let Some(limit) = change {
+                tracing::debug!(vm = %self.name, limit, ?plan, "qemu's downtime limit re-planned");
+                if let Err(error) = self
+                    .qemu
+                    .qmp()
+                    .execute(
+                        "migrate-set-parameters",
+                        Some(json!({ "downtime-limit": limit })),
+                    )
+                    .await
+                {
+                    tracing::warn!(vm = %self.name, %error, "qemu's downtime limit not changed");
+                }
+            }
+            self.migration.progress = progress;
+            self.note_plan(&plan, dirty, true);
+            progress = self.migration.progress.clone();
+        }
         let due = self
             .last_progress_write
             .is_none_or(|last| last.elapsed() >= Duration::from_secs(1));
@@ -1230,6 +1327,31 @@ impl DiskMirror {
 }
 
 /// The migration's mirror job as `query-block-jobs` shows it, if it runs.
+/// The guest's dirty rate (bytes/s) from QEMU's `calc-dirty-rate` over one second, or 0 when
+/// QEMU cannot measure it (the plan then waits for the first pass's figure).
+async fn measure_dirty_rate(qemu: &QemuVm) -> f64 {
+    let qmp = qemu.qmp();
+    if let Err(error) = qmp
+        .execute("calc-dirty-rate", Some(json!({ "calc-time": 1 })))
+        .await
+    {
+        tracing::debug!(%error, "calc-dirty-rate refused");
+        return 0.0;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(answer) = qmp.execute("query-dirty-rate", None).await else {
+            return 0.0;
+        };
+        if answer["status"] == "measured" {
+            // QEMU reports MiB/s.
+            return answer["dirty-rate"].as_f64().unwrap_or(0.0) * f64::from(1u32 << 20);
+        }
+    }
+    0.0
+}
+
 async fn mirror_job(qemu: &QemuVm, name: &str) -> Result<Option<Value>, Failure> {
     let jobs = qemu
         .qmp()

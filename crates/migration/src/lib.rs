@@ -15,15 +15,17 @@
 
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod plan;
 pub mod proxy;
 pub mod rebuild;
 pub mod stream;
 #[doc(hidden)]
 pub mod synthetic;
 
+pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
-    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, receive_migration_stream,
-    send_migration_stream,
+    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, expected_send_window,
+    receive_migration_stream, send_migration_stream,
 };
 pub use rebuild::StreamRebuilder;
 pub use stream::{

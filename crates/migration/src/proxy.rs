@@ -171,6 +171,14 @@ fn put_message(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
 }
 
 /// The send window of a migration session, resized from what the session measures.
+/// The send window the adaptive proxy settles on for a link of `rate` bytes/s and `round_trip`:
+/// what is still in flight when QEMU stops the guest (the convergence plan takes its crossing
+/// time out of QEMU's downtime limit).
+pub fn expected_send_window(config: &ProxyConfig, rate: f64, round_trip: Duration) -> u64 {
+    let product = (SendWindow::FACTOR * rate.max(0.0) * round_trip.as_secs_f64()) as u64;
+    product.max(config.adaptive_send_window_minimum.unwrap_or(0))
+}
+
 struct SendWindow {
     minimum: u64,
     last: std::time::Instant,

@@ -282,9 +282,29 @@ pub struct MigrateArgs {
     /// Give up after this many seconds; the VM then stays on its source host
     #[arg(long, value_name = "SECONDS", default_value_t = novacron_types::migration::DEFAULT_MIGRATION_TIMEOUT_SECS)]
     pub timeout: u64,
+    /// When the guest dirties memory faster than the link carries it: `throttle` slows its
+    /// vCPUs (QEMU's auto-converge, starting at the throttle the plan needs), `keep-copying`
+    /// never slows it and lets --timeout end a migration that cannot converge
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = ConvergeArg::Throttle)]
+    pub when_not_converging: ConvergeArg,
     /// Return once the migration is recorded instead of following it
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvergeArg {
+    Throttle,
+    KeepCopying,
+}
+
+impl From<ConvergeArg> for novacron_types::migration::ConvergencePolicy {
+    fn from(argument: ConvergeArg) -> Self {
+        match argument {
+            ConvergeArg::Throttle => Self::Throttle,
+            ConvergeArg::KeepCopying => Self::KeepCopying,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

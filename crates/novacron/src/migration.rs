@@ -56,6 +56,7 @@ pub async fn migrate(client: &Client, format: OutputFormat, args: MigrateArgs) -
         to: args.to,
         downtime_limit_ms: Some(args.downtime_limit),
         timeout_secs: Some(args.timeout),
+        when_not_converging: Some(args.when_not_converging.into()),
     };
     let record: MigrationRecord = client
         .json(client.request(Method::POST, &path).json(&request))
@@ -144,6 +145,15 @@ fn progress_line(record: &MigrationRecord) -> String {
     if let Some(downtime) = progress.expected_downtime_ms {
         line.push_str(&format!(" | expected pause {downtime} ms"));
     }
+    if progress.throttle_percent > 0 {
+        line.push_str(&format!(
+            " | guest throttled {} %",
+            progress.throttle_percent
+        ));
+    }
+    if let Some(plan) = &progress.plan {
+        line.push_str(&format!(" | {plan}"));
+    }
     if record.cancel_requested {
         line.push_str(" | cancelling");
     }
@@ -229,7 +239,22 @@ fn details(record: &MigrationRecord) {
             "dirty rate",
             format!("{}/s", ByteSize(progress.dirty_pages_per_second * 4096)),
         ),
-        ("downtime limit", format!("{} ms", record.downtime_limit_ms)),
+        (
+            "downtime limit",
+            match progress.qemu_downtime_limit_ms {
+                Some(qemu) => format!(
+                    "{} ms ({qemu} ms for QEMU, the rest for the bytes in flight)",
+                    record.downtime_limit_ms
+                ),
+                None => format!("{} ms", record.downtime_limit_ms),
+            },
+        ),
+        (
+            "when not converging",
+            record.when_not_converging.as_str().to_string(),
+        ),
+        ("plan", progress.plan.clone().unwrap_or_else(|| "-".into())),
+        ("guest throttle", format!("{} %", progress.throttle_percent)),
         (
             "guest pause",
             record

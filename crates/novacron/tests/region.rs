@@ -1118,3 +1118,132 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     );
     stays_on_source(&hosts, 1);
 }
+
+/// A guest that dirties memory faster than the link carries it: the plan says precopy does not
+/// converge and throttles the guest's vCPUs (QEMU's auto-converge, starting at the throttle the
+/// plan computed); the migration then completes and the guest's memory verifies on the
+/// destination. With `--when-not-converging keep-copying` the guest is never throttled and the
+/// migration's timeout ends it, leaving the VM on the source.
+#[test]
+fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
+    use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
+    let shape = HostLinkShape {
+        outbound: DirectionShape {
+            capacity: Capacity::BitsPerSecond(40_000_000),
+            delay: Duration::from_millis(5),
+            ..DirectionShape::default()
+        },
+        inbound: DirectionShape::default(),
+    };
+    let hosts = Hosts::start_shaped(3, &[], &[(0, shape)]);
+    form_region(&hosts);
+    let guest = guest();
+    let kernel = guest.kernel.display().to_string();
+    let initrd = guest.initrd.display().to_string();
+    // 2048 fresh random pages a second: 8 MiB/s against the link's 5 MB/s, nothing for the
+    // codec to gain.
+    let created = hosts.hosts[0].cli(&[
+        "vm",
+        "create",
+        "busy",
+        "--memory",
+        "256MiB",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=32 novacron.workload_dirty=2048",
+        "--host",
+        "host-0",
+        "--wait-timeout",
+        "90",
+    ]);
+    assert_success(&created, "vm create busy", &hosts.hosts[0]);
+    let vm = wait_until_owned_by(&hosts.hosts[0], "busy", "host-0", "running");
+    let uuid = vm["uuid"].as_str().expect("uuid").to_string();
+    let before = poll("busy's workload ticks", Duration::from_secs(90), || {
+        last_workload_tick(&hosts.hosts[0].serial_log("busy"))
+    });
+
+    // keep-copying: never converges, never throttled; the timeout leaves it on the source.
+    let started = hosts.hosts[0].json(&[
+        "vm",
+        "migrate",
+        "busy",
+        "--to",
+        "host-1",
+        "--no-wait",
+        "--when-not-converging",
+        "keep-copying",
+        "--timeout",
+        "20",
+    ]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    let mut said_no = false;
+    let ended = poll(
+        "the unthrottled migration to time out",
+        Duration::from_secs(120),
+        || {
+            let record = hosts.hosts[1].json(&["migration", "show", &id]);
+            assert_eq!(
+                record["progress"]["throttle_percent"], 0,
+                "never throttled: {record}"
+            );
+            said_no |= record["progress"]["converges"] == false
+                && record["progress"]["plan"]
+                    .as_str()
+                    .is_some_and(|plan| plan.contains("keep-copying"));
+            let phase = record["phase"].as_str()?.to_string();
+            ["failed", "cancelled", "completed"]
+                .contains(&phase.as_str())
+                .then_some(record)
+        },
+    );
+    assert_eq!(ended["phase"], "cancelled", "{ended}");
+    assert!(
+        ended["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{ended}"
+    );
+    assert!(said_no, "the plan said it would not converge: {ended}");
+    wait_until_owned_by(&hosts.hosts[0], "busy", "host-0", "running");
+    poll("one qemu, on the source", Duration::from_secs(60), || {
+        (qemu_processes(&uuid) == 1 && !hosts.hosts[1].vm_directory(&uuid).exists()).then_some(())
+    });
+    let tick = assert_workload_continues(&hosts.hosts[0], "busy", before.0);
+
+    // throttle (the default): the plan asks for a throttle, QEMU applies it, the move completes.
+    let started = hosts.hosts[0].json(&["vm", "migrate", "busy", "--to", "host-1", "--no-wait"]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    let mut throttled = 0;
+    let mut plans = Vec::new();
+    let ended = poll(
+        "the throttled migration to end",
+        Duration::from_secs(240),
+        || {
+            let record = hosts.hosts[0].json(&["migration", "show", &id]);
+            throttled = throttled.max(record["progress"]["throttle_percent"].as_u64().unwrap_or(0));
+            if let Some(plan) = record["progress"]["plan"].as_str()
+                && plans.last().is_none_or(|last: &String| last != plan)
+            {
+                plans.push(plan.to_string());
+            }
+            let phase = record["phase"].as_str()?.to_string();
+            ["failed", "cancelled", "completed"]
+                .contains(&phase.as_str())
+                .then_some(record)
+        },
+    );
+    eprintln!("plans seen: {plans:#?}\nhighest throttle {throttled} %");
+    assert_moved(&ended, "host-0", "host-1");
+    assert!(throttled > 0, "qemu throttled the guest: {ended}");
+    assert!(
+        plans.iter().any(|plan| plan.contains("does not converge")),
+        "{plans:?}"
+    );
+    wait_until_owned_by(&hosts.hosts[0], "busy", "host-1", "running");
+    assert_workload_continues(&hosts.hosts[1], "busy", tick);
+}

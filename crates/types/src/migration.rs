@@ -26,6 +26,30 @@ pub struct MigrateVmRequest {
     pub downtime_limit_ms: Option<u64>,
     /// Give up (and leave the VM on the source) after this many seconds (default 600).
     pub timeout_secs: Option<u64>,
+    /// What to do when the plan says precopy would not converge (default `throttle`).
+    #[serde(default)]
+    pub when_not_converging: Option<ConvergencePolicy>,
+}
+
+/// What a migration does when the guest dirties memory faster than the link carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvergencePolicy {
+    /// Slow the guest's vCPUs (QEMU's auto-converge), starting at the throttle the plan says
+    /// is needed and raising it while the dirty rate stays above half the link's.
+    #[default]
+    Throttle,
+    /// Never slow the guest: copy on until the migration converges or `--timeout` ends it.
+    KeepCopying,
+}
+
+impl ConvergencePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConvergencePolicy::Throttle => "throttle",
+            ConvergencePolicy::KeepCopying => "keep-copying",
+        }
+    }
 }
 
 /// Where a migration stands.
@@ -112,6 +136,20 @@ pub struct MigrationProgress {
     pub pages_known: u64,
     pub pages_delta: u64,
     pub pages_literal: u64,
+    /// The convergence plan, in words: whether precopy converges over this link, in how many
+    /// passes and seconds, or the throttle it needs (recomputed every poll).
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Whether the plan expects precopy to converge without a throttle.
+    #[serde(default)]
+    pub converges: Option<bool>,
+    /// QEMU's guest CPU throttle now, percent (auto-converge).
+    #[serde(default)]
+    pub throttle_percent: u64,
+    /// The downtime limit QEMU was given: the user's, minus the time the proxy's in-flight
+    /// bytes take to cross after QEMU stops the guest.
+    #[serde(default)]
+    pub qemu_downtime_limit_ms: Option<u64>,
 }
 
 /// One migration, as kept in the store and returned by the API.
@@ -129,6 +167,8 @@ pub struct MigrationRecord {
     pub phase: MigrationPhase,
     pub downtime_limit_ms: u64,
     pub timeout_secs: u64,
+    #[serde(default)]
+    pub when_not_converging: ConvergencePolicy,
     /// Set by `vm migrate --cancel`; the source aborts unless the new owner is already recorded.
     pub cancel_requested: bool,
     /// Unix seconds.
