@@ -25,12 +25,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use novacron_linkemu::{LinkEmulator, RunningLink};
-use novacron_migration::{ProxyConfig, receive_migration_stream, send_migration_stream};
+use novacron_migration::{
+    ConvergencePlanner, PlanInputs, ProxyConfig, receive_migration_stream, send_migration_stream,
+};
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(600);
+/// The guest workload's default dirty rate: 1024 fresh 4 KiB pages a second.
+const WORKLOAD_DIRTY_BYTES_PER_SECOND: f64 = 1024.0 * 4096.0;
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -121,6 +125,21 @@ struct Outcome {
     guest_continued: bool,
 }
 
+/// What the proxy's session measures, published by the source side for the convergence planner
+/// (the same planner `novacron vm migrate` runs).
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkView {
+    rate_bytes_per_second: f64,
+    wire_bytes_sent: u64,
+    send_window_bytes: u64,
+    round_trip: Duration,
+}
+
+type SharedLinkView = Arc<std::sync::Mutex<Option<LinkView>>>;
+
+/// The guest's pause limit every method gets (QEMU's default).
+const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
+
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         rate_mbit: 100.0,
@@ -209,6 +228,18 @@ fn main() -> anyhow::Result<()> {
         "floor: {} MiB of incompressible workload memory at {} Mbit/s = {floor_seconds:.1} s",
         options.workload_mib, options.rate_mbit
     );
+    // The precopy floor: the pages the workload rewrites while the region crosses are fresh
+    // random data too and must cross again, so a live copy moves at least M / (R - D).
+    let link_bytes_per_second = options.rate_mbit * 1e6 / 8.0;
+    if link_bytes_per_second > WORKLOAD_DIRTY_BYTES_PER_SECOND {
+        let precopy_floor = (options.workload_mib << 20) as f64
+            / (link_bytes_per_second - WORKLOAD_DIRTY_BYTES_PER_SECOND);
+        println!(
+            "precopy floor: the region plus what the workload rewrites meanwhile ({:.1} MiB/s) = \
+             {precopy_floor:.1} s",
+            WORKLOAD_DIRTY_BYTES_PER_SECOND / f64::from(1u32 << 20)
+        );
+    }
     println!(
         "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | real pause STOP→RESUME (ms) | guest continued |"
     );
@@ -354,8 +385,10 @@ async fn run_one(
     let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
     let send_window_bytes = options.send_window_mib << 20;
     let zstd_level = options.zstd_level;
+    let link_view: SharedLinkView = Arc::default();
     let source_thread = {
         let link = link.clone();
+        let link_view = link_view.clone();
         std::thread::spawn(move || {
             link.in_ns_a(move || {
                 source_side(
@@ -365,6 +398,7 @@ async fn run_one(
                     source_tls,
                     send_window_bytes,
                     zstd_level,
+                    link_view,
                 )
             })
         })
@@ -380,6 +414,7 @@ async fn run_one(
             Some(json!({ "max-bandwidth": 64u64 << 30 })),
         )
         .await?;
+    let mut qemu_limits: Vec<u64> = Vec::new();
     let started = Instant::now();
     source
         .qmp()
@@ -388,8 +423,43 @@ async fn run_one(
             Some(json!({ "uri": format!("unix:{}", outgoing.display()) })),
         )
         .await?;
+    let mut planner = ConvergencePlanner::new();
+    let mut last_plan = Instant::now();
     let info = loop {
         let info = source.qmp().query_migrate().await?;
+        let view = *link_view.lock().unwrap_or_else(|error| error.into_inner());
+        if method == Method::Proxy
+            && info["status"] == "active"
+            && last_plan.elapsed() >= Duration::from_millis(500)
+            && let Some(view) = view.filter(|view| view.rate_bytes_per_second > 0.0)
+        {
+            // As `vm migrate` does: QEMU's downtime limit re-planned from the measured link.
+            last_plan = Instant::now();
+            let ram = &info["ram"];
+            let ratio = planner.observe_ratio(
+                ram["transferred"].as_u64().unwrap_or(0),
+                view.wire_bytes_sent,
+            );
+            let (_, change) = planner.update(&PlanInputs {
+                remaining_bytes: ram["remaining"].as_u64().unwrap_or(0),
+                dirty_bytes_per_second: ram["dirty-pages-rate"].as_f64().unwrap_or(0.0) * 4096.0,
+                wire_bytes_per_second: view.rate_bytes_per_second,
+                encoding_ratio: ratio,
+                in_flight_wire_bytes: view.send_window_bytes,
+                round_trip: view.round_trip,
+                downtime_limit: DOWNTIME_LIMIT,
+            });
+            if let Some(limit) = change {
+                qemu_limits.push(limit);
+                source
+                    .qmp()
+                    .execute(
+                        "migrate-set-parameters",
+                        Some(json!({ "downtime-limit": limit })),
+                    )
+                    .await?;
+            }
+        }
         match info["status"].as_str().unwrap_or_default() {
             "completed" => break info,
             "failed" | "cancelled" => {
@@ -415,6 +485,9 @@ async fn run_one(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    if method == Method::Proxy {
+        eprintln!("   qemu downtime limits set by the plan (ms): {qemu_limits:?}");
+    }
     let stream_bytes = tokio::task::spawn_blocking(move || source_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("source side panicked"))??
@@ -537,6 +610,7 @@ fn source_side(
     tls: TlsSettings,
     send_window_bytes: u64,
     zstd_level: i32,
+    link_view: SharedLinkView,
 ) -> anyhow::Result<u64> {
     let mut config = ProxyConfig::default();
     config.encoder.zstd_level = zstd_level;
@@ -577,9 +651,29 @@ fn source_side(
                     },
                     ..SessionOptions::default()
                 };
-                let session = Session::connect(destination, &tls, options).await?;
-                let report =
-                    send_migration_stream(from_qemu, &session, &config).await?;
+                let session = Arc::new(Session::connect(destination, &tls, options).await?);
+                let publisher = {
+                    let session = session.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            let stats = session.stats();
+                            *link_view.lock().unwrap_or_else(|error| error.into_inner()) =
+                                Some(LinkView {
+                                    rate_bytes_per_second: stats.measured_rate_bytes_per_second,
+                                    wire_bytes_sent: stats.bulk_bytes_sent,
+                                    send_window_bytes: session.bulk_send_window(),
+                                    round_trip: stats.round_trip_estimate.unwrap_or_default(),
+                                });
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    })
+                };
+                let report = send_migration_stream(from_qemu, &session, &config).await;
+                publisher.abort();
+                let _ = publisher.await;
+                let report = report?;
+                let session = Arc::try_unwrap(session)
+                    .map_err(|_| anyhow::anyhow!("the session is still shared"))?;
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(
