@@ -895,7 +895,9 @@ impl Host {
     }
 
     /// `DELETE /api/v1/cluster/hosts/{host}`: removes a host (by name or node id) from the
-    /// region. Refused while VMs are assigned to it unless `force` (they are not evacuated).
+    /// region. Refused while VMs are assigned to it unless `force` (the API does not move them:
+    /// `cluster remove --force` evacuates them first with `vm migrate`, `--abandon-vms` leaves
+    /// them assigned to the removed host).
     pub async fn remove_cluster_host(
         &self,
         reference: &str,
@@ -929,9 +931,9 @@ impl Host {
             return Err(AgentError::Cluster {
                 code: ErrorCode::Conflict,
                 message: format!(
-                    "host {} has {} vm(s) assigned ({}); delete them first, or pass --force to \
-                     remove the host anyway (evacuation is not built yet: the VMs stay assigned \
-                     to the removed host)",
+                    "host {} has {} vm(s) assigned ({}); pass --force to move them to other \
+                     hosts first, or --abandon-vms to remove the host anyway (the VMs then stay \
+                     assigned to the removed host)",
                     host.host,
                     assigned.len(),
                     assigned.join(", ")

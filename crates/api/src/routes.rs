@@ -680,7 +680,8 @@ async fn create_join_token(
 }
 
 /// Removes a host (by name or node id) from the region. Refused while VMs are assigned to it
-/// unless `force=true`; VMs are not evacuated.
+/// unless `force=true`, which does not move them (the CLI's `cluster remove --force` migrates
+/// them away first).
 #[utoipa::path(delete, path = "/api/v1/cluster/hosts/{host}", tag = "cluster",
     params(("host" = String, Path, description = "host name or node id"), RemoveHostOptions),
     responses((status = 200, body = ClusterHost),

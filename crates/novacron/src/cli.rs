@@ -157,15 +157,21 @@ pub enum ClusterCommand {
     /// List the region's hosts: role, raft address, health (heartbeat), capacity
     #[command(visible_alias = "ls")]
     List,
-    /// Remove a host from the region (refused while VMs are assigned to it, unless --force;
-    /// VMs are not evacuated)
+    /// Remove a host from the region (refused while VMs are assigned to it, unless --force,
+    /// which first moves them to other hosts)
     #[command(visible_alias = "rm")]
     Remove {
         /// Host name or node id
         host: String,
-        /// Remove even though VMs are assigned to it (they stay assigned to a host that is gone)
-        #[arg(long)]
+        /// Evacuate first: move each VM assigned to the host elsewhere (`vm migrate`, the
+        /// scheduler picking the destination), then remove the host. Stops at the first VM
+        /// that cannot move; the host then stays in the region
+        #[arg(long, conflicts_with = "abandon_vms")]
         force: bool,
+        /// Remove the host without moving its VMs (for a host that is gone for good): they stay
+        /// assigned to the removed host until deleted
+        #[arg(long)]
+        abandon_vms: bool,
     },
 }
 

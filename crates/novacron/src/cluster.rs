@@ -6,7 +6,7 @@ use crate::client::{CliError, CliResult, Client};
 use crate::output;
 use novacron_types::{
     ByteSize, ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest,
-    ClusterMembershipChange, CreateJoinTokenRequest, ErrorCode, JoinTokenInfo,
+    ClusterMembershipChange, CreateJoinTokenRequest, ErrorCode, JoinTokenInfo, VmRecord,
 };
 use reqwest::Method;
 use std::time::{Duration, Instant};
@@ -98,12 +98,19 @@ pub async fn run(client: &Client, format: OutputFormat, command: ClusterCommand)
             let info: ClusterInfo = client.get("/api/v1/cluster").await?;
             output::emit(format, &info, print_hosts);
         }
-        ClusterCommand::Remove { host, force } => {
+        ClusterCommand::Remove {
+            host,
+            force,
+            abandon_vms,
+        } => {
+            if force {
+                evacuate(client, &host).await?;
+            }
             let removed: ClusterHost = client
                 .json(client.request(
                     Method::DELETE,
                     &format!(
-                        "/api/v1/cluster/hosts/{}?force={force}",
+                        "/api/v1/cluster/hosts/{}?force={abandon_vms}",
                         crate::image::url_encode(&host)
                     ),
                 ))
@@ -114,6 +121,59 @@ pub async fn run(client: &Client, format: OutputFormat, command: ClusterCommand)
                     removed.host, removed.node_id
                 );
             });
+        }
+    }
+    Ok(())
+}
+
+/// Moves every VM assigned to `host` (a name or node id) to other hosts, one at a time, each
+/// with its progress bar. The first VM that cannot move stops it with an error naming it; VMs
+/// already moved stay moved and the host stays in the region.
+async fn evacuate(client: &Client, host: &str) -> CliResult<()> {
+    let info: ClusterInfo = client.get("/api/v1/cluster").await?;
+    let Some(member) = info
+        .hosts
+        .iter()
+        .find(|member| member.host == host || member.node_id.to_string() == host)
+    else {
+        return Err(CliError::new(
+            ErrorCode::NotFound,
+            format!("host {host:?} is not in the region; `novacron cluster list` shows the hosts"),
+        ));
+    };
+    let vms: Vec<VmRecord> = client.get("/api/v1/vms").await?;
+    let assigned: Vec<&VmRecord> = vms
+        .iter()
+        .filter(|vm| vm.status.host == member.host)
+        .collect();
+    if assigned.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "evacuating {} vm(s) from host {}: {}",
+        assigned.len(),
+        member.host,
+        assigned
+            .iter()
+            .map(|vm| vm.spec.name.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for vm in assigned {
+        let name = vm.spec.name.to_string();
+        match crate::migration::evacuate(client, &name).await {
+            Ok(record) => eprintln!("moved vm {name} to {}", record.destination),
+            Err(error) => {
+                return Err(CliError::new(
+                    error.code,
+                    format!(
+                        "vm {name} could not be moved off host {}: {}; the host stays in the \
+                         region (VMs moved so far stay moved). Move or delete it and try again, \
+                         or pass --abandon-vms to remove the host anyway",
+                        member.host, error.message
+                    ),
+                ));
+            }
         }
     }
     Ok(())

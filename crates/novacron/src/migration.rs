@@ -70,6 +70,22 @@ pub async fn migrate(client: &Client, format: OutputFormat, args: MigrateArgs) -
     outcome(&record)
 }
 
+/// Moves `name` to a host placement chooses (defaults for everything else), following it with
+/// the progress bar; `Err` unless it moved. For `cluster remove --force`.
+pub async fn evacuate(client: &Client, name: &str) -> CliResult<MigrationRecord> {
+    let path = format!("/api/v1/vms/{}/migrate", url_encode(name));
+    let record: MigrationRecord = client
+        .json(
+            client
+                .request(Method::POST, &path)
+                .json(&MigrateVmRequest::default()),
+        )
+        .await?;
+    let record = follow(client, record).await?;
+    outcome(&record)?;
+    Ok(record)
+}
+
 /// The command's exit status: success only when the VM moved.
 fn outcome(record: &MigrationRecord) -> CliResult<()> {
     match record.phase {
@@ -118,9 +134,24 @@ async fn follow(client: &Client, mut record: MigrationRecord) -> CliResult<Migra
         bar.set_position(total.saturating_sub(progress.remaining_bytes).min(total));
         bar.set_message(progress_line(&record));
     }
+    // The store marks a live move completed when ownership changes; the destination resumes
+    // the guest right after and records when. Wait briefly for that so the summary can show
+    // the pause.
+    let resume_deadline = tokio::time::Instant::now() + RESUME_RECORD_WAIT;
+    while record.phase == MigrationPhase::Completed
+        && record.stopped_at_ms.is_some()
+        && record.resumed_at_ms.is_none()
+        && tokio::time::Instant::now() < resume_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        record = client.get(&path).await?;
+    }
     bar.finish_and_clear();
     Ok(record)
 }
+
+/// How long a finished live move's summary waits for the destination's RESUME time.
+const RESUME_RECORD_WAIT: Duration = Duration::from_secs(6);
 
 /// One line of progress: phase, stream vs wire bytes, rate, dirty rate, ETA, expected pause.
 fn progress_line(record: &MigrationRecord) -> String {

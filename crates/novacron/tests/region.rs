@@ -149,6 +149,48 @@ fn create_vm_with_memory(
     host.cli(&arguments)
 }
 
+/// Creates `name` on `on` from the test guest (256 MiB) with kernel command line `cmdline`,
+/// waits until it runs there and returns its record.
+fn create_running_vm(host: &TestHost, name: &str, on: &str, cmdline: &str) -> Value {
+    let guest = guest();
+    let kernel = guest.kernel.display().to_string();
+    let initrd = guest.initrd.display().to_string();
+    let created = host.cli(&[
+        "vm",
+        "create",
+        name,
+        "--memory",
+        "256MiB",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        cmdline,
+        "--host",
+        on,
+        "--wait-timeout",
+        "90",
+    ]);
+    assert_success(&created, &format!("vm create {name}"), host);
+    wait_until_owned_by(host, name, on, "running")
+}
+
+/// Host 0's outbound port shaped to 40 Mbit/s with 5 ms of delay: long enough migrations to
+/// interrupt or to outrun.
+fn forty_mbit_from_host_0() -> Vec<(usize, novacron_linkemu::HostLinkShape)> {
+    use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
+    let shape = HostLinkShape {
+        outbound: DirectionShape {
+            capacity: Capacity::BitsPerSecond(40_000_000),
+            delay: Duration::from_millis(5),
+            ..DirectionShape::default()
+        },
+        inbound: DirectionShape::default(),
+    };
+    vec![(0, shape)]
+}
+
 fn assert_success(output: &std::process::Output, what: &str, host: &TestHost) {
     assert!(
         output.status.success(),
@@ -673,28 +715,12 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     let hosts = Hosts::start(3);
     form_region(&hosts);
     let first = &hosts.hosts[0];
-    let guest = guest();
-    let kernel = guest.kernel.display().to_string();
-    let initrd = guest.initrd.display().to_string();
-    let created = first.cli(&[
-        "vm",
-        "create",
+    let vm = create_running_vm(
+        first,
         "mover",
-        "--memory",
-        "256MiB",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        "console=ttyS0 novacron.workload=1 novacron.workload_mib=16",
-        "--host",
         "host-0",
-        "--wait-timeout",
-        "90",
-    ]);
-    assert_success(&created, "vm create mover", first);
-    let vm = wait_until_owned_by(first, "mover", "host-0", "running");
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=16",
+    );
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let source_tick = poll("workload ticks on host-0", Duration::from_secs(90), || {
         last_workload_tick(&first.serial_log("mover"))
@@ -910,6 +936,45 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         b"NCMARK42",
         "the guest's write reached the destination's disk"
     );
+
+    // `cluster remove --force` evacuates first: each VM on host-2 (sleeper, cold; mover, live,
+    // when placement put it there) moves to another host, then host-2 leaves the region.
+    let stderr = first.fails(&["cluster", "remove", "host-2"], 6);
+    assert!(
+        stderr.contains("sleeper") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let mover_before = first.vm("mover");
+    let mover_was_on_2 = mover_before["status"]["host"] == "host-2";
+    let mover_tick = last_workload_tick(&hosts.hosts[2].serial_log("mover")).map(|(tick, _)| tick);
+    let removed = first.ok(&["cluster", "remove", "host-2", "--force"]);
+    assert!(removed.contains("removed host host-2"), "{removed}");
+    let vms = first.json(&["vm", "list"]);
+    let on_host_2: Vec<&Value> = vms
+        .as_array()
+        .expect("vm list")
+        .iter()
+        .filter(|vm| vm["status"]["host"] == "host-2")
+        .collect();
+    assert!(on_host_2.is_empty(), "evacuated: {on_host_2:?}");
+    assert_eq!(first.vm("sleeper")["status"]["state"], "stopped");
+    let list = cluster_list(first);
+    assert!(
+        roles(&list).iter().all(|(name, _, _)| name != "host-2"),
+        "{list}"
+    );
+    if mover_was_on_2 {
+        let owner = first.vm("mover")["status"]["host"]
+            .as_str()
+            .expect("host")
+            .to_string();
+        let owner = hosts
+            .hosts
+            .iter()
+            .find(|host| host.name() == owner)
+            .expect("mover's new host");
+        assert_workload_continues(owner, "mover", mover_tick.expect("mover ticked on host-2"));
+    }
 }
 
 /// Starts a live migration of `name` without waiting and polls (through `observer`, a host that
@@ -969,39 +1034,14 @@ fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
 /// guest's workload re-verifies its whole memory region on the source.
 #[test]
 fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
-    use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
-    let shape = HostLinkShape {
-        outbound: DirectionShape {
-            capacity: Capacity::BitsPerSecond(40_000_000),
-            delay: Duration::from_millis(5),
-            ..DirectionShape::default()
-        },
-        inbound: DirectionShape::default(),
-    };
-    let mut hosts = Hosts::start_shaped(3, &[], &[(0, shape)]);
+    let mut hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
     form_region(&hosts);
-    let guest = guest();
-    let kernel = guest.kernel.display().to_string();
-    let initrd = guest.initrd.display().to_string();
-    let created = hosts.hosts[0].cli(&[
-        "vm",
-        "create",
+    let vm = create_running_vm(
+        &hosts.hosts[0],
         "steady",
-        "--memory",
-        "256MiB",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        "console=ttyS0 novacron.workload=1 novacron.workload_mib=16",
-        "--host",
         "host-0",
-        "--wait-timeout",
-        "90",
-    ]);
-    assert_success(&created, "vm create steady", &hosts.hosts[0]);
-    let vm = wait_until_owned_by(&hosts.hosts[0], "steady", "host-0", "running");
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=16",
+    );
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let stays_on_source = |hosts: &Hosts, destination: usize| {
         wait_until_owned_by(&hosts.hosts[0], "steady", "host-0", "running");
@@ -1126,41 +1166,16 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
 /// migration's timeout ends it, leaving the VM on the source.
 #[test]
 fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
-    use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape};
-    let shape = HostLinkShape {
-        outbound: DirectionShape {
-            capacity: Capacity::BitsPerSecond(40_000_000),
-            delay: Duration::from_millis(5),
-            ..DirectionShape::default()
-        },
-        inbound: DirectionShape::default(),
-    };
-    let hosts = Hosts::start_shaped(3, &[], &[(0, shape)]);
+    let hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
     form_region(&hosts);
-    let guest = guest();
-    let kernel = guest.kernel.display().to_string();
-    let initrd = guest.initrd.display().to_string();
     // 2048 fresh random pages a second: 8 MiB/s against the link's 5 MB/s, nothing for the
     // codec to gain.
-    let created = hosts.hosts[0].cli(&[
-        "vm",
-        "create",
+    let vm = create_running_vm(
+        &hosts.hosts[0],
         "busy",
-        "--memory",
-        "256MiB",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        "console=ttyS0 novacron.workload=1 novacron.workload_mib=32 novacron.workload_dirty=2048",
-        "--host",
         "host-0",
-        "--wait-timeout",
-        "90",
-    ]);
-    assert_success(&created, "vm create busy", &hosts.hosts[0]);
-    let vm = wait_until_owned_by(&hosts.hosts[0], "busy", "host-0", "running");
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=32 novacron.workload_dirty=2048",
+    );
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let before = poll("busy's workload ticks", Duration::from_secs(90), || {
         last_workload_tick(&hosts.hosts[0].serial_log("busy"))

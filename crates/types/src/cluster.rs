@@ -61,8 +61,9 @@ pub struct JoinTokenInfo {
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, utoipa::IntoParams,
 )]
 pub struct RemoveHostOptions {
-    /// Remove even though VMs are assigned to the host (they are not evacuated: they stay
-    /// assigned to a host that no longer exists until deleted).
+    /// Remove even though VMs are assigned to the host. The API does not move them (they stay
+    /// assigned to a host that no longer exists until deleted); `novacron cluster remove
+    /// --force` moves them with `vm migrate` before it asks.
     #[serde(default)]
     pub force: bool,
 }
