@@ -39,6 +39,8 @@ pub struct HostConfig {
     /// In a region: how long a voter may be silent before the leader replaces it with a
     /// healthy learner.
     pub voter_loss_grace: Duration,
+    /// The host's labels, published in its heartbeats for placement (`zone=eu-1`).
+    pub labels: novacron_types::Labels,
 }
 
 impl HostConfig {
@@ -52,6 +54,7 @@ impl HostConfig {
             transfer_listen: None,
             transfer_listen_optional: false,
             voter_loss_grace: Duration::from_secs(60),
+            labels: Default::default(),
         }
     }
 }

@@ -396,6 +396,7 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
         at_unix_ms: join::now_unix_millis(),
         transfer_address,
         transfer_fingerprint,
+        labels: shared.config.labels.clone(),
     }
 }
 
@@ -954,13 +955,11 @@ impl Host {
 pub(crate) async fn place_vm(
     shared: &Shared,
     region: &Region,
-    cpus: u32,
-    memory_bytes: u64,
-    image: Option<&str>,
+    spec: &novacron_types::VmSpec,
     pinned: Option<&str>,
 ) -> Result<(String, String), AgentError> {
     let pinned = pinned.map(|name| ("--host", name));
-    place(shared, region, cpus, memory_bytes, image, pinned, None).await
+    place(shared, region, spec, pinned, None).await
 }
 
 /// Where a VM moves (`vm migrate`): placement over every host but the one it runs on, which is
@@ -974,9 +973,7 @@ pub(crate) async fn place_vm_elsewhere(
     place(
         shared,
         region,
-        record.spec.cpus,
-        record.spec.memory_bytes,
-        record.spec.image_id.as_deref(),
+        &record.spec,
         pinned.map(|name| ("--to", name)),
         Some(&record.status.host),
     )
@@ -986,9 +983,7 @@ pub(crate) async fn place_vm_elsewhere(
 async fn place(
     shared: &Shared,
     region: &Region,
-    cpus: u32,
-    memory_bytes: u64,
-    image: Option<&str>,
+    spec: &novacron_types::VmSpec,
     // The pinned host's name, with the flag that named it (for the error).
     pinned: Option<(&str, &str)>,
     leaving: Option<&str>,
@@ -1023,7 +1018,9 @@ async fn place(
                 } else {
                     HostState::Ready
                 },
-                labels: Default::default(),
+                labels: heartbeat
+                    .map(|beat| beat.labels.clone())
+                    .unwrap_or_default(),
                 cpu_capacity: heartbeat.map(|beat| beat.cpus).unwrap_or(0),
                 memory_capacity_mib: heartbeat.map(|beat| beat.memory_bytes >> 20).unwrap_or(0),
                 cpu_reserved: 0,
@@ -1052,7 +1049,7 @@ async fn place(
                 cpus: vm.record.spec.cpus,
                 memory_mib: vm.record.spec.memory_bytes >> 20,
                 image: vm.record.spec.image_id.clone(),
-                anti_affinity_group: None,
+                anti_affinity_group: vm.record.spec.anti_affinity_group.clone(),
             })
         })
         .collect();
@@ -1076,11 +1073,12 @@ async fn place(
     // Images are not fetched between hosts automatically yet: none counts as fetchable.
     let snapshot = Snapshot::new(specs, vms, std::iter::empty()).map_err(invalid)?;
     let request = Request {
-        cpus,
-        memory_mib: memory_bytes >> 20,
-        image: image.map(str::to_string),
+        cpus: spec.cpus,
+        memory_mib: spec.memory_bytes >> 20,
+        image: spec.image_id.clone(),
+        required_labels: spec.required_labels.clone(),
+        anti_affinity_group: spec.anti_affinity_group.clone(),
         pinned_host,
-        ..Request::default()
     };
     match snapshot
         .place(&request, &Policy::default())

@@ -144,20 +144,33 @@ impl Host {
         }
         // Refuse early, with the package name, when QEMU is missing.
         shared.hypervisor.binaries()?;
+        novacron_types::validate_labels(&request.required_labels)?;
+        if let Some(group) = &request.anti_affinity_group {
+            novacron_types::validate_group(group)?;
+        }
+        let spec = VmSpec {
+            name: name.clone(),
+            image_id: image.as_ref().map(|image| image.id.clone()),
+            cpus: request.cpus,
+            memory_bytes: request.memory_bytes,
+            disk_bytes: request.disk_bytes,
+            kernel,
+            initrd,
+            cmdline: request.cmdline.clone(),
+            restart_policy: request.restart_policy,
+            required_labels: request.required_labels.clone(),
+            anti_affinity_group: request.anti_affinity_group.clone(),
+        };
         let (assigned_host, placement) = match &shared.region {
             Some(region) => {
-                let (host, explanation) = crate::region::place_vm(
-                    shared,
-                    region,
-                    request.cpus,
-                    request.memory_bytes,
-                    image.as_ref().map(|image| image.id.as_str()),
-                    request.host.as_deref(),
-                )
-                .await?;
+                let (host, explanation) =
+                    crate::region::place_vm(shared, region, &spec, request.host.as_deref()).await?;
                 (host, Some(explanation))
             }
-            None => (self.assigned_host(request.host.as_deref()).await?, None),
+            None => {
+                self.check_constraints_alone(&spec).await?;
+                (self.assigned_host(request.host.as_deref()).await?, None)
+            }
         };
         // In a region the assigned host's reconciler makes the disk, even when it is this host:
         // a forwarded write whose answer was lost may still be applied later, and the VM must
@@ -171,17 +184,8 @@ impl Host {
         let record = VmRecord {
             format_version: RECORD_FORMAT_VERSION,
             uuid: uuid::Uuid::new_v4().to_string(),
-            spec: VmSpec {
-                name: name.clone(),
-                image_id: image.as_ref().map(|image| image.id.clone()),
-                cpus: request.cpus,
-                memory_bytes: request.memory_bytes,
-                disk_bytes: request.disk_bytes,
-                kernel,
-                initrd,
-                cmdline: request.cmdline.clone(),
-                restart_policy: request.restart_policy,
-            },
+            spec,
+
             desired: if request.start {
                 DesiredPower::Running
             } else {
@@ -238,6 +242,52 @@ impl Host {
             .await?;
         tracing::info!(vm = %name, uuid = %record.uuid, "vm created");
         Ok(record)
+    }
+
+    /// On a host outside a region, the VM's required labels and anti-affinity group are checked
+    /// against this host alone (its `serve --label`s, the VMs it holds).
+    async fn check_constraints_alone(&self, spec: &VmSpec) -> Result<(), AgentError> {
+        let labels = &self.shared.config.labels;
+        let missing: Vec<String> = spec
+            .required_labels
+            .iter()
+            .filter(|(key, value)| labels.get(*key) != Some(*value))
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(AgentError::InsufficientResources {
+                what: "the vm",
+                asked: format!("a host labelled {}", missing.join(", ")),
+                available: if labels.is_empty() {
+                    "no labels (serve --label KEY=VALUE adds them)".to_string()
+                } else {
+                    labels
+                        .iter()
+                        .map(|(key, value)| format!("{key}={value}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            });
+        }
+        if let Some(group) = &spec.anti_affinity_group {
+            let members: Vec<String> = self
+                .shared
+                .records
+                .vms()
+                .await?
+                .into_iter()
+                .filter(|vm| vm.record.spec.anti_affinity_group.as_ref() == Some(group))
+                .map(|vm| vm.record.spec.name.to_string())
+                .collect();
+            if !members.is_empty() {
+                return Err(AgentError::InsufficientResources {
+                    what: "the vm",
+                    asked: format!("a host without a vm of anti-affinity group {group}"),
+                    available: format!("vm(s) {} of that group", members.join(", ")),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The host a new VM is assigned to on a one-host cluster: this host (the only one `--host`

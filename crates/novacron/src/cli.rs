@@ -93,8 +93,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML config file (keys: data_dir, listen, host_name, stop_timeout_secs); flags and
-    /// environment variables override it
+    /// TOML config file (keys: data_dir, listen, host_name, stop_timeout_secs, qemu, qemu_img,
+    /// transfer_listen, voter_loss_grace_secs, labels); flags and environment variables override
+    /// it
     #[arg(long, env = "NOVACRON_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address the API listens on
@@ -118,6 +119,10 @@ pub struct ServeArgs {
     /// learner (default 60)
     #[arg(long, env = "NOVACRON_VOTER_LOSS_GRACE_SECS")]
     pub voter_loss_grace: Option<u64>,
+    /// A label of this host, KEY=VALUE (repeat for more; replaces the config file's `labels`).
+    /// VMs created with `--require-label KEY=VALUE` are placed only on hosts carrying it
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
+    pub labels: Vec<(String, String)>,
     /// Log as JSON lines instead of text
     #[arg(long)]
     pub log_json: bool,
@@ -353,9 +358,18 @@ pub struct CreateArgs {
     /// Create the VM without starting it
     #[arg(long)]
     pub no_start: bool,
-    /// Run the VM on this host of the region (default: the host that serves the request)
+    /// Run the VM on this host of the region (default: in a region placement chooses, alone the
+    /// host that serves the request). The host must still pass placement's filters
     #[arg(long)]
     pub host: Option<String>,
+    /// Place the VM only on hosts carrying this label (`serve --label`), KEY=VALUE; repeat for
+    /// more. Kept with the VM: `vm migrate` respects it too
+    #[arg(long = "require-label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
+    pub require_labels: Vec<(String, String)>,
+    /// Anti-affinity group: no two VMs of the group run on one host (placement refuses a host
+    /// that already runs one)
+    #[arg(long, value_name = "GROUP")]
+    pub anti_affinity: Option<String>,
     #[command(flatten)]
     pub wait: WaitOptions,
 }
@@ -492,4 +506,9 @@ pub enum LearnedModelArg {
     LeaveOneDriveOut,
     /// Only the classic predictors
     Skip,
+}
+
+/// Parses a `KEY=VALUE` label argument.
+pub fn parse_label_arg(text: &str) -> Result<(String, String), String> {
+    novacron_types::parse_label(text).map_err(|error| error.to_string())
 }

@@ -263,6 +263,9 @@ fn print_hosts(info: &ClusterInfo) {
                         format!("{} ({} running)", heartbeat.vms, heartbeat.vms_running)
                     })
                     .unwrap_or_else(|| "-".into()),
+                heartbeat
+                    .map(|heartbeat| output::labels(&heartbeat.labels))
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -276,6 +279,7 @@ fn print_hosts(info: &ClusterInfo) {
             "CPUS",
             "MEMORY FREE",
             "VMS",
+            "LABELS",
         ],
         &rows,
     );

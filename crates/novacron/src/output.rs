@@ -61,3 +61,15 @@ pub fn age(since_unix_seconds: u64) -> String {
         _ => format!("{}d", seconds / 86_400),
     }
 }
+
+/// `zone=eu-1,disk=ssd`, or `-` for none.
+pub fn labels(labels: &novacron_types::Labels) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

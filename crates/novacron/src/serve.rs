@@ -26,6 +26,8 @@ struct ConfigFile {
     qemu_img: Option<PathBuf>,
     transfer_listen: Option<String>,
     voter_loss_grace_secs: Option<u64>,
+    /// `labels = { zone = "eu-1" }`
+    labels: Option<novacron_types::Labels>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
@@ -77,6 +79,14 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
             bail!("--voter-loss-grace must be at least 1 second");
         }
         config.voter_loss_grace = Duration::from_secs(seconds);
+    }
+    config.labels = if args.labels.is_empty() {
+        file.labels.unwrap_or_default()
+    } else {
+        args.labels.into_iter().collect()
+    };
+    if let Err(error) = novacron_types::validate_labels(&config.labels) {
+        bail!("host labels: {error}");
     }
     let transfer_listen = args.transfer_listen.or(file.transfer_listen);
     config.transfer_listen_optional = transfer_listen.is_none();

@@ -55,6 +55,8 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 },
                 start: !args.no_start,
                 host: args.host,
+                required_labels: args.require_labels.into_iter().collect(),
+                anti_affinity_group: args.anti_affinity,
             };
             let record: VmRecord = client
                 .json(client.request(Method::POST, "/api/v1/vms").json(&request))
@@ -382,6 +384,14 @@ fn show(format: OutputFormat, record: &VmRecord) {
             (
                 "placement",
                 vm.placement.clone().unwrap_or_else(|| "-".into()),
+            ),
+            ("required labels", output::labels(&vm.spec.required_labels)),
+            (
+                "anti-affinity",
+                vm.spec
+                    .anti_affinity_group
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
             ),
             (
                 "migration",

@@ -90,6 +90,51 @@ fn vm_requests_are_validated_and_leave_nothing_behind() {
     assert!(error.contains("ghost"), "{error}");
     let error = host.fails(&["vm", "pause", "dup"], 6);
     assert!(error.contains("only a running VM"), "{error}");
+    // Alone, a host checks placement constraints against itself: it has no labels, and `dup`
+    // is not in a group but `grouped` will be.
+    let error = host.fails(
+        &[
+            "vm",
+            "create",
+            "x",
+            "--kernel",
+            kernel,
+            "--require-label",
+            "zone=a",
+        ],
+        7,
+    );
+    assert!(
+        error.contains("zone=a") && error.contains("no labels"),
+        "{error}"
+    );
+    host.ok(&[
+        "vm",
+        "create",
+        "grouped",
+        "--kernel",
+        kernel,
+        "--no-start",
+        "--anti-affinity",
+        "db",
+    ]);
+    let error = host.fails(
+        &[
+            "vm",
+            "create",
+            "x",
+            "--kernel",
+            kernel,
+            "--anti-affinity",
+            "db",
+        ],
+        7,
+    );
+    assert!(
+        error.contains("anti-affinity group db") && error.contains("grouped"),
+        "{error}"
+    );
+    host.ok(&["vm", "delete", "grouped"]);
     let error = host.fails(&["image", "delete", "img"], 6);
     assert!(error.contains("dup"), "image in use names its VM: {error}");
 

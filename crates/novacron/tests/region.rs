@@ -48,9 +48,14 @@ impl Hosts {
             let host = region.host(index).expect("host");
             let mut test_host =
                 TestHost::in_namespace(host.namespace(), &host.address().to_string());
-            test_host
-                .extra_args
-                .extend(["--host-name".to_string(), format!("host-{index}")]);
+            // Every host carries a zone label: host-0 is alone in zone a, the rest are in b.
+            let zone = if index == 0 { "zone=a" } else { "zone=b" };
+            test_host.extra_args.extend([
+                "--host-name".to_string(),
+                format!("host-{index}"),
+                "--label".to_string(),
+                zone.to_string(),
+            ]);
             test_host
                 .extra_args
                 .extend(serve_arguments.iter().map(|argument| argument.to_string()));
@@ -118,14 +123,17 @@ fn roles(list: &Value) -> Vec<(String, String, String)> {
 /// The fault scenarios pin it (`--host`): placement may still pick a host that died less than
 /// the heartbeat limit ago, and such a VM would wait in `creating` until its host is back.
 fn create_stopped_vm(host: &TestHost, name: &str, on: Option<&str>) -> std::process::Output {
-    create_vm_with_memory(host, name, on, "128MiB")
+    create_vm_with_memory(host, name, on, "128MiB", &[])
 }
 
+/// `vm create NAME --no-start` of the test guest with `memory`, on `on` or where placement
+/// chooses, with `extra` arguments.
 fn create_vm_with_memory(
     host: &TestHost,
     name: &str,
     on: Option<&str>,
     memory: &str,
+    extra: &[&str],
 ) -> std::process::Output {
     let guest = guest();
     let mut arguments = vec![
@@ -145,6 +153,7 @@ fn create_vm_with_memory(
     if let Some(on) = on {
         arguments.extend(["--host".into(), on.into()]);
     }
+    arguments.extend(extra.iter().map(|argument| argument.to_string()));
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     host.cli(&arguments)
 }
@@ -511,7 +520,7 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
     let big = format!("{}MiB", memory_mib * 6 / 10);
     let mut placed = Vec::new();
     for name in ["big-1", "big-2", "big-3"] {
-        let output = create_vm_with_memory(first, name, None, &big);
+        let output = create_vm_with_memory(first, name, None, &big, &[]);
         assert_success(&output, &format!("vm create {name} without --host"), first);
         let vm = first.vm(name);
         let host = vm["status"]["host"]
@@ -542,7 +551,7 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
         "spread over every host"
     );
 
-    let output = create_vm_with_memory(first, "big-4", None, &big);
+    let output = create_vm_with_memory(first, "big-4", None, &big, &[]);
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(
         output.status.code(),
@@ -563,6 +572,96 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
         Some(4),
         "a refused create leaves nothing"
     );
+
+    // Host labels (`serve --label`): host-0 alone is in zone a. They show in `cluster list`.
+    let listed = first.ok(&["cluster", "list"]);
+    assert!(
+        listed.contains("LABELS") && listed.contains("zone=a") && listed.contains("zone=b"),
+        "{listed}"
+    );
+    let output = create_vm_with_memory(
+        first,
+        "in-a",
+        None,
+        "128MiB",
+        &["--require-label", "zone=a"],
+    );
+    assert_success(&output, "vm create --require-label zone=a", first);
+    let vm = first.vm("in-a");
+    assert_eq!(vm["status"]["host"], "host-0", "{vm}");
+    let shown = first.ok(&["vm", "show", "in-a"]);
+    assert!(
+        shown.contains("zone=a"),
+        "vm show names the required label: {shown}"
+    );
+    // The label stays with the VM: the only host in zone a is the one it is on.
+    let stderr = first.fails(&["vm", "migrate", "in-a"], 7);
+    assert!(stderr.contains("labels"), "{stderr}");
+    let output = create_vm_with_memory(
+        first,
+        "nowhere",
+        None,
+        "128MiB",
+        &["--require-label", "zone=c"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(7), "no host in zone c: {stderr}");
+    for host in ["host-0", "host-1", "host-2"] {
+        assert!(stderr.contains(&format!("{host}: ")), "{host} in: {stderr}");
+    }
+    assert!(stderr.contains("zone"), "{stderr}");
+    let output = create_vm_with_memory(
+        first,
+        "badlabel",
+        None,
+        "128MiB",
+        &["--require-label", "zone"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KEY=VALUE"));
+
+    // Anti-affinity: three VMs of one group land on three hosts; a fourth fits nowhere.
+    let mut group_hosts = Vec::new();
+    for name in ["web-1", "web-2", "web-3"] {
+        let output =
+            create_vm_with_memory(first, name, None, "128MiB", &["--anti-affinity", "web"]);
+        assert_success(
+            &output,
+            &format!("vm create {name} --anti-affinity web"),
+            first,
+        );
+        group_hosts.push(
+            first.vm(name)["status"]["host"]
+                .as_str()
+                .expect("host")
+                .to_string(),
+        );
+    }
+    group_hosts.sort();
+    assert_eq!(group_hosts, ["host-0", "host-1", "host-2"], "one per host");
+    let output = create_vm_with_memory(first, "web-4", None, "128MiB", &["--anti-affinity", "web"]);
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("anti-affinity") || stderr.contains("web"),
+        "{stderr}"
+    );
+    eprintln!("anti-affinity refusal: {stderr}");
+    let output = first.cli(&["vm", "show", "web-4"]);
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "a refused create leaves nothing"
+    );
+    let output = create_vm_with_memory(
+        first,
+        "badgroup",
+        None,
+        "128MiB",
+        &["--anti-affinity", "Web"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("anti-affinity group"));
 }
 
 #[test]

@@ -29,6 +29,13 @@ pub struct CreateVmRequest {
     /// Host (by name) to run the VM on; default the host that serves the request.
     #[serde(default)]
     pub host: Option<String>,
+    /// Labels the VM's host must carry (`{"zone": "eu-1"}`); hosts get labels from `serve
+    /// --label`.
+    #[serde(default)]
+    pub required_labels: crate::Labels,
+    /// Anti-affinity group: no two VMs of a group are placed on one host.
+    #[serde(default)]
+    pub anti_affinity_group: Option<String>,
 }
 
 fn default_cpus() -> u32 {

@@ -95,6 +95,9 @@ pub struct HostHeartbeat {
     pub transfer_address: Option<String>,
     #[serde(default)]
     pub transfer_fingerprint: Option<String>,
+    /// The host's labels (`serve --label zone=eu-1`), matched by VMs' required labels.
+    #[serde(default)]
+    pub labels: crate::Labels,
 }
 
 /// One line of `cluster list`.

@@ -24,7 +24,10 @@ pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
 pub use link::LinkInfo;
 pub use migration::{MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord};
-pub use name::{ImageName, NameError, VmName};
+pub use name::{
+    ImageName, LABEL_MAX_LEN, Labels, NameError, VmName, parse_label, validate_group,
+    validate_label, validate_labels,
+};
 pub use size::{ByteSize, ParseSizeError};
 pub use transfer::{
     CreateTransferRequest, PeerRecord, TransferDirection, TransferEstimateBasis, TransferInfo,

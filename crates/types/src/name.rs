@@ -23,10 +23,69 @@ pub enum NameError {
         position: usize,
         rule: &'static str,
     },
+    #[error("label {text:?} is not KEY=VALUE (for example zone=eu-1)")]
+    NotKeyValue { text: String },
 }
 
 const VM_RULE: &str = "use lowercase letters, digits and '-', starting with a letter or digit";
 const IMAGE_RULE: &str = "use letters, digits, '.', '_' and '-', starting with a letter or digit";
+const LABEL_KEY_RULE: &str =
+    "use letters, digits, '.', '_', '-' and '/', starting with a letter or digit";
+const LABEL_VALUE_RULE: &str =
+    "use letters, digits, '.', '_' and '-', starting with a letter or digit";
+
+/// Longest label key, label value and anti-affinity group name.
+pub const LABEL_MAX_LEN: usize = 63;
+
+/// Host labels (`zone=eu-1`), or the labels a VM requires of its host.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// Checks one label's key and value.
+pub fn validate_label(key: &str, value: &str) -> Result<(), NameError> {
+    validate(
+        "label key",
+        key,
+        LABEL_MAX_LEN,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'),
+        LABEL_KEY_RULE,
+    )?;
+    validate(
+        "label value",
+        value,
+        LABEL_MAX_LEN,
+        |c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'),
+        LABEL_VALUE_RULE,
+    )
+}
+
+/// Checks every label of a set.
+pub fn validate_labels(labels: &Labels) -> Result<(), NameError> {
+    labels
+        .iter()
+        .try_for_each(|(key, value)| validate_label(key, value))
+}
+
+/// Parses `KEY=VALUE` (a command-line label).
+pub fn parse_label(text: &str) -> Result<(String, String), NameError> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(NameError::NotKeyValue {
+            text: text.to_string(),
+        });
+    };
+    validate_label(key, value)?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+/// Checks an anti-affinity group name (the rules of a VM name).
+pub fn validate_group(group: &str) -> Result<(), NameError> {
+    validate(
+        "anti-affinity group",
+        group,
+        LABEL_MAX_LEN,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+        VM_RULE,
+    )
+}
 
 fn validate(
     kind: &'static str,
@@ -182,6 +241,37 @@ mod tests {
             assert!(ImageName::new(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(ImageName::new("debian-12.qcow2").is_ok());
+    }
+
+    #[test]
+    fn labels_parse_and_refuse_clearly() {
+        assert_eq!(
+            parse_label("zone=eu-1").unwrap(),
+            ("zone".to_string(), "eu-1".to_string())
+        );
+        assert_eq!(
+            parse_label("novacron.io/disk=ssd").unwrap().0,
+            "novacron.io/disk"
+        );
+        for bad in [
+            "zone",
+            "=x",
+            "zone=",
+            "zone=a b",
+            "-k=v",
+            "k=v=w",
+            &format!("k={}", "v".repeat(64)),
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(
+            parse_label("zone")
+                .unwrap_err()
+                .to_string()
+                .contains("KEY=VALUE")
+        );
+        assert!(validate_group("web").is_ok());
+        assert!(validate_group("Web").is_err());
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
     pub restart_policy: RestartPolicy,
+    /// Labels its host must carry with exactly these values (placement and `vm migrate`
+    /// respect them).
+    #[serde(default, skip_serializing_if = "crate::Labels::is_empty")]
+    pub required_labels: crate::Labels,
+    /// VMs of one anti-affinity group run on distinct hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity_group: Option<String>,
 }
 
 /// What to do when QEMU exits on its own.
