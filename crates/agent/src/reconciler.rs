@@ -340,6 +340,33 @@ impl VmActor {
                 Some(id) => self.shared.records.image(id).await?,
                 None => None,
             };
+            if let Some(image) = &image
+                && self.shared.region.is_some()
+                && !self
+                    .shared
+                    .paths
+                    .image_file(&image.id, image.format)
+                    .exists()
+            {
+                // One status write per outcome: the retry after a failure keeps the failure's
+                // reason (a write would wake this actor at once instead of after the back-off).
+                let fetching = format!("fetching image {} from another host", image.name);
+                if !record
+                    .status
+                    .reason
+                    .as_deref()
+                    .is_some_and(|reason| reason.starts_with(&fetching))
+                {
+                    self.set_state(VmState::Creating, Some(fetching.clone()), |_| {})
+                        .await?;
+                }
+                if let Err(error) = crate::region::fetch_image(&self.shared, image).await {
+                    let reason = format!("{fetching}: {error}; retrying");
+                    self.set_state(VmState::Creating, Some(reason), |_| {})
+                        .await?;
+                    return Err(error);
+                }
+            }
             crate::vms::prepare_disk(&self.shared, record, image.as_ref()).await?;
             self.set_state(VmState::Stopped, None, |_| {}).await?;
             return Ok(Some(Next::Again));

@@ -1070,8 +1070,16 @@ async fn place(
     let invalid = |error: novacron_placement::PlacementError| {
         AgentError::InvalidArgument(format!("placement: {error}"))
     };
-    // Images are not fetched between hosts automatically yet: none counts as fetchable.
-    let snapshot = Snapshot::new(specs, vms, std::iter::empty()).map_err(invalid)?;
+    // A new VM's host fetches a missing image from a live host holding it (`fetch_image`); a
+    // migration's destination must already hold it.
+    let fetchable: Vec<String> = if leaving.is_none() {
+        image_sources(&heartbeats, now)
+            .flat_map(|heartbeat| heartbeat.images.iter().cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let snapshot = Snapshot::new(specs, vms, fetchable).map_err(invalid)?;
     let request = Request {
         cpus: spec.cpus,
         memory_mib: spec.memory_bytes >> 20,
@@ -1097,4 +1105,94 @@ async fn place(
             })
         }
     }
+}
+
+/// Heartbeats of hosts that can serve an image now: fresh, with a transfer listener.
+fn image_sources(heartbeats: &[HostHeartbeat], now: u64) -> impl Iterator<Item = &HostHeartbeat> {
+    let fresh = u64::try_from(UNREACHABLE_AFTER.as_millis()).unwrap_or(u64::MAX);
+    heartbeats.iter().filter(move |heartbeat| {
+        now.saturating_sub(heartbeat.at_unix_ms) <= fresh
+            && heartbeat.transfer_address.is_some()
+            && heartbeat.transfer_fingerprint.is_some()
+    })
+}
+
+/// Makes sure this host holds `image`'s file, pulling it over DWCP from a live host of the
+/// region that holds it (the one with the freshest heartbeat first, then the others). Returns
+/// the host it came from, or `None` when it was already here.
+pub(crate) async fn fetch_image(
+    shared: &Shared,
+    image: &novacron_types::ImageRecord,
+) -> Result<Option<String>, AgentError> {
+    use novacron_types::{CreateTransferRequest, TransferDirection, TransferState};
+    if shared.paths.image_file(&image.id, image.format).exists() {
+        return Ok(None);
+    }
+    let unavailable = |detail: String| AgentError::Cluster {
+        code: ErrorCode::Unavailable,
+        message: format!(
+            "image {} is not on this host and cannot be fetched: {detail}; `novacron image push` \
+             copies it here",
+            image.name
+        ),
+    };
+    if shared.region.is_none() {
+        return Err(unavailable("this host is not in a region".into()));
+    }
+    let service = shared
+        .transfer_service()
+        .ok_or_else(|| unavailable("this host's transfer service is not running".into()))?;
+    let now = join::now_unix_millis();
+    let heartbeats = shared.records.heartbeats().await?;
+    let mut sources: Vec<&HostHeartbeat> = image_sources(&heartbeats, now)
+        .filter(|heartbeat| {
+            heartbeat.host != shared.config.host_name && heartbeat.images.contains(&image.id)
+        })
+        .collect();
+    sources.sort_by_key(|heartbeat| std::cmp::Reverse(heartbeat.at_unix_ms));
+    let mut failures = Vec::new();
+    for source in sources {
+        let (Some(address), Some(fingerprint)) =
+            (&source.transfer_address, &source.transfer_fingerprint)
+        else {
+            continue;
+        };
+        tracing::info!(image = %image.name, from = %source.host, "fetching a missing image");
+        let started = service
+            .start(CreateTransferRequest {
+                direction: TransferDirection::Pull,
+                image: image.id.clone(),
+                address: address.clone(),
+                fingerprint: fingerprint.clone(),
+                name: None,
+            })
+            .await;
+        let mut info = match started {
+            Ok(info) => info,
+            Err(error) => {
+                failures.push(format!("{}: {error}", source.host));
+                continue;
+            }
+        };
+        while !info.state.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            info = service.get(&info.id)?;
+        }
+        if info.state == TransferState::Succeeded
+            && shared.paths.image_file(&image.id, image.format).exists()
+        {
+            tracing::info!(image = %image.name, from = %source.host, bytes = info.wire_bytes, "image fetched");
+            return Ok(Some(source.host.clone()));
+        }
+        failures.push(format!(
+            "{}: {}",
+            source.host,
+            info.message.unwrap_or_else(|| format!("{:?}", info.state))
+        ));
+    }
+    Err(unavailable(if failures.is_empty() {
+        "no live host of the region holds it".into()
+    } else {
+        failures.join("; ")
+    }))
 }

@@ -1036,6 +1036,43 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         "the guest's write reached the destination's disk"
     );
 
+    // A new VM on a host without its image: the host fetches the image from one that holds it
+    // (over DWCP, as `image pull` would), then makes the VM's disk on it.
+    let third = &hosts.hosts[2];
+    let mut arguments = TestHost::guest_vm_arguments("fetched", "base");
+    arguments.extend(["--host".into(), "host-2".into(), "--no-start".into()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    assert_success(&first.cli(&arguments), "vm create fetched on host-2", first);
+    let fetched = first.wait_for_state("fetched", "stopped");
+    let fetched_uuid = fetched["uuid"].as_str().expect("uuid").to_string();
+    assert!(
+        third
+            .vm_directory(&fetched_uuid)
+            .join("disk.qcow2")
+            .exists(),
+        "host-2 made the disk: {fetched}"
+    );
+    // The image records are the region's; what host-2 holds is in its heartbeat.
+    let base_id = first.json(&["image", "show", "base"])["id"]
+        .as_str()
+        .expect("image id")
+        .to_string();
+    poll(
+        "host-2's heartbeat lists the fetched image",
+        Duration::from_secs(30),
+        || {
+            cluster_list(first)["hosts"]
+                .as_array()
+                .expect("hosts")
+                .iter()
+                .find(|host| host["host"] == "host-2")
+                .and_then(|host| host["heartbeat"]["images"].as_array())
+                .is_some_and(|images| images.iter().any(|image| *image == base_id.as_str()))
+                .then_some(())
+        },
+    );
+    first.ok(&["vm", "delete", "fetched"]);
+
     // `cluster remove --force` evacuates first: each VM on host-2 (sleeper, cold; mover, live,
     // when placement put it there) moves to another host, then host-2 leaves the region.
     let stderr = first.fails(&["cluster", "remove", "host-2"], 6);
