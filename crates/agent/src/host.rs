@@ -41,6 +41,8 @@ pub struct HostConfig {
     pub voter_loss_grace: Duration,
     /// The host's labels, published in its heartbeats for placement (`zone=eu-1`).
     pub labels: novacron_types::Labels,
+    /// Serve the scratch keyspace (`/api/v1/scratch/...`, for store checks and diagnostics).
+    pub scratch_keys: bool,
 }
 
 impl HostConfig {
@@ -55,6 +57,7 @@ impl HostConfig {
             transfer_listen_optional: false,
             voter_loss_grace: Duration::from_secs(60),
             labels: Default::default(),
+            scratch_keys: false,
         }
     }
 }

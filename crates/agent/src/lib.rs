@@ -18,6 +18,7 @@ mod reconciler;
 mod records;
 mod region;
 mod resources;
+mod scratch;
 mod transfer;
 mod vms;
 

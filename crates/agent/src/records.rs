@@ -164,6 +164,11 @@ impl Records {
         }
     }
 
+    /// Transactions and reads routed like the records' (through the leader in a region).
+    pub fn store_routed(&self) -> &RecordStore {
+        &self.store
+    }
+
     /// The local store (watches, local reads, metrics).
     pub fn store(&self) -> &Store {
         &self.local

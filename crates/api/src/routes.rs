@@ -15,7 +15,8 @@ use futures::{SinkExt, StreamExt};
 use novacron_agent::ImportSource;
 use novacron_types::{
     ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest, ClusterMembershipChange,
-    CreateJoinTokenRequest, JoinTokenInfo, RemoveHostOptions,
+    CreateJoinTokenRequest, JoinTokenInfo, RemoveHostOptions, ScratchOutcome, ScratchRead,
+    ScratchWrite,
 };
 use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
@@ -62,6 +63,7 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(cluster_join))
         .routes(routes!(create_join_token))
         .routes(routes!(remove_cluster_host))
+        .routes(routes!(scratch_get, scratch_write))
 }
 
 /// Checks the bearer token on every path but health, and counts every request.
@@ -694,4 +696,38 @@ async fn remove_cluster_host(
 ) -> ApiResult<Json<ClusterHost>> {
     let Query(options) = options?;
     Ok(Json(state.host.remove_cluster_host(&host, options).await?))
+}
+
+/// Reads a scratch key, linearizably (through the leader in a region). Needs `serve
+/// --scratch-keys`; for checking the store from outside and for diagnostics.
+#[utoipa::path(get, path = "/api/v1/scratch/{key}", tag = "cluster",
+    params(("key" = String, Path, description = "letters, digits, '-', '_', '.'")),
+    responses((status = 200, body = ScratchRead),
+        (status = 400, description = "bad key", body = novacron_types::ApiErrorBody),
+        (status = 404, description = "the scratch keyspace is off", body = novacron_types::ApiErrorBody),
+        (status = 503, description = "no leader reachable", body = novacron_types::ApiErrorBody)))]
+async fn scratch_get(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<ScratchRead>> {
+    Ok(Json(state.host.scratch_get(&key).await?))
+}
+
+/// One conditional write of a scratch key: `put` or `delete`, applied when every condition
+/// holds. An answer that never came (timeout, lost leader) means the write may or may not
+/// have been applied.
+#[utoipa::path(post, path = "/api/v1/scratch/{key}", tag = "cluster",
+    params(("key" = String, Path, description = "letters, digits, '-', '_', '.'")),
+    request_body = ScratchWrite,
+    responses((status = 200, body = ScratchOutcome),
+        (status = 400, description = "bad key or write", body = novacron_types::ApiErrorBody),
+        (status = 404, description = "the scratch keyspace is off", body = novacron_types::ApiErrorBody),
+        (status = 503, description = "no leader reachable", body = novacron_types::ApiErrorBody)))]
+async fn scratch_write(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    body: Result<Json<ScratchWrite>, JsonRejection>,
+) -> ApiResult<Json<ScratchOutcome>> {
+    let Json(write) = body?;
+    Ok(Json(state.host.scratch_write(&key, write).await?))
 }

@@ -123,6 +123,11 @@ pub struct ServeArgs {
     /// VMs created with `--require-label KEY=VALUE` are placed only on hosts carrying it
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
     pub labels: Vec<(String, String)>,
+    /// Serve the scratch keyspace, `/api/v1/scratch/KEY`: plain keys in the region's store,
+    /// read and written like NovaCron's records (for checking the store from outside, as the
+    /// linearizability test does, and for diagnostics). Off by default
+    #[arg(long, env = "NOVACRON_SCRATCH_KEYS")]
+    pub scratch_keys: bool,
     /// Log as JSON lines instead of text
     #[arg(long)]
     pub log_json: bool,

@@ -88,6 +88,7 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
     if let Err(error) = novacron_types::validate_labels(&config.labels) {
         bail!("host labels: {error}");
     }
+    config.scratch_keys = args.scratch_keys;
     let transfer_listen = args.transfer_listen.or(file.transfer_listen);
     config.transfer_listen_optional = transfer_listen.is_none();
     let transfer_listen = transfer_listen.unwrap_or_else(|| DEFAULT_TRANSFER_LISTEN.to_string());

@@ -3,7 +3,10 @@
 //! formed with `cluster init`, `cluster token create` and `cluster join` through the CLI. Then:
 //! the leader is killed with `kill -9` and writes continue through a survivor; a minority host's
 //! link goes down and it cannot write (a clear error within a bounded time, not a hang) while the
-//! majority can; after the link is back it catches up. Every wait polls with a deadline.
+//! majority can; after the link is back it catches up. Five hosts record a history of store
+//! reads and writes (the scratch keyspace) through a killed leader and a cut-off minority, and
+//! the project's Wing–Gong checker (`novacron-lincheck`) finds it linearizable. Every wait polls
+//! with a deadline.
 
 mod common;
 
@@ -250,10 +253,15 @@ fn form_region(hosts: &Hosts) {
     }
 
     let count = hosts.hosts.len();
-    // 3 voters for 3 or 4 hosts, the rest learners.
-    let learners_wanted = count.saturating_sub(3);
+    // The voter policy: 1 voter alone, 3 for 3 or 4 hosts, 5 from 5 hosts; the rest learners.
+    let voters_wanted = match count {
+        0..=2 => 1,
+        3 | 4 => 3,
+        _ => 5,
+    };
+    let learners_wanted = count - voters_wanted;
     poll(
-        "three voters (and the learners) with fresh heartbeats",
+        "the voters (and the learners) with fresh heartbeats",
         Duration::from_secs(60),
         || {
             let list = try_cluster_list(first)?;
@@ -267,7 +275,7 @@ fn form_region(hosts: &Hosts) {
             let healthy = roles.iter().all(|(_, _, health)| health == "ok");
             (roles.len() == count
                 && leaders == 1
-                && voters == 2
+                && voters == voters_wanted - 1
                 && learners == learners_wanted
                 && healthy)
                 .then_some(())
@@ -1397,4 +1405,310 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     );
     wait_until_owned_by(&hosts.hosts[0], "busy", "host-1", "running");
     assert_workload_continues(&hosts.hosts[1], "busy", tick);
+}
+
+/// One client of the scratch keyspace for the linearizability check: random single-key reads
+/// and conditional writes against one host's API, from a thread inside that host's network
+/// namespace, recorded until `stop`. A write without an answer (timeout, refused connection,
+/// an error status) is recorded with an unknown outcome; a failed read is dropped.
+fn scratch_client(
+    host: &TestHost,
+    client_id: u64,
+    recorder: novacron_lincheck::Recorder<novacron_lincheck::KvInput, novacron_lincheck::KvOutput>,
+    completed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    completed_here: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use novacron_lincheck::{Change, Condition, KvInput, KvOutput, Observed};
+    use novacron_types::{ScratchCondition, ScratchOutcome, ScratchRead, ScratchWrite};
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::Ordering;
+    let namespace = host.namespace.clone().expect("hosts run in namespaces");
+    let server = host.server();
+    let token = std::fs::read_to_string(host.data_dir.join("admin.token"))
+        .expect("the admin token")
+        .trim()
+        .to_string();
+    std::thread::spawn(move || {
+        novacron_linkemu::netns::in_namespace(&namespace, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(3))
+                    .build()
+                    .expect("an http client");
+                let mut random = rand::rngs::StdRng::seed_from_u64(0x5c4a7c4 ^ client_id);
+                let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
+                let mut serial = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    serial += 1;
+                    let key = format!("k{}", random.random_range(0..3));
+                    let url = format!("{server}/api/v1/scratch/{key}");
+                    let choice = random.random_range(0..10);
+                    let ok = if choice < 4 {
+                        let pending = recorder.invoke(client_id, KvInput::Get { key: key.clone() });
+                        let answer = async {
+                            let response = http.get(&url).bearer_auth(&token).send().await.ok()?;
+                            if !response.status().is_success() {
+                                return None;
+                            }
+                            response.json::<ScratchRead>().await.ok()
+                        }
+                        .await;
+                        match answer {
+                            Some(read) => {
+                                if let Some(value) = &read.value {
+                                    seen.insert(key.clone(), value.mod_revision);
+                                }
+                                pending.complete(KvOutput::Get(read.value.map(|value| Observed {
+                                    value: value.value.into_bytes(),
+                                    create_revision: value.create_revision,
+                                    mod_revision: value.mod_revision,
+                                    version: value.version,
+                                })));
+                                true
+                            }
+                            None => {
+                                pending.discard();
+                                false
+                            }
+                        }
+                    } else {
+                        let value = format!("c{client_id}-{serial}");
+                        let put = Change::Put(value.clone().into_bytes());
+                        let (conditions, changes, write) = match choice {
+                            4..=5 => (
+                                vec![],
+                                vec![put],
+                                ScratchWrite {
+                                    put: Some(value),
+                                    ..ScratchWrite::default()
+                                },
+                            ),
+                            6 => (
+                                vec![Condition::Absent],
+                                vec![put],
+                                ScratchWrite {
+                                    conditions: vec![ScratchCondition::Absent],
+                                    put: Some(value),
+                                    ..ScratchWrite::default()
+                                },
+                            ),
+                            7..=8 => {
+                                let expected = seen.get(&key).copied().unwrap_or(1);
+                                (
+                                    vec![Condition::ModRevision(expected)],
+                                    vec![put],
+                                    ScratchWrite {
+                                        conditions: vec![ScratchCondition::ModRevision {
+                                            mod_revision: expected,
+                                        }],
+                                        put: Some(value),
+                                        ..ScratchWrite::default()
+                                    },
+                                )
+                            }
+                            _ => (
+                                vec![Condition::Exists],
+                                vec![Change::Delete],
+                                ScratchWrite {
+                                    conditions: vec![ScratchCondition::Exists],
+                                    delete: true,
+                                    ..ScratchWrite::default()
+                                },
+                            ),
+                        };
+                        let input = KvInput::Transaction {
+                            key: key.clone(),
+                            conditions,
+                            changes,
+                        };
+                        let pending = recorder.invoke(client_id, input);
+                        let answer = async {
+                            let response = http
+                                .post(&url)
+                                .bearer_auth(&token)
+                                .json(&write)
+                                .send()
+                                .await;
+                            let response = response.ok()?;
+                            let status = response.status();
+                            assert!(
+                                !status.is_client_error() || status.as_u16() == 401,
+                                "a well-formed scratch write was refused: {status}"
+                            );
+                            if !status.is_success() {
+                                return None;
+                            }
+                            response.json::<ScratchOutcome>().await.ok()
+                        }
+                        .await;
+                        match answer {
+                            Some(outcome) => {
+                                pending.complete(KvOutput::Transaction {
+                                    succeeded: outcome.succeeded,
+                                    revision: outcome.revision,
+                                    deleted_keys: outcome.deleted_keys,
+                                    failed_condition: outcome
+                                        .failed_condition
+                                        .map(|index| (index, outcome.actual_mod_revision)),
+                                });
+                                true
+                            }
+                            None => {
+                                // The write may have been applied: its answer never came.
+                                pending.unknown();
+                                false
+                            }
+                        }
+                    };
+                    if ok {
+                        completed.fetch_add(1, Ordering::Relaxed);
+                        completed_here.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // A host without a leader (or killed): let the election finish.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            });
+        })
+        .expect("enter the host's namespace");
+    })
+}
+
+/// Five hosts (five voters). A client per host records reads and conditional writes of the
+/// scratch keyspace while the leader is killed with `kill -9` (and started again), then while
+/// two hosts are cut off (a minority) and healed. The majority keeps answering in each fault;
+/// the whole history, operations with unknown outcomes included, is linearizable.
+#[test]
+fn a_five_host_region_stays_linearizable_through_a_killed_leader_and_a_cut_minority() {
+    use novacron_lincheck::{CheckOptions, KvOutput, Recorder, Verdict, check_history};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut hosts = Hosts::start_with(5, &["--scratch-keys"]);
+    form_region(&hosts);
+    // The keyspace is off unless asked for: a host started without the flag refuses it.
+    let plain = TestHost::start();
+    let token = std::fs::read_to_string(plain.data_dir.join("admin.token")).expect("token");
+    let (status, body) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            let response = reqwest::Client::new()
+                .get(format!("{}/api/v1/scratch/k0", plain.server()))
+                .bearer_auth(token.trim())
+                .send()
+                .await
+                .expect("the plain host answers");
+            (response.status(), response.text().await.unwrap_or_default())
+        });
+    assert_eq!(status.as_u16(), 404, "{body}");
+    assert!(body.contains("--scratch-keys"), "{body}");
+    drop(plain);
+
+    let recorder = Recorder::new();
+    let completed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let completed_by: Vec<Arc<AtomicUsize>> =
+        (0..5).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let clients: Vec<_> = hosts
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            scratch_client(
+                host,
+                index as u64 + 1,
+                recorder.clone(),
+                completed.clone(),
+                completed_by[index].clone(),
+                stop.clone(),
+            )
+        })
+        .collect();
+    let wait_for = |what: &str, more: usize| {
+        let target = completed.load(Ordering::Relaxed) + more;
+        poll(what, Duration::from_secs(120), || {
+            (completed.load(Ordering::Relaxed) >= target).then_some(())
+        });
+    };
+    wait_for("operations before any fault", 60);
+
+    // The leader killed: the others elect a new one and keep answering.
+    let leader = leader_index(&hosts, 0);
+    let survivor = (leader + 1) % 5;
+    hosts.hosts[leader].kill_serve();
+    poll("a new leader", Duration::from_secs(60), || {
+        let list = try_cluster_list(&hosts.hosts[survivor])?;
+        let name = list["hosts"]
+            .as_array()?
+            .iter()
+            .find(|host| host["node_id"] == list["leader_id"])?["host"]
+            .as_str()?
+            .to_string();
+        (name != format!("host-{leader}")).then_some(())
+    });
+    wait_for("operations with the old leader dead", 60);
+    hosts.hosts[leader].spawn_serve();
+    wait_for("operations with the old leader back", 40);
+
+    // Two hosts that do not lead are cut off: the three others keep answering.
+    let leader = leader_index(&hosts, survivor);
+    let cut: Vec<usize> = (1..=2).map(|step| (leader + step) % 5).collect();
+    for &index in &cut {
+        hosts.set_link_up(index, false);
+    }
+    wait_for("operations with a minority cut off", 60);
+    let before_healing: Vec<usize> = cut
+        .iter()
+        .map(|&index| completed_by[index].load(Ordering::Relaxed))
+        .collect();
+    for &index in &cut {
+        hosts.set_link_up(index, true);
+    }
+    wait_for("operations after healing", 60);
+    // The healed hosts answer again (their clients' reads and writes go through the leader).
+    for (&index, before) in cut.iter().zip(before_healing) {
+        poll(
+            &format!("host-{index} answers after healing"),
+            Duration::from_secs(60),
+            || (completed_by[index].load(Ordering::Relaxed) >= before + 10).then_some(()),
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().expect("a client thread");
+    }
+
+    let history = recorder.history();
+    let unknown = history.iter().filter(|op| op.output.is_none()).count();
+    let writes = history
+        .iter()
+        .filter(|op| {
+            matches!(
+                op.output,
+                Some(KvOutput::Transaction {
+                    succeeded: true,
+                    ..
+                })
+            )
+        })
+        .count();
+    assert!(
+        writes > 50,
+        "too few successful writes to mean anything: {writes}"
+    );
+    let started = Instant::now();
+    let verdict = check_history(&history, CheckOptions::default()).expect("a well-formed history");
+    eprintln!(
+        "history of {} operations ({writes} successful writes, {unknown} with unknown outcome) \
+         checked in {:?}: {verdict:?}",
+        history.len(),
+        started.elapsed()
+    );
+    assert_eq!(verdict, Verdict::Linearizable);
 }

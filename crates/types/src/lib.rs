@@ -11,6 +11,7 @@ pub mod image;
 pub mod link;
 pub mod migration;
 pub mod name;
+pub mod scratch;
 pub mod size;
 pub mod transfer;
 pub mod vm;
@@ -28,6 +29,7 @@ pub use name::{
     ImageName, LABEL_MAX_LEN, Labels, NameError, VmName, parse_label, validate_group,
     validate_label, validate_labels,
 };
+pub use scratch::{ScratchCondition, ScratchOutcome, ScratchRead, ScratchValue, ScratchWrite};
 pub use size::{ByteSize, ParseSizeError};
 pub use transfer::{
     CreateTransferRequest, PeerRecord, TransferDirection, TransferEstimateBasis, TransferInfo,
