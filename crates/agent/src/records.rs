@@ -9,6 +9,8 @@
 //!                       fingerprint (`sha256:<hex>`)
 //! host-status/<node id, 20 digits>   HostHeartbeat (JSON): each host's status and capacity
 //! migrations/<id>       MigrationRecord (JSON): a live migration's state machine and history
+//! cluster/placement-policy   PlacementPolicy (JSON): how the region places VMs (absent: defaults)
+//! scratch/<key>         plain values of the scratch keyspace (`serve --scratch-keys`)
 //! ```
 //!
 //! In a region the writes and linearizable reads go through the [`ClusterStore`] (forwarded to
@@ -31,6 +33,7 @@ pub const IMAGE_NAME_PREFIX: &str = "image-names/";
 pub const PEER_PREFIX: &str = "peers/";
 pub const HOST_STATUS_PREFIX: &str = "host-status/";
 pub const MIGRATION_PREFIX: &str = "migrations/";
+pub const PLACEMENT_POLICY_KEY: &str = "cluster/placement-policy";
 
 pub fn migration_key(id: &str) -> String {
     format!("{MIGRATION_PREFIX}{id}")
@@ -181,6 +184,25 @@ impl Records {
             .list(HOST_STATUS_PREFIX, Consistency::Linearizable)
             .await?;
         listing.items.iter().map(decode).collect()
+    }
+
+    /// The region's placement policy (the defaults until someone sets one).
+    pub async fn placement_policy(&self) -> Result<novacron_types::PlacementPolicy, AgentError> {
+        Ok(self
+            .versioned(PLACEMENT_POLICY_KEY)
+            .await?
+            .map(|versioned| versioned.record)
+            .unwrap_or_default())
+    }
+
+    pub async fn put_placement_policy(
+        &self,
+        policy: &novacron_types::PlacementPolicy,
+    ) -> Result<(), AgentError> {
+        self.store
+            .transaction(Transaction::new().put(PLACEMENT_POLICY_KEY, encode(policy)))
+            .await?;
+        Ok(())
     }
 
     /// Writes this host's heartbeat.

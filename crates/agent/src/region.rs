@@ -988,7 +988,7 @@ async fn place(
     pinned: Option<(&str, &str)>,
     leaving: Option<&str>,
 ) -> Result<(String, String), AgentError> {
-    use novacron_placement::{HostSpec, HostState, Placement, Policy, Request, Snapshot, VmSpec};
+    use novacron_placement::{HostSpec, HostState, Placement, Request, Snapshot, VmSpec};
     let hosts = join::list_hosts(&region.cluster).await?;
     let heartbeats = shared.records.heartbeats().await?;
     let local = local_heartbeat(shared, region.node_id()).await;
@@ -1088,10 +1088,8 @@ async fn place(
         anti_affinity_group: spec.anti_affinity_group.clone(),
         pinned_host,
     };
-    match snapshot
-        .place(&request, &Policy::default())
-        .map_err(invalid)?
-    {
+    let policy = placement_policy(&shared.records.placement_policy().await?);
+    match snapshot.place(&request, &policy).map_err(invalid)? {
         Placement::Decision(decision) => Ok((decision.host_name, decision.explanation)),
         Placement::Refusal(refusal) => {
             let reasons: Vec<String> = refusal
@@ -1195,4 +1193,56 @@ pub(crate) async fn fetch_image(
     } else {
         failures.join("; ")
     }))
+}
+
+/// The placement core's policy for the region's stored one.
+fn placement_policy(policy: &novacron_types::PlacementPolicy) -> novacron_placement::Policy {
+    use novacron_placement::{AntiAffinityMode, Policy, Strategy};
+    use novacron_types::{AntiAffinity, PlacementStrategy};
+    Policy {
+        strategy: match policy.strategy {
+            PlacementStrategy::Spread => Strategy::Spread,
+            PlacementStrategy::BinPack => Strategy::BinPack,
+        },
+        cpu_overcommit: policy.cpu_overcommit,
+        memory_overcommit: policy.memory_overcommit,
+        image_locality_weight: policy.image_locality_weight,
+        anti_affinity: match policy.anti_affinity {
+            AntiAffinity::Hard => AntiAffinityMode::Hard,
+            AntiAffinity::Soft => AntiAffinityMode::Soft,
+        },
+        anti_affinity_weight: policy.anti_affinity_weight,
+    }
+}
+
+impl Host {
+    /// `GET /api/v1/cluster/placement-policy`.
+    pub async fn placement_policy(&self) -> Result<novacron_types::PlacementPolicy, AgentError> {
+        self.shared.records.placement_policy().await
+    }
+
+    /// `PUT /api/v1/cluster/placement-policy`: checked, then stored for the whole region. VMs
+    /// already placed stay where they are.
+    pub async fn set_placement_policy(
+        &self,
+        policy: novacron_types::PlacementPolicy,
+    ) -> Result<novacron_types::PlacementPolicy, AgentError> {
+        placement_policy(&policy)
+            .validate()
+            .map_err(|error| AgentError::InvalidArgument(format!("placement policy: {error}")))?;
+        self.shared.records.put_placement_policy(&policy).await?;
+        tracing::info!(?policy, "placement policy changed");
+        Ok(policy)
+    }
+}
+
+#[cfg(test)]
+mod placement_policy_tests {
+    #[test]
+    fn the_stored_default_is_the_placement_cores_default() {
+        assert_eq!(
+            super::placement_policy(&novacron_types::PlacementPolicy::default()),
+            novacron_placement::Policy::default()
+        );
+    }
 }

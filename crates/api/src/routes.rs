@@ -15,8 +15,8 @@ use futures::{SinkExt, StreamExt};
 use novacron_agent::ImportSource;
 use novacron_types::{
     ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest, ClusterMembershipChange,
-    CreateJoinTokenRequest, JoinTokenInfo, RemoveHostOptions, ScratchOutcome, ScratchRead,
-    ScratchWrite,
+    CreateJoinTokenRequest, JoinTokenInfo, PlacementPolicy, RemoveHostOptions, ScratchOutcome,
+    ScratchRead, ScratchWrite,
 };
 use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
@@ -64,6 +64,7 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(create_join_token))
         .routes(routes!(remove_cluster_host))
         .routes(routes!(scratch_get, scratch_write))
+        .routes(routes!(get_placement_policy, set_placement_policy))
 }
 
 /// Checks the bearer token on every path but health, and counts every request.
@@ -730,4 +731,28 @@ async fn scratch_write(
 ) -> ApiResult<Json<ScratchOutcome>> {
     let Json(write) = body?;
     Ok(Json(state.host.scratch_write(&key, write).await?))
+}
+
+/// The region's placement policy: strategy (spread or bin-pack), overcommit ratios,
+/// anti-affinity mode and the scoring weights.
+#[utoipa::path(get, path = "/api/v1/cluster/placement-policy", tag = "cluster",
+    responses((status = 200, body = PlacementPolicy),
+        (status = 503, description = "no reachable leader", body = novacron_types::ApiErrorBody)))]
+async fn get_placement_policy(State(state): State<ApiState>) -> ApiResult<Json<PlacementPolicy>> {
+    Ok(Json(state.host.placement_policy().await?))
+}
+
+/// Replaces the region's placement policy (fields left out take their defaults). Applies to
+/// VMs placed from now on; VMs already placed stay.
+#[utoipa::path(put, path = "/api/v1/cluster/placement-policy", tag = "cluster",
+    request_body = PlacementPolicy,
+    responses((status = 200, body = PlacementPolicy),
+        (status = 400, description = "a ratio or weight out of range", body = novacron_types::ApiErrorBody),
+        (status = 503, description = "no reachable leader", body = novacron_types::ApiErrorBody)))]
+async fn set_placement_policy(
+    State(state): State<ApiState>,
+    body: Result<Json<PlacementPolicy>, JsonRejection>,
+) -> ApiResult<Json<PlacementPolicy>> {
+    let Json(policy) = body?;
+    Ok(Json(state.host.set_placement_policy(policy).await?))
 }

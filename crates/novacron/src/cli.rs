@@ -148,6 +148,9 @@ pub enum ClusterCommand {
     /// Join tokens (one-time, expiring), created on the region's first host
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The region's placement policy: `policy show`, `policy set --strategy bin-pack ...`
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Make the host (a fresh one: no VMs, no images) join a region through the cluster
     /// listener of its first host. `serve` restarts itself with an empty store, becomes a
     /// learner and catches up; the leader makes it a voter when the region needs one (1, 3, 5)
@@ -204,6 +207,50 @@ pub enum TokenCommand {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the placement policy every host of the region places VMs with
+    Show,
+    /// Change some of its settings (the others keep their values); VMs already placed stay
+    Set(PolicySetArgs),
+    /// Back to the defaults: spread, CPU overcommit 4, memory 1, hard anti-affinity
+    Reset,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicySetArgs {
+    /// Spread VMs over the emptiest hosts, or bin-pack them onto the fullest that fit
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyArg>,
+    /// Allocatable vCPUs per host CPU (4 lets four vCPUs share a CPU), in (0, 1000]
+    #[arg(long, value_name = "RATIO")]
+    pub cpu_overcommit: Option<f64>,
+    /// Allocatable memory per byte of host memory, in (0, 1000]
+    #[arg(long, value_name = "RATIO")]
+    pub memory_overcommit: Option<f64>,
+    /// hard: a host running a VM of the group is excluded; soft: it only scores lower
+    #[arg(long, value_enum)]
+    pub anti_affinity: Option<AntiAffinityArg>,
+    /// Score lost per VM of the group on a host, with soft anti-affinity, in [0, 1000]
+    #[arg(long, value_name = "WEIGHT")]
+    pub anti_affinity_weight: Option<f64>,
+    /// Score bonus of a host that already holds the VM's image, in [0, 1000]
+    #[arg(long, value_name = "WEIGHT")]
+    pub image_locality_weight: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StrategyArg {
+    Spread,
+    BinPack,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AntiAffinityArg {
+    Hard,
+    Soft,
 }
 
 #[derive(Debug, Subcommand)]

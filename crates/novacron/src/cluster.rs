@@ -1,12 +1,15 @@
 //! `novacron cluster ...`: region commands. Init and join make the host's `serve` restart into
 //! the region; the commands wait (with a deadline) until the host answers again in its new role.
 
-use crate::cli::{ClusterCommand, OutputFormat, TokenCommand};
+use crate::cli::{
+    AntiAffinityArg, ClusterCommand, OutputFormat, PolicyCommand, StrategyArg, TokenCommand,
+};
 use crate::client::{CliError, CliResult, Client};
 use crate::output;
 use novacron_types::{
     ByteSize, ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest,
-    ClusterMembershipChange, CreateJoinTokenRequest, ErrorCode, JoinTokenInfo, VmRecord,
+    ClusterMembershipChange, CreateJoinTokenRequest, ErrorCode, JoinTokenInfo, PlacementPolicy,
+    VmRecord,
 };
 use reqwest::Method;
 use std::time::{Duration, Instant};
@@ -40,6 +43,7 @@ pub async fn run(client: &Client, format: OutputFormat, command: ClusterCommand)
                 );
             });
         }
+        ClusterCommand::Policy(command) => policy(client, format, command).await?,
         ClusterCommand::Token(TokenCommand::Create { ttl }) => {
             let ttl = parse_duration(&ttl)?;
             let token: JoinTokenInfo = client
@@ -317,6 +321,80 @@ fn humanize(duration: Duration) -> String {
         s if s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
     }
+}
+
+const POLICY_PATH: &str = "/api/v1/cluster/placement-policy";
+
+/// `cluster policy show|set|reset`.
+async fn policy(client: &Client, format: OutputFormat, command: PolicyCommand) -> CliResult<()> {
+    use novacron_types::{AntiAffinity, PlacementStrategy};
+    let policy = match command {
+        PolicyCommand::Show => client.get(POLICY_PATH).await?,
+        PolicyCommand::Reset => put_policy(client, &PlacementPolicy::default()).await?,
+        PolicyCommand::Set(args) => {
+            let mut policy: PlacementPolicy = client.get(POLICY_PATH).await?;
+            let unchanged = policy.clone();
+            if let Some(strategy) = args.strategy {
+                policy.strategy = match strategy {
+                    StrategyArg::Spread => PlacementStrategy::Spread,
+                    StrategyArg::BinPack => PlacementStrategy::BinPack,
+                };
+            }
+            if let Some(mode) = args.anti_affinity {
+                policy.anti_affinity = match mode {
+                    AntiAffinityArg::Hard => AntiAffinity::Hard,
+                    AntiAffinityArg::Soft => AntiAffinity::Soft,
+                };
+            }
+            for (value, field) in [
+                (args.cpu_overcommit, &mut policy.cpu_overcommit),
+                (args.memory_overcommit, &mut policy.memory_overcommit),
+                (args.anti_affinity_weight, &mut policy.anti_affinity_weight),
+                (
+                    args.image_locality_weight,
+                    &mut policy.image_locality_weight,
+                ),
+            ] {
+                if let Some(value) = value {
+                    *field = value;
+                }
+            }
+            if policy == unchanged {
+                return Err(CliError::new(
+                    ErrorCode::InvalidArgument,
+                    "nothing to change: give at least one setting (`novacron cluster policy set \
+                     --help` lists them)",
+                ));
+            }
+            put_policy(client, &policy).await?
+        }
+    };
+    output::emit(format, &policy, print_policy);
+    Ok(())
+}
+
+async fn put_policy(client: &Client, policy: &PlacementPolicy) -> CliResult<PlacementPolicy> {
+    client
+        .json(client.request(Method::PUT, POLICY_PATH).json(policy))
+        .await
+}
+
+fn print_policy(policy: &PlacementPolicy) {
+    let mode = |text: String| text.to_lowercase().replace("binpack", "bin-pack");
+    output::details(&[
+        ("strategy", mode(format!("{:?}", policy.strategy))),
+        ("cpu overcommit", policy.cpu_overcommit.to_string()),
+        ("memory overcommit", policy.memory_overcommit.to_string()),
+        ("anti-affinity", mode(format!("{:?}", policy.anti_affinity))),
+        (
+            "anti-affinity weight",
+            policy.anti_affinity_weight.to_string(),
+        ),
+        (
+            "image locality weight",
+            policy.image_locality_weight.to_string(),
+        ),
+    ]);
 }
 
 #[cfg(test)]

@@ -670,6 +670,41 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
     );
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("anti-affinity group"));
+
+    // The region's placement policy: shown, checked, and obeyed by the next placements.
+    let shown = first.ok(&["cluster", "policy", "show"]);
+    assert!(
+        shown.contains("spread") && shown.contains("cpu overcommit"),
+        "{shown}"
+    );
+    let stderr = first.fails(&["cluster", "policy", "set"], 2);
+    assert!(stderr.contains("nothing to change"), "{stderr}");
+    let stderr = first.fails(&["cluster", "policy", "set", "--cpu-overcommit", "0"], 2);
+    assert!(stderr.contains("cpu overcommit"), "{stderr}");
+    // Memory overcommitted twice: the VM refused above for memory now fits.
+    first.ok(&["cluster", "policy", "set", "--memory-overcommit", "2"]);
+    let output = create_vm_with_memory(first, "big-4", None, &big, &[]);
+    assert_success(&output, "vm create big-4 with memory overcommit 2", first);
+    let big_4_host = first.vm("big-4")["status"]["host"].clone();
+    // Bin-pack: small VMs go to the fullest host that fits, the one big-4 went to.
+    let policy = first.json(&["cluster", "policy", "set", "--strategy", "bin-pack"]);
+    assert_eq!(policy["strategy"], "bin-pack", "{policy}");
+    assert_eq!(
+        policy["memory_overcommit"], 2.0,
+        "other settings kept: {policy}"
+    );
+    for name in ["pack-1", "pack-2"] {
+        let output = create_vm_with_memory(first, name, None, "128MiB", &[]);
+        assert_success(&output, &format!("vm create {name} bin-packed"), first);
+        assert_eq!(first.vm(name)["status"]["host"], big_4_host, "{name}");
+    }
+    // Soft anti-affinity: a fourth VM of the group is placed, on a host with one already.
+    first.ok(&["cluster", "policy", "set", "--anti-affinity", "soft"]);
+    let output = create_vm_with_memory(first, "web-4", None, "128MiB", &["--anti-affinity", "web"]);
+    assert_success(&output, "vm create web-4 with soft anti-affinity", first);
+    let policy = first.json(&["cluster", "policy", "reset"]);
+    assert_eq!(policy["strategy"], "spread", "{policy}");
+    assert_eq!(policy["anti_affinity"], "hard", "{policy}");
 }
 
 #[test]

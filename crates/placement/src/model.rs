@@ -172,7 +172,7 @@ impl Default for Policy {
 }
 
 impl Policy {
-    pub(crate) fn validate(&self) -> Result<(), PlacementError> {
+    pub fn validate(&self) -> Result<(), PlacementError> {
         let refuse = |reason: String| Err(PlacementError::InvalidPolicy { reason });
         for (name, ratio) in [
             ("cpu overcommit", self.cpu_overcommit),

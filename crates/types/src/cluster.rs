@@ -127,3 +127,54 @@ pub struct ClusterInfo {
     pub unreachable_after_secs: u64,
     pub hosts: Vec<ClusterHost>,
 }
+
+/// How placement ranks hosts that pass every filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementStrategy {
+    /// Prefer the emptiest host.
+    Spread,
+    /// Prefer the fullest host that still fits, keeping others empty.
+    BinPack,
+}
+
+/// Whether an anti-affinity group excludes hosts or only lowers their score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum AntiAffinity {
+    /// A host already running a VM of the group is excluded.
+    Hard,
+    /// A host loses `anti_affinity_weight` per VM of the group it runs.
+    Soft,
+}
+
+/// The region's placement policy (`GET/PUT /api/v1/cluster/placement-policy`, `novacron cluster
+/// policy`): one record in the store, used by every host that places a VM. A field left out
+/// takes its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct PlacementPolicy {
+    pub strategy: PlacementStrategy,
+    /// Allocatable vCPUs = a host's CPUs × this ratio, in (0, 1000].
+    pub cpu_overcommit: f64,
+    /// Allocatable memory = a host's memory × this ratio, in (0, 1000].
+    pub memory_overcommit: f64,
+    pub anti_affinity: AntiAffinity,
+    /// Score lost per VM of the group on a host (soft anti-affinity), in [0, 1000].
+    pub anti_affinity_weight: f64,
+    /// Score bonus of a host that already holds the VM's image, in [0, 1000].
+    pub image_locality_weight: f64,
+}
+
+impl Default for PlacementPolicy {
+    fn default() -> Self {
+        Self {
+            strategy: PlacementStrategy::Spread,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            anti_affinity: AntiAffinity::Hard,
+            anti_affinity_weight: 0.5,
+            image_locality_weight: 0.2,
+        }
+    }
+}

@@ -18,8 +18,9 @@ pub mod vm;
 
 pub use api::{CreateVmRequest, DeleteOptions, Health, HostInfo, StopOptions};
 pub use cluster::{
-    ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest, ClusterMembershipChange,
-    CreateJoinTokenRequest, HostHeartbeat, JoinTokenInfo, RemoveHostOptions,
+    AntiAffinity, ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest,
+    ClusterMembershipChange, CreateJoinTokenRequest, HostHeartbeat, JoinTokenInfo, PlacementPolicy,
+    PlacementStrategy, RemoveHostOptions,
 };
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
