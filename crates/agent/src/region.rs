@@ -193,7 +193,9 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 pub(crate) struct Region {
     settings: std::sync::Mutex<RegionSettings>,
     pub(crate) cluster: ClusterStore,
-    ca: Option<Arc<ClusterCa>>,
+    /// The cluster CA, once this host holds it (node 1 from `cluster init`; the others from the
+    /// copy node 1 puts in the store, see [`share_ca`]).
+    ca: novacron_cluster::SharedCa,
     server: tokio::sync::Mutex<Option<RaftServer>>,
     paths: DataPaths,
 }
@@ -224,11 +226,13 @@ pub(crate) async fn open_store(
         save_settings(paths, &settings)?;
     }
     let identity = NodeIdentity::load(&dir)?;
-    let ca = if dir.join(novacron_cluster::identity::CA_KEY_FILE).exists() {
-        Some(Arc::new(ClusterCa::load(&dir)?))
-    } else {
-        None
-    };
+    let ca = novacron_cluster::server::shared_ca(
+        if dir.join(novacron_cluster::identity::CA_KEY_FILE).exists() {
+            Some(Arc::new(ClusterCa::load(&dir)?))
+        } else {
+            None
+        },
+    );
     let listener = RaftListener::bind(&settings.raft_listen, &identity).await?;
     let transport = MtlsRaftTransport::new(&identity, MtlsRaftOptions::default())?;
     let mut config = StoreConfig::new(paths.store_dir(), identity.node_id(), &settings.advertise);
@@ -246,7 +250,7 @@ pub(crate) async fn open_store(
         node_id = identity.node_id(),
         raft_address = %settings.advertise,
         listen = %server.local_address(),
-        holds_ca = ca.is_some(),
+        holds_ca = ca.get().is_some(),
         "region member started"
     );
     let region = Arc::new(Region {
@@ -332,6 +336,76 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, region: Arc<Region>) {
         match timing::load_raft_timing(&region.cluster).await {
             Ok(stored) => mirror_raft_timing(&region, stored),
             Err(error) => tracing::debug!(%error, "region raft timing unreadable"),
+        }
+        if let Err(error) = share_ca(&region).await {
+            tracing::debug!(%error, "cluster CA not shared yet");
+        }
+    }
+}
+
+/// Store key of the cluster CA's copy.
+const CA_RECORD_KEY: &str = "cluster/ca";
+
+/// The cluster CA as the store holds it, for every member to admit joiners.
+#[derive(Serialize, Deserialize)]
+struct CaRecord {
+    certificate_pem: String,
+    private_key_pem: String,
+}
+
+/// Spreads the cluster CA over the region, so that any member can admit a joining host, not
+/// only the first one: a host holding the CA puts a copy in the store once; a host without it
+/// takes the copy (after checking it is the CA its own certificate chains to), saves it in its
+/// cluster directory (the key with mode 0600) and admits joiners from then on. Like Incus's
+/// shared cluster certificate, every member then holds the key; the store's files are as
+/// private as the key file.
+async fn share_ca(region: &Region) -> Result<(), AgentError> {
+    let store = region.cluster.store();
+    let stored = store.get(CA_RECORD_KEY, Consistency::Local).await?;
+    match (region.ca.get(), stored) {
+        (Some(_), Some(_)) | (None, None) => Ok(()),
+        (Some(ca), None) => {
+            let record = CaRecord {
+                certificate_pem: ca.certificate_pem(),
+                private_key_pem: ca.private_key_pem().to_string(),
+            };
+            let value = serde_json::to_vec(&record).unwrap_or_default();
+            region
+                .cluster
+                .transaction(
+                    novacron_store::Transaction::new()
+                        .when_absent(CA_RECORD_KEY)
+                        .put(CA_RECORD_KEY, value),
+                )
+                .await?;
+            tracing::info!(
+                "cluster CA copied into the region's store: every member can admit hosts"
+            );
+            Ok(())
+        }
+        (None, Some(stored)) => {
+            let record: CaRecord = serde_json::from_slice(&stored.value).map_err(|error| {
+                AgentError::CorruptRecord {
+                    key: CA_RECORD_KEY.into(),
+                    reason: error.to_string(),
+                }
+            })?;
+            let ca = ClusterCa::from_pem(&record.certificate_pem, &record.private_key_pem)?;
+            let dir = cluster_dir(&region.paths);
+            let own = NodeIdentity::load(&dir)?;
+            if ca.certificate_pem()
+                != novacron_cluster::identity::certificate_pem(own.ca_certificate_der().as_ref())
+            {
+                return Err(AgentError::CorruptRecord {
+                    key: CA_RECORD_KEY.into(),
+                    reason: "it is not the CA that signed this host's certificate".into(),
+                });
+            }
+            ca.save(&dir)?;
+            if region.ca.set(Arc::new(ca)).is_ok() {
+                tracing::info!("this host now holds the cluster CA and can admit hosts");
+            }
+            Ok(())
         }
     }
 }
@@ -865,13 +939,13 @@ impl Host {
         request: CreateJoinTokenRequest,
     ) -> Result<JoinTokenInfo, AgentError> {
         let region = self.region()?;
-        let Some(ca) = &region.ca else {
+        let Some(ca) = region.ca.get() else {
             return Err(AgentError::Cluster {
                 code: ErrorCode::Conflict,
-                message:
-                    "this host does not hold the cluster CA, so it cannot admit hosts; create \
-                          the token on the region's first host (node 1)"
-                        .into(),
+                message: "this host does not hold the cluster CA yet, so it cannot admit hosts; \
+                          every member receives a copy within seconds of joining: retry, or \
+                          create the token on another host"
+                    .into(),
             });
         };
         let lifetime = request

@@ -31,5 +31,5 @@ pub use error::{ClusterError, Result};
 pub use identity::{
     ClusterCa, NodeEnrolment, NodeIdentity, node_id_of_certificate, node_server_name,
 };
-pub use server::{RaftListener, RaftServer};
+pub use server::{RaftListener, RaftServer, SharedCa};
 pub use transport::{MtlsRaftOptions, MtlsRaftTransport};

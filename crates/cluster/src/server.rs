@@ -111,13 +111,14 @@ impl RaftListener {
         self.start(Arc::new(ServerContext {
             store,
             cluster: None,
-            ca: None,
+            ca: SharedCa::default(),
         }))
     }
 
     /// Starts serving everything: raft, forwarded writes and reads, membership requests, and,
-    /// when `ca` is given, join requests from hosts without a certificate yet.
-    pub fn serve_cluster(self, cluster: ClusterStore, ca: Option<Arc<ClusterCa>>) -> RaftServer {
+    /// once `ca` holds the cluster CA (it may be set later, while serving), join requests from
+    /// hosts without a certificate yet.
+    pub fn serve_cluster(self, cluster: ClusterStore, ca: SharedCa) -> RaftServer {
         self.start(Arc::new(ServerContext {
             store: cluster.store().clone(),
             cluster: Some(cluster),
@@ -142,7 +143,20 @@ impl RaftListener {
 struct ServerContext {
     store: Store,
     cluster: Option<ClusterStore>,
-    ca: Option<Arc<ClusterCa>>,
+    ca: SharedCa,
+}
+
+/// The cluster CA as a host comes to hold it: empty on a host without it, set once when the
+/// host receives a copy (the listener admits joiners from then on).
+pub type SharedCa = Arc<std::sync::OnceLock<Arc<ClusterCa>>>;
+
+/// A [`SharedCa`] holding `ca`, or empty.
+pub fn shared_ca(ca: Option<Arc<ClusterCa>>) -> SharedCa {
+    let cell = SharedCa::default();
+    if let Some(ca) = ca {
+        let _ = cell.set(ca);
+    }
+    cell
 }
 
 /// mTLS server configuration: TLS 1.3, the aws-lc-rs provider (X25519MLKEM768 first), this
@@ -483,7 +497,7 @@ async fn handle_request(
             .await
             .map(|index| index.to_be_bytes().to_vec())
             .map_err(|error| RemoteFailure::from_store(&error)),
-        Request::Join(join) => match (&context.cluster, &context.ca) {
+        Request::Join(join) => match (&context.cluster, context.ca.get()) {
             (Some(cluster), Some(ca)) => match crate::join::admit_host(cluster, ca, &join).await {
                 Ok(grant) => {
                     tracing::info!(

@@ -60,7 +60,7 @@ async fn open_host(
     config.request_timeout = Duration::from_secs(5);
     let store = Store::open(config).await.expect("open store");
     let cluster = ClusterStore::new(store, transport);
-    let server = listener.serve_cluster(cluster.clone(), ca);
+    let server = listener.serve_cluster(cluster.clone(), novacron_cluster::server::shared_ca(ca));
     Host {
         cluster,
         server,

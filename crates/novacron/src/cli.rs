@@ -145,17 +145,17 @@ pub enum ClusterCommand {
         #[command(flatten)]
         addresses: RaftAddressArgs,
     },
-    /// Join tokens (one-time, expiring), created on the region's first host
+    /// Join tokens (one-time, expiring), created on any member of the region
     #[command(subcommand)]
     Token(TokenCommand),
     /// The region's placement policy: `policy show`, `policy set --strategy bin-pack ...`
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Make the host (a fresh one: no VMs, no images) join a region through the cluster
-    /// listener of its first host. `serve` restarts itself with an empty store, becomes a
+    /// listener of a member (the one that created the token). `serve` restarts itself with an empty store, becomes a
     /// learner and catches up; the leader makes it a voter when the region needs one (1, 3, 5)
     Join {
-        /// Cluster listener of the region's first host, HOST:PORT (printed by `token create`)
+        /// Cluster listener of a member, HOST:PORT (printed by `token create` there)
         address: String,
         /// The join token printed by `novacron cluster token create` (`--token` is the API
         /// token of every command, hence the longer name)

@@ -216,6 +216,11 @@ fn assert_success(output: &std::process::Output, what: &str, host: &TestHost) {
 /// Forms the region: host-0 inits, the others join with one-time tokens; waits for three
 /// voters (the leader's voter policy promotes the learners).
 fn form_region(hosts: &Hosts) {
+    form_region_of(hosts, hosts.hosts.len());
+}
+
+/// Forms a region of the first `count` hosts (the others stay alone).
+fn form_region_of(hosts: &Hosts, count: usize) {
     let first = &hosts.hosts[0];
     let mut init = vec!["cluster", "init", "--name", "test-region"];
     let raft = hosts.raft_arguments(0);
@@ -224,7 +229,7 @@ fn form_region(hosts: &Hosts) {
     assert_eq!(created["region"], "test-region", "{created}");
     let first_address = hosts.raft_address(0);
 
-    for index in 1..hosts.hosts.len() {
+    for index in 1..count {
         let token = first.json(&["cluster", "token", "create", "--ttl", "10m"]);
         let token = token["token"].as_str().expect("token text").to_string();
         let raft = hosts.raft_arguments(index);
@@ -252,7 +257,6 @@ fn form_region(hosts: &Hosts) {
         }
     }
 
-    let count = hosts.hosts.len();
     // The voter policy: 1 voter alone, 3 for 3 or 4 hosts, 5 from 5 hosts; the rest learners.
     let voters_wanted = match count {
         0..=2 => 1,
@@ -1617,14 +1621,15 @@ fn scratch_client(
 /// Five hosts (five voters). A client per host records reads and conditional writes of the
 /// scratch keyspace while the leader is killed with `kill -9` (and started again), then while
 /// two hosts are cut off (a minority) and healed. The majority keeps answering in each fault;
-/// the whole history, operations with unknown outcomes included, is linearizable.
+/// the whole history, operations with unknown outcomes included, is linearizable. Then the
+/// first host (the CA's maker) dies for good and a sixth host joins through another member.
 #[test]
-fn a_five_host_region_stays_linearizable_through_a_killed_leader_and_a_cut_minority() {
+fn five_hosts_stay_linearizable_through_a_killed_leader_and_a_cut_minority_and_any_host_admits() {
     use novacron_lincheck::{CheckOptions, KvOutput, Recorder, Verdict, check_history};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    let mut hosts = Hosts::start_with(5, &["--scratch-keys"]);
-    form_region(&hosts);
+    let mut hosts = Hosts::start_with(6, &["--scratch-keys"]);
+    form_region_of(&hosts, 5);
     // The keyspace is off unless asked for: a host started without the flag refuses it.
     let plain = TestHost::start();
     let token = std::fs::read_to_string(plain.data_dir.join("admin.token")).expect("token");
@@ -1650,8 +1655,7 @@ fn a_five_host_region_stays_linearizable_through_a_killed_leader_and_a_cut_minor
     let stop = Arc::new(AtomicBool::new(false));
     let completed_by: Vec<Arc<AtomicUsize>> =
         (0..5).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-    let clients: Vec<_> = hosts
-        .hosts
+    let clients: Vec<_> = hosts.hosts[..5]
         .iter()
         .enumerate()
         .map(|(index, host)| {
@@ -1746,4 +1750,32 @@ fn a_five_host_region_stays_linearizable_through_a_killed_leader_and_a_cut_minor
         started.elapsed()
     );
     assert_eq!(verdict, Verdict::Linearizable);
+
+    // The first host, which made the cluster CA, is gone for good: every member got a copy of
+    // the CA, so another one admits a new host.
+    hosts.hosts[0].kill_serve();
+    let token = poll("a join token from host-3", Duration::from_secs(60), || {
+        let output = hosts.hosts[3].cli(&[
+            "cluster", "token", "create", "--ttl", "10m", "--output", "json",
+        ]);
+        let created: Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(created["token"].as_str()?.to_string())
+    });
+    let via = hosts.raft_address(3);
+    let raft = hosts.raft_arguments(5);
+    let mut join = vec!["cluster", "join", &via, "--join-token", &token];
+    join.extend(raft.iter().map(String::as_str));
+    let joined = hosts.hosts[5].json(&join);
+    assert_eq!(joined["region"], "test-region", "{joined}");
+    poll(
+        "host-5 is a healthy member",
+        Duration::from_secs(60),
+        || {
+            let list = try_cluster_list(&hosts.hosts[3])?;
+            roles(&list)
+                .iter()
+                .any(|(name, role, health)| name == "host-5" && role == "learner" && health == "ok")
+                .then_some(())
+        },
+    );
 }
