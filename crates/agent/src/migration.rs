@@ -29,8 +29,8 @@ use crate::records::Versioned;
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
 use novacron_migration::{
-    ConvergencePlanner, Plan, PlanInputs, ProxyConfig, receive_migration_stream,
-    send_migration_stream,
+    ConvergencePlanner, ImagePageIndex, Plan, PlanInputs, ProxyConfig, SharedImagePages,
+    receive_migration_stream, send_migration_stream,
 };
 use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
@@ -699,6 +699,24 @@ impl Source<'_> {
             )
         });
         let mut config = ProxyConfig::default();
+        // RAM pages equal to a block of the base image travel as hashes: the destination holds
+        // the image (it indexed it before answering Ready). Without an index every page is sent.
+        if let Some(image_id) = &self.record.spec.image_id {
+            match self.shared.records.image(image_id).await {
+                Ok(Some(image)) => {
+                    match index_image_pages(&self.shared, &image, &directory).await {
+                        Ok(index) => config.image_pages = index,
+                        Err(error) => {
+                            tracing::warn!(vm = %self.name, %error, "base image not indexed; its pages are sent in full")
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(vm = %self.name, %error, "base image record unreadable")
+                }
+            }
+        }
         let forecast_rate = forecast
             .filter(|forecast| forecast.expected_bits_per_sec > 0.0)
             .map(|forecast| forecast.expected_bits_per_sec / 8.0);
@@ -865,6 +883,7 @@ impl Source<'_> {
         progress.pages_zero = report.codec.zero_pages;
         progress.pages_known =
             report.codec.known_from_transfer + report.codec.known_from_destination;
+        progress.pages_from_image = report.codec.known_from_destination;
         progress.pages_delta = report.codec.delta_pages;
         progress.pages_literal = report.codec.literal_pages;
         self.commit(
@@ -1490,7 +1509,7 @@ pub(crate) async fn serve_destination(
 ) {
     let shared = service.shared().clone();
     let prepared = prepare_destination(&shared, &id).await;
-    let (record, qemu) = match prepared {
+    let (record, qemu, image_pages) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "incoming migration refused");
@@ -1508,7 +1527,7 @@ pub(crate) async fn serve_destination(
         return;
     }
     let result = tokio::select! {
-        result = receive_and_wait(&shared, &session, &record, &qemu, &id) => result,
+        result = receive_and_wait(&shared, &session, &record, &qemu, &id, image_pages) => result,
         ended = ended_elsewhere(&shared, &id) => Err(ended),
     };
     match result {
@@ -1586,7 +1605,7 @@ async fn refuse(
 async fn prepare_destination(
     shared: &Arc<Shared>,
     id: &str,
-) -> Result<(VmRecord, QemuVm), AgentError> {
+) -> Result<(VmRecord, QemuVm, SharedImagePages), AgentError> {
     let Some(Versioned {
         record: migration, ..
     }) = shared.records.migration(id).await?
@@ -1666,6 +1685,18 @@ async fn prepare_destination(
         let _ = tokio::fs::remove_dir_all(&directory).await;
         return Err(error);
     }
+    // The base image's blocks, which RAM pages may be sent as: the source assumes this host
+    // holds them, so a failure here refuses the migration.
+    let image_pages = match &image {
+        Some(image) => match index_image_pages(shared, image, &directory).await {
+            Ok(index) => index,
+            Err(error) => {
+                let _ = tokio::fs::remove_dir_all(&directory).await;
+                return Err(error);
+            }
+        },
+        None => SharedImagePages::default(),
+    };
     let binaries = shared.hypervisor.binaries()?;
     let probe = shared.hypervisor.accelerator().await?;
     let incoming = directory.join("incoming.sock");
@@ -1693,7 +1724,48 @@ async fn prepare_destination(
         return Err(error);
     }
     tracing::info!(vm = %record.spec.name, migration = %id, pid = qemu.pid(), "incoming qemu waits for the migration");
-    Ok((record, qemu))
+    Ok((record, qemu, image_pages))
+}
+
+/// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
+/// `novacron_migration::image_pages`). A qcow2 image is converted to a raw file in `directory`
+/// first; the file is unlinked once open, so nothing stays behind. Runs off the async threads.
+async fn index_image_pages(
+    shared: &Shared,
+    image: &novacron_types::ImageRecord,
+    directory: &std::path::Path,
+) -> Result<SharedImagePages, AgentError> {
+    let started = Instant::now();
+    let path = shared.paths.image_file(&image.id, image.format);
+    let (raw, temporary) = match image.format {
+        novacron_types::ImageFormat::Raw => (path, false),
+        novacron_types::ImageFormat::Qcow2 => {
+            let raw = directory.join("image-pages.raw");
+            let _ = tokio::fs::remove_file(&raw).await;
+            shared
+                .hypervisor
+                .qemu_img()?
+                .convert_to_raw(&path, novacron_qemu::ImageFormat::Qcow2, &raw)
+                .await?;
+            (raw, true)
+        }
+    };
+    let opened = raw.clone();
+    let index = tokio::task::spawn_blocking(move || ImagePageIndex::build(&opened))
+        .await
+        .map_err(|error| AgentError::io("indexing the base image", std::io::Error::other(error)))?;
+    if temporary {
+        let _ = tokio::fs::remove_file(&raw).await;
+    }
+    let index =
+        index.map_err(|error| AgentError::io(format!("indexing {}", raw.display()), error))?;
+    tracing::info!(
+        image = %image.name,
+        distinct_blocks = index.distinct_blocks(),
+        seconds = started.elapsed().as_secs_f64(),
+        "base image indexed for the migration's page codec"
+    );
+    Ok(SharedImagePages(Some(Arc::new(index))))
 }
 
 async fn receive_and_wait(
@@ -1702,6 +1774,7 @@ async fn receive_and_wait(
     record: &VmRecord,
     qemu: &QemuVm,
     id: &str,
+    image_pages: SharedImagePages,
 ) -> Result<(), AgentError> {
     let name = record.spec.name.to_string();
     let socket = shared.paths.vm_dir(&record.uuid).join("incoming.sock");
@@ -1721,7 +1794,11 @@ async fn receive_and_wait(
             }
         }
     };
-    let report = receive_migration_stream(session, stream, &ProxyConfig::default())
+    let config = ProxyConfig {
+        image_pages,
+        ..ProxyConfig::default()
+    };
+    let report = receive_migration_stream(session, stream, &config)
         .await
         .map_err(|error| {
             migration_error(

@@ -174,7 +174,7 @@ impl ChunkRepository for MemoryRepository {
 /// A `Hasher` for maps keyed by [`ContentHash`]: the key is already uniformly random, so its
 /// first eight bytes are a good hash and far cheaper than SipHash.
 #[derive(Default)]
-pub(crate) struct ContentHashHasher(u64);
+pub struct ContentHashHasher(u64);
 
 impl std::hash::Hasher for ContentHashHasher {
     fn finish(&self) -> u64 {
@@ -192,7 +192,8 @@ impl std::hash::Hasher for ContentHashHasher {
     fn write_usize(&mut self, _length: usize) {}
 }
 
-pub(crate) type ContentHashBuildHasher = std::hash::BuildHasherDefault<ContentHashHasher>;
+/// A `HashMap` hasher for [`ContentHash`] keys: they are already uniformly random.
+pub type ContentHashBuildHasher = std::hash::BuildHasherDefault<ContentHashHasher>;
 
 /// Checks content a destination looked up by hash before a decoder uses it: present, of the
 /// expected length, and really hashing to `hash` (a damaged local store must not corrupt a VM).

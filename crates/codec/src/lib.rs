@@ -52,11 +52,13 @@ pub use frame::{
     FRAME_HEADER_LENGTH, FRAME_VERSION, FrameHeader, frame_length, parse_frame_header,
 };
 pub use hash::{
-    BoxError, ChunkRepository, ContentHash, LocalContentSource, MemoryRepository, NothingLocal,
-    NothingRemote, RemoteHashQuery,
+    BoxError, ChunkRepository, ContentHash, ContentHashBuildHasher, LocalContentSource,
+    MemoryRepository, NothingLocal, NothingRemote, RemoteHashQuery,
 };
 pub use level::{LevelMeter, LevelProfile, choose_zstd_level};
-pub use page::{Page, PageDecoder, PageDecoderConfig, PageEncoder, PageEncoderConfig, PageStats};
+pub use page::{
+    Page, PageDecoder, PageDecoderConfig, PageEncoder, PageEncoderConfig, PageStats, is_zero,
+};
 pub use store::{
     ChunkStore, ImageManifest, ImageSummary, STORE_FORMAT_VERSION, StoreError, StoreRepository,
 };

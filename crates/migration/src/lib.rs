@@ -15,6 +15,7 @@
 
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod image_pages;
 pub mod plan;
 pub mod proxy;
 pub mod rebuild;
@@ -22,6 +23,7 @@ pub mod stream;
 #[doc(hidden)]
 pub mod synthetic;
 
+pub use image_pages::{ImagePageIndex, SharedImagePages};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, expected_send_window,

@@ -30,12 +30,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use novacron_codec::{
-    DecodeError, EncodeError, NothingLocal, NothingRemote, PAGE_SIZE as CODEC_PAGE_SIZE, Page,
-    PageDecoder, PageDecoderConfig, PageEncoder, PageEncoderConfig, PageStats,
+    DecodeError, EncodeError, PAGE_SIZE as CODEC_PAGE_SIZE, Page, PageDecoder, PageDecoderConfig,
+    PageEncoder, PageEncoderConfig, PageStats,
 };
 use novacron_transport::{Session, TransportError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::image_pages::SharedImagePages;
 use crate::rebuild::StreamRebuilder;
 use crate::stream::{PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
 
@@ -118,14 +119,17 @@ pub struct ProxyConfig {
     /// when there is one; else the transport's default guess of 1 Gbit/s). The first
     /// measurement, a second later, corrects it either way.
     pub initial_rate_bytes_per_second: f64,
+    /// The 4 KiB blocks of the VM's base image, which both hosts hold: RAM pages equal to one
+    /// travel as its hash (source) and are read back from the image (destination).
+    pub image_pages: SharedImagePages,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             encoder: PageEncoderConfig {
-                // No chunk-store questions yet: they need a round trip per frame over the
-                // control channel, which this first version does not make.
+                // Set from `image_pages`: the only content the destination is known to hold
+                // (no round trip per frame over the control channel).
                 query_destination: false,
                 ..PageEncoderConfig::default()
             },
@@ -133,6 +137,7 @@ impl Default for ProxyConfig {
             read_size: 256 << 10,
             adaptive_send_window_minimum: Some(2 << 20),
             initial_rate_bytes_per_second: 125e6,
+            image_pages: SharedImagePages::default(),
         }
     }
 }
@@ -235,7 +240,7 @@ impl SendWindow {
 /// Source side, sans-IO: QEMU's stream bytes in, proxy messages out.
 pub struct ProxyEncoder {
     parser: StreamParser,
-    encoder: PageEncoder<NothingRemote>,
+    encoder: PageEncoder<SharedImagePages>,
     rebuilder: StreamRebuilder,
     original: blake3::Hasher,
     script: Vec<u8>,
@@ -252,7 +257,13 @@ impl ProxyEncoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
         Ok(Self {
             parser: StreamParser::new(),
-            encoder: PageEncoder::new(config.encoder.clone(), NothingRemote)?,
+            encoder: PageEncoder::new(
+                PageEncoderConfig {
+                    query_destination: config.image_pages.0.is_some(),
+                    ..config.encoder.clone()
+                },
+                config.image_pages.clone(),
+            )?,
             rebuilder: StreamRebuilder::new(),
             original: blake3::Hasher::new(),
             script: Vec::new(),
@@ -419,7 +430,7 @@ pub struct ProxyDecoder {
     position: usize,
     /// Message-stream offset of `buffer[0]`.
     base: u64,
-    decoder: PageDecoder<NothingLocal>,
+    decoder: PageDecoder<SharedImagePages>,
     mirror_page_limit: u64,
     rebuilder: StreamRebuilder,
     block_names: Vec<String>,
@@ -441,7 +452,7 @@ impl ProxyDecoder {
                 PageDecoderConfig {
                     mirror_page_limit: limit,
                 },
-                NothingLocal,
+                config.image_pages.clone(),
             )?,
             mirror_page_limit: limit as u64,
             rebuilder: StreamRebuilder::new(),
@@ -866,6 +877,47 @@ mod tests {
                 "{codec:?}"
             );
         }
+    }
+
+    #[test]
+    fn pages_of_an_image_both_sides_hold_travel_as_hashes() {
+        let stream = two_pass_stream();
+        // An image holding the first pass's page contents (the synthetic guest's formula).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.raw");
+        let mut image = Vec::new();
+        for index in 0..7usize {
+            image.extend((0..CODEC_PAGE_SIZE).map(|position| (index % 7 + position / 64) as u8));
+        }
+        std::fs::write(&path, image).unwrap();
+        let index = std::sync::Arc::new(crate::ImagePageIndex::build(&path).unwrap());
+        let config = ProxyConfig {
+            image_pages: SharedImagePages(Some(index)),
+            ..ProxyConfig::default()
+        };
+        let mut encoder = ProxyEncoder::new(&config).unwrap();
+        let mut messages = Vec::new();
+        encoder.push(&stream, &mut messages).unwrap();
+        encoder.finish(&mut messages).unwrap();
+        let sent = encoder.report();
+        assert!(sent.codec.known_from_destination > 0, "{:?}", sent.codec);
+        let (_, plain) = encode(&stream, stream.len(), false);
+        assert!(
+            messages.len() < plain.message_bytes as usize,
+            "fewer bytes than without"
+        );
+
+        let mut decoder = ProxyDecoder::new(&config).unwrap();
+        let mut rebuilt = Vec::new();
+        decoder.push(&messages, &mut rebuilt).unwrap();
+        assert!(decoder.is_complete());
+        assert_eq!(rebuilt, stream);
+
+        // A destination without the image cannot rebuild it, and says so.
+        let mut without = ProxyDecoder::new(&ProxyConfig::default()).unwrap();
+        let mut out = Vec::new();
+        assert!(without.push(&messages, &mut out).is_err());
+        assert!(!without.is_complete());
     }
 
     #[test]

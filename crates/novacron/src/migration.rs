@@ -267,6 +267,18 @@ fn details(record: &MigrationRecord) {
         ("on the wire", ByteSize(progress.wire_bytes).to_string()),
         ("passes", progress.passes.to_string()),
         (
+            "pages",
+            format!(
+                "{} zero, {} known ({} from the base image at the destination), {} delta, {} \
+                 literal",
+                progress.pages_zero,
+                progress.pages_known,
+                progress.pages_from_image,
+                progress.pages_delta,
+                progress.pages_literal
+            ),
+        ),
+        (
             "dirty rate",
             format!("{}/s", ByteSize(progress.dirty_pages_per_second * 4096)),
         ),

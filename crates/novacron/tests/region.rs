@@ -1077,12 +1077,14 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         .expect("cmdline argument")
         + 1;
     arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 \
-                          novacron.workload=1 novacron.workload_mib=16"
+                          novacron.readdisk=1 novacron.workload=1 novacron.workload_mib=16"
         .into();
     arguments.extend(["--host".into(), "host-0".into()]);
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     assert_success(&first.cli(&arguments), "vm create disky", first);
     first.wait_for_console("disky", "NOVACRON-DISK-MARKED NCMARK42");
+    // The guest read its whole disk: its page cache holds the base image's blocks.
+    first.wait_for_console("disky", "NOVACRON-DISK-READ");
     let disky = wait_until_owned_by(first, "disky", "host-0", "running");
     let disky_uuid = disky["uuid"].as_str().expect("uuid").to_string();
     let disky_tick = poll("disky's workload ticks", Duration::from_secs(90), || {
@@ -1097,6 +1099,11 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         moved["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
         "the disk was mirrored: {moved}"
     );
+    // The page cache's copy of the disk (the guest's kernel file, about 14 MiB, in the image)
+    // travelled as hashes of blocks the destination read from its own copy of the base image.
+    let from_image = moved["progress"]["pages_from_image"].as_u64().unwrap_or(0);
+    eprintln!("disky: {from_image} pages found in the base image at the destination");
+    assert!(from_image > 2000, "pages from the base image: {moved}");
     wait_until_owned_by(first, "disky", "host-1", "running");
     poll(
         "disky's source copy removed",

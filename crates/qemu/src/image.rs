@@ -316,6 +316,39 @@ impl QemuImg {
         self.info(overlay_path).await
     }
 
+    /// Writes the guest-visible content of `source` as a raw image at `destination` (sparse:
+    /// zero clusters stay holes). Fails if `destination` exists.
+    pub async fn convert_to_raw(
+        &self,
+        source: &Path,
+        source_format: ImageFormat,
+        destination: &Path,
+    ) -> Result<(), ImageError> {
+        if destination.exists() {
+            return Err(ImageError::Rejected {
+                operation: "convert",
+                path: destination.to_owned(),
+                message: "file already exists".to_owned(),
+            });
+        }
+        let arguments = vec![
+            "convert".into(),
+            "-q".into(),
+            "-f".into(),
+            source_format.qemu_name().into(),
+            "-O".into(),
+            "raw".into(),
+            source.as_os_str().to_owned(),
+            destination.as_os_str().to_owned(),
+        ];
+        let output = self.run(source, &arguments).await?;
+        if !output.success {
+            let _ = std::fs::remove_file(destination);
+            return Err(rejected("convert", source, &output));
+        }
+        Ok(())
+    }
+
     async fn run(
         &self,
         path: &Path,

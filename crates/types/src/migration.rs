@@ -134,6 +134,10 @@ pub struct MigrationProgress {
     /// Pages sent as zero, already known to the destination, delta, or literal.
     pub pages_zero: u64,
     pub pages_known: u64,
+    /// Of the known pages, those found in the VM's base image at the destination (RAM holding
+    /// disk contents, e.g. the page cache) rather than sent earlier in this move.
+    #[serde(default)]
+    pub pages_from_image: u64,
     pub pages_delta: u64,
     pub pages_literal: u64,
     /// The convergence plan, in words: whether precopy converges over this link, in how many
