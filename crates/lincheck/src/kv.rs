@@ -433,6 +433,38 @@ impl Default for CheckOptions {
     }
 }
 
+/// How much a history says: the writes that succeeded and the operations whose outcome is
+/// unknown (a history with few successful writes proves little).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistorySummary {
+    pub operations: usize,
+    pub successful_writes: usize,
+    pub unknown_outcomes: usize,
+}
+
+/// Counts what [`HistorySummary`] reports.
+pub fn summarize(history: &[crate::Operation<KvInput, KvOutput>]) -> HistorySummary {
+    HistorySummary {
+        operations: history.len(),
+        successful_writes: history
+            .iter()
+            .filter(|operation| {
+                matches!(
+                    operation.output,
+                    Some(KvOutput::Transaction {
+                        succeeded: true,
+                        ..
+                    })
+                )
+            })
+            .count(),
+        unknown_outcomes: history
+            .iter()
+            .filter(|operation| operation.output.is_none())
+            .count(),
+    }
+}
+
 /// Checks a history of single-key operations on the store: split by key, each key checked
 /// against [`KeyModel`], then revisions checked across keys.
 pub fn check_history(

@@ -18,7 +18,7 @@ pub mod recorder;
 
 pub use checker::{Model, Operation, Outcome, check_operations};
 pub use kv::{
-    Change, CheckOptions, Condition, HistoryError, KeyModel, KvInput, KvOperation, KvOutput,
-    Observed, Verdict, check_history, check_revision_order,
+    Change, CheckOptions, Condition, HistoryError, HistorySummary, KeyModel, KvInput, KvOperation,
+    KvOutput, Observed, Verdict, check_history, check_revision_order, summarize,
 };
 pub use recorder::{Pending, Recorder};

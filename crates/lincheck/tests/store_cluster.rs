@@ -264,19 +264,8 @@ async fn history_with_an_isolated_leader_is_linearizable() {
     }
 
     let history = recorder.history();
-    let unknown = history.iter().filter(|op| op.output.is_none()).count();
-    let writes = history
-        .iter()
-        .filter(|op| {
-            matches!(
-                op.output,
-                Some(KvOutput::Transaction {
-                    succeeded: true,
-                    ..
-                })
-            )
-        })
-        .count();
+    let summary = novacron_lincheck::summarize(&history);
+    let (writes, unknown) = (summary.successful_writes, summary.unknown_outcomes);
     assert!(
         writes > 20,
         "too few successful writes to mean anything: {writes}"

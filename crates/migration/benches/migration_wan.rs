@@ -13,7 +13,8 @@
 //!
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
 //! --methods qemu,multifd,xbzrle,proxy [--send-window-mib N (fixed; default: the proxy's adaptive
-//! window)] [--zstd-level L]`. See bench/migration/README.md.
+//! window)] [--zstd-level L] [--disk-mib N (the realistic workload: a disk of this machine's files
+//! the guest reads into its page cache first)]`. See bench/migration/README.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
-    ConvergencePlanner, PlanInputs, ProxyConfig, receive_migration_stream, send_migration_stream,
+    ConvergencePlanner, PlanInputs, ProxyConfig, SharedImagePages, receive_migration_stream,
+    send_migration_stream,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
@@ -49,6 +51,100 @@ struct Options {
     send_window_mib: u64,
     /// The proxy's zstd level for page frames.
     zstd_level: i32,
+    /// The realistic workload's disk (0: none, the adversarial workload alone): a base image of
+    /// this size filled with this machine's own files, which the guest reads whole into its page
+    /// cache before the move, under a qcow2 overlay on each side (the destination holds the base).
+    disk_mib: u64,
+}
+
+/// The realistic workload's base image, shared by every method of the run.
+struct RealisticDisk {
+    _directory: tempfile::TempDir,
+    base: PathBuf,
+    /// Bytes of files copied into it.
+    file_bytes: u64,
+    /// The base image's blocks, as `vm migrate`'s hosts index them before a move.
+    index: Arc<novacron_migration::ImagePageIndex>,
+    /// How long indexing took (a `vm migrate` host does it while preparing; added to the proxy's
+    /// total time below).
+    index_seconds: f64,
+}
+
+/// Builds the realistic disk: an ext4 image of `mib` MiB whose files are copies of this
+/// machine's libraries, programs and documentation (real, mixed-compressibility content).
+fn realistic_disk(mib: u64) -> anyhow::Result<RealisticDisk> {
+    let directory = tempfile::Builder::new()
+        .prefix("nmb-disk-")
+        .tempdir_in("/tmp")?;
+    let staging = directory.path().join("files");
+    std::fs::create_dir(&staging)?;
+    let budget = (mib << 20) * 8 / 10;
+    let mut file_bytes = 0u64;
+    let mut serial = 0u64;
+    let mut pending: Vec<PathBuf> = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/bin",
+        "/usr/share",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    'walk: while let Some(directory_path) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory_path) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+        entries.sort_by_key(|entry| entry.file_name());
+        for entry in entries {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                let size = entry.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+                if size == 0 || size > 64 << 20 {
+                    continue;
+                }
+                if file_bytes + size > budget {
+                    break 'walk;
+                }
+                serial += 1;
+                if std::fs::copy(entry.path(), staging.join(format!("f{serial:06}"))).is_ok() {
+                    file_bytes += size;
+                }
+            }
+        }
+    }
+    let base = directory.path().join("base.raw");
+    let status = std::process::Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-b", "4096", "-d"])
+        .arg(&staging)
+        .arg("-F")
+        .arg(&base)
+        .arg(format!("{mib}M"))
+        .status()
+        .context("running mke2fs")?;
+    if !status.success() {
+        bail!("mke2fs failed to build the {mib} MiB realistic disk");
+    }
+    std::fs::remove_dir_all(&staging)?;
+    let started = Instant::now();
+    let index = Arc::new(novacron_migration::ImagePageIndex::build(&base)?);
+    let index_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "realistic disk: {mib} MiB ext4 with {:.0} MiB of this machine's files; {} distinct blocks indexed in {index_seconds:.2} s",
+        file_bytes as f64 / f64::from(1u32 << 20),
+        index.distinct_blocks()
+    );
+    Ok(RealisticDisk {
+        _directory: directory,
+        base,
+        file_bytes,
+        index,
+        index_seconds,
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +251,7 @@ fn parse_options() -> anyhow::Result<Options> {
         ],
         send_window_mib: 0,
         zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
+        disk_mib: 0,
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -176,6 +273,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--workload-mib" => options.workload_mib = value.parse()?,
             "--send-window-mib" => options.send_window_mib = value.parse()?,
             "--zstd-level" => options.zstd_level = value.parse()?,
+            "--disk-mib" => options.disk_mib = value.parse()?,
             "--methods" => {
                 options.methods = value
                     .split(',')
@@ -183,7 +281,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --methods, --send-window-mib, --zstd-level"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --disk-mib, --methods, --send-window-mib, --zstd-level"
             ),
         }
         index += 2;
@@ -208,9 +306,19 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let disk = (options.disk_mib > 0)
+        .then(|| realistic_disk(options.disk_mib))
+        .transpose()?;
     let mut outcomes = Vec::new();
     for &method in &options.methods {
-        let outcome = runtime.block_on(run_one(method, &link, &options, &guest, &binaries))?;
+        let outcome = runtime.block_on(run_one(
+            method,
+            &link,
+            &options,
+            &guest,
+            &binaries,
+            disk.as_ref(),
+        ))?;
         outcomes.push(outcome);
     }
     println!(
@@ -221,6 +329,16 @@ fn main() -> anyhow::Result<()> {
         options.memory_mib,
         options.workload_mib
     );
+    if let Some(disk) = &disk {
+        println!(
+            "realistic workload: the guest first read its whole {} MiB disk ({:.0} MiB of this \
+             machine's files) into its page cache; the destination holds the base image. The \
+             proxy's time includes indexing the base image ({:.2} s)",
+            options.disk_mib,
+            disk.file_bytes as f64 / f64::from(1u32 << 20),
+            disk.index_seconds
+        );
+    }
     // The floor: the workload's region is fresh pseudo-random data (neither zero, repeated nor
     // compressible), so at least that much crosses the link whatever the method.
     let floor_seconds = (options.workload_mib << 20) as f64 * 8.0 / (options.rate_mbit * 1e6);
@@ -269,20 +387,38 @@ fn guest_spec(
     uuid: uuid::Uuid,
     run_dir: &Path,
     incoming: Option<&Path>,
-) -> LaunchSpec {
-    let extra = format!(
+    disk: Option<&RealisticDisk>,
+) -> anyhow::Result<LaunchSpec> {
+    let mut extra = format!(
         "novacron.workload=1 novacron.workload_mib={}",
         options.workload_mib
     );
+    if disk.is_some() {
+        extra.push_str(" novacron.readdisk=1");
+    }
     let mut spec = LaunchSpec::new(name, uuid, run_dir)
         .memory_mib(options.memory_mib)
         .kernel(guest.kernel_boot(&extra));
+    if let Some(disk) = disk {
+        // Each side its own overlay on the base image both hosts hold.
+        let overlay = run_dir.join("disk.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&disk.base)
+            .arg(&overlay)
+            .status()
+            .context("running qemu-img")?;
+        if !status.success() {
+            bail!("qemu-img could not create {}", overlay.display());
+        }
+        spec = spec.disk(overlay, novacron_qemu::ImageFormat::Qcow2);
+    }
     if incoming.is_some() {
         // `defer`: capabilities (multifd) must be set before QEMU listens (`migrate-incoming`).
         spec = spec.start_paused(true);
         spec.extra_arguments = vec!["-incoming".to_owned(), "defer".to_owned()];
     }
-    spec
+    Ok(spec)
 }
 
 fn pinned_pair() -> anyhow::Result<(TlsSettings, TlsSettings)> {
@@ -317,6 +453,7 @@ async fn run_one(
     options: &Options,
     guest: &TestGuest,
     binaries: &QemuBinaries,
+    disk: Option<&RealisticDisk>,
 ) -> anyhow::Result<Outcome> {
     eprintln!("== {}", method.name());
     let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
@@ -325,12 +462,23 @@ async fn run_one(
     let uuid = uuid::Uuid::new_v4();
     let source = QemuVm::launch(
         binaries,
-        &guest_spec(guest, options, "bench-src", uuid, source_dir.path(), None),
+        &guest_spec(
+            guest,
+            options,
+            "bench-src",
+            uuid,
+            source_dir.path(),
+            None,
+            disk,
+        )?,
     )
     .await?;
     // Both QEMUs die with this run, also when it fails half-way.
     let _source_guard = common::KillOnDrop::new(&source);
     let source_console = source.run_directory().console_log();
+    if disk.is_some() {
+        wait_for_console_text(&source_console, "NOVACRON-DISK-READ", DEADLINE).await?;
+    }
     wait_for_console_text(&source_console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
     let incoming = destination_dir.path().join("in.sock");
     let destination = QemuVm::launch(
@@ -342,7 +490,8 @@ async fn run_one(
             uuid,
             destination_dir.path(),
             Some(&incoming),
-        ),
+            disk,
+        )?,
     )
     .await?;
     let _destination_guard = common::KillOnDrop::new(&destination);
@@ -369,12 +518,21 @@ async fn run_one(
     let (destination_tls, source_tls) = pinned_pair()?;
     let address_b = link.addr_b();
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
+    let image_pages = SharedImagePages(disk.map(|disk| disk.index.clone()));
     let destination_thread = {
         let link = link.clone();
         let incoming = incoming.clone();
+        let image_pages = image_pages.clone();
         std::thread::spawn(move || {
             link.in_ns_b(move || {
-                destination_side(method, address_b, incoming, destination_tls, port_sender)
+                destination_side(
+                    method,
+                    address_b,
+                    incoming,
+                    destination_tls,
+                    port_sender,
+                    image_pages,
+                )
             })
         })
     };
@@ -384,7 +542,15 @@ async fn run_one(
     let outgoing = source_dir.path().join("out.sock");
     let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
     let send_window_bytes = options.send_window_mib << 20;
-    let zstd_level = options.zstd_level;
+    let mut config = ProxyConfig {
+        image_pages,
+        ..ProxyConfig::default()
+    };
+    config.encoder.zstd_level = options.zstd_level;
+    if send_window_bytes > 0 {
+        // A fixed window (`--send-window-mib`), instead of the proxy's adaptive one.
+        config.adaptive_send_window_minimum = None;
+    }
     let link_view: SharedLinkView = Arc::default();
     let source_thread = {
         let link = link.clone();
@@ -397,7 +563,7 @@ async fn run_one(
                     SocketAddr::from((address_b, port)),
                     source_tls,
                     send_window_bytes,
-                    zstd_level,
+                    config,
                     link_view,
                 )
             })
@@ -484,7 +650,13 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let mut seconds = started.elapsed().as_secs_f64();
+    if method == Method::Proxy
+        && let Some(disk) = disk
+    {
+        // `vm migrate` indexes the base image before QEMU starts sending.
+        seconds += disk.index_seconds;
+    }
     if method == Method::Proxy {
         eprintln!("   qemu downtime limits set by the plan (ms): {qemu_limits:?}");
     }
@@ -554,6 +726,7 @@ fn destination_side(
     incoming: PathBuf,
     tls: TlsSettings,
     port: tokio::sync::oneshot::Sender<u16>,
+    image_pages: SharedImagePages,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -588,8 +761,11 @@ fn destination_side(
                 let _ = port.send(listener.local_addr().port());
                 let session = listener.accept().await?;
                 let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
-                let report =
-                    receive_migration_stream(&session, to_qemu, &ProxyConfig::default()).await?;
+                let config = ProxyConfig {
+                    image_pages,
+                    ..ProxyConfig::default()
+                };
+                let report = receive_migration_stream(&session, to_qemu, &config).await?;
                 eprintln!(
                     "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes",
                     report.stream_bytes, report.message_bytes
@@ -609,15 +785,9 @@ fn source_side(
     destination: SocketAddr,
     tls: TlsSettings,
     send_window_bytes: u64,
-    zstd_level: i32,
+    config: ProxyConfig,
     link_view: SharedLinkView,
 ) -> anyhow::Result<u64> {
-    let mut config = ProxyConfig::default();
-    config.encoder.zstd_level = zstd_level;
-    if send_window_bytes > 0 {
-        // A fixed window (`--send-window-mib`), instead of the proxy's adaptive one.
-        config.adaptive_send_window_minimum = None;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -677,9 +847,10 @@ fn source_side(
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(
-                    "   proxy source: {} pages ({} known, {} delta, {} literal), {} message bytes for {} stream bytes",
+                    "   proxy source: {} pages ({} known, {} from the base image, {} delta, {} literal), {} message bytes for {} stream bytes",
                     report.pages,
                     codec.known_from_transfer,
+                    codec.known_from_destination,
                     codec.delta_pages,
                     codec.literal_pages,
                     report.message_bytes,
