@@ -168,6 +168,23 @@ async fn export_store_metrics(store: Store, shared: Arc<Shared>) {
     }
 }
 
+/// Saves the links every [`crate::links::LINKS_SAVE_INTERVAL`], so a host killed without a
+/// shutdown loses at most that much of their history.
+async fn save_links(links: Arc<crate::links::LinkMonitor>, path: std::path::PathBuf) {
+    let mut interval = tokio::time::interval(crate::links::LINKS_SAVE_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let (links, path) = (links.clone(), path.clone());
+        match tokio::task::spawn_blocking(move || links.save(&path)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "links not saved"),
+            Err(error) => tracing::warn!(%error, "links not saved"),
+        }
+    }
+}
+
 /// Copies the links' models into their gauges once a second.
 async fn export_link_metrics(links: Arc<crate::links::LinkMonitor>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
@@ -342,6 +359,10 @@ impl Host {
             identity,
             shared.config.transfer_listen,
         );
+        let restored = transfers.links.load(&shared.paths.links_file());
+        if restored > 0 {
+            tracing::info!(links = restored, "link measurements restored");
+        }
         if let Err(error) = transfers.start_listener().await {
             if !shared.config.transfer_listen_optional {
                 return Err(error);
@@ -366,6 +387,10 @@ impl Host {
             tokio::spawn(crate::reconciler::run(shared.clone())),
             tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
             tokio::spawn(export_link_metrics(transfers.links.clone())),
+            tokio::spawn(save_links(
+                transfers.links.clone(),
+                shared.paths.links_file(),
+            )),
         ]);
         let (restart, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Host {
@@ -382,6 +407,9 @@ impl Host {
     /// Stops the reconciler and closes the store. QEMU processes keep running; the next start
     /// re-attaches to them.
     pub async fn shutdown(&self) {
+        if let Err(error) = self.transfers.links.save(&self.shared.paths.links_file()) {
+            tracing::warn!(%error, "links not saved");
+        }
         self.transfers.shutdown().await;
         for task in &self.background {
             task.abort();

@@ -5,8 +5,12 @@
 //! Only samples in which this host was sending and kept the link busy measure the link; samples
 //! in which the sender ran dry measure the sender (its compressor, its disk). When a sender has
 //! been starved for [`PROBE_AFTER_APPLICATION_LIMITED_SAMPLES`] samples in a row, the link asks
-//! the sender for a probe: one frame at the fastest setting, so the link's rate shows again. This
-//! module decides nothing about transfers and does no IO.
+//! the sender for a probe: one frame at the fastest setting, so the link's rate shows again.
+//!
+//! The links outlive a restart: every link's recent step rates (five minutes of active sending
+//! at most) and its last address are saved to `<data>/links.json` every
+//! [`LINKS_SAVE_INTERVAL`] and at shutdown, and replayed into the models at start-up. This
+//! module decides nothing about transfers; its only IO is that file.
 
 use novacron_bandwidth::{Forecast, ForecastHorizon, LinkRegistry};
 use novacron_transport::{Fingerprint, RateObserver, RateSample};
@@ -18,6 +22,29 @@ use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
+
+/// How often the links are saved (they are also saved at shutdown).
+pub(crate) const LINKS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+const LINKS_FILE_FORMAT: u32 = 1;
+
+/// `<data>/links.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedLinks {
+    format_version: u32,
+    links: Vec<SavedLink>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedLink {
+    peer_fingerprint: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    last_measured_at: u64,
+    /// 100 ms step rates, bits per second, oldest first.
+    steps: Vec<f32>,
+}
 
 /// Starved samples in a row (1 s each by default) before a probe is asked for.
 pub(crate) const PROBE_AFTER_APPLICATION_LIMITED_SAMPLES: u32 = 4;
@@ -106,6 +133,73 @@ impl LinkMonitor {
                 detail.application_limited_in_a_row = 0;
             }
         }
+    }
+
+    /// Writes every link's history to `path` (a temporary file renamed over it).
+    pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let details = self.details();
+        let mut links: Vec<SavedLink> = self
+            .registry
+            .histories()
+            .into_iter()
+            .filter(|(_, steps)| !steps.is_empty())
+            .map(|(peer, steps)| {
+                let detail = details.get(&peer);
+                SavedLink {
+                    peer_fingerprint: peer.to_string(),
+                    address: detail.and_then(|detail| detail.last_address.clone()),
+                    last_measured_at: detail.map_or(0, |detail| detail.last_measured_at),
+                    steps,
+                }
+            })
+            .collect();
+        drop(details);
+        links.sort_by(|left, right| left.peer_fingerprint.cmp(&right.peer_fingerprint));
+        let bytes = serde_json::to_vec(&SavedLinks {
+            format_version: LINKS_FILE_FORMAT,
+            links,
+        })
+        .map_err(std::io::Error::other)?;
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, bytes)?;
+        std::fs::rename(&temporary, path)
+    }
+
+    /// Replays the links saved at `path` (none when it does not exist). A file that cannot be
+    /// read is reported and ignored: the links start empty, as before the feature.
+    pub fn load(&self, path: &std::path::Path) -> usize {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return 0,
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "saved links unreadable; starting without them");
+                return 0;
+            }
+        };
+        let saved: SavedLinks = match serde_json::from_slice::<SavedLinks>(&bytes) {
+            Ok(saved) if saved.format_version == LINKS_FILE_FORMAT => saved,
+            Ok(saved) => {
+                tracing::warn!(path = %path.display(), format = saved.format_version, "saved links in an unknown format; starting without them");
+                return 0;
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "saved links unreadable; starting without them");
+                return 0;
+            }
+        };
+        let mut loaded = 0;
+        for link in saved.links {
+            let Ok(peer) = link.peer_fingerprint.parse::<Fingerprint>() else {
+                continue;
+            };
+            self.registry.replay(&peer, &link.steps);
+            let mut details = self.details();
+            let detail = details.entry(peer).or_default();
+            detail.last_address = link.address;
+            detail.last_measured_at = link.last_measured_at;
+            loaded += 1;
+        }
+        loaded
     }
 
     /// Remembers the address `peer` was dialled at (shown by `link list`).
@@ -242,6 +336,41 @@ pub(crate) fn horizon_name(horizon: ForecastHorizon) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_survive_a_save_and_a_load() {
+        let monitor = LinkMonitor::new();
+        let peer: Fingerprint = format!("sha256:{}", "ab".repeat(32))
+            .parse()
+            .expect("fingerprint");
+        for _ in 0..50 {
+            monitor.observe(&RateSample {
+                peer_fingerprint: peer,
+                bytes_acknowledged: 1_250_000,
+                interval: std::time::Duration::from_millis(100),
+                bytes_received: 0,
+                sender_backlogged: true,
+            });
+        }
+        monitor.note_address(peer, "10.0.0.2:7181");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("links.json");
+        monitor.save(&path).expect("save");
+        let restored = LinkMonitor::new();
+        assert_eq!(restored.load(&path), 1);
+        let (before, after) = (monitor.list(|_| None), restored.list(|_| None));
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].peer_address.as_deref(), Some("10.0.0.2:7181"));
+        assert_eq!(
+            after[0].summary.observed_seconds,
+            before[0].summary.observed_seconds
+        );
+        assert!(after[0].summary.current_bits_per_sec.is_some());
+        // A damaged file is ignored, not fatal.
+        std::fs::write(&path, b"{not json").expect("write");
+        assert_eq!(LinkMonitor::new().load(&path), 0);
+        assert_eq!(LinkMonitor::new().load(&dir.path().join("absent.json")), 0);
+    }
     use std::time::Duration;
 
     fn sample(peer: Fingerprint, bytes: u64, backlogged: bool) -> RateSample {

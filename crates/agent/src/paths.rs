@@ -8,6 +8,7 @@
 //! <data>/staging/            uploads and received images in progress (emptied at start-up)
 //! <data>/identity/           this host's transfer certificate and key (host.key.der mode 0600)
 //! <data>/chunks/             the chunk store (redb index + packs) indexing every image
+//! <data>/links.json          the links' recent measurements, replayed at start-up
 //! <data>/vms/<uuid>/         one directory per VM: disk overlay, serial log, QMP and console
 //!                            sockets, pid file (named by uuid to keep socket paths short)
 //! ```
@@ -38,6 +39,10 @@ impl DataPaths {
 
     pub fn token_file(&self) -> PathBuf {
         self.root.join("admin.token")
+    }
+
+    pub fn links_file(&self) -> PathBuf {
+        self.root.join("links.json")
     }
 
     pub fn store_dir(&self) -> PathBuf {

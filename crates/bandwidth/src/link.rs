@@ -28,6 +28,9 @@ const LONGEST_SAMPLE: Duration = Duration::from_secs(60);
 const LINK_LONGEST_BLOCK_STEPS: usize = 50;
 /// The current rate shown for a link is the mean of the last second.
 const LINK_CURRENT_RATE_STEPS: usize = 10;
+/// 100 ms steps a link keeps for [`LinkModel::history`]: five minutes of active sending, enough
+/// to warm every horizon's predictors again after a restart.
+pub const LINK_HISTORY_STEPS: usize = 3000;
 /// Forecasts of every horizon are made and checked once per second of active time.
 const LINK_DECISION_STEPS: usize = 10;
 
@@ -192,6 +195,8 @@ pub struct LinkModel {
     steps_seen: u64,
     bytes_observed: u64,
     last_second: std::collections::VecDeque<f64>,
+    /// The last [`LINK_HISTORY_STEPS`] step rates, bits per second, oldest first.
+    history: std::collections::VecDeque<f32>,
 }
 
 fn link_members(
@@ -244,6 +249,7 @@ impl LinkModel {
             steps_seen: 0,
             bytes_observed: 0,
             last_second: std::collections::VecDeque::with_capacity(LINK_CURRENT_RATE_STEPS),
+            history: std::collections::VecDeque::new(),
         }
     }
 
@@ -285,7 +291,30 @@ impl LinkModel {
         self.observe(bytes, duration);
     }
 
+    /// The link's recent 100 ms step rates (bits per second, oldest first, at most
+    /// [`LINK_HISTORY_STEPS`]), for saving across restarts: [`Self::replay`] feeds them back.
+    pub fn history(&self) -> Vec<f32> {
+        self.history.iter().copied().collect()
+    }
+
+    /// Feeds saved step rates (from [`Self::history`]) as if just observed, oldest first;
+    /// non-finite or negative ones are skipped.
+    pub fn replay(&mut self, steps: &[f32]) {
+        for &step in steps {
+            if step.is_finite() && step >= 0.0 {
+                self.bytes_observed = self
+                    .bytes_observed
+                    .saturating_add((f64::from(step) / 8.0 * BASE_STEP.as_secs_f64()) as u64);
+                self.push_step(f64::from(step));
+            }
+        }
+    }
+
     fn push_step(&mut self, bits_per_second: f64) {
+        if self.history.len() == LINK_HISTORY_STEPS {
+            self.history.pop_front();
+        }
+        self.history.push_back(bits_per_second as f32);
         self.steps_seen += 1;
         if self.last_second.len() == LINK_CURRENT_RATE_STEPS {
             self.last_second.pop_front();
@@ -496,6 +525,32 @@ impl<PeerId: Eq + Hash + Clone> LinkRegistry<PeerId> {
             .collect()
     }
 
+    /// Every link's [`LinkModel::history`].
+    pub fn histories(&self) -> Vec<(PeerId, Vec<f32>)> {
+        let links: Vec<(PeerId, Arc<Mutex<LinkModel>>)> = self
+            .links
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(peer, link)| (peer.clone(), Arc::clone(link)))
+            .collect();
+        links
+            .into_iter()
+            .map(|(peer, link)| {
+                let model = link.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                (peer, model.history())
+            })
+            .collect()
+    }
+
+    /// Feeds saved step rates to `peer`'s link (see [`LinkModel::replay`]).
+    pub fn replay(&self, peer: &PeerId, steps: &[f32]) {
+        let link = self.link(peer);
+        link.lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .replay(steps);
+    }
+
     /// Forgets `peer` (for example when a host leaves the cluster); true if it was known.
     pub fn remove(&self, peer: &PeerId) -> bool {
         self.links
@@ -509,6 +564,34 @@ impl<PeerId: Eq + Hash + Clone> LinkRegistry<PeerId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replayed_history_forecasts_like_the_original() {
+        let mut original = LinkModel::with_learned_model(None);
+        for step in 0..600u64 {
+            let rate = 40e6 + 10e6 * ((step / 50) % 2) as f64;
+            original.observe((rate / 8.0 * 0.1) as u64, Duration::from_millis(100));
+        }
+        let history = original.history();
+        assert_eq!(history.len(), 600);
+        let mut restored = LinkModel::with_learned_model(None);
+        restored.replay(&history);
+        restored.replay(&[f32::NAN, -1.0]);
+        assert_eq!(restored.observed_seconds(), original.observed_seconds());
+        for horizon in ForecastHorizon::ALL {
+            let (a, b) = (
+                original.forecast(horizon).expect("forecast"),
+                restored.forecast(horizon).expect("forecast"),
+            );
+            assert!(
+                (a.expected_bits_per_sec - b.expected_bits_per_sec).abs() < 1e3,
+                "{horizon:?}: {a:?} against {b:?}"
+            );
+        }
+        let mut long = LinkModel::with_learned_model(None);
+        long.replay(&vec![1e6; LINK_HISTORY_STEPS + 10]);
+        assert_eq!(long.history().len(), LINK_HISTORY_STEPS, "bounded");
+    }
 
     fn assert_send_sync<T: Send + Sync>() {}
 

@@ -425,6 +425,16 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
     assert_eq!(b.json(&["link", "list"]), serde_json::json!([]));
     let missing = b.fails(&["link", "show", &fingerprint_b], 4);
     assert!(missing.contains("no link"), "{missing}");
+    // The link's measurements outlive a restart of the sender.
+    a.stop_serve();
+    a.spawn_serve();
+    let after = a.json(&["link", "show", &fingerprint_b]);
+    assert_eq!(
+        after["summary"]["observed_seconds"].as_f64(),
+        Some(observed_seconds),
+        "restored after the restart: {after}"
+    );
+    assert!(after["summary"]["forecasts"][0].is_object(), "{after}");
     drop(a);
     drop(b);
     link.shutdown().expect("tear the link down");

@@ -189,6 +189,19 @@ impl TestHost {
     }
 
     /// `kill -9` of `serve` (QEMU processes are not its children and keep running).
+    /// Stops `serve` the way an operator's service manager does (SIGTERM, a clean shutdown)
+    /// and waits for it to exit.
+    pub fn stop_serve(&mut self) {
+        if let Some(mut child) = self.serve.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            poll("serve to exit after SIGTERM", Duration::from_secs(30), || {
+                child.try_wait().ok().flatten().map(|_| ())
+            });
+        }
+    }
+
     pub fn kill_serve(&mut self) {
         if let Some(mut child) = self.serve.take() {
             let _ = child.kill();
