@@ -196,9 +196,11 @@ impl TestHost {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
-            poll("serve to exit after SIGTERM", Duration::from_secs(30), || {
-                child.try_wait().ok().flatten().map(|_| ())
-            });
+            poll(
+                "serve to exit after SIGTERM",
+                Duration::from_secs(30),
+                || child.try_wait().ok().flatten().map(|_| ()),
+            );
         }
     }
 
