@@ -563,6 +563,8 @@ impl Source<'_> {
             )
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
+        self.copy_base_image(&service, &address, fingerprint)
+            .await?;
         let options = SessionOptions {
             bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
             resume_timeout: SESSION_RESUME_TIMEOUT,
@@ -636,6 +638,109 @@ impl Source<'_> {
         }
         crate::transfer::close_quietly(session).await;
         result
+    }
+
+    /// A VM with a local disk moves onto its base image at the destination: when the
+    /// destination's heartbeat does not list the image, this host (which runs the VM on it)
+    /// pushes it there first over DWCP, as `novacron image push` would, and the migration's
+    /// message says so meanwhile. A cancel or the migration's timeout ends the copy.
+    async fn copy_base_image(
+        &mut self,
+        service: &Arc<TransferService>,
+        address: &str,
+        fingerprint: novacron_transport::Fingerprint,
+    ) -> Result<(), Failure> {
+        use novacron_types::{CreateTransferRequest, TransferDirection, TransferState};
+        let Some(image_id) = self.record.spec.image_id.clone() else {
+            return Ok(());
+        };
+        let destination = self.migration.destination.clone();
+        let held = self
+            .shared
+            .records
+            .heartbeats()
+            .await
+            .ok()
+            .and_then(|beats| beats.into_iter().find(|beat| beat.host == destination))
+            .is_some_and(|beat| beat.images.contains(&image_id));
+        if held {
+            return Ok(());
+        }
+        let image = self
+            .shared
+            .records
+            .image(&image_id)
+            .await
+            .ok()
+            .flatten()
+            .map(|image| image.name.to_string())
+            .unwrap_or_else(|| image_id.clone());
+        tracing::info!(vm = %self.name, %destination, %image, "copying the base image to the destination first");
+        let copying = format!("copying base image {image} to host {destination}");
+        let _ = self
+            .shared
+            .records
+            .update_migration(&self.id, |record| {
+                record.message = Some(copying.clone());
+                Ok(!record.phase.is_finished())
+            })
+            .await;
+        let failed = |detail: String| {
+            Failure::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "copying base image {image} to host {destination} failed: {detail}; the VM \
+                     stayed on the source"
+                ),
+            )
+        };
+        let mut info = service
+            .start(CreateTransferRequest {
+                direction: TransferDirection::Push,
+                image: image_id,
+                address: address.to_string(),
+                fingerprint: fingerprint.to_string(),
+                name: None,
+            })
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(self.migration.timeout_secs);
+        while !info.state.is_finished() {
+            tokio::time::sleep(POLL_INTERVAL).await;
+            info = service
+                .get(&info.id)
+                .map_err(|error| failed(error.to_string()))?;
+            let cancelled = self
+                .shared
+                .records
+                .migration(&self.id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|migration| migration.record.cancel_requested);
+            if cancelled || Instant::now() > deadline {
+                let _ = service.cancel(&info.id);
+                return Err(if cancelled {
+                    Failure::cancelled(
+                        "cancelled (`vm migrate --cancel`) while copying the base image; the VM \
+                         stayed on the source",
+                    )
+                } else {
+                    Failure::cancelled(format!(
+                        "timed out after {} s (--timeout) while copying the base image; the VM \
+                         stayed on the source",
+                        self.migration.timeout_secs
+                    ))
+                });
+            }
+        }
+        if info.state != TransferState::Succeeded {
+            return Err(failed(
+                info.message.unwrap_or_else(|| format!("{:?}", info.state)),
+            ));
+        }
+        tracing::info!(vm = %self.name, %destination, %image, wire_bytes = info.wire_bytes, "base image copied");
+        Ok(())
     }
 
     async fn with_session(

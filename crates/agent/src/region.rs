@@ -1145,14 +1145,11 @@ async fn place(
         AgentError::InvalidArgument(format!("placement: {error}"))
     };
     // A new VM's host fetches a missing image from a live host holding it (`fetch_image`); a
-    // migration's destination must already hold it.
-    let fetchable: Vec<String> = if leaving.is_none() {
-        image_sources(&heartbeats, now)
-            .flat_map(|heartbeat| heartbeat.images.iter().cloned())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    // migration's source pushes the VM's base image to a destination without it.
+    let fetchable: Vec<String> = image_sources(&heartbeats, now)
+        .flat_map(|heartbeat| heartbeat.images.iter().cloned())
+        .chain(leaving.and(spec.image_id.clone()))
+        .collect();
     let snapshot = Snapshot::new(specs, vms, fetchable).map_err(invalid)?;
     let request = Request {
         cpus: spec.cpus,

@@ -1037,24 +1037,11 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         "{list}"
     );
 
-    // A VM with a local disk, live under the workload: the destination needs the base image
-    // (pushed there first), makes its own overlay on it, and the source's block mirror fills it
-    // with what the VM wrote while QEMU copies memory.
+    // A VM with a local disk, live under the workload: the destination lacks the base image,
+    // so the source copies it there first; the destination makes its own overlay on it, and the
+    // source's block mirror fills it with what the VM wrote while QEMU copies memory.
     let destination = &hosts.hosts[1];
     first.import_guest_image("base");
-    let destination_info = destination.json(&["host"]);
-    let fingerprint = destination_info["fingerprint"]
-        .as_str()
-        .expect("fingerprint");
-    first.ok(&[
-        "image",
-        "push",
-        "base",
-        "--to",
-        &destination.transfer_address(),
-        "--fingerprint",
-        fingerprint,
-    ]);
     let mut arguments = TestHost::guest_vm_arguments("disky", "base");
     let cmdline = arguments
         .iter()
@@ -1075,14 +1062,23 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     let disky_tick = poll("disky's workload ticks", Duration::from_secs(90), || {
         last_workload_tick(&first.serial_log("disky"))
     });
-    // host-2 lacks the base image: placement refuses it and says why.
-    let stderr = first.fails(&["vm", "migrate", "disky", "--to", "host-2"], 7);
-    assert!(stderr.contains("image"), "{stderr}");
     let moved = first.json(&["vm", "migrate", "disky", "--to", "host-1"]);
     assert_moved(&moved, "host-0", "host-1");
     assert!(
         moved["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
         "the disk was mirrored: {moved}"
+    );
+    // The base image went to host-1 first, as a push from the source.
+    let transfers = first.json(&["transfer", "list"]);
+    assert!(
+        transfers
+            .as_array()
+            .is_some_and(|transfers| transfers.iter().any(|transfer| {
+                transfer["direction"] == "push"
+                    && transfer["image"] == "base"
+                    && transfer["state"] == "succeeded"
+            })),
+        "the source pushed the base image: {transfers}"
     );
     // The page cache's copy of the disk (the guest's kernel file, about 14 MiB, in the image)
     // travelled as hashes of blocks the destination read from its own copy of the base image.
