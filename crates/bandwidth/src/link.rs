@@ -494,8 +494,9 @@ impl<PeerId: Eq + Hash + Clone> LinkRegistry<PeerId> {
         self.with_existing(peer, LinkModel::summary)
     }
 
-    /// Every known peer with its summary (order unspecified).
-    pub fn summaries(&self) -> Vec<(PeerId, LinkSummary)> {
+    /// Every known peer with `read` of its model (order unspecified). The registry's lock is
+    /// not held while the models are read.
+    fn map_links<T>(&self, read: impl Fn(&LinkModel) -> T) -> Vec<(PeerId, T)> {
         let links: Vec<(PeerId, Arc<Mutex<LinkModel>>)> = self
             .links
             .read()
@@ -506,13 +507,15 @@ impl<PeerId: Eq + Hash + Clone> LinkRegistry<PeerId> {
         links
             .into_iter()
             .map(|(peer, link)| {
-                let summary = link
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .summary();
-                (peer, summary)
+                let model = link.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                (peer, read(&model))
             })
             .collect()
+    }
+
+    /// Every known peer with its summary (order unspecified).
+    pub fn summaries(&self) -> Vec<(PeerId, LinkSummary)> {
+        self.map_links(LinkModel::summary)
     }
 
     /// Every known peer.
@@ -527,20 +530,7 @@ impl<PeerId: Eq + Hash + Clone> LinkRegistry<PeerId> {
 
     /// Every link's [`LinkModel::history`].
     pub fn histories(&self) -> Vec<(PeerId, Vec<f32>)> {
-        let links: Vec<(PeerId, Arc<Mutex<LinkModel>>)> = self
-            .links
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-            .map(|(peer, link)| (peer.clone(), Arc::clone(link)))
-            .collect();
-        links
-            .into_iter()
-            .map(|(peer, link)| {
-                let model = link.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                (peer, model.history())
-            })
-            .collect()
+        self.map_links(LinkModel::history)
     }
 
     /// Feeds saved step rates to `peer`'s link (see [`LinkModel::replay`]).
