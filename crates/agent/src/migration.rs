@@ -694,46 +694,45 @@ impl Source<'_> {
                 ),
             )
         };
-        let mut info = service
-            .start(CreateTransferRequest {
-                direction: TransferDirection::Push,
-                image: image_id,
-                address: address.to_string(),
-                fingerprint: fingerprint.to_string(),
-                name: None,
-            })
-            .await
-            .map_err(|error| failed(error.to_string()))?;
+        // Ends the copy on a cancel or at the migration's timeout, with the failure to report.
         let deadline = Instant::now() + Duration::from_secs(self.migration.timeout_secs);
-        while !info.state.is_finished() {
-            tokio::time::sleep(POLL_INTERVAL).await;
-            info = service
-                .get(&info.id)
-                .map_err(|error| failed(error.to_string()))?;
-            let cancelled = self
-                .shared
-                .records
-                .migration(&self.id)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|migration| migration.record.cancel_requested);
-            if cancelled || Instant::now() > deadline {
-                let _ = service.cancel(&info.id);
-                return Err(if cancelled {
-                    Failure::cancelled(
+        let (shared, id, timeout_secs) = (&self.shared, &self.id, self.migration.timeout_secs);
+        let stop = async {
+            loop {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                let cancelled = shared
+                    .records
+                    .migration(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|migration| migration.record.cancel_requested);
+                if cancelled {
+                    return Failure::cancelled(
                         "cancelled (`vm migrate --cancel`) while copying the base image; the VM \
                          stayed on the source",
-                    )
-                } else {
-                    Failure::cancelled(format!(
-                        "timed out after {} s (--timeout) while copying the base image; the VM \
-                         stayed on the source",
-                        self.migration.timeout_secs
-                    ))
-                });
+                    );
+                }
+                if Instant::now() > deadline {
+                    return Failure::cancelled(format!(
+                        "timed out after {timeout_secs} s (--timeout) while copying the base \
+                         image; the VM stayed on the source"
+                    ));
+                }
             }
-        }
+        };
+        let request = CreateTransferRequest {
+            direction: TransferDirection::Push,
+            image: image_id,
+            address: address.to_string(),
+            fingerprint: fingerprint.to_string(),
+            name: None,
+        };
+        let info = match service.run_to_end(request, stop).await {
+            Ok(info) => info,
+            Err(crate::transfer::TransferEnd::NotStarted(error)) => return Err(failed(error)),
+            Err(crate::transfer::TransferEnd::Stopped(failure)) => return Err(failure),
+        };
         if info.state != TransferState::Succeeded {
             return Err(failed(
                 info.message.unwrap_or_else(|| format!("{:?}", info.state)),

@@ -1227,26 +1227,26 @@ pub(crate) async fn fetch_image(
             continue;
         };
         tracing::info!(image = %image.name, from = %source.host, "fetching a missing image");
-        let started = service
-            .start(CreateTransferRequest {
-                direction: TransferDirection::Pull,
-                image: image.id.clone(),
-                address: address.clone(),
-                fingerprint: fingerprint.clone(),
-                name: None,
-            })
+        let finished = service
+            .run_to_end(
+                CreateTransferRequest {
+                    direction: TransferDirection::Pull,
+                    image: image.id.clone(),
+                    address: address.clone(),
+                    fingerprint: fingerprint.clone(),
+                    name: None,
+                },
+                std::future::pending::<std::convert::Infallible>(),
+            )
             .await;
-        let mut info = match started {
+        let info = match finished {
             Ok(info) => info,
-            Err(error) => {
+            Err(crate::transfer::TransferEnd::NotStarted(error)) => {
                 failures.push(format!("{}: {error}", source.host));
                 continue;
             }
+            Err(crate::transfer::TransferEnd::Stopped(never)) => match never {},
         };
-        while !info.state.is_finished() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            info = service.get(&info.id)?;
-        }
         if info.state == TransferState::Succeeded
             && shared.paths.image_file(&image.id, image.format).exists()
         {

@@ -437,6 +437,14 @@ struct RunningListener {
     address: SocketAddr,
 }
 
+/// Why [`TransferService::run_to_end`] returned without a finished transfer.
+pub(crate) enum TransferEnd<E> {
+    /// It could not start (or vanished): the error's text.
+    NotStarted(String),
+    /// The caller's stop condition came first; the transfer was cancelled.
+    Stopped(E),
+}
+
 /// The transfer side of a host.
 pub(crate) struct TransferService {
     host: Arc<Shared>,
@@ -725,6 +733,38 @@ impl TransferService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(transfer.id.clone(), transfer.clone());
+    }
+
+    /// Starts a transfer this host needs for its own work (a missing image fetched, a base
+    /// image copied ahead of a migration) and waits for its end: the finished transfer,
+    /// succeeded or not. When `stop` resolves first the transfer is cancelled and its output
+    /// returned as [`TransferEnd::Stopped`].
+    pub(crate) async fn run_to_end<E>(
+        self: &Arc<Self>,
+        request: CreateTransferRequest,
+        stop: impl std::future::Future<Output = E>,
+    ) -> Result<TransferInfo, TransferEnd<E>> {
+        let mut info = self
+            .start(request)
+            .await
+            .map_err(|error| TransferEnd::NotStarted(error.to_string()))?;
+        let id = info.id.clone();
+        let finished = async {
+            while !info.state.is_finished() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                info = self
+                    .get(&id)
+                    .map_err(|error| TransferEnd::NotStarted(error.to_string()))?;
+            }
+            Ok(info)
+        };
+        tokio::select! {
+            finished = finished => finished,
+            stopped = stop => {
+                let _ = self.cancel(&id);
+                Err(TransferEnd::Stopped(stopped))
+            }
+        }
     }
 
     /// Starts a push or pull: validates, connects, negotiates, and returns once the transfer
