@@ -71,9 +71,37 @@ pub struct TestHost {
     pub namespace: Option<String>,
 }
 
+/// A port no other test process holds and the kernel does not hand out on its own.
+///
+/// A port taken by binding port 0 lies in the kernel's ephemeral range, where any outgoing
+/// connection (curl, a DWCP stream, QEMU's migration) may take it before `serve` binds it. So
+/// ports come from below that range (20000–32767), and each is reserved for the life of the
+/// test process by an advisory lock on a file in `/tmp/novacron-test-ports`, so tests running
+/// in parallel processes never pick the same one.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    use rand::Rng;
+    static RESERVED: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let directory = Path::new("/tmp/novacron-test-ports");
+    std::fs::create_dir_all(directory).expect("create the port reservation directory");
+    let mut random = rand::rng();
+    for _ in 0..10_000 {
+        let port: u16 = random.random_range(20_000..32_768);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(directory.join(format!("{port}.lock")))
+            .expect("open a port reservation file");
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_err() {
+            continue;
+        }
+        RESERVED.lock().expect("reserved ports").push(lock);
+        return port;
+    }
+    panic!("no free port between 20000 and 32767 after 10000 tries");
 }
 
 impl TestHost {
