@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod kv;
+mod log_files;
 pub mod network;
 mod raft_types;
 mod records;

@@ -1,17 +1,21 @@
-//! openraft storage on redb: the raft log ([`LogStore`]) and the key-value state machine
-//! ([`StateMachineStore`]) in one redb database file, `store.redb` in the data directory.
+//! openraft storage: the raft log ([`LogStore`]) in append-only segment files
+//! ([`crate::log_files`], `raft-log/` in the data directory) and the key-value state machine
+//! ([`StateMachineStore`]) in a redb database file, `store.redb` in the data directory.
 //!
-//! Durability: log appends, votes and truncations are committed with `Durability::Immediate`
-//! (fsync) before openraft is told they are done. State machine applies, `committed` and purges
-//! are committed with `Durability::None`: redb persists commits in order, so the next immediate
-//! commit makes them durable, and after a crash the state machine is a consistent prefix that
-//! openraft completes by re-applying committed entries from the durable log. The state machine is
-//! persistent, so a restart does not replay the log.
+//! Durability: log appends and truncations are `fdatasync`ed, votes committed with
+//! `Durability::Immediate`, before openraft is told they are done. State machine applies and
+//! `committed` are committed with `Durability::None`, and an apply at least every
+//! [`DURABLE_APPLY_INTERVAL`] with `Durability::Immediate`: redb persists commits in order, so
+//! after a crash the state machine is a consistent prefix that openraft completes by
+//! re-applying committed entries from the durable log. A purge first commits durably (which
+//! makes every earlier apply durable too), so the log never loses an entry the durable state
+//! machine still needs. The state machine is persistent, so a restart does not replay the log.
 //!
 //! Tables (the on-disk format, version [`FORMAT_VERSION`]):
 //! - `meta` (`&str` → bytes): `format_version` (u64 LE), `vote`, `committed`,
 //!   `last_purged_log_id`, `state_machine` (JSON).
-//! - `log` (u64 index → JSON entry).
+//! - `log` (u64 index → JSON entry): the raft log of format version 1, empty since version 2;
+//!   opening a version-1 store moves its entries to the segment files once.
 //! - `kv` (key → [`crate::records`] key record).
 //! - `changes` (revision → encoded changes of that revision; the watch history, pruned to the
 //!   configured number of revisions).
@@ -25,6 +29,7 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -39,12 +44,16 @@ use crate::error::{Result, StoreError};
 use crate::kv::{
     FailedCondition, KeyValue, Listing, Operation, Transaction, TransactionOutcome, WatchEvent,
 };
+use crate::log_files::{LogFileError, LogFiles};
 use crate::raft_types::{BatchOutcome, Node, NodeId, TypeConfig};
 use crate::records::{self, RecordError};
 use crate::watch::ChangeNotice;
 
-/// Version of the on-disk layout this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// Version of the on-disk layout this build writes and reads. Version 1 kept the raft log in
+/// redb; version 2 keeps it in segment files and still opens (and converts) version 1.
+pub const FORMAT_VERSION: u64 = 2;
+/// The state machine is committed durably at least this often while entries are applied.
+pub const DURABLE_APPLY_INTERVAL: Duration = Duration::from_secs(1);
 /// Name of the database file inside the data directory.
 pub const DATABASE_FILE_NAME: &str = "store.redb";
 
@@ -80,6 +89,8 @@ pub(crate) struct StateMachineMeta {
 pub(crate) struct StoreDatabase {
     database: Database,
     path: PathBuf,
+    /// The format version found on open (this build's for a new database).
+    found_format_version: AtomicU64,
 }
 
 impl Debug for StoreDatabase {
@@ -106,13 +117,66 @@ impl StoreDatabase {
                 }
                 other => StoreError::storage("opening the database", &path, other),
             })?;
-        let store_database = Self { database, path };
+        let store_database = Self {
+            database,
+            path,
+            found_format_version: AtomicU64::new(FORMAT_VERSION),
+        };
         store_database.check_format_version()?;
         Ok(Arc::new(store_database))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Opens the raft log's segment files in `data_dir`; for a version-1 store, first moves the
+    /// log out of redb into them and marks the store version 2 (repeatable after a crash).
+    pub fn open_log(&self, data_dir: &Path) -> Result<Arc<LogFiles>> {
+        let storage = |action: &str, error: OperationError| {
+            StoreError::storage(action, self.path.clone(), error)
+        };
+        let log_error =
+            |error: LogFileError| StoreError::storage("opening the raft log", data_dir, error);
+        let last_purged = (|| -> std::result::Result<Option<LogId<NodeId>>, OperationError> {
+            let transaction = self.database.begin_read()?;
+            read_json(&transaction.open_table(META)?, META_LAST_PURGED)
+        })()
+        .map_err(|error| storage("reading the last purged log id", error))?;
+        let files =
+            LogFiles::open(data_dir, last_purged.map(|log_id| log_id.index)).map_err(log_error)?;
+        if self.found_format_version.load(Ordering::Relaxed) < 2 {
+            let legacy = (|| -> std::result::Result<Vec<(u64, Vec<u8>)>, OperationError> {
+                let transaction = self.database.begin_read()?;
+                let table = transaction.open_table(LOG)?;
+                let after = last_purged.map_or(0, |log_id| log_id.index + 1);
+                let mut records = Vec::new();
+                for item in table.range(after..)? {
+                    let (index, bytes) = item?;
+                    records.push((index.value(), bytes.value().to_vec()));
+                }
+                Ok(records)
+            })()
+            .map_err(|error| storage("reading the version-1 raft log", error))?;
+            files.replace_all(&legacy).map_err(log_error)?;
+            (|| -> std::result::Result<(), OperationError> {
+                let transaction = self.database.begin_write()?;
+                transaction.open_table(LOG)?.retain(|_, _| false)?;
+                transaction
+                    .open_table(META)?
+                    .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                transaction.commit()?;
+                Ok(())
+            })()
+            .map_err(|error| storage("finishing the move of the raft log", error))?;
+            self.found_format_version
+                .store(FORMAT_VERSION, Ordering::Relaxed);
+            tracing::info!(
+                entries = legacy.len(),
+                "moved the raft log out of redb into segment files (store format version 2)"
+            );
+        }
+        Ok(Arc::new(files))
     }
 
     fn check_format_version(&self) -> Result<()> {
@@ -135,7 +199,9 @@ impl StoreDatabase {
                     meta.insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())
                         .map_err(|error| storage("writing the format version", error.into()))?;
                 }
-                Some(Some(found)) if found <= FORMAT_VERSION => {}
+                Some(Some(found)) if found <= FORMAT_VERSION => {
+                    self.found_format_version.store(found, Ordering::Relaxed);
+                }
                 Some(found) => {
                     return Err(StoreError::FormatVersion {
                         path: path.clone(),
@@ -307,6 +373,8 @@ enum OperationError {
     Record(#[from] RecordError),
     #[error("background storage task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Log(#[from] LogFileError),
 }
 
 macro_rules! impl_from_redb {
@@ -362,49 +430,38 @@ where
 #[derive(Clone, Debug)]
 pub(crate) struct LogStore {
     database: Arc<StoreDatabase>,
+    files: Arc<LogFiles>,
 }
 
 impl LogStore {
-    pub fn new(database: Arc<StoreDatabase>) -> Self {
-        Self { database }
+    pub fn new(database: Arc<StoreDatabase>, files: Arc<LogFiles>) -> Self {
+        Self { database, files }
     }
 
+    /// Entries in `range`; with a `budget`, only as many as add up to at most that many bytes
+    /// as stored (the first entry always comes, whatever its size, so a non-empty range never
+    /// yields nothing).
     fn read_entries(
         &self,
         range: impl RangeBounds<u64>,
+        budget: Option<usize>,
     ) -> std::result::Result<Vec<Entry<TypeConfig>>, OperationError> {
-        let transaction = self.database.database.begin_read()?;
-        let table = transaction.open_table(LOG)?;
-        let mut entries = Vec::new();
-        for item in table.range(range)? {
-            let (_, bytes) = item?;
-            entries.push(serde_json::from_slice(bytes.value())?);
-        }
-        Ok(entries)
-    }
-
-    /// Entries from `range` whose stored (JSON) size adds up to at most `budget` bytes; the
-    /// first entry is always returned, whatever its size, so a non-empty range never yields
-    /// nothing.
-    fn read_entries_within(
-        &self,
-        range: impl RangeBounds<u64>,
-        budget: usize,
-    ) -> std::result::Result<Vec<Entry<TypeConfig>>, OperationError> {
-        let transaction = self.database.database.begin_read()?;
-        let table = transaction.open_table(LOG)?;
-        let mut entries = Vec::new();
-        let mut total = 0usize;
-        for item in table.range(range)? {
-            let (_, bytes) = item?;
-            let bytes = bytes.value();
-            total = total.saturating_add(bytes.len());
-            if !entries.is_empty() && total > budget {
-                break;
-            }
-            entries.push(serde_json::from_slice(bytes)?);
-        }
-        Ok(entries)
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(start) => *start,
+            Bound::Excluded(start) => start.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(end) => end.saturating_add(1),
+            Bound::Excluded(end) => *end,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.files
+            .read(start, end, budget)?
+            .iter()
+            .map(|bytes| Ok(serde_json::from_slice(bytes)?))
+            .collect()
     }
 }
 
@@ -421,7 +478,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        self.read_entries(range)
+        self.read_entries(range, None)
             .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 
@@ -430,7 +487,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         start: u64,
         end: u64,
     ) -> StorageResult<Vec<Entry<TypeConfig>>> {
-        self.read_entries_within(start..end, MAX_APPEND_ENTRIES_BYTES)
+        self.read_entries(start..end, Some(MAX_APPEND_ENTRIES_BYTES))
             .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 }
@@ -443,10 +500,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let transaction = self.database.database.begin_read()?;
             let meta = transaction.open_table(META)?;
             let last_purged_log_id: Option<LogId<NodeId>> = read_json(&meta, META_LAST_PURGED)?;
-            let log = transaction.open_table(LOG)?;
-            let last_log_id = match log.last()? {
-                Some((_, bytes)) => {
-                    let entry: Entry<TypeConfig> = serde_json::from_slice(bytes.value())?;
+            let last_log_id = match self.files.last()? {
+                Some(bytes) => {
+                    let entry: Entry<TypeConfig> = serde_json::from_slice(&bytes)?;
                     Some(entry.log_id)
                 }
                 None => last_purged_log_id,
@@ -492,7 +548,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             serde_json::to_vec(&committed).map_err(|error| StorageIOError::write(&error))?;
         run_blocking(move || {
             let mut transaction = database.database.begin_write()?;
-            // Made durable by the next log append; losing it only delays re-applying.
+            // Made durable by the next durable apply or purge; losing it only delays re-applying.
             transaction.set_durability(Durability::None)?;
             transaction
                 .open_table(META)?
@@ -526,20 +582,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 serde_json::to_vec(&entry).map_err(|error| StorageIOError::write_logs(&error))?;
             encoded.push((entry.log_id.index, bytes));
         }
-        let database = self.database.clone();
-        let result = run_blocking(move || {
-            let transaction = database.database.begin_write()?;
-            {
-                let mut log = transaction.open_table(LOG)?;
-                for (index, bytes) in &encoded {
-                    log.insert(*index, bytes.as_slice())?;
-                }
-            }
-            // Durability::Immediate (the default): fsynced before the callback below.
-            transaction.commit()?;
-            Ok(())
-        })
-        .await;
+        let files = self.files.clone();
+        let result = run_blocking(move || Ok(files.append(&encoded)?)).await;
         match result {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -553,34 +597,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let database = self.database.clone();
-        run_blocking(move || {
-            let transaction = database.database.begin_write()?;
-            transaction
-                .open_table(LOG)?
-                .retain_in(log_id.index.., |_, _| false)?;
-            transaction.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|error| StorageIOError::write_logs(&error).into())
+        let files = self.files.clone();
+        run_blocking(move || Ok(files.truncate(log_id.index)?))
+            .await
+            .map_err(|error| StorageIOError::write_logs(&error).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
         let database = self.database.clone();
+        let files = self.files.clone();
         let bytes = serde_json::to_vec(&Some(log_id))
             .map_err(|error| StorageIOError::write_logs(&error))?;
         run_blocking(move || {
-            let mut transaction = database.database.begin_write()?;
-            // Purged entries are covered by a snapshot; a purge lost in a crash is harmless.
-            transaction.set_durability(Durability::None)?;
+            // Durable before any entry is dropped: the restarted log starts after it, and the
+            // durable state machine (this commit makes every earlier apply durable) never needs
+            // an entry that is gone.
+            let transaction = database.database.begin_write()?;
             transaction
                 .open_table(META)?
                 .insert(META_LAST_PURGED, bytes.as_slice())?;
-            transaction
-                .open_table(LOG)?
-                .retain_in(..=log_id.index, |_, _| false)?;
             transaction.commit()?;
+            files.purge(log_id.index)?;
             Ok(())
         })
         .await
@@ -598,6 +635,7 @@ pub(crate) struct StateMachineStore {
     notices: broadcast::Sender<ChangeNotice>,
     watch_history_revisions: u64,
     snapshot_counter: Arc<AtomicU64>,
+    last_durable_apply: Instant,
 }
 
 impl StateMachineStore {
@@ -611,6 +649,7 @@ impl StateMachineStore {
             notices,
             watch_history_revisions: watch_history_revisions.max(1),
             snapshot_counter: Arc::new(AtomicU64::new(0)),
+            last_durable_apply: Instant::now(),
         }
     }
 }
@@ -726,10 +765,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
         let database = self.database.clone();
         let history = self.watch_history_revisions;
+        let durable = self.last_durable_apply.elapsed() >= DURABLE_APPLY_INTERVAL;
+        if durable {
+            self.last_durable_apply = Instant::now();
+        }
         let (outcomes, changed_revision) = run_blocking(move || {
             let mut transaction = database.database.begin_write()?;
-            // Durable with the next log append; after a crash the committed log is re-applied.
-            transaction.set_durability(Durability::None)?;
+            // Mostly not durable at once: after a crash the committed log is re-applied.
+            if !durable {
+                transaction.set_durability(Durability::None)?;
+            }
             let mut outcomes = Vec::with_capacity(entries.len());
             let mut changed_revision = None;
             {
@@ -954,6 +999,66 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_store_moves_its_log_out_of_redb_once() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let entry = |index: u64| {
+            serde_json::to_vec(&Entry::<TypeConfig> {
+                log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+                payload: EntryPayload::Blank,
+            })
+            .expect("encode")
+        };
+        {
+            // A version-1 store: entries 3..=6 in the `log` table, 1..=2 purged.
+            let database = StoreDatabase::open(directory.path()).expect("open fresh");
+            database.force_format_version(1);
+            let transaction = database.database.begin_write().expect("begin");
+            {
+                let mut log = transaction.open_table(LOG).expect("log");
+                for index in 3..=6 {
+                    log.insert(index, entry(index).as_slice()).expect("insert");
+                }
+                let purged = serde_json::to_vec(&Some(LogId::new(
+                    openraft::CommittedLeaderId::new(1, 1),
+                    2u64,
+                )))
+                .expect("encode");
+                transaction
+                    .open_table(META)
+                    .expect("meta")
+                    .insert(META_LAST_PURGED, purged.as_slice())
+                    .expect("insert");
+            }
+            transaction.commit().expect("commit");
+        }
+        for _ in 0..2 {
+            let database = StoreDatabase::open(directory.path()).expect("open version 1");
+            let files = database.open_log(directory.path()).expect("move the log");
+            assert_eq!(files.bounds(), Some((3, 7)));
+            assert_eq!(
+                files.read(0, u64::MAX, None).expect("read"),
+                (3..=6).map(entry).collect::<Vec<_>>()
+            );
+            let transaction = database.database.begin_read().expect("read");
+            assert!(
+                transaction
+                    .open_table(LOG)
+                    .expect("log")
+                    .first()
+                    .expect("first")
+                    .is_none()
+            );
+            let version = transaction
+                .open_table(META)
+                .expect("meta")
+                .get(META_FORMAT_VERSION)
+                .expect("get")
+                .and_then(|guard| decode_u64(guard.value()));
+            assert_eq!(version, Some(FORMAT_VERSION));
+        }
+    }
+
+    #[test]
     fn second_open_in_the_same_process_is_refused() {
         let directory = tempfile::tempdir().expect("tempdir");
         let _first = StoreDatabase::open(directory.path()).expect("open");
@@ -965,7 +1070,7 @@ mod tests {
 #[cfg(test)]
 mod conformance {
     //! openraft's own storage conformance suite (`openraft::testing::Suite`) run against the
-    //! redb log and state machine.
+    //! segment-file log and the redb state machine.
 
     use openraft::testing::{StoreBuilder, Suite};
 
@@ -979,7 +1084,10 @@ mod conformance {
             let database = StoreDatabase::open(directory.path())
                 .map_err(|error| StorageIOError::write(&error))?;
             let (notices, _) = broadcast::channel(16);
-            let log = LogStore::new(database.clone());
+            let files = database
+                .open_log(directory.path())
+                .map_err(|error| StorageIOError::write(&error))?;
+            let log = LogStore::new(database.clone(), files);
             let state_machine = StateMachineStore::new(database, notices, 100);
             Ok((directory, log, state_machine))
         }

@@ -437,11 +437,13 @@ impl Store {
         let started = Instant::now();
         let raft_config = Arc::new(config.raft_config()?);
         let data_dir = config.data_dir.clone();
-        let database = tokio::task::spawn_blocking(move || StoreDatabase::open(&data_dir))
-            .await
-            .map_err(|error| {
-                StoreError::storage("opening the database", &config.data_dir, error)
-            })??;
+        let (database, log_files) = tokio::task::spawn_blocking(move || {
+            let database = StoreDatabase::open(&data_dir)?;
+            let log_files = database.open_log(&data_dir)?;
+            Ok::<_, StoreError>((database, log_files))
+        })
+        .await
+        .map_err(|error| StoreError::storage("opening the database", &config.data_dir, error))??;
         let (notices, _) = broadcast::channel(config.watch_buffer);
         let transport = config
             .transport
@@ -451,7 +453,7 @@ impl Store {
             transport,
             source_node_id: config.node_id,
         };
-        let log_store = LogStore::new(database.clone());
+        let log_store = LogStore::new(database.clone(), log_files);
         let state_machine = StateMachineStore::new(
             database.clone(),
             notices.clone(),
