@@ -1,7 +1,7 @@
 //! NovaCron's replicated key-value store: the one place desired state lives.
 //!
-//! A [`Store`] is one node of a raft group (openraft) whose log and state machine live in one
-//! redb database in the node's data directory. The state machine is a revisioned key-value map
+//! A [`Store`] is one node of a raft group (openraft) whose log lives in append-only segment
+//! files and whose state machine lives in a redb database, both in the node's data directory. The state machine is a revisioned key-value map
 //! like etcd's: UTF-8 keys with `/` namespaces (`vms/NAME`, `images/ID`), byte values (the rest
 //! of NovaCron stores JSON records), a global revision bumped by every change, and per key a
 //! `create_revision`, `mod_revision` and `version`. Writes are [`Transaction`]s (conditions, then

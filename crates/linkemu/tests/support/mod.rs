@@ -108,24 +108,34 @@ pub fn median(values: &mut [Duration]) -> Duration {
     values[values.len() / 2]
 }
 
-/// Receives a TCP bulk transfer and returns the goodput in bits per second measured between
-/// `warm_up` and `warm_up + window` after the first byte.
-pub fn tcp_receive_rate(listener: TcpListener, warm_up: Duration, window: Duration) -> f64 {
+/// Accepts one connection and returns the goodput (bits/s) of each of `windows` consecutive
+/// windows of `window` after `warm_up` from the first byte.
+pub fn tcp_receive_rates(
+    listener: TcpListener,
+    warm_up: Duration,
+    window: Duration,
+    windows: usize,
+) -> Vec<f64> {
     let (mut stream, _) = listener.accept().expect("accept");
     let mut buffer = vec![0u8; 256 * 1024];
     let mut first_byte: Option<Instant> = None;
     let mut window_start: Option<(Instant, u64)> = None;
     let mut total = 0u64;
+    let mut rates = Vec::with_capacity(windows);
     loop {
         let length = stream.read(&mut buffer).expect("read bulk data");
-        assert!(length > 0, "sender closed before the window ended");
+        assert!(length > 0, "sender closed before the windows ended");
         total += length as u64;
         let now = Instant::now();
         let started = *first_byte.get_or_insert(now);
         match window_start {
             None if now - started >= warm_up => window_start = Some((now, total)),
             Some((at, bytes)) if now - at >= window => {
-                return (total - bytes) as f64 * 8.0 / (now - at).as_secs_f64();
+                rates.push((total - bytes) as f64 * 8.0 / (now - at).as_secs_f64());
+                if rates.len() == windows {
+                    return rates;
+                }
+                window_start = Some((now, total));
             }
             _ => {}
         }
