@@ -221,6 +221,9 @@ impl Shared {
     }
 }
 
+/// How long `link probe` sends when not told.
+const DEFAULT_PROBE_SECONDS: f64 = 3.0;
+
 /// One running host. Dropping it stops the reconciler; QEMU processes keep running.
 pub struct Host {
     pub(crate) shared: Arc<Shared>,
@@ -628,6 +631,68 @@ impl Host {
             .ok_or_else(|| AgentError::LinkNotFound {
                 peer: peer.to_string(),
             })
+    }
+
+    /// Measures the link to `peer` (fingerprint, peer label or region host name) now, and
+    /// returns it as measured.
+    pub async fn probe_link(
+        &self,
+        peer: &str,
+        request: &novacron_types::ProbeLinkRequest,
+    ) -> Result<novacron_types::LinkInfo, AgentError> {
+        let seconds = request.seconds.unwrap_or(DEFAULT_PROBE_SECONDS);
+        let longest = crate::transfer::PROBE_MAX_DURATION.as_secs_f64();
+        if !seconds.is_finite() || seconds <= 0.0 || seconds > longest {
+            return Err(AgentError::InvalidArgument(format!(
+                "a link probe lasts more than 0 and at most {longest} seconds, not {seconds}"
+            )));
+        }
+        let heartbeats = self.shared.records.heartbeats().await.unwrap_or_default();
+        let region_host = heartbeats
+            .iter()
+            .find(|beat| beat.host == peer || beat.transfer_fingerprint.as_deref() == Some(peer));
+        let fingerprint_text =
+            if let Some(beat) = region_host {
+                beat.transfer_fingerprint.clone().ok_or_else(|| {
+                    AgentError::InvalidArgument(format!(
+                        "host {} publishes no transfer listener, so its link cannot be probed",
+                        beat.host
+                    ))
+                })?
+            } else if let Some(record) =
+                self.transfers.peers().await?.into_iter().find(|record| {
+                    record.fingerprint == peer || record.name.as_deref() == Some(peer)
+                })
+            {
+                record.fingerprint
+            } else {
+                return Err(AgentError::LinkNotFound {
+                    peer: peer.to_string(),
+                });
+            };
+        let fingerprint = crate::transfer::parse_fingerprint(&fingerprint_text)?;
+        let known_address = self
+            .transfers
+            .links
+            .list(|_| None)
+            .into_iter()
+            .find(|link| link.peer_fingerprint == fingerprint_text)
+            .and_then(|link| link.peer_address);
+        let address = request
+            .address
+            .clone()
+            .or_else(|| region_host.and_then(|beat| beat.transfer_address.clone()))
+            .or(known_address)
+            .ok_or_else(|| {
+                AgentError::InvalidArgument(format!(
+                    "no transfer address is known for {peer}; give it (`--address HOST:PORT`, \
+                     the peer's --transfer-listen)"
+                ))
+            })?;
+        self.transfers
+            .probe_link(&address, fingerprint, Duration::from_secs_f64(seconds))
+            .await?;
+        self.get_link(&fingerprint_text).await
     }
 
     pub fn list_transfers(&self) -> Vec<novacron_types::TransferInfo> {

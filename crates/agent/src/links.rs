@@ -207,6 +207,14 @@ impl LinkMonitor {
         self.details().entry(peer).or_default().last_address = Some(address.to_string());
     }
 
+    /// When the link to `peer` was last measured (unix seconds), if ever.
+    pub fn last_measured_at(&self, peer: Fingerprint) -> Option<u64> {
+        self.details()
+            .get(&peer)
+            .map(|detail| detail.last_measured_at)
+            .filter(|at| *at > 0)
+    }
+
     /// True once after the link asked for a probe (see the module documentation).
     pub fn take_probe_request(&self, peer: Fingerprint) -> bool {
         self.details()

@@ -51,6 +51,10 @@ use std::time::{Duration, Instant};
 /// stream, so everything queued beyond the link is data the final pause waits for (a 32 MiB
 /// window made the pause 3.2 s at 100 Mbit/s in the bench), while a window below the product
 /// caps the rate (2 MiB on 1 Gbit/s with 50 ms: 9.5 s instead of 3.0 s).
+/// A link measured longer ago than this is probed before a migration plans with it.
+const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
+/// How long the probe before a migration sends.
+const PLANNING_PROBE: Duration = Duration::from_secs(1);
 const SEND_WINDOW_CEILING_BYTES: u64 = 64 << 20;
 /// QEMU's own cap, far above any link: the transport's backpressure paces QEMU, and QEMU applies
 /// its cap before the proxy's compression.
@@ -563,6 +567,8 @@ impl Source<'_> {
             )
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
+        self.probe_link_if_unmeasured(&service, &address, fingerprint)
+            .await;
         self.copy_base_image(&service, &address, fingerprint)
             .await?;
         let options = SessionOptions {
@@ -644,6 +650,49 @@ impl Source<'_> {
     /// destination's heartbeat does not list the image, this host (which runs the VM on it)
     /// pushes it there first over DWCP, as `novacron image push` would, and the migration's
     /// message says so meanwhile. A cancel or the migration's timeout ends the copy.
+    /// The plan needs the link's forecast. When this host has not measured the link to the
+    /// destination in [`LINK_MEASUREMENT_MAX_AGE`], it probes it first, for
+    /// [`PLANNING_PROBE`]. A failed probe only leaves the plan without a forecast.
+    async fn probe_link_if_unmeasured(
+        &self,
+        service: &Arc<crate::transfer::TransferService>,
+        address: &str,
+        fingerprint: Fingerprint,
+    ) {
+        let fresh = service
+            .links
+            .last_measured_at(fingerprint)
+            .is_some_and(|at| unix_now().saturating_sub(at) <= LINK_MEASUREMENT_MAX_AGE.as_secs());
+        if fresh {
+            return;
+        }
+        let destination = self.migration.destination.clone();
+        let probing = format!(
+            "measuring the link to host {destination} ({} s probe): no recent measurement to plan with",
+            PLANNING_PROBE.as_secs()
+        );
+        let _ = self
+            .shared
+            .records
+            .update_migration(&self.id, |record| {
+                record.message = Some(probing.clone());
+                Ok(!record.phase.is_finished())
+            })
+            .await;
+        match service
+            .probe_link(address, fingerprint, PLANNING_PROBE)
+            .await
+        {
+            Ok(outcome) => tracing::info!(
+                vm = %self.name, %destination,
+                mbit_per_second = outcome.bytes_sent as f64 * 8.0 / outcome.elapsed.as_secs_f64().max(1e-3) / 1e6,
+                "link probed before planning the migration"
+            ),
+            Err(error) => tracing::warn!(vm = %self.name, %destination, %error,
+                "link probe failed; the migration plans without a forecast"),
+        }
+    }
+
     async fn copy_base_image(
         &mut self,
         service: &Arc<TransferService>,

@@ -20,8 +20,8 @@ use novacron_types::{
 };
 use novacron_types::{
     CreateTransferRequest, CreateVmRequest, DeleteOptions, ErrorCode, Health, HostInfo,
-    ImageRecord, LinkInfo, MigrateVmRequest, MigrationRecord, PeerRecord, StopOptions,
-    TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
+    ImageRecord, LinkInfo, MigrateVmRequest, MigrationRecord, PeerRecord, ProbeLinkRequest,
+    StopOptions, TransferInfo, TrustPeerRequest, VmEvent, VmRecord,
 };
 use serde::Deserialize;
 use std::convert::Infallible;
@@ -57,6 +57,7 @@ pub fn router() -> OpenApiRouter<ApiState> {
         .routes(routes!(get_migration))
         .routes(routes!(list_links))
         .routes(routes!(get_link))
+        .routes(routes!(probe_link))
         .routes(routes!(events))
         .routes(routes!(cluster_info))
         .routes(routes!(cluster_init))
@@ -598,6 +599,22 @@ async fn get_link(
     Path(peer): Path<String>,
 ) -> ApiResult<Json<LinkInfo>> {
     Ok(Json(state.host.get_link(&peer).await?))
+}
+
+/// Measures the link to a peer now: sends it incompressible data for a few seconds (the peer
+/// discards it), which feeds the link's model as any transfer does, and returns the link. The
+/// peer is a fingerprint, a peer label or a region host's name.
+#[utoipa::path(post, path = "/api/v1/links/{peer}/probe", tag = "transfers",
+    params(("peer" = String, Path, description = "fingerprint, peer label or region host name")),
+    request_body = ProbeLinkRequest,
+    responses((status = 200, body = LinkInfo), (status = 400, body = novacron_types::ApiErrorBody),
+        (status = 404, body = novacron_types::ApiErrorBody)))]
+async fn probe_link(
+    State(state): State<ApiState>,
+    Path(peer): Path<String>,
+    Json(request): Json<ProbeLinkRequest>,
+) -> ApiResult<Json<LinkInfo>> {
+    Ok(Json(state.host.probe_link(&peer, &request).await?))
 }
 
 /// Server-sent events: one `vm` event (JSON `VmEvent`) per VM state change.

@@ -537,6 +537,18 @@ pub enum LinkCommand {
         /// The peer's fingerprint or its label (`novacron peer list`)
         peer: String,
     },
+    /// Measure the link to a peer now: send it incompressible data for a few seconds (the peer
+    /// discards it), then show the link. Migrations probe an unmeasured link by themselves.
+    Probe {
+        /// The peer's fingerprint, its label (`novacron peer list`) or a region host's name
+        peer: String,
+        /// How long to send, in seconds (at most 30)
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// The peer's transfer address (HOST:PORT); default: from the region or the last dial
+        #[arg(long)]
+        address: Option<String>,
+    },
     /// Evaluate the bandwidth predictors on throughput trace files (mahimahi format: one line
     /// per 1500-byte delivery opportunity, in ms) and print accuracy (1 - WAPE) and band
     /// calibration per trace and horizon. Runs locally; needs no server.

@@ -7,7 +7,8 @@ use crate::client::{CliResult, Client};
 use crate::image::url_encode;
 use crate::output;
 use novacron_bandwidth::{Forecast, ForecastHorizon};
-use novacron_types::LinkInfo;
+use novacron_types::{LinkInfo, ProbeLinkRequest};
+use reqwest::Method;
 
 pub async fn list(client: &Client, format: OutputFormat) -> CliResult<()> {
     let links: Vec<LinkInfo> = client.get("/api/v1/links").await?;
@@ -59,7 +60,46 @@ pub async fn show(client: &Client, format: OutputFormat, peer: &str) -> CliResul
     let link: LinkInfo = client
         .get(&format!("/api/v1/links/{}", url_encode(peer)))
         .await?;
-    output::emit(format, &link, |link| {
+    print_link(format, &link);
+    Ok(())
+}
+
+/// `link probe`: measures the link now, then shows it.
+pub async fn probe(
+    client: &Client,
+    format: OutputFormat,
+    peer: &str,
+    request: &ProbeLinkRequest,
+) -> CliResult<()> {
+    // JSON has no NaN or infinity (they would travel as "no value"): refused here.
+    if let Some(seconds) = request.seconds.filter(|seconds| !seconds.is_finite()) {
+        return Err(crate::client::CliError::new(
+            novacron_types::ErrorCode::InvalidArgument,
+            format!("a link probe lasts more than 0 and at most 30 seconds, not {seconds}"),
+        ));
+    }
+    if format == OutputFormat::Table {
+        eprintln!(
+            "probing the link to {peer} for {} s ...",
+            request.seconds.unwrap_or_default()
+        );
+    }
+    let link: LinkInfo = client
+        .json(
+            client
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/links/{}/probe", url_encode(peer)),
+                )
+                .json(request),
+        )
+        .await?;
+    print_link(format, &link);
+    Ok(())
+}
+
+fn print_link(format: OutputFormat, link: &LinkInfo) {
+    output::emit(format, link, |link| {
         let mut pairs = vec![
             ("peer", peer_label(link)),
             ("fingerprint", link.peer_fingerprint.clone()),
@@ -109,7 +149,6 @@ pub async fn show(client: &Client, format: OutputFormat, peer: &str) -> CliResul
         }
         output::details(&pairs);
     });
-    Ok(())
 }
 
 fn peer_label(link: &LinkInfo) -> String {

@@ -127,6 +127,17 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
         Command::Link(cli::LinkCommand::Show { peer }) => {
             link::show(&client, options.output, &peer).await
         }
+        Command::Link(cli::LinkCommand::Probe {
+            peer,
+            seconds,
+            address,
+        }) => {
+            let request = novacron_types::ProbeLinkRequest {
+                seconds: Some(seconds),
+                address,
+            };
+            link::probe(&client, options.output, &peer, &request).await
+        }
         Command::Serve(_) | Command::Completions { .. } | Command::Link(_) => Ok(()),
     }
 }

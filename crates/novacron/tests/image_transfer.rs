@@ -439,3 +439,68 @@ fn transfers_survive_a_cut_link_and_resume_after_cancel() {
     drop(b);
     link.shutdown().expect("tear the link down");
 }
+
+#[test]
+fn a_link_probe_measures_an_idle_link_and_bad_probes_are_refused() {
+    let a = TestHost::start();
+    let b = TestHost::start();
+    let c = TestHost::start();
+    let (_, fingerprint_b) = pair(&a, &b);
+    let links = a.json(&["link", "list"]);
+    assert_eq!(links.as_array().map(Vec::len), Some(0), "{links}");
+
+    // No address is known yet for B (nothing was ever sent to it): the probe asks for one.
+    let error = a.fails(&["link", "probe", "b"], 2);
+    assert!(error.contains("--address"), "{error}");
+    let link = a.json(&[
+        "link",
+        "probe",
+        "b",
+        "--seconds",
+        "2",
+        "--address",
+        &b.transfer_address(),
+    ]);
+    assert_eq!(link["peer_fingerprint"], fingerprint_b.as_str(), "{link}");
+    assert!(link["last_measured_at"].as_u64().unwrap_or(0) > 0, "{link}");
+    assert!(
+        link["summary"]["observed_seconds"].as_f64().unwrap_or(0.0) > 0.5,
+        "the probe's samples measure the link: {link}"
+    );
+    let forecasts = link["summary"]["forecasts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        forecasts
+            .iter()
+            .any(|forecast| forecast["expected_bits_per_sec"].as_f64().unwrap_or(0.0) > 1e6),
+        "a probed link has a forecast: {link}"
+    );
+    // The address is remembered: a second probe needs none.
+    a.ok(&["link", "probe", &fingerprint_b, "--seconds", "0.5"]);
+
+    for seconds in ["0", "31", "nan"] {
+        let error = a.fails(&["link", "probe", "b", "--seconds", seconds], 2);
+        assert!(error.contains("at most 30 seconds"), "{seconds}: {error}");
+    }
+    let error = a.fails(&["link", "probe", "nobody"], 4);
+    assert!(error.contains("nobody"), "{error}");
+    // C is trusted by A but does not trust A: its listener refuses the probe's handshake.
+    let fingerprint_c = fingerprint(&c);
+    a.ok(&["peer", "trust", &fingerprint_c, "--name", "c"]);
+    let error = a.fails(
+        &["link", "probe", "c", "--address", &c.transfer_address()],
+        3,
+    );
+    assert!(error.contains("does not trust this host"), "{error}");
+    assert!(
+        !a.json(&["link", "list"])
+            .as_array()
+            .is_some_and(|links| links
+                .iter()
+                .any(|link| link["peer_fingerprint"] == fingerprint_c.as_str()
+                    && link["last_measured_at"].as_u64().unwrap_or(0) > 0)),
+        "a refused probe measures nothing"
+    );
+}

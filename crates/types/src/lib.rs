@@ -24,7 +24,7 @@ pub use cluster::{
 };
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
-pub use link::LinkInfo;
+pub use link::{LinkInfo, ProbeLinkRequest};
 pub use migration::{MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord};
 pub use name::{
     ImageName, LABEL_MAX_LEN, Labels, NameError, VmName, parse_label, validate_group,

@@ -43,6 +43,14 @@ use tokio_util::sync::CancellationToken;
 
 /// Below this much progress the wire-to-raw ratio is not known yet; the ETA assumes 1.
 const ETA_MINIMUM_RAW_BYTES: u64 = 1 << 20;
+/// Most bytes one link probe sends (a probe of a fast link ends here before its time is up).
+pub(crate) const PROBE_MAX_BYTES: u64 = 256 << 20;
+/// Longest a probe may be asked to last.
+pub(crate) const PROBE_MAX_DURATION: Duration = Duration::from_secs(30);
+/// A probe's receiver gives up on a sender that neither sends nor finishes for this long.
+const PROBE_RECEIVE_DEADLINE: Duration = Duration::from_secs(60);
+/// Rate samples of a probe come this often, so a few seconds give the model enough of them.
+const PROBE_MEASUREMENT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Bytes a receiver keeps free beyond the image itself.
 const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -770,6 +778,104 @@ impl TransferService {
     /// Starts a push or pull: validates, connects, negotiates, and returns once the transfer
     /// runs (or ended at once because the image was already there). Errors before that point
     /// are returned here and leave nothing behind on either host.
+    /// Measures the link to the peer at `address` (which must present `fingerprint`): sends
+    /// incompressible data as fast as the link takes it for `duration` (or [`PROBE_MAX_BYTES`]),
+    /// which the peer discards. The session's rate samples feed this host's model of the link,
+    /// as any transfer's do, so forecasts exist before a decision needs one.
+    pub(crate) async fn probe_link(
+        self: &Arc<Self>,
+        address: &str,
+        fingerprint: Fingerprint,
+        duration: Duration,
+    ) -> Result<ProbeOutcome, AgentError> {
+        if duration.is_zero() || duration > PROBE_MAX_DURATION {
+            return Err(AgentError::InvalidArgument(format!(
+                "a link probe lasts more than 0 s and at most {} s, not {:.1} s",
+                PROBE_MAX_DURATION.as_secs(),
+                duration.as_secs_f64()
+            )));
+        }
+        let socket_address = resolve_address(address).await?;
+        let tls = TlsSettings {
+            identity: self.identity.clone(),
+            trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
+        };
+        let options = SessionOptions {
+            measurement_interval: PROBE_MEASUREMENT_INTERVAL,
+            ..self.session_options_for(fingerprint)
+        };
+        let session = Session::connect(socket_address, &tls, options)
+            .await
+            .map_err(|error| {
+                connect_failure(&error, address, fingerprint, self.fingerprint()).into_agent_error()
+            })?;
+        self.links.note_address(fingerprint, address);
+        let session = Arc::new(session);
+        let reply = session
+            .control()
+            .request(
+                Message::Probe {
+                    max_bytes: PROBE_MAX_BYTES,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(|error| TransferFailure::session(&error).into_agent_error());
+        let decision = match reply.map(|bytes| Message::decode(&bytes)) {
+            Ok(Ok(Message::OfferReply(decision))) => decision,
+            Ok(Ok(other)) => {
+                close_quietly(session).await;
+                return Err(AgentError::Transfer {
+                    code: ErrorCode::Internal,
+                    message: format!("the peer answered a link probe with a {}", other.name()),
+                });
+            }
+            Ok(Err(error)) => {
+                close_quietly(session).await;
+                return Err(AgentError::Transfer {
+                    code: ErrorCode::Internal,
+                    message: format!("the peer's answer to a link probe is unreadable: {error}"),
+                });
+            }
+            Err(error) => {
+                close_quietly(session).await;
+                return Err(error);
+            }
+        };
+        if let OfferDecision::Refused { code, message } = decision {
+            close_quietly(session).await;
+            return Err(AgentError::Transfer {
+                code,
+                message: format!("the peer refused the link probe: {message}"),
+            });
+        }
+        // Random bytes: no layer below may compress them, so the link, not a codec, is measured.
+        let mut chunk = vec![0u8; 1 << 20];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut chunk);
+        let chunk = bytes::Bytes::from(chunk);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut result = Ok(());
+        while started.elapsed() < duration && sent + chunk.len() as u64 <= PROBE_MAX_BYTES {
+            if let Err(error) = session.send(chunk.clone()).await {
+                result = Err(error);
+                break;
+            }
+            sent += chunk.len() as u64;
+        }
+        if result.is_ok() {
+            result = session.finish().await;
+        }
+        let elapsed = started.elapsed();
+        close_quietly(session).await;
+        result.map_err(|error| TransferFailure::session(&error).into_agent_error())?;
+        tracing::info!(peer = %fingerprint, %address, sent, seconds = elapsed.as_secs_f64(), "link probed");
+        Ok(ProbeOutcome {
+            bytes_sent: sent,
+            elapsed,
+        })
+    }
+
     pub async fn start(
         self: &Arc<Self>,
         request: CreateTransferRequest,
@@ -1005,6 +1111,39 @@ impl TransferService {
             }
         };
         match message {
+            Message::Probe { max_bytes } => {
+                if max_bytes > PROBE_MAX_BYTES {
+                    let reply = Message::OfferReply(OfferDecision::Refused {
+                        code: ErrorCode::InvalidArgument,
+                        message: format!(
+                            "a link probe may send at most {PROBE_MAX_BYTES} bytes, not {max_bytes}"
+                        ),
+                    });
+                    let _ = request.respond(reply.encode()).await;
+                    close_quietly(session).await;
+                    return;
+                }
+                if request
+                    .respond(Message::OfferReply(OfferDecision::Proceed).encode())
+                    .await
+                    .is_err()
+                {
+                    close_quietly(session).await;
+                    return;
+                }
+                let mut received = 0u64;
+                let outcome = tokio::time::timeout(PROBE_RECEIVE_DEADLINE, async {
+                    while let Ok(Some(data)) = session.recv().await {
+                        received += data.len() as u64;
+                        if received > max_bytes {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                tracing::info!(%peer, received, timed_out = outcome.is_err(), "link probe received");
+                close_quietly(session).await;
+            }
             Message::Migration(protocol::MigrationControl::Begin { id }) => {
                 crate::migration::serve_destination(self, session, request, id).await;
             }
@@ -1138,7 +1277,7 @@ fn slot_was_running(address: SocketAddr, requested: SocketAddr) -> bool {
     address != requested || address.port() != 0
 }
 
-fn parse_fingerprint(text: &str) -> Result<Fingerprint, AgentError> {
+pub(crate) fn parse_fingerprint(text: &str) -> Result<Fingerprint, AgentError> {
     Fingerprint::from_str(text).map_err(|_| {
         AgentError::InvalidArgument(format!(
             "{text:?} is not a host fingerprint: expected sha256: followed by 64 hex digits, as \
@@ -1288,6 +1427,13 @@ fn unexpected(expected: &'static str, got: &Message) -> AgentError {
         got: got.name(),
     })
     .into_agent_error()
+}
+
+/// What one link probe did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProbeOutcome {
+    pub bytes_sent: u64,
+    pub elapsed: Duration,
 }
 
 /// Closes a session cleanly if nobody else holds it, within a short bound.

@@ -119,7 +119,9 @@ pub enum MigrationControl {
 pub enum Message {
     Offer(ImageOffer),
     OfferReply(OfferDecision),
-    Fetch { image: String },
+    Fetch {
+        image: String,
+    },
     FetchReply(FetchReply),
     PullDecision(OfferDecision),
     WhichOf(Vec<ContentHash>),
@@ -128,6 +130,11 @@ pub enum Message {
     VerifyReply(VerifyReply),
     Abort(Failure),
     Migration(MigrationControl),
+    /// Prober → peer (request): "discard up to `max_bytes` of bulk data I am about to send";
+    /// answered with an `OfferReply`. The sender's transport measures the link meanwhile.
+    Probe {
+        max_bytes: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,10 +168,16 @@ const VERIFY: u8 = 8;
 const VERIFY_REPLY: u8 = 9;
 const ABORT: u8 = 10;
 const MIGRATION: u8 = 11;
+const PROBE: u8 = 12;
 
 #[derive(Serialize, Deserialize)]
 struct FetchBody {
     image: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProbeBody {
+    max_bytes: u64,
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -196,6 +209,7 @@ impl Message {
             Message::VerifyReply(_) => "verify reply",
             Message::Abort(_) => "abort",
             Message::Migration(_) => "migration step",
+            Message::Probe { .. } => "link probe",
         }
     }
 
@@ -249,6 +263,12 @@ impl Message {
             Message::Migration(step) => {
                 out.put_u8(MIGRATION);
                 out.put_slice(&json(step));
+            }
+            Message::Probe { max_bytes } => {
+                out.put_u8(PROBE);
+                out.put_slice(&json(&ProbeBody {
+                    max_bytes: *max_bytes,
+                }));
             }
         }
         out.freeze()
@@ -312,6 +332,9 @@ impl Message {
             VERIFY_REPLY => Message::VerifyReply(from_json("verify reply", body)?),
             ABORT => Message::Abort(from_json("abort", body)?),
             MIGRATION => Message::Migration(from_json("migration step", body)?),
+            PROBE => Message::Probe {
+                max_bytes: from_json::<ProbeBody>("link probe", body)?.max_bytes,
+            },
             kind => return Err(ProtocolError::UnknownKind { kind }),
         })
     }
@@ -412,6 +435,7 @@ mod tests {
             Message::Migration(MigrationControl::Abort {
                 message: "cancelled".into(),
             }),
+            Message::Probe { max_bytes: 1 << 26 },
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()), Ok(message));
