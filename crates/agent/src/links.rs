@@ -88,6 +88,10 @@ pub(crate) struct LinkMonitor {
     registry: LinkRegistry<Fingerprint>,
     details: Mutex<HashMap<Fingerprint, LinkDetail>>,
     metrics: LinkMetrics,
+    /// Bumped by every change worth saving; `save` skips the write when nothing changed since
+    /// the last one.
+    changes: AtomicU64,
+    saved_changes: AtomicU64,
 }
 
 impl LinkMonitor {
@@ -116,6 +120,8 @@ impl LinkMonitor {
     pub fn observe(&self, sample: &RateSample) {
         let peer = sample.peer_fingerprint;
         if sample.sender_backlogged {
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.registry
                 .observe(&peer, sample.bytes_acknowledged, sample.interval);
             let mut details = self.details();
@@ -137,6 +143,11 @@ impl LinkMonitor {
 
     /// Writes every link's history to `path` (a temporary file renamed over it).
     pub fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let changes = self.changes.load(Relaxed);
+        if changes == self.saved_changes.load(Relaxed) && path.exists() {
+            return Ok(());
+        }
         let details = self.details();
         let mut links: Vec<SavedLink> = self
             .registry
@@ -162,7 +173,9 @@ impl LinkMonitor {
         .map_err(std::io::Error::other)?;
         let temporary = path.with_extension("json.tmp");
         std::fs::write(&temporary, bytes)?;
-        std::fs::rename(&temporary, path)
+        std::fs::rename(&temporary, path)?;
+        self.saved_changes.store(changes, Relaxed);
+        Ok(())
     }
 
     /// Replays the links saved at `path` (none when it does not exist). A file that cannot be
@@ -204,7 +217,13 @@ impl LinkMonitor {
 
     /// Remembers the address `peer` was dialled at (shown by `link list`).
     pub fn note_address(&self, peer: Fingerprint, address: &str) {
-        self.details().entry(peer).or_default().last_address = Some(address.to_string());
+        let mut details = self.details();
+        let detail = details.entry(peer).or_default();
+        if detail.last_address.as_deref() != Some(address) {
+            detail.last_address = Some(address.to_string());
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// When the link to `peer` was last measured (unix seconds), if ever.
@@ -374,6 +393,28 @@ mod tests {
             before[0].summary.observed_seconds
         );
         assert!(after[0].summary.current_bits_per_sec.is_some());
+        // Nothing changed since: the file is not written again.
+        let written = std::fs::metadata(&path)
+            .expect("saved")
+            .modified()
+            .expect("mtime");
+        std::fs::write(&path, b"{\"format_version\":1,\"links\":[]}").expect("write");
+        monitor.save(&path).expect("save");
+        assert_eq!(
+            LinkMonitor::new().load(&path),
+            0,
+            "an unchanged monitor skips the write"
+        );
+        monitor.note_address(peer, "10.0.0.3:7181");
+        monitor.save(&path).expect("save");
+        assert_eq!(LinkMonitor::new().load(&path), 1, "a change is written");
+        assert!(
+            std::fs::metadata(&path)
+                .expect("saved")
+                .modified()
+                .expect("mtime")
+                >= written
+        );
         // A damaged file is ignored, not fatal.
         std::fs::write(&path, b"{not json").expect("write");
         assert_eq!(LinkMonitor::new().load(&path), 0);
