@@ -650,6 +650,18 @@ impl Source<'_> {
     /// destination's heartbeat does not list the image, this host (which runs the VM on it)
     /// pushes it there first over DWCP, as `novacron image push` would, and the migration's
     /// message says so meanwhile. A cancel or the migration's timeout ends the copy.
+    /// Shows `message` in the migration's record (`migration show`) while it is not finished.
+    async fn say(&self, message: &str) {
+        let _ = self
+            .shared
+            .records
+            .update_migration(&self.id, |record| {
+                record.message = Some(message.to_string());
+                Ok(!record.phase.is_finished())
+            })
+            .await;
+    }
+
     /// The plan needs the link's forecast. When this host has not measured the link to the
     /// destination in [`LINK_MEASUREMENT_MAX_AGE`], it probes it first, for
     /// [`PLANNING_PROBE`]. A failed probe only leaves the plan without a forecast.
@@ -671,14 +683,7 @@ impl Source<'_> {
             "measuring the link to host {destination} ({} s probe): no recent measurement to plan with",
             PLANNING_PROBE.as_secs()
         );
-        let _ = self
-            .shared
-            .records
-            .update_migration(&self.id, |record| {
-                record.message = Some(probing.clone());
-                Ok(!record.phase.is_finished())
-            })
-            .await;
+        self.say(&probing).await;
         match service
             .probe_link(address, fingerprint, PLANNING_PROBE)
             .await
@@ -726,14 +731,7 @@ impl Source<'_> {
             .unwrap_or_else(|| image_id.clone());
         tracing::info!(vm = %self.name, %destination, %image, "copying the base image to the destination first");
         let copying = format!("copying base image {image} to host {destination}");
-        let _ = self
-            .shared
-            .records
-            .update_migration(&self.id, |record| {
-                record.message = Some(copying.clone());
-                Ok(!record.phase.is_finished())
-            })
-            .await;
+        self.say(&copying).await;
         let failed = |detail: String| {
             Failure::new(
                 ErrorCode::Unavailable,
