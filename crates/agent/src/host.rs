@@ -641,12 +641,9 @@ impl Host {
         request: &novacron_types::ProbeLinkRequest,
     ) -> Result<novacron_types::LinkInfo, AgentError> {
         let seconds = request.seconds.unwrap_or(DEFAULT_PROBE_SECONDS);
-        let longest = crate::transfer::PROBE_MAX_DURATION.as_secs_f64();
-        if !seconds.is_finite() || seconds <= 0.0 || seconds > longest {
-            return Err(AgentError::InvalidArgument(format!(
-                "a link probe lasts more than 0 and at most {longest} seconds, not {seconds}"
-            )));
-        }
+        // Negative, NaN or huge: not a duration at all. The range is the probe's to check.
+        let duration = Duration::try_from_secs_f64(seconds)
+            .map_err(|_| crate::transfer::probe_duration_error(seconds))?;
         let heartbeats = self.shared.records.heartbeats().await.unwrap_or_default();
         let region_host = heartbeats
             .iter()
@@ -671,13 +668,7 @@ impl Host {
                 });
             };
         let fingerprint = crate::transfer::parse_fingerprint(&fingerprint_text)?;
-        let known_address = self
-            .transfers
-            .links
-            .list(|_| None)
-            .into_iter()
-            .find(|link| link.peer_fingerprint == fingerprint_text)
-            .and_then(|link| link.peer_address);
+        let known_address = self.transfers.links.last_address(fingerprint);
         let address = request
             .address
             .clone()
@@ -690,7 +681,7 @@ impl Host {
                 ))
             })?;
         self.transfers
-            .probe_link(&address, fingerprint, Duration::from_secs_f64(seconds))
+            .probe_link(&address, fingerprint, duration)
             .await?;
         self.get_link(&fingerprint_text).await
     }

@@ -226,6 +226,13 @@ impl LinkMonitor {
         }
     }
 
+    /// The address `peer` was last dialled at, if it ever was.
+    pub fn last_address(&self, peer: Fingerprint) -> Option<String> {
+        self.details()
+            .get(&peer)
+            .and_then(|detail| detail.last_address.clone())
+    }
+
     /// When the link to `peer` was last measured (unix seconds), if ever.
     pub fn last_measured_at(&self, peer: Fingerprint) -> Option<u64> {
         self.details()

@@ -309,10 +309,16 @@ impl LogFiles {
         let files = Self {
             directory,
             segment_bytes,
-            index: Mutex::new(index),
-            writer: Mutex::new(current),
+            index: Mutex::new(Index {
+                first: None,
+                locations: VecDeque::new(),
+                segments: BTreeMap::new(),
+            }),
+            writer: Mutex::new(None),
         };
-        files.delete_purged_segments()?;
+        files.delete_purged_segments(&current, &mut index)?;
+        *files.lock_index() = index;
+        *files.lock_writer() = current;
         Ok(files)
     }
 
@@ -541,31 +547,26 @@ impl LogFiles {
     /// segments that hold nothing else. The caller makes the purge durable first.
     pub fn purge(&self, upto: u64) -> Result<()> {
         let mut writer = self.lock_writer();
-        {
-            let mut index = self.lock_index();
-            let first = index.first.unwrap_or(0);
-            if upto < first && index.first.is_some() {
-                return Ok(());
-            }
-            let drop = (upto + 1 - first).min(index.locations.len() as u64) as usize;
-            index.locations.drain(..drop);
-            if index.locations.is_empty() {
-                index.first = Some(upto + 1);
-                // Nothing left: the next append starts a new segment.
-                *writer = None;
-            } else {
-                index.first = Some(first + drop as u64);
-            }
+        let mut index = self.lock_index();
+        let first = index.first.unwrap_or(0);
+        if upto < first && index.first.is_some() {
+            return Ok(());
         }
-        drop(writer);
-        self.delete_purged_segments()
+        let drop = (upto + 1 - first).min(index.locations.len() as u64) as usize;
+        index.locations.drain(..drop);
+        if index.locations.is_empty() {
+            index.first = Some(upto + 1);
+            // Nothing left: the next append starts a new segment.
+            *writer = None;
+        } else {
+            index.first = Some(first + drop as u64);
+        }
+        self.delete_purged_segments(&writer, &mut index)
     }
 
     /// Deletes every segment none of whose entries is still held (and that appends no longer
-    /// go to).
-    fn delete_purged_segments(&self) -> Result<()> {
-        let writer = self.lock_writer();
-        let mut index = self.lock_index();
+    /// go to). Runs with both locks held, so no append or read sees a half-done purge.
+    fn delete_purged_segments(&self, writer: &Option<Current>, index: &mut Index) -> Result<()> {
         let current = writer.as_ref().map(|current| current.first);
         let held_from = index.locations.front().map(|location| location.segment);
         let unused: Vec<u64> = index

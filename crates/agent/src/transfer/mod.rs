@@ -789,11 +789,7 @@ impl TransferService {
         duration: Duration,
     ) -> Result<ProbeOutcome, AgentError> {
         if duration.is_zero() || duration > PROBE_MAX_DURATION {
-            return Err(AgentError::InvalidArgument(format!(
-                "a link probe lasts more than 0 s and at most {} s, not {:.1} s",
-                PROBE_MAX_DURATION.as_secs(),
-                duration.as_secs_f64()
-            )));
+            return Err(probe_duration_error(duration.as_secs_f64()));
         }
         let socket_address = resolve_address(address).await?;
         let tls = TlsSettings {
@@ -1427,6 +1423,14 @@ fn unexpected(expected: &'static str, got: &Message) -> AgentError {
         got: got.name(),
     })
     .into_agent_error()
+}
+
+/// The refusal of a probe duration outside (0, [`PROBE_MAX_DURATION`]].
+pub(crate) fn probe_duration_error(seconds: f64) -> AgentError {
+    AgentError::InvalidArgument(format!(
+        "a link probe lasts more than 0 and at most {} seconds, not {seconds}",
+        PROBE_MAX_DURATION.as_secs()
+    ))
 }
 
 /// What one link probe did.
