@@ -1,8 +1,8 @@
 //! This host as a member of a region (issue 4): the settings file under `<data>/cluster/`, opening
 //! the store with the mTLS raft transport, `cluster init` / `join` / `token create` / `list` /
 //! `remove`, the heartbeat every host writes, and the leader's loop that applies the voter
-//! policy (1 → 3 → 5 voters) and recommends a raft timing from measured round trips (applied by
-//! each host at its next start).
+//! policy (1 → 3 → 5 voters) and recommends a raft timing from measured round trips (every host
+//! applies it at once and keeps it for its next start).
 //!
 //! Init and join change how the store must be opened (a transport, a node id, a fresh store for a
 //! joiner), so they write the new settings and ask `serve` to restart itself; the next start
@@ -595,8 +595,8 @@ async fn leader_pass(
 }
 
 /// On the leader: derives the raft timing from the append round trips measured to the other
-/// voters and stores it when it differs enough from the current one (every host writes it to
-/// its timing file; it applies at each host's next start).
+/// voters and stores it when it differs enough from the current one (every host applies it
+/// within a heartbeat of this host's, [`HEARTBEAT_INTERVAL`], and writes it to its timing file).
 async fn recommend_raft_timing(
     region: &Region,
     voters: &std::collections::BTreeSet<u64>,
@@ -615,24 +615,38 @@ async fn recommend_raft_timing(
         Some(record) => record.timing()?,
         None => timing::read_timing_file(&cluster_dir(&region.paths)),
     };
-    if timing::timing_change_is_worth_a_restart(&current, &proposed.timing()?) {
+    if timing::timing_change_is_worth_applying(&current, &proposed.timing()?) {
         tracing::info!(
             heartbeat_ms = proposed.heartbeat_ms,
             election_timeout_min_ms = proposed.election_timeout_min_ms,
             round_trip_p99_us = proposed.measured_round_trip_p99_us,
             samples = proposed.samples,
-            "recommending a new raft timing; hosts apply it at their next start"
+            "recommending a new raft timing to every host"
         );
         timing::store_raft_timing(&region.cluster, &proposed).await?;
     }
     Ok(())
 }
 
-/// Every host: mirrors the region's stored timing into its timing file, read at the next start.
+/// Every host: runs raft on the region's stored timing from now on, and mirrors it into its
+/// timing file for the next start (which also sets the append-entries deadline from it).
 fn mirror_raft_timing(region: &Region, stored: Option<timing::RaftTimingRecord>) {
     let Some(record) = stored else {
         return;
     };
+    let store = region.cluster.store();
+    match record.timing() {
+        Ok(timing) if store.timing() != timing => match store.set_timing(timing) {
+            Ok(()) => tracing::info!(
+                heartbeat_ms = record.heartbeat_ms,
+                election_timeout_min_ms = record.election_timeout_min_ms,
+                "raft runs on the region's new timing"
+            ),
+            Err(error) => tracing::warn!(%error, "cannot apply the region's raft timing"),
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "the region's raft timing is invalid"),
+    }
     let dir = cluster_dir(&region.paths);
     let on_disk = std::fs::read(dir.join(timing::RAFT_TIMING_FILE))
         .ok()
@@ -640,12 +654,8 @@ fn mirror_raft_timing(region: &Region, stored: Option<timing::RaftTimingRecord>)
     if on_disk.as_ref() == Some(&record) {
         return;
     }
-    match timing::write_timing_file(&dir, &record) {
-        Ok(()) => tracing::info!(
-            heartbeat_ms = record.heartbeat_ms,
-            "region raft timing saved; it applies at the next start"
-        ),
-        Err(error) => tracing::warn!(%error, "cannot save the region's raft timing"),
+    if let Err(error) = timing::write_timing_file(&dir, &record) {
+        tracing::warn!(%error, "cannot save the region's raft timing");
     }
 }
 

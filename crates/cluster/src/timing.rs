@@ -8,25 +8,27 @@
 //! - Take the 99th percentile of the samples (one slow outlier does not set the pace; sustained
 //!   jitter or slow appends do).
 //! - **Heartbeat = twice that, rounded up to 10 ms, clamped to [50 ms, 1 s].** openraft 0.9
-//!   uses the heartbeat interval as the deadline of every append-entries RPC, heartbeats and
-//!   replication alike: an append slower than the heartbeat is cancelled and sent again, forever.
-//!   So the heartbeat must cover a loaded append's round trip with room to spare (2x), and no
-//!   more: failure detection is a multiple of it. 50 ms keeps a LAN region from spending its CPU
-//!   on heartbeats; 1 s bounds detection on absurd links. When appends hit the deadline their
-//!   samples raise the p99 and the next timing doubles the heartbeat, so it converges.
+//!   has one append-entries exchange in flight per follower, heartbeats included, so a heartbeat
+//!   shorter than a loaded round trip only queues behind the previous one; twice the p99 leaves
+//!   room, and no more, since failure detection is a multiple of it. 50 ms keeps a LAN region
+//!   from spending its CPU on heartbeats; 1 s bounds detection on absurd links.
 //! - **Election timeout = 10 to 15 heartbeats.** A follower campaigns only after about ten
 //!   heartbeats in a row failed to arrive, so loss and jitter on a 40 ms link do not cause
 //!   elections (the 5-heartbeat width of the random range keeps candidates from splitting the
 //!   vote). A LAN region fails over in 0.5 to 0.75 s plus one election; a region over 40 ms
 //!   links (heartbeat 100 ms) in 1 to 1.5 s; a 180 ms link (heartbeat 370 ms) in 3.7 to 5.6 s.
 //!
-//! openraft's configuration is fixed for the life of a `Raft` instance, so a new timing applies
-//! when a host (re)opens its store: the leader computes it from the RTTs it measures and stores
-//! it under [`RAFT_TIMING_KEY`] (only when [`timing_change_is_worth_a_restart`] says it moved
-//! enough); each host mirrors that record into `<data dir>/raft-timing.json`
-//! ([`write_timing_file`]) and reads the file before it opens its store ([`read_timing_file`]);
-//! a joining host gets it with its join grant. Hosts with different timings in one region are
-//! safe (raft's correctness does not depend on timing), only less well tuned.
+//! How it applies: the leader computes it from the RTTs it measures and stores it under
+//! [`RAFT_TIMING_KEY`] (only when [`timing_change_is_worth_applying`] says it moved enough);
+//! every host reads that record with its heartbeat and runs raft on it at once
+//! (`Store::set_timing`: NovaCron, not openraft, drives heartbeats and elections, see
+//! `novacron_store::timers`), and mirrors it into `<data dir>/raft-timing.json`
+//! ([`write_timing_file`]), read before the store opens at the next start
+//! ([`read_timing_file`]); a joining host gets it with its join grant. What only a start sets is
+//! the deadline of an append-entries exchange, the longer of the heartbeat and 500 ms
+//! (`novacron_store::timers::rpc_deadline`): a round trip longer than 500 ms needs a restart to
+//! be waited for. Hosts with different timings in one region are safe (raft's correctness does
+//! not depend on timing), only less well tuned.
 
 use std::path::Path;
 use std::time::Duration;
@@ -80,9 +82,9 @@ pub fn raft_timing_for_round_trips(samples: &[Duration]) -> RaftTiming {
     }
 }
 
-/// Whether moving from `current` to `proposed` is worth restarting raft on every host: only
-/// when the heartbeat changes by a quarter or more, so RTT noise does not churn the region.
-pub fn timing_change_is_worth_a_restart(current: &RaftTiming, proposed: &RaftTiming) -> bool {
+/// Whether moving from `current` to `proposed` is worth applying on every host: only when the
+/// heartbeat changes by a quarter or more, so RTT noise does not churn the region.
+pub fn timing_change_is_worth_applying(current: &RaftTiming, proposed: &RaftTiming) -> bool {
     let now = current.heartbeat_interval.as_secs_f64();
     let next = proposed.heartbeat_interval.as_secs_f64();
     if now <= 0.0 {
@@ -272,11 +274,11 @@ mod tests {
             assert!(timing.election_timeout_min > timing.heartbeat_interval);
         }
         let lan = raft_timing_for_round_trips(&[ms(1)]);
-        assert!(!timing_change_is_worth_a_restart(
+        assert!(!timing_change_is_worth_applying(
             &lan,
             &raft_timing_for_round_trips(&[ms(29)])
         ));
-        assert!(timing_change_is_worth_a_restart(
+        assert!(timing_change_is_worth_applying(
             &lan,
             &raft_timing_for_round_trips(&[ms(40)])
         ));

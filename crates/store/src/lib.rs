@@ -19,6 +19,7 @@ mod raft_types;
 mod records;
 mod storage;
 mod store;
+pub mod timers;
 mod watch;
 
 pub use error::{LeaderHint, Result, StoreError};

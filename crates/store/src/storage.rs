@@ -3,8 +3,9 @@
 //! ([`StateMachineStore`]) in a redb database file, `store.redb` in the data directory.
 //!
 //! Durability: log appends and truncations are `fdatasync`ed, votes committed with
-//! `Durability::Immediate`, before openraft is told they are done. State machine applies and
-//! `committed` are committed with `Durability::None`, and an apply at least every
+//! `Durability::Immediate`, before openraft is told they are done. State machine applies are
+//! committed with `Durability::None` (and carry the last saved `committed` log id, which has no
+//! transaction of its own), and an apply at least every
 //! [`DURABLE_APPLY_INTERVAL`] with `Durability::Immediate`: redb persists commits in order, so
 //! after a crash the state machine is a consistent prefix that openraft completes by
 //! re-applying committed entries from the durable log. A purge first commits durably (which
@@ -50,8 +51,10 @@ use crate::records::{self, RecordError};
 use crate::watch::ChangeNotice;
 
 /// Version of the on-disk layout this build writes and reads. Version 1 kept the raft log in
-/// redb; version 2 keeps it in segment files and still opens (and converts) version 1.
-pub const FORMAT_VERSION: u64 = 2;
+/// redb; version 2 keeps it in segment files; version 3 preallocates new segments with zeros
+/// (see [`crate::log_files`]), which a version-2 build would take for corruption. Versions 1
+/// and 2 still open (version 1's log is moved out of redb once; version 2 needs no change).
+pub const FORMAT_VERSION: u64 = 3;
 /// Applies of at most this many transactions that need no fsync run on the async task itself.
 const INLINE_APPLY_TRANSACTIONS: usize = 32;
 /// The state machine is committed durably at least this often while entries are applied.
@@ -93,6 +96,10 @@ pub(crate) struct StoreDatabase {
     path: PathBuf,
     /// The format version found on open (this build's for a new database).
     found_format_version: AtomicU64,
+    /// The committed log id openraft last saved, not yet written: the next apply (or purge)
+    /// writes it in its own transaction, so saving it costs no transaction of its own on the
+    /// path of every write.
+    unsaved_committed: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl Debug for StoreDatabase {
@@ -123,6 +130,7 @@ impl StoreDatabase {
             database,
             path,
             found_format_version: AtomicU64::new(FORMAT_VERSION),
+            unsaved_committed: std::sync::Mutex::new(None),
         };
         store_database.check_format_version()?;
         Ok(Arc::new(store_database))
@@ -133,7 +141,8 @@ impl StoreDatabase {
     }
 
     /// Opens the raft log's segment files in `data_dir`; for a version-1 store, first moves the
-    /// log out of redb into them and marks the store version 2 (repeatable after a crash).
+    /// log out of redb into them, and marks the store with this build's version before any
+    /// preallocated segment exists (repeatable after a crash).
     pub fn open_log(&self, data_dir: &Path) -> Result<Arc<LogFiles>> {
         let storage = |action: &str, error: OperationError| {
             StoreError::storage(action, self.path.clone(), error)
@@ -145,9 +154,23 @@ impl StoreDatabase {
             read_json(&transaction.open_table(META)?, META_LAST_PURGED)
         })()
         .map_err(|error| storage("reading the last purged log id", error))?;
+        let found = self.found_format_version.load(Ordering::Relaxed);
+        if found == 2 {
+            (|| -> std::result::Result<(), OperationError> {
+                let transaction = self.database.begin_write()?;
+                transaction
+                    .open_table(META)?
+                    .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                transaction.commit()?;
+                Ok(())
+            })()
+            .map_err(|error| storage("marking the store format version", error))?;
+            self.found_format_version
+                .store(FORMAT_VERSION, Ordering::Relaxed);
+        }
         let files =
             LogFiles::open(data_dir, last_purged.map(|log_id| log_id.index)).map_err(log_error)?;
-        if self.found_format_version.load(Ordering::Relaxed) < 2 {
+        if found < 2 {
             let legacy = (|| -> std::result::Result<Vec<(u64, Vec<u8>)>, OperationError> {
                 let transaction = self.database.begin_read()?;
                 let table = transaction.open_table(LOG)?;
@@ -175,10 +198,16 @@ impl StoreDatabase {
                 .store(FORMAT_VERSION, Ordering::Relaxed);
             tracing::info!(
                 entries = legacy.len(),
-                "moved the raft log out of redb into segment files (store format version 2)"
+                "moved the raft log out of redb into segment files (store format version 3)"
             );
         }
         Ok(Arc::new(files))
+    }
+
+    fn lock_unsaved_committed(&self) -> std::sync::MutexGuard<'_, Option<Vec<u8>>> {
+        self.unsaved_committed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn check_format_version(&self) -> Result<()> {
@@ -544,25 +573,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         read().map_err(|error| StorageIOError::read_vote(&error).into())
     }
 
+    /// Keeps `committed` for the next apply's transaction to write (see
+    /// [`StoreDatabase::unsaved_committed`]). It is as durable as that apply: a crash that
+    /// loses it loses the applies it would have re-applied too, and a restarted node learns the
+    /// commit index from the leader.
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
-        let database = self.database.clone();
         let bytes =
             serde_json::to_vec(&committed).map_err(|error| StorageIOError::write(&error))?;
-        run_blocking(move || {
-            let mut transaction = database.database.begin_write()?;
-            // Made durable by the next durable apply or purge; losing it only delays re-applying.
-            transaction.set_durability(Durability::None)?;
-            transaction
-                .open_table(META)?
-                .insert(META_COMMITTED, bytes.as_slice())?;
-            transaction.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|error| StorageIOError::write(&error).into())
+        *self.database.lock_unsaved_committed() = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        if let Some(bytes) = self.database.lock_unsaved_committed().as_ref() {
+            let committed: Option<LogId<NodeId>> =
+                serde_json::from_slice(bytes).map_err(|error| StorageIOError::read(&error))?;
+            return Ok(committed);
+        }
         let read = || -> std::result::Result<Option<LogId<NodeId>>, OperationError> {
             let transaction = self.database.database.begin_read()?;
             Ok(
@@ -615,9 +642,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // durable state machine (this commit makes every earlier apply durable) never needs
             // an entry that is gone.
             let transaction = database.database.begin_write()?;
-            transaction
-                .open_table(META)?
-                .insert(META_LAST_PURGED, bytes.as_slice())?;
+            {
+                let mut meta = transaction.open_table(META)?;
+                meta.insert(META_LAST_PURGED, bytes.as_slice())?;
+                if let Some(committed) = database.lock_unsaved_committed().take() {
+                    meta.insert(META_COMMITTED, committed.as_slice())?;
+                }
+            }
             transaction.commit()?;
             files.purge(log_id.index)?;
             Ok(())
@@ -828,6 +859,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     state.compacted_revision = cut;
                 }
                 meta.insert(META_STATE_MACHINE, serde_json::to_vec(&state)?.as_slice())?;
+                if let Some(committed) = database.lock_unsaved_committed().take() {
+                    meta.insert(META_COMMITTED, committed.as_slice())?;
+                }
             }
             transaction.commit()?;
             Ok((outcomes, changed_revision))

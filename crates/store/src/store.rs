@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use openraft::error::{
     CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, InitializeError, RaftError,
 };
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
 use openraft::{ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
@@ -147,11 +149,18 @@ impl StoreConfig {
                 message: "watch_buffer must be at least 1".into(),
             });
         }
+        validate_timing(&self.timing)?;
+        // The timers are run by `timers`, from the live timing; openraft keeps the
+        // append-entries deadline and the leader lease (see `timers`).
+        let deadline = crate::timers::rpc_deadline(&self.timing);
+        let lease = crate::timers::leader_lease(deadline);
         let config = openraft::Config {
             cluster_name: "novacron".into(),
-            heartbeat_interval: millis(self.timing.heartbeat_interval),
-            election_timeout_min: millis(self.timing.election_timeout_min),
-            election_timeout_max: millis(self.timing.election_timeout_max),
+            heartbeat_interval: millis(deadline),
+            election_timeout_min: millis(lease) - 1,
+            election_timeout_max: millis(lease),
+            enable_heartbeat: false,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_log_entries.max(1)),
             max_in_snapshot_log_to_keep: (self.snapshot_after_log_entries / 10).max(1),
             ..Default::default()
@@ -159,6 +168,31 @@ impl StoreConfig {
         config.validate().map_err(|error| StoreError::Config {
             message: format!("raft timing: {error}"),
         })
+    }
+}
+
+/// Checks a raft timing: a heartbeat, and an election timeout range above it.
+fn validate_timing(timing: &RaftTiming) -> Result<()> {
+    let problem = if timing.heartbeat_interval < Duration::from_millis(1) {
+        Some("the heartbeat interval must be at least 1 ms".to_string())
+    } else if timing.election_timeout_min <= timing.heartbeat_interval {
+        Some(format!(
+            "the election timeout ({:?}) must be longer than the heartbeat interval ({:?})",
+            timing.election_timeout_min, timing.heartbeat_interval
+        ))
+    } else if timing.election_timeout_max <= timing.election_timeout_min {
+        Some(format!(
+            "the election timeout range {:?}..{:?} is empty",
+            timing.election_timeout_min, timing.election_timeout_max
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(StoreError::Config {
+            message: format!("raft timing: {problem}"),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -280,6 +314,9 @@ pub(crate) struct StoreInner {
     stopped: watch::Sender<bool>,
     request_timeout: Duration,
     write_queue: mpsc::Sender<WriteRequest>,
+    /// The live raft timing the timers run on.
+    timing: watch::Sender<RaftTiming>,
+    contact: Arc<crate::timers::LeaderContact>,
 }
 
 /// A transaction waiting for the batcher, with the way back to its caller.
@@ -469,6 +506,16 @@ impl Store {
         .await
         .map_err(fatal_error)?;
         let (stopped, _) = watch::channel(false);
+        let (timing, timing_receiver) = watch::channel(config.timing);
+        let contact = Arc::new(crate::timers::LeaderContact::new());
+        tokio::spawn(crate::timers::run_raft_timers(
+            raft.clone(),
+            config.node_id,
+            timing_receiver,
+            contact.clone(),
+            crate::timers::leader_lease(crate::timers::rpc_deadline(&config.timing)),
+            stopped.subscribe(),
+        ));
         let (write_queue, write_receiver) = mpsc::channel(config.max_write_batch.max(1) * 4);
         tokio::spawn(run_write_batcher(
             raft.clone(),
@@ -485,6 +532,8 @@ impl Store {
                 stopped,
                 request_timeout: config.request_timeout,
                 write_queue,
+                timing,
+                contact,
             }),
         };
         if config.bootstrap == Bootstrap::SingleNode {
@@ -571,6 +620,23 @@ impl Store {
                 Err(RaftError::Fatal(fatal)) => return Err(fatal_error(fatal)),
             }
         }
+    }
+
+    /// The raft timing this node runs on now.
+    pub fn timing(&self) -> RaftTiming {
+        *self.inner.timing.borrow()
+    }
+
+    /// Runs this node's heartbeats and elections on `timing` from now on (no restart; see
+    /// [`crate::timers`]). The append-entries deadline stays the one this store opened with.
+    pub fn set_timing(&self, timing: RaftTiming) -> Result<()> {
+        validate_timing(&timing)?;
+        self.inner.timing.send_if_modified(|current| {
+            let changed = *current != timing;
+            *current = timing;
+            changed
+        });
+        Ok(())
     }
 
     /// This node's raft id.
@@ -951,12 +1017,19 @@ impl Store {
                 let request: AppendEntriesRequest<TypeConfig> =
                     decode_message(&message.body).map_err(|error| invalid(&error))?;
                 let result = raft.append_entries(request).await.map_err(into_fatal);
+                if matches!(&result, Ok(response) if !matches!(response, AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.inner.contact.touch();
+                }
                 encode_message(&result)
             }
             RaftMessageKind::Vote => {
                 let request: VoteRequest<NodeId> =
                     decode_message(&message.body).map_err(|error| invalid(&error))?;
                 let result = raft.vote(request).await.map_err(into_fatal);
+                if matches!(&result, Ok(response) if response.vote_granted) {
+                    self.inner.contact.touch();
+                }
                 encode_message(&result)
             }
             RaftMessageKind::InstallSnapshot => {
@@ -965,6 +1038,9 @@ impl Store {
                 let result = raft
                     .install_snapshot(InstallSnapshotRequest::from(chunk))
                     .await;
+                if result.is_ok() {
+                    self.inner.contact.touch();
+                }
                 encode_message(&result)
             }
         };

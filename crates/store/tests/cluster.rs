@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::{DEADLINE, eventually};
 use novacron_store::{
-    Bootstrap, Consistency, InProcessTransport, NodeRole, Store, StoreConfig, StoreError,
+    Bootstrap, Consistency, InProcessTransport, NodeRole, RaftTiming, Store, StoreConfig,
+    StoreError,
 };
 use tempfile::TempDir;
 
@@ -240,6 +241,82 @@ async fn leader_shutdown_elects_a_new_leader_and_writes_continue() {
         .await
         .expect("read");
     assert_eq!(a.expect("committed write survives failover").value, b"1");
+    cluster.shutdown().await;
+}
+
+/// The election timeout is the live one: with a minute's timeout nobody replaces a stopped
+/// leader; once the timing is set back to seconds, one of them takes over, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_timing_applies_to_elections_without_a_restart() {
+    let cluster = Cluster::start_voters(3).await;
+    let patient = RaftTiming {
+        heartbeat_interval: Duration::from_millis(50),
+        election_timeout_min: Duration::from_secs(60),
+        election_timeout_max: Duration::from_secs(61),
+    };
+    let invalid = RaftTiming {
+        election_timeout_min: Duration::from_millis(40),
+        ..patient
+    };
+    let error = cluster
+        .node(2)
+        .set_timing(invalid)
+        .expect_err("an election timeout below the heartbeat");
+    assert!(
+        error.to_string().contains("longer than the heartbeat"),
+        "{error}"
+    );
+    for node_id in [1, 2, 3] {
+        cluster
+            .node(node_id)
+            .set_timing(patient)
+            .expect("set timing");
+        assert_eq!(cluster.node(node_id).timing(), patient);
+    }
+    // A campaign that started before (a loaded machine can delay heartbeats) is over once a
+    // write goes through the leader everyone agrees on.
+    let leader = eventually("a write through the leader", || async {
+        let leader = cluster.leader_among(&[1, 2, 3]).await;
+        let written = cluster.node(leader).put("vms/before", b"1".to_vec()).await;
+        written.ok().map(|_| leader)
+    })
+    .await;
+    let followers: Vec<u64> = [1, 2, 3]
+        .into_iter()
+        .filter(|node_id| *node_id != leader)
+        .collect();
+    cluster
+        .node(leader)
+        .shutdown()
+        .await
+        .expect("shutdown leader");
+    // Well past the leader lease (about 0.5 s) and the old election timeout (0.3 s at most):
+    // with the old timing one of them would lead by now.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < quiet_until {
+        for node_id in followers.iter().copied() {
+            assert_ne!(
+                cluster.node(node_id).metrics().role,
+                NodeRole::Leader,
+                "node {node_id} campaigned before its election timeout"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quick = RaftTiming {
+        heartbeat_interval: Duration::from_millis(50),
+        election_timeout_min: Duration::from_millis(600),
+        election_timeout_max: Duration::from_millis(900),
+    };
+    for node_id in followers.iter().copied() {
+        cluster.node(node_id).set_timing(quick).expect("set timing");
+    }
+    let new_leader = cluster.leader_among(&followers).await;
+    cluster
+        .node(new_leader)
+        .put("vms/after", b"1".to_vec())
+        .await
+        .expect("write through the new leader");
     cluster.shutdown().await;
 }
 
