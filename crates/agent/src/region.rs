@@ -471,6 +471,16 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
         transfer_address,
         transfer_fingerprint,
         labels: shared.config.labels.clone(),
+        raft_timing: Some(raft_timing_info(&shared.records.store().timing())),
+    }
+}
+
+fn raft_timing_info(timing: &novacron_store::RaftTiming) -> novacron_types::RaftTimingInfo {
+    let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    novacron_types::RaftTimingInfo {
+        heartbeat_ms: millis(timing.heartbeat_interval),
+        election_timeout_min_ms: millis(timing.election_timeout_min),
+        election_timeout_max_ms: millis(timing.election_timeout_max),
     }
 }
 

@@ -1,8 +1,10 @@
 //! Raft timing from measured round trips between voters (ACP in the design).
 //!
 //! The samples are the round trips of raft append-entries exchanges between the leader and the
-//! voters, as the transport measures them (network RTT plus the follower's log append), with an
-//! exchange that hit its deadline counted at the deadline.
+//! voters that got a reply, as the transport measures them (network RTT plus the follower's log
+//! append). An exchange that failed or hit its deadline (at least 500 ms) is not a sample: it
+//! says a host is cut off or down, which elections handle, and counted it would slow the
+//! region's failure detection for as long as the host stays away.
 //!
 //! The rule ([`raft_timing_for_round_trips`]):
 //! - Take the 99th percentile of the samples (one slow outlier does not set the pace; sustained

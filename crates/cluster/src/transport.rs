@@ -546,24 +546,6 @@ impl MtlsRaftTransport {
     }
 }
 
-/// Records an append-entries round trip when dropped: after the reply, or when openraft
-/// cancels the exchange at its deadline.
-struct RoundTripTimer<'a> {
-    transport: &'a MtlsRaftTransport,
-    node_id: u64,
-    started: tokio::time::Instant,
-    armed: bool,
-}
-
-impl Drop for RoundTripTimer<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.transport
-                .record_round_trip(self.node_id, self.started.elapsed());
-        }
-    }
-}
-
 impl RaftTransport for MtlsRaftTransport {
     fn send(
         &self,
@@ -572,24 +554,17 @@ impl RaftTransport for MtlsRaftTransport {
     ) -> BoxFuture<'_, std::result::Result<Vec<u8>, TransportError>> {
         async move {
             let kind = message.kind;
-            // Times append-entries exchanges; one that openraft cancels at its deadline (the
-            // future is dropped) counts at the time it had run, which is that deadline.
-            let mut timer = (kind == RaftMessageKind::AppendEntries).then(|| RoundTripTimer {
-                transport: self,
-                node_id: target.node_id,
-                started: tokio::time::Instant::now(),
-                armed: true,
-            });
+            // Times append-entries exchanges that got a reply. One that failed, or that openraft
+            // cancelled at its deadline (at least 500 ms, far above any sane round trip), says
+            // the peer is cut off, not how far away it is: counted, it would slow the region's
+            // failure detection for as long as a host is down.
+            let started = tokio::time::Instant::now();
             let result = self
                 .request(target.node_id, &target.address, Request::Raft(message))
                 .await;
-            if result.is_err()
-                && let Some(timer) = timer.as_mut()
-            {
-                // A failed exchange says nothing about the round trip.
-                timer.armed = false;
+            if kind == RaftMessageKind::AppendEntries && result.is_ok() {
+                self.record_round_trip(target.node_id, started.elapsed());
             }
-            drop(timer);
             match result {
                 Ok(reply) => Ok(reply),
                 Err(RequestError::Unreachable(source)) => Err(TransportError::Unreachable {

@@ -742,6 +742,79 @@ fn placement_spreads_vms_explains_the_choice_and_a_refusal_names_each_host() {
     assert_eq!(policy["anti_affinity"], "hard", "{policy}");
 }
 
+/// Hosts 20 ms apart each way (40 ms round trips, as between sites): the leader measures its
+/// append round trips and recommends a slower raft timing (issue 4's ACP rule), every host runs
+/// on it without restarting, and the region then replaces a killed leader and keeps writing.
+#[test]
+fn a_region_over_forty_ms_links_takes_a_slower_raft_timing_without_a_restart() {
+    use novacron_linkemu::{DirectionShape, HostLinkShape};
+    let shapes: Vec<(usize, HostLinkShape)> = (0..3)
+        .map(|index| {
+            let shape = HostLinkShape {
+                outbound: DirectionShape {
+                    delay: Duration::from_millis(20),
+                    ..DirectionShape::default()
+                },
+                inbound: DirectionShape::default(),
+            };
+            (index, shape)
+        })
+        .collect();
+    let mut hosts = Hosts::start_shaped(3, &[], &shapes);
+    form_region(&hosts);
+    let store_opens = |host: &TestHost| host.serve_log().matches("store opened").count();
+    let opened_before: Vec<usize> = hosts.hosts.iter().map(store_opens).collect();
+    let heartbeats = poll(
+        "every host running raft on a timing for 40 ms round trips",
+        Duration::from_secs(90),
+        || {
+            let list = try_cluster_list(&hosts.hosts[0])?;
+            let beats: Vec<u64> = list["hosts"]
+                .as_array()?
+                .iter()
+                .filter_map(|host| host["heartbeat"]["raft_timing"]["heartbeat_ms"].as_u64())
+                .collect();
+            (beats.len() == 3 && beats.iter().all(|ms| *ms >= 80)).then_some(beats)
+        },
+    );
+    eprintln!("raft heartbeats over 40 ms links: {heartbeats:?} ms");
+    for (index, host) in hosts.hosts.iter().enumerate() {
+        assert_eq!(
+            store_opens(host),
+            opened_before[index],
+            "host-{index} reopened its store to apply the timing"
+        );
+        assert!(
+            host.serve_log()
+                .contains("raft runs on the region's new timing"),
+            "host-{index}: {}",
+            common::tail(&host.serve_log(), 2000)
+        );
+    }
+    let leader = leader_index(&hosts, 0);
+    hosts.hosts[leader].kill_serve();
+    let survivor = (0..3).find(|index| *index != leader).expect("a survivor");
+    let dead = format!("host-{leader}");
+    poll(
+        "a new leader among the survivors",
+        Duration::from_secs(60),
+        || {
+            let list = try_cluster_list(&hosts.hosts[survivor])?;
+            let roles = roles(&list);
+            roles
+                .iter()
+                .any(|(name, role, _)| role == "leader" && *name != dead)
+                .then_some(())
+        },
+    );
+    let created = create_stopped_vm(
+        &hosts.hosts[survivor],
+        "after-failover",
+        Some(&format!("host-{survivor}")),
+    );
+    assert_success(&created, "vm create after failover", &hosts.hosts[survivor]);
+}
+
 #[test]
 fn a_dead_voter_is_replaced_by_a_healthy_learner() {
     let mut hosts = Hosts::start_with(4, &["--voter-loss-grace", "3"]);

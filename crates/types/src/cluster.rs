@@ -98,6 +98,17 @@ pub struct HostHeartbeat {
     /// The host's labels (`serve --label zone=eu-1`), matched by VMs' required labels.
     #[serde(default)]
     pub labels: crate::Labels,
+    /// The raft timing the host runs on now (the region's recommended one once applied).
+    #[serde(default)]
+    pub raft_timing: Option<RaftTimingInfo>,
+}
+
+/// A host's live raft timing, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RaftTimingInfo {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
 }
 
 /// One line of `cluster list`.

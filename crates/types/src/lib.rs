@@ -20,7 +20,7 @@ pub use api::{CreateVmRequest, DeleteOptions, Health, HostInfo, StopOptions};
 pub use cluster::{
     AntiAffinity, ClusterHost, ClusterInfo, ClusterInitRequest, ClusterJoinRequest,
     ClusterMembershipChange, CreateJoinTokenRequest, HostHeartbeat, JoinTokenInfo, PlacementPolicy,
-    PlacementStrategy, RemoveHostOptions,
+    PlacementStrategy, RaftTimingInfo, RemoveHostOptions,
 };
 pub use error::{ApiErrorBody, ErrorCode};
 pub use image::{ImageFormat, ImageRecord};
