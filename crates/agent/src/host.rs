@@ -644,7 +644,8 @@ impl Host {
         // Negative, NaN or huge: not a duration at all. The range is the probe's to check.
         let duration = Duration::try_from_secs_f64(seconds)
             .map_err(|_| crate::transfer::probe_duration_error(seconds))?;
-        let heartbeats = self.shared.records.heartbeats().await.unwrap_or_default();
+        // Only an address is wanted: a local read works without a quorum.
+        let heartbeats = self.shared.records.heartbeats_local().await?;
         let region_host = heartbeats
             .iter()
             .find(|beat| beat.host == peer || beat.transfer_fingerprint.as_deref() == Some(peer));

@@ -186,6 +186,26 @@ impl Records {
         listing.items.iter().map(decode).collect()
     }
 
+    /// The heartbeats this host holds (a local read: usable without a quorum, possibly a
+    /// little stale), skipping any that cannot be decoded.
+    pub async fn heartbeats_local(&self) -> Result<Vec<HostHeartbeat>, AgentError> {
+        let listing = self
+            .store
+            .list(HOST_STATUS_PREFIX, Consistency::Local)
+            .await?;
+        Ok(listing
+            .items
+            .iter()
+            .filter_map(|item| match decode(item) {
+                Ok(heartbeat) => Some(heartbeat),
+                Err(error) => {
+                    tracing::debug!(key = %item.key, %error, "skipping an unreadable heartbeat");
+                    None
+                }
+            })
+            .collect())
+    }
+
     /// The region's placement policy (the defaults until someone sets one).
     pub async fn placement_policy(&self) -> Result<novacron_types::PlacementPolicy, AgentError> {
         Ok(self

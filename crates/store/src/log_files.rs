@@ -13,11 +13,12 @@
 //!   8 LE bytes followed by the payload), `index: u64 LE`, then the payload (the entry as JSON);
 //! - indices are consecutive across records and segments; a new segment starts once the current
 //!   one holds [`SEGMENT_BYTES`];
-//! - since version 3 a segment is preallocated to [`SEGMENT_BYTES`] of zeros when it is created
-//!   (`fallocate`), and its records end where only zeros follow. An `fdatasync` that need not
-//!   record a new file size is about 30 % cheaper here (0.12 against 0.17 ms), and it is paid on
-//!   every write by the leader and again by the followers. Version-2 segments (no zeros, the
-//!   records end at the end of the file) read the same way.
+//! - since version 3 a segment is extended with zeros ahead of its records, [`PREALLOCATION`] at
+//!   a time (`fallocate`), and its records end where only zeros follow. An `fdatasync` that need
+//!   not record a new file size is about 30 % cheaper here (0.12 against 0.17 ms), and it is paid
+//!   on every write by the leader and again by the followers; steps of 4 MiB keep that for all
+//!   but one append in thousands without taking 64 MiB from a small disk at once. Version-2
+//!   segments (no zeros, the records end at the end of the file) read the same way.
 //!
 //! Every append writes whole records and `fdatasync`s before it returns. On open, a damaged
 //! record at the end of the last segment is a write a crash tore, and is cut off with whatever
@@ -38,6 +39,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const LOG_DIRECTORY: &str = "raft-log";
 /// A segment takes no more appends once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// How far ahead of its records a segment is extended with zeros.
+pub const PREALLOCATION: u64 = 4 << 20;
 const MAGIC: &[u8; 8] = b"NCRLOG01";
 const SEGMENT_HEADER_BYTES: u64 = MAGIC.len() as u64;
 const RECORD_HEADER_BYTES: usize = 16;
@@ -113,6 +116,8 @@ struct Current {
     first: u64,
     file: Arc<File>,
     end: u64,
+    /// The file's length: zeros from `end` up to here.
+    allocated: u64,
 }
 
 /// The raft log's segment files. Appends, truncations and purges are serialized by one lock;
@@ -196,12 +201,16 @@ fn torn_at(bytes: &[u8], offset: usize) -> bool {
     false
 }
 
-/// Extends `file` with zeros to `bytes` (never shrinks it), so later appends do not change its
-/// size. Best effort: where the filesystem cannot, or the disk is full, appends grow the file.
-fn preallocate(file: &File, bytes: u64, path: &Path) {
-    if let Err(error) = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, bytes) {
+/// Extends `file` with zeros up to [`PREALLOCATION`] past `end` (never shrinks it), so the
+/// appends that follow do not change its size, and returns its length. Best effort: where the
+/// filesystem cannot, or the disk is full, appends grow the file.
+fn preallocate(file: &File, end: u64, path: &Path) -> u64 {
+    let wanted = end + PREALLOCATION;
+    if let Err(error) = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, wanted)
+    {
         tracing::debug!(segment = %path.display(), %error, "cannot preallocate the raft log segment");
     }
+    file.metadata().map_or(end, |metadata| metadata.len())
 }
 
 fn sync_directory(directory: &Path) -> Result<()> {
@@ -276,7 +285,7 @@ impl LogFiles {
                 file.set_len(0)
                     .and_then(|()| file.write_all_at(MAGIC, 0))
                     .map_err(io_error("rewriting the raft log segment header", &path))?;
-                preallocate(&file, segment_bytes, &path);
+                preallocate(&file, SEGMENT_HEADER_BYTES, &path);
                 file.sync_data()
                     .map_err(io_error("rewriting the raft log segment header", &path))?;
             } else {
@@ -315,7 +324,7 @@ impl LogFiles {
                             );
                             file.set_len(end as u64)
                                 .map_err(io_error("cutting off a torn record", &path))?;
-                            preallocate(&file, segment_bytes, &path);
+                            preallocate(&file, end as u64, &path);
                             file.sync_data()
                                 .map_err(io_error("cutting off a torn record", &path))?;
                             break;
@@ -339,10 +348,15 @@ impl LogFiles {
             }
             let file = Arc::new(file);
             if last_segment {
+                let allocated = file
+                    .metadata()
+                    .map_err(io_error("reading the size of", &path))?
+                    .len();
                 current = Some(Current {
                     first,
                     file: file.clone(),
                     end: end as u64,
+                    allocated,
                 });
             }
             index.segments.insert(first, file);
@@ -421,7 +435,7 @@ impl LogFiles {
                 .map_err(io_error("creating the raft log segment", &path))?;
             file.write_all_at(MAGIC, 0)
                 .map_err(io_error("writing the raft log segment header", &path))?;
-            preallocate(&file, self.segment_bytes, &path);
+            let allocated = preallocate(&file, SEGMENT_HEADER_BYTES, &path);
             file.sync_data()
                 .map_err(io_error("writing the raft log segment header", &path))?;
             sync_directory(&self.directory)?;
@@ -433,6 +447,7 @@ impl LogFiles {
                 first: *first_index,
                 file,
                 end: SEGMENT_HEADER_BYTES,
+                allocated,
             });
         }
         let current = writer.as_mut().expect("a current segment");
@@ -452,6 +467,11 @@ impl LogFiles {
             encode_record(&mut buffer, *entry_index, payload);
         }
         let path = segment_path(&self.directory, current.first);
+        if current.end + buffer.len() as u64 > current.allocated {
+            // Zeros ahead again; this append's fdatasync records the new size once.
+            current.allocated =
+                preallocate(&current.file, current.end + buffer.len() as u64, &path);
+        }
         current
             .file
             .write_all_at(&buffer, current.end)
@@ -578,13 +598,14 @@ impl LogFiles {
         // Zeros after the cut again: a later open must not read the removed records.
         file.set_len(cut.offset)
             .map_err(io_error("truncating the raft log segment", &path))?;
-        preallocate(&file, self.segment_bytes, &path);
+        let allocated = preallocate(&file, cut.offset, &path);
         file.sync_data()
             .map_err(io_error("truncating the raft log segment", &path))?;
         *writer = Some(Current {
             first: cut.segment,
             file,
             end: cut.offset,
+            allocated,
         });
         Ok(())
     }
@@ -800,18 +821,28 @@ mod tests {
         let end = data_end(&files);
         drop(files);
         let path = segment_path(&directory.path().join(LOG_DIRECTORY), 0);
+        let length = || std::fs::metadata(&path).expect("metadata").len();
         assert_eq!(
-            std::fs::metadata(&path).expect("metadata").len(),
-            SEGMENT_BYTES,
-            "a new segment is preallocated"
+            length(),
+            SEGMENT_HEADER_BYTES + PREALLOCATION,
+            "a new segment has zeros ahead of its records"
         );
+        assert!(end < length());
+        // An append past the zeros extends them.
         let files = LogFiles::open(directory.path(), None).expect("reopen");
-        assert_eq!(data_end(&files), end);
-        assert_holds(&files, 0..3);
-        files.append(&records(3..4)).expect("append after a reopen");
+        let big = vec![b'x'; PREALLOCATION as usize + 1000];
+        files.append(&[(3, big.clone())]).expect("append");
+        let end = data_end(&files);
+        assert_eq!(length(), end + PREALLOCATION);
         drop(files);
         let files = LogFiles::open(directory.path(), None).expect("reopen");
-        assert_holds(&files, 0..4);
+        assert_eq!(data_end(&files), end);
+        assert_eq!(files.read(3, 4, None).expect("read"), vec![big]);
+        files.append(&records(4..5)).expect("append after a reopen");
+        drop(files);
+        let files = LogFiles::open(directory.path(), None).expect("reopen");
+        assert_eq!(files.bounds(), Some((0, 5)));
+        assert_eq!(files.read(4, 5, None).expect("read"), vec![payload(4)]);
     }
 
     #[test]

@@ -156,17 +156,8 @@ impl StoreDatabase {
         .map_err(|error| storage("reading the last purged log id", error))?;
         let found = self.found_format_version.load(Ordering::Relaxed);
         if found == 2 {
-            (|| -> std::result::Result<(), OperationError> {
-                let transaction = self.database.begin_write()?;
-                transaction
-                    .open_table(META)?
-                    .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
-                transaction.commit()?;
-                Ok(())
-            })()
-            .map_err(|error| storage("marking the store format version", error))?;
-            self.found_format_version
-                .store(FORMAT_VERSION, Ordering::Relaxed);
+            self.mark_format_version(|_| Ok(()))
+                .map_err(|error| storage("marking the store format version", error))?;
         }
         let files =
             LogFiles::open(data_dir, last_purged.map(|log_id| log_id.index)).map_err(log_error)?;
@@ -184,24 +175,33 @@ impl StoreDatabase {
             })()
             .map_err(|error| storage("reading the version-1 raft log", error))?;
             files.replace_all(&legacy).map_err(log_error)?;
-            (|| -> std::result::Result<(), OperationError> {
-                let transaction = self.database.begin_write()?;
+            self.mark_format_version(|transaction| {
                 transaction.open_table(LOG)?.retain(|_, _| false)?;
-                transaction
-                    .open_table(META)?
-                    .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
-                transaction.commit()?;
                 Ok(())
-            })()
+            })
             .map_err(|error| storage("finishing the move of the raft log", error))?;
-            self.found_format_version
-                .store(FORMAT_VERSION, Ordering::Relaxed);
             tracing::info!(
                 entries = legacy.len(),
                 "moved the raft log out of redb into segment files (store format version 3)"
             );
         }
         Ok(Arc::new(files))
+    }
+
+    /// Commits this build's format version, together with `also`'s changes, durably.
+    fn mark_format_version(
+        &self,
+        also: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<(), OperationError>,
+    ) -> std::result::Result<(), OperationError> {
+        let transaction = self.database.begin_write()?;
+        also(&transaction)?;
+        transaction
+            .open_table(META)?
+            .insert(META_FORMAT_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+        transaction.commit()?;
+        self.found_format_version
+            .store(FORMAT_VERSION, Ordering::Relaxed);
+        Ok(())
     }
 
     fn lock_unsaved_committed(&self) -> std::sync::MutexGuard<'_, Option<Vec<u8>>> {
