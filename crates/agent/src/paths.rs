@@ -9,6 +9,7 @@
 //! <data>/identity/           this host's transfer certificate and key (host.key.der mode 0600)
 //! <data>/chunks/             the chunk store (redb index + packs) indexing every image
 //! <data>/links.json          the links' recent measurements, replayed at start-up
+//! <data>/transfers.jsonl     the last 1000 finished image transfers (`transfer list`)
 //! <data>/vms/<uuid>/         one directory per VM: disk overlay, serial log, QMP and console
 //!                            sockets, pid file (named by uuid to keep socket paths short)
 //! ```
@@ -43,6 +44,10 @@ impl DataPaths {
 
     pub fn links_file(&self) -> PathBuf {
         self.root.join("links.json")
+    }
+
+    pub fn transfer_history_file(&self) -> PathBuf {
+        self.root.join("transfers.jsonl")
     }
 
     pub fn store_dir(&self) -> PathBuf {

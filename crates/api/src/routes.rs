@@ -475,8 +475,8 @@ async fn forget_peer(
     Ok(Json(state.host.forget_peer(&peer).await?))
 }
 
-/// Image transfers this host runs or ran since it started (both those it started and those a
-/// peer started), oldest first.
+/// Image transfers this host runs or ran (both those it started and those a peer started):
+/// this run's and the last 1000 finished ones of earlier runs, oldest first.
 #[utoipa::path(get, path = "/api/v1/transfers", tag = "transfers",
     responses((status = 200, body = Vec<TransferInfo>)))]
 async fn list_transfers(State(state): State<ApiState>) -> Json<Vec<TransferInfo>> {

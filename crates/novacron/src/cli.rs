@@ -274,7 +274,7 @@ pub enum PeerCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TransferCommand {
-    /// List transfers since this host's `serve` started
+    /// List this host's transfers: running ones and the last 1000 finished (kept across restarts)
     #[command(visible_alias = "ls")]
     List,
     /// Show one transfer

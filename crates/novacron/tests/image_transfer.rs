@@ -142,7 +142,7 @@ fn wait_for_transfer(host: &TestHost, id: &str, timeout: Duration) -> Value {
 
 #[test]
 fn push_and_pull_between_two_hosts_keep_the_bytes_and_send_only_what_is_new() {
-    let a = TestHost::start();
+    let mut a = TestHost::start();
     let b = TestHost::start();
     let (_, fingerprint_b) = pair(&a, &b);
     let base = base_image(1);
@@ -210,6 +210,24 @@ fn push_and_pull_between_two_hosts_keep_the_bytes_and_send_only_what_is_new() {
         changed.len()
     );
     assert!(staging_is_empty(&a) && staging_is_empty(&b));
+
+    // Finished transfers outlive a restart of `serve` (the history in the data directory).
+    let ids = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|info| info["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let before = ids(&a.json(&["transfer", "list"]));
+    assert_eq!(before.len(), 4, "three pushes and a pull: {before:?}");
+    a.stop_serve();
+    a.spawn_serve();
+    assert_eq!(ids(&a.json(&["transfer", "list"])), before);
+    let first = pushed["id"].as_str().expect("id");
+    let shown = a.json(&["transfer", "show", first]);
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    assert_eq!(shown["wire_bytes"], pushed["wire_bytes"], "{shown}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Image transfers between hosts over DWCP (`novacron image push/pull`): the transfer listener,
-//! the pinned-fingerprint trust it enforces, and the in-memory list of transfers with their
-//! progress. The messages are in [`protocol`]; the sending side in `send`, the receiving side in
+//! the pinned-fingerprint trust it enforces, and the list of transfers with their progress (the
+//! running `serve`'s in memory, finished ones also in [`history`]). The messages are in [`protocol`]; the sending side in `send`, the receiving side in
 //! `receive`.
 //!
 //! Trust before clustering: a host accepts transport sessions only from the fingerprints in its
@@ -14,6 +14,7 @@
 //! transfer, run again, sends only what is missing. A dropped connection inside a session is
 //! resumed by the transport itself (within its resume timeout).
 
+mod history;
 pub mod protocol;
 mod receive;
 mod send;
@@ -168,6 +169,8 @@ pub(crate) struct Transfer {
     outcome: Mutex<Outcome>,
     session: Mutex<Option<Arc<Session>>>,
     pub cancel: CancellationToken,
+    /// Where the transfer is recorded when it ends (set when it is registered).
+    history: std::sync::OnceLock<(Arc<history::TransferHistory>, Arc<LinkMonitor>)>,
 }
 
 impl Transfer {
@@ -208,6 +211,7 @@ impl Transfer {
             }),
             session: Mutex::new(None),
             cancel: CancellationToken::new(),
+            history: std::sync::OnceLock::new(),
         })
     }
 
@@ -345,8 +349,18 @@ impl Transfer {
         }
     }
 
-    /// Records the end of the transfer (once; later calls are ignored).
+    /// Records the end of the transfer (once; later calls are ignored), also in the history.
     fn finish(&self, result: Result<String, TransferFailure>) {
+        if !self.record_end(result) {
+            return;
+        }
+        if let Some((history, links)) = self.history.get() {
+            history.record(self.info(links));
+        }
+    }
+
+    /// The end of [`Self::finish`] in memory: false when the transfer had ended already.
+    fn record_end(&self, result: Result<String, TransferFailure>) -> bool {
         let session = self
             .session
             .lock()
@@ -354,7 +368,7 @@ impl Transfer {
             .take();
         let mut outcome = self.lock();
         if outcome.state.is_finished() {
-            return;
+            return false;
         }
         if let Some(session) = session {
             let stats = session.stats();
@@ -383,6 +397,7 @@ impl Transfer {
                 outcome.error_code = Some(failure.code);
             }
         }
+        true
     }
 
     fn finish_already_present(&self, name: &str, id: &str) {
@@ -463,6 +478,8 @@ pub(crate) struct TransferService {
     /// The fingerprints the running listener accepts.
     listener_trust: Mutex<Vec<Fingerprint>>,
     transfers: Mutex<HashMap<String, Arc<Transfer>>>,
+    /// Finished transfers, kept across restarts.
+    history: Arc<history::TransferHistory>,
     options: SessionOptions,
     /// Throughput models of the links this host sends over (fed by every session's samples).
     pub links: Arc<LinkMonitor>,
@@ -475,6 +492,9 @@ impl TransferService {
         requested_address: Option<SocketAddr>,
     ) -> Arc<Self> {
         let links = LinkMonitor::new();
+        let history = Arc::new(history::TransferHistory::open(
+            host.paths.transfer_history_file(),
+        ));
         Arc::new(Self {
             host,
             identity,
@@ -483,6 +503,7 @@ impl TransferService {
             bound_address: Mutex::new(None),
             listener_trust: Mutex::new(Vec::new()),
             transfers: Mutex::new(HashMap::new()),
+            history,
             options: SessionOptions {
                 rate_observer: Some(links.rate_observer()),
                 ..SessionOptions::default()
@@ -705,6 +726,7 @@ impl TransferService {
 
     // ----- transfers -----
 
+    /// This `serve`'s transfers and the finished ones of earlier runs, oldest first.
     pub fn list(&self) -> Vec<TransferInfo> {
         let mut list: Vec<TransferInfo> = self
             .transfers
@@ -713,6 +735,14 @@ impl TransferService {
             .values()
             .map(|transfer| transfer.info(&self.links))
             .collect();
+        let current: std::collections::HashSet<String> =
+            list.iter().map(|info| info.id.clone()).collect();
+        list.extend(
+            self.history
+                .list()
+                .into_iter()
+                .filter(|info| !current.contains(&info.id)),
+        );
         list.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.id.cmp(&b.id)));
         list
     }
@@ -727,16 +757,26 @@ impl TransferService {
     }
 
     pub fn get(&self, id: &str) -> Result<TransferInfo, AgentError> {
-        Ok(self.find(id)?.info(&self.links))
+        match self.find(id) {
+            Ok(transfer) => Ok(transfer.info(&self.links)),
+            Err(not_running) => self.history.get(id).ok_or(not_running),
+        }
     }
 
     pub fn cancel(&self, id: &str) -> Result<TransferInfo, AgentError> {
-        let transfer = self.find(id)?;
+        let transfer = match self.find(id) {
+            Ok(transfer) => transfer,
+            // Ended in an earlier run of `serve`: nothing left to cancel.
+            Err(not_running) => return self.history.get(id).ok_or(not_running),
+        };
         transfer.cancel.cancel();
         Ok(transfer.info(&self.links))
     }
 
     fn register(&self, transfer: &Arc<Transfer>) {
+        let _ = transfer
+            .history
+            .set((self.history.clone(), self.links.clone()));
         self.transfers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
