@@ -815,6 +815,63 @@ fn a_region_over_forty_ms_links_takes_a_slower_raft_timing_without_a_restart() {
     assert_success(&created, "vm create after failover", &hosts.hosts[survivor]);
 }
 
+/// A region of a dozen hosts: five voters and seven learners, all healthy; two voters killed
+/// at once (a minority of the voters) are replaced by learners, and VMs are still placed and
+/// created from any host.
+#[test]
+fn a_dozen_hosts_form_a_region_and_lose_two_voters_at_once() {
+    const HOSTS: usize = 12;
+    let mut hosts = Hosts::start_with(HOSTS, &["--voter-loss-grace", "3"]);
+    form_region(&hosts);
+    let before = roles(&cluster_list(&hosts.hosts[0]));
+    let leader = leader_index(&hosts, 0);
+    let victims: Vec<usize> = (0..HOSTS)
+        .filter(|index| {
+            *index != leader
+                && before
+                    .iter()
+                    .any(|(name, role, _)| *name == format!("host-{index}") && role == "voter")
+        })
+        .take(2)
+        .collect();
+    assert_eq!(victims.len(), 2, "{before:?}");
+    for victim in &victims {
+        hosts.hosts[*victim].kill_serve();
+    }
+    let survivor = (0..HOSTS)
+        .find(|index| !victims.contains(index) && *index != leader)
+        .expect("a survivor");
+    poll(
+        "five healthy voters again, the dead ones demoted",
+        Duration::from_secs(90),
+        || {
+            let roles = roles(&try_cluster_list(&hosts.hosts[survivor])?);
+            let healthy_voters = roles
+                .iter()
+                .filter(|(_, role, health)| (role == "voter" || role == "leader") && health == "ok")
+                .count();
+            let demoted = victims.iter().all(|victim| {
+                roles
+                    .iter()
+                    .any(|(name, role, _)| *name == format!("host-{victim}") && role == "learner")
+            });
+            (healthy_voters == 5 && demoted).then_some(())
+        },
+    );
+    for (index, asked) in [survivor, HOSTS - 1].into_iter().enumerate() {
+        if victims.contains(&asked) {
+            continue;
+        }
+        let name = format!("placed-{index}");
+        let created = create_stopped_vm(&hosts.hosts[asked], &name, None);
+        assert_success(
+            &created,
+            "vm create after losing two voters",
+            &hosts.hosts[asked],
+        );
+    }
+}
+
 #[test]
 fn a_dead_voter_is_replaced_by_a_healthy_learner() {
     let mut hosts = Hosts::start_with(4, &["--voter-loss-grace", "3"]);
