@@ -163,8 +163,7 @@ pub(crate) async fn request(
         )));
     }
     let running = matches!(record.status.state, VmState::Running | VmState::Paused);
-    let cold = matches!(record.status.state, VmState::Stopped | VmState::Failed)
-        && record.desired == DesiredPower::Stopped;
+    let cold = moves_cold(record);
     if !running && !cold {
         return Err(AgentError::VmWrongState {
             name: name.to_string(),
@@ -224,7 +223,15 @@ pub(crate) async fn request(
     Ok(migration)
 }
 
-/// A stopped VM without a disk: its record changes host and the migration is complete.
+/// Whether `record` moves cold (stopped and meant to stay so): only its record changes host.
+fn moves_cold(record: &VmRecord) -> bool {
+    matches!(record.status.state, VmState::Stopped | VmState::Failed)
+        && record.desired == DesiredPower::Stopped
+}
+
+/// A stopped VM without a disk: its record changes host and the migration is complete. Both
+/// the request and the source's reconciler (which sees the migration marker appear) call it;
+/// the first to commit wins, the other finds the migration finished.
 async fn move_cold(
     shared: &Shared,
     migration: &MigrationRecord,
@@ -375,6 +382,17 @@ pub(crate) async fn run_source(
         return SourceOutcome::Stayed;
     }
     let Some(qemu) = qemu else {
+        if migration.record.phase == MigrationPhase::Requested
+            && moves_cold(record)
+            && record.spec.image_id.is_none()
+        {
+            // A cold move whose request has not finished moving the record yet: not a failure.
+            if let Err(error) = move_cold(shared, &migration.record).await {
+                tracing::warn!(vm = %name, migration = %id, %error, "cold move not recorded yet; will retry");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            return SourceOutcome::Stayed;
+        }
         end_source(
             shared,
             name,
