@@ -210,16 +210,16 @@ pub(crate) async fn request(
         resumed_at_ms: None,
         total_seconds: None,
     };
+    if cold {
+        return record_cold_move(shared, &vm, migration).await;
+    }
     if !shared.records.begin_migration(&vm, &migration).await? {
         return Err(migration_error(
             ErrorCode::Conflict,
             format!("vm {name} changed while the migration was being recorded; try again"),
         ));
     }
-    tracing::info!(vm = %name, migration = %migration.id, %source, %destination, cold, "migration requested");
-    if cold {
-        return move_cold(shared, &migration).await;
-    }
+    tracing::info!(vm = %name, migration = %migration.id, %source, %destination, "migration requested");
     Ok(migration)
 }
 
@@ -229,43 +229,40 @@ fn moves_cold(record: &VmRecord) -> bool {
         && record.desired == DesiredPower::Stopped
 }
 
-/// A stopped VM without a disk: its record changes host and the migration is complete. Both
-/// the request and the source's reconciler (which sees the migration marker appear) call it;
-/// the first to commit wins, the other finds the migration finished.
-async fn move_cold(
+/// A stopped VM without a disk: its record changes host and the completed migration is recorded
+/// in the same transaction, so no host ever sees the VM marked as migrating.
+async fn record_cold_move(
     shared: &Shared,
-    migration: &MigrationRecord,
+    vm: &Versioned<VmRecord>,
+    mut migration: MigrationRecord,
 ) -> Result<MigrationRecord, AgentError> {
-    let destination = migration.destination.clone();
-    let result = shared
+    let now = unix_now();
+    migration.phase = MigrationPhase::Completed;
+    migration.finished_at = Some(now);
+    migration.total_seconds = Some(0.0);
+    migration.message = Some(
+        "cold move: the VM was stopped, so only its record moved; it starts on the new host".into(),
+    );
+    let mut moved = vm.record.clone();
+    moved.migration = None;
+    moved.status.host = migration.destination.clone();
+    moved.status.since = now;
+    if !shared
         .records
-        .update_vm_and_migration(&migration.vm, &migration.id, |vm, record| {
-            if record.phase.is_finished() {
-                return Ok(false);
-            }
-            vm.migration = None;
-            vm.status.host = destination.clone();
-            vm.status.since = unix_now();
-            record.phase = MigrationPhase::Completed;
-            record.finished_at = Some(unix_now());
-            record.total_seconds = Some(0.0);
-            record.message = Some(
-                "cold move: the VM was stopped, so only its record moved; it starts on the new \
-                 host"
-                    .into(),
-            );
-            Ok(true)
-        })
-        .await?;
-    match result {
-        Some((_, record)) => Ok(record),
-        None => Ok(shared
-            .records
-            .migration(&migration.id)
-            .await?
-            .map(|current| current.record)
-            .unwrap_or_else(|| migration.clone())),
+        .record_new_migration(vm, &moved, &migration)
+        .await?
+    {
+        return Err(migration_error(
+            ErrorCode::Conflict,
+            format!(
+                "vm {} changed while the migration was being recorded; try again",
+                migration.vm
+            ),
+        ));
     }
+    tracing::info!(vm = %migration.vm, migration = %migration.id, source = %migration.source,
+        destination = %migration.destination, "vm moved cold");
+    Ok(migration)
 }
 
 /// `vm migrate NAME --cancel`: asks the source to abort. A migration the source has not picked
@@ -382,17 +379,6 @@ pub(crate) async fn run_source(
         return SourceOutcome::Stayed;
     }
     let Some(qemu) = qemu else {
-        if migration.record.phase == MigrationPhase::Requested
-            && moves_cold(record)
-            && record.spec.image_id.is_none()
-        {
-            // A cold move whose request has not finished moving the record yet: not a failure.
-            if let Err(error) = move_cold(shared, &migration.record).await {
-                tracing::warn!(vm = %name, migration = %id, %error, "cold move not recorded yet; will retry");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            return SourceOutcome::Stayed;
-        }
         end_source(
             shared,
             name,

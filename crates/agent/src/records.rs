@@ -519,16 +519,28 @@ impl Records {
         vm: &Versioned<VmRecord>,
         migration: &MigrationRecord,
     ) -> Result<bool, AgentError> {
-        let name = vm.record.spec.name.as_str();
         let mut record = vm.record.clone();
         record.migration = Some(migration.id.clone());
+        self.record_new_migration(vm, &record, migration).await
+    }
+
+    /// Writes a new migration record and the VM's `updated` record in one transaction, only if
+    /// the VM is still as `vm` read it and the migration id is new: how a migration begins, or
+    /// how a cold move happens whole.
+    pub async fn record_new_migration(
+        &self,
+        vm: &Versioned<VmRecord>,
+        updated: &VmRecord,
+        migration: &MigrationRecord,
+    ) -> Result<bool, AgentError> {
+        let name = vm.record.spec.name.as_str();
         let outcome = self
             .store
             .transaction(
                 Transaction::new()
                     .when_mod_revision(vm_key(name), vm.mod_revision)
                     .when_absent(migration_key(&migration.id))
-                    .put(vm_key(name), encode(&record))
+                    .put(vm_key(name), encode(updated))
                     .put(migration_key(&migration.id), encode(migration)),
             )
             .await?;

@@ -1,7 +1,7 @@
 //! Image transfers between hosts over DWCP (`novacron image push/pull`): the transfer listener,
 //! the pinned-fingerprint trust it enforces, and the list of transfers with their progress (the
-//! running `serve`'s in memory, finished ones also in [`history`]). The messages are in [`protocol`]; the sending side in `send`, the receiving side in
-//! `receive`.
+//! running `serve`'s in memory, finished ones also in [`history`]). The messages are in
+//! [`protocol`]; the sending side in `send`, the receiving side in `receive`.
 //!
 //! Trust before clustering: a host accepts transport sessions only from the fingerprints in its
 //! peer records (plus its own), and a dialer accepts only the fingerprint it was given. Changing
