@@ -225,6 +225,72 @@ pub(crate) async fn index_image(
     }
 }
 
+/// Forgets a deleted image in the chunk store and collects what no other image uses, in the
+/// background. While a transfer is receiving (it holds a pin) the collection is postponed; the
+/// transfer runs it when it ends ([`collect_if_postponed`]).
+pub(crate) fn forget_image(
+    chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
+    record: &ImageRecord,
+) {
+    let id = record.id.clone();
+    spawn_collection(chunks, record.name.to_string(), move |chunks| {
+        chunks.remove_image(&id).map(|_| ())
+    });
+}
+
+/// Runs a collection that a pin postponed, once the last pin is gone.
+pub(crate) fn collect_if_postponed(chunks: &std::sync::Arc<novacron_codec::ChunkStore>) {
+    if chunks.collection_postponed() {
+        spawn_collection(chunks, "(postponed)".to_string(), |_| Ok(()));
+    }
+}
+
+fn spawn_collection(
+    chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
+    image: String,
+    first: impl FnOnce(&novacron_codec::ChunkStore) -> Result<(), novacron_codec::StoreError>
+    + Send
+    + 'static,
+) {
+    let chunks = chunks.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let outcome = first(&chunks).and_then(|()| chunks.collect_garbage());
+        match outcome {
+            Ok(Some(summary)) => tracing::info!(
+                image = %image,
+                chunks_removed = summary.chunks_removed,
+                packs_rewritten = summary.packs_rewritten,
+                bytes_reclaimed = summary.bytes_reclaimed,
+                pack_bytes = summary.pack_bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "chunk store collected"
+            ),
+            Ok(None) => tracing::info!(
+                image = %image,
+                "chunk store collection postponed until the receiving transfers end"
+            ),
+            Err(error) => {
+                tracing::warn!(image = %image, %error, "cannot collect the chunk store")
+            }
+        }
+    });
+}
+
+/// Keeps the chunk store from collecting while a transfer's chunks have no manifest yet.
+pub(crate) async fn pin_chunks(
+    chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
+) -> Option<novacron_codec::ChunkPin> {
+    let chunks = chunks.clone();
+    match tokio::task::spawn_blocking(move || chunks.pin()).await {
+        Ok(pin) => Some(pin),
+        Err(error) => {
+            tracing::warn!(%error, "cannot pin the chunk store");
+            None
+        }
+    }
+}
+
 async fn write_staged(
     path: &Path,
     source: ImportSource,

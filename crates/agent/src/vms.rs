@@ -484,6 +484,7 @@ impl Host {
         if let Err(error) = tokio::fs::remove_file(&file).await {
             tracing::warn!(file = %file.display(), %error, "image file already gone");
         }
+        crate::images::forget_image(&shared.chunks, &image);
         tracing::info!(image = %image.name, id = %image.id, "image deleted");
         Ok(image)
     }

@@ -60,5 +60,6 @@ pub use page::{
     Page, PageDecoder, PageDecoderConfig, PageEncoder, PageEncoderConfig, PageStats, is_zero,
 };
 pub use store::{
-    ChunkStore, ImageManifest, ImageSummary, STORE_FORMAT_VERSION, StoreError, StoreRepository,
+    ChunkPin, ChunkStore, CollectionSummary, ImageManifest, ImageSummary, STORE_FORMAT_VERSION,
+    StoreError, StoreRepository,
 };

@@ -3,13 +3,17 @@
 //!
 //! **Packs, not one file per chunk**: a 2 GiB image is ~60 000 chunks of ~32 KiB; one file each
 //! would cost an inode, a directory entry and an fsync per chunk, while a pack takes a whole batch
-//! with one sequential write and one `fdatasync`. Reads are `pread`s at indexed offsets. Space of
-//! released chunks is not reclaimed yet (no compaction).
+//! with one sequential write and one `fdatasync`. Reads are `pread`s at indexed offsets.
+//!
+//! **What is kept**: image manifests are the roots. [`ChunkStore::collect_garbage`] drops chunks
+//! no manifest lists and rewrites packs that are mostly garbage (see [`collect`]); a transfer
+//! holds a [`ChunkPin`] while its chunks have no manifest yet.
 //!
 //! **Crash safety**: a batch's bytes are written and synced to the pack first, then one redb
 //! transaction (durable on commit) records their locations and the pack's new committed length.
 //! After a crash, bytes past a pack's committed length belong to no record; opening the store
-//! truncates them. Every read checks the BLAKE3 hash of what it returns.
+//! truncates them, and deletes pack files the index does not list (a pack whose first batch never
+//! committed, or one a collection rewrote just before the crash). Every read checks the BLAKE3 hash of what it returns.
 //!
 //! **Format**: the index's `meta` table holds `format_version` ([`STORE_FORMAT_VERSION`]); a store
 //! of another version is refused. Packs start with the magic `NCPACK01`; index values start with
@@ -32,6 +36,11 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use crate::chunk::{BLOCK_SIZE, ChunkingParameters, DEFAULT_CHUNKING, for_each_chunk};
 use crate::hash::{BoxError, ChunkRepository, ContentHash, LocalContentSource, RemoteHashQuery};
 use crate::page::is_zero;
+
+pub mod collect;
+
+use collect::CollectionGate;
+pub use collect::{ChunkPin, CollectionSummary};
 
 /// Version of the on-disk layout described in the module documentation.
 pub const STORE_FORMAT_VERSION: u64 = 1;
@@ -305,6 +314,17 @@ struct PackWriter {
     id: u32,
     file: Arc<File>,
     length: u64,
+    /// No more appends: a collection is about to rewrite this pack.
+    sealed: bool,
+}
+
+/// Where [`ChunkStore::append_chunks`] put a batch.
+struct Appended {
+    /// (pack, offset) of each chunk, in order.
+    positions: Vec<(u32, u64)>,
+    /// New length of every pack written to.
+    touched_packs: Vec<(u32, u64)>,
+    bytes: u64,
 }
 
 /// The store. All methods take `&self`; writes are serialised internally.
@@ -314,6 +334,9 @@ pub struct ChunkStore {
     database: redb::Database,
     readers: Mutex<HashMap<u32, Arc<File>>>,
     writer: Mutex<Option<PackWriter>>,
+    gate: Arc<CollectionGate>,
+    /// A pack is closed once it passes this ([`PACK_ROTATE_LENGTH`]; smaller in tests).
+    pack_rotate_length: u64,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -327,6 +350,44 @@ impl std::fmt::Debug for ChunkStore {
 
 fn pack_path(root: &Path, id: u32) -> PathBuf {
     root.join("packs").join(format!("pack-{id:08}.dat"))
+}
+
+/// Deletes pack files the index does not list: none of their bytes were ever committed, or a
+/// collection moved everything out of them before a crash.
+fn remove_unlisted_packs(
+    directory: &Path,
+    listed: &HashMap<u32, Arc<File>>,
+) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(directory).map_err(|source| StoreError::Pack {
+        operation: "listing",
+        path: directory.to_path_buf(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| StoreError::Pack {
+            operation: "listing",
+            path: directory.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("pack-")?.strip_suffix(".dat"))
+            .and_then(|digits| digits.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !listed.contains_key(&id) {
+            let path = entry.path();
+            tracing::warn!(pack = %path.display(), "deleting a pack file the index does not list");
+            std::fs::remove_file(&path).map_err(|source| StoreError::Pack {
+                operation: "deleting",
+                path,
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 impl ChunkStore {
@@ -442,15 +503,19 @@ impl ChunkStore {
                     id,
                     file,
                     length: committed,
+                    sealed: false,
                 });
             }
         }
+        remove_unlisted_packs(&packs_directory, &readers)?;
         Ok(Self {
             root,
             index_path,
             database,
             readers: Mutex::new(readers),
             writer: Mutex::new(writer),
+            gate: Arc::default(),
+            pack_rotate_length: PACK_ROTATE_LENGTH,
         })
     }
 
@@ -554,6 +619,18 @@ impl ChunkStore {
 
     /// The chunk or aligned block with this hash, checked against the hash.
     pub fn get(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get_once(hash) {
+            // A collection rewrote the pack between the lookup and the read: look again.
+            Err(StoreError::Pack {
+                operation: "opening",
+                source,
+                ..
+            }) if source.kind() == std::io::ErrorKind::NotFound => self.get_once(hash),
+            other => other,
+        }
+    }
+
+    fn get_once(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
         let transaction = self
             .database
             .begin_read()
@@ -644,7 +721,7 @@ impl ChunkStore {
             .database
             .begin_write()
             .map_err(|error| self.index_error(error))?;
-        let mut new_bytes = 0u64;
+        let new_bytes;
         {
             let mut table = transaction
                 .open_table(CHUNKS)
@@ -685,42 +762,15 @@ impl ChunkStore {
                 }
             }
             // Data first: append new chunks to the pack, sync, then index.
-            let mut touched_packs: Vec<(u32, u64)> = Vec::new();
-            let mut buffer = Vec::new();
-            let mut index = 0;
-            while index < new_chunks.len() {
-                let writer = self.writable_pack(&mut writer_slot)?;
-                buffer.clear();
-                let start = writer.length;
-                while index < new_chunks.len()
-                    && (buffer.is_empty() || start + (buffer.len() as u64) < PACK_ROTATE_LENGTH)
-                {
-                    let (hash, data) = new_chunks[index];
-                    if let Some(location) = records.get_mut(&hash) {
-                        location.pack = writer.id;
-                        location.offset = start + buffer.len() as u64;
-                    }
-                    buffer.extend_from_slice(data);
-                    index += 1;
+            let appended = self.append_chunks(&mut writer_slot, &new_chunks)?;
+            for ((hash, _), (pack, offset)) in new_chunks.iter().zip(&appended.positions) {
+                if let Some(location) = records.get_mut(hash) {
+                    location.pack = *pack;
+                    location.offset = *offset;
                 }
-                let path = pack_path(&self.root, writer.id);
-                writer
-                    .file
-                    .write_all_at(&buffer, start)
-                    .map_err(|source| StoreError::Pack {
-                        operation: "writing",
-                        path: path.clone(),
-                        source,
-                    })?;
-                writer.file.sync_data().map_err(|source| StoreError::Pack {
-                    operation: "syncing",
-                    path,
-                    source,
-                })?;
-                writer.length = start + buffer.len() as u64;
-                new_bytes += buffer.len() as u64;
-                touched_packs.push((writer.id, writer.length));
             }
+            new_bytes = appended.bytes;
+            let touched_packs = appended.touched_packs;
             for (hash, location) in &records {
                 table
                     .insert(hash.as_bytes(), &location.encode()[..])
@@ -754,6 +804,55 @@ impl ChunkStore {
         Ok(new_bytes)
     }
 
+    /// Appends chunks to the current pack (moving on to a new one past the rotation length) and
+    /// syncs them; the caller records their positions in the index.
+    fn append_chunks(
+        &self,
+        writer_slot: &mut Option<PackWriter>,
+        chunks: &[(ContentHash, &[u8])],
+    ) -> Result<Appended, StoreError> {
+        let mut appended = Appended {
+            positions: Vec::with_capacity(chunks.len()),
+            touched_packs: Vec::new(),
+            bytes: 0,
+        };
+        let mut buffer = Vec::new();
+        let mut index = 0;
+        while index < chunks.len() {
+            let writer = self.writable_pack(writer_slot)?;
+            buffer.clear();
+            let start = writer.length;
+            while index < chunks.len()
+                && (buffer.is_empty() || start + (buffer.len() as u64) < self.pack_rotate_length)
+            {
+                let (_, data) = chunks[index];
+                appended
+                    .positions
+                    .push((writer.id, start + buffer.len() as u64));
+                buffer.extend_from_slice(data);
+                index += 1;
+            }
+            let path = pack_path(&self.root, writer.id);
+            writer
+                .file
+                .write_all_at(&buffer, start)
+                .map_err(|source| StoreError::Pack {
+                    operation: "writing",
+                    path: path.clone(),
+                    source,
+                })?;
+            writer.file.sync_data().map_err(|source| StoreError::Pack {
+                operation: "syncing",
+                path,
+                source,
+            })?;
+            writer.length = start + buffer.len() as u64;
+            appended.bytes += buffer.len() as u64;
+            appended.touched_packs.push((writer.id, writer.length));
+        }
+        Ok(appended)
+    }
+
     /// The pack to append to, creating the first or the next one when needed. A new pack is
     /// recorded in the index by the transaction that commits its first chunks.
     fn writable_pack<'a>(
@@ -761,7 +860,7 @@ impl ChunkStore {
         slot: &'a mut Option<PackWriter>,
     ) -> Result<&'a mut PackWriter, StoreError> {
         let next_id = match slot.as_ref() {
-            Some(writer) if writer.length < PACK_ROTATE_LENGTH => None,
+            Some(writer) if writer.length < self.pack_rotate_length && !writer.sealed => None,
             Some(writer) => Some(writer.id + 1),
             None => Some(1),
         };
@@ -793,6 +892,7 @@ impl ChunkStore {
                 id,
                 file,
                 length: PACK_MAGIC.len() as u64,
+                sealed: false,
             });
         }
         // The slot was filled just above when it was empty.
@@ -803,52 +903,8 @@ impl ChunkStore {
         })
     }
 
-    /// Drops one reference to a chunk; the chunk leaves the index at zero references (its pack
-    /// space is not reclaimed). Returns false if the chunk was not held.
-    pub fn release(&self, hash: &ContentHash) -> Result<bool, StoreError> {
-        let _writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let transaction = self
-            .database
-            .begin_write()
-            .map_err(|error| self.index_error(error))?;
-        let held = {
-            let mut table = transaction
-                .open_table(CHUNKS)
-                .map_err(|error| self.index_error(error))?;
-            let location = match table
-                .get(hash.as_bytes())
-                .map_err(|error| self.index_error(error))?
-            {
-                Some(record) => Some(ChunkLocation::decode(*hash, record.value())?),
-                None => None,
-            };
-            match location {
-                None => false,
-                Some(location) if location.references <= 1 => {
-                    table
-                        .remove(hash.as_bytes())
-                        .map_err(|error| self.index_error(error))?;
-                    true
-                }
-                Some(mut location) => {
-                    location.references -= 1;
-                    table
-                        .insert(hash.as_bytes(), &location.encode()[..])
-                        .map_err(|error| self.index_error(error))?;
-                    true
-                }
-            }
-        };
-        transaction
-            .commit()
-            .map_err(|error| self.index_error(error))?;
-        Ok(held)
-    }
-
-    /// Reference count of a chunk (0 if not held).
+    /// How many times a chunk was stored (0 if not held). Informational: what keeps a chunk is
+    /// a manifest listing it (see [`ChunkStore::collect_garbage`]), not this count.
     pub fn references(&self, hash: &ContentHash) -> Result<u64, StoreError> {
         let transaction = self
             .database
@@ -872,6 +928,8 @@ impl ChunkStore {
         reader: impl Read,
         chunking: ChunkingParameters,
     ) -> Result<ImageSummary, StoreError> {
+        // Its chunks have no manifest until the end.
+        let _pin = self.pin();
         let mut indexer = ImageIndexer::default_for(self);
         for_each_chunk(
             reader,
@@ -1169,11 +1227,6 @@ mod tests {
             vec![true, false, true]
         );
         assert!(store.get(&absent).unwrap().is_none());
-        assert!(store.release(&hashes[0]).unwrap());
-        assert!(store.contains(&hashes[0]).unwrap());
-        assert!(store.release(&hashes[0]).unwrap());
-        assert!(!store.contains(&hashes[0]).unwrap());
-        assert!(!store.release(&hashes[0]).unwrap());
     }
 
     #[test]

@@ -228,6 +228,31 @@ fn push_and_pull_between_two_hosts_keep_the_bytes_and_send_only_what_is_new() {
     let shown = a.json(&["transfer", "show", first]);
     assert_eq!(shown["state"], "succeeded", "{shown}");
     assert_eq!(shown["wire_bytes"], pushed["wire_bytes"], "{shown}");
+
+    // Deleting images gives their chunk store space back: with both gone nothing is live, so
+    // the packs are rewritten away, and a new push finds nothing to reuse.
+    let packs = |host: &TestHost| -> u64 {
+        std::fs::read_dir(host.data_dir.join("chunks").join("packs"))
+            .expect("packs directory")
+            .map(|entry| entry.expect("entry").metadata().expect("metadata").len())
+            .sum()
+    };
+    assert!(packs(&b) > 15 * MIB as u64, "{} bytes in packs", packs(&b));
+    b.ok(&["image", "delete", "base"]);
+    b.ok(&["image", "delete", "changed"]);
+    poll(
+        "the destination's chunk store to give back the deleted images' space",
+        Duration::from_secs(60),
+        || (packs(&b) < MIB as u64).then_some(()),
+    );
+    let third = push_json(&a, "changed", &b, &fingerprint_b, &[]);
+    assert_eq!(third["state"], "succeeded", "{third}");
+    assert_eq!(image_file(&b, "changed"), changed);
+    let third_wire = third["wire_bytes"].as_u64().expect("wire bytes");
+    assert!(
+        third_wire > 15 * MIB as u64,
+        "after the deletions the destination still claimed chunks: {third_wire} bytes on the wire"
+    );
 }
 
 #[test]

@@ -69,6 +69,7 @@ struct BenchOptions {
     scenarios: Vec<String>,
     tools: Vec<String>,
     trace: PathBuf,
+    offload: bool,
 }
 
 impl BenchOptions {
@@ -81,6 +82,7 @@ impl BenchOptions {
                 .map(String::from)
                 .to_vec(),
             trace: PathBuf::from("/work/shared/data/bandwidth-traces/TMobile-LTE-short.down"),
+            offload: true,
         };
         let mut arguments = std::env::args().skip(1);
         while let Some(argument) = arguments.next() {
@@ -99,6 +101,7 @@ impl BenchOptions {
                 }
                 "--tools" => options.tools = value()?.split(',').map(String::from).collect(),
                 "--trace" => options.trace = PathBuf::from(value()?),
+                "--no-offload" => options.offload = false,
                 other => bail!("unknown argument {other}"),
             }
         }
@@ -117,6 +120,7 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
     write_identities(work.path())?;
 
     let trace = options.trace.clone();
+    let offload = options.offload;
     let trace_rate = novacron_linkemu::DeliveryTrace::from_file(&trace)?.average_bits_per_second();
     let mut scenarios = Vec::new();
     for name in &options.scenarios {
@@ -127,9 +131,10 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
                 link_bits_per_second: 1e9,
                 size_bytes: options.size_bytes,
                 lossy: true,
-                build: Box::new(|| {
+                build: Box::new(move || {
                     Ok(LinkEmulator::builder()
                         .name_prefix("tra")
+                        .segmentation_offload(offload)
                         .delay(Duration::from_millis(25))
                         .loss(0.005)
                         .rate_bits_per_sec(1e9)
@@ -143,9 +148,10 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
                 link_bits_per_second: 1e8,
                 size_bytes: options.size_bytes,
                 lossy: false,
-                build: Box::new(|| {
+                build: Box::new(move || {
                     Ok(LinkEmulator::builder()
                         .name_prefix("trb")
+                        .segmentation_offload(offload)
                         .delay(Duration::from_millis(25))
                         .rate_bits_per_sec(1e8)
                         .seed(12)
@@ -167,6 +173,7 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
                     build: Box::new(move || {
                         Ok(LinkEmulator::builder()
                             .name_prefix("trc")
+                            .segmentation_offload(offload)
                             .delay(Duration::from_millis(25))
                             .trace_a_to_b(trace.clone())
                             .seed(13)
@@ -754,6 +761,9 @@ fn child_send() -> anyhow::Result<()> {
         };
         if let Ok(window) = std::env::var("DWCP_BENCH_WINDOW_MIB") {
             options.bulk_send_window_bytes = window.parse::<u64>()? * MIB;
+        }
+        if let Ok(limit) = std::env::var("DWCP_BENCH_UNSENT_LIMIT_KIB") {
+            options.unsent_limit_bytes = limit.parse::<u32>()? << 10;
         }
         if let Ok(streams) = std::env::var("DWCP_BENCH_STREAMS") {
             options.initial_bulk_connections = Some(streams.parse()?);

@@ -65,6 +65,9 @@ pub struct SessionOptions {
     pub max_frame_payload: usize,
     /// TCP congestion control set on every socket (`None` keeps the system default).
     pub congestion_control: Option<String>,
+    /// Bound on bytes each connection's socket holds unsent (`TCP_NOTSENT_LOWAT`; 0 keeps the
+    /// kernel's default), so queued frames stay where any connection can take them.
+    pub unsent_limit_bytes: u32,
     /// Bulk connections to open first; `None` estimates from the bandwidth-delay product.
     pub initial_bulk_connections: Option<u32>,
     pub minimum_bulk_connections: u32,
@@ -95,6 +98,7 @@ impl Default for SessionOptions {
             control_window_bytes: 4 << 20,
             max_frame_payload: 128 << 10,
             congestion_control: Some("bbr".to_string()),
+            unsent_limit_bytes: socket::DEFAULT_UNSENT_LIMIT_BYTES,
             initial_bulk_connections: None,
             minimum_bulk_connections: 1,
             maximum_bulk_connections: 16,
@@ -1038,8 +1042,11 @@ async fn dial(
                 source,
             })?;
         let tcp_connect_time = started.elapsed();
-        let congestion_control =
-            socket::configure_connected(&tcp, options.congestion_control.as_deref());
+        let congestion_control = socket::configure_connected(
+            &tcp,
+            options.congestion_control.as_deref(),
+            options.unsent_limit_bytes,
+        );
         let mut stream = dialer
             .connector
             .connect(dialer.server_name.clone(), tcp)
@@ -1450,6 +1457,13 @@ async fn supervise(shared: Arc<SessionShared>) {
             .filter(|lane| **lane == Lane::Bulk)
             .count() as u32;
         let target = core.target_bulk_connections;
+        tracing::debug!(
+            session = %shared.session_name, streams, rate_mbit_per_second = rate * 8e-6,
+            demand_exceeded_capacity, phase = ?policy.phase(),
+            send_buffered = core.bulk_out.buffered_bytes(),
+            receive_held = core.bulk_in.held_bytes(),
+            "transport rate measured"
+        );
         if shared.dialer.is_none() || !shared.options.adapt_stream_count || streams < target {
             continue;
         }
@@ -1458,10 +1472,6 @@ async fn supervise(shared: Arc<SessionShared>) {
             bytes_per_second: rate,
             demand_exceeded_capacity,
         });
-        tracing::debug!(
-            session = %shared.session_name, streams, rate_mbit_per_second = rate * 8e-6,
-            demand_exceeded_capacity, phase = ?policy.phase(), "transport rate measured"
-        );
         if let StreamCountDecision::Add(count) = decision {
             let count = count.min(
                 shared
@@ -1651,8 +1661,11 @@ async fn accept_loop(
 
 async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: SocketAddr) {
     let options = &context.options;
-    let congestion_control =
-        socket::configure_connected(&tcp, options.congestion_control.as_deref());
+    let congestion_control = socket::configure_connected(
+        &tcp,
+        options.congestion_control.as_deref(),
+        options.unsent_limit_bytes,
+    );
     let handshake = async {
         let mut stream = context
             .acceptor

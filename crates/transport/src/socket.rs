@@ -18,12 +18,32 @@ pub const DEAD_CONNECTION_AFTER: std::time::Duration = std::time::Duration::from
 /// Fallback for a connection's largest send buffer when `/proc` cannot be read.
 const DEFAULT_PER_CONNECTION_WINDOW_BYTES: u64 = 4 << 20;
 
+/// Default bound on bytes written to one connection's socket but not yet sent (see
+/// [`configure_connected`]).
+pub const DEFAULT_UNSENT_LIMIT_BYTES: u32 = 256 << 10;
+
 /// Applies the options to a connected socket; returns the congestion control in effect.
-pub fn configure_connected(stream: &TcpStream, congestion_control: Option<&str>) -> Option<String> {
+///
+/// `unsent_limit_bytes` (`TCP_NOTSENT_LOWAT`, 0 keeps the kernel's default) bounds what the
+/// socket holds beyond its congestion window. Frames wait in the session's own queue instead,
+/// where whichever connection can send next takes them: without the bound, autotuned send
+/// buffers (up to `tcp_wmem`'s maximum) let one connection that is recovering from a loss, or
+/// in BBR's periodic RTT probe, sit on megabytes of frames that every other connection's
+/// frames then wait behind at the receiver.
+pub fn configure_connected(
+    stream: &TcpStream,
+    congestion_control: Option<&str>,
+    unsent_limit_bytes: u32,
+) -> Option<String> {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "cannot disable nagle on transport socket");
     }
     let socket = SockRef::from(stream);
+    if unsent_limit_bytes > 0
+        && let Err(error) = socket.set_tcp_notsent_lowat(unsent_limit_bytes)
+    {
+        tracing::debug!(%error, "cannot limit unsent bytes on transport socket");
+    }
     if let Err(error) = socket.set_tcp_user_timeout(Some(DEAD_CONNECTION_AFTER)) {
         tracing::debug!(%error, "cannot set tcp user timeout on transport socket");
     }
