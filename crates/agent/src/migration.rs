@@ -102,7 +102,9 @@ fn qmp_error(name: &str, source: novacron_qemu::QmpError) -> AgentError {
 // ----- the request (any host's API) -----
 
 /// Validates a migration request and records it; the source host's reconciler picks it up. A
-/// stopped VM without a disk moves at once (its record changes host: nothing runs to copy).
+/// stopped VM without a disk moves at once (its record changes host: nothing runs to copy). A
+/// stopped VM with a local disk moves as a paused one does, from a QEMU its source starts
+/// without ever running the guest (see [`moves_cold_with_disk`]), and stays stopped.
 pub(crate) async fn request(
     shared: &Shared,
     name: &str,
@@ -172,15 +174,6 @@ pub(crate) async fn request(
                    the other",
         });
     }
-    if cold && record.spec.image_id.is_some() {
-        return Err(migration_error(
-            ErrorCode::Conflict,
-            format!(
-                "vm {name} is stopped and has a local disk; a cold move of a disk is not built \
-                 yet: start it and migrate it live"
-            ),
-        ));
-    }
     let (destination, explanation) =
         crate::region::place_vm_elsewhere(shared, region, record, request.to.as_deref()).await?;
     let now = unix_now();
@@ -210,7 +203,7 @@ pub(crate) async fn request(
         resumed_at_ms: None,
         total_seconds: None,
     };
-    if cold {
+    if cold && record.spec.image_id.is_none() {
         return record_cold_move(shared, &vm, migration).await;
     }
     if !shared.records.begin_migration(&vm, &migration).await? {
@@ -223,10 +216,17 @@ pub(crate) async fn request(
     Ok(migration)
 }
 
-/// Whether `record` moves cold (stopped and meant to stay so): only its record changes host.
-fn moves_cold(record: &VmRecord) -> bool {
+/// Whether `record` moves cold (stopped and meant to stay so).
+pub(crate) fn moves_cold(record: &VmRecord) -> bool {
     matches!(record.status.state, VmState::Stopped | VmState::Failed)
         && record.desired == DesiredPower::Stopped
+}
+
+/// Whether a cold move of `record` carries its local disk. Its source starts a QEMU for it that
+/// never runs the guest (`-S`) and migrates that, disk and all, exactly as a paused VM moves;
+/// the destination then quits its QEMU and the VM stays stopped there.
+pub(crate) fn moves_cold_with_disk(record: &VmRecord) -> bool {
+    moves_cold(record) && record.spec.image_id.is_some()
 }
 
 /// A stopped VM without a disk: its record changes host and the completed migration is recorded
@@ -1385,17 +1385,28 @@ impl Source<'_> {
                 vm.status.host = destination.clone();
                 vm.status.pid = pid;
                 vm.status.since = unix_now();
-                vm.status.state = if vm.desired == DesiredPower::Paused {
-                    VmState::Paused
-                } else {
-                    VmState::Running
+                vm.status.state = match vm.desired {
+                    DesiredPower::Paused => VmState::Paused,
+                    DesiredPower::Running => VmState::Running,
+                    // A cold move: the destination quits the QEMU it loaded the disk with.
+                    DesiredPower::Stopped => VmState::Stopped,
                 };
+                if vm.desired == DesiredPower::Stopped {
+                    vm.status.pid = None;
+                }
                 record.phase = MigrationPhase::Completed;
                 record.finished_at = Some(unix_now());
                 record.stream_checksum = Some(stream_checksum.to_string());
                 record.total_seconds = Some(seconds);
                 record.progress = progress.clone();
-                record.message = Some(format!("the VM runs on host {destination}"));
+                record.message = Some(if vm.desired == DesiredPower::Stopped {
+                    format!(
+                        "cold move: the VM's disk is on host {destination}; the VM stays \
+                         stopped there"
+                    )
+                } else {
+                    format!("the VM runs on host {destination}")
+                });
                 Ok(true)
             })
             .await;
@@ -2152,12 +2163,20 @@ async fn resume_here(shared: &Shared, qemu: &QemuVm, record: &VmRecord, id: &str
         close_disk_export(qemu).await;
     }
     let mut events = qemu.subscribe_events();
-    let wants_running = match shared.records.vm(record.spec.name.as_str()).await {
-        Ok(Some(vm)) => vm.record.desired != DesiredPower::Paused,
-        _ => record.desired != DesiredPower::Paused,
+    let desired = match shared.records.vm(record.spec.name.as_str()).await {
+        Ok(Some(vm)) => vm.record.desired,
+        _ => record.desired,
     };
-    if !wants_running {
-        return;
+    match desired {
+        DesiredPower::Running => {}
+        DesiredPower::Paused => return,
+        DesiredPower::Stopped => {
+            // A cold move: the guest never ran in this QEMU; it only carried the disk here.
+            if let Err(error) = qemu.force_stop().await {
+                tracing::warn!(vm = %record.spec.name, %error, "quitting the qemu of a cold move; the reconciler stops it");
+            }
+            return;
+        }
     }
     if let Err(error) = qemu.qmp().cont().await {
         tracing::warn!(vm = %record.spec.name, %error, "cont after migration failed; the reconciler retries");

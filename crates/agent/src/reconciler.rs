@@ -588,6 +588,9 @@ impl VmActor {
     /// actor waits (nothing else may touch the VM meanwhile). Afterwards the VM either runs on
     /// the destination (its QEMU here is stopped and its directory removed) or still runs here.
     async fn migrate_out(&mut self, record: &VmRecord, id: &str) -> Result<Next, AgentError> {
+        if crate::migration::moves_cold_with_disk(record) {
+            return self.migrate_cold_with_disk(record, id).await;
+        }
         let outcome =
             crate::migration::run_source(&self.shared, record, id, self.qemu.as_ref()).await;
         match outcome {
@@ -607,6 +610,57 @@ impl VmActor {
             }
             crate::migration::SourceOutcome::Stayed => Ok(Next::Again),
         }
+    }
+
+    /// A stopped VM with a local disk moves from a QEMU started for the move alone: paused from
+    /// the start (`-S`), so the guest never runs, and migrated as a paused VM is, disk and all.
+    /// Whatever the outcome, that QEMU ends here; the VM's state stays `stopped`. (A QEMU found
+    /// running for a stopped VM after a restart of `serve` is such a QEMU, left over.)
+    async fn migrate_cold_with_disk(
+        &mut self,
+        record: &VmRecord,
+        id: &str,
+    ) -> Result<Next, AgentError> {
+        let qemu = match self.qemu.take() {
+            Some(qemu) => Some(qemu),
+            None => match self.launch_for_cold_move(record).await {
+                Ok(qemu) => Some(qemu),
+                Err(error) => {
+                    tracing::warn!(vm = %self.name, %error, "cannot start qemu for a cold move");
+                    None
+                }
+            },
+        };
+        let outcome = crate::migration::run_source(&self.shared, record, id, qemu.as_ref()).await;
+        if let Some(qemu) = qemu
+            && let Err(error) = qemu.force_stop().await
+        {
+            tracing::warn!(vm = %self.name, %error, "stopping the qemu of a cold move");
+        }
+        match outcome {
+            crate::migration::SourceOutcome::Moved => {
+                let directory = self.shared.paths.vm_dir(&record.uuid);
+                if let Err(error) = tokio::fs::remove_dir_all(&directory).await
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(vm = %self.name, %error, "removing the moved vm's directory");
+                }
+                Ok(Next::Done)
+            }
+            crate::migration::SourceOutcome::Stayed => Ok(Next::Again),
+        }
+    }
+
+    async fn launch_for_cold_move(&self, record: &VmRecord) -> Result<QemuVm, AgentError> {
+        let binaries = self.shared.hypervisor.binaries()?;
+        let probe = self.shared.hypervisor.accelerator().await?;
+        let spec = launch_spec(&self.shared, record, probe.accelerator)?.start_paused(true);
+        QemuVm::launch(binaries, &spec)
+            .await
+            .map_err(|source| AgentError::Qemu {
+                name: self.name.clone(),
+                source,
+            })
     }
 
     /// Writes the observed state (and whatever `extra` changes) with compare-and-swap.

@@ -504,8 +504,8 @@ async fn create_transfer(
     Ok((axum::http::StatusCode::CREATED, Json(info)))
 }
 
-/// Starts moving a running VM to another host of the region, live (a stopped VM without a disk
-/// moves at once: a cold move). `to` names the host; without it placement chooses. Returns the
+/// Starts moving a running VM to another host of the region, live (a stopped VM moves cold: at
+/// once without a disk, with its disk otherwise, and stays stopped). `to` names the host; without it placement chooses. Returns the
 /// migration; poll `GET /api/v1/migrations/{id}` for its phase and progress.
 #[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", tag = "vms",
     params(("name" = String, Path, description = "VM name")),

@@ -325,8 +325,9 @@ pub enum VmCommand {
     /// Attach to the VM's serial console (detach with Ctrl-])
     Console { name: String },
     /// Move a VM to another host of the region, live: memory is carried by DWCP while the guest
-    /// runs, then it pauses briefly and resumes on the destination. A stopped VM without a disk
-    /// moves at once (cold move). Ctrl-C ends only the command; `--cancel` stops the migration.
+    /// runs, then it pauses briefly and resumes on the destination. A stopped VM moves cold: at
+    /// once without a disk, with its disk otherwise, and stays stopped. Ctrl-C ends only the
+    /// command; `--cancel` stops the migration.
     Migrate(MigrateArgs),
 }
 

@@ -1013,7 +1013,8 @@ fn assert_moved(record: &Value, from: &str, to: &str) {
 }
 
 /// A VM moves between hosts of a region, live under a dirtying workload: there and back, chosen
-/// by placement, twice at once (refused), cancelled, cold, and with a local disk; bad requests
+/// by placement, twice at once (refused), cancelled, cold, with a local disk live and then cold
+/// with it; bad requests
 /// change nothing. After each move exactly one QEMU runs the VM, the source's directory is gone,
 /// the rebuilt stream was byte-identical (BLAKE3, compared by the destination) and the guest's
 /// workload continues on the destination with its whole memory region re-verified.
@@ -1245,6 +1246,57 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         &bytes[1 << 20..(1 << 20) + 8],
         b"NCMARK42",
         "the guest's write reached the destination's disk"
+    );
+
+    // Stopped, with its disk: a cold move carries the disk (from a QEMU that never runs the
+    // guest) and leaves the VM stopped on the new host, with no QEMU left on either host.
+    let cold = destination.json(&["vm", "migrate", "disky", "--to", "host-0"]);
+    assert_eq!(cold["phase"], "completed", "{cold}");
+    assert!(
+        cold["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cold move"),
+        "{cold}"
+    );
+    assert!(
+        cold["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
+        "the disk was copied: {cold}"
+    );
+    let record = poll("disky stopped on host-0", Duration::from_secs(60), || {
+        let vm = first.vm("disky");
+        (vm["status"]["host"] == "host-0"
+            && vm["status"]["state"] == "stopped"
+            && vm["migration"].is_null())
+        .then_some(vm)
+    });
+    assert_eq!(record["desired"], "stopped", "{record}");
+    poll(
+        "the cold move's QEMUs gone and disky's old directory removed",
+        Duration::from_secs(30),
+        || {
+            (qemu_processes(&disky_uuid) == 0 && !destination.vm_directory(&disky_uuid).exists())
+                .then_some(())
+        },
+    );
+    let overlay = first.vm_directory(&disky_uuid).join("disk.qcow2");
+    let raw = first.directory.path().join("disky-cold.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(
+        converted.success(),
+        "qemu-img convert of {}",
+        overlay.display()
+    );
+    let bytes = std::fs::read(&raw).expect("the converted disk");
+    assert_eq!(
+        &bytes[1 << 20..(1 << 20) + 8],
+        b"NCMARK42",
+        "the disk written on host-0, moved live to host-1, came back cold"
     );
 
     // A new VM on a host without its image: the host fetches the image from one that holds it
