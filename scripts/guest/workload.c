@@ -13,7 +13,11 @@
  * sides of a migration at the same tick.
  *
  * Options: --mib N (region size, default 64), --dirty-pages N (pages rewritten per tick, default
- * 1024), --verify-pages N (pages verified per tick, default 2048), --interval-ms N (default 1000).
+ * 1024), --verify-pages N (pages verified per tick, default 2048), --interval-ms N (default 1000),
+ * --kind random|records (default random). `random` pages are incompressible and so is every
+ * rewrite (the adversarial case); `records` pages hold text records like an application's log or
+ * request buffers (a timestamp, ids, a status, a path: about 4x with zstd -3), each generation
+ * with fresh values, so a rewrite is compressible but no small delta of the page before.
  * Built static by scripts/build-guest; started by the guest's rcS when the kernel command line
  * has novacron.workload=1 (novacron.workload_mib=N sets the size).
  */
@@ -49,13 +53,58 @@ static void fill_page(uint64_t *words, uint64_t page, uint32_t generation)
         words[word] = mix(seed + word);
 }
 
-static int page_is_intact(const uint64_t *words, uint64_t page, uint32_t generation)
+static const char *const METHODS[] = {"GET", "GET", "GET", "POST", "PUT", "DELETE"};
+static const char *const RESOURCES[] = {"orders", "customers", "items", "invoices", "sessions",
+                                        "carts", "reports", "users"};
+static const int STATUSES[] = {200, 200, 200, 200, 201, 204, 304, 404, 500};
+
+/* Text records of a request log: fields drawn from small vocabularies and bounded numbers, as
+ * real application memory holds, so zstd finds structure; every generation draws new values. */
+static void fill_records(char *bytes, uint64_t page, uint32_t generation)
 {
     uint64_t seed = pattern_seed(page, generation);
-    for (size_t word = 0; word < PAGE_WORDS; word++)
-        if (words[word] != mix(seed + word))
-            return 0;
-    return 1;
+    size_t used = 0;
+    for (uint64_t line = 0; used < 4096; line++) {
+        uint64_t r = mix(seed + line);
+        char record[160];
+        int length = snprintf(
+            record, sizeof record,
+            "2026-12-03T%02u:%02u:%02u.%03uZ req=%08" PRIx64 " %s /api/v1/%s/%u status=%d "
+            "bytes=%u ms=%u user=u%04u\n",
+            (unsigned)(r % 24), (unsigned)((r >> 5) % 60), (unsigned)((r >> 11) % 60),
+            (unsigned)((r >> 17) % 1000), (page << 20 | line) ^ generation,
+            METHODS[(r >> 27) % 6], RESOURCES[(r >> 30) % 8], (unsigned)((r >> 33) % 100000),
+            STATUSES[(r >> 50) % 9], (unsigned)((r >> 20) % 65536), (unsigned)((r >> 40) % 900),
+            (unsigned)((r >> 44) % 5000));
+        size_t take = (size_t)length < 4096 - used ? (size_t)length : 4096 - used;
+        memcpy(bytes + used, record, take);
+        used += take;
+    }
+}
+
+static int records_kind = 0;
+
+static void fill(uint64_t *words, uint64_t page, uint32_t generation)
+{
+    if (records_kind)
+        fill_records((char *)words, page, generation);
+    else
+        fill_page(words, page, generation);
+}
+
+static int page_is_intact(const uint64_t *words, uint64_t page, uint32_t generation)
+{
+    uint64_t expected[PAGE_WORDS];
+    fill(expected, page, generation);
+    return memcmp(words, expected, sizeof expected) == 0;
+}
+
+static const char *text_option(int argc, char **argv, const char *name, const char *fallback)
+{
+    for (int index = 1; index + 1 < argc; index++)
+        if (strcmp(argv[index], name) == 0)
+            return argv[index + 1];
+    return fallback;
 }
 
 static unsigned long option(int argc, char **argv, const char *name, unsigned long fallback)
@@ -72,6 +121,13 @@ int main(int argc, char **argv)
     unsigned long dirty_per_tick = option(argc, argv, "--dirty-pages", 1024);
     unsigned long verify_per_tick = option(argc, argv, "--verify-pages", 2048);
     unsigned long interval_ms = option(argc, argv, "--interval-ms", 1000);
+    const char *kind = text_option(argc, argv, "--kind", "random");
+    if (strcmp(kind, "records") == 0) {
+        records_kind = 1;
+    } else if (strcmp(kind, "random") != 0) {
+        fprintf(stderr, "novacron-workload: --kind must be random or records, not %s\n", kind);
+        return 2;
+    }
     uint64_t pages = (uint64_t)mib * 256;
     if (pages == 0) {
         fprintf(stderr, "novacron-workload: --mib must be at least 1\n");
@@ -84,7 +140,7 @@ int main(int argc, char **argv)
         return 1;
     }
     for (uint64_t page = 0; page < pages; page++)
-        fill_page(region + page * PAGE_WORDS, page, 0);
+        fill(region + page * PAGE_WORDS, page, 0);
 
     setvbuf(stdout, NULL, _IOLBF, 0);
     uint64_t tick = 0, dirtied = 0, verified = 0, errors = 0;
@@ -96,7 +152,7 @@ int main(int argc, char **argv)
             random_state = mix(random_state);
             uint64_t page = random_state % pages;
             generations[page]++;
-            fill_page(region + page * PAGE_WORDS, page, generations[page]);
+            fill(region + page * PAGE_WORDS, page, generations[page]);
             dirtied++;
         }
         for (unsigned long count = 0; count < verify_per_tick; count++) {
@@ -105,7 +161,7 @@ int main(int argc, char **argv)
             if (!page_is_intact(region + page * PAGE_WORDS, page, generations[page])) {
                 errors++;
                 printf("NOVACRON-WORKLOAD-CORRUPT page=%" PRIu64 " generation=%u\n", page, generations[page]);
-                fill_page(region + page * PAGE_WORDS, page, generations[page]);
+                fill(region + page * PAGE_WORDS, page, generations[page]);
             }
             verified++;
         }

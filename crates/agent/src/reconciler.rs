@@ -600,12 +600,7 @@ impl VmActor {
                 {
                     tracing::warn!(vm = %self.name, %error, "stopping the migrated source qemu");
                 }
-                let directory = self.shared.paths.vm_dir(&record.uuid);
-                if let Err(error) = tokio::fs::remove_dir_all(&directory).await
-                    && error.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(vm = %self.name, %error, "removing the migrated vm's directory");
-                }
+                self.remove_moved_directory(record).await;
                 Ok(Next::Done)
             }
             crate::migration::SourceOutcome::Stayed => Ok(Next::Again),
@@ -639,15 +634,20 @@ impl VmActor {
         }
         match outcome {
             crate::migration::SourceOutcome::Moved => {
-                let directory = self.shared.paths.vm_dir(&record.uuid);
-                if let Err(error) = tokio::fs::remove_dir_all(&directory).await
-                    && error.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(vm = %self.name, %error, "removing the moved vm's directory");
-                }
+                self.remove_moved_directory(record).await;
                 Ok(Next::Done)
             }
             crate::migration::SourceOutcome::Stayed => Ok(Next::Again),
+        }
+    }
+
+    /// The VM lives on another host now: its directory here (disk included) goes.
+    async fn remove_moved_directory(&self, record: &VmRecord) {
+        let directory = self.shared.paths.vm_dir(&record.uuid);
+        if let Err(error) = tokio::fs::remove_dir_all(&directory).await
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(vm = %self.name, %error, "removing the migrated vm's directory");
         }
     }
 

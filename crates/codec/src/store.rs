@@ -1198,7 +1198,7 @@ impl ChunkRepository for StoreRepository<'_> {
 mod tests {
     use super::*;
 
-    fn pseudo_random(length: usize, seed: u64) -> Vec<u8> {
+    pub(super) fn pseudo_random(length: usize, seed: u64) -> Vec<u8> {
         let mut state = seed | 1;
         (0..length)
             .map(|_| {

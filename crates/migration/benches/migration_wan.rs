@@ -55,6 +55,9 @@ struct Options {
     /// this size filled with this machine's own files, which the guest reads whole into its page
     /// cache before the move, under a qcow2 overlay on each side (the destination holds the base).
     disk_mib: u64,
+    /// What the workload writes: `random` (incompressible, the default) or `records`
+    /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
+    workload_kind: String,
 }
 
 /// The realistic workload's base image, shared by every method of the run.
@@ -252,6 +255,7 @@ fn parse_options() -> anyhow::Result<Options> {
         send_window_mib: 0,
         zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
         disk_mib: 0,
+        workload_kind: "random".to_string(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     let mut index = 0;
@@ -274,6 +278,13 @@ fn parse_options() -> anyhow::Result<Options> {
             "--send-window-mib" => options.send_window_mib = value.parse()?,
             "--zstd-level" => options.zstd_level = value.parse()?,
             "--disk-mib" => options.disk_mib = value.parse()?,
+            "--workload-kind" => {
+                anyhow::ensure!(
+                    value == "random" || value == "records",
+                    "--workload-kind is random or records, not {value}"
+                );
+                options.workload_kind = value.clone();
+            }
             "--methods" => {
                 options.methods = value
                     .split(',')
@@ -322,12 +333,13 @@ fn main() -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
     println!(
-        "\nlink: {} Mbit/s, {} ms RTT, {} % loss; guest {} MiB (TCG) with a {} MiB dirtying workload",
+        "\nlink: {} Mbit/s, {} ms RTT, {} % loss; guest {} MiB (TCG) with a {} MiB dirtying workload ({})",
         options.rate_mbit,
         2 * options.delay_ms,
         options.loss * 100.0,
         options.memory_mib,
-        options.workload_mib
+        options.workload_mib,
+        options.workload_kind
     );
     if let Some(disk) = &disk {
         println!(
@@ -339,17 +351,27 @@ fn main() -> anyhow::Result<()> {
             disk.index_seconds
         );
     }
+    // The floors hold for the random workload only: a records workload compresses.
+    if options.workload_kind != "random" {
+        println!(
+            "floor: not computed for the {} workload (its pages compress about 4x)",
+            options.workload_kind
+        );
+    }
     // The floor: the workload's region is fresh pseudo-random data (neither zero, repeated nor
     // compressible), so at least that much crosses the link whatever the method.
     let floor_seconds = (options.workload_mib << 20) as f64 * 8.0 / (options.rate_mbit * 1e6);
-    println!(
-        "floor: {} MiB of incompressible workload memory at {} Mbit/s = {floor_seconds:.1} s",
-        options.workload_mib, options.rate_mbit
-    );
+    if options.workload_kind == "random" {
+        println!(
+            "floor: {} MiB of incompressible workload memory at {} Mbit/s = {floor_seconds:.1} s",
+            options.workload_mib, options.rate_mbit
+        );
+    }
     // The precopy floor: the pages the workload rewrites while the region crosses are fresh
     // random data too and must cross again, so a live copy moves at least M / (R - D).
     let link_bytes_per_second = options.rate_mbit * 1e6 / 8.0;
-    if link_bytes_per_second > WORKLOAD_DIRTY_BYTES_PER_SECOND {
+    if options.workload_kind == "random" && link_bytes_per_second > WORKLOAD_DIRTY_BYTES_PER_SECOND
+    {
         let precopy_floor = (options.workload_mib << 20) as f64
             / (link_bytes_per_second - WORKLOAD_DIRTY_BYTES_PER_SECOND);
         println!(
@@ -390,8 +412,8 @@ fn guest_spec(
     disk: Option<&RealisticDisk>,
 ) -> anyhow::Result<LaunchSpec> {
     let mut extra = format!(
-        "novacron.workload=1 novacron.workload_mib={}",
-        options.workload_mib
+        "novacron.workload=1 novacron.workload_mib={} novacron.workload_kind={}",
+        options.workload_mib, options.workload_kind
     );
     if disk.is_some() {
         extra.push_str(" novacron.readdisk=1");

@@ -974,6 +974,27 @@ fn qemu_processes(uuid: &str) -> usize {
     String::from_utf8_lossy(&output.stdout).lines().count()
 }
 
+/// The VM's overlay on `host`, read as a raw disk, holds the mark the guest wrote at 1 MiB
+/// (`novacron.diskmark=NCMARK42`).
+fn assert_disk_marked(host: &TestHost, uuid: &str, what: &str) {
+    let overlay = host.vm_directory(uuid).join("disk.qcow2");
+    let raw = host.directory.path().join(format!("{uuid}.raw"));
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(
+        converted.success(),
+        "qemu-img convert of {}",
+        overlay.display()
+    );
+    let bytes = std::fs::read(&raw).expect("the converted disk");
+    assert_eq!(&bytes[1 << 20..(1 << 20) + 8], b"NCMARK42", "{what}");
+    let _ = std::fs::remove_file(&raw);
+}
+
 fn wait_until_owned_by(host: &TestHost, name: &str, owner: &str, state: &str) -> Value {
     poll(
         &format!("vm {name} {state} on {owner}"),
@@ -1228,24 +1249,10 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     assert_workload_continues(destination, "disky", disky_tick.0);
     destination.ok(&["vm", "stop", "disky", "--force"]);
     destination.wait_for_state("disky", "stopped");
-    let overlay = destination.vm_directory(&disky_uuid).join("disk.qcow2");
-    let raw = destination.directory.path().join("disky.raw");
-    let converted = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&overlay)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(
-        converted.success(),
-        "qemu-img convert of {}",
-        overlay.display()
-    );
-    let bytes = std::fs::read(&raw).expect("the converted disk");
-    assert_eq!(
-        &bytes[1 << 20..(1 << 20) + 8],
-        b"NCMARK42",
-        "the guest's write reached the destination's disk"
+    assert_disk_marked(
+        destination,
+        &disky_uuid,
+        "the guest's write reached the destination's disk",
     );
 
     // Stopped, with its disk: a cold move carries the disk (from a QEMU that never runs the
@@ -1279,24 +1286,10 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
                 .then_some(())
         },
     );
-    let overlay = first.vm_directory(&disky_uuid).join("disk.qcow2");
-    let raw = first.directory.path().join("disky-cold.raw");
-    let converted = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&overlay)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(
-        converted.success(),
-        "qemu-img convert of {}",
-        overlay.display()
-    );
-    let bytes = std::fs::read(&raw).expect("the converted disk");
-    assert_eq!(
-        &bytes[1 << 20..(1 << 20) + 8],
-        b"NCMARK42",
-        "the disk written on host-0, moved live to host-1, came back cold"
+    assert_disk_marked(
+        first,
+        &disky_uuid,
+        "the disk written on host-0, moved live to host-1, came back cold",
     );
 
     // A new VM on a host without its image: the host fetches the image from one that holds it

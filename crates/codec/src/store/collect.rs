@@ -424,16 +424,13 @@ impl ChunkStore {
 mod tests {
     use super::*;
 
-    fn pseudo_random(length: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..length)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
+    use crate::store::tests::pseudo_random;
+
+    /// A new chunk can be stored and read back.
+    fn assert_writable(store: &ChunkStore, seed: u64) {
+        let fresh = pseudo_random(50_000, seed);
+        let hash = store.put(&fresh).unwrap();
+        assert_eq!(store.get(&hash).unwrap().unwrap(), fresh);
     }
 
     fn pack_files_bytes(store: &ChunkStore) -> u64 {
@@ -536,9 +533,7 @@ mod tests {
         let store = ChunkStore::open(directory.path()).unwrap();
         assert_eq!(read_back(&store, "first"), first);
         assert_eq!(read_back(&store, "second"), second);
-        let fresh = pseudo_random(50_000, 13);
-        let hash = store.put(&fresh).unwrap();
-        assert_eq!(store.get(&hash).unwrap().unwrap(), fresh);
+        assert_writable(&store, 13);
     }
 
     #[test]
@@ -563,9 +558,7 @@ mod tests {
         assert_eq!(summary.pack_bytes, 0);
         assert!(!store.collection_postponed());
         assert!(!store.contains(&received).unwrap());
-        let next = pseudo_random(30_000, 6);
-        let hash = store.put(&next).unwrap();
-        assert_eq!(store.get(&hash).unwrap().unwrap(), next);
+        assert_writable(&store, 6);
     }
 
     #[test]
