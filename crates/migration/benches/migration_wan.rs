@@ -292,7 +292,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --disk-mib, --methods, --send-window-mib, --zstd-level"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --methods, --send-window-mib, --zstd-level"
             ),
         }
         index += 2;

@@ -10,7 +10,10 @@
 //! - the sender keeps at most `send_window_bytes` (charged) of frames that are not yet
 //!   acknowledged as received, queued or in flight;
 //! - the sender transmits a frame only when its cumulative charged end offset is within the
-//!   credit the receiver granted (bytes the receiver's application consumed + its window);
+//!   credit the receiver granted (bytes the receiver's application consumed + its window), and
+//!   within its own send window of what the receiver's application consumed: frames the peer
+//!   holds unconsumed count against the window as frames in flight do (the first unconsumed
+//!   frame always goes, so a window smaller than a frame cannot deadlock);
 //! - the receiver therefore never holds more than its `receive_window_bytes` and treats a frame
 //!   beyond that as a protocol violation;
 //! - an acknowledgement says every sequence number below `contiguous_sequence` was received; such
@@ -60,6 +63,8 @@ pub struct OutboundChannel {
     acknowledged_sequence: u64,
     credit_limit: u64,
     peer_receive_window: u64,
+    /// Charged bytes the peer's application consumed, as last acknowledged.
+    peer_consumed: u64,
     end_of_stream_queued: bool,
     pub payload_bytes_enqueued: u64,
     pub payload_bytes_acknowledged: u64,
@@ -79,6 +84,7 @@ impl OutboundChannel {
             acknowledged_sequence: 0,
             credit_limit: peer_receive_window,
             peer_receive_window,
+            peer_consumed: 0,
             end_of_stream_queued: false,
             payload_bytes_enqueued: 0,
             payload_bytes_acknowledged: 0,
@@ -146,6 +152,15 @@ impl OutboundChannel {
         if frame.end_offset > self.credit_limit {
             return None;
         }
+        // What the peer would hold unconsumed: a receiver that consumes slower than the link
+        // delivers (a migration's destination loading QEMU) must not build a backlog larger than
+        // this side's window, however large its own receive window.
+        let start_offset = frame.end_offset - charge_of(frame.payload.len());
+        if frame.end_offset > self.peer_consumed.saturating_add(self.send_window_bytes)
+            && start_offset > self.peer_consumed
+        {
+            return None;
+        }
         self.pending.remove(&sequence);
         frame.assigned_connection = Some(connection_id);
         let retransmission = !self.transmitted_once.insert(sequence);
@@ -180,6 +195,10 @@ impl OutboundChannel {
             self.pending.remove(&sequence);
             self.transmitted_once.remove(&sequence);
             self.acknowledged_sequence += 1;
+            changed = true;
+        }
+        if ack.consumed_bytes > self.peer_consumed {
+            self.peer_consumed = ack.consumed_bytes;
             changed = true;
         }
         let credit_limit = ack.consumed_bytes.saturating_add(self.peer_receive_window);
@@ -412,6 +431,59 @@ mod tests {
             inbound.on_data(0, Bytes::new(), false).is_err(),
             "empty non-final frame"
         );
+    }
+
+    #[test]
+    fn frames_the_peer_has_not_consumed_count_against_the_send_window() {
+        let window = charge_of(1000) * 2;
+        let mut outbound = OutboundChannel::new(window, charge_of(1000) * 100);
+        let mut inbound = InboundChannel::new(charge_of(1000) * 100);
+        for round in 0..2u8 {
+            outbound.enqueue(payload(round, 1000), false).unwrap();
+        }
+        for _ in 0..2 {
+            let sent = outbound.next_transmission(1).unwrap();
+            inbound.on_data(sent.sequence, sent.payload, false).unwrap();
+        }
+        // Received (so no longer buffered here) but not consumed by the peer's application.
+        assert!(
+            outbound
+                .on_acknowledgement(inbound.acknowledgement())
+                .unwrap()
+        );
+        assert_eq!(outbound.buffered_bytes(), 0);
+        outbound.enqueue(payload(2, 1000), false).unwrap();
+        outbound.enqueue(payload(3, 1000), false).unwrap();
+        assert_eq!(outbound.next_transmission(1), None);
+        // The application takes one frame: one more may go.
+        let delivery = inbound.take_next().unwrap();
+        inbound.mark_consumed(delivery.charge);
+        assert!(
+            outbound
+                .on_acknowledgement(inbound.acknowledgement())
+                .unwrap()
+        );
+        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 2);
+        assert_eq!(outbound.next_transmission(1), None);
+    }
+
+    #[test]
+    fn a_window_smaller_than_a_frame_still_sends_one_frame_at_a_time() {
+        let mut outbound = OutboundChannel::new(10, charge_of(1000) * 100);
+        let mut inbound = InboundChannel::new(charge_of(1000) * 100);
+        for round in 0..2u8 {
+            assert!(outbound.has_room_for(1000));
+            outbound.enqueue(payload(round, 1000), false).unwrap();
+            let sent = outbound.next_transmission(1).unwrap();
+            assert_eq!(outbound.next_transmission(1), None);
+            inbound.on_data(sent.sequence, sent.payload, false).unwrap();
+            let delivery = inbound.take_next().unwrap();
+            inbound.mark_consumed(delivery.charge);
+            outbound
+                .on_acknowledgement(inbound.acknowledgement())
+                .unwrap();
+        }
+        assert!(outbound.all_acknowledged());
     }
 
     #[test]
