@@ -70,6 +70,18 @@ impl CollectionGate {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// The state, once no collection is running.
+    fn lock_when_not_collecting(&self) -> std::sync::MutexGuard<'_, GateState> {
+        let mut state = self.lock();
+        while state.collecting {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state
+    }
 }
 
 /// Keeps every chunk in the store while it lives: held by a transfer from its first hash
@@ -105,14 +117,7 @@ impl ChunkStore {
     /// Protects every chunk from collection until the pin is dropped; waits for a collection
     /// that is running (it blocks: call it off the async runtime).
     pub fn pin(&self) -> ChunkPin {
-        let mut state = self.gate.lock();
-        while state.collecting {
-            state = self
-                .gate
-                .changed
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        let mut state = self.gate.lock_when_not_collecting();
         state.pins += 1;
         ChunkPin {
             gate: Arc::clone(&self.gate),
@@ -154,15 +159,8 @@ impl ChunkStore {
     /// call it off the async runtime.
     pub fn collect_garbage(&self) -> Result<Option<CollectionSummary>, StoreError> {
         let _collecting = {
-            let mut state = self.gate.lock();
             // A collection already running may have marked before the caller's change.
-            while state.collecting {
-                state = self
-                    .gate
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
+            let mut state = self.gate.lock_when_not_collecting();
             if state.pins > 0 {
                 state.postponed = true;
                 return Ok(None);
