@@ -227,38 +227,36 @@ pub(crate) async fn index_image(
 
 /// Forgets a deleted image in the chunk store and collects what no other image uses, in the
 /// background. While a transfer is receiving (it holds a pin) the collection is postponed; the
-/// transfer runs it when it ends ([`collect_if_postponed`]).
+/// transfer runs it when its pin goes ([`ReceivingPin`]).
 pub(crate) fn forget_image(
     chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
     record: &ImageRecord,
 ) {
-    let id = record.id.clone();
-    spawn_collection(chunks, record.name.to_string(), move |chunks| {
-        chunks.remove_image(&id).map(|_| ())
-    });
+    spawn_collection(chunks, Some((record.name.to_string(), record.id.clone())));
 }
 
-/// Runs a collection that a pin postponed, once the last pin is gone.
-pub(crate) fn collect_if_postponed(chunks: &std::sync::Arc<novacron_codec::ChunkStore>) {
-    if chunks.collection_postponed() {
-        spawn_collection(chunks, "(postponed)".to_string(), |_| Ok(()));
-    }
-}
-
+/// Collects in the background, first forgetting the image `(name, id)` if given.
 fn spawn_collection(
     chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
-    image: String,
-    first: impl FnOnce(&novacron_codec::ChunkStore) -> Result<(), novacron_codec::StoreError>
-    + Send
-    + 'static,
+    forget: Option<(String, String)>,
 ) {
     let chunks = chunks.clone();
-    tokio::task::spawn_blocking(move || {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let outcome = first(&chunks).and_then(|()| chunks.collect_garbage());
+        let image = forget
+            .as_ref()
+            .map_or("(postponed)", |(name, _)| name.as_str());
+        let outcome = match &forget {
+            Some((_, id)) => chunks.remove_image(id).map(|_| ()),
+            None => Ok(()),
+        }
+        .and_then(|()| chunks.collect_garbage());
         match outcome {
             Ok(Some(summary)) => tracing::info!(
-                image = %image,
+                image,
                 chunks_removed = summary.chunks_removed,
                 packs_rewritten = summary.packs_rewritten,
                 bytes_reclaimed = summary.bytes_reclaimed,
@@ -267,27 +265,44 @@ fn spawn_collection(
                 "chunk store collected"
             ),
             Ok(None) => tracing::info!(
-                image = %image,
+                image,
                 "chunk store collection postponed until the receiving transfers end"
             ),
-            Err(error) => {
-                tracing::warn!(image = %image, %error, "cannot collect the chunk store")
-            }
+            Err(error) => tracing::warn!(image, %error, "cannot collect the chunk store"),
         }
     });
 }
 
-/// Keeps the chunk store from collecting while a transfer's chunks have no manifest yet.
+/// Keeps the chunk store from collecting while a transfer's chunks have no manifest yet; when
+/// it goes, runs a collection that it postponed.
+pub(crate) struct ReceivingPin {
+    pin: Option<novacron_codec::ChunkPin>,
+    chunks: std::sync::Arc<novacron_codec::ChunkStore>,
+}
+
+impl Drop for ReceivingPin {
+    fn drop(&mut self) {
+        drop(self.pin.take());
+        if self.chunks.collection_postponed() {
+            spawn_collection(&self.chunks, None);
+        }
+    }
+}
+
 pub(crate) async fn pin_chunks(
     chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
-) -> Option<novacron_codec::ChunkPin> {
-    let chunks = chunks.clone();
-    match tokio::task::spawn_blocking(move || chunks.pin()).await {
+) -> ReceivingPin {
+    let store = chunks.clone();
+    let pin = match tokio::task::spawn_blocking(move || store.pin()).await {
         Ok(pin) => Some(pin),
         Err(error) => {
             tracing::warn!(%error, "cannot pin the chunk store");
             None
         }
+    };
+    ReceivingPin {
+        pin,
+        chunks: chunks.clone(),
     }
 }
 

@@ -217,7 +217,7 @@ pub(crate) async fn request(
 }
 
 /// Whether `record` moves cold (stopped and meant to stay so).
-pub(crate) fn moves_cold(record: &VmRecord) -> bool {
+fn moves_cold(record: &VmRecord) -> bool {
     matches!(record.status.state, VmState::Stopped | VmState::Failed)
         && record.desired == DesiredPower::Stopped
 }

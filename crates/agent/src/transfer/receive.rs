@@ -55,20 +55,7 @@ async fn receive_and_store(
 ) -> Result<String, TransferFailure> {
     let chunks = service.chunks().clone();
     // Chunks kept frame by frame belong to no manifest until the image is stored and indexed.
-    let pin = crate::images::pin_chunks(&chunks).await;
-    let result = receive_pinned(service, session, transfer, offer, chunks.clone()).await;
-    drop(pin);
-    crate::images::collect_if_postponed(&chunks);
-    result
-}
-
-async fn receive_pinned(
-    service: &Arc<TransferService>,
-    session: &Arc<Session>,
-    transfer: &Arc<Transfer>,
-    offer: &ImageOffer,
-    chunks: Arc<ChunkStore>,
-) -> Result<String, TransferFailure> {
+    let _pin = crate::images::pin_chunks(&chunks).await;
     let staged = StagedFile::in_staging(&service.host.paths);
     let host_name = service.host.config.host_name.clone();
     let mut decode_task = tokio::spawn(decode_stream(
