@@ -162,6 +162,8 @@ impl RaftTransport for NoTransport {
 pub(crate) struct NetworkFactory {
     pub transport: Arc<dyn RaftTransport>,
     pub source_node_id: NodeId,
+    /// Told when a vote this node asked for was refused for an older log.
+    pub contact: Arc<crate::timers::LeaderContact>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -171,6 +173,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         NetworkConnection {
             transport: self.transport.clone(),
             source_node_id: self.source_node_id,
+            contact: self.contact.clone(),
             target: RaftTarget {
                 node_id: target,
                 address: node.addr.clone(),
@@ -183,6 +186,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub(crate) struct NetworkConnection {
     transport: Arc<dyn RaftTransport>,
     source_node_id: NodeId,
+    contact: Arc<crate::timers::LeaderContact>,
     target: RaftTarget,
 }
 
@@ -265,8 +269,16 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         request: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call::<_, _, Fatal<NodeId>, _>(RaftMessageKind::Vote, &request, &option)
-            .await
+        let response: VoteResponse<NodeId> = self
+            .call::<_, _, Fatal<NodeId>, _>(RaftMessageKind::Vote, &request, &option)
+            .await?;
+        // A voter with a newer log than ours: it can win, we cannot. Campaigning again first
+        // would only keep bumping the term past its campaigns (openraft's own timer delays the
+        // next election the same way).
+        if !response.vote_granted && response.last_log_id > request.last_log_id {
+            self.contact.saw_greater_log();
+        }
+        Ok(response)
     }
 }
 

@@ -486,9 +486,11 @@ impl Store {
             .transport
             .clone()
             .unwrap_or_else(|| Arc::new(NoTransport));
+        let contact = Arc::new(crate::timers::LeaderContact::new());
         let network = NetworkFactory {
             transport,
             source_node_id: config.node_id,
+            contact: contact.clone(),
         };
         let log_store = LogStore::new(database.clone(), log_files);
         let state_machine = StateMachineStore::new(
@@ -507,7 +509,6 @@ impl Store {
         .map_err(fatal_error)?;
         let (stopped, _) = watch::channel(false);
         let (timing, timing_receiver) = watch::channel(config.timing);
-        let contact = Arc::new(crate::timers::LeaderContact::new());
         tokio::spawn(crate::timers::run_raft_timers(
             raft.clone(),
             config.node_id,

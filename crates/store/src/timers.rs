@@ -7,7 +7,13 @@
 //!   heard from a leader for a randomized election timeout, drawn anew for every wait from
 //!   `election_timeout_min..election_timeout_max`. Hearing from a leader means an append-entries
 //!   or snapshot message it accepted, or a vote it granted ([`LeaderContact::touch`], called by
-//!   [`crate::Store::handle_raft_message`]). A sole voter campaigns at once.
+//!   [`crate::Store::handle_raft_message`], and here as soon as raft's metrics show the vote
+//!   given, which can be before that handler runs again). A sole voter campaigns at once.
+//! - **Backing off:** a candidate refused by a voter whose log is newer than its own waits one
+//!   more `election_timeout_max` before it campaigns again ([`LeaderContact::saw_greater_log`]),
+//!   as openraft's own timer does: it cannot win, and its campaigns, always a little earlier
+//!   than the up-to-date voter's, would otherwise keep taking the term from under it (seen:
+//!   two survivors of three without a leader for over ten seconds).
 //!
 //! openraft's own configuration keeps two fixed values, from the timing at start
 //! ([`rpc_deadline`]): the deadline of every append-entries exchange (openraft uses its
@@ -18,7 +24,7 @@
 //! lease.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::{Raft, ServerState};
@@ -48,8 +54,9 @@ pub(crate) fn leader_lease(deadline: Duration) -> Duration {
 #[derive(Debug)]
 pub(crate) struct LeaderContact {
     origin: Instant,
-    /// Milliseconds since `origin`.
+    /// Milliseconds since `origin` (in the future while backing off).
     last_ms: AtomicU64,
+    greater_log_seen: AtomicBool,
 }
 
 impl LeaderContact {
@@ -57,12 +64,26 @@ impl LeaderContact {
         Self {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
+            greater_log_seen: AtomicBool::new(false),
         }
     }
 
     pub fn touch(&self) {
         let now = self.origin.elapsed().as_millis() as u64;
         self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A voter refused this node's campaign because its log is newer: the timers push the next
+    /// campaign back by one `election_timeout_max`.
+    pub fn saw_greater_log(&self) {
+        self.greater_log_seen.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts as contact until `extra` from now.
+    fn back_off(&self, extra: Duration) {
+        let until = self.origin.elapsed() + extra;
+        self.last_ms
+            .fetch_max(until.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn last(&self) -> Instant {
@@ -93,9 +114,10 @@ pub(crate) async fn run_raft_timers(
 ) {
     let mut server = raft.server_metrics();
     let mut timeout = election_timeout(&timing.borrow(), lease);
+    let mut last_vote = server.borrow().vote;
     loop {
         let current = *timing.borrow_and_update();
-        let (state, sole_voter, voter) = {
+        let (state, sole_voter, voter, vote) = {
             let metrics = server.borrow_and_update();
             let membership = metrics.membership_config.membership();
             let voters: Vec<u64> = membership.voter_ids().collect();
@@ -103,8 +125,19 @@ pub(crate) async fn run_raft_timers(
                 metrics.state,
                 voters == [node_id],
                 voters.contains(&node_id),
+                metrics.vote,
             )
         };
+        if vote != last_vote {
+            // A vote given to another node counts as contact from the moment raft gave it.
+            if vote.leader_id().voted_for().is_some_and(|id| id != node_id) {
+                contact.touch();
+            }
+            last_vote = vote;
+        }
+        if contact.greater_log_seen.swap(false, Ordering::Relaxed) {
+            contact.back_off(current.election_timeout_max);
+        }
         let pause = match state {
             ServerState::Shutdown => return,
             ServerState::Leader => {
@@ -196,5 +229,15 @@ mod tests {
         let first = contact.last();
         contact.touch();
         assert!(contact.last() >= first);
+    }
+
+    #[test]
+    fn backing_off_counts_as_contact_into_the_future_and_a_touch_never_undoes_it() {
+        let contact = LeaderContact::new();
+        contact.back_off(Duration::from_secs(60));
+        let until = contact.last();
+        assert!(until > Instant::now() + Duration::from_secs(59));
+        contact.touch();
+        assert_eq!(contact.last(), until);
     }
 }
