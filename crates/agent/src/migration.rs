@@ -29,8 +29,8 @@ use crate::records::Versioned;
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
 use novacron_migration::{
-    ConvergencePlanner, ImagePageIndex, Plan, PlanInputs, ProxyConfig, SharedImagePages,
-    receive_migration_stream, send_migration_stream,
+    ConvergencePlanner, ImagePageIndex, Plan, PlanInputs, ProxyConfig, ProxyError, ProxyReport,
+    SharedImagePages, receive_migration_stream_duplex, send_migration_stream_duplex,
 };
 use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
@@ -162,6 +162,14 @@ pub(crate) async fn request(
         return Err(AgentError::InvalidArgument(format!(
             "vm {name} already runs on host {source}; name another host (`novacron cluster \
              list` shows them) or leave out --to to let placement choose"
+        )));
+    }
+    if request.when_not_converging == Some(ConvergencePolicy::PostCopy)
+        && record.spec.image_id.is_some()
+    {
+        return Err(AgentError::InvalidArgument(format!(
+            "vm {name} has a local disk, and post-copy does not move one: migrate it with \
+             --when-not-converging throttle (the default) or keep-copying"
         )));
     }
     let running = matches!(record.status.state, VmState::Running | VmState::Paused);
@@ -897,10 +905,13 @@ impl Source<'_> {
         });
         self.note_plan(&plan, self.initial_dirty_rate, forecast_rate.is_some());
         let throttle = self.migration.when_not_converging == ConvergencePolicy::Throttle;
+        let postcopy = self.migration.when_not_converging == ConvergencePolicy::PostCopy;
         qmp.execute(
             "migrate-set-capabilities",
             Some(json!({ "capabilities": [
                 { "capability": "auto-converge", "state": throttle },
+                // The destination enabled it too (it reads the policy from the record).
+                { "capability": "postcopy-ram", "state": postcopy },
                 { "capability": "events", "state": true },
                 // With a disk: stop after the guest paused, before the last device state, so
                 // the mirror finishes first (`pre-switchover`, then `migrate-continue`).
@@ -945,10 +956,9 @@ impl Source<'_> {
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
-        let mut sender =
-            tokio::spawn(
-                async move { send_migration_stream(stream, &sender_session, &config).await },
-            );
+        let mut sender = tokio::spawn(async move {
+            send_migration_stream_duplex(stream, &sender_session, &config).await
+        });
         let mut sent = None;
         let mut qemu_done = false;
         let mut stopped_at_ms = None;
@@ -956,9 +966,26 @@ impl Source<'_> {
         let deadline = self.started + Duration::from_secs(self.migration.timeout_secs.max(10));
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Post-copy: asked QEMU to switch; then the destination owns the VM (committed).
+        let mut postcopy_switched = false;
+        let mut postcopy_committed_at: Option<Instant> = None;
+        let copied = async {
         loop {
             if qemu_done && sent.is_some() && loaded.is_some() {
                 break;
+            }
+            if postcopy_switched
+                && postcopy_committed_at.is_none()
+                && let Some((pid, _)) = &loaded
+            {
+                // The destination holds the device state and waits paused: from here on it is
+                // the VM (the source's guest can no longer run: its newest pages may be there).
+                self.commit_postcopy(*pid).await?;
+                postcopy_committed_at = Some(Instant::now());
+                let commit = Message::Migration(MigrationControl::Commit);
+                if let Err(error) = control.notify(commit.encode()).await {
+                    tracing::warn!(vm = %self.name, %error, "the commit notice did not reach the destination; it reads the store");
+                }
             }
             tokio::select! {
                 result = &mut sender, if sent.is_none() => {
@@ -998,8 +1025,26 @@ impl Source<'_> {
                 }
                 _ = poll.tick() => {
                     let status = self.poll_progress(session, &sent).await?;
+                    if postcopy && !postcopy_switched && status == "active" && self.postcopy_due() {
+                        self.qemu
+                            .qmp()
+                            .execute("migrate-start-postcopy", None)
+                            .await
+                            .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+                        postcopy_switched = true;
+                        tracing::info!(vm = %self.name, migration = %self.id, passes = self.migration.progress.passes, "switching to post-copy");
+                        if let Some(plan) = &mut self.migration.progress.plan {
+                            plan.push_str("; switching to post-copy now");
+                        }
+                    }
                     match status.as_str() {
                         "completed" => qemu_done = true,
+                        // The stream broke during post-copy: QEMU waits for a recovery this
+                        // agent does not attempt.
+                        "postcopy-paused" => {
+                            return Err(Failure::new(ErrorCode::Unavailable,
+                                "the migration stream broke during post-copy"));
+                        }
                         "pre-switchover" => {
                             if let Some(disk) = &self.disk {
                                 disk.finish(self.qemu, &self.name).await?;
@@ -1023,7 +1068,9 @@ impl Source<'_> {
                         }
                         _ => {}
                     }
-                    if Instant::now() > deadline {
+                    // Once the destination owns the VM, the copy finishes or the VM is lost:
+                    // no timeout ends it.
+                    if Instant::now() > deadline && postcopy_committed_at.is_none() {
                         return Err(Failure::cancelled(format!(
                             "timed out after {} s (--timeout); the VM stayed on the source",
                             self.migration.timeout_secs)));
@@ -1031,6 +1078,16 @@ impl Source<'_> {
                 }
             }
         }
+        Ok::<(), Failure>(())
+        }
+        .await;
+        if let Some(committed_at) = postcopy_committed_at {
+            let report = sent.unwrap_or_default();
+            self.finish_postcopy(copied, &report, committed_at, memory_started)
+                .await;
+            return Ok(SourceOutcome::Moved);
+        }
+        copied?;
         let (pid, stream_checksum) = loaded.unwrap_or_default();
         let report = sent.unwrap_or_default();
         let progress = &mut self.migration.progress;
@@ -1073,6 +1130,9 @@ impl Source<'_> {
                 ConvergencePolicy::Throttle => "; throttling the guest's vCPUs (auto-converge)",
                 ConvergencePolicy::KeepCopying => {
                     "; --when-not-converging keep-copying: copying on until --timeout"
+                }
+                ConvergencePolicy::PostCopy => {
+                    "; --when-not-converging post-copy: the guest moves after the first full copy"
                 }
             });
         }
@@ -1360,6 +1420,145 @@ impl Source<'_> {
 
     /// The one store transaction that moves the VM. When its outcome is unknown (no answer
     /// from the store), keeps asking: the guest stays paused meanwhile.
+    /// Whether a post-copy migration switches now: once the first full copy is done (QEMU's
+    /// second dirty sync), when the plan says precopy would not converge, or after a few passes
+    /// that did not.
+    fn postcopy_due(&self) -> bool {
+        let progress = &self.migration.progress;
+        progress.passes >= 2 && (progress.converges == Some(false) || progress.passes >= 5)
+    }
+
+    /// Post-copy's commit, at the switch: the destination owns the VM from here on, and the
+    /// migration stays open (phase `post-copy`) while the pages it lacks still come from here.
+    /// A cancel is no longer possible (the source's guest cannot run again), so none is looked at.
+    async fn commit_postcopy(&mut self, pid: Option<u32>) -> Result<(), Failure> {
+        let destination = self.migration.destination.clone();
+        let source = self.migration.source.clone();
+        let progress = self.migration.progress.clone();
+        loop {
+            let attempt = self
+                .shared
+                .records
+                .update_vm_and_migration(&self.name, &self.id, |vm, record| {
+                    if record.phase.is_finished() {
+                        return Ok(false);
+                    }
+                    vm.migration = None;
+                    vm.status.host = destination.clone();
+                    vm.status.pid = pid;
+                    vm.status.since = unix_now();
+                    vm.status.state = match vm.desired {
+                        DesiredPower::Paused => VmState::Paused,
+                        _ => VmState::Running,
+                    };
+                    record.phase = MigrationPhase::PostCopy;
+                    record.progress = progress.clone();
+                    record.message = Some(format!(
+                        "post-copy: the VM runs on host {destination}; the pages it has not \
+                         received yet come from host {source}"
+                    ));
+                    Ok(true)
+                })
+                .await;
+            match attempt {
+                Ok(Some((_, current))) => {
+                    self.migration = current;
+                    tracing::info!(vm = %self.name, migration = %self.id, %destination, "post-copy: the destination owns the vm");
+                    return Ok(());
+                }
+                Ok(None) => {
+                    return Err(Failure::new(
+                        ErrorCode::Conflict,
+                        "the migration ended elsewhere during the switch to post-copy",
+                    ));
+                }
+                Err(error) => {
+                    tracing::warn!(vm = %self.name, %error, "store not answering at the post-copy switch; the guest stays paused until it does");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// After post-copy's commit: records how the copy ended. A failure now loses the guest's
+    /// running state; the destination, which owns the VM, stops its QEMU and restarts the VM.
+    async fn finish_postcopy(
+        &mut self,
+        copied: Result<(), Failure>,
+        report: &novacron_migration::ProxyReport,
+        committed_at: Instant,
+        memory_started: Instant,
+    ) {
+        let destination = self.migration.destination.clone();
+        let mut progress = self.migration.progress.clone();
+        progress.stream_bytes = report.stream_bytes;
+        progress.wire_bytes = progress.wire_bytes.max(report.message_bytes);
+        progress.remaining_bytes = 0;
+        progress.pages_zero = report.codec.zero_pages;
+        progress.pages_known =
+            report.codec.known_from_transfer + report.codec.known_from_destination;
+        progress.pages_from_image = report.codec.known_from_destination;
+        progress.pages_delta = report.codec.delta_pages;
+        progress.pages_literal = report.codec.literal_pages;
+        let after_switch = committed_at.elapsed().as_secs_f64();
+        let (phase, code, message) = match &copied {
+            Ok(()) => (
+                MigrationPhase::Completed,
+                None,
+                format!(
+                    "the VM runs on host {destination} (post-copy: its last pages arrived \
+                     {after_switch:.1} s after the switch)"
+                ),
+            ),
+            Err(failure) => (
+                MigrationPhase::Failed,
+                Some(failure.code),
+                format!(
+                    "post-copy failed after the VM moved to host {destination}: {}; the \
+                     guest's running state is lost and the VM restarts there",
+                    failure.message
+                ),
+            ),
+        };
+        let checksum = format!(
+            "{} bytes, blake3 {}",
+            report.stream_bytes,
+            blake3::Hash::from(report.stream_checksum).to_hex()
+        );
+        let seconds = memory_started.elapsed().as_secs_f64();
+        for _ in 0..30 {
+            let written = self
+                .shared
+                .records
+                .update_migration(&self.id, |record| {
+                    if record.phase.is_finished() {
+                        return Ok(false);
+                    }
+                    finish(record, phase, code, &message);
+                    record.progress = progress.clone();
+                    if copied.is_ok() {
+                        record.stream_checksum = Some(checksum.clone());
+                        record.total_seconds = Some(seconds);
+                    }
+                    Ok(true)
+                })
+                .await;
+            match written {
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(vm = %self.name, %error, "cannot record the end of post-copy; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        match copied {
+            Ok(()) => tracing::info!(vm = %self.name, migration = %self.id, %destination,
+                stream_bytes = report.stream_bytes, after_switch, "vm migrated (post-copy)"),
+            Err(failure) => tracing::warn!(vm = %self.name, migration = %self.id, %destination,
+                reason = %failure.message, "post-copy failed after the switch; the vm restarts on the destination"),
+        }
+    }
+
     async fn commit(
         &mut self,
         pid: Option<u32>,
@@ -1713,6 +1912,18 @@ pub(crate) async fn serve_destination(
             )
             .await;
             crate::transfer::close_quietly(session).await;
+            if incoming_in_postcopy(&qemu).await {
+                // Its memory is split between the hosts and the stream is gone: never resume
+                // it. If the VM became ours, the reconciler starts it again.
+                let ours = matches!(shared.records.vm(&name).await,
+                    Ok(Some(vm)) if vm.record.status.host == shared.config.host_name);
+                if ours {
+                    let _ = qemu.force_stop().await;
+                } else {
+                    discard_incoming(&shared, &record, qemu).await;
+                }
+                return;
+            }
             // The VM may still have become ours (a commit whose notice was lost).
             if !settle_after_failure(&shared, &record, &qemu, &id).await {
                 discard_incoming(&shared, &record, qemu).await;
@@ -1882,6 +2093,21 @@ async fn prepare_destination(
             });
         }
     };
+    if migration.when_not_converging == ConvergencePolicy::PostCopy
+        && let Err(error) = qemu
+            .qmp()
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [
+                    { "capability": "postcopy-ram", "state": true },
+                ]})),
+            )
+            .await
+    {
+        let _ = qemu.force_stop().await;
+        let _ = tokio::fs::remove_dir_all(&directory).await;
+        return Err(qmp_error(record.spec.name.as_str(), error));
+    }
     if image.is_some()
         && let Err(error) = export_disk(&qemu, &directory, &record.spec.name).await
     {
@@ -1964,17 +2190,94 @@ async fn receive_and_wait(
         image_pages,
         ..ProxyConfig::default()
     };
-    let report = receive_migration_stream(session, stream, &config)
-        .await
-        .map_err(|error| {
-            migration_error(
-                ErrorCode::Unavailable,
-                format!(
-                    "receiving the migration stream failed: {}",
-                    crate::transfer::describe(&error)
-                ),
-            )
-        })?;
+    let postcopy = match shared.records.migration(id).await {
+        Ok(Some(migration)) => migration.record.when_not_converging == ConvergencePolicy::PostCopy,
+        _ => false,
+    };
+    let receiving = {
+        let session = session.clone();
+        tokio::spawn(
+            async move { receive_migration_stream_duplex(&session, stream, &config).await },
+        )
+    };
+    let mut receiving = AbortOnDrop(receiving);
+    let received = |result: Result<Result<ProxyReport, ProxyError>, tokio::task::JoinError>| {
+        result
+            .map_err(|error| {
+                migration_error(
+                    ErrorCode::Internal,
+                    format!("the receiving task failed: {error}"),
+                )
+            })?
+            .map_err(|error| {
+                migration_error(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "receiving the migration stream failed: {}",
+                        crate::transfer::describe(&error)
+                    ),
+                )
+            })
+    };
+    // Precopy: the whole stream arrives, then QEMU has loaded it. Post-copy: QEMU holds the
+    // device state and waits paused (`-S`) while pages still arrive; the source then commits
+    // and this host runs the guest before the stream ends.
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let report = loop {
+        tokio::select! {
+            result = &mut receiving.0 => break Some(received(result)?),
+            _ = poll.tick(), if postcopy => {
+                if incoming_postcopy_running(qemu).await {
+                    break None;
+                }
+            }
+        }
+    };
+    let Some(report) = report else {
+        tracing::info!(vm = %name, migration = %id, "post-copy: the device state is here; waiting for the commit");
+        notify_loaded(
+            session,
+            qemu,
+            "post-copy: checked by the source at the end".into(),
+        )
+        .await?;
+        await_commit(session).await?;
+        resume_here(shared, qemu, record, id).await;
+        // The VM is this host's now. The rest of its memory comes in; if it cannot, the guest
+        // cannot run on: stop it, and the reconciler starts the VM again.
+        match received((&mut receiving.0).await) {
+            Ok(report) => {
+                tracing::info!(vm = %name, migration = %id, stream_bytes = report.stream_bytes, "post-copy finished");
+            }
+            Err(error) => {
+                tracing::warn!(vm = %name, migration = %id, %error, "post-copy failed: the guest's memory is incomplete; stopping it so the vm restarts here");
+                if let Err(error) = qemu.force_stop().await {
+                    tracing::warn!(vm = %name, %error, "stopping the incomplete qemu");
+                }
+                let host = shared.config.host_name.clone();
+                let _ = shared
+                    .records
+                    .update_migration(id, |migration| {
+                        if migration.phase.is_finished() {
+                            return Ok(false);
+                        }
+                        finish(
+                            migration,
+                            MigrationPhase::Failed,
+                            Some(ErrorCode::Unavailable),
+                            &format!(
+                                "post-copy failed after the VM moved to host {host}: {error}; \
+                                 the guest's running state is lost and the VM restarts there"
+                            ),
+                        );
+                        Ok(true)
+                    })
+                    .await;
+            }
+        }
+        return Ok(());
+    };
     let checksum = format!(
         "{} bytes, blake3 {}",
         report.stream_bytes,
@@ -2005,6 +2308,45 @@ async fn receive_and_wait(
             format!("the incoming qemu exited while loading: {exit}"),
         ));
     }
+    notify_loaded(session, qemu, checksum).await?;
+    await_commit(session).await?;
+    resume_here(shared, qemu, record, id).await;
+    Ok(())
+}
+
+/// Aborts a task when dropped (the destination's receiving task, when the migration ends
+/// elsewhere).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether the incoming QEMU's migration is in any post-copy state (active, paused, recovering).
+async fn incoming_in_postcopy(qemu: &QemuVm) -> bool {
+    matches!(qemu.qmp().query_migrate().await,
+        Ok(info) if info["status"].as_str().is_some_and(|status| status.starts_with("postcopy")))
+}
+
+/// Whether the incoming QEMU switched to post-copy and holds the device state (it left
+/// `inmigrate` while its migration is still `postcopy-active`).
+async fn incoming_postcopy_running(qemu: &QemuVm) -> bool {
+    let Ok(info) = qemu.qmp().query_migrate().await else {
+        return false;
+    };
+    if info["status"].as_str() != Some("postcopy-active") {
+        return false;
+    }
+    matches!(qemu.qmp().query_status().await, Ok(status) if status.status != RunState::Inmigrate)
+}
+
+async fn notify_loaded(
+    session: &Session,
+    qemu: &QemuVm,
+    checksum: String,
+) -> Result<(), AgentError> {
     let loaded = Message::Migration(MigrationControl::Loaded {
         pid: u32::try_from(qemu.pid()).ok(),
         stream_checksum: checksum,
@@ -2018,10 +2360,13 @@ async fn receive_and_wait(
                 ErrorCode::Unavailable,
                 format!("telling the source the stream loaded: {error}"),
             )
-        })?;
-    // The commit notice, or the source's abort.
+        })
+}
+
+/// The commit notice, or the source's abort.
+async fn await_commit(session: &Session) -> Result<(), AgentError> {
     let control = session.control();
-    let outcome = tokio::time::timeout(COMMIT_WAIT, async {
+    tokio::time::timeout(COMMIT_WAIT, async {
         loop {
             match control.next_incoming().await {
                 Ok(Some(ControlIncoming::Notification(body))) => match Message::decode(&body) {
@@ -2056,10 +2401,7 @@ async fn receive_and_wait(
             ErrorCode::Unavailable,
             "no commit from the source within 30 s",
         ))
-    });
-    outcome?;
-    resume_here(shared, qemu, record, id).await;
-    Ok(())
+    })
 }
 
 /// Exports the incoming QEMU's disk over NBD on a unix socket in the VM's directory, writable,

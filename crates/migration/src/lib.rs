@@ -27,7 +27,8 @@ pub use image_pages::{ImagePageIndex, SharedImagePages};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, expected_send_window,
-    receive_migration_stream, send_migration_stream,
+    receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
+    send_migration_stream_duplex,
 };
 pub use rebuild::StreamRebuilder;
 pub use stream::{

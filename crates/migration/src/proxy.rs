@@ -122,6 +122,11 @@ pub struct ProxyConfig {
     /// The 4 KiB blocks of the VM's base image, which both hosts hold: RAM pages equal to one
     /// travel as its hash (source) and are read back from the image (destination).
     pub image_pages: SharedImagePages,
+    /// The caller carries QEMU's return path (the destination's answers on the same socket):
+    /// [`send_migration_stream_duplex`] and [`receive_migration_stream_duplex`] do. Without it a
+    /// stream that opens a return path is refused, since the source would wait for answers
+    /// forever.
+    pub carry_return_path: bool,
 }
 
 impl Default for ProxyConfig {
@@ -138,6 +143,7 @@ impl Default for ProxyConfig {
             adaptive_send_window_minimum: Some(2 << 20),
             initial_rate_bytes_per_second: 125e6,
             image_pages: SharedImagePages::default(),
+            carry_return_path: false,
         }
     }
 }
@@ -249,6 +255,7 @@ pub struct ProxyEncoder {
     body: Vec<u8>,
     report: ProxyReport,
     mirror_page_limit: u64,
+    carry_return_path: bool,
     hello_sent: bool,
     ended: bool,
 }
@@ -272,6 +279,7 @@ impl ProxyEncoder {
             body: Vec::new(),
             report: ProxyReport::default(),
             mirror_page_limit: config.encoder.mirror_page_limit as u64,
+            carry_return_path: config.carry_return_path,
             hello_sent: false,
             ended: false,
         })
@@ -312,7 +320,7 @@ impl ProxyEncoder {
 
     fn drain(&mut self, out: &mut Vec<u8>) -> Result<(), ProxyError> {
         while let Some(event) = self.parser.next_event()? {
-            if self.parser.stats().return_path_requested {
+            if self.parser.stats().return_path_requested && !self.carry_return_path {
                 return Err(ProxyError::ReturnPathRequested);
             }
             match event {
@@ -817,6 +825,76 @@ pub async fn receive_migration_stream(
         "migration stream received and verified"
     );
     Ok(report)
+}
+
+/// Source side with QEMU's return path: like [`send_migration_stream`] over the socket QEMU
+/// migrates into, and every byte the destination's QEMU answers (the session's bulk stream in
+/// the other direction, see [`receive_migration_stream_duplex`]) is written back into that
+/// socket as it arrives. Post-copy needs it (the destination asks for the pages its guest
+/// touches), and so does any capability that opens a return path.
+pub async fn send_migration_stream_duplex(
+    socket: tokio::net::UnixStream,
+    session: &std::sync::Arc<Session>,
+    config: &ProxyConfig,
+) -> Result<ProxyReport, ProxyError> {
+    let config = ProxyConfig {
+        carry_return_path: true,
+        ..config.clone()
+    };
+    let (from_qemu, mut to_qemu) = socket.into_split();
+    let answers = session.clone();
+    let return_path = tokio::spawn(async move {
+        let mut bytes = 0u64;
+        while let Ok(Some(data)) = answers.recv().await {
+            bytes += data.len() as u64;
+            if to_qemu.write_all(&data).await.is_err() {
+                // QEMU closed its socket: the migration is over (or failed, which the stream's
+                // side reports).
+                break;
+            }
+        }
+        bytes
+    });
+    let result = send_migration_stream(from_qemu, session, &config).await;
+    // QEMU closes its stream only after the destination's last answer (it waits for it), so
+    // nothing the return path still holds matters now.
+    return_path.abort();
+    result
+}
+
+/// Destination side with QEMU's return path: like [`receive_migration_stream`] into the
+/// destination QEMU's `-incoming` socket, and whatever that QEMU writes back on the socket goes
+/// to the source on the session's bulk stream (finished when QEMU closes its side).
+pub async fn receive_migration_stream_duplex(
+    session: &std::sync::Arc<Session>,
+    socket: tokio::net::UnixStream,
+    config: &ProxyConfig,
+) -> Result<ProxyReport, ProxyError> {
+    let (mut from_qemu, to_qemu) = socket.into_split();
+    let answers = session.clone();
+    let return_path = tokio::spawn(async move {
+        let mut buffer = vec![0u8; 64 << 10];
+        loop {
+            match from_qemu.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => {
+                    if answers
+                        .send(Bytes::copy_from_slice(&buffer[..read]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = answers.finish().await;
+    });
+    let result = receive_migration_stream(session, to_qemu, config).await;
+    // The source's QEMU closed its stream, which it does only after the last answer reached
+    // it: the return path has nothing left to carry.
+    return_path.abort();
+    result
 }
 
 #[cfg(test)]

@@ -10,12 +10,18 @@
 //! Device state (FULL sections) carries no length anywhere in the stream: finding its end needs
 //! the device's VMState description, which only the source QEMU has. The parser therefore never
 //! tries: at the first thing it does not model (a FULL section, a non-RAM iterable section, a
-//! packaged or postcopy command, an RDMA hook or compressed page, a configuration it cannot size)
-//! it switches to **pass-through until the end of the stream**, reporting every later byte as
-//! opaque. This is exact, not heuristic: in a precopy stream FULL sections come after the RAM
-//! section's END (QEMU 7.2 `qemu_savevm_state_complete_precopy`), so no RAM record follows them,
-//! and nothing is lost by not looking further. (Scanning for a `0x7e + section id` footer could
-//! stop inside a device body that happens to hold those bytes.)
+//! postcopy advice for blocks of another page size, an RDMA hook or compressed page, a
+//! configuration it cannot size) it switches to **pass-through until the end of the stream**,
+//! reporting every later byte as opaque. This is exact, not heuristic: in a precopy stream FULL
+//! sections come after the RAM section's END (QEMU 7.2 `qemu_savevm_state_complete_precopy`),
+//! so no RAM record follows them, and nothing is lost by not looking further. (Scanning for a
+//! `0x7e + section id` footer could stop inside a device body that happens to hold those bytes.)
+//!
+//! Post-copy is followed: the advice (`POSTCOPY_ADVISE`) is read, and when every RAM block has
+//! the target page size (the advice's page-size summary says so) the block list has no extra
+//! page-size fields and parsing goes on. The switch-over's packaged device state (`PACKAGED`:
+//! a length, then a whole nested stream) is reported as opaque bytes of that length, and the RAM
+//! sections the source keeps sending while the destination runs are parsed as before.
 //!
 //! Hostile input never makes it panic or grow without bound: it keeps at most one record beyond
 //! what the caller fed it (the caller bounds its reads), block names and section ids are capped,
@@ -59,7 +65,7 @@ pub mod ram_flag {
     pub const MULTIFD_FLUSH: u64 = 0x200;
 }
 
-/// Commands (`MIG_CMD_*`) after which the parser cannot follow the stream.
+/// Commands (`MIG_CMD_*`) the parser looks into; any other is skipped by its length.
 mod command {
     pub const OPEN_RETURN_PATH: u16 = 1;
     pub const POSTCOPY_ADVISE: u16 = 3;
@@ -80,6 +86,8 @@ pub const MAX_BLOCKS: usize = 1024;
 pub const MAX_CAPABILITIES: u32 = 64;
 /// Largest opaque event while passing bytes through.
 pub const MAX_OPAQUE_EVENT: usize = 256 << 10;
+/// Largest packaged command (QEMU's `MAX_VM_CMD_PACKAGED_SIZE`).
+pub const MAX_PACKAGE_LENGTH: u64 = 1 << 24;
 
 /// Whether a RAM record names its block or continues with the block of the previous record.
 /// QEMU's choice depends on its hidden `last_sent_block`, so it is carried, not inferred.
@@ -144,6 +152,10 @@ pub struct StreamStats {
     /// The source asked for a return path (`OPEN_RETURN_PATH`): the destination will answer on
     /// the same connection, which a one-way proxy cannot carry.
     pub return_path_requested: bool,
+    /// The source advised post-copy (`POSTCOPY_ADVISE` for RAM).
+    pub postcopy_advised: bool,
+    /// Packaged device state seen: the source switched to post-copy here.
+    pub postcopy_packages: u64,
     pub passthrough: Option<Passthrough>,
 }
 
@@ -197,6 +209,8 @@ pub enum ParseErrorKind {
     TrailingBytes,
     #[error("more input after finish")]
     InputAfterFinish,
+    #[error("command {command} is malformed: {reason}")]
+    MalformedCommand { command: u16, reason: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,11 +219,24 @@ enum State {
     Configuration,
     ConfigurationSubsection,
     Top,
-    RamRecord { section_id: u32 },
-    BlockList { section_id: u32, remaining: u64 },
-    Footer { section_id: u32 },
+    RamRecord {
+        section_id: u32,
+    },
+    BlockList {
+        section_id: u32,
+        remaining: u64,
+    },
+    Footer {
+        section_id: u32,
+    },
     AfterEof,
-    VmDescription { remaining: u64 },
+    VmDescription {
+        remaining: u64,
+    },
+    /// Inside a `PACKAGED` command's nested stream.
+    Package {
+        remaining: u64,
+    },
     Done,
     Passthrough,
 }
@@ -399,6 +426,7 @@ impl StreamParser {
                 State::Footer { section_id } => self.parse_footer(section_id),
                 State::AfterEof => self.parse_after_eof(),
                 State::VmDescription { remaining } => self.parse_vm_description(remaining),
+                State::Package { remaining } => self.parse_package(remaining),
                 State::Done => {
                     if self.available().is_empty() {
                         return Ok(None);
@@ -618,22 +646,47 @@ impl StreamParser {
                 }
                 let command = be16(&self.available()[1..]);
                 let length = be16(&self.available()[3..]) as usize;
+                if let Need::More = self.need(5 + length, "a command")? {
+                    return Ok(Step::NeedMore);
+                }
+                let body = &self.available()[5..5 + length];
                 match command {
                     command::PACKAGED => {
-                        self.start_passthrough("packaged command (postcopy switch-over)".into());
-                        return Ok(Step::Continue);
+                        if length != 4 {
+                            return Err(self.fail(ParseErrorKind::MalformedCommand {
+                                command,
+                                reason: format!("a package length of {length} bytes, not 4"),
+                            }));
+                        }
+                        let package = u64::from(be32(body));
+                        if package > MAX_PACKAGE_LENGTH {
+                            return Err(self.fail(ParseErrorKind::LimitExceeded {
+                                what: "packaged command length",
+                                value: package,
+                                limit: MAX_PACKAGE_LENGTH,
+                            }));
+                        }
+                        self.stats.postcopy_packages += 1;
+                        self.stats.commands += 1;
+                        self.state = State::Package { remaining: package };
+                        return Ok(Step::Event(self.opaque(5 + length)));
                     }
-                    command::POSTCOPY_ADVISE => {
-                        self.start_passthrough(
-                            "postcopy advise (the block list then has page sizes)".into(),
-                        );
-                        return Ok(Step::Continue);
+                    command::POSTCOPY_ADVISE if length == 16 => {
+                        // Only blocks whose page size differs from the host's carry a page-size
+                        // field in the block list; the summary ORs every block's page size.
+                        let summary = be64(body);
+                        let target = be64(&body[8..]);
+                        if summary != PAGE_SIZE as u64 || target != PAGE_SIZE as u64 {
+                            self.start_passthrough(format!(
+                                "postcopy advice with page-size summary {summary:#x} and target \
+                                 page size {target}: the block list then has page sizes"
+                            ));
+                            return Ok(Step::Continue);
+                        }
+                        self.stats.postcopy_advised = true;
                     }
                     command::OPEN_RETURN_PATH => self.stats.return_path_requested = true,
                     _ => {}
-                }
-                if let Need::More = self.need(5 + length, "a command")? {
-                    return Ok(Step::NeedMore);
                 }
                 self.stats.commands += 1;
                 Ok(Step::Event(self.opaque(5 + length)))
@@ -883,6 +936,29 @@ impl StreamParser {
         }
         let length = available.min(remaining).min(MAX_OPAQUE_EVENT as u64);
         self.state = State::VmDescription {
+            remaining: remaining - length,
+        };
+        Ok(Step::Event(self.opaque(length as usize)))
+    }
+}
+
+impl StreamParser {
+    fn parse_package(&mut self, remaining: u64) -> Result<Step, ParseError> {
+        if remaining == 0 {
+            self.state = State::Top;
+            return Ok(Step::Continue);
+        }
+        let available = self.available().len() as u64;
+        if available == 0 {
+            if self.finished {
+                return Err(self.fail(ParseErrorKind::Truncated {
+                    what: "a packaged command",
+                }));
+            }
+            return Ok(Step::NeedMore);
+        }
+        let length = available.min(remaining).min(MAX_OPAQUE_EVENT as u64);
+        self.state = State::Package {
             remaining: remaining - length,
         };
         Ok(Step::Event(self.opaque(length as usize)))
@@ -1312,27 +1388,118 @@ mod tests {
     }
 
     #[test]
-    fn commands_pass_and_packaged_switches_to_passthrough() {
+    fn commands_pass_and_a_package_is_skipped_by_its_length() {
         let stream = Craft::default()
             .header()
             .raw(&[section_type::COMMAND, 0, 1, 0, 0]) // open return path
             .raw(&[section_type::COMMAND, 0, 2, 0, 4, 0, 0, 0, 1]) // ping 1
             .raw(&[section_type::COMMAND, 0, 7, 0, 4, 0, 0, 0, 3, 1, 2, 3])
+            .raw(&[section_type::EOF])
             .bytes;
         let (events, parser) = parse_all(&[&stream]).unwrap();
         assert!(parser.is_done());
         assert!(parser.stats().return_path_requested);
-        assert_eq!(parser.stats().commands, 2);
-        assert!(
-            parser
-                .stats()
-                .passthrough
-                .as_ref()
-                .unwrap()
-                .reason
-                .contains("packaged")
-        );
+        assert_eq!(parser.stats().commands, 3);
+        assert_eq!(parser.stats().postcopy_packages, 1);
+        assert!(parser.stats().passthrough.is_none());
         assert_eq!(rebuild(&events), stream);
+    }
+
+    /// A post-copy stream as QEMU writes it: the advice before the RAM section, precopy pages,
+    /// then the switch (discard, the package holding device state and RUN), then the pages the
+    /// destination still needs. Every page is parsed, on both sides of the package, and a
+    /// package cut across reads is still skipped exactly.
+    #[test]
+    fn a_post_copy_stream_is_followed_through_the_switch() {
+        let mut advise = vec![section_type::COMMAND, 0, 3, 0, 16];
+        advise.extend_from_slice(&4096u64.to_be_bytes());
+        advise.extend_from_slice(&4096u64.to_be_bytes());
+        let package_body = [
+            section_type::FULL,
+            0,
+            0,
+            0,
+            9,
+            3,
+            b'c',
+            b'p',
+            b'u',
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0x55,
+            section_type::EOF,
+            section_type::COMMAND,
+            0,
+            5,
+            0,
+            0,
+        ];
+        let mut package = vec![section_type::COMMAND, 0, 7, 0, 4];
+        package.extend_from_slice(&(package_body.len() as u32).to_be_bytes());
+        package.extend_from_slice(&package_body);
+        let stream = Craft::default()
+            .header()
+            .raw(&[section_type::COMMAND, 0, 1, 0, 0])
+            .raw(&advise)
+            .section_start(section_type::START, 2, "ram")
+            .block_list(&[("pc.ram", 1 << 20)])
+            .eos()
+            .footer(2)
+            .section(section_type::PART, 2)
+            .page(Some("pc.ram"), 0, 7)
+            .page(None, 4096, 8)
+            .eos()
+            .footer(2)
+            .raw(&[section_type::COMMAND, 0, 6, 0, 3, 0, 1, b'x']) // discard
+            .raw(&[section_type::COMMAND, 0, 4, 0, 0]) // listen
+            .raw(&package)
+            .section(section_type::PART, 2)
+            .page(Some("pc.ram"), 8192, 9)
+            .eos()
+            .footer(2)
+            .section(section_type::END, 2)
+            .eos()
+            .footer(2)
+            .raw(&[section_type::EOF])
+            .bytes;
+        for cut in [stream.len(), 7, 1] {
+            let pieces: Vec<&[u8]> = stream.chunks(cut).collect();
+            let (events, parser) = parse_all(&pieces).unwrap();
+            assert!(parser.is_done());
+            let stats = parser.stats();
+            assert!(stats.passthrough.is_none(), "{:?}", stats.passthrough);
+            assert!(stats.postcopy_advised);
+            assert_eq!(stats.postcopy_packages, 1);
+            assert_eq!(stats.pages, 3);
+            assert_eq!(rebuild(&events), stream);
+        }
+
+        // Blocks of another page size (huge pages) put a page size in the block list: not
+        // modelled, so the rest passes through untouched.
+        let mut huge = vec![section_type::COMMAND, 0, 3, 0, 16];
+        huge.extend_from_slice(&(4096u64 | (2 << 20)).to_be_bytes());
+        huge.extend_from_slice(&4096u64.to_be_bytes());
+        let stream = Craft::default().header().raw(&huge).bytes;
+        let (events, parser) = parse_all(&[&stream]).unwrap();
+        let reason = &parser.stats().passthrough.as_ref().unwrap().reason;
+        assert!(reason.contains("page sizes"), "{reason}");
+        assert_eq!(rebuild(&events), stream);
+
+        // A package longer than QEMU ever writes is refused before anything is buffered.
+        let mut oversized = vec![section_type::COMMAND, 0, 7, 0, 4];
+        oversized.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        let stream = Craft::default().header().raw(&oversized).bytes;
+        let error = parse_all(&[&stream]).unwrap_err();
+        assert!(
+            matches!(error.kind, ParseErrorKind::LimitExceeded { .. }),
+            "{error}"
+        );
     }
 
     #[test]

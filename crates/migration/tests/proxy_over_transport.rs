@@ -10,7 +10,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use novacron_migration::{ProxyConfig, receive_migration_stream, send_migration_stream};
+use novacron_migration::{
+    ProxyConfig, receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
+    send_migration_stream_duplex,
+};
 use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
 use tokio::time::timeout;
 
@@ -232,6 +235,147 @@ async fn paused_guest_migrates_through_the_proxy_and_its_memory_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_guest_migrates_through_the_proxy_and_its_memory_verifies() {
     migrate_through_proxy(false).await;
+}
+
+async fn enable_postcopy(vm: &novacron_qemu::QemuVm) {
+    vm.qmp()
+        .execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({ "capabilities": [
+                { "capability": "postcopy-ram", "state": true },
+            ]})),
+        )
+        .await
+        .expect("enable postcopy-ram");
+}
+
+/// Post-copy through the proxy: the source switches after its first pass at a rate far below
+/// the guest's needs, the destination's guest runs while the rest of its memory arrives (the
+/// pages it touches first, fetched over QEMU's return path, which the proxy carries back), the
+/// rebuilt stream is identical, and the workload's counter and memory check carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_runs_the_guest_at_the_destination_while_its_pages_arrive_over_the_proxy() {
+    let source_dir = run_directory();
+    let destination_dir = run_directory();
+    let (source, _source_guard) = launch(&guest_spec("pc-src", source_dir.path(), None)).await;
+    let source_console = source.run_directory().console_log();
+    wait_for_console(&source_console, "NOVACRON-WORKLOAD tick=2 ").await;
+    let incoming = destination_dir.path().join("in.sock");
+    let (destination, _destination_guard) = launch(&guest_spec(
+        "pc-dst",
+        destination_dir.path(),
+        Some(&format!("unix:{}", incoming.display())),
+    ))
+    .await;
+    enable_postcopy(&source).await;
+    enable_postcopy(&destination).await;
+
+    let (destination_tls, source_tls) = pinned_pair();
+    let config = ProxyConfig::default();
+    let listener = Listener::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &destination_tls,
+        session_options(),
+    )
+    .await
+    .expect("bind the transport listener");
+    let address = listener.local_addr();
+    let destination_side = {
+        let config = config.clone();
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            let session = std::sync::Arc::new(listener.accept().await.expect("accept"));
+            let to_qemu = tokio::net::UnixStream::connect(&incoming)
+                .await
+                .expect("connect to the destination's -incoming socket");
+            receive_migration_stream_duplex(&session, to_qemu, &config).await
+        })
+    };
+    let outgoing = source_dir.path().join("out.sock");
+    let from_qemu_listener = tokio::net::UnixListener::bind(&outgoing).expect("bind");
+    // 8 MB/s against a 64 MiB working set rewritten every few seconds: precopy alone would
+    // never converge.
+    set_max_bandwidth(&source, 8 << 20).await;
+    start_migration(&source, &format!("unix:{}", outgoing.display())).await;
+    let (from_qemu, _) = from_qemu_listener.accept().await.expect("accept");
+    let session = std::sync::Arc::new(
+        Session::connect(address, &source_tls, session_options())
+            .await
+            .expect("open the transport session"),
+    );
+    let sender = {
+        let session = session.clone();
+        let config = config.clone();
+        tokio::spawn(
+            async move { send_migration_stream_duplex(from_qemu, &session, &config).await },
+        )
+    };
+
+    // After the first pass (about 256 MiB of mostly zero pages), switch.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let info = source.qmp().query_migrate().await.expect("query-migrate");
+        assert_eq!(info["status"], "active", "{info}");
+        if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first pass never ended: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    source
+        .qmp()
+        .execute("migrate-start-postcopy", None)
+        .await
+        .expect("migrate-start-postcopy");
+    wait_for_migration_status(&source, &["postcopy-active", "completed"]).await;
+    let state = wait_until_loaded(&destination).await;
+    assert_eq!(state, "paused", "started with -S: waits for cont");
+    let text = std::fs::read_to_string(&source_console).unwrap_or_default();
+    let source_tick = workload_ticks(&text).last().expect("source ticks").tick;
+    // Raise the rate so the background push ends soon; the guest already runs on demand.
+    set_max_bandwidth(&source, 1 << 30).await;
+    destination.qmp().cont().await.expect("cont");
+
+    wait_for_migration_status(&source, &["completed"]).await;
+    let sent = timeout(DEADLINE, sender)
+        .await
+        .expect("the sender ends")
+        .expect("sender task")
+        .expect("send the migration stream");
+    let received = timeout(DEADLINE, destination_side)
+        .await
+        .expect("the receiver ends")
+        .expect("destination task")
+        .expect("receive the migration stream");
+    assert_eq!(received.stream_bytes, sent.stream_bytes);
+    assert_eq!(received.stream_checksum, sent.stream_checksum);
+    assert_eq!(received.pages, sent.pages);
+    assert!(sent.message_bytes < sent.stream_bytes, "{sent:?}");
+    let stats = session.stats();
+    assert!(
+        stats.bulk_bytes_received > 0,
+        "the destination's answers came back over the session: {stats:?}"
+    );
+    let ticks = check_guest_continues(
+        &destination.run_directory().console_log(),
+        source_tick,
+        TICKS_TO_VERIFY_WHOLE_REGION + 1,
+    )
+    .await;
+    println!(
+        "post-copy: stream {} bytes, proxy messages {} bytes, {} pages; return path {} bytes; \
+         destination continued from tick {source_tick} to {} with errors=0",
+        sent.stream_bytes,
+        sent.message_bytes,
+        sent.pages,
+        stats.bulk_bytes_received,
+        ticks.last().unwrap().tick
+    );
+    source.force_stop().await.expect("stop source");
+    destination.force_stop().await.expect("stop destination");
 }
 
 /// Forwards writes to `inner` until `limit` bytes have passed, then fails every write: a

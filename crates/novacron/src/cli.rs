@@ -348,7 +348,11 @@ pub struct MigrateArgs {
     pub timeout: u64,
     /// When the guest dirties memory faster than the link carries it: `throttle` slows its
     /// vCPUs (QEMU's auto-converge, starting at the throttle the plan needs), `keep-copying`
-    /// never slows it and lets --timeout end a migration that cannot converge
+    /// never slows it and lets --timeout end a migration that cannot converge, `post-copy`
+    /// runs the guest on the destination after the first full copy and fetches the rest on
+    /// demand (short pause whatever the dirty rate; but if a host or the link fails before the
+    /// last page arrived, the guest's running state is lost and it restarts on the destination;
+    /// not for VMs with a local disk)
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = ConvergeArg::Throttle)]
     pub when_not_converging: ConvergeArg,
     /// Return once the migration is recorded instead of following it
@@ -360,6 +364,7 @@ pub struct MigrateArgs {
 pub enum ConvergeArg {
     Throttle,
     KeepCopying,
+    PostCopy,
 }
 
 impl From<ConvergeArg> for novacron_types::migration::ConvergencePolicy {
@@ -367,6 +372,7 @@ impl From<ConvergeArg> for novacron_types::migration::ConvergencePolicy {
         match argument {
             ConvergeArg::Throttle => Self::Throttle,
             ConvergeArg::KeepCopying => Self::KeepCopying,
+            ConvergeArg::PostCopy => Self::PostCopy,
         }
     }
 }

@@ -1555,7 +1555,8 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
 /// converge and throttles the guest's vCPUs (QEMU's auto-converge, starting at the throttle the
 /// plan computed); the migration then completes and the guest's memory verifies on the
 /// destination. With `--when-not-converging keep-copying` the guest is never throttled and the
-/// migration's timeout ends it, leaving the VM on the source.
+/// migration's timeout ends it, leaving the VM on the source. With `post-copy` a second guest
+/// moves after its first full copy and finishes copying while it runs on the destination.
 #[test]
 fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     let hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
@@ -1653,6 +1654,79 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     );
     wait_until_owned_by(&hosts.hosts[0], "busy", "host-1", "running");
     assert_workload_continues(&hosts.hosts[1], "busy", tick);
+
+    // post-copy: after the first full copy the guest moves and runs on the destination while
+    // the rest of its memory follows (the pages it touches first, asked for over QEMU's return
+    // path, which the proxy carries back); never throttled.
+    let vm = create_running_vm(
+        &hosts.hosts[0],
+        "postie",
+        Some("host-0"),
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=32 novacron.workload_dirty=2048",
+    );
+    let uuid = vm["uuid"].as_str().expect("uuid").to_string();
+    let before = poll("postie's workload ticks", Duration::from_secs(90), || {
+        last_workload_tick(&hosts.hosts[0].serial_log("postie"))
+    });
+    let started = hosts.hosts[0].json(&[
+        "vm",
+        "migrate",
+        "postie",
+        "--to",
+        "host-1",
+        "--no-wait",
+        "--when-not-converging",
+        "post-copy",
+    ]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    let mut plans = Vec::new();
+    let ended = poll(
+        "the post-copy migration to end",
+        Duration::from_secs(240),
+        || {
+            let record = hosts.hosts[1].json(&["migration", "show", &id]);
+            assert_eq!(
+                record["progress"]["throttle_percent"], 0,
+                "never throttled: {record}"
+            );
+            if let Some(plan) = record["progress"]["plan"].as_str()
+                && plans.last().is_none_or(|last: &String| last != plan)
+            {
+                plans.push(plan.to_string());
+            }
+            let phase = record["phase"].as_str()?.to_string();
+            ["failed", "cancelled", "completed"]
+                .contains(&phase.as_str())
+                .then_some(record)
+        },
+    );
+    eprintln!("plans seen: {plans:#?}");
+    assert_moved(&ended, "host-0", "host-1");
+    assert!(
+        ended["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("post-copy")),
+        "{ended}"
+    );
+    assert!(
+        plans
+            .iter()
+            .any(|plan| plan.contains("switching to post-copy")),
+        "{plans:?}"
+    );
+    let pause = ended["resumed_at_ms"].as_u64().expect("resumed")
+        - ended["stopped_at_ms"].as_u64().expect("stopped");
+    eprintln!("post-copy real pause {pause} ms");
+    wait_until_owned_by(&hosts.hosts[0], "postie", "host-1", "running");
+    assert_workload_continues(&hosts.hosts[1], "postie", before.0);
+    poll(
+        "one qemu for postie, on host-1",
+        Duration::from_secs(60),
+        || {
+            (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
+                .then_some(())
+        },
+    );
 }
 
 /// One client of the scratch keyspace for the linearizability check: random single-key reads

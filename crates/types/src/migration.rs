@@ -41,6 +41,13 @@ pub enum ConvergencePolicy {
     Throttle,
     /// Never slow the guest: copy on until the migration converges or `--timeout` ends it.
     KeepCopying,
+    /// After the first full copy, switch to post-copy: the guest runs on the destination at
+    /// once and the pages it has not received yet are fetched from the source as it touches
+    /// them. The pause stays short whatever the dirty rate, but from the switch on the VM needs
+    /// both hosts and the link: if either fails before the last page arrived, the guest's
+    /// running state is lost and the VM restarts on the destination. Not for VMs with a local
+    /// disk.
+    PostCopy,
 }
 
 impl ConvergencePolicy {
@@ -48,6 +55,7 @@ impl ConvergencePolicy {
         match self {
             ConvergencePolicy::Throttle => "throttle",
             ConvergencePolicy::KeepCopying => "keep-copying",
+            ConvergencePolicy::PostCopy => "post-copy",
         }
     }
 }
@@ -68,6 +76,9 @@ pub enum MigrationPhase {
     /// The guest is paused; the last pages and device state are in flight, then the new owner
     /// is recorded.
     SwitchOver,
+    /// Post-copy: the VM runs on the destination (it owns it now) and the pages it has not
+    /// received yet still come from the source, on demand and in the background.
+    PostCopy,
     /// The VM runs on the destination.
     Completed,
     /// The VM stayed on the source (see `message`).
@@ -84,6 +95,7 @@ impl MigrationPhase {
             MigrationPhase::Disk => "disk",
             MigrationPhase::Memory => "memory",
             MigrationPhase::SwitchOver => "switch-over",
+            MigrationPhase::PostCopy => "post-copy",
             MigrationPhase::Completed => "completed",
             MigrationPhase::Failed => "failed",
             MigrationPhase::Cancelled => "cancelled",
