@@ -921,46 +921,45 @@ impl StreamParser {
     }
 
     fn parse_vm_description(&mut self, remaining: u64) -> Result<Step, ParseError> {
-        if remaining == 0 {
-            self.state = State::Done;
-            return Ok(Step::Continue);
-        }
-        let available = self.available().len() as u64;
-        if available == 0 {
-            if self.finished {
-                return Err(self.fail(ParseErrorKind::Truncated {
-                    what: "the vm description",
-                }));
-            }
-            return Ok(Step::NeedMore);
-        }
-        let length = available.min(remaining).min(MAX_OPAQUE_EVENT as u64);
-        self.state = State::VmDescription {
-            remaining: remaining - length,
-        };
-        Ok(Step::Event(self.opaque(length as usize)))
+        self.counted_run(
+            remaining,
+            "the vm description",
+            |remaining| State::VmDescription { remaining },
+            State::Done,
+        )
     }
-}
 
-impl StreamParser {
     fn parse_package(&mut self, remaining: u64) -> Result<Step, ParseError> {
+        self.counted_run(
+            remaining,
+            "a packaged command",
+            |remaining| State::Package { remaining },
+            State::Top,
+        )
+    }
+
+    /// Reports the next bytes of a run of known length as opaque: `within` is the state while
+    /// `remaining` bytes are left, `after` the state once none are.
+    fn counted_run(
+        &mut self,
+        remaining: u64,
+        what: &'static str,
+        within: fn(u64) -> State,
+        after: State,
+    ) -> Result<Step, ParseError> {
         if remaining == 0 {
-            self.state = State::Top;
+            self.state = after;
             return Ok(Step::Continue);
         }
         let available = self.available().len() as u64;
         if available == 0 {
             if self.finished {
-                return Err(self.fail(ParseErrorKind::Truncated {
-                    what: "a packaged command",
-                }));
+                return Err(self.fail(ParseErrorKind::Truncated { what }));
             }
             return Ok(Step::NeedMore);
         }
         let length = available.min(remaining).min(MAX_OPAQUE_EVENT as u64);
-        self.state = State::Package {
-            remaining: remaining - length,
-        };
+        self.state = within(remaining - length);
         Ok(Step::Event(self.opaque(length as usize)))
     }
 }
