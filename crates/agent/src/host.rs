@@ -211,6 +211,9 @@ pub(crate) struct Shared {
     pub transfer_endpoint: std::sync::OnceLock<(Option<String>, String)>,
     /// The transfer service (migrations dial through it); weak, as it holds this.
     pub transfer_service: std::sync::OnceLock<std::sync::Weak<crate::transfer::TransferService>>,
+    /// VMs (uuid) whose incoming post-copy this process drives. A QEMU in post-copy that is
+    /// not listed here lost its stream with an earlier `serve`: it can never run its guest.
+    pub postcopy_incoming: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -325,6 +328,7 @@ impl Host {
             config,
             transfer_endpoint: std::sync::OnceLock::new(),
             transfer_service: std::sync::OnceLock::new(),
+            postcopy_incoming: Default::default(),
         });
         let mut background = Vec::new();
         match &region {

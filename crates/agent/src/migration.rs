@@ -2236,6 +2236,7 @@ async fn receive_and_wait(
     };
     let Some(report) = report else {
         tracing::info!(vm = %name, migration = %id, "post-copy: the device state is here; waiting for the commit");
+        let _driving = PostcopyIncoming::register(shared, &record.uuid);
         notify_loaded(
             session,
             qemu,
@@ -2312,6 +2313,44 @@ async fn receive_and_wait(
     await_commit(session).await?;
     resume_here(shared, qemu, record, id).await;
     Ok(())
+}
+
+/// Lists a VM in [`crate::host::Shared::postcopy_incoming`] while this process drives its
+/// incoming post-copy.
+struct PostcopyIncoming<'a> {
+    shared: &'a Shared,
+    uuid: String,
+}
+
+impl<'a> PostcopyIncoming<'a> {
+    fn register(shared: &'a Shared, uuid: &str) -> Self {
+        if let Ok(mut incoming) = shared.postcopy_incoming.lock() {
+            incoming.insert(uuid.to_string());
+        }
+        Self {
+            shared,
+            uuid: uuid.to_string(),
+        }
+    }
+}
+
+impl Drop for PostcopyIncoming<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut incoming) = self.shared.postcopy_incoming.lock() {
+            incoming.remove(&self.uuid);
+        }
+    }
+}
+
+/// Whether `qemu` is an incoming post-copy QEMU that no migration of this process drives (its
+/// stream ended with an earlier `serve`): its guest's memory is incomplete for good.
+pub(crate) async fn is_orphaned_postcopy(shared: &Shared, uuid: &str, qemu: &QemuVm) -> bool {
+    let driven = shared
+        .postcopy_incoming
+        .lock()
+        .map(|incoming| incoming.contains(uuid))
+        .unwrap_or(true);
+    !driven && incoming_in_postcopy(qemu).await
 }
 
 /// Aborts a task when dropped (the destination's receiving task, when the migration ends

@@ -314,6 +314,17 @@ impl VmActor {
                 reason: error.to_string(),
             })?;
         match QemuVm::attach(&directory, uuid).await {
+            Ok(Some(qemu))
+                if crate::migration::is_orphaned_postcopy(&self.shared, &record.uuid, &qemu)
+                    .await =>
+            {
+                // Its post-copy stream ended with an earlier `serve`: the guest would hang on
+                // the first page it lacks. Stop it; the VM starts again below.
+                tracing::warn!(vm = %self.name, pid = qemu.pid(), "qemu left in post-copy without its stream; stopping it");
+                if let Err(error) = qemu.force_stop().await {
+                    tracing::warn!(vm = %self.name, %error, "stopping the qemu left in post-copy");
+                }
+            }
             Ok(Some(qemu)) => {
                 tracing::info!(vm = %self.name, pid = qemu.pid(), "re-attached to running qemu");
                 self.qemu = Some(qemu);
