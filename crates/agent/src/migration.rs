@@ -1515,8 +1515,12 @@ impl Source<'_> {
                 Some(failure.code),
                 format!(
                     "post-copy failed after the VM moved to host {destination}: {}; the \
-                     guest's running state is lost and the VM restarts there",
-                    failure.message
+                     guest's running state is lost; the VM fails there as after a crash (restarted by \
+                     its restart policy)",
+                    // Failures are worded for precopy, where the source keeps the VM.
+                    failure
+                        .message
+                        .trim_end_matches("; the VM stayed on the source")
                 ),
             ),
         };
@@ -1526,6 +1530,13 @@ impl Source<'_> {
             blake3::Hash::from(report.stream_checksum).to_hex()
         );
         let seconds = memory_started.elapsed().as_secs_f64();
+        // Said before the record is written: a source cut off from the store may take a while.
+        match &copied {
+            Ok(()) => tracing::info!(vm = %self.name, migration = %self.id, %destination,
+                stream_bytes = report.stream_bytes, after_switch, "vm migrated (post-copy)"),
+            Err(failure) => tracing::warn!(vm = %self.name, migration = %self.id, %destination,
+                reason = %failure.message, "post-copy failed after the switch; the vm fails on the destination"),
+        }
         for _ in 0..30 {
             let written = self
                 .shared
@@ -1550,12 +1561,6 @@ impl Source<'_> {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-        }
-        match copied {
-            Ok(()) => tracing::info!(vm = %self.name, migration = %self.id, %destination,
-                stream_bytes = report.stream_bytes, after_switch, "vm migrated (post-copy)"),
-            Err(failure) => tracing::warn!(vm = %self.name, migration = %self.id, %destination,
-                reason = %failure.message, "post-copy failed after the switch; the vm restarts on the destination"),
         }
     }
 
@@ -1883,6 +1888,9 @@ pub(crate) async fn serve_destination(
         }
     };
     let name = record.spec.name.to_string();
+    // Listed from the post-copy switch until this function returns (its QEMU stopped on a
+    // failure): the reconciler leaves the QEMU to the migration meanwhile.
+    let driving = PostcopyIncoming::new(&shared, &record.uuid);
     if request
         .respond(Message::Migration(MigrationControl::Ready).encode())
         .await
@@ -1892,7 +1900,7 @@ pub(crate) async fn serve_destination(
         return;
     }
     let result = tokio::select! {
-        result = receive_and_wait(&shared, &session, &record, &qemu, &id, image_pages) => result,
+        result = receive_and_wait(&shared, &session, &record, &qemu, &id, image_pages, &driving) => result,
         ended = ended_elsewhere(&shared, &id) => Err(ended),
     };
     match result {
@@ -1912,14 +1920,13 @@ pub(crate) async fn serve_destination(
             )
             .await;
             crate::transfer::close_quietly(session).await;
-            if incoming_in_postcopy(&qemu).await {
-                // Its memory is split between the hosts and the stream is gone: never resume
-                // it. If the VM became ours, the reconciler starts it again.
+            if driving.is_active() {
+                // Post-copy: its memory is split between the hosts and the stream is gone, so
+                // it is never resumed. If the VM became ours, the reconciler starts it again.
+                stop_incomplete(&qemu, &name).await;
                 let ours = matches!(shared.records.vm(&name).await,
                     Ok(Some(vm)) if vm.record.status.host == shared.config.host_name);
-                if ours {
-                    let _ = qemu.force_stop().await;
-                } else {
+                if !ours {
                     discard_incoming(&shared, &record, qemu).await;
                 }
                 return;
@@ -2167,6 +2174,7 @@ async fn receive_and_wait(
     qemu: &QemuVm,
     id: &str,
     image_pages: SharedImagePages,
+    driving: &PostcopyIncoming<'_>,
 ) -> Result<(), AgentError> {
     let name = record.spec.name.to_string();
     let socket = shared.paths.vm_dir(&record.uuid).join("incoming.sock");
@@ -2236,7 +2244,7 @@ async fn receive_and_wait(
     };
     let Some(report) = report else {
         tracing::info!(vm = %name, migration = %id, "post-copy: the device state is here; waiting for the commit");
-        let _driving = PostcopyIncoming::register(shared, &record.uuid);
+        driving.activate();
         notify_loaded(
             session,
             qemu,
@@ -2253,9 +2261,7 @@ async fn receive_and_wait(
             }
             Err(error) => {
                 tracing::warn!(vm = %name, migration = %id, %error, "post-copy failed: the guest's memory is incomplete; stopping it so the vm restarts here");
-                if let Err(error) = qemu.force_stop().await {
-                    tracing::warn!(vm = %name, %error, "stopping the incomplete qemu");
-                }
+                stop_incomplete(qemu, &name).await;
                 let host = shared.config.host_name.clone();
                 let _ = shared
                     .records
@@ -2269,7 +2275,8 @@ async fn receive_and_wait(
                             Some(ErrorCode::Unavailable),
                             &format!(
                                 "post-copy failed after the VM moved to host {host}: {error}; \
-                                 the guest's running state is lost and the VM restarts there"
+                                 the guest's running state is lost; the VM fails here as after a crash \
+                                 (restarted by its restart policy)"
                             ),
                         );
                         Ok(true)
@@ -2315,42 +2322,104 @@ async fn receive_and_wait(
     Ok(())
 }
 
-/// Lists a VM in [`crate::host::Shared::postcopy_incoming`] while this process drives its
-/// incoming post-copy.
+/// Lists a VM in [`crate::host::Shared::postcopy_incoming`] from [`PostcopyIncoming::activate`]
+/// until dropped, while this process drives its incoming post-copy.
 struct PostcopyIncoming<'a> {
     shared: &'a Shared,
     uuid: String,
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> PostcopyIncoming<'a> {
-    fn register(shared: &'a Shared, uuid: &str) -> Self {
-        if let Ok(mut incoming) = shared.postcopy_incoming.lock() {
-            incoming.insert(uuid.to_string());
-        }
+    fn new(shared: &'a Shared, uuid: &str) -> Self {
         Self {
             shared,
             uuid: uuid.to_string(),
+            active: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn activate(&self) {
+        if let Ok(mut incoming) = self.shared.postcopy_incoming.lock() {
+            incoming.insert(self.uuid.clone());
+            self.active
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Outlives this process only if it dies during the post-copy: see `orphaned_postcopy`.
+        let _ = std::fs::write(self.marker(), b"");
+    }
+
+    fn marker(&self) -> std::path::PathBuf {
+        postcopy_marker(self.shared, &self.uuid)
+    }
+}
+
+/// The file in a VM's directory that says its QEMU is an incoming post-copy one, while the
+/// migration drives it.
+fn postcopy_marker(shared: &Shared, uuid: &str) -> std::path::PathBuf {
+    shared.paths.vm_dir(uuid).join("postcopy-incoming")
+}
+
+impl PostcopyIncoming<'_> {
+    fn is_active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Kills an incoming QEMU whose post-copy broke. Not by QMP: a vCPU waiting for a page that
+/// will never come can hold QEMU's main lock, and then its monitor does not answer.
+async fn stop_incomplete(qemu: &QemuVm, name: &str) {
+    if let Err(error) = qemu.kill() {
+        tracing::warn!(vm = %name, %error, "killing the incomplete qemu");
+    }
+    if let Err(error) = qemu.force_stop().await {
+        tracing::warn!(vm = %name, %error, "stopping the incomplete qemu");
     }
 }
 
 impl Drop for PostcopyIncoming<'_> {
     fn drop(&mut self) {
-        if let Ok(mut incoming) = self.shared.postcopy_incoming.lock() {
-            incoming.remove(&self.uuid);
+        if self.active.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = std::fs::remove_file(self.marker());
+            if let Ok(mut incoming) = self.shared.postcopy_incoming.lock() {
+                incoming.remove(&self.uuid);
+            }
         }
     }
 }
 
-/// Whether `qemu` is an incoming post-copy QEMU that no migration of this process drives (its
-/// stream ended with an earlier `serve`): its guest's memory is incomplete for good.
-pub(crate) async fn is_orphaned_postcopy(shared: &Shared, uuid: &str, qemu: &QemuVm) -> bool {
-    let driven = shared
+/// Whether this process drives the incoming post-copy of the VM `uuid` (its QEMU is the
+/// migration's until the last page arrived).
+pub(crate) fn drives_postcopy(shared: &Shared, uuid: &str) -> bool {
+    shared
         .postcopy_incoming
         .lock()
         .map(|incoming| incoming.contains(uuid))
-        .unwrap_or(true);
-    !driven && incoming_in_postcopy(qemu).await
+        .unwrap_or(false)
+}
+
+/// A QEMU left in post-copy by an earlier `serve` (its marker is there and no migration of this
+/// process drives it): its stream is gone, so its guest's memory is incomplete for good, and
+/// its monitor may not even answer (a vCPU waiting for a page can hold QEMU's main lock). It is
+/// killed without QMP. Returns whether one was.
+pub(crate) async fn stop_orphaned_postcopy(shared: &Shared, record: &VmRecord) -> bool {
+    let marker = postcopy_marker(shared, &record.uuid);
+    if drives_postcopy(shared, &record.uuid) || !marker.exists() {
+        return false;
+    }
+    let Ok(uuid) = uuid::Uuid::parse_str(&record.uuid) else {
+        return false;
+    };
+    let directory = shared.paths.vm_dir(&record.uuid);
+    let killed = match QemuVm::kill_in(&directory, uuid).await {
+        Ok(killed) => killed,
+        Err(error) => {
+            tracing::warn!(vm = %record.spec.name, %error, "killing the qemu left in post-copy");
+            return false;
+        }
+    };
+    let _ = std::fs::remove_file(&marker);
+    killed
 }
 
 /// Aborts a task when dropped (the destination's receiving task, when the migration ends
@@ -2361,12 +2430,6 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Whether the incoming QEMU's migration is in any post-copy state (active, paused, recovering).
-async fn incoming_in_postcopy(qemu: &QemuVm) -> bool {
-    matches!(qemu.qmp().query_migrate().await,
-        Ok(info) if info["status"].as_str().is_some_and(|status| status.starts_with("postcopy")))
 }
 
 /// Whether the incoming QEMU switched to post-copy and holds the device state (it left

@@ -258,6 +258,13 @@ impl VmActor {
             return Ok(Next::Done);
         }
         if !self.attached_once {
+            if crate::migration::drives_postcopy(&self.shared, &record.uuid) {
+                // Its incoming post-copy runs here: the QEMU is the migration's (which resumed
+                // the guest) until the last page arrived or the copy failed.
+                return Ok(Next::Wait(Some(
+                    Instant::now() + Duration::from_millis(500),
+                )));
+            }
             // Only once it succeeded: a failed first look (a disk that could not be made yet)
             // is tried again at the next step.
             let next = self.recover(&record).await?;
@@ -313,18 +320,12 @@ impl VmActor {
                 key: self.name.clone(),
                 reason: error.to_string(),
             })?;
+        if crate::migration::stop_orphaned_postcopy(&self.shared, record).await {
+            // Its post-copy stream ended with an earlier `serve`: the guest would hang on the
+            // first page it lacks. It was killed; the VM is handled as crashed below.
+            tracing::warn!(vm = %self.name, "qemu left in post-copy without its stream; killed it");
+        }
         match QemuVm::attach(&directory, uuid).await {
-            Ok(Some(qemu))
-                if crate::migration::is_orphaned_postcopy(&self.shared, &record.uuid, &qemu)
-                    .await =>
-            {
-                // Its post-copy stream ended with an earlier `serve`: the guest would hang on
-                // the first page it lacks. Stop it; the VM starts again below.
-                tracing::warn!(vm = %self.name, pid = qemu.pid(), "qemu left in post-copy without its stream; stopping it");
-                if let Err(error) = qemu.force_stop().await {
-                    tracing::warn!(vm = %self.name, %error, "stopping the qemu left in post-copy");
-                }
-            }
             Ok(Some(qemu)) => {
                 tracing::info!(vm = %self.name, pid = qemu.pid(), "re-attached to running qemu");
                 self.qemu = Some(qemu);

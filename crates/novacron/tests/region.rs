@@ -164,6 +164,17 @@ fn create_vm_with_memory(
 /// Creates `name` from the test guest (256 MiB) with kernel command line `cmdline`, on `on` or
 /// where placement puts it, waits until it runs there and returns its record.
 fn create_running_vm(host: &TestHost, name: &str, on: Option<&str>, cmdline: &str) -> Value {
+    create_running_vm_with(host, name, on, cmdline, &[])
+}
+
+/// [`create_running_vm`] with more `vm create` arguments.
+fn create_running_vm_with(
+    host: &TestHost,
+    name: &str,
+    on: Option<&str>,
+    cmdline: &str,
+    more: &[&str],
+) -> Value {
     let guest = guest();
     let kernel = guest.kernel.display().to_string();
     let initrd = guest.initrd.display().to_string();
@@ -185,6 +196,7 @@ fn create_running_vm(host: &TestHost, name: &str, on: Option<&str>, cmdline: &st
     if let Some(on) = on {
         arguments.extend(["--host", on]);
     }
+    arguments.extend(more);
     let created = host.cli(&arguments);
     assert_success(&created, &format!("vm create {name}"), host);
     let owner = host.vm(name)["status"]["host"]
@@ -1549,6 +1561,138 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         "the guest had stopped: {ended}"
     );
     stays_on_source(&hosts, 1);
+}
+
+/// Faults after the switch of a post-copy migration. From the switch the destination owns the
+/// VM while the source still holds pages it has not sent, so a cut link or a killed destination
+/// `serve` loses the guest's running state. Each leaves the migration failed and saying so, no
+/// QEMU or directory on the source, and the VM failed on the destination as after a crash:
+/// restarted there by its restart policy (`always`), one QEMU, a fresh boot whose workload
+/// verifies. The killed `serve` finds the QEMU it left in post-copy and stops it rather than
+/// re-attaching to a guest that would hang on its first missing page.
+#[test]
+fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
+    let mut hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
+    form_region(&hosts);
+    // 64 MiB rewritten at 8 MiB/s over a 5 MB/s link: post-copy switches after the first copy
+    // and then has several seconds of pages left to send.
+    let cmdline =
+        "console=ttyS0 novacron.workload=1 novacron.workload_mib=64 novacron.workload_dirty=2048";
+    let mut round = 0;
+    let mut post_copy_then = |hosts: &mut Hosts, fault: &dyn Fn(&mut Hosts)| {
+        round += 1;
+        let name = format!("fragile{round}");
+        let vm = create_running_vm_with(
+            &hosts.hosts[0],
+            &name,
+            Some("host-0"),
+            cmdline,
+            &["--restart", "always"],
+        );
+        let uuid = vm["uuid"].as_str().expect("uuid").to_string();
+        poll(
+            &format!("{name}'s workload ticks"),
+            Duration::from_secs(90),
+            || last_workload_tick(&hosts.hosts[0].serial_log(&name)),
+        );
+        let started = hosts.hosts[0].json(&[
+            "vm",
+            "migrate",
+            &name,
+            "--to",
+            "host-1",
+            "--no-wait",
+            "--when-not-converging",
+            "post-copy",
+        ]);
+        let id = started["id"].as_str().expect("migration id").to_string();
+        poll(
+            &format!("migration {id} in post-copy"),
+            Duration::from_secs(180),
+            || {
+                let record = hosts.hosts[1].json(&["migration", "show", &id]);
+                assert!(
+                    !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+                    "the migration ended before the fault: {record}"
+                );
+                (record["phase"] == "post-copy").then_some(())
+            },
+        );
+        assert_eq!(hosts.hosts[1].vm(&name)["status"]["host"], "host-1");
+        fault(hosts);
+        wait_for_failed_migration(&hosts.hosts[2], &id, "running state is lost");
+        let vm = poll(
+            &format!("{name} restarted on host-1"),
+            Duration::from_secs(120),
+            || {
+                let vm = hosts.hosts[2].vm(&name);
+                (vm["status"]["host"] == "host-1" && vm["status"]["restarts"].as_u64()? >= 1)
+                    .then_some(vm)
+            },
+        );
+        eprintln!("{name} after the fault: {}", vm["status"]);
+        let log_before = hosts.hosts[1].serial_log(&name).len();
+        wait_until_owned_by(&hosts.hosts[2], &name, "host-1", "running");
+        poll(
+            &format!("one qemu for {name}, on host-1"),
+            Duration::from_secs(90),
+            || {
+                (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
+                    .then_some(())
+            },
+        );
+        let (tick, errors) = poll(
+            &format!("{name}'s fresh boot on host-1 to tick"),
+            Duration::from_secs(90),
+            || {
+                let log = hosts.hosts[1].serial_log(&name);
+                last_workload_tick(log.get(log_before..)?).filter(|(tick, _)| *tick >= 3)
+            },
+        );
+        assert_eq!(
+            errors, 0,
+            "{name}'s memory verifies after the restart (tick {tick})"
+        );
+    };
+
+    // 1. The source's link is cut during post-copy, and comes back once both sides gave up.
+    post_copy_then(&mut hosts, &|hosts: &mut Hosts| {
+        hosts.set_link_up(0, false);
+        poll(
+            "the source to give up post-copy",
+            Duration::from_secs(90),
+            || {
+                hosts.hosts[0]
+                    .serve_log()
+                    .contains("post-copy failed after the switch")
+                    .then_some(())
+            },
+        );
+        hosts.set_link_up(0, true);
+    });
+
+    // 2. The destination's serve is killed during post-copy and started again.
+    post_copy_then(&mut hosts, &|hosts: &mut Hosts| {
+        hosts.hosts[1].kill_serve();
+        poll(
+            "the source to give up post-copy",
+            Duration::from_secs(90),
+            || {
+                hosts.hosts[0]
+                    .serve_log()
+                    .matches("post-copy failed after the switch")
+                    .nth(1)
+                    .map(|_| ())
+            },
+        );
+        hosts.hosts[1].spawn_serve();
+    });
+    assert!(
+        hosts.hosts[1]
+            .serve_log()
+            .contains("qemu left in post-copy without its stream; killed it"),
+        "the restarted serve stopped the orphaned post-copy qemu"
+    );
 }
 
 /// A guest that dirties memory faster than the link carries it: the plan says precopy does not

@@ -644,6 +644,48 @@ impl QemuVm {
             })
     }
 
+    /// Kills the QEMU of `uuid` running in `run_dir` without talking to it (SIGKILL through a
+    /// pidfd, after checking that the pid is that QEMU), and waits until it is gone (at most
+    /// [`KILL_TIMEOUT`]). For a QEMU whose monitor cannot be trusted to answer. Returns whether
+    /// one was running.
+    pub async fn kill_in(run_dir: &Path, uuid: Uuid) -> Result<bool, VmError> {
+        let run_directory = RunDirectory::new(run_dir);
+        let Some(pid) = live_qemu_pid(&run_directory, uuid) else {
+            return Ok(false);
+        };
+        let process_error = |action: &'static str, source: std::io::Error| VmError::Process {
+            name: uuid.to_string(),
+            pid,
+            action,
+            source,
+        };
+        let pidfd = match open_pidfd(pid) {
+            Ok(pidfd) => pidfd,
+            Err(error) if error.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+            Err(error) => return Err(process_error("open a pidfd for", error)),
+        };
+        // The pidfd pins the process: check again that it is the same QEMU (pid reuse race).
+        if !process_is_our_qemu(pid, uuid) {
+            return Ok(false);
+        }
+        match rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+            Err(error) => return Err(process_error("kill", error.into())),
+        }
+        let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+        while process_is_our_qemu(pid, uuid) {
+            if tokio::time::Instant::now() > deadline {
+                return Err(VmError::StopTimeout {
+                    name: uuid.to_string(),
+                    pid,
+                    timeout: KILL_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(true)
+    }
+
     /// Sends SIGKILL to QEMU (through its pidfd: never to a reused pid).
     pub fn kill(&self) -> Result<(), VmError> {
         match rustix::process::pidfd_send_signal(&*self.pidfd, rustix::process::Signal::KILL) {
