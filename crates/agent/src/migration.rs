@@ -164,14 +164,6 @@ pub(crate) async fn request(
              list` shows them) or leave out --to to let placement choose"
         )));
     }
-    if request.when_not_converging == Some(ConvergencePolicy::PostCopy)
-        && record.spec.image_id.is_some()
-    {
-        return Err(AgentError::InvalidArgument(format!(
-            "vm {name} has a local disk, and post-copy does not move one: migrate it with \
-             --when-not-converging throttle (the default) or keep-copying"
-        )));
-    }
     let running = matches!(record.status.state, VmState::Running | VmState::Paused);
     let cold = moves_cold(record);
     if !running && !cold {

@@ -351,9 +351,8 @@ pub struct MigrateArgs {
     /// never slows it and lets --timeout end a migration that cannot converge, `post-copy`
     /// runs the guest on the destination after the first full copy and fetches the rest on
     /// demand (short pause whatever the dirty rate; but if a host or the link fails before the
-    /// last page arrived, the guest's running state is lost and the VM fails on the destination as after a crash,
-    /// restarting there by its --restart policy;
-    /// not for VMs with a local disk)
+    /// last page arrived, the guest's running state is lost and the VM fails on the
+    /// destination as after a crash, restarting there by its --restart policy)
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = ConvergeArg::Throttle)]
     pub when_not_converging: ConvergeArg,
     /// Return once the migration is recorded instead of following it

@@ -1435,7 +1435,9 @@ fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
 /// `serve` killed with `kill -9` (and started again), the source's `serve` killed and started
 /// again, a cancel while the guest is stopped for switch-over. The source's outbound link is
 /// shaped to 40 Mbit/s so the memory copy lasts long enough to be interrupted. After each, the
-/// guest's workload re-verifies its whole memory region on the source.
+/// guest's workload re-verifies its whole memory region on the source. Then a cold move of a
+/// stopped VM with a local disk loses its link: the VM stays stopped on the source with its
+/// disk, and no QEMU is left for it.
 #[test]
 fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     let mut hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
@@ -1561,6 +1563,75 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         "the guest had stopped: {ended}"
     );
     stays_on_source(&hosts, 1);
+
+    // 5. A cold move of a stopped VM with a local disk, the source's link cut while the base
+    //    image goes to the destination: the temporary QEMU the source started for the move
+    //    goes, the VM stays stopped on the source with its disk, and the destination keeps
+    //    nothing of it.
+    hosts.hosts[0].import_guest_image("base");
+    let mut arguments = TestHost::guest_vm_arguments("coldie", "base");
+    let cmdline = arguments
+        .iter()
+        .position(|argument| argument == "--cmdline")
+        .expect("cmdline argument")
+        + 1;
+    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42".into();
+    arguments.extend(["--host".into(), "host-0".into()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    assert_success(
+        &hosts.hosts[0].cli(&arguments),
+        "vm create coldie",
+        &hosts.hosts[0],
+    );
+    hosts.hosts[0].wait_for_console("coldie", "NOVACRON-DISK-MARKED NCMARK42");
+    hosts.hosts[0].ok(&["vm", "stop", "coldie", "--force"]);
+    hosts.hosts[0].wait_for_state("coldie", "stopped");
+    let coldie_uuid = hosts.hosts[0].vm("coldie")["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+    let started = hosts.hosts[0].json(&["vm", "migrate", "coldie", "--to", "host-1", "--no-wait"]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    poll(
+        &format!("cold move {id} under way"),
+        Duration::from_secs(60),
+        || {
+            let record = hosts.hosts[0].json(&["migration", "show", &id]);
+            assert!(
+                !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+                "the cold move ended before the fault: {record}"
+            );
+            (record["phase"] != "requested").then_some(())
+        },
+    );
+    let gave_up = "migration ended; the vm stays on the source";
+    let given_up_before = hosts.hosts[0].serve_log().matches(gave_up).count();
+    hosts.set_link_up(0, false);
+    poll(
+        "the source to give up the cold move",
+        Duration::from_secs(90),
+        || (hosts.hosts[0].serve_log().matches(gave_up).count() > given_up_before).then_some(()),
+    );
+    hosts.set_link_up(0, true);
+    wait_for_failed_migration(&hosts.hosts[1], &id, "");
+    poll(
+        "coldie stopped on host-0, no qemu for it anywhere",
+        Duration::from_secs(60),
+        || {
+            let vm = hosts.hosts[0].vm("coldie");
+            (vm["status"]["host"] == "host-0"
+                && vm["status"]["state"] == "stopped"
+                && vm["migration"].is_null()
+                && qemu_processes(&coldie_uuid) == 0
+                && !hosts.hosts[1].vm_directory(&coldie_uuid).exists())
+            .then_some(())
+        },
+    );
+    assert_disk_marked(
+        &hosts.hosts[0],
+        &coldie_uuid,
+        "coldie's disk is still on host-0 after the failed cold move",
+    );
 }
 
 /// Faults after the switch of a post-copy migration. From the switch the destination owns the
@@ -1699,8 +1770,9 @@ fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
 /// converge and throttles the guest's vCPUs (QEMU's auto-converge, starting at the throttle the
 /// plan computed); the migration then completes and the guest's memory verifies on the
 /// destination. With `--when-not-converging keep-copying` the guest is never throttled and the
-/// migration's timeout ends it, leaving the VM on the source. With `post-copy` a second guest
-/// moves after its first full copy and finishes copying while it runs on the destination.
+/// migration's timeout ends it, leaving the VM on the source. With `post-copy` a second guest,
+/// with a local disk, moves after its first full copy of memory and finishes copying while it
+/// runs on the destination.
 #[test]
 fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     let hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
@@ -1799,15 +1871,29 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     wait_until_owned_by(&hosts.hosts[0], "busy", "host-1", "running");
     assert_workload_continues(&hosts.hosts[1], "busy", tick);
 
-    // post-copy: after the first full copy the guest moves and runs on the destination while
-    // the rest of its memory follows (the pages it touches first, asked for over QEMU's return
-    // path, which the proxy carries back); never throttled.
-    let vm = create_running_vm(
+    // post-copy, with a local disk: the base image goes to host-1 first, the block mirror fills
+    // host-1's overlay, and after the first full copy of memory the guest moves and runs on
+    // host-1 while the rest of its memory follows (the pages it touches first, asked for over
+    // QEMU's return path, which the proxy carries back); never throttled.
+    hosts.hosts[0].import_guest_image("base");
+    let mut arguments = TestHost::guest_vm_arguments("postie", "base");
+    let cmdline = arguments
+        .iter()
+        .position(|argument| argument == "--cmdline")
+        .expect("cmdline argument")
+        + 1;
+    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 novacron.workload=1 \
+                          novacron.workload_mib=32 novacron.workload_dirty=2048"
+        .into();
+    arguments.extend(["--host".into(), "host-0".into()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    assert_success(
+        &hosts.hosts[0].cli(&arguments),
+        "vm create postie",
         &hosts.hosts[0],
-        "postie",
-        Some("host-0"),
-        "console=ttyS0 novacron.workload=1 novacron.workload_mib=32 novacron.workload_dirty=2048",
     );
+    hosts.hosts[0].wait_for_console("postie", "NOVACRON-DISK-MARKED NCMARK42");
+    let vm = wait_until_owned_by(&hosts.hosts[0], "postie", "host-0", "running");
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let before = poll("postie's workload ticks", Duration::from_secs(90), || {
         last_workload_tick(&hosts.hosts[0].serial_log("postie"))
@@ -1862,6 +1948,10 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
         - ended["stopped_at_ms"].as_u64().expect("stopped");
     eprintln!("post-copy real pause {pause} ms");
     wait_until_owned_by(&hosts.hosts[0], "postie", "host-1", "running");
+    assert!(
+        ended["progress"]["disk_bytes"].as_u64().unwrap_or(0) > 0,
+        "the disk was mirrored: {ended}"
+    );
     assert_workload_continues(&hosts.hosts[1], "postie", before.0);
     poll(
         "one qemu for postie, on host-1",
@@ -1870,6 +1960,13 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
             (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
                 .then_some(())
         },
+    );
+    hosts.hosts[1].ok(&["vm", "stop", "postie", "--force"]);
+    hosts.hosts[1].wait_for_state("postie", "stopped");
+    assert_disk_marked(
+        &hosts.hosts[1],
+        &uuid,
+        "the mark postie wrote on host-0 is in host-1's overlay",
     );
 }
 

@@ -45,9 +45,9 @@ pub enum ConvergencePolicy {
     /// once and the pages it has not received yet are fetched from the source as it touches
     /// them. The pause stays short whatever the dirty rate, but from the switch on the VM needs
     /// both hosts and the link: if either fails before the last page arrived, the guest's
-    /// running state is lost: the VM fails on the destination as after a crash (and restarts there
-    /// if its restart policy says so). Not for VMs with a local
-    /// disk.
+    /// running state is lost: the VM fails on the destination as after a crash (and restarts
+    /// there if its restart policy says so). A local disk is mirrored before the switch; from
+    /// the switch on, the destination's copy is the VM's disk.
     PostCopy,
 }
 
