@@ -206,6 +206,25 @@ fn create_running_vm_with(
     wait_until_owned_by(host, name, &owner, "running")
 }
 
+/// Creates a VM on `host` (pinned to it) booting the test guest with a local disk on the image
+/// `base` (imported there before) and the kernel command line `cmdline`, which should have
+/// the guest mark its disk (`novacron.diskmark=NCMARK42`); waits for the mark. Returns the
+/// VM's uuid.
+fn create_disk_vm(host: &TestHost, name: &str, cmdline: &str) -> String {
+    let mut arguments = TestHost::guest_vm_arguments(name, "base");
+    let position = arguments
+        .iter()
+        .position(|argument| argument == "--cmdline")
+        .expect("cmdline argument")
+        + 1;
+    arguments[position] = cmdline.into();
+    arguments.extend(["--host".to_string(), host.name().to_string()]);
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    assert_success(&host.cli(&arguments), &format!("vm create {name}"), host);
+    host.wait_for_console(name, "NOVACRON-DISK-MARKED NCMARK42");
+    host.vm(name)["uuid"].as_str().expect("uuid").to_string()
+}
+
 /// Host 0's outbound port shaped to 40 Mbit/s with 5 ms of delay: long enough migrations to
 /// interrupt or to outrun.
 fn forty_mbit_from_host_0() -> Vec<(usize, novacron_linkemu::HostLinkShape)> {
@@ -1206,19 +1225,12 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     // source's block mirror fills it with what the VM wrote while QEMU copies memory.
     let destination = &hosts.hosts[1];
     first.import_guest_image("base");
-    let mut arguments = TestHost::guest_vm_arguments("disky", "base");
-    let cmdline = arguments
-        .iter()
-        .position(|argument| argument == "--cmdline")
-        .expect("cmdline argument")
-        + 1;
-    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 \
-                          novacron.readdisk=1 novacron.workload=1 novacron.workload_mib=16"
-        .into();
-    arguments.extend(["--host".into(), "host-0".into()]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    assert_success(&first.cli(&arguments), "vm create disky", first);
-    first.wait_for_console("disky", "NOVACRON-DISK-MARKED NCMARK42");
+    create_disk_vm(
+        first,
+        "disky",
+        "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 novacron.readdisk=1 \
+         novacron.workload=1 novacron.workload_mib=16",
+    );
     // The guest read its whole disk: its page cache holds the base image's blocks.
     first.wait_for_console("disky", "NOVACRON-DISK-READ");
     let disky = wait_until_owned_by(first, "disky", "host-0", "running");
@@ -1408,6 +1420,18 @@ fn start_migration_and_wait_for_memory(
     id
 }
 
+/// Polls `observer` until migration `id` is in `phase`; fails the test if it ends first.
+fn wait_for_migration_phase(observer: &TestHost, id: &str, phase: &str, timeout: Duration) {
+    poll(&format!("migration {id} in {phase}"), timeout, || {
+        let record = observer.json(&["migration", "show", id]);
+        assert!(
+            !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+            "migration {id} ended before it reached {phase}: {record}"
+        );
+        (record["phase"] == phase).then_some(())
+    });
+}
+
 /// Polls `observer` until the migration ended without moving the VM, and checks that its
 /// message names `reason`.
 fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
@@ -1533,18 +1557,7 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         "60000",
     ]);
     let id = started["id"].as_str().expect("migration id").to_string();
-    poll(
-        &format!("migration {id} in switch-over"),
-        Duration::from_secs(60),
-        || {
-            let record = hosts.hosts[1].json(&["migration", "show", &id]);
-            assert!(
-                !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
-                "the migration ended before the cancel: {record}"
-            );
-            (record["phase"] == "switch-over").then_some(())
-        },
-    );
+    wait_for_migration_phase(&hosts.hosts[1], &id, "switch-over", Duration::from_secs(60));
     hosts.hosts[2].ok(&["vm", "migrate", "steady", "--cancel"]);
     let ended = poll(
         &format!("migration {id} to end"),
@@ -1569,27 +1582,13 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     //    goes, the VM stays stopped on the source with its disk, and the destination keeps
     //    nothing of it.
     hosts.hosts[0].import_guest_image("base");
-    let mut arguments = TestHost::guest_vm_arguments("coldie", "base");
-    let cmdline = arguments
-        .iter()
-        .position(|argument| argument == "--cmdline")
-        .expect("cmdline argument")
-        + 1;
-    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42".into();
-    arguments.extend(["--host".into(), "host-0".into()]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    assert_success(
-        &hosts.hosts[0].cli(&arguments),
-        "vm create coldie",
+    let coldie_uuid = create_disk_vm(
         &hosts.hosts[0],
+        "coldie",
+        "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42",
     );
-    hosts.hosts[0].wait_for_console("coldie", "NOVACRON-DISK-MARKED NCMARK42");
     hosts.hosts[0].ok(&["vm", "stop", "coldie", "--force"]);
     hosts.hosts[0].wait_for_state("coldie", "stopped");
-    let coldie_uuid = hosts.hosts[0].vm("coldie")["uuid"]
-        .as_str()
-        .expect("uuid")
-        .to_string();
     let started = hosts.hosts[0].json(&["vm", "migrate", "coldie", "--to", "host-1", "--no-wait"]);
     let id = started["id"].as_str().expect("migration id").to_string();
     poll(
@@ -1677,18 +1676,7 @@ fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
             "post-copy",
         ]);
         let id = started["id"].as_str().expect("migration id").to_string();
-        poll(
-            &format!("migration {id} in post-copy"),
-            Duration::from_secs(180),
-            || {
-                let record = hosts.hosts[1].json(&["migration", "show", &id]);
-                assert!(
-                    !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
-                    "the migration ended before the fault: {record}"
-                );
-                (record["phase"] == "post-copy").then_some(())
-            },
-        );
+        wait_for_migration_phase(&hosts.hosts[1], &id, "post-copy", Duration::from_secs(180));
         assert_eq!(hosts.hosts[1].vm(&name)["status"]["host"], "host-1");
         fault(hosts);
         wait_for_failed_migration(&hosts.hosts[2], &id, "running state is lost");
@@ -1876,23 +1864,12 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
     // host-1 while the rest of its memory follows (the pages it touches first, asked for over
     // QEMU's return path, which the proxy carries back); never throttled.
     hosts.hosts[0].import_guest_image("base");
-    let mut arguments = TestHost::guest_vm_arguments("postie", "base");
-    let cmdline = arguments
-        .iter()
-        .position(|argument| argument == "--cmdline")
-        .expect("cmdline argument")
-        + 1;
-    arguments[cmdline] = "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 novacron.workload=1 \
-                          novacron.workload_mib=32 novacron.workload_dirty=2048"
-        .into();
-    arguments.extend(["--host".into(), "host-0".into()]);
-    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
-    assert_success(
-        &hosts.hosts[0].cli(&arguments),
-        "vm create postie",
+    create_disk_vm(
         &hosts.hosts[0],
+        "postie",
+        "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 novacron.workload=1 \
+         novacron.workload_mib=32 novacron.workload_dirty=2048",
     );
-    hosts.hosts[0].wait_for_console("postie", "NOVACRON-DISK-MARKED NCMARK42");
     let vm = wait_until_owned_by(&hosts.hosts[0], "postie", "host-0", "running");
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let before = poll("postie's workload ticks", Duration::from_secs(90), || {
