@@ -113,10 +113,17 @@ pub(crate) async fn run_raft_timers(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut server = raft.server_metrics();
-    let mut timeout = election_timeout(&timing.borrow(), lease);
+    let mut applied = *timing.borrow();
+    let mut timeout = election_timeout(&applied, lease);
     let mut last_vote = server.borrow().vote;
     loop {
         let current = *timing.borrow_and_update();
+        if current != applied {
+            // Whichever wake-up saw the new timing first (this read marks it seen, so the
+            // `changed` branch below may never fire for it): the timeout is drawn from it now.
+            applied = current;
+            timeout = election_timeout(&applied, lease);
+        }
         let (state, sole_voter, voter, vote) = {
             let metrics = server.borrow_and_update();
             let membership = metrics.membership_config.membership();
@@ -172,7 +179,6 @@ pub(crate) async fn run_raft_timers(
                 if changed.is_err() {
                     return;
                 }
-                timeout = election_timeout(&timing.borrow(), lease);
             }
             changed = server.changed() => {
                 if changed.is_err() {

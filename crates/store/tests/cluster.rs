@@ -88,6 +88,23 @@ impl Cluster {
         .await
     }
 
+    /// The leader once all nodes have agreed on it and its term for 1.5 s: no campaign is under
+    /// way (one would change a term within an append deadline, 0.5 s).
+    async fn settled_leader(&self) -> u64 {
+        let ids: Vec<u64> = self.stores.keys().copied().collect();
+        eventually("a leader that stays put", || async {
+            let leader = self.leader_among(&ids).await;
+            let term = self.node(leader).metrics().term;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let settled = ids.iter().all(|node_id| {
+                let metrics = self.node(*node_id).metrics();
+                metrics.leader_id == Some(leader) && metrics.term == term
+            }) && self.node(leader).metrics().role == NodeRole::Leader;
+            settled.then_some(leader)
+        })
+        .await
+    }
+
     async fn shutdown(self) {
         for store in self.stores.values() {
             store.shutdown().await.expect("shutdown");
@@ -266,6 +283,10 @@ async fn a_new_timing_applies_to_elections_without_a_restart() {
         error.to_string().contains("longer than the heartbeat"),
         "{error}"
     );
+    // A campaign under way when the timing changes (a loaded machine can delay heartbeats past
+    // the lease) would end after it, with the new timing's patience. So: a leadership that all
+    // three agree on for longer than an append deadline (0.5 s) first, then the new timing.
+    cluster.settled_leader().await;
     for node_id in [1, 2, 3] {
         cluster
             .node(node_id)
@@ -273,14 +294,12 @@ async fn a_new_timing_applies_to_elections_without_a_restart() {
             .expect("set timing");
         assert_eq!(cluster.node(node_id).timing(), patient);
     }
-    // A campaign that started before (a loaded machine can delay heartbeats) is over once a
-    // write goes through the leader everyone agrees on.
-    let leader = eventually("a write through the leader", || async {
-        let leader = cluster.leader_among(&[1, 2, 3]).await;
-        let written = cluster.node(leader).put("vms/before", b"1".to_vec()).await;
-        written.ok().map(|_| leader)
-    })
-    .await;
+    let leader = cluster.settled_leader().await;
+    cluster
+        .node(leader)
+        .put("vms/before", b"1".to_vec())
+        .await
+        .expect("a write through the leader");
     let followers: Vec<u64> = [1, 2, 3]
         .into_iter()
         .filter(|node_id| *node_id != leader)
