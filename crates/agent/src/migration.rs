@@ -1817,36 +1817,46 @@ fn session_failure(what: &str, error: &novacron_transport::TransportError) -> Fa
     )
 }
 
-/// The destination's transfer address and certificate fingerprint, from its heartbeat.
+/// The destination's transfer address and certificate fingerprint, from its heartbeat. A host
+/// that just joined or restarted publishes its listener with a heartbeat after its first ones:
+/// a heartbeat without it is waited on for [`CONNECT_RETRY_WINDOW`].
 async fn destination_endpoint(
     shared: &Shared,
     migration: &MigrationRecord,
 ) -> Result<(String, Fingerprint), Failure> {
-    let heartbeats = shared.records.heartbeats().await?;
-    let beat = heartbeats
-        .iter()
-        .find(|beat| beat.host == migration.destination)
-        .ok_or_else(|| {
-            Failure::new(
+    let give_up = Instant::now() + CONNECT_RETRY_WINDOW;
+    let (address, fingerprint) = loop {
+        let heartbeats = shared.records.heartbeats().await?;
+        let beat = heartbeats
+            .iter()
+            .find(|beat| beat.host == migration.destination)
+            .ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "host {} sends no heartbeat; is it up?",
+                        migration.destination
+                    ),
+                )
+            })?;
+        if let (Some(address), Some(fingerprint)) =
+            (&beat.transfer_address, &beat.transfer_fingerprint)
+        {
+            break (address.clone(), fingerprint.clone());
+        }
+        if Instant::now() > give_up {
+            return Err(Failure::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "host {} sends no heartbeat; is it up?",
+                    "host {} publishes no transfer listener (start its serve with \
+                     --transfer-listen), so it cannot receive a migration",
                     migration.destination
                 ),
-            )
-        })?;
-    let (Some(address), Some(fingerprint)) = (&beat.transfer_address, &beat.transfer_fingerprint)
-    else {
-        return Err(Failure::new(
-            ErrorCode::Unavailable,
-            format!(
-                "host {} publishes no transfer listener (start its serve with \
-                 --transfer-listen), so it cannot receive a migration",
-                migration.destination
-            ),
-        ));
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let fingerprint = Fingerprint::from_str(fingerprint).map_err(|error| {
+    let fingerprint = Fingerprint::from_str(&fingerprint).map_err(|error| {
         Failure::new(
             ErrorCode::Internal,
             format!(
@@ -1855,7 +1865,7 @@ async fn destination_endpoint(
             ),
         )
     })?;
-    Ok((address.clone(), fingerprint))
+    Ok((address, fingerprint))
 }
 
 // ----- the destination -----
