@@ -12,7 +12,7 @@
 //! 1 GiB/s in both, so the link (or the proxy) sets the pace.
 //!
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
-//! --methods qemu,multifd,xbzrle,proxy [--send-window-mib N (fixed; default: the proxy's adaptive
+//! --methods qemu,multifd,xbzrle,proxy[,postcopy,proxy-postcopy] [--send-window-mib N (fixed; default: the proxy's adaptive
 //! window)] [--zstd-level L] [--disk-mib N (the realistic workload: a disk of this machine's files
 //! the guest reads into its page cache first)]`. See bench/migration/README.md.
 
@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
     ConvergencePlanner, PlanInputs, ProxyConfig, SharedImagePages, receive_migration_stream,
-    send_migration_stream,
+    receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
@@ -159,6 +159,12 @@ enum Method {
     /// QEMU's precopy with XBZRLE (delta of re-sent pages against a 256 MiB cache).
     QemuXbzrle,
     Proxy,
+    /// QEMU's precopy switched to post-copy after its first pass (QEMU's return path relayed
+    /// over the same TCP connection).
+    QemuPostcopy,
+    /// The proxy, switched to post-copy after the first pass, as `vm migrate
+    /// --when-not-converging post-copy` does (the return path over the session).
+    ProxyPostcopy,
 }
 
 /// QEMU's multifd channels for [`Method::QemuMultifdZstd`].
@@ -171,6 +177,8 @@ impl Method {
             Method::QemuMultifdZstd => "qemu multifd x4 + zstd",
             Method::QemuXbzrle => "qemu precopy + xbzrle",
             Method::Proxy => "novacron proxy (codec + transport)",
+            Method::QemuPostcopy => "qemu precopy, post-copy after pass 1",
+            Method::ProxyPostcopy => "novacron proxy, post-copy after pass 1",
         }
     }
 
@@ -180,7 +188,12 @@ impl Method {
             "multifd" => Method::QemuMultifdZstd,
             "xbzrle" => Method::QemuXbzrle,
             "proxy" => Method::Proxy,
-            other => bail!("unknown method {other:?}: use qemu, multifd, xbzrle and/or proxy"),
+            "postcopy" => Method::QemuPostcopy,
+            "proxy-postcopy" => Method::ProxyPostcopy,
+            other => bail!(
+                "unknown method {other:?}: use qemu, multifd, xbzrle, proxy, postcopy and/or \
+                 proxy-postcopy"
+            ),
         })
     }
 
@@ -207,8 +220,20 @@ impl Method {
                 json!([{ "capability": "xbzrle", "state": true }]),
                 json!({ "xbzrle-cache-size": 256u64 << 20 }),
             ),
+            Method::QemuPostcopy | Method::ProxyPostcopy => (
+                json!([{ "capability": "postcopy-ram", "state": true }]),
+                json!({}),
+            ),
             Method::QemuPrecopy | Method::Proxy => (json!([]), json!({})),
         }
+    }
+
+    fn postcopy(self) -> bool {
+        matches!(self, Method::QemuPostcopy | Method::ProxyPostcopy)
+    }
+
+    fn proxied(self) -> bool {
+        matches!(self, Method::Proxy | Method::ProxyPostcopy)
     }
 }
 
@@ -613,10 +638,12 @@ async fn run_one(
         .await?;
     let mut planner = ConvergencePlanner::new();
     let mut last_plan = Instant::now();
+    let mut switched = false;
+    let mut resumed_early = false;
     let info = loop {
         let info = source.qmp().query_migrate().await?;
         let view = *link_view.lock().unwrap_or_else(|error| error.into_inner());
-        if method == Method::Proxy
+        if method.proxied()
             && info["status"] == "active"
             && last_plan.elapsed() >= Duration::from_millis(500)
             && let Some(view) = view.filter(|view| view.rate_bytes_per_second > 0.0)
@@ -648,6 +675,23 @@ async fn run_one(
                     .await?;
             }
         }
+        if method.postcopy()
+            && !switched
+            && info["status"] == "active"
+            && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+        {
+            source.qmp().execute("migrate-start-postcopy", None).await?;
+            switched = true;
+        }
+        if switched && !resumed_early {
+            // Started with -S, the destination waits paused once it holds the device state:
+            // resume it at once, as `vm migrate` does after its commit.
+            let status = destination.qmp().query_status().await?;
+            if !matches!(status.status, novacron_qemu::RunState::Inmigrate) {
+                destination.qmp().cont().await?;
+                resumed_early = true;
+            }
+        }
         match info["status"].as_str().unwrap_or_default() {
             "completed" => break info,
             "failed" | "cancelled" => {
@@ -673,13 +717,13 @@ async fn run_one(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut seconds = started.elapsed().as_secs_f64();
-    if method == Method::Proxy
+    if method.proxied()
         && let Some(disk) = disk
     {
         // `vm migrate` indexes the base image before QEMU starts sending.
         seconds += disk.index_seconds;
     }
-    if method == Method::Proxy {
+    if method.proxied() {
         eprintln!("   qemu downtime limits set by the plan (ms): {qemu_limits:?}");
     }
     let stream_bytes = tokio::task::spawn_blocking(move || source_thread.join())
@@ -694,8 +738,10 @@ async fn run_one(
 
     let source_tick = last_tick(&source_console);
     // The destination was started paused (it must not run before the stream is verified):
-    // resume it as soon as it has loaded, as an orchestrator would.
-    destination.qmp().cont().await?;
+    // resume it as soon as it has loaded, as an orchestrator would (post-copy: done already).
+    if !resumed_early {
+        destination.qmp().cont().await?;
+    }
     let stopped = first_event(&mut source_events, "STOP").await;
     let resumed = first_event(&mut destination_events, "RESUME").await;
     let real_pause_ms = stopped
@@ -756,9 +802,13 @@ fn destination_side(
         .build()?;
     runtime.block_on(async move {
         match method {
-            Method::QemuPrecopy | Method::QemuMultifdZstd | Method::QemuXbzrle => {
+            Method::QemuPrecopy
+            | Method::QemuMultifdZstd
+            | Method::QemuXbzrle
+            | Method::QemuPostcopy => {
                 // One TCP connection per QEMU connection, connected to the destination in the
-                // order the source accepted them (the main channel first).
+                // order the source accepted them (the main channel first); both directions (the
+                // return path).
                 let listener = tokio::net::TcpListener::bind((address, 0)).await?;
                 let _ = port.send(listener.local_addr()?.port());
                 let mut copies = Vec::new();
@@ -766,12 +816,32 @@ fn destination_side(
                     let (mut from_link, _) = listener.accept().await?;
                     let mut to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
                     copies.push(tokio::spawn(async move {
-                        tokio::io::copy(&mut from_link, &mut to_qemu).await
+                        tokio::io::copy_bidirectional(&mut from_link, &mut to_qemu).await
                     }));
                 }
                 for copy in copies {
                     copy.await??;
                 }
+            }
+            Method::ProxyPostcopy => {
+                let listener = Listener::bind(
+                    SocketAddr::from((address, 0)),
+                    &tls,
+                    SessionOptions::default(),
+                )
+                .await?;
+                let _ = port.send(listener.local_addr().port());
+                let session = Arc::new(listener.accept().await?);
+                let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
+                let config = ProxyConfig {
+                    image_pages,
+                    ..ProxyConfig::default()
+                };
+                let report = receive_migration_stream_duplex(&session, to_qemu, &config).await?;
+                eprintln!(
+                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes",
+                    report.stream_bytes, report.message_bytes
+                );
             }
             Method::Proxy => {
                 let listener = Listener::bind(
@@ -818,22 +888,25 @@ fn source_side(
         unix_listener.set_nonblocking(true)?;
         let unix_listener = tokio::net::UnixListener::from_std(unix_listener)?;
         match method {
-            Method::QemuPrecopy | Method::QemuMultifdZstd | Method::QemuXbzrle => {
+            Method::QemuPrecopy
+            | Method::QemuMultifdZstd
+            | Method::QemuXbzrle
+            | Method::QemuPostcopy => {
                 let mut copies = Vec::new();
                 for _ in 0..method.connections() {
                     let (mut from_qemu, _) = unix_listener.accept().await?;
                     let mut to_link = tokio::net::TcpStream::connect(destination).await?;
                     copies.push(tokio::spawn(async move {
-                        tokio::io::copy(&mut from_qemu, &mut to_link).await
+                        tokio::io::copy_bidirectional(&mut from_qemu, &mut to_link).await
                     }));
                 }
                 let mut copied = 0;
                 for copy in copies {
-                    copied += copy.await??;
+                    copied += copy.await??.0;
                 }
                 Ok(copied)
             }
-            Method::Proxy => {
+            Method::Proxy | Method::ProxyPostcopy => {
                 let (from_qemu, _) = unix_listener.accept().await?;
                 let options = SessionOptions {
                     bulk_send_window_bytes: if send_window_bytes > 0 {
@@ -860,12 +933,25 @@ fn source_side(
                         }
                     })
                 };
-                let report = send_migration_stream(from_qemu, &session, &config).await;
+                let report = if method == Method::ProxyPostcopy {
+                    send_migration_stream_duplex(from_qemu, &session, &config).await
+                } else {
+                    send_migration_stream(from_qemu, &session, &config).await
+                };
                 publisher.abort();
                 let _ = publisher.await;
                 let report = report?;
-                let session = Arc::try_unwrap(session)
-                    .map_err(|_| anyhow::anyhow!("the session is still shared"))?;
+                // The duplex sender's return-path task may still hold its handle for a moment.
+                let mut session = session;
+                let session = loop {
+                    match Arc::try_unwrap(session) {
+                        Ok(session) => break session,
+                        Err(shared) => {
+                            session = shared;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                };
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(
