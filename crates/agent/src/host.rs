@@ -214,6 +214,11 @@ pub(crate) struct Shared {
     /// VMs (uuid) whose incoming post-copy this process drives. A QEMU in post-copy that is
     /// not listed here lost its stream with an earlier `serve`: it can never run its guest.
     pub postcopy_incoming: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Base images' 4 KiB page indexes (by image id) while a migration uses one: the memory and
+    /// the disk of a migration share one instead of each reading the whole image.
+    pub image_page_indexes: tokio::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Weak<novacron_migration::ImagePageIndex>>,
+    >,
 }
 
 impl Shared {
@@ -329,6 +334,7 @@ impl Host {
             transfer_endpoint: std::sync::OnceLock::new(),
             transfer_service: std::sync::OnceLock::new(),
             postcopy_incoming: Default::default(),
+            image_page_indexes: Default::default(),
         });
         let mut background = Vec::new();
         match &region {

@@ -135,6 +135,16 @@ pub(crate) async fn request(
             "--timeout {timeout_secs} s is out of range: give 10 to 86400 seconds"
         )));
     }
+    let post_copy_link_wait_secs = request
+        .post_copy_link_wait_secs
+        .unwrap_or(novacron_types::migration::DEFAULT_POST_COPY_LINK_WAIT_SECS);
+    let (low, high) = novacron_types::migration::POST_COPY_LINK_WAIT_RANGE_SECS;
+    if !(low..=high).contains(&post_copy_link_wait_secs) {
+        return Err(AgentError::InvalidArgument(format!(
+            "--post-copy-link-wait {post_copy_link_wait_secs} s is out of range: give {low} to \
+             {high} seconds"
+        )));
+    }
     let Some(vm) = shared.records.vm(name.as_str()).await? else {
         return Err(AgentError::VmNotFound {
             name: name.to_string(),
@@ -189,6 +199,7 @@ pub(crate) async fn request(
         downtime_limit_ms,
         timeout_secs,
         when_not_converging: request.when_not_converging.unwrap_or_default(),
+        post_copy_link_wait_secs,
         cancel_requested: false,
         created_at: now,
         finished_at: None,
@@ -853,25 +864,10 @@ impl Source<'_> {
                 novacron_bandwidth::ForecastHorizon::FiveSeconds,
             )
         });
-        let mut config = ProxyConfig::default();
-        // RAM pages equal to a block of the base image travel as hashes: the destination holds
-        // the image (it indexed it before answering Ready). Without an index every page is sent.
-        if let Some(image_id) = &self.record.spec.image_id {
-            match self.shared.records.image(image_id).await {
-                Ok(Some(image)) => {
-                    match index_image_pages(&self.shared, &image, &directory).await {
-                        Ok(index) => config.image_pages = index,
-                        Err(error) => {
-                            tracing::warn!(vm = %self.name, %error, "base image not indexed; its pages are sent in full")
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(vm = %self.name, %error, "base image record unreadable")
-                }
-            }
-        }
+        let mut config = ProxyConfig {
+            image_pages: self.base_image_pages().await,
+            ..ProxyConfig::default()
+        };
         let forecast_rate = forecast
             .filter(|forecast| forecast.expected_bits_per_sec > 0.0)
             .map(|forecast| forecast.expected_bits_per_sec / 8.0);
@@ -961,6 +957,10 @@ impl Source<'_> {
         // Post-copy: asked QEMU to switch; then the destination owns the VM (committed).
         let mut postcopy_switched = false;
         let mut postcopy_committed_at: Option<Instant> = None;
+        let mut postcopy_link = PostcopyLinkWatch::new(
+            &self.migration.destination,
+            Duration::from_secs(self.migration.post_copy_link_wait_secs),
+        );
         let copied = async {
         loop {
             if qemu_done && sent.is_some() && loaded.is_some() {
@@ -974,6 +974,7 @@ impl Source<'_> {
                 // the VM (the source's guest can no longer run: its newest pages may be there).
                 self.commit_postcopy(*pid).await?;
                 postcopy_committed_at = Some(Instant::now());
+                session.set_resume_timeout(postcopy_link.wait);
                 let commit = Message::Migration(MigrationControl::Commit);
                 if let Err(error) = control.notify(commit.encode()).await {
                     tracing::warn!(vm = %self.name, %error, "the commit notice did not reach the destination; it reads the store");
@@ -1016,6 +1017,13 @@ impl Source<'_> {
                     }
                 }
                 _ = poll.tick() => {
+                    if postcopy_committed_at.is_some()
+                        && let Some(message) = postcopy_link.check(session)
+                    {
+                        // Said in the log first: this host may be the one cut off from the store.
+                        tracing::warn!(vm = %self.name, migration = %self.id, "{message}");
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.say(&message)).await;
+                    }
                     let status = self.poll_progress(session, &sent).await?;
                     if postcopy && !postcopy_switched && status == "active" && self.postcopy_due() {
                         self.qemu
@@ -1132,8 +1140,33 @@ impl Source<'_> {
         progress.converges = Some(plan.converges);
     }
 
+    /// RAM pages and disk blocks equal to a block of the VM's base image travel as hashes: the
+    /// destination holds the image (it indexed it before answering Ready). Without an index
+    /// every page is sent.
+    async fn base_image_pages(&self) -> SharedImagePages {
+        let Some(image_id) = &self.record.spec.image_id else {
+            return SharedImagePages::default();
+        };
+        let directory = self.shared.paths.vm_dir(&self.record.uuid);
+        match self.shared.records.image(image_id).await {
+            Ok(Some(image)) => match index_image_pages(&self.shared, &image, &directory).await {
+                Ok(index) => return index,
+                Err(error) => {
+                    tracing::warn!(vm = %self.name, %error, "base image not indexed; its pages are sent in full")
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(vm = %self.name, %error, "base image record unreadable")
+            }
+        }
+        SharedImagePages::default()
+    }
+
     /// Mirrors the VM's disk to the destination's NBD export through a second session, until
-    /// QEMU says the mirror is in sync (guest writes keep being mirrored afterwards).
+    /// QEMU says the mirror is in sync (guest writes keep being mirrored afterwards). The
+    /// mirror's NBD connection crosses in the proxy's NBD format: its writes go through the
+    /// page codec (blocks of the base image as hashes, zero blocks, deltas, zstd).
     async fn mirror_disk(&mut self, dial: &Dial) -> Result<(), Failure> {
         self.set_phase(MigrationPhase::Preparing, MigrationPhase::Disk)
             .await?;
@@ -1180,9 +1213,13 @@ impl Source<'_> {
             )
         })?;
         let pipe_session = session.clone();
+        let config = disk_proxy_config(self.base_image_pages().await);
         let pipe = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await?;
-            pipe_unix_over_session(stream, &pipe_session).await
+            let (stream, _) = listener.accept().await.map_err(|source| ProxyError::Io {
+                action: "accepting qemu's nbd connection",
+                source,
+            })?;
+            send_migration_stream_duplex(stream, &pipe_session, &config).await
         });
         self.disk = Some(DiskMirror {
             session,
@@ -1225,6 +1262,10 @@ impl Source<'_> {
             );
             self.migration.progress.disk_bytes = length;
             self.migration.progress.disk_bytes_done = offset;
+            if let Some(disk) = &self.disk {
+                self.migration.progress.disk_wire_bytes =
+                    disk.session.stats().bulk_bytes_acknowledged;
+            }
             if job["ready"].as_bool() == Some(true) {
                 break;
             }
@@ -1653,8 +1694,19 @@ const NBD_EXPORT_ID: &str = "migration";
 /// client connection over it.
 struct DiskMirror {
     session: Arc<Session>,
-    pipe: tokio::task::JoinHandle<std::io::Result<()>>,
+    pipe: tokio::task::JoinHandle<Result<ProxyReport, ProxyError>>,
     socket_path: std::path::PathBuf,
+}
+
+/// How the mirror's NBD connection crosses: the proxy's NBD format, flushed as soon as QEMU's
+/// NBD client pauses (each write waits for its reply, so a batch must not wait for more).
+fn disk_proxy_config(image_pages: SharedImagePages) -> ProxyConfig {
+    ProxyConfig {
+        format: novacron_migration::StreamFormat::Nbd,
+        idle_flush: Duration::from_millis(2),
+        image_pages,
+        ..ProxyConfig::default()
+    }
 }
 
 impl DiskMirror {
@@ -1701,7 +1753,20 @@ impl DiskMirror {
                 Some(json!({ "node-name": MIRROR_TARGET_NODE })),
             )
             .await;
-        self.pipe.abort();
+        // Deleting the node disconnects QEMU's NBD client: the connection's end, with its
+        // checksum, crosses (the destination verifies it); a failed move may not get there.
+        let mut pipe = self.pipe;
+        match tokio::time::timeout(Duration::from_secs(5), &mut pipe).await {
+            Ok(Ok(Ok(report))) => tracing::info!(vm = %name,
+                nbd_bytes = report.stream_bytes, wire_bytes = report.message_bytes,
+                blocks_from_image = report.codec.known_from_destination,
+                zero_blocks = report.codec.zero_pages, "disk mirror connection carried"),
+            Ok(Ok(Err(error))) => {
+                tracing::debug!(vm = %name, %error, "disk mirror connection ended")
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+        pipe.abort();
         let _ = std::fs::remove_file(&self.socket_path);
         crate::transfer::close_quietly(self.session).await;
     }
@@ -1743,36 +1808,6 @@ async fn mirror_job(qemu: &QemuVm, name: &str) -> Result<Option<Value>, Failure>
         .as_array()
         .and_then(|jobs| jobs.iter().find(|job| job["device"] == MIRROR_JOB))
         .cloned())
-}
-
-/// Carries a unix stream over a session's bulk streams, both ways, until either side ends.
-async fn pipe_unix_over_session(
-    stream: tokio::net::UnixStream,
-    session: &Session,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut reader, mut writer) = stream.into_split();
-    let outbound = async {
-        let mut buffer = vec![0u8; 256 << 10];
-        loop {
-            let read = reader.read(&mut buffer).await?;
-            if read == 0 {
-                let _ = session.finish().await;
-                return Ok::<(), std::io::Error>(());
-            }
-            session
-                .send(bytes::Bytes::copy_from_slice(&buffer[..read]))
-                .await
-                .map_err(std::io::Error::other)?;
-        }
-    };
-    let inbound = async {
-        while let Some(data) = session.recv().await.map_err(std::io::Error::other)? {
-            writer.write_all(&data).await?;
-        }
-        writer.shutdown().await
-    };
-    tokio::try_join!(outbound, inbound).map(|_| ())
 }
 
 /// The proxy sender's result, its error as the migration's reason.
@@ -2131,11 +2166,28 @@ async fn prepare_destination(
 /// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
 /// `novacron_migration::image_pages`). A qcow2 image is converted to a raw file in `directory`
 /// first; the file is unlinked once open, so nothing stays behind. Runs off the async threads.
+/// The 4 KiB page index of the VM's base image, which both hosts of a migration hold: shared
+/// with any migration (memory or disk session) on this host using it now, else built.
 async fn index_image_pages(
     shared: &Shared,
     image: &novacron_types::ImageRecord,
     directory: &std::path::Path,
 ) -> Result<SharedImagePages, AgentError> {
+    let mut indexes = shared.image_page_indexes.lock().await;
+    indexes.retain(|_, index| index.strong_count() > 0);
+    if let Some(index) = indexes.get(&image.id).and_then(std::sync::Weak::upgrade) {
+        return Ok(SharedImagePages(Some(index)));
+    }
+    let index = build_image_page_index(shared, image, directory).await?;
+    indexes.insert(image.id.clone(), Arc::downgrade(&index));
+    Ok(SharedImagePages(Some(index)))
+}
+
+async fn build_image_page_index(
+    shared: &Shared,
+    image: &novacron_types::ImageRecord,
+    directory: &std::path::Path,
+) -> Result<Arc<ImagePageIndex>, AgentError> {
     let started = Instant::now();
     let path = shared.paths.image_file(&image.id, image.format);
     let (raw, temporary) = match image.format {
@@ -2166,7 +2218,7 @@ async fn index_image_pages(
         seconds = started.elapsed().as_secs_f64(),
         "base image indexed for the migration's page codec"
     );
-    Ok(SharedImagePages(Some(Arc::new(index))))
+    Ok(Arc::new(index))
 }
 
 async fn receive_and_wait(
@@ -2200,9 +2252,13 @@ async fn receive_and_wait(
         image_pages,
         ..ProxyConfig::default()
     };
-    let postcopy = match shared.records.migration(id).await {
-        Ok(Some(migration)) => migration.record.when_not_converging == ConvergencePolicy::PostCopy,
-        _ => false,
+    let (postcopy, link_wait, source) = match shared.records.migration(id).await {
+        Ok(Some(migration)) => (
+            migration.record.when_not_converging == ConvergencePolicy::PostCopy,
+            Duration::from_secs(migration.record.post_copy_link_wait_secs),
+            migration.record.source,
+        ),
+        _ => (false, Duration::ZERO, String::new()),
     };
     let receiving = {
         let session = session.clone();
@@ -2247,6 +2303,9 @@ async fn receive_and_wait(
     let Some(report) = report else {
         tracing::info!(vm = %name, migration = %id, "post-copy: the device state is here; waiting for the commit");
         driving.activate();
+        // From here the guest's memory depends on the link: a lost one is waited for (the
+        // guest stalls on pages it lacks) rather than given up after the precopy timeout.
+        session.set_resume_timeout(link_wait);
         notify_loaded(
             session,
             qemu,
@@ -2257,7 +2316,31 @@ async fn receive_and_wait(
         resume_here(shared, qemu, record, id).await;
         // The VM is this host's now. The rest of its memory comes in; if it cannot, the guest
         // cannot run on: stop it, and the reconciler starts the VM again.
-        match received((&mut receiving.0).await) {
+        let mut link = PostcopyLinkWatch::new(&source, link_wait);
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                result = &mut receiving.0 => break received(result),
+                _ = watch.tick() => {
+                    if let Some(message) = link.check(session) {
+                        tracing::warn!(vm = %name, migration = %id, "{message}");
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            shared.records.update_migration(id, |migration| {
+                                if migration.phase.is_finished() {
+                                    return Ok(false);
+                                }
+                                migration.message = Some(message.clone());
+                                Ok(true)
+                            }),
+                        )
+                        .await;
+                    }
+                }
+            }
+        };
+        match result {
             Ok(report) => {
                 tracing::info!(vm = %name, migration = %id, stream_bytes = report.stream_bytes, "post-copy finished");
             }
@@ -2322,6 +2405,110 @@ async fn receive_and_wait(
     await_commit(session).await?;
     resume_here(shared, qemu, record, id).await;
     Ok(())
+}
+
+/// At start-up: a post-copy migration whose source is this host was driven by an earlier
+/// `serve` that ended (killed, crashed) after the switch. Its stream is gone with that process,
+/// and with it the pages the destination had not received: the migration is failed, so the
+/// destination (which watches the record) gives the guest up at once instead of waiting for the
+/// link to come back (`ended_elsewhere`). The source QEMU left behind is stopped by the start-up sweep, the VM
+/// belonging to the destination.
+pub(crate) async fn fail_postcopy_sourced_here(shared: Arc<Shared>) {
+    if shared.region.is_none() {
+        return;
+    }
+    let host = shared.config.host_name.clone();
+    let message = format!(
+        "post-copy failed: the source host {host}'s novacron serve restarted during the copy, \
+         and the pages the destination lacked went with it; the guest's running state is lost; \
+         the VM fails on the destination as after a crash (restarted by its restart policy)"
+    );
+    for _ in 0..60 {
+        let migrations = match shared.records.migrations().await {
+            Ok(migrations) => migrations,
+            Err(error) => {
+                tracing::debug!(%error, "cannot list migrations yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for migration in migrations.iter().filter(|migration| {
+            migration.phase == MigrationPhase::PostCopy && migration.source == host
+        }) {
+            tracing::warn!(vm = %migration.vm, migration = %migration.id, "post-copy from this host outlived the serve that drove it; failing it");
+            let _ = shared
+                .records
+                .update_migration(&migration.id, |record| {
+                    if record.phase != MigrationPhase::PostCopy {
+                        return Ok(false);
+                    }
+                    finish(
+                        record,
+                        MigrationPhase::Failed,
+                        Some(ErrorCode::Unavailable),
+                        &message,
+                    );
+                    Ok(true)
+                })
+                .await;
+        }
+        return;
+    }
+}
+
+/// During post-copy, on either host: notices the migration session losing every connection to
+/// the other host and getting one back. The session then waits up to the migration's
+/// `post_copy_link_wait_secs` (set with [`Session::set_resume_timeout`]) instead of failing
+/// after the precopy timeout: the guest on the destination stalls on pages it lacks meanwhile,
+/// and resumes when the link is back.
+struct PostcopyLinkWatch {
+    peer: String,
+    wait: Duration,
+    /// Whole seconds without connections last said (`None`: connected).
+    said_down: Option<u64>,
+}
+
+/// How often a link still down is said again.
+const LINK_DOWN_REPEAT_SECS: u64 = 5;
+
+impl PostcopyLinkWatch {
+    fn new(peer: &str, wait: Duration) -> PostcopyLinkWatch {
+        PostcopyLinkWatch {
+            peer: peer.to_string(),
+            wait,
+            said_down: None,
+        }
+    }
+
+    /// What to say about the link now, when that changed.
+    fn check(&mut self, session: &Session) -> Option<String> {
+        self.observe(session.stats().disconnected_for)
+    }
+
+    fn observe(&mut self, disconnected_for: Option<Duration>) -> Option<String> {
+        let peer = &self.peer;
+        match (disconnected_for, self.said_down) {
+            (Some(down), said) => {
+                let seconds = down.as_secs();
+                if said.is_some_and(|said| seconds < said + LINK_DOWN_REPEAT_SECS) {
+                    return None;
+                }
+                self.said_down = Some(seconds);
+                Some(format!(
+                    "post-copy: the link to host {peer} is down ({seconds} s); the guest waits for the \
+                     pages it lacks; given up after {} s without the link (--post-copy-link-wait)",
+                    self.wait.as_secs()
+                ))
+            }
+            (None, Some(_)) => {
+                self.said_down = None;
+                Some(format!(
+                    "post-copy: the link to host {peer} is back; the rest of the pages are coming"
+                ))
+            }
+            (None, None) => None,
+        }
+    }
 }
 
 /// Lists a VM in [`crate::host::Shared::postcopy_incoming`] from [`PostcopyIncoming::activate`]
@@ -2576,14 +2763,32 @@ pub(crate) async fn serve_destination_disk(
                 format!("migration {id} does not bring a disk to this host now"),
             ));
         }
-        let socket = shared.paths.vm_dir(&migration.vm_uuid).join("nbd.sock");
-        tokio::net::UnixStream::connect(&socket)
+        // The index the incoming migration built before answering Ready (shared, not rebuilt).
+        let directory = shared.paths.vm_dir(&migration.vm_uuid);
+        let image_id = shared
+            .records
+            .vm(&migration.vm)
+            .await?
+            .and_then(|vm| vm.record.spec.image_id);
+        let image = match image_id {
+            Some(image_id) => shared.records.image(&image_id).await?,
+            None => None,
+        };
+        let image_pages = match image {
+            Some(image) => index_image_pages(&shared, &image, &directory).await?,
+            None => SharedImagePages::default(),
+        };
+        let socket = directory.join("nbd.sock");
+        let stream = tokio::net::UnixStream::connect(&socket)
             .await
-            .map_err(|error| AgentError::io(format!("connecting to {}", socket.display()), error))
+            .map_err(|error| {
+                AgentError::io(format!("connecting to {}", socket.display()), error)
+            })?;
+        Ok((stream, image_pages))
     }
     .await;
-    let stream = match connected {
-        Ok(stream) => stream,
+    let (stream, image_pages) = match connected {
+        Ok(connected) => connected,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "disk session refused");
             refuse(request, session, &error).await;
@@ -2597,8 +2802,10 @@ pub(crate) async fn serve_destination_disk(
     {
         return;
     }
-    if let Err(error) = pipe_unix_over_session(stream, &session).await {
-        tracing::debug!(migration = %id, %error, "disk session ended");
+    match receive_migration_stream_duplex(&session, stream, &disk_proxy_config(image_pages)).await {
+        Ok(report) => tracing::info!(migration = %id, nbd_bytes = report.stream_bytes,
+            wire_bytes = report.message_bytes, "disk mirror connection received and verified"),
+        Err(error) => tracing::debug!(migration = %id, %error, "disk session ended"),
     }
     crate::transfer::close_quietly(session).await;
 }
@@ -2721,5 +2928,29 @@ impl crate::Host {
     /// A migration by id, or the latest one of a VM by the VM's name.
     pub async fn get_migration(&self, reference: &str) -> Result<MigrationRecord, AgentError> {
         get(&self.shared, reference).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_post_copy_link_watch_says_a_loss_its_duration_and_the_return() {
+        let mut watch = PostcopyLinkWatch::new("host-0", Duration::from_secs(300));
+        assert_eq!(watch.observe(None), None);
+        let lost = watch.observe(Some(Duration::from_millis(1200))).unwrap();
+        assert!(lost.contains("host host-0 is down (1 s)"), "{lost}");
+        assert!(
+            lost.contains("waits for the pages it lacks; given up after 300 s"),
+            "{lost}"
+        );
+        assert_eq!(watch.observe(Some(Duration::from_secs(5))), None);
+        let still = watch.observe(Some(Duration::from_secs(6))).unwrap();
+        assert!(still.contains("down (6 s)"), "{still}");
+        assert_eq!(watch.observe(Some(Duration::from_secs(10))), None);
+        let back = watch.observe(None).unwrap();
+        assert!(back.contains("is back"), "{back}");
+        assert_eq!(watch.observe(None), None);
     }
 }

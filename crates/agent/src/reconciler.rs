@@ -56,6 +56,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             .collect();
         if first_pass {
             sweep_orphans(&shared, &listing.items).await;
+            tokio::spawn(crate::migration::fail_postcopy_sourced_here(shared.clone()));
         }
         for name in &names {
             ensure_actor(&shared, &mut actors, name, first_pass);

@@ -510,7 +510,9 @@ impl Host {
                     return Err(AgentError::Migration {
                         code: ErrorCode::Conflict,
                         message: format!(
-                            "vm {} is being migrated (migration {migration}); wait for it                              (`novacron migration show {migration}`) or cancel it (`novacron vm                              migrate {} --cancel`)",
+                            "vm {} is being migrated (migration {migration}); wait for it \
+                             (`novacron migration show {migration}`) or cancel it \
+                             (`novacron vm migrate {} --cancel`)",
                             record.spec.name, record.spec.name
                         ),
                     });

@@ -3,18 +3,65 @@
 //! arbitrary bytes; any outcome but a panic, an out-of-bounds access or unbounded allocation is
 //! acceptable, and what was accepted must rebuild to exactly the bytes consumed.
 
-use crate::proxy::{ProxyConfig, ProxyDecoder};
+use crate::nbd::NbdParser;
+use crate::proxy::{ProxyConfig, ProxyDecoder, StreamFormat};
 use crate::rebuild::StreamRebuilder;
-use crate::stream::StreamParser;
+use crate::stream::{ParseError, StreamEvent, StreamParser};
+
+/// What the fuzzed parsers have in common.
+trait Events {
+    fn feed(&mut self, bytes: &[u8]);
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError>;
+    fn finish(&mut self);
+    fn consumed(&self) -> u64;
+}
+
+impl Events for StreamParser {
+    fn feed(&mut self, bytes: &[u8]) {
+        StreamParser::feed(self, bytes)
+    }
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
+        StreamParser::next_event(self)
+    }
+    fn finish(&mut self) {
+        StreamParser::finish(self)
+    }
+    fn consumed(&self) -> u64 {
+        self.stats().bytes
+    }
+}
+
+impl Events for NbdParser {
+    fn feed(&mut self, bytes: &[u8]) {
+        NbdParser::feed(self, bytes)
+    }
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
+        NbdParser::next_event(self)
+    }
+    fn finish(&mut self) {
+        NbdParser::finish(self)
+    }
+    fn consumed(&self) -> u64 {
+        self.stats().bytes
+    }
+}
 
 /// Parses `data` as a migration stream, fed in pieces whose sizes come from the first byte, and
 /// checks that the events rebuild the consumed prefix byte for byte.
 pub fn parse_stream_input(data: &[u8]) {
+    parse_input(StreamParser::new(), data);
+}
+
+/// The same for the client's half of an NBD connection ([`crate::nbd`]).
+pub fn parse_nbd_input(data: &[u8]) {
+    parse_input(NbdParser::new(), data);
+}
+
+fn parse_input(mut parser: impl Events, data: &[u8]) {
     let Some((&cut, data)) = data.split_first() else {
         return;
     };
     let cut = usize::from(cut).max(1) * 37;
-    let mut parser = StreamParser::new();
     let mut rebuilder = StreamRebuilder::new();
     let mut out = Vec::new();
     let mut failed = false;
@@ -39,7 +86,7 @@ pub fn parse_stream_input(data: &[u8]) {
             rebuilder.write_event(&event, &mut out);
         }
     }
-    let consumed = parser.stats().bytes as usize;
+    let consumed = parser.consumed() as usize;
     assert_eq!(
         &out[..],
         &data[..consumed],
@@ -48,9 +95,19 @@ pub fn parse_stream_input(data: &[u8]) {
 }
 
 /// Decodes `data` as proxy messages (as the destination would receive them) with a small page
-/// mirror.
+/// mirror, in the format the first byte's low bit picks (QEMU's migration stream or NBD).
 pub fn decode_proxy_input(data: &[u8]) {
-    let mut config = ProxyConfig::default();
+    let Some((&format, data)) = data.split_first() else {
+        return;
+    };
+    let mut config = ProxyConfig {
+        format: if format & 1 == 0 {
+            StreamFormat::Migration
+        } else {
+            StreamFormat::Nbd
+        },
+        ..ProxyConfig::default()
+    };
     config.encoder.mirror_page_limit = 4096;
     let Ok(mut decoder) = ProxyDecoder::new(&config) else {
         return;

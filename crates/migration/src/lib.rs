@@ -6,6 +6,8 @@
 //!   zero pages, and opaque bytes to pass through unchanged.
 //! - [`rebuild`]: the inverse, writing the identical byte stream from those events, with a
 //!   BLAKE3 checksum of what it wrote.
+//! - [`nbd`]: the same for the client's half of an NBD connection (a block mirror's writes), so
+//!   the proxy carries a VM's disk with the page codec too.
 //! - [`proxy`]: the stream proxy over a DWCP transport session: PAGE payloads re-encoded with the
 //!   page codec, everything else compressed, the identical stream rebuilt at the destination and
 //!   proved equal by a stream-level BLAKE3 checksum.
@@ -16,6 +18,7 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_pages;
+pub mod nbd;
 pub mod plan;
 pub mod proxy;
 pub mod rebuild;
@@ -26,9 +29,9 @@ pub mod synthetic;
 pub use image_pages::{ImagePageIndex, SharedImagePages};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
-    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, expected_send_window,
-    receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
-    send_migration_stream_duplex,
+    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,
+    expected_send_window, receive_migration_stream, receive_migration_stream_duplex,
+    send_migration_stream, send_migration_stream_duplex,
 };
 pub use rebuild::StreamRebuilder;
 pub use stream::{

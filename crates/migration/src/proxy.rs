@@ -9,13 +9,14 @@
 //! Wire format (version [`PROXY_VERSION`]; a change here is a wire-format change), carried on the
 //! session's ordered bulk stream as messages `u8 kind, be32 body length, body`:
 //!
-//! - `HELLO` (first, once): `NCMIG`, u8 version, be64 mirror page limit (both codec sides must
-//!   agree on it).
+//! - `HELLO` (first, once): `NCMIG` (QEMU's migration stream) or `NCNBD` (the client's half of
+//!   an NBD connection, [`StreamFormat::Nbd`]), u8 version, be64 mirror page limit (both codec
+//!   sides must agree on it).
 //! - `BATCH`: be32 script length, be32 compressed script length, the zstd-compressed script, then
 //!   one page frame of the codec (or nothing when the batch holds no page). The script replays
 //!   the stream in order: `0x01 varint n, n bytes` (opaque bytes, including whole ZERO records),
 //!   `0x02` (the next page of the frame, a record that names its block), `0x03` (the next page,
-//!   a CONTINUE record). The codec carries each PAGE payload as zero / known / delta / literal
+//!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's payload). The codec carries each PAGE payload as zero / known / delta / literal
 //!   (see `novacron_codec::page`) and zstd-compresses the frame.
 //! - `END` (last): be64 length and BLAKE3 of the original stream. The destination compares them
 //!   with what it rebuilt and fails on any difference.
@@ -37,12 +38,14 @@ use novacron_transport::{Session, TransportError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::image_pages::SharedImagePages;
+use crate::nbd::NbdParser;
 use crate::rebuild::StreamRebuilder;
 use crate::stream::{PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
 
 /// Version of the proxy's wire format.
 pub const PROXY_VERSION: u8 = 1;
 const HELLO_MAGIC: &[u8; 5] = b"NCMIG";
+const HELLO_MAGIC_NBD: &[u8; 5] = b"NCNBD";
 
 const MESSAGE_HELLO: u8 = 0;
 const MESSAGE_BATCH: u8 = 1;
@@ -52,6 +55,7 @@ const MESSAGE_HEADER_LENGTH: usize = 5;
 const OP_OPAQUE: u8 = 0x01;
 const OP_PAGE_NAMED: u8 = 0x02;
 const OP_PAGE_CONTINUE: u8 = 0x03;
+const OP_PAGE_BARE: u8 = 0x04;
 
 /// Largest message body accepted (a frame of 4096 literal pages plus a full script fits).
 pub const MAX_MESSAGE_LENGTH: usize = 32 << 20;
@@ -100,9 +104,81 @@ pub enum ProxyError {
     ReturnPathRequested,
 }
 
+/// What the proxy carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// QEMU's migration stream ([`crate::stream`]).
+    #[default]
+    Migration,
+    /// The client's half of an NBD connection ([`crate::nbd`]): a block mirror writing a disk;
+    /// the server's replies come back raw on the duplex executors' return direction.
+    Nbd,
+}
+
+impl StreamFormat {
+    fn hello_magic(self) -> &'static [u8; 5] {
+        match self {
+            StreamFormat::Migration => HELLO_MAGIC,
+            StreamFormat::Nbd => HELLO_MAGIC_NBD,
+        }
+    }
+}
+
+/// The parser of the carried stream.
+enum Parser {
+    Migration(StreamParser),
+    Nbd(NbdParser),
+}
+
+impl Parser {
+    fn feed(&mut self, bytes: &[u8]) {
+        match self {
+            Parser::Migration(parser) => parser.feed(bytes),
+            Parser::Nbd(parser) => parser.feed(bytes),
+        }
+    }
+
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
+        match self {
+            Parser::Migration(parser) => parser.next_event(),
+            Parser::Nbd(parser) => parser.next_event(),
+        }
+    }
+
+    fn finish(&mut self) {
+        match self {
+            Parser::Migration(parser) => parser.finish(),
+            Parser::Nbd(parser) => parser.finish(),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        match self {
+            Parser::Migration(parser) => parser.is_done(),
+            Parser::Nbd(parser) => parser.is_done(),
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        match self {
+            Parser::Migration(parser) => parser.offset(),
+            Parser::Nbd(parser) => parser.offset(),
+        }
+    }
+
+    fn return_path_requested(&self) -> bool {
+        match self {
+            Parser::Migration(parser) => parser.stats().return_path_requested,
+            Parser::Nbd(_) => false,
+        }
+    }
+}
+
 /// Settings both sides must agree on (the hello carries them).
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
+    /// What is carried (the hello says it; the destination refuses another).
+    pub format: StreamFormat,
     /// Codec settings of the source side; `mirror_page_limit` is checked by the destination.
     pub encoder: PageEncoderConfig,
     /// How long the source waits for more of QEMU's stream before sending a partial batch.
@@ -132,6 +208,7 @@ pub struct ProxyConfig {
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
+            format: StreamFormat::Migration,
             encoder: PageEncoderConfig {
                 // Set from `image_pages`: the only content the destination is known to hold
                 // (no round trip per frame over the control channel).
@@ -245,7 +322,8 @@ impl SendWindow {
 
 /// Source side, sans-IO: QEMU's stream bytes in, proxy messages out.
 pub struct ProxyEncoder {
-    parser: StreamParser,
+    parser: Parser,
+    format: StreamFormat,
     encoder: PageEncoder<SharedImagePages>,
     rebuilder: StreamRebuilder,
     original: blake3::Hasher,
@@ -263,7 +341,11 @@ pub struct ProxyEncoder {
 impl ProxyEncoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
         Ok(Self {
-            parser: StreamParser::new(),
+            parser: match config.format {
+                StreamFormat::Migration => Parser::Migration(StreamParser::new()),
+                StreamFormat::Nbd => Parser::Nbd(NbdParser::new()),
+            },
+            format: config.format,
             encoder: PageEncoder::new(
                 PageEncoderConfig {
                     query_destination: config.image_pages.0.is_some(),
@@ -292,15 +374,11 @@ impl ProxyEncoder {
         }
     }
 
-    pub fn parser(&self) -> &StreamParser {
-        &self.parser
-    }
-
     fn hello(&mut self, out: &mut Vec<u8>) {
         if self.hello_sent {
             return;
         }
-        let mut body = HELLO_MAGIC.to_vec();
+        let mut body = self.format.hello_magic().to_vec();
         body.push(PROXY_VERSION);
         body.extend_from_slice(&self.mirror_page_limit.to_be_bytes());
         let start = out.len();
@@ -320,7 +398,7 @@ impl ProxyEncoder {
 
     fn drain(&mut self, out: &mut Vec<u8>) -> Result<(), ProxyError> {
         while let Some(event) = self.parser.next_event()? {
-            if self.parser.stats().return_path_requested && !self.carry_return_path {
+            if self.parser.return_path_requested() && !self.carry_return_path {
                 return Err(ProxyError::ReturnPathRequested);
             }
             match event {
@@ -329,6 +407,7 @@ impl ProxyEncoder {
                     self.script.push(match page.naming {
                         RecordNaming::Named => OP_PAGE_NAMED,
                         RecordNaming::Continue => OP_PAGE_CONTINUE,
+                        RecordNaming::Bare => OP_PAGE_BARE,
                     });
                     self.report.pages += 1;
                     let page_bytes: &Page = &page.data;
@@ -407,7 +486,10 @@ impl ProxyEncoder {
             return Err(ProxyError::Parse(ParseError {
                 offset: self.parser.offset(),
                 kind: crate::stream::ParseErrorKind::Truncated {
-                    what: "the migration stream",
+                    what: match self.format {
+                        StreamFormat::Migration => "the migration stream",
+                        StreamFormat::Nbd => "the nbd connection",
+                    },
                 },
             }));
         }
@@ -440,6 +522,7 @@ pub struct ProxyDecoder {
     base: u64,
     decoder: PageDecoder<SharedImagePages>,
     mirror_page_limit: u64,
+    format: StreamFormat,
     rebuilder: StreamRebuilder,
     block_names: Vec<String>,
     page_keys: Vec<(usize, u64)>,
@@ -463,6 +546,7 @@ impl ProxyDecoder {
                 config.image_pages.clone(),
             )?,
             mirror_page_limit: limit as u64,
+            format: config.format,
             rebuilder: StreamRebuilder::new(),
             block_names: Vec::new(),
             page_keys: Vec::new(),
@@ -536,8 +620,11 @@ impl ProxyDecoder {
     ) -> Result<(), ProxyError> {
         match (self.state, kind) {
             (DecoderState::Hello, MESSAGE_HELLO) => {
-                if body.len() != HELLO_MAGIC.len() + 1 + 8 || &body[..5] != HELLO_MAGIC {
-                    return Err(self.protocol(offset, "not a migration proxy hello"));
+                let magic = self.format.hello_magic();
+                if body.len() != magic.len() + 1 + 8 || &body[..5] != magic {
+                    return Err(
+                        self.protocol(offset, format!("not a proxy hello for {:?}", self.format))
+                    );
                 }
                 if body[5] != PROXY_VERSION {
                     return Err(self.protocol(
@@ -674,14 +761,20 @@ impl ProxyDecoder {
                     self.report.opaque_bytes += length;
                     cursor = end;
                 }
-                OP_PAGE_NAMED | OP_PAGE_CONTINUE => {
+                OP_PAGE_NAMED | OP_PAGE_CONTINUE | OP_PAGE_BARE => {
+                    if (op == OP_PAGE_BARE) != (self.format == StreamFormat::Nbd) {
+                        return Err(self.protocol(
+                            offset,
+                            format!("script op {op:#04x} does not belong in {:?}", self.format),
+                        ));
+                    }
                     let Some(&(block, page_offset)) = self.page_keys.get(next_page) else {
                         return Err(self.protocol(offset, "script names more pages than the frame"));
                     };
-                    let naming = if op == OP_PAGE_NAMED {
-                        RecordNaming::Named
-                    } else {
-                        RecordNaming::Continue
+                    let naming = match op {
+                        OP_PAGE_NAMED => RecordNaming::Named,
+                        OP_PAGE_CONTINUE => RecordNaming::Continue,
+                        _ => RecordNaming::Bare,
                     };
                     let (pages, _) = self.page_data.as_chunks::<PAGE_SIZE>();
                     self.rebuilder.write_page(
@@ -955,6 +1048,47 @@ mod tests {
                 "{codec:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_nbd_connection_rebuilds_identically_and_only_as_nbd() {
+        let connection = crate::synthetic::nbd_connection();
+        let config = ProxyConfig {
+            format: StreamFormat::Nbd,
+            ..ProxyConfig::default()
+        };
+        let mut encoder = ProxyEncoder::new(&config).unwrap();
+        let mut messages = Vec::new();
+        for chunk in connection.chunks(1000) {
+            encoder.push(chunk, &mut messages).unwrap();
+        }
+        encoder.finish(&mut messages).unwrap();
+        let sent = encoder.report();
+        assert_eq!(sent.pages, 5);
+        for cut in [messages.len(), 1, 333] {
+            let mut decoder = ProxyDecoder::new(&config).unwrap();
+            let mut rebuilt = Vec::new();
+            for chunk in messages.chunks(cut) {
+                decoder.push(chunk, &mut rebuilt).unwrap();
+            }
+            assert!(decoder.is_complete());
+            assert_eq!(rebuilt, connection);
+        }
+        // A destination expecting QEMU's migration stream refuses it at the hello, and the
+        // other way round.
+        let mut wrong = ProxyDecoder::new(&ProxyConfig::default()).unwrap();
+        let error = wrong.push(&messages, &mut Vec::new()).unwrap_err();
+        assert!(
+            error.to_string().contains("malformed proxy message"),
+            "{error}"
+        );
+        let (migration, _) = encode(&two_pass_stream(), 4096, false);
+        let mut wrong = ProxyDecoder::new(&config).unwrap();
+        assert!(wrong.push(&migration, &mut Vec::new()).is_err());
+        // A connection cut inside a write's payload is incomplete at the source.
+        let mut encoder = ProxyEncoder::new(&config).unwrap();
+        encoder.push(&connection[..200], &mut Vec::new()).unwrap();
+        assert!(encoder.finish(&mut Vec::new()).is_err());
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn write_record_header(
         RecordNaming::Continue => {
             out.extend_from_slice(&(offset | flag | ram_flag::CONTINUE).to_be_bytes());
         }
+        RecordNaming::Bare => {}
     }
 }
 

@@ -97,6 +97,9 @@ pub enum RecordNaming {
     Named,
     /// CONTINUE flag: same block as the previous page record.
     Continue,
+    /// No record header at all: the page's bytes alone (the payload of an NBD write, see
+    /// [`crate::nbd`]; QEMU's migration stream never has it).
+    Bare,
 }
 
 /// A PAGE record: 4096 bytes of guest RAM at `offset` in RAM block `block`.

@@ -1,5 +1,7 @@
-//! Synthetic QEMU migration streams for tests, fuzzing seeds and benchmarks (not part of the API).
+//! Synthetic QEMU migration streams and NBD connections for tests, fuzzing seeds and benchmarks
+//! (not part of the API).
 
+use crate::nbd;
 use crate::stream::{PAGE_SIZE, STREAM_MAGIC, STREAM_VERSION, ram_flag, section_type};
 
 /// A stream of a `pages`-page "guest" sent twice (a second pass with a few pages changed), so every
@@ -63,4 +65,82 @@ pub fn two_pass_stream(pages: u64) -> Vec<u8> {
     stream.extend_from_slice(&[9; 40]);
     stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 3, section_type::EOF]);
     stream
+}
+
+fn nbd_option(code: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = nbd::OPTION_MAGIC.to_vec();
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// One NBD request (compact or extended header) with its payload.
+pub fn nbd_request(
+    extended: bool,
+    flags: u16,
+    command: u16,
+    offset: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let magic = if extended {
+        nbd::EXTENDED_REQUEST_MAGIC
+    } else {
+        nbd::REQUEST_MAGIC
+    };
+    out.extend_from_slice(&magic.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&command.to_be_bytes());
+    out.extend_from_slice(&7u64.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    if extended {
+        out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// `pages` pages of a byte pattern.
+pub fn pattern(pages: usize, seed: u8) -> Vec<u8> {
+    (0..pages * PAGE_SIZE)
+        .map(|index| (index / 7) as u8 ^ seed)
+        .collect()
+}
+
+/// A client's connection: flags, two options, compact and extended writes (aligned, with a
+/// tail, unaligned), a flush, a block-status request with a payload, a disconnect.
+pub fn nbd_connection() -> Vec<u8> {
+    let mut out = 3u32.to_be_bytes().to_vec();
+    out.extend(nbd_option(7, b"\x00\x00\x00\x05disk0\x00\x00"));
+    out.extend(nbd_option(11, b""));
+    out.extend(nbd_request(
+        false,
+        0,
+        nbd::COMMAND_WRITE,
+        0x10000,
+        &pattern(3, 1),
+    ));
+    let mut tailed = pattern(2, 2);
+    tailed.extend_from_slice(&[9u8; 100]);
+    out.extend(nbd_request(true, 0, nbd::COMMAND_WRITE, 0x40000, &tailed));
+    out.extend(nbd_request(
+        false,
+        0,
+        nbd::COMMAND_WRITE,
+        0x200,
+        &pattern(1, 3),
+    ));
+    out.extend(nbd_request(false, 0, 3, 0, b""));
+    out.extend(nbd_request(
+        true,
+        nbd::COMMAND_FLAG_PAYLOAD_LEN,
+        7,
+        0,
+        &[1u8; 24],
+    ));
+    out.extend(nbd_request(false, 0, 2, 0, b""));
+    out
 }

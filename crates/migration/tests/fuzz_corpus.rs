@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use novacron_migration::fuzzing::{decode_proxy_input, parse_stream_input};
-use novacron_migration::synthetic::two_pass_stream;
-use novacron_migration::{ProxyConfig, ProxyEncoder};
+use novacron_migration::fuzzing::{decode_proxy_input, parse_nbd_input, parse_stream_input};
+use novacron_migration::synthetic::{nbd_connection, two_pass_stream};
+use novacron_migration::{ProxyConfig, ProxyEncoder, StreamFormat};
 
 fn corpus_directory(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -40,6 +40,15 @@ fn stream_corpus_parses_without_panicking() {
 }
 
 #[test]
+fn nbd_corpus_parses_without_panicking() {
+    let inputs = corpus("nbd");
+    assert!(!inputs.is_empty());
+    for bytes in &inputs {
+        parse_nbd_input(bytes);
+    }
+}
+
+#[test]
 fn proxy_message_corpus_decodes_without_panicking() {
     let inputs = corpus("proxy_messages");
     assert!(!inputs.is_empty());
@@ -48,11 +57,16 @@ fn proxy_message_corpus_decodes_without_panicking() {
     }
 }
 
-fn proxy_messages(stream: &[u8]) -> Vec<u8> {
-    let mut config = ProxyConfig::default();
+/// The fuzz input of `proxy_messages`: a format byte (0 migration stream, 1 NBD), then the
+/// proxy's messages for `stream`.
+fn proxy_messages(format: StreamFormat, stream: &[u8]) -> Vec<u8> {
+    let mut config = ProxyConfig {
+        format,
+        ..ProxyConfig::default()
+    };
     config.encoder.mirror_page_limit = 4096;
     let mut encoder = ProxyEncoder::new(&config).unwrap();
-    let mut messages = Vec::new();
+    let mut messages = vec![u8::from(format == StreamFormat::Nbd)];
     encoder.push(stream, &mut messages).unwrap();
     encoder.finish(&mut messages).unwrap();
     messages
@@ -69,8 +83,18 @@ fn regenerate_fuzz_seeds() {
         std::fs::write(corpus_directory("stream").join(name), &input).unwrap();
         std::fs::write(
             corpus_directory("proxy_messages").join(name),
-            proxy_messages(&stream),
+            proxy_messages(StreamFormat::Migration, &stream),
         )
         .unwrap();
     }
+    let connection = nbd_connection();
+    let mut input = vec![3u8];
+    input.extend_from_slice(&connection);
+    std::fs::create_dir_all(corpus_directory("nbd")).unwrap();
+    std::fs::write(corpus_directory("nbd").join("seed-connection"), &input).unwrap();
+    std::fs::write(
+        corpus_directory("proxy_messages").join("seed-nbd"),
+        proxy_messages(StreamFormat::Nbd, &connection),
+    )
+    .unwrap();
 }

@@ -350,11 +350,16 @@ pub struct MigrateArgs {
     /// vCPUs (QEMU's auto-converge, starting at the throttle the plan needs), `keep-copying`
     /// never slows it and lets --timeout end a migration that cannot converge, `post-copy`
     /// runs the guest on the destination after the first full copy and fetches the rest on
-    /// demand (short pause whatever the dirty rate; but if a host or the link fails before the
-    /// last page arrived, the guest's running state is lost and the VM fails on the
-    /// destination as after a crash, restarting there by its --restart policy)
+    /// demand (short pause whatever the dirty rate; but if a host fails before the last page
+    /// arrived, or the link stays down longer than --post-copy-link-wait, the guest's running
+    /// state is lost and the VM fails on the destination as after a crash, restarting there by
+    /// its --restart policy)
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = ConvergeArg::Throttle)]
     pub when_not_converging: ConvergeArg,
+    /// With post-copy: how long the VM waits for a lost link to its source to come back (the
+    /// guest stalls meanwhile on pages it has not received) before it is given up
+    #[arg(long, value_name = "SECONDS", default_value_t = novacron_types::migration::DEFAULT_POST_COPY_LINK_WAIT_SECS)]
+    pub post_copy_link_wait: u64,
     /// Return once the migration is recorded instead of following it
     #[arg(long)]
     pub no_wait: bool,

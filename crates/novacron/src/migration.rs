@@ -57,6 +57,7 @@ pub async fn migrate(client: &Client, format: OutputFormat, args: MigrateArgs) -
         downtime_limit_ms: Some(args.downtime_limit),
         timeout_secs: Some(args.timeout),
         when_not_converging: Some(args.when_not_converging.into()),
+        post_copy_link_wait_secs: Some(args.post_copy_link_wait),
     };
     let record: MigrationRecord = client
         .json(client.request(Method::POST, &path).json(&request))
@@ -265,6 +266,19 @@ fn details(record: &MigrationRecord) {
         ("memory", ByteSize(progress.memory_bytes).to_string()),
         ("qemu stream", ByteSize(progress.stream_bytes).to_string()),
         ("on the wire", ByteSize(progress.wire_bytes).to_string()),
+        (
+            "disk",
+            if progress.disk_bytes == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} of {} mirrored, {} on the wire",
+                    ByteSize(progress.disk_bytes_done),
+                    ByteSize(progress.disk_bytes),
+                    ByteSize(progress.disk_wire_bytes)
+                )
+            },
+        ),
         ("passes", progress.passes.to_string()),
         (
             "pages",
@@ -294,7 +308,13 @@ fn details(record: &MigrationRecord) {
         ),
         (
             "when not converging",
-            record.when_not_converging.as_str().to_string(),
+            match record.when_not_converging {
+                novacron_types::migration::ConvergencePolicy::PostCopy => format!(
+                    "post-copy (a lost link is waited for up to {} s after the switch)",
+                    record.post_copy_link_wait_secs
+                ),
+                policy => policy.as_str().to_string(),
+            },
         ),
         ("plan", progress.plan.clone().unwrap_or_else(|| "-".into())),
         ("guest throttle", format!("{} %", progress.throttle_percent)),

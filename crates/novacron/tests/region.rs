@@ -1432,6 +1432,15 @@ fn wait_for_migration_phase(observer: &TestHost, id: &str, phase: &str, timeout:
     });
 }
 
+/// `migration show`, or `None` while the host cannot answer (a poll tolerates that).
+fn try_migration(observer: &TestHost, id: &str) -> Option<Value> {
+    let output = observer.cli(&["migration", "show", id, "--output", "json"]);
+    if !output.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&output.stdout).ok()
+}
+
 /// Polls `observer` until the migration ended without moving the VM, and checks that its
 /// message names `reason`.
 fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
@@ -1439,8 +1448,7 @@ fn wait_for_failed_migration(observer: &TestHost, id: &str, reason: &str) {
         &format!("migration {id} to fail"),
         Duration::from_secs(90),
         || {
-            let output = observer.cli(&["migration", "show", id, "--output", "json"]);
-            let record: Value = serde_json::from_slice(&output.stdout).ok()?;
+            let record = try_migration(observer, id)?;
             (record["phase"] == "failed").then_some(record)
         },
     );
@@ -1633,51 +1641,131 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     );
 }
 
-/// Faults after the switch of a post-copy migration. From the switch the destination owns the
-/// VM while the source still holds pages it has not sent, so a cut link or a killed destination
-/// `serve` loses the guest's running state. Each leaves the migration failed and saying so, no
-/// QEMU or directory on the source, and the VM failed on the destination as after a crash:
-/// restarted there by its restart policy (`always`), one QEMU, a fresh boot whose workload
-/// verifies. The killed `serve` finds the QEMU it left in post-copy and stops it rather than
-/// re-attaching to a guest that would hang on its first missing page.
+/// The memory workload of the post-copy tests: 64 MiB rewritten at 8 MiB/s over a 5 MB/s link,
+/// so post-copy switches after the first copy and then has several seconds of pages left.
+const POST_COPY_CMDLINE: &str =
+    "console=ttyS0 novacron.workload=1 novacron.workload_mib=64 novacron.workload_dirty=2048";
+
+/// Starts `name` on host-0 (restart policy `always`) and moves it to host-1 with post-copy until
+/// the switch; `extra` are more `vm migrate` arguments. Returns the VM's uuid and the migration.
+fn start_post_copy(hosts: &Hosts, name: &str, extra: &[&str]) -> (String, String) {
+    let vm = create_running_vm_with(
+        &hosts.hosts[0],
+        name,
+        Some("host-0"),
+        POST_COPY_CMDLINE,
+        &["--restart", "always"],
+    );
+    let uuid = vm["uuid"].as_str().expect("uuid").to_string();
+    poll(
+        &format!("{name}'s workload ticks"),
+        Duration::from_secs(90),
+        || last_workload_tick(&hosts.hosts[0].serial_log(name)),
+    );
+    let mut arguments = vec![
+        "vm",
+        "migrate",
+        name,
+        "--to",
+        "host-1",
+        "--no-wait",
+        "--when-not-converging",
+        "post-copy",
+    ];
+    arguments.extend_from_slice(extra);
+    let started = hosts.hosts[0].json(&arguments);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    wait_for_migration_phase(&hosts.hosts[1], &id, "post-copy", Duration::from_secs(180));
+    assert_eq!(hosts.hosts[1].vm(name)["status"]["host"], "host-1");
+    (uuid, id)
+}
+
+/// After the switch of a post-copy migration the destination owns the VM while the source still
+/// holds pages it has not sent. The source's link is cut then for longer than a migration before
+/// its switch waits for it (TCP gives the connections up after 15 s, precopy after 10 s more),
+/// and comes back: both hosts wait for it (`--post-copy-link-wait`, 300 s by default), the
+/// migration says the link is down, the guest stalls on the pages it lacks and carries on once
+/// they come: the migration completes, the VM was never restarted, and its workload's counter
+/// continues with its memory verified.
+#[test]
+fn post_copy_waits_for_a_lost_link_and_the_guest_carries_on() {
+    let hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
+    form_region(&hosts);
+    let (uuid, id) = start_post_copy(&hosts, "patient", &[]);
+    let tick_at_cut = last_workload_tick(&hosts.hosts[1].serial_log("patient")).map_or(0, |t| t.0);
+    hosts.set_link_up(0, false);
+    poll(
+        "the migration to say the link has been down for 15 s",
+        Duration::from_secs(90),
+        || {
+            // None while the region elects a new leader (host-0 may have led).
+            let record = try_migration(&hosts.hosts[2], &id)?;
+            assert_eq!(record["phase"], "post-copy", "{record}");
+            let message = record["message"].as_str()?;
+            let seconds: u64 = message
+                .split_once("is down (")?
+                .1
+                .split_once(" s)")?
+                .0
+                .parse()
+                .ok()?;
+            (seconds >= 15).then(|| eprintln!("while cut: {message}"))
+        },
+    );
+    hosts.set_link_up(0, true);
+    let record = poll(
+        "the post-copy to complete once the link is back",
+        Duration::from_secs(120),
+        || {
+            let record = try_migration(&hosts.hosts[2], &id)?;
+            assert_ne!(record["phase"], "failed", "{record}");
+            (record["phase"] == "completed").then_some(record)
+        },
+    );
+    eprintln!("after the cut: {}", record["message"]);
+    assert!(
+        record["stream_checksum"]
+            .as_str()
+            .is_some_and(|checksum| checksum.contains("blake3")),
+        "{record}"
+    );
+    let vm = wait_until_owned_by(&hosts.hosts[2], "patient", "host-1", "running");
+    assert_eq!(
+        vm["status"]["restarts"], 0,
+        "never restarted: {}",
+        vm["status"]
+    );
+    assert_workload_continues(&hosts.hosts[1], "patient", tick_at_cut);
+    poll(
+        "one qemu for patient, on host-1",
+        Duration::from_secs(90),
+        || {
+            (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
+                .then_some(())
+        },
+    );
+}
+
+/// Faults after the switch of a post-copy migration that lose the guest's running state: a cut
+/// that outlasts a 10 s `--post-copy-link-wait`, the destination's `serve` killed with `kill -9`
+/// and started again (which refuses the source's attempt to resume the session), the source's
+/// `serve` killed and started again (which fails the post-copy it no longer drives,
+/// so the destination gives up at once instead of waiting out the link wait). Each leaves the
+/// migration failed and saying so, no QEMU or directory on the source, and the VM failed on the
+/// destination as after a crash: restarted there by its restart policy (`always`), one QEMU, a
+/// fresh boot whose workload verifies. The killed destination `serve` finds the QEMU it left in
+/// post-copy and stops it rather than re-attaching to a guest that would hang on its first
+/// missing page.
 #[test]
 fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
     let mut hosts = Hosts::start_shaped(3, &[], &forty_mbit_from_host_0());
     form_region(&hosts);
-    // 64 MiB rewritten at 8 MiB/s over a 5 MB/s link: post-copy switches after the first copy
-    // and then has several seconds of pages left to send.
-    let cmdline =
-        "console=ttyS0 novacron.workload=1 novacron.workload_mib=64 novacron.workload_dirty=2048";
+
     let mut round = 0;
-    let mut post_copy_then = |hosts: &mut Hosts, fault: &dyn Fn(&mut Hosts)| {
+    let mut post_copy_then = |hosts: &mut Hosts, extra: &[&str], fault: &dyn Fn(&mut Hosts)| {
         round += 1;
         let name = format!("fragile{round}");
-        let vm = create_running_vm_with(
-            &hosts.hosts[0],
-            &name,
-            Some("host-0"),
-            cmdline,
-            &["--restart", "always"],
-        );
-        let uuid = vm["uuid"].as_str().expect("uuid").to_string();
-        poll(
-            &format!("{name}'s workload ticks"),
-            Duration::from_secs(90),
-            || last_workload_tick(&hosts.hosts[0].serial_log(&name)),
-        );
-        let started = hosts.hosts[0].json(&[
-            "vm",
-            "migrate",
-            &name,
-            "--to",
-            "host-1",
-            "--no-wait",
-            "--when-not-converging",
-            "post-copy",
-        ]);
-        let id = started["id"].as_str().expect("migration id").to_string();
-        wait_for_migration_phase(&hosts.hosts[1], &id, "post-copy", Duration::from_secs(180));
-        assert_eq!(hosts.hosts[1].vm(&name)["status"]["host"], "host-1");
+        let (uuid, id) = start_post_copy(hosts, &name, extra);
         fault(hosts);
         wait_for_failed_migration(&hosts.hosts[2], &id, "running state is lost");
         let vm = poll(
@@ -1714,25 +1802,32 @@ fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
         );
     };
 
-    // 1. The source's link is cut during post-copy, and comes back once both sides gave up.
-    post_copy_then(&mut hosts, &|hosts: &mut Hosts| {
-        hosts.set_link_up(0, false);
-        poll(
-            "the source to give up post-copy",
-            Duration::from_secs(90),
-            || {
-                hosts.hosts[0]
-                    .serve_log()
-                    .contains("post-copy failed after the switch")
-                    .then_some(())
-            },
-        );
-        hosts.set_link_up(0, true);
-    });
+    // 1. The link is cut for longer than the migration's link wait, and comes back once both
+    //    sides gave up.
+    post_copy_then(
+        &mut hosts,
+        &["--post-copy-link-wait", "10"],
+        &|hosts: &mut Hosts| {
+            hosts.set_link_up(0, false);
+            poll(
+                "the source to give up post-copy",
+                Duration::from_secs(90),
+                || {
+                    hosts.hosts[0]
+                        .serve_log()
+                        .contains("post-copy failed after the switch")
+                        .then_some(())
+                },
+            );
+            hosts.set_link_up(0, true);
+        },
+    );
 
-    // 2. The destination's serve is killed during post-copy and started again.
-    post_copy_then(&mut hosts, &|hosts: &mut Hosts| {
+    // 2. The destination's serve is killed during post-copy and started again: the source's
+    //    attempt to resume its session is refused by the new serve, and it gives up.
+    post_copy_then(&mut hosts, &[], &|hosts: &mut Hosts| {
         hosts.hosts[1].kill_serve();
+        hosts.hosts[1].spawn_serve();
         poll(
             "the source to give up post-copy",
             Duration::from_secs(90),
@@ -1744,13 +1839,25 @@ fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
                     .map(|_| ())
             },
         );
-        hosts.hosts[1].spawn_serve();
     });
     assert!(
         hosts.hosts[1]
             .serve_log()
             .contains("qemu left in post-copy without its stream; killed it"),
         "the restarted serve stopped the orphaned post-copy qemu"
+    );
+
+    // 3. The source's serve is killed during post-copy and started again: the destination gives
+    //    up when the restarted source fails the migration, well before the 300 s link wait.
+    post_copy_then(&mut hosts, &[], &|hosts: &mut Hosts| {
+        hosts.hosts[0].kill_serve();
+        hosts.hosts[0].spawn_serve();
+    });
+    assert!(
+        hosts.hosts[0]
+            .serve_log()
+            .contains("post-copy from this host outlived the serve that drove it"),
+        "the restarted source failed the migration"
     );
 }
 

@@ -307,6 +307,9 @@ pub struct SessionStats {
     pub send_buffered_bytes: u64,
     pub receive_buffered_bytes: u64,
     pub reconnections: u64,
+    /// How long the session has been without any connection (`None` while it has one); it
+    /// fails once this passes its resume timeout.
+    pub disconnected_for: Option<Duration>,
     pub round_trip_estimate: Option<Duration>,
     /// Bulk payload per second (acknowledged by the peer plus received) over the last interval.
     pub measured_rate_bytes_per_second: f64,
@@ -338,6 +341,9 @@ struct SessionCore {
     next_request_id: u64,
     live_connections: HashMap<u64, Lane>,
     disconnected_since: Option<Instant>,
+    /// How long the session survives without connections: `SessionOptions::resume_timeout`
+    /// until [`Session::set_resume_timeout`] changes it.
+    resume_timeout: Duration,
     state: SessionState,
     last_bulk_ack_sent: Option<Acknowledgement>,
     last_control_ack_sent: Option<Acknowledgement>,
@@ -415,6 +421,7 @@ impl SessionShared {
             next_request_id: 0,
             live_connections: HashMap::new(),
             disconnected_since: Some(Instant::now()),
+            resume_timeout: options.resume_timeout,
             state: SessionState::Open,
             last_bulk_ack_sent: None,
             last_control_ack_sent: None,
@@ -966,6 +973,15 @@ impl Session {
         bytes
     }
 
+    /// Changes how long the session waits for a lost connection to come back before it fails
+    /// (`SessionOptions::resume_timeout`), from now on; a wait already under way is measured
+    /// against the new limit. Each side keeps its own: a peer whose limit ends first fails the
+    /// session for both. A post-copy migration, say, waits far longer once the guest depends on
+    /// the link than while it could still fall back to the source.
+    pub fn set_resume_timeout(&self, timeout: Duration) {
+        self.shared.lock().resume_timeout = timeout;
+    }
+
     /// The bulk send window in effect.
     pub fn bulk_send_window(&self) -> u64 {
         self.shared.lock().bulk_out.send_window()
@@ -1011,6 +1027,7 @@ impl Session {
             send_buffered_bytes: core.bulk_out.buffered_bytes(),
             receive_buffered_bytes: core.bulk_in.held_bytes(),
             reconnections: core.reconnections,
+            disconnected_for: core.disconnected_since.map(|since| since.elapsed()),
             round_trip_estimate: core.round_trip_estimate,
             measured_rate_bytes_per_second: core.measured_rate_bytes_per_second,
         }
@@ -1412,13 +1429,14 @@ async fn supervise(shared: Arc<SessionShared>) {
             SessionState::Closed | SessionState::Failed(_) => return,
         }
         if let Some(since) = core.disconnected_since
-            && since.elapsed() > shared.options.resume_timeout
+            && since.elapsed() > core.resume_timeout
         {
+            let seconds = core.resume_timeout.as_secs();
             drop(core);
             shared.fail(
                 TransportError::ResumeTimedOut {
                     session: shared.session_name.clone(),
-                    seconds: shared.options.resume_timeout.as_secs(),
+                    seconds,
                 }
                 .to_string(),
             );

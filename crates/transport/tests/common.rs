@@ -86,6 +86,8 @@ pub struct CuttingProxy {
     pub address: SocketAddr,
     cut: broadcast::Sender<()>,
     pub connections: Arc<AtomicU64>,
+    /// While set, new connections are closed at once (the path is down).
+    blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CuttingProxy {
@@ -94,13 +96,18 @@ impl CuttingProxy {
         let address = listener.local_addr().unwrap();
         let (cut, _) = broadcast::channel(16);
         let connections = Arc::new(AtomicU64::new(0));
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let proxy = CuttingProxy {
             address,
             cut: cut.clone(),
             connections: connections.clone(),
+            blocked: blocked.clone(),
         };
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if blocked.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let mut cut_signal = cut.subscribe();
                 connections.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
@@ -120,5 +127,13 @@ impl CuttingProxy {
     /// Drops every connection currently proxied (both directions, no shutdown).
     pub fn cut_all(&self) {
         let _ = self.cut.send(());
+    }
+
+    /// Takes the path down (every connection dropped, new ones closed at once) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.blocked.store(down, Ordering::SeqCst);
+        if down {
+            self.cut_all();
+        }
     }
 }

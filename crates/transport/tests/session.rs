@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use novacron_transport::{ControlIncoming, Session};
+use novacron_transport::{ControlIncoming, Session, SessionOptions};
 
 async fn receive_all(session: &Session) -> (u64, blake3::Hash) {
     let mut hasher = blake3::Hasher::new();
@@ -202,6 +202,75 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
             stats.bulk_bytes_retransmitted <= stats.reconnections * (2 << 20),
             "{stats:?}"
         );
+    })
+    .await;
+}
+
+/// A session fails once it has been without connections for its resume timeout; one whose
+/// timeout is raised while it runs (as a post-copy migration does once the guest depends on the
+/// link) waits out a longer outage and then delivers everything, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_resume_timeout_outlasts_an_outage_the_configured_one_does_not() {
+    init_tracing();
+    within(async {
+        let short = Duration::from_millis(1500);
+        let options = SessionOptions {
+            resume_timeout: short,
+            ..test_options(2)
+        };
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, options.clone()).await;
+        let proxy = CuttingProxy::start(listener.local_addr()).await;
+        let payload = random_payload(8 << 20, 9);
+
+        // Raised on both sides: the outage lasts twice the configured timeout, then ends.
+        let dialer = Session::connect(proxy.address, &dialer_tls, options.clone())
+            .await
+            .unwrap();
+        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
+        let receiver_session = accepted.clone();
+        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        dialer.send(payload.slice(..4 << 20)).await.unwrap();
+        wait_until("the first half to arrive", TEST_DEADLINE, || {
+            accepted.stats().bulk_bytes_received >= 4 << 20
+        })
+        .await;
+        dialer.set_resume_timeout(Duration::from_secs(30));
+        accepted.set_resume_timeout(Duration::from_secs(30));
+        proxy.set_down(true);
+        wait_until(
+            "both sides to be without connections for twice the configured timeout",
+            TEST_DEADLINE,
+            || {
+                [dialer.stats(), accepted.stats()]
+                    .iter()
+                    .all(|stats| stats.disconnected_for.is_some_and(|d| d > short * 2))
+            },
+        )
+        .await;
+        proxy.set_down(false);
+        send_in_pieces(&dialer, &payload.slice(4 << 20..), 1 << 20).await;
+        dialer.flush().await.unwrap();
+        assert!(dialer.stats().reconnections >= 1, "{:?}", dialer.stats());
+        dialer.close().await.unwrap();
+        let (total, hash) = receiver.await.unwrap();
+        assert_eq!(total, 8 << 20);
+        assert_eq!(hash, blake3::hash(&payload), "data lost or reordered");
+
+        // Not raised: the same outage fails both sides with the configured timeout.
+        let dialer = Session::connect(proxy.address, &dialer_tls, options)
+            .await
+            .unwrap();
+        let accepted = listener.accept().await.unwrap();
+        proxy.set_down(true);
+        let error = dialer.send(payload.slice(..1 << 20)).await;
+        let error = match error {
+            Err(error) => error,
+            Ok(()) => dialer.flush().await.expect_err("the session fails"),
+        };
+        assert!(error.to_string().contains("1 s"), "{error}");
+        let received = accepted.recv().await;
+        assert!(received.is_err(), "the listener's side fails too");
     })
     .await;
 }

@@ -16,6 +16,14 @@ pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 pub const DOWNTIME_LIMIT_RANGE_MS: (u64, u64) = (10, 60_000);
 /// Default time a migration may take before it is cancelled.
 pub const DEFAULT_MIGRATION_TIMEOUT_SECS: u64 = 600;
+/// Default time a VM in post-copy waits for a lost link to its source to come back.
+pub const DEFAULT_POST_COPY_LINK_WAIT_SECS: u64 = 300;
+/// Smallest and largest post-copy link wait accepted.
+pub const POST_COPY_LINK_WAIT_RANGE_SECS: (u64, u64) = (10, 3_600);
+
+fn default_post_copy_link_wait_secs() -> u64 {
+    DEFAULT_POST_COPY_LINK_WAIT_SECS
+}
 
 /// `POST /api/v1/vms/{name}/migrate`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -29,6 +37,11 @@ pub struct MigrateVmRequest {
     /// What to do when the plan says precopy would not converge (default `throttle`).
     #[serde(default)]
     pub when_not_converging: Option<ConvergencePolicy>,
+    /// With post-copy: how long, in seconds, the VM waits on the destination for a lost link
+    /// to its source to come back (the guest stalls meanwhile on the pages it lacks) before its
+    /// running state is given up (default 300, 10 to 3600).
+    #[serde(default)]
+    pub post_copy_link_wait_secs: Option<u64>,
 }
 
 /// What a migration does when the guest dirties memory faster than the link carries it.
@@ -128,6 +141,10 @@ pub struct MigrationProgress {
     pub disk_bytes: u64,
     #[serde(default)]
     pub disk_bytes_done: u64,
+    /// Bytes NovaCron put on the link for the disk (its writes after the page codec: blocks of
+    /// the base image sent as hashes, zero blocks, deltas, zstd).
+    #[serde(default)]
+    pub disk_wire_bytes: u64,
     /// Bytes of QEMU's migration stream so far (what QEMU alone would have sent).
     pub stream_bytes: u64,
     /// Bytes NovaCron put on the link for it (after the page codec and compression).
@@ -186,6 +203,10 @@ pub struct MigrationRecord {
     pub timeout_secs: u64,
     #[serde(default)]
     pub when_not_converging: ConvergencePolicy,
+    /// With post-copy, from the switch on: how long both hosts wait for a lost link to come
+    /// back before the copy, and with it the guest's running state, is given up.
+    #[serde(default = "default_post_copy_link_wait_secs")]
+    pub post_copy_link_wait_secs: u64,
     /// Set by `vm migrate --cancel`; the source aborts unless the new owner is already recorded.
     pub cancel_requested: bool,
     /// Unix seconds.
