@@ -189,43 +189,22 @@ impl FrameWriter {
         self.skip_remaining = self.skip_remaining.saturating_sub(1);
         if skip && body.len() >= MIN_COMPRESSIBLE_BODY {
             let sample = &body[..body.len().min(SKIP_SAMPLE_LENGTH)];
-            self.configure_window(sample.len())?;
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(sample.len()));
-            self.compressor
-                .compress_to_buffer(sample, &mut self.scratch)
-                .map_err(|source| EncodeError::Compression {
-                    level: self.level,
-                    source,
-                })?;
-            let saved = sample.len().saturating_sub(self.scratch.len());
-            if saved * POOR_SAVING_DIVISOR >= sample.len() {
+            if self.compress_saves_enough(sample)? {
                 skip = false;
                 self.skip_remaining = 0;
             }
         }
         if body.len() >= MIN_COMPRESSIBLE_BODY && !skip {
-            self.configure_window(body.len())?;
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(body.len()));
-            self.compressor
-                .compress_to_buffer(body, &mut self.scratch)
-                .map_err(|source| EncodeError::Compression {
-                    level: self.level,
-                    source,
-                })?;
+            let saves_enough = self.compress_saves_enough(body)?;
             compressed = self.scratch.len() < body.len();
-            let saved = body.len().saturating_sub(self.scratch.len());
-            if saved * POOR_SAVING_DIVISOR < body.len() {
+            if saves_enough {
+                self.poor_streak = 0;
+            } else {
                 self.poor_streak += 1;
                 if self.poor_streak >= POOR_STREAK_TO_SKIP {
                     self.poor_streak = 0;
                     self.skip_remaining = FRAMES_SKIPPED;
                 }
-            } else {
-                self.poor_streak = 0;
             }
         }
         let payload: &[u8] = if compressed { &self.scratch } else { body };
@@ -239,6 +218,22 @@ impl FrameWriter {
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         out.extend_from_slice(payload);
         Ok(out.len() - start)
+    }
+
+    /// Compresses `data` into `scratch`; whether that saved at least 1/[`POOR_SAVING_DIVISOR`].
+    fn compress_saves_enough(&mut self, data: &[u8]) -> Result<bool, EncodeError> {
+        self.configure_window(data.len())?;
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.compressor
+            .compress_to_buffer(data, &mut self.scratch)
+            .map_err(|source| EncodeError::Compression {
+                level: self.level,
+                source,
+            })?;
+        let saved = data.len().saturating_sub(self.scratch.len());
+        Ok(saved * POOR_SAVING_DIVISOR >= data.len())
     }
 
     fn configure_window(&mut self, body_length: usize) -> Result<(), EncodeError> {

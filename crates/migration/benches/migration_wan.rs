@@ -18,6 +18,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/realistic_disk.rs"]
+mod realistic_disk;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,13 +27,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
     ConvergencePlanner, PlanInputs, ProxyConfig, SharedImagePages, receive_migration_stream,
     receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
-use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
+use realistic_disk::{RealisticDisk, realistic_disk};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -58,96 +62,6 @@ struct Options {
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
     workload_kind: String,
-}
-
-/// The realistic workload's base image, shared by every method of the run.
-struct RealisticDisk {
-    _directory: tempfile::TempDir,
-    base: PathBuf,
-    /// Bytes of files copied into it.
-    file_bytes: u64,
-    /// The base image's blocks, as `vm migrate`'s hosts index them before a move.
-    index: Arc<novacron_migration::ImagePageIndex>,
-    /// How long indexing took (a `vm migrate` host does it while preparing; added to the proxy's
-    /// total time below).
-    index_seconds: f64,
-}
-
-/// Builds the realistic disk: an ext4 image of `mib` MiB whose files are copies of this
-/// machine's libraries, programs and documentation (real, mixed-compressibility content).
-fn realistic_disk(mib: u64) -> anyhow::Result<RealisticDisk> {
-    let directory = tempfile::Builder::new()
-        .prefix("nmb-disk-")
-        .tempdir_in("/tmp")?;
-    let staging = directory.path().join("files");
-    std::fs::create_dir(&staging)?;
-    let budget = (mib << 20) * 8 / 10;
-    let mut file_bytes = 0u64;
-    let mut serial = 0u64;
-    let mut pending: Vec<PathBuf> = [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/bin",
-        "/usr/share",
-        "/usr/lib",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect();
-    'walk: while let Some(directory_path) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&directory_path) else {
-            continue;
-        };
-        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
-        entries.sort_by_key(|entry| entry.file_name());
-        for entry in entries {
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                pending.push(entry.path());
-            } else if kind.is_file() {
-                let size = entry.metadata().map(|metadata| metadata.len()).unwrap_or(0);
-                if size == 0 || size > 64 << 20 {
-                    continue;
-                }
-                if file_bytes + size > budget {
-                    break 'walk;
-                }
-                serial += 1;
-                if std::fs::copy(entry.path(), staging.join(format!("f{serial:06}"))).is_ok() {
-                    file_bytes += size;
-                }
-            }
-        }
-    }
-    let base = directory.path().join("base.raw");
-    let status = std::process::Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-b", "4096", "-d"])
-        .arg(&staging)
-        .arg("-F")
-        .arg(&base)
-        .arg(format!("{mib}M"))
-        .status()
-        .context("running mke2fs")?;
-    if !status.success() {
-        bail!("mke2fs failed to build the {mib} MiB realistic disk");
-    }
-    std::fs::remove_dir_all(&staging)?;
-    let started = Instant::now();
-    let index = Arc::new(novacron_migration::ImagePageIndex::build(&base)?);
-    let index_seconds = started.elapsed().as_secs_f64();
-    eprintln!(
-        "realistic disk: {mib} MiB ext4 with {:.0} MiB of this machine's files; {} distinct blocks indexed in {index_seconds:.2} s",
-        file_bytes as f64 / f64::from(1u32 << 20),
-        index.distinct_blocks()
-    );
-    Ok(RealisticDisk {
-        _directory: directory,
-        base,
-        file_bytes,
-        index,
-        index_seconds,
-    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -468,21 +382,6 @@ fn guest_spec(
     Ok(spec)
 }
 
-fn pinned_pair() -> anyhow::Result<(TlsSettings, TlsSettings)> {
-    let destination = HostIdentity::generate_self_signed("destination")?;
-    let source = HostIdentity::generate_self_signed("source")?;
-    Ok((
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![source.fingerprint()]),
-            identity: destination.clone(),
-        },
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![destination.fingerprint()]),
-            identity: source,
-        },
-    ))
-}
-
 fn last_tick(console: &Path) -> u64 {
     let text = std::fs::read_to_string(console).unwrap_or_default();
     text.lines()
@@ -562,7 +461,7 @@ async fn run_one(
             Some(json!({ "uri": format!("unix:{}", incoming.display()) })),
         )
         .await?;
-    let (destination_tls, source_tls) = pinned_pair()?;
+    let (destination_tls, source_tls) = pinned_pair();
     let address_b = link.addr_b();
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
     let image_pages = SharedImagePages(disk.map(|disk| disk.index.clone()));

@@ -17,25 +17,10 @@ use novacron_migration::{
     ImagePageIndex, ProxyConfig, SharedImagePages, StreamFormat, receive_migration_stream_duplex,
     send_migration_stream_duplex,
 };
-use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use novacron_transport::{Listener, Session, SessionOptions};
 use tokio::time::timeout;
 
 const MIB: usize = 1 << 20;
-
-fn pinned_pair() -> (TlsSettings, TlsSettings) {
-    let destination = HostIdentity::generate_self_signed("destination").unwrap();
-    let source = HostIdentity::generate_self_signed("source").unwrap();
-    (
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![source.fingerprint()]),
-            identity: destination.clone(),
-        },
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![destination.fingerprint()]),
-            identity: source,
-        },
-    )
-}
 
 fn session_options() -> SessionOptions {
     SessionOptions {
@@ -43,18 +28,6 @@ fn session_options() -> SessionOptions {
         adapt_stream_count: false,
         ..SessionOptions::default()
     }
-}
-
-/// A splitmix64 sequence: reproducible pseudo-random words.
-fn words(seed: u64) -> impl Iterator<Item = u64> {
-    let mut state = seed;
-    std::iter::repeat_with(move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    })
 }
 
 /// Text-like bytes: lines of words from a small vocabulary (compresses several times).

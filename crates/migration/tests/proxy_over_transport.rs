@@ -14,23 +14,8 @@ use novacron_migration::{
     ProxyConfig, receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
     send_migration_stream_duplex,
 };
-use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use novacron_transport::{Listener, Session, SessionOptions};
 use tokio::time::timeout;
-
-fn pinned_pair() -> (TlsSettings, TlsSettings) {
-    let destination = HostIdentity::generate_self_signed("destination").unwrap();
-    let source = HostIdentity::generate_self_signed("source").unwrap();
-    (
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![source.fingerprint()]),
-            identity: destination.clone(),
-        },
-        TlsSettings {
-            trust: PeerTrust::PinnedFingerprints(vec![destination.fingerprint()]),
-            identity: source,
-        },
-    )
-}
 
 fn session_options() -> SessionOptions {
     SessionOptions {

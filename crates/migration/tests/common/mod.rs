@@ -234,3 +234,36 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A destination and a source that pin each other's self-signed certificate: (destination's
+/// settings, source's settings).
+pub fn pinned_pair() -> (
+    novacron_transport::TlsSettings,
+    novacron_transport::TlsSettings,
+) {
+    use novacron_transport::{HostIdentity, PeerTrust, TlsSettings};
+    let destination = HostIdentity::generate_self_signed("destination").expect("identity");
+    let source = HostIdentity::generate_self_signed("source").expect("identity");
+    (
+        TlsSettings {
+            trust: PeerTrust::PinnedFingerprints(vec![source.fingerprint()]),
+            identity: destination.clone(),
+        },
+        TlsSettings {
+            trust: PeerTrust::PinnedFingerprints(vec![destination.fingerprint()]),
+            identity: source,
+        },
+    )
+}
+
+/// A splitmix64 sequence: reproducible pseudo-random words.
+pub fn words(seed: u64) -> impl Iterator<Item = u64> {
+    let mut state = seed;
+    std::iter::repeat_with(move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
