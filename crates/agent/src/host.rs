@@ -214,8 +214,9 @@ pub(crate) struct Shared {
     /// VMs (uuid) whose incoming post-copy this process drives. A QEMU in post-copy that is
     /// not listed here lost its stream with an earlier `serve`: it can never run its guest.
     pub postcopy_incoming: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Base images' 4 KiB page indexes (by image id) while a migration uses one: the memory and
-    /// the disk of a migration share one instead of each reading the whole image.
+    /// Base images' 4 KiB page indexes (by image id) while a migration uses one and for ten
+    /// minutes after: the memory and the disk of a migration, and the next migrations of VMs on
+    /// the same image, share one instead of each reading the whole image.
     pub image_page_indexes: tokio::sync::Mutex<
         std::collections::HashMap<String, std::sync::Weak<novacron_migration::ImagePageIndex>>,
     >,

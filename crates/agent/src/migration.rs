@@ -2166,8 +2166,13 @@ async fn prepare_destination(
 /// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
 /// `novacron_migration::image_pages`). A qcow2 image is converted to a raw file in `directory`
 /// first; the file is unlinked once open, so nothing stays behind. Runs off the async threads.
+/// How long a base image's page index stays in memory after a migration used it, so the next
+/// move of a VM on the same image (an evacuation moves many) does not read the image again.
+const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
+
 /// The 4 KiB page index of the VM's base image, which both hosts of a migration hold: shared
-/// with any migration (memory or disk session) on this host using it now, else built.
+/// with any migration (memory or disk session) on this host using it now or in the last
+/// [`IMAGE_PAGE_INDEX_KEEP`], else built.
 async fn index_image_pages(
     shared: &Shared,
     image: &novacron_types::ImageRecord,
@@ -2175,11 +2180,19 @@ async fn index_image_pages(
 ) -> Result<SharedImagePages, AgentError> {
     let mut indexes = shared.image_page_indexes.lock().await;
     indexes.retain(|_, index| index.strong_count() > 0);
-    if let Some(index) = indexes.get(&image.id).and_then(std::sync::Weak::upgrade) {
-        return Ok(SharedImagePages(Some(index)));
-    }
-    let index = build_image_page_index(shared, image, directory).await?;
-    indexes.insert(image.id.clone(), Arc::downgrade(&index));
+    let index = match indexes.get(&image.id).and_then(std::sync::Weak::upgrade) {
+        Some(index) => index,
+        None => {
+            let index = build_image_page_index(shared, image, directory).await?;
+            indexes.insert(image.id.clone(), Arc::downgrade(&index));
+            index
+        }
+    };
+    let kept = index.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(IMAGE_PAGE_INDEX_KEEP).await;
+        drop(kept);
+    });
     Ok(SharedImagePages(Some(index)))
 }
 

@@ -1005,6 +1005,16 @@ fn qemu_processes(uuid: &str) -> usize {
     String::from_utf8_lossy(&output.stdout).lines().count()
 }
 
+/// Polls until exactly one QEMU runs the VM `uuid` and `left` (the host it moved away from)
+/// holds no directory for it.
+fn wait_for_one_qemu(name: &str, uuid: &str, left: &TestHost, timeout: Duration) {
+    poll(
+        &format!("one qemu for {name}, none left on {}", left.name()),
+        timeout,
+        || (qemu_processes(uuid) == 1 && !left.vm_directory(uuid).exists()).then_some(()),
+    );
+}
+
 /// The VM's overlay on `host`, read as a raw disk, holds the mark the guest wrote at 1 MiB
 /// (`novacron.diskmark=NCMARK42`).
 fn assert_disk_marked(host: &TestHost, uuid: &str, what: &str) {
@@ -1483,14 +1493,11 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
     let uuid = vm["uuid"].as_str().expect("uuid").to_string();
     let stays_on_source = |hosts: &Hosts, destination: usize| {
         wait_until_owned_by(&hosts.hosts[0], "steady", "host-0", "running");
-        poll(
-            "one qemu for the vm, none left on the destination",
+        wait_for_one_qemu(
+            "steady",
+            &uuid,
+            &hosts.hosts[destination],
             Duration::from_secs(60),
-            || {
-                (qemu_processes(&uuid) == 1
-                    && !hosts.hosts[destination].vm_directory(&uuid).exists())
-                .then_some(())
-            },
         );
         let before =
             last_workload_tick(&hosts.hosts[0].serial_log("steady")).map_or(0, |(tick, _)| tick);
@@ -1736,14 +1743,7 @@ fn post_copy_waits_for_a_lost_link_and_the_guest_carries_on() {
         vm["status"]
     );
     assert_workload_continues(&hosts.hosts[1], "patient", tick_at_cut);
-    poll(
-        "one qemu for patient, on host-1",
-        Duration::from_secs(90),
-        || {
-            (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
-                .then_some(())
-        },
-    );
+    wait_for_one_qemu("patient", &uuid, &hosts.hosts[0], Duration::from_secs(90));
 }
 
 /// Faults after the switch of a post-copy migration that lose the guest's running state: a cut
@@ -1780,14 +1780,7 @@ fn faults_during_post_copy_fail_the_vm_on_the_destination_which_restarts_it() {
         eprintln!("{name} after the fault: {}", vm["status"]);
         let log_before = hosts.hosts[1].serial_log(&name).len();
         wait_until_owned_by(&hosts.hosts[2], &name, "host-1", "running");
-        poll(
-            &format!("one qemu for {name}, on host-1"),
-            Duration::from_secs(90),
-            || {
-                (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
-                    .then_some(())
-            },
-        );
+        wait_for_one_qemu(&name, &uuid, &hosts.hosts[0], Duration::from_secs(90));
         let (tick, errors) = poll(
             &format!("{name}'s fresh boot on host-1 to tick"),
             Duration::from_secs(90),
@@ -2037,14 +2030,7 @@ fn a_guest_that_outruns_the_link_is_throttled_until_it_converges() {
         "the disk was mirrored: {ended}"
     );
     assert_workload_continues(&hosts.hosts[1], "postie", before.0);
-    poll(
-        "one qemu for postie, on host-1",
-        Duration::from_secs(60),
-        || {
-            (qemu_processes(&uuid) == 1 && !hosts.hosts[0].vm_directory(&uuid).exists())
-                .then_some(())
-        },
-    );
+    wait_for_one_qemu("postie", &uuid, &hosts.hosts[0], Duration::from_secs(60));
     hosts.hosts[1].ok(&["vm", "stop", "postie", "--force"]);
     hosts.hosts[1].wait_for_state("postie", "stopped");
     assert_disk_marked(
