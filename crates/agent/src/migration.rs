@@ -667,14 +667,7 @@ impl Source<'_> {
     /// message says so meanwhile. A cancel or the migration's timeout ends the copy.
     /// Shows `message` in the migration's record (`migration show`) while it is not finished.
     async fn say(&self, message: &str) {
-        let _ = self
-            .shared
-            .records
-            .update_migration(&self.id, |record| {
-                record.message = Some(message.to_string());
-                Ok(!record.phase.is_finished())
-            })
-            .await;
+        say_in_record(&self.shared, &self.id, message).await;
     }
 
     /// The plan needs the link's forecast. When this host has not measured the link to the
@@ -2340,13 +2333,7 @@ async fn receive_and_wait(
                         tracing::warn!(vm = %name, migration = %id, "{message}");
                         let _ = tokio::time::timeout(
                             Duration::from_secs(2),
-                            shared.records.update_migration(id, |migration| {
-                                if migration.phase.is_finished() {
-                                    return Ok(false);
-                                }
-                                migration.message = Some(message.clone());
-                                Ok(true)
-                            }),
+                            say_in_record(shared, id, &message),
                         )
                         .await;
                     }
@@ -2420,12 +2407,24 @@ async fn receive_and_wait(
     Ok(())
 }
 
+/// Shows `message` in migration `id`'s record (`migration show`) while it is not finished; best
+/// effort (a host cut off from the store says it in its log only).
+async fn say_in_record(shared: &Shared, id: &str, message: &str) {
+    let _ = shared
+        .records
+        .update_migration(id, |record| {
+            record.message = Some(message.to_string());
+            Ok(!record.phase.is_finished())
+        })
+        .await;
+}
+
 /// At start-up: a post-copy migration whose source is this host was driven by an earlier
 /// `serve` that ended (killed, crashed) after the switch. Its stream is gone with that process,
 /// and with it the pages the destination had not received: the migration is failed, so the
-/// destination (which watches the record) gives the guest up at once instead of waiting for the
-/// link to come back (`ended_elsewhere`). The source QEMU left behind is stopped by the start-up sweep, the VM
-/// belonging to the destination.
+/// destination (which watches the record, `ended_elsewhere`) gives the guest up at once instead
+/// of waiting for the link to come back. The source QEMU left behind is stopped by the start-up
+/// sweep, the VM belonging to the destination.
 pub(crate) async fn fail_postcopy_sourced_here(shared: Arc<Shared>) {
     if shared.region.is_none() {
         return;

@@ -6,45 +6,7 @@
 use crate::nbd::NbdParser;
 use crate::proxy::{ProxyConfig, ProxyDecoder, StreamFormat};
 use crate::rebuild::StreamRebuilder;
-use crate::stream::{ParseError, StreamEvent, StreamParser};
-
-/// What the fuzzed parsers have in common.
-trait Events {
-    fn feed(&mut self, bytes: &[u8]);
-    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError>;
-    fn finish(&mut self);
-    fn consumed(&self) -> u64;
-}
-
-impl Events for StreamParser {
-    fn feed(&mut self, bytes: &[u8]) {
-        StreamParser::feed(self, bytes)
-    }
-    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
-        StreamParser::next_event(self)
-    }
-    fn finish(&mut self) {
-        StreamParser::finish(self)
-    }
-    fn consumed(&self) -> u64 {
-        self.stats().bytes
-    }
-}
-
-impl Events for NbdParser {
-    fn feed(&mut self, bytes: &[u8]) {
-        NbdParser::feed(self, bytes)
-    }
-    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
-        NbdParser::next_event(self)
-    }
-    fn finish(&mut self) {
-        NbdParser::finish(self)
-    }
-    fn consumed(&self) -> u64 {
-        self.stats().bytes
-    }
-}
+use crate::stream::{EventParser, StreamParser};
 
 /// Parses `data` as a migration stream, fed in pieces whose sizes come from the first byte, and
 /// checks that the events rebuild the consumed prefix byte for byte.
@@ -57,7 +19,7 @@ pub fn parse_nbd_input(data: &[u8]) {
     parse_input(NbdParser::new(), data);
 }
 
-fn parse_input(mut parser: impl Events, data: &[u8]) {
+fn parse_input(mut parser: impl EventParser, data: &[u8]) {
     let Some((&cut, data)) = data.split_first() else {
         return;
     };

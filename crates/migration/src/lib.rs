@@ -35,6 +35,6 @@ pub use proxy::{
 };
 pub use rebuild::StreamRebuilder;
 pub use stream::{
-    PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming, StreamEvent,
-    StreamParser, StreamStats, ZeroPage,
+    EventParser, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming,
+    StreamEvent, StreamParser, StreamStats, ZeroPage,
 };

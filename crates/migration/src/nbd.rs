@@ -22,8 +22,8 @@
 use std::sync::Arc;
 
 use crate::stream::{
-    MAX_OPAQUE_EVENT, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming,
-    StreamEvent,
+    EventParser, MAX_OPAQUE_EVENT, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage,
+    RecordNaming, StreamEvent,
 };
 
 /// The key's block name of every disk page.
@@ -320,6 +320,27 @@ impl NbdParser {
             offset: self.offset,
             kind,
         }
+    }
+}
+
+impl EventParser for NbdParser {
+    fn feed(&mut self, bytes: &[u8]) {
+        NbdParser::feed(self, bytes)
+    }
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
+        NbdParser::next_event(self)
+    }
+    fn finish(&mut self) {
+        NbdParser::finish(self)
+    }
+    fn is_done(&self) -> bool {
+        NbdParser::is_done(self)
+    }
+    fn offset(&self) -> u64 {
+        NbdParser::offset(self)
+    }
+    fn consumed(&self) -> u64 {
+        self.stats().bytes
     }
 }
 

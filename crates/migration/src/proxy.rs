@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::image_pages::SharedImagePages;
 use crate::nbd::NbdParser;
 use crate::rebuild::StreamRebuilder;
-use crate::stream::{PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
+use crate::stream::{EventParser, PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
 
 /// Version of the proxy's wire format.
 pub const PROXY_VERSION: u8 = 1;
@@ -120,56 +120,6 @@ impl StreamFormat {
         match self {
             StreamFormat::Migration => HELLO_MAGIC,
             StreamFormat::Nbd => HELLO_MAGIC_NBD,
-        }
-    }
-}
-
-/// The parser of the carried stream.
-enum Parser {
-    Migration(StreamParser),
-    Nbd(NbdParser),
-}
-
-impl Parser {
-    fn feed(&mut self, bytes: &[u8]) {
-        match self {
-            Parser::Migration(parser) => parser.feed(bytes),
-            Parser::Nbd(parser) => parser.feed(bytes),
-        }
-    }
-
-    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
-        match self {
-            Parser::Migration(parser) => parser.next_event(),
-            Parser::Nbd(parser) => parser.next_event(),
-        }
-    }
-
-    fn finish(&mut self) {
-        match self {
-            Parser::Migration(parser) => parser.finish(),
-            Parser::Nbd(parser) => parser.finish(),
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        match self {
-            Parser::Migration(parser) => parser.is_done(),
-            Parser::Nbd(parser) => parser.is_done(),
-        }
-    }
-
-    fn offset(&self) -> u64 {
-        match self {
-            Parser::Migration(parser) => parser.offset(),
-            Parser::Nbd(parser) => parser.offset(),
-        }
-    }
-
-    fn return_path_requested(&self) -> bool {
-        match self {
-            Parser::Migration(parser) => parser.stats().return_path_requested,
-            Parser::Nbd(_) => false,
         }
     }
 }
@@ -322,7 +272,7 @@ impl SendWindow {
 
 /// Source side, sans-IO: QEMU's stream bytes in, proxy messages out.
 pub struct ProxyEncoder {
-    parser: Parser,
+    parser: Box<dyn EventParser>,
     format: StreamFormat,
     encoder: PageEncoder<SharedImagePages>,
     rebuilder: StreamRebuilder,
@@ -342,8 +292,8 @@ impl ProxyEncoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
         Ok(Self {
             parser: match config.format {
-                StreamFormat::Migration => Parser::Migration(StreamParser::new()),
-                StreamFormat::Nbd => Parser::Nbd(NbdParser::new()),
+                StreamFormat::Migration => Box::new(StreamParser::new()),
+                StreamFormat::Nbd => Box::new(NbdParser::new()),
             },
             format: config.format,
             encoder: PageEncoder::new(

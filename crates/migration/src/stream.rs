@@ -130,6 +130,52 @@ pub enum StreamEvent {
     Zero(ZeroPage),
 }
 
+/// What the proxy needs of a parser of the stream it carries: [`StreamParser`] (QEMU's
+/// migration stream) or [`crate::nbd::NbdParser`] (an NBD client's half of a connection). Both
+/// yield events that [`crate::StreamRebuilder`] turns back into the input byte for byte.
+pub trait EventParser: Send {
+    /// Takes the next input bytes.
+    fn feed(&mut self, bytes: &[u8]);
+    /// The next event, `None` when more input is needed.
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError>;
+    /// The input ended.
+    fn finish(&mut self);
+    /// Whether the input ended where the format allows it to.
+    fn is_done(&self) -> bool;
+    /// Input offset of the next byte to parse.
+    fn offset(&self) -> u64;
+    /// Input bytes reported in events so far.
+    fn consumed(&self) -> u64;
+    /// Whether the source asked for answers on the same connection (QEMU's return path).
+    fn return_path_requested(&self) -> bool {
+        false
+    }
+}
+
+impl EventParser for StreamParser {
+    fn feed(&mut self, bytes: &[u8]) {
+        StreamParser::feed(self, bytes)
+    }
+    fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
+        StreamParser::next_event(self)
+    }
+    fn finish(&mut self) {
+        StreamParser::finish(self)
+    }
+    fn is_done(&self) -> bool {
+        StreamParser::is_done(self)
+    }
+    fn offset(&self) -> u64 {
+        StreamParser::offset(self)
+    }
+    fn consumed(&self) -> u64 {
+        self.stats().bytes
+    }
+    fn return_path_requested(&self) -> bool {
+        self.stats().return_path_requested
+    }
+}
+
 /// Where and why the parser stopped decoding and passes the rest through.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Passthrough {
