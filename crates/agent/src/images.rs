@@ -190,12 +190,8 @@ pub(crate) async fn store_staged(
 /// Indexes a stored image in the chunk store (its chunks, manifest and aligned 4 KiB blocks), so
 /// later transfers to this host send only what it lacks. Best effort: an image that could not be
 /// indexed still works, transfers of similar images just send more.
-pub(crate) async fn index_image(
-    chunks: &std::sync::Arc<novacron_codec::ChunkStore>,
-    paths: &DataPaths,
-    record: &ImageRecord,
-) {
-    let chunks = chunks.clone();
+pub(crate) async fn index_image(shared: &crate::host::Shared, record: &ImageRecord) {
+    let (chunks, paths) = (shared.chunks.clone(), &shared.paths);
     let path = paths.image_file(&record.id, record.format);
     let id = record.id.clone();
     let started = std::time::Instant::now();
@@ -223,6 +219,94 @@ pub(crate) async fn index_image(
             tracing::warn!(image = %record.name, %error, "cannot index image in the chunk store")
         }
     }
+    // Migrations of VMs on this image find RAM pages and disk blocks it holds by this index.
+    if let Err(error) = stored_page_index(shared, record).await {
+        tracing::warn!(image = %record.name, %error, "cannot build the image's page index; a migration builds it");
+    }
+}
+
+/// The 4 KiB page index of a stored image, for the migration page codec's "the destination
+/// holds it" tier (`novacron_migration::image_pages`): loaded from `<id>.pages` beside the
+/// image, else built from the image file and saved there (import and arrival build it, so a
+/// migration does not read the image). `None` for an image whose guest blocks are not all
+/// stored as is in its file (a qcow2 with compressed clusters or a backing file): a migration
+/// converts such an image to raw and indexes that instead.
+pub(crate) async fn stored_page_index(
+    shared: &crate::host::Shared,
+    image: &ImageRecord,
+) -> Result<Option<novacron_migration::ImagePageIndex>, AgentError> {
+    use novacron_migration::{ImagePageIndex, StoredRange};
+    let file = shared.paths.image_file(&image.id, image.format);
+    let saved = shared.paths.image_pages_file(&image.id);
+    if saved.exists() {
+        let (saved_path, file_path) = (saved.clone(), file.clone());
+        match tokio::task::spawn_blocking(move || ImagePageIndex::load(&saved_path, &file_path))
+            .await
+        {
+            Ok(Ok(index)) => return Ok(Some(index)),
+            Ok(Err(error)) => {
+                tracing::warn!(image = %image.name, %error, "saved page index unusable; rebuilding it")
+            }
+            Err(error) => {
+                tracing::warn!(image = %image.name, %error, "loading the page index failed; rebuilding it")
+            }
+        }
+        let _ = tokio::fs::remove_file(&saved).await;
+    }
+    let started = std::time::Instant::now();
+    let ranges = match image.format {
+        ImageFormat::Raw => None,
+        ImageFormat::Qcow2 => {
+            let extents = shared
+                .hypervisor
+                .qemu_img()?
+                .map(&file, novacron_qemu::ImageFormat::Qcow2)
+                .await?;
+            let mut ranges = Vec::new();
+            for extent in extents.iter().filter(|extent| extent.data) {
+                match extent.offset {
+                    Some(offset) if extent.depth == 0 && !extent.compressed => {
+                        ranges.push(StoredRange {
+                            guest_offset: extent.start,
+                            file_offset: offset,
+                            length: extent.length,
+                        })
+                    }
+                    _ => {
+                        tracing::info!(
+                            image = %image.name,
+                            "image has compressed clusters or a backing file; migrations index a raw copy of it"
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
+            Some(ranges)
+        }
+    };
+    let (file_path, saved_path, guest_length) = (file.clone(), saved.clone(), image.virtual_bytes);
+    let built = tokio::task::spawn_blocking(move || {
+        let index = match ranges {
+            None => ImagePageIndex::build(&file_path),
+            Some(ranges) => ImagePageIndex::build_from_ranges(&file_path, &ranges, guest_length),
+        }?;
+        let saved = index.save(&saved_path);
+        Ok::<_, std::io::Error>((index, saved))
+    })
+    .await
+    .map_err(|error| AgentError::io("indexing an image's pages", std::io::Error::other(error)))?;
+    let (index, written) =
+        built.map_err(|error| AgentError::io(format!("indexing {}", file.display()), error))?;
+    if let Err(error) = written {
+        tracing::warn!(file = %saved.display(), %error, "cannot save the page index; the next migration builds it again");
+    }
+    tracing::info!(
+        image = %image.name,
+        distinct_blocks = index.distinct_blocks(),
+        seconds = started.elapsed().as_secs_f64(),
+        "image's page index built and saved"
+    );
+    Ok(Some(index))
 }
 
 /// Forgets a deleted image in the chunk store and collects what no other image uses, in the
@@ -396,7 +480,12 @@ pub(crate) async fn sweep(paths: &DataPaths, records: &Records) -> Result<(), Ag
         .images()
         .await?
         .iter()
-        .map(|image| paths.image_file(&image.id, image.format))
+        .flat_map(|image| {
+            [
+                paths.image_file(&image.id, image.format),
+                paths.image_pages_file(&image.id),
+            ]
+        })
         .collect();
     if let Ok(mut entries) = tokio::fs::read_dir(paths.images_dir()).await {
         while let Ok(Some(entry)) = entries.next_entry().await {

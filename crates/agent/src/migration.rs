@@ -29,8 +29,8 @@ use crate::records::Versioned;
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
 use novacron_migration::{
-    ConvergencePlanner, ImagePageIndex, Plan, PlanInputs, ProxyConfig, ProxyError, ProxyReport,
-    SharedImagePages, receive_migration_stream_duplex, send_migration_stream_duplex,
+    ConvergencePlanner, DeliveredPages, ImagePageIndex, Plan, PlanInputs, ProxyConfig, ProxyError,
+    ProxyReport, SharedImagePages, receive_migration_stream_duplex, send_migration_stream_duplex,
 };
 use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
@@ -430,6 +430,7 @@ pub(crate) async fn run_source(
         disk: None,
         planner: ConvergencePlanner::new(),
         initial_dirty_rate: 0.0,
+        delivered: Arc::new(DeliveredPages::at_source()),
     };
     match source.run().await {
         Ok(SourceOutcome::Moved) => SourceOutcome::Moved,
@@ -561,6 +562,8 @@ struct Source<'a> {
     /// The guest's dirty rate (bytes/s) QEMU measured before the move; QEMU's own figure
     /// replaces it after the first pass.
     initial_dirty_rate: f64,
+    /// Blocks the disk mirror delivered, which the memory session then sends as hashes.
+    delivered: Arc<DeliveredPages>,
 }
 
 /// How to open another session to the destination.
@@ -866,6 +869,7 @@ impl Source<'_> {
             .map(|forecast| forecast.expected_bits_per_sec / 8.0);
         if let Some(rate) = forecast_rate {
             config.initial_rate_bytes_per_second = rate;
+            config.initial_rate_is_measured = true;
         }
         // The plan before the move: the guest's dirty rate measured by QEMU (a second's
         // sample), the link's forecast, no compression assumed.
@@ -1088,7 +1092,7 @@ impl Source<'_> {
         progress.pages_zero = report.codec.zero_pages;
         progress.pages_known =
             report.codec.known_from_transfer + report.codec.known_from_destination;
-        progress.pages_from_image = report.codec.known_from_destination;
+        Self::count_known_pages(&self.delivered, progress, &report);
         progress.pages_delta = report.codec.delta_pages;
         progress.pages_literal = report.codec.literal_pages;
         self.commit(
@@ -1133,10 +1137,31 @@ impl Source<'_> {
         progress.converges = Some(plan.converges);
     }
 
+    /// Splits the pages the destination held before this move between the base image and the
+    /// disk mirror's blocks.
+    fn count_known_pages(
+        delivered: &DeliveredPages,
+        progress: &mut novacron_types::MigrationProgress,
+        report: &ProxyReport,
+    ) {
+        let from_mirror = delivered.used();
+        progress.blocks_from_disk_mirror = from_mirror;
+        progress.pages_from_image = report
+            .codec
+            .known_from_destination
+            .saturating_sub(from_mirror);
+    }
+
     /// RAM pages and disk blocks equal to a block of the VM's base image travel as hashes: the
-    /// destination holds the image (it indexed it before answering Ready). Without an index
-    /// every page is sent.
+    /// destination holds the image (it indexed it before answering Ready). So do RAM pages
+    /// equal to a block the disk mirror delivered. Without an index, image blocks are sent.
     async fn base_image_pages(&self) -> SharedImagePages {
+        self.image_index()
+            .await
+            .with_delivered(self.delivered.clone())
+    }
+
+    async fn image_index(&self) -> SharedImagePages {
         let Some(image_id) = &self.record.spec.image_id else {
             return SharedImagePages::default();
         };
@@ -1523,7 +1548,7 @@ impl Source<'_> {
         progress.pages_zero = report.codec.zero_pages;
         progress.pages_known =
             report.codec.known_from_transfer + report.codec.known_from_destination;
-        progress.pages_from_image = report.codec.known_from_destination;
+        Self::count_known_pages(&self.delivered, &mut progress, report);
         progress.pages_delta = report.codec.delta_pages;
         progress.pages_literal = report.codec.literal_pages;
         let after_switch = committed_at.elapsed().as_secs_f64();
@@ -1918,6 +1943,20 @@ pub(crate) async fn serve_destination(
         }
     };
     let name = record.spec.name.to_string();
+    // Blocks the disk session will deliver, which the memory session may refer to: registered
+    // for the disk session (`serve_destination_disk`) while this function runs.
+    let delivered = match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
+        Ok(delivered) => Arc::new(delivered),
+        Err(error) => {
+            let error = AgentError::io("creating the file for the disk mirror's blocks", error);
+            tracing::warn!(migration = %id, %error, "incoming migration refused");
+            refuse(request, session, &error).await;
+            discard_incoming(&shared, &record, qemu).await;
+            return;
+        }
+    };
+    let _registered = DeliveredRegistration::new(&shared, &id, delivered.clone());
+    let image_pages = image_pages.with_delivered(delivered);
     // Listed from the post-copy switch until this function returns (its QEMU stopped on a
     // failure): the reconciler leaves the QEMU to the migration meanwhile.
     let driving = PostcopyIncoming::new(&shared, &record.uuid);
@@ -2156,9 +2195,6 @@ async fn prepare_destination(
     Ok((record, qemu, image_pages))
 }
 
-/// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
-/// `novacron_migration::image_pages`). A qcow2 image is converted to a raw file in `directory`
-/// first; the file is unlinked once open, so nothing stays behind. Runs off the async threads.
 /// How long a base image's page index stays in memory after a migration used it, so the next
 /// move of a VM on the same image (an evacuation moves many) does not read the image again.
 const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
@@ -2186,14 +2222,21 @@ async fn index_image_pages(
         tokio::time::sleep(IMAGE_PAGE_INDEX_KEEP).await;
         drop(kept);
     });
-    Ok(SharedImagePages(Some(index)))
+    Ok(SharedImagePages::new(Some(index)))
 }
 
+/// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
+/// `novacron_migration::image_pages`): the index saved with the image, else (a qcow2 with
+/// compressed clusters) one of a raw copy in `directory`, unlinked once open so nothing stays
+/// behind. Runs off the async threads.
 async fn build_image_page_index(
     shared: &Shared,
     image: &novacron_types::ImageRecord,
     directory: &std::path::Path,
 ) -> Result<Arc<ImagePageIndex>, AgentError> {
+    if let Some(index) = crate::images::stored_page_index(shared, image).await? {
+        return Ok(Arc::new(index));
+    }
     let started = Instant::now();
     let path = shared.paths.image_file(&image.id, image.format);
     let (raw, temporary) = match image.format {
@@ -2623,6 +2666,33 @@ pub(crate) async fn stop_orphaned_postcopy(shared: &Shared, record: &VmRecord) -
     killed
 }
 
+/// Lists an incoming migration's [`DeliveredPages`] in [`Shared::delivered_pages`] until
+/// dropped, for its disk session to find.
+struct DeliveredRegistration<'a> {
+    shared: &'a Shared,
+    id: String,
+}
+
+impl<'a> DeliveredRegistration<'a> {
+    fn new(shared: &'a Shared, id: &str, delivered: Arc<DeliveredPages>) -> Self {
+        if let Ok(mut registered) = shared.delivered_pages.lock() {
+            registered.insert(id.to_string(), delivered);
+        }
+        Self {
+            shared,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for DeliveredRegistration<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut registered) = self.shared.delivered_pages.lock() {
+            registered.remove(&self.id);
+        }
+    }
+}
+
 /// Aborts a task when dropped (the destination's receiving task, when the migration ends
 /// elsewhere).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -2790,6 +2860,19 @@ pub(crate) async fn serve_destination_disk(
             Some(image) => index_image_pages(&shared, &image, &directory).await?,
             None => SharedImagePages::default(),
         };
+        // The incoming migration's record of delivered blocks: its memory session reads them.
+        let delivered = shared
+            .delivered_pages
+            .lock()
+            .ok()
+            .and_then(|registered| registered.get(&id).cloned())
+            .ok_or_else(|| {
+                migration_error(
+                    ErrorCode::Conflict,
+                    format!("migration {id} is not being received on this host"),
+                )
+            })?;
+        let image_pages = image_pages.with_delivered(delivered);
         let socket = directory.join("nbd.sock");
         let stream = tokio::net::UnixStream::connect(&socket)
             .await

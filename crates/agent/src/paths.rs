@@ -62,6 +62,11 @@ impl DataPaths {
         self.images_dir().join(format!("{id}.{}", format.as_str()))
     }
 
+    /// The saved 4 KiB page index of an image (see `images::stored_page_index`).
+    pub fn image_pages_file(&self, id: &str) -> PathBuf {
+        self.images_dir().join(format!("{id}.pages"))
+    }
+
     pub fn staging_dir(&self) -> PathBuf {
         self.root.join("staging")
     }

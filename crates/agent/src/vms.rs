@@ -458,7 +458,7 @@ impl Host {
             source,
         )
         .await?;
-        crate::images::index_image(&shared.chunks, &shared.paths, &record).await;
+        crate::images::index_image(shared, &record).await;
         Ok(record)
     }
 
@@ -484,6 +484,7 @@ impl Host {
         if let Err(error) = tokio::fs::remove_file(&file).await {
             tracing::warn!(file = %file.display(), %error, "image file already gone");
         }
+        let _ = tokio::fs::remove_file(shared.paths.image_pages_file(&image.id)).await;
         crate::images::forget_image(&shared.chunks, &image);
         tracing::info!(image = %image.name, id = %image.id, "image deleted");
         Ok(image)

@@ -25,6 +25,7 @@ pub fn decode_page_stream(data: &[u8]) {
     let Ok(mut decoder) = PageDecoder::new(
         PageDecoderConfig {
             mirror_page_limit: 4096,
+            ..PageDecoderConfig::default()
         },
         NothingLocal,
     ) else {

@@ -28,6 +28,15 @@ impl ContentHash {
         *ZERO_PAGE_HASH.get_or_init(|| ContentHash::of(&[0u8; crate::PAGE_SIZE]))
     }
 
+    /// The hash of a 4 KiB page: a page of zeros is recognised without hashing it.
+    pub fn of_page(page: &[u8]) -> Self {
+        if crate::page::is_zero(page) && page.len() == crate::PAGE_SIZE {
+            Self::of_zero_page()
+        } else {
+            Self::of(page)
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

@@ -134,11 +134,6 @@ impl PageMirror {
         }
     }
 
-    fn page_for_key(&self, key: (u32, u64)) -> Option<&Page> {
-        let hash = self.by_key.get(&key)?;
-        self.page_for_hash(hash)
-    }
-
     fn page_for_hash(&self, hash: &ContentHash) -> Option<&Page> {
         self.by_hash
             .get(hash)
@@ -314,6 +309,7 @@ pub struct PageEncoder<Q: RemoteHashQuery> {
     body: Vec<u8>,
     writer: FrameWriter,
     stats: PageStats,
+    last_hash: ContentHash,
 }
 
 impl<Q: RemoteHashQuery> PageEncoder<Q> {
@@ -339,11 +335,18 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             body: Vec::new(),
             writer,
             stats: PageStats::default(),
+            last_hash: ContentHash::of_zero_page(),
         })
     }
 
     pub fn stats(&self) -> &PageStats {
         &self.stats
+    }
+
+    /// The content hash of the page last given to [`PageEncoder::push_page`] (the zero page's
+    /// hash before any).
+    pub fn last_hash(&self) -> ContentHash {
+        self.last_hash
     }
 
     pub fn zstd_level(&self) -> i32 {
@@ -461,6 +464,7 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         // more than the rare delta against them saves.
         let delta_base = matches!(tier, PendingTier::Undecided { .. });
         self.record(key, hash, page, delta_base)?;
+        self.last_hash = hash;
         self.pending.push(PendingPage {
             block,
             page_index,
@@ -484,11 +488,7 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         }
         let page_index = Self::page_index(block, offset)?;
         let zero = is_zero(page);
-        let hash = if zero {
-            ContentHash::of_zero_page()
-        } else {
-            ContentHash::of(page)
-        };
+        let hash = ContentHash::of_page(page);
         // Observing registers the name on both sides, in the same order, so no frame sends it.
         let (block_index, _) = self.block_index(block)?;
         self.record((block_index, page_index), hash, page, !zero)
@@ -619,12 +619,18 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
 pub struct PageDecoderConfig {
     /// Most distinct page keys the mirror tracks; must equal the encoder's.
     pub mirror_page_limit: usize,
+    /// Keep a copy of pages read from the local source. Without (`false`), the mirror records
+    /// only their hash and reads them from the source again when a later page refers to them
+    /// (as a known page or a delta base): for a source whose content cannot change or go while
+    /// the transfer runs (an image's page index), it saves a page of memory for each.
+    pub keep_local_content: bool,
 }
 
 impl Default for PageDecoderConfig {
     fn default() -> Self {
         Self {
             mirror_page_limit: PageEncoderConfig::default().mirror_page_limit,
+            keep_local_content: true,
         }
     }
 }
@@ -633,6 +639,7 @@ impl Default for PageDecoderConfig {
 /// from `source` (the destination's chunk store).
 pub struct PageDecoder<S: LocalContentSource> {
     source: S,
+    keep_local_content: bool,
     mirror: PageMirror,
     blocks: BlockTable,
     reader: FrameReader,
@@ -643,6 +650,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
     pub fn new(config: PageDecoderConfig, source: S) -> Result<Self, DecodeError> {
         Ok(Self {
             source,
+            keep_local_content: config.keep_local_content,
             mirror: PageMirror::new(config.mirror_page_limit),
             blocks: BlockTable::default(),
             reader: FrameReader::new()?,
@@ -679,11 +687,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
             Some(&index) => index,
             None => register_block(&mut self.blocks, block.to_owned(), 0)?,
         };
-        let hash = if is_zero(page) {
-            ContentHash::of_zero_page()
-        } else {
-            ContentHash::of(page)
-        };
+        let hash = ContentHash::of_page(page);
         self.mirror
             .record((block_index, offset / PAGE_SIZE as u64), hash, Some(page))
             .map_err(|limit| DecodeError::MirrorFull { limit })
@@ -698,6 +702,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
     ) -> Result<usize, DecodeError> {
         let Self {
             source,
+            keep_local_content,
             mirror,
             blocks,
             reader,
@@ -799,6 +804,8 @@ impl<S: LocalContentSource> PageDecoder<S> {
             };
             previous_key = Some(key);
 
+            // Whether the page's content came from `source` (kept only if asked).
+            let mut from_source = false;
             let hash = match tag & TIER_MASK {
                 TIER_ZERO => {
                     page.fill(0);
@@ -814,21 +821,36 @@ impl<S: LocalContentSource> PageDecoder<S> {
                         let content =
                             crate::hash::verified_content(hash, PAGE_SIZE, source.content(&hash))?;
                         page.copy_from_slice(&content);
-                        stats.known_from_destination += 1;
+                        from_source = true;
+                        if mirror.contains_hash(&hash) {
+                            // Sent earlier, read back rather than kept.
+                            stats.known_from_transfer += 1;
+                        } else {
+                            stats.known_from_destination += 1;
+                        }
                     }
                     hash
                 }
                 TIER_DELTA => {
                     let length = body.length("delta length", PAGE_SIZE * 2)?;
                     let delta = body.take(length, "delta")?;
-                    let previous =
-                        mirror
-                            .page_for_key(key)
-                            .ok_or_else(|| DecodeError::DeltaWithoutBase {
-                                block: blocks.name(key.0).to_owned(),
-                                offset: key.1 * PAGE_SIZE as u64,
-                            })?;
-                    page.copy_from_slice(previous);
+                    let missing = || DecodeError::DeltaWithoutBase {
+                        block: blocks.name(key.0).to_owned(),
+                        offset: key.1 * PAGE_SIZE as u64,
+                    };
+                    let base = *mirror.by_key.get(&key).ok_or_else(missing)?;
+                    match mirror.page_for_hash(&base) {
+                        Some(previous) => page.copy_from_slice(previous),
+                        None => {
+                            // A page read from the source and not kept: read it again.
+                            let content = crate::hash::verified_content(
+                                base,
+                                PAGE_SIZE,
+                                source.content(&base),
+                            )?;
+                            page.copy_from_slice(&content);
+                        }
+                    }
                     apply_delta(&mut page, delta)?;
                     stats.delta_pages += 1;
                     ContentHash::of(&page[..])
@@ -840,8 +862,9 @@ impl<S: LocalContentSource> PageDecoder<S> {
                     ContentHash::of(&page[..])
                 }
             };
+            let kept = (!from_source || *keep_local_content).then_some(&*page);
             mirror
-                .record(key, hash, Some(&page))
+                .record(key, hash, kept)
                 .map_err(|limit| DecodeError::MirrorFull { limit })?;
             emit(blocks.name(key.0), key.1 * PAGE_SIZE as u64, &page);
             decoded += 1;

@@ -86,10 +86,23 @@ struct Harness {
 
 impl Harness {
     fn new(remote: MemoryRepository, config: PageEncoderConfig) -> Self {
-        let mirror_page_limit = config.mirror_page_limit;
+        Self::keeping(remote, config, true)
+    }
+
+    /// With the decoder keeping copies of pages read from `remote` or not (reading them
+    /// again when a later page refers to them).
+    fn keeping(
+        remote: MemoryRepository,
+        config: PageEncoderConfig,
+        keep_local_content: bool,
+    ) -> Self {
+        let decoder = PageDecoderConfig {
+            mirror_page_limit: config.mirror_page_limit,
+            keep_local_content,
+        };
         Self {
             encoder: PageEncoder::new(config, remote.clone()).unwrap(),
-            decoder: PageDecoder::new(PageDecoderConfig { mirror_page_limit }, remote).unwrap(),
+            decoder: PageDecoder::new(decoder, remote).unwrap(),
             current: Default::default(),
             sent: Vec::new(),
             received: Vec::new(),
@@ -184,9 +197,10 @@ proptest! {
         pages_per_frame in 1usize..40,
         level in prop_oneof![Just(1), Just(3), Just(9)],
         delta_cache_pages in prop_oneof![Just(0usize), 1usize..8, Just(16_384usize)],
+        keep_local_content in any::<bool>(),
     ) {
         let config = PageEncoderConfig { pages_per_frame, zstd_level: level, delta_cache_pages, ..PageEncoderConfig::default() };
-        let mut harness = Harness::new(remote_with_pool(), config);
+        let mut harness = Harness::keeping(remote_with_pool(), config, keep_local_content);
         harness.run(&operations);
         prop_assert_eq!(harness.sent.len(), harness.received.len());
         for (index, (sent, received)) in harness.sent.iter().zip(&harness.received).enumerate() {
@@ -342,6 +356,7 @@ fn mirror_limit_is_enforced_on_both_sides() {
     let mut decoder = PageDecoder::new(
         PageDecoderConfig {
             mirror_page_limit: 4,
+            ..PageDecoderConfig::default()
         },
         NothingLocal,
     )
@@ -407,4 +422,52 @@ fn codec_state_can_move_between_threads() {
     assert_send::<novacron_codec::ChunkEncoder<MemoryRepository>>();
     assert_send::<novacron_codec::ChunkDecoder<MemoryRepository>>();
     assert_send_sync::<novacron_codec::ChunkStore>();
+}
+
+/// A decoder that does not keep pages read from its source reads them again for a later known
+/// reference and for a delta against them, and rebuilds the same pages.
+#[test]
+fn pages_from_the_source_are_read_again_when_not_kept() {
+    for keep_local_content in [true, false] {
+        let mut harness = Harness::keeping(
+            remote_with_pool(),
+            PageEncoderConfig {
+                pages_per_frame: 1,
+                ..Default::default()
+            },
+            keep_local_content,
+        );
+        let operations = [
+            // Held by the destination, at two keys: the second refers to the first's hash.
+            Operation::Send {
+                block: 0,
+                page: 1,
+                kind: 2,
+                seed: 1,
+            },
+            Operation::Send {
+                block: 0,
+                page: 2,
+                kind: 2,
+                seed: 1,
+            },
+            // A small change to the first: a delta against the page read from the source.
+            Operation::Send {
+                block: 0,
+                page: 1,
+                kind: 3,
+                seed: 9,
+            },
+            Operation::Flush,
+        ];
+        harness.run(&operations);
+        assert_eq!(harness.sent, harness.received, "keep {keep_local_content}");
+        let decoded = harness.decoder.stats();
+        assert_eq!(decoded.delta_pages, 1, "keep {keep_local_content}");
+        assert_eq!(
+            decoded.known_from_transfer + decoded.known_from_destination,
+            2,
+            "keep {keep_local_content}"
+        );
+    }
 }

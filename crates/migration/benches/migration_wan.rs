@@ -14,10 +14,15 @@
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
 //! --methods qemu,multifd,xbzrle,proxy[,postcopy,proxy-postcopy] [--send-window-mib N (fixed; default: the proxy's adaptive
 //! window)] [--zstd-level L] [--disk-mib N (the realistic workload: a disk of this machine's files
-//! the guest reads into its page cache first)]`. See bench/migration/README.md.
+//! the guest reads into its page cache first)] [--local-disk-written-mib N (with --disk-mib: the
+//! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
+//! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
+//! the proxy's NBD format for the proxy)]`. See bench/migration/README.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/disk_mirror.rs"]
+mod disk_mirror;
 #[path = "support/realistic_disk.rs"]
 mod realistic_disk;
 
@@ -30,8 +35,9 @@ use anyhow::{Context, bail};
 use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
-    ConvergencePlanner, PlanInputs, ProxyConfig, SharedImagePages, receive_migration_stream,
-    receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
+    ConvergencePlanner, DeliveredPages, PlanInputs, ProxyConfig, SharedImagePages,
+    receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
+    send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
@@ -55,10 +61,18 @@ struct Options {
     send_window_mib: u64,
     /// The proxy's zstd level for page frames.
     zstd_level: i32,
+    /// What the link was measured to carry before, Mbit/s (0: nothing known): `vm migrate`
+    /// starts the proxy's send window from the link's forecast, and keeps it at least four of
+    /// its bandwidth-delay products, when a transfer measured the link before.
+    forecast_mbit: f64,
     /// The realistic workload's disk (0: none, the adversarial workload alone): a base image of
     /// this size filled with this machine's own files, which the guest reads whole into its page
     /// cache before the move, under a qcow2 overlay on each side (the destination holds the base).
     disk_mib: u64,
+    /// With a disk: 0 when it is shared (both QEMUs open one overlay chain on the base image);
+    /// else it is local, its overlay holds this many MiB the guest wrote, and the block mirror
+    /// moves it to a fresh overlay on the destination before the memory moves.
+    local_disk_written_mib: u64,
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
     workload_kind: String,
@@ -161,6 +175,9 @@ struct Outcome {
     /// Source STOP event to destination RESUME event (QMP timestamps, same host clock).
     real_pause_ms: Option<f64>,
     guest_continued: bool,
+    /// With a local disk: when the mirror was in sync (seconds from the start), and whether
+    /// the destination's disk ended identical to the source's.
+    local_disk: Option<(f64, bool)>,
 }
 
 /// What the proxy's session measures, published by the source side for the convergence planner
@@ -193,7 +210,9 @@ fn parse_options() -> anyhow::Result<Options> {
         ],
         send_window_mib: 0,
         zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
+        forecast_mbit: 0.0,
         disk_mib: 0,
+        local_disk_written_mib: 0,
         workload_kind: "random".to_string(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -216,7 +235,9 @@ fn parse_options() -> anyhow::Result<Options> {
             "--workload-mib" => options.workload_mib = value.parse()?,
             "--send-window-mib" => options.send_window_mib = value.parse()?,
             "--zstd-level" => options.zstd_level = value.parse()?,
+            "--forecast-mbit" => options.forecast_mbit = value.parse()?,
             "--disk-mib" => options.disk_mib = value.parse()?,
+            "--local-disk-written-mib" => options.local_disk_written_mib = value.parse()?,
             "--workload-kind" => {
                 anyhow::ensure!(
                     value == "random" || value == "records",
@@ -231,10 +252,22 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --methods, --send-window-mib, --zstd-level"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --forecast-mbit"
             ),
         }
         index += 2;
+    }
+    if options.local_disk_written_mib > 0 {
+        anyhow::ensure!(
+            options.local_disk_written_mib >= 32
+                && options.local_disk_written_mib * 2 <= options.disk_mib,
+            "--local-disk-written-mib must be at least 32 and at most half of --disk-mib"
+        );
+        anyhow::ensure!(
+            !options.methods.iter().any(|method| method.postcopy()),
+            "--local-disk-written-mib runs precopy methods only (a post-copy switch waits for \
+             the mirror first, as `vm migrate` does; not in this bench)"
+        );
     }
     Ok(options)
 }
@@ -259,6 +292,18 @@ fn main() -> anyhow::Result<()> {
     let disk = (options.disk_mib > 0)
         .then(|| realistic_disk(options.disk_mib))
         .transpose()?;
+    let written = tempfile::Builder::new()
+        .prefix("nmb-w-")
+        .tempdir_in("/tmp")?;
+    let local_disk = match &disk {
+        Some(disk) if options.local_disk_written_mib > 0 => Some(disk_mirror::write_overlay(
+            disk,
+            options.disk_mib,
+            options.local_disk_written_mib,
+            written.path(),
+        )?),
+        _ => None,
+    };
     let mut outcomes = Vec::new();
     for &method in &options.methods {
         let outcome = runtime.block_on(run_one(
@@ -268,6 +313,7 @@ fn main() -> anyhow::Result<()> {
             &guest,
             &binaries,
             disk.as_ref(),
+            local_disk.as_ref().map(|(overlay, _)| overlay.as_path()),
         ))?;
         outcomes.push(outcome);
     }
@@ -280,14 +326,35 @@ fn main() -> anyhow::Result<()> {
         options.workload_mib,
         options.workload_kind
     );
+    if options.forecast_mbit > 0.0 {
+        println!(
+            "the proxy's send window starts from a forecast of {} Mbit/s for this link and stays \
+             at least four of its bandwidth-delay products (as `vm migrate` does once a transfer \
+             measured the link)",
+            options.forecast_mbit
+        );
+    }
     if let Some(disk) = &disk {
         println!(
             "realistic workload: the guest first read its whole {} MiB disk ({:.0} MiB of this \
              machine's files) into its page cache; the destination holds the base image. The \
-             proxy's time includes indexing the base image ({:.2} s)",
+             proxy's time includes loading the base image's saved page index ({:.2} s; \
+             building it took {:.1} s, once, when the image arrived)",
             options.disk_mib,
             disk.file_bytes as f64 / f64::from(1u32 << 20),
-            disk.index_seconds
+            disk.index_seconds,
+            disk.build_seconds
+        );
+    }
+    if let Some((_, random_bytes)) = &local_disk {
+        println!(
+            "local disk: not shared; the source's overlay holds {} MiB the guest wrote (half \
+             copies of its own files, 3/8 application text, 1/8 random: {:.0} MB that cannot \
+             shrink, {:.1} s at the link rate), mirrored before the memory moves; total time \
+             from the mirror's start until the guest runs on the destination",
+            options.local_disk_written_mib,
+            *random_bytes as f64 / 1e6,
+            *random_bytes as f64 * 8.0 / (options.rate_mbit * 1e6)
         );
     }
     // The floors hold for the random workload only: a records workload compresses.
@@ -319,13 +386,25 @@ fn main() -> anyhow::Result<()> {
             WORKLOAD_DIRTY_BYTES_PER_SECOND / f64::from(1u32 << 20)
         );
     }
+    let disk_columns = if local_disk.is_some() {
+        (" disk in sync (s) | disk identical |", "---|---|")
+    } else {
+        ("", "")
+    };
     println!(
-        "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | real pause STOP→RESUME (ms) | guest continued |"
+        "| method | total time (s) | QEMU stream (MB) | on the link A→B (MB) | passes | QEMU downtime (ms) | real pause STOP→RESUME (ms) | guest continued |{}",
+        disk_columns.0
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|{}", disk_columns.1);
     for outcome in &outcomes {
+        let disk = outcome
+            .local_disk
+            .map(|(in_sync, identical)| {
+                format!(" {in_sync:.1} | {} |", if identical { "yes" } else { "NO" })
+            })
+            .unwrap_or_default();
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |{disk}",
             outcome.method.name(),
             outcome.seconds,
             outcome.stream_bytes as f64 / 1e6,
@@ -338,9 +417,16 @@ fn main() -> anyhow::Result<()> {
             if outcome.guest_continued { "yes" } else { "no" }
         );
     }
+    if outcomes
+        .iter()
+        .any(|outcome| outcome.local_disk.is_some_and(|(_, identical)| !identical))
+    {
+        bail!("a destination disk differs from the source's");
+    }
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn guest_spec(
     guest: &TestGuest,
     options: &Options,
@@ -349,6 +435,7 @@ fn guest_spec(
     run_dir: &Path,
     incoming: Option<&Path>,
     disk: Option<&RealisticDisk>,
+    written_overlay: Option<&Path>,
 ) -> anyhow::Result<LaunchSpec> {
     let mut extra = format!(
         "novacron.workload=1 novacron.workload_mib={} novacron.workload_kind={}",
@@ -361,16 +448,14 @@ fn guest_spec(
         .memory_mib(options.memory_mib)
         .kernel(guest.kernel_boot(&extra));
     if let Some(disk) = disk {
-        // Each side its own overlay on the base image both hosts hold.
+        // Each side its own overlay on the base image both hosts hold; with a local disk, the
+        // source's holds what the guest wrote (a copy: every run starts from the same).
         let overlay = run_dir.join("disk.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&disk.base)
-            .arg(&overlay)
-            .status()
-            .context("running qemu-img")?;
-        if !status.success() {
-            bail!("qemu-img could not create {}", overlay.display());
+        match written_overlay {
+            Some(written) if incoming.is_none() => {
+                std::fs::copy(written, &overlay)?;
+            }
+            _ => disk_mirror::create_overlay(&disk.base, &overlay)?,
         }
         spec = spec.disk(overlay, novacron_qemu::ImageFormat::Qcow2);
     }
@@ -400,6 +485,7 @@ async fn run_one(
     guest: &TestGuest,
     binaries: &QemuBinaries,
     disk: Option<&RealisticDisk>,
+    written_overlay: Option<&Path>,
 ) -> anyhow::Result<Outcome> {
     eprintln!("== {}", method.name());
     let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
@@ -416,6 +502,7 @@ async fn run_one(
             source_dir.path(),
             None,
             disk,
+            written_overlay,
         )?,
     )
     .await?;
@@ -437,6 +524,7 @@ async fn run_one(
             destination_dir.path(),
             Some(&incoming),
             disk,
+            written_overlay,
         )?,
     )
     .await?;
@@ -464,11 +552,24 @@ async fn run_one(
     let (destination_tls, source_tls) = pinned_pair();
     let address_b = link.addr_b();
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
-    let image_pages = SharedImagePages(disk.map(|disk| disk.index.clone()));
+    // As `vm migrate` does: with a local disk, memory pages equal to a block the disk mirror
+    // delivered travel as hashes (each side keeps its own record of those blocks).
+    let image_pages = SharedImagePages::new(disk.map(|disk| disk.index.clone()));
+    let (source_pages, destination_pages) = match written_overlay {
+        Some(_) => (
+            image_pages
+                .clone()
+                .with_delivered(Arc::new(DeliveredPages::at_source())),
+            image_pages.with_delivered(Arc::new(DeliveredPages::at_destination(
+                destination_dir.path(),
+            )?)),
+        ),
+        None => (image_pages.clone(), image_pages),
+    };
     let destination_thread = {
         let link = link.clone();
         let incoming = incoming.clone();
-        let image_pages = image_pages.clone();
+        let image_pages = destination_pages.clone();
         std::thread::spawn(move || {
             link.in_ns_b(move || {
                 destination_side(
@@ -489,10 +590,14 @@ async fn run_one(
     let unix_listener = std::os::unix::net::UnixListener::bind(&outgoing)?;
     let send_window_bytes = options.send_window_mib << 20;
     let mut config = ProxyConfig {
-        image_pages,
+        image_pages: source_pages.clone(),
         ..ProxyConfig::default()
     };
     config.encoder.zstd_level = options.zstd_level;
+    if options.forecast_mbit > 0.0 {
+        config.initial_rate_bytes_per_second = options.forecast_mbit * 1e6 / 8.0;
+        config.initial_rate_is_measured = true;
+    }
     if send_window_bytes > 0 {
         // A fixed window (`--send-window-mib`), instead of the proxy's adaptive one.
         config.adaptive_send_window_minimum = None;
@@ -519,6 +624,25 @@ async fn run_one(
     let mut source_events = source.subscribe_events();
     let mut destination_events = destination.subscribe_events();
     let wire_before = link.counters().a_to_b.bytes_forwarded;
+    let started = Instant::now();
+    // A local disk moves first: the block mirror into the destination's NBD export, until in
+    // sync (it stays in sync while the memory moves, and completes at the switch-over).
+    let mirror = match written_overlay {
+        Some(_) => Some(
+            start_disk_mirror(
+                method,
+                link,
+                &source,
+                &destination,
+                source_dir.path(),
+                destination_dir.path(),
+                (source_pages.clone(), destination_pages.clone()),
+                started,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     source
         .qmp()
         .execute(
@@ -527,7 +651,7 @@ async fn run_one(
         )
         .await?;
     let mut qemu_limits: Vec<u64> = Vec::new();
-    let started = Instant::now();
+    eprintln!("   memory migration starts");
     source
         .qmp()
         .execute(
@@ -615,11 +739,15 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mirror_in_sync = match mirror {
+        Some(mirror) => Some(mirror.complete(&source, &destination).await?),
+        None => None,
+    };
     let mut seconds = started.elapsed().as_secs_f64();
     if method.proxied()
         && let Some(disk) = disk
     {
-        // `vm migrate` indexes the base image before QEMU starts sending.
+        // `vm migrate` loads the base image's page index before QEMU starts sending.
         seconds += disk.index_seconds;
     }
     if method.proxied() {
@@ -634,6 +762,19 @@ async fn run_one(
         .map_err(|_| anyhow::anyhow!("destination side panicked"))??
         .context("destination side")?;
     let wire_bytes = link.counters().a_to_b.bytes_forwarded - wire_before;
+    if let (Some(source), Some(destination)) =
+        (&source_pages.delivered, &destination_pages.delivered)
+        && method.proxied()
+    {
+        eprintln!(
+            "   blocks the disk mirror delivered: {} (source) / {} (destination); memory pages \
+             sent as one of them: {} distinct, {} read back",
+            source.len(),
+            destination.len(),
+            source.used(),
+            destination.used()
+        );
+    }
 
     let source_tick = last_tick(&source_console);
     // The destination was started paused (it must not run before the stream is verified):
@@ -655,6 +796,18 @@ async fn run_one(
     .is_ok();
     let _ = destination.force_stop().await;
     let _ = source.force_stop().await;
+    let local_disk = match mirror_in_sync {
+        Some(in_sync) => {
+            let compared = tokio::process::Command::new("qemu-img")
+                .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
+                .arg(source_dir.path().join("disk.qcow2"))
+                .arg(destination_dir.path().join("disk.qcow2"))
+                .status()
+                .await?;
+            Some((in_sync, compared.success()))
+        }
+        None => None,
+    };
     Ok(Outcome {
         method,
         seconds,
@@ -664,7 +817,85 @@ async fn run_one(
         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
         real_pause_ms,
         guest_continued,
+        local_disk,
     })
+}
+
+/// The block mirror of a local disk across the link, started and in sync.
+struct DiskMirror {
+    in_sync_seconds: f64,
+    relays: disk_mirror::Relays,
+}
+
+/// Exports the destination's fresh overlay over NBD (as `vm migrate` does on the incoming
+/// QEMU), starts the relays of the mirror's connection across the link (one TCP connection for
+/// QEMU's methods, the proxy's NBD format over a transport session for the proxy) and the
+/// mirror, and waits until it is in sync.
+#[allow(clippy::too_many_arguments)]
+async fn start_disk_mirror(
+    method: Method,
+    link: &Arc<RunningLink>,
+    source: &QemuVm,
+    destination: &QemuVm,
+    source_dir: &Path,
+    destination_dir: &Path,
+    image_pages: (SharedImagePages, SharedImagePages),
+    started: Instant,
+) -> anyhow::Result<DiskMirror> {
+    let server_socket = destination_dir.join("nbd.sock");
+    destination
+        .qmp()
+        .execute(
+            "nbd-server-start",
+            Some(json!({
+                "addr": { "type": "unix", "data": { "path": server_socket.display().to_string() } }
+            })),
+        )
+        .await?;
+    destination
+        .qmp()
+        .execute(
+            "block-export-add",
+            Some(json!({
+                "type": "nbd", "id": "bench-export", "node-name": "disk0", "writable": true,
+            })),
+        )
+        .await?;
+    let client_socket = source_dir.join("mirror.sock");
+    let relays = disk_mirror::Relays::start(
+        method.proxied(),
+        link,
+        server_socket,
+        &client_socket,
+        image_pages,
+    )
+    .await?;
+    disk_mirror::start_mirror(source, &client_socket, Some("disk0")).await?;
+    let in_sync_seconds = disk_mirror::wait_mirror_ready(source, started, DEADLINE).await?;
+    eprintln!("   disk in sync after {in_sync_seconds:.1} s");
+    Ok(DiskMirror {
+        in_sync_seconds,
+        relays,
+    })
+}
+
+impl DiskMirror {
+    /// At the switch-over (the source stopped, the memory moved): the mirror drains and ends,
+    /// the destination's export closes before its guest runs. Returns when it was in sync.
+    async fn complete(self, source: &QemuVm, destination: &QemuVm) -> anyhow::Result<f64> {
+        disk_mirror::complete_mirror(source).await?;
+        // Removing the target node closed the mirror's connection: the relays end.
+        self.relays.join().await?;
+        destination
+            .qmp()
+            .execute(
+                "block-export-del",
+                Some(json!({ "id": "bench-export", "mode": "hard" })),
+            )
+            .await?;
+        destination.qmp().execute("nbd-server-stop", None).await?;
+        Ok(self.in_sync_seconds)
+    }
 }
 
 /// The host-clock time (seconds) of the first `name` event received, waiting up to 5 s.

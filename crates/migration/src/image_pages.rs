@@ -11,21 +11,40 @@
 //! The stream checksum at the end still proves the rebuilt stream identical.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use novacron_codec::{
     BoxError, ContentHash, ContentHashBuildHasher, LocalContentSource, PAGE_SIZE, RemoteHashQuery,
     is_zero,
 };
 
-/// Reads of the raw view while indexing.
+use crate::delivered::DeliveredPages;
+
+/// Reads of the image file while indexing.
 const INDEX_READ_SIZE: usize = 1 << 20;
 
-/// Where each distinct non-zero 4 KiB block of a raw image is (its first occurrence).
+/// Magic of a saved index (format 1: see [`ImagePageIndex::save`]).
+const SAVED_MAGIC: &[u8; 8] = b"NCPGIX01";
+const SAVED_HEADER: usize = 32;
+const SAVED_ENTRY: usize = 32 + 8;
+const SAVED_TRAILER: usize = 32;
+
+/// A range of the guest-visible disk stored as is (uncompressed) in the image file, as
+/// `qemu-img map` reports it. A raw image is one range: the whole file at offset 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredRange {
+    pub guest_offset: u64,
+    pub file_offset: u64,
+    pub length: u64,
+}
+
+/// Where each distinct non-zero 4 KiB block of an image's guest-visible content is stored in the
+/// image file (its first occurrence). Blocks are those at 4 KiB-aligned guest offsets.
 pub struct ImagePageIndex {
     file: std::fs::File,
+    file_length: u64,
     offsets: HashMap<ContentHash, u64, ContentHashBuildHasher>,
     blocks: u64,
 }
@@ -45,27 +64,150 @@ impl ImagePageIndex {
     /// converted to raw). Keeps the file open to serve reads. A trailing partial block is
     /// ignored.
     pub fn build(path: &Path) -> std::io::Result<Self> {
+        let length = std::fs::metadata(path)?.len();
+        Self::build_from_ranges(
+            path,
+            &[StoredRange {
+                guest_offset: 0,
+                file_offset: 0,
+                length,
+            }],
+            length,
+        )
+    }
+
+    /// Indexes the image file at `path` whose guest-visible disk of `guest_length` bytes has
+    /// its data in `ranges` (the rest reads as zeros or is not in this file). A 4 KiB guest block
+    /// is indexed when it lies inside one range. Keeps the file open to serve reads.
+    pub fn build_from_ranges(
+        path: &Path,
+        ranges: &[StoredRange],
+        guest_length: u64,
+    ) -> std::io::Result<Self> {
         let file = std::fs::File::open(path)?;
-        let mut reader = std::io::BufReader::with_capacity(INDEX_READ_SIZE, &file);
+        let file_length = file.metadata()?.len();
+        let page = PAGE_SIZE as u64;
         let mut offsets = HashMap::with_hasher(ContentHashBuildHasher::default());
-        let mut block = vec![0u8; PAGE_SIZE];
-        let mut offset = 0u64;
-        let mut blocks = 0u64;
-        loop {
-            match reader.read_exact(&mut block) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(error) => return Err(error),
+        let mut buffer = vec![0u8; INDEX_READ_SIZE];
+        for range in ranges {
+            let first = range.guest_offset.div_ceil(page) * page;
+            let end = (range.guest_offset + range.length) / page * page;
+            let mut guest = first;
+            while guest < end {
+                let length = (end - guest).min(INDEX_READ_SIZE as u64) as usize;
+                let at = range.file_offset + (guest - range.guest_offset);
+                if at + length as u64 > file_length {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "guest range at {guest} maps past the end of {} ({file_length} bytes)",
+                            path.display()
+                        ),
+                    ));
+                }
+                file.read_exact_at(&mut buffer[..length], at)?;
+                for (index, block) in buffer[..length].chunks_exact(PAGE_SIZE).enumerate() {
+                    if !is_zero(block) {
+                        offsets
+                            .entry(ContentHash::of(block))
+                            .or_insert(at + (index * PAGE_SIZE) as u64);
+                    }
+                }
+                guest += length as u64;
             }
-            blocks += 1;
-            if !is_zero(&block) {
-                offsets.entry(ContentHash::of(&block)).or_insert(offset);
-            }
-            offset += PAGE_SIZE as u64;
         }
-        drop(reader);
         Ok(Self {
             file,
+            file_length,
+            offsets,
+            blocks: guest_length / page,
+        })
+    }
+
+    /// Writes the index to `path` (through a temporary file renamed into place, synced), so
+    /// the next use loads it instead of reading the image again. Format 1: the magic
+    /// `NCPGIX01`; the image file's length, the guest blocks and the entry count (u64 LE
+    /// each); per entry the block's BLAKE3 hash and its offset in the image file (u64 LE); then
+    /// the BLAKE3 hash of everything before.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut bytes =
+            Vec::with_capacity(SAVED_HEADER + self.offsets.len() * SAVED_ENTRY + SAVED_TRAILER);
+        bytes.extend_from_slice(SAVED_MAGIC);
+        bytes.extend_from_slice(&self.file_length.to_le_bytes());
+        bytes.extend_from_slice(&self.blocks.to_le_bytes());
+        bytes.extend_from_slice(&(self.offsets.len() as u64).to_le_bytes());
+        for (hash, offset) in &self.offsets {
+            bytes.extend_from_slice(&hash.0);
+            bytes.extend_from_slice(&offset.to_le_bytes());
+        }
+        let trailer = blake3::hash(&bytes);
+        bytes.extend_from_slice(trailer.as_bytes());
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        let temporary = std::path::PathBuf::from(temporary);
+        let written = (|| {
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written
+    }
+
+    /// Loads an index [`ImagePageIndex::save`] wrote for the image file at `image`. Refuses
+    /// (`InvalidData`) a damaged or truncated index, one of another format, and one written for
+    /// a file of another length.
+    pub fn load(path: &Path, image: &Path) -> std::io::Result<Self> {
+        let invalid = |reason: String| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("page index {}: {reason}", path.display()),
+            )
+        };
+        let bytes = std::fs::read(path)?;
+        if bytes.len() < SAVED_HEADER + SAVED_TRAILER || &bytes[..8] != SAVED_MAGIC {
+            return Err(invalid("not a page index of format 1".into()));
+        }
+        let (body, trailer) = bytes.split_at(bytes.len() - SAVED_TRAILER);
+        if blake3::hash(body).as_bytes() != trailer {
+            return Err(invalid("checksum mismatch (damaged)".into()));
+        }
+        let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let (file_length, blocks, count) = (word(8), word(16), word(24));
+        let entries = &body[SAVED_HEADER..];
+        if count.checked_mul(SAVED_ENTRY as u64) != Some(entries.len() as u64) {
+            return Err(invalid(format!("{count} entries do not fill its length")));
+        }
+        let file = std::fs::File::open(image)?;
+        let actual = file.metadata()?.len();
+        if actual != file_length {
+            return Err(invalid(format!(
+                "written for a file of {file_length} bytes, {} has {actual}",
+                image.display()
+            )));
+        }
+        let mut offsets =
+            HashMap::with_capacity_and_hasher(count as usize, ContentHashBuildHasher::default());
+        for entry in entries.chunks_exact(SAVED_ENTRY) {
+            let hash = ContentHash(entry[..32].try_into().expect("32 bytes"));
+            let offset = u64::from_le_bytes(entry[32..].try_into().expect("8 bytes"));
+            if offset
+                .checked_add(PAGE_SIZE as u64)
+                .is_none_or(|end| end > file_length)
+            {
+                return Err(invalid(format!(
+                    "an offset ({offset}) is past the image's end"
+                )));
+            }
+            offsets.insert(hash, offset);
+        }
+        Ok(Self {
+            file,
+            file_length,
             offsets,
             blocks,
         })
@@ -81,7 +223,7 @@ impl ImagePageIndex {
         self.offsets.len()
     }
 
-    /// Blocks read (zero ones included).
+    /// The guest-visible disk's blocks (zero ones included).
     pub fn blocks(&self) -> u64 {
         self.blocks
     }
@@ -99,25 +241,80 @@ impl LocalContentSource for ImagePageIndex {
     }
 }
 
-/// The proxy codec's view of an index, shared: on the source, "the destination holds every
-/// block of the image" (no round trip: both hold the same image); on the destination, the
-/// blocks read back by hash. Without an index: nothing is held.
+/// What the destination is known to hold, as the proxy codec sees it: the blocks of the VM's
+/// base image (both hosts hold the same image: no round trip) and, during a migration with a
+/// local disk, the blocks its disk mirror delivered ([`DeliveredPages`]). On the source, "the
+/// destination holds these"; on the destination, the blocks read back by hash. Without either:
+/// nothing is held.
 #[derive(Clone, Debug, Default)]
-pub struct SharedImagePages(pub Option<std::sync::Arc<ImagePageIndex>>);
+pub struct SharedImagePages {
+    pub index: Option<Arc<ImagePageIndex>>,
+    pub delivered: Option<Arc<DeliveredPages>>,
+}
+
+impl SharedImagePages {
+    /// The base image's blocks alone (`None`: no base image).
+    pub fn new(index: Option<Arc<ImagePageIndex>>) -> Self {
+        Self {
+            index,
+            delivered: None,
+        }
+    }
+
+    /// Also the blocks a disk mirror delivered.
+    pub fn with_delivered(mut self, delivered: Arc<DeliveredPages>) -> Self {
+        self.delivered = Some(delivered);
+        self
+    }
+
+    /// Whether anything is held (the encoder asks only then).
+    pub fn holds_anything(&self) -> bool {
+        self.index.is_some() || self.delivered.is_some()
+    }
+
+    /// Whether `hash` is a block of the base image.
+    pub fn in_image(&self, hash: &ContentHash) -> bool {
+        self.index
+            .as_ref()
+            .is_some_and(|index| index.contains(hash))
+    }
+}
 
 impl RemoteHashQuery for SharedImagePages {
     fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, BoxError> {
-        Ok(match &self.0 {
-            Some(index) => hashes.iter().map(|hash| index.contains(hash)).collect(),
-            None => vec![false; hashes.len()],
-        })
+        let mut delivered_hits = 0;
+        let answers = hashes
+            .iter()
+            .map(|hash| {
+                if self.in_image(hash) {
+                    return true;
+                }
+                let delivered = self
+                    .delivered
+                    .as_ref()
+                    .is_some_and(|delivered| delivered.contains(hash));
+                delivered_hits += u64::from(delivered);
+                delivered
+            })
+            .collect();
+        if let Some(delivered) = &self.delivered
+            && delivered_hits > 0
+        {
+            delivered.note_used(delivered_hits);
+        }
+        Ok(answers)
     }
 }
 
 impl LocalContentSource for SharedImagePages {
     fn content(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, BoxError> {
-        match &self.0 {
-            Some(index) => index.content(hash),
+        if let Some(index) = &self.index
+            && let Some(block) = index.content(hash)?
+        {
+            return Ok(Some(block));
+        }
+        match &self.delivered {
+            Some(delivered) => delivered.content(hash),
             None => Ok(None),
         }
     }
@@ -156,9 +353,94 @@ mod tests {
         assert_eq!(index.content(&absent).unwrap(), None);
         let partial = ContentHash::of(&[9u8; 100]);
         assert!(!index.contains(&partial));
-        let mut shared = SharedImagePages(Some(std::sync::Arc::new(index)));
+        let mut shared = SharedImagePages::new(Some(Arc::new(index)));
         assert_eq!(shared.which_of(&[two, absent]).unwrap(), vec![true, false]);
         let mut none = SharedImagePages::default();
         assert_eq!(none.which_of(&[two]).unwrap(), vec![false]);
+    }
+
+    #[test]
+    fn ranges_index_only_whole_blocks_inside_them_at_their_file_offsets() {
+        // File: 4 KiB of header, then blocks 1 and 2 (guest blocks 3 and 4), then a block 5
+        // mapped from guest offset 2 KiB (straddles two guest blocks: not indexed).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image.file");
+        let mut bytes = vec![0xEEu8; PAGE_SIZE];
+        bytes.extend(std::iter::repeat_n(1u8, PAGE_SIZE));
+        bytes.extend(std::iter::repeat_n(2u8, PAGE_SIZE));
+        bytes.extend(std::iter::repeat_n(5u8, PAGE_SIZE));
+        std::fs::write(&path, &bytes).expect("write");
+        let page = PAGE_SIZE as u64;
+        let ranges = [
+            StoredRange {
+                guest_offset: 3 * page,
+                file_offset: page,
+                length: 2 * page,
+            },
+            StoredRange {
+                guest_offset: 2048,
+                file_offset: 3 * page,
+                length: page,
+            },
+        ];
+        let index = ImagePageIndex::build_from_ranges(&path, &ranges, 8 * page).expect("index");
+        assert_eq!(index.blocks(), 8);
+        assert_eq!(index.distinct_blocks(), 2);
+        let two = ContentHash::of(&[2u8; PAGE_SIZE]);
+        assert_eq!(index.content(&two).unwrap(), Some(vec![2u8; PAGE_SIZE]));
+        assert!(!index.contains(&ContentHash::of(&[0xEEu8; PAGE_SIZE])));
+        assert!(!index.contains(&ContentHash::of(&[5u8; PAGE_SIZE])));
+        let past = [StoredRange {
+            guest_offset: 0,
+            file_offset: 3 * page,
+            length: 2 * page,
+        }];
+        let error = ImagePageIndex::build_from_ranges(&path, &past, 8 * page).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_saved_index_loads_back_and_a_damaged_or_stale_one_is_refused() {
+        let (dir, path) = image(&[1, 0, 2, 1, 3]);
+        let index = ImagePageIndex::build(&path).expect("index");
+        let saved = dir.path().join("image.pages");
+        index.save(&saved).expect("save");
+        assert!(!dir.path().join("image.pages.tmp").exists());
+        let loaded = ImagePageIndex::load(&saved, &path).expect("load");
+        assert_eq!(loaded.blocks(), 5);
+        assert_eq!(loaded.distinct_blocks(), 3);
+        for fill in [1u8, 2, 3] {
+            let hash = ContentHash::of(&[fill; PAGE_SIZE]);
+            assert_eq!(loaded.content(&hash).unwrap(), Some(vec![fill; PAGE_SIZE]));
+        }
+
+        let good = std::fs::read(&saved).expect("read");
+        let refused = |bytes: &[u8]| {
+            std::fs::write(&saved, bytes).expect("write");
+            let error = ImagePageIndex::load(&saved, &path).unwrap_err();
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+            error.to_string()
+        };
+        let mut flipped = good.clone();
+        flipped[SAVED_HEADER + 3] ^= 1;
+        assert!(refused(&flipped).contains("checksum"));
+        assert!(refused(&good[..good.len() - 1]).contains("checksum"));
+        assert!(refused(&good[..10]).contains("not a page index"));
+        let mut other = good.clone();
+        other[..8].copy_from_slice(b"NCPGIX02");
+        assert!(refused(&other).contains("not a page index"));
+
+        // A well-formed index of a file of another length: the image changed under it.
+        std::fs::write(&saved, &good).expect("write");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, &[0u8; 7]))
+            .expect("grow image");
+        let error = ImagePageIndex::load(&saved, &path).unwrap_err();
+        assert!(
+            error.to_string().contains("written for a file of"),
+            "{error}"
+        );
     }
 }

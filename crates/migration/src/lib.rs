@@ -8,6 +8,8 @@
 //!   BLAKE3 checksum of what it wrote.
 //! - [`nbd`]: the same for the client's half of an NBD connection (a block mirror's writes), so
 //!   the proxy carries a VM's disk with the page codec too.
+//! - [`delivered`]: blocks a migration's disk mirror delivered, which its memory session then
+//!   refers to by hash instead of sending them again.
 //! - [`proxy`]: the stream proxy over a DWCP transport session: PAGE payloads re-encoded with the
 //!   page codec, everything else compressed, the identical stream rebuilt at the destination and
 //!   proved equal by a stream-level BLAKE3 checksum.
@@ -15,6 +17,7 @@
 //! This crate does not start QEMU and does not decide when to migrate; the migration state machine
 //! above it does.
 
+pub mod delivered;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_pages;
@@ -26,7 +29,8 @@ pub mod stream;
 #[doc(hidden)]
 pub mod synthetic;
 
-pub use image_pages::{ImagePageIndex, SharedImagePages};
+pub use delivered::DeliveredPages;
+pub use image_pages::{ImagePageIndex, SharedImagePages, StoredRange};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,

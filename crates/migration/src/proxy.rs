@@ -21,6 +21,9 @@
 //! - `END` (last): be64 length and BLAKE3 of the original stream. The destination compares them
 //!   with what it rebuilt and fails on any difference.
 //!
+//! Version 2 (no change in the bytes): a migration's memory session may refer by hash to blocks
+//! its disk session delivered ([`crate::delivered`]), which both sides record alike.
+//!
 //! ZERO records travel as opaque bytes (nine bytes each before compression), not through the
 //! codec: the codec's mirror only changes between frames, and a ZERO record sits between pages.
 //! Page contents the codec remembers are its own (last PAGE payload sent per key), the same on
@@ -37,13 +40,14 @@ use novacron_codec::{
 use novacron_transport::{Session, TransportError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::delivered::DeliveredPages;
 use crate::image_pages::SharedImagePages;
 use crate::nbd::NbdParser;
 use crate::rebuild::StreamRebuilder;
 use crate::stream::{EventParser, PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
 
 /// Version of the proxy's wire format.
-pub const PROXY_VERSION: u8 = 1;
+pub const PROXY_VERSION: u8 = 2;
 const HELLO_MAGIC: &[u8; 5] = b"NCMIG";
 const HELLO_MAGIC_NBD: &[u8; 5] = b"NCNBD";
 
@@ -145,6 +149,14 @@ pub struct ProxyConfig {
     /// when there is one; else the transport's default guess of 1 Gbit/s). The first
     /// measurement, a second later, corrects it either way.
     pub initial_rate_bytes_per_second: f64,
+    /// `initial_rate_bytes_per_second` is what this link was measured to carry (a forecast),
+    /// not a guess: the window never holds less than four of its bandwidth-delay products of
+    /// QEMU's stream (in message bytes, that divided by the stream's encoding ratio so far). A
+    /// session's first seconds measure TCP's ramp-up, and on a lossy path a window cut to that
+    /// pace stays there (the rate a window allows is window / RTT', RTT' about four round trips
+    /// at 0.5 % loss, so four measured products are the same window again): a 2 GiB guest of
+    /// random pages at 1 Gbit/s and 0.5 % loss took 10.6-11.6 s, 6.8 s with a 32 MiB window.
+    pub initial_rate_is_measured: bool,
     /// The 4 KiB blocks of the VM's base image, which both hosts hold: RAM pages equal to one
     /// travel as its hash (source) and are read back from the image (destination).
     pub image_pages: SharedImagePages,
@@ -169,6 +181,7 @@ impl Default for ProxyConfig {
             read_size: 256 << 10,
             adaptive_send_window_minimum: Some(2 << 20),
             initial_rate_bytes_per_second: 125e6,
+            initial_rate_is_measured: false,
             image_pages: SharedImagePages::default(),
             carry_return_path: false,
         }
@@ -208,7 +221,6 @@ fn put_message(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// The send window of a migration session, resized from what the session measures.
 /// The send window the adaptive proxy settles on for a link of `rate` bytes/s and `round_trip`:
 /// what is still in flight when QEMU stops the guest (the convergence plan takes its crossing
 /// time out of QEMU's downtime limit).
@@ -217,8 +229,12 @@ pub fn expected_send_window(config: &ProxyConfig, rate: f64, round_trip: Duratio
     product.max(config.adaptive_send_window_minimum.unwrap_or(0))
 }
 
+/// The send window of a migration session, resized from what the session measures.
 struct SendWindow {
     minimum: u64,
+    /// Four bandwidth-delay products of the link's forecast (0 without one), in QEMU's stream
+    /// bytes: the window never holds less than this much of QEMU's stream.
+    floor: u64,
     last: std::time::Instant,
 }
 
@@ -227,25 +243,42 @@ impl SendWindow {
     /// Round trips of data kept in flight or queued.
     const FACTOR: f64 = 4.0;
 
-    fn new(session: &Session, minimum: u64, initial_rate: f64) -> Self {
+    fn new(session: &Session, minimum: u64, config: &ProxyConfig) -> Self {
         let round_trip = session
             .stats()
             .round_trip_estimate
             .unwrap_or(Duration::from_millis(10));
-        let initial = (Self::FACTOR * initial_rate * round_trip.as_secs_f64()) as u64;
+        let initial =
+            (Self::FACTOR * config.initial_rate_bytes_per_second * round_trip.as_secs_f64()) as u64;
+        let floor = if config.initial_rate_is_measured {
+            initial
+        } else {
+            0
+        };
         session.set_bulk_send_window(initial.max(minimum));
         Self {
             minimum,
+            floor,
             last: std::time::Instant::now(),
         }
     }
 
-    /// Four times the measured bandwidth-delay product (with the connect-time RTT). While the
-    /// window limits the rate, the rate measured is about window / RTT' (RTT' above the base RTT
-    /// on a lossy path: about 2.5 RTT at 0.5 % loss here), so the window grows each measurement
+    /// Four times the measured bandwidth-delay product (with the connect-time RTT), never below
+    /// the minimum nor the forecast's floor (see below). While the window limits
+    /// the rate, the rate measured is about window / RTT' (RTT' above the base RTT on a lossy
+    /// path), so the window grows each measurement while RTT' stays under four base round trips,
     /// until the link, not the window, sets the rate; then about four round trips of data wait
     /// beyond the link, what the guest's final pause pays for (2 MiB at 100 Mbit/s and 50 ms).
-    fn adapt(&mut self, session: &Session) {
+    /// At 0.5 % loss RTT' is about four round trips: four products of a window-limited rate are
+    /// the same window, which stays where the session's ramp-up put it unless a forecast holds
+    /// it up (bench/migration/README.md, "The send window at 0.5 % loss").
+    ///
+    /// The forecast's floor counts in QEMU's stream bytes: `ratio` is the stream bytes read per
+    /// message byte sent so far. What waits beyond the link at the switch-over is also what the
+    /// destination must rebuild and QEMU load before the guest resumes; a window full of page
+    /// hashes holds many times its size of stream (a 22 MB window of the realistic workload's
+    /// messages made a 2.7 s pause at 1 Gbit/s, where the link alone would take 0.2 s).
+    fn adapt(&mut self, session: &Session, ratio: f64) {
         if self.last.elapsed() < Self::INTERVAL {
             return;
         }
@@ -255,7 +288,10 @@ impl SendWindow {
             return;
         };
         let product = stats.measured_rate_bytes_per_second * round_trip.as_secs_f64();
-        let wanted = ((Self::FACTOR * product) as u64).max(self.minimum);
+        let floor = (self.floor as f64 / ratio.max(1.0)) as u64;
+        let wanted = ((Self::FACTOR * product) as u64)
+            .max(self.minimum)
+            .max(floor);
         let current = session.bulk_send_window();
         // Ignore small changes; the measurement is noisy.
         if wanted.abs_diff(current) * 8 > current {
@@ -270,11 +306,47 @@ impl SendWindow {
     }
 }
 
+/// What the codec may take the destination to hold. A disk session delivers blocks rather than
+/// refers to them: it sees the base image alone (its own earlier blocks are the codec's
+/// "known from this transfer").
+fn codec_view(config: &ProxyConfig) -> SharedImagePages {
+    match config.format {
+        StreamFormat::Migration => config.image_pages.clone(),
+        StreamFormat::Nbd => SharedImagePages::new(config.image_pages.index.clone()),
+    }
+}
+
+/// The record of delivered blocks a disk session keeps, with what the destination held before.
+fn delivering(config: &ProxyConfig) -> Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)> {
+    let delivered = config.image_pages.delivered.clone()?;
+    (config.format == StreamFormat::Nbd).then(|| {
+        (
+            SharedImagePages::new(config.image_pages.index.clone()),
+            delivered,
+        )
+    })
+}
+
+/// Records a block the disk session carries, unless the destination held it already (zero, or a
+/// block of the base image): the same rule on both sides.
+fn record_delivered(
+    held: &SharedImagePages,
+    delivered: &DeliveredPages,
+    hash: novacron_codec::ContentHash,
+    block: &[u8],
+) {
+    if hash != novacron_codec::ContentHash::of_zero_page() && !held.in_image(&hash) {
+        delivered.record(hash, block);
+    }
+}
+
 /// Source side, sans-IO: QEMU's stream bytes in, proxy messages out.
 pub struct ProxyEncoder {
     parser: Box<dyn EventParser>,
     format: StreamFormat,
     encoder: PageEncoder<SharedImagePages>,
+    /// The disk session's record of the blocks it carries (NBD format only).
+    delivering: Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)>,
     rebuilder: StreamRebuilder,
     original: blake3::Hasher,
     script: Vec<u8>,
@@ -298,11 +370,12 @@ impl ProxyEncoder {
             format: config.format,
             encoder: PageEncoder::new(
                 PageEncoderConfig {
-                    query_destination: config.image_pages.0.is_some(),
+                    query_destination: codec_view(config).holds_anything(),
                     ..config.encoder.clone()
                 },
-                config.image_pages.clone(),
+                codec_view(config),
             )?,
+            delivering: delivering(config),
             rebuilder: StreamRebuilder::new(),
             original: blake3::Hasher::new(),
             script: Vec::new(),
@@ -361,10 +434,13 @@ impl ProxyEncoder {
                     });
                     self.report.pages += 1;
                     let page_bytes: &Page = &page.data;
-                    if self
+                    let full = self
                         .encoder
-                        .push_page(&page.block, page.offset, page_bytes)?
-                    {
+                        .push_page(&page.block, page.offset, page_bytes)?;
+                    if let Some((held, delivered)) = &self.delivering {
+                        record_delivered(held, delivered, self.encoder.last_hash(), page_bytes);
+                    }
+                    if full {
                         self.flush(out)?;
                     }
                 }
@@ -471,6 +547,8 @@ pub struct ProxyDecoder {
     /// Message-stream offset of `buffer[0]`.
     base: u64,
     decoder: PageDecoder<SharedImagePages>,
+    /// The disk session's record of the blocks it carries (NBD format only).
+    delivering: Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)>,
     mirror_page_limit: u64,
     format: StreamFormat,
     rebuilder: StreamRebuilder,
@@ -479,6 +557,15 @@ pub struct ProxyDecoder {
     page_data: Vec<u8>,
     state: DecoderState,
     report: ProxyReport,
+}
+
+impl Drop for ProxyDecoder {
+    fn drop(&mut self) {
+        // The disk session ended (or failed): what it did not deliver will not come.
+        if let Some((_, delivered)) = &self.delivering {
+            delivered.set_idle();
+        }
+    }
 }
 
 impl ProxyDecoder {
@@ -492,9 +579,13 @@ impl ProxyDecoder {
             decoder: PageDecoder::new(
                 PageDecoderConfig {
                     mirror_page_limit: limit,
+                    // The base image's blocks stay readable (and unchanged) while the migration
+                    // runs: a page read from it is read again when needed rather than kept.
+                    keep_local_content: false,
                 },
-                config.image_pages.clone(),
+                codec_view(config),
             )?,
+            delivering: delivering(config),
             mirror_page_limit: limit as u64,
             format: config.format,
             rebuilder: StreamRebuilder::new(),
@@ -679,6 +770,16 @@ impl ProxyDecoder {
                 page_keys.push((index, page_offset));
                 page_data.extend_from_slice(page);
             })?;
+            if let Some((held, delivered)) = &self.delivering {
+                for block in self.page_data.chunks_exact(CODEC_PAGE_SIZE) {
+                    record_delivered(
+                        held,
+                        delivered,
+                        novacron_codec::ContentHash::of_page(block),
+                        block,
+                    );
+                }
+            }
         }
         let mut cursor = 0usize;
         let mut next_page = 0usize;
@@ -766,47 +867,76 @@ pub async fn send_migration_stream(
     session: &Session,
     config: &ProxyConfig,
 ) -> Result<ProxyReport, ProxyError> {
-    let mut encoder = ProxyEncoder::new(config)?;
-    let mut buffer = vec![0u8; config.read_size.max(PAGE_SIZE)];
-    let mut out = Vec::new();
-    let mut window = config
-        .adaptive_send_window_minimum
-        .map(|minimum| SendWindow::new(session, minimum, config.initial_rate_bytes_per_second));
-    loop {
-        if let Some(window) = &mut window {
-            window.adapt(session);
-        }
-        let read = match tokio::time::timeout(config.idle_flush, source.read(&mut buffer)).await {
-            Ok(read) => read,
-            Err(_idle) => {
-                // QEMU paused writing (rate limit, end of a pass): send what is pending.
-                encoder.flush(&mut out)?;
-                send(session, &mut out).await?;
-                source.read(&mut buffer).await
+    let encoder = ProxyEncoder::new(config)?;
+    let (input, encoder_input) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+    let (encoder_output, mut output) = tokio::sync::mpsc::channel(OUTPUT_CHUNKS);
+    // Read buffers go back to the reader once encoded: fresh memory costs page faults.
+    let (recycle, mut recycled) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let codec = tokio::task::spawn_blocking(move || {
+        encode_stream(encoder, encoder_input, encoder_output, recycle)
+    });
+    let read_size = config.read_size.max(PAGE_SIZE);
+    let idle_flush = config.idle_flush;
+    // QEMU's stream bytes read so far, against the message bytes sent: the send window's floor
+    // counts in stream bytes.
+    let stream_read = std::sync::atomic::AtomicU64::new(0);
+    let stream_read_here = &stream_read;
+    let reading = async move {
+        loop {
+            // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+            let mut buffer = recycled.try_recv().unwrap_or_default();
+            buffer.clear();
+            buffer.reserve(read_size);
+            let read = match tokio::time::timeout(idle_flush, source.read_buf(&mut buffer)).await {
+                Ok(read) => read,
+                Err(_idle) => {
+                    // QEMU paused writing (rate limit, end of a pass): send what is pending.
+                    if input.send(EncoderInput::Flush).await.is_err() {
+                        return Ok(());
+                    }
+                    source.read_buf(&mut buffer).await
+                }
+            }
+            .map_err(|source| ProxyError::Io {
+                action: "reading qemu's migration stream",
+                source,
+            })?;
+            stream_read_here.fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
+            let next = if read == 0 {
+                EncoderInput::Finish
+            } else {
+                EncoderInput::Bytes(buffer)
+            };
+            // A closed channel: the encoder stopped, and says why.
+            if input.send(next).await.is_err() || read == 0 {
+                return Ok(());
             }
         }
-        .map_err(|source| ProxyError::Io {
-            action: "reading qemu's migration stream",
-            source,
-        })?;
-        if read == 0 {
-            encoder.finish(&mut out)?;
-            send(session, &mut out).await?;
-            break;
+    };
+    let sending = async {
+        let mut window = config
+            .adaptive_send_window_minimum
+            .map(|minimum| SendWindow::new(session, minimum, config));
+        let mut message_bytes = 0u64;
+        while let Some(messages) = output.recv().await {
+            if let Some(window) = &mut window {
+                let stream_bytes = stream_read.load(std::sync::atomic::Ordering::Relaxed);
+                window.adapt(session, stream_bytes as f64 / message_bytes.max(1) as f64);
+            }
+            message_bytes += messages.len() as u64;
+            session.send(Bytes::from(messages)).await?;
         }
-        encoder.push(&buffer[..read], &mut out)?;
-        if out.len() >= 1 << 20 {
-            send(session, &mut out).await?;
-        }
-        // Encoding is CPU work on a runtime thread, and a source that is always ready (a file, a
-        // fast socket) never makes this loop wait: yield so that the transport's own tasks
-        // (TLS, acknowledgements, liveness) keep running. Without it a session could starve and
-        // be declared lost.
-        tokio::task::yield_now().await;
-    }
+        Ok::<_, ProxyError>(())
+    };
+    let (read, sent) = feed_and_drain(reading, sending).await;
+    // Unblocks the encoder if the sending side stopped early.
+    drop(output);
+    let encoded = codec_result(codec, "encoding the migration stream").await?;
+    sent?;
+    read?;
+    let report = encoded?;
     session.finish().await?;
     session.flush().await?;
-    let report = encoder.report();
     tracing::info!(
         stream_bytes = report.stream_bytes,
         message_bytes = report.message_bytes,
@@ -816,40 +946,148 @@ pub async fn send_migration_stream(
     Ok(report)
 }
 
-async fn send(session: &Session, out: &mut Vec<u8>) -> Result<(), ProxyError> {
-    if out.is_empty() {
-        return Ok(());
+/// Runs `feed` (into a codec thread) and `drain` (its output) together until `drain` ends, which
+/// it does once the codec thread is done, finished or failed: `feed` is then dropped if still
+/// running (it may wait on QEMU or the session for nothing). `feed`'s result, if it ended.
+async fn feed_and_drain(
+    feed: impl std::future::Future<Output = Result<(), ProxyError>>,
+    drain: impl std::future::Future<Output = Result<(), ProxyError>>,
+) -> (Result<(), ProxyError>, Result<(), ProxyError>) {
+    tokio::pin!(feed, drain);
+    let mut fed = None;
+    loop {
+        tokio::select! {
+            result = &mut feed, if fed.is_none() => fed = Some(result),
+            drained = &mut drain => return (fed.unwrap_or(Ok(())), drained),
+        }
     }
-    session.send(Bytes::from(std::mem::take(out))).await?;
-    Ok(())
+}
+
+/// What a codec thread returned; a panic in it is an error of `action`.
+async fn codec_result<T>(
+    codec: tokio::task::JoinHandle<T>,
+    action: &'static str,
+) -> Result<T, ProxyError> {
+    codec.await.map_err(|error| ProxyError::Io {
+        action,
+        source: std::io::Error::other(error),
+    })
+}
+
+/// Chunks of QEMU's stream (up to [`ProxyConfig::read_size`] each) read ahead of the encoder,
+/// so QEMU keeps writing while a chunk is encoded.
+const READ_AHEAD_CHUNKS: usize = 16;
+/// Encoded messages (about 1 MiB each) or rebuilt stream chunks queued between a codec thread
+/// and the side that sends or writes them.
+const OUTPUT_CHUNKS: usize = 2;
+/// Messages are handed to the session once this many bytes are pending.
+const SEND_BATCH: usize = 1 << 20;
+
+enum EncoderInput {
+    Bytes(Vec<u8>),
+    /// Nothing arrived for a while: emit what is pending.
+    Flush,
+    /// The end of QEMU's stream.
+    Finish,
+}
+
+/// The encoder's thread (parsing, hashing and compressing are CPU work, kept off the runtime
+/// so reading QEMU's stream and the transport run meanwhile, on the other core).
+fn encode_stream(
+    mut encoder: ProxyEncoder,
+    mut input: tokio::sync::mpsc::Receiver<EncoderInput>,
+    output: tokio::sync::mpsc::Sender<Vec<u8>>,
+    recycle: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+) -> Result<ProxyReport, ProxyError> {
+    let mut out = Vec::new();
+    let emit = |out: &mut Vec<u8>| {
+        if out.is_empty() {
+            return Ok(());
+        }
+        output
+            .blocking_send(std::mem::take(out))
+            .map_err(|_| ProxyError::Io {
+                action: "sending the migration stream",
+                source: std::io::Error::other("the sending side stopped"),
+            })
+    };
+    loop {
+        match input.blocking_recv() {
+            Some(EncoderInput::Bytes(bytes)) => {
+                encoder.push(&bytes, &mut out)?;
+                let _ = recycle.send(bytes);
+                if out.len() >= SEND_BATCH {
+                    emit(&mut out)?;
+                }
+            }
+            Some(EncoderInput::Flush) => {
+                encoder.flush(&mut out)?;
+                emit(&mut out)?;
+            }
+            Some(EncoderInput::Finish) => {
+                encoder.finish(&mut out)?;
+                emit(&mut out)?;
+                return Ok(encoder.report());
+            }
+            None => {
+                return Err(ProxyError::Io {
+                    action: "reading qemu's migration stream",
+                    source: std::io::Error::other("the reading side stopped"),
+                });
+            }
+        }
+    }
 }
 
 /// Destination side: receives the proxy messages from `session` and writes the rebuilt stream
 /// into `sink` (the destination QEMU's `-incoming` socket). Succeeds only when the END message
 /// arrived and the rebuilt stream's length and BLAKE3 equal the source's. Afterwards drop the
 /// session: the source closes its end once everything is acknowledged, and `Session::close` on
-/// this side would then wait for a peer that is gone.
+/// this side would then wait for a peer that is gone. Decoding runs on its own thread, so the
+/// destination's QEMU loads one chunk while the next is decoded.
 pub async fn receive_migration_stream(
     session: &Session,
     mut sink: impl AsyncWrite + Unpin,
     config: &ProxyConfig,
 ) -> Result<ProxyReport, ProxyError> {
-    let mut decoder = ProxyDecoder::new(config)?;
-    let mut out = Vec::new();
-    while let Some(bytes) = session.recv().await? {
-        decoder.push(&bytes, &mut out)?;
-        // Decoding is CPU work on a runtime thread: let the transport's tasks run (see above).
-        tokio::task::yield_now().await;
-        if !out.is_empty() {
-            sink.write_all(&out)
+    let decoder = ProxyDecoder::new(config)?;
+    // One message waits for the decoder: a message taken from the session counts as consumed
+    // (see `Session::set_bulk_send_window`), and what waits here is what a pause waits for.
+    let (input, decoder_input) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let (decoder_output, mut output) = tokio::sync::mpsc::channel(OUTPUT_CHUNKS);
+    // Written chunks go back to the decoder: fresh memory costs page faults.
+    let (recycle, recycled) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let codec = tokio::task::spawn_blocking(move || {
+        decode_stream(decoder, decoder_input, decoder_output, recycled)
+    });
+    let receiving = async move {
+        while let Some(bytes) = session.recv().await? {
+            // A closed channel: the decoder stopped, and says why.
+            if input.send(bytes).await.is_err() {
+                break;
+            }
+        }
+        Ok::<_, ProxyError>(())
+    };
+    let writing = async {
+        while let Some(rebuilt) = output.recv().await {
+            sink.write_all(&rebuilt)
                 .await
                 .map_err(|source| ProxyError::Io {
                     action: "writing the stream into the destination qemu",
                     source,
                 })?;
-            out.clear();
+            let _ = recycle.send(rebuilt);
         }
-    }
+        Ok::<_, ProxyError>(())
+    };
+    let (received, written) = feed_and_drain(receiving, writing).await;
+    // Unblocks the decoder if the writing side stopped early.
+    drop(output);
+    let decoded = codec_result(codec, "decoding the migration stream").await?;
+    received?;
+    written?;
+    let decoder = decoded?;
     if !decoder.is_complete() {
         return Err(ProxyError::Protocol {
             offset: decoder.report.message_bytes,
@@ -868,6 +1106,25 @@ pub async fn receive_migration_stream(
         "migration stream received and verified"
     );
     Ok(report)
+}
+
+/// The decoder's thread: messages in, rebuilt stream chunks out, until the session ends.
+fn decode_stream(
+    mut decoder: ProxyDecoder,
+    mut input: tokio::sync::mpsc::Receiver<Bytes>,
+    output: tokio::sync::mpsc::Sender<Vec<u8>>,
+    mut recycled: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) -> Result<ProxyDecoder, ProxyError> {
+    while let Some(bytes) = input.blocking_recv() {
+        let mut out = recycled.try_recv().unwrap_or_default();
+        out.clear();
+        decoder.push(&bytes, &mut out)?;
+        if !out.is_empty() && output.blocking_send(out).is_err() {
+            // The writing side stopped, and says why.
+            break;
+        }
+    }
+    Ok(decoder)
 }
 
 /// Source side with QEMU's return path: like [`send_migration_stream`] over the socket QEMU
@@ -1054,7 +1311,7 @@ mod tests {
         std::fs::write(&path, image).unwrap();
         let index = std::sync::Arc::new(crate::ImagePageIndex::build(&path).unwrap());
         let config = ProxyConfig {
-            image_pages: SharedImagePages(Some(index)),
+            image_pages: SharedImagePages::new(Some(index)),
             ..ProxyConfig::default()
         };
         let mut encoder = ProxyEncoder::new(&config).unwrap();
@@ -1080,6 +1337,80 @@ mod tests {
         let mut out = Vec::new();
         assert!(without.push(&messages, &mut out).is_err());
         assert!(!without.is_complete());
+    }
+
+    #[test]
+    fn memory_pages_equal_to_blocks_the_disk_session_delivered_travel_as_hashes() {
+        use crate::delivered::DeliveredPages;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let at_source = Arc::new(DeliveredPages::at_source());
+        let at_destination = Arc::new(
+            DeliveredPages::at_destination_with(dir.path(), 1 << 10, Duration::from_secs(60))
+                .unwrap(),
+        );
+        let nbd = |delivered: &Arc<DeliveredPages>| ProxyConfig {
+            format: StreamFormat::Nbd,
+            image_pages: SharedImagePages::default().with_delivered(delivered.clone()),
+            ..ProxyConfig::default()
+        };
+        let memory = |delivered: &Arc<DeliveredPages>| ProxyConfig {
+            image_pages: SharedImagePages::default().with_delivered(delivered.clone()),
+            ..ProxyConfig::default()
+        };
+        // The disk session writes five whole blocks (the connection's aligned writes).
+        let connection = crate::synthetic::nbd_connection();
+        let mut disk_encoder = ProxyEncoder::new(&nbd(&at_source)).unwrap();
+        let mut disk_messages = Vec::new();
+        disk_encoder.push(&connection, &mut disk_messages).unwrap();
+        disk_encoder.finish(&mut disk_messages).unwrap();
+        assert_eq!(at_source.len(), 5);
+
+        // The guest's memory holds three of them (in its page cache, say) and a page of its own.
+        let written = crate::synthetic::pattern(3, 1);
+        let own = crate::synthetic::pattern(1, 0x55);
+        let pages: Vec<&[u8]> = written.chunks(PAGE_SIZE).chain([&own[..]]).collect();
+        let stream = crate::synthetic::one_pass_stream(&pages);
+        let mut memory_encoder = ProxyEncoder::new(&memory(&at_source)).unwrap();
+        let mut memory_messages = Vec::new();
+        memory_encoder.push(&stream, &mut memory_messages).unwrap();
+        memory_encoder.finish(&mut memory_messages).unwrap();
+        let sent = memory_encoder.report();
+        assert_eq!(sent.codec.known_from_destination, 3, "{:?}", sent.codec);
+        assert_eq!(sent.codec.literal_pages, 1, "{:?}", sent.codec);
+        assert_eq!(at_source.used(), 3);
+
+        // The destination's memory session may get there first: it waits for the disk's blocks.
+        let memory_side = {
+            let config = memory(&at_destination);
+            std::thread::spawn(move || {
+                let mut decoder = ProxyDecoder::new(&config)?;
+                let mut rebuilt = Vec::new();
+                decoder.push(&memory_messages, &mut rebuilt)?;
+                assert!(decoder.is_complete());
+                Ok::<_, ProxyError>((rebuilt, memory_messages))
+            })
+        };
+        let mut disk_decoder = ProxyDecoder::new(&nbd(&at_destination)).unwrap();
+        let mut rebuilt_connection = Vec::new();
+        disk_decoder
+            .push(&disk_messages, &mut rebuilt_connection)
+            .unwrap();
+        assert_eq!(rebuilt_connection, connection);
+        let (rebuilt, memory_messages) = memory_side.join().unwrap().unwrap();
+        assert_eq!(rebuilt, stream);
+        assert_eq!(at_destination.len(), 5);
+        assert_eq!(at_destination.used(), 3);
+
+        // A destination whose disk session ended without those blocks fails, without waiting.
+        let empty = Arc::new(
+            DeliveredPages::at_destination_with(dir.path(), 1 << 10, Duration::from_secs(600))
+                .unwrap(),
+        );
+        drop(ProxyDecoder::new(&nbd(&empty)).unwrap());
+        let mut decoder = ProxyDecoder::new(&memory(&empty)).unwrap();
+        assert!(decoder.push(&memory_messages, &mut Vec::new()).is_err());
+        assert!(!decoder.is_complete());
     }
 
     #[test]
@@ -1144,7 +1475,9 @@ mod tests {
         let mut decoder = ProxyDecoder::new(&ProxyConfig::default()).unwrap();
         let error = decoder.push(&newer, &mut Vec::new()).unwrap_err();
         assert!(
-            error.to_string().contains("this build speaks version 1"),
+            error
+                .to_string()
+                .contains(&format!("this build speaks version {PROXY_VERSION}")),
             "{error}"
         );
     }

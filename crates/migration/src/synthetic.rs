@@ -7,20 +7,7 @@ use crate::stream::{PAGE_SIZE, STREAM_MAGIC, STREAM_VERSION, ram_flag, section_t
 /// A stream of a `pages`-page "guest" sent twice (a second pass with a few pages changed), so every
 /// codec tier shows up: zero, literal, known (the same content elsewhere), delta.
 pub fn two_pass_stream(pages: u64) -> Vec<u8> {
-    let mut stream = Vec::new();
-    stream.extend_from_slice(&STREAM_MAGIC.to_be_bytes());
-    stream.extend_from_slice(&STREAM_VERSION.to_be_bytes());
-    stream.push(section_type::START);
-    stream.extend_from_slice(&2u32.to_be_bytes());
-    stream.push(3);
-    stream.extend_from_slice(b"ram");
-    stream.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4]);
-    stream.extend_from_slice(&((pages * PAGE_SIZE as u64) | ram_flag::MEM_SIZE).to_be_bytes());
-    stream.push(6);
-    stream.extend_from_slice(b"pc.ram");
-    stream.extend_from_slice(&(pages * PAGE_SIZE as u64).to_be_bytes());
-    stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
-    stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
+    let mut stream = stream_header(pages);
     let page_content = |index: u64, pass: u8| -> [u8; PAGE_SIZE] {
         let mut page = [0u8; PAGE_SIZE];
         for (position, byte) in page.iter_mut().enumerate() {
@@ -36,27 +23,75 @@ pub fn two_pass_stream(pages: u64) -> Vec<u8> {
         stream.extend_from_slice(&2u32.to_be_bytes());
         for index in 0..pages {
             let first = pass == 0 && index == 0;
-            let continue_flag = if first { 0 } else { ram_flag::CONTINUE };
-            let offset = index * PAGE_SIZE as u64;
             if index % 4 == 1 {
-                stream.extend_from_slice(&(offset | ram_flag::ZERO | continue_flag).to_be_bytes());
-                if first {
-                    stream.push(6);
-                    stream.extend_from_slice(b"pc.ram");
-                }
-                stream.push(0);
-                continue;
+                push_page_record(&mut stream, index, first, None);
+            } else {
+                push_page_record(&mut stream, index, first, Some(&page_content(index, pass)));
             }
-            stream.extend_from_slice(&(offset | ram_flag::PAGE | continue_flag).to_be_bytes());
-            if first {
-                stream.push(6);
-                stream.extend_from_slice(b"pc.ram");
-            }
-            stream.extend_from_slice(&page_content(index, pass));
         }
         stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
         stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
     }
+    push_stream_end(&mut stream);
+    stream
+}
+
+/// A stream of one pass over a guest whose pages hold `pages` (each `PAGE_SIZE` bytes).
+pub fn one_pass_stream(pages: &[&[u8]]) -> Vec<u8> {
+    let mut stream = stream_header(pages.len() as u64);
+    stream.push(section_type::PART);
+    stream.extend_from_slice(&2u32.to_be_bytes());
+    for (index, page) in pages.iter().enumerate() {
+        push_page_record(&mut stream, index as u64, index == 0, Some(page));
+    }
+    stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
+    stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
+    push_stream_end(&mut stream);
+    stream
+}
+
+/// The stream's magic, version and RAM section start for a `pages`-page block `pc.ram`.
+fn stream_header(pages: u64) -> Vec<u8> {
+    let mut stream = Vec::new();
+    stream.extend_from_slice(&STREAM_MAGIC.to_be_bytes());
+    stream.extend_from_slice(&STREAM_VERSION.to_be_bytes());
+    stream.push(section_type::START);
+    stream.extend_from_slice(&2u32.to_be_bytes());
+    stream.push(3);
+    stream.extend_from_slice(b"ram");
+    stream.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 4]);
+    stream.extend_from_slice(&((pages * PAGE_SIZE as u64) | ram_flag::MEM_SIZE).to_be_bytes());
+    stream.push(6);
+    stream.extend_from_slice(b"pc.ram");
+    stream.extend_from_slice(&(pages * PAGE_SIZE as u64).to_be_bytes());
+    stream.extend_from_slice(&ram_flag::EOS.to_be_bytes());
+    stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 2]);
+    stream
+}
+
+/// A PAGE record (or a ZERO record, without `content`) for page `index` of `pc.ram`; the
+/// `first` record of the stream names its block, the others continue it.
+fn push_page_record(stream: &mut Vec<u8>, index: u64, first: bool, content: Option<&[u8]>) {
+    let continue_flag = if first { 0 } else { ram_flag::CONTINUE };
+    let offset = index * PAGE_SIZE as u64;
+    let kind = if content.is_some() {
+        ram_flag::PAGE
+    } else {
+        ram_flag::ZERO
+    };
+    stream.extend_from_slice(&(offset | kind | continue_flag).to_be_bytes());
+    if first {
+        stream.push(6);
+        stream.extend_from_slice(b"pc.ram");
+    }
+    match content {
+        Some(content) => stream.extend_from_slice(content),
+        None => stream.push(0),
+    }
+}
+
+/// A device section and the stream's end.
+fn push_stream_end(stream: &mut Vec<u8>) {
     stream.push(section_type::FULL);
     stream.extend_from_slice(&3u32.to_be_bytes());
     stream.push(5);
@@ -64,7 +99,6 @@ pub fn two_pass_stream(pages: u64) -> Vec<u8> {
     stream.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2]);
     stream.extend_from_slice(&[9; 40]);
     stream.extend_from_slice(&[section_type::FOOTER, 0, 0, 0, 3, section_type::EOF]);
-    stream
 }
 
 fn nbd_option(code: u32, data: &[u8]) -> Vec<u8> {

@@ -97,7 +97,7 @@ async fn qemu_writes_a_disk_through_the_proxy_and_known_blocks_cost_only_their_h
     let config = ProxyConfig {
         format: StreamFormat::Nbd,
         idle_flush: Duration::from_millis(2),
-        image_pages: SharedImagePages(Some(index)),
+        image_pages: SharedImagePages::new(Some(index)),
         ..ProxyConfig::default()
     };
     let (destination_tls, source_tls) = pinned_pair();

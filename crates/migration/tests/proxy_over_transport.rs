@@ -28,12 +28,18 @@ fn session_options() -> SessionOptions {
 }
 
 /// The proxy over a real session without QEMU: a synthetic stream (8 MiB guest, two passes)
-/// arrives identical, in fewer bytes.
+/// arrives identical, in fewer bytes. The source's send window starts from a measured rate
+/// (a forecast) and never goes below four of its bandwidth-delay products.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_stream_crosses_a_loopback_session_identically() {
     let stream = novacron_migration::synthetic::two_pass_stream(2048);
     let (destination_tls, source_tls) = pinned_pair();
-    let config = ProxyConfig::default();
+    let config = ProxyConfig {
+        // Four products at this rate exceed the session's largest window even over loopback.
+        initial_rate_bytes_per_second: 1e13,
+        initial_rate_is_measured: true,
+        ..ProxyConfig::default()
+    };
     let listener = Listener::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         &destination_tls,
@@ -64,6 +70,11 @@ async fn synthetic_stream_crosses_a_loopback_session_identically() {
     .await
     .expect("sent in time")
     .expect("send");
+    assert_eq!(
+        session.bulk_send_window(),
+        session_options().bulk_send_window_bytes,
+        "the window stays at the forecast's floor (capped by the session's largest)"
+    );
     timeout(Duration::from_secs(60), session.close())
         .await
         .expect("closed in time")

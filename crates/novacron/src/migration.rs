@@ -283,11 +283,12 @@ fn details(record: &MigrationRecord) {
         (
             "pages",
             format!(
-                "{} zero, {} known ({} from the base image at the destination), {} delta, {} \
-                 literal",
+                "{} zero, {} known ({} from the base image at the destination, {} blocks the \
+                 disk mirror delivered), {} delta, {} literal",
                 progress.pages_zero,
                 progress.pages_known,
                 progress.pages_from_image,
+                progress.blocks_from_disk_mirror,
                 progress.pages_delta,
                 progress.pages_literal
             ),

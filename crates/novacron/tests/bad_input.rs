@@ -258,10 +258,23 @@ fn image_imports_refuse_non_images_and_bad_names() {
 
     let images = host.json(&["image", "list"]);
     assert_eq!(images.as_array().map(Vec::len), Some(1));
-    let files: Vec<_> = std::fs::read_dir(host.data_dir.join("images"))
+    let id = images[0]["id"].as_str().expect("id");
+    let mut files: Vec<String> = std::fs::read_dir(host.data_dir.join("images"))
         .expect("images")
+        .map(|entry| {
+            entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
-    assert_eq!(files.len(), 1, "refused imports left no file");
+    files.sort();
+    assert_eq!(
+        files,
+        [format!("{id}.pages"), format!("{id}.qcow2")],
+        "refused imports left no file: the one image and its page index"
+    );
     let staging: Vec<_> = std::fs::read_dir(host.data_dir.join("staging"))
         .expect("staging")
         .collect();

@@ -1008,11 +1008,28 @@ fn qemu_processes(uuid: &str) -> usize {
 /// Polls until exactly one QEMU runs the VM `uuid` and `left` (the host it moved away from)
 /// holds no directory for it.
 fn wait_for_one_qemu(name: &str, uuid: &str, left: &TestHost, timeout: Duration) {
-    poll(
-        &format!("one qemu for {name}, none left on {}", left.name()),
-        timeout,
-        || (qemu_processes(uuid) == 1 && !left.vm_directory(uuid).exists()).then_some(()),
-    );
+    let deadline = Instant::now() + timeout;
+    loop {
+        let qemus = qemu_processes(uuid);
+        let directory_left = left.vm_directory(uuid).exists();
+        if qemus == 1 && !directory_left {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let processes = std::process::Command::new("pgrep")
+                .args(["-a", "-f", &format!("qemu-system.*{uuid}")])
+                .output()
+                .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+                .unwrap_or_default();
+            panic!(
+                "timed out after {timeout:?} waiting for one qemu for {name} and none left on \
+                 {}: {qemus} qemu processes, directory left there: {directory_left}\n{}",
+                left.name(),
+                common::tail(&processes, 2000)
+            );
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
 }
 
 /// The VM's overlay on `host`, read as a raw disk, holds the mark the guest wrote at 1 MiB
@@ -1269,8 +1286,20 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     // The page cache's copy of the disk (the guest's kernel file, about 14 MiB, in the image)
     // travelled as hashes of blocks the destination read from its own copy of the base image.
     let from_image = moved["progress"]["pages_from_image"].as_u64().unwrap_or(0);
-    eprintln!("disky: {from_image} pages found in the base image at the destination");
+    eprintln!(
+        "disky: {from_image} pages found in the base image at the destination, {} among the \
+         blocks the disk mirror delivered",
+        moved["progress"]["blocks_from_disk_mirror"]
+    );
     assert!(from_image > 2000, "pages from the base image: {moved}");
+    // The block the guest wrote its mark into is on its overlay (the mirror delivered it) and in
+    // its page cache (the disk is far smaller than its RAM): that page travelled as a hash.
+    assert!(
+        moved["progress"]["blocks_from_disk_mirror"]
+            .as_u64()
+            .is_some_and(|blocks| blocks >= 1),
+        "the marked block was found among the mirror's blocks: {moved}"
+    );
     wait_until_owned_by(first, "disky", "host-1", "running");
     poll(
         "disky's source copy removed",

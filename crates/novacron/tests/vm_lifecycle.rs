@@ -12,10 +12,12 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
     let images = host.json(&["image", "list"]);
     assert_eq!(images[0]["name"], "guest");
     assert_eq!(images[0]["format"], "qcow2");
-    assert_eq!(
-        images[0]["id"].as_str().map(str::len),
-        Some(64),
-        "blake3 hex id"
+    let id = images[0]["id"].as_str().expect("id").to_string();
+    assert_eq!(id.len(), 64, "blake3 hex id");
+    let images_dir = host.data_dir.join("images");
+    assert!(
+        images_dir.join(format!("{id}.pages")).exists(),
+        "import saves the image's page index beside it (migrations load it)"
     );
 
     let created = host.create_guest_vm("life", "guest", &[]);
@@ -85,6 +87,14 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
     assert_eq!(
         host.json(&["image", "list"]).as_array().map(Vec::len),
         Some(0)
+    );
+    let left: Vec<_> = std::fs::read_dir(&images_dir)
+        .expect("images dir")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "image file and page index removed: {left:?}"
     );
 }
 

@@ -163,6 +163,25 @@ struct Output {
     stderr: String,
 }
 
+/// One range of a guest-visible disk as `qemu-img map` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct MapExtent {
+    /// Guest offset of the range.
+    pub start: u64,
+    pub length: u64,
+    /// 0: in this file; more: in a backing file that deep.
+    pub depth: u32,
+    /// The range reads as zeros.
+    pub zero: bool,
+    /// The range holds data (not a hole or a zero cluster).
+    pub data: bool,
+    /// Whether its clusters are compressed (absent in older QEMU: not compressed).
+    #[serde(default)]
+    pub compressed: bool,
+    /// Where the range's bytes are in the file, when they are stored there uncompressed.
+    pub offset: Option<u64>,
+}
+
 impl QemuImg {
     /// Uses the `qemu-img` of `binaries`.
     pub fn new(binaries: &QemuBinaries) -> Self {
@@ -347,6 +366,32 @@ impl QemuImg {
             return Err(rejected("convert", source, &output));
         }
         Ok(())
+    }
+
+    /// `qemu-img map`: where each range of the guest-visible disk lives in the image file.
+    /// Works on images in use (shared locks).
+    pub async fn map(
+        &self,
+        path: &Path,
+        format: ImageFormat,
+    ) -> Result<Vec<MapExtent>, ImageError> {
+        let arguments = vec![
+            "map".into(),
+            "--output=json".into(),
+            "-U".into(),
+            "-f".into(),
+            format.qemu_name().into(),
+            path.as_os_str().to_owned(),
+        ];
+        let output = self.run(path, &arguments).await?;
+        if !output.success {
+            return Err(rejected("map", path, &output));
+        }
+        serde_json::from_str(&output.stdout).map_err(|source| ImageError::Parse {
+            operation: "map",
+            path: path.to_owned(),
+            source,
+        })
     }
 
     async fn run(

@@ -34,7 +34,7 @@ pub mod vm;
 
 pub use accelerator::{Accelerator, AcceleratorProbe, probe_accelerator, probe_accelerator_cached};
 pub use binaries::{BinaryError, QemuBinaries};
-pub use image::{ImageCheck, ImageError, ImageFormat, ImageInfo, QemuImg};
+pub use image::{ImageCheck, ImageError, ImageFormat, ImageInfo, MapExtent, QemuImg};
 pub use launch::{DirectKernelBoot, DiskSpec, LaunchSpec, RunDirectory};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpEventKind, RunState, StatusInfo};
 pub use test_guest::{TestGuest, TestGuestError, wait_for_console_text};

@@ -99,3 +99,49 @@ async fn non_image_and_corrupt_files_are_rejected_naming_the_file() {
     assert!(error.to_string().contains("overlay.qcow2"), "{error}");
     assert!(!overlay.exists());
 }
+
+#[tokio::test]
+async fn map_says_where_guest_ranges_are_stored_and_which_are_compressed() {
+    let run_dir = run_directory();
+    let image = run_dir.path().join("mapped.qcow2");
+    let qemu_img = QemuImg::new(&binaries());
+    let created = std::process::Command::new(&binaries().img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("4M")
+        .status()
+        .expect("qemu-img create");
+    assert!(created.success());
+    let io = binaries().img.with_file_name("qemu-io");
+    let written = std::process::Command::new(&io)
+        .args(["-f", "qcow2"])
+        .args(["-c", "write -P 0x11 0 64k", "-c", "write -c -P 0x22 1M 64k"])
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("qemu-io");
+    assert!(written.success());
+
+    let extents = qemu_img.map(&image, ImageFormat::Qcow2).await.expect("map");
+    let data: Vec<_> = extents.iter().filter(|extent| extent.data).collect();
+    assert_eq!(data.len(), 2, "{extents:?}");
+    assert_eq!((data[0].start, data[0].length), (0, 65536));
+    assert!(!data[0].compressed);
+    let offset = data[0]
+        .offset
+        .expect("an uncompressed range has a file offset");
+    let bytes = std::fs::read(&image).expect("read image");
+    let stored = &bytes[offset as usize..offset as usize + 65536];
+    assert!(stored.iter().all(|&byte| byte == 0x11));
+    assert_eq!(data[1].start, 1 << 20);
+    assert!(data[1].compressed, "{:?}", data[1]);
+    assert_eq!(data[1].offset, None);
+    let total: u64 = extents.iter().map(|extent| extent.length).sum();
+    assert_eq!(total, 4 << 20, "the extents cover the disk");
+
+    let error = qemu_img
+        .map(&run_dir.path().join("missing.qcow2"), ImageFormat::Qcow2)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("missing.qcow2"), "{error}");
+}

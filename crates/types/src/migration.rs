@@ -168,6 +168,10 @@ pub struct MigrationProgress {
     /// disk contents, e.g. the page cache) rather than sent earlier in this move.
     #[serde(default)]
     pub pages_from_image: u64,
+    /// Of the known pages, distinct blocks the disk mirror delivered earlier in this move (RAM
+    /// holding what the guest wrote to its local disk), counted apart from `pages_from_image`.
+    #[serde(default)]
+    pub blocks_from_disk_mirror: u64,
     pub pages_delta: u64,
     pub pages_literal: u64,
     /// The convergence plan, in words: whether precopy converges over this link, in how many

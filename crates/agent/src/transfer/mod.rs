@@ -1303,7 +1303,7 @@ impl TransferService {
             &format!("image {:?} received from a peer", offer.name),
         )
         .await?;
-        images::index_image(self.chunks(), &self.host.paths, &record).await;
+        images::index_image(&self.host, &record).await;
         Ok(record)
     }
 }

@@ -360,6 +360,22 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.kill_serve();
+        if std::thread::panicking() {
+            // A failed test leaves the host's log behind, and its end on stderr, to say why.
+            let log = self.serve_log();
+            let kept = std::env::temp_dir().join(format!(
+                "novacron-failed-{}-{}.log",
+                self.name(),
+                std::process::id()
+            ));
+            let _ = std::fs::write(&kept, &log);
+            eprintln!(
+                "--- end of {}'s serve log (whole log kept in {}) ---\n{}",
+                self.name(),
+                kept.display(),
+                tail(&log, 6000)
+            );
+        }
         // Never leave a QEMU behind: kill every one whose pid file is in this data directory.
         if let Ok(entries) = std::fs::read_dir(self.data_dir.join("vms")) {
             for entry in entries.flatten() {
