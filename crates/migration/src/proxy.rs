@@ -157,6 +157,11 @@ pub struct ProxyConfig {
     /// at 0.5 % loss, so four measured products are the same window again): a 2 GiB guest of
     /// random pages at 1 Gbit/s and 0.5 % loss took 10.6-11.6 s, 6.8 s with a 32 MiB window.
     pub initial_rate_is_measured: bool,
+    /// The most a full send window may take to cross the link at the rate measured, when the
+    /// adaptive window grows past four bandwidth-delay products because a probe showed the
+    /// window to limit the rate (a lossy path: see `SendWindow`). What a full window holds at
+    /// the switch-over is part of the guest's pause.
+    pub window_drain_budget: Duration,
     /// The 4 KiB blocks of the VM's base image, which both hosts hold: RAM pages equal to one
     /// travel as its hash (source) and are read back from the image (destination).
     pub image_pages: SharedImagePages,
@@ -182,6 +187,7 @@ impl Default for ProxyConfig {
             adaptive_send_window_minimum: Some(2 << 20),
             initial_rate_bytes_per_second: 125e6,
             initial_rate_is_measured: false,
+            window_drain_budget: Duration::from_millis(500),
             image_pages: SharedImagePages::default(),
             carry_return_path: false,
         }
@@ -230,18 +236,55 @@ pub fn expected_send_window(config: &ProxyConfig, rate: f64, round_trip: Duratio
 }
 
 /// The send window of a migration session, resized from what the session measures.
+///
+/// The base: four times the measured bandwidth-delay product (with the connect-time RTT), never
+/// below the minimum nor the forecast's floor. While the window limits the rate, the rate
+/// measured is about window / RTT' (RTT' above the base RTT on a lossy path), so the window grows
+/// each measurement while RTT' stays under four base round trips; at 0.5 % loss RTT' is about
+/// four round trips, and four products of a window-limited rate are the same window, which
+/// would stay where the session's ramp-up put it (bench/migration/README.md, "The send window
+/// at 0.5 % loss").
+///
+/// So a full window is also probed: doubled for a second; if the rate rose by a tenth, the
+/// window was the limit and the doubled one is kept (and probed again while full); if not, the
+/// link is, and the window goes back and is not probed for a while (4 s, doubled after each
+/// probe that failed, up to 32 s). A kept window never holds more than drains within
+/// `ProxyConfig::window_drain_budget` at the rate measured: what a full window holds at the
+/// switch-over is what the guest's final pause waits for.
 struct SendWindow {
     minimum: u64,
     /// Four bandwidth-delay products of the link's forecast (0 without one), in QEMU's stream
     /// bytes: the window never holds less than this much of QEMU's stream.
     floor: u64,
+    budget: f64,
+    /// The largest window a probe showed to carry more than the one before it.
+    kept: u64,
+    probe: Option<Probe>,
+    quiet_until: std::time::Instant,
+    /// Probes in a row that found the window was not the limit.
+    failed_probes: u32,
+    /// (when, bulk bytes acknowledged) at each step of the last few seconds.
+    samples: std::collections::VecDeque<(std::time::Instant, u64)>,
     last: std::time::Instant,
+}
+
+/// A window doubled to see whether the rate follows.
+struct Probe {
+    to: u64,
+    rate_before: f64,
+    since: std::time::Instant,
 }
 
 impl SendWindow {
     const INTERVAL: Duration = Duration::from_millis(250);
     /// Round trips of data kept in flight or queued.
     const FACTOR: f64 = 4.0;
+    /// How long a probe lasts; the rate it is judged by leaves out its first quarter second.
+    const PROBE: Duration = Duration::from_secs(1);
+    /// How long after a first probe the window did not limit the next one waits.
+    const QUIET: Duration = Duration::from_secs(4);
+    /// The rise in rate that shows the window was the limit.
+    const RISE: f64 = 1.1;
 
     fn new(session: &Session, minimum: u64, config: &ProxyConfig) -> Self {
         let round_trip = session
@@ -256,52 +299,113 @@ impl SendWindow {
             0
         };
         session.set_bulk_send_window(initial.max(minimum));
+        let now = std::time::Instant::now();
         Self {
             minimum,
             floor,
-            last: std::time::Instant::now(),
+            budget: config.window_drain_budget.as_secs_f64(),
+            kept: 0,
+            probe: None,
+            // The first second is TCP's ramp-up.
+            quiet_until: now + Self::PROBE,
+            failed_probes: 0,
+            samples: std::collections::VecDeque::new(),
+            last: now,
         }
     }
 
-    /// Four times the measured bandwidth-delay product (with the connect-time RTT), never below
-    /// the minimum nor the forecast's floor (see below). While the window limits
-    /// the rate, the rate measured is about window / RTT' (RTT' above the base RTT on a lossy
-    /// path), so the window grows each measurement while RTT' stays under four base round trips,
-    /// until the link, not the window, sets the rate; then about four round trips of data wait
-    /// beyond the link, what the guest's final pause pays for (2 MiB at 100 Mbit/s and 50 ms).
-    /// At 0.5 % loss RTT' is about four round trips: four products of a window-limited rate are
-    /// the same window, which stays where the session's ramp-up put it unless a forecast holds
-    /// it up (bench/migration/README.md, "The send window at 0.5 % loss").
-    ///
-    /// The forecast's floor counts in QEMU's stream bytes: `ratio` is the stream bytes read per
-    /// message byte sent so far. What waits beyond the link at the switch-over is also what the
-    /// destination must rebuild and QEMU load before the guest resumes; a window full of page
-    /// hashes holds many times its size of stream (a 22 MB window of the realistic workload's
-    /// messages made a 2.7 s pause at 1 Gbit/s, where the link alone would take 0.2 s).
-    fn adapt(&mut self, session: &Session, ratio: f64) {
+    /// Notes the bytes acknowledged so far, keeping the last few seconds.
+    fn record(&mut self, now: std::time::Instant, acknowledged: u64) {
+        self.samples.push_back((now, acknowledged));
+        while self
+            .samples
+            .front()
+            .is_some_and(|sample| now.duration_since(sample.0) > Self::PROBE * 3)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The rate acknowledged between `from` and the last sample, bytes per second.
+    fn rate_since(&self, from: std::time::Instant) -> Option<f64> {
+        let last = self.samples.back()?;
+        let first = self.samples.iter().find(|sample| sample.0 >= from)?;
+        let span = last.0.duration_since(first.0).as_secs_f64();
+        (span >= Self::INTERVAL.as_secs_f64() * 1.5)
+            .then(|| last.1.saturating_sub(first.1) as f64 / span)
+    }
+
+    /// Resizes the window (see the type). `ratio` is the stream bytes read per message byte
+    /// sent so far (the forecast's floor counts in QEMU's stream bytes: what waits beyond the
+    /// link at the switch-over is also what the destination must rebuild and QEMU load before
+    /// the guest resumes; a window full of page hashes holds many times its size of stream).
+    /// `pending` is the size of the message about to be sent.
+    fn adapt(&mut self, session: &Session, ratio: f64, pending: u64) {
         if self.last.elapsed() < Self::INTERVAL {
             return;
         }
-        self.last = std::time::Instant::now();
+        let now = std::time::Instant::now();
+        self.last = now;
         let stats = session.stats();
+        let current = session.bulk_send_window();
+        self.record(now, stats.bulk_bytes_acknowledged);
         let Some(round_trip) = stats.round_trip_estimate else {
             return;
         };
         let product = stats.measured_rate_bytes_per_second * round_trip.as_secs_f64();
         let floor = (self.floor as f64 / ratio.max(1.0)) as u64;
-        let wanted = ((Self::FACTOR * product) as u64)
+        let base = ((Self::FACTOR * product) as u64)
             .max(self.minimum)
             .max(floor);
-        let current = session.bulk_send_window();
+        let full = (stats.send_buffered_bytes + pending) * 8 > current * 7;
+        self.probe_step(now, base.max(current), full);
+        let wanted = base
+            .max(self.kept)
+            .max(self.probe.as_ref().map_or(0, |probe| probe.to));
         // Ignore small changes; the measurement is noisy.
         if wanted.abs_diff(current) * 8 > current {
             let set = session.set_bulk_send_window(wanted);
             tracing::debug!(
                 window = set,
                 rate = stats.measured_rate_bytes_per_second,
+                kept = self.kept,
                 ?round_trip,
                 "migration send window"
             );
+        }
+    }
+
+    /// Judges a probe that ran its course, starts one when the window is full, and keeps what
+    /// was kept within what drains in the budget.
+    fn probe_step(&mut self, now: std::time::Instant, window: u64, full: bool) {
+        let recent = self.rate_since(now - Self::PROBE);
+        if let Some(probe) = &self.probe {
+            if now.duration_since(probe.since) < Self::PROBE {
+                return;
+            }
+            let rate = self.rate_since(probe.since + Self::INTERVAL);
+            if rate.is_some_and(|rate| rate >= probe.rate_before * Self::RISE) {
+                self.kept = probe.to;
+                self.failed_probes = 0;
+            } else {
+                self.quiet_until = now + Self::QUIET * (1 << self.failed_probes.min(3));
+                self.failed_probes += 1;
+            }
+            self.probe = None;
+        }
+        let Some(rate) = recent.filter(|rate| *rate > 0.0) else {
+            return;
+        };
+        let most = (self.budget * rate) as u64;
+        if full {
+            self.kept = self.kept.min(most);
+        }
+        if full && now >= self.quiet_until && window < most {
+            self.probe = Some(Probe {
+                to: (window * 2).min(most),
+                rate_before: rate,
+                since: now,
+            });
         }
     }
 }
@@ -921,7 +1025,11 @@ pub async fn send_migration_stream(
         while let Some(messages) = output.recv().await {
             if let Some(window) = &mut window {
                 let stream_bytes = stream_read.load(std::sync::atomic::Ordering::Relaxed);
-                window.adapt(session, stream_bytes as f64 / message_bytes.max(1) as f64);
+                window.adapt(
+                    session,
+                    stream_bytes as f64 / message_bytes.max(1) as f64,
+                    messages.len() as u64,
+                );
             }
             message_bytes += messages.len() as u64;
             session.send(Bytes::from(messages)).await?;
@@ -1204,6 +1312,85 @@ mod tests {
 
     fn two_pass_stream() -> Vec<u8> {
         crate::synthetic::two_pass_stream(256)
+    }
+
+    /// Drives the send window's probing over a model link for `seconds`: the rate a window
+    /// carries is window / `effective_round_trip`, up to `capacity` (bytes/s); the window is
+    /// always full. Returns the windows in effect and how many probes started.
+    fn probe_model_link(capacity: f64, effective_round_trip: f64, base: u64) -> (Vec<u64>, u32) {
+        let start = std::time::Instant::now();
+        let mut window = SendWindow {
+            minimum: base,
+            floor: 0,
+            budget: ProxyConfig::default().window_drain_budget.as_secs_f64(),
+            kept: 0,
+            probe: None,
+            quiet_until: start + SendWindow::PROBE,
+            failed_probes: 0,
+            samples: std::collections::VecDeque::new(),
+            last: start,
+        };
+        let mut in_effect = base;
+        let mut acknowledged = 0.0;
+        let (mut windows, mut probes) = (Vec::new(), 0);
+        for step in 1..=120u32 {
+            let now = start + SendWindow::INTERVAL * step;
+            let rate = (in_effect as f64 / effective_round_trip).min(capacity);
+            acknowledged += rate * SendWindow::INTERVAL.as_secs_f64();
+            window.record(now, acknowledged as u64);
+            let probing = window.probe.is_some();
+            window.probe_step(now, base.max(in_effect), true);
+            if !probing && window.probe.is_some() {
+                probes += 1;
+            }
+            in_effect = base
+                .max(window.kept)
+                .max(window.probe.as_ref().map_or(0, |probe| probe.to));
+            windows.push(in_effect);
+        }
+        (windows, probes)
+    }
+
+    #[test]
+    fn a_window_that_limits_the_rate_grows_until_the_link_does() {
+        // 1 Gbit/s at 0.5 % loss: RTT' of 200 ms, a 6 MB window after the ramp-up.
+        let capacity = 119e6;
+        let (windows, _) = probe_model_link(capacity, 0.2, 6 << 20);
+        let last = *windows.last().unwrap();
+        assert!(
+            last as f64 >= capacity * 0.2,
+            "the window fills the link: {windows:?}"
+        );
+        let most = capacity * ProxyConfig::default().window_drain_budget.as_secs_f64();
+        assert!(
+            windows.iter().all(|window| *window as f64 <= most * 1.01),
+            "never beyond what drains within the budget: {windows:?}"
+        );
+        let reached = windows
+            .iter()
+            .position(|window| *window as f64 >= capacity * 0.2)
+            .unwrap();
+        assert!(
+            reached <= 16,
+            "filled within four seconds (step {reached}): {windows:?}"
+        );
+    }
+
+    #[test]
+    fn a_window_that_does_not_limit_the_rate_stays_and_is_probed_ever_more_rarely() {
+        // 100 Mbit/s without loss: four bandwidth-delay products already fill it.
+        let base = 2_500_000;
+        let (windows, probes) = probe_model_link(12.5e6, 0.05, base);
+        assert_eq!(*windows.last().unwrap(), base, "{windows:?}");
+        assert!(
+            (1..=3).contains(&probes),
+            "{probes} probes in 30 s: {windows:?}"
+        );
+        let probing = windows.iter().filter(|window| **window > base).count();
+        assert!(
+            probing <= 12,
+            "the window was above its base for {probing} of 120 steps: {windows:?}"
+        );
     }
 
     fn encode(stream: &[u8], read_size: usize, flush_every_read: bool) -> (Vec<u8>, ProxyReport) {
