@@ -157,11 +157,13 @@ pub fn next_membership_change(
         .filter(|host| host.role == MemberRole::Voter)
         .map(|host| host.node_id)
         .collect();
-    // Healthy learners, oldest (lowest id) first.
+    // Healthy learners, oldest (lowest id) first. A learner silent past the grace is not one,
+    // even while its heartbeat still counts as fresh: it may be the voter just replaced for
+    // that silence, which would otherwise be promoted straight back.
     let mut candidates: Vec<u64> = view
         .hosts
         .iter()
-        .filter(|host| host.role == MemberRole::Learner && available(host))
+        .filter(|host| host.role == MemberRole::Learner && available(host) && !lost(host))
         .map(|host| host.node_id)
         .collect();
     candidates.sort_unstable();
@@ -330,6 +332,39 @@ mod tests {
         let stale = host(2, Learner, Some(20_000));
         let region = view(vec![host(1, Voter, Some(0)), stale, unhealthy]);
         assert_eq!(next_membership_change(&policy, &region), None);
+    }
+
+    #[test]
+    fn a_grace_shorter_than_heartbeat_freshness_never_promotes_a_silent_learner() {
+        // `serve --voter-loss-grace 3`: a voter silent 5 s is lost, while its heartbeat still
+        // counts as fresh (10 s). Host 3 is the voter replaced a moment ago for the same silence.
+        let policy = MembershipPolicy {
+            voter_loss_grace: Duration::from_secs(3),
+            heartbeat_fresh_within: Duration::from_secs(10),
+            ..MembershipPolicy::default()
+        };
+        let region = view(vec![
+            host(1, Voter, Some(0)),
+            host(2, Voter, Some(5_000)),
+            host(3, Learner, Some(5_000)),
+            host(4, Voter, Some(0)),
+            host(5, Learner, Some(0)),
+        ]);
+        let change = next_membership_change(&policy, &region).expect("replace");
+        assert_eq!(
+            change.reason,
+            ChangeReason::ReplaceLostVoter {
+                lost: 2,
+                promoted: 5
+            }
+        );
+        let only_the_silent_one = view(vec![
+            host(1, Voter, Some(0)),
+            host(2, Voter, Some(5_000)),
+            host(3, Learner, Some(5_000)),
+            host(4, Voter, Some(0)),
+        ]);
+        assert_eq!(next_membership_change(&policy, &only_the_silent_one), None);
     }
 
     #[test]
