@@ -273,6 +273,14 @@ fn parse_options() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `RUST_LOG=novacron_transport=debug,novacron_migration=debug` shows the transport's stream
+    // count and the proxy's send window as they change.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let options = parse_options()?;
     let guest = TestGuest::locate()?;
     let binaries = QemuBinaries::locate()?;
@@ -926,10 +934,7 @@ fn destination_side(
     port: tokio::sync::oneshot::Sender<u16>,
     image_pages: SharedImagePages,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = disk_mirror::relay_runtime()?;
     runtime.block_on(async move {
         match method {
             Method::QemuPrecopy
@@ -1010,10 +1015,7 @@ fn source_side(
     config: ProxyConfig,
     link_view: SharedLinkView,
 ) -> anyhow::Result<u64> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = disk_mirror::relay_runtime()?;
     runtime.block_on(async move {
         unix_listener.set_nonblocking(true)?;
         let unix_listener = tokio::net::UnixListener::from_std(unix_listener)?;

@@ -827,6 +827,8 @@ impl Session {
             congestion_control = ?established.congestion_control,
             round_trip_ms = established.tcp_connect_time.as_secs_f64() * 1e3,
             bulk_connections = initial_bulk_connections,
+            per_connection_window = options.per_connection_window_bytes,
+            bandwidth_hint = options.bandwidth_hint_bytes_per_second,
             setup_ms = dial_started.elapsed().as_secs_f64() * 1e3,
             "transport session opened"
         );

@@ -212,6 +212,14 @@ impl Relays {
     }
 }
 
+/// The runtime a relay runs on inside its network namespace (two workers: this machine's cores).
+pub fn relay_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// Namespace B: takes the mirror's connection off the link and into the NBD server's socket:
 /// relayed over one TCP connection, or (`proxied`) rebuilt from the proxy's NBD format.
 fn relay_destination(
@@ -222,10 +230,7 @@ fn relay_destination(
     port: tokio::sync::oneshot::Sender<u16>,
     image_pages: SharedImagePages,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = relay_runtime()?;
     runtime.block_on(async move {
         match proxied {
             false => {
@@ -267,10 +272,7 @@ fn relay_source(
     tls: TlsSettings,
     image_pages: SharedImagePages,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = relay_runtime()?;
     runtime.block_on(async move {
         client_listener.set_nonblocking(true)?;
         let client_listener = tokio::net::UnixListener::from_std(client_listener)?;
