@@ -1102,13 +1102,16 @@ async fn codec_result<T>(
 }
 
 /// Chunks of QEMU's stream (up to [`ProxyConfig::read_size`] each) read ahead of the encoder,
-/// so QEMU keeps writing while a chunk is encoded.
-const READ_AHEAD_CHUNKS: usize = 16;
-/// Encoded messages (about 1 MiB each) or rebuilt stream chunks queued between a codec thread
-/// and the side that sends or writes them.
+/// so QEMU keeps writing while a chunk is encoded. Few: everything queued between QEMU and the
+/// link at the switch-over is part of the guest's pause, and only the send window is sized
+/// for the link (16 chunks, 4 MiB, with 1 MiB batches made the adversarial guest's pause at
+/// 100 Mbit/s about 1 s; bench/migration/README.md, "The proxy's own queues").
+const READ_AHEAD_CHUNKS: usize = 4;
+/// Encoded messages (about [`SEND_BATCH`] each) or rebuilt stream chunks queued between a codec
+/// thread and the side that sends or writes them.
 const OUTPUT_CHUNKS: usize = 2;
 /// Messages are handed to the session once this many bytes are pending.
-const SEND_BATCH: usize = 1 << 20;
+const SEND_BATCH: usize = 512 << 10;
 
 enum EncoderInput {
     Bytes(Vec<u8>),
