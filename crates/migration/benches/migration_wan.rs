@@ -40,7 +40,7 @@ use novacron_migration::{
     send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
-use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
+use novacron_transport::{Session, SessionOptions, TlsSettings};
 use realistic_disk::{RealisticDisk, realistic_disk};
 use serde_json::json;
 
@@ -959,14 +959,7 @@ fn destination_side(
                 }
             }
             Method::ProxyPostcopy => {
-                let listener = Listener::bind(
-                    SocketAddr::from((address, 0)),
-                    &tls,
-                    SessionOptions::default(),
-                )
-                .await?;
-                let _ = port.send(listener.local_addr().port());
-                let session = Arc::new(listener.accept().await?);
+                let session = disk_mirror::accept_one_session(address, &tls, port).await?;
                 let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
                 let config = ProxyConfig {
                     image_pages,
@@ -979,14 +972,7 @@ fn destination_side(
                 );
             }
             Method::Proxy => {
-                let listener = Listener::bind(
-                    SocketAddr::from((address, 0)),
-                    &tls,
-                    SessionOptions::default(),
-                )
-                .await?;
-                let _ = port.send(listener.local_addr().port());
-                let session = listener.accept().await?;
+                let session = disk_mirror::accept_one_session(address, &tls, port).await?;
                 let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
                 let config = ProxyConfig {
                     image_pages,

@@ -220,6 +220,23 @@ pub fn relay_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Binds a transport listener on `address`, says its port through `port`, and accepts the one
+/// session the source opens.
+pub async fn accept_one_session(
+    address: Ipv4Addr,
+    tls: &TlsSettings,
+    port: tokio::sync::oneshot::Sender<u16>,
+) -> anyhow::Result<Arc<Session>> {
+    let listener = Listener::bind(
+        SocketAddr::from((address, 0)),
+        tls,
+        SessionOptions::default(),
+    )
+    .await?;
+    let _ = port.send(listener.local_addr().port());
+    Ok(Arc::new(listener.accept().await?))
+}
+
 /// Namespace B: takes the mirror's connection off the link and into the NBD server's socket:
 /// relayed over one TCP connection, or (`proxied`) rebuilt from the proxy's NBD format.
 fn relay_destination(
@@ -241,14 +258,7 @@ fn relay_destination(
                 tokio::io::copy_bidirectional(&mut from_link, &mut to_server).await?;
             }
             true => {
-                let listener = Listener::bind(
-                    SocketAddr::from((address, 0)),
-                    &tls,
-                    SessionOptions::default(),
-                )
-                .await?;
-                let _ = port.send(listener.local_addr().port());
-                let session = Arc::new(listener.accept().await?);
+                let session = accept_one_session(address, &tls, port).await?;
                 let to_server = tokio::net::UnixStream::connect(&server_socket).await?;
                 let report =
                     receive_migration_stream_duplex(&session, to_server, &nbd_config(image_pages))
