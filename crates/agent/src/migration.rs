@@ -1376,7 +1376,7 @@ impl Source<'_> {
                 dirty_bytes_per_second: dirty,
                 wire_bytes_per_second: stats.measured_rate_bytes_per_second,
                 encoding_ratio: ratio,
-                in_flight_wire_bytes: session.bulk_send_window(),
+                in_flight_wire_bytes: novacron_migration::queued_wire_bytes(session),
                 round_trip: stats.round_trip_estimate.unwrap_or_default(),
                 downtime_limit: Duration::from_millis(self.migration.downtime_limit_ms),
             });

@@ -36,8 +36,8 @@ use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
     ConvergencePlanner, DeliveredPages, PlanInputs, ProxyConfig, SharedImagePages,
-    receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
-    send_migration_stream_duplex,
+    expected_send_window, receive_migration_stream, receive_migration_stream_duplex,
+    send_migration_stream, send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{Session, SessionOptions, TlsSettings};
@@ -610,6 +610,23 @@ async fn run_one(
         // A fixed window (`--send-window-mib`), instead of the proxy's adaptive one.
         config.adaptive_send_window_minimum = None;
     }
+    // As `vm migrate` does before the move: QEMU's downtime limit from the forecast, or the
+    // smallest until the link is measured (the proxy's first window is a guess).
+    let forecast_rate = (options.forecast_mbit > 0.0).then_some(options.forecast_mbit * 1e6 / 8.0);
+    let round_trip = Duration::from_millis(2 * options.delay_ms);
+    let initial_plan = PlanInputs {
+        remaining_bytes: options.memory_mib << 20,
+        dirty_bytes_per_second: 0.0,
+        wire_bytes_per_second: forecast_rate.unwrap_or(0.0),
+        encoding_ratio: 1.0,
+        in_flight_wire_bytes: expected_send_window(
+            &config,
+            config.initial_rate_bytes_per_second,
+            round_trip,
+        ),
+        round_trip,
+        downtime_limit: DOWNTIME_LIMIT,
+    };
     let link_view: SharedLinkView = Arc::default();
     let source_thread = {
         let link = link.clone();
@@ -659,6 +676,20 @@ async fn run_one(
         )
         .await?;
     let mut qemu_limits: Vec<u64> = Vec::new();
+    let mut planner = ConvergencePlanner::new();
+    if method.proxied() {
+        let (_, change) = planner.update(&initial_plan);
+        if let Some(limit) = change {
+            qemu_limits.push(limit);
+            source
+                .qmp()
+                .execute(
+                    "migrate-set-parameters",
+                    Some(json!({ "downtime-limit": limit })),
+                )
+                .await?;
+        }
+    }
     eprintln!("   memory migration starts");
     source
         .qmp()
@@ -667,7 +698,6 @@ async fn run_one(
             Some(json!({ "uri": format!("unix:{}", outgoing.display()) })),
         )
         .await?;
-    let mut planner = ConvergencePlanner::new();
     let mut last_plan = Instant::now();
     let mut switched = false;
     let mut resumed_early = false;
@@ -1044,7 +1074,7 @@ fn source_side(
                                 Some(LinkView {
                                     rate_bytes_per_second: stats.measured_rate_bytes_per_second,
                                     wire_bytes_sent: stats.bulk_bytes_sent,
-                                    send_window_bytes: session.bulk_send_window(),
+                                    send_window_bytes: novacron_migration::queued_wire_bytes(&session),
                                     round_trip: stats.round_trip_estimate.unwrap_or_default(),
                                 });
                             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -34,8 +34,8 @@ pub use image_pages::{ImagePageIndex, SharedImagePages, StoredRange};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,
-    expected_send_window, receive_migration_stream, receive_migration_stream_duplex,
-    send_migration_stream, send_migration_stream_duplex,
+    expected_send_window, queued_wire_bytes, receive_migration_stream,
+    receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
 pub use rebuild::StreamRebuilder;
 pub use stream::{

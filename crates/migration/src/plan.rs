@@ -103,8 +103,8 @@ fn mib(bytes_per_second: f64) -> String {
     format!("{:.1} MiB", bytes_per_second / f64::from(1u32 << 20))
 }
 
-/// Plans the rest of a precopy migration. Without a known link rate it only passes the user's
-/// limit on (minus nothing) and predicts nothing.
+/// Plans the rest of a precopy migration. Without a known link rate it predicts nothing and
+/// holds QEMU at the smallest limit while anything is queued (the user's limit otherwise).
 pub fn plan(inputs: &PlanInputs) -> Plan {
     let limit_ms = inputs.downtime_limit.as_millis() as u64;
     let ratio = if inputs.encoding_ratio.is_finite() {
@@ -120,7 +120,15 @@ pub fn plan(inputs: &PlanInputs) -> Plan {
             converges: false,
             expected_passes: None,
             expected_seconds: None,
-            qemu_downtime_limit_ms: limit_ms.max(MIN_QEMU_DOWNTIME_MS),
+            // How long the queued window takes to cross is unknown: QEMU may not stop the
+            // guest before the link is measured (a window queued at the guessed rate, with a
+            // first pass of page hashes that fits in it, would otherwise switch over at once
+            // and pause for the whole queue). With nothing queued the user's limit stands.
+            qemu_downtime_limit_ms: if inputs.in_flight_wire_bytes > 0 {
+                MIN_QEMU_DOWNTIME_MS
+            } else {
+                limit_ms.max(MIN_QEMU_DOWNTIME_MS)
+            },
             throttle_percent: 0,
         };
     }
@@ -323,8 +331,11 @@ mod tests {
         unknown.wire_bytes_per_second = 0.0;
         let plan = plan(&unknown);
         assert!(!plan.converges && plan.expected_passes.is_none());
-        assert_eq!(plan.qemu_downtime_limit_ms, 300);
         assert_eq!(plan.throttle_percent, 0);
+        // A window is queued whose crossing time is unknown: QEMU may not stop the guest yet.
+        assert_eq!(plan.qemu_downtime_limit_ms, MIN_QEMU_DOWNTIME_MS);
+        unknown.in_flight_wire_bytes = 0;
+        assert_eq!(super::plan(&unknown).qemu_downtime_limit_ms, 300);
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct OutboundChannel {
     pub payload_bytes_enqueued: u64,
     pub payload_bytes_acknowledged: u64,
     pub payload_bytes_retransmitted: u64,
+    /// Times a connection free to send found the next frame held back by the send window: the
+    /// window, not the path, limited the rate then (a connection the path holds back is still
+    /// writing its last frame and does not ask).
+    pub send_window_holds: u64,
 }
 
 impl OutboundChannel {
@@ -89,6 +93,7 @@ impl OutboundChannel {
             payload_bytes_enqueued: 0,
             payload_bytes_acknowledged: 0,
             payload_bytes_retransmitted: 0,
+            send_window_holds: 0,
         }
     }
 
@@ -159,6 +164,7 @@ impl OutboundChannel {
         if frame.end_offset > self.peer_consumed.saturating_add(self.send_window_bytes)
             && start_offset > self.peer_consumed
         {
+            self.send_window_holds += 1;
             return None;
         }
         self.pending.remove(&sequence);
@@ -452,9 +458,15 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(outbound.buffered_bytes(), 0);
+        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(
+            outbound.send_window_holds, 0,
+            "nothing queued: not the window's doing"
+        );
         outbound.enqueue(payload(2, 1000), false).unwrap();
         outbound.enqueue(payload(3, 1000), false).unwrap();
         assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.send_window_holds, 1);
         // The application takes one frame: one more may go.
         let delivery = inbound.take_next().unwrap();
         inbound.mark_consumed(delivery.charge);

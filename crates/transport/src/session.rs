@@ -313,6 +313,9 @@ pub struct SessionStats {
     pub round_trip_estimate: Option<Duration>,
     /// Bulk payload per second (acknowledged by the peer plus received) over the last interval.
     pub measured_rate_bytes_per_second: f64,
+    /// Times a bulk connection free to send found the next frame held back by the send window
+    /// (cumulative): while this grows, a larger window would carry more.
+    pub bulk_send_window_holds: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1032,6 +1035,7 @@ impl Session {
             disconnected_for: core.disconnected_since.map(|since| since.elapsed()),
             round_trip_estimate: core.round_trip_estimate,
             measured_rate_bytes_per_second: core.measured_rate_bytes_per_second,
+            bulk_send_window_holds: core.bulk_out.send_window_holds,
         }
     }
 }
