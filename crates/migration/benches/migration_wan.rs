@@ -777,10 +777,23 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The destination's side is done (the proxy: the stream verified; QEMU's methods: the
+    // relays closed) before the guest may resume there.
+    while !destination_thread.is_finished() {
+        if started.elapsed() > DEADLINE {
+            bail!("the destination side still running after {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let mirror_in_sync = match mirror {
         Some(mirror) => Some(mirror.complete(&source, &destination).await?),
         None => None,
     };
+    // The destination was started paused (it must not run before the stream is verified):
+    // resume it as soon as it has loaded, as an orchestrator would (post-copy: done already).
+    if !resumed_early {
+        destination.qmp().cont().await?;
+    }
     let mut seconds = started.elapsed().as_secs_f64();
     if method.proxied()
         && let Some(disk) = disk
@@ -815,11 +828,6 @@ async fn run_one(
     }
 
     let source_tick = last_tick(&source_console);
-    // The destination was started paused (it must not run before the stream is verified):
-    // resume it as soon as it has loaded, as an orchestrator would (post-copy: done already).
-    if !resumed_early {
-        destination.qmp().cont().await?;
-    }
     let stopped = first_event(&mut source_events, "STOP").await;
     let resumed = first_event(&mut destination_events, "RESUME").await;
     let real_pause_ms = stopped
