@@ -192,6 +192,13 @@ struct LinkView {
 
 type SharedLinkView = Arc<std::sync::Mutex<Option<LinkView>>>;
 
+/// What the source side tells the run while it goes: the link as its session measures it, and
+/// that it is ready for QEMU's stream.
+struct SourceSignals {
+    link_view: SharedLinkView,
+    ready: tokio::sync::oneshot::Sender<()>,
+}
+
 /// The guest's pause limit every method gets (QEMU's default).
 const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
 
@@ -628,6 +635,7 @@ async fn run_one(
         downtime_limit: DOWNTIME_LIMIT,
     };
     let link_view: SharedLinkView = Arc::default();
+    let (ready_sender, ready) = tokio::sync::oneshot::channel();
     let source_thread = {
         let link = link.clone();
         let link_view = link_view.clone();
@@ -640,11 +648,19 @@ async fn run_one(
                     source_tls,
                     send_window_bytes,
                     config,
-                    link_view,
+                    SourceSignals {
+                        link_view,
+                        ready: ready_sender,
+                    },
                 )
             })
         })
     };
+    // The proxy's session is open before the clock starts, as `vm migrate`'s is before it
+    // starts QEMU's migration (QEMU's own methods connect when told to migrate).
+    ready
+        .await
+        .context("the source side failed before it was ready")?;
 
     let mut source_events = source.subscribe_events();
     let mut destination_events = destination.subscribe_events();
@@ -1037,8 +1053,9 @@ fn source_side(
     tls: TlsSettings,
     send_window_bytes: u64,
     config: ProxyConfig,
-    link_view: SharedLinkView,
+    signals: SourceSignals,
 ) -> anyhow::Result<u64> {
+    let SourceSignals { link_view, ready } = signals;
     let runtime = disk_mirror::relay_runtime()?;
     runtime.block_on(async move {
         unix_listener.set_nonblocking(true)?;
@@ -1048,6 +1065,7 @@ fn source_side(
             | Method::QemuMultifdZstd
             | Method::QemuXbzrle
             | Method::QemuPostcopy => {
+                let _ = ready.send(());
                 let mut copies = Vec::new();
                 for _ in 0..method.connections() {
                     let (mut from_qemu, _) = unix_listener.accept().await?;
@@ -1063,7 +1081,7 @@ fn source_side(
                 Ok(copied)
             }
             Method::Proxy | Method::ProxyPostcopy => {
-                let (from_qemu, _) = unix_listener.accept().await?;
+                // As `vm migrate` does, the session is open before QEMU starts its stream.
                 let options = SessionOptions {
                     bulk_send_window_bytes: if send_window_bytes > 0 {
                         send_window_bytes
@@ -1073,6 +1091,8 @@ fn source_side(
                     ..SessionOptions::default()
                 };
                 let session = Arc::new(Session::connect(destination, &tls, options).await?);
+                let _ = ready.send(());
+                let (from_qemu, _) = unix_listener.accept().await?;
                 let publisher = {
                     let session = session.clone();
                     tokio::spawn(async move {

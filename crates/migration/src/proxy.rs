@@ -248,7 +248,8 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 ///
 /// Until the transport has measured the link (a second in), the window stands for four
 /// bandwidth-delay products of the guessed or forecast rate of QEMU's stream (in message bytes,
-/// divided by the stream's encoding ratio so far). A session's first second is TCP's ramp-up, not
+/// divided by the stream's encoding ratio so far; it may grow up to that many message bytes
+/// while it holds the link back, as below). A session's first second is TCP's ramp-up, not
 /// the link: cutting the window to what the ramp-up carried held a lossy 1 Gbit/s path at a
 /// fifth of its rate for two seconds.
 ///
@@ -394,8 +395,16 @@ impl SendWindow {
                 }
                 .next()
             }
-            // Nothing measured yet: the initial window, in message bytes.
-            _ => ((self.initial as f64 / ratio) as u64).max(self.minimum),
+            // Nothing measured yet: the initial window in message bytes, or more (up to the
+            // initial window's size in message bytes) while the window holds the link back.
+            _ => {
+                let initial = ((self.initial as f64 / ratio) as u64).max(self.minimum);
+                if held {
+                    initial.max(((current as f64 * WindowStep::GROWTH) as u64).min(self.initial))
+                } else {
+                    initial
+                }
+            }
         };
         // Ignore small changes; a window that moves by a tenth per step still moves.
         if wanted.abs_diff(current) * 16 > current {
