@@ -46,15 +46,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Ceiling of the memory session's bulk send window. The proxy keeps the window near twice the
-/// measured bandwidth-delay product times four (from 2 MiB up): QEMU only sees how fast the proxy takes its
-/// stream, so everything queued beyond the link is data the final pause waits for (a 32 MiB
-/// window made the pause 3.2 s at 100 Mbit/s in the bench), while a window below the product
-/// caps the rate (2 MiB on 1 Gbit/s with 50 ms: 9.5 s instead of 3.0 s).
 /// A link measured longer ago than this is probed before a migration plans with it.
 const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
 /// How long the probe before a migration sends.
 const PLANNING_PROBE: Duration = Duration::from_secs(1);
+/// Ceiling of the memory session's bulk send window. The proxy keeps the window near two
+/// measured bandwidth-delay products (from 1 MiB up), larger only while it holds the link back
+/// (`novacron_migration::proxy`): QEMU only sees how fast the proxy takes its stream, so
+/// everything queued beyond the link is data the final pause waits for (a 32 MiB window made
+/// the pause 3.2 s at 100 Mbit/s in the bench), while a window below what the path needs caps
+/// the rate (2 MiB on 1 Gbit/s with 50 ms: 9.5 s instead of 3.0 s).
 const SEND_WINDOW_CEILING_BYTES: u64 = 64 << 20;
 /// QEMU's own cap, far above any link: the transport's backpressure paces QEMU, and QEMU applies
 /// its cap before the proxy's compression.

@@ -849,6 +849,14 @@ async fn run_one(
     let real_pause_ms = stopped
         .zip(resumed)
         .map(|(stopped, resumed)| (resumed - stopped) * 1e3);
+    if let Some((stopped, resumed)) = stopped.zip(resumed) {
+        // Seconds of the day (UTC), to line up with the proxy's logs (`RUST_LOG`).
+        eprintln!(
+            "   STOP at {:.3}, RESUME at {:.3} (seconds of the day, UTC)",
+            stopped % 86_400.0,
+            resumed % 86_400.0
+        );
+    }
     let guest_continued = wait_for_console_text(
         &destination.run_directory().console_log(),
         &format!("NOVACRON-WORKLOAD tick={} ", source_tick + 3),
