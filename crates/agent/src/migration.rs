@@ -50,8 +50,8 @@ use std::time::{Duration, Instant};
 const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
 /// How long the probe before a migration sends.
 const PLANNING_PROBE: Duration = Duration::from_secs(1);
-/// Ceiling of the memory session's bulk send window. The proxy keeps the window near two
-/// measured bandwidth-delay products (from 1 MiB up), larger only while it holds the link back
+/// Ceiling of the memory session's bulk send window. The proxy keeps the window near four
+/// measured bandwidth-delay products (from 2 MiB up), larger only while it holds the link back
 /// (`novacron_migration::proxy`): QEMU only sees how fast the proxy takes its stream, so
 /// everything queued beyond the link is data the final pause waits for (a 32 MiB window made
 /// the pause 3.2 s at 100 Mbit/s in the bench), while a window below what the path needs caps
