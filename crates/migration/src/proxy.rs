@@ -140,10 +140,11 @@ pub struct ProxyConfig {
     /// Size of reads from QEMU's socket.
     pub read_size: usize,
     /// Keep the session's bulk send window near four times the bandwidth-delay product the
-    /// session measures (more while the window holds the link back), never below this (`None`: leave the window as configured). QEMU sees only how
-    /// fast the proxy takes its stream, so what is queued beyond the link is what the guest's
-    /// final pause waits for; too small a window caps the rate at window / RTT instead. The
-    /// session's configured window is the ceiling.
+    /// session measures (more while the window holds the link back), never below this (`None`:
+    /// leave the window as configured). QEMU sees only how fast the proxy takes its stream, so
+    /// what is queued beyond the link is what the guest's final pause waits for; too small a
+    /// window caps the rate at window / RTT instead. The session's configured window is the
+    /// ceiling.
     pub adaptive_send_window_minimum: Option<u64>,
     /// The path rate the adaptive window starts from, bytes per second (the link's forecast
     /// when there is one; else the transport's default guess of 1 Gbit/s). The first
@@ -256,18 +257,19 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 /// Then the base is four measured bandwidth-delay products (with the connect-time RTT), never
 /// below the minimum nor the forecast's floor. Two would do on a clean path, and every byte
 /// beyond is queued pause, but at (b) of the bench the window then followed TCP's ramp-up
-/// late: 6.5-6.7 s against 6.0-6.2 s over four runs each, for 30-40 ms less pause at 100 Mbit/s. The
-/// base is not enough on a lossy path: a window allows window / RTT', and RTT' (until the
-/// destination's application has the bytes, lost segments resent in between) is about four
-/// round trips at 0.5 % loss, so four products of a window-limited rate are the same window
-/// again (bench/migration/README.md, "The send window at 0.5 % loss"). So the window also
-/// follows the transport's count of times a connection free to send found the next frame held
-/// back by the window: a step (125 ms) with such holds grows the window by a quarter; from the
-/// third step in a row without, it shrinks by a tenth a step toward the base (the path, or
-/// QEMU, is the limit then). On a link the window does not limit (100 Mbit/s without loss), connections
-/// wait on the path, never on the window, and the window stays at its base.
+/// late: 6.5-6.7 s against 6.0-6.2 s over four runs each, for 30-40 ms less pause at
+/// 100 Mbit/s. The base is not enough on a lossy path: a window allows window / RTT', and RTT'
+/// (until the destination's application has the bytes, lost segments resent in between) is
+/// about four round trips at 0.5 % loss, so four products of a window-limited rate are the
+/// same window again (bench/migration/README.md, "The send window at 0.5 % loss"). So the
+/// window also follows the transport's count of times a connection free to send found the next
+/// frame held back by the window: a step (125 ms) with such holds grows the window by a
+/// quarter; from the third step in a row without, it shrinks by a tenth a step toward the base
+/// (the path, or QEMU, is the limit then). On a link the window does not limit (100 Mbit/s
+/// without loss), connections wait on the path, never on the window, and the window stays at
+/// its base.
 ///
-/// The window never grows to hold more of QEMU's stream than the link carries within
+/// Above its base, the window never holds more of QEMU's stream than the link carries within
 /// `ProxyConfig::window_drain_budget` at the rate measured over the last half second: what a
 /// full window holds at the switch-over is what the guest's final pause waits for, and the
 /// destination rebuilds and loads all of the stream it stands for (a window of page hashes
@@ -295,7 +297,8 @@ struct WindowStep {
     current: u64,
     /// Four measured bandwidth-delay products, the minimum and the floor applied (message bytes).
     base: u64,
-    /// The most the window may grow to: the drain budget at the recent rate (message bytes).
+    /// The most the window may hold above its base: the drain budget at the recent rate
+    /// (message bytes).
     most: u64,
     /// A connection found the next frame held back by the window since the last step.
     held: bool,
@@ -313,13 +316,13 @@ impl WindowStep {
 
     fn next(self) -> u64 {
         let window = if self.held {
-            ((self.current as f64 * Self::GROWTH) as u64).min(self.most.max(self.current))
+            (self.current as f64 * Self::GROWTH) as u64
         } else if self.unheld_steps > Self::PATIENCE {
             (self.current as f64 * Self::DECAY) as u64
         } else {
             self.current
         };
-        window.max(self.base)
+        window.min(self.most).max(self.base)
     }
 }
 
