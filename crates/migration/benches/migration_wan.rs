@@ -482,6 +482,26 @@ fn guest_spec(
     Ok(spec)
 }
 
+/// Plans again and gives QEMU the new downtime limit when it changed (noted in `limits`).
+async fn replan(
+    planner: &mut ConvergencePlanner,
+    inputs: &PlanInputs,
+    source: &QemuVm,
+    limits: &mut Vec<u64>,
+) -> anyhow::Result<()> {
+    if let (_, Some(limit)) = planner.update(inputs) {
+        limits.push(limit);
+        source
+            .qmp()
+            .execute(
+                "migrate-set-parameters",
+                Some(json!({ "downtime-limit": limit })),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 fn last_tick(console: &Path) -> u64 {
     let text = std::fs::read_to_string(console).unwrap_or_default();
     text.lines()
@@ -694,17 +714,7 @@ async fn run_one(
     let mut qemu_limits: Vec<u64> = Vec::new();
     let mut planner = ConvergencePlanner::new();
     if method.proxied() {
-        let (_, change) = planner.update(&initial_plan);
-        if let Some(limit) = change {
-            qemu_limits.push(limit);
-            source
-                .qmp()
-                .execute(
-                    "migrate-set-parameters",
-                    Some(json!({ "downtime-limit": limit })),
-                )
-                .await?;
-        }
+        replan(&mut planner, &initial_plan, &source, &mut qemu_limits).await?;
     }
     eprintln!("   memory migration starts");
     source
@@ -732,7 +742,7 @@ async fn run_one(
                 ram["transferred"].as_u64().unwrap_or(0),
                 view.wire_bytes_sent,
             );
-            let (_, change) = planner.update(&PlanInputs {
+            let inputs = PlanInputs {
                 remaining_bytes: ram["remaining"].as_u64().unwrap_or(0),
                 dirty_bytes_per_second: ram["dirty-pages-rate"].as_f64().unwrap_or(0.0) * 4096.0,
                 wire_bytes_per_second: view.rate_bytes_per_second,
@@ -740,17 +750,8 @@ async fn run_one(
                 in_flight_wire_bytes: view.send_window_bytes,
                 round_trip: view.round_trip,
                 downtime_limit: DOWNTIME_LIMIT,
-            });
-            if let Some(limit) = change {
-                qemu_limits.push(limit);
-                source
-                    .qmp()
-                    .execute(
-                        "migrate-set-parameters",
-                        Some(json!({ "downtime-limit": limit })),
-                    )
-                    .await?;
-            }
+            };
+            replan(&mut planner, &inputs, &source, &mut qemu_limits).await?;
         }
         if method.postcopy()
             && !switched
