@@ -305,13 +305,6 @@ impl QemuImg {
                 path: backing.to_owned(),
                 message: error.to_string(),
             })?;
-        if overlay_path.exists() {
-            return Err(ImageError::Rejected {
-                operation: "create",
-                path: overlay_path.to_owned(),
-                message: "file already exists".to_owned(),
-            });
-        }
         let mut arguments = vec![
             "create".into(),
             "-q".into(),
@@ -326,12 +319,8 @@ impl QemuImg {
         if let Some(size_bytes) = size_bytes {
             arguments.push(size_bytes.to_string().into());
         }
-        let output = self.run(overlay_path, &arguments).await?;
-        if !output.success {
-            // qemu-img may leave a partial file behind; the overlay is ours to remove.
-            let _ = std::fs::remove_file(overlay_path);
-            return Err(rejected("create", overlay_path, &output));
-        }
+        self.run_creating("create", overlay_path, overlay_path, &arguments)
+            .await?;
         self.info(overlay_path).await
     }
 
@@ -343,13 +332,6 @@ impl QemuImg {
         source_format: ImageFormat,
         destination: &Path,
     ) -> Result<(), ImageError> {
-        if destination.exists() {
-            return Err(ImageError::Rejected {
-                operation: "convert",
-                path: destination.to_owned(),
-                message: "file already exists".to_owned(),
-            });
-        }
         let arguments = vec![
             "convert".into(),
             "-q".into(),
@@ -360,12 +342,8 @@ impl QemuImg {
             source.as_os_str().to_owned(),
             destination.as_os_str().to_owned(),
         ];
-        let output = self.run(source, &arguments).await?;
-        if !output.success {
-            let _ = std::fs::remove_file(destination);
-            return Err(rejected("convert", source, &output));
-        }
-        Ok(())
+        self.run_creating("convert", source, destination, &arguments)
+            .await
     }
 
     /// `qemu-img map`: where each range of the guest-visible disk lives in the image file.
@@ -392,6 +370,30 @@ impl QemuImg {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// Runs a command that writes `created`, which must not exist yet. qemu-img may leave a
+    /// partial file behind when it fails: that file is ours to remove. Errors name `subject`.
+    async fn run_creating(
+        &self,
+        operation: &'static str,
+        subject: &Path,
+        created: &Path,
+        arguments: &[std::ffi::OsString],
+    ) -> Result<(), ImageError> {
+        if created.exists() {
+            return Err(ImageError::Rejected {
+                operation,
+                path: created.to_owned(),
+                message: "file already exists".to_owned(),
+            });
+        }
+        let output = self.run(subject, arguments).await?;
+        if !output.success {
+            let _ = std::fs::remove_file(created);
+            return Err(rejected(operation, subject, &output));
+        }
+        Ok(())
     }
 
     async fn run(
