@@ -36,8 +36,8 @@ use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
     ConvergencePlanner, DeliveredPages, PlanInputs, ProxyConfig, SharedImagePages,
-    expected_send_window, receive_migration_stream, receive_migration_stream_duplex,
-    send_migration_stream, send_migration_stream_duplex,
+    expected_send_window, queued_wire_bytes, receive_migration_stream,
+    receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{Session, SessionOptions, TlsSettings};
@@ -441,45 +441,61 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn guest_spec(
-    guest: &TestGuest,
-    options: &Options,
-    name: &str,
+/// What both QEMUs of one run share: the guest, its workload and disks, one VM identity.
+struct GuestSetup<'a> {
+    guest: &'a TestGuest,
+    options: &'a Options,
+    /// One VM identity on both sides, as a real migration has (multifd checks it).
     uuid: uuid::Uuid,
-    run_dir: &Path,
-    incoming: Option<&Path>,
-    disk: Option<&RealisticDisk>,
-    written_overlay: Option<&Path>,
-) -> anyhow::Result<LaunchSpec> {
-    let mut extra = format!(
-        "novacron.workload=1 novacron.workload_mib={} novacron.workload_kind={}",
-        options.workload_mib, options.workload_kind
-    );
-    if disk.is_some() {
-        extra.push_str(" novacron.readdisk=1");
-    }
-    let mut spec = LaunchSpec::new(name, uuid, run_dir)
-        .memory_mib(options.memory_mib)
-        .kernel(guest.kernel_boot(&extra));
-    if let Some(disk) = disk {
-        // Each side its own overlay on the base image both hosts hold; with a local disk, the
-        // source's holds what the guest wrote (a copy: every run starts from the same).
-        let overlay = run_dir.join("disk.qcow2");
-        match written_overlay {
-            Some(written) if incoming.is_none() => {
-                std::fs::copy(written, &overlay)?;
-            }
-            _ => disk_mirror::create_overlay(&disk.base, &overlay)?,
+    disk: Option<&'a RealisticDisk>,
+    written_overlay: Option<&'a Path>,
+}
+
+impl GuestSetup<'_> {
+    /// The source's QEMU (`incoming: None`) or the destination's, waiting paused for the stream.
+    fn spec(
+        &self,
+        name: &str,
+        run_dir: &Path,
+        incoming: Option<&Path>,
+    ) -> anyhow::Result<LaunchSpec> {
+        let GuestSetup {
+            guest,
+            options,
+            uuid,
+            disk,
+            written_overlay,
+        } = *self;
+        let mut extra = format!(
+            "novacron.workload=1 novacron.workload_mib={} novacron.workload_kind={}",
+            options.workload_mib, options.workload_kind
+        );
+        if disk.is_some() {
+            extra.push_str(" novacron.readdisk=1");
         }
-        spec = spec.disk(overlay, novacron_qemu::ImageFormat::Qcow2);
+        let mut spec = LaunchSpec::new(name, uuid, run_dir)
+            .memory_mib(options.memory_mib)
+            .kernel(guest.kernel_boot(&extra));
+        if let Some(disk) = disk {
+            // Each side its own overlay on the base image both hosts hold; with a local disk,
+            // the source's holds what the guest wrote (a copy: every run starts from the same).
+            let overlay = run_dir.join("disk.qcow2");
+            match written_overlay {
+                Some(written) if incoming.is_none() => {
+                    std::fs::copy(written, &overlay)?;
+                }
+                _ => disk_mirror::create_overlay(&disk.base, &overlay)?,
+            }
+            spec = spec.disk(overlay, novacron_qemu::ImageFormat::Qcow2);
+        }
+        if incoming.is_some() {
+            // `defer`: capabilities (multifd) must be set before QEMU listens
+            // (`migrate-incoming`).
+            spec = spec.start_paused(true);
+            spec.extra_arguments = vec!["-incoming".to_owned(), "defer".to_owned()];
+        }
+        Ok(spec)
     }
-    if incoming.is_some() {
-        // `defer`: capabilities (multifd) must be set before QEMU listens (`migrate-incoming`).
-        spec = spec.start_paused(true);
-        spec.extra_arguments = vec!["-incoming".to_owned(), "defer".to_owned()];
-    }
-    Ok(spec)
 }
 
 /// Plans again and gives QEMU the new downtime limit when it changed (noted in `limits`).
@@ -525,22 +541,15 @@ async fn run_one(
     eprintln!("== {}", method.name());
     let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
     let destination_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
-    // One VM identity on both sides, as a real migration has (multifd checks it).
-    let uuid = uuid::Uuid::new_v4();
-    let source = QemuVm::launch(
-        binaries,
-        &guest_spec(
-            guest,
-            options,
-            "bench-src",
-            uuid,
-            source_dir.path(),
-            None,
-            disk,
-            written_overlay,
-        )?,
-    )
-    .await?;
+    let setup = GuestSetup {
+        guest,
+        options,
+        uuid: uuid::Uuid::new_v4(),
+        disk,
+        written_overlay,
+    };
+    let source =
+        QemuVm::launch(binaries, &setup.spec("bench-src", source_dir.path(), None)?).await?;
     // Both QEMUs die with this run, also when it fails half-way.
     let _source_guard = common::KillOnDrop::new(&source);
     let source_console = source.run_directory().console_log();
@@ -551,16 +560,7 @@ async fn run_one(
     let incoming = destination_dir.path().join("in.sock");
     let destination = QemuVm::launch(
         binaries,
-        &guest_spec(
-            guest,
-            options,
-            "bench-dst",
-            uuid,
-            destination_dir.path(),
-            Some(&incoming),
-            disk,
-            written_overlay,
-        )?,
+        &setup.spec("bench-dst", destination_dir.path(), Some(&incoming))?,
     )
     .await?;
     let _destination_guard = common::KillOnDrop::new(&destination);
@@ -1111,7 +1111,7 @@ fn source_side(
                                 Some(LinkView {
                                     rate_bytes_per_second: stats.measured_rate_bytes_per_second,
                                     wire_bytes_sent: stats.bulk_bytes_sent,
-                                    send_window_bytes: novacron_migration::queued_wire_bytes(&session),
+                                    send_window_bytes: queued_wire_bytes(&session),
                                     round_trip: stats.round_trip_estimate.unwrap_or_default(),
                                 });
                             tokio::time::sleep(Duration::from_millis(200)).await;
