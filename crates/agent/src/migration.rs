@@ -215,6 +215,7 @@ pub(crate) async fn request(
         resumed_at_ms: None,
         total_seconds: None,
     };
+    forget_old_migrations(shared).await;
     if cold && record.spec.image_id.is_none() {
         return record_cold_move(shared, &vm, migration).await;
     }
@@ -226,6 +227,56 @@ pub(crate) async fn request(
     }
     tracing::info!(vm = %name, migration = %migration.id, %source, %destination, "migration requested");
     Ok(migration)
+}
+
+/// Finished migrations kept in the store (`migration list` / `show`); older ones are forgotten
+/// when a migration is requested, so the replicated store and every listing of it (as at each
+/// `serve` start) stay bounded.
+pub(crate) const MIGRATION_HISTORY: usize = 1000;
+
+/// The finished migrations beyond the newest [`MIGRATION_HISTORY`] (by when they finished).
+fn beyond_history(migrations: &[MigrationRecord]) -> Vec<String> {
+    let mut finished: Vec<&MigrationRecord> = migrations
+        .iter()
+        .filter(|migration| migration.phase.is_finished())
+        .collect();
+    finished.sort_by(|a, b| {
+        let when =
+            |migration: &MigrationRecord| migration.finished_at.unwrap_or(migration.created_at);
+        when(b).cmp(&when(a)).then(b.id.cmp(&a.id))
+    });
+    finished
+        .iter()
+        .skip(MIGRATION_HISTORY)
+        .map(|migration| migration.id.clone())
+        .collect()
+}
+
+/// Best effort: a history that could not be trimmed now is trimmed at the next migration.
+async fn forget_old_migrations(shared: &Shared) {
+    let forgotten = match shared.records.migrations().await {
+        // A few hundred at a time: one store transaction each (a history grown before the
+        // limit shrinks over the next migrations).
+        Ok(migrations) => beyond_history(&migrations)
+            .into_iter()
+            .take(256)
+            .collect::<Vec<_>>(),
+        Err(error) => {
+            tracing::debug!(%error, "migration history not trimmed");
+            return;
+        }
+    };
+    if forgotten.is_empty() {
+        return;
+    }
+    match shared.records.delete_finished_migrations(&forgotten).await {
+        Ok(()) => tracing::info!(
+            forgotten = forgotten.len(),
+            kept = MIGRATION_HISTORY,
+            "oldest finished migrations forgotten"
+        ),
+        Err(error) => tracing::debug!(%error, "migration history not trimmed"),
+    }
 }
 
 /// Whether `record` moves cold (stopped and meant to stay so).
@@ -3030,6 +3081,45 @@ impl crate::Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_keeps_the_newest_finished_migrations_and_every_unfinished_one() {
+        let record = |index: usize, phase: MigrationPhase| MigrationRecord {
+            format_version: RECORD_FORMAT_VERSION,
+            id: format!("m{index:05}"),
+            vm: "vm".into(),
+            vm_uuid: String::new(),
+            source: "a".into(),
+            destination: "b".into(),
+            placement: None,
+            phase,
+            downtime_limit_ms: 300,
+            timeout_secs: 600,
+            when_not_converging: Default::default(),
+            post_copy_link_wait_secs: 60,
+            cancel_requested: false,
+            created_at: index as u64,
+            finished_at: phase.is_finished().then_some(index as u64 + 1),
+            message: None,
+            error_code: None,
+            progress: MigrationProgress::default(),
+            stream_checksum: None,
+            stopped_at_ms: None,
+            resumed_at_ms: None,
+            total_seconds: None,
+        };
+        let mut migrations: Vec<MigrationRecord> = (0..MIGRATION_HISTORY + 5)
+            .map(|index| record(index, MigrationPhase::Completed))
+            .collect();
+        // Old but unfinished (a post-copy still running): never forgotten.
+        migrations.push(record(MIGRATION_HISTORY + 5, MigrationPhase::PostCopy));
+        migrations[1].created_at = 0;
+        migrations[1].phase = MigrationPhase::Memory;
+        migrations[1].finished_at = None;
+        let forgotten = beyond_history(&migrations);
+        assert_eq!(forgotten, ["m00004", "m00003", "m00002", "m00000"]);
+        assert!(beyond_history(&migrations[..MIGRATION_HISTORY]).is_empty());
+    }
 
     #[test]
     fn the_post_copy_link_watch_says_a_loss_its_duration_and_the_return() {

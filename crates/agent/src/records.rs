@@ -512,6 +512,18 @@ impl Records {
         listing.items.iter().map(decode).collect()
     }
 
+    /// Forgets finished migrations (a finished record never changes again).
+    pub async fn delete_finished_migrations(&self, ids: &[String]) -> Result<(), AgentError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let transaction = ids.iter().fold(Transaction::new(), |transaction, id| {
+            transaction.delete(migration_key(id))
+        });
+        self.store.transaction(transaction).await?;
+        Ok(())
+    }
+
     /// Records a new migration and marks the VM as migrating, both or neither: fails (returns
     /// false) when the VM changed since `vm.mod_revision`.
     pub async fn begin_migration(
