@@ -80,111 +80,119 @@ pub(crate) async fn import(
     let (hash, file_bytes) = write_staged(&staged.path, source).await?;
     let id = hash.to_hex().to_string();
     let display = format!("upload for image {name:?}");
-    store_staged(
+    ImageStore {
         paths,
         records,
-        &qemu_img,
-        name,
-        &mut staged,
-        id,
-        file_bytes,
-        &display,
-    )
+        qemu_img: &qemu_img,
+    }
+    .store_staged(name, &mut staged, id, file_bytes, &display)
     .await
 }
 
-/// Checks a fully written staged file with qemu-img (a runnable, self-contained, healthy disk),
-/// moves it into the image store and writes its record. On any error the staged file is left
-/// armed, so dropping it removes it. `id` is the BLAKE3 (hex) of the file's bytes.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn store_staged(
-    paths: &DataPaths,
-    records: &Records,
-    qemu_img: &novacron_qemu::QemuImg,
-    name: ImageName,
-    staged: &mut StagedFile,
-    id: String,
-    file_bytes: u64,
-    display: &str,
-) -> Result<ImageRecord, AgentError> {
-    let display = display.to_string();
-    let (info, format) = qemu_img
-        .inspect_runnable(&staged.path)
-        .await
-        .map_err(|error| AgentError::BadImage {
-            file: display.clone(),
-            reason: error.to_string(),
-        })?;
-    let format = match format {
-        novacron_qemu::ImageFormat::Qcow2 => ImageFormat::Qcow2,
-        novacron_qemu::ImageFormat::Raw => ImageFormat::Raw,
-    };
-    if let Some(backing) = &info.backing_file {
-        return Err(AgentError::BadImage {
-            file: display,
-            reason: format!(
-                "it has a backing file ({backing}); an image must be self-contained — flatten it \
+/// Where a staged image goes once checked: the image files, their records, and the qemu-img
+/// that checks them.
+pub(crate) struct ImageStore<'a> {
+    pub(crate) paths: &'a DataPaths,
+    pub(crate) records: &'a Records,
+    pub(crate) qemu_img: &'a novacron_qemu::QemuImg,
+}
+
+impl ImageStore<'_> {
+    /// Checks a fully written staged file with qemu-img (a runnable, self-contained, healthy
+    /// disk), moves it into the image store and writes its record. On any error the staged file
+    /// is left armed, so dropping it removes it. `id` is the BLAKE3 (hex) of the file's bytes.
+    pub(crate) async fn store_staged(
+        &self,
+        name: ImageName,
+        staged: &mut StagedFile,
+        id: String,
+        file_bytes: u64,
+        display: &str,
+    ) -> Result<ImageRecord, AgentError> {
+        let Self {
+            paths,
+            records,
+            qemu_img,
+        } = *self;
+        let display = display.to_string();
+        let (info, format) = qemu_img
+            .inspect_runnable(&staged.path)
+            .await
+            .map_err(|error| AgentError::BadImage {
+                file: display.clone(),
+                reason: error.to_string(),
+            })?;
+        let format = match format {
+            novacron_qemu::ImageFormat::Qcow2 => ImageFormat::Qcow2,
+            novacron_qemu::ImageFormat::Raw => ImageFormat::Raw,
+        };
+        if let Some(backing) = &info.backing_file {
+            return Err(AgentError::BadImage {
+                file: display,
+                reason: format!(
+                    "it has a backing file ({backing}); an image must be self-contained — flatten it \
                  with `qemu-img convert -O qcow2 IN OUT` first"
-            ),
-        });
-    }
-    if format == ImageFormat::Raw && looks_like_text(&staged.path)? {
-        return Err(AgentError::BadImage {
-            file: display,
-            reason: "it looks like a text file, not a disk; import a qcow2 image or a raw disk"
-                .into(),
-        });
-    }
-    let check = qemu_img
-        .check(&staged.path, to_qemu_format(format))
-        .await
-        .map_err(|error| AgentError::BadImage {
-            file: display.clone(),
-            reason: error.to_string(),
-        })?;
-    if !check.is_healthy() {
-        return Err(AgentError::BadImage {
-            file: display,
-            reason: format!(
-                "qemu-img check found {} corruption(s) and {} error(s)",
-                check.corruptions, check.check_errors
-            ),
-        });
-    }
-    let existing = records.image(&id).await?;
-    if let Some(existing) = &existing
-        && (existing.format != format || paths.image_file(&id, format).exists())
-    {
-        return Err(AgentError::ImageNameTaken {
-            name: existing.name.to_string(),
+                ),
+            });
+        }
+        if format == ImageFormat::Raw && looks_like_text(&staged.path)? {
+            return Err(AgentError::BadImage {
+                file: display,
+                reason: "it looks like a text file, not a disk; import a qcow2 image or a raw disk"
+                    .into(),
+            });
+        }
+        let check = qemu_img
+            .check(&staged.path, to_qemu_format(format))
+            .await
+            .map_err(|error| AgentError::BadImage {
+                file: display.clone(),
+                reason: error.to_string(),
+            })?;
+        if !check.is_healthy() {
+            return Err(AgentError::BadImage {
+                file: display,
+                reason: format!(
+                    "qemu-img check found {} corruption(s) and {} error(s)",
+                    check.corruptions, check.check_errors
+                ),
+            });
+        }
+        let existing = records.image(&id).await?;
+        if let Some(existing) = &existing
+            && (existing.format != format || paths.image_file(&id, format).exists())
+        {
+            return Err(AgentError::ImageNameTaken {
+                name: existing.name.to_string(),
+                id,
+            });
+        }
+        let final_path = paths.image_file(&id, format);
+        tokio::fs::rename(&staged.path, &final_path)
+            .await
+            .map_err(|error| AgentError::io(format!("storing image {name}"), error))?;
+        staged.path = final_path;
+        if let Some(existing) = existing {
+            // A region's image whose file this host lacked: the copy is now here, under the
+            // region's record (a host's heartbeat lists it from now on).
+            staged.armed = false;
+            tracing::info!(image = %existing.name, id = %existing.id, "copy of a region image stored");
+            return Ok(existing);
+        }
+        let record = ImageRecord {
+            format_version: RECORD_FORMAT_VERSION,
             id,
-        });
-    }
-    let final_path = paths.image_file(&id, format);
-    tokio::fs::rename(&staged.path, &final_path)
-        .await
-        .map_err(|error| AgentError::io(format!("storing image {name}"), error))?;
-    staged.path = final_path;
-    if let Some(existing) = existing {
-        // A region's image whose file this host lacked: the copy is now here, under the
-        // region's record (a host's heartbeat lists it from now on).
+            name,
+            format,
+            virtual_bytes: info.virtual_size,
+            file_bytes,
+            created_at: unix_now(),
+        };
+        records.create_image(&record).await?;
         staged.armed = false;
-        tracing::info!(image = %existing.name, id = %existing.id, "copy of a region image stored");
-        return Ok(existing);
+        tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image stored");
+        Ok(record)
     }
-    let record = ImageRecord {
-        format_version: RECORD_FORMAT_VERSION,
-        id,
-        name,
-        format,
-        virtual_bytes: info.virtual_size,
-        file_bytes,
-        created_at: unix_now(),
-    };
-    records.create_image(&record).await?;
-    staged.armed = false;
-    tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image stored");
-    Ok(record)
 }
 
 /// Indexes a stored image in the chunk store (its chunks, manifest and aligned 4 KiB blocks), so

@@ -231,6 +231,19 @@ pub struct QemuVm {
     watcher: tokio::task::JoinHandle<()>,
 }
 
+/// A QEMU process, started or found running, with its QMP connection: what a [`QemuVm`] is made
+/// of before its exit is watched.
+struct Attached {
+    name: String,
+    uuid: Uuid,
+    pid: i32,
+    accelerator: Accelerator,
+    run_directory: RunDirectory,
+    qmp: QmpClient,
+    pidfd: OwnedFd,
+    watch: ProcessWatch,
+}
+
 impl std::fmt::Debug for QemuVm {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
@@ -415,16 +428,16 @@ impl QemuVm {
                 source,
             })?
         };
-        Ok(Self::assemble(
+        Ok(Self::assemble(Attached {
             name,
-            spec.uuid,
+            uuid: spec.uuid,
             pid,
-            spec.accelerator,
+            accelerator: spec.accelerator,
             run_directory,
             qmp,
             pidfd,
             watch,
-        ))
+        }))
     }
 
     /// Finds the QEMU left running in `run_dir` for the VM `uuid` and connects to it.
@@ -499,7 +512,7 @@ impl QemuVm {
             source,
         })?;
         tracing::info!(vm = %name, pid, "re-attached to running qemu");
-        Ok(Some(Self::assemble(
+        Ok(Some(Self::assemble(Attached {
             name,
             uuid,
             pid,
@@ -508,20 +521,21 @@ impl QemuVm {
             qmp,
             pidfd,
             watch,
-        )))
+        })))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        name: String,
-        uuid: Uuid,
-        pid: i32,
-        accelerator: Accelerator,
-        run_directory: RunDirectory,
-        qmp: QmpClient,
-        pidfd: OwnedFd,
-        watch: ProcessWatch,
-    ) -> Self {
+    /// Starts watching the process for its exit.
+    fn assemble(attached: Attached) -> Self {
+        let Attached {
+            name,
+            uuid,
+            pid,
+            accelerator,
+            run_directory,
+            qmp,
+            pidfd,
+            watch,
+        } = attached;
         let (exit_sender, exit) = watch::channel(None);
         let watcher = tokio::spawn(watch_exit(
             name.clone(),

@@ -1292,10 +1292,12 @@ impl TransferService {
     ) -> Result<ImageRecord, AgentError> {
         let name = ImageName::new(offer.name.as_str())?;
         let qemu_img = self.host.hypervisor.qemu_img()?;
-        let record = images::store_staged(
-            &self.host.paths,
-            &self.host.records,
-            &qemu_img,
+        let record = images::ImageStore {
+            paths: &self.host.paths,
+            records: &self.host.records,
+            qemu_img: &qemu_img,
+        }
+        .store_staged(
             name,
             staged,
             offer.id.clone(),
