@@ -526,33 +526,23 @@ impl QemuVm {
 
     /// Starts watching the process for its exit.
     fn assemble(attached: Attached) -> Self {
-        let Attached {
-            name,
-            uuid,
-            pid,
-            accelerator,
-            run_directory,
-            qmp,
-            pidfd,
-            watch,
-        } = attached;
         let (exit_sender, exit) = watch::channel(None);
         let watcher = tokio::spawn(watch_exit(
-            name.clone(),
-            pid,
-            watch,
-            qmp.observer(),
-            run_directory.clone(),
+            attached.name.clone(),
+            attached.pid,
+            attached.watch,
+            attached.qmp.observer(),
+            attached.run_directory.clone(),
             exit_sender,
         ));
         Self {
-            name,
-            uuid,
-            pid,
-            accelerator,
-            run_directory,
-            qmp,
-            pidfd: Arc::new(pidfd),
+            name: attached.name,
+            uuid: attached.uuid,
+            pid: attached.pid,
+            accelerator: attached.accelerator,
+            run_directory: attached.run_directory,
+            qmp: attached.qmp,
+            pidfd: Arc::new(attached.pidfd),
             exit,
             watcher,
         }
