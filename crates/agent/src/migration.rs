@@ -1336,15 +1336,16 @@ impl Source<'_> {
                 self.migration.progress.disk_wire_bytes =
                     disk.session.stats().bulk_bytes_acknowledged;
             }
-            if job["ready"].as_bool() == Some(true) {
-                break;
-            }
             if let Some(error) = job["error"].as_str() {
                 return Err(Failure::new(
                     ErrorCode::Unavailable,
                     format!("the disk mirror failed: {error}"),
                 ));
             }
+            // Written before a ready mirror ends the loop too: a small disk is in sync at the
+            // first look, and its size was otherwise never recorded (the memory phase starts
+            // from the stored record).
+            let ready = job["ready"].as_bool() == Some(true);
             let progress = self.migration.progress.clone();
             let _ = self
                 .shared
@@ -1363,6 +1364,9 @@ impl Source<'_> {
                 return Err(Failure::cancelled(
                     "cancelled (`vm migrate --cancel`); the VM stayed on the source",
                 ));
+            }
+            if ready {
+                break;
             }
             if Instant::now() > deadline {
                 return Err(Failure::cancelled(format!(
