@@ -211,14 +211,23 @@ pub(crate) struct Shared {
     pub transfer_endpoint: std::sync::OnceLock<(Option<String>, String)>,
     /// The transfer service (migrations dial through it); weak, as it holds this.
     pub transfer_service: std::sync::OnceLock<std::sync::Weak<crate::transfer::TransferService>>,
-    /// VMs (uuid) whose incoming post-copy this process drives. A QEMU in post-copy that is
-    /// not listed here lost its stream with an earlier `serve`: it can never run its guest.
     /// The blocks each incoming migration's disk mirror delivered, by migration id, while the
     /// migration is received here (its memory and disk sessions share them).
     pub delivered_pages: std::sync::Mutex<
         std::collections::HashMap<String, Arc<novacron_migration::DeliveredPages>>,
     >,
+    /// VMs (uuid) whose incoming post-copy this process drives. A QEMU in post-copy that is
+    /// not listed here lost its stream with an earlier `serve`: it can never run its guest.
     pub postcopy_incoming: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Incoming post-copy migrations this process drives after their switch, by migration id:
+    /// a source whose stream broke hands its new session over here
+    /// (`MigrationControl::Recover`).
+    pub postcopy_recoveries: std::sync::Mutex<
+        std::collections::HashMap<
+            String,
+            tokio::sync::mpsc::Sender<crate::migration::PostcopyRecovery>,
+        >,
+    >,
     /// Base images' 4 KiB page indexes (by image id) while a migration uses one and for ten
     /// minutes after: the memory and the disk of a migration, and the next migrations of VMs on
     /// the same image, share one instead of each reading the whole image.
@@ -340,6 +349,7 @@ impl Host {
             transfer_endpoint: std::sync::OnceLock::new(),
             transfer_service: std::sync::OnceLock::new(),
             postcopy_incoming: Default::default(),
+            postcopy_recoveries: Default::default(),
             delivered_pages: Default::default(),
             image_page_indexes: Default::default(),
         });

@@ -15,7 +15,7 @@ use novacron_qemu::{
     DirectKernelBoot, ImageFormat, LaunchSpec, QemuExit, QemuExitReason, QemuVm, RunState,
 };
 use novacron_store::Consistency;
-use novacron_types::{DesiredPower, RestartPolicy, VmRecord, VmState, unix_now};
+use novacron_types::{DesiredPower, MigrationRecord, RestartPolicy, VmRecord, VmState, unix_now};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,8 +55,13 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             .map(|item| item.key.trim_start_matches(VM_PREFIX).to_string())
             .collect();
         if first_pass {
-            sweep_orphans(&shared, &listing.items).await;
-            tokio::spawn(crate::migration::fail_postcopy_sourced_here(shared.clone()));
+            // Listed before the sweep, which would remove their source QEMU.
+            let postcopy_sources = crate::migration::postcopy_sourced_here(&shared).await;
+            sweep_orphans(&shared, &listing.items, &postcopy_sources).await;
+            tokio::spawn(crate::migration::resume_postcopy_sourced_here(
+                shared.clone(),
+                postcopy_sources,
+            ));
         }
         for name in &names {
             ensure_actor(&shared, &mut actors, name, first_pass);
@@ -126,14 +131,25 @@ fn ensure_actor(
 
 /// At start-up: VM directories that no record names (a delete interrupted after the record was
 /// removed) are torn down, killing a QEMU still running there.
-async fn sweep_orphans(shared: &Shared, items: &[novacron_store::KeyValue]) {
+async fn sweep_orphans(
+    shared: &Shared,
+    items: &[novacron_store::KeyValue],
+    postcopy_sources: &[MigrationRecord],
+) {
     // A directory of a VM that another host owns is left from a migration (a source that
     // stopped before removing it, or a destination whose incoming QEMU lost its migration when
-    // this process ended): the owner runs the VM, so this copy goes.
+    // this process ended): the owner runs the VM, so this copy goes. Except the source of a
+    // post-copy that switched: its QEMU holds pages the owner lacks, and the copy resumes.
     let known: HashSet<String> = items
         .iter()
         .filter_map(|item| serde_json::from_slice::<VmRecord>(&item.value).ok())
-        .filter(|record| shared.region.is_none() || record.status.host == shared.config.host_name)
+        .filter(|record| {
+            shared.region.is_none()
+                || record.status.host == shared.config.host_name
+                || postcopy_sources
+                    .iter()
+                    .any(|migration| migration.vm_uuid == record.uuid)
+        })
         .map(|record| record.uuid.replace('-', ""))
         .collect();
     let Ok(mut entries) = tokio::fs::read_dir(shared.paths.vms_dir()).await else {

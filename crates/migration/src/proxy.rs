@@ -171,6 +171,9 @@ pub struct ProxyConfig {
     /// stream that opens a return path is refused, since the source would wait for answers
     /// forever.
     pub carry_return_path: bool,
+    /// The stream resumes a paused post-copy ([`StreamParser::resumed_postcopy`]): it has no
+    /// header and is carried opaque (compressed). Only the source's parser looks at it.
+    pub resumed_postcopy: bool,
 }
 
 impl Default for ProxyConfig {
@@ -191,6 +194,7 @@ impl Default for ProxyConfig {
             window_drain_budget: Duration::from_millis(500),
             image_pages: SharedImagePages::default(),
             carry_return_path: false,
+            resumed_postcopy: false,
         }
     }
 }
@@ -497,6 +501,9 @@ impl ProxyEncoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
         Ok(Self {
             parser: match config.format {
+                StreamFormat::Migration if config.resumed_postcopy => {
+                    Box::new(StreamParser::resumed_postcopy())
+                }
                 StreamFormat::Migration => Box::new(StreamParser::new()),
                 StreamFormat::Nbd => Box::new(NbdParser::new()),
             },
@@ -1285,23 +1292,18 @@ pub async fn send_migration_stream_duplex(
     };
     let (from_qemu, mut to_qemu) = socket.into_split();
     let answers = session.clone();
-    let return_path = tokio::spawn(async move {
-        let mut bytes = 0u64;
+    // QEMU closes its stream only after the destination's last answer (it waits for it), so
+    // nothing the return path still holds matters once the stream ends.
+    let _return_path = AbortOnDrop(tokio::spawn(async move {
         while let Ok(Some(data)) = answers.recv().await {
-            bytes += data.len() as u64;
             if to_qemu.write_all(&data).await.is_err() {
                 // QEMU closed its socket: the migration is over (or failed, which the stream's
                 // side reports).
                 break;
             }
         }
-        bytes
-    });
-    let result = send_migration_stream(from_qemu, session, &config).await;
-    // QEMU closes its stream only after the destination's last answer (it waits for it), so
-    // nothing the return path still holds matters now.
-    return_path.abort();
-    result
+    }));
+    send_migration_stream(from_qemu, session, &config).await
 }
 
 /// Destination side with QEMU's return path: like [`receive_migration_stream`] into the
@@ -1314,7 +1316,9 @@ pub async fn receive_migration_stream_duplex(
 ) -> Result<ProxyReport, ProxyError> {
     let (mut from_qemu, to_qemu) = socket.into_split();
     let answers = session.clone();
-    let return_path = tokio::spawn(async move {
+    // The source's QEMU closes its stream only after the last answer reached it: the return
+    // path has nothing left to carry once the stream ends.
+    let _return_path = AbortOnDrop(tokio::spawn(async move {
         let mut buffer = vec![0u8; 64 << 10];
         loop {
             match from_qemu.read(&mut buffer).await {
@@ -1331,12 +1335,18 @@ pub async fn receive_migration_stream_duplex(
             }
         }
         let _ = answers.finish().await;
-    });
-    let result = receive_migration_stream(session, to_qemu, config).await;
-    // The source's QEMU closed its stream, which it does only after the last answer reached
-    // it: the return path has nothing left to carry.
-    return_path.abort();
-    result
+    }));
+    receive_migration_stream(session, to_qemu, config).await
+}
+
+/// A duplex proxy's return path: ended with the proxy, also when its caller drops it mid-way
+/// (a post-copy recovery replacing a broken session), so QEMU's socket closes whole.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]
@@ -1710,6 +1720,69 @@ mod tests {
                 .to_string()
                 .contains(&format!("this build speaks version {PROXY_VERSION}")),
             "{error}"
+        );
+    }
+
+    /// What QEMU 10.0 sent when a paused post-copy resumed (`migrate` with `resume: true`),
+    /// in shape: a `RECV_BITMAP` command per RAM block, `POSTCOPY_RESUME`, then RAM `PART`
+    /// sections of a section id started in the stream that broke, and the END with EOF.
+    fn resumed_postcopy_stream() -> Vec<u8> {
+        let mut stream = Vec::new();
+        for block in ["pc.ram", "/rom@etc/acpi/tables"] {
+            stream.extend_from_slice(&[section_type::COMMAND, 0, 10, 0, block.len() as u8 + 1]);
+            stream.push(block.len() as u8);
+            stream.extend_from_slice(block.as_bytes());
+        }
+        stream.extend_from_slice(&[section_type::COMMAND, 0, 9, 0, 0]);
+        for (index, end) in [(0u64, false), (1, true)] {
+            let kind = if end {
+                section_type::END
+            } else {
+                section_type::PART
+            };
+            stream.extend_from_slice(&[kind, 0, 0, 0, 1]);
+            stream.extend_from_slice(&((index << 12) | 0x08).to_be_bytes());
+            stream.extend_from_slice(&[6]);
+            stream.extend_from_slice(b"pc.ram");
+            stream.extend_from_slice(&[index as u8 + 1; 4096]);
+            stream.extend_from_slice(&0x10u64.to_be_bytes());
+        }
+        stream.push(section_type::EOF);
+        stream
+    }
+
+    #[test]
+    fn a_resumed_post_copy_stream_is_carried_whole_only_when_said_to_be_one() {
+        let stream = resumed_postcopy_stream();
+        let config = ProxyConfig {
+            resumed_postcopy: true,
+            carry_return_path: true,
+            ..ProxyConfig::default()
+        };
+        let mut encoder = ProxyEncoder::new(&config).unwrap();
+        let mut messages = Vec::new();
+        for chunk in stream.chunks(1000) {
+            encoder.push(chunk, &mut messages).unwrap();
+        }
+        encoder.finish(&mut messages).unwrap();
+        let sent = encoder.report();
+        assert_eq!(sent.pages, 0, "carried opaque");
+        assert_eq!(sent.opaque_bytes, stream.len() as u64);
+        assert!(
+            messages.len() < stream.len(),
+            "compressed: {}",
+            messages.len()
+        );
+        let (rebuilt, received) = decode(&messages, 333).unwrap();
+        assert_eq!(rebuilt, stream);
+        assert_eq!(received.stream_checksum, *blake3::hash(&stream).as_bytes());
+
+        // Read as the start of a migration, it is refused: no header.
+        let mut encoder = ProxyEncoder::new(&ProxyConfig::default()).unwrap();
+        let error = encoder.push(&stream, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(&error, ProxyError::Parse(parse) if parse.offset == 0),
+            "{error:?}"
         );
     }
 

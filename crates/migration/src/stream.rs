@@ -357,6 +357,20 @@ impl StreamParser {
         }
     }
 
+    /// A parser for the stream a source QEMU sends when a paused post-copy resumes (`migrate`
+    /// with `resume: true`): it has no header and continues sections started in the stream
+    /// that broke (checked on QEMU 10.0: `RECV_BITMAP` commands, `POSTCOPY_RESUME`, then RAM
+    /// `PART` sections whose START this side never saw). It is passed through whole, as opaque
+    /// bytes: a RAM section id can only be learnt from its START, and guessing one would not
+    /// be exact.
+    pub fn resumed_postcopy() -> Self {
+        let mut parser = Self::new();
+        parser.start_passthrough(
+            "a resumed post-copy stream continues sections this side did not see start".into(),
+        );
+        parser
+    }
+
     /// Appends input. The parser keeps it until events consume it.
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.finished {

@@ -199,6 +199,9 @@ pub struct QmpClient {
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
     command_timeout: Duration,
+    /// The monitor runs out-of-band commands (QEMU's `oob` capability, enabled at connect):
+    /// [`QmpClient::execute_oob`] is answered even while QEMU's main loop is stuck.
+    out_of_band: bool,
 }
 
 impl std::fmt::Debug for QmpClient {
@@ -273,6 +276,9 @@ impl QmpClient {
                 detail: format!("unexpected greeting {greeting}"),
             });
         }
+        let out_of_band = greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|capabilities| capabilities.iter().any(|name| name == "oob"));
         let (events, _) = broadcast::channel(EVENT_CHANNEL_CAPACITY);
         let shared = Arc::new(Shared {
             path: path.to_owned(),
@@ -288,8 +294,10 @@ impl QmpClient {
             next_id: AtomicU64::new(1),
             reader,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            out_of_band,
         };
-        client.execute("qmp_capabilities", None).await?;
+        let capabilities = out_of_band.then(|| json!({ "enable": ["oob"] }));
+        client.execute("qmp_capabilities", capabilities).await?;
         Ok(client)
     }
 
@@ -320,8 +328,34 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.send("execute", command, arguments).await
+    }
+
+    /// Runs a command out of band (`exec-oob`) when the monitor can: QEMU runs it on the
+    /// monitor's own thread, so it is answered while the main loop waits (for a post-copy page
+    /// that has not arrived, say). Only commands QEMU allows out of band (`migrate-recover`,
+    /// `migrate-pause`, ...) can be sent so; otherwise the same as [`QmpClient::execute`].
+    pub async fn execute_oob(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let key = if self.out_of_band {
+            "exec-oob"
+        } else {
+            "execute"
+        };
+        self.send(key, command, arguments).await
+    }
+
+    async fn send(
+        &self,
+        key: &str,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut request = json!({ "execute": command, "id": id });
+        let mut request = json!({ key: command, "id": id });
         if let Some(arguments) = arguments {
             request["arguments"] = arguments;
         }
@@ -532,8 +566,20 @@ mod tests {
         while let Some(line) = lines.next_line().await.unwrap() {
             let request: Value = serde_json::from_str(&line).unwrap();
             let id = request["id"].clone();
-            let reply = match request["execute"].as_str().unwrap() {
-                "qmp_capabilities" | "cont" => json!({"return": {}, "id": id}),
+            let command = request["execute"]
+                .as_str()
+                .or(request["exec-oob"].as_str())
+                .unwrap();
+            let reply = match command {
+                "qmp_capabilities" => {
+                    assert_eq!(request["arguments"]["enable"], json!(["oob"]));
+                    json!({"return": {}, "id": id})
+                }
+                "cont" => json!({"return": {}, "id": id}),
+                "migrate-recover" => {
+                    assert!(request.get("exec-oob").is_some(), "{request}");
+                    json!({"return": {}, "id": id})
+                }
                 "stop" => {
                     let event =
                         json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}});
@@ -570,6 +616,11 @@ mod tests {
         let event = events.recv().await.unwrap();
         assert_eq!(event.kind(), QmpEventKind::Stop);
         assert_eq!(event.timestamp_seconds, 1);
+
+        client
+            .execute_oob("migrate-recover", Some(json!({"uri": "unix:/x"})))
+            .await
+            .unwrap();
 
         let status = client.query_status().await.unwrap();
         assert_eq!(

@@ -1183,6 +1183,9 @@ impl TransferService {
             Message::Migration(protocol::MigrationControl::Begin { id }) => {
                 crate::migration::serve_destination(self, session, request, id).await;
             }
+            Message::Migration(protocol::MigrationControl::Recover { id }) => {
+                crate::migration::hand_over_recovery(self, session, request, id).await;
+            }
             Message::Migration(protocol::MigrationControl::DiskBegin { id }) => {
                 crate::migration::serve_destination_disk(self, session, request, id).await;
             }

@@ -98,6 +98,11 @@ pub enum MigrationControl {
     /// incoming QEMU's NBD export of the VM's disk; the session's bulk streams then carry NBD
     /// in both directions (the source QEMU's block mirror is the client).
     DiskBegin { id: String },
+    /// Source → destination (request, on a new session): the stream of post-copy migration
+    /// `id` broke (a `serve` restarted, or the session was lost for good); the source QEMU
+    /// waits paused to resume it on this session. Answered `Ready` once the destination QEMU
+    /// listens for the resumed stream, or `Refused`.
+    Recover { id: String },
     /// Destination → source (reply): its QEMU waits for the stream.
     Ready,
     /// Destination → source: it cannot take the VM (reply to Begin) or lost it (notification).

@@ -46,6 +46,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod recovery;
+pub(crate) use recovery::{
+    PostcopyRecovery, hand_over_recovery, postcopy_sourced_here, resume_postcopy_sourced_here,
+};
+
 /// A link measured longer ago than this is probed before a migration plans with it.
 const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
 /// How long the probe before a migration sends.
@@ -641,63 +646,15 @@ impl Source<'_> {
             .await;
         self.copy_base_image(&service, &address, fingerprint)
             .await?;
-        let options = SessionOptions {
-            bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
-            resume_timeout: SESSION_RESUME_TIMEOUT,
-            ..service.session_options_for(fingerprint)
-        };
-        let tls = TlsSettings {
-            identity: service.identity().clone(),
-            trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
-        };
-        let socket_address = tokio::net::lookup_host(&address)
-            .await
-            .ok()
-            .and_then(|mut addresses| addresses.next())
-            .ok_or_else(|| {
-                Failure::new(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "host {}'s transfer address {address} does not resolve",
-                        self.migration.destination
-                    ),
-                )
-            })?;
-        // A host that just joined is trusted by the destination's listener only once its
-        // heartbeat has been seen there: handshakes refused for that short while are retried.
-        let connect_deadline = Instant::now() + CONNECT_RETRY_WINDOW;
-        let session = loop {
-            match Session::connect(socket_address, &tls, options.clone()).await {
-                Ok(session) => break session,
-                Err(error) if Instant::now() < connect_deadline => {
-                    tracing::info!(vm = %self.name, destination = %self.migration.destination,
-                        error = %crate::transfer::describe(&error), "destination not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => {
-                    return Err(Failure::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "cannot reach host {} at {address} (tried for {} s): {}",
-                            self.migration.destination,
-                            CONNECT_RETRY_WINDOW.as_secs(),
-                            crate::transfer::describe(&error)
-                        ),
-                    ));
-                }
-            }
-        };
-        service.links.note_address(fingerprint, &address);
-        let session = Arc::new(session);
-        let dial = Dial {
-            address: socket_address,
-            tls,
-            options: SessionOptions {
-                // The NBD session carries the disk both ways; its window is not the pause's.
-                bulk_send_window_bytes: 16 << 20,
-                ..options
-            },
-        };
+        let (session, dial) = connect_to_destination(
+            &service,
+            &self.migration,
+            &address,
+            fingerprint,
+            SESSION_RESUME_TIMEOUT,
+            Instant::now() + CONNECT_RETRY_WINDOW,
+        )
+        .await?;
         let result = self.with_session(&session, &dial).await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
@@ -1608,67 +1565,21 @@ impl Source<'_> {
         progress.pages_delta = report.codec.delta_pages;
         progress.pages_literal = report.codec.literal_pages;
         let after_switch = committed_at.elapsed().as_secs_f64();
-        let (phase, code, message) = match &copied {
-            Ok(()) => (
-                MigrationPhase::Completed,
-                None,
-                format!(
-                    "the VM runs on host {destination} (post-copy: its last pages arrived \
-                     {after_switch:.1} s after the switch)"
-                ),
-            ),
-            Err(failure) => (
-                MigrationPhase::Failed,
-                Some(failure.code),
-                format!(
-                    "post-copy failed after the VM moved to host {destination}: {}; the \
-                     guest's running state is lost; the VM fails there as after a crash (restarted by \
-                     its restart policy)",
-                    // Failures are worded for precopy, where the source keeps the VM.
-                    failure
-                        .message
-                        .trim_end_matches("; the VM stayed on the source")
-                ),
-            ),
-        };
-        let checksum = format!(
-            "{} bytes, blake3 {}",
-            report.stream_bytes,
-            blake3::Hash::from(report.stream_checksum).to_hex()
-        );
-        let seconds = memory_started.elapsed().as_secs_f64();
-        // Said before the record is written: a source cut off from the store may take a while.
-        match &copied {
-            Ok(()) => tracing::info!(vm = %self.name, migration = %self.id, %destination,
-                stream_bytes = report.stream_bytes, after_switch, "vm migrated (post-copy)"),
-            Err(failure) => tracing::warn!(vm = %self.name, migration = %self.id, %destination,
-                reason = %failure.message, "post-copy failed after the switch; the vm fails on the destination"),
-        }
-        for _ in 0..30 {
-            let written = self
-                .shared
-                .records
-                .update_migration(&self.id, |record| {
-                    if record.phase.is_finished() {
-                        return Ok(false);
-                    }
-                    finish(record, phase, code, &message);
-                    record.progress = progress.clone();
-                    if copied.is_ok() {
-                        record.stream_checksum = Some(checksum.clone());
-                        record.total_seconds = Some(seconds);
-                    }
-                    Ok(true)
-                })
-                .await;
-            match written {
-                Ok(_) => break,
-                Err(error) => {
-                    tracing::warn!(vm = %self.name, %error, "cannot record the end of post-copy; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
+        let outcome = copied.map(|()| {
+            format!(
+                "the VM runs on host {destination} (post-copy: its last pages arrived \
+                 {after_switch:.1} s after the switch)"
+            )
+        });
+        record_postcopy_end(
+            &self.shared,
+            &self.migration,
+            progress,
+            outcome,
+            report,
+            Some(memory_started.elapsed().as_secs_f64()),
+        )
+        .await;
     }
 
     async fn commit(
@@ -1924,6 +1835,140 @@ fn session_failure(what: &str, error: &novacron_transport::TransportError) -> Fa
             crate::transfer::describe(error)
         ),
     )
+}
+
+/// Records how a post-copy ended, after its commit: `outcome` is the completed migration's
+/// message, or why the copy failed (which loses the guest's running state: the destination,
+/// which owns the VM, stops its QEMU and restarts the VM). `report` is the stream's last
+/// session; `seconds` the memory phase's length, when known.
+async fn record_postcopy_end(
+    shared: &Shared,
+    migration: &MigrationRecord,
+    progress: MigrationProgress,
+    outcome: Result<String, Failure>,
+    report: &ProxyReport,
+    seconds: Option<f64>,
+) {
+    let (name, id, destination) = (&migration.vm, &migration.id, &migration.destination);
+    let (phase, code, message) = match &outcome {
+        Ok(message) => (MigrationPhase::Completed, None, message.clone()),
+        Err(failure) => (
+            MigrationPhase::Failed,
+            Some(failure.code),
+            format!(
+                "post-copy failed after the VM moved to host {destination}: {}; the \
+                 guest's running state is lost; the VM fails there as after a crash (restarted by \
+                 its restart policy)",
+                // Failures are worded for precopy, where the source keeps the VM.
+                failure
+                    .message
+                    .trim_end_matches("; the VM stayed on the source")
+            ),
+        ),
+    };
+    let checksum = format!(
+        "{} bytes, blake3 {}",
+        report.stream_bytes,
+        blake3::Hash::from(report.stream_checksum).to_hex()
+    );
+    // Said before the record is written: a source cut off from the store may take a while.
+    match &outcome {
+        Ok(_) => tracing::info!(vm = %name, migration = %id, %destination,
+            stream_bytes = report.stream_bytes, "vm migrated (post-copy)"),
+        Err(failure) => tracing::warn!(vm = %name, migration = %id, %destination,
+            reason = %failure.message, "post-copy failed after the switch; the vm fails on the destination"),
+    }
+    for _ in 0..30 {
+        let written = shared
+            .records
+            .update_migration(id, |record| {
+                if record.phase.is_finished() {
+                    return Ok(false);
+                }
+                finish(record, phase, code, &message);
+                record.progress = progress.clone();
+                if outcome.is_ok() {
+                    record.stream_checksum = Some(checksum.clone());
+                    record.total_seconds = seconds.or(record.total_seconds);
+                }
+                Ok(true)
+            })
+            .await;
+        match written {
+            Ok(_) => break,
+            Err(error) => {
+                tracing::warn!(vm = %name, %error, "cannot record the end of post-copy; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Opens a migration session to the destination at `address` (from its heartbeat), trying
+/// again until `until`: a host that just joined is trusted by the destination's listener only
+/// once its heartbeat has been seen there, and a post-copy's recovery waits for a link that is
+/// down. Returns the session (`resume_timeout` for a lost connection) and how to open another
+/// one (for the disk's NBD session).
+async fn connect_to_destination(
+    service: &TransferService,
+    migration: &MigrationRecord,
+    address: &str,
+    fingerprint: Fingerprint,
+    resume_timeout: Duration,
+    until: Instant,
+) -> Result<(Arc<Session>, Dial), Failure> {
+    let options = SessionOptions {
+        bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
+        resume_timeout,
+        ..service.session_options_for(fingerprint)
+    };
+    let tls = TlsSettings {
+        identity: service.identity().clone(),
+        trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
+    };
+    let destination = &migration.destination;
+    let socket_address = tokio::net::lookup_host(address)
+        .await
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Unavailable,
+                format!("host {destination}'s transfer address {address} does not resolve"),
+            )
+        })?;
+    let started = Instant::now();
+    let session = loop {
+        match Session::connect(socket_address, &tls, options.clone()).await {
+            Ok(session) => break session,
+            Err(error) if Instant::now() < until => {
+                tracing::info!(vm = %migration.vm, %destination,
+                    error = %crate::transfer::describe(&error), "destination not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => {
+                return Err(Failure::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "cannot reach host {destination} at {address} (tried for {} s): {}",
+                        started.elapsed().as_secs(),
+                        crate::transfer::describe(&error)
+                    ),
+                ));
+            }
+        }
+    };
+    service.links.note_address(fingerprint, address);
+    let dial = Dial {
+        address: socket_address,
+        tls,
+        options: SessionOptions {
+            // The NBD session carries the disk both ways; its window is not the pause's.
+            bulk_send_window_bytes: 16 << 20,
+            ..options
+        },
+    };
+    Ok((Arc::new(session), dial))
 }
 
 /// The destination's transfer address and certificate fingerprint, from its heartbeat. A host
@@ -2367,6 +2412,7 @@ async fn receive_and_wait(
     };
     let receiving = {
         let session = session.clone();
+        let config = config.clone();
         tokio::spawn(
             async move { receive_migration_stream_duplex(&session, stream, &config).await },
         )
@@ -2420,15 +2466,40 @@ async fn receive_and_wait(
         await_commit(session).await?;
         resume_here(shared, qemu, record, id).await;
         // The VM is this host's now. The rest of its memory comes in; if it cannot, the guest
-        // cannot run on: stop it, and the reconciler starts the VM again.
+        // cannot run on: stop it, and the reconciler starts the VM again. A source whose
+        // stream broke for good (its serve restarted) resumes it on a new session.
         let mut link = PostcopyLinkWatch::new(&source, link_wait);
         let mut watch = tokio::time::interval(Duration::from_secs(1));
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recoveries = recovery::RecoveryRegistration::new(shared, id);
+        let mut session = session.clone();
         let result = loop {
             tokio::select! {
                 result = &mut receiving.0 => break received(result),
+                recovery = recoveries.next() => {
+                    tracing::info!(vm = %name, migration = %id, "the source asks to resume the post-copy on a new session");
+                    match recovery::take_recovery(shared, recovery, receiving, qemu, record, &config).await {
+                        Ok((resumed, resumed_receiving)) => {
+                            crate::transfer::close_quietly(session).await;
+                            resumed.set_resume_timeout(link_wait);
+                            session = resumed;
+                            receiving = resumed_receiving;
+                            link = PostcopyLinkWatch::new(&source, link_wait);
+                            let message = format!(
+                                "post-copy: resumed on a new session from host {source}; the rest of the pages are coming"
+                            );
+                            tracing::info!(vm = %name, migration = %id, "{message}");
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                say_in_record(shared, id, &message),
+                            )
+                            .await;
+                        }
+                        Err(error) => break Err(error),
+                    }
+                }
                 _ = watch.tick() => {
-                    if let Some(message) = link.check(session) {
+                    if let Some(message) = link.check(&session) {
                         tracing::warn!(vm = %name, migration = %id, "{message}");
                         let _ = tokio::time::timeout(
                             Duration::from_secs(2),
@@ -2516,55 +2587,6 @@ async fn say_in_record(shared: &Shared, id: &str, message: &str) {
             Ok(!record.phase.is_finished())
         })
         .await;
-}
-
-/// At start-up: a post-copy migration whose source is this host was driven by an earlier
-/// `serve` that ended (killed, crashed) after the switch. Its stream is gone with that process,
-/// and with it the pages the destination had not received: the migration is failed, so the
-/// destination (which watches the record, `ended_elsewhere`) gives the guest up at once instead
-/// of waiting for the link to come back. The source QEMU left behind is stopped by the start-up
-/// sweep, the VM belonging to the destination.
-pub(crate) async fn fail_postcopy_sourced_here(shared: Arc<Shared>) {
-    if shared.region.is_none() {
-        return;
-    }
-    let host = shared.config.host_name.clone();
-    let message = format!(
-        "post-copy failed: the source host {host}'s novacron serve restarted during the copy, \
-         and the pages the destination lacked went with it; the guest's running state is lost; \
-         the VM fails on the destination as after a crash (restarted by its restart policy)"
-    );
-    for _ in 0..60 {
-        let migrations = match shared.records.migrations().await {
-            Ok(migrations) => migrations,
-            Err(error) => {
-                tracing::debug!(%error, "cannot list migrations yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        for migration in migrations.iter().filter(|migration| {
-            migration.phase == MigrationPhase::PostCopy && migration.source == host
-        }) {
-            tracing::warn!(vm = %migration.vm, migration = %migration.id, "post-copy from this host outlived the serve that drove it; failing it");
-            let _ = shared
-                .records
-                .update_migration(&migration.id, |record| {
-                    if record.phase != MigrationPhase::PostCopy {
-                        return Ok(false);
-                    }
-                    finish(
-                        record,
-                        MigrationPhase::Failed,
-                        Some(ErrorCode::Unavailable),
-                        &message,
-                    );
-                    Ok(true)
-                })
-                .await;
-        }
-        return;
-    }
 }
 
 /// During post-copy, on either host: notices the migration session losing every connection to
