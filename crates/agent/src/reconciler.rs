@@ -57,7 +57,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         if first_pass {
             // Listed before the sweep, which would remove their source QEMU.
             let postcopy_sources = crate::migration::postcopy_sourced_here(&shared).await;
-            sweep_orphans(&shared, &listing.items, &postcopy_sources).await;
+            sweep_orphans(&shared, &postcopy_sources).await;
             tokio::spawn(crate::migration::resume_postcopy_sourced_here(
                 shared.clone(),
                 postcopy_sources,
@@ -130,19 +130,37 @@ fn ensure_actor(
 }
 
 /// At start-up: VM directories that no record names (a delete interrupted after the record was
-/// removed) are torn down, killing a QEMU still running there.
-async fn sweep_orphans(
-    shared: &Shared,
-    items: &[novacron_store::KeyValue],
-    postcopy_sources: &[MigrationRecord],
-) {
+/// removed) are torn down, killing a QEMU still running there. The records are read from the
+/// region's leader (this host's copy may lag: a VM that moved here just before this process
+/// started would look like another host's); without an answer within a minute nothing is
+/// swept.
+async fn sweep_orphans(shared: &Shared, postcopy_sources: &[MigrationRecord]) {
+    let mut records = None;
+    for _ in 0..60 {
+        match shared.records.vms().await {
+            Ok(current) => {
+                records = Some(current);
+                break;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot list vms for the start-up sweep yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let Some(records) = records else {
+        tracing::warn!(
+            "the store did not list the vms within a minute; vm directories are not swept"
+        );
+        return;
+    };
     // A directory of a VM that another host owns is left from a migration (a source that
     // stopped before removing it, or a destination whose incoming QEMU lost its migration when
     // this process ended): the owner runs the VM, so this copy goes. Except the source of a
     // post-copy that switched: its QEMU holds pages the owner lacks, and the copy resumes.
-    let known: HashSet<String> = items
-        .iter()
-        .filter_map(|item| serde_json::from_slice::<VmRecord>(&item.value).ok())
+    let known: HashSet<String> = records
+        .into_iter()
+        .map(|versioned| versioned.record)
         .filter(|record| {
             shared.region.is_none()
                 || record.status.host == shared.config.host_name
@@ -161,10 +179,12 @@ async fn sweep_orphans(
             continue;
         }
         tracing::warn!(directory = %entry.path().display(), "removing vm directory without a record");
+        // Killed without QMP: a QEMU whose monitor does not answer (one left in post-copy,
+        // say) would otherwise outlive its directory.
         if let Ok(uuid) = uuid::Uuid::parse_str(&directory_name)
-            && let Ok(Some(qemu)) = QemuVm::attach(&entry.path(), uuid).await
+            && let Err(error) = QemuVm::kill_in(&entry.path(), uuid).await
         {
-            let _ = qemu.force_stop().await;
+            tracing::warn!(directory = %entry.path().display(), %error, "killing the qemu of a vm directory without a record");
         }
         let _ = tokio::fs::remove_dir_all(entry.path()).await;
     }
@@ -275,9 +295,12 @@ impl VmActor {
             return Ok(Next::Done);
         }
         if !self.attached_once {
-            if crate::migration::drives_postcopy(&self.shared, &record.uuid) {
-                // Its incoming post-copy runs here: the QEMU is the migration's (which resumed
-                // the guest) until the last page arrived or the copy failed.
+            if crate::migration::drives_postcopy(&self.shared, &record.uuid)
+                || crate::migration::adopt_orphaned_postcopy(&self.shared, &record).await
+            {
+                // Its incoming post-copy runs here (or ran with an earlier serve, and its
+                // source may resume it): the QEMU is the migration's (which resumed the guest)
+                // until the last page arrived or the copy failed.
                 return Ok(Next::Wait(Some(
                     Instant::now() + Duration::from_millis(500),
                 )));

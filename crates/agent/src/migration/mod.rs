@@ -46,9 +46,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod recovery;
-pub(crate) use recovery::{
-    PostcopyRecovery, hand_over_recovery, postcopy_sourced_here, resume_postcopy_sourced_here,
+mod postcopy;
+pub(crate) use postcopy::{
+    PostcopyRecovery, adopt_orphaned_postcopy, hand_over_recovery, postcopy_sourced_here,
+    resume_postcopy_sourced_here,
 };
 
 /// A link measured longer ago than this is probed before a migration plans with it.
@@ -1088,7 +1089,44 @@ impl Source<'_> {
         }
         .await;
         if let Some(committed_at) = postcopy_committed_at {
-            let report = sent.unwrap_or_default();
+            let mut report = sent.unwrap_or_default();
+            let mut copied = copied;
+            if let Err(failure) = &copied {
+                // The stream broke for good (the destination's serve restarted, say): QEMU
+                // pauses once its socket closes, and the copy resumes on a new session.
+                if !sender.is_finished() {
+                    sender.abort();
+                    let _ = (&mut sender).await;
+                }
+                let message = format!(
+                    "post-copy: the stream to host {} broke ({}); resuming it on a new session",
+                    self.migration.destination, failure.message
+                );
+                tracing::warn!(vm = %self.name, migration = %self.id, "{message}");
+                self.say(&message).await;
+                // A link lost for the whole link wait was given up by both hosts: the time
+                // left is what the session has not waited yet.
+                let down = session.stats().disconnected_for.unwrap_or_default();
+                let until = Instant::now() + postcopy_link.wait.saturating_sub(down);
+                copied = match postcopy::resume_until(
+                    &self.shared,
+                    self.qemu,
+                    &self.record,
+                    &self.migration,
+                    until,
+                )
+                .await
+                {
+                    Ok(resumed) => {
+                        report = resumed;
+                        Ok(())
+                    }
+                    Err(again) => Err(Failure::new(
+                        again.code,
+                        format!("{}; resuming it failed: {}", failure.message, again.message),
+                    )),
+                };
+            }
             self.finish_postcopy(copied, &report, committed_at, memory_started)
                 .await;
             return Ok(SourceOutcome::Moved);
@@ -2418,24 +2456,6 @@ async fn receive_and_wait(
         )
     };
     let mut receiving = AbortOnDrop(receiving);
-    let received = |result: Result<Result<ProxyReport, ProxyError>, tokio::task::JoinError>| {
-        result
-            .map_err(|error| {
-                migration_error(
-                    ErrorCode::Internal,
-                    format!("the receiving task failed: {error}"),
-                )
-            })?
-            .map_err(|error| {
-                migration_error(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "receiving the migration stream failed: {}",
-                        crate::transfer::describe(&error)
-                    ),
-                )
-            })
-    };
     // Precopy: the whole stream arrives, then QEMU has loaded it. Post-copy: QEMU holds the
     // device state and waits paused (`-S`) while pages still arrive; the source then commits
     // and this host runs the guest before the stream ends.
@@ -2453,7 +2473,7 @@ async fn receive_and_wait(
     };
     let Some(report) = report else {
         tracing::info!(vm = %name, migration = %id, "post-copy: the device state is here; waiting for the commit");
-        driving.activate();
+        driving.activate(id);
         // From here the guest's memory depends on the link: a lost one is waited for (the
         // guest stalls on pages it lacks) rather than given up after the precopy timeout.
         session.set_resume_timeout(link_wait);
@@ -2465,80 +2485,17 @@ async fn receive_and_wait(
         .await?;
         await_commit(session).await?;
         resume_here(shared, qemu, record, id).await;
-        // The VM is this host's now. The rest of its memory comes in; if it cannot, the guest
-        // cannot run on: stop it, and the reconciler starts the VM again. A source whose
-        // stream broke for good (its serve restarted) resumes it on a new session.
-        let mut link = PostcopyLinkWatch::new(&source, link_wait);
-        let mut watch = tokio::time::interval(Duration::from_secs(1));
-        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut recoveries = recovery::RecoveryRegistration::new(shared, id);
-        let mut session = session.clone();
-        let result = loop {
-            tokio::select! {
-                result = &mut receiving.0 => break received(result),
-                recovery = recoveries.next() => {
-                    tracing::info!(vm = %name, migration = %id, "the source asks to resume the post-copy on a new session");
-                    match recovery::take_recovery(shared, recovery, receiving, qemu, record, &config).await {
-                        Ok((resumed, resumed_receiving)) => {
-                            crate::transfer::close_quietly(session).await;
-                            resumed.set_resume_timeout(link_wait);
-                            session = resumed;
-                            receiving = resumed_receiving;
-                            link = PostcopyLinkWatch::new(&source, link_wait);
-                            let message = format!(
-                                "post-copy: resumed on a new session from host {source}; the rest of the pages are coming"
-                            );
-                            tracing::info!(vm = %name, migration = %id, "{message}");
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(2),
-                                say_in_record(shared, id, &message),
-                            )
-                            .await;
-                        }
-                        Err(error) => break Err(error),
-                    }
-                }
-                _ = watch.tick() => {
-                    if let Some(message) = link.check(&session) {
-                        tracing::warn!(vm = %name, migration = %id, "{message}");
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            say_in_record(shared, id, &message),
-                        )
-                        .await;
-                    }
-                }
-            }
+        // The VM is this host's now. The rest of its memory comes in.
+        let incoming = postcopy::Incoming {
+            shared,
+            qemu,
+            record,
+            id,
+            source: &source,
+            link_wait,
+            config: &config,
         };
-        match result {
-            Ok(report) => {
-                tracing::info!(vm = %name, migration = %id, stream_bytes = report.stream_bytes, "post-copy finished");
-            }
-            Err(error) => {
-                tracing::warn!(vm = %name, migration = %id, %error, "post-copy failed: the guest's memory is incomplete; stopping it so the vm restarts here");
-                stop_incomplete(qemu, &name).await;
-                let host = shared.config.host_name.clone();
-                let _ = shared
-                    .records
-                    .update_migration(id, |migration| {
-                        if migration.phase.is_finished() {
-                            return Ok(false);
-                        }
-                        finish(
-                            migration,
-                            MigrationPhase::Failed,
-                            Some(ErrorCode::Unavailable),
-                            &format!(
-                                "post-copy failed after the VM moved to host {host}: {error}; \
-                                 the guest's running state is lost; the VM fails here as after a crash \
-                                 (restarted by its restart policy)"
-                            ),
-                        );
-                        Ok(true)
-                    })
-                    .await;
-            }
-        }
+        incoming.follow(Some((session.clone(), receiving))).await;
         return Ok(());
     };
     let checksum = format!(
@@ -2575,6 +2532,28 @@ async fn receive_and_wait(
     await_commit(session).await?;
     resume_here(shared, qemu, record, id).await;
     Ok(())
+}
+
+/// What the destination's receiving task ended with.
+fn received(
+    result: Result<Result<ProxyReport, ProxyError>, tokio::task::JoinError>,
+) -> Result<ProxyReport, AgentError> {
+    result
+        .map_err(|error| {
+            migration_error(
+                ErrorCode::Internal,
+                format!("the receiving task failed: {error}"),
+            )
+        })?
+        .map_err(|error| {
+            migration_error(
+                ErrorCode::Unavailable,
+                format!(
+                    "receiving the migration stream failed: {}",
+                    crate::transfer::describe(&error)
+                ),
+            )
+        })
 }
 
 /// Shows `message` in migration `id`'s record (`migration show`) while it is not finished; best
@@ -2661,14 +2640,16 @@ impl<'a> PostcopyIncoming<'a> {
         }
     }
 
-    fn activate(&self) {
+    /// From the switch of migration `id` on.
+    fn activate(&self, id: &str) {
         if let Ok(mut incoming) = self.shared.postcopy_incoming.lock() {
             incoming.insert(self.uuid.clone());
             self.active
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        // Outlives this process only if it dies during the post-copy: see `orphaned_postcopy`.
-        let _ = std::fs::write(self.marker(), b"");
+        // Outlives this process only if it dies during the post-copy, and then names the
+        // migration to the next one: see `adopt_orphaned_postcopy`.
+        let _ = std::fs::write(self.marker(), id.as_bytes());
     }
 
     fn marker(&self) -> std::path::PathBuf {
@@ -2721,9 +2702,10 @@ pub(crate) fn drives_postcopy(shared: &Shared, uuid: &str) -> bool {
 }
 
 /// A QEMU left in post-copy by an earlier `serve` (its marker is there and no migration of this
-/// process drives it): its stream is gone, so its guest's memory is incomplete for good, and
-/// its monitor may not even answer (a vCPU waiting for a page can hold QEMU's main lock). It is
-/// killed without QMP. Returns whether one was.
+/// process drives it) that [`adopt_orphaned_postcopy`] could not take over: its guest's memory
+/// is incomplete for good, and its monitor may not even answer (a vCPU waiting for a page can
+/// hold QEMU's main lock). It is killed without QMP, and the migration its marker names is
+/// failed (so its source stops trying to resume it). Returns whether one was killed.
 pub(crate) async fn stop_orphaned_postcopy(shared: &Shared, record: &VmRecord) -> bool {
     let marker = postcopy_marker(shared, &record.uuid);
     if drives_postcopy(shared, &record.uuid) || !marker.exists() {
@@ -2740,6 +2722,32 @@ pub(crate) async fn stop_orphaned_postcopy(shared: &Shared, record: &VmRecord) -
             return false;
         }
     };
+    if let Ok(id) = std::fs::read_to_string(&marker)
+        && !id.trim().is_empty()
+    {
+        let host = &shared.config.host_name;
+        let message = format!(
+            "post-copy failed after the VM moved to host {host}: its novacron serve restarted \
+             during the copy and could not take the incoming QEMU over (its monitor did not \
+             answer); the guest's running state is lost; the VM fails here as after a crash \
+             (restarted by its restart policy)"
+        );
+        let _ = shared
+            .records
+            .update_migration(id.trim(), |migration| {
+                if migration.phase != MigrationPhase::PostCopy {
+                    return Ok(false);
+                }
+                finish(
+                    migration,
+                    MigrationPhase::Failed,
+                    Some(ErrorCode::Unavailable),
+                    &message,
+                );
+                Ok(true)
+            })
+            .await;
+    }
     let _ = std::fs::remove_file(&marker);
     killed
 }

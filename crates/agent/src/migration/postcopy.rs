@@ -106,23 +106,142 @@ impl Drop for RecoveryRegistration<'_> {
     }
 }
 
+/// Destination, after the switch: the incoming post-copy of a VM this host now owns.
+pub(super) struct Incoming<'a> {
+    pub(super) shared: &'a Arc<Shared>,
+    pub(super) qemu: &'a QemuVm,
+    pub(super) record: &'a VmRecord,
+    pub(super) id: &'a str,
+    /// The source host.
+    pub(super) source: &'a str,
+    /// How long a lost link, or a broken stream's recovery, is waited for.
+    pub(super) link_wait: Duration,
+    pub(super) config: &'a ProxyConfig,
+}
+
+impl Incoming<'_> {
+    /// The rest of the guest's memory comes in: on `receiving`'s session, or, once that
+    /// stream broke (`None`: it broke with an earlier `serve`), on a new session the source
+    /// opens to resume it, for up to the link wait. Ends when the stream does. When the rest
+    /// cannot come (the link lost beyond its wait, no recovery within it, a recovery that
+    /// failed) the guest cannot run on: its QEMU is stopped and the migration failed, and the
+    /// reconciler starts the VM again.
+    pub(super) async fn follow(&self, receiving: Option<(Arc<Session>, Receiving)>) {
+        let (name, id, source) = (&self.record.spec.name, self.id, self.source);
+        let mut link = PostcopyLinkWatch::new(source, self.link_wait);
+        let mut watch = tokio::time::interval(Duration::from_secs(1));
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut recoveries = RecoveryRegistration::new(self.shared, id);
+        let mut recover_by = receiving.is_none().then(|| Instant::now() + self.link_wait);
+        let (mut session, mut receiving) = receiving.unzip();
+        let result = loop {
+            tokio::select! {
+                result = async { (&mut receiving.as_mut().expect("checked").0).await },
+                    if receiving.is_some() => break received(result),
+                recovery = recoveries.next() => {
+                    tracing::info!(vm = %name, migration = %id, "the source asks to resume the post-copy on a new session");
+                    drop(receiving.take());
+                    if let Some(session) = session.take() {
+                        crate::transfer::close_quietly(session).await;
+                    }
+                    match take_recovery(self.shared, recovery, self.qemu, self.record, self.config).await {
+                        Ok((resumed, resumed_receiving)) => {
+                            resumed.set_resume_timeout(self.link_wait);
+                            session = Some(resumed);
+                            receiving = Some(resumed_receiving);
+                            recover_by = None;
+                            link = PostcopyLinkWatch::new(source, self.link_wait);
+                            self.say(&format!(
+                                "post-copy: resumed on a new session from host {source}; the rest \
+                                 of the pages are coming"
+                            ))
+                            .await;
+                        }
+                        Err(error) => break Err(error),
+                    }
+                }
+                _ = watch.tick() => {
+                    if let Some(session) = &session
+                        && let Some(message) = link.check(session)
+                    {
+                        self.say(&message).await;
+                    }
+                    if recover_by.is_some_and(|by| Instant::now() > by) {
+                        break Err(migration_error(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "host {source} did not resume the broken stream within {} s \
+                                 (--post-copy-link-wait)",
+                                self.link_wait.as_secs()
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(report) => {
+                tracing::info!(vm = %name, migration = %id, stream_bytes = report.stream_bytes, "post-copy finished");
+            }
+            Err(error) => self.fail(&error).await,
+        }
+    }
+
+    /// Said in the log first (this host may be the one cut off from the store), then in the
+    /// migration's record.
+    async fn say(&self, message: &str) {
+        tracing::warn!(vm = %self.record.spec.name, migration = %self.id, "{message}");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            say_in_record(self.shared, self.id, message),
+        )
+        .await;
+    }
+
+    /// The rest of the memory cannot come: stops the guest, fails the migration.
+    pub(super) async fn fail(&self, error: &AgentError) {
+        let name = &self.record.spec.name;
+        tracing::warn!(vm = %name, migration = %self.id, %error, "post-copy failed: the guest's memory is incomplete; stopping it so the vm restarts here");
+        stop_incomplete(self.qemu, name.as_str()).await;
+        let host = self.shared.config.host_name.clone();
+        let _ = self
+            .shared
+            .records
+            .update_migration(self.id, |migration| {
+                if migration.phase.is_finished() {
+                    return Ok(false);
+                }
+                finish(
+                    migration,
+                    MigrationPhase::Failed,
+                    Some(ErrorCode::Unavailable),
+                    &format!(
+                        "post-copy failed after the VM moved to host {host}: {error}; the \
+                         guest's running state is lost; the VM fails here as after a crash \
+                         (restarted by its restart policy)"
+                    ),
+                );
+                Ok(true)
+            })
+            .await;
+    }
+}
+
 /// The destination's task receiving the stream into its QEMU.
 pub(super) type Receiving = AbortOnDrop<Result<ProxyReport, novacron_migration::ProxyError>>;
 
-/// Destination, after the switch: takes a source's recovery. Ends the broken stream (its
-/// QEMU then pauses its post-copy), has QEMU listen on a new socket, answers `Ready` and
-/// returns the new session with the task that rebuilds the resumed stream into that socket.
-/// On an error the recovery is refused and the post-copy cannot go on.
-pub(super) async fn take_recovery(
+/// Destination, after the switch: takes a source's recovery once the broken stream's socket
+/// is closed (QEMU then pauses its post-copy): has QEMU listen on a new socket, answers `Ready`
+/// and returns the new session with the task that rebuilds the resumed stream into that
+/// socket. On an error the recovery is refused and the post-copy cannot go on.
+async fn take_recovery(
     shared: &Shared,
     recovery: PostcopyRecovery,
-    receiving: Receiving,
     qemu: &QemuVm,
     record: &VmRecord,
     config: &ProxyConfig,
 ) -> Result<(Arc<Session>, Receiving), AgentError> {
     let name = record.spec.name.as_str();
-    drop(receiving);
     let directory = shared.paths.vm_dir(&record.uuid);
     let reopened = async {
         let socket = directory.join("recover.sock");
@@ -413,29 +532,15 @@ async fn resume_after_restart(shared: Arc<Shared>, migration: MigrationRecord) {
         _ => None,
     };
     let outcome = match (&record, &qemu) {
-        (Some(record), Some(qemu)) => loop {
-            say_in_record(
-                &shared,
-                &id,
-                &format!(
-                    "post-copy: the source host {host}'s novacron serve restarted; resuming \
-                     the copy of the pages host {} lacks",
-                    migration.destination
-                ),
-            )
-            .await;
-            match resume_outgoing(&shared, qemu, record, &migration, until).await {
-                Ok(report) => break Ok(report),
-                Err(failure)
-                    if Instant::now() < until && !migration_finished(&shared, &id).await =>
-                {
-                    tracing::warn!(vm = %name, migration = %id, reason = %failure.message,
-                        "resuming the post-copy failed; trying again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(failure) => break Err(failure),
-            }
-        },
+        (Some(record), Some(qemu)) => {
+            let message = format!(
+                "post-copy: the source host {host}'s novacron serve restarted; resuming the copy \
+                 of the pages host {} lacks",
+                migration.destination
+            );
+            say_in_record(&shared, &id, &message).await;
+            resume_until(&shared, qemu, record, &migration, until).await
+        }
         _ => Err(Failure::new(
             ErrorCode::Unavailable,
             format!(
@@ -472,6 +577,30 @@ async fn resume_after_restart(shared: Arc<Shared>, migration: MigrationRecord) {
     }
 }
 
+/// Source: [`resume_outgoing`] again after each failure until `until` (the link wait from the
+/// break): the destination may be unreachable, or not yet ready (its `serve` restarting).
+pub(super) async fn resume_until(
+    shared: &Arc<Shared>,
+    qemu: &QemuVm,
+    record: &VmRecord,
+    migration: &MigrationRecord,
+    until: Instant,
+) -> Result<ProxyReport, Failure> {
+    loop {
+        match resume_outgoing(shared, qemu, record, migration, until).await {
+            Ok(report) => return Ok(report),
+            Err(failure)
+                if Instant::now() < until && !migration_finished(shared, &migration.id).await =>
+            {
+                tracing::warn!(vm = %migration.vm, migration = %migration.id, reason = %failure.message,
+                    "resuming the post-copy failed; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(failure) => return Err(failure),
+        }
+    }
+}
+
 /// Whether migration `id` ended (the destination gave the post-copy up, say).
 async fn migration_finished(shared: &Shared, id: &str) -> bool {
     matches!(shared.records.migration(id).await,
@@ -504,4 +633,83 @@ pub(crate) async fn postcopy_sourced_here(shared: &Shared) -> Vec<MigrationRecor
         }
     }
     Vec::new()
+}
+
+/// At start-up, on the destination host: the QEMU of an incoming post-copy that an earlier
+/// `serve` drove (its marker names the migration). Its stream broke with that process and it
+/// paused its post-copy, the guest waiting for the pages it lacks. While the migration is still
+/// in post-copy, this process takes it over: it waits for the source to resume the stream
+/// ([`Incoming::follow`] without one) and returns true; the VM's reconciler leaves the QEMU
+/// alone meanwhile ([`drives_postcopy`]). Also true while the store cannot say (asked again at
+/// the next step). Otherwise returns false: the QEMU is orphaned.
+pub(crate) async fn adopt_orphaned_postcopy(shared: &Arc<Shared>, record: &VmRecord) -> bool {
+    if drives_postcopy(shared, &record.uuid) {
+        return false;
+    }
+    let Ok(id) = std::fs::read_to_string(postcopy_marker(shared, &record.uuid)) else {
+        return false;
+    };
+    let migration = match shared.records.migration(id.trim()).await {
+        Ok(Some(migration))
+            if migration.record.phase == MigrationPhase::PostCopy
+                && migration.record.destination == shared.config.host_name
+                && migration.record.vm_uuid == record.uuid =>
+        {
+            migration.record
+        }
+        Ok(_) => return false,
+        Err(error) => {
+            // Asked again at the actor's next step: the QEMU is left alone meanwhile.
+            tracing::debug!(vm = %record.spec.name, %error, "cannot read the post-copy's migration yet");
+            return true;
+        }
+    };
+    let Ok(uuid) = uuid::Uuid::parse_str(&record.uuid) else {
+        return false;
+    };
+    let qemu = match QemuVm::attach(&shared.paths.vm_dir(&record.uuid), uuid).await {
+        Ok(Some(qemu)) => qemu,
+        Ok(None) => return false,
+        Err(error) => {
+            tracing::warn!(vm = %record.spec.name, error = ?error, "cannot re-attach to the qemu left in post-copy");
+            return false;
+        }
+    };
+    if let Ok(mut incoming) = shared.postcopy_incoming.lock() {
+        incoming.insert(record.uuid.clone());
+    }
+    tracing::warn!(vm = %record.spec.name, migration = %migration.id, "qemu left in post-copy by an earlier serve; waiting for the source to resume the copy");
+    tokio::spawn(take_over(shared.clone(), record.clone(), qemu, migration));
+    true
+}
+
+async fn take_over(
+    shared: Arc<Shared>,
+    record: VmRecord,
+    qemu: QemuVm,
+    migration: MigrationRecord,
+) {
+    let driving = PostcopyIncoming::new(&shared, &record.uuid);
+    driving.activate(&migration.id);
+    let config = ProxyConfig::default();
+    let incoming = Incoming {
+        shared: &shared,
+        qemu: &qemu,
+        record: &record,
+        id: &migration.id,
+        source: &migration.source,
+        link_wait: Duration::from_secs(migration.post_copy_link_wait_secs),
+        config: &config,
+    };
+    incoming
+        .say(&format!(
+            "post-copy: host {}'s novacron serve restarted during the copy; waiting for host {} \
+             to resume the stream",
+            shared.config.host_name, migration.source
+        ))
+        .await;
+    tokio::select! {
+        () = incoming.follow(None) => {}
+        ended = ended_elsewhere(&shared, &migration.id) => incoming.fail(&ended).await,
+    }
 }
