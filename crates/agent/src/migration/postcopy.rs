@@ -1,8 +1,8 @@
-//! Post-copy recovery. After the switch the destination runs the guest while the pages it has
-//! not received yet are still on the source: the stream between the two QEMUs is part of the
-//! guest's memory. When it breaks for good (the source's `serve` killed and started again, or
-//! a session lost beyond its resume), both QEMUs pause their migration (`postcopy-paused`) and
-//! keep what they have. QEMU resumes on a new channel: `migrate-recover` makes the destination
+//! Post-copy after the switch, and its recovery. After the switch the destination runs the guest
+//! while the pages it has not received yet are still on the source: the stream between the two
+//! QEMUs is part of the guest's memory. When it breaks for good (either host's `serve` killed
+//! and started again), both QEMUs pause their migration (`postcopy-paused`) and keep what they
+//! have. QEMU resumes on a new channel: `migrate-recover` makes the destination
 //! listen, `migrate` with `resume: true` makes the source ask for the destination's bitmap of
 //! received pages and send the rest. This module drives that over a new DWCP session:
 //!
@@ -20,8 +20,12 @@
 //!  QEMU completed: migration completed, source QEMU stopped
 //! ```
 //!
-//! If the recovery fails, the post-copy fails as it did before recoveries existed: the guest's
-//! running state is lost and the destination restarts the VM.
+//! A restarted destination `serve` takes over its paused QEMU ([`adopt_orphaned_postcopy`]) and
+//! waits for the source the same way, when that QEMU's monitor answers a new connection (under
+//! TCG a vCPU waiting for a missing page usually holds QEMU's main lock, which QMP's
+//! capabilities negotiation needs; the QEMU is then killed). If the recovery fails, the
+//! post-copy fails as it did before recoveries existed: the guest's running state is lost and
+//! the destination restarts the VM.
 
 use super::*;
 use novacron_transport::ControlRequest;
@@ -139,6 +143,11 @@ impl Incoming<'_> {
                 result = async { (&mut receiving.as_mut().expect("checked").0).await },
                     if receiving.is_some() => break received(result),
                 recovery = recoveries.next() => {
+                    if let Err(error) = self.check_from_source(&recovery.session).await {
+                        tracing::warn!(vm = %name, migration = %id, %error, "a post-copy recovery refused");
+                        refuse(recovery.request, recovery.session, &error).await;
+                        continue;
+                    }
                     tracing::info!(vm = %name, migration = %id, "the source asks to resume the post-copy on a new session");
                     drop(receiving.take());
                     if let Some(session) = session.take() {
@@ -185,6 +194,28 @@ impl Incoming<'_> {
             }
             Err(error) => self.fail(&error).await,
         }
+    }
+
+    /// Only the migration's source holds the pages the guest lacks: a session from another
+    /// host of the region (whose certificate the transfer listener trusts too) may not take
+    /// the stream over.
+    async fn check_from_source(&self, session: &Session) -> Result<(), AgentError> {
+        let heartbeats = self.shared.records.heartbeats().await?;
+        let source_fingerprint = heartbeats
+            .iter()
+            .find(|beat| beat.host == self.source)
+            .and_then(|beat| beat.transfer_fingerprint.as_deref())
+            .and_then(|fingerprint| Fingerprint::from_str(fingerprint).ok());
+        if source_fingerprint == Some(session.peer_fingerprint()) {
+            return Ok(());
+        }
+        Err(migration_error(
+            ErrorCode::Conflict,
+            format!(
+                "only the migration's source, host {}, may resume its post-copy",
+                self.source
+            ),
+        ))
     }
 
     /// Said in the log first (this host may be the one cut off from the store), then in the
