@@ -819,31 +819,7 @@ impl Source<'_> {
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
         });
-        let reply = tokio::time::timeout(Duration::from_secs(60), control.request(begin.encode()))
-            .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::Unavailable,
-                    "the destination did not answer within 60 s",
-                )
-            })?
-            .map_err(|error| session_failure("asking the destination", &error))?;
-        match Message::decode(&reply) {
-            Ok(Message::Migration(MigrationControl::Ready)) => {}
-            Ok(Message::Migration(MigrationControl::Refused { code, message })) => {
-                return Err(Failure::new(
-                    code,
-                    format!("host {} refused: {message}", self.migration.destination),
-                ));
-            }
-            Ok(other) => {
-                return Err(Failure::new(
-                    ErrorCode::Internal,
-                    format!("the destination answered {} to the migration", other.name()),
-                ));
-            }
-            Err(error) => return Err(Failure::new(ErrorCode::Internal, error.to_string())),
-        }
+        ask_destination(session, begin, "migration", &self.migration.destination).await?;
 
         let memory_from = if self.record.spec.image_id.is_some() {
             self.mirror_disk(dial).await?;
@@ -852,16 +828,6 @@ impl Source<'_> {
             MigrationPhase::Preparing
         };
 
-        // QEMU migrates into a socket this agent owns.
-        let directory = self.shared.paths.vm_dir(&self.record.uuid);
-        let socket_path = directory.join("migrate-out.sock");
-        let _ = std::fs::remove_file(&socket_path);
-        let listener = tokio::net::UnixListener::bind(&socket_path).map_err(|error| {
-            Failure::new(
-                ErrorCode::Internal,
-                format!("cannot listen on {}: {error}", socket_path.display()),
-            )
-        })?;
         let qmp = self.qemu.qmp();
         // The adaptive send window starts from the link's forecast when this host has one.
         let forecast = self.shared.transfer_service().and_then(|service| {
@@ -928,25 +894,7 @@ impl Source<'_> {
             .await
             .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
         let mut events = self.qemu.subscribe_events();
-        qmp.execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", socket_path.display()) })),
-        )
-        .await
-        .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
-        let (stream, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-            .await
-            .map_err(|_| {
-                Failure::new(
-                    ErrorCode::Internal,
-                    "qemu did not connect to the migration socket within 30 s",
-                )
-            })?
-            .map_err(|error| {
-                Failure::new(ErrorCode::Internal, format!("migration socket: {error}"))
-            })?;
-        drop(listener);
-        let _ = std::fs::remove_file(&socket_path);
+        let stream = migrate_into_socket(&self.shared, self.qemu, &self.record, false).await?;
         self.set_phase(memory_from, MigrationPhase::Memory).await?;
         let memory_started = Instant::now();
 
@@ -1873,6 +1821,78 @@ fn session_failure(what: &str, error: &novacron_transport::TransportError) -> Fa
             crate::transfer::describe(error)
         ),
     )
+}
+
+/// Sends a migration's opening request (`Begin`, `Recover`: `what` names it) to the
+/// destination and waits for its `Ready`.
+async fn ask_destination(
+    session: &Session,
+    request: Message,
+    what: &str,
+    destination: &str,
+) -> Result<(), Failure> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(60),
+        session.control().request(request.encode()),
+    )
+    .await
+    .map_err(|_| {
+        Failure::new(
+            ErrorCode::Unavailable,
+            format!("host {destination} did not answer the {what} within 60 s"),
+        )
+    })?
+    .map_err(|error| session_failure(&format!("asking host {destination}"), &error))?;
+    match Message::decode(&reply) {
+        Ok(Message::Migration(MigrationControl::Ready)) => Ok(()),
+        Ok(Message::Migration(MigrationControl::Refused { code, message })) => Err(Failure::new(
+            code,
+            format!("host {destination} refused: {message}"),
+        )),
+        Ok(other) => Err(Failure::new(
+            ErrorCode::Internal,
+            format!("host {destination} answered {} to the {what}", other.name()),
+        )),
+        Err(error) => Err(Failure::new(ErrorCode::Internal, error.to_string())),
+    }
+}
+
+/// Has the source QEMU migrate into a socket this agent owns (`resume`: a paused post-copy's
+/// rest) and returns the connection.
+async fn migrate_into_socket(
+    shared: &Shared,
+    qemu: &QemuVm,
+    record: &VmRecord,
+    resume: bool,
+) -> Result<tokio::net::UnixStream, Failure> {
+    let socket_path = shared.paths.vm_dir(&record.uuid).join("migrate-out.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = tokio::net::UnixListener::bind(&socket_path).map_err(|error| {
+        Failure::new(
+            ErrorCode::Internal,
+            format!("cannot listen on {}: {error}", socket_path.display()),
+        )
+    })?;
+    let mut arguments = json!({ "uri": format!("unix:{}", socket_path.display()) });
+    if resume {
+        arguments["resume"] = json!(true);
+    }
+    qemu.qmp()
+        .execute("migrate", Some(arguments))
+        .await
+        .map_err(|error| Failure::from(qmp_error(record.spec.name.as_str(), error)))?;
+    let (stream, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .map_err(|_| {
+            Failure::new(
+                ErrorCode::Internal,
+                "qemu did not connect to the migration socket within 30 s",
+            )
+        })?
+        .map_err(|error| Failure::new(ErrorCode::Internal, format!("migration socket: {error}")))?;
+    drop(listener);
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(stream)
 }
 
 /// Records how a post-copy ended, after its commit: `outcome` is the completed migration's

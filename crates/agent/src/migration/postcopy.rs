@@ -378,7 +378,7 @@ async fn wait_for_migration_status(
 /// Source: resumes the paused post-copy of `migration` from `qemu` over a new session to the
 /// destination, trying to reach it until `until`. Returns once QEMU sent its last page and the
 /// destination received it.
-pub(super) async fn resume_outgoing(
+async fn resume_outgoing(
     shared: &Arc<Shared>,
     qemu: &QemuVm,
     record: &VmRecord,
@@ -410,64 +410,11 @@ async fn resume_on(
     session: &Arc<Session>,
 ) -> Result<ProxyReport, Failure> {
     let (name, destination) = (&migration.vm, &migration.destination);
-    let control = session.control();
     let recover = Message::Migration(MigrationControl::Recover {
         id: migration.id.clone(),
     });
-    let reply = tokio::time::timeout(Duration::from_secs(60), control.request(recover.encode()))
-        .await
-        .map_err(|_| {
-            Failure::new(
-                ErrorCode::Unavailable,
-                format!("host {destination} did not answer the recovery within 60 s"),
-            )
-        })?
-        .map_err(|error| session_failure("asking the destination to recover", &error))?;
-    match Message::decode(&reply) {
-        Ok(Message::Migration(MigrationControl::Ready)) => {}
-        Ok(Message::Migration(MigrationControl::Refused { code, message })) => {
-            return Err(Failure::new(
-                code,
-                format!("host {destination} refused to resume: {message}"),
-            ));
-        }
-        Ok(other) => {
-            return Err(Failure::new(
-                ErrorCode::Internal,
-                format!(
-                    "host {destination} answered {} to the recovery",
-                    other.name()
-                ),
-            ));
-        }
-        Err(error) => return Err(Failure::new(ErrorCode::Internal, error.to_string())),
-    }
-    let socket_path = shared.paths.vm_dir(&record.uuid).join("migrate-out.sock");
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = tokio::net::UnixListener::bind(&socket_path).map_err(|error| {
-        Failure::new(
-            ErrorCode::Internal,
-            format!("cannot listen on {}: {error}", socket_path.display()),
-        )
-    })?;
-    qemu.qmp()
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", socket_path.display()), "resume": true })),
-        )
-        .await
-        .map_err(|error| Failure::from(qmp_error(name, error)))?;
-    let (stream, _) = tokio::time::timeout(RECOVERY_STEP, listener.accept())
-        .await
-        .map_err(|_| {
-            Failure::new(
-                ErrorCode::Internal,
-                "qemu did not connect to the migration socket to resume within 30 s",
-            )
-        })?
-        .map_err(|error| Failure::new(ErrorCode::Internal, format!("migration socket: {error}")))?;
-    drop(listener);
-    let _ = std::fs::remove_file(&socket_path);
+    ask_destination(session, recover, "recovery", destination).await?;
+    let stream = migrate_into_socket(shared, qemu, record, true).await?;
     tracing::info!(vm = %name, migration = %migration.id, %destination, "post-copy resumed on a new session");
     let config = ProxyConfig {
         resumed_postcopy: true,
