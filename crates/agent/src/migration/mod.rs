@@ -2092,7 +2092,7 @@ pub(crate) async fn serve_destination(
     id: String,
 ) {
     let shared = service.shared().clone();
-    let prepared = prepare_destination(&shared, &id).await;
+    let prepared = prepare_destination(&shared, &session, &id).await;
     let (record, qemu, image_pages) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
@@ -2167,6 +2167,25 @@ pub(crate) async fn serve_destination(
     }
 }
 
+/// Only host `host` (by its transfer certificate, from its heartbeat) may drive this side of a
+/// migration: another host of the region, whose certificate the transfer listener trusts too,
+/// may not start, feed or resume it.
+async fn check_peer_is(shared: &Shared, session: &Session, host: &str) -> Result<(), AgentError> {
+    let heartbeats = shared.records.heartbeats().await?;
+    let expected = heartbeats
+        .iter()
+        .find(|beat| beat.host == host)
+        .and_then(|beat| beat.transfer_fingerprint.as_deref())
+        .and_then(|fingerprint| Fingerprint::from_str(fingerprint).ok());
+    if expected == Some(session.peer_fingerprint()) {
+        return Ok(());
+    }
+    Err(migration_error(
+        ErrorCode::Conflict,
+        format!("only host {host}, the migration's source, may drive it"),
+    ))
+}
+
 /// Returns once the migration's record says it failed or was cancelled (written by the source,
 /// or by a source that restarted): the destination stops waiting for a session that may take its
 /// resume timeout to fail.
@@ -2216,6 +2235,7 @@ async fn refuse(
 
 async fn prepare_destination(
     shared: &Arc<Shared>,
+    session: &Session,
     id: &str,
 ) -> Result<(VmRecord, QemuVm, SharedImagePages), AgentError> {
     let Some(Versioned {
@@ -2235,6 +2255,7 @@ async fn prepare_destination(
             ),
         ));
     }
+    check_peer_is(shared, session, &migration.source).await?;
     if migration.phase != MigrationPhase::Preparing || migration.cancel_requested {
         return Err(migration_error(
             ErrorCode::Conflict,
@@ -2951,6 +2972,7 @@ pub(crate) async fn serve_destination_disk(
                 format!("migration {id} does not bring a disk to this host now"),
             ));
         }
+        check_peer_is(&shared, &session, &migration.source).await?;
         // The index the incoming migration built before answering Ready (shared, not rebuilt).
         let directory = shared.paths.vm_dir(&migration.vm_uuid);
         let image_id = shared

@@ -143,7 +143,8 @@ impl Incoming<'_> {
                 result = async { (&mut receiving.as_mut().expect("checked").0).await },
                     if receiving.is_some() => break received(result),
                 recovery = recoveries.next() => {
-                    if let Err(error) = self.check_from_source(&recovery.session).await {
+                    // Only the source holds the pages the guest lacks.
+                    if let Err(error) = check_peer_is(self.shared, &recovery.session, source).await {
                         tracing::warn!(vm = %name, migration = %id, %error, "a post-copy recovery refused");
                         refuse(recovery.request, recovery.session, &error).await;
                         continue;
@@ -194,28 +195,6 @@ impl Incoming<'_> {
             }
             Err(error) => self.fail(&error).await,
         }
-    }
-
-    /// Only the migration's source holds the pages the guest lacks: a session from another
-    /// host of the region (whose certificate the transfer listener trusts too) may not take
-    /// the stream over.
-    async fn check_from_source(&self, session: &Session) -> Result<(), AgentError> {
-        let heartbeats = self.shared.records.heartbeats().await?;
-        let source_fingerprint = heartbeats
-            .iter()
-            .find(|beat| beat.host == self.source)
-            .and_then(|beat| beat.transfer_fingerprint.as_deref())
-            .and_then(|fingerprint| Fingerprint::from_str(fingerprint).ok());
-        if source_fingerprint == Some(session.peer_fingerprint()) {
-            return Ok(());
-        }
-        Err(migration_error(
-            ErrorCode::Conflict,
-            format!(
-                "only the migration's source, host {}, may resume its post-copy",
-                self.source
-            ),
-        ))
     }
 
     /// Said in the log first (this host may be the one cut off from the store), then in the
