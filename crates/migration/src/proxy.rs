@@ -304,9 +304,8 @@ struct WindowStep {
     /// The most the window may hold above its base: the drain budget at the recent rate
     /// (message bytes).
     most: u64,
-    /// A connection found the next frame held back by the window since the last step.
-    held: bool,
-    /// Steps in a row, this one included, without such a hold.
+    /// Steps in a row, this one included, in which no connection found the next frame held
+    /// back by the window (0: this step had a hold).
     unheld_steps: u32,
 }
 
@@ -319,7 +318,7 @@ impl WindowStep {
     const PATIENCE: u32 = 2;
 
     fn next(self) -> u64 {
-        let window = if self.held {
+        let window = if self.unheld_steps == 0 {
             (self.current as f64 * Self::GROWTH) as u64
         } else if self.unheld_steps > Self::PATIENCE {
             (self.current as f64 * Self::DECAY) as u64
@@ -413,7 +412,6 @@ impl SendWindow {
                         .max(self.minimum)
                         .max(floor),
                     most: (self.budget * recent / ratio) as u64,
-                    held,
                     unheld_steps: self.unheld_steps,
                 }
                 .next()
@@ -1382,7 +1380,6 @@ mod tests {
                     current: window,
                     base: ((SendWindow::FACTOR * rate * round_trip) as u64).max(minimum),
                     most: (budget * rate) as u64,
-                    held,
                     unheld_steps,
                 }
                 .next();

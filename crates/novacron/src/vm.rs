@@ -117,11 +117,13 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 client,
                 format,
                 &args.name,
-                "start",
-                "",
-                &[VmState::Running],
                 &args.wait,
-                "starting",
+                PowerChange {
+                    action: "start",
+                    query: String::new(),
+                    target: VmState::Running,
+                    doing: "starting",
+                },
             )
             .await?;
         }
@@ -134,11 +136,13 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 client,
                 format,
                 &args.name,
-                "stop",
-                &query,
-                &[VmState::Stopped],
                 &args.wait,
-                "stopping",
+                PowerChange {
+                    action: "stop",
+                    query,
+                    target: VmState::Stopped,
+                    doing: "stopping",
+                },
             )
             .await?;
         }
@@ -167,11 +171,13 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 client,
                 format,
                 &args.name,
-                "pause",
-                "",
-                &[VmState::Paused],
                 &args.wait,
-                "pausing",
+                PowerChange {
+                    action: "pause",
+                    query: String::new(),
+                    target: VmState::Paused,
+                    doing: "pausing",
+                },
             )
             .await?;
         }
@@ -180,11 +186,13 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 client,
                 format,
                 &args.name,
-                "resume",
-                "",
-                &[VmState::Running],
                 &args.wait,
-                "resuming",
+                PowerChange {
+                    action: "resume",
+                    query: String::new(),
+                    target: VmState::Running,
+                    doing: "resuming",
+                },
             )
             .await?;
         }
@@ -234,20 +242,34 @@ fn short_id(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A power action of `vm start|stop|pause|resume`.
+struct PowerChange {
+    /// The API's action (`/api/v1/vms/NAME/ACTION`).
+    action: &'static str,
+    /// The request's query string (`?...`), or empty.
+    query: String,
+    /// The state the VM settles in.
+    target: VmState,
+    /// What the spinner says meanwhile.
+    doing: &'static str,
+}
+
 async fn change(
     client: &Client,
     format: OutputFormat,
     name: &str,
-    action: &str,
-    query: &str,
-    targets: &[VmState],
     wait: &WaitOptions,
-    doing: &str,
+    power: PowerChange,
 ) -> CliResult<()> {
+    let PowerChange {
+        action,
+        query,
+        target,
+        doing,
+    } = power;
     let path = format!("/api/v1/vms/{}/{action}{query}", encode(name));
     let record: VmRecord = client.json(client.request(Method::POST, &path)).await?;
-    let record = settle(client, name, targets, wait, doing, stale_failure(&record))
+    let record = settle(client, name, &[target], wait, doing, stale_failure(&record))
         .await?
         .unwrap_or(record);
     show(format, &record);
