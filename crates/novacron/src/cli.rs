@@ -89,6 +89,14 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// (Internal: started by `serve`.) Holds an out-of-band QMP connection to a migration's
+    /// incoming QEMU, for a `serve` started later to resume its post-copy
+    #[command(name = "qmp-hold", hide = true)]
+    QmpHold {
+        /// The monitor's socket
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

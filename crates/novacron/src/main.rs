@@ -35,6 +35,16 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::QmpHold { socket } => match novacron_qemu::held_monitor::hold(&socket) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!(
+                    "error: holding the monitor at {}: {error}",
+                    socket.display()
+                );
+                ExitCode::from(1)
+            }
+        },
         Command::Serve(args) => {
             init_tracing(args.log_json);
             match runtime.block_on(serve::run(&cli.client, args)) {
@@ -138,7 +148,10 @@ async fn client_command(options: &cli::ClientOptions, command: Command) -> Resul
             };
             link::probe(&client, options.output, &peer, &request).await
         }
-        Command::Serve(_) | Command::Completions { .. } | Command::Link(_) => Ok(()),
+        Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Link(_)
+        | Command::QmpHold { .. } => Ok(()),
     }
 }
 

@@ -58,6 +58,10 @@ pub struct LaunchSpec {
     pub run_dir: PathBuf,
     /// Start with vCPUs stopped (`-S`); `cont` starts them.
     pub start_paused: bool,
+    /// A second QMP monitor (`recovery.sock`) for a holder process to keep an out-of-band
+    /// connection to ([`crate::held_monitor`]): a migration's incoming QEMU, whose post-copy a
+    /// later `serve` may have to resume.
+    pub recovery_monitor: bool,
     /// Extra QEMU arguments appended at the end (for tests and migration targets, `-incoming`).
     pub extra_arguments: Vec<String>,
 }
@@ -75,6 +79,7 @@ impl LaunchSpec {
             kernel: None,
             run_dir: run_dir.into(),
             start_paused: false,
+            recovery_monitor: false,
             extra_arguments: Vec::new(),
         }
     }
@@ -172,6 +177,16 @@ impl LaunchSpec {
             ),
         ]);
         push(&["-mon", "chardev=qmp,mode=control"]);
+        if self.recovery_monitor {
+            push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=recovery,path={},server=on,wait=off",
+                    escape_path(&run_directory.recovery_socket())
+                ),
+            ]);
+            push(&["-mon", "chardev=recovery,mode=control"]);
+        }
         push(&[
             "-chardev",
             &format!(
@@ -241,6 +256,11 @@ impl RunDirectory {
     /// QMP socket.
     pub fn qmp_socket(&self) -> PathBuf {
         self.path.join("qmp.sock")
+    }
+
+    /// The second monitor's socket, when the spec asked for one (`recovery_monitor`).
+    pub fn recovery_socket(&self) -> PathBuf {
+        self.path.join("recovery.sock")
     }
 
     /// Serial console socket: `vm console` connects here (one client at a time). A connected

@@ -26,6 +26,7 @@
 
 pub mod accelerator;
 pub mod binaries;
+pub mod held_monitor;
 pub mod image;
 pub mod launch;
 pub mod qmp;
@@ -34,6 +35,7 @@ pub mod vm;
 
 pub use accelerator::{Accelerator, AcceleratorProbe, probe_accelerator, probe_accelerator_cached};
 pub use binaries::{BinaryError, QemuBinaries};
+pub use held_monitor::HeldMonitor;
 pub use image::{ImageCheck, ImageError, ImageFormat, ImageInfo, MapExtent, QemuImg};
 pub use launch::{DirectKernelBoot, DiskSpec, LaunchSpec, RunDirectory};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpEventKind, RunState, StatusInfo};

@@ -1039,6 +1039,7 @@ impl Source<'_> {
         if let Some(committed_at) = postcopy_committed_at {
             let mut report = sent.unwrap_or_default();
             let mut copied = copied;
+            let resumed = copied.is_err();
             if let Err(failure) = &copied {
                 // The stream broke for good (the destination's serve restarted, say): QEMU
                 // pauses once its socket closes, and the copy resumes on a new session.
@@ -1075,7 +1076,7 @@ impl Source<'_> {
                     )),
                 };
             }
-            self.finish_postcopy(copied, &report, committed_at, memory_started)
+            self.finish_postcopy(copied, &report, committed_at, memory_started, resumed)
                 .await;
             return Ok(SourceOutcome::Moved);
         }
@@ -1530,14 +1531,16 @@ impl Source<'_> {
         }
     }
 
-    /// After post-copy's commit: records how the copy ended. A failure now loses the guest's
-    /// running state; the destination, which owns the VM, stops its QEMU and restarts the VM.
+    /// After post-copy's commit: records how the copy ended (`resumed`: on a new session, after
+    /// the first stream broke). A failure now loses the guest's running state; the destination,
+    /// which owns the VM, stops its QEMU and restarts the VM.
     async fn finish_postcopy(
         &mut self,
         copied: Result<(), Failure>,
         report: &novacron_migration::ProxyReport,
         committed_at: Instant,
         memory_started: Instant,
+        resumed: bool,
     ) {
         let destination = self.migration.destination.clone();
         let mut progress = self.migration.progress.clone();
@@ -1552,8 +1555,13 @@ impl Source<'_> {
         progress.pages_literal = report.codec.literal_pages;
         let after_switch = committed_at.elapsed().as_secs_f64();
         let outcome = copied.map(|()| {
+            let resumed = if resumed {
+                ", resumed on a new session after the stream broke"
+            } else {
+                ""
+            };
             format!(
-                "the VM runs on host {destination} (post-copy: its last pages arrived \
+                "the VM runs on host {destination} (post-copy{resumed}: its last pages arrived \
                  {after_switch:.1} s after the switch)"
             )
         });
@@ -2102,6 +2110,8 @@ pub(crate) async fn serve_destination(
         }
     };
     let name = record.spec.name.to_string();
+    // Released when this function returns; outlives a serve killed during the migration.
+    let _holder = postcopy::MonitorHolder::start(&shared, &record).await;
     // Blocks the disk session will deliver, which the memory session may refer to: registered
     // for the disk session (`serve_destination_disk`) while this function runs.
     let delivered = match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
@@ -2339,6 +2349,8 @@ async fn prepare_destination(
         "-incoming".to_string(),
         format!("unix:{}", incoming.display()),
     ]);
+    // A post-copy this host may have to resume after its own serve restarted.
+    spec.recovery_monitor = migration.when_not_converging == ConvergencePolicy::PostCopy;
     let qemu = match QemuVm::launch(binaries, &spec).await {
         Ok(qemu) => qemu,
         Err(error) => {
@@ -2529,7 +2541,7 @@ async fn receive_and_wait(
         // The VM is this host's now. The rest of its memory comes in.
         let incoming = postcopy::Incoming {
             shared,
-            qemu,
+            qemu: Some(qemu),
             record,
             id,
             source: &source,
@@ -2769,9 +2781,9 @@ pub(crate) async fn stop_orphaned_postcopy(shared: &Shared, record: &VmRecord) -
         let host = &shared.config.host_name;
         let message = format!(
             "post-copy failed after the VM moved to host {host}: its novacron serve restarted \
-             during the copy and could not take the incoming QEMU over (its monitor did not \
-             answer); the guest's running state is lost; the VM fails here as after a crash \
-             (restarted by its restart policy)"
+             during the copy and could not take the incoming QEMU over (no process held its \
+             recovery monitor); the guest's running state is lost; the VM fails here as after a \
+             crash (restarted by its restart policy)"
         );
         let _ = shared
             .records

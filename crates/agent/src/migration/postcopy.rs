@@ -21,13 +21,16 @@
 //! ```
 //!
 //! A restarted destination `serve` takes over its paused QEMU ([`adopt_orphaned_postcopy`]) and
-//! waits for the source the same way, when that QEMU's monitor answers a new connection (under
-//! TCG a vCPU waiting for a missing page usually holds QEMU's main lock, which QMP's
-//! capabilities negotiation needs; the QEMU is then killed). If the recovery fails, the
+//! waits for the source the same way. It cannot open a new QMP connection to that QEMU (under
+//! TCG a vCPU waiting for a missing page holds QEMU's main lock, which a new connection's
+//! capabilities negotiation needs), so every incoming QEMU that may switch to post-copy has a
+//! second monitor whose negotiated connection a holder process keeps for the migration's
+//! lifetime ([`MonitorHolder`], [`novacron_qemu::held_monitor`]). If the recovery fails, the
 //! post-copy fails as it did before recoveries existed: the guest's running state is lost and
 //! the destination restarts the VM.
 
 use super::*;
+use novacron_qemu::{HeldMonitor, RunDirectory};
 use novacron_transport::ControlRequest;
 
 /// The most each step of a recovery may take: a QEMU pausing after its socket closed, the
@@ -113,7 +116,9 @@ impl Drop for RecoveryRegistration<'_> {
 /// Destination, after the switch: the incoming post-copy of a VM this host now owns.
 pub(super) struct Incoming<'a> {
     pub(super) shared: &'a Arc<Shared>,
-    pub(super) qemu: &'a QemuVm,
+    /// The incoming QEMU, when this process started it (not after a restart of `serve`: its
+    /// monitor may not answer then, and the held one is used).
+    pub(super) qemu: Option<&'a QemuVm>,
     pub(super) record: &'a VmRecord,
     pub(super) id: &'a str,
     /// The source host.
@@ -212,7 +217,17 @@ impl Incoming<'_> {
     pub(super) async fn fail(&self, error: &AgentError) {
         let name = &self.record.spec.name;
         tracing::warn!(vm = %name, migration = %self.id, %error, "post-copy failed: the guest's memory is incomplete; stopping it so the vm restarts here");
-        stop_incomplete(self.qemu, name.as_str()).await;
+        match self.qemu {
+            Some(qemu) => stop_incomplete(qemu, name.as_str()).await,
+            None => {
+                if let Ok(uuid) = uuid::Uuid::parse_str(&self.record.uuid)
+                    && let Err(error) =
+                        QemuVm::kill_in(&self.shared.paths.vm_dir(&self.record.uuid), uuid).await
+                {
+                    tracing::warn!(vm = %name, %error, "killing the incomplete qemu");
+                }
+            }
+        }
         let host = self.shared.config.host_name.clone();
         let _ = self
             .shared
@@ -247,7 +262,7 @@ pub(super) type Receiving = AbortOnDrop<Result<ProxyReport, novacron_migration::
 async fn take_recovery(
     shared: &Shared,
     recovery: PostcopyRecovery,
-    qemu: &QemuVm,
+    qemu: Option<&QemuVm>,
     record: &VmRecord,
     config: &ProxyConfig,
 ) -> Result<(Arc<Session>, Receiving), AgentError> {
@@ -260,21 +275,35 @@ async fn take_recovery(
         // page (a device reading guest memory), and then no other command is answered. QEMU
         // refuses it until it noticed the closed socket and paused.
         let recover = json!({ "uri": format!("unix:{}", socket.display()) });
+        let held = HeldMonitor::find(&RunDirectory::new(&directory).recovery_socket());
         let recover_by = Instant::now() + RECOVERY_STEP;
         loop {
-            match qemu
-                .qmp()
-                .execute_oob("migrate-recover", Some(recover.clone()))
-                .await
-            {
-                Ok(_) => break,
-                Err(novacron_qemu::QmpError::Command { description, .. })
-                    if Instant::now() < recover_by =>
-                {
-                    tracing::debug!(vm = %name, %description, "migrate-recover refused; trying again");
+            let answer = match (held, qemu) {
+                (Some(held), _) => held
+                    .execute_oob("migrate-recover", Some(recover.clone()), RECOVERY_STEP)
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string()),
+                (None, Some(qemu)) => qemu
+                    .qmp()
+                    .execute_oob("migrate-recover", Some(recover.clone()))
+                    .await
+                    .map(|_| ())
+                    .map_err(|error| error.to_string()),
+                (None, None) => Err("no monitor of the incoming qemu answers".to_string()),
+            };
+            match answer {
+                Ok(()) => break,
+                Err(error) if Instant::now() < recover_by => {
+                    tracing::debug!(vm = %name, %error, "migrate-recover refused; trying again");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(error) => return Err(qmp_error(name, error)),
+                Err(error) => {
+                    return Err(migration_error(
+                        ErrorCode::Internal,
+                        format!("vm {name}'s incoming qemu did not listen again: {error}"),
+                    ));
+                }
             }
         }
         let connect_by = Instant::now() + RECOVERY_STEP;
@@ -595,10 +624,11 @@ pub(crate) async fn postcopy_sourced_here(shared: &Shared) -> Vec<MigrationRecor
 /// At start-up, on the destination host: the QEMU of an incoming post-copy that an earlier
 /// `serve` drove (its marker names the migration). Its stream broke with that process and it
 /// paused its post-copy, the guest waiting for the pages it lacks. While the migration is still
-/// in post-copy, this process takes it over: it waits for the source to resume the stream
-/// ([`Incoming::follow`] without one) and returns true; the VM's reconciler leaves the QEMU
-/// alone meanwhile ([`drives_postcopy`]). Also true while the store cannot say (asked again at
-/// the next step). Otherwise returns false: the QEMU is orphaned.
+/// in post-copy and the earlier serve's holder keeps its recovery monitor, this process takes
+/// it over: it waits for the source to resume the stream ([`Incoming::follow`] without one) and
+/// returns true; the VM's reconciler leaves the QEMU alone meanwhile ([`drives_postcopy`]).
+/// Also true while the store cannot say (asked again at the next step). Otherwise returns
+/// false: the QEMU is orphaned.
 pub(crate) async fn adopt_orphaned_postcopy(shared: &Arc<Shared>, record: &VmRecord) -> bool {
     if drives_postcopy(shared, &record.uuid) {
         return false;
@@ -621,37 +651,34 @@ pub(crate) async fn adopt_orphaned_postcopy(shared: &Arc<Shared>, record: &VmRec
             return true;
         }
     };
-    let Ok(uuid) = uuid::Uuid::parse_str(&record.uuid) else {
+    // Not through its QMP socket: a new connection's capabilities negotiation needs QEMU's
+    // main loop, which a vCPU waiting for a page may hold. The earlier serve's holder keeps a
+    // negotiated one (and exits with QEMU).
+    let socket = RunDirectory::new(shared.paths.vm_dir(&record.uuid)).recovery_socket();
+    let Some(held) = HeldMonitor::find(&socket) else {
         return false;
-    };
-    let qemu = match QemuVm::attach(&shared.paths.vm_dir(&record.uuid), uuid).await {
-        Ok(Some(qemu)) => qemu,
-        Ok(None) => return false,
-        Err(error) => {
-            tracing::warn!(vm = %record.spec.name, error = ?error, "cannot re-attach to the qemu left in post-copy");
-            return false;
-        }
     };
     if let Ok(mut incoming) = shared.postcopy_incoming.lock() {
         incoming.insert(record.uuid.clone());
     }
     tracing::warn!(vm = %record.spec.name, migration = %migration.id, "qemu left in post-copy by an earlier serve; waiting for the source to resume the copy");
-    tokio::spawn(take_over(shared.clone(), record.clone(), qemu, migration));
+    tokio::spawn(take_over(shared.clone(), record.clone(), held, migration));
     true
 }
 
 async fn take_over(
     shared: Arc<Shared>,
     record: VmRecord,
-    qemu: QemuVm,
+    held: HeldMonitor,
     migration: MigrationRecord,
 ) {
+    let _holder = MonitorHolder(Some(held));
     let driving = PostcopyIncoming::new(&shared, &record.uuid);
     driving.activate(&migration.id);
     let config = ProxyConfig::default();
     let incoming = Incoming {
         shared: &shared,
-        qemu: &qemu,
+        qemu: None,
         record: &record,
         id: &migration.id,
         source: &migration.source,
@@ -668,5 +695,70 @@ async fn take_over(
     tokio::select! {
         () = incoming.follow(None) => {}
         ended = ended_elsewhere(&shared, &migration.id) => incoming.fail(&ended).await,
+    }
+}
+
+/// The holder of an incoming QEMU's recovery monitor ([`novacron_qemu::held_monitor`]),
+/// released when dropped: by the migration that started it, or by the `serve` that took its
+/// post-copy over after a restart. A `serve` killed meanwhile leaves it running for the next.
+pub(super) struct MonitorHolder(Option<HeldMonitor>);
+
+impl MonitorHolder {
+    /// Starts `novacron qmp-hold` on the recovery monitor of `record`'s incoming QEMU (one
+    /// launched with it) and waits up to 10 s for it to hold the connection. Without it, a
+    /// post-copy cannot survive a restart of this host's `serve` under TCG; said in the log.
+    pub(super) async fn start(shared: &Shared, record: &VmRecord) -> MonitorHolder {
+        let directory = shared.paths.vm_dir(&record.uuid);
+        let socket = RunDirectory::new(&directory).recovery_socket();
+        if !socket.exists() {
+            return MonitorHolder(None);
+        }
+        let started = async {
+            let program = std::env::current_exe()?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(directory.join("qmp-hold.log"))?;
+            let mut child = tokio::process::Command::new(program)
+                .arg("qmp-hold")
+                .arg("--socket")
+                .arg(&socket)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(log)
+                .spawn()?;
+            // Reaped while this process lives; it outlives a killed serve.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            let give_up = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(held) = HeldMonitor::find(&socket) {
+                    return Ok(held);
+                }
+                if Instant::now() > give_up {
+                    return Err(std::io::Error::other(
+                        "the holder did not hold the monitor within 10 s (see qmp-hold.log)",
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        .await;
+        match started {
+            Ok(held) => MonitorHolder(Some(held)),
+            Err(error) => {
+                tracing::warn!(vm = %record.spec.name, %error, "cannot hold the incoming qemu's recovery monitor; its post-copy will not survive a restart of this serve");
+                MonitorHolder(None)
+            }
+        }
+    }
+}
+
+impl Drop for MonitorHolder {
+    fn drop(&mut self) {
+        if let Some(held) = self.0.take() {
+            held.release();
+        }
     }
 }
