@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 const MAX_LINE: usize = 64 << 10;
 
 /// The file, beside the monitor's socket, where a holder says which process and descriptor hold
-/// the connection (`PID FD`).
+/// the connection (`PID FD START`, START the process's start time, against pid reuse).
 pub fn holder_record(socket: &Path) -> PathBuf {
     socket.with_extension("held")
 }
@@ -60,10 +60,10 @@ pub fn hold(socket: &Path) -> std::io::Result<()> {
     }
     let record = holder_record(socket);
     let partial = record.with_extension("held.partial");
-    std::fs::write(
-        &partial,
-        format!("{} {}\n", std::process::id(), stream.as_raw_fd()),
-    )?;
+    let pid = std::process::id();
+    let start = process_start_time(pid)
+        .ok_or_else(|| std::io::Error::other("cannot read this process's start time"))?;
+    std::fs::write(&partial, format!("{pid} {} {start}\n", stream.as_raw_fd()))?;
     std::fs::rename(&partial, &record)?;
     // Until QEMU hangs up: whatever it sends stays unread, for the process that takes a copy.
     loop {
@@ -109,33 +109,39 @@ fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
     }
 }
 
+/// When process `pid` started (clock ticks after boot, `/proc/PID/stat` field 22).
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// A connection a holder keeps (read from its [`holder_record`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldMonitor {
     pub holder_pid: u32,
     pub fd: i32,
+    /// The holder's start time, which a process reusing its pid does not have.
+    pub holder_start: u64,
 }
 
 impl HeldMonitor {
-    /// The holder of the monitor at `socket`, if its record is there and the process is a
-    /// holder still running.
+    /// The holder of the monitor at `socket`, if its record is there and the holder still
+    /// runs.
     pub fn find(socket: &Path) -> Option<HeldMonitor> {
         let text = std::fs::read_to_string(holder_record(socket)).ok()?;
         let mut words = text.split_whitespace();
-        let holder_pid = words.next()?.parse().ok()?;
-        let fd = words.next()?.parse().ok()?;
-        let held = HeldMonitor { holder_pid, fd };
+        let held = HeldMonitor {
+            holder_pid: words.next()?.parse().ok()?,
+            fd: words.next()?.parse().ok()?,
+            holder_start: words.next()?.parse().ok()?,
+        };
         held.is_running().then_some(held)
     }
 
     fn is_running(&self) -> bool {
-        std::fs::read(format!("/proc/{}/cmdline", self.holder_pid))
-            .map(|cmdline| {
-                cmdline
-                    .split(|byte| *byte == 0)
-                    .any(|argument| argument == b"qmp-hold")
-            })
-            .unwrap_or(false)
+        process_start_time(self.holder_pid) == Some(self.holder_start)
     }
 
     fn take_copy(&self) -> std::io::Result<OwnedFd> {
@@ -214,5 +220,78 @@ impl HeldMonitor {
         {
             let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    /// A monitor that greets with `oob`, answers the holder's negotiation after an event, then
+    /// answers one out-of-band command (after a stale answer and a cut line, which the taker
+    /// skips), and hangs up when told.
+    fn fake_monitor(
+        listener: std::os::unix::net::UnixListener,
+        hang_up: std::sync::mpsc::Receiver<()>,
+    ) {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": [\"oob\"]}}\n")
+            .unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let request: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(request["arguments"]["enable"], json!(["oob"]));
+        stream
+            .write_all(b"{\"event\": \"RESUME\"}\n{\"return\": {}, \"id\": \"hold\"}\n")
+            .unwrap();
+        // Left unread by the holder: an event, another client's answer, a cut line.
+        stream
+            .write_all(b"{\"event\": \"STOP\"}\n{\"return\": {}, \"id\": \"other\"}\n{\"ret")
+            .unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let request: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(request["exec-oob"], "migrate-recover");
+        let answer = json!({ "return": { "ok": true }, "id": request["id"] });
+        stream
+            .write_all(format!("\n{answer}\n").as_bytes())
+            .unwrap();
+        let _ = hang_up.recv();
+    }
+
+    #[tokio::test]
+    async fn a_held_connection_answers_a_later_taker_and_the_holder_ends_with_the_monitor() {
+        let directory = tempfile::tempdir().unwrap();
+        let socket = directory.path().join("recovery.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let (hang_up, hung_up) = std::sync::mpsc::channel();
+        let monitor = std::thread::spawn(move || fake_monitor(listener, hung_up));
+        let holder = {
+            let socket = socket.clone();
+            std::thread::spawn(move || hold(&socket))
+        };
+        let record = holder_record(&socket);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !record.exists() {
+            assert!(std::time::Instant::now() < deadline, "no holder record");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let held = HeldMonitor::find(&socket).expect("the holder (this process) runs");
+        assert_eq!(held.holder_pid, std::process::id());
+        let answer = held
+            .execute_oob(
+                "migrate-recover",
+                Some(json!({ "uri": "unix:/x" })),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer, json!({ "ok": true }));
+        hang_up.send(()).unwrap();
+        monitor.join().unwrap();
+        holder.join().unwrap().unwrap();
     }
 }
