@@ -368,6 +368,14 @@ impl VmActor {
         match QemuVm::attach(&directory, uuid).await {
             Ok(Some(qemu)) => {
                 tracing::info!(vm = %self.name, pid = qemu.pid(), "re-attached to running qemu");
+                // A holder of its recovery monitor left by a serve killed at the end of a
+                // migration: no post-copy needs it now (one this process took over is driven,
+                // and not looked at here), and QEMU would keep the events it sends there.
+                if let Some(held) = novacron_qemu::HeldMonitor::find(
+                    &novacron_qemu::RunDirectory::new(&directory).recovery_socket(),
+                ) {
+                    held.release();
+                }
                 self.qemu = Some(qemu);
                 return Ok(None);
             }

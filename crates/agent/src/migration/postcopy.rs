@@ -271,9 +271,10 @@ async fn take_recovery(
     let reopened = async {
         let socket = directory.join("recover.sock");
         let _ = std::fs::remove_file(&socket);
-        // Out of band: the main loop of a QEMU whose post-copy paused may itself wait for a
-        // page (a device reading guest memory), and then no other command is answered. QEMU
-        // refuses it until it noticed the closed socket and paused.
+        // Out of band, on the held connection when there is one: the main loop of a QEMU whose
+        // post-copy paused may wait for the main lock that a vCPU holds while it waits for a
+        // page, and then no in-band command is answered. QEMU refuses it until it noticed the
+        // closed socket and paused.
         let recover = json!({ "uri": format!("unix:{}", socket.display()) });
         let held = HeldMonitor::find(&RunDirectory::new(&directory).recovery_socket());
         let recover_by = Instant::now() + RECOVERY_STEP;
