@@ -1039,7 +1039,7 @@ impl Source<'_> {
         if let Some(committed_at) = postcopy_committed_at {
             let mut report = sent.unwrap_or_default();
             let mut copied = copied;
-            let resumed = copied.is_err();
+            let mut resumed = false;
             if let Err(failure) = &copied {
                 // The stream broke for good (the destination's serve restarted, say): QEMU
                 // pauses once its socket closes, and the copy resumes on a new session.
@@ -1066,10 +1066,13 @@ impl Source<'_> {
                 )
                 .await
                 {
-                    Ok(resumed) => {
-                        report = resumed;
+                    Ok(Some(resumed_report)) => {
+                        report = resumed_report;
+                        resumed = true;
                         Ok(())
                     }
+                    // QEMU had completed: the session failed as the stream ended.
+                    Ok(None) => Ok(()),
                     Err(again) => Err(Failure::new(
                         again.code,
                         format!("{}; resuming it failed: {}", failure.message, again.message),

@@ -143,6 +143,7 @@ impl Incoming<'_> {
         let mut recoveries = RecoveryRegistration::new(self.shared, id);
         let mut recover_by = receiving.is_none().then(|| Instant::now() + self.link_wait);
         let (mut session, mut receiving) = receiving.unzip();
+        let mut recovered = false;
         let result = loop {
             tokio::select! {
                 result = async { (&mut receiving.as_mut().expect("checked").0).await },
@@ -161,6 +162,7 @@ impl Incoming<'_> {
                     }
                     match take_recovery(self.shared, recovery, self.qemu, self.record, self.config).await {
                         Ok((resumed, resumed_receiving)) => {
+                            recovered = true;
                             resumed.set_resume_timeout(self.link_wait);
                             session = Some(resumed);
                             receiving = Some(resumed_receiving);
@@ -199,6 +201,10 @@ impl Incoming<'_> {
                 tracing::info!(vm = %name, migration = %id, stream_bytes = report.stream_bytes, "post-copy finished");
             }
             Err(error) => self.fail(&error).await,
+        }
+        // A resumed session ends here (the first one with the caller).
+        if recovered && let Some(session) = session {
+            crate::transfer::close_quietly(session).await;
         }
     }
 
@@ -354,12 +360,12 @@ async fn take_recovery(
     Ok((session, receiving))
 }
 
-/// Waits for QEMU's migration to reach `wanted` (`query-migrate`), for [`RECOVERY_STEP`].
-async fn wait_for_migration_status(
-    qemu: &QemuVm,
-    name: &str,
-    wanted: &str,
-) -> Result<(), AgentError> {
+/// Waits for the source QEMU's migration to pause (`query-migrate`), for [`RECOVERY_STEP`].
+/// Returns whether it completed instead: a post-copy source completes only once the
+/// destination QEMU said on the return path that it has everything, so a stream whose session
+/// failed after that (the destination closing it as the stream ended) needs no recovery.
+async fn wait_until_paused(qemu: &QemuVm, name: &str) -> Result<bool, AgentError> {
+    let wanted = "postcopy-paused";
     let give_up = Instant::now() + RECOVERY_STEP;
     loop {
         let status = tokio::time::timeout(RECOVERY_STEP, qemu.qmp().query_migrate())
@@ -368,8 +374,10 @@ async fn wait_for_migration_status(
             .and_then(Result::ok)
             .and_then(|info| info["status"].as_str().map(str::to_string))
             .unwrap_or_else(|| "unknown (no answer)".to_string());
-        if status == wanted {
-            return Ok(());
+        match status.as_str() {
+            "postcopy-paused" => return Ok(false),
+            "completed" => return Ok(true),
+            _ => {}
         }
         if Instant::now() > give_up {
             return Err(migration_error(
@@ -386,21 +394,25 @@ async fn wait_for_migration_status(
 
 /// Source: resumes the paused post-copy of `migration` from `qemu` over a new session to the
 /// destination, trying to reach it until `until`. Returns once QEMU sent its last page and the
-/// destination received it.
+/// destination received it: the resumed stream's report, or `None` when QEMU had completed
+/// the migration already (nothing to resume).
 async fn resume_outgoing(
     shared: &Arc<Shared>,
     qemu: &QemuVm,
     record: &VmRecord,
     migration: &MigrationRecord,
     until: Instant,
-) -> Result<ProxyReport, Failure> {
+) -> Result<Option<ProxyReport>, Failure> {
     let service = shared.transfer_service().ok_or_else(|| {
         Failure::new(
             ErrorCode::Unavailable,
             "this host has no transfer listener, so it cannot resume the post-copy",
         )
     })?;
-    wait_for_migration_status(qemu, &migration.vm, "postcopy-paused").await?;
+    if wait_until_paused(qemu, &migration.vm).await? {
+        tracing::info!(vm = %migration.vm, migration = %migration.id, "the source qemu completed the post-copy; nothing to resume");
+        return Ok(None);
+    }
     let (address, fingerprint) = destination_endpoint(shared, migration).await?;
     let link_wait = Duration::from_secs(migration.post_copy_link_wait_secs);
     let (session, _) =
@@ -408,7 +420,7 @@ async fn resume_outgoing(
             .await?;
     let result = resume_on(shared, qemu, record, migration, &session).await;
     crate::transfer::close_quietly(session).await;
-    result
+    result.map(Some)
 }
 
 async fn resume_on(
@@ -444,7 +456,17 @@ async fn resume_on(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            result = &mut sender.0, if sent.is_none() => sent = Some(sender_outcome(result)?),
+            result = &mut sender.0, if sent.is_none() => match sender_outcome(result) {
+                Ok(report) => sent = Some(report),
+                // The destination may close the session as the stream ends, before this side
+                // saw the last acknowledgement: QEMU's completion says whether it got it all.
+                Err(failure) => {
+                    return match wait_until_paused(qemu, name).await {
+                        Ok(true) => Ok(ProxyReport::default()),
+                        _ => Err(failure),
+                    };
+                }
+            },
             _ = poll.tick() => {
                 if let Some(message) = link.check(session) {
                     tracing::warn!(vm = %name, migration = %migration.id, "{message}");
@@ -536,7 +558,11 @@ async fn resume_after_restart(shared: Arc<Shared>, migration: MigrationRecord) {
             ),
         )),
     };
-    let report = outcome.as_ref().cloned().unwrap_or_default();
+    let report = outcome
+        .as_ref()
+        .cloned()
+        .unwrap_or_default()
+        .unwrap_or_default();
     let progress = MigrationProgress {
         stream_bytes: migration.progress.stream_bytes + report.stream_bytes,
         wire_bytes: migration.progress.wire_bytes + report.message_bytes,
@@ -572,7 +598,7 @@ pub(super) async fn resume_until(
     record: &VmRecord,
     migration: &MigrationRecord,
     until: Instant,
-) -> Result<ProxyReport, Failure> {
+) -> Result<Option<ProxyReport>, Failure> {
     loop {
         match resume_outgoing(shared, qemu, record, migration, until).await {
             Ok(report) => return Ok(report),
