@@ -1784,41 +1784,36 @@ fn post_copy_waits_for_a_lost_link_or_a_restarted_serve_and_the_guest_carries_on
     // The source's serve is killed during post-copy and started again: its QEMU, paused with
     // the pages the destination lacks, outlived it; the new serve resumes the copy on a new
     // session and the guest carries on, never restarted.
-    let (uuid, id) = start_post_copy(&hosts, "resilient", &[]);
-    let tick_at_kill =
-        last_workload_tick(&hosts.hosts[1].serial_log("resilient")).map_or(0, |t| t.0);
     let mut hosts = hosts;
-    hosts.hosts[0].kill_serve();
-    hosts.hosts[0].spawn_serve();
-    let record = wait_for_resumed_post_copy(&hosts, &id, "resilient", &uuid, tick_at_kill);
-    assert!(
-        record["message"]
-            .as_str()
-            .is_some_and(|message| message.contains("resumed on a new session")),
-        "{record}"
-    );
+    resume_after_a_serve_restart(&mut hosts, "resilient", 0);
 
     // The destination's serve is killed during post-copy and started again: its QEMU paused
     // with what it had; the new serve takes it over through the monitor connection the
     // migration's holder process kept (QEMU's main loop may be stuck on a missing page), and
     // the source resumes the copy.
-    let (uuid, id) = start_post_copy(&hosts, "steadfast", &[]);
-    let tick_at_kill =
-        last_workload_tick(&hosts.hosts[1].serial_log("steadfast")).map_or(0, |t| t.0);
-    hosts.hosts[1].kill_serve();
-    hosts.hosts[1].spawn_serve();
-    let record = wait_for_resumed_post_copy(&hosts, &id, "steadfast", &uuid, tick_at_kill);
-    assert!(
-        record["message"]
-            .as_str()
-            .is_some_and(|message| message.contains("resumed on a new session")),
-        "{record}"
-    );
+    resume_after_a_serve_restart(&mut hosts, "steadfast", 1);
     assert!(
         hosts.hosts[1]
             .serve_log()
             .contains("qemu left in post-copy by an earlier serve; waiting for the source"),
         "the restarted destination took its post-copy qemu over"
+    );
+}
+
+/// Moves `name` from host-0 to host-1 with post-copy until the switch, kills host `restarted`'s
+/// serve with `kill -9` and starts it again, and checks that the copy resumed on a new session
+/// and the guest carried on ([`wait_for_resumed_post_copy`]).
+fn resume_after_a_serve_restart(hosts: &mut Hosts, name: &str, restarted: usize) {
+    let (uuid, id) = start_post_copy(hosts, name, &[]);
+    let tick_at_kill = last_workload_tick(&hosts.hosts[1].serial_log(name)).map_or(0, |t| t.0);
+    hosts.hosts[restarted].kill_serve();
+    hosts.hosts[restarted].spawn_serve();
+    let record = wait_for_resumed_post_copy(hosts, &id, name, &uuid, tick_at_kill);
+    assert!(
+        record["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("resumed on a new session")),
+        "{record}"
     );
 }
 
