@@ -516,6 +516,8 @@ struct Failure {
     code: ErrorCode,
     message: String,
     cancelled: bool,
+    /// QEMU itself ended the migration (`failed`, `cancelled`): trying again cannot help.
+    qemu_ended: bool,
 }
 
 impl Failure {
@@ -524,6 +526,14 @@ impl Failure {
             code,
             message: message.into(),
             cancelled: false,
+            qemu_ended: false,
+        }
+    }
+
+    fn qemu_ended(message: impl Into<String>) -> Self {
+        Self {
+            qemu_ended: true,
+            ..Self::new(ErrorCode::Internal, message)
         }
     }
 
@@ -532,6 +542,7 @@ impl Failure {
             code: ErrorCode::Conflict,
             message: message.into(),
             cancelled: true,
+            qemu_ended: false,
         }
     }
 }
@@ -994,8 +1005,8 @@ impl Source<'_> {
                     }
                     match status.as_str() {
                         "completed" => qemu_done = true,
-                        // The stream broke during post-copy: QEMU waits for a recovery this
-                        // agent does not attempt.
+                        // The stream broke during post-copy: QEMU waits for a recovery, which
+                        // the post-copy's end below attempts on a new session.
                         "postcopy-paused" => {
                             return Err(Failure::new(ErrorCode::Unavailable,
                                 "the migration stream broke during post-copy"));

@@ -363,8 +363,10 @@ async fn take_recovery(
 /// Waits for the source QEMU's migration to pause (`query-migrate`), for [`RECOVERY_STEP`].
 /// Returns whether it completed instead: a post-copy source completes only once the
 /// destination QEMU said on the return path that it has everything, so a stream whose session
-/// failed after that (the destination closing it as the stream ended) needs no recovery.
-async fn wait_until_paused(qemu: &QemuVm, name: &str) -> Result<bool, AgentError> {
+/// failed after that (the destination closing it as the stream ended) needs no recovery. A
+/// migration QEMU ended itself (`failed`, `cancelled`) fails at once: there is nothing to
+/// resume, and trying again cannot help.
+async fn wait_until_paused(qemu: &QemuVm, name: &str) -> Result<bool, Failure> {
     let wanted = "postcopy-paused";
     let give_up = Instant::now() + RECOVERY_STEP;
     loop {
@@ -377,10 +379,11 @@ async fn wait_until_paused(qemu: &QemuVm, name: &str) -> Result<bool, AgentError
         match status.as_str() {
             "postcopy-paused" => return Ok(false),
             "completed" => return Ok(true),
+            "failed" | "cancelled" => return Err(qemu_ended(name, &status)),
             _ => {}
         }
         if Instant::now() > give_up {
-            return Err(migration_error(
+            return Err(Failure::new(
                 ErrorCode::Internal,
                 format!(
                     "vm {name}'s qemu reports its migration {status}, not {wanted}, after {} s",
@@ -390,6 +393,13 @@ async fn wait_until_paused(qemu: &QemuVm, name: &str) -> Result<bool, AgentError
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn qemu_ended(name: &str, status: &str) -> Failure {
+    Failure::qemu_ended(format!(
+        "vm {name}'s source qemu reports its post-copy {status}: the pages the destination \
+         lacked are lost, so the copy cannot be resumed"
+    ))
 }
 
 /// Source: resumes the paused post-copy of `migration` from `qemu` over a new session to the
@@ -493,12 +503,7 @@ async fn resume_on(
                             "the resumed post-copy stream broke as well",
                         ));
                     }
-                    status @ ("failed" | "cancelled") => {
-                        return Err(Failure::new(
-                            ErrorCode::Internal,
-                            format!("qemu reports the resumed migration {status}"),
-                        ));
-                    }
+                    status @ ("failed" | "cancelled") => return Err(qemu_ended(name, status)),
                     _ => {}
                 }
             }
@@ -603,7 +608,9 @@ pub(super) async fn resume_until(
         match resume_outgoing(shared, qemu, record, migration, until).await {
             Ok(report) => return Ok(report),
             Err(failure)
-                if Instant::now() < until && !migration_finished(shared, &migration.id).await =>
+                if !failure.qemu_ended
+                    && Instant::now() < until
+                    && !migration_finished(shared, &migration.id).await =>
             {
                 tracing::warn!(vm = %migration.vm, migration = %migration.id, reason = %failure.message,
                     "resuming the post-copy failed; trying again");
