@@ -26,6 +26,9 @@ use tokio::time::Instant;
 const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait between restarts of a crashing VM.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the first pass waits for the region's store (the leader) before it reconciles
+/// this host's VMs without the start-up sweep.
+const STARTUP_STORE_WAIT: Duration = Duration::from_secs(60);
 
 struct ActorHandle {
     wake: Arc<Notify>,
@@ -55,9 +58,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             .map(|item| item.key.trim_start_matches(VM_PREFIX).to_string())
             .collect();
         if first_pass {
-            // Listed before the sweep, which would remove their source QEMU.
-            let postcopy_sources = crate::migration::postcopy_sourced_here(&shared).await;
-            sweep_orphans(&shared, &postcopy_sources).await;
+            // Listed before the sweep, which would remove their source QEMU. Both wait for the
+            // store until one deadline.
+            let deadline = Instant::now() + STARTUP_STORE_WAIT;
+            let postcopy_sources =
+                crate::migration::postcopy_sourced_here(&shared, deadline.into_std()).await;
+            sweep_orphans(&shared, &postcopy_sources, deadline).await;
             tokio::spawn(crate::migration::resume_postcopy_sourced_here(
                 shared.clone(),
                 postcopy_sources,
@@ -132,27 +138,20 @@ fn ensure_actor(
 /// At start-up: VM directories that no record names (a delete interrupted after the record was
 /// removed) are torn down, killing a QEMU still running there. The records are read from the
 /// region's leader (this host's copy may lag: a VM that moved here just before this process
-/// started would look like another host's); without an answer within a minute nothing is
-/// swept.
-async fn sweep_orphans(shared: &Shared, postcopy_sources: &[MigrationRecord]) {
-    let mut records = None;
-    for _ in 0..60 {
+/// started would look like another host's); without an answer by `deadline` nothing is swept.
+async fn sweep_orphans(shared: &Shared, postcopy_sources: &[MigrationRecord], deadline: Instant) {
+    let records = loop {
         match shared.records.vms().await {
-            Ok(current) => {
-                records = Some(current);
-                break;
-            }
-            Err(error) => {
+            Ok(current) => break current,
+            Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "cannot list vms for the start-up sweep yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            Err(error) => {
+                tracing::warn!(%error, "the store did not list the vms in time; vm directories are not swept");
+                return;
+            }
         }
-    }
-    let Some(records) = records else {
-        tracing::warn!(
-            "the store did not list the vms within a minute; vm directories are not swept"
-        );
-        return;
     };
     // A directory of a VM that another host owns is left from a migration (a source that
     // stopped before removing it, or a destination whose incoming QEMU lost its migration when

@@ -629,14 +629,17 @@ async fn migration_finished(shared: &Shared, id: &str) -> bool {
 
 /// At start-up: the post-copy migrations whose source is this host and whose switch happened
 /// (phase `post-copy`), listed before the start-up sweep, which would otherwise remove their
-/// source QEMU with the directory of a VM another host owns. Waits for the store for up to a
-/// minute.
-pub(crate) async fn postcopy_sourced_here(shared: &Shared) -> Vec<MigrationRecord> {
+/// source QEMU with the directory of a VM another host owns. Waits for the store until
+/// `deadline`; none without an answer (the sweep then sweeps nothing either).
+pub(crate) async fn postcopy_sourced_here(
+    shared: &Shared,
+    deadline: Instant,
+) -> Vec<MigrationRecord> {
     if shared.region.is_none() {
         return Vec::new();
     }
     let host = &shared.config.host_name;
-    for _ in 0..60 {
+    loop {
         match shared.records.migrations().await {
             Ok(migrations) => {
                 return migrations
@@ -646,13 +649,16 @@ pub(crate) async fn postcopy_sourced_here(shared: &Shared) -> Vec<MigrationRecor
                     })
                     .collect();
             }
-            Err(error) => {
+            Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "cannot list migrations yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            Err(error) => {
+                tracing::warn!(%error, "the store did not list the migrations in time; post-copies from this host are not resumed");
+                return Vec::new();
+            }
         }
     }
-    Vec::new()
 }
 
 /// At start-up, on the destination host: the QEMU of an incoming post-copy that an earlier
