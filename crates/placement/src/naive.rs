@@ -143,9 +143,11 @@ impl NaiveCluster {
                     &host.name,
                     breakdown,
                     runner_up,
-                    passed,
-                    self.hosts.len(),
-                    counts,
+                    outcome::Tally {
+                        candidates: passed,
+                        hosts: self.hosts.len(),
+                        excluded: counts,
+                    },
                     request,
                 )))
             }

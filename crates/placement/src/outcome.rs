@@ -444,19 +444,28 @@ pub(crate) fn beats(score: f64, host_id: u64, best: Option<(f64, u64)>) -> bool 
     }
 }
 
+/// What the filters did: hosts that passed every one, hosts looked at, and the exclusions.
+pub(crate) struct Tally {
+    pub(crate) candidates: usize,
+    pub(crate) hosts: usize,
+    pub(crate) excluded: FilterCounts,
+}
+
 /// Assembles a decision and its sentence.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn decision(
     host_id: u64,
     host_name: &str,
     breakdown: ScoreBreakdown,
     runner_up: Option<RunnerUp>,
-    candidates: usize,
-    hosts: usize,
-    excluded: FilterCounts,
+    tally: Tally,
     request: &Request,
 ) -> Decision {
     use fmt::Write;
+    let Tally {
+        candidates,
+        hosts,
+        excluded,
+    } = tally;
     let score = breakdown.total();
     let mut explanation = format!(
         "{host_name} (id {host_id}) won with score {score:.3}: {} {:.3} (cpu {:.0}%, memory \

@@ -449,9 +449,11 @@ impl Snapshot {
                     &self.host_names[index],
                     breakdown,
                     runner_up,
-                    passed,
-                    hosts,
-                    counts,
+                    outcome::Tally {
+                        candidates: passed,
+                        hosts,
+                        excluded: counts,
+                    },
                     request,
                 )))
             }

@@ -173,18 +173,28 @@ pub(crate) struct Transfer {
     history: std::sync::OnceLock<(Arc<history::TransferHistory>, Arc<LinkMonitor>)>,
 }
 
+/// What a transfer moves: the image (its name here and on the other host), its size and id.
+struct Moving<'a> {
+    image: &'a str,
+    target_name: &'a str,
+    total_bytes: u64,
+    image_id: Option<String>,
+}
+
 impl Transfer {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         direction: TransferDirection,
         initiated_by_peer: bool,
-        image: &str,
-        target_name: &str,
+        moving: Moving<'_>,
         peer_address: &str,
         peer_fingerprint: Fingerprint,
-        total_bytes: u64,
-        image_id: Option<String>,
     ) -> Arc<Self> {
+        let Moving {
+            image,
+            target_name,
+            total_bytes,
+            image_id,
+        } = moving;
         Arc::new(Self {
             id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             direction,
@@ -965,12 +975,14 @@ impl TransferService {
                 let transfer = Transfer::new(
                     TransferDirection::Push,
                     false,
-                    image.name.as_str(),
-                    &target,
+                    Moving {
+                        image: image.name.as_str(),
+                        target_name: &target,
+                        total_bytes: image.file_bytes,
+                        image_id: Some(image.id.clone()),
+                    },
                     &request.address,
                     fingerprint,
-                    image.file_bytes,
-                    Some(image.id.clone()),
                 );
                 match decision {
                     OfferDecision::Proceed => {}
@@ -1024,12 +1036,14 @@ impl TransferService {
                 let transfer = Transfer::new(
                     TransferDirection::Pull,
                     false,
-                    &offer.name,
-                    &target,
+                    Moving {
+                        image: &offer.name,
+                        target_name: &target,
+                        total_bytes: offer.size,
+                        image_id: Some(offer.id.clone()),
+                    },
                     &request.address,
                     fingerprint,
-                    offer.size,
-                    Some(offer.id.clone()),
                 );
                 match decision {
                     OfferDecision::Proceed => {}
@@ -1204,12 +1218,14 @@ impl TransferService {
                 let transfer = Transfer::new(
                     TransferDirection::Push,
                     true,
-                    &offer.name,
-                    &offer.name,
+                    Moving {
+                        image: &offer.name,
+                        target_name: &offer.name,
+                        total_bytes: offer.size,
+                        image_id: Some(offer.id.clone()),
+                    },
                     "incoming",
                     peer,
-                    offer.size,
-                    Some(offer.id.clone()),
                 );
                 self.register(&transfer);
                 transfer.attach_session(&session);
@@ -1266,12 +1282,14 @@ impl TransferService {
                 let transfer = Transfer::new(
                     TransferDirection::Pull,
                     true,
-                    record.name.as_str(),
-                    record.name.as_str(),
+                    Moving {
+                        image: record.name.as_str(),
+                        target_name: record.name.as_str(),
+                        total_bytes: record.file_bytes,
+                        image_id: Some(record.id.clone()),
+                    },
                     "incoming",
                     peer,
-                    record.file_bytes,
-                    Some(record.id.clone()),
                 );
                 self.register(&transfer);
                 transfer.attach_session(&session);
