@@ -73,6 +73,11 @@ struct Options {
     /// else it is local, its overlay holds this many MiB the guest wrote, and the block mirror
     /// moves it to a fresh overlay on the destination before the memory moves.
     local_disk_written_mib: u64,
+    /// The post-copy methods switch once QEMU has made this many full passes (0: at once, so
+    /// every page crosses once, after the switch).
+    postcopy_after_passes: u64,
+    /// Whether to time plain TCP connections moving the floor's bytes on the same link.
+    tcp_reference: bool,
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
     workload_kind: String,
@@ -105,8 +110,8 @@ impl Method {
             Method::QemuMultifdZstd => "qemu multifd x4 + zstd",
             Method::QemuXbzrle => "qemu precopy + xbzrle",
             Method::Proxy => "novacron proxy (codec + transport)",
-            Method::QemuPostcopy => "qemu precopy, post-copy after pass 1",
-            Method::ProxyPostcopy => "novacron proxy, post-copy after pass 1",
+            Method::QemuPostcopy => "qemu precopy, then post-copy",
+            Method::ProxyPostcopy => "novacron proxy, then post-copy",
         }
     }
 
@@ -220,6 +225,8 @@ fn parse_options() -> anyhow::Result<Options> {
         forecast_mbit: 0.0,
         disk_mib: 0,
         local_disk_written_mib: 0,
+        postcopy_after_passes: 1,
+        tcp_reference: true,
         workload_kind: "random".to_string(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -245,6 +252,8 @@ fn parse_options() -> anyhow::Result<Options> {
             "--forecast-mbit" => options.forecast_mbit = value.parse()?,
             "--disk-mib" => options.disk_mib = value.parse()?,
             "--local-disk-written-mib" => options.local_disk_written_mib = value.parse()?,
+            "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
+            "--tcp-reference" => options.tcp_reference = value.parse()?,
             "--workload-kind" => {
                 anyhow::ensure!(
                     value == "random" || value == "records",
@@ -252,6 +261,7 @@ fn parse_options() -> anyhow::Result<Options> {
                 );
                 options.workload_kind = value.clone();
             }
+            "--methods" if value == "none" => options.methods = Vec::new(),
             "--methods" => {
                 options.methods = value
                     .split(',')
@@ -401,6 +411,27 @@ fn main() -> anyhow::Result<()> {
             WORKLOAD_DIRTY_BYTES_PER_SECOND / f64::from(1u32 << 20)
         );
     }
+    if options.workload_kind == "random" && options.tcp_reference {
+        // What TCP itself takes from a cold start for the bytes no method can shrink.
+        let bytes = options.workload_mib << 20;
+        for connections in [1, 4] {
+            let seconds = tcp_reference(&link, bytes, connections)?;
+            println!(
+                "TCP reference: {} MiB of random bytes over {connections} plain TCP \
+                 connection{} (no QEMU, TLS or codec; this kernel's default congestion control) \
+                 on the same link: {seconds:.1} s, {:.2}x the floor",
+                options.workload_mib,
+                if connections == 1 { "" } else { "s" },
+                seconds / floor_seconds
+            );
+        }
+    }
+    if options.methods.iter().any(|method| method.postcopy()) {
+        println!(
+            "post-copy methods: switched to post-copy after {} full pass(es) of QEMU's precopy",
+            options.postcopy_after_passes
+        );
+    }
     let disk_columns = if local_disk.is_some() {
         (" disk in sync (s) | disk identical |", "---|---|")
     } else {
@@ -439,6 +470,96 @@ fn main() -> anyhow::Result<()> {
         bail!("a destination disk differs from the source's");
     }
     Ok(())
+}
+
+/// Plain TCP's time for `bytes` of random data over `connections` connections A→B on `link`,
+/// from the first connect until the receiver has the last byte: the least any method carried
+/// by TCP can take, start-up included, for bytes it cannot shrink.
+fn tcp_reference(link: &Arc<RunningLink>, bytes: u64, connections: usize) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let address_b = link.addr_b();
+    let (port_sender, port_receiver) = std::sync::mpsc::channel();
+    let receiver = {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            link.in_ns_b(move || -> anyhow::Result<(Instant, u64)> {
+                let listener = std::net::TcpListener::bind((address_b, 0))?;
+                port_sender.send(listener.local_addr()?.port())?;
+                let readers: Vec<_> = (0..connections)
+                    .map(|_| {
+                        let (mut connection, _) = listener.accept()?;
+                        Ok(std::thread::spawn(move || -> std::io::Result<u64> {
+                            let mut buffer = vec![0u8; 1 << 20];
+                            let mut received = 0;
+                            loop {
+                                match connection.read(&mut buffer)? {
+                                    0 => return Ok(received),
+                                    count => received += count as u64,
+                                }
+                            }
+                        }))
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                let mut received = 0;
+                for reader in readers {
+                    received += reader
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
+                }
+                Ok((Instant::now(), received))
+            })
+        })
+    };
+    let port = port_receiver
+        .recv_timeout(Duration::from_secs(10))
+        .context("the TCP reference's receiver did not start")?;
+    // Pseudo-random (BLAKE3's output): nothing on the path could shrink it either.
+    let mut chunk = vec![0u8; 8 << 20];
+    blake3::Hasher::new()
+        .update(b"tcp reference")
+        .finalize_xof()
+        .fill(&mut chunk);
+    let chunk = Arc::new(chunk);
+    // Each connection takes the next MiB as it can send it (as multifd's channels take pages),
+    // so one connection slowed by a loss does not hold a fixed share back.
+    let left = Arc::new(std::sync::atomic::AtomicU64::new(bytes));
+    let started = Instant::now();
+    let senders: Vec<_> = (0..connections)
+        .map(|_| {
+            let link = link.clone();
+            let chunk = chunk.clone();
+            let left = left.clone();
+            std::thread::spawn(move || {
+                link.in_ns_a(move || -> std::io::Result<()> {
+                    use std::sync::atomic::Ordering;
+                    let mut connection = std::net::TcpStream::connect((address_b, port))?;
+                    loop {
+                        let taken = left
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                                left.checked_sub(left.min(1 << 20)).filter(|_| left > 0)
+                            })
+                            .map(|before| before.min(1 << 20));
+                        let Ok(count) = taken else { break };
+                        connection.write_all(&chunk[..count as usize])?;
+                    }
+                    connection.shutdown(std::net::Shutdown::Write)
+                })
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("a sender panicked"))???;
+    }
+    let (finished, received) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver panicked"))???;
+    anyhow::ensure!(
+        received == bytes,
+        "the TCP reference received {received} of {bytes} bytes"
+    );
+    Ok(finished.duration_since(started).as_secs_f64())
 }
 
 /// What both QEMUs of one run share: the guest, its workload and disks, one VM identity.
@@ -693,10 +814,8 @@ async fn run_one(
             start_disk_mirror(
                 method,
                 link,
-                &source,
-                &destination,
-                source_dir.path(),
-                destination_dir.path(),
+                Side(&source, source_dir.path()),
+                Side(&destination, destination_dir.path()),
                 (source_pages.clone(), destination_pages.clone()),
                 started,
             )
@@ -756,7 +875,9 @@ async fn run_one(
         if method.postcopy()
             && !switched
             && info["status"] == "active"
-            && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2
+            // QEMU syncs the dirty bitmap once as it starts, then after each full pass.
+            && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0)
+                > options.postcopy_after_passes
         {
             source.qmp().execute("migrate-start-postcopy", None).await?;
             switched = true;
@@ -892,6 +1013,9 @@ async fn run_one(
     })
 }
 
+/// One host's QEMU and its directory.
+struct Side<'a>(&'a QemuVm, &'a Path);
+
 /// The block mirror of a local disk across the link, started and in sync.
 struct DiskMirror {
     in_sync_seconds: f64,
@@ -902,17 +1026,15 @@ struct DiskMirror {
 /// QEMU), starts the relays of the mirror's connection across the link (one TCP connection for
 /// QEMU's methods, the proxy's NBD format over a transport session for the proxy) and the
 /// mirror, and waits until it is in sync.
-#[allow(clippy::too_many_arguments)]
 async fn start_disk_mirror(
     method: Method,
     link: &Arc<RunningLink>,
-    source: &QemuVm,
-    destination: &QemuVm,
-    source_dir: &Path,
-    destination_dir: &Path,
+    source: Side<'_>,
+    destination: Side<'_>,
     image_pages: (SharedImagePages, SharedImagePages),
     started: Instant,
 ) -> anyhow::Result<DiskMirror> {
+    let (Side(source, source_dir), Side(destination, destination_dir)) = (source, destination);
     let server_socket = destination_dir.join("nbd.sock");
     destination
         .qmp()
@@ -1022,7 +1144,8 @@ fn destination_side(
                 }
             }
             Method::ProxyPostcopy => {
-                let session = disk_mirror::accept_one_session(address, &tls, port).await?;
+                let (_listener, session) =
+                    disk_mirror::accept_one_session(address, &tls, port).await?;
                 let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
                 let config = ProxyConfig {
                     image_pages,
@@ -1035,7 +1158,8 @@ fn destination_side(
                 );
             }
             Method::Proxy => {
-                let session = disk_mirror::accept_one_session(address, &tls, port).await?;
+                let (_listener, session) =
+                    disk_mirror::accept_one_session(address, &tls, port).await?;
                 let to_qemu = tokio::net::UnixStream::connect(&incoming).await?;
                 let config = ProxyConfig {
                     image_pages,

@@ -221,12 +221,13 @@ pub fn relay_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Binds a transport listener on `address`, says its port through `port`, and accepts the one
-/// session the source opens.
+/// session the source opens. Returns the listener too: it must live as long as the session, which attaches the bulk
+/// connections the sender adds (and any it reconnects) through it, as `serve`'s listener does.
 pub async fn accept_one_session(
     address: Ipv4Addr,
     tls: &TlsSettings,
     port: tokio::sync::oneshot::Sender<u16>,
-) -> anyhow::Result<Arc<Session>> {
+) -> anyhow::Result<(Listener, Arc<Session>)> {
     let listener = Listener::bind(
         SocketAddr::from((address, 0)),
         tls,
@@ -234,7 +235,8 @@ pub async fn accept_one_session(
     )
     .await?;
     let _ = port.send(listener.local_addr().port());
-    Ok(Arc::new(listener.accept().await?))
+    let session = Arc::new(listener.accept().await?);
+    Ok((listener, session))
 }
 
 /// Namespace B: takes the mirror's connection off the link and into the NBD server's socket:
@@ -258,7 +260,7 @@ fn relay_destination(
                 tokio::io::copy_bidirectional(&mut from_link, &mut to_server).await?;
             }
             true => {
-                let session = accept_one_session(address, &tls, port).await?;
+                let (_listener, session) = accept_one_session(address, &tls, port).await?;
                 let to_server = tokio::net::UnixStream::connect(&server_socket).await?;
                 let report =
                     receive_migration_stream_duplex(&session, to_server, &nbd_config(image_pages))
