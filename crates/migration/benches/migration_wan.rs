@@ -17,7 +17,8 @@
 //! the guest reads into its page cache first)] [--local-disk-written-mib N (with --disk-mib: the
 //! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
 //! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
-//! the proxy's NBD format for the proxy)]`. See bench/migration/README.md.
+//! the proxy's NBD format for the proxy)] [--postcopy-after-passes N] [--tcp-reference false]
+//! [--unsent-limit-kib N] [--initial-connections N]`. See bench/migration/README.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -78,6 +79,7 @@ struct Options {
     postcopy_after_passes: u64,
     /// Whether to time plain TCP connections moving the floor's bytes on the same link.
     tcp_reference: bool,
+    transport: TransportKnobs,
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
     workload_kind: String,
@@ -202,6 +204,17 @@ type SharedLinkView = Arc<std::sync::Mutex<Option<LinkView>>>;
 struct SourceSignals {
     link_view: SharedLinkView,
     ready: tokio::sync::oneshot::Sender<()>,
+    transport: TransportKnobs,
+}
+
+/// Experiments with the proxy's transport session (`None`: the session's defaults, which
+/// `vm migrate` uses).
+#[derive(Clone, Copy, Debug, Default)]
+struct TransportKnobs {
+    /// `--unsent-limit-kib`: each connection's `TCP_NOTSENT_LOWAT`.
+    unsent_limit_kib: Option<u32>,
+    /// `--initial-connections`: bulk connections opened first.
+    initial_connections: Option<u32>,
 }
 
 /// The guest's pause limit every method gets (QEMU's default).
@@ -227,6 +240,7 @@ fn parse_options() -> anyhow::Result<Options> {
         local_disk_written_mib: 0,
         postcopy_after_passes: 1,
         tcp_reference: true,
+        transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
@@ -254,6 +268,10 @@ fn parse_options() -> anyhow::Result<Options> {
             "--local-disk-written-mib" => options.local_disk_written_mib = value.parse()?,
             "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
             "--tcp-reference" => options.tcp_reference = value.parse()?,
+            "--unsent-limit-kib" => options.transport.unsent_limit_kib = Some(value.parse()?),
+            "--initial-connections" => {
+                options.transport.initial_connections = Some(value.parse()?);
+            }
             "--workload-kind" => {
                 anyhow::ensure!(
                     value == "random" || value == "records",
@@ -780,6 +798,7 @@ async fn run_one(
     let source_thread = {
         let link = link.clone();
         let link_view = link_view.clone();
+        let transport = options.transport;
         std::thread::spawn(move || {
             link.in_ns_a(move || {
                 source_side(
@@ -792,6 +811,7 @@ async fn run_one(
                     SourceSignals {
                         link_view,
                         ready: ready_sender,
+                        transport,
                     },
                 )
             })
@@ -1153,8 +1173,8 @@ fn destination_side(
                 };
                 let report = receive_migration_stream_duplex(&session, to_qemu, &config).await?;
                 eprintln!(
-                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes",
-                    report.stream_bytes, report.message_bytes
+                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes; {}",
+                    report.stream_bytes, report.message_bytes, report.timing
                 );
             }
             Method::Proxy => {
@@ -1167,8 +1187,8 @@ fn destination_side(
                 };
                 let report = receive_migration_stream(&session, to_qemu, &config).await?;
                 eprintln!(
-                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes",
-                    report.stream_bytes, report.message_bytes
+                    "   proxy destination: {} stream bytes rebuilt and verified from {} message bytes; {}",
+                    report.stream_bytes, report.message_bytes, report.timing
                 );
                 drop(session);
             }
@@ -1188,7 +1208,11 @@ fn source_side(
     config: ProxyConfig,
     signals: SourceSignals,
 ) -> anyhow::Result<u64> {
-    let SourceSignals { link_view, ready } = signals;
+    let SourceSignals {
+        link_view,
+        ready,
+        transport,
+    } = signals;
     let runtime = disk_mirror::relay_runtime()?;
     runtime.block_on(async move {
         unix_listener.set_nonblocking(true)?;
@@ -1215,7 +1239,7 @@ fn source_side(
             }
             Method::Proxy | Method::ProxyPostcopy => {
                 // As `vm migrate` does, the session is open before QEMU starts its stream.
-                let options = SessionOptions {
+                let mut options = SessionOptions {
                     bulk_send_window_bytes: if send_window_bytes > 0 {
                         send_window_bytes
                     } else {
@@ -1223,6 +1247,10 @@ fn source_side(
                     },
                     ..SessionOptions::default()
                 };
+                if let Some(kib) = transport.unsent_limit_kib {
+                    options.unsent_limit_bytes = kib << 10;
+                }
+                options.initial_bulk_connections = transport.initial_connections;
                 let session = Arc::new(Session::connect(destination, &tls, options).await?);
                 let _ = ready.send(());
                 let (from_qemu, _) = unix_listener.accept().await?;
@@ -1264,14 +1292,15 @@ fn source_side(
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(
-                    "   proxy source: {} pages ({} known, {} from the base image, {} delta, {} literal), {} message bytes for {} stream bytes",
+                    "   proxy source: {} pages ({} known, {} from the base image, {} delta, {} literal), {} message bytes for {} stream bytes; {}",
                     report.pages,
                     codec.known_from_transfer,
                     codec.known_from_destination,
                     codec.delta_pages,
                     codec.literal_pages,
                     report.message_bytes,
-                    report.stream_bytes
+                    report.stream_bytes,
+                    report.timing
                 );
                 Ok(report.stream_bytes)
             }

@@ -33,7 +33,7 @@ pub use delivered::DeliveredPages;
 pub use image_pages::{ImagePageIndex, SharedImagePages, StoredRange};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
-    ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,
+    CodecTiming, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,
     expected_send_window, queued_wire_bytes, receive_migration_stream,
     receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };

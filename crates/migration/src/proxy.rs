@@ -216,6 +216,54 @@ pub struct ProxyReport {
     pub script_bytes: u64,
     /// The codec's counters for PAGE payloads.
     pub codec: PageStats,
+    /// Where the codec thread's time went: which stage of the pipeline held the stream back.
+    pub timing: CodecTiming,
+}
+
+/// Where one side's codec thread spent the stream: working, waiting for its input (at the
+/// source: QEMU's stream; at the destination: the session), or waiting for its output to be
+/// taken (at the source: the session, its send window and the link; at the destination: the
+/// destination QEMU loading the stream). The stage that keeps the codec waiting is the one that
+/// sets the pace.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CodecTiming {
+    pub working: Duration,
+    pub waiting_for_input: Duration,
+    pub waiting_for_output: Duration,
+}
+
+impl CodecTiming {
+    /// Runs `wait` (a blocking receive or send) and counts its time as waiting.
+    fn wait<T>(waited: &mut Duration, wait: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let result = wait();
+        *waited += started.elapsed();
+        result
+    }
+}
+
+impl CodecTiming {
+    /// With the time since `started` not spent waiting counted as working.
+    fn finished(self, started: std::time::Instant) -> Self {
+        Self {
+            working: started
+                .elapsed()
+                .saturating_sub(self.waiting_for_input + self.waiting_for_output),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Display for CodecTiming {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "codec working {:.2} s, waiting for input {:.2} s, for output {:.2} s",
+            self.working.as_secs_f64(),
+            self.waiting_for_input.as_secs_f64(),
+            self.waiting_for_output.as_secs_f64()
+        )
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -1085,6 +1133,7 @@ pub async fn send_migration_stream(
         stream_bytes = report.stream_bytes,
         message_bytes = report.message_bytes,
         pages = report.pages,
+        timing = %report.timing,
         "migration stream sent"
     );
     Ok(report)
@@ -1147,19 +1196,24 @@ fn encode_stream(
     recycle: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 ) -> Result<ProxyReport, ProxyError> {
     let mut out = Vec::new();
-    let emit = |out: &mut Vec<u8>| {
+    let started = std::time::Instant::now();
+    let mut timing = CodecTiming::default();
+    let mut emit = |out: &mut Vec<u8>| {
         if out.is_empty() {
             return Ok(());
         }
-        output
-            .blocking_send(std::mem::take(out))
-            .map_err(|_| ProxyError::Io {
-                action: "sending the migration stream",
-                source: std::io::Error::other("the sending side stopped"),
-            })
+        let message = std::mem::take(out);
+        CodecTiming::wait(&mut timing.waiting_for_output, || {
+            output.blocking_send(message)
+        })
+        .map_err(|_| ProxyError::Io {
+            action: "sending the migration stream",
+            source: std::io::Error::other("the sending side stopped"),
+        })
     };
     loop {
-        match input.blocking_recv() {
+        let next = CodecTiming::wait(&mut timing.waiting_for_input, || input.blocking_recv());
+        match next {
             Some(EncoderInput::Bytes(bytes)) => {
                 encoder.push(&bytes, &mut out)?;
                 let _ = recycle.send(bytes);
@@ -1174,7 +1228,9 @@ fn encode_stream(
             Some(EncoderInput::Finish) => {
                 encoder.finish(&mut out)?;
                 emit(&mut out)?;
-                return Ok(encoder.report());
+                let mut report = encoder.report();
+                report.timing = timing.finished(started);
+                return Ok(report);
             }
             None => {
                 return Err(ProxyError::Io {
@@ -1250,6 +1306,7 @@ pub async fn receive_migration_stream(
         stream_bytes = report.stream_bytes,
         message_bytes = report.message_bytes,
         pages = report.pages,
+        timing = %report.timing,
         "migration stream received and verified"
     );
     Ok(report)
@@ -1262,15 +1319,23 @@ fn decode_stream(
     output: tokio::sync::mpsc::Sender<Vec<u8>>,
     mut recycled: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
 ) -> Result<ProxyDecoder, ProxyError> {
-    while let Some(bytes) = input.blocking_recv() {
+    let started = std::time::Instant::now();
+    let mut timing = CodecTiming::default();
+    while let Some(bytes) =
+        CodecTiming::wait(&mut timing.waiting_for_input, || input.blocking_recv())
+    {
         let mut out = recycled.try_recv().unwrap_or_default();
         out.clear();
         decoder.push(&bytes, &mut out)?;
-        if !out.is_empty() && output.blocking_send(out).is_err() {
+        if !out.is_empty()
+            && CodecTiming::wait(&mut timing.waiting_for_output, || output.blocking_send(out))
+                .is_err()
+        {
             // The writing side stopped, and says why.
             break;
         }
     }
+    decoder.report.timing = timing.finished(started);
     Ok(decoder)
 }
 
@@ -1746,6 +1811,34 @@ mod tests {
         }
         stream.push(section_type::EOF);
         stream
+    }
+
+    #[test]
+    fn codec_timing_counts_the_waits_and_the_rest_as_work() {
+        let started = std::time::Instant::now();
+        let mut timing = CodecTiming::default();
+        let (_sender, receiver) = std::sync::mpsc::channel::<()>();
+        let waited = CodecTiming::wait(&mut timing.waiting_for_input, || {
+            receiver.recv_timeout(Duration::from_millis(30))
+        });
+        assert!(waited.is_err(), "nothing was sent");
+        let mut work = 0u64;
+        for value in 0..1_000_000u64 {
+            work = work.wrapping_add(std::hint::black_box(value));
+        }
+        std::hint::black_box(work);
+        let timing = timing.finished(started);
+        let elapsed = started.elapsed();
+        assert!(
+            timing.waiting_for_input >= Duration::from_millis(30),
+            "{timing}"
+        );
+        assert_eq!(timing.waiting_for_output, Duration::ZERO);
+        assert!(
+            timing.working + timing.waiting_for_input <= elapsed,
+            "{timing} in {elapsed:?}"
+        );
+        assert!(timing.to_string().starts_with("codec working "), "{timing}");
     }
 
     #[test]
