@@ -79,6 +79,8 @@ struct Options {
     postcopy_after_passes: u64,
     /// Whether to time plain TCP connections moving the floor's bytes on the same link.
     tcp_reference: bool,
+    /// Whether to time QEMU's precopy into a local socket (no destination, no link).
+    qemu_reference: bool,
     transport: TransportKnobs,
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
@@ -240,6 +242,7 @@ fn parse_options() -> anyhow::Result<Options> {
         local_disk_written_mib: 0,
         postcopy_after_passes: 1,
         tcp_reference: true,
+        qemu_reference: false,
         transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
@@ -268,6 +271,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--local-disk-written-mib" => options.local_disk_written_mib = value.parse()?,
             "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
             "--tcp-reference" => options.tcp_reference = value.parse()?,
+            "--qemu-reference" => options.qemu_reference = value.parse()?,
             "--unsent-limit-kib" => options.transport.unsent_limit_kib = Some(value.parse()?),
             "--initial-connections" => {
                 options.transport.initial_connections = Some(value.parse()?);
@@ -360,6 +364,18 @@ fn main() -> anyhow::Result<()> {
         ))?;
         outcomes.push(outcome);
     }
+    let qemu_reference = if options.qemu_reference {
+        let setup = GuestSetup {
+            guest: &guest,
+            options: &options,
+            uuid: uuid::Uuid::new_v4(),
+            disk: disk.as_ref(),
+            written_overlay: local_disk.as_ref().map(|(overlay, _)| overlay.as_path()),
+        };
+        Some(runtime.block_on(qemu_stream_reference(&binaries, &setup))?)
+    } else {
+        None
+    };
     println!(
         "\nlink: {} Mbit/s, {} ms RTT, {} % loss; guest {} MiB (TCG) with a {} MiB dirtying workload ({})",
         options.rate_mbit,
@@ -448,6 +464,13 @@ fn main() -> anyhow::Result<()> {
         println!(
             "post-copy methods: switched to post-copy after {} full pass(es) of QEMU's precopy",
             options.postcopy_after_passes
+        );
+    }
+    if let Some((seconds, bytes)) = qemu_reference {
+        println!(
+            "QEMU reference: QEMU's precopy of this guest into a local socket read and discarded \
+             (no destination, no link): {seconds:.1} s for {:.1} MB of stream",
+            bytes as f64 / 1e6
         );
     }
     let disk_columns = if local_disk.is_some() {
@@ -666,6 +689,61 @@ fn last_tick(console: &Path) -> u64 {
             line[start..].split(' ').next()?.parse().ok()
         })
         .unwrap_or(0)
+}
+
+/// How long QEMU's own precopy takes to put the guest's state into a local socket that a task
+/// reads and discards: no destination, no link, no proxy. Any method that carries QEMU's
+/// precopy stream takes at least this on this machine. Returns the seconds and the stream's
+/// bytes.
+async fn qemu_stream_reference(
+    binaries: &QemuBinaries,
+    setup: &GuestSetup<'_>,
+) -> anyhow::Result<(f64, u64)> {
+    let directory = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
+    let source =
+        QemuVm::launch(binaries, &setup.spec("bench-ref", directory.path(), None)?).await?;
+    let _source_guard = common::KillOnDrop::new(&source);
+    let console = source.run_directory().console_log();
+    if setup.disk.is_some() {
+        wait_for_console_text(&console, "NOVACRON-DISK-READ", DEADLINE).await?;
+    }
+    wait_for_console_text(&console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
+    let socket = directory.path().join("sink.sock");
+    let listener = tokio::net::UnixListener::bind(&socket)?;
+    let sink = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::io::copy(&mut stream, &mut tokio::io::sink()).await
+    });
+    source
+        .qmp()
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 64u64 << 30 })),
+        )
+        .await?;
+    let started = Instant::now();
+    source
+        .qmp()
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+        )
+        .await?;
+    loop {
+        let info = source.qmp().query_migrate().await?;
+        match info["status"].as_str().unwrap_or_default() {
+            "completed" => break,
+            "failed" | "cancelled" => bail!("the reference migration failed: {info}"),
+            _ => {}
+        }
+        if started.elapsed() > DEADLINE {
+            bail!("the reference migration not done after {DEADLINE:?}: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = sink.await??;
+    Ok((seconds, bytes))
 }
 
 async fn run_one(
