@@ -337,6 +337,13 @@ fn details(record: &MigrationRecord) {
             "stream check",
             record.stream_checksum.clone().unwrap_or_else(|| "-".into()),
         ),
+        (
+            "pace set by",
+            record
+                .memory_pipeline
+                .map(|pipeline| pipeline.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
         ("age", output::age(record.created_at)),
     ]);
 }

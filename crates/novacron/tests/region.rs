@@ -1084,8 +1084,22 @@ fn assert_moved(record: &Value, from: &str, to: &str) {
         stream > 0 && wire < stream,
         "the codec sends less than qemu's stream: {wire} of {stream}"
     );
+    // Both sides said where their codec's time went.
+    let pipeline = &record["memory_pipeline"];
+    for side in ["source", "destination"] {
+        let timing = &pipeline[side];
+        let total: u64 = [
+            "working_ms",
+            "waiting_for_input_ms",
+            "waiting_for_output_ms",
+        ]
+        .iter()
+        .map(|field| timing[field].as_u64().expect("codec timing"))
+        .sum();
+        assert!(total > 0, "{side} codec timing: {pipeline}");
+    }
     eprintln!(
-        "moved {from} -> {to} in {} s: stream {stream} B, wire {wire} B, pause {} ms",
+        "moved {from} -> {to} in {} s: stream {stream} B, wire {wire} B, pause {} ms, pipeline {pipeline}",
         record["total_seconds"],
         record["resumed_at_ms"]
             .as_u64()

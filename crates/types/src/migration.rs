@@ -228,11 +228,164 @@ pub struct MigrationRecord {
     pub resumed_at_ms: Option<u64>,
     /// Seconds from the start of the memory copy to the end.
     pub total_seconds: Option<f64>,
+    /// Where the memory copy's time went on each side, and so what set its pace (set when the
+    /// copy ends).
+    #[serde(default)]
+    pub memory_pipeline: Option<MemoryPipeline>,
+}
+
+/// Where one side's codec thread spent a memory copy, in milliseconds: working (parsing,
+/// hashing, compressing or rebuilding; on a busy host also waiting for a core), waiting for its
+/// input, and waiting for its output to be taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CodecTime {
+    pub working_ms: u64,
+    pub waiting_for_input_ms: u64,
+    pub waiting_for_output_ms: u64,
+}
+
+impl CodecTime {
+    /// What this side did most.
+    fn mostly(&self) -> CodecState {
+        if self.working_ms >= self.waiting_for_input_ms.max(self.waiting_for_output_ms) {
+            CodecState::Working
+        } else if self.waiting_for_input_ms >= self.waiting_for_output_ms {
+            CodecState::WaitingForInput
+        } else {
+            CodecState::WaitingForOutput
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CodecState {
+    Working,
+    WaitingForInput,
+    WaitingForOutput,
+}
+
+/// The memory copy's pipeline: the source QEMU's stream → the source's codec → the link → the
+/// destination's codec → the destination QEMU. Each codec's time says which neighbour it
+/// waited for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemoryPipeline {
+    /// Its input is the source QEMU's stream; its output goes onto the link.
+    pub source: CodecTime,
+    /// Its input comes off the link; its output goes into the destination QEMU. Not reported
+    /// for a post-copy (the destination's guest runs before its stream ends).
+    pub destination: Option<CodecTime>,
+}
+
+impl MemoryPipeline {
+    /// The stage that set the copy's pace, in words.
+    pub fn pace(&self) -> &'static str {
+        use CodecState::*;
+        match (
+            self.source.mostly(),
+            self.destination.map(|side| side.mostly()),
+        ) {
+            (WaitingForInput, _) => {
+                "the source QEMU (its stream came slower than the rest took it)"
+            }
+            (_, Some(WaitingForOutput)) => "the destination QEMU loading the stream",
+            (WaitingForOutput, Some(WaitingForInput) | None) => "the link",
+            (Working, _) => "the source's codec (CPU: parsing, hashing, compressing)",
+            (WaitingForOutput, Some(Working)) => "the destination's codec (CPU: rebuilding)",
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryPipeline {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = |ms: u64| ms as f64 / 1000.0;
+        write!(
+            formatter,
+            "{}; source codec working {:.1} s, waiting {:.1} s for QEMU, {:.1} s for the link",
+            self.pace(),
+            seconds(self.source.working_ms),
+            seconds(self.source.waiting_for_input_ms),
+            seconds(self.source.waiting_for_output_ms)
+        )?;
+        if let Some(destination) = &self.destination {
+            write!(
+                formatter,
+                "; destination codec working {:.1} s, waiting {:.1} s for the link, {:.1} s \
+                 for QEMU",
+                seconds(destination.working_ms),
+                seconds(destination.waiting_for_input_ms),
+                seconds(destination.waiting_for_output_ms)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl MigrationRecord {
     /// The guest's pause, from the source's STOP to the destination's RESUME.
     pub fn pause_ms(&self) -> Option<u64> {
         Some(self.resumed_at_ms?.saturating_sub(self.stopped_at_ms?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(working_ms: u64, waiting_for_input_ms: u64, waiting_for_output_ms: u64) -> CodecTime {
+        CodecTime {
+            working_ms,
+            waiting_for_input_ms,
+            waiting_for_output_ms,
+        }
+    }
+
+    #[test]
+    fn the_pace_is_the_stage_its_neighbours_waited_for() {
+        // Measured at 1 Gbit/s, 0.5 % loss, adversarial guest: both codecs waited for the link.
+        let link = MemoryPipeline {
+            source: side(2770, 310, 3500),
+            destination: Some(side(2860, 3980, 60)),
+        };
+        assert_eq!(link.pace(), "the link");
+        // The realistic guest on the same link: the source's codec worked most.
+        let source_cpu = MemoryPipeline {
+            source: side(3670, 1050, 1930),
+            destination: Some(side(3960, 2500, 310)),
+        };
+        assert!(source_cpu.pace().starts_with("the source's codec"));
+        let destination_qemu = MemoryPipeline {
+            source: side(1000, 200, 3000),
+            destination: Some(side(800, 300, 3100)),
+        };
+        assert_eq!(
+            destination_qemu.pace(),
+            "the destination QEMU loading the stream"
+        );
+        let destination_cpu = MemoryPipeline {
+            source: side(1000, 200, 3000),
+            destination: Some(side(3500, 500, 100)),
+        };
+        assert!(
+            destination_cpu
+                .pace()
+                .starts_with("the destination's codec")
+        );
+        let source_qemu = MemoryPipeline {
+            source: side(500, 3000, 200),
+            destination: Some(side(500, 3000, 200)),
+        };
+        assert!(source_qemu.pace().starts_with("the source QEMU"));
+        // Post-copy: the destination does not report; the source's waits still tell.
+        let post_copy = MemoryPipeline {
+            source: side(500, 100, 2000),
+            destination: None,
+        };
+        assert_eq!(post_copy.pace(), "the link");
+        let text = link.to_string();
+        assert!(
+            text.starts_with("the link; source codec working 2.8 s, waiting 0.3 s for QEMU, 3.5 s for the link; destination codec working 2.9 s"),
+            "{text}"
+        );
+        assert!(!post_copy.to_string().contains("destination codec"));
     }
 }

@@ -36,7 +36,7 @@ use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
     ControlIncoming, Fingerprint, PeerTrust, Session, SessionOptions, TlsSettings,
 };
-use novacron_types::migration::ConvergencePolicy;
+use novacron_types::migration::{CodecTime, ConvergencePolicy, MemoryPipeline};
 use novacron_types::{
     DesiredPower, ErrorCode, MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord,
     RECORD_FORMAT_VERSION, VmRecord, VmState, unix_now,
@@ -220,6 +220,7 @@ pub(crate) async fn request(
         stopped_at_ms: None,
         resumed_at_ms: None,
         total_seconds: None,
+        memory_pipeline: None,
     };
     forget_old_migrations(shared).await;
     if cold && record.spec.image_id.is_none() {
@@ -916,7 +917,7 @@ impl Source<'_> {
         let mut sent = None;
         let mut qemu_done = false;
         let mut stopped_at_ms = None;
-        let mut loaded: Option<(Option<u32>, String)> = None;
+        let mut loaded: Option<(Option<u32>, String, Option<CodecTime>)> = None;
         let deadline = self.started + Duration::from_secs(self.migration.timeout_secs.max(10));
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -934,7 +935,7 @@ impl Source<'_> {
             }
             if postcopy_switched
                 && postcopy_committed_at.is_none()
-                && let Some((pid, _)) = &loaded
+                && let Some((pid, _, _)) = &loaded
             {
                 // The destination holds the device state and waits paused: from here on it is
                 // the VM (the source's guest can no longer run: its newest pages may be there).
@@ -968,8 +969,8 @@ impl Source<'_> {
                 incoming = control.next_incoming(), if loaded.is_none() => {
                     match incoming {
                         Ok(Some(ControlIncoming::Notification(body))) => match Message::decode(&body) {
-                            Ok(Message::Migration(MigrationControl::Loaded { pid, stream_checksum })) => {
-                                loaded = Some((pid, stream_checksum));
+                            Ok(Message::Migration(MigrationControl::Loaded { pid, stream_checksum, codec })) => {
+                                loaded = Some((pid, stream_checksum, codec));
                             }
                             Ok(Message::Migration(MigrationControl::Refused { code, message })) => {
                                 return Err(Failure::new(code, format!(
@@ -1095,8 +1096,14 @@ impl Source<'_> {
             return Ok(SourceOutcome::Moved);
         }
         copied?;
-        let (pid, stream_checksum) = loaded.unwrap_or_default();
+        let (pid, stream_checksum, destination_codec) = loaded.unwrap_or_default();
         let report = sent.unwrap_or_default();
+        let pipeline = MemoryPipeline {
+            source: codec_time(&report.timing),
+            destination: destination_codec,
+        };
+        tracing::info!(vm = %self.name, migration = %self.id, "memory copy's pace: {pipeline}");
+        self.migration.memory_pipeline = Some(pipeline);
         let progress = &mut self.migration.progress;
         progress.stream_bytes = report.stream_bytes;
         progress.pages_zero = report.codec.zero_pages;
@@ -1600,6 +1607,7 @@ impl Source<'_> {
         let destination = self.migration.destination.clone();
         let id = self.id.clone();
         let mut progress = self.migration.progress.clone();
+        let memory_pipeline = self.migration.memory_pipeline;
         progress.wire_bytes = progress.wire_bytes.max(wire_bytes);
         progress.remaining_bytes = 0;
         let mut cancelled = false;
@@ -1629,6 +1637,7 @@ impl Source<'_> {
                 record.stream_checksum = Some(stream_checksum.to_string());
                 record.total_seconds = Some(seconds);
                 record.progress = progress.clone();
+                record.memory_pipeline = memory_pipeline;
                 record.message = Some(if vm.desired == DesiredPower::Stopped {
                     format!(
                         "cold move: the VM's disk is on host {destination}; the VM stays \
@@ -1970,6 +1979,18 @@ async fn record_postcopy_end(
                 if outcome.is_ok() {
                     record.stream_checksum = Some(checksum.clone());
                     record.total_seconds = seconds.or(record.total_seconds);
+                    // The destination's guest ran before its stream ended: its side says
+                    // little, and is not reported. A resumed copy's report is of its last
+                    // session only.
+                    let timing = &report.timing;
+                    if !(timing.working + timing.waiting_for_input + timing.waiting_for_output)
+                        .is_zero()
+                    {
+                        record.memory_pipeline = Some(MemoryPipeline {
+                            source: codec_time(timing),
+                            destination: None,
+                        });
+                    }
                 }
                 Ok(true)
             })
@@ -2548,6 +2569,7 @@ async fn receive_and_wait(
             session,
             qemu,
             "post-copy: checked by the source at the end".into(),
+            None,
         )
         .await?;
         await_commit(session).await?;
@@ -2595,7 +2617,7 @@ async fn receive_and_wait(
             format!("the incoming qemu exited while loading: {exit}"),
         ));
     }
-    notify_loaded(session, qemu, checksum).await?;
+    notify_loaded(session, qemu, checksum, Some(codec_time(&report.timing))).await?;
     await_commit(session).await?;
     resume_here(shared, qemu, record, id).await;
     Ok(())
@@ -2856,6 +2878,16 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// A proxy side's codec timing as the migration record keeps it.
+pub(super) fn codec_time(timing: &novacron_migration::CodecTiming) -> CodecTime {
+    let milliseconds = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    CodecTime {
+        working_ms: milliseconds(timing.working),
+        waiting_for_input_ms: milliseconds(timing.waiting_for_input),
+        waiting_for_output_ms: milliseconds(timing.waiting_for_output),
+    }
+}
+
 /// Whether the incoming QEMU switched to post-copy and holds the device state (it left
 /// `inmigrate` while its migration is still `postcopy-active`).
 async fn incoming_postcopy_running(qemu: &QemuVm) -> bool {
@@ -2872,10 +2904,12 @@ async fn notify_loaded(
     session: &Session,
     qemu: &QemuVm,
     checksum: String,
+    codec: Option<CodecTime>,
 ) -> Result<(), AgentError> {
     let loaded = Message::Migration(MigrationControl::Loaded {
         pid: u32::try_from(qemu.pid()).ok(),
         stream_checksum: checksum,
+        codec,
     });
     session
         .control()
@@ -3209,6 +3243,7 @@ mod tests {
             stopped_at_ms: None,
             resumed_at_ms: None,
             total_seconds: None,
+            memory_pipeline: None,
         };
         let mut migrations: Vec<MigrationRecord> = (0..MIGRATION_HISTORY + 5)
             .map(|index| record(index, MigrationPhase::Completed))

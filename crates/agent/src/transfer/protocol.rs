@@ -20,7 +20,7 @@
 //!   with a disk, on a second session: Migration(DiskBegin{id}) → Ready | Refused, then NBD
 //!   between the source QEMU's block mirror and the destination QEMU's export, both ways
 //!   (bulk stream: the migration proxy's messages, `novacron_migration::proxy`)
-//!   destination → source:      Migration(Loaded{pid,stream_checksum} | Refused{..}) (notification)
+//!   destination → source:      Migration(Loaded{pid,stream_checksum,codec} | Refused{..}) (notification)
 //!   source → destination:      Migration(Commit | Abort{message}) (notification)
 //! ```
 //!
@@ -112,6 +112,10 @@ pub enum MigrationControl {
     Loaded {
         pid: Option<u32>,
         stream_checksum: String,
+        /// Where the destination's codec spent the copy (added later: absent from older
+        /// hosts and for a post-copy).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        codec: Option<novacron_types::migration::CodecTime>,
     },
     /// Source → destination (notification): the destination is recorded as the VM's host.
     Commit,
@@ -435,6 +439,16 @@ mod tests {
             Message::Migration(MigrationControl::Loaded {
                 pid: Some(7),
                 stream_checksum: "12 bytes, blake3 00".into(),
+                codec: None,
+            }),
+            Message::Migration(MigrationControl::Loaded {
+                pid: Some(7),
+                stream_checksum: "12 bytes, blake3 00".into(),
+                codec: Some(novacron_types::migration::CodecTime {
+                    working_ms: 1,
+                    waiting_for_input_ms: 2,
+                    waiting_for_output_ms: 3,
+                }),
             }),
             Message::Migration(MigrationControl::Commit),
             Message::Migration(MigrationControl::Abort {
