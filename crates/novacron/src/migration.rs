@@ -241,6 +241,9 @@ fn summary(record: &MigrationRecord) {
                     .map(|pause| format!("{pause} ms"))
                     .unwrap_or_else(|| "(not measured)".into()),
             );
+            if let Some(pipeline) = &record.memory_pipeline {
+                println!("pace set by {}", pipeline.pace());
+            }
         }
         _ => details(record),
     }
