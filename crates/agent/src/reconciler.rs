@@ -61,13 +61,15 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             // Listed before the sweep, which would remove their source QEMU. Both wait for the
             // store until one deadline.
             let deadline = Instant::now() + STARTUP_STORE_WAIT;
-            let postcopy_sources =
-                crate::migration::postcopy_sourced_here(&shared, deadline.into_std()).await;
-            sweep_orphans(&shared, &postcopy_sources, deadline).await;
-            tokio::spawn(crate::migration::resume_postcopy_sourced_here(
-                shared.clone(),
-                postcopy_sources,
-            ));
+            if let Some(postcopy_sources) =
+                crate::migration::postcopy_sourced_here(&shared, deadline.into_std()).await
+            {
+                sweep_orphans(&shared, &postcopy_sources, deadline).await;
+                tokio::spawn(crate::migration::resume_postcopy_sourced_here(
+                    shared.clone(),
+                    postcopy_sources,
+                ));
+            }
         }
         for name in &names {
             ensure_actor(&shared, &mut actors, name, first_pass);

@@ -630,32 +630,35 @@ async fn migration_finished(shared: &Shared, id: &str) -> bool {
 /// At start-up: the post-copy migrations whose source is this host and whose switch happened
 /// (phase `post-copy`), listed before the start-up sweep, which would otherwise remove their
 /// source QEMU with the directory of a VM another host owns. Waits for the store until
-/// `deadline`; none without an answer (the sweep then sweeps nothing either).
+/// `deadline`; `None` without an answer (then nothing may be swept: a QEMU it would have named
+/// could be among the directories).
 pub(crate) async fn postcopy_sourced_here(
     shared: &Shared,
     deadline: Instant,
-) -> Vec<MigrationRecord> {
+) -> Option<Vec<MigrationRecord>> {
     if shared.region.is_none() {
-        return Vec::new();
+        return Some(Vec::new());
     }
     let host = &shared.config.host_name;
     loop {
         match shared.records.migrations().await {
             Ok(migrations) => {
-                return migrations
-                    .into_iter()
-                    .filter(|migration| {
-                        migration.phase == MigrationPhase::PostCopy && &migration.source == host
-                    })
-                    .collect();
+                return Some(
+                    migrations
+                        .into_iter()
+                        .filter(|migration| {
+                            migration.phase == MigrationPhase::PostCopy && &migration.source == host
+                        })
+                        .collect(),
+                );
             }
             Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "cannot list migrations yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(error) => {
-                tracing::warn!(%error, "the store did not list the migrations in time; post-copies from this host are not resumed");
-                return Vec::new();
+                tracing::warn!(%error, "the store did not list the migrations in time; post-copies from this host are not resumed and vm directories are not swept");
+                return None;
             }
         }
     }
