@@ -240,9 +240,7 @@ impl CodecTiming {
         *waited += started.elapsed();
         result
     }
-}
 
-impl CodecTiming {
     /// With the time since `started` not spent waiting counted as working.
     fn finished(self, started: std::time::Instant) -> Self {
         Self {
