@@ -691,6 +691,42 @@ fn last_tick(console: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until the source's guest is warm: its disk read into its page cache (the realistic
+/// workload) and its memory workload running.
+async fn wait_until_warm(source: &QemuVm, setup: &GuestSetup<'_>) -> anyhow::Result<()> {
+    let console = source.run_directory().console_log();
+    if setup.disk.is_some() {
+        wait_for_console_text(&console, "NOVACRON-DISK-READ", DEADLINE).await?;
+    }
+    wait_for_console_text(&console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
+    Ok(())
+}
+
+/// QEMU's max-bandwidth far above any link: the link (or what carries the stream) sets the
+/// pace; QEMU applies its cap before compression, so a cap at the link rate would throttle zstd.
+async fn uncap(source: &QemuVm) -> anyhow::Result<()> {
+    source
+        .qmp()
+        .execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 64u64 << 30 })),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Starts QEMU's migration into the unix socket at `socket`.
+async fn migrate_into(source: &QemuVm, socket: &Path) -> anyhow::Result<()> {
+    source
+        .qmp()
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
+        )
+        .await?;
+    Ok(())
+}
+
 /// How long QEMU's own precopy takes to put the guest's state into a local socket that a task
 /// reads and discards: no destination, no link, no proxy. Any method that carries QEMU's
 /// precopy stream takes at least this on this machine. Returns the seconds and the stream's
@@ -703,32 +739,16 @@ async fn qemu_stream_reference(
     let source =
         QemuVm::launch(binaries, &setup.spec("bench-ref", directory.path(), None)?).await?;
     let _source_guard = common::KillOnDrop::new(&source);
-    let console = source.run_directory().console_log();
-    if setup.disk.is_some() {
-        wait_for_console_text(&console, "NOVACRON-DISK-READ", DEADLINE).await?;
-    }
-    wait_for_console_text(&console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
+    wait_until_warm(&source, setup).await?;
     let socket = directory.path().join("sink.sock");
     let listener = tokio::net::UnixListener::bind(&socket)?;
     let sink = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await?;
         tokio::io::copy(&mut stream, &mut tokio::io::sink()).await
     });
-    source
-        .qmp()
-        .execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 64u64 << 30 })),
-        )
-        .await?;
+    uncap(&source).await?;
     let started = Instant::now();
-    source
-        .qmp()
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", socket.display()) })),
-        )
-        .await?;
+    migrate_into(&source, &socket).await?;
     loop {
         let info = source.qmp().query_migrate().await?;
         match info["status"].as_str().unwrap_or_default() {
@@ -770,10 +790,7 @@ async fn run_one(
     // Both QEMUs die with this run, also when it fails half-way.
     let _source_guard = common::KillOnDrop::new(&source);
     let source_console = source.run_directory().console_log();
-    if disk.is_some() {
-        wait_for_console_text(&source_console, "NOVACRON-DISK-READ", DEADLINE).await?;
-    }
-    wait_for_console_text(&source_console, "NOVACRON-WORKLOAD tick=2 ", DEADLINE).await?;
+    wait_until_warm(&source, &setup).await?;
     let incoming = destination_dir.path().join("in.sock");
     let destination = QemuVm::launch(
         binaries,
@@ -921,26 +938,14 @@ async fn run_one(
         ),
         None => None,
     };
-    source
-        .qmp()
-        .execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 64u64 << 30 })),
-        )
-        .await?;
+    uncap(&source).await?;
     let mut qemu_limits: Vec<u64> = Vec::new();
     let mut planner = ConvergencePlanner::new();
     if method.proxied() {
         replan(&mut planner, &initial_plan, &source, &mut qemu_limits).await?;
     }
     eprintln!("   memory migration starts");
-    source
-        .qmp()
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", outgoing.display()) })),
-        )
-        .await?;
+    migrate_into(&source, &outgoing).await?;
     let mut last_plan = Instant::now();
     let mut switched = false;
     let mut resumed_early = false;
