@@ -18,7 +18,8 @@
 //! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
 //! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
 //! the proxy's NBD format for the proxy)] [--postcopy-after-passes N] [--tcp-reference false]
-//! [--unsent-limit-kib N] [--initial-connections N]`. See bench/migration/README.md.
+//! [--qemu-reference true] [--unsent-limit-kib N] [--initial-connections N]`; `--methods none`
+//! runs the references alone. See bench/migration/README.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -514,8 +515,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Plain TCP's time for `bytes` of random data over `connections` connections A→B on `link`,
-/// from the first connect until the receiver has the last byte: the least any method carried
-/// by TCP can take, start-up included, for bytes it cannot shrink.
+/// from the first connect until the receiver has the last byte: what TCP itself needs here,
+/// start-up and loss recovery included, for bytes nothing can shrink.
 fn tcp_reference(link: &Arc<RunningLink>, bytes: u64, connections: usize) -> anyhow::Result<f64> {
     use std::io::{Read, Write};
     let address_b = link.addr_b();
