@@ -831,7 +831,10 @@ impl ProxyDecoder {
             let body = self.buffer[body_start..body_start + length].to_vec();
             self.position = body_start + length;
             self.report.message_bytes += (MESSAGE_HEADER_LENGTH + length) as u64;
-            self.handle(offset, kind, &body, out)?;
+            let handled = self.handle(offset, kind, &body, out);
+            // What this message rebuilt, hashed in one piece.
+            self.rebuilder.hash_pending(out);
+            handled?;
         }
         Ok(())
     }
@@ -885,6 +888,7 @@ impl ProxyDecoder {
                 let expected_length = u64::from_be_bytes(length);
                 let mut expected = [0u8; 32];
                 expected.copy_from_slice(&body[8..]);
+                self.rebuilder.hash_pending(out);
                 let actual = self.rebuilder.checksum();
                 if expected_length != self.rebuilder.length() || *actual.as_bytes() != expected {
                     return Err(ProxyError::ChecksumMismatch {

@@ -6,12 +6,18 @@
 
 use crate::stream::{PAGE_SIZE, RecordNaming, StreamEvent, ram_flag};
 
-/// Appends the bytes of events to a buffer and keeps a running BLAKE3 and length of everything
-/// written.
+/// Appends the bytes of events to a buffer and keeps the length of everything written and,
+/// once told to catch up ([`StreamRebuilder::hash_pending`]), its BLAKE3.
+///
+/// The hash is taken over the buffer in one piece per catch-up rather than per event: BLAKE3
+/// fed a page record at a time (4 KiB and a few header bytes, never chunk-aligned) runs at
+/// about a quarter of its speed over large inputs (1.0 against 4.2 GB/s measured here).
 #[derive(Debug, Default)]
 pub struct StreamRebuilder {
     hasher: blake3::Hasher,
     length: u64,
+    /// Bytes appended to the caller's buffer since the last catch-up, not hashed yet.
+    pending: usize,
 }
 
 /// The be64 word (+ block name) that starts a ZERO or PAGE record.
@@ -55,17 +61,13 @@ impl StreamRebuilder {
                 out.push(zero.fill);
             }
         }
-        self.hasher.update(&out[start..]);
-        let written = out.len() - start;
-        self.length += written as u64;
-        written
+        self.wrote(out.len() - start)
     }
 
     /// Appends bytes that pass through unchanged.
     pub fn write_opaque(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(bytes);
-        self.hasher.update(bytes);
-        self.length += bytes.len() as u64;
+        self.wrote(bytes.len());
     }
 
     /// Appends a PAGE record whose payload is given apart from its header (a decoded page).
@@ -80,10 +82,24 @@ impl StreamRebuilder {
         let start = out.len();
         write_record_header(out, offset, ram_flag::PAGE, naming, block);
         out.extend_from_slice(data);
-        self.hasher.update(&out[start..]);
-        let written = out.len() - start;
+        self.wrote(out.len() - start)
+    }
+
+    fn wrote(&mut self, written: usize) -> usize {
         self.length += written as u64;
+        self.pending += written;
         written
+    }
+
+    /// Hashes what was appended to `out` since the last call: call it with the buffer every
+    /// write went to, before anything else changes that buffer's end, and before `checksum`.
+    pub fn hash_pending(&mut self, out: &[u8]) {
+        let start = out
+            .len()
+            .checked_sub(self.pending)
+            .expect("the buffer holds what the rebuilder wrote");
+        self.hasher.update(&out[start..]);
+        self.pending = 0;
     }
 
     /// Bytes written so far.
@@ -91,8 +107,9 @@ impl StreamRebuilder {
         self.length
     }
 
-    /// BLAKE3 of everything written so far.
+    /// BLAKE3 of everything written so far (after [`StreamRebuilder::hash_pending`]).
     pub fn checksum(&self) -> blake3::Hash {
+        debug_assert_eq!(self.pending, 0, "hash_pending first");
         self.hasher.finalize()
     }
 }

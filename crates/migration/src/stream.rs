@@ -1181,6 +1181,7 @@ mod tests {
             rebuilder.write_event(event, &mut out);
         }
         assert_eq!(rebuilder.length(), out.len() as u64);
+        rebuilder.hash_pending(&out);
         assert_eq!(rebuilder.checksum(), blake3::hash(&out));
         out
     }

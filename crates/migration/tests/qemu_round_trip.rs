@@ -45,6 +45,7 @@ async fn pump(mut source: impl AsyncRead + Unpin, mut sink: impl AsyncWrite + Un
                 assert!(!page.block.is_empty());
             }
         }
+        rebuilder.hash_pending(&out);
         sink.write_all(&out)
             .await
             .expect("write the rebuilt stream");
