@@ -16,6 +16,7 @@ use openraft::error::{
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
 };
+use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 
@@ -317,6 +318,9 @@ pub(crate) struct StoreInner {
     /// The live raft timing the timers run on.
     timing: watch::Sender<RaftTiming>,
     contact: Arc<crate::timers::LeaderContact>,
+    /// The last log index on disk when this store opened: the least a read index may be while
+    /// this node leads (see [`Store::ensure_consistency`]).
+    opened_log_index: u64,
 }
 
 /// A transaction waiting for the batcher, with the way back to its caller.
@@ -493,6 +497,15 @@ impl Store {
             contact: contact.clone(),
         };
         let log_store = LogStore::new(database.clone(), log_files);
+        let opened_log_index = log_store
+            .clone()
+            .get_log_state()
+            .await
+            .map_err(|error| StoreError::Raft {
+                message: format!("reading the raft log's state: {error}"),
+            })?
+            .last_log_id
+            .map_or(0, |log_id| log_id.index);
         let state_machine = StateMachineStore::new(
             database.clone(),
             notices.clone(),
@@ -535,6 +548,7 @@ impl Store {
                 write_queue,
                 timing,
                 contact,
+                opened_log_index,
             }),
         };
         if config.bootstrap == Bootstrap::SingleNode {
@@ -744,7 +758,7 @@ impl Store {
         }
         self.with_timeout("linearizable read", async {
             match self.inner.raft.ensure_linearizable().await {
-                Ok(_) => Ok(()),
+                Ok(_) => self.wait_for_opened_log().await,
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
                     Err(StoreError::NotLeader {
                         leader_hint: leader_hint(&forward),
@@ -761,6 +775,26 @@ impl Store {
         .await
     }
 
+    /// Waits, on a leader, until its state machine has applied the log it found on disk when it
+    /// opened.
+    ///
+    /// openraft's read index is the larger of the leader's first entry of its term and its
+    /// commit index. A leader restarted in the same term (its vote was committed) keeps its
+    /// old first entry, and its commit index is the one saved with the last durable apply:
+    /// after `kill -9` both can be older than writes it had committed and acknowledged before
+    /// it died, which are in its (durable) log. Every such write is at or below the log's last
+    /// index at start-up, and a leader's log holds every committed entry, so reads wait for
+    /// that index too. It is reached once the restarted leader commits its log again.
+    async fn wait_for_opened_log(&self) -> Result<()> {
+        let opened = self.inner.opened_log_index;
+        let applied =
+            (self.inner.raft.metrics().borrow().last_applied).map_or(0, |log_id| log_id.index);
+        if applied >= opened {
+            return Ok(());
+        }
+        self.wait_for_applied(opened).await
+    }
+
     /// The log index a linearizable read must see (raft read-index), confirmed with a quorum by
     /// this node, which must be the leader (else `NotLeader`). A follower serves a linearizable
     /// read by asking the leader for this index, waiting with [`Store::wait_for_applied`] until
@@ -769,7 +803,9 @@ impl Store {
         self.check_running()?;
         self.with_timeout("read index", async {
             match self.inner.raft.get_read_log_id().await {
-                Ok((read_log_id, _applied)) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
+                Ok((read_log_id, _applied)) => Ok(read_log_id
+                    .map_or(0, |log_id| log_id.index)
+                    .max(self.inner.opened_log_index)),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
                     Err(StoreError::NotLeader {
                         leader_hint: leader_hint(&forward),

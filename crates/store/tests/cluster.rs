@@ -1,5 +1,6 @@
 //! Multi-node stores in one process over [`InProcessTransport`]: replication, membership
-//! changes, leader failover, partitions, and snapshot installation on a lagging learner.
+//! changes, leader failover, partitions, snapshot installation on a lagging learner, and reads on
+//! a leader restarted behind its log.
 
 mod common;
 
@@ -594,4 +595,93 @@ async fn a_learner_behind_by_large_entries_catches_up_in_capped_appends() {
     for store in &stores {
         store.shutdown().await.expect("shutdown");
     }
+}
+
+/// Reopens every node of a stopped cluster in its old directory (all `JoinExisting`: the
+/// membership is in their logs).
+async fn reopen(dirs: &[TempDir]) -> (InProcessTransport, BTreeMap<u64, Store>) {
+    let transport = InProcessTransport::new();
+    let mut stores = BTreeMap::new();
+    for (index, dir) in dirs.iter().enumerate() {
+        let node_id = index as u64 + 1;
+        let mut config = node_config(dir, node_id, &transport);
+        config.bootstrap = Bootstrap::JoinExisting;
+        let store = Store::open(config).await.expect("reopen node");
+        transport.register(&store);
+        stores.insert(node_id, store);
+    }
+    (transport, stores)
+}
+
+/// Shuts every node down and drops it with its transport, which releases their directories.
+async fn stop(transport: InProcessTransport, stores: BTreeMap<u64, Store>) {
+    for store in stores.values() {
+        store.shutdown().await.expect("shutdown");
+    }
+    drop(transport);
+    drop(stores);
+}
+
+/// What `kill -9` leaves on a leader: its log holds a committed write that its state machine
+/// (applied without waiting for the disk) and its saved commit index lost. Built here without
+/// a crash by putting back an earlier copy of the leader's state machine file: the leader
+/// restores itself at once (its vote is unchanged), and its first linearizable read must see
+/// the write, not the state from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_behind_its_log_reads_what_it_committed() {
+    let cluster = Cluster::start_voters(3).await;
+    let leader_id = cluster.settled_leader().await;
+    assert_eq!(leader_id, 1, "node 1 keeps the leadership it bootstrapped");
+    cluster
+        .node(1)
+        .put("vms/a", b"before".to_vec())
+        .await
+        .expect("first write");
+    for node_id in [2, 3] {
+        wait_for_value(cluster.node(node_id), "vms/a", b"before").await;
+    }
+    let term = cluster.node(1).metrics().term;
+    let Cluster {
+        transport,
+        stores,
+        _dirs,
+    } = cluster;
+    stop(transport, stores).await;
+    let database = _dirs[0].path().join("store.redb");
+    let earlier = _dirs[0].path().join("store.redb.earlier");
+    std::fs::copy(&database, &earlier).expect("copy the leader's state machine");
+
+    let (transport, stores) = reopen(&_dirs).await;
+    eventually("node 1 to lead again in the same term", || async {
+        let metrics = stores[&1].metrics();
+        (metrics.role == NodeRole::Leader).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stores[&1].metrics().term,
+        term,
+        "a restarted leader keeps its term (else this test builds nothing)"
+    );
+    stores[&1]
+        .put("vms/a", b"after".to_vec())
+        .await
+        .expect("second write");
+    for node_id in [2, 3] {
+        wait_for_value(&stores[&node_id], "vms/a", b"after").await;
+    }
+    stop(transport, stores).await;
+    std::fs::rename(&earlier, &database).expect("put back the earlier state machine");
+
+    let (transport, stores) = reopen(&_dirs).await;
+    let item = stores[&1]
+        .get("vms/a", Consistency::Linearizable)
+        .await
+        .expect("linearizable read on the restarted leader")
+        .expect("the key exists");
+    assert_eq!(
+        String::from_utf8_lossy(&item.value),
+        "after",
+        "a linearizable read on a restarted leader returned state from before a committed write"
+    );
+    stop(transport, stores).await;
 }
