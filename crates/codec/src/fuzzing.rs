@@ -32,7 +32,7 @@ pub fn decode_page_stream(data: &[u8]) {
         return;
     };
     for frame in frames(data) {
-        if decoder.decode_frame(frame, |_, _, _| {}).is_err() {
+        if decoder.decode_frame(frame, |_, _, _, _| {}).is_err() {
             return;
         }
     }

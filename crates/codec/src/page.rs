@@ -693,12 +693,13 @@ impl<S: LocalContentSource> PageDecoder<S> {
             .map_err(|limit| DecodeError::MirrorFull { limit })
     }
 
-    /// Decodes one whole frame, calling `emit(block, offset, page)` for each page in order.
+    /// Decodes one whole frame, calling `emit(block, offset, page, hash)` for each page in
+    /// order (`hash`: the page's [`ContentHash`], which the decoder computes or verifies anyway).
     /// Returns the number of pages.
     pub fn decode_frame(
         &mut self,
         frame: &[u8],
-        mut emit: impl FnMut(&str, u64, &Page),
+        mut emit: impl FnMut(&str, u64, &Page, &ContentHash),
     ) -> Result<usize, DecodeError> {
         let Self {
             source,
@@ -866,7 +867,7 @@ impl<S: LocalContentSource> PageDecoder<S> {
             mirror
                 .record(key, hash, kept)
                 .map_err(|limit| DecodeError::MirrorFull { limit })?;
-            emit(blocks.name(key.0), key.1 * PAGE_SIZE as u64, &page);
+            emit(blocks.name(key.0), key.1 * PAGE_SIZE as u64, &page, &hash);
             decoded += 1;
         }
         if decoded != declared {

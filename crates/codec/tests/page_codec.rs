@@ -117,7 +117,7 @@ impl Harness {
         if written > 0 {
             let received = &mut self.received;
             self.decoder
-                .decode_frame(&self.frame, |block, offset, page| {
+                .decode_frame(&self.frame, |block, offset, page, _| {
                     received.push((block.to_owned(), offset, *page))
                 })
                 .unwrap();
@@ -301,7 +301,7 @@ fn known_page_missing_at_destination_is_an_error() {
         .push_page("pc.ram", 0, &pseudo_random_page(0))
         .unwrap();
     encoder.finish_frame(&mut frame).unwrap();
-    let error = decoder.decode_frame(&frame, |_, _, _| {}).unwrap_err();
+    let error = decoder.decode_frame(&frame, |_, _, _, _| {}).unwrap_err();
     assert!(
         matches!(error, DecodeError::UnknownHash { hash } if hash == ContentHash::of(&pseudo_random_page(0)))
     );
@@ -322,7 +322,7 @@ fn delta_against_a_page_the_decoder_never_saw_is_an_error() {
     assert_eq!(encoder.stats().delta_pages, 1);
     // A fresh decoder gets only the second frame: it refers to block 0 it never heard of.
     let mut decoder = PageDecoder::new(PageDecoderConfig::default(), NothingLocal).unwrap();
-    assert!(decoder.decode_frame(&frame, |_, _, _| {}).is_err());
+    assert!(decoder.decode_frame(&frame, |_, _, _, _| {}).is_err());
 }
 
 #[test]
@@ -362,7 +362,7 @@ fn mirror_limit_is_enforced_on_both_sides() {
     )
     .unwrap();
     assert!(matches!(
-        decoder.decode_frame(&frame, |_, _, _| {}),
+        decoder.decode_frame(&frame, |_, _, _, _| {}),
         Err(DecodeError::MirrorFull { limit: 4 })
     ));
 }
@@ -408,7 +408,7 @@ proptest! {
         let at = position.index(frame.len());
         if truncate { frame.truncate(at); } else { frame[at] = value; }
         let mut decoder = PageDecoder::new(PageDecoderConfig::default(), remote_with_pool()).unwrap();
-        let _ = decoder.decode_frame(&frame, |_, _, _| {});
+        let _ = decoder.decode_frame(&frame, |_, _, _, _| {});
     }
 }
 

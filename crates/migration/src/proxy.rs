@@ -528,7 +528,6 @@ pub struct ProxyEncoder {
     encoder: PageEncoder<SharedImagePages>,
     /// The disk session's record of the blocks it carries (NBD format only).
     delivering: Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)>,
-    rebuilder: StreamRebuilder,
     original: blake3::Hasher,
     script: Vec<u8>,
     opaque_run: Vec<u8>,
@@ -560,7 +559,6 @@ impl ProxyEncoder {
                 codec_view(config),
             )?,
             delivering: delivering(config),
-            rebuilder: StreamRebuilder::new(),
             original: blake3::Hasher::new(),
             script: Vec::new(),
             opaque_run: Vec::new(),
@@ -629,9 +627,8 @@ impl ProxyEncoder {
                     }
                 }
                 other => {
-                    let start = self.opaque_run.len();
-                    self.rebuilder.write_event(&other, &mut self.opaque_run);
-                    self.report.opaque_bytes += (self.opaque_run.len() - start) as u64;
+                    let written = crate::rebuild::write_event(&other, &mut self.opaque_run);
+                    self.report.opaque_bytes += written as u64;
                     if self.opaque_run.len() >= OPAQUE_FLUSH_LENGTH {
                         self.flush(out)?;
                     }
@@ -945,9 +942,10 @@ impl ProxyDecoder {
                 block_names,
                 page_keys,
                 page_data,
+                delivering,
                 ..
             } = self;
-            decoder.decode_frame(frame, |block, page_offset, page| {
+            decoder.decode_frame(frame, |block, page_offset, page, hash| {
                 let index = match block_names.iter().position(|name| name == block) {
                     Some(index) => index,
                     None => {
@@ -957,17 +955,10 @@ impl ProxyDecoder {
                 };
                 page_keys.push((index, page_offset));
                 page_data.extend_from_slice(page);
-            })?;
-            if let Some((held, delivered)) = &self.delivering {
-                for block in self.page_data.chunks_exact(CODEC_PAGE_SIZE) {
-                    record_delivered(
-                        held,
-                        delivered,
-                        novacron_codec::ContentHash::of_page(block),
-                        block,
-                    );
+                if let Some((held, delivered)) = delivering {
+                    record_delivered(held, delivered, *hash, page);
                 }
-            }
+            })?;
         }
         let mut cursor = 0usize;
         let mut next_page = 0usize;

@@ -42,6 +42,24 @@ fn write_record_header(
     }
 }
 
+/// Appends the bytes of `event` to `out` as they were in the stream; returns how many. (What a
+/// [`StreamRebuilder`] writes, without its length and checksum.)
+pub fn write_event(event: &StreamEvent, out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    match event {
+        StreamEvent::Opaque(bytes) => out.extend_from_slice(bytes),
+        StreamEvent::Page(page) => {
+            write_record_header(out, page.offset, ram_flag::PAGE, page.naming, &page.block);
+            out.extend_from_slice(&page.data[..]);
+        }
+        StreamEvent::Zero(zero) => {
+            write_record_header(out, zero.offset, ram_flag::ZERO, zero.naming, &zero.block);
+            out.push(zero.fill);
+        }
+    }
+    out.len() - start
+}
+
 impl StreamRebuilder {
     pub fn new() -> Self {
         Self::default()
@@ -49,19 +67,8 @@ impl StreamRebuilder {
 
     /// Appends the bytes of `event` to `out`; returns how many.
     pub fn write_event(&mut self, event: &StreamEvent, out: &mut Vec<u8>) -> usize {
-        let start = out.len();
-        match event {
-            StreamEvent::Opaque(bytes) => out.extend_from_slice(bytes),
-            StreamEvent::Page(page) => {
-                write_record_header(out, page.offset, ram_flag::PAGE, page.naming, &page.block);
-                out.extend_from_slice(&page.data[..]);
-            }
-            StreamEvent::Zero(zero) => {
-                write_record_header(out, zero.offset, ram_flag::ZERO, zero.naming, &zero.block);
-                out.push(zero.fill);
-            }
-        }
-        self.wrote(out.len() - start)
+        let written = write_event(event, out);
+        self.wrote(written)
     }
 
     /// Appends bytes that pass through unchanged.
