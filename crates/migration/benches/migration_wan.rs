@@ -18,8 +18,9 @@
 //! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
 //! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
 //! the proxy's NBD format for the proxy)] [--postcopy-after-passes N] [--tcp-reference false]
-//! [--qemu-reference true] [--unsent-limit-kib N] [--initial-connections N]`; `--methods none`
-//! runs the references alone. See bench/migration/README.md.
+//! [--qemu-reference true] [--save-stream DIR (that reference's stream and the base image kept
+//! for the `proxy_codec` bench)] [--unsent-limit-kib N] [--initial-connections N]`;
+//! `--methods none` runs the references alone. See bench/migration/README.md.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -82,6 +83,9 @@ struct Options {
     tcp_reference: bool,
     /// Whether to time QEMU's precopy into a local socket (no destination, no link).
     qemu_reference: bool,
+    /// Keep that reference's stream (and the realistic disk's base image) in this directory,
+    /// for the `proxy_codec` bench.
+    save_stream: Option<PathBuf>,
     transport: TransportKnobs,
     /// What the workload writes: `random` (incompressible, the default) or `records`
     /// (application-like text records, about 4x with zstd -3; see scripts/guest/workload.c).
@@ -244,6 +248,7 @@ fn parse_options() -> anyhow::Result<Options> {
         postcopy_after_passes: 1,
         tcp_reference: true,
         qemu_reference: false,
+        save_stream: None,
         transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
@@ -273,6 +278,10 @@ fn parse_options() -> anyhow::Result<Options> {
             "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
             "--tcp-reference" => options.tcp_reference = value.parse()?,
             "--qemu-reference" => options.qemu_reference = value.parse()?,
+            "--save-stream" => {
+                options.save_stream = Some(PathBuf::from(value));
+                options.qemu_reference = true;
+            }
             "--unsent-limit-kib" => options.transport.unsent_limit_kib = Some(value.parse()?),
             "--initial-connections" => {
                 options.transport.initial_connections = Some(value.parse()?);
@@ -292,7 +301,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --forecast-mbit"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections"
             ),
         }
         index += 2;
@@ -373,7 +382,11 @@ fn main() -> anyhow::Result<()> {
             disk: disk.as_ref(),
             written_overlay: local_disk.as_ref().map(|(overlay, _)| overlay.as_path()),
         };
-        Some(runtime.block_on(qemu_stream_reference(&binaries, &setup))?)
+        Some(runtime.block_on(qemu_stream_reference(
+            &binaries,
+            &setup,
+            options.save_stream.as_deref(),
+        ))?)
     } else {
         None
     };
@@ -469,8 +482,13 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some((seconds, bytes)) = qemu_reference {
         println!(
-            "QEMU reference: QEMU's precopy of this guest into a local socket read and discarded \
-             (no destination, no link): {seconds:.1} s for {:.1} MB of stream",
+            "QEMU reference: QEMU's precopy of this guest into a local socket {} (no \
+             destination, no link): {seconds:.1} s for {:.1} MB of stream",
+            if options.save_stream.is_some() {
+                "written to a file"
+            } else {
+                "read and discarded"
+            },
             bytes as f64 / 1e6
         );
     }
@@ -731,10 +749,13 @@ async fn migrate_into(source: &QemuVm, socket: &Path) -> anyhow::Result<()> {
 /// How long QEMU's own precopy takes to put the guest's state into a local socket that a task
 /// reads and discards: no destination, no link, no proxy. Any method that carries QEMU's
 /// precopy stream takes at least this on this machine. Returns the seconds and the stream's
-/// bytes.
+/// bytes. With `save`, the task writes the stream to `save/stream.bin` instead (the time then
+/// includes that file's writes), and the realistic disk's base image is copied to
+/// `save/base.raw`.
 async fn qemu_stream_reference(
     binaries: &QemuBinaries,
     setup: &GuestSetup<'_>,
+    save: Option<&Path>,
 ) -> anyhow::Result<(f64, u64)> {
     let directory = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
     let source =
@@ -743,9 +764,24 @@ async fn qemu_stream_reference(
     wait_until_warm(&source, setup).await?;
     let socket = directory.path().join("sink.sock");
     let listener = tokio::net::UnixListener::bind(&socket)?;
+    let saved = match save {
+        Some(directory) => {
+            std::fs::create_dir_all(directory)
+                .with_context(|| format!("creating {}", directory.display()))?;
+            Some(tokio::fs::File::create(directory.join("stream.bin")).await?)
+        }
+        None => None,
+    };
     let sink = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await?;
-        tokio::io::copy(&mut stream, &mut tokio::io::sink()).await
+        match saved {
+            Some(mut file) => {
+                let bytes = tokio::io::copy(&mut stream, &mut file).await?;
+                file.sync_all().await?;
+                Ok::<u64, std::io::Error>(bytes)
+            }
+            None => tokio::io::copy(&mut stream, &mut tokio::io::sink()).await,
+        }
     });
     uncap(&source).await?;
     let started = Instant::now();
@@ -764,6 +800,22 @@ async fn qemu_stream_reference(
     }
     let seconds = started.elapsed().as_secs_f64();
     let bytes = sink.await??;
+    if let (Some(directory), Some(disk)) = (save, setup.disk) {
+        std::fs::copy(&disk.base, directory.join("base.raw"))
+            .with_context(|| format!("copying the base image into {}", directory.display()))?;
+    }
+    if let Some(directory) = save {
+        eprintln!(
+            "   saved the stream ({:.1} MB){} in {}",
+            bytes as f64 / 1e6,
+            if setup.disk.is_some() {
+                " and the base image"
+            } else {
+                ""
+            },
+            directory.display()
+        );
+    }
     Ok((seconds, bytes))
 }
 
