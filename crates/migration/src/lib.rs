@@ -37,7 +37,7 @@ pub use proxy::{
     expected_send_window, queued_wire_bytes, receive_migration_stream,
     receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
-pub use rebuild::StreamRebuilder;
+pub use rebuild::{StreamDigest, StreamRebuilder, stream_digest};
 pub use stream::{
     EventParser, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage, RecordNaming,
     StreamEvent, StreamParser, StreamStats, ZeroPage,

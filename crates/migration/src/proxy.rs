@@ -18,11 +18,16 @@
 //!   `0x02` (the next page of the frame, a record that names its block), `0x03` (the next page,
 //!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's payload). The codec carries each PAGE payload as zero / known / delta / literal
 //!   (see `novacron_codec::page`) and zstd-compresses the frame.
-//! - `END` (last): be64 length and BLAKE3 of the original stream. The destination compares them
-//!   with what it rebuilt and fails on any difference.
+//! - `END` (last): be64 length and the stream digest of the original stream (BLAKE3 over the
+//!   stream with each PAGE payload replaced by its BLAKE3: see [`crate::rebuild`]). The
+//!   destination compares them with what it rebuilt and fails on any difference.
 //!
 //! Version 2 (no change in the bytes): a migration's memory session may refer by hash to blocks
 //! its disk session delivered ([`crate::delivered`]), which both sides record alike.
+//!
+//! Version 3: `END` carries the stream digest instead of the BLAKE3 of the whole stream (the
+//! same length, another value: a version-2 side would report a mismatch, so the hello refuses
+//! it).
 //!
 //! ZERO records travel as opaque bytes (nine bytes each before compression), not through the
 //! codec: the codec's mirror only changes between frames, and a ZERO record sits between pages.
@@ -43,11 +48,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::delivered::DeliveredPages;
 use crate::image_pages::SharedImagePages;
 use crate::nbd::NbdParser;
-use crate::rebuild::StreamRebuilder;
+use crate::rebuild::{StreamDigest, StreamRebuilder};
 use crate::stream::{EventParser, PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
 
 /// Version of the proxy's wire format.
-pub const PROXY_VERSION: u8 = 2;
+pub const PROXY_VERSION: u8 = 3;
 const HELLO_MAGIC: &[u8; 5] = b"NCMIG";
 const HELLO_MAGIC_NBD: &[u8; 5] = b"NCNBD";
 
@@ -204,7 +209,8 @@ impl Default for ProxyConfig {
 pub struct ProxyReport {
     /// Bytes of QEMU's stream (read on the source, written on the destination).
     pub stream_bytes: u64,
-    /// BLAKE3 of QEMU's stream.
+    /// The stream digest of QEMU's stream (BLAKE3 over it with each page's payload replaced by
+    /// the page's BLAKE3; see [`crate::rebuild`]).
     pub stream_checksum: [u8; 32],
     /// Proxy message bytes (sent or received), before the transport's framing and TLS.
     pub message_bytes: u64,
@@ -528,7 +534,8 @@ pub struct ProxyEncoder {
     encoder: PageEncoder<SharedImagePages>,
     /// The disk session's record of the blocks it carries (NBD format only).
     delivering: Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)>,
-    original: blake3::Hasher,
+    /// The stream digest of what was read (see [`crate::rebuild`]).
+    digest: StreamDigest,
     script: Vec<u8>,
     opaque_run: Vec<u8>,
     frame: Vec<u8>,
@@ -542,6 +549,7 @@ pub struct ProxyEncoder {
 
 impl ProxyEncoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
+        let view = codec_view(config);
         Ok(Self {
             parser: match config.format {
                 StreamFormat::Migration if config.resumed_postcopy => {
@@ -553,13 +561,13 @@ impl ProxyEncoder {
             format: config.format,
             encoder: PageEncoder::new(
                 PageEncoderConfig {
-                    query_destination: codec_view(config).holds_anything(),
+                    query_destination: view.holds_anything(),
                     ..config.encoder.clone()
                 },
-                codec_view(config),
+                view,
             )?,
             delivering: delivering(config),
-            original: blake3::Hasher::new(),
+            digest: StreamDigest::new(),
             script: Vec::new(),
             opaque_run: Vec::new(),
             frame: Vec::new(),
@@ -595,7 +603,6 @@ impl ProxyEncoder {
     /// Takes the next bytes of QEMU's stream; appends complete messages to `out`.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ProxyError> {
         self.hello(out);
-        self.original.update(bytes);
         self.report.stream_bytes += bytes.len() as u64;
         self.parser.feed(bytes);
         self.drain(out)
@@ -619,16 +626,21 @@ impl ProxyEncoder {
                     let full = self
                         .encoder
                         .push_page(&page.block, page.offset, page_bytes)?;
+                    let hash = self.encoder.last_hash();
+                    self.digest
+                        .page(&page.block, page.offset, page.naming, hash.as_bytes());
                     if let Some((held, delivered)) = &self.delivering {
-                        record_delivered(held, delivered, self.encoder.last_hash(), page_bytes);
+                        record_delivered(held, delivered, hash, page_bytes);
                     }
                     if full {
                         self.flush(out)?;
                     }
                 }
                 other => {
-                    let written = crate::rebuild::write_event(&other, &mut self.opaque_run);
-                    self.report.opaque_bytes += written as u64;
+                    let start = self.opaque_run.len();
+                    crate::rebuild::write_event(&other, &mut self.opaque_run);
+                    self.digest.bytes(&self.opaque_run[start..]);
+                    self.report.opaque_bytes += (self.opaque_run.len() - start) as u64;
                     if self.opaque_run.len() >= OPAQUE_FLUSH_LENGTH {
                         self.flush(out)?;
                     }
@@ -701,7 +713,7 @@ impl ProxyEncoder {
             }));
         }
         self.flush(out)?;
-        let checksum = self.original.finalize();
+        let checksum = self.digest.finalize();
         let mut body = self.report.stream_bytes.to_be_bytes().to_vec();
         body.extend_from_slice(checksum.as_bytes());
         let start = out.len();
@@ -736,6 +748,8 @@ pub struct ProxyDecoder {
     block_names: Vec<String>,
     page_keys: Vec<(usize, u64)>,
     page_data: Vec<u8>,
+    /// BLAKE3 of each page in `page_data`, for the stream digest.
+    page_hashes: Vec<[u8; 32]>,
     state: DecoderState,
     report: ProxyReport,
 }
@@ -773,6 +787,7 @@ impl ProxyDecoder {
             block_names: Vec::new(),
             page_keys: Vec::new(),
             page_data: Vec::new(),
+            page_hashes: Vec::new(),
             state: DecoderState::Hello,
             report: ProxyReport::default(),
         })
@@ -828,10 +843,7 @@ impl ProxyDecoder {
             let body = self.buffer[body_start..body_start + length].to_vec();
             self.position = body_start + length;
             self.report.message_bytes += (MESSAGE_HEADER_LENGTH + length) as u64;
-            let handled = self.handle(offset, kind, &body, out);
-            // What this message rebuilt, hashed in one piece.
-            self.rebuilder.hash_pending(out);
-            handled?;
+            self.handle(offset, kind, &body, out)?;
         }
         Ok(())
     }
@@ -885,7 +897,6 @@ impl ProxyDecoder {
                 let expected_length = u64::from_be_bytes(length);
                 let mut expected = [0u8; 32];
                 expected.copy_from_slice(&body[8..]);
-                self.rebuilder.hash_pending(out);
                 let actual = self.rebuilder.checksum();
                 if expected_length != self.rebuilder.length() || *actual.as_bytes() != expected {
                     return Err(ProxyError::ChecksumMismatch {
@@ -936,12 +947,14 @@ impl ProxyDecoder {
         let frame = &body[8 + compressed_length..];
         self.page_keys.clear();
         self.page_data.clear();
+        self.page_hashes.clear();
         if !frame.is_empty() {
             let Self {
                 decoder,
                 block_names,
                 page_keys,
                 page_data,
+                page_hashes,
                 delivering,
                 ..
             } = self;
@@ -955,6 +968,7 @@ impl ProxyDecoder {
                 };
                 page_keys.push((index, page_offset));
                 page_data.extend_from_slice(page);
+                page_hashes.push(*hash.as_bytes());
                 if let Some((held, delivered)) = delivering {
                     record_delivered(held, delivered, *hash, page);
                 }
@@ -1012,6 +1026,7 @@ impl ProxyDecoder {
                         page_offset,
                         naming,
                         &pages[next_page],
+                        &self.page_hashes[next_page],
                         out,
                     );
                     next_page += 1;
@@ -1535,7 +1550,12 @@ mod tests {
                 let (rebuilt, received) = decode(&messages, cut).unwrap();
                 assert_eq!(rebuilt, stream);
                 assert_eq!(received.stream_bytes, stream.len() as u64);
-                assert_eq!(received.stream_checksum, *blake3::hash(&stream).as_bytes());
+                assert_eq!(
+                    received.stream_checksum,
+                    *crate::rebuild::stream_digest(StreamParser::new(), &stream)
+                        .unwrap()
+                        .as_bytes()
+                );
                 assert_eq!(received.pages, sent.pages);
             }
             assert_eq!(sent.pages, 2 * 192);
@@ -1858,6 +1878,7 @@ mod tests {
         );
         let (rebuilt, received) = decode(&messages, 333).unwrap();
         assert_eq!(rebuilt, stream);
+        // All opaque: its stream digest is the BLAKE3 of its bytes.
         assert_eq!(received.stream_checksum, *blake3::hash(&stream).as_bytes());
 
         // Read as the start of a migration, it is refused: no header.

@@ -23,6 +23,7 @@ async fn pump(mut source: impl AsyncRead + Unpin, mut sink: impl AsyncWrite + Un
     let mut parser = StreamParser::new();
     let mut rebuilder = StreamRebuilder::new();
     let mut original = blake3::Hasher::new();
+    let mut rebuilt = blake3::Hasher::new();
     let mut original_length = 0u64;
     let mut buffer = vec![0u8; 256 << 10];
     let mut out = Vec::new();
@@ -45,7 +46,7 @@ async fn pump(mut source: impl AsyncRead + Unpin, mut sink: impl AsyncWrite + Un
                 assert!(!page.block.is_empty());
             }
         }
-        rebuilder.hash_pending(&out);
+        rebuilt.update(&out);
         sink.write_all(&out)
             .await
             .expect("write the rebuilt stream");
@@ -60,7 +61,7 @@ async fn pump(mut source: impl AsyncRead + Unpin, mut sink: impl AsyncWrite + Un
         original_length,
         original_checksum: original.finalize(),
         rebuilt_length: rebuilder.length(),
-        rebuilt_checksum: rebuilder.checksum(),
+        rebuilt_checksum: rebuilt.finalize(),
         stats: parser.stats().clone(),
     }
 }

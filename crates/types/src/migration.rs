@@ -220,7 +220,8 @@ pub struct MigrationRecord {
     pub message: Option<String>,
     pub error_code: Option<ErrorCode>,
     pub progress: MigrationProgress,
-    /// Length and BLAKE3 of QEMU's stream, when the destination proved it rebuilt it identically.
+    /// Length and stream digest of QEMU's stream (BLAKE3 over the stream with each page's payload
+    /// replaced by the page's BLAKE3), when the destination proved it rebuilt it identically.
     pub stream_checksum: Option<String>,
     /// Unix milliseconds of the source's STOP event and the destination's RESUME event: the
     /// guest's real pause (both clocks are the hosts' own).

@@ -1956,7 +1956,7 @@ async fn record_postcopy_end(
         ),
     };
     let checksum = format!(
-        "{} bytes, blake3 {}",
+        "{} bytes, blake3 stream digest {}",
         report.stream_bytes,
         blake3::Hash::from(report.stream_checksum).to_hex()
     );
@@ -2588,7 +2588,7 @@ async fn receive_and_wait(
         return Ok(());
     };
     let checksum = format!(
-        "{} bytes, blake3 {}",
+        "{} bytes, blake3 stream digest {}",
         report.stream_bytes,
         blake3::Hash::from(report.stream_checksum).to_hex()
     );
