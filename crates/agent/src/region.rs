@@ -751,6 +751,7 @@ impl Host {
                 region: None,
                 node_id: 1,
                 leader_id: metrics.leader_id,
+                membership_changing: false,
                 unreachable_after_secs,
                 hosts: vec![ClusterHost {
                     node_id: 1,
@@ -796,10 +797,12 @@ impl Host {
                 }
             })
             .collect();
+        let metrics = region.cluster.store().metrics();
         Ok(ClusterInfo {
             region: name,
             node_id: region.node_id(),
-            leader_id: region.cluster.store().metrics().leader_id,
+            leader_id: metrics.leader_id,
+            membership_changing: metrics.membership.joint,
             unreachable_after_secs,
             hosts,
         })

@@ -236,6 +236,12 @@ fn print_hosts(info: &ClusterInfo) {
             "not in a region (one-host cluster); `novacron cluster init` makes this host the first host of one"
         ),
     }
+    if info.membership_changing {
+        println!(
+            "the voters are changing (joint consensus): until it completes, a majority of both \
+             the old and the new voters must stay up"
+        );
+    }
     let rows: Vec<Vec<String>> = info
         .hosts
         .iter()

@@ -314,7 +314,11 @@ fn form_region_of(hosts: &Hosts, count: usize) {
                 .filter(|(_, role, _)| role == "learner")
                 .count();
             let healthy = roles.iter().all(|(_, _, health)| health == "ok");
+            // A voter change half-way (joint consensus) counts old and new voters together:
+            // a test that kills voters next would find the region stalled.
+            let settled = list["membership_changing"] == false;
             (roles.len() == count
+                && settled
                 && leaders == 1
                 && voters == voters_wanted - 1
                 && learners == learners_wanted

@@ -134,6 +134,11 @@ pub struct ClusterInfo {
     /// This host's raft node id.
     pub node_id: u64,
     pub leader_id: Option<u64>,
+    /// A change of the voters is half-way (raft's joint consensus: both the old and the new
+    /// voters must form a majority until it completes), as this host sees the membership.
+    /// Losing a majority of either set now stalls the region until they return.
+    #[serde(default)]
+    pub membership_changing: bool,
     /// A host whose heartbeat is older than this is shown as unreachable.
     pub unreachable_after_secs: u64,
     pub hosts: Vec<ClusterHost>,
