@@ -67,11 +67,22 @@ pub trait RemoteHashQuery {
     /// Returns one answer per hash, in order. A wrong "yes" makes the destination fail to decode
     /// (it reports the unknown hash); a wrong "no" only costs bytes.
     fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, BoxError>;
+
+    /// Whether the destination holds `hash`, when this query knows without asking anyone (an
+    /// index both sides hold): the encoder then settles the page as it is pushed, with no copy
+    /// of it kept for the frame. `None` (the default): ask with the frame's other pages.
+    fn holds_locally(&mut self, _hash: &ContentHash) -> Option<bool> {
+        None
+    }
 }
 
 impl<T: RemoteHashQuery + ?Sized> RemoteHashQuery for &mut T {
     fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, BoxError> {
         (**self).which_of(hashes)
+    }
+
+    fn holds_locally(&mut self, hash: &ContentHash) -> Option<bool> {
+        (**self).holds_locally(hash)
     }
 }
 

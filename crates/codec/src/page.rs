@@ -273,6 +273,8 @@ enum PendingTier {
     Zero,
     /// Sent earlier in this transfer.
     KnownFromTransfer(ContentHash),
+    /// Held by the destination, as the query knew at once ([`RemoteHashQuery::holds_locally`]).
+    KnownFromDestination(ContentHash),
     /// Depends on the destination's answer: known, else delta (bytes in `delta_data`), else
     /// literal (bytes in `literal_data`).
     Undecided {
@@ -435,6 +437,11 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             let hash = ContentHash::of(page);
             if self.mirror.contains_hash(&hash) {
                 (hash, PendingTier::KnownFromTransfer(hash))
+            } else if self.config.query_destination
+                && (self.destination_holds.contains(&hash)
+                    || self.query.holds_locally(&hash) == Some(true))
+            {
+                (hash, PendingTier::KnownFromDestination(hash))
             } else {
                 let literal_start = self.literal_data.len();
                 self.literal_data.extend_from_slice(page);
@@ -460,8 +467,8 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                 )
             }
         };
-        // Zero pages and pages sent earlier are not kept as delta bases: copying them would cost
-        // more than the rare delta against them saves.
+        // Zero pages, pages sent earlier and pages the destination holds are not kept as delta
+        // bases: copying them would cost more than the rare delta against them saves.
         let delta_base = matches!(tier, PendingTier::Undecided { .. });
         self.record(key, hash, page, delta_base)?;
         self.last_hash = hash;
@@ -569,6 +576,11 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                 }
                 PendingTier::KnownFromTransfer(hash) => {
                     self.stats.known_from_transfer += 1;
+                    self.body.extend_from_slice(hash.as_bytes());
+                    TIER_KNOWN
+                }
+                PendingTier::KnownFromDestination(hash) => {
+                    self.stats.known_from_destination += 1;
                     self.body.extend_from_slice(hash.as_bytes());
                     TIER_KNOWN
                 }

@@ -471,3 +471,74 @@ fn pages_from_the_source_are_read_again_when_not_kept() {
         );
     }
 }
+
+/// A destination index the encoder can consult itself, counting the pages it was asked about
+/// in frame batches.
+struct LocalIndex {
+    held: MemoryRepository,
+    batched_questions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl novacron_codec::RemoteHashQuery for LocalIndex {
+    fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, novacron_codec::BoxError> {
+        self.batched_questions
+            .fetch_add(hashes.len(), std::sync::atomic::Ordering::Relaxed);
+        self.held.which_of(hashes)
+    }
+
+    fn holds_locally(&mut self, hash: &ContentHash) -> Option<bool> {
+        Some(self.held.which_of(&[*hash]).expect("memory")[0])
+    }
+}
+
+#[test]
+fn pages_a_local_index_holds_are_settled_as_pushed_and_decode() {
+    let held = remote_with_pool();
+    let batched_questions = std::sync::Arc::default();
+    let mut encoder = PageEncoder::new(
+        PageEncoderConfig::default(),
+        LocalIndex {
+            held: held.clone(),
+            batched_questions: std::sync::Arc::clone(&batched_questions),
+        },
+    )
+    .unwrap();
+    let mut decoder = PageDecoder::new(
+        PageDecoderConfig {
+            mirror_page_limit: PageEncoderConfig::default().mirror_page_limit,
+            keep_local_content: false,
+        },
+        held,
+    )
+    .unwrap();
+    let pages = [pseudo_random_page(0), text_page(2), pseudo_random_page(77)];
+    for (index, page) in pages.iter().enumerate() {
+        encoder
+            .push_page("pc.ram", index as u64 * PAGE_SIZE as u64, page)
+            .unwrap();
+    }
+    let mut frame = Vec::new();
+    encoder.finish_frame(&mut frame).unwrap();
+    let stats = encoder.stats().clone();
+    assert_eq!(stats.known_from_destination, 2);
+    assert_eq!(stats.literal_pages, 1);
+    assert_eq!(
+        batched_questions.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "only the page the index does not hold waits for the frame's batch"
+    );
+    let mut received = Vec::new();
+    decoder
+        .decode_frame(&frame, |_, offset, page, hash| {
+            assert_eq!(*hash, ContentHash::of(&page[..]));
+            received.push((offset, *page));
+        })
+        .unwrap();
+    let expected: Vec<(u64, Page)> = pages
+        .iter()
+        .enumerate()
+        .map(|(index, page)| (index as u64 * PAGE_SIZE as u64, *page))
+        .collect();
+    assert_eq!(received, expected);
+    assert_eq!(decoder.stats().known_from_destination, 2);
+}

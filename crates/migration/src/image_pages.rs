@@ -281,6 +281,21 @@ impl SharedImagePages {
 }
 
 impl RemoteHashQuery for SharedImagePages {
+    /// Both sides hold the same index and delivered blocks: always known at once.
+    fn holds_locally(&mut self, hash: &ContentHash) -> Option<bool> {
+        if self.in_image(hash) {
+            return Some(true);
+        }
+        let delivered = self
+            .delivered
+            .as_ref()
+            .is_some_and(|delivered| delivered.contains(hash));
+        if delivered && let Some(record) = &self.delivered {
+            record.note_used(1);
+        }
+        Some(delivered)
+    }
+
     fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, BoxError> {
         let mut delivered_hits = 0;
         let answers = hashes
