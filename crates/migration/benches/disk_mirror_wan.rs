@@ -20,6 +20,8 @@
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --disk-mib 4096 --written-mib 512
 //! --methods qemu,proxy`. See bench/migration/README.md.
 
+#[path = "support/arguments.rs"]
+mod arguments;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/disk_mirror.rs"]
@@ -76,24 +78,15 @@ fn parse_options() -> anyhow::Result<Options> {
         written_mib: 512,
         methods: vec![Method::Qemu, Method::Proxy],
     };
-    let mut arguments = std::env::args().skip(1);
-    while let Some(argument) = arguments.next() {
-        if argument == "--bench" {
-            continue;
-        }
-        let mut value = || {
-            arguments
-                .next()
-                .with_context(|| format!("{argument} needs a value"))
-        };
+    for (argument, value) in arguments::named_values()? {
         match argument.as_str() {
-            "--rate-mbit" => options.rate_mbit = value()?.parse()?,
-            "--delay-ms" => options.delay_ms = value()?.parse()?,
-            "--loss" => options.loss = value()?.parse()?,
-            "--disk-mib" => options.disk_mib = value()?.parse()?,
-            "--written-mib" => options.written_mib = value()?.parse()?,
+            "--rate-mbit" => options.rate_mbit = value.parse()?,
+            "--delay-ms" => options.delay_ms = value.parse()?,
+            "--loss" => options.loss = value.parse()?,
+            "--disk-mib" => options.disk_mib = value.parse()?,
+            "--written-mib" => options.written_mib = value.parse()?,
             "--methods" => {
-                options.methods = value()?
+                options.methods = value
                     .split(',')
                     .map(|name| match name {
                         "qemu" => Ok(Method::Qemu),

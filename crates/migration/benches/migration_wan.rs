@@ -22,6 +22,8 @@
 //! for the `proxy_codec` bench)] [--unsent-limit-kib N] [--initial-connections N]`;
 //! `--methods none` runs the references alone. See bench/migration/README.md.
 
+#[path = "support/arguments.rs"]
+mod arguments;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/disk_mirror.rs"]
@@ -252,19 +254,9 @@ fn parse_options() -> anyhow::Result<Options> {
         transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
-    let arguments: Vec<String> = std::env::args().skip(1).collect();
-    let mut index = 0;
-    while index < arguments.len() {
-        let name = arguments[index].as_str();
-        // cargo bench passes `--bench`; ignore it.
-        if name == "--bench" {
-            index += 1;
-            continue;
-        }
-        let value = arguments
-            .get(index + 1)
-            .with_context(|| format!("{name} needs a value"))?;
-        match name {
+    for (name, value) in arguments::named_values()? {
+        let value = &value;
+        match name.as_str() {
             "--rate-mbit" => options.rate_mbit = value.parse()?,
             "--delay-ms" => options.delay_ms = value.parse()?,
             "--loss" => options.loss = value.parse()?,
@@ -304,7 +296,6 @@ fn parse_options() -> anyhow::Result<Options> {
                 "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections"
             ),
         }
-        index += 2;
     }
     if options.local_disk_written_mib > 0 {
         anyhow::ensure!(

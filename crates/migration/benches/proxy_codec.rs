@@ -15,6 +15,9 @@
 //! rebuilt stream that is compared with the original byte for byte (outside the timing). One
 //! table, the median round of each row.
 
+#[path = "support/arguments.rs"]
+mod arguments;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,18 +50,8 @@ fn parse_options() -> anyhow::Result<Options> {
     let mut stream_dir = None;
     let mut rounds = 3;
     let mut baselines = true;
-    let arguments: Vec<String> = std::env::args().skip(1).collect();
-    let mut index = 0;
-    while index < arguments.len() {
-        let name = arguments[index].as_str();
-        if name == "--bench" {
-            index += 1;
-            continue;
-        }
-        let value = arguments
-            .get(index + 1)
-            .with_context(|| format!("{name} needs a value"))?;
-        match name {
+    for (name, value) in arguments::named_values()? {
+        match name.as_str() {
             "--stream-dir" => stream_dir = Some(PathBuf::from(value)),
             "--rounds" => rounds = value.parse()?,
             "--baselines" => baselines = value.parse()?,
@@ -66,7 +59,6 @@ fn parse_options() -> anyhow::Result<Options> {
                 "unknown option {other:?}: use --stream-dir DIR, --rounds N, --baselines BOOL"
             ),
         }
-        index += 2;
     }
     let Some(stream_dir) = stream_dir else {
         bail!(
