@@ -276,9 +276,11 @@ enum PendingTier {
     /// Held by the destination, as the query knew at once ([`RemoteHashQuery::holds_locally`]).
     KnownFromDestination(ContentHash),
     /// Depends on the destination's answer: known, else delta (bytes in `delta_data`), else
-    /// literal (bytes in `literal_data`).
+    /// literal (bytes in `literal_data`). `ask`: the answer is not known yet (a local query
+    /// already said no).
     Undecided {
         hash: ContentHash,
+        ask: bool,
         literal_start: usize,
         delta: Option<(usize, usize)>,
     },
@@ -437,12 +439,8 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             let hash = ContentHash::of(page);
             if self.mirror.contains_hash(&hash) {
                 (hash, PendingTier::KnownFromTransfer(hash))
-            } else if self.config.query_destination
-                && (self.destination_holds.contains(&hash)
-                    || self.query.holds_locally(&hash) == Some(true))
-            {
-                (hash, PendingTier::KnownFromDestination(hash))
-            } else {
+            } else if let held @ (Some(false) | None) = self.destination_holds_now(&hash) {
+                let ask = held.is_none();
                 let literal_start = self.literal_data.len();
                 self.literal_data.extend_from_slice(page);
                 let mut delta = None;
@@ -461,10 +459,13 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                     hash,
                     PendingTier::Undecided {
                         hash,
+                        ask,
                         literal_start,
                         delta,
                     },
                 )
+            } else {
+                (hash, PendingTier::KnownFromDestination(hash))
             }
         };
         // Zero pages, pages sent earlier and pages the destination holds are not kept as delta
@@ -479,6 +480,19 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
             tier,
         });
         Ok(self.pending.len() >= self.config.pages_per_frame)
+    }
+
+    /// Whether the destination holds `hash`, when that is known now: nothing to ask, an earlier
+    /// answer, or the query's own at once ([`RemoteHashQuery::holds_locally`]). `None`: the
+    /// frame's batch asks.
+    fn destination_holds_now(&mut self, hash: &ContentHash) -> Option<bool> {
+        if !self.config.query_destination {
+            Some(false)
+        } else if self.destination_holds.contains(hash) {
+            Some(true)
+        } else {
+            self.query.holds_locally(hash)
+        }
     }
 
     /// Records that the destination now holds `page` at (`block`, `offset`) although the codec did
@@ -513,11 +527,9 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
                 .pending
                 .iter()
                 .filter_map(|entry| match entry.tier {
-                    PendingTier::Undecided { hash, .. }
-                        if !self.destination_holds.contains(&hash) =>
-                    {
-                        Some(hash)
-                    }
+                    PendingTier::Undecided {
+                        hash, ask: true, ..
+                    } if !self.destination_holds.contains(&hash) => Some(hash),
                     _ => None,
                 })
                 .collect();

@@ -297,27 +297,10 @@ impl RemoteHashQuery for SharedImagePages {
     }
 
     fn which_of(&mut self, hashes: &[ContentHash]) -> Result<Vec<bool>, BoxError> {
-        let mut delivered_hits = 0;
-        let answers = hashes
+        Ok(hashes
             .iter()
-            .map(|hash| {
-                if self.in_image(hash) {
-                    return true;
-                }
-                let delivered = self
-                    .delivered
-                    .as_ref()
-                    .is_some_and(|delivered| delivered.contains(hash));
-                delivered_hits += u64::from(delivered);
-                delivered
-            })
-            .collect();
-        if let Some(delivered) = &self.delivered
-            && delivered_hits > 0
-        {
-            delivered.note_used(delivered_hits);
-        }
-        Ok(answers)
+            .map(|hash| self.holds_locally(hash) == Some(true))
+            .collect())
     }
 }
 
