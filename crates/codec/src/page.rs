@@ -347,6 +347,11 @@ impl<Q: RemoteHashQuery> PageEncoder<Q> {
         &self.stats
     }
 
+    /// What the encoder asks about the destination's holdings.
+    pub fn query(&self) -> &Q {
+        &self.query
+    }
+
     /// The content hash of the page last given to [`PageEncoder::push_page`] (the zero page's
     /// hash before any).
     pub fn last_hash(&self) -> ContentHash {

@@ -40,7 +40,7 @@ use anyhow::{Context, bail};
 use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
-    ConvergencePlanner, DeliveredPages, PlanInputs, ProxyConfig, SharedImagePages,
+    ConvergencePlanner, DeliveredPages, HeldFile, PlanInputs, ProxyConfig, SharedImagePages,
     expected_send_window, queued_wire_bytes, receive_migration_stream,
     receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
@@ -66,6 +66,9 @@ struct Options {
     send_window_mib: u64,
     /// The proxy's zstd level for page frames.
     zstd_level: i32,
+    /// Whether RAM pages equal to a block of the guest's kernel or initrd travel as hashes, as
+    /// `vm migrate` does when the destination reports the same files.
+    held_boot_files: bool,
     /// What the link was measured to carry before, Mbit/s (0: nothing known): `vm migrate`
     /// starts the proxy's send window from the link's forecast, and keeps it at least four of
     /// its bandwidth-delay products, when a transfer measured the link before.
@@ -244,6 +247,7 @@ fn parse_options() -> anyhow::Result<Options> {
         ],
         send_window_mib: 0,
         zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
+        held_boot_files: true,
         forecast_mbit: 0.0,
         disk_mib: 0,
         local_disk_written_mib: 0,
@@ -270,6 +274,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
             "--tcp-reference" => options.tcp_reference = value.parse()?,
             "--qemu-reference" => options.qemu_reference = value.parse()?,
+            "--held-boot-files" => options.held_boot_files = value.parse()?,
             "--save-stream" => {
                 options.save_stream = Some(PathBuf::from(value));
                 options.qemu_reference = true;
@@ -293,7 +298,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections"
             ),
         }
     }
@@ -352,6 +357,22 @@ fn main() -> anyhow::Result<()> {
         )?),
         _ => None,
     };
+    // `vm migrate`'s hosts hash and index the kernel and initrd of a direct kernel boot while
+    // they prepare (each side its own copy, at the same time): added to the proxy's times.
+    let boot_files = if options.held_boot_files {
+        let started = Instant::now();
+        let files = [&guest.vmlinuz, &guest.initrd]
+            .into_iter()
+            .map(|path| HeldFile::open(path))
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("indexing the guest's kernel and initrd")?;
+        Some(BootFiles {
+            files,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    } else {
+        None
+    };
     let mut outcomes = Vec::new();
     for &method in &options.methods {
         let outcome = runtime.block_on(run_one(
@@ -360,7 +381,10 @@ fn main() -> anyhow::Result<()> {
             &options,
             &guest,
             &binaries,
-            disk.as_ref(),
+            Held {
+                disk: disk.as_ref(),
+                boot_files: boot_files.as_ref(),
+            },
             local_disk.as_ref().map(|(overlay, _)| overlay.as_path()),
         ))?;
         outcomes.push(outcome);
@@ -408,6 +432,14 @@ fn main() -> anyhow::Result<()> {
             disk.file_bytes as f64 / f64::from(1u32 << 20),
             disk.index_seconds,
             disk.build_seconds
+        );
+    }
+    if let Some(boot) = &boot_files {
+        println!(
+            "boot files: RAM pages equal to a block of the guest's kernel or initrd (both hosts \
+             hold them) travel as hashes; hashing and indexing them ({:.2} s) is in the proxy's \
+             time",
+            boot.seconds
         );
     }
     if let Some((_, random_bytes)) = &local_disk {
@@ -816,9 +848,10 @@ async fn run_one(
     options: &Options,
     guest: &TestGuest,
     binaries: &QemuBinaries,
-    disk: Option<&RealisticDisk>,
+    held: Held<'_>,
     written_overlay: Option<&Path>,
 ) -> anyhow::Result<Outcome> {
+    let Held { disk, boot_files } = held;
     eprintln!("== {}", method.name());
     let source_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
     let destination_dir = tempfile::Builder::new().prefix("nmb-").tempdir_in("/tmp")?;
@@ -867,7 +900,8 @@ async fn run_one(
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
     // As `vm migrate` does: with a local disk, memory pages equal to a block the disk mirror
     // delivered travel as hashes (each side keeps its own record of those blocks).
-    let image_pages = SharedImagePages::new(disk.map(|disk| disk.index.clone()));
+    let image_pages = SharedImagePages::new(disk.map(|disk| disk.index.clone()))
+        .with_files(boot_files.iter().flat_map(|boot| &boot.files));
     let (source_pages, destination_pages) = match written_overlay {
         Some(_) => (
             image_pages
@@ -1086,6 +1120,11 @@ async fn run_one(
         // `vm migrate` loads the base image's page index before QEMU starts sending.
         seconds += disk.index_seconds;
     }
+    if method.proxied()
+        && let Some(boot) = boot_files
+    {
+        seconds += boot.seconds;
+    }
     if method.proxied() {
         eprintln!("   qemu downtime limits set by the plan (ms): {qemu_limits:?}");
     }
@@ -1162,6 +1201,19 @@ async fn run_one(
 
 /// One host's QEMU and its directory.
 struct Side<'a>(&'a QemuVm, &'a Path);
+
+/// What the destination holds before the move: the realistic workload's base image, the
+/// guest's kernel and initrd.
+struct Held<'a> {
+    disk: Option<&'a RealisticDisk>,
+    boot_files: Option<&'a BootFiles>,
+}
+
+/// The guest's kernel and initrd, hashed and indexed (`--held-boot-files`).
+struct BootFiles {
+    files: Vec<HeldFile>,
+    seconds: f64,
+}
 
 /// The block mirror of a local disk across the link, started and in sync.
 struct DiskMirror {
@@ -1419,10 +1471,11 @@ fn source_side(
                 session.close().await?;
                 let codec = &report.codec;
                 eprintln!(
-                    "   proxy source: {} pages ({} known, {} from the base image, {} delta, {} literal), {} message bytes for {} stream bytes; {}",
+                    "   proxy source: {} pages ({} known, {} held at the destination of which {} in the kernel or initrd, {} delta, {} literal), {} message bytes for {} stream bytes; {}",
                     report.pages,
                     codec.known_from_transfer,
                     codec.known_from_destination,
+                    report.pages_from_files,
                     codec.delta_pages,
                     codec.literal_pages,
                     report.message_bytes,

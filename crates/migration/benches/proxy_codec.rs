@@ -218,7 +218,7 @@ fn main() -> anyhow::Result<()> {
     let (message_bytes, source) = last.expect("at least one round");
     let codec = &source.codec;
     println!(
-        "pages: {} ({} zero, {} sent earlier, {} from the base image, {} delta, {} literal); \
+        "pages: {} ({} zero, {} sent earlier, {} held at the destination, {} delta, {} literal); \
          opaque {:.1} MB",
         codec.pages,
         codec.zero_pages,

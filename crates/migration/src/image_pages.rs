@@ -9,11 +9,18 @@
 //! encoder's "which of these does the destination hold?" from its own index (same image, same
 //! content: no round trip); the destination serves the decoder's reads by hash from its copy.
 //! The stream checksum at the end still proves the rebuilt stream identical.
+//!
+//! The same holds for the files of a direct kernel boot ([`HeldFile`]): QEMU loads the kernel
+//! image into guest RAM, and the compressed kernel stays there after the guest booted (two
+//! 4 KiB-aligned copies: where QEMU put it and where the kernel moved it to unpack itself),
+//! about 25 MB of incompressible pages in a small Debian guest. Both hosts need those files to
+//! run the VM; a file counts as held once the destination reported the same BLAKE3 for it.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use novacron_codec::{
     BoxError, ContentHash, ContentHashBuildHasher, LocalContentSource, PAGE_SIZE, RemoteHashQuery,
@@ -241,6 +248,35 @@ impl LocalContentSource for ImagePageIndex {
     }
 }
 
+/// A file both hosts may hold (a direct kernel boot's kernel or initrd): its BLAKE3 and the index
+/// of its 4 KiB blocks at 4 KiB-aligned offsets.
+#[derive(Debug)]
+pub struct HeldFile {
+    digest: String,
+    index: Arc<ImagePageIndex>,
+}
+
+impl HeldFile {
+    /// Hashes and indexes the file at `path`.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(std::fs::File::open(path)?)?;
+        Ok(Self {
+            digest: hasher.finalize().to_hex().to_string(),
+            index: Arc::new(ImagePageIndex::build(path)?),
+        })
+    }
+
+    /// The file's BLAKE3, hex: what the destination reports, and the source compares.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn index(&self) -> &Arc<ImagePageIndex> {
+        &self.index
+    }
+}
+
 /// What the destination is known to hold, as the proxy codec sees it: the blocks of the VM's
 /// base image (both hosts hold the same image: no round trip) and, during a migration with a
 /// local disk, the blocks its disk mirror delivered ([`DeliveredPages`]). On the source, "the
@@ -250,6 +286,10 @@ impl LocalContentSource for ImagePageIndex {
 pub struct SharedImagePages {
     pub index: Option<Arc<ImagePageIndex>>,
     pub delivered: Option<Arc<DeliveredPages>>,
+    /// Other files both hosts hold with the same content ([`HeldFile`]).
+    pub files: Vec<Arc<ImagePageIndex>>,
+    /// Pages the encoder found among `files` (not in the base image).
+    file_pages: Arc<AtomicU64>,
 }
 
 impl SharedImagePages {
@@ -258,7 +298,17 @@ impl SharedImagePages {
         Self {
             index,
             delivered: None,
+            files: Vec::new(),
+            file_pages: Arc::default(),
         }
+    }
+
+    /// Also the blocks of these files (on the source: only files the destination reported
+    /// holding with the same digest).
+    pub fn with_files<'a>(mut self, files: impl IntoIterator<Item = &'a HeldFile>) -> Self {
+        self.files
+            .extend(files.into_iter().map(|file| file.index.clone()));
+        self
     }
 
     /// Also the blocks a disk mirror delivered.
@@ -269,21 +319,36 @@ impl SharedImagePages {
 
     /// Whether anything is held (the encoder asks only then).
     pub fn holds_anything(&self) -> bool {
-        self.index.is_some() || self.delivered.is_some()
+        self.index.is_some() || self.delivered.is_some() || !self.files.is_empty()
     }
 
-    /// Whether `hash` is a block of the base image.
+    /// Whether `hash` is a block of the base image or of a held file.
     pub fn in_image(&self, hash: &ContentHash) -> bool {
         self.index
-            .as_ref()
-            .is_some_and(|index| index.contains(hash))
+            .iter()
+            .chain(&self.files)
+            .any(|index| index.contains(hash))
+    }
+
+    /// Pages the encoder found in the held files and not in the base image (counted by
+    /// [`RemoteHashQuery::holds_locally`]).
+    pub fn pages_from_files(&self) -> u64 {
+        self.file_pages.load(Ordering::Relaxed)
     }
 }
 
 impl RemoteHashQuery for SharedImagePages {
     /// Both sides hold the same index and delivered blocks: always known at once.
     fn holds_locally(&mut self, hash: &ContentHash) -> Option<bool> {
-        if self.in_image(hash) {
+        if self
+            .index
+            .as_ref()
+            .is_some_and(|index| index.contains(hash))
+        {
+            return Some(true);
+        }
+        if self.files.iter().any(|file| file.contains(hash)) {
+            self.file_pages.fetch_add(1, Ordering::Relaxed);
             return Some(true);
         }
         let delivered = self
@@ -306,10 +371,10 @@ impl RemoteHashQuery for SharedImagePages {
 
 impl LocalContentSource for SharedImagePages {
     fn content(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, BoxError> {
-        if let Some(index) = &self.index
-            && let Some(block) = index.content(hash)?
-        {
-            return Ok(Some(block));
+        for index in self.index.iter().chain(&self.files) {
+            if let Some(block) = index.content(hash)? {
+                return Ok(Some(block));
+            }
         }
         match &self.delivered {
             Some(delivered) => delivered.content(hash),
@@ -355,6 +420,42 @@ mod tests {
         assert_eq!(shared.which_of(&[two, absent]).unwrap(), vec![true, false]);
         let mut none = SharedImagePages::default();
         assert_eq!(none.which_of(&[two]).unwrap(), vec![false]);
+    }
+
+    #[test]
+    fn held_files_are_read_back_and_their_pages_counted_apart_from_the_base_image() {
+        let (_image_dir, image_path) = image(&[1, 2]);
+        let (kernel_dir, kernel_path) = image(&[2, 3, 4]);
+        let kernel = HeldFile::open(&kernel_path).expect("kernel");
+        let whole = std::fs::read(&kernel_path).expect("read");
+        assert_eq!(kernel.digest(), blake3::hash(&whole).to_hex().as_str());
+        assert_eq!(kernel.index().distinct_blocks(), 3);
+        let base = Arc::new(ImagePageIndex::build(&image_path).expect("index"));
+        let mut held = SharedImagePages::new(Some(base)).with_files([&kernel]);
+        assert!(held.holds_anything());
+        let block = |fill: u8| ContentHash::of(&[fill; PAGE_SIZE]);
+        // In both: found in the base image, not counted as the kernel's.
+        assert_eq!(held.holds_locally(&block(2)), Some(true));
+        assert_eq!(held.pages_from_files(), 0);
+        assert_eq!(held.holds_locally(&block(3)), Some(true));
+        assert_eq!(held.holds_locally(&block(4)), Some(true));
+        assert_eq!(held.holds_locally(&block(5)), Some(false));
+        assert_eq!(
+            held.which_of(&[block(1), block(4), block(5)]).unwrap(),
+            vec![true, true, false]
+        );
+        // A clone (the agent's copy of the encoder's) shares the count.
+        assert_eq!(held.clone().pages_from_files(), 3);
+        assert_eq!(held.content(&block(3)).unwrap(), Some(vec![3u8; PAGE_SIZE]));
+        assert_eq!(held.content(&block(5)).unwrap(), None);
+        // Files alone, no base image: still something held.
+        assert!(
+            SharedImagePages::default()
+                .with_files([&kernel])
+                .holds_anything()
+        );
+        let missing = kernel_dir.path().join("absent");
+        assert!(HeldFile::open(&missing).is_err());
     }
 
     #[test]

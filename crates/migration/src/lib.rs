@@ -30,7 +30,7 @@ pub mod stream;
 pub mod synthetic;
 
 pub use delivered::DeliveredPages;
-pub use image_pages::{ImagePageIndex, SharedImagePages, StoredRange};
+pub use image_pages::{HeldFile, ImagePageIndex, SharedImagePages, StoredRange};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     CodecTiming, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport, StreamFormat,

@@ -222,6 +222,10 @@ pub struct ProxyReport {
     pub script_bytes: u64,
     /// The codec's counters for PAGE payloads.
     pub codec: PageStats,
+    /// Of `codec.known_from_destination`, pages found in the held files (a direct kernel boot's
+    /// kernel and initrd: [`crate::HeldFile`]) rather than in the base image or the disk
+    /// mirror's blocks. Source side only.
+    pub pages_from_files: u64,
     /// Where the codec thread's time went: which stage of the pipeline held the stream back.
     pub timing: CodecTiming,
 }
@@ -583,6 +587,7 @@ impl ProxyEncoder {
     pub fn report(&self) -> ProxyReport {
         ProxyReport {
             codec: self.encoder.stats().clone(),
+            pages_from_files: self.encoder.query().pages_from_files(),
             ..self.report.clone()
         }
     }

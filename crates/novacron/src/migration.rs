@@ -286,11 +286,13 @@ fn details(record: &MigrationRecord) {
         (
             "pages",
             format!(
-                "{} zero, {} known ({} from the base image at the destination, {} blocks the \
-                 disk mirror delivered), {} delta, {} literal",
+                "{} zero, {} known ({} from the base image at the destination, {} from the \
+                 kernel and initrd there, {} blocks the disk mirror delivered), {} delta, {} \
+                 literal",
                 progress.pages_zero,
                 progress.pages_known,
                 progress.pages_from_image,
+                progress.pages_from_boot_files,
                 progress.blocks_from_disk_mirror,
                 progress.pages_delta,
                 progress.pages_literal

@@ -172,6 +172,11 @@ pub struct MigrationProgress {
     /// holding what the guest wrote to its local disk), counted apart from `pages_from_image`.
     #[serde(default)]
     pub blocks_from_disk_mirror: u64,
+    /// Of the known pages, those equal to a block of the VM's kernel or initrd (a direct kernel
+    /// boot), which both hosts held with the same digest: the kernel image QEMU loaded stays
+    /// in guest RAM after boot. Counted apart from `pages_from_image`.
+    #[serde(default)]
+    pub pages_from_boot_files: u64,
     pub pages_delta: u64,
     pub pages_literal: u64,
     /// The convergence plan, in words: whether precopy converges over this link, in how many

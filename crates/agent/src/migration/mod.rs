@@ -6,7 +6,8 @@
 //! source agent                                    destination agent
 //!  phase requested → preparing (CAS)
 //!  dial the destination's transfer listener ────▶ Begin{id}: checks the record, starts QEMU
-//!                                      ◀──────── Ready       with -incoming (paused)
+//!                                      ◀──────── Ready       with -incoming (paused), and the
+//!                                                            digests of its kernel and initrd
 //!  QEMU migrates into a unix socket here;
 //!  the proxy re-encodes it (phase memory) ──bulk─▶ the identical stream rebuilt into QEMU
 //!  STOP event (phase switch-over)
@@ -29,8 +30,9 @@ use crate::records::Versioned;
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
 use novacron_migration::{
-    ConvergencePlanner, DeliveredPages, ImagePageIndex, Plan, PlanInputs, ProxyConfig, ProxyError,
-    ProxyReport, SharedImagePages, receive_migration_stream_duplex, send_migration_stream_duplex,
+    ConvergencePlanner, DeliveredPages, HeldFile, ImagePageIndex, Plan, PlanInputs, ProxyConfig,
+    ProxyError, ProxyReport, SharedImagePages, receive_migration_stream_duplex,
+    send_migration_stream_duplex,
 };
 use novacron_qemu::{QemuVm, RunState};
 use novacron_transport::{
@@ -831,7 +833,19 @@ impl Source<'_> {
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
         });
-        ask_destination(session, begin, "migration", &self.migration.destination).await?;
+        // Indexed while the destination prepares.
+        let (held_there, held_here) = tokio::join!(
+            ask_destination(session, begin, "migration", &self.migration.destination),
+            held_boot_files(&self.record),
+        );
+        let held_there = held_there?;
+        let held: Vec<&HeldFile> = held_here
+            .iter()
+            .filter(|file| held_there.iter().any(|digest| digest == file.digest()))
+            .collect();
+        if held.len() < held_here.len() {
+            tracing::info!(vm = %self.name, "the destination's kernel or initrd differs from this host's; pages equal to their blocks are sent in full");
+        }
 
         let memory_from = if self.record.spec.image_id.is_some() {
             self.mirror_disk(dial).await?;
@@ -849,7 +863,7 @@ impl Source<'_> {
             )
         });
         let mut config = ProxyConfig {
-            image_pages: self.base_image_pages().await,
+            image_pages: self.base_image_pages().await.with_files(held),
             ..ProxyConfig::default()
         };
         let forecast_rate = forecast
@@ -1154,8 +1168,8 @@ impl Source<'_> {
         progress.converges = Some(plan.converges);
     }
 
-    /// Splits the pages the destination held before this move between the base image and the
-    /// disk mirror's blocks.
+    /// Splits the pages the destination held before this move between the base image, the
+    /// boot files and the disk mirror's blocks.
     fn count_known_pages(
         delivered: &DeliveredPages,
         progress: &mut novacron_types::MigrationProgress,
@@ -1163,10 +1177,12 @@ impl Source<'_> {
     ) {
         let from_mirror = delivered.used();
         progress.blocks_from_disk_mirror = from_mirror;
+        progress.pages_from_boot_files = report.pages_from_files;
         progress.pages_from_image = report
             .codec
             .known_from_destination
-            .saturating_sub(from_mirror);
+            .saturating_sub(from_mirror)
+            .saturating_sub(report.pages_from_files);
     }
 
     /// RAM pages and disk blocks equal to a block of the VM's base image travel as hashes: the
@@ -1218,7 +1234,7 @@ impl Source<'_> {
             .await
             .map_err(|error| session_failure("asking the destination for its disk", &error))?;
         match Message::decode(&reply) {
-            Ok(Message::Migration(MigrationControl::Ready)) => {}
+            Ok(Message::Migration(MigrationControl::Ready { .. })) => {}
             Ok(Message::Migration(MigrationControl::Refused { code, message })) => {
                 return Err(Failure::new(
                     code,
@@ -1855,13 +1871,13 @@ fn session_failure(what: &str, error: &novacron_transport::TransportError) -> Fa
 }
 
 /// Sends a migration's opening request (`Begin`, `Recover`: `what` names it) to the
-/// destination and waits for its `Ready`.
+/// destination and waits for its `Ready`; returns the digests of the files it holds.
 async fn ask_destination(
     session: &Session,
     request: Message,
     what: &str,
     destination: &str,
-) -> Result<(), Failure> {
+) -> Result<Vec<String>, Failure> {
     let reply = tokio::time::timeout(
         Duration::from_secs(60),
         session.control().request(request.encode()),
@@ -1875,7 +1891,7 @@ async fn ask_destination(
     })?
     .map_err(|error| session_failure(&format!("asking host {destination}"), &error))?;
     match Message::decode(&reply) {
-        Ok(Message::Migration(MigrationControl::Ready)) => Ok(()),
+        Ok(Message::Migration(MigrationControl::Ready { held_files })) => Ok(held_files),
         Ok(Message::Migration(MigrationControl::Refused { code, message })) => Err(Failure::new(
             code,
             format!("host {destination} refused: {message}"),
@@ -2136,7 +2152,12 @@ pub(crate) async fn serve_destination(
 ) {
     let shared = service.shared().clone();
     let prepared = prepare_destination(&shared, &session, &id).await;
-    let (record, qemu, image_pages) = match prepared {
+    let PreparedDestination {
+        record,
+        qemu,
+        image_pages,
+        held_files,
+    } = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "incoming migration refused");
@@ -2165,7 +2186,7 @@ pub(crate) async fn serve_destination(
     // failure): the reconciler leaves the QEMU to the migration meanwhile.
     let driving = PostcopyIncoming::new(&shared, &record.uuid);
     if request
-        .respond(Message::Migration(MigrationControl::Ready).encode())
+        .respond(Message::Migration(MigrationControl::Ready { held_files }).encode())
         .await
         .is_err()
     {
@@ -2282,7 +2303,7 @@ async fn prepare_destination(
     shared: &Arc<Shared>,
     session: &Session,
     id: &str,
-) -> Result<(VmRecord, QemuVm, SharedImagePages), AgentError> {
+) -> Result<PreparedDestination, AgentError> {
     let Some(Versioned {
         record: migration, ..
     }) = shared.records.migration(id).await?
@@ -2375,6 +2396,12 @@ async fn prepare_destination(
         },
         None => SharedImagePages::default(),
     };
+    let held_files = held_boot_files(&record).await;
+    let image_pages = image_pages.with_files(&held_files);
+    let held_files = held_files
+        .iter()
+        .map(|file| file.digest().to_string())
+        .collect();
     let binaries = shared.hypervisor.binaries()?;
     let probe = shared.hypervisor.accelerator().await?;
     let incoming = directory.join("incoming.sock");
@@ -2419,7 +2446,50 @@ async fn prepare_destination(
         return Err(error);
     }
     tracing::info!(vm = %record.spec.name, migration = %id, pid = qemu.pid(), "incoming qemu waits for the migration");
-    Ok((record, qemu, image_pages))
+    Ok(PreparedDestination {
+        record,
+        qemu,
+        image_pages,
+        held_files,
+    })
+}
+
+/// What [`prepare_destination`] made ready.
+struct PreparedDestination {
+    record: VmRecord,
+    qemu: QemuVm,
+    image_pages: SharedImagePages,
+    /// Digests of the held files in `image_pages`, for the `Ready`.
+    held_files: Vec<String>,
+}
+
+/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed (a few tens of
+/// milliseconds for a distribution kernel): RAM pages equal to one of their blocks travel as
+/// hashes when both hosts hold the same file. A file that cannot be read is left out (the
+/// migration then sends those pages).
+async fn held_boot_files(record: &VmRecord) -> Vec<HeldFile> {
+    let paths: Vec<std::path::PathBuf> = record
+        .spec
+        .kernel
+        .iter()
+        .chain(&record.spec.initrd)
+        .cloned()
+        .collect();
+    let vm = record.spec.name.to_string();
+    tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .filter_map(|path| match HeldFile::open(path) {
+                Ok(file) => Some(file),
+                Err(error) => {
+                    tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
+                    None
+                }
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// How long a base image's page index stays in memory after a migration used it, so the next
@@ -3079,7 +3149,7 @@ pub(crate) async fn serve_destination_disk(
         }
     };
     if request
-        .respond(Message::Migration(MigrationControl::Ready).encode())
+        .respond(Message::Migration(MigrationControl::Ready { held_files: vec![] }).encode())
         .await
         .is_err()
     {

@@ -340,7 +340,7 @@ async fn take_recovery(
     };
     if recovery
         .request
-        .respond(Message::Migration(MigrationControl::Ready).encode())
+        .respond(Message::Migration(MigrationControl::Ready { held_files: vec![] }).encode())
         .await
         .is_err()
     {

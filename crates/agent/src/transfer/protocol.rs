@@ -16,7 +16,7 @@
 //! either side, on failure:     Abort{code,message} (notification)
 //!
 //! live migration (source dials the destination; see `crate::migration`):
-//!   Migration(Begin{id})       → Migration(Ready | Refused{code,message})
+//!   Migration(Begin{id})       → Migration(Ready{held_files} | Refused{code,message})
 //!   with a disk, on a second session: Migration(DiskBegin{id}) → Ready | Refused, then NBD
 //!   between the source QEMU's block mirror and the destination QEMU's export, both ways
 //!   (bulk stream: the migration proxy's messages, `novacron_migration::proxy`)
@@ -103,8 +103,14 @@ pub enum MigrationControl {
     /// waits paused to resume it on this session. Answered `Ready` once the destination QEMU
     /// listens for the resumed stream, or `Refused`.
     Recover { id: String },
-    /// Destination → source (reply): its QEMU waits for the stream.
-    Ready,
+    /// Destination → source (reply): its QEMU waits for the stream. To a `Begin`, also the
+    /// BLAKE3 (hex) of each file of the VM's direct kernel boot this host holds and indexed:
+    /// RAM pages equal to a block of one the source holds with the same digest travel as
+    /// hashes. Added later: older hosts send and expect none (an empty list is not encoded).
+    Ready {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        held_files: Vec<String>,
+    },
     /// Destination → source: it cannot take the VM (reply to Begin) or lost it (notification).
     Refused { code: ErrorCode, message: String },
     /// Destination → source (notification): the stream was rebuilt identically (length and
@@ -434,7 +440,10 @@ mod tests {
                 message: "disk full".into(),
             }),
             Message::Migration(MigrationControl::Begin { id: "m1".into() }),
-            Message::Migration(MigrationControl::Ready),
+            Message::Migration(MigrationControl::Ready { held_files: vec![] }),
+            Message::Migration(MigrationControl::Ready {
+                held_files: vec!["ab".into(), "cd".into()],
+            }),
             Message::Migration(MigrationControl::DiskBegin { id: "m1".into() }),
             Message::Migration(MigrationControl::Loaded {
                 pid: Some(7),
@@ -477,6 +486,22 @@ mod tests {
         assert!(Message::decode(&[TRANSFER_PROTOCOL_VERSION, WHICH_OF, 1, 2]).is_err());
         assert!(Message::decode(&[TRANSFER_PROTOCOL_VERSION, WHICH_OF_ANSWER, 2]).is_err());
         assert!(Message::decode(&[TRANSFER_PROTOCOL_VERSION, OFFER, b'{']).is_err());
+    }
+
+    #[test]
+    fn a_ready_without_held_files_is_what_older_hosts_send_and_read() {
+        let mut older = vec![TRANSFER_PROTOCOL_VERSION, MIGRATION];
+        older.extend_from_slice(br#"{"step":"ready"}"#);
+        assert_eq!(
+            Message::decode(&older),
+            Ok(Message::Migration(MigrationControl::Ready {
+                held_files: vec![]
+            }))
+        );
+        assert_eq!(
+            Message::Migration(MigrationControl::Ready { held_files: vec![] }).encode()[..],
+            older[..]
+        );
     }
 
     #[test]
