@@ -900,8 +900,13 @@ async fn run_one(
     let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
     // As `vm migrate` does: with a local disk, memory pages equal to a block the disk mirror
     // delivered travel as hashes (each side keeps its own record of those blocks).
-    let image_pages = SharedImagePages::new(disk.map(|disk| disk.index.clone()))
-        .with_files(boot_files.iter().flat_map(|boot| &boot.files));
+    let image_pages = SharedImagePages::new(disk.map(|disk| disk.index.clone())).with_files(
+        boot_files
+            .iter()
+            .flat_map(|boot| &boot.files)
+            .flat_map(HeldFile::parts)
+            .map(|(_, index)| index),
+    );
     let (source_pages, destination_pages) = match written_overlay {
         Some(_) => (
             image_pages

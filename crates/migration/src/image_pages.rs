@@ -91,7 +91,26 @@ impl ImagePageIndex {
         ranges: &[StoredRange],
         guest_length: u64,
     ) -> std::io::Result<Self> {
-        let file = std::fs::File::open(path)?;
+        Self::index_file(std::fs::File::open(path)?, path, ranges, guest_length)
+    }
+
+    /// Indexes the whole of an open file (`name` for messages), as [`ImagePageIndex::build`].
+    pub fn build_from_open_file(file: std::fs::File, name: &Path) -> std::io::Result<Self> {
+        let length = file.metadata()?.len();
+        let whole = [StoredRange {
+            guest_offset: 0,
+            file_offset: 0,
+            length,
+        }];
+        Self::index_file(file, name, &whole, length)
+    }
+
+    fn index_file(
+        file: std::fs::File,
+        path: &Path,
+        ranges: &[StoredRange],
+        guest_length: u64,
+    ) -> std::io::Result<Self> {
         let file_length = file.metadata()?.len();
         let page = PAGE_SIZE as u64;
         let mut offsets = HashMap::with_hasher(ContentHashBuildHasher::default());
@@ -248,32 +267,53 @@ impl LocalContentSource for ImagePageIndex {
     }
 }
 
-/// A file both hosts may hold (a direct kernel boot's kernel or initrd): its BLAKE3 and the index
-/// of its 4 KiB blocks at 4 KiB-aligned offsets.
+/// A file both hosts may hold (a direct kernel boot's kernel or initrd): the index of its 4 KiB
+/// blocks at 4 KiB-aligned offsets and, for a kernel (a bzImage), the index of the kernel
+/// unpacked from it ([`crate::kernel_image`]), each under an identity the two hosts compare:
+/// the file's BLAKE3 (hex), and the same followed by [`UNPACKED_SUFFIX`] for the unpacked
+/// kernel.
 #[derive(Debug)]
 pub struct HeldFile {
-    digest: String,
-    index: Arc<ImagePageIndex>,
+    parts: Vec<(String, Arc<ImagePageIndex>)>,
 }
 
+/// Appended to a kernel file's digest to name the kernel unpacked from it.
+pub const UNPACKED_SUFFIX: &str = "/unpacked";
+
 impl HeldFile {
-    /// Hashes and indexes the file at `path`.
+    /// Hashes and indexes the file at `path`; a bzImage's kernel is unpacked into an unnamed
+    /// temporary file (removed with the index) and indexed too. A kernel that does not unpack
+    /// is logged and left out: its file's blocks are still held.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(std::fs::File::open(path)?)?;
-        Ok(Self {
-            digest: hasher.finalize().to_hex().to_string(),
-            index: Arc::new(ImagePageIndex::build(path)?),
-        })
+        use std::io::Write;
+        let bytes = std::fs::read(path)?;
+        let digest = blake3::hash(&bytes).to_hex().to_string();
+        let mut parts = vec![(digest.clone(), Arc::new(ImagePageIndex::build(path)?))];
+        match crate::kernel_image::unpack_bzimage(&bytes) {
+            Ok(Some(kernel)) => {
+                let mut file = tempfile::tempfile()?;
+                file.write_all(&kernel)?;
+                let index = ImagePageIndex::build_from_open_file(file, path)?;
+                parts.push((format!("{digest}{UNPACKED_SUFFIX}"), Arc::new(index)));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "kernel not unpacked; RAM pages equal to its blocks are sent")
+            }
+        }
+        Ok(Self { parts })
     }
 
-    /// The file's BLAKE3, hex: what the destination reports, and the source compares.
-    pub fn digest(&self) -> &str {
-        &self.digest
+    /// What the destination reports, and the source compares.
+    pub fn identities(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().map(|(identity, _)| identity.as_str())
     }
 
-    pub fn index(&self) -> &Arc<ImagePageIndex> {
-        &self.index
+    /// Each index with its identity.
+    pub fn parts(&self) -> impl Iterator<Item = (&str, &Arc<ImagePageIndex>)> {
+        self.parts
+            .iter()
+            .map(|(identity, index)| (identity.as_str(), index))
     }
 }
 
@@ -303,11 +343,13 @@ impl SharedImagePages {
         }
     }
 
-    /// Also the blocks of these files (on the source: only files the destination reported
-    /// holding with the same digest).
-    pub fn with_files<'a>(mut self, files: impl IntoIterator<Item = &'a HeldFile>) -> Self {
-        self.files
-            .extend(files.into_iter().map(|file| file.index.clone()));
+    /// Also the blocks of these indexes of held files ([`HeldFile::parts`]; on the source: only
+    /// those the destination reported holding under the same identity).
+    pub fn with_files<'a>(
+        mut self,
+        indexes: impl IntoIterator<Item = &'a Arc<ImagePageIndex>>,
+    ) -> Self {
+        self.files.extend(indexes.into_iter().cloned());
         self
     }
 
@@ -428,10 +470,13 @@ mod tests {
         let (kernel_dir, kernel_path) = image(&[2, 3, 4]);
         let kernel = HeldFile::open(&kernel_path).expect("kernel");
         let whole = std::fs::read(&kernel_path).expect("read");
-        assert_eq!(kernel.digest(), blake3::hash(&whole).to_hex().as_str());
-        assert_eq!(kernel.index().distinct_blocks(), 3);
+        // Not a bzImage: the file's blocks alone.
+        let identities: Vec<&str> = kernel.identities().collect();
+        assert_eq!(identities, [blake3::hash(&whole).to_hex().as_str()]);
+        let (_, index) = kernel.parts().next().expect("one part");
+        assert_eq!(index.distinct_blocks(), 3);
         let base = Arc::new(ImagePageIndex::build(&image_path).expect("index"));
-        let mut held = SharedImagePages::new(Some(base)).with_files([&kernel]);
+        let mut held = SharedImagePages::new(Some(base)).with_files([index]);
         assert!(held.holds_anything());
         let block = |fill: u8| ContentHash::of(&[fill; PAGE_SIZE]);
         // In both: found in the base image, not counted as the kernel's.
@@ -451,7 +496,7 @@ mod tests {
         // Files alone, no base image: still something held.
         assert!(
             SharedImagePages::default()
-                .with_files([&kernel])
+                .with_files([index])
                 .holds_anything()
         );
         let missing = kernel_dir.path().join("absent");

@@ -839,12 +839,14 @@ impl Source<'_> {
             held_boot_files(&self.record),
         );
         let held_there = held_there?;
-        let held: Vec<&HeldFile> = held_here
+        let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()
-            .filter(|file| held_there.iter().any(|digest| digest == file.digest()))
+            .flat_map(HeldFile::parts)
+            .filter(|(identity, _)| held_there.iter().any(|there| there == identity))
+            .map(|(_, index)| index)
             .collect();
-        if held.len() < held_here.len() {
-            tracing::info!(vm = %self.name, "the destination's kernel or initrd differs from this host's; pages equal to their blocks are sent in full");
+        if held.len() < held_here.iter().flat_map(HeldFile::identities).count() {
+            tracing::info!(vm = %self.name, "the destination's kernel or initrd differs from this host's (or did not unpack there); pages equal to their blocks are sent in full");
         }
 
         let memory_from = if self.record.spec.image_id.is_some() {
@@ -2397,10 +2399,16 @@ async fn prepare_destination(
         None => SharedImagePages::default(),
     };
     let held_files = held_boot_files(&record).await;
-    let image_pages = image_pages.with_files(&held_files);
+    let image_pages = image_pages.with_files(
+        held_files
+            .iter()
+            .flat_map(HeldFile::parts)
+            .map(|(_, index)| index),
+    );
     let held_files = held_files
         .iter()
-        .map(|file| file.digest().to_string())
+        .flat_map(HeldFile::identities)
+        .map(str::to_string)
         .collect();
     let binaries = shared.hypervisor.binaries()?;
     let probe = shared.hypervisor.accelerator().await?;

@@ -103,10 +103,12 @@ pub enum MigrationControl {
     /// waits paused to resume it on this session. Answered `Ready` once the destination QEMU
     /// listens for the resumed stream, or `Refused`.
     Recover { id: String },
-    /// Destination → source (reply): its QEMU waits for the stream. To a `Begin`, also the
-    /// BLAKE3 (hex) of each file of the VM's direct kernel boot this host holds and indexed:
-    /// RAM pages equal to a block of one the source holds with the same digest travel as
-    /// hashes. Added later: older hosts send and expect none (an empty list is not encoded).
+    /// Destination → source (reply): its QEMU waits for the stream. To a `Begin`, also what this
+    /// host holds and indexed of the VM's direct kernel boot: the BLAKE3 (hex) of each file,
+    /// and for a kernel it unpacked the same followed by `/unpacked`
+    /// (`novacron_migration::HeldFile`). RAM pages equal to a block of one the source holds
+    /// under the same identity travel as hashes. Added later: older hosts send and expect none
+    /// (an empty list is not encoded).
     Ready {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         held_files: Vec<String>,
