@@ -126,14 +126,7 @@ async fn probe_accelerator_with_device(
 
 /// Boots the probe firmware with `accelerator`; `Err` says why it did not run to completion.
 async fn run_probe_guest(binaries: &QemuBinaries, accelerator: Accelerator) -> Result<(), String> {
-    let directory = tempfile::Builder::new()
-        .prefix("novacron-kvm-probe")
-        .tempdir()
-        .map_err(|error| {
-            format!("cannot create a temporary directory for the {accelerator} probe: {error}")
-        })?;
-    let firmware_path = directory.path().join("probe-firmware.bin");
-    std::fs::write(&firmware_path, probe_firmware())
+    let firmware_path = probe_firmware_file(&std::env::temp_dir())
         .map_err(|error| format!("cannot write the {accelerator} probe firmware: {error}"))?;
     // Under coreutils' `timeout`: a probe whose vCPU never finishes must not outlive a `serve`
     // that was killed before it could kill the probe (seen here: orphaned probes spinning).
@@ -195,6 +188,25 @@ async fn run_probe_guest(binaries: &QemuBinaries, accelerator: Accelerator) -> R
     }
 }
 
+/// Where the probe firmware is, in `directory`: one file, kept. Written only when missing or
+/// different, through a rename (concurrent probes are safe), so a probe killed with its `serve`
+/// (the KVM probe runs for [`PROBE_TIMEOUT`] on hosts where KVM cannot run guests) leaves
+/// nothing behind; a temporary directory per probe did, one per killed `serve`.
+fn probe_firmware_file(directory: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    let firmware = probe_firmware();
+    let path = directory.join("novacron-probe-firmware.bin");
+    if std::fs::read(&path).is_ok_and(|bytes| bytes == firmware) {
+        return Ok(path);
+    }
+    let mut file = tempfile::Builder::new()
+        .prefix("novacron-probe-firmware")
+        .tempfile_in(directory)?;
+    file.write_all(&firmware)?;
+    file.persist(&path).map_err(|error| error.error)?;
+    Ok(path)
+}
+
 fn probe_firmware() -> Vec<u8> {
     let mut firmware = vec![0u8; FIRMWARE_SIZE];
     firmware[..PROBE_FIRMWARE_CODE.len()].copy_from_slice(&PROBE_FIRMWARE_CODE);
@@ -206,6 +218,23 @@ fn probe_firmware() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_firmware_file_is_written_once_and_mended_when_changed() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = probe_firmware_file(directory.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), probe_firmware());
+        // Not written again: the same file (a rewrite renames a new one into place).
+        let inode = || std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        let written = inode();
+        assert_eq!(probe_firmware_file(directory.path()).unwrap(), path);
+        assert_eq!(inode(), written);
+        std::fs::write(&path, b"something else").unwrap();
+        probe_firmware_file(directory.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), probe_firmware());
+        // Nothing but the one file.
+        assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1);
+    }
 
     #[tokio::test]
     async fn missing_kvm_device_selects_tcg_with_reason() {
