@@ -307,12 +307,15 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 
 /// The send window of a migration session, resized from what the session measures.
 ///
-/// Until the transport has measured the link (a second in), the window stands for four
-/// bandwidth-delay products of the guessed or forecast rate of QEMU's stream (in message bytes,
-/// divided by the stream's encoding ratio so far; it may grow up to that many message bytes
-/// while it holds the link back, as below). A session's first second is TCP's ramp-up, not
-/// the link: cutting the window to what the ramp-up carried held a lossy 1 Gbit/s path at a
-/// fifth of its rate for two seconds.
+/// Until the transport has measured the link (a second in), the window is four
+/// bandwidth-delay products of the forecast (or guessed) link rate, in message bytes: what
+/// crosses in four round trips, whatever it stands for. It used to be divided by the stream's
+/// encoding ratio so far, but a stream starts with its most compressible part (zero pages,
+/// pages the destination holds), so a 2 GiB adversarial guest at (b) started from 3 MB and
+/// grew a quarter per step for a second and a half while TCP could have ramped up: 7.0-7.2 s
+/// against 6.6-6.9 s without the division (bench/migration/README.md). A session's first
+/// second is TCP's ramp-up, not the link: cutting the window to what the ramp-up carried held
+/// a lossy 1 Gbit/s path at a fifth of its rate for two seconds.
 ///
 /// Then the base is four measured bandwidth-delay products (with the connect-time RTT), never
 /// below the minimum nor the forecast's floor. Two would do on a clean path, and every byte
@@ -330,13 +333,17 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 /// its base.
 ///
 /// Above its base, the window never holds more of QEMU's stream than the link carries within
-/// `ProxyConfig::window_drain_budget` at the rate measured over the last half second: what a
-/// full window holds at the switch-over is what the guest's final pause waits for, and the
-/// destination rebuilds and loads all of the stream it stands for (a window of page hashes
-/// stands for many times its size).
+/// `ProxyConfig::window_drain_budget` at the rate measured over the last half second, or the
+/// transport's measured rate when that is higher: what a full window holds at the switch-over
+/// is what the guest's final pause waits for, and the destination rebuilds and loads all of
+/// the stream it stands for (a window of page hashes stands for many times its size). The
+/// half second's rate alone dips while a connection recovers a lost segment (every few
+/// milliseconds at 0.5 % loss and 1 Gbit/s), and a cap from the dip cut the window just as the
+/// stall ended.
 struct SendWindow {
     minimum: u64,
-    /// Four bandwidth-delay products of the rate the window starts from, in QEMU's stream bytes.
+    /// Four bandwidth-delay products of the rate the window starts from: the window, in message
+    /// bytes, until the link is measured.
     initial: u64,
     /// Four bandwidth-delay products of the link's forecast (0 without one), in QEMU's stream
     /// bytes: the window never holds less than this much of QEMU's stream.
@@ -404,9 +411,7 @@ impl SendWindow {
         } else {
             0
         };
-        // The encoding ratio is not known before the first batches: start from the minimum,
-        // or a forecast's floor.
-        session.set_bulk_send_window(minimum.max(floor));
+        session.set_bulk_send_window(minimum.max(initial));
         Self {
             minimum,
             initial,
@@ -461,7 +466,8 @@ impl SendWindow {
                 let product = stats.measured_rate_bytes_per_second * round_trip.as_secs_f64();
                 let recent = self
                     .rate_since(now - Self::RECENT)
-                    .unwrap_or(stats.measured_rate_bytes_per_second);
+                    .unwrap_or(0.0)
+                    .max(stats.measured_rate_bytes_per_second);
                 WindowStep {
                     current,
                     base: ((Self::FACTOR * product) as u64)
@@ -472,16 +478,8 @@ impl SendWindow {
                 }
                 .next()
             }
-            // Nothing measured yet: the initial window in message bytes, or more (up to the
-            // initial window's size in message bytes) while the window holds the link back.
-            _ => {
-                let initial = ((self.initial as f64 / ratio) as u64).max(self.minimum);
-                if held {
-                    initial.max(((current as f64 * WindowStep::GROWTH) as u64).min(self.initial))
-                } else {
-                    initial
-                }
-            }
+            // Nothing measured yet: the initial window.
+            _ => self.initial.max(self.minimum),
         };
         // Ignore small changes; a window that moves by a tenth per step still moves.
         if wanted.abs_diff(current) * 16 > current {
