@@ -13,8 +13,9 @@
 //! The same holds for the files of a direct kernel boot ([`HeldFile`]): QEMU loads the kernel
 //! image into guest RAM, and the compressed kernel stays there after the guest booted (two
 //! 4 KiB-aligned copies: where QEMU put it and where the kernel moved it to unpack itself),
-//! about 25 MB of incompressible pages in a small Debian guest. Both hosts need those files to
-//! run the VM; a file counts as held once the destination reported the same BLAKE3 for it.
+//! about 25 MB of incompressible pages in a small Debian guest, and so do the text and read-only
+//! data of the kernel it unpacked. Both hosts need those files to run the VM; a file (or the
+//! kernel unpacked from it) counts as held once the destination reported the same identity.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;

@@ -8,6 +8,7 @@
 //!  dial the destination's transfer listener ────▶ Begin{id}: checks the record, starts QEMU
 //!                                      ◀──────── Ready       with -incoming (paused), and the
 //!                                                            digests of its kernel and initrd
+//!                                                            (held_files)
 //!  QEMU migrates into a unix socket here;
 //!  the proxy re-encodes it (phase memory) ──bulk─▶ the identical stream rebuilt into QEMU
 //!  STOP event (phase switch-over)
@@ -1873,7 +1874,8 @@ fn session_failure(what: &str, error: &novacron_transport::TransportError) -> Fa
 }
 
 /// Sends a migration's opening request (`Begin`, `Recover`: `what` names it) to the
-/// destination and waits for its `Ready`; returns the digests of the files it holds.
+/// destination and waits for its `Ready`; returns what it said it holds of the VM's boot files
+/// (`MigrationControl::Ready::held_files`).
 async fn ask_destination(
     session: &Session,
     request: Message,
@@ -2471,10 +2473,10 @@ struct PreparedDestination {
     held_files: Vec<String>,
 }
 
-/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed (a few tens of
-/// milliseconds for a distribution kernel): RAM pages equal to one of their blocks travel as
-/// hashes when both hosts hold the same file. A file that cannot be read is left out (the
-/// migration then sends those pages).
+/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed, the kernel also
+/// unpacked (about 0.1 s for a distribution kernel): RAM pages equal to one of their blocks
+/// travel as hashes when both hosts hold the same file. A file that cannot be read is left out
+/// (the migration then sends those pages).
 async fn held_boot_files(record: &VmRecord) -> Vec<HeldFile> {
     let paths: Vec<std::path::PathBuf> = record
         .spec
