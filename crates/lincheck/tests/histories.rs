@@ -183,6 +183,44 @@ fn an_unknown_write_may_appear_later_but_only_once() {
 }
 
 #[test]
+fn reads_whose_answers_were_lost_cost_the_search_nothing() {
+    // Writes one after another, each read back, and a read with a lost answer started before
+    // each write: open to the end of the history, they overlap everything after them.
+    let mut history = Vec::new();
+    for round in 0..40u64 {
+        let at = round * 10 + 1;
+        history.push(KvOperation {
+            client: 100 + round,
+            input: KvInput::Get {
+                key: "k".to_string(),
+            },
+            output: None,
+            invoked: at,
+            returned: None,
+        });
+        let value = format!("v{round}");
+        history.push(put(1, "k", &value, (at + 1, at + 2), round + 1));
+        history.push(get(
+            2,
+            "k",
+            (at + 3, at + 4),
+            Some((&value, 1, round + 1, round + 1)),
+        ));
+    }
+    let verdict = check_history(
+        &history,
+        CheckOptions {
+            step_budget_per_key: 10_000,
+        },
+    )
+    .expect("well-formed history");
+    assert_eq!(verdict, Verdict::Linearizable);
+    // A lost read does not hide a stale one.
+    history.push(get(3, "k", (500, 501), Some(("v3", 1, 4, 4))));
+    assert_violation_on(&history, "k");
+}
+
+#[test]
 fn failed_conditions_must_report_what_the_store_held() {
     let create = |actual| {
         write(
