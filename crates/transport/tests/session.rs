@@ -269,8 +269,15 @@ async fn a_raised_resume_timeout_outlasts_an_outage_the_configured_one_does_not(
             Ok(()) => dialer.flush().await.expect_err("the session fails"),
         };
         assert!(error.to_string().contains("1 s"), "{error}");
-        let received = accepted.recv().await;
-        assert!(received.is_err(), "the listener's side fails too");
+        // The listener's side fails too, after whatever crossed before the cut took hold (the
+        // first frames may: a CI run saw a recv answer data here).
+        loop {
+            match accepted.recv().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the listener's side saw the stream end instead of failing"),
+                Err(_) => break,
+            }
+        }
     })
     .await;
 }
