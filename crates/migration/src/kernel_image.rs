@@ -8,8 +8,8 @@
 //!
 //! Formats: gzip, xz, zstd and LZ4 (the kernel's legacy LZ4 framing), which cover the kernels
 //! distributions ship; others (bzip2, lzma, lzo) are left alone. The payload's last four bytes
-//! are the unpacked size (little-endian, appended by the kernel's build): the result must have
-//! exactly that size, at most [`MAX_UNPACKED_BYTES`].
+//! are the unpacked size (little-endian: appended by the kernel's build, or for gzip the end of
+//! gzip's own trailer): the result must have exactly that size, at most [`MAX_UNPACKED_BYTES`].
 
 use std::io::{Error, ErrorKind, Read};
 
@@ -68,7 +68,8 @@ fn read_u32(bytes: &[u8], at: usize) -> u32 {
 #[derive(Debug)]
 pub struct Payload<'a> {
     pub compression: Compression,
-    /// Without the size trailer.
+    /// Without the size the kernel's build appends (gzip's own trailer, which ends with the
+    /// size, stays: the build appends nothing to a gzip payload).
     pub compressed: &'a [u8],
     pub unpacked_size: usize,
 }
@@ -102,8 +103,12 @@ pub fn bzimage_payload(image: &[u8]) -> Result<Option<Payload<'_>>, Error> {
     let Some(compression) = Compression::of(payload) else {
         return Ok(None);
     };
-    let (compressed, trailer) = payload.split_at(payload.len() - 4);
-    let unpacked = read_u32(trailer, 0) as usize;
+    let (without_size, size) = payload.split_at(payload.len() - 4);
+    let compressed = match compression {
+        Compression::Gzip => payload,
+        _ => without_size,
+    };
+    let unpacked = read_u32(size, 0) as usize;
     if unpacked > MAX_UNPACKED_BYTES {
         return Err(invalid(format!(
             "the bzImage says its kernel unpacks to {unpacked} bytes, above the \
@@ -231,8 +236,16 @@ fn unpack_lz4_legacy(compressed: &[u8], size: usize, out: &mut Vec<u8>) -> Resul
 mod tests {
     use super::*;
 
-    /// A bzImage whose setup header points at `payload` (with the kernel's size trailer).
+    /// A bzImage whose setup header points at `compressed` followed by the size the kernel's
+    /// build appends.
     fn bzimage(compressed: &[u8], unpacked_size: usize) -> Vec<u8> {
+        let mut payload = compressed.to_vec();
+        payload.extend_from_slice(&(unpacked_size as u32).to_le_bytes());
+        bzimage_with_payload(&payload)
+    }
+
+    /// A bzImage whose setup header points at `payload` as it is.
+    fn bzimage_with_payload(payload: &[u8]) -> Vec<u8> {
         let setup_sectors = 3usize;
         let mut image = vec![0u8; (setup_sectors + 1) * 512];
         image[SETUP_SECTS] = setup_sectors as u8;
@@ -241,11 +254,10 @@ mod tests {
             .copy_from_slice(&0x020fu16.to_le_bytes());
         let offset = 100u32;
         image[PAYLOAD_OFFSET_AT..PAYLOAD_OFFSET_AT + 4].copy_from_slice(&offset.to_le_bytes());
-        let length = (compressed.len() + 4) as u32;
+        let length = payload.len() as u32;
         image[PAYLOAD_LENGTH_AT..PAYLOAD_LENGTH_AT + 4].copy_from_slice(&length.to_le_bytes());
         image.extend(std::iter::repeat_n(0xAA, offset as usize));
-        image.extend_from_slice(compressed);
-        image.extend_from_slice(&(unpacked_size as u32).to_le_bytes());
+        image.extend_from_slice(payload);
         image.extend_from_slice(&[0x55; 300]);
         image
     }
@@ -293,7 +305,12 @@ mod tests {
             (Compression::Zstd, zstd, &kernel[..]),
             (Compression::Lz4, lz4_legacy(&kernel), &kernel[..]),
         ] {
-            let image = bzimage(&payload, expected.len());
+            // The kernel's build appends the size to every format but gzip, whose trailer ends
+            // with it.
+            let image = match compression {
+                Compression::Gzip => bzimage_with_payload(&payload),
+                _ => bzimage(&payload, expected.len()),
+            };
             let payload = bzimage_payload(&image).unwrap().unwrap();
             assert_eq!(
                 (payload.compression, payload.unpacked_size),
