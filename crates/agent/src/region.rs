@@ -513,10 +513,45 @@ pub(crate) async fn leader_loop(shared: Arc<Shared>, region: Arc<Region>) {
     };
     let mut interval = tokio::time::interval(LEADER_LOOP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut joint_watch = JointWatch::default();
     loop {
         interval.tick().await;
-        if let Err(error) = leader_pass(&shared, &region, &policy).await {
+        if let Err(error) = leader_pass(&shared, &region, &policy, &mut joint_watch).await {
             tracing::warn!(%error, "region upkeep failed; will retry");
+        }
+    }
+}
+
+/// A joint configuration left for longer than this is finished by the leader: a change that
+/// runs its course leaves joint within a couple of commits.
+const STALLED_JOINT_AFTER: Duration = Duration::from_secs(10);
+
+/// Which joint configuration the leader has seen, and since when.
+#[derive(Debug, Default)]
+struct JointWatch {
+    seen: Option<(std::collections::BTreeSet<u64>, std::time::Instant)>,
+}
+
+impl JointWatch {
+    /// Records what the membership is now; returns the joint's target once the same joint
+    /// configuration has stayed for [`STALLED_JOINT_AFTER`].
+    fn stalled_target(
+        &mut self,
+        joint_target: Option<&std::collections::BTreeSet<u64>>,
+        now: std::time::Instant,
+    ) -> Option<std::collections::BTreeSet<u64>> {
+        let Some(target) = joint_target else {
+            self.seen = None;
+            return None;
+        };
+        match &self.seen {
+            Some((seen, since)) if seen == target => {
+                (now.duration_since(*since) >= STALLED_JOINT_AFTER).then(|| target.clone())
+            }
+            _ => {
+                self.seen = Some((target.clone(), now));
+                None
+            }
         }
     }
 }
@@ -525,6 +560,7 @@ async fn leader_pass(
     shared: &Shared,
     region: &Region,
     policy: &MembershipPolicy,
+    joint_watch: &mut JointWatch,
 ) -> Result<(), AgentError> {
     let store = region.cluster.store();
     let metrics = store.metrics();
@@ -567,6 +603,17 @@ async fn leader_pass(
     let heartbeats = shared.records.heartbeats().await?;
     let now = join::now_unix_millis();
     let metrics = store.metrics();
+    let stalled_joint_target = joint_watch.stalled_target(
+        metrics.membership.joint_target.as_ref(),
+        std::time::Instant::now(),
+    );
+    if let Some(target) = &stalled_joint_target {
+        tracing::warn!(
+            voters = ?target,
+            "a voter change has stayed half-way (joint consensus) for more than {}s; finishing it",
+            STALLED_JOINT_AFTER.as_secs()
+        );
+    }
     let fresh = u64::try_from(UNREACHABLE_AFTER.as_millis()).unwrap_or(u64::MAX);
     let view = MembershipView {
         hosts: metrics
@@ -595,6 +642,7 @@ async fn leader_pass(
             })
             .collect(),
         joint: metrics.membership.joint,
+        stalled_joint_target,
         leader_id: metrics.leader_id,
         now_unix_ms: now,
     };
@@ -1338,5 +1386,35 @@ mod placement_policy_tests {
             super::placement_policy(&novacron_types::PlacementPolicy::default()),
             novacron_placement::Policy::default()
         );
+    }
+}
+
+#[cfg(test)]
+mod joint_watch_tests {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    use super::{JointWatch, STALLED_JOINT_AFTER};
+
+    #[test]
+    fn only_the_same_joint_configuration_seen_long_enough_counts_as_stalled() {
+        let start = Instant::now();
+        let target = BTreeSet::from([1, 2, 3]);
+        let other = BTreeSet::from([1, 2, 3, 4, 5]);
+        let mut watch = JointWatch::default();
+        assert_eq!(watch.stalled_target(Some(&target), start), None);
+        let almost = start + STALLED_JOINT_AFTER - Duration::from_millis(1);
+        assert_eq!(watch.stalled_target(Some(&target), almost), None);
+        let late = start + STALLED_JOINT_AFTER;
+        assert_eq!(
+            watch.stalled_target(Some(&target), late),
+            Some(target.clone())
+        );
+        // A different joint configuration starts its own clock.
+        assert_eq!(watch.stalled_target(Some(&other), late), None);
+        // Leaving joint forgets it: the same target seen again later starts over.
+        assert_eq!(watch.stalled_target(None, late), None);
+        let later = late + STALLED_JOINT_AFTER * 2;
+        assert_eq!(watch.stalled_target(Some(&target), later), None);
     }
 }

@@ -2,7 +2,10 @@
 //! and a thin executor that applies one change to the store.
 //!
 //! Rules, in order (the first that applies wins; at most one change per call):
-//! 1. A membership change is already under way (joint consensus): do nothing.
+//! 1. A membership change is already under way (joint consensus): do nothing, unless the
+//!    caller saw it stalled (joint for longer than a change takes: openraft's second step,
+//!    joint to uniform, was refused or never ran because its caller timed out or died); then
+//!    finish it, towards the voters it was going to.
 //! 2. A voter has not heartbeated for longer than the grace period and a healthy learner
 //!    exists: replace that voter by the learner (one voter at a time). The leader is never
 //!    "lost": it is the one planning.
@@ -53,6 +56,9 @@ pub struct MembershipView {
     pub hosts: Vec<HostView>,
     /// Whether a membership change is half-way.
     pub joint: bool,
+    /// Set when the caller has seen the same joint configuration for longer than a change
+    /// takes: the voters of its newer half, which the planner then makes the only ones.
+    pub stalled_joint_target: Option<BTreeSet<u64>>,
     /// The leader (the planner runs on it).
     pub leader_id: Option<u64>,
     /// Now.
@@ -100,6 +106,8 @@ pub enum ChangeReason {
         /// Voters demoted to learners.
         demoted: BTreeSet<u64>,
     },
+    /// A joint configuration stalled half-way: finish it.
+    FinishStalledChange,
 }
 
 /// One membership change: the next set of voters.
@@ -137,7 +145,14 @@ pub fn next_membership_change(
     view: &MembershipView,
 ) -> Option<MembershipChange> {
     if view.joint {
-        return None;
+        return view
+            .stalled_joint_target
+            .clone()
+            .filter(|target| !target.is_empty())
+            .map(|voters| MembershipChange {
+                voters,
+                reason: ChangeReason::FinishStalledChange,
+            });
     }
     let silent_for = |host: &HostView| {
         host.last_heartbeat_unix_ms
@@ -269,6 +284,7 @@ mod tests {
         MembershipView {
             hosts,
             joint: false,
+            stalled_joint_target: None,
             leader_id: Some(1),
             now_unix_ms: NOW,
         }
@@ -412,6 +428,40 @@ mod tests {
         ]);
         joint.joint = true;
         assert_eq!(next_membership_change(&policy, &joint), None);
+    }
+
+    #[test]
+    fn a_stalled_joint_change_is_finished_towards_its_newer_half() {
+        let policy = MembershipPolicy::default();
+        // Joint {1} + {1, 2, 3}: the union shows as voters.
+        let mut joint = view(vec![
+            host(1, Voter, Some(0)),
+            host(2, Voter, Some(0)),
+            host(3, Voter, Some(0)),
+            host(4, Learner, Some(0)),
+            host(5, Learner, Some(0)),
+        ]);
+        joint.joint = true;
+        // Not yet seen stalled: wait, even though two learners could be promoted.
+        assert_eq!(next_membership_change(&policy, &joint), None);
+        joint.stalled_joint_target = Some(voters(&[1, 2, 3]));
+        assert_eq!(
+            next_membership_change(&policy, &joint),
+            Some(MembershipChange {
+                voters: voters(&[1, 2, 3]),
+                reason: ChangeReason::FinishStalledChange,
+            })
+        );
+        // Once uniform, the policy goes on from there (grow to five).
+        joint.joint = false;
+        joint.stalled_joint_target = None;
+        assert!(matches!(
+            next_membership_change(&policy, &joint),
+            Some(MembershipChange {
+                reason: ChangeReason::Grow { .. },
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -144,6 +144,7 @@ fn membership_view(leader: &ClusterStore) -> MembershipView {
     MembershipView {
         hosts,
         joint: metrics.membership.joint,
+        stalled_joint_target: None,
         leader_id: metrics.leader_id,
         now_unix_ms: now,
     }

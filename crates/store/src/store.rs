@@ -224,6 +224,9 @@ pub struct ClusterMembership {
     pub addresses: BTreeMap<u64, String>,
     /// Whether a membership change is half-way (joint consensus).
     pub joint: bool,
+    /// In a joint configuration: the voters of its newer half, where the change was going.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub joint_target: Option<BTreeSet<u64>>,
 }
 
 /// A snapshot of this node's raft state.
@@ -294,6 +297,9 @@ impl StoreMetrics {
                 learners,
                 addresses,
                 joint: membership.get_joint_config().len() > 1,
+                joint_target: (membership.get_joint_config().len() > 1)
+                    .then(|| membership.get_joint_config().last().cloned())
+                    .flatten(),
             },
         }
     }
@@ -321,6 +327,10 @@ pub(crate) struct StoreInner {
     /// The last log index on disk when this store opened: the least a read index may be while
     /// this node leads (see [`Store::ensure_consistency`]).
     opened_log_index: u64,
+    /// Held across each membership call: openraft refuses a change while another is
+    /// uncommitted, and its two-step voter change would be left joint if a learner's admission
+    /// slipped in between the steps.
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 /// A transaction waiting for the batcher, with the way back to its caller.
@@ -549,6 +559,7 @@ impl Store {
                 timing,
                 contact,
                 opened_log_index,
+                membership_changes: tokio::sync::Mutex::new(()),
             }),
         };
         if config.bootstrap == Bootstrap::SingleNode {
@@ -954,6 +965,7 @@ impl Store {
         let address = address.into();
         let response = self
             .with_timeout("adding a learner", async {
+                let _one_change = self.inner.membership_changes.lock().await;
                 self.inner
                     .raft
                     .add_learner(node_id, Node::new(address), false)
@@ -986,6 +998,7 @@ impl Store {
             });
         }
         self.with_timeout("changing the voters", async {
+            let _one_change = self.inner.membership_changes.lock().await;
             self.inner
                 .raft
                 .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
@@ -1012,6 +1025,7 @@ impl Store {
             return Ok(());
         }
         self.with_timeout("changing a node's address", async {
+            let _one_change = self.inner.membership_changes.lock().await;
             self.inner
                 .raft
                 .change_membership(
@@ -1030,6 +1044,7 @@ impl Store {
     pub async fn remove_learners(&self, node_ids: BTreeSet<u64>) -> Result<()> {
         self.check_running()?;
         self.with_timeout("removing learners", async {
+            let _one_change = self.inner.membership_changes.lock().await;
             self.inner
                 .raft
                 .change_membership(ChangeMembers::RemoveNodes(node_ids), false)

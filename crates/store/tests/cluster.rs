@@ -229,6 +229,64 @@ async fn a_learner_receives_the_log_and_is_promoted_to_voter() {
     cluster.shutdown().await;
 }
 
+/// A voter change whose caller gave up half-way (openraft's second step, joint to uniform,
+/// never ran) leaves the region joint; the metrics say where it was going, and asking for
+/// that target finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_change_left_half_way_shows_its_target_and_can_be_finished() {
+    let cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster.node(1);
+    leader
+        .add_learner(2, "node-2")
+        .await
+        .expect("add learner 2");
+    leader
+        .add_learner(3, "node-3")
+        .await
+        .expect("add learner 3");
+    // With both learners cut off, the joint configuration {1} + {1, 2, 3} cannot commit: the
+    // call times out after its first step was proposed.
+    cluster.transport.isolate(2);
+    cluster.transport.isolate(3);
+    let error = leader
+        .change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .expect_err("no quorum for the new voters");
+    assert!(matches!(error, StoreError::Timeout { .. }), "{error}");
+    cluster.transport.heal(2);
+    cluster.transport.heal(3);
+    // The joint configuration commits once the learners are back, and stays joint.
+    let stalled = leader
+        .wait_for("the joint configuration to commit", DEADLINE, |metrics| {
+            let caught_up = |node: u64| {
+                metrics.replication.get(&node).copied().flatten() >= metrics.last_log_index
+            };
+            metrics.membership.joint && caught_up(2) && caught_up(3)
+        })
+        .await
+        .expect("joint");
+    assert_eq!(
+        stalled.membership.joint_target,
+        Some(BTreeSet::from([1, 2, 3]))
+    );
+    assert_eq!(stalled.membership.voters, BTreeSet::from([1, 2, 3]));
+
+    leader
+        .change_membership(BTreeSet::from([1, 2, 3]))
+        .await
+        .expect("finish the change");
+    let metrics = leader.metrics();
+    assert!(!metrics.membership.joint, "{metrics:?}");
+    assert_eq!(metrics.membership.joint_target, None);
+    assert_eq!(metrics.membership.voters, BTreeSet::from([1, 2, 3]));
+    leader
+        .put("vms/after", b"1".to_vec())
+        .await
+        .expect("writes go on under the new voters");
+    wait_for_value(cluster.node(3), "vms/after", b"1").await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_shutdown_elects_a_new_leader_and_writes_continue() {
     let cluster = Cluster::start_voters(3).await;
