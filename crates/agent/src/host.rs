@@ -234,6 +234,15 @@ pub(crate) struct Shared {
     pub image_page_indexes: tokio::sync::Mutex<
         std::collections::HashMap<String, std::sync::Weak<novacron_migration::ImagePageIndex>>,
     >,
+    /// The same for a direct kernel boot's kernel and initrd (hashed, indexed, the kernel
+    /// unpacked), by file identity (`crate::migration::HeldFileKey`): both hosts of every
+    /// migration of a VM booted from them need them.
+    pub held_file_indexes: tokio::sync::Mutex<
+        std::collections::HashMap<
+            crate::migration::HeldFileKey,
+            std::sync::Weak<novacron_migration::HeldFile>,
+        >,
+    >,
 }
 
 impl Shared {
@@ -352,6 +361,7 @@ impl Host {
             postcopy_recoveries: Default::default(),
             delivered_pages: Default::default(),
             image_page_indexes: Default::default(),
+            held_file_indexes: Default::default(),
         });
         let mut background = Vec::new();
         match &region {

@@ -95,15 +95,27 @@ impl ImagePageIndex {
         Self::index_file(std::fs::File::open(path)?, path, ranges, guest_length)
     }
 
-    /// Indexes the whole of an open file (`name` for messages), as [`ImagePageIndex::build`].
-    pub fn build_from_open_file(file: std::fs::File, name: &Path) -> std::io::Result<Self> {
-        let length = file.metadata()?.len();
-        let whole = [StoredRange {
-            guest_offset: 0,
-            file_offset: 0,
-            length,
-        }];
-        Self::index_file(file, name, &whole, length)
+    /// Indexes an open file whose whole content the caller already holds in `bytes` (read
+    /// from it, or just written to it): no second read. Keeps the file open to serve reads.
+    pub fn build_from_bytes(file: std::fs::File, bytes: &[u8]) -> std::io::Result<Self> {
+        let file_length = file.metadata()?.len();
+        if file_length != bytes.len() as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the file holds {file_length} bytes, the content given {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut offsets = HashMap::with_hasher(ContentHashBuildHasher::default());
+        index_blocks(&mut offsets, bytes, 0);
+        Ok(Self {
+            file,
+            file_length,
+            offsets,
+            blocks: file_length / PAGE_SIZE as u64,
+        })
     }
 
     fn index_file(
@@ -133,13 +145,7 @@ impl ImagePageIndex {
                     ));
                 }
                 file.read_exact_at(&mut buffer[..length], at)?;
-                for (index, block) in buffer[..length].chunks_exact(PAGE_SIZE).enumerate() {
-                    if !is_zero(block) {
-                        offsets
-                            .entry(ContentHash::of(block))
-                            .or_insert(at + (index * PAGE_SIZE) as u64);
-                    }
-                }
+                index_blocks(&mut offsets, &buffer[..length], at);
                 guest += length as u64;
             }
         }
@@ -278,23 +284,44 @@ pub struct HeldFile {
     parts: Vec<(String, Arc<ImagePageIndex>)>,
 }
 
+/// Indexes the non-zero 4 KiB blocks of `bytes`, which start at `file_offset` in the file;
+/// the first offset of a content wins.
+fn index_blocks(
+    offsets: &mut HashMap<ContentHash, u64, ContentHashBuildHasher>,
+    bytes: &[u8],
+    file_offset: u64,
+) {
+    for (index, block) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+        if !is_zero(block) {
+            offsets
+                .entry(ContentHash::of(block))
+                .or_insert(file_offset + (index * PAGE_SIZE) as u64);
+        }
+    }
+}
+
 /// Appended to a kernel file's digest to name the kernel unpacked from it.
 pub const UNPACKED_SUFFIX: &str = "/unpacked";
 
 impl HeldFile {
-    /// Hashes and indexes the file at `path`; a bzImage's kernel is unpacked into an unnamed
-    /// temporary file (removed with the index) and indexed too. A kernel that does not unpack
-    /// is logged and left out: its file's blocks are still held.
+    /// Hashes and indexes the file at `path` (read once); a bzImage's kernel is unpacked into
+    /// an unnamed temporary file (removed with the index) and indexed too. A kernel that does
+    /// not unpack is logged and left out: its file's blocks are still held.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        use std::io::Write;
-        let bytes = std::fs::read(path)?;
+        use std::io::{Read, Write};
+        let mut file = std::fs::File::open(path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
         let digest = blake3::hash(&bytes).to_hex().to_string();
-        let mut parts = vec![(digest.clone(), Arc::new(ImagePageIndex::build(path)?))];
+        let mut parts = vec![(
+            digest.clone(),
+            Arc::new(ImagePageIndex::build_from_bytes(file, &bytes)?),
+        )];
         match crate::kernel_image::unpack_bzimage(&bytes) {
             Ok(Some(kernel)) => {
                 let mut file = tempfile::tempfile()?;
                 file.write_all(&kernel)?;
-                let index = ImagePageIndex::build_from_open_file(file, path)?;
+                let index = ImagePageIndex::build_from_bytes(file, &kernel)?;
                 parts.push((format!("{digest}{UNPACKED_SUFFIX}"), Arc::new(index)));
             }
             Ok(None) => {}

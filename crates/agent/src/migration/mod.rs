@@ -837,16 +837,16 @@ impl Source<'_> {
         // Indexed while the destination prepares.
         let (held_there, held_here) = tokio::join!(
             ask_destination(session, begin, "migration", &self.migration.destination),
-            held_boot_files(&self.record),
+            held_boot_files(&self.shared, &self.record),
         );
         let held_there = held_there?;
         let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()
-            .flat_map(HeldFile::parts)
+            .flat_map(|file| file.parts())
             .filter(|(identity, _)| held_there.iter().any(|there| there == identity))
             .map(|(_, index)| index)
             .collect();
-        if held.len() < held_here.iter().flat_map(HeldFile::identities).count() {
+        if held.len() < held_here.iter().flat_map(|file| file.identities()).count() {
             tracing::info!(vm = %self.name, "the destination's kernel or initrd differs from this host's (or did not unpack there); pages equal to their blocks are sent in full");
         }
 
@@ -2400,16 +2400,16 @@ async fn prepare_destination(
         },
         None => SharedImagePages::default(),
     };
-    let held_files = held_boot_files(&record).await;
+    let held_files = held_boot_files(shared, &record).await;
     let image_pages = image_pages.with_files(
         held_files
             .iter()
-            .flat_map(HeldFile::parts)
+            .flat_map(|file| file.parts())
             .map(|(_, index)| index),
     );
     let held_files = held_files
         .iter()
-        .flat_map(HeldFile::identities)
+        .flat_map(|file| file.identities())
         .map(str::to_string)
         .collect();
     let binaries = shared.hypervisor.binaries()?;
@@ -2473,33 +2473,76 @@ struct PreparedDestination {
     held_files: Vec<String>,
 }
 
+/// A file as the held-file cache knows it: a file replaced or rewritten (another inode, size
+/// or modification time) is hashed and indexed again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct HeldFileKey {
+    path: std::path::PathBuf,
+    device: u64,
+    inode: u64,
+    length: u64,
+    modified_ns: i128,
+}
+
+impl HeldFileKey {
+    fn of(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            length: metadata.len(),
+            modified_ns: i128::from(metadata.mtime()) * 1_000_000_000
+                + i128::from(metadata.mtime_nsec()),
+        })
+    }
+}
+
 /// The kernel and initrd of the VM's direct kernel boot, hashed and indexed, the kernel also
 /// unpacked (about 0.1 s for a distribution kernel): RAM pages equal to one of their blocks
-/// travel as hashes when both hosts hold the same file. A file that cannot be read is left out
-/// (the migration then sends those pages).
-async fn held_boot_files(record: &VmRecord) -> Vec<HeldFile> {
-    let paths: Vec<std::path::PathBuf> = record
-        .spec
-        .kernel
-        .iter()
-        .chain(&record.spec.initrd)
-        .cloned()
-        .collect();
+/// travel as hashes when both hosts hold the same file. Shared with the other migrations on
+/// this host using the same files now or in the last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation
+/// moves many VMs booted from one kernel). A file that cannot be read is left out (the
+/// migration then sends those pages).
+async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile>> {
     let vm = record.spec.name.to_string();
-    tokio::task::spawn_blocking(move || {
-        paths
-            .iter()
-            .filter_map(|path| match HeldFile::open(path) {
-                Ok(file) => Some(file),
-                Err(error) => {
-                    tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
-                    None
+    let mut held = Vec::new();
+    let mut cache = shared.held_file_indexes.lock().await;
+    cache.retain(|_, file| file.strong_count() > 0);
+    for path in record.spec.kernel.iter().chain(&record.spec.initrd) {
+        let opened = match HeldFileKey::of(path) {
+            Ok(key) => match cache.get(&key).and_then(std::sync::Weak::upgrade) {
+                Some(file) => Ok(file),
+                None => {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || HeldFile::open(&path))
+                        .await
+                        .unwrap_or_else(|error| Err(std::io::Error::other(error)))
+                        .map(|file| {
+                            let file = Arc::new(file);
+                            cache.insert(key, Arc::downgrade(&file));
+                            file
+                        })
                 }
-            })
-            .collect()
-    })
-    .await
-    .unwrap_or_default()
+            },
+            Err(error) => Err(error),
+        };
+        match opened {
+            Ok(file) => {
+                let kept = file.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(IMAGE_PAGE_INDEX_KEEP).await;
+                    drop(kept);
+                });
+                held.push(file);
+            }
+            Err(error) => {
+                tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
+            }
+        }
+    }
+    held
 }
 
 /// How long a base image's page index stays in memory after a migration used it, so the next
@@ -3297,6 +3340,29 @@ impl crate::Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_file_rewritten_or_replaced_gets_a_new_cache_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmlinuz");
+        std::fs::write(&path, b"kernel one").expect("write");
+        let first = HeldFileKey::of(&path).expect("key");
+        assert_eq!(
+            HeldFileKey::of(&path).expect("key"),
+            first,
+            "unchanged file"
+        );
+        // Replaced by a rename (another inode), same length.
+        let replacement = dir.path().join("vmlinuz.new");
+        std::fs::write(&replacement, b"kernel two").expect("write");
+        std::fs::rename(&replacement, &path).expect("rename");
+        let second = HeldFileKey::of(&path).expect("key");
+        assert_ne!(second, first);
+        // Rewritten in place with another length.
+        std::fs::write(&path, b"kernel three").expect("write");
+        assert_ne!(HeldFileKey::of(&path).expect("key"), second);
+        assert!(HeldFileKey::of(&dir.path().join("absent")).is_err());
+    }
 
     #[test]
     fn the_history_keeps_the_newest_finished_migrations_and_every_unfinished_one() {
