@@ -30,10 +30,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::checker::{Model, Operation, Outcome, check_operations};
+use crate::checker::{Model, Operation, Outcome, check_operations_in_order};
 
 /// A condition of a transaction on its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Condition {
     /// The key does not exist.
     Absent,
@@ -44,7 +44,7 @@ pub enum Condition {
 }
 
 /// A change a transaction makes to its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Change {
     /// Create or replace the value.
     Put(Vec<u8>),
@@ -512,7 +512,9 @@ pub fn check_history(
             .iter()
             .map(|&index| history[index].clone())
             .collect();
-        match check_operations(&KeyModel, &operations, options.step_budget_per_key) {
+        let after = interchangeable_chains(&operations);
+        match check_operations_in_order(&KeyModel, &operations, options.step_budget_per_key, &after)
+        {
             Outcome::Linearizable => {}
             Outcome::Unknown { steps } => {
                 return Ok(Verdict::Unknown {
@@ -551,6 +553,57 @@ pub fn check_history(
         }
     }
     Ok(Verdict::Linearizable)
+}
+
+/// For the operations of one key: chains of transactions whose outcome was lost and that
+/// can stand in for one another, each after the one invoked just before it (see
+/// [`check_operations_in_order`]). Two such transactions are interchangeable when their
+/// conditions and changes are the same once every put value no read returned is blanked: a
+/// value nobody read shows nowhere (conditions see existence and revisions, which both would
+/// set alike, and a lost outcome bounds the revision only from below), and neither returned,
+/// so the earlier-invoked fits wherever the later one does. Histories with many lost writes
+/// (a leader killed under load) otherwise search every subset of them taken so far.
+fn interchangeable_chains(operations: &[KvOperation]) -> Vec<Option<usize>> {
+    let read_values: std::collections::BTreeSet<&[u8]> = operations
+        .iter()
+        .filter_map(|operation| match &operation.output {
+            Some(KvOutput::Get(Some(observed))) => Some(observed.value.as_slice()),
+            _ => None,
+        })
+        .collect();
+    let mut lost: Vec<usize> = (0..operations.len())
+        .filter(|&index| {
+            let operation = &operations[index];
+            operation.output.is_none()
+                && operation.returned.is_none()
+                && matches!(operation.input, KvInput::Transaction { .. })
+        })
+        .collect();
+    lost.sort_by_key(|&index| (operations[index].invoked, index));
+    let mut last_of_kind: std::collections::HashMap<(Vec<Condition>, Vec<Option<Change>>), usize> =
+        std::collections::HashMap::new();
+    let mut after = vec![None; operations.len()];
+    for index in lost {
+        let KvInput::Transaction {
+            conditions,
+            changes,
+            ..
+        } = &operations[index].input
+        else {
+            continue;
+        };
+        let shown: Vec<Option<Change>> = changes
+            .iter()
+            .map(|change| match change {
+                Change::Put(value) if !read_values.contains(value.as_slice()) => None,
+                other => Some(other.clone()),
+            })
+            .collect();
+        if let Some(previous) = last_of_kind.insert((conditions.clone(), shown), index) {
+            after[index] = Some(previous);
+        }
+    }
+    after
 }
 
 fn describe(operation: &KvOperation) -> String {

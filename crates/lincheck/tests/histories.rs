@@ -220,6 +220,81 @@ fn reads_whose_answers_were_lost_cost_the_search_nothing() {
     assert_violation_on(&history, "k");
 }
 
+fn lost_put(client: u64, key: &str, value: &str, invoked: u64) -> KvOperation {
+    write(
+        client,
+        key,
+        vec![],
+        vec![Change::Put(value.as_bytes().to_vec())],
+        (invoked, None),
+        None,
+    )
+}
+
+#[test]
+fn lost_writes_alike_are_searched_as_one_chain() {
+    // A put, then thirty puts whose answers were lost (a leader killed under load), then reads
+    // that still see the first put: none of the lost ones took effect before them. Each subset
+    // of the lost puts taken before a read is a configuration of its own unless alike ones are
+    // taken in the order they were invoked.
+    let mut history = vec![put(1, "k", "a", (0, 10), 1)];
+    for index in 0..30u64 {
+        history.push(lost_put(
+            10 + index,
+            "k",
+            &format!("lost{index}"),
+            20 + index,
+        ));
+    }
+    for round in 0..5u64 {
+        let at = 1_000 + round * 10;
+        history.push(get(2, "k", (at, at + 5), Some(("a", 1, 1, 1))));
+    }
+    let budget = 200_000;
+    let options = CheckOptions {
+        step_budget_per_key: budget,
+    };
+    assert!(matches!(
+        novacron_lincheck::check_operations(&novacron_lincheck::KeyModel, &history, budget),
+        novacron_lincheck::Outcome::Unknown { .. }
+    ));
+    assert_eq!(
+        check_history(&history, options).expect("well-formed history"),
+        Verdict::Linearizable
+    );
+    // Two of them took effect before a last read (version 3): any two fit.
+    history.push(get(2, "k", (2_000, 2_005), Some(("lost29", 1, 40, 3))));
+    assert_eq!(
+        check_history(&history, options).expect("well-formed history"),
+        Verdict::Linearizable
+    );
+    // A read that needs a lost put invoked after it returned is still caught, and so is a read
+    // counting more writes than were ever invoked before it.
+    let late = vec![
+        put(1, "k", "a", (0, 10), 1),
+        lost_put(2, "k", "x", 20),
+        lost_put(3, "k", "y", 500),
+        get(4, "k", (100, 200), Some(("y", 1, 7, 2))),
+    ];
+    assert_violation_on(&late, "k");
+    let too_many = vec![
+        put(1, "k", "a", (0, 10), 1),
+        lost_put(2, "k", "x", 20),
+        lost_put(3, "k", "y", 30),
+        lost_put(4, "k", "z", 500),
+        get(5, "k", (100, 200), Some(("y", 1, 7, 4))),
+    ];
+    assert_violation_on(&too_many, "k");
+    let enough = vec![
+        put(1, "k", "a", (0, 10), 1),
+        lost_put(2, "k", "x", 20),
+        lost_put(3, "k", "y", 30),
+        lost_put(4, "k", "z", 500),
+        get(5, "k", (100, 200), Some(("y", 1, 7, 3))),
+    ];
+    assert_eq!(check(&enough), Verdict::Linearizable);
+}
+
 #[test]
 fn failed_conditions_must_report_what_the_store_held() {
     let create = |actual| {
