@@ -19,7 +19,8 @@
 //! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
 //! the proxy's NBD format for the proxy)] [--postcopy-after-passes N] [--tcp-reference false]
 //! [--qemu-reference true] [--save-stream DIR (that reference's stream and the base image kept
-//! for the `proxy_codec` bench)] [--unsent-limit-kib N] [--initial-connections N]`;
+//! for the `proxy_codec` bench)] [--unsent-limit-kib N] [--initial-connections N] [--adapt-streams true|false]
+//! [--congestion-control NAME|default]`;
 //! `--methods none` runs the references alone. See bench/migration/README.md.
 
 #[path = "support/arguments.rs"]
@@ -227,6 +228,11 @@ struct TransportKnobs {
     unsent_limit_kib: Option<u32>,
     /// `--initial-connections`: bulk connections opened first.
     initial_connections: Option<u32>,
+    /// `--adapt-streams`: whether the session adds connections while its rate rises.
+    adapt_streams: Option<bool>,
+    /// `--congestion-control NAME`: the TCP congestion control of the session's connections
+    /// (`default`: this kernel's default).
+    congestion_control: Option<&'static str>,
 }
 
 /// The guest's pause limit every method gets (QEMU's default).
@@ -283,6 +289,10 @@ fn parse_options() -> anyhow::Result<Options> {
             "--initial-connections" => {
                 options.transport.initial_connections = Some(value.parse()?);
             }
+            "--adapt-streams" => options.transport.adapt_streams = Some(value.parse()?),
+            "--congestion-control" => {
+                options.transport.congestion_control = Some(String::leak(value.clone()));
+            }
             "--workload-kind" => {
                 anyhow::ensure!(
                     value == "random" || value == "records",
@@ -298,7 +308,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections, --adapt-streams, --congestion-control"
             ),
         }
     }
@@ -1435,6 +1445,14 @@ fn source_side(
                     options.unsent_limit_bytes = kib << 10;
                 }
                 options.initial_bulk_connections = transport.initial_connections;
+                if let Some(adapt) = transport.adapt_streams {
+                    options.adapt_stream_count = adapt;
+                }
+                match transport.congestion_control {
+                    Some("default") => options.congestion_control = None,
+                    Some(name) => options.congestion_control = Some(name.to_string()),
+                    None => {}
+                }
                 let session = Arc::new(Session::connect(destination, &tls, options).await?);
                 let _ = ready.send(());
                 let (from_qemu, _) = unix_listener.accept().await?;
