@@ -275,10 +275,10 @@ impl LocalContentSource for ImagePageIndex {
 }
 
 /// A file both hosts may hold (a direct kernel boot's kernel or initrd): the index of its 4 KiB
-/// blocks at 4 KiB-aligned offsets and, for a kernel (a bzImage), the index of the kernel
-/// unpacked from it ([`crate::kernel_image`]), each under an identity the two hosts compare:
-/// the file's BLAKE3 (hex), and the same followed by [`UNPACKED_SUFFIX`] for the unpacked
-/// kernel.
+/// blocks at 4 KiB-aligned offsets and of what the guest unpacks from it (a bzImage's kernel,
+/// [`crate::kernel_image`]; an initramfs's files, [`crate::initramfs`]), each under an identity
+/// the two hosts compare: the file's BLAKE3 (hex), and the same followed by
+/// [`UNPACKED_SUFFIX`] for what it unpacks to.
 #[derive(Debug)]
 pub struct HeldFile {
     parts: Vec<(String, Arc<ImagePageIndex>)>,
@@ -300,13 +300,16 @@ fn index_blocks(
     }
 }
 
-/// Appended to a kernel file's digest to name the kernel unpacked from it.
+/// Appended to a file's digest to name what the guest unpacks from it (a kernel, an
+/// initramfs's files).
 pub const UNPACKED_SUFFIX: &str = "/unpacked";
 
 impl HeldFile {
-    /// Hashes and indexes the file at `path` (read once); a bzImage's kernel is unpacked into
-    /// an unnamed temporary file (removed with the index) and indexed too. A kernel that does
-    /// not unpack is logged and left out: its file's blocks are still held.
+    /// Hashes and indexes the file at `path` (read once), and what the guest unpacks from it
+    /// into its RAM, written to an unnamed temporary file (removed with the index) and indexed
+    /// too: a bzImage's kernel ([`crate::kernel_image`]), or an initramfs's files laid out as
+    /// its page cache holds them ([`crate::initramfs`]). A file that does not unpack is logged
+    /// and left out: its own blocks are still held.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         use std::io::{Read, Write};
         let mut file = std::fs::File::open(path)?;
@@ -317,16 +320,20 @@ impl HeldFile {
             digest.clone(),
             Arc::new(ImagePageIndex::build_from_bytes(file, &bytes)?),
         )];
-        match crate::kernel_image::unpack_bzimage(&bytes) {
-            Ok(Some(kernel)) => {
+        let unpacked = match crate::kernel_image::unpack_bzimage(&bytes) {
+            Ok(None) => crate::initramfs::file_blocks(&bytes),
+            other => other,
+        };
+        match unpacked {
+            Ok(Some(unpacked)) if !unpacked.is_empty() => {
                 let mut file = tempfile::tempfile()?;
-                file.write_all(&kernel)?;
-                let index = ImagePageIndex::build_from_bytes(file, &kernel)?;
+                file.write_all(&unpacked)?;
+                let index = ImagePageIndex::build_from_bytes(file, &unpacked)?;
                 parts.push((format!("{digest}{UNPACKED_SUFFIX}"), Arc::new(index)));
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "kernel not unpacked; RAM pages equal to its blocks are sent")
+                tracing::warn!(path = %path.display(), %error, "kernel or initramfs not unpacked; RAM pages equal to its contents are sent")
             }
         }
         Ok(Self { parts })

@@ -21,6 +21,7 @@ pub mod delivered;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod image_pages;
+pub mod initramfs;
 pub mod kernel_image;
 pub mod nbd;
 pub mod plan;
