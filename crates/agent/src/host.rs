@@ -234,9 +234,9 @@ pub(crate) struct Shared {
     pub image_page_indexes: tokio::sync::Mutex<
         std::collections::HashMap<String, std::sync::Weak<novacron_migration::ImagePageIndex>>,
     >,
-    /// The same for a direct kernel boot's kernel and initrd (hashed, indexed, the kernel
-    /// unpacked), by file identity (`crate::migration::HeldFileKey`): both hosts of every
-    /// migration of a VM booted from them need them.
+    /// The same for a direct kernel boot's kernel and initrd (hashed and indexed with what the
+    /// guest unpacks from them), by file identity (`crate::migration::HeldFileKey`): both hosts
+    /// of every migration of a VM booted from them need them.
     pub held_file_indexes: tokio::sync::Mutex<
         std::collections::HashMap<
             crate::migration::HeldFileKey,

@@ -173,8 +173,9 @@ pub struct MigrationProgress {
     #[serde(default)]
     pub blocks_from_disk_mirror: u64,
     /// Of the known pages, those equal to a block of the VM's kernel or initrd (a direct kernel
-    /// boot), which both hosts held with the same digest: the kernel image QEMU loaded stays
-    /// in guest RAM after boot. Counted apart from `pages_from_image`.
+    /// boot), or of what the guest unpacked from them (the kernel, the initramfs's files),
+    /// which both hosts held with the same digest: the kernel image QEMU loaded stays in guest
+    /// RAM after boot. Counted apart from `pages_from_image`.
     #[serde(default)]
     pub pages_from_boot_files: u64,
     pub pages_delta: u64,

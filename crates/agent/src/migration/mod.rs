@@ -2499,12 +2499,13 @@ impl HeldFileKey {
     }
 }
 
-/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed, the kernel also
-/// unpacked (about 0.1 s for a distribution kernel): RAM pages equal to one of their blocks
-/// travel as hashes when both hosts hold the same file. Shared with the other migrations on
-/// this host using the same files now or in the last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation
-/// moves many VMs booted from one kernel). A file that cannot be read is left out (the
-/// migration then sends those pages).
+/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed with what the
+/// guest unpacks from them (the kernel, the initramfs's files; about 0.1 s for a distribution
+/// kernel): RAM pages equal to one of their blocks travel as hashes when both hosts hold the
+/// same file. Shared with the other migrations on this host using the same files now or in the
+/// last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation moves many VMs booted from one kernel); the
+/// cache stays locked while a file is indexed, so concurrent migrations index it once. A file
+/// that cannot be read is left out (the migration then sends those pages).
 async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile>> {
     let vm = record.spec.name.to_string();
     let mut held = Vec::new();
