@@ -307,8 +307,21 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 
 /// The send window of a migration session, resized from what the session measures.
 ///
-/// Until the transport has measured the link (a second in), the window is four
-/// bandwidth-delay products of the forecast (or guessed) link rate, in message bytes: what
+/// Without a forecast (`ProxyConfig::initial_rate_is_measured` false; `vm migrate` probes a
+/// link it has not measured lately, so this is a failed probe or a bench), the rate is a guess
+/// of 1 Gbit/s, and four of its products at 50 ms are 25 MB: two seconds of a 100 Mbit/s link
+/// that a guest converging within the first second waited for in its pause (1.0-1.2 s where
+/// QEMU's precopy paused 0.77 s, with the guest's kernel and initramfs held at the
+/// destination). So until the link is measured the window starts from its minimum and
+/// doubles at each step with a hold or a starved connection (one free to send found the next
+/// frame held back by the window, or the window full and nothing left to send: TCP ramping up
+/// faster than the window), up to the guess's four products and to twice four products of the
+/// rate acknowledged over the last half second;
+/// after [`WindowStep::PATIENCE`] steps without one it shrinks a tenth a step toward four
+/// products of the rate acknowledged over the last half second.
+///
+/// With a forecast, until the transport has measured the link (a second in), the window is four
+/// bandwidth-delay products of the forecast link rate, in message bytes: what
 /// crosses in four round trips, whatever it stands for. It used to be divided by the stream's
 /// encoding ratio so far, but a stream starts with its most compressible part (zero pages,
 /// pages the destination holds), so a 2 GiB adversarial guest at (b) started from 3 MB and
@@ -351,6 +364,10 @@ struct SendWindow {
     budget: f64,
     /// The transport's count of window holds at the last step.
     holds: u64,
+    /// The initial rate is a guess, not a forecast: ramp up from the minimum (see the type).
+    guessed: bool,
+    /// The transport's count of connections that found the window full and nothing queued.
+    starved: u64,
     /// Steps in a row without a hold.
     unheld_steps: u32,
     /// (when, bulk bytes acknowledged) at each step of the last second.
@@ -392,6 +409,41 @@ impl WindowStep {
     }
 }
 
+/// The window a step sets before the link is measured when its rate is only a guess (pure).
+#[derive(Clone, Copy, Debug)]
+struct ColdStep {
+    current: u64,
+    minimum: u64,
+    /// Four products of the guessed rate: the most the window ramps up to.
+    most: u64,
+    /// Four products of the rate acknowledged over the last half second, once there is one.
+    recent_base: Option<u64>,
+    unheld_steps: u32,
+}
+
+impl ColdStep {
+    fn next(self) -> u64 {
+        let window = if self.unheld_steps == 0 {
+            // Doubling, but to no more than twice four products of what was acknowledged
+            // lately: TCP on a slow link overshoots its bandwidth-delay product while it
+            // ramps up, and finds a full window then without the window limiting it.
+            let cap = self
+                .recent_base
+                .map_or(self.most, |base| base.saturating_mul(2).min(self.most));
+            self.current.saturating_mul(2).min(cap).max(self.current)
+        } else if self.unheld_steps > WindowStep::PATIENCE
+            && let Some(base) = self.recent_base
+        {
+            ((self.current as f64 * WindowStep::DECAY) as u64)
+                .max(base)
+                .min(self.current)
+        } else {
+            self.current
+        };
+        window.max(self.minimum)
+    }
+}
+
 impl SendWindow {
     const INTERVAL: Duration = Duration::from_millis(125);
     /// Round trips of data kept in flight or queued.
@@ -406,18 +458,21 @@ impl SendWindow {
             .unwrap_or(Duration::from_millis(10));
         let initial =
             (Self::FACTOR * config.initial_rate_bytes_per_second * round_trip.as_secs_f64()) as u64;
-        let floor = if config.initial_rate_is_measured {
-            initial
+        let guessed = !config.initial_rate_is_measured;
+        let floor = if guessed { 0 } else { initial };
+        session.set_bulk_send_window(if guessed {
+            minimum
         } else {
-            0
-        };
-        session.set_bulk_send_window(minimum.max(initial));
+            minimum.max(initial)
+        });
         Self {
             minimum,
             initial,
             floor,
             budget: config.window_drain_budget.as_secs_f64(),
             holds: session.stats().bulk_send_window_holds,
+            guessed,
+            starved: session.stats().bulk_send_window_starved,
             unheld_steps: 0,
             samples: std::collections::VecDeque::new(),
             last: std::time::Instant::now(),
@@ -457,7 +512,12 @@ impl SendWindow {
         let stats = session.stats();
         let current = session.bulk_send_window();
         self.record(now, stats.bulk_bytes_acknowledged);
-        let held = stats.bulk_send_window_holds > self.holds;
+        let starved = stats.bulk_send_window_starved > self.starved;
+        self.starved = stats.bulk_send_window_starved;
+        // Ramping up without a forecast, a full window with nothing left to send is the
+        // window holding TCP back too.
+        let held = stats.bulk_send_window_holds > self.holds
+            || (self.guessed && stats.measured_rate_bytes_per_second <= 0.0 && starved);
         self.unheld_steps = if held { 0 } else { self.unheld_steps + 1 };
         self.holds = stats.bulk_send_window_holds;
         let floor = (self.floor as f64 / ratio) as u64;
@@ -478,7 +538,18 @@ impl SendWindow {
                 }
                 .next()
             }
-            // Nothing measured yet: the initial window.
+            // Nothing measured yet: a guess ramps up, a forecast holds.
+            _ if self.guessed => ColdStep {
+                current,
+                minimum: self.minimum,
+                most: self.initial.max(self.minimum),
+                recent_base: stats.round_trip_estimate.and_then(|round_trip| {
+                    self.rate_since(now - Self::RECENT)
+                        .map(|rate| (Self::FACTOR * rate * round_trip.as_secs_f64()) as u64)
+                }),
+                unheld_steps: self.unheld_steps,
+            }
+            .next(),
             _ => self.initial.max(self.minimum),
         };
         // Ignore small changes; a window that moves by a tenth per step still moves.
@@ -1518,6 +1589,53 @@ mod tests {
             windows[settled..].iter().all(|window| *window <= base),
             "and stays there: {windows:?}"
         );
+    }
+
+    /// The first second without a forecast, stepped over a model link whose TCP ramps up:
+    /// the path carries at most `ramp(t)` bytes/s at time t, and at most window /
+    /// `effective_round_trip`. Returns the windows in effect, one per step.
+    fn cold_start(ramp: impl Fn(f64) -> f64, effective_round_trip: f64) -> Vec<u64> {
+        let minimum = 2 << 20;
+        let most = 25_000_000;
+        let (mut window, mut unheld_steps) = (minimum, 0);
+        (1..=8u32)
+            .map(|step| {
+                let t = (SendWindow::INTERVAL * step).as_secs_f64();
+                let held = (window as f64 / effective_round_trip) < ramp(t);
+                unheld_steps = if held { 0 } else { unheld_steps + 1 };
+                let rate = (window as f64 / effective_round_trip).min(ramp(t));
+                window = ColdStep {
+                    current: window,
+                    minimum,
+                    most,
+                    recent_base: Some((SendWindow::FACTOR * rate * 0.05) as u64),
+                    unheld_steps,
+                }
+                .next();
+                window
+            })
+            .collect()
+    }
+
+    #[test]
+    fn without_a_forecast_the_window_keeps_up_with_tcp_and_stays_small_on_a_slow_link() {
+        // 1 Gbit/s at 0.5 % loss (RTT' 200 ms): TCP ramps from nothing to the link in 0.4 s.
+        let fast = cold_start(|t| 119e6 * (t / 0.4).min(1.0), 0.2);
+        let needed = 119e6 * 0.2;
+        assert!(
+            fast[4..]
+                .iter()
+                .all(|window| *window as f64 >= needed * 0.95),
+            "the window fills the link from 0.6 s on: {fast:?}"
+        );
+        // 100 Mbit/s without loss: never more than a third of a second of the link, where the
+        // guess's 25 MB were two seconds.
+        let slow = cold_start(|t| 12.5e6 * (t / 0.3).min(1.0), 0.05);
+        assert!(
+            slow.iter().all(|window| *window as f64 <= 12.5e6 / 3.0),
+            "{slow:?}"
+        );
+        assert_eq!(*slow.last().unwrap(), 2 << 20, "{slow:?}");
     }
 
     fn encode(stream: &[u8], read_size: usize, flush_every_read: bool) -> (Vec<u8>, ProxyReport) {

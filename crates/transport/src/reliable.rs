@@ -73,6 +73,12 @@ pub struct OutboundChannel {
     /// window, not the path, limited the rate then (a connection the path holds back is still
     /// writing its last frame and does not ask).
     pub send_window_holds: u64,
+    /// Times a connection free to send found nothing queued while the send window was too
+    /// full for another frame as large as the largest queued so far: every byte the window
+    /// allows was out, so the window, not the path, was the limit (the sender waits on the
+    /// window then).
+    pub send_window_starved: u64,
+    largest_charge: u64,
 }
 
 impl OutboundChannel {
@@ -94,6 +100,8 @@ impl OutboundChannel {
             payload_bytes_acknowledged: 0,
             payload_bytes_retransmitted: 0,
             send_window_holds: 0,
+            send_window_starved: 0,
+            largest_charge: 0,
         }
     }
 
@@ -132,6 +140,7 @@ impl OutboundChannel {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let charge = charge_of(payload.len());
+        self.largest_charge = self.largest_charge.max(charge);
         self.next_end_offset += charge;
         self.buffered_bytes += charge;
         self.payload_bytes_enqueued += payload.len() as u64;
@@ -152,7 +161,14 @@ impl OutboundChannel {
     /// The lowest-numbered frame not on a live connection, if the receiver's credit allows it;
     /// the frame is then assigned to `connection_id` until acknowledged or that connection is lost.
     pub fn next_transmission(&mut self, connection_id: u64) -> Option<Transmission> {
-        let sequence = *self.pending.first()?;
+        let Some(&sequence) = self.pending.first() else {
+            if self.largest_charge > 0
+                && self.buffered_bytes + self.largest_charge > self.send_window_bytes
+            {
+                self.send_window_starved += 1;
+            }
+            return None;
+        };
         let frame = self.frames.get_mut(&sequence)?;
         if frame.end_offset > self.credit_limit {
             return None;
@@ -437,6 +453,25 @@ mod tests {
             inbound.on_data(0, Bytes::new(), false).is_err(),
             "empty non-final frame"
         );
+    }
+
+    #[test]
+    fn a_connection_finding_the_window_full_and_nothing_queued_counts_as_starved() {
+        let mut outbound = OutboundChannel::new(charge_of(1000) * 2, charge_of(1000) * 100);
+        // Nothing queued, window empty: the path or the sender, not the window.
+        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.send_window_starved, 0);
+        outbound.enqueue(payload(0, 1000), false).unwrap();
+        assert!(outbound.next_transmission(1).is_some());
+        // One frame out, room for another: not starved.
+        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.send_window_starved, 0);
+        outbound.enqueue(payload(1, 1000), false).unwrap();
+        assert!(!outbound.has_room_for(1000));
+        assert!(outbound.next_transmission(2).is_some());
+        // Both out, the window full: a free connection starves.
+        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.send_window_starved, 1);
     }
 
     #[test]

@@ -316,6 +316,9 @@ pub struct SessionStats {
     /// Times a bulk connection free to send found the next frame held back by the send window
     /// (cumulative): while this grows, a larger window would carry more.
     pub bulk_send_window_holds: u64,
+    /// Times a bulk connection free to send found nothing queued because the send window was
+    /// full (cumulative; `OutboundChannel::send_window_starved`).
+    pub bulk_send_window_starved: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1036,6 +1039,7 @@ impl Session {
             round_trip_estimate: core.round_trip_estimate,
             measured_rate_bytes_per_second: core.measured_rate_bytes_per_second,
             bulk_send_window_holds: core.bulk_out.send_window_holds,
+            bulk_send_window_starved: core.bulk_out.send_window_starved,
         }
     }
 }
