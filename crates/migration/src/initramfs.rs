@@ -89,7 +89,12 @@ fn decompress(bytes: &[u8]) -> Result<Option<Vec<u8>>, Error> {
             .read_to_end(&mut out)?;
     } else if bytes.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
         let mut input = std::io::BufReader::new(bytes);
-        lzma_rs::xz_decompress(&mut input, &mut Capped(&mut out))
+        let mut limited = crate::kernel_image::LimitedWriter {
+            out: &mut out,
+            limit: MAX_UNPACKED_BYTES + 1,
+            what: "the initramfs",
+        };
+        lzma_rs::xz_decompress(&mut input, &mut limited)
             .map_err(|error| invalid(format!("the initramfs's xz data: {error}")))?;
     } else {
         return Ok(None);
@@ -100,26 +105,6 @@ fn decompress(bytes: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         )));
     }
     Ok(Some(out))
-}
-
-/// A writer into a vector that fails past [`MAX_UNPACKED_BYTES`] (one past it, so the caller's
-/// check reports it).
-struct Capped<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for Capped<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + bytes.len() > MAX_UNPACKED_BYTES + 1 {
-            return Err(invalid(format!(
-                "the initramfs unpacks to more than {MAX_UNPACKED_BYTES} bytes"
-            )));
-        }
-        self.0.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn hex_field(header: &[u8], index: usize) -> Result<usize, Error> {

@@ -148,6 +148,7 @@ pub fn unpack_bzimage(image: &[u8]) -> Result<Option<Vec<u8>>, Error> {
             let mut limited = LimitedWriter {
                 out: &mut out,
                 limit: size,
+                what: "the bzImage's payload",
             };
             lzma_rs::xz_decompress(&mut input, &mut limited)
                 .map_err(|error| invalid(format!("the bzImage's xz payload: {error}")))?;
@@ -174,18 +175,20 @@ fn read_at_most(reader: impl Read, limit: usize, out: &mut Vec<u8>) -> Result<()
     Ok(())
 }
 
-/// A writer into a vector that fails beyond `limit` bytes.
-struct LimitedWriter<'a> {
-    out: &'a mut Vec<u8>,
-    limit: usize,
+/// A writer into a vector that fails beyond `limit` bytes (`what` names the data in the
+/// error).
+pub(crate) struct LimitedWriter<'a> {
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) limit: usize,
+    pub(crate) what: &'static str,
 }
 
 impl std::io::Write for LimitedWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         if self.out.len() + bytes.len() > self.limit {
             return Err(invalid(format!(
-                "the bzImage's payload unpacks to more than the {} bytes it declares",
-                self.limit
+                "{} unpacks to more than {} bytes",
+                self.what, self.limit
             )));
         }
         self.out.extend_from_slice(bytes);
