@@ -244,6 +244,13 @@ impl OutboundChannel {
         requeued
     }
 
+    /// Whether a frame written on this connection awaits its acknowledgement.
+    pub fn unacknowledged_on(&self, connection_id: u64) -> bool {
+        self.frames
+            .values()
+            .any(|frame| frame.assigned_connection == Some(connection_id))
+    }
+
     /// Everything queued, including the end-of-stream marker if any, was acknowledged.
     pub fn all_acknowledged(&self) -> bool {
         self.frames.is_empty()

@@ -356,6 +356,11 @@ struct SessionCore {
     key_exchange_group: Option<String>,
     congestion_control: Option<String>,
     target_bulk_connections: u32,
+    /// Indices of bulk connections (dialer side) told to close once their frames are
+    /// acknowledged: the stream-count policy took back a connection that did not help.
+    retiring: std::collections::HashSet<u32>,
+    /// Indices of the bulk connections the policy added (dialer side), last added last.
+    added_bulk: Vec<u32>,
     reconnections: u64,
     round_trip_estimate: Option<Duration>,
     sender_blocked_since_measurement: bool,
@@ -434,6 +439,8 @@ impl SessionShared {
             key_exchange_group: None,
             congestion_control: None,
             target_bulk_connections: 0,
+            retiring: Default::default(),
+            added_bulk: Vec::new(),
             reconnections: 0,
             round_trip_estimate: None,
             sender_blocked_since_measurement: false,
@@ -1191,9 +1198,9 @@ async fn maintain_connection(
         };
         if let Some(stream) = stream {
             backoff = Duration::from_millis(20);
-            run_connection(&shared, stream, lane).await;
+            run_connection(&shared, stream, lane, Some(index)).await;
         }
-        if shared.is_terminal() {
+        if shared.is_terminal() || shared.lock().retiring.remove(&index) {
             return;
         }
         tokio::select! {
@@ -1205,7 +1212,14 @@ async fn maintain_connection(
 }
 
 /// Runs one authenticated connection until it fails or the session ends.
-async fn run_connection(shared: &Arc<SessionShared>, stream: TlsStream<TcpStream>, lane: Lane) {
+/// `index` is the dialer's connection index (`None` on the listener's side, which never
+/// retires a connection: the dialer closes it).
+async fn run_connection(
+    shared: &Arc<SessionShared>,
+    stream: TlsStream<TcpStream>,
+    lane: Lane,
+    index: Option<u32>,
+) {
     let connection_id = shared.register_connection(lane);
     let peer = stream
         .get_ref()
@@ -1218,7 +1232,7 @@ async fn run_connection(shared: &Arc<SessionShared>, stream: TlsStream<TcpStream
         result = read_frames(shared, reader, peer) => result,
         result = async {
             match lane {
-                Lane::Bulk => write_bulk(shared, writer, connection_id, peer).await,
+                Lane::Bulk => write_bulk(shared, writer, connection_id, index, peer).await,
                 Lane::Control => write_control(shared, writer, connection_id, peer).await,
             }
         } => result,
@@ -1310,6 +1324,7 @@ async fn write_bulk(
     shared: &SessionShared,
     writer: WriteHalf<TlsStream<TcpStream>>,
     connection_id: u64,
+    index: Option<u32>,
     peer: SocketAddr,
 ) -> Result<(), TransportError> {
     let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
@@ -1317,13 +1332,27 @@ async fn write_bulk(
         let notified = pin!(shared.bulk_writers.notified());
         let mut notified = notified;
         notified.as_mut().enable();
-        let transmission = {
+        let (transmission, retired) = {
             let mut core = shared.lock();
             if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
                 return Ok(());
             }
-            core.bulk_out.next_transmission(connection_id)
+            if index.is_some_and(|index| core.retiring.contains(&index)) {
+                // Retiring: no new frames; close once the peer has every frame sent here.
+                (None, !core.bulk_out.unacknowledged_on(connection_id))
+            } else {
+                (core.bulk_out.next_transmission(connection_id), false)
+            }
         };
+        if retired {
+            writer.flush().await.map_err(|source| TransportError::Io {
+                action: "flushing frames",
+                peer,
+                source,
+            })?;
+            tracing::info!(session = %shared.session_name, connection_id, "transport bulk connection closed: it did not raise the rate");
+            return Ok(());
+        }
         match transmission {
             Some(transmission) => {
                 write_frame(
@@ -1500,6 +1529,22 @@ async fn supervise(shared: Arc<SessionShared>) {
             bytes_per_second: rate,
             demand_exceeded_capacity,
         });
+        if let StreamCountDecision::Remove(count) = decision {
+            let removed = (0..count)
+                .take_while(|_| retire_last_added(&mut core))
+                .count() as u32;
+            drop(core);
+            if removed > 0 {
+                shared.bulk_writers.notify_waiters();
+                tracing::info!(
+                    session = %shared.session_name,
+                    bulk_connections = target - removed,
+                    rate_mbit_per_second = rate * 8e-6,
+                    "transport closing the bulk connection added last: the rate fell with it"
+                );
+            }
+            continue;
+        }
         if let StreamCountDecision::Add(count) = decision {
             let count = count.min(
                 shared
@@ -1508,6 +1553,9 @@ async fn supervise(shared: Arc<SessionShared>) {
                     .saturating_sub(target),
             );
             core.target_bulk_connections += count;
+            let first = next_index + 1;
+            next_index += count;
+            core.added_bulk.extend(first..=next_index);
             drop(core);
             tracing::info!(
                 session = %shared.session_name,
@@ -1515,16 +1563,23 @@ async fn supervise(shared: Arc<SessionShared>) {
                 rate_mbit_per_second = rate * 8e-6,
                 "transport adding bulk connections"
             );
-            for _ in 0..count {
-                next_index += 1;
-                tokio::spawn(maintain_connection(
-                    shared.clone(),
-                    Lane::Bulk,
-                    next_index,
-                    None,
-                ));
+            for index in first..=next_index {
+                tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, index, None));
             }
         }
+    }
+}
+
+/// Marks the bulk connection the policy added last to close once its frames are acknowledged
+/// (see `write_bulk`); false when the policy added none that is still open.
+fn retire_last_added(core: &mut SessionCore) -> bool {
+    match core.added_bulk.pop() {
+        Some(index) => {
+            core.retiring.insert(index);
+            core.target_bulk_connections = core.target_bulk_connections.saturating_sub(1);
+            true
+        }
+        None => false,
     }
 }
 
@@ -1866,7 +1921,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             return;
         }
     }
-    run_connection(&shared, TlsStream::Server(stream), lane).await;
+    run_connection(&shared, TlsStream::Server(stream), lane, None).await;
 }
 
 async fn refuse_connection(

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -378,6 +379,87 @@ async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
         assert_eq!(receiver.await.unwrap(), sent);
         let stats = dialer.stats();
         assert!(stats.measured_rate_bytes_per_second > 0.0, "{stats:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_added_as_the_rate_fell_is_closed_again_and_nothing_is_lost() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        let options = novacron_transport::SessionOptions {
+            initial_bulk_connections: None,
+            adapt_stream_count: true,
+            maximum_bulk_connections: 2,
+            measurement_interval: Duration::from_millis(100),
+            bandwidth_hint_bytes_per_second: 1e3,
+            bulk_send_window_bytes: 4 << 20,
+            ..test_options(1)
+        };
+        let dialer = Arc::new(
+            Session::connect(listener.local_addr(), &dialer_tls, options)
+                .await
+                .unwrap(),
+        );
+        let accepted = listener.accept().await.unwrap();
+        // The receiver sets the rate: 40 MB/s until the second connection opens, 27 MB/s
+        // afterwards, so the connection added seems to have cost a third (more than the
+        // quarter that closes it at once, less than the 40 % drop that would probe again).
+        let probe = dialer.clone();
+        let receiver = tokio::spawn(async move {
+            let (mut total, mut hasher) = (0usize, blake3::Hasher::new());
+            let started = tokio::time::Instant::now();
+            let mut slow_since: Option<(tokio::time::Instant, usize)> = None;
+            while let Some(chunk) = accepted.recv().await.unwrap() {
+                total += chunk.len();
+                hasher.update(&chunk);
+                if slow_since.is_none() && probe.stats().target_bulk_connections >= 2 {
+                    slow_since = Some((tokio::time::Instant::now(), total));
+                }
+                let (from, base, rate) = match slow_since {
+                    Some((at, bytes)) => (at, bytes, 27e6),
+                    None => (started, 0, 40e6),
+                };
+                let due = from + Duration::from_secs_f64((total - base) as f64 / rate);
+                tokio::time::sleep_until(due).await;
+            }
+            (total, hasher.finalize())
+        });
+        let chunk = random_payload(256 << 10, 7);
+        let (mut sent, mut hasher) = (0usize, blake3::Hasher::new());
+        let started = tokio::time::Instant::now();
+        let mut added = false;
+        loop {
+            let stats = dialer.stats();
+            added |= stats.target_bulk_connections >= 2;
+            if added && stats.target_bulk_connections == 1 && stats.bulk_connections == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < TEST_DEADLINE,
+                "no connection added and closed again: {stats:?}"
+            );
+            dialer.send(chunk.clone()).await.unwrap();
+            sent += chunk.len();
+            hasher.update(&chunk);
+        }
+        // A few more after the close, then the end: every byte arrives once, in order.
+        for _ in 0..8 {
+            dialer.send(chunk.clone()).await.unwrap();
+            sent += chunk.len();
+            hasher.update(&chunk);
+        }
+        dialer.finish().await.unwrap();
+        let (received, digest) = receiver.await.unwrap();
+        assert_eq!(received, sent);
+        assert_eq!(digest, hasher.finalize());
+        let stats = dialer.stats();
+        assert_eq!(
+            stats.bulk_bytes_retransmitted, 0,
+            "closed once its frames were acknowledged, none resent: {stats:?}"
+        );
     })
     .await;
 }
