@@ -316,9 +316,10 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 /// doubles at each step with a hold or a starved connection (one free to send found the next
 /// frame held back by the window, or the window full and nothing left to send: TCP ramping up
 /// faster than the window), up to the guess's four products and to twice four products of the
-/// rate acknowledged over the last half second;
-/// after [`WindowStep::PATIENCE`] steps without one it shrinks a tenth a step toward four
-/// products of the rate acknowledged over the last half second.
+/// rate acknowledged over the last half second; after [`WindowStep::PATIENCE`] steps without
+/// one it shrinks a tenth a step toward four products of that rate. (The plan's first estimate
+/// of what is in flight, [`expected_send_window`], still counts the guess's four products: an
+/// overestimate, on the safe side.)
 ///
 /// With a forecast, until the transport has measured the link (a second in), the window is four
 /// bandwidth-delay products of the forecast link rate, in message bytes: what
