@@ -338,21 +338,27 @@ async fn a_slow_receiver_bounds_memory_on_both_sides() {
     .await;
 }
 
+/// A dialer's options that let the stream-count policy add connections, up to `maximum`,
+/// measuring every 100 ms.
+fn adaptive_options(maximum: u32) -> SessionOptions {
+    SessionOptions {
+        initial_bulk_connections: None,
+        adapt_stream_count: true,
+        maximum_bulk_connections: maximum,
+        measurement_interval: Duration::from_millis(100),
+        // Loopback has almost no round trip: the estimate is the minimum.
+        bandwidth_hint_bytes_per_second: 1e3,
+        ..test_options(1)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
     init_tracing();
     within(async {
         let (listener_tls, dialer_tls) = pinned_pair();
         let listener = listen(&listener_tls, test_options(1)).await;
-        let options = novacron_transport::SessionOptions {
-            initial_bulk_connections: None,
-            adapt_stream_count: true,
-            maximum_bulk_connections: 3,
-            measurement_interval: Duration::from_millis(100),
-            // Loopback has almost no round trip: the estimate is the minimum.
-            bandwidth_hint_bytes_per_second: 1e3,
-            ..test_options(1)
-        };
+        let options = adaptive_options(3);
         let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
             .await
             .unwrap();
@@ -389,14 +395,9 @@ async fn a_connection_added_as_the_rate_fell_is_closed_again_and_nothing_is_lost
     within(async {
         let (listener_tls, dialer_tls) = pinned_pair();
         let listener = listen(&listener_tls, test_options(1)).await;
-        let options = novacron_transport::SessionOptions {
-            initial_bulk_connections: None,
-            adapt_stream_count: true,
-            maximum_bulk_connections: 2,
-            measurement_interval: Duration::from_millis(100),
-            bandwidth_hint_bytes_per_second: 1e3,
+        let options = SessionOptions {
             bulk_send_window_bytes: 4 << 20,
-            ..test_options(1)
+            ..adaptive_options(2)
         };
         let dialer = Arc::new(
             Session::connect(listener.local_addr(), &dialer_tls, options)
