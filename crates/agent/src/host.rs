@@ -231,18 +231,12 @@ pub(crate) struct Shared {
     /// Base images' 4 KiB page indexes (by image id) while a migration uses one and for ten
     /// minutes after: the memory and the disk of a migration, and the next migrations of VMs on
     /// the same image, share one instead of each reading the whole image.
-    pub image_page_indexes: tokio::sync::Mutex<
-        std::collections::HashMap<String, std::sync::Weak<novacron_migration::ImagePageIndex>>,
-    >,
+    pub image_page_indexes: crate::kept::KeptCache<String, novacron_migration::ImagePageIndex>,
     /// The same for a direct kernel boot's kernel and initrd (hashed and indexed with what the
     /// guest unpacks from them), by file identity (`crate::migration::HeldFileKey`): both hosts
     /// of every migration of a VM booted from them need them.
-    pub held_file_indexes: tokio::sync::Mutex<
-        std::collections::HashMap<
-            crate::migration::HeldFileKey,
-            std::sync::Weak<novacron_migration::HeldFile>,
-        >,
-    >,
+    pub held_file_indexes:
+        crate::kept::KeptCache<crate::migration::HeldFileKey, novacron_migration::HeldFile>,
 }
 
 impl Shared {
@@ -360,8 +354,10 @@ impl Host {
             postcopy_incoming: Default::default(),
             postcopy_recoveries: Default::default(),
             delivered_pages: Default::default(),
-            image_page_indexes: Default::default(),
-            held_file_indexes: Default::default(),
+            image_page_indexes: crate::kept::KeptCache::new(
+                crate::migration::IMAGE_PAGE_INDEX_KEEP,
+            ),
+            held_file_indexes: crate::kept::KeptCache::new(crate::migration::IMAGE_PAGE_INDEX_KEEP),
         });
         let mut background = Vec::new();
         match &region {

@@ -11,6 +11,7 @@ mod events;
 mod host;
 mod identity;
 mod images;
+mod kept;
 mod links;
 mod migration;
 pub mod paths;

@@ -2173,19 +2173,28 @@ pub(crate) async fn serve_destination(
     // Released when this function returns; outlives a serve killed during the migration.
     let _holder = postcopy::MonitorHolder::start(&shared, &record).await;
     // Blocks the disk session will deliver, which the memory session may refer to: registered
-    // for the disk session (`serve_destination_disk`) while this function runs.
-    let delivered = match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
-        Ok(delivered) => Arc::new(delivered),
-        Err(error) => {
-            let error = AgentError::io("creating the file for the disk mirror's blocks", error);
-            tracing::warn!(migration = %id, %error, "incoming migration refused");
-            refuse(request, session, &error).await;
-            discard_incoming(&shared, &record, qemu).await;
-            return;
-        }
+    // for the disk session (`serve_destination_disk`) while this function runs. A VM without a
+    // local disk has no disk session, and nothing to record.
+    let delivered = match record.spec.image_id {
+        None => None,
+        Some(_) => match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
+            Ok(delivered) => Some(Arc::new(delivered)),
+            Err(error) => {
+                let error = AgentError::io("creating the file for the disk mirror's blocks", error);
+                tracing::warn!(migration = %id, %error, "incoming migration refused");
+                refuse(request, session, &error).await;
+                discard_incoming(&shared, &record, qemu).await;
+                return;
+            }
+        },
     };
-    let _registered = DeliveredRegistration::new(&shared, &id, delivered.clone());
-    let image_pages = image_pages.with_delivered(delivered);
+    let _registered = delivered
+        .as_ref()
+        .map(|delivered| DeliveredRegistration::new(&shared, &id, delivered.clone()));
+    let image_pages = match delivered {
+        Some(delivered) => image_pages.with_delivered(delivered),
+        None => image_pages,
+    };
     // Listed from the post-copy switch until this function returns (its QEMU stopped on a
     // failure): the reconciler leaves the QEMU to the migration meanwhile.
     let driving = PostcopyIncoming::new(&shared, &record.uuid);
@@ -2503,41 +2512,32 @@ impl HeldFileKey {
 /// guest unpacks from them (the kernel, the initramfs's files; about 0.1 s for a distribution
 /// kernel): RAM pages equal to one of their blocks travel as hashes when both hosts hold the
 /// same file. Shared with the other migrations on this host using the same files now or in the
-/// last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation moves many VMs booted from one kernel); the
-/// cache stays locked while a file is indexed, so concurrent migrations index it once. A file
-/// that cannot be read is left out (the migration then sends those pages).
+/// last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation moves many VMs booted from one kernel); each
+/// file is indexed once however many migrations ask at once. A file that cannot be read is left
+/// out (the migration then sends those pages).
 async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile>> {
     let vm = record.spec.name.to_string();
     let mut held = Vec::new();
-    let mut cache = shared.held_file_indexes.lock().await;
-    cache.retain(|_, file| file.strong_count() > 0);
     for path in record.spec.kernel.iter().chain(&record.spec.initrd) {
         let opened = match HeldFileKey::of(path) {
-            Ok(key) => match cache.get(&key).and_then(std::sync::Weak::upgrade) {
-                Some(file) => Ok(file),
-                None => {
-                    let path = path.clone();
-                    tokio::task::spawn_blocking(move || HeldFile::open(&path))
-                        .await
-                        .unwrap_or_else(|error| Err(std::io::Error::other(error)))
-                        .map(|file| {
-                            let file = Arc::new(file);
-                            cache.insert(key, Arc::downgrade(&file));
-                            file
-                        })
-                }
-            },
+            Ok(key) => {
+                shared
+                    .held_file_indexes
+                    .get_or_build(key, || {
+                        let path = path.clone();
+                        async move {
+                            tokio::task::spawn_blocking(move || HeldFile::open(&path))
+                                .await
+                                .unwrap_or_else(|error| Err(std::io::Error::other(error)))
+                                .map(Arc::new)
+                        }
+                    })
+                    .await
+            }
             Err(error) => Err(error),
         };
         match opened {
-            Ok(file) => {
-                let kept = file.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(IMAGE_PAGE_INDEX_KEEP).await;
-                    drop(kept);
-                });
-                held.push(file);
-            }
+            Ok(file) => held.push(file),
             Err(error) => {
                 tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
             }
@@ -2548,7 +2548,7 @@ async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile
 
 /// How long a base image's page index stays in memory after a migration used it, so the next
 /// move of a VM on the same image (an evacuation moves many) does not read the image again.
-const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
+pub(crate) const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
 
 /// The 4 KiB page index of the VM's base image, which both hosts of a migration hold: shared
 /// with any migration (memory or disk session) on this host using it now or in the last
@@ -2558,21 +2558,12 @@ async fn index_image_pages(
     image: &novacron_types::ImageRecord,
     directory: &std::path::Path,
 ) -> Result<SharedImagePages, AgentError> {
-    let mut indexes = shared.image_page_indexes.lock().await;
-    indexes.retain(|_, index| index.strong_count() > 0);
-    let index = match indexes.get(&image.id).and_then(std::sync::Weak::upgrade) {
-        Some(index) => index,
-        None => {
-            let index = build_image_page_index(shared, image, directory).await?;
-            indexes.insert(image.id.clone(), Arc::downgrade(&index));
-            index
-        }
-    };
-    let kept = index.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(IMAGE_PAGE_INDEX_KEEP).await;
-        drop(kept);
-    });
+    let index = shared
+        .image_page_indexes
+        .get_or_build(image.id.clone(), || {
+            build_image_page_index(shared, image, directory)
+        })
+        .await?;
     Ok(SharedImagePages::new(Some(index)))
 }
 
@@ -3164,11 +3155,13 @@ pub(crate) async fn serve_destination_disk(
             .vm(&migration.vm)
             .await?
             .and_then(|vm| vm.record.spec.image_id);
-        let image = match image_id {
-            Some(image_id) => shared.records.image(&image_id).await?,
-            None => None,
+        let Some(image_id) = image_id else {
+            return Err(migration_error(
+                ErrorCode::Conflict,
+                format!("vm {} has no local disk to mirror", migration.vm),
+            ));
         };
-        let image_pages = match image {
+        let image_pages = match shared.records.image(&image_id).await? {
             Some(image) => index_image_pages(&shared, &image, &directory).await?,
             None => SharedImagePages::default(),
         };
