@@ -559,6 +559,10 @@ impl SendWindow {
             tracing::debug!(
                 window = set,
                 rate = stats.measured_rate_bytes_per_second,
+                buffered = stats.send_buffered_bytes,
+                unsent = stats.bulk_unsent_bytes,
+                window_holds = stats.bulk_send_window_holds,
+                credit_holds = stats.bulk_credit_holds,
                 held,
                 ratio,
                 "migration send window"

@@ -60,6 +60,8 @@ pub struct OutboundChannel {
     pending: BTreeSet<u64>,
     transmitted_once: BTreeSet<u64>,
     buffered_bytes: u64,
+    /// Charged bytes of the frames in `pending`: queued here, not on any connection.
+    unsent_bytes: u64,
     acknowledged_sequence: u64,
     credit_limit: u64,
     peer_receive_window: u64,
@@ -78,6 +80,10 @@ pub struct OutboundChannel {
     /// allows was out, so the window, not the path, was the limit (the sender waits on the
     /// window then).
     pub send_window_starved: u64,
+    /// Times a connection free to send found the next frame beyond the credit the peer granted
+    /// (its receive window past what its application consumed): the receiver, not this side's
+    /// window, limited the rate then.
+    pub credit_holds: u64,
     largest_charge: u64,
 }
 
@@ -91,6 +97,7 @@ impl OutboundChannel {
             pending: BTreeSet::new(),
             transmitted_once: BTreeSet::new(),
             buffered_bytes: 0,
+            unsent_bytes: 0,
             acknowledged_sequence: 0,
             credit_limit: peer_receive_window,
             peer_receive_window,
@@ -101,6 +108,7 @@ impl OutboundChannel {
             payload_bytes_retransmitted: 0,
             send_window_holds: 0,
             send_window_starved: 0,
+            credit_holds: 0,
             largest_charge: 0,
         }
     }
@@ -130,6 +138,12 @@ impl OutboundChannel {
         self.buffered_bytes
     }
 
+    /// Charged bytes of the frames waiting for a connection (never written, or written on a
+    /// connection that was lost): the rest of `buffered_bytes` is on its way to the peer.
+    pub fn unsent_bytes(&self) -> u64 {
+        self.unsent_bytes
+    }
+
     /// Queues a frame; returns its sequence number. The caller checks `has_room_for` first.
     pub fn enqueue(&mut self, payload: Bytes, end_of_stream: bool) -> Result<u64, TransportError> {
         if self.end_of_stream_queued {
@@ -143,6 +157,7 @@ impl OutboundChannel {
         self.largest_charge = self.largest_charge.max(charge);
         self.next_end_offset += charge;
         self.buffered_bytes += charge;
+        self.unsent_bytes += charge;
         self.payload_bytes_enqueued += payload.len() as u64;
         self.end_of_stream_queued = end_of_stream;
         self.frames.insert(
@@ -171,6 +186,7 @@ impl OutboundChannel {
         };
         let frame = self.frames.get_mut(&sequence)?;
         if frame.end_offset > self.credit_limit {
+            self.credit_holds += 1;
             return None;
         }
         // What the peer would hold unconsumed: a receiver that consumes slower than the link
@@ -184,6 +200,7 @@ impl OutboundChannel {
             return None;
         }
         self.pending.remove(&sequence);
+        self.unsent_bytes -= charge_of(frame.payload.len());
         frame.assigned_connection = Some(connection_id);
         let retransmission = !self.transmitted_once.insert(sequence);
         if retransmission {
@@ -213,8 +230,11 @@ impl OutboundChannel {
             if let Some(frame) = self.frames.remove(&sequence) {
                 self.buffered_bytes -= charge_of(frame.payload.len());
                 self.payload_bytes_acknowledged += frame.payload.len() as u64;
+                // Received before its connection was lost, and queued again since.
+                if self.pending.remove(&sequence) {
+                    self.unsent_bytes -= charge_of(frame.payload.len());
+                }
             }
-            self.pending.remove(&sequence);
             self.transmitted_once.remove(&sequence);
             self.acknowledged_sequence += 1;
             changed = true;
@@ -237,7 +257,9 @@ impl OutboundChannel {
         for (sequence, frame) in self.frames.iter_mut() {
             if frame.assigned_connection == Some(connection_id) {
                 frame.assigned_connection = None;
-                self.pending.insert(*sequence);
+                if self.pending.insert(*sequence) {
+                    self.unsent_bytes += charge_of(frame.payload.len());
+                }
                 requeued += 1;
             }
         }
@@ -460,6 +482,38 @@ mod tests {
             inbound.on_data(0, Bytes::new(), false).is_err(),
             "empty non-final frame"
         );
+    }
+
+    #[test]
+    fn unsent_bytes_count_frames_waiting_for_a_connection() {
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        let mut inbound = InboundChannel::new(1 << 20);
+        for byte in 0..3u8 {
+            outbound.enqueue(payload(byte, 1000), false).unwrap();
+        }
+        assert_eq!(outbound.unsent_bytes(), 3 * charge_of(1000));
+        let first = outbound.next_transmission(1).unwrap();
+        outbound.next_transmission(2).unwrap();
+        assert_eq!(outbound.unsent_bytes(), charge_of(1000));
+        assert_eq!(outbound.buffered_bytes(), 3 * charge_of(1000));
+        // The first frame arrived, then its connection was lost before the acknowledgement:
+        // it waits again, until the acknowledgement takes it out of the queue.
+        inbound
+            .on_data(first.sequence, first.payload, false)
+            .unwrap();
+        assert_eq!(outbound.on_connection_lost(1), 1);
+        assert_eq!(outbound.unsent_bytes(), 2 * charge_of(1000));
+        outbound
+            .on_acknowledgement(inbound.acknowledgement())
+            .unwrap();
+        assert_eq!(outbound.unsent_bytes(), charge_of(1000));
+        assert_eq!(outbound.buffered_bytes(), 2 * charge_of(1000));
+        // A second loss of the same connection queues nothing twice.
+        assert_eq!(outbound.on_connection_lost(1), 0);
+        assert_eq!(outbound.on_connection_lost(2), 1);
+        assert_eq!(outbound.unsent_bytes(), 2 * charge_of(1000));
+        while outbound.next_transmission(3).is_some() {}
+        assert_eq!(outbound.unsent_bytes(), 0);
     }
 
     #[test]

@@ -305,6 +305,9 @@ pub struct SessionStats {
     pub bulk_bytes_retransmitted: u64,
     pub duplicate_frames_received: u64,
     pub send_buffered_bytes: u64,
+    /// The part of `send_buffered_bytes` (charged) waiting for a connection; the rest was
+    /// written and is on its way to the peer.
+    pub bulk_unsent_bytes: u64,
     pub receive_buffered_bytes: u64,
     pub reconnections: u64,
     /// How long the session has been without any connection (`None` while it has one); it
@@ -319,6 +322,9 @@ pub struct SessionStats {
     /// Times a bulk connection free to send found nothing queued because the send window was
     /// full (cumulative; `OutboundChannel::send_window_starved`).
     pub bulk_send_window_starved: u64,
+    /// Times a bulk connection free to send found the next frame beyond the peer's receive
+    /// window (cumulative; `OutboundChannel::credit_holds`).
+    pub bulk_credit_holds: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1040,6 +1046,7 @@ impl Session {
             duplicate_frames_received: core.bulk_in.duplicate_frames
                 + core.control_in.duplicate_frames,
             send_buffered_bytes: core.bulk_out.buffered_bytes(),
+            bulk_unsent_bytes: core.bulk_out.unsent_bytes(),
             receive_buffered_bytes: core.bulk_in.held_bytes(),
             reconnections: core.reconnections,
             disconnected_for: core.disconnected_since.map(|since| since.elapsed()),
@@ -1047,6 +1054,7 @@ impl Session {
             measured_rate_bytes_per_second: core.measured_rate_bytes_per_second,
             bulk_send_window_holds: core.bulk_out.send_window_holds,
             bulk_send_window_starved: core.bulk_out.send_window_starved,
+            bulk_credit_holds: core.bulk_out.credit_holds,
         }
     }
 }
