@@ -955,6 +955,7 @@ async fn run_one(
         image_pages: source_pages.clone(),
         ..ProxyConfig::default()
     };
+    let window_control = config.window_control.clone();
     config.encoder.zstd_level = options.zstd_level;
     if options.forecast_mbit > 0.0 {
         config.initial_rate_bytes_per_second = options.forecast_mbit * 1e6 / 8.0;
@@ -1075,7 +1076,14 @@ async fn run_one(
             && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0)
                 > options.postcopy_after_passes
         {
-            source.qmp().execute("migrate-start-postcopy", None).await?;
+            // As `vm migrate` does: the device state that follows the switch crosses behind
+            // whatever the session holds, so it is emptied first.
+            if method.proxied() {
+                window_control.drain(Duration::from_secs(1)).await;
+            }
+            let switch = source.qmp().execute("migrate-start-postcopy", None).await;
+            window_control.release();
+            switch?;
             switched = true;
         }
         if switched && !resumed_early {

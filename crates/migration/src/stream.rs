@@ -150,6 +150,10 @@ pub trait EventParser: Send {
     fn return_path_requested(&self) -> bool {
         false
     }
+    /// Post-copy device-state packages parsed so far (the source switched to post-copy).
+    fn postcopy_packages(&self) -> u64 {
+        0
+    }
 }
 
 impl EventParser for StreamParser {
@@ -173,6 +177,9 @@ impl EventParser for StreamParser {
     }
     fn return_path_requested(&self) -> bool {
         self.stats().return_path_requested
+    }
+    fn postcopy_packages(&self) -> u64 {
+        self.stats().postcopy_packages
     }
 }
 

@@ -326,11 +326,14 @@ async fn post_copy_runs_the_guest_at_the_destination_while_its_pages_arrive_over
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    source
-        .qmp()
-        .execute("migrate-start-postcopy", None)
-        .await
-        .expect("migrate-start-postcopy");
+    // As `vm migrate` does: the session is emptied first (the proxy stops reading QEMU's
+    // stream meanwhile), so the device state crosses behind little else; released once QEMU
+    // was told to switch, the stream goes on.
+    let drained = config.window_control.drain(DEADLINE).await;
+    let switched = source.qmp().execute("migrate-start-postcopy", None).await;
+    config.window_control.release();
+    switched.expect("migrate-start-postcopy");
+    assert!(drained, "the session drained before the switch");
     wait_for_migration_status(&source, &["postcopy-active", "completed"]).await;
     let state = wait_until_loaded(&destination).await;
     assert_eq!(state, "paused", "started with -S: waits for cont");

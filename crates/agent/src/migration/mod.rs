@@ -81,6 +81,9 @@ const SESSION_RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 const DESTINATION_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the source reads QEMU's progress and the record (cancel).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// The most the switch to post-copy waits for the migration session to empty (see
+/// `SendWindowControl`): about what its window holds at the link's rate.
+const POSTCOPY_DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// How long the destination may take to load the stream after it ended.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination waits for the commit after it loaded the stream, before asking the
@@ -928,6 +931,7 @@ impl Source<'_> {
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
+        let window_control = config.window_control.clone();
         let mut sender = tokio::spawn(async move {
             send_migration_stream_duplex(stream, &sender_session, &config).await
         });
@@ -1010,11 +1014,23 @@ impl Source<'_> {
                     }
                     let status = self.poll_progress(session, &sent).await?;
                     if postcopy && !postcopy_switched && status == "active" && self.postcopy_due() {
-                        self.qemu
-                            .qmp()
-                            .execute("migrate-start-postcopy", None)
-                            .await
-                            .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
+                        // The guest stops at the switch and its device state crosses behind
+                        // whatever the session holds: empty it first.
+                        if !window_control.drain(POSTCOPY_DRAIN_WAIT).await {
+                            tracing::debug!(vm = %self.name, migration = %self.id, "the send window did not drain before the switch to post-copy");
+                        }
+                        let switched = self.qemu.qmp().execute("migrate-start-postcopy", None).await;
+                        window_control.release();
+                        if let Err(error) = switched {
+                            // QEMU may have gone on to complete the precopy meanwhile.
+                            let status = self.qemu.qmp().query_migrate().await.ok()
+                                .and_then(|info| info["status"].as_str().map(str::to_string));
+                            if status.as_deref() == Some("active") {
+                                return Err(Failure::from(qmp_error(&self.name, error)));
+                            }
+                            tracing::info!(vm = %self.name, migration = %self.id, ?status, "not switched to post-copy: the precopy is completing");
+                            continue;
+                        }
                         postcopy_switched = true;
                         tracing::info!(vm = %self.name, migration = %self.id, passes = self.migration.progress.passes, "switching to post-copy");
                         if let Some(plan) = &mut self.migration.progress.plan {
