@@ -312,11 +312,11 @@ pub fn queued_wire_bytes(session: &Session) -> u64 {
 /// A handle on a running [`send_migration_stream`]'s queue: [`SendWindowControl::drain`] makes
 /// the proxy stop reading QEMU's stream and hand the session nothing more while the session
 /// holds more than a few frames (sent or not, until acknowledged), so what QEMU writes next
-/// crosses the link right behind little else. Post-copy needs
-/// it: when QEMU switches, the guest stops and its device state follows everything the window
-/// holds (at 100 Mbit/s the proxy's pause was 0.36-0.59 s, QEMU's own 0.17 s). The session's
-/// window itself is left alone, so what it holds goes out at the link's pace. Clones share the
-/// handle; a default one is idle.
+/// crosses the link right behind little else. Post-copy needs it: when QEMU switches, the guest
+/// stops and its device state follows everything in QEMU's socket, the proxy's queues and the
+/// send window (at 100 Mbit/s the pause was 0.34-0.61 s against QEMU's own 0.14-0.50 s; 0.04-0.10
+/// s drained first: bench/migration/README.md). The session's window itself is left alone, so
+/// what it holds goes out at the link's pace. Clones share the handle; a default one is idle.
 #[derive(Clone, Debug, Default)]
 pub struct SendWindowControl(std::sync::Arc<WindowControlState>);
 
@@ -815,12 +815,12 @@ impl ProxyEncoder {
         self.hello_sent = true;
     }
 
-    /// Takes the next bytes of QEMU's stream; appends complete messages to `out`.
     /// Post-copy device-state packages read so far: QEMU switched to post-copy there.
     pub fn postcopy_packages(&self) -> u64 {
         self.parser.postcopy_packages()
     }
 
+    /// Takes the next bytes of QEMU's stream; appends complete messages to `out`.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ProxyError> {
         self.hello(out);
         self.report.stream_bytes += bytes.len() as u64;
@@ -1825,7 +1825,10 @@ mod tests {
         let control = SendWindowControl::default();
         let started = std::time::Instant::now();
         assert!(!control.drain(Duration::from_secs(30)).await);
-        assert!(started.elapsed() < Duration::from_secs(5), "no wait for a stream");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait for a stream"
+        );
         control.release();
         assert!(!control.draining());
     }
