@@ -496,6 +496,7 @@ pub(crate) async fn run_source(
         planner: ConvergencePlanner::new(),
         initial_dirty_rate: 0.0,
         delivered: Arc::new(DeliveredPages::at_source()),
+        postcopy_asked: false,
     };
     match source.run().await {
         Ok(SourceOutcome::Moved) => SourceOutcome::Moved,
@@ -640,6 +641,9 @@ struct Source<'a> {
     initial_dirty_rate: f64,
     /// Blocks the disk mirror delivered, which the memory session then sends as hashes.
     delivered: Arc<DeliveredPages>,
+    /// QEMU was told to switch to post-copy: precopy's convergence is not planned any more
+    /// (QEMU may still say `active` for a moment, and a new plan would hide the switch).
+    postcopy_asked: bool,
 }
 
 /// How to open another session to the destination.
@@ -1032,6 +1036,7 @@ impl Source<'_> {
                             continue;
                         }
                         postcopy_switched = true;
+                        self.postcopy_asked = true;
                         tracing::info!(vm = %self.name, migration = %self.id, passes = self.migration.progress.passes, "switching to post-copy");
                         if let Some(plan) = &mut self.migration.progress.plan {
                             plan.push_str("; switching to post-copy now");
@@ -1417,7 +1422,8 @@ impl Source<'_> {
         };
         let mut progress = progress;
         progress.throttle_percent = number(&info["cpu-throttle-percentage"]);
-        if status == "active" && stats.measured_rate_bytes_per_second > 0.0 {
+        if status == "active" && !self.postcopy_asked && stats.measured_rate_bytes_per_second > 0.0
+        {
             let qemu_dirty = progress.dirty_pages_per_second as f64 * 4096.0;
             let dirty = if qemu_dirty > 0.0 {
                 qemu_dirty
