@@ -401,17 +401,19 @@ impl SendWindowControl {
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Publishes what `session` holds every [`Self::LOOK_INTERVAL`] while the stream runs
-    /// (never returns; dropped with the stream).
+    /// Publishes what `session` holds every [`Self::LOOK_INTERVAL`] while a drain runs (the
+    /// session's statistics are not read otherwise); never returns, dropped with the stream.
     async fn watch(&self, session: &Session) -> std::convert::Infallible {
         use std::sync::atomic::Ordering;
         let _attached = AttachedControl(self.clone());
         self.0.attached.store(true, Ordering::SeqCst);
         loop {
-            self.0
-                .held
-                .store(session.stats().send_buffered_bytes, Ordering::SeqCst);
-            self.0.looks.fetch_add(1, Ordering::SeqCst);
+            if self.draining() {
+                self.0
+                    .held
+                    .store(session.stats().send_buffered_bytes, Ordering::SeqCst);
+                self.0.looks.fetch_add(1, Ordering::SeqCst);
+            }
             tokio::time::sleep(Self::LOOK_INTERVAL).await;
         }
     }
