@@ -70,6 +70,10 @@ pub struct SessionOptions {
     pub unsent_limit_bytes: u32,
     /// Bulk connections to open first; `None` estimates from the bandwidth-delay product.
     pub initial_bulk_connections: Option<u32>,
+    /// With an estimated first count (`initial_bulk_connections` `None`), open at least this
+    /// many, dialed with the session itself: parallel connections ramp up together, which a
+    /// short transfer (a migration's few seconds) needs more than a long one.
+    pub parallel_start_connections: u32,
     pub minimum_bulk_connections: u32,
     pub maximum_bulk_connections: u32,
     /// Expected path bandwidth, for the first estimate only (the forecast, when one exists).
@@ -100,6 +104,7 @@ impl Default for SessionOptions {
             congestion_control: Some("bbr".to_string()),
             unsent_limit_bytes: socket::DEFAULT_UNSENT_LIMIT_BYTES,
             initial_bulk_connections: None,
+            parallel_start_connections: 1,
             minimum_bulk_connections: 1,
             maximum_bulk_connections: 16,
             bandwidth_hint_bytes_per_second: 125e6,
@@ -766,7 +771,11 @@ impl Session {
         // holds them until the session exists), so data can flow one handshake earlier.
         let first_wave = options
             .initial_bulk_connections
-            .unwrap_or(options.minimum_bulk_connections)
+            .unwrap_or(
+                options
+                    .minimum_bulk_connections
+                    .max(options.parallel_start_connections),
+            )
             .clamp(
                 options.minimum_bulk_connections,
                 options.maximum_bulk_connections,

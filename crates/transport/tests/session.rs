@@ -390,6 +390,41 @@ async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_start_opens_its_connections_with_the_session() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        // The estimate alone is one connection (loopback, a tiny hint).
+        let options = SessionOptions {
+            parallel_start_connections: 3,
+            adapt_stream_count: false,
+            ..adaptive_options(8)
+        };
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+            .await
+            .unwrap();
+        assert_eq!(dialer.stats().target_bulk_connections, 3);
+        let accepted = listener.accept().await.unwrap();
+        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        let started = tokio::time::Instant::now();
+        while dialer.stats().bulk_connections < 3 {
+            assert!(started.elapsed() < TEST_DEADLINE, "{:?}", dialer.stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let payload = random_payload(16 << 20, 9);
+        send_in_pieces(&dialer, &payload, 1 << 20).await;
+        assert_eq!(
+            receiver.await.unwrap(),
+            (payload.len() as u64, blake3::hash(&payload))
+        );
+        // Without adaptation the count stays.
+        assert_eq!(dialer.stats().target_bulk_connections, 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_added_as_the_rate_fell_is_closed_again_and_nothing_is_lost() {
     init_tracing();
     within(async {
