@@ -42,7 +42,7 @@ use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
     ConvergencePlanner, DeliveredPages, HeldFile, PlanInputs, ProxyConfig, SharedImagePages,
-    expected_send_window, queued_wire_bytes, receive_migration_stream,
+    expected_send_window, migration_session_options, queued_wire_bytes, receive_migration_stream,
     receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
@@ -70,6 +70,8 @@ struct Options {
     /// Whether RAM pages equal to a block of the guest's kernel or initrd travel as hashes, as
     /// `vm migrate` does when the destination reports the same files.
     held_boot_files: bool,
+    /// `--link-timeline true`: print what the link carried in each quarter second.
+    link_timeline: bool,
     /// What the link was measured to carry before, Mbit/s (0: nothing known): `vm migrate`
     /// starts the proxy's send window from the link's forecast, and keeps it at least four of
     /// its bandwidth-delay products, when a transfer measured the link before.
@@ -254,6 +256,7 @@ fn parse_options() -> anyhow::Result<Options> {
         send_window_mib: 0,
         zstd_level: novacron_codec::PageEncoderConfig::default().zstd_level,
         held_boot_files: true,
+        link_timeline: false,
         forecast_mbit: 0.0,
         disk_mib: 0,
         local_disk_written_mib: 0,
@@ -281,6 +284,7 @@ fn parse_options() -> anyhow::Result<Options> {
             "--tcp-reference" => options.tcp_reference = value.parse()?,
             "--qemu-reference" => options.qemu_reference = value.parse()?,
             "--held-boot-files" => options.held_boot_files = value.parse()?,
+            "--link-timeline" => options.link_timeline = value.parse()?,
             "--save-stream" => {
                 options.save_stream = Some(PathBuf::from(value));
                 options.qemu_reference = true;
@@ -308,7 +312,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections, --adapt-streams, --congestion-control"
+                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --link-timeline, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections, --adapt-streams, --congestion-control"
             ),
         }
     }
@@ -712,6 +716,62 @@ impl GuestSetup<'_> {
     }
 }
 
+/// What the link carried A→B in each quarter second of a migration (`--link-timeline true`):
+/// where a method leaves the link idle (start-up, stalls, the end) shows in no total.
+struct LinkTimeline {
+    link: Arc<RunningLink>,
+    samples: Arc<std::sync::Mutex<Vec<(Instant, u64)>>>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl LinkTimeline {
+    const STEP: Duration = Duration::from_millis(250);
+
+    fn start(link: Arc<RunningLink>) -> LinkTimeline {
+        let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sampler = {
+            let (link, samples) = (link.clone(), samples.clone());
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(Self::STEP);
+                loop {
+                    ticks.tick().await;
+                    let sample = (Instant::now(), link.counters().a_to_b.bytes_forwarded);
+                    samples
+                        .lock()
+                        .unwrap_or_else(|error| error.into_inner())
+                        .push(sample);
+                }
+            })
+        };
+        LinkTimeline {
+            link,
+            samples,
+            sampler,
+        }
+    }
+
+    /// The rates, in Mbit/s, one per step (the last one shorter).
+    fn finish(self) -> String {
+        self.sampler.abort();
+        let mut samples = std::mem::take(
+            &mut *self
+                .samples
+                .lock()
+                .unwrap_or_else(|error| error.into_inner()),
+        );
+        samples.push((Instant::now(), self.link.counters().a_to_b.bytes_forwarded));
+        samples
+            .windows(2)
+            .map(|pair| {
+                let seconds = pair[1].0.duration_since(pair[0].0).as_secs_f64();
+                let bits = pair[1].1.saturating_sub(pair[0].1) as f64 * 8.0;
+                format!("{:.0}", bits / seconds.max(1e-3) / 1e6)
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
 /// Plans again and gives QEMU the new downtime limit when it changed (noted in `limits`).
 async fn replan(
     planner: &mut ConvergencePlanner,
@@ -1016,6 +1076,9 @@ async fn run_one(
     let mut destination_events = destination.subscribe_events();
     let wire_before = link.counters().a_to_b.bytes_forwarded;
     let started = Instant::now();
+    let timeline = options
+        .link_timeline
+        .then(|| LinkTimeline::start(link.clone()));
     // A local disk moves first: the block mirror into the destination's NBD export, until in
     // sync (it stays in sync while the memory moves, and completes at the switch-over).
     let mirror = match written_overlay {
@@ -1137,6 +1200,13 @@ async fn run_one(
         destination.qmp().cont().await?;
     }
     let mut seconds = started.elapsed().as_secs_f64();
+    if let Some(timeline) = timeline {
+        eprintln!(
+            "   link A→B, Mbit/s per {} ms from the start: {}",
+            LinkTimeline::STEP.as_millis(),
+            timeline.finish()
+        );
+    }
     if method.proxied()
         && let Some(disk) = disk
     {
@@ -1441,14 +1511,14 @@ fn source_side(
             }
             Method::Proxy | Method::ProxyPostcopy => {
                 // As `vm migrate` does, the session is open before QEMU starts its stream.
-                let mut options = SessionOptions {
+                let mut options = migration_session_options(SessionOptions {
                     bulk_send_window_bytes: if send_window_bytes > 0 {
                         send_window_bytes
                     } else {
                         64 << 20
                     },
                     ..SessionOptions::default()
-                };
+                });
                 if let Some(kib) = transport.unsent_limit_kib {
                     options.unsent_limit_bytes = kib << 10;
                 }

@@ -35,10 +35,10 @@ pub use delivered::DeliveredPages;
 pub use image_pages::{HeldFile, ImagePageIndex, SharedImagePages, StoredRange};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
-    CodecTiming, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError, ProxyReport,
-    SendWindowControl, StreamFormat, expected_send_window, queued_wire_bytes,
-    receive_migration_stream, receive_migration_stream_duplex, send_migration_stream,
-    send_migration_stream_duplex,
+    CodecTiming, MIGRATION_PARALLEL_START, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError,
+    ProxyReport, SendWindowControl, StreamFormat, expected_send_window, migration_session_options,
+    queued_wire_bytes, receive_migration_stream, receive_migration_stream_duplex,
+    send_migration_stream, send_migration_stream_duplex,
 };
 pub use rebuild::{StreamDigest, StreamRebuilder, stream_digest};
 pub use stream::{

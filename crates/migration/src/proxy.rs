@@ -300,6 +300,30 @@ pub fn expected_send_window(config: &ProxyConfig, rate: f64, round_trip: Duratio
     product.max(config.adaptive_send_window_minimum.unwrap_or(0))
 }
 
+/// Bulk connections a migration's session opens at once on a long fat path (see
+/// [`migration_session_options`]).
+pub const MIGRATION_PARALLEL_START: u32 = 2;
+
+/// Session options for a migration (its memory stream, and the disk's NBD session beside it)
+/// from `base`: the session opens [`MIGRATION_PARALLEL_START`] bulk connections with itself,
+/// and never probes with more. A migration lasts seconds, and a cold connection's ramp-up was a
+/// large part of them: at 1 Gbit/s, 50 ms RTT and 0.5 % loss a 2 GiB adversarial guest took
+/// 6.4-7.0 s (mean 6.6, eight runs) with two connections from the start, 6.8-7.4 s (mean 7.1)
+/// with one and probing, the default of other transfers (the probe's added connection cut the
+/// rate for a quarter second in every run), 6.9-7.1 s with one alone; four did no better than
+/// two; at 100 Mbit/s it made no difference (bench/migration/README.md, "Two connections from
+/// the start"). The first count still follows the forecast's bandwidth-delay product
+/// (`base.bandwidth_hint_bytes_per_second`) when that asks for more.
+pub fn migration_session_options(
+    base: novacron_transport::SessionOptions,
+) -> novacron_transport::SessionOptions {
+    novacron_transport::SessionOptions {
+        parallel_start_connections: MIGRATION_PARALLEL_START,
+        adapt_stream_count: false,
+        ..base
+    }
+}
+
 /// What a migration session holds that has not reached the destination's application: its
 /// send window, or more right after the window was cut below what was queued. The guest's pause
 /// waits for all of it to cross, so the convergence plan counts it as in flight.

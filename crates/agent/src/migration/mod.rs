@@ -2060,11 +2060,11 @@ async fn connect_to_destination(
     resume_timeout: Duration,
     until: Instant,
 ) -> Result<(Arc<Session>, Dial), Failure> {
-    let options = SessionOptions {
+    let options = novacron_migration::migration_session_options(SessionOptions {
         bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
         resume_timeout,
         ..service.session_options_for(fingerprint)
-    };
+    });
     let tls = TlsSettings {
         identity: service.identity().clone(),
         trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),

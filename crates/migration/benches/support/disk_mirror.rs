@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use novacron_linkemu::{LinkError, RunningLink};
 use novacron_migration::{
-    ProxyConfig, SharedImagePages, StreamFormat, receive_migration_stream_duplex,
-    send_migration_stream_duplex,
+    ProxyConfig, SharedImagePages, StreamFormat, migration_session_options,
+    receive_migration_stream_duplex, send_migration_stream_duplex,
 };
 use novacron_qemu::QemuVm;
 use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
@@ -296,7 +296,12 @@ fn relay_source(
             }
             true => {
                 let session = Arc::new(
-                    Session::connect(destination, &tls, SessionOptions::default()).await?,
+                    Session::connect(
+                        destination,
+                        &tls,
+                        migration_session_options(SessionOptions::default()),
+                    )
+                    .await?,
                 );
                 let (from_qemu, _) = client_listener.accept().await?;
                 let report =
