@@ -300,7 +300,7 @@ pub fn expected_send_window(config: &ProxyConfig, rate: f64, round_trip: Duratio
     product.max(config.adaptive_send_window_minimum.unwrap_or(0))
 }
 
-/// Bulk connections a migration's session opens at once on a long fat path (see
+/// Bulk connections a migration's session opens with itself (see
 /// [`migration_session_options`]).
 pub const MIGRATION_PARALLEL_START: u32 = 2;
 
@@ -311,9 +311,11 @@ pub const MIGRATION_PARALLEL_START: u32 = 2;
 /// 6.4-7.0 s (mean 6.6, eight runs) with two connections from the start, 6.8-7.4 s (mean 7.1)
 /// with one and probing, the default of other transfers (the probe's added connection cut the
 /// rate for a quarter second in every run), 6.9-7.1 s with one alone; four did no better than
-/// two; at 100 Mbit/s it made no difference (bench/migration/README.md, "Two connections from
-/// the start"). The first count still follows the forecast's bandwidth-delay product
-/// (`base.bandwidth_hint_bytes_per_second`) when that asks for more.
+/// two; at 100 Mbit/s it made no difference, and a realistic guest at 1 Gbit/s (40 MB on the
+/// link, CPU-bound) was within its runs' spread, its pause perhaps 70 ms longer (a loss near the
+/// end delays the stream if it hits either connection; bench/migration/README.md, "Two
+/// connections from the start"). The first count still follows the forecast's bandwidth-delay
+/// product (`base.bandwidth_hint_bytes_per_second`) when that asks for more.
 pub fn migration_session_options(
     base: novacron_transport::SessionOptions,
 ) -> novacron_transport::SessionOptions {
