@@ -94,6 +94,22 @@ pub struct PageStats {
     pub compression_time: Duration,
 }
 
+impl PageStats {
+    /// Adds another transfer's counters (a migration's channels, each with a codec of its own).
+    pub fn absorb(&mut self, other: &PageStats) {
+        self.pages += other.pages;
+        self.zero_pages += other.zero_pages;
+        self.known_from_transfer += other.known_from_transfer;
+        self.known_from_destination += other.known_from_destination;
+        self.delta_pages += other.delta_pages;
+        self.literal_pages += other.literal_pages;
+        self.frames += other.frames;
+        self.input_bytes += other.input_bytes;
+        self.frame_bytes += other.frame_bytes;
+        self.compression_time += other.compression_time;
+    }
+}
+
 /// Returns true if every byte of `bytes` is zero.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let (words, tail) = bytes.as_chunks::<16>();

@@ -57,16 +57,16 @@ fn parse_input(mut parser: impl EventParser, data: &[u8]) {
 }
 
 /// Decodes `data` as proxy messages (as the destination would receive them) with a small page
-/// mirror, in the format the first byte's low bit picks (QEMU's migration stream or NBD).
+/// mirror, in the format the first byte picks modulo 3 (QEMU's migration stream, NBD, a multifd channel).
 pub fn decode_proxy_input(data: &[u8]) {
     let Some((&format, data)) = data.split_first() else {
         return;
     };
     let mut config = ProxyConfig {
-        format: if format & 1 == 0 {
-            StreamFormat::Migration
-        } else {
-            StreamFormat::Nbd
+        format: match format % 3 {
+            0 => StreamFormat::Migration,
+            1 => StreamFormat::Nbd,
+            _ => StreamFormat::Multifd,
         },
         ..ProxyConfig::default()
     };

@@ -8,6 +8,9 @@
 //!   BLAKE3 checksum of what it wrote.
 //! - [`nbd`]: the same for the client's half of an NBD connection (a block mirror's writes), so
 //!   the proxy carries a VM's disk with the page codec too.
+//! - [`multifd`]: the same for one of QEMU's multifd channels, so each channel crosses the link
+//!   as its own proxied stream; [`multichannel`] runs a multifd migration so, one session per
+//!   QEMU connection.
 //! - [`delivered`]: blocks a migration's disk mirror delivered, which its memory session then
 //!   refers to by hash instead of sending them again.
 //! - [`proxy`]: the stream proxy over a DWCP transport session: PAGE payloads re-encoded with the
@@ -23,6 +26,8 @@ pub mod fuzzing;
 pub mod image_pages;
 pub mod initramfs;
 pub mod kernel_image;
+pub mod multichannel;
+pub mod multifd;
 pub mod nbd;
 pub mod plan;
 pub mod proxy;
@@ -33,6 +38,7 @@ pub mod synthetic;
 
 pub use delivered::DeliveredPages;
 pub use image_pages::{HeldFile, ImagePageIndex, SharedImagePages, StoredRange};
+pub use multichannel::{PROXY_MULTIFD_CHANNELS, receive_multifd_migration, send_multifd_migration};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     CodecTiming, MIGRATION_PARALLEL_START, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError,

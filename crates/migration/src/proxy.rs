@@ -9,14 +9,16 @@
 //! Wire format (version [`PROXY_VERSION`]; a change here is a wire-format change), carried on the
 //! session's ordered bulk stream as messages `u8 kind, be32 body length, body`:
 //!
-//! - `HELLO` (first, once): `NCMIG` (QEMU's migration stream) or `NCNBD` (the client's half of
-//!   an NBD connection, [`StreamFormat::Nbd`]), u8 version, be64 mirror page limit (both codec
-//!   sides must agree on it).
+//! - `HELLO` (first, once): `NCMIG` (QEMU's migration stream), `NCNBD` (the client's half of
+//!   an NBD connection, [`StreamFormat::Nbd`]) or `NCMFD` (one of QEMU's multifd channels,
+//!   [`StreamFormat::Multifd`]), u8 version, be64 mirror page limit (both codec sides must agree
+//!   on it).
 //! - `BATCH`: be32 script length, be32 compressed script length, the zstd-compressed script, then
 //!   one page frame of the codec (or nothing when the batch holds no page). The script replays
 //!   the stream in order: `0x01 varint n, n bytes` (opaque bytes, including whole ZERO records),
 //!   `0x02` (the next page of the frame, a record that names its block), `0x03` (the next page,
-//!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's payload). The codec carries each PAGE payload as zero / known / delta / literal
+//!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's
+//!   payload page, a multifd packet's page). The codec carries each PAGE payload as zero / known / delta / literal
 //!   (see `novacron_codec::page`) and zstd-compresses the frame.
 //! - `END` (last): be64 length and the stream digest of the original stream (BLAKE3 over the
 //!   stream with each PAGE payload replaced by its BLAKE3: see [`crate::rebuild`]). The
@@ -47,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::delivered::DeliveredPages;
 use crate::image_pages::SharedImagePages;
+use crate::multifd::MultifdParser;
 use crate::nbd::NbdParser;
 use crate::rebuild::{StreamDigest, StreamRebuilder};
 use crate::stream::{EventParser, PAGE_SIZE, ParseError, RecordNaming, StreamEvent, StreamParser};
@@ -55,6 +58,7 @@ use crate::stream::{EventParser, PAGE_SIZE, ParseError, RecordNaming, StreamEven
 pub const PROXY_VERSION: u8 = 3;
 const HELLO_MAGIC: &[u8; 5] = b"NCMIG";
 const HELLO_MAGIC_NBD: &[u8; 5] = b"NCNBD";
+const HELLO_MAGIC_MULTIFD: &[u8; 5] = b"NCMFD";
 
 const MESSAGE_HELLO: u8 = 0;
 const MESSAGE_BATCH: u8 = 1;
@@ -122,6 +126,9 @@ pub enum StreamFormat {
     /// The client's half of an NBD connection ([`crate::nbd`]): a block mirror writing a disk;
     /// the server's replies come back raw on the duplex executors' return direction.
     Nbd,
+    /// One of QEMU's multifd channels ([`crate::multifd`]), each carried by a session of its
+    /// own, with a codec (and page mirror) of its own.
+    Multifd,
 }
 
 impl StreamFormat {
@@ -129,6 +136,7 @@ impl StreamFormat {
         match self {
             StreamFormat::Migration => HELLO_MAGIC,
             StreamFormat::Nbd => HELLO_MAGIC_NBD,
+            StreamFormat::Multifd => HELLO_MAGIC_MULTIFD,
         }
     }
 }
@@ -740,7 +748,7 @@ impl SendWindow {
 /// "known from this transfer").
 fn codec_view(config: &ProxyConfig) -> SharedImagePages {
     match config.format {
-        StreamFormat::Migration => config.image_pages.clone(),
+        StreamFormat::Migration | StreamFormat::Multifd => config.image_pages.clone(),
         StreamFormat::Nbd => SharedImagePages::new(config.image_pages.index.clone()),
     }
 }
@@ -799,6 +807,7 @@ impl ProxyEncoder {
                 }
                 StreamFormat::Migration => Box::new(StreamParser::new()),
                 StreamFormat::Nbd => Box::new(NbdParser::new()),
+                StreamFormat::Multifd => Box::new(MultifdParser::new()),
             },
             format: config.format,
             encoder: PageEncoder::new(
@@ -956,6 +965,7 @@ impl ProxyEncoder {
                     what: match self.format {
                         StreamFormat::Migration => "the migration stream",
                         StreamFormat::Nbd => "the nbd connection",
+                        StreamFormat::Multifd => "the multifd channel",
                     },
                 },
             }));
@@ -1254,7 +1264,7 @@ impl ProxyDecoder {
                     cursor = end;
                 }
                 OP_PAGE_NAMED | OP_PAGE_CONTINUE | OP_PAGE_BARE => {
-                    if (op == OP_PAGE_BARE) != (self.format == StreamFormat::Nbd) {
+                    if (op == OP_PAGE_BARE) == (self.format == StreamFormat::Migration) {
                         return Err(self.protocol(
                             offset,
                             format!("script op {op:#04x} does not belong in {:?}", self.format),

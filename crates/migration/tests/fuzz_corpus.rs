@@ -57,8 +57,8 @@ fn proxy_message_corpus_decodes_without_panicking() {
     }
 }
 
-/// The fuzz input of `proxy_messages`: a format byte (0 migration stream, 1 NBD), then the
-/// proxy's messages for `stream`.
+/// The fuzz input of `proxy_messages`: a format byte (0 migration stream, 1 NBD, 2 a multifd
+/// channel), then the proxy's messages for `stream`.
 fn proxy_messages(format: StreamFormat, stream: &[u8]) -> Vec<u8> {
     let mut config = ProxyConfig {
         format,
@@ -66,7 +66,11 @@ fn proxy_messages(format: StreamFormat, stream: &[u8]) -> Vec<u8> {
     };
     config.encoder.mirror_page_limit = 4096;
     let mut encoder = ProxyEncoder::new(&config).unwrap();
-    let mut messages = vec![u8::from(format == StreamFormat::Nbd)];
+    let mut messages = vec![match format {
+        StreamFormat::Migration => 0,
+        StreamFormat::Nbd => 1,
+        StreamFormat::Multifd => 2,
+    }];
     encoder.push(stream, &mut messages).unwrap();
     encoder.finish(&mut messages).unwrap();
     messages
