@@ -8,11 +8,13 @@
 //! socket served by a thread in namespace A, and a thread in namespace B writes into the
 //! destination QEMU's `-incoming` unix socket. For "qemu precopy" those threads only relay bytes
 //! over one TCP connection; for "proxy" they run `send_migration_stream` /
-//! `receive_migration_stream` over a transport session. QEMU's max-bandwidth is raised to
-//! 1 GiB/s in both, so the link (or the proxy) sets the pace.
+//! `receive_migration_stream` over a transport session; for "proxy-multifd" QEMU's multifd
+//! (no compression) opens five connections and each crosses over a session of its own
+//! (`send_multifd_migration` / `receive_multifd_migration`). QEMU's max-bandwidth is raised
+//! far above the link in all, so the link (or the proxy) sets the pace.
 //!
 //! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
-//! --methods qemu,multifd,xbzrle,proxy[,postcopy,proxy-postcopy] [--send-window-mib N (fixed; default: the proxy's adaptive
+//! --methods qemu,multifd,xbzrle,proxy[,proxy-multifd,postcopy,proxy-postcopy] [--send-window-mib N (fixed; default: the proxy's adaptive
 //! window)] [--zstd-level L] [--disk-mib N (the realistic workload: a disk of this machine's files
 //! the guest reads into its page cache first)] [--local-disk-written-mib N (with --disk-mib: the
 //! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
@@ -41,12 +43,14 @@ use anyhow::{Context, bail};
 use common::pinned_pair;
 use novacron_linkemu::{LinkEmulator, RunningLink};
 use novacron_migration::{
-    ConvergencePlanner, DeliveredPages, HeldFile, PlanInputs, ProxyConfig, SharedImagePages,
-    expected_send_window, migration_session_options, queued_wire_bytes, receive_migration_stream,
-    receive_migration_stream_duplex, send_migration_stream, send_migration_stream_duplex,
+    ConvergencePlanner, DeliveredPages, HeldFile, PROXY_MULTIFD_CHANNELS, PlanInputs, ProxyConfig,
+    ProxyReport, SharedImagePages, expected_send_window, migration_session_options,
+    multifd_session_options, queued_wire_bytes, receive_migration_stream,
+    receive_migration_stream_duplex, receive_multifd_migration, send_migration_stream,
+    send_migration_stream_duplex, send_multifd_migration,
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
-use novacron_transport::{Session, SessionOptions, TlsSettings};
+use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
 use realistic_disk::{RealisticDisk, realistic_disk};
 use serde_json::json;
 
@@ -109,6 +113,9 @@ enum Method {
     /// QEMU's precopy with XBZRLE (delta of re-sent pages against a 256 MiB cache).
     QemuXbzrle,
     Proxy,
+    /// The proxy with QEMU's multifd (no compression) behind it: each of QEMU's connections
+    /// proxied over a session of its own (`novacron_migration::multichannel`).
+    ProxyMultifd,
     /// QEMU's precopy switched to post-copy after its first pass (QEMU's return path relayed
     /// over the same TCP connection).
     QemuPostcopy,
@@ -127,6 +134,7 @@ impl Method {
             Method::QemuMultifdZstd => "qemu multifd x4 + zstd",
             Method::QemuXbzrle => "qemu precopy + xbzrle",
             Method::Proxy => "novacron proxy (codec + transport)",
+            Method::ProxyMultifd => "novacron proxy, qemu multifd x4 behind it",
             Method::QemuPostcopy => "qemu precopy, then post-copy",
             Method::ProxyPostcopy => "novacron proxy, then post-copy",
         }
@@ -138,11 +146,12 @@ impl Method {
             "multifd" => Method::QemuMultifdZstd,
             "xbzrle" => Method::QemuXbzrle,
             "proxy" => Method::Proxy,
+            "proxy-multifd" => Method::ProxyMultifd,
             "postcopy" => Method::QemuPostcopy,
             "proxy-postcopy" => Method::ProxyPostcopy,
             other => bail!(
-                "unknown method {other:?}: use qemu, multifd, xbzrle, proxy, postcopy and/or \
-                 proxy-postcopy"
+                "unknown method {other:?}: use qemu, multifd, xbzrle, proxy, proxy-multifd, \
+                 postcopy and/or proxy-postcopy"
             ),
         })
     }
@@ -151,6 +160,7 @@ impl Method {
     fn connections(self) -> usize {
         match self {
             Method::QemuMultifdZstd => 1 + MULTIFD_CHANNELS,
+            Method::ProxyMultifd => 1 + PROXY_MULTIFD_CHANNELS,
             _ => 1,
         }
     }
@@ -164,6 +174,13 @@ impl Method {
                     "multifd-channels": MULTIFD_CHANNELS,
                     "multifd-compression": "zstd",
                     "multifd-zstd-level": 1,
+                }),
+            ),
+            Method::ProxyMultifd => (
+                json!([{ "capability": "multifd", "state": true }]),
+                json!({
+                    "multifd-channels": PROXY_MULTIFD_CHANNELS,
+                    "multifd-compression": "none",
                 }),
             ),
             Method::QemuXbzrle => (
@@ -183,7 +200,10 @@ impl Method {
     }
 
     fn proxied(self) -> bool {
-        matches!(self, Method::Proxy | Method::ProxyPostcopy)
+        matches!(
+            self,
+            Method::Proxy | Method::ProxyMultifd | Method::ProxyPostcopy
+        )
     }
 }
 
@@ -1449,6 +1469,34 @@ fn destination_side(
                     report.stream_bytes, report.message_bytes, report.timing
                 );
             }
+            Method::ProxyMultifd => {
+                // The sessions arrive in the order the source opened them: the main channel's
+                // first.
+                let listener = Listener::bind(
+                    SocketAddr::from((address, 0)),
+                    &tls,
+                    SessionOptions::default(),
+                )
+                .await?;
+                let _ = port.send(listener.local_addr().port());
+                let mut sessions = Vec::new();
+                for _ in 0..method.connections() {
+                    sessions.push(listener.accept().await?);
+                }
+                let config = ProxyConfig {
+                    image_pages,
+                    ..ProxyConfig::default()
+                };
+                let report = receive_multifd_migration(&sessions, &incoming, &config).await?;
+                eprintln!(
+                    "   proxy destination: {} stream bytes over {} connections rebuilt and verified from {} message bytes; main channel: {}",
+                    report.stream_bytes,
+                    sessions.len(),
+                    report.message_bytes,
+                    report.timing
+                );
+                drop(sessions);
+            }
             Method::Proxy => {
                 let (_listener, session) =
                     disk_mirror::accept_one_session(address, &tls, port).await?;
@@ -1509,46 +1557,61 @@ fn source_side(
                 }
                 Ok(copied)
             }
+            Method::ProxyMultifd => {
+                // One session per QEMU connection, opened one after the other (the destination
+                // takes the first for the main channel), before QEMU starts.
+                let options = proxy_session_options(method, send_window_bytes, transport);
+                let mut sessions = Vec::new();
+                for _ in 0..method.connections() {
+                    sessions.push(Session::connect(destination, &tls, options.clone()).await?);
+                }
+                let sessions = Arc::new(sessions);
+                let _ = ready.send(());
+                let publisher = {
+                    let sessions = sessions.clone();
+                    tokio::spawn(publish_link_view(link_view, move || {
+                        let mut view = LinkView::default();
+                        for session in sessions.iter() {
+                            let stats = session.stats();
+                            view.rate_bytes_per_second += stats.measured_rate_bytes_per_second;
+                            view.wire_bytes_sent += stats.bulk_bytes_sent;
+                            view.send_window_bytes += queued_wire_bytes(session);
+                            view.round_trip = view
+                                .round_trip
+                                .max(stats.round_trip_estimate.unwrap_or_default());
+                        }
+                        view
+                    }))
+                };
+                let report = send_multifd_migration(&unix_listener, &sessions, &config).await;
+                publisher.abort();
+                let _ = publisher.await;
+                let report = report?;
+                let sessions = Arc::try_unwrap(sessions)
+                    .map_err(|_| anyhow::anyhow!("a session is still shared"))?;
+                for session in sessions {
+                    session.close().await?;
+                }
+                print_source_report(&report);
+                Ok(report.stream_bytes)
+            }
             Method::Proxy | Method::ProxyPostcopy => {
                 // As `vm migrate` does, the session is open before QEMU starts its stream.
-                let mut options = migration_session_options(SessionOptions {
-                    bulk_send_window_bytes: if send_window_bytes > 0 {
-                        send_window_bytes
-                    } else {
-                        64 << 20
-                    },
-                    ..SessionOptions::default()
-                });
-                if let Some(kib) = transport.unsent_limit_kib {
-                    options.unsent_limit_bytes = kib << 10;
-                }
-                options.initial_bulk_connections = transport.initial_connections;
-                if let Some(adapt) = transport.adapt_streams {
-                    options.adapt_stream_count = adapt;
-                }
-                match transport.congestion_control {
-                    Some("default") => options.congestion_control = None,
-                    Some(name) => options.congestion_control = Some(name.to_string()),
-                    None => {}
-                }
+                let options = proxy_session_options(method, send_window_bytes, transport);
                 let session = Arc::new(Session::connect(destination, &tls, options).await?);
                 let _ = ready.send(());
                 let (from_qemu, _) = unix_listener.accept().await?;
                 let publisher = {
                     let session = session.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            let stats = session.stats();
-                            *link_view.lock().unwrap_or_else(|error| error.into_inner()) =
-                                Some(LinkView {
-                                    rate_bytes_per_second: stats.measured_rate_bytes_per_second,
-                                    wire_bytes_sent: stats.bulk_bytes_sent,
-                                    send_window_bytes: queued_wire_bytes(&session),
-                                    round_trip: stats.round_trip_estimate.unwrap_or_default(),
-                                });
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::spawn(publish_link_view(link_view, move || {
+                        let stats = session.stats();
+                        LinkView {
+                            rate_bytes_per_second: stats.measured_rate_bytes_per_second,
+                            wire_bytes_sent: stats.bulk_bytes_sent,
+                            send_window_bytes: queued_wire_bytes(&session),
+                            round_trip: stats.round_trip_estimate.unwrap_or_default(),
                         }
-                    })
+                    }))
                 };
                 let report = if method == Method::ProxyPostcopy {
                     send_migration_stream_duplex(from_qemu, &session, &config).await
@@ -1570,21 +1633,71 @@ fn source_side(
                     }
                 };
                 session.close().await?;
-                let codec = &report.codec;
-                eprintln!(
-                    "   proxy source: {} pages ({} known, {} held at the destination of which {} in the kernel or initrd, {} delta, {} literal), {} message bytes for {} stream bytes; {}",
-                    report.pages,
-                    codec.known_from_transfer,
-                    codec.known_from_destination,
-                    report.pages_from_files,
-                    codec.delta_pages,
-                    codec.literal_pages,
-                    report.message_bytes,
-                    report.stream_bytes,
-                    report.timing
-                );
+                print_source_report(&report);
                 Ok(report.stream_bytes)
             }
         }
     })
+}
+
+/// The proxy's session options in this run (`--send-window-mib` and the transport knobs over
+/// what `vm migrate` uses).
+fn proxy_session_options(
+    method: Method,
+    send_window_bytes: u64,
+    transport: TransportKnobs,
+) -> SessionOptions {
+    let base = SessionOptions {
+        bulk_send_window_bytes: if send_window_bytes > 0 {
+            send_window_bytes
+        } else {
+            64 << 20
+        },
+        ..SessionOptions::default()
+    };
+    let mut options = match method {
+        Method::ProxyMultifd => multifd_session_options(base),
+        _ => migration_session_options(base),
+    };
+    if let Some(kib) = transport.unsent_limit_kib {
+        options.unsent_limit_bytes = kib << 10;
+    }
+    if transport.initial_connections.is_some() {
+        options.initial_bulk_connections = transport.initial_connections;
+    }
+    if let Some(adapt) = transport.adapt_streams {
+        options.adapt_stream_count = adapt;
+    }
+    match transport.congestion_control {
+        Some("default") => options.congestion_control = None,
+        Some(name) => options.congestion_control = Some(name.to_string()),
+        None => {}
+    }
+    options
+}
+
+/// Publishes what `look` sees of the link every 200 ms, for the convergence planner.
+async fn publish_link_view(link_view: SharedLinkView, look: impl Fn() -> LinkView) {
+    loop {
+        *link_view.lock().unwrap_or_else(|error| error.into_inner()) = Some(look());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_source_report(report: &ProxyReport) {
+    let codec = &report.codec;
+    eprintln!(
+        "   proxy source: {} pages ({} known, {} held at the destination of which {} in the kernel or initrd, {} delta, {} literal), {} message bytes for {} stream bytes; {} frames, zstd {:.2} s; {}",
+        report.pages,
+        codec.known_from_transfer,
+        codec.known_from_destination,
+        report.pages_from_files,
+        codec.delta_pages,
+        codec.literal_pages,
+        report.message_bytes,
+        report.stream_bytes,
+        codec.frames,
+        codec.compression_time.as_secs_f64(),
+        report.timing
+    );
 }

@@ -38,7 +38,10 @@ pub mod synthetic;
 
 pub use delivered::DeliveredPages;
 pub use image_pages::{HeldFile, ImagePageIndex, SharedImagePages, StoredRange};
-pub use multichannel::{PROXY_MULTIFD_CHANNELS, receive_multifd_migration, send_multifd_migration};
+pub use multichannel::{
+    PROXY_MULTIFD_CHANNELS, multifd_session_options, receive_multifd_migration,
+    send_multifd_migration,
+};
 pub use plan::{ConvergencePlanner, Plan, PlanInputs};
 pub use proxy::{
     CodecTiming, MIGRATION_PARALLEL_START, ProxyConfig, ProxyDecoder, ProxyEncoder, ProxyError,

@@ -34,6 +34,19 @@ use crate::proxy::{
 /// multifd ×4), each carried by a session with one connection.
 pub const PROXY_MULTIFD_CHANNELS: usize = 4;
 
+/// Session options for each connection of a multifd migration, from `base`: one bulk
+/// connection, never more, as each of QEMU's own multifd channels is one TCP connection.
+pub fn multifd_session_options(
+    base: novacron_transport::SessionOptions,
+) -> novacron_transport::SessionOptions {
+    novacron_transport::SessionOptions {
+        initial_bulk_connections: Some(1),
+        parallel_start_connections: 1,
+        adapt_stream_count: false,
+        ..base
+    }
+}
+
 /// The proxy's settings for one of the connections (the main one or a multifd channel): its
 /// format, and its own send-window handle (a drain applies to the single-stream proxy only).
 fn channel_config(config: &ProxyConfig, format: StreamFormat) -> ProxyConfig {
@@ -57,7 +70,8 @@ fn absorb(total: &mut ProxyReport, channel: &ProxyReport) {
     total.pages += channel.pages;
     total.opaque_bytes += channel.opaque_bytes;
     total.script_bytes += channel.script_bytes;
-    total.pages_from_files += channel.pages_from_files;
+    // One counter shared by every connection's codec (the held files' index): its latest value.
+    total.pages_from_files = total.pages_from_files.max(channel.pages_from_files);
     total.codec.absorb(&channel.codec);
 }
 
@@ -111,24 +125,30 @@ pub async fn send_multifd_migration(
     }
     // The main channel first, then the multifd channels in the order they came.
     connections.sort_by_key(|(multifd, ..)| *multifd);
-    let sends =
-        connections
-            .into_iter()
-            .zip(sessions)
-            .map(|((multifd, first, connection), session)| {
-                let config = channel_config(
-                    config,
-                    if multifd {
-                        StreamFormat::Multifd
-                    } else {
-                        StreamFormat::Migration
-                    },
+    let started = std::time::Instant::now();
+    let sends = connections.into_iter().zip(sessions).enumerate().map(
+        |(index, ((multifd, first, connection), session))| {
+            let config = channel_config(
+                config,
+                if multifd {
+                    StreamFormat::Multifd
+                } else {
+                    StreamFormat::Migration
+                },
+            );
+            async move {
+                let input = std::io::Cursor::new(first).chain(connection);
+                let report = send_migration_stream(input, session, &config).await;
+                tracing::debug!(
+                    connection = index,
+                    stream_bytes = report.as_ref().map_or(0, |report| report.stream_bytes),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "a multifd migration's connection is through"
                 );
-                async move {
-                    let input = std::io::Cursor::new(first).chain(connection);
-                    send_migration_stream(input, session, &config).await
-                }
-            });
+                report
+            }
+        },
+    );
     combine(futures::future::join_all(sends).await)
 }
 
