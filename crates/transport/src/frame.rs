@@ -1,4 +1,4 @@
-//! The on-wire format inside each TLS connection (version 1). Pure encoding and decoding, no IO.
+//! The on-wire format inside each TLS connection (version 2). Pure encoding and decoding, no IO.
 //!
 //! A connection starts with a fixed-size hello from the dialer and a hello reply from the
 //! listener, then carries frames in both directions:
@@ -11,16 +11,18 @@
 //!        | payload | tag [16]
 //! ```
 //!
-//! All integers are big-endian. The tag is the first 16 bytes of BLAKE3 over header and payload:
-//! TLS already authenticates every record, the tag is an end-to-end check that catches bugs in
+//! All integers are big-endian. The tag is XXH3-128 over header and payload (big-endian): TLS
+//! already authenticates every record, the tag is an end-to-end check that catches bugs in
 //! striping, reassembly and resume (a frame delivered with the wrong sequence number or length
-//! fails it). Decoding never allocates more than [`MAX_FRAME_PAYLOAD`] for one frame and rejects
+//! fails it), so it needs a checksum, not a cryptographic hash. Version 1 used the first 16
+//! bytes of BLAKE3: 6 GB/s against XXH3's 24 GB/s on this project's machine, about 2 % of both
+//! cores in a migration at 1 Gbit/s, where the two cores are the limit. Decoding never allocates more than [`MAX_FRAME_PAYLOAD`] for one frame and rejects
 //! unknown kinds, channels, flags and versions.
 
 use crate::error::TransportError;
 
 pub const PROTOCOL_MAGIC: [u8; 4] = *b"NCTR";
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const HELLO_LEN: usize = 44;
 pub const FRAME_HEADER_LEN: usize = 16;
 pub const FRAME_TAG_LEN: usize = 16;
@@ -214,12 +216,10 @@ impl FrameHeader {
 
 /// The end-to-end integrity tag of a frame.
 pub fn frame_tag(header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> [u8; FRAME_TAG_LEN] {
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
     hasher.update(header);
     hasher.update(payload);
-    let mut tag = [0u8; FRAME_TAG_LEN];
-    tag.copy_from_slice(&hasher.finalize().as_bytes()[..FRAME_TAG_LEN]);
-    tag
+    hasher.digest128().to_be_bytes()
 }
 
 /// Acknowledgement of one channel: every sequence number below `contiguous_sequence` has been

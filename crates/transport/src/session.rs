@@ -1285,8 +1285,19 @@ async fn read_frames(
             .await
             .map_err(io_error)?;
         let header = FrameHeader::decode(&header_bytes)?;
-        let mut payload = BytesMut::zeroed(header.payload_len as usize);
-        reader.read_exact(&mut payload).await.map_err(io_error)?;
+        // Read into spare capacity: a frame's megabyte is not zeroed before it is overwritten.
+        let length = header.payload_len as usize;
+        let mut payload = BytesMut::with_capacity(length);
+        while payload.len() < length {
+            let read = (&mut reader)
+                .take((length - payload.len()) as u64)
+                .read_buf(&mut payload)
+                .await
+                .map_err(io_error)?;
+            if read == 0 {
+                return Err(io_error(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
         let mut tag = [0u8; FRAME_TAG_LEN];
         reader.read_exact(&mut tag).await.map_err(io_error)?;
         if frame_tag(&header_bytes, &payload) != tag {
