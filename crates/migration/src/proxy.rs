@@ -788,8 +788,6 @@ pub struct ProxyEncoder {
     digest: StreamDigest,
     script: Vec<u8>,
     opaque_run: Vec<u8>,
-    frame: Vec<u8>,
-    body: Vec<u8>,
     report: ProxyReport,
     mirror_page_limit: u64,
     carry_return_path: bool,
@@ -821,8 +819,6 @@ impl ProxyEncoder {
             digest: StreamDigest::new(),
             script: Vec::new(),
             opaque_run: Vec::new(),
-            frame: Vec::new(),
-            body: Vec::new(),
             report: ProxyReport::default(),
             mirror_page_limit: config.encoder.mirror_page_limit as u64,
             carry_return_path: config.carry_return_path,
@@ -924,8 +920,6 @@ impl ProxyEncoder {
         if self.script.is_empty() {
             return Ok(());
         }
-        self.frame.clear();
-        self.encoder.finish_frame(&mut self.frame)?;
         let compressed =
             zstd::bulk::compress(&self.script, SCRIPT_ZSTD_LEVEL).map_err(|source| {
                 ProxyError::Io {
@@ -933,15 +927,19 @@ impl ProxyEncoder {
                     source,
                 }
             })?;
-        self.body.clear();
-        self.body
-            .extend_from_slice(&(self.script.len() as u32).to_be_bytes());
-        self.body
-            .extend_from_slice(&(compressed.len() as u32).to_be_bytes());
-        self.body.extend_from_slice(&compressed);
-        self.body.extend_from_slice(&self.frame);
+        // Written in place: the frame's pages are copied once, into `out`.
         let start = out.len();
-        put_message(out, MESSAGE_BATCH, &self.body);
+        out.push(MESSAGE_BATCH);
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(self.script.len() as u32).to_be_bytes());
+        out.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+        out.extend_from_slice(&compressed);
+        if let Err(error) = self.encoder.finish_frame(out) {
+            out.truncate(start);
+            return Err(error.into());
+        }
+        let body_length = (out.len() - start - MESSAGE_HEADER_LENGTH) as u32;
+        out[start + 1..start + MESSAGE_HEADER_LENGTH].copy_from_slice(&body_length.to_be_bytes());
         self.report.message_bytes += (out.len() - start) as u64;
         self.report.script_bytes += compressed.len() as u64;
         self.report.batches += 1;
@@ -993,10 +991,10 @@ enum DecoderState {
 /// Destination side, sans-IO: proxy messages in, QEMU's stream bytes out (identical to the
 /// source's, which the END message proves).
 pub struct ProxyDecoder {
-    buffer: Vec<u8>,
-    position: usize,
-    /// Message-stream offset of `buffer[0]`.
-    base: u64,
+    /// The start of a message whose end has not arrived yet (empty between messages).
+    pending: Vec<u8>,
+    /// Message-stream offset of the next message (of `pending[0]` when it holds one).
+    offset: u64,
     decoder: PageDecoder<SharedImagePages>,
     /// The disk session's record of the blocks it carries (NBD format only).
     delivering: Option<(SharedImagePages, std::sync::Arc<DeliveredPages>)>,
@@ -1026,9 +1024,8 @@ impl ProxyDecoder {
     pub fn new(config: &ProxyConfig) -> Result<Self, ProxyError> {
         let limit = config.encoder.mirror_page_limit;
         Ok(Self {
-            buffer: Vec::new(),
-            position: 0,
-            base: 0,
+            pending: Vec::new(),
+            offset: 0,
             decoder: PageDecoder::new(
                 PageDecoderConfig {
                     mirror_page_limit: limit,
@@ -1070,40 +1067,71 @@ impl ProxyDecoder {
         }
     }
 
-    /// Takes the next message bytes; appends rebuilt stream bytes to `out`.
-    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ProxyError> {
-        if self.position > 0 && self.position * 2 >= self.buffer.len() {
-            self.buffer.drain(..self.position);
-            self.base += self.position as u64;
-            self.position = 0;
+    /// Takes the next message bytes; appends rebuilt stream bytes to `out`. Whole messages are
+    /// decoded where they lie in `bytes`; only a message cut by the end of `bytes` is copied,
+    /// until its end arrives.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ProxyError> {
+        if !self.pending.is_empty() {
+            // First the message an earlier push began.
+            let wanted = match self.message_length(&self.pending)? {
+                Some(length) => MESSAGE_HEADER_LENGTH + length,
+                None => MESSAGE_HEADER_LENGTH,
+            };
+            let taken = (wanted - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..taken]);
+            bytes = &bytes[taken..];
+            let Some(length) = self.message_length(&self.pending)? else {
+                return Ok(());
+            };
+            if self.pending.len() < MESSAGE_HEADER_LENGTH + length {
+                // The header completed just now; its body's bytes follow in `bytes`.
+                let taken = (MESSAGE_HEADER_LENGTH + length - self.pending.len()).min(bytes.len());
+                self.pending.extend_from_slice(&bytes[..taken]);
+                bytes = &bytes[taken..];
+                if self.pending.len() < MESSAGE_HEADER_LENGTH + length {
+                    return Ok(());
+                }
+            }
+            let message = std::mem::take(&mut self.pending);
+            let handled = self.handle_message(&message, out);
+            // Keep the allocation for the next cut message.
+            self.pending = message;
+            self.pending.clear();
+            handled?;
         }
-        self.buffer.extend_from_slice(bytes);
-        loop {
-            let available = &self.buffer[self.position..];
-            if available.len() < MESSAGE_HEADER_LENGTH {
+        while let Some(length) = self.message_length(bytes)? {
+            if bytes.len() < MESSAGE_HEADER_LENGTH + length {
                 break;
             }
-            let offset = self.base + self.position as u64;
-            let kind = available[0];
-            let length =
-                u32::from_be_bytes([available[1], available[2], available[3], available[4]])
-                    as usize;
-            if length > MAX_MESSAGE_LENGTH {
-                return Err(self.protocol(
-                    offset,
-                    format!("message of {length} bytes, above the limit of {MAX_MESSAGE_LENGTH}"),
-                ));
-            }
-            if available.len() < MESSAGE_HEADER_LENGTH + length {
-                break;
-            }
-            let body_start = self.position + MESSAGE_HEADER_LENGTH;
-            let body = self.buffer[body_start..body_start + length].to_vec();
-            self.position = body_start + length;
-            self.report.message_bytes += (MESSAGE_HEADER_LENGTH + length) as u64;
-            self.handle(offset, kind, &body, out)?;
+            let (message, rest) = bytes.split_at(MESSAGE_HEADER_LENGTH + length);
+            self.handle_message(message, out)?;
+            bytes = rest;
         }
+        self.pending.extend_from_slice(bytes);
         Ok(())
+    }
+
+    /// The body length of the message `bytes` begins with, once its header is there.
+    fn message_length(&self, bytes: &[u8]) -> Result<Option<usize>, ProxyError> {
+        let Some(header) = bytes.get(..MESSAGE_HEADER_LENGTH) else {
+            return Ok(None);
+        };
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if length > MAX_MESSAGE_LENGTH {
+            return Err(self.protocol(
+                self.offset,
+                format!("message of {length} bytes, above the limit of {MAX_MESSAGE_LENGTH}"),
+            ));
+        }
+        Ok(Some(length))
+    }
+
+    /// Decodes one whole message (header and body).
+    fn handle_message(&mut self, message: &[u8], out: &mut Vec<u8>) -> Result<(), ProxyError> {
+        let offset = self.offset;
+        self.offset += message.len() as u64;
+        self.report.message_bytes += message.len() as u64;
+        self.handle(offset, message[0], &message[MESSAGE_HEADER_LENGTH..], out)
     }
 
     fn handle(
