@@ -3,6 +3,7 @@
 //! arbitrary bytes; any outcome but a panic, an out-of-bounds access or unbounded allocation is
 //! acceptable, and what was accepted must rebuild to exactly the bytes consumed.
 
+use crate::multifd::MultifdParser;
 use crate::nbd::NbdParser;
 use crate::proxy::{ProxyConfig, ProxyDecoder, StreamFormat};
 use crate::rebuild::StreamRebuilder;
@@ -17,6 +18,11 @@ pub fn parse_stream_input(data: &[u8]) {
 /// The same for the client's half of an NBD connection ([`crate::nbd`]).
 pub fn parse_nbd_input(data: &[u8]) {
     parse_input(NbdParser::new(), data);
+}
+
+/// The same for one of QEMU's multifd channels ([`crate::multifd`]).
+pub fn parse_multifd_input(data: &[u8]) {
+    parse_input(MultifdParser::new(), data);
 }
 
 fn parse_input(mut parser: impl EventParser, data: &[u8]) {

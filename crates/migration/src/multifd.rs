@@ -51,7 +51,7 @@ pub const FLAG_DEVICE_STATE: u32 = 0x40;
 pub const PAGES_PER_PACKET: u32 = 128;
 /// Length of every RAM packet, its offsets included (1 344 bytes).
 pub const PACKET_LENGTH: usize = PACKET_FIXED_LENGTH + 8 * PAGES_PER_PACKET as usize;
-const BLOCK_NAME_LENGTH: usize = 256;
+pub(crate) const BLOCK_NAME_LENGTH: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -403,52 +403,7 @@ impl EventParser for MultifdParser {
 mod tests {
     use super::*;
     use crate::StreamRebuilder;
-
-    /// A packet: its block, its normal pages (offset, fill byte), its zero pages' offsets and
-    /// its flags.
-    type TestPacket<'a> = (&'a str, Vec<(u64, u8)>, Vec<u64>, u32);
-
-    /// A channel as QEMU writes one: the hello, then the packets.
-    fn channel(packets: &[TestPacket<'_>]) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        bytes.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
-        bytes.extend_from_slice(&MULTIFD_VERSION.to_be_bytes());
-        bytes.extend_from_slice(&[7u8; 16]);
-        bytes.push(3);
-        bytes.extend_from_slice(&[0u8; 39]);
-        for (number, (block, normal, zero, flags)) in packets.iter().enumerate() {
-            let slots = if normal.is_empty() && zero.is_empty() && flags & FLAG_SYNC != 0 {
-                0
-            } else {
-                PAGES_PER_PACKET
-            };
-            bytes.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
-            bytes.extend_from_slice(&MULTIFD_VERSION.to_be_bytes());
-            bytes.extend_from_slice(&flags.to_be_bytes());
-            bytes.extend_from_slice(&slots.to_be_bytes());
-            bytes.extend_from_slice(&(normal.len() as u32).to_be_bytes());
-            bytes.extend_from_slice(&((normal.len() * PAGE_SIZE) as u32).to_be_bytes());
-            bytes.extend_from_slice(&(number as u64).to_be_bytes());
-            bytes.extend_from_slice(&(zero.len() as u32).to_be_bytes());
-            bytes.extend_from_slice(&[0u8; 28]);
-            let mut name = [0u8; BLOCK_NAME_LENGTH];
-            name[..block.len()].copy_from_slice(block.as_bytes());
-            bytes.extend_from_slice(&name);
-            let mut slots_used = 0;
-            for offset in normal.iter().map(|(offset, _)| offset).chain(zero) {
-                bytes.extend_from_slice(&offset.to_be_bytes());
-                slots_used += 1;
-            }
-            bytes.extend(std::iter::repeat_n(
-                0u8,
-                8 * (PAGES_PER_PACKET as usize - slots_used),
-            ));
-            for (_, fill) in normal {
-                bytes.extend(std::iter::repeat_n(*fill, PAGE_SIZE));
-            }
-        }
-        bytes
-    }
+    use crate::synthetic::multifd_channel as channel;
 
     fn parse_in_pieces(bytes: &[u8], piece: usize) -> (Vec<StreamEvent>, MultifdParser) {
         let mut parser = MultifdParser::new();

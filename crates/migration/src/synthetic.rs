@@ -1,5 +1,5 @@
-//! Synthetic QEMU migration streams and NBD connections for tests, fuzzing seeds and benchmarks
-//! (not part of the API).
+//! Synthetic QEMU migration streams, multifd channels and NBD connections for tests, fuzzing
+//! seeds and benchmarks (not part of the API).
 
 use crate::nbd;
 use crate::stream::{PAGE_SIZE, STREAM_MAGIC, STREAM_VERSION, ram_flag, section_type};
@@ -177,4 +177,66 @@ pub fn nbd_connection() -> Vec<u8> {
     ));
     out.extend(nbd_request(false, 0, 2, 0, b""));
     out
+}
+
+/// A packet of a multifd channel: its block, its normal pages (offset, fill byte), its zero
+/// pages' offsets and its flags.
+pub type MultifdPacket<'a> = (&'a str, Vec<(u64, u8)>, Vec<u64>, u32);
+
+/// A multifd channel as QEMU 10 writes one ([`crate::multifd`]): the hello, then the packets
+/// (each 128 offset slots long; a SYNC packet without pages announces 0 slots).
+pub fn multifd_channel(packets: &[MultifdPacket<'_>]) -> Vec<u8> {
+    use crate::multifd::{
+        BLOCK_NAME_LENGTH, FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_VERSION, PAGES_PER_PACKET,
+    };
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
+    bytes.extend_from_slice(&MULTIFD_VERSION.to_be_bytes());
+    bytes.extend_from_slice(&[7u8; 16]);
+    bytes.push(3);
+    bytes.extend_from_slice(&[0u8; 39]);
+    for (number, (block, normal, zero, flags)) in packets.iter().enumerate() {
+        let slots = if normal.is_empty() && zero.is_empty() && flags & FLAG_SYNC != 0 {
+            0
+        } else {
+            PAGES_PER_PACKET
+        };
+        bytes.extend_from_slice(&MULTIFD_MAGIC.to_be_bytes());
+        bytes.extend_from_slice(&MULTIFD_VERSION.to_be_bytes());
+        bytes.extend_from_slice(&flags.to_be_bytes());
+        bytes.extend_from_slice(&slots.to_be_bytes());
+        bytes.extend_from_slice(&(normal.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&((normal.len() * PAGE_SIZE) as u32).to_be_bytes());
+        bytes.extend_from_slice(&(number as u64).to_be_bytes());
+        bytes.extend_from_slice(&(zero.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&[0u8; 28]);
+        let mut name = [0u8; BLOCK_NAME_LENGTH];
+        name[..block.len()].copy_from_slice(block.as_bytes());
+        bytes.extend_from_slice(&name);
+        let mut slots_used = 0;
+        for offset in normal.iter().map(|(offset, _)| offset).chain(zero) {
+            bytes.extend_from_slice(&offset.to_be_bytes());
+            slots_used += 1;
+        }
+        bytes.extend(std::iter::repeat_n(
+            0u8,
+            8 * (PAGES_PER_PACKET as usize - slots_used),
+        ));
+        for (_, fill) in normal {
+            bytes.extend(std::iter::repeat_n(*fill, PAGE_SIZE));
+        }
+    }
+    bytes
+}
+
+/// A multifd channel with every kind of packet: a SYNC without pages, normal and zero pages of
+/// two blocks, a page sent again.
+pub fn multifd_seed_channel() -> Vec<u8> {
+    multifd_channel(&[
+        ("", vec![], vec![], crate::multifd::FLAG_SYNC),
+        ("pc.ram", vec![(0x1000, 1), (0x5000, 2)], vec![0x2000], 0),
+        ("vga.vram", vec![(0, 9)], vec![], 0),
+        ("pc.ram", vec![(0x1000, 4)], vec![0x3000, 0x4000], 0),
+        ("", vec![], vec![], crate::multifd::FLAG_SYNC),
+    ])
 }

@@ -4,8 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use novacron_migration::fuzzing::{decode_proxy_input, parse_nbd_input, parse_stream_input};
-use novacron_migration::synthetic::{nbd_connection, two_pass_stream};
+use novacron_migration::fuzzing::{
+    decode_proxy_input, parse_multifd_input, parse_nbd_input, parse_stream_input,
+};
+use novacron_migration::synthetic::{multifd_seed_channel, nbd_connection, two_pass_stream};
 use novacron_migration::{ProxyConfig, ProxyEncoder, StreamFormat};
 
 fn corpus_directory(target: &str) -> PathBuf {
@@ -45,6 +47,15 @@ fn nbd_corpus_parses_without_panicking() {
     assert!(!inputs.is_empty());
     for bytes in &inputs {
         parse_nbd_input(bytes);
+    }
+}
+
+#[test]
+fn multifd_corpus_parses_without_panicking() {
+    let inputs = corpus("multifd");
+    assert!(!inputs.is_empty());
+    for bytes in &inputs {
+        parse_multifd_input(bytes);
     }
 }
 
@@ -99,6 +110,16 @@ fn regenerate_fuzz_seeds() {
     std::fs::write(
         corpus_directory("proxy_messages").join("seed-nbd"),
         proxy_messages(StreamFormat::Nbd, &connection),
+    )
+    .unwrap();
+    let channel = multifd_seed_channel();
+    let mut input = vec![3u8];
+    input.extend_from_slice(&channel);
+    std::fs::create_dir_all(corpus_directory("multifd")).unwrap();
+    std::fs::write(corpus_directory("multifd").join("seed-channel"), &input).unwrap();
+    std::fs::write(
+        corpus_directory("proxy_messages").join("seed-multifd"),
+        proxy_messages(StreamFormat::Multifd, &channel),
     )
     .unwrap();
 }
