@@ -17,9 +17,9 @@
 //!   one page frame of the codec (or nothing when the batch holds no page). The script replays
 //!   the stream in order: `0x01 varint n, n bytes` (opaque bytes, including whole ZERO records),
 //!   `0x02` (the next page of the frame, a record that names its block), `0x03` (the next page,
-//!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's
-//!   payload page, a multifd packet's page). The codec carries each PAGE payload as zero / known / delta / literal
-//!   (see `novacron_codec::page`) and zstd-compresses the frame.
+//!   a CONTINUE record), `0x04` (the next page's bytes alone: an NBD write's payload page, a
+//!   multifd packet's page). The codec carries each PAGE payload as zero / known / delta /
+//!   literal (see `novacron_codec::page`) and zstd-compresses the frame.
 //! - `END` (last): be64 length and the stream digest of the original stream (BLAKE3 over the
 //!   stream with each PAGE payload replaced by its BLAKE3: see [`crate::rebuild`]). The
 //!   destination compares them with what it rebuilt and fails on any difference.
