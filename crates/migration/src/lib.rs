@@ -25,6 +25,7 @@ pub mod delivered;
 pub mod fuzzing;
 pub mod image_pages;
 pub mod initramfs;
+mod input;
 pub mod kernel_image;
 pub mod multichannel;
 pub mod multifd;

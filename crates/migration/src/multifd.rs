@@ -26,9 +26,10 @@
 
 use std::sync::Arc;
 
+use crate::input::Input;
 use crate::stream::{
-    EventParser, MAX_OPAQUE_EVENT, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage,
-    RecordNaming, StreamEvent,
+    EventParser, MAX_OPAQUE_EVENT, PAGE_SIZE, ParseError, Passthrough, RamPage, RecordNaming,
+    StreamEvent,
 };
 
 /// First four bytes of a multifd channel's hello and of each of its packets.
@@ -88,12 +89,8 @@ pub struct MultifdStats {
 /// events until it returns `None`, call [`MultifdParser::finish`] when the channel closes.
 #[derive(Debug)]
 pub struct MultifdParser {
-    buffer: Vec<u8>,
-    position: usize,
-    /// Channel offset of `buffer[position]`.
-    offset: u64,
+    input: Input,
     state: State,
-    finished: bool,
     /// The last block name seen, shared by the pages that name it.
     block: Option<Arc<str>>,
     stats: MultifdStats,
@@ -114,34 +111,27 @@ pub fn is_multifd_hello(first_bytes: &[u8; 4]) -> bool {
 impl MultifdParser {
     pub fn new() -> Self {
         Self {
-            buffer: Vec::new(),
-            position: 0,
-            offset: 0,
+            input: Input::default(),
             state: State::Hello,
-            finished: false,
             block: None,
             stats: MultifdStats::default(),
         }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.position > 0 && self.position * 2 >= self.buffer.len() {
-            self.buffer.drain(..self.position);
-            self.position = 0;
-        }
-        self.buffer.extend_from_slice(bytes);
+        self.input.feed(bytes);
     }
 
     /// The channel closed: no more input.
     pub fn finish(&mut self) {
-        self.finished = true;
+        self.input.finish();
     }
 
     /// Whether the channel ended between two packets (QEMU closes a channel after its last
     /// packet), or anywhere once passing through.
     pub fn is_done(&self) -> bool {
-        self.finished
-            && self.available() == 0
+        self.input.is_finished()
+            && self.input.available() == 0
             && matches!(self.state, State::Packet | State::Passthrough)
     }
 
@@ -151,19 +141,12 @@ impl MultifdParser {
 
     /// Channel offset of the next byte to parse.
     pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    fn available(&self) -> usize {
-        self.buffer.len() - self.position
+        self.input.offset()
     }
 
     fn take(&mut self, length: usize) -> &[u8] {
-        let start = self.position;
-        self.position += length;
-        self.offset += length as u64;
         self.stats.bytes += length as u64;
-        &self.buffer[start..start + length]
+        self.input.take(length)
     }
 
     fn opaque(&mut self, length: usize) -> StreamEvent {
@@ -173,34 +156,23 @@ impl MultifdParser {
 
     fn pass_through(&mut self, reason: String) {
         self.stats.passthrough = Some(Passthrough {
-            offset: self.offset,
+            offset: self.input.offset(),
             reason,
         });
         self.state = State::Passthrough;
     }
 
     fn be32(&self, at: usize) -> u32 {
-        let start = self.position + at;
-        u32::from_be_bytes(
-            self.buffer[start..start + 4]
-                .try_into()
-                .expect("four bytes"),
-        )
+        u32::from_be_bytes(self.input.field(at))
     }
 
     fn be64(&self, at: usize) -> u64 {
-        let start = self.position + at;
-        u64::from_be_bytes(
-            self.buffer[start..start + 8]
-                .try_into()
-                .expect("eight bytes"),
-        )
+        u64::from_be_bytes(self.input.field(at))
     }
 
     /// The block named at `at` (256 bytes, NUL-padded), reusing the last one's allocation.
     fn block_name(&mut self, at: usize) -> Result<Arc<str>, String> {
-        let start = self.position + at;
-        let field = &self.buffer[start..start + BLOCK_NAME_LENGTH];
+        let field = self.input.peek(at, BLOCK_NAME_LENGTH);
         let length = field
             .iter()
             .position(|&byte| byte == 0)
@@ -223,7 +195,7 @@ impl MultifdParser {
     /// The next event, `None` when more input is needed (or the channel is over).
     pub fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
         loop {
-            let available = self.available();
+            let available = self.input.available();
             match &self.state {
                 State::Passthrough => {
                     if available == 0 {
@@ -243,7 +215,7 @@ impl MultifdParser {
                         ));
                         continue;
                     }
-                    self.stats.channel = Some(self.buffer[self.position + 24]);
+                    self.stats.channel = Some(self.input.field::<1>(24)[0]);
                     self.state = State::Packet;
                     return Ok(Some(self.opaque(MULTIFD_HELLO_LENGTH)));
                 }
@@ -364,17 +336,7 @@ impl MultifdParser {
     }
 
     fn need(&self, what: &'static str) -> Result<Option<StreamEvent>, ParseError> {
-        if self.finished && self.available() > 0 {
-            return Err(self.error(ParseErrorKind::Truncated { what }));
-        }
-        Ok(None)
-    }
-
-    fn error(&self, kind: ParseErrorKind) -> ParseError {
-        ParseError {
-            offset: self.offset,
-            kind,
-        }
+        self.input.need(what)
     }
 }
 
@@ -403,6 +365,7 @@ impl EventParser for MultifdParser {
 mod tests {
     use super::*;
     use crate::StreamRebuilder;
+    use crate::stream::ParseErrorKind;
     use crate::synthetic::multifd_channel as channel;
 
     fn parse_in_pieces(bytes: &[u8], piece: usize) -> (Vec<StreamEvent>, MultifdParser) {

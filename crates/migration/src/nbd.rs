@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use crate::input::Input;
 use crate::stream::{
     EventParser, MAX_OPAQUE_EVENT, PAGE_SIZE, ParseError, ParseErrorKind, Passthrough, RamPage,
     RecordNaming, StreamEvent,
@@ -79,12 +80,8 @@ pub struct NbdStats {
 /// returns `None`, call [`NbdParser::finish`] at the end of the connection.
 #[derive(Debug)]
 pub struct NbdParser {
-    buffer: Vec<u8>,
-    position: usize,
-    /// Connection offset of `buffer[position]`.
-    offset: u64,
+    input: Input,
     state: State,
-    finished: bool,
     block: Arc<str>,
     stats: NbdStats,
 }
@@ -98,33 +95,26 @@ impl Default for NbdParser {
 impl NbdParser {
     pub fn new() -> Self {
         Self {
-            buffer: Vec::new(),
-            position: 0,
-            offset: 0,
+            input: Input::default(),
             state: State::ClientFlags,
-            finished: false,
             block: Arc::from(DISK_BLOCK),
             stats: NbdStats::default(),
         }
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.position > 0 && self.position * 2 >= self.buffer.len() {
-            self.buffer.drain(..self.position);
-            self.position = 0;
-        }
-        self.buffer.extend_from_slice(bytes);
+        self.input.feed(bytes);
     }
 
     /// The connection ended: no more input.
     pub fn finish(&mut self) {
-        self.finished = true;
+        self.input.finish();
     }
 
     /// Whether the connection ended between two items (not inside a header or payload).
     pub fn is_done(&self) -> bool {
-        self.finished
-            && self.available() == 0
+        self.input.is_finished()
+            && self.input.available() == 0
             && matches!(self.state, State::Items | State::Passthrough)
     }
 
@@ -134,19 +124,12 @@ impl NbdParser {
 
     /// Connection offset of the next byte to parse.
     pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    fn available(&self) -> usize {
-        self.buffer.len() - self.position
+        self.input.offset()
     }
 
     fn take(&mut self, length: usize) -> &[u8] {
-        let start = self.position;
-        self.position += length;
-        self.offset += length as u64;
         self.stats.bytes += length as u64;
-        &self.buffer[start..start + length]
+        self.input.take(length)
     }
 
     fn opaque(&mut self, length: usize) -> StreamEvent {
@@ -156,23 +139,20 @@ impl NbdParser {
 
     fn pass_through(&mut self, reason: String) {
         self.stats.passthrough = Some(Passthrough {
-            offset: self.offset,
+            offset: self.input.offset(),
             reason,
         });
         self.state = State::Passthrough;
     }
 
     fn field<const N: usize>(&self, at: usize) -> [u8; N] {
-        let start = self.position + at;
-        let mut field = [0u8; N];
-        field.copy_from_slice(&self.buffer[start..start + N]);
-        field
+        self.input.field(at)
     }
 
     /// The next event, `None` when more input is needed (or the connection is over).
     pub fn next_event(&mut self) -> Result<Option<StreamEvent>, ParseError> {
         loop {
-            let available = self.available();
+            let available = self.input.available();
             match self.state {
                 State::ClientFlags => {
                     if available < 4 {
@@ -309,17 +289,11 @@ impl NbdParser {
     }
 
     fn need(&self, what: &'static str) -> Result<Option<StreamEvent>, ParseError> {
-        if self.finished && self.available() > 0 {
-            return Err(self.error(ParseErrorKind::Truncated { what }));
-        }
-        Ok(None)
+        self.input.need(what)
     }
 
     fn error(&self, kind: ParseErrorKind) -> ParseError {
-        ParseError {
-            offset: self.offset,
-            kind,
-        }
+        self.input.error(kind)
     }
 }
 
