@@ -63,7 +63,8 @@ fn parse_input(mut parser: impl EventParser, data: &[u8]) {
 }
 
 /// Decodes `data` as proxy messages (as the destination would receive them) with a small page
-/// mirror, in the format the first byte picks modulo 3 (QEMU's migration stream, NBD, a multifd channel).
+/// mirror, in the format the first byte picks modulo 3 (QEMU's migration stream, NBD, a
+/// multifd channel).
 pub fn decode_proxy_input(data: &[u8]) {
     let Some((&format, data)) = data.split_first() else {
         return;

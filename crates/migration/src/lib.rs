@@ -9,8 +9,8 @@
 //! - [`nbd`]: the same for the client's half of an NBD connection (a block mirror's writes), so
 //!   the proxy carries a VM's disk with the page codec too.
 //! - [`multifd`]: the same for one of QEMU's multifd channels, so each channel crosses the link
-//!   as its own proxied stream; [`multichannel`] runs a multifd migration so, one session per
-//!   QEMU connection.
+//!   as its own proxied stream; [`multichannel`] carries a whole multifd migration that way, one
+//!   transport session per QEMU connection.
 //! - [`delivered`]: blocks a migration's disk mirror delivered, which its memory session then
 //!   refers to by hash instead of sending them again.
 //! - [`proxy`]: the stream proxy over a DWCP transport session: PAGE payloads re-encoded with the

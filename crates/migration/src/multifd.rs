@@ -21,8 +21,9 @@
 //! Payload pages are keyed by (block name, offset), like the main stream's PAGE records. Anything
 //! this does not model — a compressed packet (`multifd-compression` other than `none`), a
 //! device-state packet (flag `0x40`), a payload whose size does not match its pages, an offset
-//! that is not page-aligned, a slot count other than 0 or 128, a wrong magic or version — makes the parser pass the rest of the
-//! channel through unchanged ([`Passthrough`]): the pages still arrive, without the codec.
+//! that is not page-aligned, a slot count other than 0 or 128, a wrong magic or version — makes
+//! the parser pass the rest of the channel through unchanged ([`Passthrough`]): the pages still
+//! arrive, without the codec.
 
 use std::sync::Arc;
 
