@@ -199,29 +199,7 @@ async fn migrate_through_proxy(pause_source: bool) {
     assert!(sent.message_bytes < sent.stream_bytes, "{sent:?}");
     assert_eq!(received.message_bytes, sent.message_bytes);
 
-    let state = wait_until_loaded(&destination).await;
-    assert_eq!(state, "paused", "loaded and waiting for cont");
-    let text = std::fs::read_to_string(&source_console).unwrap_or_default();
-    let source_tick = workload_ticks(&text).last().expect("source ticks").tick;
-    source.force_stop().await.expect("stop source");
-    destination.qmp().cont().await.expect("cont");
-    let status = destination
-        .qmp()
-        .query_status()
-        .await
-        .expect("query-status");
-    assert!(status.running, "{status:?}");
-    let ticks = check_guest_continues(
-        &destination.run_directory().console_log(),
-        source_tick,
-        TICKS_TO_VERIFY_WHOLE_REGION + 1,
-    )
-    .await;
-    println!(
-        "destination continued from tick {source_tick} to {} with errors=0",
-        ticks.last().unwrap().tick
-    );
-    destination.force_stop().await.expect("stop destination");
+    resume_at_destination_and_verify(&source, &source_console, &destination).await;
 }
 
 /// A paused guest through the proxy: the destination resumes it, its workload counter carries on
@@ -357,18 +335,39 @@ async fn live_guest_migrates_over_multifd_channels_through_the_proxy() {
         sent.codec.literal_pages,
     );
 
-    let state = wait_until_loaded(&destination).await;
+    resume_at_destination_and_verify(&source, &source_console, &destination).await;
+}
+
+/// After a precopy through the proxy: the destination loaded the stream and waits, paused; the
+/// source stops, the destination resumes and runs, and its workload carries on from the source's
+/// last tick with its whole region re-verified.
+async fn resume_at_destination_and_verify(
+    source: &novacron_qemu::QemuVm,
+    source_console: &std::path::Path,
+    destination: &novacron_qemu::QemuVm,
+) {
+    let state = wait_until_loaded(destination).await;
     assert_eq!(state, "paused", "loaded and waiting for cont");
-    let text = std::fs::read_to_string(&source_console).unwrap_or_default();
+    let text = std::fs::read_to_string(source_console).unwrap_or_default();
     let source_tick = workload_ticks(&text).last().expect("source ticks").tick;
     source.force_stop().await.expect("stop source");
     destination.qmp().cont().await.expect("cont");
-    check_guest_continues(
+    let status = destination
+        .qmp()
+        .query_status()
+        .await
+        .expect("query-status");
+    assert!(status.running, "{status:?}");
+    let ticks = check_guest_continues(
         &destination.run_directory().console_log(),
         source_tick,
         TICKS_TO_VERIFY_WHOLE_REGION + 1,
     )
     .await;
+    println!(
+        "destination continued from tick {source_tick} to {} with errors=0",
+        ticks.last().unwrap().tick
+    );
     destination.force_stop().await.expect("stop destination");
 }
 
