@@ -30,6 +30,7 @@ pub mod policy;
 pub mod reliable;
 pub mod session;
 pub mod socket;
+mod sys;
 pub mod tls;
 
 pub use error::TransportError;

@@ -90,6 +90,10 @@ pub struct SessionOptions {
     pub handshake_timeout: Duration,
     /// Called with every rate measurement (each `measurement_interval`), for a link model.
     pub rate_observer: Option<RateObserver>,
+    /// Cap on the rate this side's bulk connections together send at, bytes per second (IP
+    /// packets), shared evenly between them as the kernel's per-socket pacing cap (`None`: no
+    /// cap). See [`Session::set_bulk_pacing_limit`].
+    pub bulk_pacing_limit_bytes_per_second: Option<u64>,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
 }
@@ -115,6 +119,7 @@ impl Default for SessionOptions {
             handshake_timeout: Duration::from_secs(10),
             server_name: PINNED_SERVER_NAME.to_string(),
             rate_observer: None,
+            bulk_pacing_limit_bytes_per_second: None,
         }
     }
 }
@@ -330,6 +335,9 @@ pub struct SessionStats {
     /// Times a bulk connection free to send found the next frame beyond the peer's receive
     /// window (cumulative; `OutboundChannel::credit_holds`).
     pub bulk_credit_holds: u64,
+    /// The cap on the bulk connections' total sending rate, bytes per second (see
+    /// [`Session::set_bulk_pacing_limit`]).
+    pub bulk_pacing_limit_bytes_per_second: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -376,6 +384,7 @@ struct SessionCore {
     round_trip_estimate: Option<Duration>,
     sender_blocked_since_measurement: bool,
     measured_rate_bytes_per_second: f64,
+    bulk_pacing_limit: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -399,6 +408,8 @@ struct SessionShared {
     control_readers: Notify,
     senders: Notify,
     shutdown: watch::Sender<bool>,
+    /// Each bulk connection's share of the pacing limit (`None`: no cap).
+    bulk_pacing_share: watch::Sender<Option<u64>>,
 }
 
 impl std::fmt::Debug for SessionShared {
@@ -456,8 +467,10 @@ impl SessionShared {
             round_trip_estimate: None,
             sender_blocked_since_measurement: false,
             measured_rate_bytes_per_second: 0.0,
+            bulk_pacing_limit: options.bulk_pacing_limit_bytes_per_second,
         };
         let (shutdown, _) = watch::channel(false);
+        let (bulk_pacing_share, _) = watch::channel(None);
         Arc::new(SessionShared {
             session_id,
             session_name: session_name(&session_id),
@@ -472,6 +485,7 @@ impl SessionShared {
             control_readers: Notify::new(),
             senders: Notify::new(),
             shutdown,
+            bulk_pacing_share,
         })
     }
 
@@ -644,6 +658,7 @@ impl SessionShared {
         let mut core = self.lock();
         core.live_connections.insert(connection_id, lane);
         core.disconnected_since = None;
+        self.share_pacing_limit(&core);
         if lane == Lane::Control {
             // The new control connection starts by telling the peer where we are.
             core.last_bulk_ack_sent = None;
@@ -657,6 +672,7 @@ impl SessionShared {
     fn connection_lost(&self, connection_id: u64) {
         let mut core = self.lock();
         core.live_connections.remove(&connection_id);
+        self.share_pacing_limit(&core);
         let requeued_bulk = core.bulk_out.on_connection_lost(connection_id);
         let requeued_control = core.control_out.on_connection_lost(connection_id);
         if core.live_connections.is_empty() {
@@ -672,6 +688,25 @@ impl SessionShared {
         );
         self.bulk_writers.notify_waiters();
         self.control_writer.notify_waiters();
+    }
+
+    /// Splits the bulk pacing limit evenly over the live bulk connections: frames go to
+    /// whichever connection is free, so an even split caps the total without starving one.
+    fn share_pacing_limit(&self, core: &SessionCore) {
+        let connections = core
+            .live_connections
+            .values()
+            .filter(|lane| **lane == Lane::Bulk)
+            .count()
+            .max(1) as u64;
+        let share = core
+            .bulk_pacing_limit
+            .map(|limit| (limit / connections).max(1));
+        self.bulk_pacing_share.send_if_modified(|current| {
+            let changed = *current != share;
+            *current = share;
+            changed
+        });
     }
 
     fn is_terminal(&self) -> bool {
@@ -1012,6 +1047,19 @@ impl Session {
         self.shared.lock().resume_timeout = timeout;
     }
 
+    /// Caps the rate this side's bulk connections send at together, bytes per second of IP
+    /// packets (`None` lifts the cap), from now on; the cap is shared evenly between the live
+    /// connections and follows their number. BBR's start-up paces at almost three times the
+    /// rate it has measured until it sees the pipe full, and a connection that often runs out
+    /// of frames to send (the ordered stream waiting for a lost frame on another connection)
+    /// never sees it full: the connections then overfill the path's queue and lose a tenth of
+    /// what they send. A sender that knows the path's rate (a forecast) caps a little above it.
+    pub fn set_bulk_pacing_limit(&self, bytes_per_second: Option<u64>) {
+        let mut core = self.shared.lock();
+        core.bulk_pacing_limit = bytes_per_second;
+        self.shared.share_pacing_limit(&core);
+    }
+
     /// The bulk send window in effect.
     pub fn bulk_send_window(&self) -> u64 {
         self.shared.lock().bulk_out.send_window()
@@ -1064,6 +1112,7 @@ impl Session {
             bulk_send_window_holds: core.bulk_out.send_window_holds,
             bulk_send_window_starved: core.bulk_out.send_window_starved,
             bulk_credit_holds: core.bulk_out.credit_holds,
+            bulk_pacing_limit_bytes_per_second: core.bulk_pacing_limit,
         }
     }
 }
@@ -1243,9 +1292,19 @@ async fn run_connection(
         .0
         .peer_addr()
         .unwrap_or_else(|_| unspecified_peer());
+    // The pacing cap is set through a second descriptor of the same socket (the stream is
+    // split below); it is closed with this function, right after the stream's halves.
+    let pacing_handle = (lane == Lane::Bulk)
+        .then(|| socket2::SockRef::from(stream.get_ref().0).try_clone())
+        .and_then(|handle| {
+            handle
+                .inspect_err(|error| tracing::debug!(%error, "cannot pace transport socket"))
+                .ok()
+        });
     let (reader, writer) = tokio::io::split(stream);
     let mut shutdown = shared.shutdown.subscribe();
     let outcome = tokio::select! {
+        _ = pace_connection(shared, pacing_handle.as_ref()) => Ok(()),
         result = read_frames(shared, reader, peer) => result,
         result = async {
             match lane {
@@ -1263,6 +1322,30 @@ async fn run_connection(
         }
         Err(error) => {
             tracing::debug!(session = %shared.session_name, connection_id, error = %error, "transport connection ended");
+        }
+    }
+}
+
+/// Keeps a bulk connection's pacing cap at its share of the session's limit; never returns
+/// while the session lives.
+async fn pace_connection(shared: &SessionShared, socket: Option<&socket2::Socket>) {
+    let Some(socket) = socket else {
+        return std::future::pending().await;
+    };
+    let mut share = shared.bulk_pacing_share.subscribe();
+    let mut applied = None;
+    loop {
+        let wanted = *share.borrow_and_update();
+        if wanted != applied {
+            match crate::sys::set_max_pacing_rate(socket, wanted) {
+                Ok(()) => applied = wanted,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot set the pacing cap of a transport socket");
+                }
+            }
+        }
+        if share.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

@@ -605,3 +605,57 @@ async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
     })
     .await;
 }
+
+/// The pacing limit holds the session's connections together below it (the kernel paces each
+/// at its share), whatever the path would carry: loopback carries gigabytes per second, and a
+/// cap of 16 MB/s over two connections makes 16 MiB take about a second. Only a lower bound on
+/// the time is checked; a slow machine can only make it longer. Lifting the cap frees the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        const LIMIT: u64 = 16_000_000;
+        let options = SessionOptions {
+            bulk_pacing_limit_bytes_per_second: Some(LIMIT),
+            ..test_options(2)
+        };
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+            .await
+            .unwrap();
+        let accepted = listener.accept().await.unwrap();
+        assert_eq!(
+            dialer.stats().bulk_pacing_limit_bytes_per_second,
+            Some(LIMIT)
+        );
+        let receiver = tokio::spawn(async move {
+            let result = receive_all(&accepted).await;
+            (result, accepted)
+        });
+        let capped = random_payload(16 << 20, 7);
+        let started = std::time::Instant::now();
+        for piece in capped.chunks(1 << 20) {
+            dialer.send(capped.slice_ref(piece)).await.unwrap();
+        }
+        // Everything acknowledged: it all crossed the paced connections.
+        dialer.flush().await.unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(700),
+            "16 MiB at a 16 MB/s cap crossed in {elapsed:?}"
+        );
+        dialer.set_bulk_pacing_limit(None);
+        assert_eq!(dialer.stats().bulk_pacing_limit_bytes_per_second, None);
+        let free = random_payload(64 << 20, 8);
+        send_in_pieces(&dialer, &free, 1 << 20).await;
+        let ((total, hash), _accepted) = receiver.await.unwrap();
+        assert_eq!(total, (capped.len() + free.len()) as u64);
+        let mut expected = blake3::Hasher::new();
+        expected.update(&capped);
+        expected.update(&free);
+        assert_eq!(hash, expected.finalize());
+        dialer.close().await.unwrap();
+    })
+    .await;
+}
