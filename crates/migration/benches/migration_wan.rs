@@ -82,9 +82,14 @@ struct Options {
     /// the proxy, which a real link does not.
     offload: bool,
     /// What the link was measured to carry before, Mbit/s (0: nothing known): `vm migrate`
-    /// starts the proxy's send window from the link's forecast, and keeps it at least four of
-    /// its bandwidth-delay products, when a transfer measured the link before.
+    /// starts the proxy's send window from the link's forecast, keeps it at least four of its
+    /// bandwidth-delay products, and caps the connections' pacing a fifth above it, when a
+    /// transfer measured the link before.
     forecast_mbit: f64,
+    /// `--forecast-mbit measure` (the default): before the methods run, a transfer over the
+    /// transport measures the link for a bandwidth model as an earlier transfer between the
+    /// hosts would, and its five-second forecast is `forecast_mbit`.
+    measure_forecast: bool,
     /// The realistic workload's disk (0: none, the adversarial workload alone): a base image of
     /// this size filled with this machine's own files, which the guest reads whole into its page
     /// cache before the move, under a qcow2 overlay on each side (the destination holds the base).
@@ -284,6 +289,7 @@ fn parse_options() -> anyhow::Result<Options> {
         link_timeline: false,
         offload: true,
         forecast_mbit: 0.0,
+        measure_forecast: true,
         disk_mib: 0,
         local_disk_written_mib: 0,
         postcopy_after_passes: 1,
@@ -303,7 +309,13 @@ fn parse_options() -> anyhow::Result<Options> {
             "--workload-mib" => options.workload_mib = value.parse()?,
             "--send-window-mib" => options.send_window_mib = value.parse()?,
             "--zstd-level" => options.zstd_level = value.parse()?,
-            "--forecast-mbit" => options.forecast_mbit = value.parse()?,
+            "--forecast-mbit" => {
+                options.measure_forecast = value == "measure";
+                options.forecast_mbit = match value.as_str() {
+                    "measure" | "none" => 0.0,
+                    number => number.parse()?,
+                };
+            }
             "--disk-mib" => options.disk_mib = value.parse()?,
             "--local-disk-written-mib" => options.local_disk_written_mib = value.parse()?,
             "--postcopy-after-passes" => options.postcopy_after_passes = value.parse()?,
@@ -367,7 +379,7 @@ fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let options = parse_options()?;
+    let mut options = parse_options()?;
     let guest = TestGuest::locate()?;
     let binaries = QemuBinaries::locate()?;
     let link = Arc::new(
@@ -415,6 +427,18 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let measured_forecast =
+        if options.measure_forecast && options.methods.iter().any(|method| method.proxied()) {
+            options.forecast_mbit = measure_forecast(&link)?;
+            eprintln!(
+                "== the link's forecast after a {} s transfer: {:.0} Mbit/s",
+                FORECAST_TRANSFER.as_secs(),
+                options.forecast_mbit
+            );
+            true
+        } else {
+            false
+        };
     let mut outcomes = Vec::new();
     for &method in &options.methods {
         let outcome = runtime.block_on(run_one(
@@ -458,10 +482,23 @@ fn main() -> anyhow::Result<()> {
     );
     if options.forecast_mbit > 0.0 {
         println!(
-            "the proxy's send window starts from a forecast of {} Mbit/s for this link and stays \
-             at least four of its bandwidth-delay products (as `vm migrate` does once a transfer \
-             measured the link)",
-            options.forecast_mbit
+            "the proxy's send window starts from a forecast of {:.0} Mbit/s for this link{} and \
+             stays at least four of its bandwidth-delay products, and its connections' pacing is \
+             capped a fifth above it (as `vm migrate` does once a transfer measured the link)",
+            options.forecast_mbit,
+            if measured_forecast {
+                format!(
+                    " (the bandwidth model's five-second forecast after a {} s transfer over the \
+                     transport on this link, before the methods ran)",
+                    FORECAST_TRANSFER.as_secs()
+                )
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "the proxy starts without a forecast of the link (its window ramps up from a guess)"
         );
     }
     if let Some(disk) = &disk {
@@ -600,6 +637,92 @@ fn main() -> anyhow::Result<()> {
 /// Plain TCP's time for `bytes` of random data over `connections` connections A→B on `link`,
 /// from the first connect until the receiver has the last byte: what TCP itself needs here,
 /// start-up and loss recovery included, for bytes nothing can shrink.
+/// How long the transfer that measures the link for the proxy's forecast runs.
+const FORECAST_TRANSFER: Duration = Duration::from_secs(5);
+
+/// Measures the link as an earlier transfer between the hosts would for `vm migrate`: random
+/// bytes over a migration's transport session for [`FORECAST_TRANSFER`], every rate sample in
+/// which the sender was backlogged fed to a bandwidth model (as the agent's link monitor
+/// does). Returns the model's five-second forecast, Mbit/s.
+fn measure_forecast(link: &Arc<RunningLink>) -> anyhow::Result<f64> {
+    let (destination_tls, source_tls) = pinned_pair();
+    let address_b = link.addr_b();
+    let (port_sender, port_receiver) = tokio::sync::oneshot::channel();
+    let receiver = {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            link.in_ns_b(move || -> anyhow::Result<()> {
+                disk_mirror::relay_runtime()?.block_on(async move {
+                    let (_listener, session) =
+                        disk_mirror::accept_one_session(address_b, &destination_tls, port_sender)
+                            .await?;
+                    while session.recv().await?.is_some() {}
+                    // Stay (acknowledging) until the sender says goodbye: its `close` waits
+                    // for every frame's acknowledgement.
+                    while session.control().next_incoming().await?.is_some() {}
+                    Ok(())
+                })
+            })
+        })
+    };
+    let model = Arc::new(std::sync::Mutex::new(novacron_bandwidth::LinkModel::new()));
+    let observer = {
+        let model = model.clone();
+        novacron_transport::RateObserver::new(move |sample| {
+            if sample.sender_backlogged {
+                model
+                    .lock()
+                    .expect("the model's lock")
+                    .observe(sample.bytes_acknowledged, sample.interval);
+            }
+        })
+    };
+    let sender = {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            link.in_ns_a(move || -> anyhow::Result<()> {
+                disk_mirror::relay_runtime()?.block_on(async move {
+                    let port = tokio::time::timeout(Duration::from_secs(10), port_receiver)
+                        .await
+                        .context("the forecast transfer's receiver did not start")??;
+                    let options = SessionOptions {
+                        rate_observer: Some(observer),
+                        ..migration_session_options(SessionOptions::default())
+                    };
+                    let session =
+                        Session::connect(SocketAddr::from((address_b, port)), &source_tls, options)
+                            .await?;
+                    let mut chunk = vec![0u8; 8 << 20];
+                    blake3::Hasher::new()
+                        .update(b"forecast transfer")
+                        .finalize_xof()
+                        .fill(&mut chunk);
+                    let chunk = bytes::Bytes::from(chunk);
+                    let started = Instant::now();
+                    while started.elapsed() < FORECAST_TRANSFER {
+                        session.send(chunk.clone()).await?;
+                    }
+                    session.finish().await?;
+                    session.close().await?;
+                    Ok(())
+                })
+            })
+        })
+    };
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the forecast transfer's sender panicked"))???;
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the forecast transfer's receiver panicked"))???;
+    let forecast = model
+        .lock()
+        .expect("the model's lock")
+        .forecast(novacron_bandwidth::ForecastHorizon::FiveSeconds)
+        .context("the forecast transfer measured nothing")?;
+    Ok(forecast.expected_bits_per_sec / 1e6)
+}
+
 fn tcp_reference(link: &Arc<RunningLink>, bytes: u64, connections: usize) -> anyhow::Result<f64> {
     use std::io::{Read, Write};
     let address_b = link.addr_b();

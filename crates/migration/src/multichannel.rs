@@ -47,11 +47,14 @@ pub fn multifd_session_options(
     }
 }
 
-/// The proxy's settings for one of the connections (the main one or a multifd channel): its
-/// format, and its own send-window handle (a drain applies to the single-stream proxy only).
-fn channel_config(config: &ProxyConfig, format: StreamFormat) -> ProxyConfig {
+/// The proxy's settings for one of the `connections` (the main one or a multifd channel): its
+/// format, its share of the link's rate (each session sizes its window and caps its pacing
+/// from it), and its own send-window handle (a drain applies to the single-stream proxy only).
+fn channel_config(config: &ProxyConfig, format: StreamFormat, connections: usize) -> ProxyConfig {
     ProxyConfig {
         format,
+        initial_rate_bytes_per_second: config.initial_rate_bytes_per_second
+            / connections.max(1) as f64,
         window_control: if format == StreamFormat::Migration {
             config.window_control.clone()
         } else {
@@ -126,6 +129,7 @@ pub async fn send_multifd_migration(
     // The main channel first, then the multifd channels in the order they came.
     connections.sort_by_key(|(multifd, ..)| *multifd);
     let started = std::time::Instant::now();
+    let count = connections.len();
     let sends = connections.into_iter().zip(sessions).enumerate().map(
         |(index, ((multifd, first, connection), session))| {
             let config = channel_config(
@@ -135,6 +139,7 @@ pub async fn send_multifd_migration(
                 } else {
                     StreamFormat::Migration
                 },
+                count,
             );
             async move {
                 let input = std::io::Cursor::new(first).chain(connection);
@@ -171,6 +176,7 @@ pub async fn receive_multifd_migration(
                 })?,
         );
     }
+    let count = sinks.len();
     let receives = sinks
         .into_iter()
         .zip(sessions)
@@ -183,6 +189,7 @@ pub async fn receive_multifd_migration(
                 } else {
                     StreamFormat::Multifd
                 },
+                count,
             );
             async move { receive_migration_stream(session, sink, &config).await }
         });
