@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use novacron_linkemu::{LinkEmulator, RunningLink};
-use novacron_transport::{HostIdentity, Listener, PeerTrust, Session, SessionOptions, TlsSettings};
+use novacron_transport::{
+    HostIdentity, Listener, PeerTrust, RateObserver, Session, SessionOptions, TlsSettings,
+};
 use rustls::pki_types::CertificateDer;
+use std::sync::Arc;
 
 const NOVACRON_PORT: u16 = 7400;
 const SOCAT_PORT: u16 = 7401;
@@ -78,9 +81,17 @@ impl BenchOptions {
             size_bytes: 256 * MIB,
             trace_size_bytes: 32 * MIB,
             scenarios: vec!["a".into(), "b".into(), "c".into()],
-            tools: ["novacron", "socat", "socat-cubic", "rsync", "scp", "iperf3"]
-                .map(String::from)
-                .to_vec(),
+            tools: [
+                "novacron",
+                "novacron-forecast",
+                "socat",
+                "socat-cubic",
+                "rsync",
+                "scp",
+                "iperf3",
+            ]
+            .map(String::from)
+            .to_vec(),
             trace: PathBuf::from("/work/shared/data/bandwidth-traces/TMobile-LTE-short.down"),
             offload: true,
         };
@@ -189,11 +200,39 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for scenario in &scenarios {
         let label = format!("({}) {}", scenario.name, scenario.description);
+        // The link model's forecast after the last NovaCron transfer on this scenario's link.
+        let mut forecast = None;
         for tool in &options.tools {
             let link = (scenario.build)().context("cannot set up the emulated link")?;
             eprintln!("{label}: {tool}, {} MiB", scenario.size_bytes / MIB);
             let outcome = match tool.as_str() {
-                "novacron" => run_novacron(&link, work.path(), &data_file, scenario).await,
+                "novacron" => {
+                    run_novacron(
+                        &link,
+                        work.path(),
+                        &data_file,
+                        scenario,
+                        None,
+                        &mut forecast,
+                    )
+                    .await
+                }
+                "novacron-forecast" => match forecast {
+                    Some(bits_per_second) => {
+                        run_novacron(
+                            &link,
+                            work.path(),
+                            &data_file,
+                            scenario,
+                            Some(bits_per_second),
+                            &mut forecast,
+                        )
+                        .await
+                    }
+                    None => Err(anyhow::anyhow!(
+                        "no forecast of this link yet: list the novacron tool before it"
+                    )),
+                },
                 "socat" => run_socat(&link, &data_file, scenario, None).await,
                 "socat-cubic" => run_socat(&link, &data_file, scenario, Some("cubic")).await,
                 "rsync" => run_rsync(&link, work.path(), &data_file, scenario).await,
@@ -236,6 +275,7 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
 fn tool_name(tool: &str) -> &'static str {
     match tool {
         "novacron" => "NovaCron transport",
+        "novacron-forecast" => "NovaCron transport, link forecast from the run before",
         "socat" => "single TCP stream (socat, system default cc)",
         "socat-cubic" => "single TCP stream (socat, cubic)",
         "rsync" => "rsync (daemon, one TCP stream)",
@@ -386,11 +426,17 @@ fn time_limit(scenario: &Scenario) -> Duration {
 
 type Measured = (&'static str, u64, Option<f64>, String);
 
+/// One NovaCron transfer. With `forecast` (bits per second, the link model's after an earlier
+/// transfer on this link) the sender's session starts from it as the agent's does for a link it
+/// has measured: the first bandwidth estimate, and the connections' pacing limited a little
+/// above it. `measured` receives the link model's forecast after this transfer.
 async fn run_novacron(
     link: &RunningLink,
     work: &Path,
     data_file: &Path,
     scenario: &Scenario,
+    forecast: Option<f64>,
+    measured: &mut Option<f64>,
 ) -> anyhow::Result<Measured> {
     let executable = std::env::current_exe()?;
     let executable = executable.to_string_lossy();
@@ -413,6 +459,9 @@ async fn run_novacron(
             "DWCP_BENCH_PEER",
             format!("{}:{NOVACRON_PORT}", link.addr_b()),
         );
+    if let Some(bits_per_second) = forecast {
+        sender.env("DWCP_BENCH_FORECAST", bits_per_second.to_string());
+    }
     let (seconds, receiver_text, sender_text) =
         timed_transfer(receiver, sender, time_limit(scenario)).await?;
     let expected = hash_prefix(data_file, scenario.size_bytes)?;
@@ -420,8 +469,14 @@ async fn run_novacron(
     if received_hash != expected.to_hex().as_str() {
         bail!("received data differs (blake3 {received_hash}, expected {expected})");
     }
+    *measured = field(&sender_text, "forecast_bits_per_second").and_then(|text| text.parse().ok());
     let note = format!(
-        "blake3 ok; control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}",
+        "blake3 ok; {}control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}",
+        forecast.map_or(String::new(), |bits_per_second| format!(
+            "forecast {:.0} Mbit/s, pacing limit {:.0} Mbit/s at first; ",
+            bits_per_second / 1e6,
+            novacron_transport::policy::pacing_limit_for(bits_per_second / 8.0) as f64 * 8e-6
+        )),
         field(&sender_text, "control_round_trip_ms").unwrap_or_default(),
         field(&sender_text, "bulk_connections").unwrap_or_default(),
         field(&sender_text, "round_trip_estimate_ms").unwrap_or_default(),
@@ -429,7 +484,11 @@ async fn run_novacron(
         field(&sender_text, "key_exchange_group").unwrap_or_default(),
     );
     Ok((
-        tool_name("novacron"),
+        tool_name(if forecast.is_some() {
+            "novacron-forecast"
+        } else {
+            "novacron"
+        }),
         scenario.size_bytes,
         Some(seconds),
         note,
@@ -755,10 +814,32 @@ fn child_send() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let tls = load_tls(&directory, "send", "recv")?;
+        // The sender's link model, fed as the agent's link monitor feeds it.
+        let model = Arc::new(std::sync::Mutex::new(novacron_bandwidth::LinkModel::new()));
+        let observer = {
+            let model = model.clone();
+            RateObserver::new(move |sample| {
+                if sample.sender_backlogged {
+                    model
+                        .lock()
+                        .expect("the model's lock")
+                        .observe(sample.bytes_acknowledged, sample.interval);
+                }
+            })
+        };
         let mut options = SessionOptions {
             bandwidth_hint_bytes_per_second: rate_hint / 8.0,
+            rate_observer: Some(observer),
             ..SessionOptions::default()
         };
+        // As the agent dials a link it has a forecast for.
+        if let Ok(forecast) = std::env::var("DWCP_BENCH_FORECAST") {
+            let bytes_per_second = forecast.parse::<f64>()? / 8.0;
+            options.bandwidth_hint_bytes_per_second = bytes_per_second;
+            options.bulk_pacing_limit_bytes_per_second = Some(
+                novacron_transport::policy::pacing_limit_for(bytes_per_second),
+            );
+        }
         if let Ok(window) = std::env::var("DWCP_BENCH_WINDOW_MIB") {
             options.bulk_send_window_bytes = window.parse::<u64>()? * MIB;
         }
@@ -823,6 +904,16 @@ fn child_send() -> anyhow::Result<()> {
             stats.key_exchange_group.unwrap_or_default()
         );
         println!("retransmitted={}", stats.bulk_bytes_retransmitted);
+        if let Some(forecast) = model
+            .lock()
+            .expect("the model's lock")
+            .forecast(novacron_bandwidth::ForecastHorizon::FiveSeconds)
+        {
+            println!(
+                "forecast_bits_per_second={}",
+                forecast.expected_bits_per_sec
+            );
+        }
         session.close().await?;
         Ok::<_, anyhow::Error>(())
     })?;

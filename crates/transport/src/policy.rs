@@ -1,4 +1,5 @@
-//! How many parallel bulk connections a session uses: a pure policy, no IO and no clock.
+//! How many parallel bulk connections a session uses, and how its pacing limit follows a
+//! forecast: pure policies, no IO and no clock.
 //!
 //! Start from the bandwidth-delay product divided by what one TCP connection can keep in flight
 //! (its maximum send buffer), then probe: add a connection, measure the total rate over the next
@@ -33,6 +34,41 @@ pub fn initial_stream_count(
         minimum_streams.max(1),
         maximum_streams.max(minimum_streams.max(1)),
     )
+}
+
+/// The pacing limit for a link forecast to carry `forecast_bytes_per_second` of payload: a
+/// little above it ([`PACING_HEADROOM`]). See [`raised_pacing_limit`] for how it follows a link
+/// that carries more.
+///
+/// Why a limit at all: BBR's start-up paces at 2.89 times the rate it has measured until three
+/// round trips without growth show the pipe full, and rounds in which the connection ran out of
+/// data do not count. A session's connections run out often (the ordered stream waits for a
+/// frame lost on another connection; the send window holds), so at 1 Gbit/s, 50 ms RTT and
+/// 0.5 % loss they stayed in start-up for seconds, overfilled the link's queue and resent a
+/// tenth of what they sent, the link's use dipping to 600-800 Mbit/s every other quarter
+/// second; plain TCP connections never short of data (QEMU's multifd behind relays) left
+/// start-up within 1.5 s. Capped at 1.1-1.2 times the link, the link stayed at 1000 Mbit/s
+/// (bench/migration/README.md, "BBR's start-up and the pacing limit").
+pub fn pacing_limit_for(forecast_bytes_per_second: f64) -> u64 {
+    (forecast_bytes_per_second.max(0.0) * PACING_HEADROOM) as u64
+}
+
+/// The pacing limit over a forecast's rate: a forecast made from earlier transfers runs about a
+/// tenth below the link (their start-up is in it), and an even share of 1.1-1.4 times the link
+/// per connection kept two connections out of each other's way.
+pub const PACING_HEADROOM: f64 = 1.35;
+/// Share of the limit a measured rate reaches when the limit, not the link, holds it: at the
+/// limit, payload is about 0.95 of what is paced; at a link as forecast, about 0.74.
+pub const PACING_FULL: f64 = 0.9;
+/// How much a full limit rises at once: six steps reach eight times the forecast.
+pub const PACING_RAISE: f64 = 1.5;
+
+/// The raised limit when the payload rate measured over an interval (`rate_bytes_per_second`)
+/// shows the limit holding the session back (the link carries more than forecast); `None`
+/// keeps it.
+pub fn raised_pacing_limit(limit: u64, rate_bytes_per_second: f64) -> Option<u64> {
+    (rate_bytes_per_second >= PACING_FULL * limit as f64)
+        .then_some((limit as f64 * PACING_RAISE) as u64)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -204,6 +240,39 @@ impl StreamCountPolicy {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_pacing_limit_starts_above_the_forecast_and_rises_only_while_it_holds_the_rate() {
+        use super::{PACING_FULL, PACING_RAISE, pacing_limit_for, raised_pacing_limit};
+        // 1 Gbit/s forecast (bytes per second of payload).
+        let first = pacing_limit_for(125e6);
+        assert!(
+            first > 125_000_000 && first < 200_000_000,
+            "a little above the forecast: {first}"
+        );
+        // A link as forecast (or slower): the limit stays.
+        for rate in [0.0, 125e6, 0.85 * first as f64] {
+            assert_eq!(raised_pacing_limit(first, rate), None, "{rate}");
+        }
+        // A faster link fills the limit: it rises by half, step after step, until the link
+        // (10 Gbit/s here) stops filling it.
+        let link: f64 = 1.25e9;
+        let mut limit = first;
+        let mut steps = 0;
+        while let Some(raised) = raised_pacing_limit(limit, link.min(0.95 * limit as f64)) {
+            assert_eq!(raised, (limit as f64 * PACING_RAISE) as u64);
+            limit = raised;
+            steps += 1;
+        }
+        assert!(
+            steps <= 6,
+            "{steps} steps to a link eight times the forecast"
+        );
+        assert!(
+            link < PACING_FULL * limit as f64,
+            "the limit ends above the link: {limit}"
+        );
+    }
+
     use super::*;
 
     /// One decision's worth of identical samples; returns the last decision.

@@ -92,7 +92,8 @@ pub struct SessionOptions {
     pub rate_observer: Option<RateObserver>,
     /// Cap on the rate this side's bulk connections together send at, bytes per second (IP
     /// packets), shared evenly between them as the kernel's per-socket pacing cap (`None`: no
-    /// cap). See [`Session::set_bulk_pacing_limit`].
+    /// cap; with a forecast, [`crate::policy::pacing_limit_for`] it). See
+    /// [`Session::set_bulk_pacing_limit`].
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
@@ -1049,11 +1050,10 @@ impl Session {
 
     /// Caps the rate this side's bulk connections send at together, bytes per second of IP
     /// packets (`None` lifts the cap), from now on; the cap is shared evenly between the live
-    /// connections and follows their number. BBR's start-up paces at almost three times the
-    /// rate it has measured until it sees the pipe full, and a connection that often runs out
-    /// of frames to send (the ordered stream waiting for a lost frame on another connection)
-    /// never sees it full: the connections then overfill the path's queue and lose a tenth of
-    /// what they send. A sender that knows the path's rate (a forecast) caps a little above it.
+    /// connections and follows their number, and the session raises it by half whenever a
+    /// measurement interval's rate fills nine tenths of it (the link carries more than
+    /// forecast). A sender that has a forecast of the link sets
+    /// [`crate::policy::pacing_limit_for`] it: see there for why.
     pub fn set_bulk_pacing_limit(&self, bytes_per_second: Option<u64>) {
         let mut core = self.shared.lock();
         core.bulk_pacing_limit = bytes_per_second;
@@ -1617,6 +1617,14 @@ async fn supervise(shared: Arc<SessionShared>) {
         }
         core.sender_blocked_since_measurement = false;
         core.measured_rate_bytes_per_second = rate;
+        if let Some(raised) = core
+            .bulk_pacing_limit
+            .and_then(|limit| crate::policy::raised_pacing_limit(limit, rate))
+        {
+            core.bulk_pacing_limit = Some(raised);
+            shared.share_pacing_limit(&core);
+            tracing::debug!(session = %shared.session_name, limit = raised, "transport pacing limit raised: the link carries more than forecast");
+        }
         last_measurement = Instant::now();
         last_bytes = bytes;
         let streams = core

@@ -536,7 +536,10 @@ impl TransferService {
 
     /// Session options for dialling `peer`: the link's forecast, when it has one, is the
     /// transport's first bandwidth estimate (its initial stream count is the bandwidth-delay
-    /// product over one connection's window).
+    /// product over one connection's window) and limits the connections' pacing a little above
+    /// it (BBR's start-up otherwise overfills a lossy path: see
+    /// `novacron_transport::policy::pacing_limit_for`; the session raises the limit while the
+    /// link carries more).
     pub(crate) fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
         let forecast = self
             .links
@@ -545,6 +548,11 @@ impl TransferService {
         match forecast {
             Some(forecast) if forecast.expected_bits_per_sec > 0.0 => SessionOptions {
                 bandwidth_hint_bytes_per_second: forecast.expected_bits_per_sec / 8.0,
+                bulk_pacing_limit_bytes_per_second: Some(
+                    novacron_transport::policy::pacing_limit_for(
+                        forecast.expected_bits_per_sec / 8.0,
+                    ),
+                ),
                 ..self.options.clone()
             },
             _ => self.options.clone(),
