@@ -171,7 +171,8 @@ pub struct ProxyConfig {
     /// at 0.5 % loss, so four measured products are the same window again): a 2 GiB guest of
     /// random pages at 1 Gbit/s and 0.5 % loss took 10.6-11.6 s, 6.8 s with a 32 MiB window.
     /// It also caps the rate the session's connections send at together, a little above the
-    /// forecast and rising while the link carries more (see `PacingStep`).
+    /// forecast and rising while the link carries more
+    /// (`novacron_transport::policy::pacing_limit_for`).
     pub initial_rate_is_measured: bool,
     /// The most a full send window may take to cross the link at the rate measured, when the
     /// adaptive window grows past four bandwidth-delay products because it held the link back
@@ -548,51 +549,10 @@ struct SendWindow {
     /// (when, bulk bytes acknowledged) at each step of the last second.
     samples: std::collections::VecDeque<(std::time::Instant, u64)>,
     last: std::time::Instant,
-    /// The cap on the session's sending rate (see [`PacingStep`]); `None` without a forecast.
-    pacing: Option<u64>,
-}
-
-/// The cap a step puts on the rate the session's connections send at, with a forecast of the
-/// link (pure, for the tests). The cap starts a fifth above the forecast and rises by half
-/// while the last second's acknowledged rate reaches nine tenths of it (the link is faster
-/// than forecast: at the cap, payload is about 0.95 of what is paced; at a link as forecast,
-/// about 0.83).
-///
-/// Why: BBR's start-up paces at 2.89 times the rate it measured until three round trips
-/// without growth show the pipe full, and rounds in which the connection ran out of data do
-/// not count. The proxy's connections run out often (the ordered stream waits for a lost
-/// frame on the other connection; the window holds), so at 1 Gbit/s, 50 ms RTT and 0.5 %
-/// loss they stayed in start-up for seconds, overfilled the link's queue and resent 13 % of
-/// what they sent, the link's rate dipping to 600-800 Mbit/s every other quarter second;
-/// QEMU's multifd connections, never short of data behind plain TCP relays, left start-up
-/// within 1.5 s. Capped at 1.1-1.2 times the link the link stayed at 1000 Mbit/s: 2 GiB
-/// adversarial 6.0-6.4 s against 6.4-7.1 s uncapped (bench/migration/README.md).
-#[derive(Clone, Copy, Debug)]
-struct PacingStep {
-    current: u64,
-    /// Bytes per second acknowledged over the last second, if a second was seen.
-    second_rate: Option<f64>,
-}
-
-impl PacingStep {
-    /// The first cap, over the forecast's (payload) rate.
-    const HEADROOM: f64 = 1.35;
-    /// Share of the cap the acknowledged rate reaches when the cap is the limit.
-    const FULL: f64 = 0.9;
-    const RAISE: f64 = 1.5;
-
-    fn first(forecast_bytes_per_second: f64) -> u64 {
-        (forecast_bytes_per_second * Self::HEADROOM) as u64
-    }
-
-    fn next(self) -> u64 {
-        match self.second_rate {
-            Some(rate) if rate >= Self::FULL * self.current as f64 => {
-                (self.current as f64 * Self::RAISE) as u64
-            }
-            _ => self.current,
-        }
-    }
+    /// The session's pacing is limited (there is a forecast): the window raises the limit as
+    /// the transport does, but on the last half second's rate every step, since a migration
+    /// lasts seconds and the transport measures once a second.
+    paced: bool,
 }
 
 /// The window a step sets, from what the step saw (pure, for the model-link tests).
@@ -685,9 +645,10 @@ impl SendWindow {
         } else {
             minimum.max(initial)
         });
-        let pacing = (!guessed).then(|| PacingStep::first(config.initial_rate_bytes_per_second));
-        if pacing.is_some() {
-            session.set_bulk_pacing_limit(pacing);
+        if !guessed {
+            session.set_bulk_pacing_limit(Some(novacron_transport::policy::pacing_limit_for(
+                config.initial_rate_bytes_per_second,
+            )));
         }
         Self {
             minimum,
@@ -700,7 +661,7 @@ impl SendWindow {
             unheld_steps: 0,
             samples: std::collections::VecDeque::new(),
             last: std::time::Instant::now(),
-            pacing,
+            paced: !guessed,
         }
     }
 
@@ -737,17 +698,15 @@ impl SendWindow {
         let stats = session.stats();
         let current = session.bulk_send_window();
         self.record(now, stats.bulk_bytes_acknowledged);
-        if let Some(current) = self.pacing {
-            let raised = PacingStep {
-                current,
-                second_rate: self.rate_since(now - Self::RECENT),
-            }
-            .next();
-            if raised != current {
-                tracing::debug!(cap = raised, "migration pacing cap raised");
-                session.set_bulk_pacing_limit(Some(raised));
-                self.pacing = Some(raised);
-            }
+        // The transport raises the limit too, on its once-a-second rate.
+        if self.paced
+            && let Some(current) = stats.bulk_pacing_limit_bytes_per_second
+            && let Some(raised) = self
+                .rate_since(now - Self::RECENT)
+                .and_then(|rate| novacron_transport::policy::raised_pacing_limit(current, rate))
+        {
+            tracing::debug!(limit = raised, "migration pacing limit raised");
+            session.set_bulk_pacing_limit(Some(raised));
         }
         let starved = stats.bulk_send_window_starved > self.starved;
         self.starved = stats.bulk_send_window_starved;
@@ -1927,44 +1886,6 @@ mod tests {
                 window
             })
             .collect()
-    }
-
-    #[test]
-    fn the_pacing_cap_starts_above_the_forecast_and_rises_only_while_it_is_the_limit() {
-        // 1 Gbit/s forecast (bytes per second of payload).
-        let first = PacingStep::first(125e6);
-        assert!(
-            first > 125_000_000 && first < 200_000_000,
-            "a little above the forecast: {first}"
-        );
-        // A link as forecast (or slower), or nothing measured yet: the cap stays.
-        for second_rate in [None, Some(0.0), Some(125e6), Some(0.85 * first as f64)] {
-            let step = PacingStep {
-                current: first,
-                second_rate,
-            };
-            assert_eq!(step.next(), first, "{second_rate:?}");
-        }
-        // A faster link fills the cap: it rises by half, step after step, until the link
-        // (10 Gbit/s here) stops filling it.
-        let link = 1.25e9;
-        let mut cap = first;
-        let mut steps = 0;
-        while link >= PacingStep::FULL * cap as f64 {
-            let next = PacingStep {
-                current: cap,
-                second_rate: Some(link.min(0.95 * cap as f64)),
-            }
-            .next();
-            assert_eq!(next, (cap as f64 * PacingStep::RAISE) as u64);
-            cap = next;
-            steps += 1;
-        }
-        assert!(
-            steps <= 6,
-            "{steps} steps to a link eight times the forecast"
-        );
-        assert!(cap as f64 > link, "the cap ends above the link: {cap}");
     }
 
     #[test]
