@@ -83,7 +83,7 @@ struct Options {
     offload: bool,
     /// What the link was measured to carry before, Mbit/s (0: nothing known): `vm migrate`
     /// starts the proxy's send window from the link's forecast, keeps it at least four of its
-    /// bandwidth-delay products, and caps the connections' pacing a fifth above it, when a
+    /// bandwidth-delay products, and limits the connections' pacing a third above it, when a
     /// transfer measured the link before.
     forecast_mbit: f64,
     /// `--forecast-mbit measure` (the default): before the methods run, a transfer over the
@@ -484,7 +484,7 @@ fn main() -> anyhow::Result<()> {
         println!(
             "the proxy's send window starts from a forecast of {:.0} Mbit/s for this link{} and \
              stays at least four of its bandwidth-delay products, and its connections' pacing is \
-             capped a fifth above it (as `vm migrate` does once a transfer measured the link)",
+             limited a third above it (as `vm migrate` does once a transfer measured the link)",
             options.forecast_mbit,
             if measured_forecast {
                 format!(
@@ -634,9 +634,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plain TCP's time for `bytes` of random data over `connections` connections A→B on `link`,
-/// from the first connect until the receiver has the last byte: what TCP itself needs here,
-/// start-up and loss recovery included, for bytes nothing can shrink.
 /// How long the transfer that measures the link for the proxy's forecast runs.
 const FORECAST_TRANSFER: Duration = Duration::from_secs(5);
 
@@ -723,6 +720,9 @@ fn measure_forecast(link: &Arc<RunningLink>) -> anyhow::Result<f64> {
     Ok(forecast.expected_bits_per_sec / 1e6)
 }
 
+/// Plain TCP's time for `bytes` of random data over `connections` connections A→B on `link`,
+/// from the first connect until the receiver has the last byte: what TCP itself needs here,
+/// start-up and loss recovery included, for bytes nothing can shrink.
 fn tcp_reference(link: &Arc<RunningLink>, bytes: u64, connections: usize) -> anyhow::Result<f64> {
     use std::io::{Read, Write};
     let address_b = link.addr_b();

@@ -240,9 +240,10 @@ impl StreamCountPolicy {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_pacing_limit_starts_above_the_forecast_and_rises_only_while_it_holds_the_rate() {
-        use super::{PACING_FULL, PACING_RAISE, pacing_limit_for, raised_pacing_limit};
         // 1 Gbit/s forecast (bytes per second of payload).
         let first = pacing_limit_for(125e6);
         assert!(
@@ -272,8 +273,6 @@ mod tests {
             "the limit ends above the link: {limit}"
         );
     }
-
-    use super::*;
 
     /// One decision's worth of identical samples; returns the last decision.
     fn decide(policy: &mut StreamCountPolicy, streams: u32, rate: f64) -> StreamCountDecision {

@@ -92,7 +92,7 @@ pub struct SessionOptions {
     pub rate_observer: Option<RateObserver>,
     /// Cap on the rate this side's bulk connections together send at, bytes per second (IP
     /// packets), shared evenly between them as the kernel's per-socket pacing cap (`None`: no
-    /// cap; with a forecast, [`crate::policy::pacing_limit_for`] it). See
+    /// cap; with a forecast of the link, [`crate::policy::pacing_limit_for`] of it). See
     /// [`Session::set_bulk_pacing_limit`].
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
@@ -1052,8 +1052,8 @@ impl Session {
     /// packets (`None` lifts the cap), from now on; the cap is shared evenly between the live
     /// connections and follows their number, and the session raises it by half whenever a
     /// measurement interval's rate fills nine tenths of it (the link carries more than
-    /// forecast). A sender that has a forecast of the link sets
-    /// [`crate::policy::pacing_limit_for`] it: see there for why.
+    /// forecast). A sender with a forecast of the link sets it to
+    /// [`crate::policy::pacing_limit_for`] of the forecast: see there for why.
     pub fn set_bulk_pacing_limit(&self, bytes_per_second: Option<u64>) {
         let mut core = self.shared.lock();
         core.bulk_pacing_limit = bytes_per_second;
