@@ -49,9 +49,19 @@ pub fn initial_stream_count(
 /// second; plain TCP connections never short of data (QEMU's multifd behind relays) left
 /// start-up within 1.5 s. Capped at 1.1-1.2 times the link, the link stayed at 1000 Mbit/s
 /// (bench/migration/README.md, "BBR's start-up and the pacing limit").
+///
+/// Never below [`PACING_LIMIT_FLOOR`]: the limit guards fast paths against start-up's
+/// overshoot, and a forecast far below that (a slow link, or one the model measured while the
+/// link was cut) would only hold back a link that recovered, at first by a lot: a limit of a
+/// few kilobytes per second takes longer than a measurement interval to send one frame, so no
+/// measurement could show it full.
 pub fn pacing_limit_for(forecast_bytes_per_second: f64) -> u64 {
-    (forecast_bytes_per_second.max(0.0) * PACING_HEADROOM) as u64
+    ((forecast_bytes_per_second.max(0.0) * PACING_HEADROOM) as u64).max(PACING_LIMIT_FLOOR)
 }
+
+/// The lowest pacing limit set from a forecast: 100 Mbit/s (BBR's start-up overshoot hurt at
+/// 1 Gbit/s; from this floor a link of 1 Gbit/s is reached in six raises).
+pub const PACING_LIMIT_FLOOR: u64 = 12_500_000;
 
 /// The pacing limit over a forecast's rate: a forecast made from earlier transfers runs about a
 /// tenth below the link (their start-up is in it), and an even share of 1.1-1.4 times the link
@@ -250,6 +260,9 @@ mod tests {
             first > 125_000_000 && first < 200_000_000,
             "a little above the forecast: {first}"
         );
+        // A forecast of a cut or crawling link does not hold a recovered one back for long.
+        assert_eq!(pacing_limit_for(0.0), PACING_LIMIT_FLOOR);
+        assert_eq!(pacing_limit_for(1e3), PACING_LIMIT_FLOOR);
         // A link as forecast (or slower): the limit stays.
         for rate in [0.0, 125e6, 0.85 * first as f64] {
             assert_eq!(raised_pacing_limit(first, rate), None, "{rate}");

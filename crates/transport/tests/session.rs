@@ -608,8 +608,9 @@ async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
 
 /// The pacing limit holds the session's connections together below it (the kernel paces each
 /// at its share), whatever the path would carry: loopback carries gigabytes per second, and a
-/// cap of 16 MB/s over two connections makes 16 MiB take about a second. Only a lower bound on
-/// the time is checked; a slow machine can only make it longer. Lifting the cap frees the rest.
+/// limit of 16 MB/s over two connections makes 16 MiB take about a second (no measurement
+/// interval ends meanwhile to raise it). Only a lower bound on the time is checked; a slow
+/// machine can only make it longer. Lifting the limit frees the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
     init_tracing();
@@ -619,6 +620,7 @@ async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
         const LIMIT: u64 = 16_000_000;
         let options = SessionOptions {
             bulk_pacing_limit_bytes_per_second: Some(LIMIT),
+            measurement_interval: Duration::from_secs(30),
             ..test_options(2)
         };
         let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
@@ -643,7 +645,11 @@ async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
         let elapsed = started.elapsed();
         assert!(
             elapsed >= Duration::from_millis(700),
-            "16 MiB at a 16 MB/s cap crossed in {elapsed:?}"
+            "16 MiB at a 16 MB/s limit crossed in {elapsed:?}"
+        );
+        assert_eq!(
+            dialer.stats().bulk_pacing_limit_bytes_per_second,
+            Some(LIMIT)
         );
         dialer.set_bulk_pacing_limit(None);
         assert_eq!(dialer.stats().bulk_pacing_limit_bytes_per_second, None);
@@ -655,6 +661,46 @@ async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
         expected.update(&capped);
         expected.update(&free);
         assert_eq!(hash, expected.finalize());
+        dialer.close().await.unwrap();
+    })
+    .await;
+}
+
+/// A limit the path could beat (a forecast too low) is raised once a measurement shows the
+/// session filling it: over loopback, every interval does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pacing_limit_is_raised() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        const LIMIT: u64 = 16_000_000;
+        let options = SessionOptions {
+            bulk_pacing_limit_bytes_per_second: Some(LIMIT),
+            ..test_options(2)
+        };
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+            .await
+            .unwrap();
+        let accepted = listener.accept().await.unwrap();
+        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        let payload = random_payload(32 << 20, 9);
+        let sender = async {
+            send_in_pieces(&dialer, &payload, 1 << 20).await;
+            dialer.flush().await.unwrap();
+        };
+        let raised = async {
+            wait_until("the pacing limit to be raised", TEST_DEADLINE, || {
+                dialer
+                    .stats()
+                    .bulk_pacing_limit_bytes_per_second
+                    .is_some_and(|limit| limit > LIMIT)
+            })
+            .await
+        };
+        tokio::join!(sender, raised);
+        let (total, _) = receiver.await.unwrap();
+        assert_eq!(total, payload.len() as u64);
         dialer.close().await.unwrap();
     })
     .await;
