@@ -541,22 +541,25 @@ impl TransferService {
     /// `novacron_transport::policy::pacing_limit_for`; the session raises the limit while the
     /// link carries more).
     pub(crate) fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
-        let forecast = self
-            .links
-            .forecast(peer, ForecastHorizon::FiveSeconds)
-            .or_else(|| self.links.forecast(peer, ForecastHorizon::OneSecond));
-        match forecast {
-            Some(forecast) if forecast.expected_bits_per_sec > 0.0 => SessionOptions {
-                bandwidth_hint_bytes_per_second: forecast.expected_bits_per_sec / 8.0,
+        match self.forecast_bytes_per_second(peer) {
+            Some(rate) => SessionOptions {
+                bandwidth_hint_bytes_per_second: rate,
                 bulk_pacing_limit_bytes_per_second: Some(
-                    novacron_transport::policy::pacing_limit_for(
-                        forecast.expected_bits_per_sec / 8.0,
-                    ),
+                    novacron_transport::policy::pacing_limit_for(rate),
                 ),
                 ..self.options.clone()
             },
-            _ => self.options.clone(),
+            None => self.options.clone(),
         }
+    }
+
+    /// The link model's forecast for `peer` (five seconds ahead, else one), bytes per second.
+    fn forecast_bytes_per_second(&self, peer: Fingerprint) -> Option<f64> {
+        self.links
+            .forecast(peer, ForecastHorizon::FiveSeconds)
+            .or_else(|| self.links.forecast(peer, ForecastHorizon::OneSecond))
+            .map(|forecast| forecast.expected_bits_per_sec / 8.0)
+            .filter(|rate| *rate > 0.0)
     }
 
     pub fn bound_address(&self) -> Option<SocketAddr> {
@@ -1140,6 +1143,10 @@ impl TransferService {
     /// A session a peer opened: it pushes to us or pulls from us.
     async fn serve_incoming(self: Arc<Self>, session: Session) {
         let peer = session.peer_fingerprint();
+        // What this side sends (a pulled image) is paced as a dialer's would be.
+        if let Some(rate) = self.forecast_bytes_per_second(peer) {
+            session.set_bulk_pacing_limit(Some(novacron_transport::policy::pacing_limit_for(rate)));
+        }
         let session = Arc::new(session);
         let control = session.control();
         let first = tokio::time::timeout(Duration::from_secs(30), control.next_incoming()).await;
