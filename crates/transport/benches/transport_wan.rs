@@ -846,6 +846,10 @@ fn child_send() -> anyhow::Result<()> {
         if let Ok(limit) = std::env::var("DWCP_BENCH_UNSENT_LIMIT_KIB") {
             options.unsent_limit_bytes = limit.parse::<u32>()? << 10;
         }
+        if let Ok(limit) = std::env::var("DWCP_BENCH_PACING_MBIT") {
+            options.bulk_pacing_limit_bytes_per_second =
+                Some((limit.parse::<f64>()? * 1e6 / 8.0) as u64);
+        }
         if let Ok(streams) = std::env::var("DWCP_BENCH_STREAMS") {
             options.initial_bulk_connections = Some(streams.parse()?);
             options.adapt_stream_count = false;
