@@ -683,7 +683,12 @@ async fn a_full_pacing_limit_is_raised() {
             .await
             .unwrap();
         let accepted = listener.accept().await.unwrap();
-        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        // The accepted session lives until the test ends: the dialer's flush waits for its
+        // acknowledgements.
+        let receiver = tokio::spawn(async move {
+            let result = receive_all(&accepted).await;
+            (result, accepted)
+        });
         let payload = random_payload(32 << 20, 9);
         let sender = async {
             send_in_pieces(&dialer, &payload, 1 << 20).await;
@@ -699,7 +704,7 @@ async fn a_full_pacing_limit_is_raised() {
             .await
         };
         tokio::join!(sender, raised);
-        let (total, _) = receiver.await.unwrap();
+        let ((total, _), _accepted) = receiver.await.unwrap();
         assert_eq!(total, payload.len() as u64);
         dialer.close().await.unwrap();
     })
