@@ -351,15 +351,8 @@ async fn resume_at_destination_and_verify(
     let text = std::fs::read_to_string(source_console).unwrap_or_default();
     let source_tick = workload_ticks(&text).last().expect("source ticks").tick;
     source.force_stop().await.expect("stop source");
-    destination.qmp().cont().await.expect("cont");
-    let status = destination
-        .qmp()
-        .query_status()
-        .await
-        .expect("query-status");
-    assert!(status.running, "{status:?}");
-    let ticks = check_guest_continues(
-        &destination.run_directory().console_log(),
+    let ticks = resume_and_check_guest_continues(
+        destination,
         source_tick,
         TICKS_TO_VERIFY_WHOLE_REGION + 1,
     )

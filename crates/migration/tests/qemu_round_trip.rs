@@ -158,15 +158,8 @@ async fn live_multi_pass_stream_is_rebuilt_identically_and_the_guest_continues()
         live_migration_through_the_rebuilder(32 << 20, source_dir.path(), destination_dir.path())
             .await;
     assert!(passes >= 3, "several passes: {passes}");
-    destination.qmp().cont().await.expect("cont");
-    let status = destination
-        .qmp()
-        .query_status()
-        .await
-        .expect("query-status");
-    assert!(status.running, "{status:?}");
-    let ticks = check_guest_continues(
-        &destination.run_directory().console_log(),
+    let ticks = resume_and_check_guest_continues(
+        &destination,
         source_tick,
         TICKS_TO_VERIFY_WHOLE_REGION + 1,
     )
@@ -188,9 +181,8 @@ async fn live_migration_through_the_rebuilder_resumes_the_guest() {
     let (_passes, source_tick, destination, _guards) =
         live_migration_through_the_rebuilder(1 << 30, source_dir.path(), destination_dir.path())
             .await;
-    destination.qmp().cont().await.expect("cont");
-    let ticks = check_guest_continues(
-        &destination.run_directory().console_log(),
+    let ticks = resume_and_check_guest_continues(
+        &destination,
         source_tick,
         TICKS_TO_VERIFY_WHOLE_REGION + 1,
     )
@@ -261,8 +253,7 @@ async fn saved_stream_rebuilds_identically_and_loads() {
     let state = wait_until_loaded(&destination).await;
     assert_eq!(state, "paused");
     let source_tick = last_tick(&source_console);
-    destination.qmp().cont().await.expect("cont");
-    check_guest_continues(&destination.run_directory().console_log(), source_tick, 2).await;
+    resume_and_check_guest_continues(&destination, source_tick, 2).await;
     destination.force_stop().await.expect("stop destination");
     source.force_stop().await.expect("stop source");
 }

@@ -153,6 +153,28 @@ pub async fn start_migration(vm: &QemuVm, uri: &str) {
         .expect("migrate");
 }
 
+/// Resumes a destination that loaded the stream (started paused), checks that it runs, then
+/// [`check_guest_continues`]. Returns the destination's ticks.
+pub async fn resume_and_check_guest_continues(
+    destination: &QemuVm,
+    last_source_tick: u64,
+    ticks_after: u64,
+) -> Vec<WorkloadTick> {
+    destination.qmp().cont().await.expect("cont");
+    let status = destination
+        .qmp()
+        .query_status()
+        .await
+        .expect("query-status");
+    assert!(status.running, "{status:?}");
+    check_guest_continues(
+        &destination.run_directory().console_log(),
+        last_source_tick,
+        ticks_after,
+    )
+    .await
+}
+
 /// After the destination resumed: waits until its workload has run `ticks_after` ticks past
 /// `last_source_tick` (its counter continues from the source's), and checks that memory stayed
 /// intact. Returns the destination's ticks.
