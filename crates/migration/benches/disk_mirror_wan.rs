@@ -69,6 +69,20 @@ struct Options {
     methods: Vec<Method>,
 }
 
+const USAGE: &str = "
+A live migration's disk phase over the emulated WAN link: QEMU's block mirror over TCP against
+NovaCron's proxy (bench/migration/README.md). Needs root and the test guest.
+
+cargo bench -p novacron-migration --bench disk_mirror_wan -- [options]
+
+  --rate-mbit R       link rate, Mbit/s (default 100)
+  --delay-ms D        one-way delay, ms (default 25: a 50 ms round trip)
+  --loss P            random loss per direction, 0-1 (default 0)
+  --disk-mib N        the disk's size (default 4096)
+  --written-mib N     what the guest wrote into its overlay, 32 to half the disk (default 512)
+  --methods LIST      qemu,proxy (default both)
+";
+
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         rate_mbit: 100.0,
@@ -78,7 +92,7 @@ fn parse_options() -> anyhow::Result<Options> {
         written_mib: 512,
         methods: vec![Method::Qemu, Method::Proxy],
     };
-    for (argument, value) in arguments::named_values()? {
+    for (argument, value) in arguments::named_values(USAGE)? {
         match argument.as_str() {
             "--rate-mbit" => options.rate_mbit = value.parse()?,
             "--delay-ms" => options.delay_ms = value.parse()?,
@@ -95,10 +109,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     })
                     .collect::<anyhow::Result<_>>()?;
             }
-            other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --disk-mib, \
-                 --written-mib, --methods"
-            ),
+            other => bail!("unknown option {other:?}: --help lists the options"),
         }
     }
     if options.written_mib * 2 > options.disk_mib || options.written_mib < 32 {

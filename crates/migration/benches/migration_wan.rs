@@ -13,17 +13,7 @@
 //! (`send_multifd_migration` / `receive_multifd_migration`). QEMU's max-bandwidth is raised
 //! far above the link in all, so the link (or the proxy) sets the pace.
 //!
-//! Options: `--rate-mbit 100 --delay-ms 25 --loss 0 --memory-mib 512 --workload-mib 128
-//! --methods qemu,multifd,xbzrle,proxy[,proxy-multifd,postcopy,proxy-postcopy] [--send-window-mib N (fixed; default: the proxy's adaptive
-//! window)] [--zstd-level L] [--disk-mib N (the realistic workload: a disk of this machine's files
-//! the guest reads into its page cache first)] [--local-disk-written-mib N (with --disk-mib: the
-//! disk is local to each host, not shared; its overlay holds N MiB the guest wrote, and the
-//! block mirror moves it before the memory: over one TCP connection for QEMU's methods, through
-//! the proxy's NBD format for the proxy)] [--postcopy-after-passes N] [--tcp-reference false]
-//! [--qemu-reference true] [--save-stream DIR (that reference's stream and the base image kept
-//! for the `proxy_codec` bench)] [--unsent-limit-kib N] [--initial-connections N] [--adapt-streams true|false]
-//! [--congestion-control NAME|default] [--offload true|false]`;
-//! `--methods none` runs the references alone. See bench/migration/README.md.
+//! Options: `--help` lists them (`USAGE` below). See bench/migration/README.md.
 
 #[path = "support/arguments.rs"]
 mod arguments;
@@ -270,6 +260,48 @@ struct TransportKnobs {
 /// The guest's pause limit every method gets (QEMU's default).
 const DOWNTIME_LIMIT: Duration = Duration::from_millis(300);
 
+const USAGE: &str = "
+One running test guest migrated over the emulated WAN link by QEMU's own methods and by
+NovaCron's proxy, one after the other; one table (bench/migration/README.md). Needs root and the
+test guest (scripts/build-guest).
+
+cargo bench -p novacron-migration --bench migration_wan -- [options]
+
+The link and the guest:
+  --rate-mbit R                 link rate, Mbit/s (default 100)
+  --delay-ms D                  one-way delay, ms (default 25: a 50 ms round trip)
+  --loss P                      random loss per direction, 0-1 (default 0)
+  --offload BOOL                forward TCP super-packets through the emulator (default true)
+  --memory-mib N                guest memory (default 256)
+  --workload-mib N              memory the guest's workload keeps rewriting (default 64)
+  --workload-kind KIND          random (incompressible, default) or records (text-like)
+  --disk-mib N                  the realistic workload: a disk of this machine's files the
+                                guest reads first (default 0: none)
+  --local-disk-written-mib N    with --disk-mib: the disk is local; N MiB written into its
+                                overlay move by block mirror first (default 0: shared disk)
+
+What runs:
+  --methods LIST                qemu, multifd, xbzrle, proxy, proxy-multifd, postcopy,
+                                proxy-postcopy, comma-separated, or none (default
+                                qemu,multifd,xbzrle,proxy)
+  --postcopy-after-passes N     the post-copy methods switch after N passes (default 1)
+  --tcp-reference BOOL          time plain TCP moving the floor's bytes (default true)
+  --qemu-reference BOOL         time QEMU's precopy into a local socket (default false)
+  --save-stream DIR             keep that reference's stream for the proxy_codec bench
+  --link-timeline BOOL          print the link's and QEMU's rates per quarter second and the
+                                switch-over's moments (default false)
+
+The proxy:
+  --forecast-mbit measure|none|N  the link's forecast the proxy starts from: measured by a 5 s
+                                transfer first (default), none, or N Mbit/s
+  --held-boot-files BOOL        pages equal to the kernel's or initrd's travel as hashes
+                                (default true)
+  --send-window-mib N           a fixed send window (default 0: adaptive)
+  --zstd-level L                zstd level of page frames
+  --unsent-limit-kib N, --initial-connections N, --adapt-streams BOOL,
+  --congestion-control NAME|default     transport experiments
+";
+
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         rate_mbit: 100.0,
@@ -299,7 +331,7 @@ fn parse_options() -> anyhow::Result<Options> {
         transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
-    for (name, value) in arguments::named_values()? {
+    for (name, value) in arguments::named_values(USAGE)? {
         let value = &value;
         match name.as_str() {
             "--rate-mbit" => options.rate_mbit = value.parse()?,
@@ -350,9 +382,7 @@ fn parse_options() -> anyhow::Result<Options> {
                     .map(Method::parse)
                     .collect::<anyhow::Result<_>>()?;
             }
-            other => bail!(
-                "unknown option {other:?}: use --rate-mbit, --delay-ms, --loss, --memory-mib, --workload-mib, --workload-kind, --disk-mib, --local-disk-written-mib, --methods, --send-window-mib, --zstd-level, --held-boot-files, --link-timeline, --forecast-mbit, --postcopy-after-passes, --tcp-reference, --qemu-reference, --save-stream, --unsent-limit-kib, --initial-connections, --adapt-streams, --congestion-control"
-            ),
+            other => bail!("unknown option {other:?}: --help lists the options"),
         }
     }
     if options.local_disk_written_mib > 0 {
@@ -415,11 +445,7 @@ fn main() -> anyhow::Result<()> {
     // they prepare (each side its own copy, at the same time): added to the proxy's times.
     let boot_files = if options.held_boot_files {
         let started = Instant::now();
-        let files = [&guest.vmlinuz, &guest.initrd]
-            .into_iter()
-            .map(|path| HeldFile::open(path))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("indexing the guest's kernel and initrd")?;
+        let files = index_boot_files(guest.vmlinuz.clone(), guest.initrd.clone())?;
         Some(BootFiles {
             files,
             seconds: started.elapsed().as_secs_f64(),
@@ -516,8 +542,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(boot) = &boot_files {
         println!(
             "boot files: RAM pages equal to a block of the guest's kernel or initrd (both hosts \
-             hold them) travel as hashes; hashing and indexing them ({:.2} s) is in the proxy's \
-             time",
+             hold them) travel as hashes; hashing and indexing them takes {:.2} s alone, done \
+             while the destination QEMU starts as `vm migrate` does: what it takes beyond that \
+             start is in the proxy's time",
             boot.seconds
         );
     }
@@ -923,6 +950,32 @@ impl LinkTimeline {
     }
 }
 
+/// QEMU's stream rate in each [`LinkTimeline::STEP`] from `started`, from polled
+/// `ram.transferred` figures (each step ends at the last poll before its end).
+fn stream_timeline(started: Instant, polls: &[(Instant, u64)]) -> String {
+    let Some(&(last_poll, _)) = polls.last() else {
+        return String::new();
+    };
+    let steps = (last_poll.duration_since(started).as_secs_f64() / LinkTimeline::STEP.as_secs_f64())
+        .ceil() as u32;
+    let written_at = |moment: Instant| {
+        polls
+            .iter()
+            .take_while(|(at, _)| *at <= moment)
+            .last()
+            .map_or(0, |(_, bytes)| *bytes)
+    };
+    (0..steps)
+        .map(|step| {
+            let from = started + LinkTimeline::STEP * step;
+            let bits =
+                written_at(from + LinkTimeline::STEP).saturating_sub(written_at(from)) as f64 * 8.0;
+            format!("{:.0}", bits / LinkTimeline::STEP.as_secs_f64() / 1e6)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Plans again and gives QEMU the new downtime limit when it changed (noted in `limits`).
 async fn replan(
     planner: &mut ConvergencePlanner,
@@ -1090,12 +1143,36 @@ async fn run_one(
     let source_console = source.run_directory().console_log();
     wait_until_warm(&source, &setup).await?;
     let incoming = destination_dir.path().join("in.sock");
+    // `vm migrate`'s destination indexes the kernel and initrd while its QEMU starts (the
+    // source its own copy meanwhile, hidden behind that): what the index takes beyond the
+    // start is on the proxy's path.
+    let launch_started = Instant::now();
+    let indexing = (method.proxied() && boot_files.is_some()).then(|| {
+        let (kernel, initrd) = (guest.vmlinuz.clone(), guest.initrd.clone());
+        tokio::task::spawn_blocking(move || index_boot_files(kernel, initrd))
+    });
     let destination = QemuVm::launch(
         binaries,
         &setup.spec("bench-dst", destination_dir.path(), Some(&incoming))?,
     )
     .await?;
     let _destination_guard = common::KillOnDrop::new(&destination);
+    let launched = launch_started.elapsed();
+    let boot_index_beyond_launch = match indexing {
+        Some(task) => {
+            task.await??;
+            let indexed = launch_started.elapsed();
+            eprintln!(
+                "   kernel and initrd indexed in {:.2} s while the destination QEMU started \
+                 ({:.2} s): {:.2} s on the proxy's path",
+                indexed.as_secs_f64(),
+                launched.as_secs_f64(),
+                indexed.saturating_sub(launched).as_secs_f64()
+            );
+            indexed.saturating_sub(launched).as_secs_f64()
+        }
+        None => 0.0,
+    };
 
     let (capabilities, parameters) = method.settings();
     for vm in [&source, &destination] {
@@ -1139,10 +1216,14 @@ async fn run_one(
         ),
         None => (image_pages.clone(), image_pages),
     };
+    // Set when the destination side's work is done, before its runtime is taken down (which
+    // took 40-120 ms here, a cost `vm migrate`'s long-lived agent never pays).
+    let destination_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let destination_thread = {
         let link = link.clone();
         let incoming = incoming.clone();
         let image_pages = destination_pages.clone();
+        let done = destination_done.clone();
         std::thread::spawn(move || {
             link.in_ns_b(move || {
                 destination_side(
@@ -1150,7 +1231,7 @@ async fn run_one(
                     address_b,
                     incoming,
                     destination_tls,
-                    port_sender,
+                    (port_sender, &done),
                     image_pages,
                 )
             })
@@ -1262,8 +1343,13 @@ async fn run_one(
     let mut resumed_early = false;
     // When QEMU synced its dirty bitmap (a pass began), seconds from the start.
     let mut passes_began: Vec<f64> = Vec::new();
+    // What QEMU had written of its stream (`ram.transferred`) at each poll, for the timeline.
+    let mut stream_written: Vec<(Instant, u64)> = Vec::new();
     let info = loop {
         let info = source.qmp().query_migrate().await?;
+        if let Some(transferred) = info["ram"]["transferred"].as_u64() {
+            stream_written.push((Instant::now(), transferred));
+        }
         let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) as usize;
         while passes_began.len() < syncs {
             passes_began.push(started.elapsed().as_secs_f64());
@@ -1332,6 +1418,8 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // Moments of the switch-over (seconds from the start), for the pause's make-up.
+    let source_completed_at = started.elapsed().as_secs_f64();
     loop {
         let status = destination.qmp().query_status().await?;
         if !matches!(status.status, novacron_qemu::RunState::Inmigrate) {
@@ -1342,9 +1430,12 @@ async fn run_one(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let destination_loaded_at = started.elapsed().as_secs_f64();
     // The destination's side is done (the proxy: the stream verified; QEMU's methods: the
     // relays closed) before the guest may resume there.
-    while !destination_thread.is_finished() {
+    while !destination_done.load(std::sync::atomic::Ordering::Acquire)
+        && !destination_thread.is_finished()
+    {
         if started.elapsed() > DEADLINE {
             bail!("the destination side still running after {DEADLINE:?}");
         }
@@ -1356,15 +1447,27 @@ async fn run_one(
     };
     // The destination was started paused (it must not run before the stream is verified):
     // resume it as soon as it has loaded, as an orchestrator would (post-copy: done already).
+    let destination_side_done_at = started.elapsed().as_secs_f64();
     if !resumed_early {
         destination.qmp().cont().await?;
     }
     let mut seconds = started.elapsed().as_secs_f64();
+    let switch_over = [
+        ("source completed (polled)", source_completed_at),
+        ("destination loaded (polled)", destination_loaded_at),
+        ("destination side done", destination_side_done_at),
+        ("cont answered", seconds),
+    ];
     if let Some(timeline) = timeline {
         eprintln!(
             "   link A→B, Mbit/s per {} ms from the start: {}",
             LinkTimeline::STEP.as_millis(),
             timeline.finish()
+        );
+        eprintln!(
+            "   QEMU's stream written, Mbit/s per {} ms from the start: {}",
+            LinkTimeline::STEP.as_millis(),
+            stream_timeline(started, &stream_written)
         );
         // Seen by polling every 20 ms or so: a pass's start is known to that precision.
         let passes: Vec<String> = passes_began
@@ -1382,11 +1485,7 @@ async fn run_one(
         // `vm migrate` loads the base image's page index before QEMU starts sending.
         seconds += disk.index_seconds;
     }
-    if method.proxied()
-        && let Some(boot) = boot_files
-    {
-        seconds += boot.seconds;
-    }
+    seconds += boot_index_beyond_launch;
     if method.proxied() {
         eprintln!("   qemu downtime limits set by the plan (ms): {qemu_limits:?}");
     }
@@ -1428,6 +1527,11 @@ async fn run_one(
             stopped - started_wall,
             resumed - started_wall
         );
+        let moments: Vec<String> = switch_over
+            .iter()
+            .map(|(what, at)| format!("{what} +{:.0}", (at - (stopped - started_wall)) * 1e3))
+            .collect();
+        eprintln!("   after STOP (ms): {}", moments.join(", "));
     }
     let guest_continued = wait_for_console_text(
         &destination.run_directory().console_log(),
@@ -1471,6 +1575,15 @@ struct Side<'a>(&'a QemuVm, &'a Path);
 struct Held<'a> {
     disk: Option<&'a RealisticDisk>,
     boot_files: Option<&'a BootFiles>,
+}
+
+/// Hashes and indexes the guest's kernel and initrd.
+fn index_boot_files(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<Vec<HeldFile>> {
+    [kernel, initrd]
+        .iter()
+        .map(|path| HeldFile::open(path))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("indexing the guest's kernel and initrd")
 }
 
 /// The guest's kernel and initrd, hashed and indexed (`--held-boot-files`).
@@ -1574,16 +1687,21 @@ async fn first_event(
 }
 
 /// Runs in namespace B: listens on the link, writes what arrives into the destination QEMU.
+/// Tells its listening port on `signals.0`, and sets `signals.1` once its work is done.
 fn destination_side(
     method: Method,
     address: Ipv4Addr,
     incoming: PathBuf,
     tls: TlsSettings,
-    port: tokio::sync::oneshot::Sender<u16>,
+    signals: (
+        tokio::sync::oneshot::Sender<u16>,
+        &std::sync::atomic::AtomicBool,
+    ),
     image_pages: SharedImagePages,
 ) -> anyhow::Result<()> {
+    let (port, done) = signals;
     let runtime = disk_mirror::relay_runtime()?;
-    runtime.block_on(async move {
+    let outcome = runtime.block_on(async move {
         match method {
             Method::QemuPrecopy
             | Method::QemuMultifdZstd
@@ -1665,7 +1783,11 @@ fn destination_side(
             }
         }
         Ok(())
-    })
+    });
+    if outcome.is_ok() {
+        done.store(true, std::sync::atomic::Ordering::Release);
+    }
+    outcome
 }
 
 /// Runs in namespace A: takes QEMU's stream from the unix socket and sends it over the link.

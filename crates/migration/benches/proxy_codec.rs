@@ -46,18 +46,26 @@ struct Options {
     baselines: bool,
 }
 
+const USAGE: &str = "
+The proxy's codec alone on a saved QEMU migration stream (bench/migration/README.md).
+
+cargo bench -p novacron-migration --bench proxy_codec -- --stream-dir DIR [options]
+
+  --stream-dir DIR    a directory `migration_wan --save-stream DIR` filled (required)
+  --rounds N          rounds to run; the median of each row is shown (default 3)
+  --baselines BOOL    also time multifd's zstd and a BLAKE3 pass (default true)
+";
+
 fn parse_options() -> anyhow::Result<Options> {
     let mut stream_dir = None;
     let mut rounds = 3;
     let mut baselines = true;
-    for (name, value) in arguments::named_values()? {
+    for (name, value) in arguments::named_values(USAGE)? {
         match name.as_str() {
             "--stream-dir" => stream_dir = Some(PathBuf::from(value)),
             "--rounds" => rounds = value.parse()?,
             "--baselines" => baselines = value.parse()?,
-            other => bail!(
-                "unknown option {other:?}: use --stream-dir DIR, --rounds N, --baselines BOOL"
-            ),
+            other => bail!("unknown option {other:?}: --help lists the options"),
         }
     }
     let Some(stream_dir) = stream_dir else {

@@ -3,16 +3,25 @@
 use anyhow::Context;
 
 /// The `--name value` pairs of this bench's command line, in order (cargo's `--bench` left
-/// out).
-pub fn named_values() -> anyhow::Result<Vec<(String, String)>> {
-    let mut pairs = Vec::new();
-    let mut arguments = std::env::args()
+/// out). `--help` (or `-h`) anywhere prints `usage` and exits.
+pub fn named_values(usage: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let arguments: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|argument| argument != "--bench");
+        .filter(|argument| argument != "--bench")
+        .collect();
+    if arguments
+        .iter()
+        .any(|argument| argument == "--help" || argument == "-h")
+    {
+        println!("{}", usage.trim());
+        std::process::exit(0);
+    }
+    let mut pairs = Vec::new();
+    let mut arguments = arguments.into_iter();
     while let Some(name) = arguments.next() {
         let value = arguments
             .next()
-            .with_context(|| format!("{name} needs a value"))?;
+            .with_context(|| format!("{name} needs a value (--help lists the options)"))?;
         pairs.push((name, value));
     }
     Ok(pairs)
