@@ -83,7 +83,8 @@ cargo bench -p novacron-migration --bench disk_mirror_wan -- [options]
   --methods LIST      qemu,proxy (default both)
 ";
 
-fn parse_options() -> anyhow::Result<Options> {
+/// The options, or `None` when `--help` was asked for (and printed).
+fn parse_options() -> anyhow::Result<Option<Options>> {
     let mut options = Options {
         rate_mbit: 100.0,
         delay_ms: 25,
@@ -92,7 +93,10 @@ fn parse_options() -> anyhow::Result<Options> {
         written_mib: 512,
         methods: vec![Method::Qemu, Method::Proxy],
     };
-    for (argument, value) in arguments::named_values(USAGE)? {
+    let Some(values) = arguments::named_values(USAGE)? else {
+        return Ok(None);
+    };
+    for (argument, value) in values {
         match argument.as_str() {
             "--rate-mbit" => options.rate_mbit = value.parse()?,
             "--delay-ms" => options.delay_ms = value.parse()?,
@@ -115,7 +119,7 @@ fn parse_options() -> anyhow::Result<Options> {
     if options.written_mib * 2 > options.disk_mib || options.written_mib < 32 {
         bail!("--written-mib must be at least 32 and at most half of --disk-mib");
     }
-    Ok(options)
+    Ok(Some(options))
 }
 
 struct Outcome {
@@ -203,7 +207,9 @@ async fn run_one(
 }
 
 fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
+    let Some(options) = parse_options()? else {
+        return Ok(());
+    };
     let guest = TestGuest::locate()?;
     let binaries = QemuBinaries::locate()?;
     let link = Arc::new(

@@ -302,7 +302,8 @@ The proxy:
   --congestion-control NAME|default     transport experiments
 ";
 
-fn parse_options() -> anyhow::Result<Options> {
+/// The options, or `None` when `--help` was asked for (and printed).
+fn parse_options() -> anyhow::Result<Option<Options>> {
     let mut options = Options {
         rate_mbit: 100.0,
         delay_ms: 25,
@@ -331,7 +332,10 @@ fn parse_options() -> anyhow::Result<Options> {
         transport: TransportKnobs::default(),
         workload_kind: "random".to_string(),
     };
-    for (name, value) in arguments::named_values(USAGE)? {
+    let Some(values) = arguments::named_values(USAGE)? else {
+        return Ok(None);
+    };
+    for (name, value) in values {
         let value = &value;
         match name.as_str() {
             "--rate-mbit" => options.rate_mbit = value.parse()?,
@@ -397,7 +401,7 @@ fn parse_options() -> anyhow::Result<Options> {
              the mirror first, as `vm migrate` does; not in this bench)"
         );
     }
-    Ok(options)
+    Ok(Some(options))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -409,7 +413,9 @@ fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
-    let mut options = parse_options()?;
+    let Some(mut options) = parse_options()? else {
+        return Ok(());
+    };
     let guest = TestGuest::locate()?;
     let binaries = QemuBinaries::locate()?;
     let link = Arc::new(

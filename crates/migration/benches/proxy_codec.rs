@@ -56,11 +56,15 @@ cargo bench -p novacron-migration --bench proxy_codec -- --stream-dir DIR [optio
   --baselines BOOL    also time multifd's zstd and a BLAKE3 pass (default true)
 ";
 
-fn parse_options() -> anyhow::Result<Options> {
+/// The options, or `None` when `--help` was asked for (and printed).
+fn parse_options() -> anyhow::Result<Option<Options>> {
     let mut stream_dir = None;
     let mut rounds = 3;
     let mut baselines = true;
-    for (name, value) in arguments::named_values(USAGE)? {
+    let Some(values) = arguments::named_values(USAGE)? else {
+        return Ok(None);
+    };
+    for (name, value) in values {
         match name.as_str() {
             "--stream-dir" => stream_dir = Some(PathBuf::from(value)),
             "--rounds" => rounds = value.parse()?,
@@ -75,11 +79,11 @@ fn parse_options() -> anyhow::Result<Options> {
         );
     };
     anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
-    Ok(Options {
+    Ok(Some(Options {
         stream_dir,
         rounds,
         baselines,
-    })
+    }))
 }
 
 fn config(image_pages: &SharedImagePages) -> ProxyConfig {
@@ -179,7 +183,9 @@ fn load_index(base: &Path) -> anyhow::Result<(SharedImagePages, Option<f64>)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let options = parse_options()?;
+    let Some(options) = parse_options()? else {
+        return Ok(());
+    };
     let stream_path = options.stream_dir.join("stream.bin");
     let stream = std::fs::read(&stream_path).with_context(|| {
         format!(

@@ -3,8 +3,9 @@
 use anyhow::Context;
 
 /// The `--name value` pairs of this bench's command line, in order (cargo's `--bench` left
-/// out). `--help` (or `-h`) anywhere prints `usage` and exits.
-pub fn named_values(usage: &str) -> anyhow::Result<Vec<(String, String)>> {
+/// out). `--help` (or `-h`) anywhere prints `usage` instead: `None`, the bench has nothing
+/// more to do.
+pub fn named_values(usage: &str) -> anyhow::Result<Option<Vec<(String, String)>>> {
     let arguments: Vec<String> = std::env::args()
         .skip(1)
         .filter(|argument| argument != "--bench")
@@ -14,7 +15,7 @@ pub fn named_values(usage: &str) -> anyhow::Result<Vec<(String, String)>> {
         .any(|argument| argument == "--help" || argument == "-h")
     {
         println!("{}", usage.trim());
-        std::process::exit(0);
+        return Ok(None);
     }
     let mut pairs = Vec::new();
     let mut arguments = arguments.into_iter();
@@ -24,5 +25,5 @@ pub fn named_values(usage: &str) -> anyhow::Result<Vec<(String, String)>> {
             .with_context(|| format!("{name} needs a value (--help lists the options)"))?;
         pairs.push((name, value));
     }
-    Ok(pairs)
+    Ok(Some(pairs))
 }
