@@ -448,7 +448,8 @@ fn main() -> anyhow::Result<()> {
         _ => None,
     };
     // `vm migrate`'s hosts hash and index the kernel and initrd of a direct kernel boot while
-    // they prepare (each side its own copy, at the same time): added to the proxy's times.
+    // they prepare (each side its own copy, at the same time). This index serves both sides of
+    // every proxied run; `run_one` times another beside the destination QEMU's start.
     let boot_files = if options.held_boot_files {
         let started = Instant::now();
         let files = index_boot_files(guest.vmlinuz.clone(), guest.initrd.clone())?;
@@ -1451,9 +1452,9 @@ async fn run_one(
         Some(mirror) => Some(mirror.complete(&source, &destination).await?),
         None => None,
     };
+    let destination_side_done_at = started.elapsed().as_secs_f64();
     // The destination was started paused (it must not run before the stream is verified):
     // resume it as soon as it has loaded, as an orchestrator would (post-copy: done already).
-    let destination_side_done_at = started.elapsed().as_secs_f64();
     if !resumed_early {
         destination.qmp().cont().await?;
     }

@@ -1533,6 +1533,50 @@ enum EncoderInput {
 
 /// The encoder's thread (parsing, hashing and compressing are CPU work, kept off the runtime
 /// so reading QEMU's stream and the transport run meanwhile, on the other core).
+/// A codec thread's progress at debug level, every [`CodecProgress::EVERY`]: what each
+/// stretch of QEMU's stream was made of (pages per tier, zstd's time) and where the thread's
+/// time went, so a stretch the link idles in shows its cause.
+struct CodecProgress {
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl CodecProgress {
+    const EVERY: Duration = Duration::from_millis(250);
+
+    fn new(started: std::time::Instant) -> Self {
+        Self {
+            started,
+            last: started,
+        }
+    }
+
+    fn due(&self) -> bool {
+        tracing::enabled!(tracing::Level::DEBUG) && self.last.elapsed() >= Self::EVERY
+    }
+
+    /// `waited`: the thread's time waiting for its input, and for its output when known.
+    fn log(&mut self, side: &str, report: &ProxyReport, waited: (Duration, Option<Duration>)) {
+        self.last = std::time::Instant::now();
+        let codec = &report.codec;
+        tracing::debug!(
+            side,
+            seconds = self.started.elapsed().as_secs_f64(),
+            stream_bytes = report.stream_bytes,
+            message_bytes = report.message_bytes,
+            zero = codec.zero_pages,
+            known_from_transfer = codec.known_from_transfer,
+            known_from_destination = codec.known_from_destination,
+            delta = codec.delta_pages,
+            literal = codec.literal_pages,
+            zstd_seconds = codec.compression_time.as_secs_f64(),
+            waiting_for_input = waited.0.as_secs_f64(),
+            waiting_for_output = waited.1.map(|waited| waited.as_secs_f64()),
+            "migration codec progress"
+        );
+    }
+}
+
 fn encode_stream(
     mut encoder: ProxyEncoder,
     mut input: tokio::sync::mpsc::Receiver<EncoderInput>,
@@ -1557,6 +1601,7 @@ fn encode_stream(
             source: std::io::Error::other("the sending side stopped"),
         })
     };
+    let mut progress = CodecProgress::new(started);
     loop {
         let next = CodecTiming::wait(&mut timing.waiting_for_input, || input.blocking_recv());
         match next {
@@ -1564,6 +1609,11 @@ fn encode_stream(
                 let packages = encoder.postcopy_packages();
                 encoder.push(&bytes, &mut out)?;
                 let _ = recycle.send(bytes);
+                if progress.due() {
+                    // (The time waiting for output is the emitter's while it lives.)
+                    let waited = (timing.waiting_for_input, None);
+                    progress.log("source", &encoder.report(), waited);
+                }
                 if encoder.postcopy_packages() > packages {
                     // The switch to post-copy: the guest is stopped until the destination has
                     // this device state, so it goes now, not at the next batch.
@@ -1674,12 +1724,17 @@ fn decode_stream(
 ) -> Result<ProxyDecoder, ProxyError> {
     let started = std::time::Instant::now();
     let mut timing = CodecTiming::default();
+    let mut progress = CodecProgress::new(started);
     while let Some(bytes) =
         CodecTiming::wait(&mut timing.waiting_for_input, || input.blocking_recv())
     {
         let mut out = recycled.try_recv().unwrap_or_default();
         out.clear();
         decoder.push(&bytes, &mut out)?;
+        if progress.due() {
+            let waited = (timing.waiting_for_input, Some(timing.waiting_for_output));
+            progress.log("destination", &decoder.report(), waited);
+        }
         if !out.is_empty()
             && CodecTiming::wait(&mut timing.waiting_for_output, || output.blocking_send(out))
                 .is_err()
