@@ -547,3 +547,113 @@ fn a_link_probe_measures_an_idle_link_and_bad_probes_are_refused() {
         "a refused probe measures nothing"
     );
 }
+
+/// Unmounts a tmpfs at drop (lazily: a serve still holding files in it lets go at exit).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `path` until it is full (or `mib` MiB are written).
+fn fill(path: &std::path::Path, mib: usize) {
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", &format!("count={mib}")])
+        .arg(format!("of={}", path.display()))
+        .output();
+}
+
+/// A destination whose disk is too small is refused before anything is sent; one whose disk
+/// fills while the image arrives (over an emulated 100 Mbit/s link, so it takes seconds) fails
+/// the transfer with the reason, and leaves no image and no staged file behind; once there is
+/// room again, the same push succeeds.
+#[test]
+fn a_push_to_a_host_whose_disk_is_or_becomes_full_fails_clearly_and_leaves_nothing() {
+    let link = LinkEmulator::builder()
+        .name_prefix("xfull")
+        .delay(Duration::from_millis(10))
+        .rate_bits_per_sec(100e6)
+        .spawn()
+        .expect("spawn the link emulator (needs root)");
+    let mut a = TestHost::in_namespace(link.ns_a(), &link.addr_a().to_string());
+    let mut b = TestHost::in_namespace(link.ns_b(), &link.addr_b().to_string());
+    // B's data directory on a 200 MiB tmpfs: room for a 64 MiB image and the receiver's
+    // 64 MiB headroom, not for much more.
+    std::fs::create_dir_all(&b.data_dir).expect("data dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs"])
+        .arg(&b.data_dir)
+        .status()
+        .expect("mount");
+    assert!(mounted.success(), "mounting a tmpfs needs root");
+    let _unmount = Unmount(b.data_dir.clone());
+    a.spawn_serve();
+    b.spawn_serve();
+    let (_, fingerprint_b) = pair(&a, &b);
+    let image = random_bytes(30, 64 * MIB);
+    import(&a, "big", &image);
+    let filler = b.data_dir.join("filler");
+
+    // Too little room from the start: refused before a byte of the image is sent.
+    fill(&filler, 100);
+    let address_b = b.transfer_address();
+    let push = [
+        "image",
+        "push",
+        "big",
+        "--to",
+        &address_b,
+        "--fingerprint",
+        &fingerprint_b,
+    ];
+    let error = a.fails(&push, 7);
+    assert!(
+        error.contains("not enough disk space on host") && error.contains("needed"),
+        "{error}"
+    );
+    std::fs::remove_file(&filler).expect("remove the filler");
+
+    // Room at the start, none half-way.
+    let started = push_json(&a, "big", &b, &fingerprint_b, &["--no-wait"]);
+    let id = started["id"].as_str().expect("id").to_string();
+    poll(
+        "a quarter of the image at the destination",
+        Duration::from_secs(60),
+        || {
+            let done = incoming(&b, "big")["raw_bytes_done"].as_u64().unwrap_or(0);
+            (done > image.len() as u64 / 4).then_some(())
+        },
+    );
+    fill(&filler, 400);
+    let failed = wait_for_transfer(&a, &id, Duration::from_secs(90));
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["error_code"], "insufficient_resources", "{failed}");
+    let reason = failed["message"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not enough disk space") && reason.contains("No space left"),
+        "{failed}"
+    );
+    poll(
+        "the destination to clean up",
+        Duration::from_secs(30),
+        || {
+            let state = incoming(&b, "big")["state"].clone();
+            (state != "running" && staging_is_empty(&b)).then_some(())
+        },
+    );
+    assert_eq!(image_names(&b), Vec::<String>::new());
+
+    // Room again: the same push succeeds, byte for byte.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let rerun = push_json(&a, "big", &b, &fingerprint_b, &[]);
+    assert_eq!(rerun["state"], "succeeded", "{rerun}");
+    assert_eq!(image_file(&b, "big"), image);
+    drop(a);
+    drop(b);
+    link.shutdown().expect("tear the link down");
+}
