@@ -360,6 +360,9 @@ pub struct SendWindowControl(std::sync::Arc<WindowControlState>);
 #[derive(Debug, Default)]
 struct WindowControlState {
     draining: std::sync::atomic::AtomicBool,
+    /// Notified when `draining` changes: the stream's watcher waits for a drain to begin and
+    /// its reader for the release, rather than polling.
+    drain_changed: tokio::sync::Notify,
     /// A stream runs and publishes what follows.
     attached: std::sync::atomic::AtomicBool,
     /// What the session held at the last look (bytes).
@@ -392,6 +395,7 @@ impl SendWindowControl {
         use std::sync::atomic::Ordering;
         let state = &self.0;
         state.draining.store(true, Ordering::SeqCst);
+        state.drain_changed.notify_waiters();
         let from = state.looks.load(Ordering::SeqCst);
         let started = tokio::time::Instant::now();
         loop {
@@ -421,10 +425,25 @@ impl SendWindowControl {
         self.0
             .draining
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.drain_changed.notify_waiters();
     }
 
     fn draining(&self) -> bool {
         self.0.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Returns once [`Self::draining`] is `draining`.
+    async fn wait_until_draining_is(&self, draining: bool) {
+        loop {
+            let changed = std::pin::pin!(self.0.drain_changed.notified());
+            let mut changed = changed;
+            // Registered before the check: a change between the two is not missed.
+            changed.as_mut().enable();
+            if self.draining() == draining {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// The reader stopped after asking for flush number `flush` (0: it reads again).
@@ -439,19 +458,21 @@ impl SendWindowControl {
     }
 
     /// Publishes what `session` holds every [`Self::LOOK_INTERVAL`] while a drain runs (the
-    /// session's statistics are not read otherwise); never returns, dropped with the stream.
+    /// session's statistics are not read otherwise, and the watcher sleeps until a drain
+    /// begins); never returns, dropped with the stream.
     async fn watch(&self, session: &Session) -> std::convert::Infallible {
         use std::sync::atomic::Ordering;
         let _attached = AttachedControl(self.clone());
         self.0.attached.store(true, Ordering::SeqCst);
         loop {
-            if self.draining() {
+            self.wait_until_draining_is(true).await;
+            while self.draining() {
                 self.0
                     .held
                     .store(session.stats().send_buffered_bytes, Ordering::SeqCst);
                 self.0.looks.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Self::LOOK_INTERVAL).await;
             }
-            tokio::time::sleep(Self::LOOK_INTERVAL).await;
         }
     }
 
@@ -1398,9 +1419,7 @@ pub async fn send_migration_stream(
                 }
                 flushes += 1;
                 reading_control.park(flushes);
-                while reading_control.draining() {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+                reading_control.wait_until_draining_is(false).await;
                 reading_control.park(0);
             }
             // Read into spare capacity: no zeroing of a buffer about to be overwritten.
