@@ -2552,8 +2552,9 @@ impl HeldFileKey {
 /// out (the migration then sends those pages).
 async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile>> {
     let vm = record.spec.name.to_string();
-    let mut held = Vec::new();
-    for path in record.spec.kernel.iter().chain(&record.spec.initrd) {
+    let vm = &vm;
+    // The kernel and the initrd at the same time.
+    let opening = record.spec.kernel.iter().chain(&record.spec.initrd).map(|path| async move {
         let opened = match HeldFileKey::of(path) {
             Ok(key) => {
                 shared
@@ -2571,14 +2572,17 @@ async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile
             }
             Err(error) => Err(error),
         };
-        match opened {
-            Ok(file) => held.push(file),
-            Err(error) => {
+        opened
+            .inspect_err(|error| {
                 tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
-            }
-        }
-    }
-    held
+            })
+            .ok()
+    });
+    futures::future::join_all(opening)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// How long a base image's page index stays in memory after a migration used it, so the next
