@@ -211,8 +211,13 @@ pub(crate) fn launch_spec(
     .memory_mib(record.spec.memory_bytes >> 20)
     .accelerator(accelerator);
     if record.spec.image_id.is_some() {
-        // The overlay is qcow2 whatever the image's format.
-        spec = spec.disk(shared.paths.vm_disk(&record.uuid), ImageFormat::Qcow2);
+        // The overlay is qcow2 whatever the image's format. O_DIRECT where the file system
+        // allows it (the images sit beside the overlay, in the same data directory).
+        let overlay = shared.paths.vm_disk(&record.uuid);
+        let direct_io = novacron_qemu::supports_direct_io(&[&overlay]);
+        spec = spec
+            .disk(overlay, ImageFormat::Qcow2)
+            .disk_direct_io(direct_io);
     }
     if let Some(kernel) = &record.spec.kernel {
         spec = spec.kernel(DirectKernelBoot {

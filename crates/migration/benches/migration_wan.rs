@@ -889,7 +889,11 @@ impl GuestSetup<'_> {
                 }
                 _ => disk_mirror::create_overlay(&disk.base, &overlay)?,
             }
-            spec = spec.disk(overlay, novacron_qemu::ImageFormat::Qcow2);
+            // O_DIRECT where the file system allows it, as `vm migrate`'s hosts open disks.
+            let direct_io = novacron_qemu::supports_direct_io(&[&overlay, &disk.base]);
+            spec = spec
+                .disk(overlay, novacron_qemu::ImageFormat::Qcow2)
+                .disk_direct_io(direct_io);
         }
         if incoming.is_some() {
             // `defer`: capabilities (multifd) must be set before QEMU listens

@@ -23,6 +23,27 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// Its format; never probed by QEMU.
     pub format: ImageFormat,
+    /// Open the image (and its backing chain) with `O_DIRECT` (`cache.direct=on`, as
+    /// `cache=none` does): the guest's own page cache is its cache, and the host's holds none
+    /// of the disk. Besides not caching the disk twice, a destination of a live migration then
+    /// has no host cache of the images to drop when it activates them at `cont`: with it, QEMU
+    /// ran `POSIX_FADV_DONTNEED` over the whole base image inside the guest's pause (158 ms for
+    /// a 1 GiB base the migration proxy had read blocks of). See [`supports_direct_io`].
+    #[serde(default)]
+    pub direct_io: bool,
+}
+
+/// Whether every file in `paths` can be opened with `O_DIRECT` (some file systems refuse it:
+/// tmpfs before Linux 6.6, for one): whether a [`DiskSpec`] over them may set `direct_io`.
+pub fn supports_direct_io(paths: &[&Path]) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    paths.iter().all(|path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .is_ok()
+    })
 }
 
 /// Boot a kernel directly instead of from the disk.
@@ -107,7 +128,17 @@ impl LaunchSpec {
         self.disk = Some(DiskSpec {
             path: path.into(),
             format,
+            direct_io: false,
         });
+        self
+    }
+
+    /// Opens the disk (set with [`Self::disk`] before) with `O_DIRECT`; see
+    /// [`DiskSpec::direct_io`].
+    pub fn disk_direct_io(mut self, direct_io: bool) -> Self {
+        if let Some(disk) = &mut self.disk {
+            disk.direct_io = direct_io;
+        }
         self
     }
 
@@ -201,17 +232,23 @@ impl LaunchSpec {
         // instead of the guest rebooting in a loop unnoticed.
         push(&["-device", "pvpanic", "-action", "panic=shutdown"]);
         if let Some(disk) = &self.disk {
+            // On the format node too: the backing chain QEMU opens inherits it.
+            let cache = if disk.direct_io {
+                ",cache.direct=on"
+            } else {
+                ""
+            };
             push(&[
                 "-blockdev",
                 &format!(
-                    "driver=file,node-name=disk0-file,filename={},discard=unmap",
+                    "driver=file,node-name=disk0-file,filename={},discard=unmap{cache}",
                     escape_path(&disk.path)
                 ),
             ]);
             push(&[
                 "-blockdev",
                 &format!(
-                    "driver={},node-name=disk0,file=disk0-file,discard=unmap",
+                    "driver={},node-name=disk0,file=disk0-file,discard=unmap{cache}",
                     disk.format.qemu_name()
                 ),
             ]);
@@ -355,6 +392,53 @@ mod tests {
         assert!(
             !arguments.iter().any(|argument| argument.contains("-net")),
             "no network for now"
+        );
+    }
+
+    #[test]
+    fn a_direct_io_disk_opens_every_node_with_o_direct() {
+        let blockdevs = |direct_io: bool| {
+            let spec = LaunchSpec::new("vm", Uuid::new_v4(), "/run/vm")
+                .disk("/vms/disk.qcow2", ImageFormat::Qcow2)
+                .disk_direct_io(direct_io);
+            let arguments = arguments_as_strings(&spec);
+            arguments
+                .windows(2)
+                .filter(|pair| pair[0] == "-blockdev")
+                .map(|pair| pair[1].clone())
+                .collect::<Vec<_>>()
+        };
+        let direct = blockdevs(true);
+        assert_eq!(direct.len(), 2, "{direct:?}");
+        assert!(
+            direct.iter().all(|node| node.ends_with(",cache.direct=on")),
+            "{direct:?}"
+        );
+        let buffered = blockdevs(false);
+        assert!(
+            buffered.iter().all(|node| !node.contains("cache.")),
+            "{buffered:?}"
+        );
+    }
+
+    #[test]
+    fn direct_io_is_supported_for_files_that_open_with_o_direct_only() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("disk.raw");
+        std::fs::write(&file, vec![0u8; 4096]).unwrap();
+        let missing = directory.path().join("missing.raw");
+        // The temporary directory's own file system decides for its file.
+        let supported = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&file)
+            .is_ok();
+        assert_eq!(supports_direct_io(&[&file]), supported);
+        assert!(!supports_direct_io(&[&missing]), "a missing file");
+        assert!(
+            !supports_direct_io(&[&file, &missing]),
+            "every file must open"
         );
     }
 

@@ -37,7 +37,7 @@ pub use accelerator::{Accelerator, AcceleratorProbe, probe_accelerator, probe_ac
 pub use binaries::{BinaryError, QemuBinaries};
 pub use held_monitor::HeldMonitor;
 pub use image::{ImageCheck, ImageError, ImageFormat, ImageInfo, MapExtent, QemuImg};
-pub use launch::{DirectKernelBoot, DiskSpec, LaunchSpec, RunDirectory};
+pub use launch::{DirectKernelBoot, DiskSpec, LaunchSpec, RunDirectory, supports_direct_io};
 pub use qmp::{QmpClient, QmpError, QmpEvent, QmpEventKind, RunState, StatusInfo};
 pub use test_guest::{TestGuest, TestGuestError, wait_for_console_text};
 pub use vm::{QemuExit, QemuExitReason, QemuVm, VmError};
