@@ -157,7 +157,9 @@ async fn run_one(
     let spec = LaunchSpec::new("bench-disk", uuid::Uuid::new_v4(), run.path())
         .memory_mib(256)
         .kernel(guest.kernel_boot(""))
-        .disk(overlay.clone(), novacron_qemu::ImageFormat::Qcow2);
+        .disk(overlay.clone(), novacron_qemu::ImageFormat::Qcow2)
+        // As `vm migrate`'s hosts open disks.
+        .disk_direct_io(novacron_qemu::supports_direct_io(&[&overlay]));
     let source = QemuVm::launch(binaries, &spec).await?;
     let _source_guard = common::KillOnDrop::new(&source);
     let started_wait = Instant::now();
