@@ -1550,8 +1550,6 @@ enum EncoderInput {
     Finish,
 }
 
-/// The encoder's thread (parsing, hashing and compressing are CPU work, kept off the runtime
-/// so reading QEMU's stream and the transport run meanwhile, on the other core).
 /// A codec thread's progress at debug level, every [`CodecProgress::EVERY`]: what each
 /// stretch of QEMU's stream was made of (pages per tier, zstd's time) and where the thread's
 /// time went, so a stretch the link idles in shows its cause.
@@ -1596,6 +1594,8 @@ impl CodecProgress {
     }
 }
 
+/// The encoder's thread (parsing, hashing and compressing are CPU work, kept off the runtime
+/// so reading QEMU's stream and the transport run meanwhile, on the other core).
 fn encode_stream(
     mut encoder: ProxyEncoder,
     mut input: tokio::sync::mpsc::Receiver<EncoderInput>,
