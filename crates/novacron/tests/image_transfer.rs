@@ -334,18 +334,24 @@ fn bad_transfer_requests_fail_clearly_and_leave_nothing() {
     assert!(error.contains("does not trust this host"), "{error}");
 }
 
-/// Over an emulated 100 Mbit/s, 20 ms link: a cut mid-transfer is resumed by the transport; a
-/// cancelled push, run again, resends only what the destination lacks.
-#[test]
-fn transfers_survive_a_cut_link_and_resume_after_cancel() {
+/// A link emulated at 100 Mbit/s with 20 ms round trips, and a host (not started) at each end.
+fn hosts_over_a_link(prefix: &str) -> (novacron_linkemu::RunningLink, TestHost, TestHost) {
     let link = LinkEmulator::builder()
-        .name_prefix("xfer")
+        .name_prefix(prefix)
         .delay(Duration::from_millis(10))
         .rate_bits_per_sec(100e6)
         .spawn()
         .expect("spawn the link emulator (needs root)");
-    let mut a = TestHost::in_namespace(link.ns_a(), &link.addr_a().to_string());
-    let mut b = TestHost::in_namespace(link.ns_b(), &link.addr_b().to_string());
+    let a = TestHost::in_namespace(link.ns_a(), &link.addr_a().to_string());
+    let b = TestHost::in_namespace(link.ns_b(), &link.addr_b().to_string());
+    (link, a, b)
+}
+
+/// Over an emulated 100 Mbit/s, 20 ms link: a cut mid-transfer is resumed by the transport; a
+/// cancelled push, run again, resends only what the destination lacks.
+#[test]
+fn transfers_survive_a_cut_link_and_resume_after_cancel() {
+    let (link, mut a, mut b) = hosts_over_a_link("xfer");
     a.spawn_serve();
     b.spawn_serve();
     let (_, fingerprint_b) = pair(&a, &b);
@@ -574,14 +580,7 @@ fn fill(path: &std::path::Path, mib: usize) {
 /// room again, the same push succeeds.
 #[test]
 fn a_push_to_a_host_whose_disk_is_or_becomes_full_fails_clearly_and_leaves_nothing() {
-    let link = LinkEmulator::builder()
-        .name_prefix("xfull")
-        .delay(Duration::from_millis(10))
-        .rate_bits_per_sec(100e6)
-        .spawn()
-        .expect("spawn the link emulator (needs root)");
-    let mut a = TestHost::in_namespace(link.ns_a(), &link.addr_a().to_string());
-    let mut b = TestHost::in_namespace(link.ns_b(), &link.addr_b().to_string());
+    let (link, mut a, mut b) = hosts_over_a_link("xfull");
     // B's data directory on a 200 MiB tmpfs: room for a 64 MiB image and the receiver's
     // 64 MiB headroom, not for much more.
     std::fs::create_dir_all(&b.data_dir).expect("data dir");
