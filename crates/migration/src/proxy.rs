@@ -479,12 +479,13 @@ impl SendWindowControl {
     /// Waits, while draining, until `session` has room for `length` more bytes within
     /// [`Self::DRAINED`] (an empty session always takes one message).
     async fn admit(&self, session: &Session, length: usize) {
+        let room = Self::DRAINED.saturating_sub(length as u64);
         while self.draining() {
-            let held = session.stats().send_buffered_bytes;
-            if held == 0 || held + length as u64 <= Self::DRAINED {
-                return;
+            tokio::select! {
+                // A failed session: the send that follows says why.
+                _ = session.bulk_buffered_at_most(room) => return,
+                () = self.wait_until_draining_is(false) => {}
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 }

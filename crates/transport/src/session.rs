@@ -986,6 +986,25 @@ impl Session {
 
     /// Waits until the peer has received everything queued so far (bulk and control).
     pub async fn flush(&self) -> Result<(), TransportError> {
+        self.wait_for_acknowledgements(|core| {
+            core.bulk_out.all_acknowledged() && core.control_out.all_acknowledged()
+        })
+        .await
+    }
+
+    /// Waits until the bulk data this side holds (queued, or sent and not yet acknowledged:
+    /// [`SessionStats::send_buffered_bytes`]) is at most `bytes`.
+    pub async fn bulk_buffered_at_most(&self, bytes: u64) -> Result<(), TransportError> {
+        self.wait_for_acknowledgements(|core| core.bulk_out.buffered_bytes() <= bytes)
+            .await
+    }
+
+    /// Waits until `done` holds, checking again after each acknowledgement that freed room;
+    /// fails with the session.
+    async fn wait_for_acknowledgements(
+        &self,
+        done: impl Fn(&SessionCore) -> bool,
+    ) -> Result<(), TransportError> {
         let shared = &self.shared;
         loop {
             let notified = pin!(shared.senders.notified());
@@ -993,7 +1012,7 @@ impl Session {
             notified.as_mut().enable();
             {
                 let core = shared.lock();
-                if core.bulk_out.all_acknowledged() && core.control_out.all_acknowledged() {
+                if done(&core) {
                     return Ok(());
                 }
                 if matches!(core.state, SessionState::Failed(_) | SessionState::Closed) {

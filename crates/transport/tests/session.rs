@@ -322,6 +322,18 @@ async fn a_slow_receiver_bounds_memory_on_both_sides() {
             "sender ran ahead: {sent:?}"
         );
         assert!(!sender.is_finished());
+        // A wait for the sender's buffer to empty below a megabyte cannot end while the
+        // receiver holds back its credit.
+        let draining = dialer.clone();
+        let mut drained =
+            tokio::spawn(async move { draining.bulk_buffered_at_most(1 << 20).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut drained)
+                .await
+                .is_err(),
+            "the wait ended with {} bytes buffered",
+            dialer.stats().send_buffered_bytes
+        );
         // Now read everything, checking the bound on the way.
         let mut hasher = blake3::Hasher::new();
         let mut total = 0usize;
@@ -334,6 +346,9 @@ async fn a_slow_receiver_bounds_memory_on_both_sides() {
         sender.await.unwrap();
         assert_eq!(total, payload.len());
         assert_eq!(hasher.finalize(), blake3::hash(&payload));
+        // Everything was received, so the wait ended.
+        drained.await.unwrap().unwrap();
+        assert!(dialer.stats().send_buffered_bytes <= 1 << 20);
     })
     .await;
 }
