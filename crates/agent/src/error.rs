@@ -97,6 +97,12 @@ pub enum AgentError {
     /// A transfer could not start; `code` says why (unreachable, untrusted, name taken ...).
     #[error("{message}")]
     Transfer { code: ErrorCode, message: String },
+    #[error(
+        "host {host} does not mount shared storage {storage:?}; start its serve with \
+         --shared-storage {storage}=PATH (the same file system the other hosts mount under that \
+         name), or use a host that does"
+    )]
+    StorageNotMounted { storage: String, host: String },
     /// A region operation failed; `code` says how (no leader, refused token, host not found ...).
     #[error("{message}")]
     Cluster { code: ErrorCode, message: String },
@@ -149,7 +155,9 @@ impl AgentError {
             AgentError::VmAlreadyExists { .. } | AgentError::ImageNameTaken { .. } => {
                 ErrorCode::AlreadyExists
             }
-            AgentError::ImageInUse { .. } | AgentError::VmWrongState { .. } => ErrorCode::Conflict,
+            AgentError::ImageInUse { .. }
+            | AgentError::VmWrongState { .. }
+            | AgentError::StorageNotMounted { .. } => ErrorCode::Conflict,
             AgentError::InsufficientResources { .. } | AgentError::DiskFull { .. } => {
                 ErrorCode::InsufficientResources
             }

@@ -41,6 +41,9 @@ pub struct HostConfig {
     pub voter_loss_grace: Duration,
     /// The host's labels, published in its heartbeats for placement (`zone=eu-1`).
     pub labels: novacron_types::Labels,
+    /// Shared storages this host mounts, by name (`serve --shared-storage NAME=PATH`): VMs
+    /// created with `--storage NAME` keep their disk there (see [`crate::storage`]).
+    pub shared_storages: std::collections::BTreeMap<String, PathBuf>,
     /// Serve the scratch keyspace (`/api/v1/scratch/...`, for store checks and diagnostics).
     pub scratch_keys: bool,
 }
@@ -57,6 +60,7 @@ impl HostConfig {
             transfer_listen_optional: false,
             voter_loss_grace: Duration::from_secs(60),
             labels: Default::default(),
+            shared_storages: Default::default(),
             scratch_keys: false,
         }
     }
@@ -291,6 +295,7 @@ impl Host {
             AgentError::io(format!("creating data directory {data_dir_display}"), error)
         })?;
         let lock = lock_data_dir(&paths)?;
+        crate::storage::check_shared_storages(&config)?;
 
         let hypervisor = Arc::new(Hypervisor::new(&config));
         let store_paths = paths.clone();

@@ -20,6 +20,7 @@ mod records;
 mod region;
 mod resources;
 mod scratch;
+mod storage;
 mod transfer;
 mod vms;
 

@@ -211,10 +211,13 @@ pub(crate) fn launch_spec(
     .memory_mib(record.spec.memory_bytes >> 20)
     .accelerator(accelerator);
     if record.spec.image_id.is_some() {
-        // The overlay is qcow2 whatever the image's format. O_DIRECT where the file system
-        // allows it (the images sit beside the overlay, in the same data directory).
-        let overlay = shared.paths.vm_disk(&record.uuid);
-        let direct_io = novacron_qemu::supports_direct_io(&[&overlay]);
+        // The overlay is qcow2 whatever the image's format. O_DIRECT where the file systems of
+        // the overlay and its base allow it (a missing base fails the launch anyway).
+        let overlay = crate::storage::vm_disk(shared, record)?;
+        let direct_io = match crate::storage::existing_base_image(shared, record)? {
+            Some(base) => novacron_qemu::supports_direct_io(&[&overlay, &base]),
+            None => false,
+        };
         spec = spec
             .disk(overlay, ImageFormat::Qcow2)
             .disk_direct_io(direct_io);
@@ -594,6 +597,7 @@ impl VmActor {
                 ));
             }
         }
+        crate::storage::remove_shared_disk(&self.shared, record).await;
         if self
             .shared
             .records
@@ -707,7 +711,8 @@ impl VmActor {
         }
     }
 
-    /// The VM lives on another host now: its directory here (disk included) goes.
+    /// The VM lives on another host now: its directory here (a local disk included) goes; a
+    /// disk on shared storage stays, the new host runs the VM on it.
     async fn remove_moved_directory(&self, record: &VmRecord) {
         let directory = self.shared.paths.vm_dir(&record.uuid);
         if let Err(error) = tokio::fs::remove_dir_all(&directory).await

@@ -471,6 +471,7 @@ async fn local_heartbeat(shared: &Shared, node_id: u64) -> HostHeartbeat {
         transfer_address,
         transfer_fingerprint,
         labels: shared.config.labels.clone(),
+        shared_storages: shared.config.shared_storages.keys().cloned().collect(),
         raft_timing: Some(raft_timing_info(&shared.records.store().timing())),
     }
 }
@@ -1164,7 +1165,15 @@ async fn place(
                     HostState::Ready
                 },
                 labels: heartbeat
-                    .map(|beat| beat.labels.clone())
+                    .map(|beat| {
+                        let mut labels = beat.labels.clone();
+                        labels.extend(
+                            beat.shared_storages
+                                .iter()
+                                .map(|name| (storage_label(name), STORAGE_MOUNTED.to_string())),
+                        );
+                        labels
+                    })
                     .unwrap_or_default(),
                 cpu_capacity: heartbeat.map(|beat| beat.cpus).unwrap_or(0),
                 memory_capacity_mib: heartbeat.map(|beat| beat.memory_bytes >> 20).unwrap_or(0),
@@ -1222,11 +1231,15 @@ async fn place(
         .chain(leaving.and(spec.image_id.clone()))
         .collect();
     let snapshot = Snapshot::new(specs, vms, fetchable).map_err(invalid)?;
+    let mut required_labels = spec.required_labels.clone();
+    if let Some(name) = &spec.storage {
+        required_labels.insert(storage_label(name), STORAGE_MOUNTED.to_string());
+    }
     let request = Request {
         cpus: spec.cpus,
         memory_mib: spec.memory_bytes >> 20,
         image: spec.image_id.clone(),
-        required_labels: spec.required_labels.clone(),
+        required_labels,
         anti_affinity_group: spec.anti_affinity_group.clone(),
         pinned_host,
     };
@@ -1246,6 +1259,14 @@ async fn place(
         }
     }
 }
+
+/// Placement sees a host's shared storages as labels, `shared-storage/NAME=mounted`, and a VM on
+/// one requires its label (a refusal then reads "lacks label shared-storage/NAME=mounted").
+fn storage_label(name: &str) -> String {
+    format!("shared-storage/{name}")
+}
+
+const STORAGE_MOUNTED: &str = "mounted";
 
 /// Heartbeats of hosts that can serve an image now: fresh, with a transfer listener.
 fn image_sources(heartbeats: &[HostHeartbeat], now: u64) -> impl Iterator<Item = &HostHeartbeat> {

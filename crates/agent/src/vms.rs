@@ -142,6 +142,16 @@ impl Host {
                 "nothing to boot: give an image (--image) or a kernel (--kernel)".into(),
             ));
         }
+        if let Some(storage) = &request.storage {
+            novacron_types::validate_storage_name(storage)?;
+            if image.is_none() {
+                return Err(AgentError::InvalidArgument(format!(
+                    "--storage {storage} holds a VM's disk, and this VM has none: give an image \
+                     (--image) or leave out --storage"
+                )));
+            }
+            self.check_storage_mounted_somewhere(storage).await?;
+        }
         // Refuse early, with the package name, when QEMU is missing.
         shared.hypervisor.binaries()?;
         novacron_types::validate_labels(&request.required_labels)?;
@@ -160,6 +170,7 @@ impl Host {
             restart_policy: request.restart_policy,
             required_labels: request.required_labels.clone(),
             anti_affinity_group: request.anti_affinity_group.clone(),
+            storage: request.storage.clone(),
         };
         let (assigned_host, placement) = match &shared.region {
             Some(region) => {
@@ -178,6 +189,12 @@ impl Host {
         let here = assigned_host == shared.config.host_name && shared.region.is_none();
         if here {
             ensure_free_space(shared.paths.root(), &format!("the disk of vm {name}"))?;
+            if let Some(storage) = &spec.storage {
+                ensure_free_space(
+                    crate::storage::storage_root(shared, storage)?,
+                    &format!("the disk of vm {name}"),
+                )?;
+            }
         }
 
         let now = unix_now();
@@ -219,8 +236,9 @@ impl Host {
         }
         failpoint("create-after-record");
         if let Err(error) = prepare_disk(shared, &record, image.as_ref()).await {
-            // Undo: no directory, no record.
+            // Undo: no directory, no disk, no record.
             let _ = tokio::fs::remove_dir_all(shared.paths.vm_dir(&record.uuid)).await;
+            crate::storage::remove_shared_disk(shared, &record).await;
             if let Ok(Some(current)) = shared.records.vm(name.as_str()).await {
                 let _ = shared
                     .records
@@ -242,6 +260,35 @@ impl Host {
             .await?;
         tracing::info!(vm = %name, uuid = %record.uuid, "vm created");
         Ok(record)
+    }
+
+    /// A VM on shared storage `name` needs a host mounting it: outside a region this host, in a
+    /// region any live host (placement then picks among those).
+    async fn check_storage_mounted_somewhere(&self, name: &str) -> Result<(), AgentError> {
+        let shared = &self.shared;
+        if shared.config.shared_storages.contains_key(name) {
+            return Ok(());
+        }
+        if shared.region.is_none() {
+            return Err(AgentError::StorageNotMounted {
+                storage: name.to_string(),
+                host: shared.config.host_name.clone(),
+            });
+        }
+        let mounted_elsewhere = shared
+            .records
+            .heartbeats()
+            .await?
+            .iter()
+            .any(|beat| beat.shared_storages.iter().any(|storage| storage == name));
+        if mounted_elsewhere {
+            return Ok(());
+        }
+        Err(AgentError::InvalidArgument(format!(
+            "no host of this region mounts shared storage {name:?}; start serve with \
+             --shared-storage {name}=PATH on the hosts that mount it (`novacron cluster list` \
+             shows each host's)"
+        )))
     }
 
     /// On a host outside a region, the VM's required labels and anti-affinity group are checked
@@ -485,6 +532,7 @@ impl Host {
             tracing::warn!(file = %file.display(), %error, "image file already gone");
         }
         let _ = tokio::fs::remove_file(shared.paths.image_pages_file(&image.id)).await;
+        crate::storage::remove_shared_image_copies(shared, &image).await;
         crate::images::forget_image(&shared.chunks, &image);
         tracing::info!(image = %image.name, id = %image.id, "image deleted");
         Ok(image)
@@ -574,6 +622,17 @@ pub(crate) async fn prepare_disk(
     let Some(image) = image else {
         return Ok(());
     };
+    if let Some(shared_directory) = crate::storage::shared_vm_dir(shared, record)? {
+        crate::storage::create_shared_overlay(shared, record, image, &shared_directory)
+            .await
+            .map_err(|error| match error {
+                AgentError::QemuImg(error) => {
+                    disk_error(&shared_directory, &record.spec.name, error)
+                }
+                error => error,
+            })?;
+        return Ok(());
+    }
     let disk = shared.paths.vm_disk(&record.uuid);
     let _ = tokio::fs::remove_file(&disk).await;
     let backing = shared.paths.image_file(&image.id, image.format);

@@ -102,8 +102,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML config file (keys: data_dir, listen, host_name, stop_timeout_secs, qemu, qemu_img,
-    /// transfer_listen, voter_loss_grace_secs, labels); flags and environment variables override
-    /// it
+    /// transfer_listen, voter_loss_grace_secs, labels, shared_storages); flags and environment
+    /// variables override it
     #[arg(long, env = "NOVACRON_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address the API listens on
@@ -131,6 +131,12 @@ pub struct ServeArgs {
     /// VMs created with `--require-label KEY=VALUE` are placed only on hosts carrying it
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
     pub labels: Vec<(String, String)>,
+    /// A shared storage this host mounts, NAME=PATH: a directory on a file system every host
+    /// naming it mounts (NFS, CephFS...), at any path. VMs created with `--storage NAME` keep
+    /// their disk there and run only on hosts that mount it; a live migration between two of
+    /// them moves only memory. Repeat for more; replaces the config file's `shared_storages`
+    #[arg(long = "shared-storage", value_name = "NAME=PATH", value_parser = parse_storage_arg)]
+    pub shared_storages: Vec<(String, PathBuf)>,
     /// Serve the scratch keyspace, `/api/v1/scratch/KEY`: plain keys in the region's store,
     /// read and written like NovaCron's records (for checking the store from outside, as the
     /// linearizability test does, and for diagnostics). Off by default
@@ -309,7 +315,7 @@ pub struct TransferArgs {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create a VM (and start it, unless --no-start)
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs
     #[command(visible_alias = "ls")]
     List,
@@ -442,6 +448,11 @@ pub struct CreateArgs {
     /// that already runs one)
     #[arg(long, value_name = "GROUP")]
     pub anti_affinity: Option<String>,
+    /// Keep the VM's disk on this shared storage (`serve --shared-storage NAME=PATH`) instead
+    /// of its host's data directory: the VM is placed only on hosts that mount it, and
+    /// `vm migrate` between them moves memory only (default: a local disk)
+    #[arg(long, value_name = "NAME")]
+    pub storage: Option<String>,
     #[command(flatten)]
     pub wait: WaitOptions,
 }
@@ -590,6 +601,24 @@ pub enum LearnedModelArg {
     LeaveOneDriveOut,
     /// Only the classic predictors
     Skip,
+}
+
+/// Parses a `NAME=PATH` shared storage argument.
+pub fn parse_storage_arg(text: &str) -> Result<(String, PathBuf), String> {
+    let Some((name, path)) = text.split_once('=') else {
+        return Err(format!(
+            "{text:?} is not NAME=PATH (for example nfs1=/mnt/novacron)"
+        ));
+    };
+    novacron_types::validate_storage_name(name).map_err(|error| error.to_string())?;
+    let path = PathBuf::from(path);
+    if !path.is_absolute() {
+        return Err(format!(
+            "the path of shared storage {name}, {}, must be absolute",
+            path.display()
+        ));
+    }
+    Ok((name.to_string(), path))
 }
 
 /// Parses a `KEY=VALUE` label argument.

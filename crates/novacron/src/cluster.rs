@@ -276,6 +276,10 @@ fn print_hosts(info: &ClusterInfo) {
                 heartbeat
                     .map(|heartbeat| output::labels(&heartbeat.labels))
                     .unwrap_or_else(|| "-".into()),
+                heartbeat
+                    .filter(|heartbeat| !heartbeat.shared_storages.is_empty())
+                    .map(|heartbeat| heartbeat.shared_storages.join(","))
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -290,6 +294,7 @@ fn print_hosts(info: &ClusterInfo) {
             "MEMORY FREE",
             "VMS",
             "LABELS",
+            "SHARED STORAGE",
         ],
         &rows,
     );

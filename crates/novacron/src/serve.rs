@@ -28,6 +28,8 @@ struct ConfigFile {
     voter_loss_grace_secs: Option<u64>,
     /// `labels = { zone = "eu-1" }`
     labels: Option<novacron_types::Labels>,
+    /// `shared_storages = { nfs1 = "/mnt/novacron" }`
+    shared_storages: Option<std::collections::BTreeMap<String, PathBuf>>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ConfigFile> {
@@ -87,6 +89,16 @@ pub async fn run(client: &ClientOptions, args: ServeArgs) -> anyhow::Result<()> 
     };
     if let Err(error) = novacron_types::validate_labels(&config.labels) {
         bail!("host labels: {error}");
+    }
+    config.shared_storages = if args.shared_storages.is_empty() {
+        file.shared_storages.unwrap_or_default()
+    } else {
+        args.shared_storages.into_iter().collect()
+    };
+    for (name, path) in &config.shared_storages {
+        if let Err(error) = crate::cli::parse_storage_arg(&format!("{name}={}", path.display())) {
+            bail!("shared storage: {error}");
+        }
     }
     config.scratch_keys = args.scratch_keys;
     let transfer_listen = args.transfer_listen.or(file.transfer_listen);

@@ -57,6 +57,7 @@ pub async fn run(client: &Client, format: OutputFormat, command: VmCommand) -> C
                 host: args.host,
                 required_labels: args.require_labels.into_iter().collect(),
                 anti_affinity_group: args.anti_affinity,
+                storage: args.storage,
             };
             let record: VmRecord = client
                 .json(client.request(Method::POST, "/api/v1/vms").json(&request))
@@ -414,6 +415,14 @@ fn show(format: OutputFormat, record: &VmRecord) {
                     .anti_affinity_group
                     .clone()
                     .unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "disk storage",
+                match (&vm.spec.image_id, &vm.spec.storage) {
+                    (None, _) => "-".into(),
+                    (Some(_), None) => "local (its host's data directory)".into(),
+                    (Some(_), Some(storage)) => format!("shared storage {storage}"),
+                },
             ),
             (
                 "migration",

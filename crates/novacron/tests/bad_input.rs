@@ -415,3 +415,101 @@ fn a_full_disk_while_creating_a_disk_is_reported_and_undone() {
     let _ = std::fs::remove_file(&filler);
     host.kill_serve();
 }
+
+/// `serve --shared-storage NAME=PATH` is checked before the host starts; a VM created with
+/// `--storage NAME` keeps its disk on that storage (the base image copied beside it, named
+/// relative to the overlay); a storage the host does not mount, or one for a VM without a
+/// disk, is refused and leaves nothing; deleting the VM and then the image empties the storage.
+#[test]
+fn shared_storage_is_checked_at_start_and_holds_the_disks_of_vms_on_it() {
+    let host = TestHost::new();
+    let serve_with = |argument: &str| {
+        Command::new(common::BINARY)
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", host.port)])
+            .args(["--shared-storage", argument])
+            .env("NOVACRON_DATA_DIR", &host.data_dir)
+            .output()
+            .expect("serve")
+    };
+    for (argument, expected) in [
+        ("pool", "is not NAME=PATH"),
+        ("Pool=/tmp", "shared storage"),
+        ("pool=relative/dir", "must be absolute"),
+        ("pool=/nonexistent/novacron-pool", "cannot be used"),
+    ] {
+        let output = serve_with(argument);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{argument}: {stderr}");
+        assert!(stderr.contains(expected), "{argument}: {stderr}");
+    }
+
+    let pool = host.directory.path().join("pool");
+    std::fs::create_dir(&pool).expect("the storage directory");
+    let mut host = host;
+    host.extra_args = vec![
+        "--shared-storage".into(),
+        format!("pool={}", pool.display()),
+    ];
+    host.spawn_serve();
+    host.import_guest_image("img");
+    let guest = common::guest();
+    let kernel = guest.kernel.to_str().expect("utf-8");
+    let error = host.fails(
+        &[
+            "vm",
+            "create",
+            "x",
+            "--image",
+            "img",
+            "--storage",
+            "other",
+            "--no-start",
+        ],
+        6,
+    );
+    assert!(
+        error.contains("does not mount shared storage \"other\""),
+        "{error}"
+    );
+    let error = host.fails(
+        &["vm", "create", "x", "--kernel", kernel, "--storage", "pool"],
+        2,
+    );
+    assert!(error.contains("has none"), "{error}");
+    assert_eq!(vm_dirs(&host), 0);
+
+    let vm = host.create_guest_vm("pooled", "img", &["--storage", "pool", "--no-start"]);
+    let uuid = vm["uuid"].as_str().expect("uuid").replace('-', "");
+    let overlay = pool.join("vms").join(&uuid).join("disk.qcow2");
+    assert!(overlay.exists(), "the disk is on the storage");
+    assert!(
+        !host
+            .data_dir
+            .join("vms")
+            .join(&uuid)
+            .join("disk.qcow2")
+            .exists()
+    );
+    let images: Vec<_> = std::fs::read_dir(pool.join("images"))
+        .expect("the storage's images")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert_eq!(images.len(), 1, "the base image copied there: {images:?}");
+    let shown = host.ok(&["vm", "show", "pooled"]);
+    assert!(shown.contains("shared storage pool"), "{shown}");
+    // It boots from there.
+    host.ok(&["vm", "start", "pooled"]);
+    host.wait_for_state("pooled", "running");
+
+    host.ok(&["vm", "delete", "pooled", "--force"]);
+    common::poll(
+        "the vm's disk removed from the storage",
+        std::time::Duration::from_secs(60),
+        || (!pool.join("vms").join(&uuid).exists()).then_some(()),
+    );
+    host.ok(&["image", "delete", "img"]);
+    let left = std::fs::read_dir(pool.join("images"))
+        .expect("the storage's images")
+        .count();
+    assert_eq!(left, 0, "the image's copy on the storage removed");
+}

@@ -39,6 +39,19 @@ impl Hosts {
         serve_arguments: &[&str],
         shapes: &[(usize, novacron_linkemu::HostLinkShape)],
     ) -> Hosts {
+        let serve_arguments: Vec<String> = serve_arguments
+            .iter()
+            .map(|argument| argument.to_string())
+            .collect();
+        Self::start_each(count, |_| serve_arguments.clone(), shapes)
+    }
+
+    /// Hosts whose `serve` gets `serve_arguments(index)` on top of the usual ones.
+    fn start_each(
+        count: usize,
+        serve_arguments: impl Fn(usize) -> Vec<String>,
+        shapes: &[(usize, novacron_linkemu::HostLinkShape)],
+    ) -> Hosts {
         let mut builder = Region::builder().name_prefix("ncregion").hosts(count);
         for (index, shape) in shapes {
             builder = builder.shape_host(*index, shape.clone());
@@ -59,9 +72,7 @@ impl Hosts {
                 "--label".to_string(),
                 zone.to_string(),
             ]);
-            test_host
-                .extra_args
-                .extend(serve_arguments.iter().map(|argument| argument.to_string()));
+            test_host.extra_args.extend(serve_arguments(index));
             test_host.spawn_serve();
             hosts.push(test_host);
         }
@@ -211,6 +222,11 @@ fn create_running_vm_with(
 /// the guest mark its disk (`novacron.diskmark=NCMARK42`); waits for the mark. Returns the
 /// VM's uuid.
 fn create_disk_vm(host: &TestHost, name: &str, cmdline: &str) -> String {
+    create_disk_vm_with(host, name, cmdline, &[])
+}
+
+/// [`create_disk_vm`] with more `vm create` arguments.
+fn create_disk_vm_with(host: &TestHost, name: &str, cmdline: &str, more: &[&str]) -> String {
     let mut arguments = TestHost::guest_vm_arguments(name, "base");
     let position = arguments
         .iter()
@@ -219,6 +235,7 @@ fn create_disk_vm(host: &TestHost, name: &str, cmdline: &str) -> String {
         + 1;
     arguments[position] = cmdline.into();
     arguments.extend(["--host".to_string(), host.name().to_string()]);
+    arguments.extend(more.iter().map(|argument| argument.to_string()));
     let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
     assert_success(&host.cli(&arguments), &format!("vm create {name}"), host);
     host.wait_for_console(name, "NOVACRON-DISK-MARKED NCMARK42");
@@ -1043,12 +1060,19 @@ fn wait_for_one_qemu(name: &str, uuid: &str, left: &TestHost, timeout: Duration)
 /// The VM's overlay on `host`, read as a raw disk, holds the mark the guest wrote at 1 MiB
 /// (`novacron.diskmark=NCMARK42`).
 fn assert_disk_marked(host: &TestHost, uuid: &str, what: &str) {
-    let overlay = host.vm_directory(uuid).join("disk.qcow2");
-    let raw = host.directory.path().join(format!("{uuid}.raw"));
+    assert_overlay_marked(
+        &host.vm_directory(uuid).join("disk.qcow2"),
+        &host.directory.path().join(format!("{uuid}.raw")),
+        what,
+    );
+}
+
+/// The overlay, converted to the raw file `raw` (removed after), holds the guest's disk mark.
+fn assert_overlay_marked(overlay: &std::path::Path, raw: &std::path::Path, what: &str) {
     let converted = std::process::Command::new("qemu-img")
         .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&overlay)
-        .arg(&raw)
+        .arg(overlay)
+        .arg(raw)
         .status()
         .expect("qemu-img");
     assert!(
@@ -1056,9 +1080,9 @@ fn assert_disk_marked(host: &TestHost, uuid: &str, what: &str) {
         "qemu-img convert of {}",
         overlay.display()
     );
-    let bytes = std::fs::read(&raw).expect("the converted disk");
+    let bytes = std::fs::read(raw).expect("the converted disk");
     assert_eq!(&bytes[1 << 20..(1 << 20) + 8], b"NCMARK42", "{what}");
-    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(raw);
 }
 
 fn wait_until_owned_by(host: &TestHost, name: &str, owner: &str, state: &str) -> Value {
@@ -1472,6 +1496,191 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
             .expect("mover's new host");
         assert_workload_continues(owner, "mover", mover_tick.expect("mover ticked on host-2"));
     }
+}
+
+/// A VM whose disk is on shared storage (`serve --shared-storage shared=DIR` on host-0 and
+/// host-1; host-2 mounts none; host-3 names another directory `shared`, a misconfiguration)
+/// is placed only where the storage is mounted and moves without its disk: refused by host-2
+/// (placement) and by host-3 (no such disk there: the VM stays, nothing is left on host-3),
+/// live there and back, then cold (its record only); the overlay on the storage is the same
+/// file throughout and keeps the guest's write, and `vm delete` removes it.
+#[test]
+fn a_vm_on_shared_storage_moves_with_memory_only_and_only_where_the_storage_is_mounted() {
+    let storage = tempfile::tempdir().expect("shared storage directory");
+    let elsewhere = tempfile::tempdir().expect("another directory");
+    let storage_argument = |directory: &tempfile::TempDir| {
+        vec![
+            "--shared-storage".to_string(),
+            format!("shared={}", directory.path().display()),
+        ]
+    };
+    let hosts = Hosts::start_each(
+        4,
+        |index| match index {
+            0 | 1 => storage_argument(&storage),
+            3 => storage_argument(&elsewhere),
+            _ => Vec::new(),
+        },
+        &[],
+    );
+    form_region(&hosts);
+    let (first, second, third) = (&hosts.hosts[0], &hosts.hosts[1], &hosts.hosts[2]);
+    let fourth = &hosts.hosts[3];
+    first.import_guest_image("base");
+
+    // Bad input: a storage no host mounts, a storage for a VM without a disk.
+    let stderr = first.fails(
+        &[
+            "vm",
+            "create",
+            "nowhere",
+            "--image",
+            "base",
+            "--storage",
+            "elsewhere",
+        ],
+        2,
+    );
+    assert!(
+        stderr.contains("no host of this region mounts shared storage \"elsewhere\""),
+        "{stderr}"
+    );
+    let kernel = guest().kernel.display().to_string();
+    let stderr = first.fails(
+        &[
+            "vm",
+            "create",
+            "diskless",
+            "--kernel",
+            &kernel,
+            "--storage",
+            "shared",
+        ],
+        2,
+    );
+    assert!(stderr.contains("has none"), "{stderr}");
+    assert_eq!(
+        first.json(&["vm", "list"]).as_array().map(Vec::len),
+        Some(0)
+    );
+
+    let uuid = create_disk_vm_with(
+        first,
+        "pooled",
+        "console=ttyS0 panic=-1 novacron.diskmark=NCMARK42 novacron.workload=1 \
+         novacron.workload_mib=16",
+        &["--storage", "shared"],
+    );
+    let overlay = storage
+        .path()
+        .join("vms")
+        .join(uuid.replace('-', ""))
+        .join("disk.qcow2");
+    assert!(overlay.exists(), "the disk is on the shared storage");
+    assert!(
+        !first.vm_directory(&uuid).join("disk.qcow2").exists(),
+        "and not in host-0's data directory"
+    );
+    // The overlay names its base relative to itself, so a host mounting the storage elsewhere
+    // opens it too.
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output", "json", "-U"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img info");
+    let info: Value = serde_json::from_slice(&info.stdout).expect("qemu-img info json");
+    let backing = info["backing-filename"].as_str().expect("a backing file");
+    assert!(backing.starts_with("../../images/"), "{info}");
+    let inode = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("the overlay").ino()
+    };
+    let overlay_inode = inode(&overlay);
+    let tick = poll("pooled's workload ticks", Duration::from_secs(90), || {
+        last_workload_tick(&first.serial_log("pooled"))
+    });
+
+    // host-2 does not mount the storage: refused, the VM stays.
+    let stderr = first.fails(&["vm", "migrate", "pooled", "--to", "host-2"], 7);
+    assert!(
+        stderr.contains("host-2") && stderr.contains("shared-storage/shared=mounted"),
+        "{stderr}"
+    );
+    assert_eq!(first.vm("pooled")["status"]["host"], "host-0");
+    // host-3 names another directory `shared`: it does not find the VM's disk and refuses.
+    let started = first.json(&["vm", "migrate", "pooled", "--to", "host-3", "--no-wait"]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    wait_for_failed_migration(first, &id, "must name the same file system");
+    wait_until_owned_by(first, "pooled", "host-0", "running");
+    poll(
+        "one qemu for pooled and nothing left on host-3",
+        Duration::from_secs(30),
+        || (qemu_processes(&uuid) == 1 && !fourth.vm_directory(&uuid).exists()).then_some(()),
+    );
+    assert!(
+        std::fs::read_dir(elsewhere.path().join("vms"))
+            .expect("host-3's storage directory")
+            .next()
+            .is_none(),
+        "nothing made on host-3's storage"
+    );
+
+    // Live to host-1: memory only.
+    let moved = first.json(&["vm", "migrate", "pooled", "--to", "host-1"]);
+    assert_moved(&moved, "host-0", "host-1");
+    assert_eq!(
+        moved["progress"]["disk_bytes"].as_u64().unwrap_or(0),
+        0,
+        "no disk phase: {moved}"
+    );
+    wait_until_owned_by(first, "pooled", "host-1", "running");
+    wait_for_one_qemu("pooled", &uuid, first, Duration::from_secs(30));
+    let tick = assert_workload_continues(second, "pooled", tick.0);
+    assert_eq!(inode(&overlay), overlay_inode, "the same disk file");
+    let transfers = first.json(&["transfer", "list"]);
+    assert!(
+        transfers
+            .as_array()
+            .is_some_and(|transfers| transfers.iter().all(|transfer| transfer["image"] != "base")),
+        "no base image copied: {transfers}"
+    );
+
+    // And back.
+    let back = second.json(&["vm", "migrate", "pooled", "--to", "host-0"]);
+    assert_moved(&back, "host-1", "host-0");
+    wait_until_owned_by(first, "pooled", "host-0", "running");
+    wait_for_one_qemu("pooled", &uuid, second, Duration::from_secs(30));
+    assert_workload_continues(first, "pooled", tick);
+
+    // Stopped: a cold move changes only the record; it starts on host-1 from the same disk.
+    first.ok(&["vm", "stop", "pooled", "--force"]);
+    first.wait_for_state("pooled", "stopped");
+    assert_overlay_marked(
+        &overlay,
+        &first.directory.path().join("pooled.raw"),
+        "the guest's write is on the shared disk",
+    );
+    let cold = first.json(&["vm", "migrate", "pooled", "--to", "host-1"]);
+    assert_eq!(cold["phase"], "completed", "{cold}");
+    assert!(
+        cold["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("shared storage shared")),
+        "{cold}"
+    );
+    second.ok(&["vm", "start", "pooled"]);
+    wait_until_owned_by(second, "pooled", "host-1", "running");
+    second.wait_for_console("pooled", "NOVACRON-DISK-MARKED NCMARK42");
+    assert_eq!(inode(&overlay), overlay_inode, "still the same disk file");
+    assert!(third.vm_directory(&uuid).metadata().is_err());
+
+    // Deleted: the disk on the storage goes with it.
+    second.ok(&["vm", "delete", "pooled", "--force"]);
+    poll(
+        "pooled's disk removed from the shared storage",
+        Duration::from_secs(60),
+        || (!overlay.parent().expect("vm directory").exists()).then_some(()),
+    );
 }
 
 /// Starts a live migration of `name` without waiting and polls (through `observer`, a host that

@@ -305,6 +305,38 @@ impl QemuImg {
                 path: backing.to_owned(),
                 message: error.to_string(),
             })?;
+        self.create_overlay_named(&backing_absolute, backing_format, overlay_path, size_bytes)
+            .await
+    }
+
+    /// As [`Self::create_overlay`], with the backing file named relative to the overlay's
+    /// directory and recorded so: the pair can be mounted at another path (a shared storage
+    /// mounted elsewhere on another host) and still open.
+    pub async fn create_overlay_relative(
+        &self,
+        backing_relative: &Path,
+        backing_format: ImageFormat,
+        overlay_path: &Path,
+        size_bytes: Option<u64>,
+    ) -> Result<ImageInfo, ImageError> {
+        if backing_relative.is_absolute() {
+            return Err(ImageError::Rejected {
+                operation: "create",
+                path: backing_relative.to_owned(),
+                message: "the backing file must be named relative to the overlay".into(),
+            });
+        }
+        self.create_overlay_named(backing_relative, backing_format, overlay_path, size_bytes)
+            .await
+    }
+
+    async fn create_overlay_named(
+        &self,
+        backing: &Path,
+        backing_format: ImageFormat,
+        overlay_path: &Path,
+        size_bytes: Option<u64>,
+    ) -> Result<ImageInfo, ImageError> {
         let mut arguments = vec![
             "create".into(),
             "-q".into(),
@@ -313,7 +345,7 @@ impl QemuImg {
             "-F".into(),
             backing_format.qemu_name().into(),
             "-b".into(),
-            backing_absolute.as_os_str().to_owned(),
+            backing.as_os_str().to_owned(),
             overlay_path.as_os_str().to_owned(),
         ];
         if let Some(size_bytes) = size_bytes {

@@ -36,6 +36,11 @@ pub struct CreateVmRequest {
     /// Anti-affinity group: no two VMs of a group are placed on one host.
     #[serde(default)]
     pub anti_affinity_group: Option<String>,
+    /// Keep the VM's disk on this shared storage (`serve --shared-storage NAME=PATH` on the
+    /// hosts that mount it) instead of its host's data directory: a live migration between two
+    /// hosts mounting it then moves only the VM's memory.
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 fn default_cpus() -> u32 {

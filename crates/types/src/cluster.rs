@@ -98,6 +98,9 @@ pub struct HostHeartbeat {
     /// The host's labels (`serve --label zone=eu-1`), matched by VMs' required labels.
     #[serde(default)]
     pub labels: crate::Labels,
+    /// Names of the shared storages the host mounts (`serve --shared-storage NAME=PATH`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_storages: Vec<String>,
     /// The raft timing the host runs on now (the region's recommended one once applied).
     #[serde(default)]
     pub raft_timing: Option<RaftTimingInfo>,

@@ -28,7 +28,7 @@ pub use link::{LinkInfo, ProbeLinkRequest};
 pub use migration::{MigrateVmRequest, MigrationPhase, MigrationProgress, MigrationRecord};
 pub use name::{
     ImageName, LABEL_MAX_LEN, Labels, NameError, VmName, parse_label, validate_group,
-    validate_label, validate_labels,
+    validate_label, validate_labels, validate_storage_name,
 };
 pub use scratch::{ScratchCondition, ScratchOutcome, ScratchRead, ScratchValue, ScratchWrite};
 pub use size::{ByteSize, ParseSizeError};

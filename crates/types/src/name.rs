@@ -87,6 +87,17 @@ pub fn validate_group(group: &str) -> Result<(), NameError> {
     )
 }
 
+/// Checks a shared storage's name (`serve --shared-storage NAME=PATH`; the rules of a VM name).
+pub fn validate_storage_name(name: &str) -> Result<(), NameError> {
+    validate(
+        "shared storage",
+        name,
+        LABEL_MAX_LEN,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+        VM_RULE,
+    )
+}
+
 fn validate(
     kind: &'static str,
     name: &str,

@@ -30,6 +30,11 @@ pub struct VmSpec {
     /// VMs of one anti-affinity group run on distinct hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_affinity_group: Option<String>,
+    /// The shared storage (`serve --shared-storage NAME=PATH`, a file system every host naming
+    /// it mounts) holding the VM's disk; `None`: the disk is local to its host. A VM on shared
+    /// storage runs only on hosts that mount it, and moves without copying its disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 /// What to do when QEMU exits on its own.

@@ -229,7 +229,7 @@ pub(crate) async fn request(
         memory_pipeline: None,
     };
     forget_old_migrations(shared).await;
-    if cold && record.spec.image_id.is_none() {
+    if cold && !crate::storage::moves_disk(record) {
         return record_cold_move(shared, &vm, migration).await;
     }
     if !shared.records.begin_migration(&vm, &migration).await? {
@@ -302,11 +302,12 @@ fn moves_cold(record: &VmRecord) -> bool {
 /// never runs the guest (`-S`) and migrates that, disk and all, exactly as a paused VM moves;
 /// the destination then quits its QEMU and the VM stays stopped there.
 pub(crate) fn moves_cold_with_disk(record: &VmRecord) -> bool {
-    moves_cold(record) && record.spec.image_id.is_some()
+    moves_cold(record) && crate::storage::moves_disk(record)
 }
 
-/// A stopped VM without a disk: its record changes host and the completed migration is recorded
-/// in the same transaction, so no host ever sees the VM marked as migrating.
+/// A stopped VM without a disk of its host's own (none, or one on shared storage): its record
+/// changes host and the completed migration is recorded in the same transaction, so no host
+/// ever sees the VM marked as migrating.
 async fn record_cold_move(
     shared: &Shared,
     vm: &Versioned<VmRecord>,
@@ -316,9 +317,15 @@ async fn record_cold_move(
     migration.phase = MigrationPhase::Completed;
     migration.finished_at = Some(now);
     migration.total_seconds = Some(0.0);
-    migration.message = Some(
-        "cold move: the VM was stopped, so only its record moved; it starts on the new host".into(),
-    );
+    migration.message = Some(match &vm.record.spec.storage {
+        Some(storage) => format!(
+            "cold move: the VM was stopped and its disk is on shared storage {storage}, so only \
+             its record moved; it starts on the new host"
+        ),
+        None => "cold move: the VM was stopped, so only its record moved; it starts on the new \
+                 host"
+            .into(),
+    });
     let mut moved = vm.record.clone();
     moved.migration = None;
     moved.status.host = migration.destination.clone();
@@ -751,6 +758,10 @@ impl Source<'_> {
         let Some(image_id) = self.record.spec.image_id.clone() else {
             return Ok(());
         };
+        if self.record.spec.storage.is_some() {
+            // The base image is on the shared storage both hosts mount.
+            return Ok(());
+        }
         let destination = self.migration.destination.clone();
         let held = self
             .shared
@@ -857,10 +868,18 @@ impl Source<'_> {
             tracing::info!(vm = %self.name, "the destination's kernel or initrd differs from this host's (or did not unpack there); pages equal to their blocks are sent in full");
         }
 
-        let memory_from = if self.record.spec.image_id.is_some() {
+        let memory_from = if crate::storage::moves_disk(&self.record) {
             self.mirror_disk(dial).await?;
             MigrationPhase::Disk
         } else {
+            if let Some(storage) = &self.record.spec.storage {
+                self.say(&format!(
+                    "the disk is on shared storage {storage}, which host {} mounts too: no disk \
+                     phase, memory only",
+                    self.migration.destination
+                ))
+                .await;
+            }
             MigrationPhase::Preparing
         };
 
@@ -1224,12 +1243,14 @@ impl Source<'_> {
         };
         let directory = self.shared.paths.vm_dir(&self.record.uuid);
         match self.shared.records.image(image_id).await {
-            Ok(Some(image)) => match index_image_pages(&self.shared, &image, &directory).await {
-                Ok(index) => return index,
-                Err(error) => {
-                    tracing::warn!(vm = %self.name, %error, "base image not indexed; its pages are sent in full")
+            Ok(Some(image)) => {
+                match index_image_pages(&self.shared, &self.record, &image, &directory).await {
+                    Ok(index) => return index,
+                    Err(error) => {
+                        tracing::warn!(vm = %self.name, %error, "base image not indexed; its pages are sent in full")
+                    }
                 }
-            },
+            }
             Ok(None) => {}
             Err(error) => {
                 tracing::warn!(vm = %self.name, %error, "base image record unreadable")
@@ -2196,10 +2217,10 @@ pub(crate) async fn serve_destination(
     let _holder = postcopy::MonitorHolder::start(&shared, &record).await;
     // Blocks the disk session will deliver, which the memory session may refer to: registered
     // for the disk session (`serve_destination_disk`) while this function runs. A VM without a
-    // local disk has no disk session, and nothing to record.
-    let delivered = match record.spec.image_id {
-        None => None,
-        Some(_) => match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
+    // local disk (none, or one on shared storage) has no disk session, and nothing to record.
+    let delivered = match crate::storage::moves_disk(&record) {
+        false => None,
+        true => match DeliveredPages::at_destination(&shared.paths.vm_dir(&record.uuid)) {
             Ok(delivered) => Some(Arc::new(delivered)),
             Err(error) => {
                 let error = AgentError::io("creating the file for the disk mirror's blocks", error);
@@ -2386,7 +2407,9 @@ async fn prepare_destination(
                     .ok_or_else(|| AgentError::ImageNotFound {
                         reference: id.clone(),
                     })?;
-            if !shared.paths.image_file(&image.id, image.format).exists() {
+            if record.spec.storage.is_some() {
+                check_shared_disk(shared, &record, &image)?;
+            } else if !shared.paths.image_file(&image.id, image.format).exists() {
                 return Err(migration_error(
                     ErrorCode::Conflict,
                     format!(
@@ -2441,7 +2464,7 @@ async fn prepare_destination(
         let _ = tokio::fs::remove_dir_all(&directory).await;
         return Err(qmp_error(record.spec.name.as_str(), error));
     }
-    if image.is_some()
+    if crate::storage::moves_disk(&record)
         && let Err(error) = export_disk(&qemu, &directory, &record.spec.name).await
     {
         let _ = qemu.force_stop().await;
@@ -2475,11 +2498,13 @@ async fn make_incoming_vm(
         .await
         .map_err(|error| AgentError::io(format!("creating {}", directory.display()), error))?;
     let making = async {
-        crate::vms::prepare_disk(shared, record, image).await?;
+        if crate::storage::moves_disk(record) {
+            crate::vms::prepare_disk(shared, record, image).await?;
+        }
         // The base image's blocks, which RAM pages may be sent as: the source assumes this
         // host holds them, so a failure here refuses the migration.
         let image_pages = match image {
-            Some(image) => index_image_pages(shared, image, &directory).await?,
+            Some(image) => index_image_pages(shared, record, image, &directory).await?,
             None => SharedImagePages::default(),
         };
         let binaries = shared.hypervisor.binaries()?;
@@ -2506,6 +2531,32 @@ async fn make_incoming_vm(
         let _ = tokio::fs::remove_dir_all(&directory).await;
     }
     made
+}
+
+/// A VM on shared storage moves onto the disk it runs on: this host must mount the storage and
+/// find the VM's overlay and its base there (a host that names another file system so would
+/// not).
+fn check_shared_disk(
+    shared: &Shared,
+    record: &VmRecord,
+    image: &novacron_types::ImageRecord,
+) -> Result<(), AgentError> {
+    let disk = crate::storage::vm_disk(shared, record)?;
+    let base = crate::storage::base_image(shared, record, image)?;
+    let Some(missing) = [&disk, &base].into_iter().find(|file| !file.exists()) else {
+        return Ok(());
+    };
+    Err(migration_error(
+        ErrorCode::Conflict,
+        format!(
+            "vm {}'s disk is not on shared storage {} as host {} mounts it (no {}): that \
+             host's --shared-storage must name the same file system the source's does",
+            record.spec.name,
+            record.spec.storage.as_deref().unwrap_or_default(),
+            shared.config.host_name,
+            missing.display()
+        ),
+    ))
 }
 
 /// What [`prepare_destination`] made ready.
@@ -2594,32 +2645,40 @@ pub(crate) const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
 /// [`IMAGE_PAGE_INDEX_KEEP`], else built.
 async fn index_image_pages(
     shared: &Shared,
+    record: &VmRecord,
     image: &novacron_types::ImageRecord,
     directory: &std::path::Path,
 ) -> Result<SharedImagePages, AgentError> {
     let index = shared
         .image_page_indexes
         .get_or_build(image.id.clone(), || {
-            build_image_page_index(shared, image, directory)
+            build_image_page_index(shared, record, image, directory)
         })
         .await?;
     Ok(SharedImagePages::new(Some(index)))
 }
 
 /// Indexes the 4 KiB blocks of `image`'s guest-visible content for the page codec (see
-/// `novacron_migration::image_pages`): the index saved with the image, else (a qcow2 with
-/// compressed clusters) one of a raw copy in `directory`, unlinked once open so nothing stays
+/// `novacron_migration::image_pages`): the index saved with the image in this host's image
+/// store, else (a qcow2 with compressed clusters, or a VM on shared storage whose base this
+/// host does not store) one of a raw copy in `directory`, unlinked once open so nothing stays
 /// behind. Runs off the async threads.
 async fn build_image_page_index(
     shared: &Shared,
+    record: &VmRecord,
     image: &novacron_types::ImageRecord,
     directory: &std::path::Path,
 ) -> Result<Arc<ImagePageIndex>, AgentError> {
-    if let Some(index) = crate::images::stored_page_index(shared, image).await? {
-        return Ok(Arc::new(index));
-    }
+    let stored = shared.paths.image_file(&image.id, image.format);
+    let path = if stored.exists() {
+        if let Some(index) = crate::images::stored_page_index(shared, image).await? {
+            return Ok(Arc::new(index));
+        }
+        stored
+    } else {
+        crate::storage::base_image(shared, record, image)?
+    };
     let started = Instant::now();
-    let path = shared.paths.image_file(&image.id, image.format);
     let (raw, temporary) = match image.format {
         novacron_types::ImageFormat::Raw => (path, false),
         novacron_types::ImageFormat::Qcow2 => {
@@ -3189,19 +3248,23 @@ pub(crate) async fn serve_destination_disk(
         check_peer_is(&shared, &session, &migration.source).await?;
         // The index the incoming migration built before answering Ready (shared, not rebuilt).
         let directory = shared.paths.vm_dir(&migration.vm_uuid);
-        let image_id = shared
+        let record = shared
             .records
             .vm(&migration.vm)
             .await?
-            .and_then(|vm| vm.record.spec.image_id);
-        let Some(image_id) = image_id else {
+            .map(|vm| vm.record)
+            .filter(crate::storage::moves_disk);
+        let Some((record, image_id)) = record.and_then(|record| {
+            let image_id = record.spec.image_id.clone()?;
+            Some((record, image_id))
+        }) else {
             return Err(migration_error(
                 ErrorCode::Conflict,
                 format!("vm {} has no local disk to mirror", migration.vm),
             ));
         };
         let image_pages = match shared.records.image(&image_id).await? {
-            Some(image) => index_image_pages(&shared, &image, &directory).await?,
+            Some(image) => index_image_pages(&shared, &record, &image, &directory).await?,
             None => SharedImagePages::default(),
         };
         // The incoming migration's record of delivered blocks: its memory session reads them.
@@ -3251,7 +3314,7 @@ pub(crate) async fn serve_destination_disk(
 
 /// The VM is this host's: run the guest and record when it resumed.
 async fn resume_here(shared: &Shared, qemu: &QemuVm, record: &VmRecord, id: &str) {
-    if record.spec.image_id.is_some() {
+    if crate::storage::moves_disk(record) {
         close_disk_export(qemu).await;
     }
     let mut events = qemu.subscribe_events();
