@@ -239,6 +239,8 @@ pub(crate) struct Shared {
     /// The same for a direct kernel boot's kernel and initrd (hashed and indexed with what the
     /// guest unpacks from them), by file identity (`crate::migration::HeldFileKey`): both hosts
     /// of every migration of a VM booted from them need them.
+    /// Imported images whose chunk-store and page indexes are still being built.
+    pub indexing_images: crate::images::IndexingImages,
     pub held_file_indexes:
         crate::kept::KeptCache<crate::migration::HeldFileKey, novacron_migration::HeldFile>,
 }
@@ -363,11 +365,15 @@ impl Host {
                 crate::migration::IMAGE_PAGE_INDEX_KEEP,
             ),
             held_file_indexes: crate::kept::KeptCache::new(crate::migration::IMAGE_PAGE_INDEX_KEEP),
+            indexing_images: Default::default(),
         });
         let mut background = Vec::new();
         match &region {
             // One host: its store answers at once.
-            None => crate::images::sweep(&shared.paths, &shared.records).await?,
+            None => {
+                crate::images::sweep(&shared.paths, &shared.records).await?;
+                crate::images::index_unindexed_images(&shared).await?;
+            }
             // A region member may not reach a leader yet (joining, or a minority after a
             // restart): sweep once it can read, without holding up the start.
             Some(region) => {
@@ -378,6 +384,9 @@ impl Host {
                     {
                         tracing::info!(%error, "image sweep waits for the region's store");
                         tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    if let Err(error) = crate::images::index_unindexed_images(&sweep_shared).await {
+                        tracing::warn!(%error, "images not checked for a missing index");
                     }
                 }));
                 background.push(tokio::spawn(region.clone().become_learner()));

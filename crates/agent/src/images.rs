@@ -13,6 +13,7 @@ use novacron_types::{ImageFormat, ImageName, ImageRecord, RECORD_FORMAT_VERSION,
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 /// Where the bytes of an imported image come from.
@@ -193,6 +194,73 @@ impl ImageStore<'_> {
         tracing::info!(image = %record.name, id = %record.id, format = record.format.as_str(), "image stored");
         Ok(record)
     }
+}
+
+/// Images whose indexes ([`index_image`]) are being built in the background, by id: an import
+/// returns once the image is stored and checked, and its indexing (about as long again as the
+/// upload) goes on after. Deleting an image waits for its indexing to end first, so no manifest
+/// or page index is written for an image that is gone.
+#[derive(Default)]
+pub(crate) struct IndexingImages {
+    running: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>,
+}
+
+impl IndexingImages {
+    /// Waits until no indexing of image `id` runs.
+    pub(crate) async fn wait_for(&self, id: &str) {
+        let running = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|running| running.get(id).cloned());
+        if let Some(mut running) = running {
+            tracing::info!(image = id, "waiting for the image's indexing to end");
+            // Ends when the indexing drops its sender.
+            let _ = running.changed().await;
+        }
+    }
+}
+
+/// Indexes `record` ([`index_image`]) in the background; [`IndexingImages::wait_for`] waits
+/// for it. Nothing happens while an indexing of the same image runs.
+pub(crate) fn index_image_in_background(shared: &Arc<crate::host::Shared>, record: ImageRecord) {
+    let (done, running) = tokio::sync::watch::channel(());
+    {
+        let Ok(mut indexing) = shared.indexing_images.running.lock() else {
+            return;
+        };
+        if indexing.contains_key(&record.id) {
+            return;
+        }
+        indexing.insert(record.id.clone(), running);
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        index_image(&shared, &record).await;
+        if let Ok(mut indexing) = shared.indexing_images.running.lock() {
+            indexing.remove(&record.id);
+        }
+        drop(done);
+    });
+}
+
+/// At start-up: indexes, in the background, the images this host holds that the chunk store has
+/// no manifest of (a `serve` stopped while it indexed an import).
+pub(crate) async fn index_unindexed_images(
+    shared: &Arc<crate::host::Shared>,
+) -> Result<(), AgentError> {
+    for image in shared.records.images().await? {
+        let held = shared.paths.image_file(&image.id, image.format).exists();
+        let indexed = shared
+            .chunks
+            .image_manifest(&image.id)
+            .is_ok_and(|manifest| manifest.is_some());
+        if held && !indexed {
+            tracing::info!(image = %image.name, "image not indexed in the chunk store; indexing it");
+            index_image_in_background(shared, image);
+        }
+    }
+    Ok(())
 }
 
 /// Indexes a stored image in the chunk store (its chunks, manifest and aligned 4 KiB blocks), so

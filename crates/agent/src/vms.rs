@@ -505,7 +505,9 @@ impl Host {
             source,
         )
         .await?;
-        crate::images::index_image(shared, &record).await;
+        // Its indexes (for transfers' and migrations' deduplication) are built after the
+        // answer: they take about as long again as the upload.
+        crate::images::index_image_in_background(shared, record.clone());
         Ok(record)
     }
 
@@ -527,6 +529,7 @@ impl Host {
             });
         }
         shared.records.delete_image(&image).await?;
+        shared.indexing_images.wait_for(&image.id).await;
         let file = shared.paths.image_file(&image.id, image.format);
         if let Err(error) = tokio::fs::remove_file(&file).await {
             tracing::warn!(file = %file.display(), %error, "image file already gone");

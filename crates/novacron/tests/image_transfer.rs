@@ -335,6 +335,39 @@ fn bad_transfer_requests_fail_clearly_and_leave_nothing() {
 }
 
 /// A link emulated at 100 Mbit/s with 20 ms round trips, and a host (not started) at each end.
+/// An import answers once the image is stored and checked; its chunk-store and page indexes
+/// are built after. A delete meanwhile waits for them and leaves no file; an image whose
+/// indexing a `kill -9` of `serve` cut short is indexed at the next start.
+#[test]
+fn an_import_answers_before_its_indexes_and_a_delete_or_a_restart_meanwhile_loses_nothing() {
+    let mut host = TestHost::start();
+    let image = random_bytes(31, 64 * MIB);
+    import(&host, "fresh", &image);
+    host.ok(&["image", "delete", "fresh"]);
+    let left: Vec<_> = std::fs::read_dir(host.data_dir.join("images"))
+        .expect("the images directory")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left of the image: {left:?}");
+
+    let again = import(&host, "again", &image);
+    let id = again["id"].as_str().expect("image id").to_string();
+    host.kill_serve();
+    host.spawn_serve();
+    poll(
+        "the image indexed (before the kill or after the restart)",
+        Duration::from_secs(120),
+        || {
+            let indexed = host.serve_log().lines().any(|line| {
+                line.contains("image indexed in the chunk store") && line.contains("again")
+            });
+            let pages = host.data_dir.join("images").join(format!("{id}.pages"));
+            (indexed && pages.exists()).then_some(())
+        },
+    );
+    assert_eq!(image_file(&host, "again"), image);
+}
+
 fn hosts_over_a_link(prefix: &str) -> (novacron_linkemu::RunningLink, TestHost, TestHost) {
     let link = LinkEmulator::builder()
         .name_prefix(prefix)
