@@ -239,10 +239,10 @@ pub(crate) struct Shared {
     /// The same for a direct kernel boot's kernel and initrd (hashed and indexed with what the
     /// guest unpacks from them), by file identity (`crate::migration::HeldFileKey`): both hosts
     /// of every migration of a VM booted from them need them.
-    /// Imported images whose chunk-store and page indexes are still being built.
-    pub indexing_images: crate::images::IndexingImages,
     pub held_file_indexes:
         crate::kept::KeptCache<crate::migration::HeldFileKey, novacron_migration::HeldFile>,
+    /// Imported images whose chunk-store and page indexes are still being built.
+    pub indexing_images: crate::images::IndexingImages,
 }
 
 impl Shared {
