@@ -259,20 +259,29 @@ fn image_imports_refuse_non_images_and_bad_names() {
     let images = host.json(&["image", "list"]);
     assert_eq!(images.as_array().map(Vec::len), Some(1));
     let id = images[0]["id"].as_str().expect("id");
-    let mut files: Vec<String> = std::fs::read_dir(host.data_dir.join("images"))
-        .expect("images")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    files.sort();
+    let expected = [format!("{id}.pages"), format!("{id}.qcow2")];
+    // The page index is built after the import answered.
+    let files = common::poll(
+        "the image's page index beside it",
+        std::time::Duration::from_secs(60),
+        || {
+            let mut files: Vec<String> = std::fs::read_dir(host.data_dir.join("images"))
+                .expect("images")
+                .map(|entry| {
+                    entry
+                        .expect("entry")
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .filter(|name| !name.ends_with(".tmp"))
+                .collect();
+            files.sort();
+            files.contains(&expected[0]).then_some(files)
+        },
+    );
     assert_eq!(
-        files,
-        [format!("{id}.pages"), format!("{id}.qcow2")],
+        files, expected,
         "refused imports left no file: the one image and its page index"
     );
     let staging: Vec<_> = std::fs::read_dir(host.data_dir.join("staging"))

@@ -15,9 +15,16 @@ fn vm_boots_pauses_stops_restarts_and_is_deleted_without_leftovers() {
     let id = images[0]["id"].as_str().expect("id").to_string();
     assert_eq!(id.len(), 64, "blake3 hex id");
     let images_dir = host.data_dir.join("images");
-    assert!(
-        images_dir.join(format!("{id}.pages")).exists(),
-        "import saves the image's page index beside it (migrations load it)"
+    // The import saves the image's page index beside it (migrations load it), after it answered.
+    common::poll(
+        "the image's page index beside it",
+        Duration::from_secs(60),
+        || {
+            images_dir
+                .join(format!("{id}.pages"))
+                .exists()
+                .then_some(())
+        },
     );
 
     let created = host.create_guest_vm("life", "guest", &[]);
