@@ -583,12 +583,18 @@ impl Records {
         mut change: impl FnMut(&mut VmRecord, &mut MigrationRecord) -> Result<bool, AgentError>,
     ) -> Result<Option<(VmRecord, MigrationRecord)>, AgentError> {
         loop {
-            let Some(current_vm) = self.vm(vm).await? else {
+            // Read at once: a migration's commit runs inside the guest's pause.
+            let (vm_at, migration_at) = (vm_key(vm), migration_key(id));
+            let (read_vm, read_migration) = tokio::join!(
+                self.versioned::<VmRecord>(&vm_at),
+                self.versioned::<MigrationRecord>(&migration_at)
+            );
+            let Some(current_vm) = read_vm? else {
                 return Err(AgentError::VmNotFound {
                     name: vm.to_string(),
                 });
             };
-            let Some(current) = self.migration(id).await? else {
+            let Some(current) = read_migration? else {
                 return Err(AgentError::MigrationNotFound {
                     reference: id.to_string(),
                 });

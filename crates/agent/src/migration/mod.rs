@@ -961,6 +961,7 @@ impl Source<'_> {
         let mut sent = None;
         let mut qemu_done = false;
         let mut stopped_at_ms = None;
+        let mut switch_over_recorded: Option<tokio::task::JoinHandle<()>> = None;
         let mut loaded: Option<(Option<u32>, String, Option<CodecTime>)> = None;
         let deadline = self.started + Duration::from_secs(self.migration.timeout_secs.max(10));
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -983,6 +984,9 @@ impl Source<'_> {
             {
                 // The destination holds the device state and waits paused: from here on it is
                 // the VM (the source's guest can no longer run: its newest pages may be there).
+                if let Some(recorded) = switch_over_recorded.take() {
+                    let _ = recorded.await;
+                }
                 self.commit_postcopy(*pid).await?;
                 postcopy_committed_at = Some(Instant::now());
                 session.set_resume_timeout(postcopy_link.wait);
@@ -1002,12 +1006,24 @@ impl Source<'_> {
                     {
                         let at = event_unix_ms(&event);
                         stopped_at_ms = Some(at);
-                        let _ = self.shared.records.update_migration(&self.id, |record| {
-                            if record.phase.is_finished() { return Ok(false); }
-                            record.phase = MigrationPhase::SwitchOver;
-                            record.stopped_at_ms = Some(at);
-                            Ok(true)
-                        }).await;
+                        // Recorded while the destination loads, not in the way of its
+                        // notice (the commit waits for this write, and records the moment
+                        // too).
+                        let (shared, id) = (self.shared.clone(), self.id.clone());
+                        switch_over_recorded = Some(tokio::spawn(async move {
+                            let _ = shared.records.update_migration(&id, |record| {
+                                let mut changed = false;
+                                if record.phase == MigrationPhase::Memory {
+                                    record.phase = MigrationPhase::SwitchOver;
+                                    changed = true;
+                                }
+                                if !record.phase.is_finished() && record.stopped_at_ms.is_none() {
+                                    record.stopped_at_ms = Some(at);
+                                    changed = true;
+                                }
+                                Ok(changed)
+                            }).await;
+                        }));
                     }
                 }
                 incoming = control.next_incoming(), if loaded.is_none() => {
@@ -1169,11 +1185,15 @@ impl Source<'_> {
         Self::count_known_pages(&self.delivered, progress, &report);
         progress.pages_delta = report.codec.delta_pages;
         progress.pages_literal = report.codec.literal_pages;
+        if let Some(recorded) = switch_over_recorded.take() {
+            let _ = recorded.await;
+        }
         self.commit(
             pid,
             &stream_checksum,
             memory_started.elapsed().as_secs_f64(),
             report.message_bytes,
+            stopped_at_ms,
         )
         .await?;
         let commit = Message::Migration(MigrationControl::Commit);
@@ -1665,6 +1685,7 @@ impl Source<'_> {
         stream_checksum: &str,
         seconds: f64,
         wire_bytes: u64,
+        stopped_at_ms: Option<u64>,
     ) -> Result<(), Failure> {
         let destination = self.migration.destination.clone();
         let id = self.id.clone();
@@ -1696,6 +1717,7 @@ impl Source<'_> {
                 }
                 record.phase = MigrationPhase::Completed;
                 record.finished_at = Some(unix_now());
+                record.stopped_at_ms = record.stopped_at_ms.or(stopped_at_ms);
                 record.stream_checksum = Some(stream_checksum.to_string());
                 record.total_seconds = Some(seconds);
                 record.progress = progress.clone();
