@@ -442,7 +442,11 @@ async fn post_copy_runs_the_guest_at_the_destination_while_its_pages_arrive_over
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let info = source.qmp().query_migrate().await.expect("query-migrate");
-        assert_eq!(info["status"], "active", "{info}");
+        // `setup` until QEMU has synced its dirty bitmap the first time (slow on a busy host).
+        assert!(
+            info["status"] == "active" || info["status"] == "setup",
+            "{info}"
+        );
         if info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
             break;
         }
