@@ -59,7 +59,7 @@ impl DataPaths {
     }
 
     pub fn image_file(&self, id: &str, format: ImageFormat) -> PathBuf {
-        self.images_dir().join(format!("{id}.{}", format.as_str()))
+        self.images_dir().join(image_file_name(id, format))
     }
 
     /// The saved 4 KiB page index of an image (see `images::stored_page_index`).
@@ -85,10 +85,21 @@ impl DataPaths {
 
     /// The directory of the VM with this uuid (its QEMU run directory too).
     pub fn vm_dir(&self, uuid: &str) -> PathBuf {
-        self.vms_dir().join(uuid.replace('-', ""))
+        self.vms_dir().join(vm_dir_name(uuid))
     }
 
     pub fn vm_disk(&self, uuid: &str) -> PathBuf {
         self.vm_dir(uuid).join("disk.qcow2")
     }
+}
+
+/// An image's file name, in a host's image store as on a shared storage.
+pub fn image_file_name(id: &str, format: ImageFormat) -> String {
+    format!("{id}.{}", format.as_str())
+}
+
+/// A VM's directory name (its uuid without dashes, keeping socket paths short), in a host's
+/// data directory as on a shared storage.
+pub fn vm_dir_name(uuid: &str) -> String {
+    uuid.replace('-', "")
 }

@@ -16,6 +16,7 @@
 
 use crate::AgentError;
 use crate::host::{HostConfig, Shared};
+use crate::paths::{image_file_name, vm_dir_name};
 use novacron_types::{ImageFormat, ImageRecord, VmRecord};
 use std::path::{Path, PathBuf};
 
@@ -84,7 +85,7 @@ pub(crate) fn shared_vm_dir(
     Ok(Some(
         storage_root(shared, name)?
             .join(VMS)
-            .join(record.uuid.replace('-', "")),
+            .join(vm_dir_name(&record.uuid)),
     ))
 }
 
@@ -101,7 +102,7 @@ fn relative_base(image: &ImageRecord) -> PathBuf {
     Path::new("..")
         .join("..")
         .join(IMAGES)
-        .join(format!("{}.{}", image.id, image.format.as_str()))
+        .join(image_file_name(&image.id, image.format))
 }
 
 /// The base image file the VM's overlay is backed by, as this host reaches it.
@@ -122,7 +123,7 @@ fn base_image_file(
     Ok(match &record.spec.storage {
         Some(name) => storage_root(shared, name)?
             .join(IMAGES)
-            .join(format!("{id}.{}", format.as_str())),
+            .join(image_file_name(id, format)),
         None => shared.paths.image_file(id, format),
     })
 }
@@ -216,7 +217,7 @@ pub(crate) async fn remove_shared_image_copies(shared: &Shared, image: &ImageRec
     for root in shared.config.shared_storages.values() {
         let path = root
             .join(IMAGES)
-            .join(format!("{}.{}", image.id, image.format.as_str()));
+            .join(image_file_name(&image.id, image.format));
         if let Err(error) = tokio::fs::remove_file(&path).await
             && error.kind() != std::io::ErrorKind::NotFound
         {
