@@ -502,6 +502,7 @@ pub(crate) async fn run_source(
         disk: None,
         planner: ConvergencePlanner::new(),
         initial_dirty_rate: 0.0,
+        early_dirty_rate: None,
         delivered: Arc::new(DeliveredPages::at_source()),
         postcopy_asked: false,
     };
@@ -646,6 +647,8 @@ struct Source<'a> {
     /// The guest's dirty rate (bytes/s) QEMU measured before the move; QEMU's own figure
     /// replaces it after the first pass.
     initial_dirty_rate: f64,
+    /// The dirty rate measured while the move was prepared (no disk to mirror first).
+    early_dirty_rate: Option<f64>,
     /// Blocks the disk mirror delivered, which the memory session then sends as hashes.
     delivered: Arc<DeliveredPages>,
     /// QEMU was told to switch to post-copy: precopy's convergence is not planned any more
@@ -672,19 +675,37 @@ impl Source<'_> {
             )
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
-        self.probe_link_if_unmeasured(&service, &address, fingerprint)
-            .await;
-        self.copy_base_image(&service, &address, fingerprint)
-            .await?;
-        let (session, dial) = connect_to_destination(
-            &service,
-            &self.migration,
-            &address,
-            fingerprint,
-            SESSION_RESUME_TIMEOUT,
-            Instant::now() + CONNECT_RETRY_WINDOW,
-        )
-        .await?;
+        // The guest's dirty rate (QEMU samples it for a second) is measured while the link is
+        // probed and the session opens, not after. With a disk to mirror first, it is
+        // measured after the mirror, closer to the memory phase it plans.
+        let qemu = self.qemu;
+        let measure_now = !crate::storage::moves_disk(&self.record);
+        let (dirty_rate, prepared) = tokio::join!(
+            async {
+                if measure_now {
+                    Some(measure_dirty_rate(qemu).await)
+                } else {
+                    None
+                }
+            },
+            async {
+                self.probe_link_if_unmeasured(&service, &address, fingerprint)
+                    .await;
+                self.copy_base_image(&service, &address, fingerprint)
+                    .await?;
+                connect_to_destination(
+                    &service,
+                    &self.migration,
+                    &address,
+                    fingerprint,
+                    SESSION_RESUME_TIMEOUT,
+                    Instant::now() + CONNECT_RETRY_WINDOW,
+                )
+                .await
+            }
+        );
+        self.early_dirty_rate = dirty_rate;
+        let (session, dial) = prepared?;
         let result = self.with_session(&session, &dial).await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
@@ -740,7 +761,9 @@ impl Source<'_> {
         {
             Ok(outcome) => tracing::info!(
                 vm = %self.name, %destination,
-                mbit_per_second = outcome.bytes_sent as f64 * 8.0 / outcome.elapsed.as_secs_f64().max(1e-3) / 1e6,
+                mbit_per_second = outcome.last_rate_bytes_per_second * 8.0 / 1e6,
+                acknowledged = outcome.bytes_acknowledged,
+                seconds = outcome.elapsed.as_secs_f64(),
                 "link probed before planning the migration"
             ),
             Err(error) => tracing::warn!(vm = %self.name, %destination, %error,
@@ -904,7 +927,10 @@ impl Source<'_> {
         }
         // The plan before the move: the guest's dirty rate measured by QEMU (a second's
         // sample), the link's forecast, no compression assumed.
-        self.initial_dirty_rate = measure_dirty_rate(self.qemu).await;
+        self.initial_dirty_rate = match self.early_dirty_rate.take() {
+            Some(rate) => rate,
+            None => measure_dirty_rate(self.qemu).await,
+        };
         let round_trip = session.stats().round_trip_estimate.unwrap_or_default();
         let (plan, _) = self.planner.update(&PlanInputs {
             remaining_bytes: self.record.spec.memory_bytes,

@@ -52,6 +52,14 @@ pub(crate) const PROBE_MAX_DURATION: Duration = Duration::from_secs(30);
 const PROBE_RECEIVE_DEADLINE: Duration = Duration::from_secs(60);
 /// Rate samples of a probe come this often, so a few seconds give the model enough of them.
 const PROBE_MEASUREMENT_INTERVAL: Duration = Duration::from_millis(250);
+/// A probe keeps at most this many bandwidth-delay products (its fastest rate sample so far
+/// times the round trip) queued or in flight, and never less than
+/// [`PROBE_MINIMUM_BUFFERED_BYTES`]: enough for TCP's congestion control to fill the link and
+/// grow, little enough that what is still buffered when the probe's time is up crosses within a
+/// few round trips (a probe that queued as fast as it could sent for its duration, then waited
+/// seconds for the link to carry its queue: 3.3 s for a 1 s probe of a 100 Mbit/s link).
+const PROBE_BUFFERED_BANDWIDTH_DELAY_PRODUCTS: f64 = 4.0;
+const PROBE_MINIMUM_BUFFERED_BYTES: u64 = 2 << 20;
 
 /// Bytes a receiver keeps free beyond the image itself.
 const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -912,25 +920,51 @@ impl TransferService {
         let chunk = bytes::Bytes::from(chunk);
         let started = Instant::now();
         let mut sent = 0u64;
+        let mut fastest = 0.0f64;
         let mut result = Ok(());
         while started.elapsed() < duration && sent + chunk.len() as u64 <= PROBE_MAX_BYTES {
+            let stats = session.stats();
+            fastest = fastest.max(stats.measured_rate_bytes_per_second);
+            let round_trip = stats
+                .round_trip_estimate
+                .unwrap_or(Duration::from_millis(100));
+            let room = probe_buffered_bytes(fastest, round_trip).saturating_sub(chunk.len() as u64);
+            let remaining = duration.saturating_sub(started.elapsed());
+            match tokio::time::timeout(remaining, session.bulk_buffered_at_most(room)).await {
+                Err(_) => break,
+                Ok(Err(error)) => {
+                    result = Err(error);
+                    break;
+                }
+                Ok(Ok(())) => {}
+            }
             if let Err(error) = session.send(chunk.clone()).await {
                 result = Err(error);
                 break;
             }
             sent += chunk.len() as u64;
         }
+        let elapsed = started.elapsed();
+        let stats = session.stats();
         if result.is_ok() {
             result = session.finish().await;
         }
-        let elapsed = started.elapsed();
         close_quietly(session).await;
         result.map_err(|error| TransferFailure::session(&error).into_agent_error())?;
-        tracing::info!(peer = %fingerprint, %address, sent, seconds = elapsed.as_secs_f64(), "link probed");
-        Ok(ProbeOutcome {
-            bytes_sent: sent,
+        let outcome = ProbeOutcome {
+            bytes_acknowledged: stats.bulk_bytes_acknowledged,
             elapsed,
-        })
+            last_rate_bytes_per_second: stats.measured_rate_bytes_per_second,
+        };
+        tracing::info!(
+            peer = %fingerprint, %address, sent,
+            acknowledged = outcome.bytes_acknowledged,
+            seconds = elapsed.as_secs_f64(),
+            mbit_per_second = outcome.last_rate_bytes_per_second * 8.0 / 1e6,
+            closed_after_seconds = started.elapsed().as_secs_f64(),
+            "link probed"
+        );
+        Ok(outcome)
     }
 
     pub async fn start(
@@ -1514,8 +1548,22 @@ pub(crate) fn probe_duration_error(seconds: f64) -> AgentError {
 /// What one link probe did.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ProbeOutcome {
-    pub bytes_sent: u64,
+    /// Bytes the peer had acknowledged when the probe's time was up.
+    pub bytes_acknowledged: u64,
+    /// The probe's sending time (not counting the session's set-up and close).
     pub elapsed: Duration,
+    /// The session's last rate sample (bytes acknowledged per measurement interval).
+    pub last_rate_bytes_per_second: f64,
+}
+
+/// How much a probe keeps queued or in flight, given its fastest rate sample so far and the
+/// round trip: [`PROBE_BUFFERED_BANDWIDTH_DELAY_PRODUCTS`] of them, at least
+/// [`PROBE_MINIMUM_BUFFERED_BYTES`].
+fn probe_buffered_bytes(fastest_bytes_per_second: f64, round_trip: Duration) -> u64 {
+    let products = fastest_bytes_per_second
+        * round_trip.as_secs_f64()
+        * PROBE_BUFFERED_BANDWIDTH_DELAY_PRODUCTS;
+    (products as u64).max(PROBE_MINIMUM_BUFFERED_BYTES)
 }
 
 /// Closes a session cleanly if nobody else holds it, within a short bound.
@@ -1527,5 +1575,28 @@ pub(crate) async fn close_quietly(session: Arc<Session>) {
         Err(shared) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), shared.flush()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_keeps_a_few_bandwidth_delay_products_buffered_and_never_less_than_its_minimum() {
+        let round_trip = Duration::from_millis(50);
+        // 1 Gbit/s: four times 6.25 MB.
+        assert_eq!(probe_buffered_bytes(125e6, round_trip), 25_000_000);
+        // 100 Mbit/s: four times 625 kB.
+        assert_eq!(probe_buffered_bytes(12.5e6, round_trip), 2_500_000);
+        // Nothing measured yet, or a slow link: the minimum, so TCP can start.
+        assert_eq!(
+            probe_buffered_bytes(0.0, round_trip),
+            PROBE_MINIMUM_BUFFERED_BYTES
+        );
+        assert_eq!(
+            probe_buffered_bytes(1e6, round_trip),
+            PROBE_MINIMUM_BUFFERED_BYTES
+        );
     }
 }
