@@ -729,7 +729,7 @@ impl Host {
                 ))
             })?;
         self.transfers
-            .probe_link(&address, fingerprint, duration)
+            .probe_link(&address, fingerprint, duration, None)
             .await?;
         self.get_link(&fingerprint_text).await
     }

@@ -57,8 +57,13 @@ pub(crate) use postcopy::{
 
 /// A link measured longer ago than this is probed before a migration plans with it.
 const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
-/// How long the probe before a migration sends.
+/// How long the probe before a migration sends at least, and at most while its rate still
+/// climbs (TCP's start-up on a 1 Gbit/s path with 50 ms round trips outlasts a second: a 1 s
+/// probe measured 100-160 Mbit/s there).
 const PLANNING_PROBE: Duration = Duration::from_secs(1);
+const PLANNING_PROBE_WHILE_RISING: Duration = Duration::from_secs(3);
+/// How long QEMU samples the guest's dirty pages before a move is planned.
+const DIRTY_RATE_SAMPLE: Duration = Duration::from_millis(500);
 /// Ceiling of the memory session's bulk send window. The proxy keeps the window near four
 /// measured bandwidth-delay products (from 2 MiB up), larger only while it holds the link back
 /// (`novacron_migration::proxy`): QEMU only sees how fast the proxy takes its stream, so
@@ -502,7 +507,7 @@ pub(crate) async fn run_source(
         disk: None,
         planner: ConvergencePlanner::new(),
         initial_dirty_rate: 0.0,
-        early_dirty_rate: None,
+        probed_rate: None,
         delivered: Arc::new(DeliveredPages::at_source()),
         postcopy_asked: false,
     };
@@ -647,8 +652,8 @@ struct Source<'a> {
     /// The guest's dirty rate (bytes/s) QEMU measured before the move; QEMU's own figure
     /// replaces it after the first pass.
     initial_dirty_rate: f64,
-    /// The dirty rate measured while the move was prepared (no disk to mirror first).
-    early_dirty_rate: Option<f64>,
+    /// The rate the link probe before the move ended at (bytes/s), when there was one.
+    probed_rate: Option<f64>,
     /// Blocks the disk mirror delivered, which the memory session then sends as hashes.
     delivered: Arc<DeliveredPages>,
     /// QEMU was told to switch to post-copy: precopy's convergence is not planned any more
@@ -675,38 +680,40 @@ impl Source<'_> {
             )
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
-        // The guest's dirty rate (QEMU samples it for a second) is measured while the link is
-        // probed and the session opens, not after. With a disk to mirror first, it is
-        // measured after the mirror, closer to the memory phase it plans.
+        // The guest's dirty rate (QEMU samples it for half a second) is measured while the
+        // link is probed, the session opens and the destination prepares, not after. With a
+        // disk to mirror first, it is measured after the mirror, closer to the memory phase it
+        // plans.
         let qemu = self.qemu;
         let measure_now = !crate::storage::moves_disk(&self.record);
-        let (dirty_rate, prepared) = tokio::join!(
-            async {
-                if measure_now {
-                    Some(measure_dirty_rate(qemu).await)
-                } else {
-                    None
-                }
-            },
-            async {
-                self.probe_link_if_unmeasured(&service, &address, fingerprint)
-                    .await;
-                self.copy_base_image(&service, &address, fingerprint)
-                    .await?;
-                connect_to_destination(
-                    &service,
-                    &self.migration,
-                    &address,
-                    fingerprint,
-                    SESSION_RESUME_TIMEOUT,
-                    Instant::now() + CONNECT_RETRY_WINDOW,
-                )
-                .await
+        let dirty_rate = futures::future::maybe_done(async move {
+            if measure_now {
+                Some(measure_dirty_rate(qemu).await)
+            } else {
+                None
             }
-        );
-        self.early_dirty_rate = dirty_rate;
-        let (session, dial) = prepared?;
-        let result = self.with_session(&session, &dial).await;
+        });
+        let mut dirty_rate = std::pin::pin!(dirty_rate);
+        let prepared = async {
+            self.probed_rate = self
+                .probe_link_if_unmeasured(&service, &address, fingerprint)
+                .await;
+            self.copy_base_image(&service, &address, fingerprint)
+                .await?;
+            connect_to_destination(
+                &service,
+                &self.migration,
+                &address,
+                fingerprint,
+                SESSION_RESUME_TIMEOUT,
+                Instant::now() + CONNECT_RETRY_WINDOW,
+            )
+            .await
+        };
+        let (session, dial) = alongside(prepared, dirty_rate.as_mut()).await?;
+        let result = self
+            .with_session(&session, &dial, dirty_rate.as_mut())
+            .await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
         }
@@ -735,19 +742,20 @@ impl Source<'_> {
 
     /// The plan needs the link's forecast. When this host has not measured the link to the
     /// destination in [`LINK_MEASUREMENT_MAX_AGE`], it probes it first, for
-    /// [`PLANNING_PROBE`]. A failed probe only leaves the plan without a forecast.
+    /// [`PLANNING_PROBE`] (longer while its rate climbs). A failed probe only leaves the plan
+    /// without a forecast. Returns the rate the probe ended at (bytes per second).
     async fn probe_link_if_unmeasured(
         &self,
         service: &Arc<crate::transfer::TransferService>,
         address: &str,
         fingerprint: Fingerprint,
-    ) {
+    ) -> Option<f64> {
         let fresh = service
             .links
             .last_measured_at(fingerprint)
             .is_some_and(|at| unix_now().saturating_sub(at) <= LINK_MEASUREMENT_MAX_AGE.as_secs());
         if fresh {
-            return;
+            return None;
         }
         let destination = self.migration.destination.clone();
         let probing = format!(
@@ -756,18 +764,29 @@ impl Source<'_> {
         );
         self.say(&probing).await;
         match service
-            .probe_link(address, fingerprint, PLANNING_PROBE)
+            .probe_link(
+                address,
+                fingerprint,
+                PLANNING_PROBE,
+                Some(PLANNING_PROBE_WHILE_RISING),
+            )
             .await
         {
-            Ok(outcome) => tracing::info!(
-                vm = %self.name, %destination,
-                mbit_per_second = outcome.last_rate_bytes_per_second * 8.0 / 1e6,
-                acknowledged = outcome.bytes_acknowledged,
-                seconds = outcome.elapsed.as_secs_f64(),
-                "link probed before planning the migration"
-            ),
-            Err(error) => tracing::warn!(vm = %self.name, %destination, %error,
-                "link probe failed; the migration plans without a forecast"),
+            Ok(outcome) => {
+                tracing::info!(
+                    vm = %self.name, %destination,
+                    mbit_per_second = outcome.last_rate_bytes_per_second * 8.0 / 1e6,
+                    acknowledged = outcome.bytes_acknowledged,
+                    seconds = outcome.elapsed.as_secs_f64(),
+                    "link probed before planning the migration"
+                );
+                Some(outcome.last_rate_bytes_per_second).filter(|rate| *rate > 0.0)
+            }
+            Err(error) => {
+                tracing::warn!(vm = %self.name, %destination, %error,
+                    "link probe failed; the migration plans without a forecast");
+                None
+            }
         }
     }
 
@@ -866,19 +885,23 @@ impl Source<'_> {
         Ok(())
     }
 
-    async fn with_session(
+    /// `dirty_rate` is the guest's dirty rate being measured since the move began (`None`
+    /// when it is to be measured after the disk mirror).
+    async fn with_session<F: Future<Output = Option<f64>>>(
         &mut self,
         session: &Arc<Session>,
         dial: &Dial,
+        mut dirty_rate: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
     ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
         });
-        // Indexed while the destination prepares.
-        let (held_there, held_here) = tokio::join!(
+        // Indexed while the destination prepares (and the dirty rate is measured).
+        let (held_there, held_here, ()) = tokio::join!(
             ask_destination(session, begin, "migration", &self.migration.destination),
             held_boot_files(&self.shared, &self.record),
+            dirty_rate.as_mut(),
         );
         let held_there = held_there?;
         let held: Vec<&Arc<ImagePageIndex>> = held_here
@@ -918,16 +941,22 @@ impl Source<'_> {
             image_pages: self.base_image_pages().await.with_files(held),
             ..ProxyConfig::default()
         };
+        // The link model's forecast averages the probe's samples, TCP's ramp included; the
+        // rate the probe ended at is what the link carries now, and the higher of the two is
+        // taken (a forecast below the link caps the session's pacing until it is raised).
         let forecast_rate = forecast
             .filter(|forecast| forecast.expected_bits_per_sec > 0.0)
-            .map(|forecast| forecast.expected_bits_per_sec / 8.0);
+            .map(|forecast| forecast.expected_bits_per_sec / 8.0)
+            .into_iter()
+            .chain(self.probed_rate)
+            .reduce(f64::max);
         if let Some(rate) = forecast_rate {
             config.initial_rate_bytes_per_second = rate;
             config.initial_rate_is_measured = true;
         }
         // The plan before the move: the guest's dirty rate measured by QEMU (a second's
         // sample), the link's forecast, no compression assumed.
-        self.initial_dirty_rate = match self.early_dirty_rate.take() {
+        self.initial_dirty_rate = match dirty_rate.as_mut().take_output().flatten() {
             Some(rate) => rate,
             None => measure_dirty_rate(self.qemu).await,
         };
@@ -1889,16 +1918,28 @@ impl DiskMirror {
 /// QEMU cannot measure it (the plan then waits for the first pass's figure).
 async fn measure_dirty_rate(qemu: &QemuVm) -> f64 {
     let qmp = qemu.qmp();
-    if let Err(error) = qmp
-        .execute("calc-dirty-rate", Some(json!({ "calc-time": 1 })))
-        .await
-    {
-        tracing::debug!(%error, "calc-dirty-rate refused");
+    // Half a second, sampling four times QEMU's default 512 pages per GiB: more changed
+    // samples than the default second gives, so a slow writer is seen too.
+    let sample = json!({
+        "calc-time": DIRTY_RATE_SAMPLE.as_millis() as u64,
+        "calc-time-unit": "millisecond",
+        "sample-pages": 2048,
+    });
+    let started = match qmp.execute("calc-dirty-rate", Some(sample)).await {
+        Ok(_) => true,
+        // A QEMU without the unit (before 8.2) measures whole seconds.
+        Err(_) => qmp
+            .execute("calc-dirty-rate", Some(json!({ "calc-time": 1 })))
+            .await
+            .inspect_err(|error| tracing::debug!(%error, "calc-dirty-rate refused"))
+            .is_ok(),
+    };
+    if !started {
         return 0.0;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let Ok(answer) = qmp.execute("query-dirty-rate", None).await else {
             return 0.0;
         };
@@ -1908,6 +1949,23 @@ async fn measure_dirty_rate(qemu: &QemuVm) -> f64 {
         }
     }
     0.0
+}
+
+/// Drives `main` to its end while `side` makes progress too (it may end before or after
+/// `main`; whoever needs its output awaits it later).
+async fn alongside<T, F: Future<Output = ()>>(
+    main: impl Future<Output = T>,
+    mut side: std::pin::Pin<&mut F>,
+) -> T {
+    let mut main = std::pin::pin!(main);
+    let mut side_done = false;
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut main => return output,
+            () = side.as_mut(), if !side_done => side_done = true,
+        }
+    }
 }
 
 async fn mirror_job(qemu: &QemuVm, name: &str) -> Result<Option<Value>, Failure> {
