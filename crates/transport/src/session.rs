@@ -1743,7 +1743,9 @@ struct ListenerCounters {
 type SessionRegistry = Mutex<HashMap<(Fingerprint, SessionId), Weak<SessionShared>>>;
 
 struct ListenerContext {
-    acceptor: TlsAcceptor,
+    /// Replaced in place when whom the listener trusts changes ([`Listener::set_tls`]), so the
+    /// sessions it holds stay resumable.
+    acceptor: Mutex<TlsAcceptor>,
     options: SessionOptions,
     registry: SessionRegistry,
     counters: ListenerCounters,
@@ -1816,7 +1818,7 @@ impl Listener {
         })?;
         let (new_sessions, incoming) = mpsc::channel(64);
         let context = Arc::new(ListenerContext {
-            acceptor: TlsAcceptor::from(tls.server_config()?),
+            acceptor: Mutex::new(TlsAcceptor::from(tls.server_config()?)),
             options,
             registry: Mutex::new(HashMap::new()),
             counters: ListenerCounters::default(),
@@ -1835,6 +1837,20 @@ impl Listener {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_address
+    }
+
+    /// Changes whom this listener accepts (its identity and trust), for connections from now
+    /// on. Sessions already open stay, and a peer still trusted can resume them; one no longer
+    /// trusted cannot connect again. (Binding a new listener instead would forget every
+    /// session of the old one: a connection arriving for it would be refused as unknown.)
+    pub fn set_tls(&self, tls: &TlsSettings) -> Result<(), TransportError> {
+        let acceptor = TlsAcceptor::from(tls.server_config()?);
+        *self
+            .context
+            .acceptor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
+        Ok(())
     }
 
     /// The next session opened by an authenticated peer.
@@ -1887,9 +1903,13 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
+    let acceptor = context
+        .acceptor
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
     let handshake = async {
-        let mut stream = context
-            .acceptor
+        let mut stream = acceptor
             .accept(tcp)
             .await
             .map_err(|source| TransportError::Handshake { peer, source })?;

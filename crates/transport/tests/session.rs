@@ -725,3 +725,68 @@ async fn a_full_pacing_limit_is_raised() {
     })
     .await;
 }
+
+/// A listener told to trust another set of peers while a session runs keeps that session: a
+/// peer still trusted resumes it after its connections are cut, and nothing is lost; a peer no
+/// longer trusted cannot open a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_changes_whom_it_trusts_without_forgetting_its_sessions() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        let proxy = CuttingProxy::start(listener.local_addr()).await;
+        let payload = random_payload(16 << 20, 9);
+        let expected = blake3::hash(&payload);
+        let mut options = test_options(2);
+        options.bulk_send_window_bytes = 2 << 20;
+        let dialer = Session::connect(proxy.address, &dialer_tls, options.clone())
+            .await
+            .unwrap();
+        let accepted = Arc::new(listener.accept().await.unwrap());
+        let receiver_session = accepted.clone();
+        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        let sender = tokio::spawn(async move {
+            send_in_pieces(&dialer, &payload, 1 << 20).await;
+            dialer.flush().await.unwrap();
+            dialer
+        });
+        wait_until("receiver progress", TEST_DEADLINE, || {
+            accepted.stats().bulk_bytes_received >= 4 << 20
+        })
+        .await;
+        // A host joins: the listener trusts it too, in place.
+        let newcomer = novacron_transport::HostIdentity::generate_self_signed("newcomer").unwrap();
+        let novacron_transport::PeerTrust::PinnedFingerprints(trusted) = &listener_tls.trust else {
+            unreachable!("pinned pair")
+        };
+        let mut widened = listener_tls.clone();
+        widened.trust = novacron_transport::PeerTrust::PinnedFingerprints(
+            trusted
+                .iter()
+                .copied()
+                .chain([newcomer.fingerprint()])
+                .collect(),
+        );
+        listener.set_tls(&widened).unwrap();
+        proxy.cut_all();
+        let (total, hash) = receiver.await.unwrap();
+        assert_eq!(total, 16 << 20);
+        assert_eq!(hash, expected, "data lost across the trust change");
+        let dialer = sender.await.unwrap();
+        assert!(dialer.stats().reconnections >= 1, "{:?}", dialer.stats());
+
+        // The dialer forgotten: a new session of its is refused.
+        let mut narrowed = listener_tls.clone();
+        narrowed.trust =
+            novacron_transport::PeerTrust::PinnedFingerprints(vec![newcomer.fingerprint()]);
+        listener.set_tls(&narrowed).unwrap();
+        assert!(
+            Session::connect(listener.local_addr(), &dialer_tls, options)
+                .await
+                .is_err(),
+            "a peer no longer trusted opened a session"
+        );
+    })
+    .await;
+}

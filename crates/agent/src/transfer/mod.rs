@@ -479,8 +479,8 @@ pub(crate) async fn follow_region_trust(service: Arc<TransferService>) {
 }
 
 struct RunningListener {
+    listener: Arc<Listener>,
     accept_task: tokio::task::JoinHandle<()>,
-    address: SocketAddr,
 }
 
 /// Why [`TransferService::run_to_end`] returned without a finished transfer.
@@ -606,20 +606,13 @@ impl TransferService {
         Ok(fingerprints)
     }
 
-    /// Binds (or rebinds, after the peer list changed) the transfer listener.
+    /// Binds the transfer listener, or, when it runs, has it trust the current peer list (a
+    /// peer trusted or forgotten, a host joined or left the region) in place: its sessions stay.
     pub async fn start_listener(self: &Arc<Self>) -> Result<(), AgentError> {
-        let Some(requested) = self.requested_address else {
+        let Some(address) = self.requested_address else {
             return Ok(());
         };
         let mut slot = self.listener.lock().await;
-        let address = match slot.take() {
-            Some(running) => {
-                running.accept_task.abort();
-                let _ = running.accept_task.await;
-                running.address
-            }
-            None => requested,
-        };
         let trusted = self.trusted_fingerprints().await?;
         *self
             .listener_trust
@@ -629,14 +622,24 @@ impl TransferService {
             identity: self.identity.clone(),
             trust: PeerTrust::PinnedFingerprints(trusted),
         };
-        // The old listener closes its socket asynchronously: retry while the port is busy.
+        if let Some(running) = slot.as_ref() {
+            running.listener.set_tls(&tls).map_err(|error| {
+                AgentError::InvalidArgument(format!(
+                    "cannot change whom the transfer listener trusts: {}",
+                    describe(&error)
+                ))
+            })?;
+            return Ok(());
+        }
+        // A `serve` restarted at once may find its predecessor's socket still closing: retry a
+        // fixed port while it is busy, for a little while.
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
             match Listener::bind(address, &tls, self.options.clone()).await {
-                Ok(listener) => break listener,
+                Ok(listener) => break Arc::new(listener),
                 Err(TransportError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::AddrInUse
-                        && slot_was_running(address, requested)
+                        && address.port() != 0
                         && Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -663,9 +666,10 @@ impl TransferService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(bound);
         let service = Arc::downgrade(self);
+        let accepting = listener.clone();
         let accept_task = tokio::spawn(async move {
             loop {
-                let session = match listener.accept().await {
+                let session = match accepting.accept().await {
                     Ok(session) => session,
                     Err(error) => {
                         tracing::warn!(%error, "transfer listener stopped");
@@ -679,8 +683,8 @@ impl TransferService {
             }
         });
         *slot = Some(RunningListener {
+            listener,
             accept_task,
-            address: bound,
         });
         tracing::info!(address = %bound, fingerprint = %self.fingerprint(), "transfer listener ready");
         Ok(())
@@ -1395,11 +1399,6 @@ impl TransferService {
         images::index_image(&self.host, &record).await;
         Ok(record)
     }
-}
-
-fn slot_was_running(address: SocketAddr, requested: SocketAddr) -> bool {
-    // A rebind reuses the bound address (never port 0); only then is a busy port transient.
-    address != requested || address.port() != 0
 }
 
 pub(crate) fn parse_fingerprint(text: &str) -> Result<Fingerprint, AgentError> {
