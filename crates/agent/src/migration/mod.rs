@@ -759,8 +759,10 @@ impl Source<'_> {
         }
         let destination = self.migration.destination.clone();
         let probing = format!(
-            "measuring the link to host {destination} ({} s probe): no recent measurement to plan with",
-            PLANNING_PROBE.as_secs()
+            "measuring the link to host {destination} ({} s probe, up to {} s while its rate \
+             climbs): no recent measurement to plan with",
+            PLANNING_PROBE.as_secs(),
+            PLANNING_PROBE_WHILE_RISING.as_secs()
         );
         self.say(&probing).await;
         match service
@@ -954,8 +956,8 @@ impl Source<'_> {
             config.initial_rate_bytes_per_second = rate;
             config.initial_rate_is_measured = true;
         }
-        // The plan before the move: the guest's dirty rate measured by QEMU (a second's
-        // sample), the link's forecast, no compression assumed.
+        // The plan before the move: the guest's dirty rate measured by QEMU (half a
+        // second's sample), the link's forecast, no compression assumed.
         self.initial_dirty_rate = match dirty_rate.as_mut().take_output().flatten() {
             Some(rate) => rate,
             None => measure_dirty_rate(self.qemu).await,
@@ -1913,9 +1915,9 @@ impl DiskMirror {
     }
 }
 
-/// The migration's mirror job as `query-block-jobs` shows it, if it runs.
-/// The guest's dirty rate (bytes/s) from QEMU's `calc-dirty-rate` over one second, or 0 when
-/// QEMU cannot measure it (the plan then waits for the first pass's figure).
+/// The guest's dirty rate (bytes/s) from QEMU's `calc-dirty-rate` over
+/// [`DIRTY_RATE_SAMPLE`], or 0 when QEMU cannot measure it (the plan then waits for the first
+/// pass's figure).
 async fn measure_dirty_rate(qemu: &QemuVm) -> f64 {
     let qmp = qemu.qmp();
     // Half a second, sampling four times QEMU's default 512 pages per GiB: more changed
@@ -1968,6 +1970,7 @@ async fn alongside<T, F: Future<Output = ()>>(
     }
 }
 
+/// The migration's mirror job as `query-block-jobs` shows it, if it runs.
 async fn mirror_job(qemu: &QemuVm, name: &str) -> Result<Option<Value>, Failure> {
     let jobs = qemu
         .qmp()
