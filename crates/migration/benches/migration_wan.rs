@@ -21,6 +21,8 @@ mod arguments;
 mod common;
 #[path = "support/disk_mirror.rs"]
 mod disk_mirror;
+#[path = "support/qemu_methods.rs"]
+mod qemu_methods;
 #[path = "support/realistic_disk.rs"]
 mod realistic_disk;
 
@@ -41,6 +43,7 @@ use novacron_migration::{
 };
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, TestGuest, wait_for_console_text};
 use novacron_transport::{Listener, Session, SessionOptions, TlsSettings};
+use qemu_methods::{MULTIFD_CHANNELS, first_event};
 use realistic_disk::{RealisticDisk, realistic_disk};
 use serde_json::json;
 
@@ -124,9 +127,6 @@ enum Method {
     ProxyPostcopy,
 }
 
-/// QEMU's multifd channels for [`Method::QemuMultifdZstd`].
-const MULTIFD_CHANNELS: usize = 4;
-
 impl Method {
     fn name(self) -> &'static str {
         match self {
@@ -168,14 +168,7 @@ impl Method {
     /// Capabilities and parameters set on both QEMUs before the migration.
     fn settings(self) -> (serde_json::Value, serde_json::Value) {
         match self {
-            Method::QemuMultifdZstd => (
-                json!([{ "capability": "multifd", "state": true }]),
-                json!({
-                    "multifd-channels": MULTIFD_CHANNELS,
-                    "multifd-compression": "zstd",
-                    "multifd-zstd-level": 1,
-                }),
-            ),
+            Method::QemuMultifdZstd => qemu_methods::multifd_zstd(),
             Method::ProxyMultifd => (
                 json!([{ "capability": "multifd", "state": true }]),
                 json!({
@@ -183,10 +176,7 @@ impl Method {
                     "multifd-compression": "none",
                 }),
             ),
-            Method::QemuXbzrle => (
-                json!([{ "capability": "xbzrle", "state": true }]),
-                json!({ "xbzrle-cache-size": 256u64 << 20 }),
-            ),
+            Method::QemuXbzrle => qemu_methods::xbzrle(),
             Method::QemuPostcopy | Method::ProxyPostcopy => (
                 json!([{ "capability": "postcopy-ram", "state": true }]),
                 json!({}),
@@ -1186,17 +1176,7 @@ async fn run_one(
     };
 
     let (capabilities, parameters) = method.settings();
-    for vm in [&source, &destination] {
-        vm.qmp()
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": capabilities })),
-            )
-            .await?;
-        vm.qmp()
-            .execute("migrate-set-parameters", Some(parameters.clone()))
-            .await?;
-    }
+    qemu_methods::configure([&source, &destination], &capabilities, &parameters).await?;
     destination
         .qmp()
         .execute(
@@ -1682,25 +1662,6 @@ impl DiskMirror {
             .await?;
         destination.qmp().execute("nbd-server-stop", None).await?;
         Ok(self.in_sync_seconds)
-    }
-}
-
-/// The host-clock time (seconds) of the first `name` event received, waiting up to 5 s.
-async fn first_event(
-    events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
-    name: &str,
-) -> Option<f64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .ok()?
-            .ok()?;
-        if event.event == name {
-            return Some(
-                event.timestamp_seconds as f64 + event.timestamp_microseconds as f64 / 1e6,
-            );
-        }
     }
 }
 

@@ -22,11 +22,14 @@
 mod arguments;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../../migration/benches/support/qemu_methods.rs"]
+mod qemu_methods;
 
 use anyhow::{Context, bail};
-use common::{TestHost, poll};
+use common::{TestHost, last_workload_tick, poll};
 use novacron_linkemu::{Capacity, DirectionShape, HostLinkShape, Region, RunningRegion};
 use novacron_qemu::{LaunchSpec, QemuBinaries, QemuVm, RunState};
+use qemu_methods::first_event;
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -52,7 +55,6 @@ Options (defaults in brackets):
 
 /// QEMU's downtime limit, for every method (`vm migrate`'s default).
 const DOWNTIME_LIMIT_MS: u64 = 300;
-const MULTIFD_CHANNELS: u64 = 4;
 const RAFT_PORT: u16 = 7182;
 /// The port the destination QEMU listens on for QEMU's own methods.
 const QEMU_MIGRATION_PORT: u16 = 7400;
@@ -89,18 +91,8 @@ impl Method {
     /// Capabilities and parameters set on both QEMUs (QEMU's methods).
     fn settings(self) -> (Value, Value) {
         match self {
-            Method::QemuMultifdZstd => (
-                json!([{ "capability": "multifd", "state": true }]),
-                json!({
-                    "multifd-channels": MULTIFD_CHANNELS,
-                    "multifd-compression": "zstd",
-                    "multifd-zstd-level": 1,
-                }),
-            ),
-            Method::QemuXbzrle => (
-                json!([{ "capability": "xbzrle", "state": true }]),
-                json!({ "xbzrle-cache-size": 256u64 << 20 }),
-            ),
+            Method::QemuMultifdZstd => qemu_methods::multifd_zstd(),
+            Method::QemuXbzrle => qemu_methods::xbzrle(),
             Method::QemuPrecopy | Method::VmMigrate => (json!([]), json!({})),
         }
     }
@@ -298,22 +290,6 @@ fn cmdline(options: &Options) -> String {
     )
 }
 
-/// The last `NOVACRON-WORKLOAD tick=N ... errors=E` line of a console log: (N, E).
-fn last_tick(log: &str) -> Option<(u64, u64)> {
-    log.lines().rev().find_map(|line| {
-        let start = line.find("NOVACRON-WORKLOAD tick=")?;
-        let field = |name: &str| -> Option<u64> {
-            line[start..]
-                .split(' ')
-                .find_map(|part| part.strip_prefix(name))?
-                .trim()
-                .parse()
-                .ok()
-        };
-        Some((field("tick=")?, field("errors=")?))
-    })
-}
-
 /// Whether the guest's workload carried on at the destination: its counter continues past
 /// `before` (the source's tick before the move: the counter lives in the guest's memory) and
 /// runs three more ticks there with no page found corrupted. `log` reads the destination's
@@ -322,7 +298,7 @@ fn workload_carried_on(mut log: impl FnMut() -> String, before: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut first = None;
     loop {
-        if let Some((tick, errors)) = last_tick(&log()) {
+        if let Some((tick, errors)) = last_workload_tick(&log()) {
             let first = *first.get_or_insert(tick);
             if first <= before {
                 return false;
@@ -376,7 +352,7 @@ fn vm_migrate(
         "120",
     ]);
     source.wait_for_console(&name, "NOVACRON-WORKLOAD tick=2 ");
-    let before = last_tick(&source.serial_log(&name)).map_or(0, |(tick, _)| tick);
+    let before = last_workload_tick(&source.serial_log(&name)).map_or(0, |(tick, _)| tick);
     let wire_before = wire_bytes(region);
     let started = Instant::now();
     let output = source.cli(&["vm", "migrate", &name, "--to", "host-1", "-o", "json"]);
@@ -480,24 +456,14 @@ async fn qemu_migrate(
         Duration::from_secs(120),
     )
     .await?;
-    let before = last_tick(&std::fs::read_to_string(&source_console).unwrap_or_default())
+    let before = last_workload_tick(&std::fs::read_to_string(&source_console).unwrap_or_default())
         .map_or(0, |(tick, _)| tick);
     let mut incoming = spec("destination").start_paused(true);
     incoming.extra_arguments = vec!["-incoming".to_owned(), "defer".to_owned()];
     let destination = QemuVm::launch(&destination_binaries, &incoming).await?;
     let _destination_guard = KillOnDrop(&destination);
     let (capabilities, parameters) = method.settings();
-    for vm in [&source, &destination] {
-        vm.qmp()
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": capabilities })),
-            )
-            .await?;
-        vm.qmp()
-            .execute("migrate-set-parameters", Some(parameters.clone()))
-            .await?;
-    }
+    qemu_methods::configure([&source, &destination], &capabilities, &parameters).await?;
     // QEMU applies its cap before compression: far above the link, the link sets the pace.
     source
         .qmp()
@@ -565,25 +531,6 @@ async fn qemu_migrate(
             .map(|(stopped, resumed)| (resumed - stopped) * 1e3),
         guest_continued,
     })
-}
-
-/// The first `name` event's QEMU timestamp (seconds), waiting up to 5 s.
-async fn first_event(
-    events: &mut tokio::sync::broadcast::Receiver<novacron_qemu::QmpEvent>,
-    name: &str,
-) -> Option<f64> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let event = tokio::time::timeout_at(deadline, events.recv())
-            .await
-            .ok()?
-            .ok()?;
-        if event.event == name {
-            return Some(
-                event.timestamp_seconds as f64 + event.timestamp_microseconds as f64 / 1e6,
-            );
-        }
-    }
 }
 
 fn print_table(options: &Options, outcomes: &[Outcome]) {

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{TestHost, guest, poll};
+use common::{TestHost, guest, last_workload_tick, poll};
 use novacron_linkemu::Region;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -981,23 +981,6 @@ fn a_dead_voter_is_replaced_by_a_healthy_learner() {
         "vm create after the voter was replaced",
         &hosts.hosts[survivor],
     );
-}
-
-/// The last workload tick on a console log (`NOVACRON-WORKLOAD tick=N ... errors=E`), with its
-/// error count.
-fn last_workload_tick(log: &str) -> Option<(u64, u64)> {
-    log.lines().rev().find_map(|line| {
-        let start = line.find("NOVACRON-WORKLOAD tick=")?;
-        let field = |name: &str| -> Option<u64> {
-            line[start..]
-                .split(' ')
-                .find_map(|part| part.strip_prefix(name))?
-                .trim()
-                .parse()
-                .ok()
-        };
-        Some((field("tick=")?, field("errors=")?))
-    })
 }
 
 /// Waits until the workload of `name`'s guest on `host` has run three ticks past `after` (its

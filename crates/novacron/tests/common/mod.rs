@@ -419,3 +419,20 @@ pub fn process_alive(pid: u64) -> bool {
             .map(|stat| !stat.contains(") Z "))
             .unwrap_or(false)
 }
+
+/// The last workload tick on a console log (`NOVACRON-WORKLOAD tick=N ... errors=E`), with its
+/// error count.
+pub fn last_workload_tick(log: &str) -> Option<(u64, u64)> {
+    log.lines().rev().find_map(|line| {
+        let start = line.find("NOVACRON-WORKLOAD tick=")?;
+        let field = |name: &str| -> Option<u64> {
+            line[start..]
+                .split(' ')
+                .find_map(|part| part.strip_prefix(name))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some((field("tick=")?, field("errors=")?))
+    })
+}
