@@ -1084,18 +1084,8 @@ async fn qemu_stream_reference(
     uncap(&source).await?;
     let started = Instant::now();
     migrate_into(&source, &socket).await?;
-    loop {
-        let info = source.qmp().query_migrate().await?;
-        match info["status"].as_str().unwrap_or_default() {
-            "completed" => break,
-            "failed" | "cancelled" => bail!("the reference migration failed: {info}"),
-            _ => {}
-        }
-        if started.elapsed() > DEADLINE {
-            bail!("the reference migration not done after {DEADLINE:?}: {info}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    qemu_methods::wait_for_completion(&source, "the reference migration", started, DEADLINE)
+        .await?;
     let seconds = started.elapsed().as_secs_f64();
     let bytes = sink.await??;
     if let (Some(directory), Some(disk)) = (save, setup.disk) {

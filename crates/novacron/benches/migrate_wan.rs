@@ -488,18 +488,7 @@ async fn qemu_migrate(
         .qmp()
         .execute("migrate", Some(json!({ "uri": uri })))
         .await?;
-    loop {
-        let info = source.qmp().query_migrate().await?;
-        match info["status"].as_str().unwrap_or_default() {
-            "completed" => break,
-            "failed" | "cancelled" => bail!("QEMU's migration failed: {info}"),
-            _ => {}
-        }
-        if started.elapsed() > DEADLINE {
-            bail!("QEMU's migration not done after {DEADLINE:?}: {info}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    qemu_methods::wait_for_completion(&source, "QEMU's migration", started, DEADLINE).await?;
     while matches!(
         destination.qmp().query_status().await?.status,
         RunState::Inmigrate

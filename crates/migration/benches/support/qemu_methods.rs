@@ -66,3 +66,26 @@ pub async fn first_event(
         }
     }
 }
+
+/// Polls the source QEMU's migration every 20 ms until it completes (its last `query-migrate`
+/// answer); fails when it failed, was cancelled, or is not done after `deadline` from
+/// `started`. `what` names the migration in errors.
+pub async fn wait_for_completion(
+    source: &QemuVm,
+    what: &str,
+    started: std::time::Instant,
+    deadline: Duration,
+) -> anyhow::Result<Value> {
+    loop {
+        let info = source.qmp().query_migrate().await?;
+        match info["status"].as_str().unwrap_or_default() {
+            "completed" => return Ok(info),
+            "failed" | "cancelled" => anyhow::bail!("{what} failed: {info}"),
+            _ => {}
+        }
+        if started.elapsed() > deadline {
+            anyhow::bail!("{what} not done after {deadline:?}: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
