@@ -326,12 +326,14 @@ pub const MIGRATION_PARALLEL_START: u32 = 2;
 /// link, CPU-bound) was within its runs' spread, its pause perhaps 70 ms longer (a loss near the
 /// end delays the stream if it hits either connection; bench/migration/README.md, "Two
 /// connections from the start"). The first count still follows the forecast's bandwidth-delay
-/// product (`base.bandwidth_hint_bytes_per_second`) when that asks for more.
+/// product (`base.bandwidth_hint_bytes_per_second`) over one connection's window when that asks
+/// for more; the transport's start-up share (`startup_share_bytes`) is off: two were measured.
 pub fn migration_session_options(
     base: novacron_transport::SessionOptions,
 ) -> novacron_transport::SessionOptions {
     novacron_transport::SessionOptions {
         parallel_start_connections: MIGRATION_PARALLEL_START,
+        startup_share_bytes: 0,
         adapt_stream_count: false,
         ..base
     }

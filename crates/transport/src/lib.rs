@@ -18,7 +18,7 @@
 //! Memory bound per session (enforced, see `reliable` and `session`): sending side at most
 //! `bulk_send_window_bytes + control_window_bytes`, receiving side at most
 //! `bulk_receive_window_bytes + control_window_bytes` (payload plus 128 bytes per frame; defaults
-//! 32 MiB + 4 MiB each), plus per connection 2 × 256 KiB of IO buffers and one frame being read
+//! 64 MiB + 4 MiB each), plus per connection 2 × 256 KiB of IO buffers and one frame being read
 //! (≤ 1 MiB), plus kernel socket buffers. A peer that sends beyond the window fails the session.
 //!
 //! This crate carries bytes; it does not interpret them (that is the codec's and migration's job).
@@ -36,7 +36,7 @@ pub mod tls;
 pub use error::TransportError;
 pub use identity::{ClusterCertificateAuthority, Fingerprint, HostIdentity};
 pub use session::{
-    ControlChannel, ControlIncoming, ControlRequest, Listener, ListenerStats, RateObserver,
-    RateSample, Session, SessionId, SessionOptions, SessionStats,
+    ControlChannel, ControlIncoming, ControlRequest, DEFAULT_BULK_WINDOW_BYTES, Listener,
+    ListenerStats, RateObserver, RateSample, Session, SessionId, SessionOptions, SessionStats,
 };
 pub use tls::{PeerTrust, TlsSettings};

@@ -36,6 +36,39 @@ pub fn initial_stream_count(
     )
 }
 
+/// Connections a session starts with so that a long fast path fills soon: one per
+/// `share_bytes` of the bandwidth-delay product, at most [`STARTUP_STREAMS_MAX`] (0 bytes: 1).
+///
+/// Each TCP connection starts from ten packets and doubles per round trip, and BBR leaves its
+/// start-up late when a connection runs short of data; several connections fill the path a
+/// round trip or two sooner and share its random losses. At 1 Gbit/s, 50 ms and 0.5 % loss
+/// (6.25 MB in flight), 2 GiB took 19.2-19.4 s over one connection, 19.1-19.5 over two, and
+/// 18.8-19.0 over four or eight (bench/transport/README.md, "Four connections from the start").
+pub fn startup_stream_count(
+    bandwidth_bytes_per_second: f64,
+    round_trip_seconds: f64,
+    share_bytes: u64,
+) -> u32 {
+    if share_bytes == 0 {
+        return 1;
+    }
+    let bandwidth_delay_product = (bandwidth_bytes_per_second * round_trip_seconds).max(0.0);
+    let estimate = (bandwidth_delay_product / share_bytes as f64).ceil();
+    if estimate.is_finite() {
+        (estimate.min(f64::from(STARTUP_STREAMS_MAX)) as u32).max(1)
+    } else {
+        STARTUP_STREAMS_MAX
+    }
+}
+
+/// Bandwidth-delay product per start-up connection: 1 Gbit/s at 50 ms starts four, 100 Mbit/s
+/// at 50 ms one.
+pub const DEFAULT_STARTUP_SHARE_BYTES: u64 = 3 << 19;
+
+/// Most connections [`startup_stream_count`] asks for: four and eight did equally well at
+/// 1 Gbit/s, and each adds queueing delay the control channel shares.
+pub const STARTUP_STREAMS_MAX: u32 = 4;
+
 /// The pacing limit for a link forecast to carry `forecast_bytes_per_second` of payload: a
 /// little above it ([`PACING_HEADROOM`]). See [`raised_pacing_limit`] for how it follows a link
 /// that carries more.
@@ -302,6 +335,31 @@ mod tests {
             bytes_per_second,
             demand_exceeded_capacity: true,
         }
+    }
+
+    #[test]
+    fn a_long_fast_path_starts_with_more_connections() {
+        let share = DEFAULT_STARTUP_SHARE_BYTES;
+        // 1 Gbit/s at 50 ms: 6.25 MB in flight.
+        assert_eq!(startup_stream_count(125e6, 0.05, share), 4);
+        // 100 Mbit/s at 50 ms, and a LAN: one connection fills them soon enough.
+        assert_eq!(startup_stream_count(12.5e6, 0.05, share), 1);
+        assert_eq!(startup_stream_count(125e6, 0.0005, share), 1);
+        // 300 Mbit/s at 50 ms: 1.9 MB.
+        assert_eq!(startup_stream_count(37.5e6, 0.05, share), 2);
+        // Capped; and nonsense input still gives a usable count.
+        assert_eq!(
+            startup_stream_count(1.25e9, 0.2, share),
+            STARTUP_STREAMS_MAX
+        );
+        assert_eq!(
+            startup_stream_count(f64::INFINITY, 1.0, share),
+            STARTUP_STREAMS_MAX
+        );
+        assert_eq!(startup_stream_count(f64::NAN, 0.05, share), 1);
+        assert_eq!(startup_stream_count(-1.0, 0.05, share), 1);
+        // Turned off.
+        assert_eq!(startup_stream_count(125e6, 0.05, 0), 1);
     }
 
     #[test]

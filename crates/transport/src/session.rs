@@ -40,7 +40,7 @@ use crate::frame::{
 use crate::identity::Fingerprint;
 use crate::policy::{
     RateMeasurement, StreamCountDecision, StreamCountPolicy, StreamCountPolicyConfig,
-    initial_stream_count,
+    initial_stream_count, startup_stream_count,
 };
 use crate::reliable::{InboundChannel, OutboundChannel, Reception, Transmission};
 use crate::socket;
@@ -48,6 +48,15 @@ use crate::tls::{PINNED_SERVER_NAME, PeerTrust, TlsSettings};
 
 /// Read and write buffer per connection.
 pub const IO_BUFFER_BYTES: usize = 256 << 10;
+
+/// Default bound on a session's bulk data in each direction (send window and receive window).
+///
+/// The stream is ordered, so while one connection recovers a lost segment the receiver holds
+/// what the others delivered behind it, and the sender holds it unacknowledged: the window must
+/// cover several round trips of the whole link, not one connection's share. At 1 Gbit/s, 50 ms
+/// and 0.5 % loss, 32 MiB (a quarter second) held four and eight connections to 85-88 % of the
+/// link; 64 MiB let them reach 91 % (bench/transport/README.md).
+pub const DEFAULT_BULK_WINDOW_BYTES: u64 = 64 << 20;
 
 /// A session's identifier, chosen at random by the dialer.
 pub type SessionId = [u8; 16];
@@ -74,6 +83,11 @@ pub struct SessionOptions {
     /// many, dialed with the session itself: parallel connections ramp up together, which a
     /// short transfer (a migration's few seconds) needs more than a long one.
     pub parallel_start_connections: u32,
+    /// With an estimated first count, at least one bulk connection per this many bytes of the
+    /// bandwidth-delay product (bandwidth hint times the round trip the control connection
+    /// measured), dialed as soon as that round trip is known: see
+    /// [`crate::policy::startup_stream_count`]. 0 leaves the first count to the windows alone.
+    pub startup_share_bytes: u64,
     pub minimum_bulk_connections: u32,
     pub maximum_bulk_connections: u32,
     /// Expected path bandwidth, for the first estimate only (the forecast, when one exists).
@@ -102,14 +116,15 @@ pub struct SessionOptions {
 impl Default for SessionOptions {
     fn default() -> SessionOptions {
         SessionOptions {
-            bulk_send_window_bytes: 32 << 20,
-            bulk_receive_window_bytes: 32 << 20,
+            bulk_send_window_bytes: DEFAULT_BULK_WINDOW_BYTES,
+            bulk_receive_window_bytes: DEFAULT_BULK_WINDOW_BYTES,
             control_window_bytes: 4 << 20,
             max_frame_payload: 128 << 10,
             congestion_control: Some("bbr".to_string()),
             unsent_limit_bytes: socket::DEFAULT_UNSENT_LIMIT_BYTES,
             initial_bulk_connections: None,
             parallel_start_connections: 1,
+            startup_share_bytes: crate::policy::DEFAULT_STARTUP_SHARE_BYTES,
             minimum_bulk_connections: 1,
             maximum_bulk_connections: 16,
             bandwidth_hint_bytes_per_second: 125e6,
@@ -804,7 +819,9 @@ impl Session {
         let session_id: SessionId = rand::random();
         let dial_started = Instant::now();
         // The first bulk connections are dialed alongside the control connection (the listener
-        // holds them until the session exists), so data can flow one handshake earlier.
+        // holds them until the session exists), so data can flow one handshake earlier; more
+        // follow as soon as the control connection's TCP handshake has measured the round trip
+        // (see `startup_stream_count`), one round trip behind.
         let first_wave = options
             .initial_bulk_connections
             .unwrap_or(
@@ -816,23 +833,30 @@ impl Session {
                 options.minimum_bulk_connections,
                 options.maximum_bulk_connections,
             );
-        let early_bulk: Vec<_> = (1..=first_wave)
-            .map(|index| {
-                let dialer = dialer.clone();
-                let options = options.clone();
-                tokio::spawn(async move {
-                    let hello = Hello {
-                        code: ConnectionPurpose::Bulk as u8,
-                        session_id,
-                        connection_index: index,
-                        bulk_receive_window: options.bulk_receive_window_bytes,
-                        control_receive_window: options.control_window_bytes,
-                    };
-                    dial(&dialer, &options, hello).await
-                })
+        let dial_bulk = |index: u32| {
+            let dialer = dialer.clone();
+            let options = options.clone();
+            tokio::spawn(async move {
+                let hello = Hello {
+                    code: ConnectionPurpose::Bulk as u8,
+                    session_id,
+                    connection_index: index,
+                    bulk_receive_window: options.bulk_receive_window_bytes,
+                    control_receive_window: options.control_window_bytes,
+                };
+                dial(&dialer, &options, hello, None).await
             })
-            .collect();
-        let established = dial(
+        };
+        let mut early_bulk: Vec<_> = (1..=first_wave).map(dial_bulk).collect();
+        let (round_trip_measured, round_trip) = oneshot::channel();
+        let second_wave = async {
+            let Ok(round_trip) = round_trip.await else {
+                return Vec::new();
+            };
+            let wanted = initial_bulk_count(&options, round_trip);
+            (first_wave + 1..=wanted).map(dial_bulk).collect::<Vec<_>>()
+        };
+        let control = dial(
             &dialer,
             &options,
             Hello {
@@ -842,8 +866,10 @@ impl Session {
                 bulk_receive_window: options.bulk_receive_window_bytes,
                 control_receive_window: options.control_window_bytes,
             },
-        )
-        .await;
+            Some(round_trip_measured),
+        );
+        let (established, second_wave) = tokio::join!(control, second_wave);
+        early_bulk.extend(second_wave);
         let established = match established {
             Ok(established) => established,
             Err(error) => {
@@ -861,21 +887,8 @@ impl Session {
             established.reply.control_receive_window,
             Some(dialer),
         );
-        let initial_bulk_connections = options.initial_bulk_connections.unwrap_or_else(|| {
-            initial_stream_count(
-                options.bandwidth_hint_bytes_per_second,
-                established.tcp_connect_time.as_secs_f64(),
-                options.per_connection_window_bytes,
-                options.minimum_bulk_connections,
-                options.maximum_bulk_connections,
-            )
-        });
-        let initial_bulk_connections = initial_bulk_connections
-            .clamp(
-                options.minimum_bulk_connections,
-                options.maximum_bulk_connections,
-            )
-            .max(first_wave);
+        let initial_bulk_connections =
+            initial_bulk_count(&options, established.tcp_connect_time).max(first_wave);
         {
             let mut core = shared.lock();
             core.key_exchange_group = established.key_exchange_group.clone();
@@ -902,6 +915,7 @@ impl Session {
             0,
             Some(established.stream),
         ));
+        let early_bulk_count = early_bulk.len() as u32;
         for (position, handle) in early_bulk.into_iter().enumerate() {
             let first = match handle.await {
                 Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
@@ -924,7 +938,7 @@ impl Session {
                 first,
             ));
         }
-        for index in first_wave + 1..=initial_bulk_connections {
+        for index in early_bulk_count + 1..=initial_bulk_connections {
             tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, index, None));
         }
         tokio::spawn(supervise(shared.clone()));
@@ -1145,10 +1159,38 @@ struct EstablishedConnection {
     tcp_connect_time: Duration,
 }
 
+/// The bulk connections a dialer starts with once the round trip is known: `options`'
+/// `initial_bulk_connections`, else enough to cover the bandwidth-delay product by the
+/// connections' windows and by the start-up share, within the minimum and maximum.
+fn initial_bulk_count(options: &SessionOptions, round_trip: Duration) -> u32 {
+    let wanted = options.initial_bulk_connections.unwrap_or_else(|| {
+        let round_trip = round_trip.as_secs_f64();
+        initial_stream_count(
+            options.bandwidth_hint_bytes_per_second,
+            round_trip,
+            options.per_connection_window_bytes,
+            options.minimum_bulk_connections,
+            options.maximum_bulk_connections,
+        )
+        .max(startup_stream_count(
+            options.bandwidth_hint_bytes_per_second,
+            round_trip,
+            options.startup_share_bytes,
+        ))
+    });
+    wanted.clamp(
+        options.minimum_bulk_connections,
+        options.maximum_bulk_connections,
+    )
+}
+
+/// Opens one connection of a session: TCP, TLS, hello. `round_trip_measured` hears the TCP
+/// handshake's duration (a round trip) as soon as it is known.
 async fn dial(
     dialer: &DialerContext,
     options: &SessionOptions,
     hello: Hello,
+    round_trip_measured: Option<oneshot::Sender<Duration>>,
 ) -> Result<EstablishedConnection, TransportError> {
     let peer = dialer.address;
     let attempt = async {
@@ -1161,6 +1203,9 @@ async fn dial(
                 source,
             })?;
         let tcp_connect_time = started.elapsed();
+        if let Some(measured) = round_trip_measured {
+            let _ = measured.send(tcp_connect_time);
+        }
         let congestion_control = socket::configure_connected(
             &tcp,
             options.congestion_control.as_deref(),
@@ -1258,7 +1303,7 @@ async fn maintain_connection(
                     bulk_receive_window: shared.options.bulk_receive_window_bytes,
                     control_receive_window: shared.options.control_window_bytes,
                 };
-                match dial(dialer, &shared.options, hello).await {
+                match dial(dialer, &shared.options, hello, None).await {
                     Ok(established) if established.peer_fingerprint != shared.peer_fingerprint => {
                         shared.fail("peer identity changed on reconnection".to_string());
                         return;

@@ -103,10 +103,10 @@ async fn a_frame_of_unknown_kind_fails_the_session() {
 async fn frames_beyond_the_receive_window_fail_the_session() {
     init_tracing();
     within(async {
-        // The listener's bulk receive window is 32 MiB; send 40 frames of 1 MiB, never acked.
+        // Frames of 1 MiB, never acked, eight beyond the listener's bulk receive window.
         let payload = vec![0u8; 1 << 20];
         let mut bytes = Vec::new();
-        for sequence in 1..=40 {
+        for sequence in 1..=(novacron_transport::DEFAULT_BULK_WINDOW_BYTES >> 20) + 8 {
             bytes.extend_from_slice(&data_frame(sequence, &payload).1);
         }
         let error = send_raw_frame(bytes).await;

@@ -440,6 +440,52 @@ async fn a_parallel_start_opens_its_connections_with_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_fast_path_starts_with_several_connections() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        // A hint so large that even loopback's round trip makes a long fast path; one
+        // connection's window covers it, so only the start-up share asks for more.
+        for (share, expected) in [
+            (
+                novacron_transport::policy::DEFAULT_STARTUP_SHARE_BYTES,
+                novacron_transport::policy::STARTUP_STREAMS_MAX,
+            ),
+            (0, 1),
+        ] {
+            let options = SessionOptions {
+                bandwidth_hint_bytes_per_second: 1e15,
+                per_connection_window_bytes: u64::MAX,
+                startup_share_bytes: share,
+                adapt_stream_count: false,
+                ..adaptive_options(8)
+            };
+            let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+                .await
+                .unwrap();
+            assert_eq!(dialer.stats().target_bulk_connections, expected);
+            let accepted = listener.accept().await.unwrap();
+            let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+            let started = tokio::time::Instant::now();
+            while dialer.stats().bulk_connections < expected {
+                assert!(started.elapsed() < TEST_DEADLINE, "{:?}", dialer.stats());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(dialer.stats().bulk_connections, expected);
+            let payload = random_payload(8 << 20, 11);
+            send_in_pieces(&dialer, &payload, 1 << 20).await;
+            assert_eq!(
+                receiver.await.unwrap(),
+                (payload.len() as u64, blake3::hash(&payload))
+            );
+            assert_eq!(dialer.stats().target_bulk_connections, expected);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_added_as_the_rate_fell_is_closed_again_and_nothing_is_lost() {
     init_tracing();
     within(async {
