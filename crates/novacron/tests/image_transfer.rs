@@ -561,6 +561,20 @@ fn a_link_probe_measures_an_idle_link_and_bad_probes_are_refused() {
     );
     // The address is remembered: a second probe needs none.
     a.ok(&["link", "probe", &fingerprint_b, "--seconds", "0.5"]);
+    // Each probe ended by telling B to drop what was still on its way, not by waiting for it.
+    let ended = |log: &str| {
+        log.lines()
+            .map(common::without_colours)
+            .filter(|line| {
+                line.contains("link probe received") && line.contains("ended_by_prober=true")
+            })
+            .count()
+    };
+    poll(
+        "both probes ended by ProbeDone in B's log",
+        Duration::from_secs(30),
+        || (ended(&b.serve_log()) >= 2).then_some(()),
+    );
 
     for seconds in ["0", "31", "nan"] {
         let error = a.fails(&["link", "probe", "b", "--seconds", seconds], 2);

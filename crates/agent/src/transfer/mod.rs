@@ -52,16 +52,13 @@ pub(crate) const PROBE_MAX_DURATION: Duration = Duration::from_secs(30);
 const PROBE_RECEIVE_DEADLINE: Duration = Duration::from_secs(60);
 /// Rate samples of a probe come this often, so a few seconds give the model enough of them.
 const PROBE_MEASUREMENT_INTERVAL: Duration = Duration::from_millis(250);
-/// A probe keeps at most this long of its fastest rate sample so far queued or in flight
-/// (its session's send window), and never less than [`PROBE_MINIMUM_BUFFERED_BYTES`]: enough
-/// for TCP to fill the link and grow, little enough that what is still buffered when the
-/// probe's time is up crosses soon after (a probe that queued as fast as it could took 3.3 s
-/// for a 1 s probe of a 100 Mbit/s link, waiting for its queue to cross). Not a few round
-/// trips' worth: on a lossy path the ordered stream's acknowledgements wait for
-/// retransmissions, and a window of four measured bandwidth-delay products held a 1 Gbit/s
-/// link with 0.5 % loss at 170 Mbit/s.
-const PROBE_BUFFERED_TIME: Duration = Duration::from_millis(500);
-const PROBE_MINIMUM_BUFFERED_BYTES: u64 = 4 << 20;
+/// How long a prober waits for the peer's answer to [`Message::ProbeDone`]. Before that
+/// message, a probe finished its stream and waited for what it had queued to cross: a probe
+/// that queued as fast as it could took 3.3 s for a 1 s probe of a 100 Mbit/s link, and one
+/// that queued only half a second of its fastest rate (four measured bandwidth-delay products
+/// held a 1 Gbit/s link with 0.5 % loss at 170 Mbit/s) measured TCP's ramp, not the link
+/// (329 Mbit/s on 1 Gbit/s before a migration).
+const PROBE_END_DEADLINE: Duration = Duration::from_secs(2);
 /// A probe asked to go on while its rate climbs stops once a rate sample is below this many
 /// times the one before.
 const PROBE_STILL_RISING: f64 = 1.2;
@@ -930,9 +927,7 @@ impl TransferService {
         let chunk = bytes::Bytes::from(chunk);
         let started = Instant::now();
         let mut sent = 0u64;
-        let mut fastest = 0.0f64;
         let mut result = Ok(());
-        let mut window = 0;
         // With `while_rising_up_to`, the probe goes on past `duration` while the rate still
         // climbs (TCP's start-up on a long fast path lasts longer than a second), so its last
         // sample is the link's rate rather than a point on the ramp.
@@ -941,19 +936,15 @@ impl TransferService {
             Some(longest) if rising => longest.max(duration),
             _ => duration,
         };
+        // The session's send window (not a wait of our own) holds the probe back, so its rate
+        // samples count as a sender with more to send: the link's capacity. The window is the
+        // session's whole (a smaller one held a lossy long path far below its rate), and what
+        // it still holds at the end is dropped, not waited for (`ProbeDone`).
         while started.elapsed() < end(rising) && sent + chunk.len() as u64 <= PROBE_MAX_BYTES {
-            let stats = session.stats();
-            let sample = stats.measured_rate_bytes_per_second;
+            let sample = session.stats().measured_rate_bytes_per_second;
             if sample != last_sample {
                 rising = sample > last_sample * PROBE_STILL_RISING;
                 last_sample = sample;
-            }
-            fastest = fastest.max(sample);
-            // The session's send window (not a wait of our own) holds the probe back, so its
-            // rate samples count as a sender with more to send: the link's capacity.
-            let wanted = probe_buffered_bytes(fastest);
-            if wanted != window {
-                window = session.set_bulk_send_window(wanted);
             }
             let remaining = end(rising).saturating_sub(started.elapsed());
             match tokio::time::timeout(remaining, session.send(chunk.clone())).await {
@@ -968,9 +959,10 @@ impl TransferService {
         let elapsed = started.elapsed();
         let stats = session.stats();
         if result.is_ok() {
-            result = session.finish().await;
+            result = end_probe(&session).await;
         }
-        close_quietly(session).await;
+        // The peer has dropped its side (or failed): nothing to wait for.
+        drop(session);
         result.map_err(|error| TransferFailure::session(&error).into_agent_error())?;
         let outcome = ProbeOutcome {
             bytes_acknowledged: stats.bulk_bytes_acknowledged,
@@ -1252,16 +1244,35 @@ impl TransferService {
                     return;
                 }
                 let mut received = 0u64;
+                let mut ended_by_prober = false;
                 let outcome = tokio::time::timeout(PROBE_RECEIVE_DEADLINE, async {
-                    while let Ok(Some(data)) = session.recv().await {
-                        received += data.len() as u64;
-                        if received > max_bytes {
-                            break;
+                    loop {
+                        tokio::select! {
+                            data = session.recv() => match data {
+                                Ok(Some(data)) => {
+                                    received += data.len() as u64;
+                                    if received > max_bytes {
+                                        break;
+                                    }
+                                }
+                                _ => break,
+                            },
+                            // The prober has measured enough: what it queued is dropped.
+                            incoming = control.next_incoming() => {
+                                if let Ok(Some(ControlIncoming::Request(done))) = incoming
+                                    && matches!(Message::decode(&done.body), Ok(Message::ProbeDone))
+                                {
+                                    ended_by_prober =
+                                        done.respond(Message::ProbeDone.encode()).await.is_ok();
+                                }
+                                break;
+                            }
                         }
                     }
                 })
                 .await;
-                tracing::info!(%peer, received, timed_out = outcome.is_err(), "link probe received");
+                tracing::info!(%peer, received, ended_by_prober, timed_out = outcome.is_err(), "link probe received");
+                // Waits (briefly) for the answer to be acknowledged, not for the prober's data.
                 close_quietly(session).await;
             }
             Message::Migration(protocol::MigrationControl::Begin { id }) => {
@@ -1572,11 +1583,20 @@ pub(crate) struct ProbeOutcome {
     pub last_rate_bytes_per_second: f64,
 }
 
-/// How much a probe keeps queued or in flight, given its fastest rate sample so far:
-/// [`PROBE_BUFFERED_TIME`] of it, at least [`PROBE_MINIMUM_BUFFERED_BYTES`].
-fn probe_buffered_bytes(fastest_bytes_per_second: f64) -> u64 {
-    ((fastest_bytes_per_second * PROBE_BUFFERED_TIME.as_secs_f64()) as u64)
-        .max(PROBE_MINIMUM_BUFFERED_BYTES)
+/// Tells the probed peer the probe is over ([`Message::ProbeDone`]) and waits, at most
+/// [`PROBE_END_DEADLINE`], for its answer: after it the peer drops what is still on its way.
+async fn end_probe(session: &Session) -> Result<(), novacron_transport::TransportError> {
+    let answer = tokio::time::timeout(
+        PROBE_END_DEADLINE,
+        session.control().request(Message::ProbeDone.encode()),
+    )
+    .await;
+    match answer {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error),
+        // A peer that does not answer in time is left to its own deadline.
+        Err(_) => Ok(()),
+    }
 }
 
 /// Closes a session cleanly if nobody else holds it, within a short bound.
@@ -1588,21 +1608,5 @@ pub(crate) async fn close_quietly(session: Arc<Session>) {
         Err(shared) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), shared.flush()).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_probe_keeps_half_a_second_of_its_fastest_rate_buffered_and_never_less_than_its_minimum() {
-        // 1 Gbit/s: half a second is 62.5 MB.
-        assert_eq!(probe_buffered_bytes(125e6), 62_500_000);
-        // 100 Mbit/s: 6.25 MB.
-        assert_eq!(probe_buffered_bytes(12.5e6), 6_250_000);
-        // Nothing measured yet, or a slow link: the minimum, so TCP can start.
-        assert_eq!(probe_buffered_bytes(0.0), PROBE_MINIMUM_BUFFERED_BYTES);
-        assert_eq!(probe_buffered_bytes(1e6), PROBE_MINIMUM_BUFFERED_BYTES);
     }
 }

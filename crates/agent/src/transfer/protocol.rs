@@ -152,6 +152,10 @@ pub enum Message {
     Probe {
         max_bytes: u64,
     },
+    /// Prober → peer (request): "I have measured enough; drop what is still on its way and
+    /// close". Answered with a `ProbeDone` before the peer closes, so the prober can close
+    /// without waiting for the data it queued to cross the link.
+    ProbeDone,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +190,7 @@ const VERIFY_REPLY: u8 = 9;
 const ABORT: u8 = 10;
 const MIGRATION: u8 = 11;
 const PROBE: u8 = 12;
+const PROBE_DONE: u8 = 13;
 
 #[derive(Serialize, Deserialize)]
 struct FetchBody {
@@ -227,6 +232,7 @@ impl Message {
             Message::Abort(_) => "abort",
             Message::Migration(_) => "migration step",
             Message::Probe { .. } => "link probe",
+            Message::ProbeDone => "end of a link probe",
         }
     }
 
@@ -287,6 +293,7 @@ impl Message {
                     max_bytes: *max_bytes,
                 }));
             }
+            Message::ProbeDone => out.put_u8(PROBE_DONE),
         }
         out.freeze()
     }
@@ -352,6 +359,13 @@ impl Message {
             PROBE => Message::Probe {
                 max_bytes: from_json::<ProbeBody>("link probe", body)?.max_bytes,
             },
+            PROBE_DONE if body.is_empty() => Message::ProbeDone,
+            PROBE_DONE => {
+                return Err(ProtocolError::Malformed {
+                    what: "end of a link probe",
+                    reason: "unexpected body".into(),
+                });
+            }
             kind => return Err(ProtocolError::UnknownKind { kind }),
         })
     }
@@ -466,6 +480,7 @@ mod tests {
                 message: "cancelled".into(),
             }),
             Message::Probe { max_bytes: 1 << 26 },
+            Message::ProbeDone,
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()), Ok(message));

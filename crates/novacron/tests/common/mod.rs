@@ -212,6 +212,8 @@ impl TestHost {
         self.serve = Some(command.spawn().expect("spawn novacron serve"));
     }
 
+    /// `serve`'s log as written (with the terminal colours of its fields; see
+    /// [`without_colours`]).
     pub fn serve_log(&self) -> String {
         std::fs::read_to_string(self.directory.path().join("serve.log")).unwrap_or_default()
     }
@@ -435,4 +437,22 @@ pub fn last_workload_tick(log: &str) -> Option<(u64, u64)> {
         };
         Some((field("tick=")?, field("errors=")?))
     })
+}
+
+/// `line` without ANSI colour sequences (`ESC [ ... m`), as tracing writes around fields.
+pub fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut characters = line.chars();
+    while let Some(character) = characters.next() {
+        if character == '\u{1b}' {
+            for inner in characters.by_ref() {
+                if inner.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(character);
+        }
+    }
+    plain
 }
