@@ -59,9 +59,13 @@ const PROBE_MEASUREMENT_INTERVAL: Duration = Duration::from_millis(250);
 /// held a 1 Gbit/s link with 0.5 % loss at 170 Mbit/s) measured TCP's ramp, not the link
 /// (329 Mbit/s on 1 Gbit/s before a migration).
 const PROBE_END_DEADLINE: Duration = Duration::from_secs(2);
-/// A probe asked to go on while its rate climbs stops once a rate sample is below this many
-/// times the one before.
+/// A probe asked to go on while its rate climbs stops once [`PROBE_FLAT_SAMPLES`] rate samples
+/// in a row came below this many times the best one before them.
 const PROBE_STILL_RISING: f64 = 1.2;
+/// See [`PROBE_STILL_RISING`]: TCP's start-up on a lossy path pauses for a sample now and then
+/// (a retransmission holds the ordered stream), and a probe that stopped at the first such
+/// sample ended on the ramp (312 against 608 Mbit/s on the same 1 Gbit/s link).
+const PROBE_FLAT_SAMPLES: u32 = 2;
 
 /// Bytes a receiver keeps free beyond the image itself.
 const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -931,7 +935,7 @@ impl TransferService {
         // With `while_rising_up_to`, the probe goes on past `duration` while the rate still
         // climbs (TCP's start-up on a long fast path lasts longer than a second), so its last
         // sample is the link's rate rather than a point on the ramp.
-        let (mut last_sample, mut rising) = (0.0f64, true);
+        let (mut last_sample, mut ramp) = (0.0f64, ProbeRamp::default());
         let end = |rising: bool| match while_rising_up_to {
             Some(longest) if rising => longest.max(duration),
             _ => duration,
@@ -940,13 +944,14 @@ impl TransferService {
         // samples count as a sender with more to send: the link's capacity. The window is the
         // session's whole (a smaller one held a lossy long path far below its rate), and what
         // it still holds at the end is dropped, not waited for (`ProbeDone`).
-        while started.elapsed() < end(rising) && sent + chunk.len() as u64 <= PROBE_MAX_BYTES {
+        while started.elapsed() < end(ramp.rising()) && sent + chunk.len() as u64 <= PROBE_MAX_BYTES
+        {
             let sample = session.stats().measured_rate_bytes_per_second;
             if sample != last_sample {
-                rising = sample > last_sample * PROBE_STILL_RISING;
+                ramp.observe(sample);
                 last_sample = sample;
             }
-            let remaining = end(rising).saturating_sub(started.elapsed());
+            let remaining = end(ramp.rising()).saturating_sub(started.elapsed());
             match tokio::time::timeout(remaining, session.send(chunk.clone())).await {
                 Err(_) => break,
                 Ok(Err(error)) => {
@@ -967,7 +972,7 @@ impl TransferService {
         let outcome = ProbeOutcome {
             bytes_acknowledged: stats.bulk_bytes_acknowledged,
             elapsed,
-            last_rate_bytes_per_second: stats.measured_rate_bytes_per_second,
+            last_rate_bytes_per_second: ramp.observed(stats.measured_rate_bytes_per_second),
         };
         tracing::info!(
             peer = %fingerprint, %address, sent,
@@ -1583,6 +1588,43 @@ pub(crate) struct ProbeOutcome {
     pub last_rate_bytes_per_second: f64,
 }
 
+/// Follows a probe's rate samples (bytes per second, one per measurement interval).
+#[derive(Debug, Default)]
+struct ProbeRamp {
+    best: f64,
+    flat_samples: u32,
+    last_two: [f64; 2],
+}
+
+impl ProbeRamp {
+    fn observe(&mut self, sample: f64) {
+        if sample > self.best * PROBE_STILL_RISING && sample > 0.0 {
+            self.flat_samples = 0;
+        } else {
+            self.flat_samples += 1;
+        }
+        self.best = self.best.max(sample);
+        self.last_two = [self.last_two[1], sample];
+    }
+
+    /// The rate still climbs: fewer than [`PROBE_FLAT_SAMPLES`] samples since one beat the
+    /// best before it by [`PROBE_STILL_RISING`].
+    fn rising(&self) -> bool {
+        self.flat_samples < PROBE_FLAT_SAMPLES
+    }
+
+    /// What the link carries at the probe's end: the better of its last two samples, with
+    /// `final_sample` (the session's last) counted if it is new.
+    fn observed(&self, final_sample: f64) -> f64 {
+        let [before, last] = self.last_two;
+        if final_sample == last {
+            before.max(last)
+        } else {
+            last.max(final_sample)
+        }
+    }
+}
+
 /// Tells the probed peer the probe is over ([`Message::ProbeDone`]) and waits, at most
 /// [`PROBE_END_DEADLINE`], for its answer: after it the peer drops what is still on its way.
 async fn end_probe(session: &Session) -> Result<(), novacron_transport::TransportError> {
@@ -1608,5 +1650,36 @@ pub(crate) async fn close_quietly(session: Arc<Session>) {
         Err(shared) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), shared.flush()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp_of(samples: &[f64]) -> ProbeRamp {
+        let mut ramp = ProbeRamp::default();
+        for sample in samples {
+            ramp.observe(*sample);
+        }
+        ramp
+    }
+
+    #[test]
+    fn a_probe_goes_on_through_one_flat_sample_of_its_ramp_and_reports_its_recent_best() {
+        // Megabits per second, one sample per quarter second: TCP's start-up with a pause.
+        let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0]);
+        assert!(ramp.rising(), "one flat sample is a pause, not the link");
+        let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0, 620.0]);
+        assert!(ramp.rising());
+        // Two samples in a row without a fifth more than the best: the link's rate.
+        let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0, 620.0, 640.0, 600.0]);
+        assert!(!ramp.rising());
+        assert_eq!(ramp.observed(600.0), 640.0, "the better of the last two");
+        assert_eq!(ramp.observed(700.0), 700.0, "a newer final sample counts");
+        // Nothing acknowledged yet is not a rise.
+        let ramp = ramp_of(&[0.0, 0.0]);
+        assert!(!ramp.rising());
+        assert_eq!(ramp.observed(0.0), 0.0);
     }
 }
