@@ -661,6 +661,14 @@ struct Source<'a> {
     postcopy_asked: bool,
 }
 
+/// The link a migration may probe before planning (see `probe_link_if_unmeasured`).
+#[derive(Clone, Copy)]
+struct LinkToProbe<'a> {
+    service: &'a Arc<TransferService>,
+    address: &'a str,
+    fingerprint: Fingerprint,
+}
+
 /// How to open another session to the destination.
 struct Dial {
     address: std::net::SocketAddr,
@@ -695,9 +703,6 @@ impl Source<'_> {
         });
         let mut dirty_rate = std::pin::pin!(dirty_rate);
         let prepared = async {
-            self.probed_rate = self
-                .probe_link_if_unmeasured(&service, &address, fingerprint)
-                .await;
             self.copy_base_image(&service, &address, fingerprint)
                 .await?;
             connect_to_destination(
@@ -711,8 +716,13 @@ impl Source<'_> {
             .await
         };
         let (session, dial) = alongside(prepared, dirty_rate.as_mut()).await?;
+        let link = LinkToProbe {
+            service: &service,
+            address: &address,
+            fingerprint,
+        };
         let result = self
-            .with_session(&session, &dial, dirty_rate.as_mut())
+            .with_session(&session, &dial, link, dirty_rate.as_mut())
             .await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
@@ -893,18 +903,24 @@ impl Source<'_> {
         &mut self,
         session: &Arc<Session>,
         dial: &Dial,
+        link: LinkToProbe<'_>,
         mut dirty_rate: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
     ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
         });
-        // Indexed while the destination prepares (and the dirty rate is measured).
-        let (held_there, held_here, ()) = tokio::join!(
+        // While the destination prepares (its QEMU starts), the boot files are indexed, the
+        // dirty rate is measured and an unmeasured link is probed (over a session of its own;
+        // the migration's is idle until the copy).
+        let (held_there, held_here, (), probed_rate) = tokio::join!(
             ask_destination(session, begin, "migration", &self.migration.destination),
             held_boot_files(&self.shared, &self.record),
             dirty_rate.as_mut(),
+            // Boxed: inline, its state made this future's layout too deep for the compiler.
+            Box::pin(self.probe_link_if_unmeasured(link.service, link.address, link.fingerprint)),
         );
+        self.probed_rate = probed_rate;
         let held_there = held_there?;
         let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()

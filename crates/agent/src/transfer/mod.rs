@@ -64,7 +64,8 @@ const PROBE_END_DEADLINE: Duration = Duration::from_secs(2);
 const PROBE_STILL_RISING: f64 = 1.2;
 /// See [`PROBE_STILL_RISING`]: TCP's start-up on a lossy path pauses for a sample now and then
 /// (a retransmission holds the ordered stream), and a probe that stopped at the first such
-/// sample ended on the ramp (312 against 608 Mbit/s on the same 1 Gbit/s link).
+/// sample ended on the ramp (312 against 608 Mbit/s on the same 1 Gbit/s link). The rate a
+/// probe reports is [`ProbeRamp::observed`].
 const PROBE_FLAT_SAMPLES: u32 = 2;
 
 /// Bytes a receiver keeps free beyond the image itself.
@@ -1589,11 +1590,13 @@ pub(crate) struct ProbeOutcome {
 }
 
 /// Follows a probe's rate samples (bytes per second, one per measurement interval).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ProbeRamp {
     best: f64,
     flat_samples: u32,
-    last_two: [f64; 2],
+    last: Option<f64>,
+    /// The best mean of two samples in a row.
+    best_pair: f64,
 }
 
 impl ProbeRamp {
@@ -1604,7 +1607,10 @@ impl ProbeRamp {
             self.flat_samples += 1;
         }
         self.best = self.best.max(sample);
-        self.last_two = [self.last_two[1], sample];
+        if let Some(last) = self.last {
+            self.best_pair = self.best_pair.max((last + sample) / 2.0);
+        }
+        self.last = Some(sample);
     }
 
     /// The rate still climbs: fewer than [`PROBE_FLAT_SAMPLES`] samples since one beat the
@@ -1613,14 +1619,19 @@ impl ProbeRamp {
         self.flat_samples < PROBE_FLAT_SAMPLES
     }
 
-    /// What the link carries at the probe's end: the better of its last two samples, with
-    /// `final_sample` (the session's last) counted if it is new.
+    /// What the link carries: the best rate the probe held over two samples in a row, with
+    /// `final_sample` (the session's last) counted if it is new. Not the last sample: one
+    /// sample is an interval of acknowledgements, bursty after a retransmission, and a probe
+    /// whose stream waited for one at its end reported 14 Mbit/s of a 1 Gbit/s link.
     fn observed(&self, final_sample: f64) -> f64 {
-        let [before, last] = self.last_two;
-        if final_sample == last {
-            before.max(last)
+        let mut ramp = self.clone();
+        if self.last != Some(final_sample) {
+            ramp.observe(final_sample);
+        }
+        if ramp.best_pair > 0.0 {
+            ramp.best_pair
         } else {
-            last.max(final_sample)
+            ramp.last.unwrap_or(0.0)
         }
     }
 }
@@ -1666,7 +1677,7 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_goes_on_through_one_flat_sample_of_its_ramp_and_reports_its_recent_best() {
+    fn a_probe_goes_on_through_one_flat_sample_of_its_ramp_and_reports_its_best_half_second() {
         // Megabits per second, one sample per quarter second: TCP's start-up with a pause.
         let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0]);
         assert!(ramp.rising(), "one flat sample is a pause, not the link");
@@ -1675,9 +1686,13 @@ mod tests {
         // Two samples in a row without a fifth more than the best: the link's rate.
         let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0, 620.0, 640.0, 600.0]);
         assert!(!ramp.rising());
-        assert_eq!(ramp.observed(600.0), 640.0, "the better of the last two");
-        assert_eq!(ramp.observed(700.0), 700.0, "a newer final sample counts");
-        // Nothing acknowledged yet is not a rise.
+        assert_eq!(ramp.observed(600.0), 630.0, "the best two samples in a row");
+        assert_eq!(ramp.observed(700.0), 650.0, "a newer final sample counts");
+        // A stall at the end (the stream waiting for a retransmission) is not the link.
+        let ramp = ramp_of(&[120.0, 310.0, 620.0, 640.0, 600.0, 14.0, 14.0]);
+        assert_eq!(ramp.observed(14.0), 630.0);
+        // One sample alone, and nothing acknowledged yet.
+        assert_eq!(ramp_of(&[80.0]).observed(80.0), 80.0);
         let ramp = ramp_of(&[0.0, 0.0]);
         assert!(!ramp.rising());
         assert_eq!(ramp.observed(0.0), 0.0);
