@@ -913,12 +913,30 @@ impl Source<'_> {
         // While the destination prepares (its QEMU starts), the boot files are indexed, the
         // dirty rate is measured and an unmeasured link is probed (over a session of its own;
         // the migration's is idle until the copy).
+        // A refusal ends the probe rather than waiting for it.
+        let refused = tokio::sync::Notify::new();
+        let begun = async {
+            let answer =
+                ask_destination(session, begin, "migration", &self.migration.destination).await;
+            if answer.is_err() {
+                refused.notify_one();
+            }
+            answer
+        };
+        // Boxed: inline, its state made this future's layout too deep for the compiler.
+        let probe =
+            Box::pin(self.probe_link_if_unmeasured(link.service, link.address, link.fingerprint));
+        let probed = async {
+            tokio::select! {
+                rate = probe => rate,
+                () = refused.notified() => None,
+            }
+        };
         let (held_there, held_here, (), probed_rate) = tokio::join!(
-            ask_destination(session, begin, "migration", &self.migration.destination),
+            begun,
             held_boot_files(&self.shared, &self.record),
             dirty_rate.as_mut(),
-            // Boxed: inline, its state made this future's layout too deep for the compiler.
-            Box::pin(self.probe_link_if_unmeasured(link.service, link.address, link.fingerprint)),
+            probed,
         );
         self.probed_rate = probed_rate;
         let held_there = held_there?;
