@@ -851,10 +851,13 @@ impl Session {
         let (round_trip_measured, round_trip) = oneshot::channel();
         let second_wave = async {
             let Ok(round_trip) = round_trip.await else {
-                return Vec::new();
+                return (first_wave, Vec::new());
             };
-            let wanted = initial_bulk_count(&options, round_trip);
-            (first_wave + 1..=wanted).map(dial_bulk).collect::<Vec<_>>()
+            let wanted = initial_bulk_count(&options, round_trip).max(first_wave);
+            (
+                wanted,
+                (first_wave + 1..=wanted).map(dial_bulk).collect::<Vec<_>>(),
+            )
         };
         let control = dial(
             &dialer,
@@ -868,7 +871,8 @@ impl Session {
             },
             Some(round_trip_measured),
         );
-        let (established, second_wave) = tokio::join!(control, second_wave);
+        let (established, (initial_bulk_connections, second_wave)) =
+            tokio::join!(control, second_wave);
         early_bulk.extend(second_wave);
         let established = match established {
             Ok(established) => established,
@@ -887,8 +891,6 @@ impl Session {
             established.reply.control_receive_window,
             Some(dialer),
         );
-        let initial_bulk_connections =
-            initial_bulk_count(&options, established.tcp_connect_time).max(first_wave);
         {
             let mut core = shared.lock();
             core.key_exchange_group = established.key_exchange_group.clone();
@@ -915,7 +917,6 @@ impl Session {
             0,
             Some(established.stream),
         ));
-        let early_bulk_count = early_bulk.len() as u32;
         for (position, handle) in early_bulk.into_iter().enumerate() {
             let first = match handle.await {
                 Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
@@ -937,9 +938,6 @@ impl Session {
                 position as u32 + 1,
                 first,
             ));
-        }
-        for index in early_bulk_count + 1..=initial_bulk_connections {
-            tokio::spawn(maintain_connection(shared.clone(), Lane::Bulk, index, None));
         }
         tokio::spawn(supervise(shared.clone()));
         Ok(Session { shared })
