@@ -27,6 +27,9 @@ const RSYNC_PORT: u16 = 7402;
 const SSH_PORT: u16 = 7403;
 const IPERF_PORT: u16 = 7404;
 const MIB: u64 = 1 << 20;
+/// The NovaCron receiver's stdout line when the last byte has arrived: the transfer's end, as a
+/// socat receiver's exit is its end.
+const RECEIVER_COMPLETE: &str = "complete";
 /// Bytes sent by the CUBIC single stream on a lossy link, and the rate its time limit assumes
 /// (Mathis: about 4 Mbit/s at 50 ms RTT and 0.5 % loss).
 const CUBIC_LOSSY_BYTES: u64 = 16 * MIB;
@@ -359,7 +362,9 @@ fn load_tls(directory: &Path, own: &str, peer: &str) -> anyhow::Result<TlsSettin
 }
 
 /// Starts `receiver` (already configured), waits for its first stdout line ("ready"), starts
-/// `sender`, and times from the sender's start to the receiver's exit.
+/// `sender`, and times from the sender's start until the receiver holds every byte: its
+/// `complete` line if it prints one (NovaCron's receiver, which then stays to answer the
+/// sender's close), else its exit (socat, rsync and scp exit at the end of the stream).
 async fn timed_transfer(
     mut receiver: std::process::Command,
     mut sender: std::process::Command,
@@ -384,12 +389,16 @@ async fn timed_transfer(
         .spawn()?;
     let receiver_output = async {
         let mut rest = String::new();
+        let mut complete = None;
         while let Some(line) = lines.next_line().await? {
+            if line == RECEIVER_COMPLETE && complete.is_none() {
+                complete = Some(started.elapsed());
+            }
             rest.push_str(&line);
             rest.push('\n');
         }
         let status = receiver.wait().await?;
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = complete.unwrap_or_else(|| started.elapsed()).as_secs_f64();
         Ok::<_, anyhow::Error>((status, seconds, rest))
     };
     let (status, seconds, receiver_text) = tokio::time::timeout(limit, receiver_output)
@@ -765,6 +774,7 @@ fn child_receive() -> anyhow::Result<()> {
             total += chunk.len() as u64;
             hasher.update(&chunk);
         }
+        println!("{RECEIVER_COMPLETE}");
         println!("bytes={total}");
         println!("blake3={}", hasher.finalize().to_hex());
         // Wait for the sender's close so its final acknowledgements get through.

@@ -802,6 +802,7 @@ impl Session {
         options: SessionOptions,
     ) -> Result<Session, TransportError> {
         options.validate()?;
+        let _ = crate::tls::warm_up_random();
         let server_name = match &tls.trust {
             PeerTrust::PinnedFingerprints(_) => PINNED_SERVER_NAME.to_string(),
             PeerTrust::ClusterCertificateAuthority { .. } => options.server_name.clone(),
@@ -1847,6 +1848,7 @@ impl Listener {
         options: SessionOptions,
     ) -> Result<Listener, TransportError> {
         options.validate()?;
+        let _ = crate::tls::warm_up_random();
         let tcp = TcpListener::bind(address)
             .await
             .map_err(|source| TransportError::Io {

@@ -53,6 +53,37 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Seeds aws-lc's random generator on a thread of its own, once per process; later calls return
+/// at once. True when this call started the seeding.
+///
+/// aws-lc seeds its generator from CPU timing jitter the first time a process asks it for
+/// random bytes, which took 30-46 ms here. The first handshake asks for them (its key shares),
+/// so unwarmed that time sat on the critical path of both ends: between the dialer's TCP
+/// handshake and its ClientHello, and again between the listener's accept and its ServerHello.
+/// [`Session::connect`](crate::Session::connect) calls this before its TCP handshake, so the
+/// seeding overlaps that round trip, and [`Listener::bind`](crate::Listener::bind) calls it
+/// before any peer can dial (bench/transport/README.md, "The first handshake of a process").
+pub fn warm_up_random() -> bool {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let mut started = false;
+    STARTED.call_once(|| {
+        started = true;
+        let seed = || {
+            let mut byte = [0u8; 1];
+            if let Err(error) = aws_lc_rs::rand::fill(&mut byte) {
+                tracing::debug!(%error, "cannot warm up the random generator");
+            }
+        };
+        if let Err(error) = std::thread::Builder::new()
+            .name("novacron-rng-seed".to_string())
+            .spawn(seed)
+        {
+            tracing::debug!(%error, "cannot start the random generator's warm-up thread");
+        }
+    });
+    started
+}
+
 impl TlsSettings {
     /// Configuration for the accepting side: client certificates are mandatory.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TransportError> {
@@ -262,5 +293,19 @@ impl ClientCertVerifier for PinnedCertificateVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_random_generator_is_warmed_up_once() {
+        warm_up_random();
+        assert!(!warm_up_random(), "a second call starts nothing");
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes).expect("random bytes after the warm-up");
+        assert_ne!(bytes, [0u8; 32]);
     }
 }
