@@ -480,7 +480,7 @@ async fn run_novacron(
     }
     *measured = field(&sender_text, "forecast_bits_per_second").and_then(|text| text.parse().ok());
     let note = format!(
-        "blake3 ok; {}control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}",
+        "blake3 ok; {}control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}; {} MB sent twice (overdue frames, hedged)",
         forecast.map_or(String::new(), |bits_per_second| format!(
             "forecast {:.0} Mbit/s, pacing limit {:.0} Mbit/s at first; ",
             bits_per_second / 1e6,
@@ -491,6 +491,9 @@ async fn run_novacron(
         field(&sender_text, "round_trip_estimate_ms").unwrap_or_default(),
         field(&sender_text, "congestion_control").unwrap_or_default(),
         field(&sender_text, "key_exchange_group").unwrap_or_default(),
+        field(&sender_text, "hedged")
+            .and_then(|bytes| bytes.parse::<f64>().ok())
+            .map_or_else(|| "?".to_string(), |bytes| format!("{:.1}", bytes / 1e6)),
     );
     Ok((
         tool_name(if forecast.is_some() {
@@ -860,6 +863,9 @@ fn child_send() -> anyhow::Result<()> {
             options.bulk_pacing_limit_bytes_per_second =
                 Some((limit.parse::<f64>()? * 1e6 / 8.0) as u64);
         }
+        if std::env::var_os("DWCP_BENCH_NO_HEDGE").is_some() {
+            options.hedge_overdue_frames = false;
+        }
         if let Ok(streams) = std::env::var("DWCP_BENCH_STREAMS") {
             options.initial_bulk_connections = Some(streams.parse()?);
             options.adapt_stream_count = false;
@@ -918,6 +924,7 @@ fn child_send() -> anyhow::Result<()> {
             stats.key_exchange_group.unwrap_or_default()
         );
         println!("retransmitted={}", stats.bulk_bytes_retransmitted);
+        println!("hedged={}", stats.bulk_bytes_hedged);
         if let Some(forecast) = model
             .lock()
             .expect("the model's lock")

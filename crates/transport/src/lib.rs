@@ -9,6 +9,10 @@
 //! - [`policy`]: how many bulk connections to use (sans-IO).
 //! - [`session`]: the executor: [`Session`], [`Listener`], [`ControlChannel`].
 //!
+//! At the end of a bulk stream, a frame overdue on one connection (behind a loss it has not
+//! repaired, or a stalled path) is sent once more on another that has nothing left to send; the
+//! receiver keeps the first copy (`reliable::OutboundChannel::next_hedge`).
+//!
 //! Use: the destination binds a [`Listener`] and `accept`s; the source calls [`Session::connect`].
 //! Both sides then `send`/`recv` bulk data (ordered, reliable, across reconnections), end it with
 //! `finish`, and exchange requests, responses and notifications on [`Session::control`], which has

@@ -17,9 +17,13 @@
 //! - the receiver therefore never holds more than its `receive_window_bytes` and treats a frame
 //!   beyond that as a protocol violation;
 //! - an acknowledgement says every sequence number below `contiguous_sequence` was received; such
-//!   frames are dropped from the store and never transmitted again, even after a reconnection.
+//!   frames are dropped from the store and never transmitted again, even after a reconnection;
+//! - once the end of the stream is queued and every frame written, a frame unacknowledged for
+//!   longer than it should be is sent once more on another connection
+//!   ([`OutboundChannel::next_hedge`]); the receiver keeps whichever copy arrives first.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -28,6 +32,20 @@ use crate::frame::Acknowledgement;
 
 /// Bookkeeping cost charged per frame on top of its payload.
 pub const FRAME_CHARGE_BYTES: u64 = 128;
+
+/// Most frames awaiting their acknowledgement with a second copy on the way (see
+/// [`OutboundChannel::next_hedge`]), and how far past the first unacknowledged frame one is
+/// looked for: a megabyte of 128 KiB frames.
+pub const HEDGED_FRAMES_MAX: usize = 8;
+
+/// A frame is overdue once unacknowledged for this many times the smoothed delay from a
+/// frame's write to its acknowledgement: a connection's fast retransmit lands within about
+/// one and a quarter; its tail-loss probe waits two round trips, its retransmission timeout
+/// more, and a connection still in start-up sends its share slowly.
+pub const HEDGE_AFTER_DELAYS: f64 = 1.5;
+
+/// Never hedge a frame younger than this (a LAN's delays are scheduling noise).
+pub const HEDGE_AFTER_MIN: Duration = Duration::from_millis(10);
 
 pub fn charge_of(payload_len: usize) -> u64 {
     payload_len as u64 + FRAME_CHARGE_BYTES
@@ -39,6 +57,8 @@ struct OutboundFrame {
     end_of_stream: bool,
     end_offset: u64,
     assigned_connection: Option<u64>,
+    /// When it was last written to a connection.
+    sent_at: Option<Instant>,
 }
 
 /// A frame chosen for transmission.
@@ -85,6 +105,13 @@ pub struct OutboundChannel {
     /// window, limited the rate then.
     pub credit_holds: u64,
     largest_charge: u64,
+    /// Frames sent a second time (`next_hedge`) and not yet acknowledged.
+    hedged: BTreeSet<u64>,
+    /// Payload bytes sent a second time by `next_hedge` (not counted as retransmitted).
+    pub payload_bytes_hedged: u64,
+    /// Smoothed delay from a frame's write to its acknowledgement (of the newest frame each
+    /// acknowledgement covers).
+    acknowledgement_delay: Option<Duration>,
 }
 
 impl OutboundChannel {
@@ -110,6 +137,9 @@ impl OutboundChannel {
             send_window_starved: 0,
             credit_holds: 0,
             largest_charge: 0,
+            hedged: BTreeSet::new(),
+            payload_bytes_hedged: 0,
+            acknowledgement_delay: None,
         }
     }
 
@@ -167,6 +197,7 @@ impl OutboundChannel {
                 end_of_stream,
                 end_offset: self.next_end_offset,
                 assigned_connection: None,
+                sent_at: None,
             },
         );
         self.pending.insert(sequence);
@@ -175,7 +206,8 @@ impl OutboundChannel {
 
     /// The lowest-numbered frame not on a live connection, if the receiver's credit allows it;
     /// the frame is then assigned to `connection_id` until acknowledged or that connection is lost.
-    pub fn next_transmission(&mut self, connection_id: u64) -> Option<Transmission> {
+    /// `now` is when it is written.
+    pub fn next_transmission(&mut self, connection_id: u64, now: Instant) -> Option<Transmission> {
         let Some(&sequence) = self.pending.first() else {
             if self.largest_charge > 0
                 && self.buffered_bytes + self.largest_charge > self.send_window_bytes
@@ -202,6 +234,7 @@ impl OutboundChannel {
         self.pending.remove(&sequence);
         self.unsent_bytes -= charge_of(frame.payload.len());
         frame.assigned_connection = Some(connection_id);
+        frame.sent_at = Some(now);
         let retransmission = !self.transmitted_once.insert(sequence);
         if retransmission {
             self.payload_bytes_retransmitted += frame.payload.len() as u64;
@@ -214,8 +247,13 @@ impl OutboundChannel {
         })
     }
 
-    /// Applies an acknowledgement; returns whether it freed space or granted credit.
-    pub fn on_acknowledgement(&mut self, ack: Acknowledgement) -> Result<bool, TransportError> {
+    /// Applies an acknowledgement received at `now`; returns whether it freed space or granted
+    /// credit.
+    pub fn on_acknowledgement(
+        &mut self,
+        ack: Acknowledgement,
+        now: Instant,
+    ) -> Result<bool, TransportError> {
         if ack.contiguous_sequence > self.next_sequence {
             return Err(TransportError::Protocol {
                 reason: format!(
@@ -225,9 +263,12 @@ impl OutboundChannel {
             });
         }
         let mut changed = false;
+        let mut newest_sent = None;
         while self.acknowledged_sequence < ack.contiguous_sequence {
             let sequence = self.acknowledged_sequence;
+            self.hedged.remove(&sequence);
             if let Some(frame) = self.frames.remove(&sequence) {
+                newest_sent = frame.sent_at.or(newest_sent);
                 self.buffered_bytes -= charge_of(frame.payload.len());
                 self.payload_bytes_acknowledged += frame.payload.len() as u64;
                 // Received before its connection was lost, and queued again since.
@@ -238,6 +279,14 @@ impl OutboundChannel {
             self.transmitted_once.remove(&sequence);
             self.acknowledged_sequence += 1;
             changed = true;
+        }
+        if let Some(sent) = newest_sent {
+            let delay = now.saturating_duration_since(sent);
+            self.acknowledgement_delay = Some(match self.acknowledgement_delay {
+                // An eighth of each new sample, as TCP smooths its round trip.
+                Some(smoothed) => smoothed.mul_f64(0.875) + delay.mul_f64(0.125),
+                None => delay,
+            });
         }
         if ack.consumed_bytes > self.peer_consumed {
             self.peer_consumed = ack.consumed_bytes;
@@ -257,6 +306,7 @@ impl OutboundChannel {
         for (sequence, frame) in self.frames.iter_mut() {
             if frame.assigned_connection == Some(connection_id) {
                 frame.assigned_connection = None;
+                self.hedged.remove(sequence);
                 if self.pending.insert(*sequence) {
                     self.unsent_bytes += charge_of(frame.payload.len());
                 }
@@ -280,6 +330,71 @@ impl OutboundChannel {
 
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// How long a frame may go unacknowledged before it is overdue; `None` until an
+    /// acknowledgement has measured the delay.
+    pub fn hedge_after(&self) -> Option<Duration> {
+        self.acknowledgement_delay
+            .map(|delay| delay.mul_f64(HEDGE_AFTER_DELAYS).max(HEDGE_AFTER_MIN))
+    }
+
+    /// Frames that could be hedged on `connection_id`, lowest first: the end of the stream is
+    /// queued and nothing waits to be sent, and among the first [`HEDGED_FRAMES_MAX`]
+    /// unacknowledged frames, those written on another connection and not hedged yet. Empty
+    /// while [`HEDGED_FRAMES_MAX`] hedges await their acknowledgement.
+    fn hedge_candidates(&self, connection_id: u64) -> impl Iterator<Item = (&u64, &OutboundFrame)> {
+        let open = self.end_of_stream_queued
+            && self.pending.is_empty()
+            && self.hedged.len() < HEDGED_FRAMES_MAX;
+        self.frames
+            .iter()
+            .take(if open { HEDGED_FRAMES_MAX } else { 0 })
+            .filter(move |(sequence, frame)| {
+                frame
+                    .assigned_connection
+                    .is_some_and(|assigned| assigned != connection_id)
+                    && !self.hedged.contains(sequence)
+            })
+    }
+
+    /// At the end of the stream (its end queued, every frame written), a copy of the lowest
+    /// frame that is overdue on another connection (see [`Self::hedge_after`]), to send on
+    /// `connection_id`. The receiver keeps the first copy to arrive: a frame behind a loss its
+    /// connection has not yet repaired, queued on a connection slower than the rest (one still
+    /// in TCP's start-up), or on one whose path stalled, no longer holds the stream's last byte
+    /// for a round trip, a retransmission timeout or the 15 s until TCP gives up. The copy is
+    /// written only when the connection would otherwise be idle; at most [`HEDGED_FRAMES_MAX`]
+    /// await their acknowledgement, each frame is copied once, and the frame stays assigned to
+    /// its first connection. Not earlier in the stream: copies taken whenever the send window
+    /// was full (4 MB of a 2 GiB transfer at 1 Gbit/s, 50 ms, 0.5 % loss) did not make it any
+    /// faster (bench/transport/README.md).
+    pub fn next_hedge(&mut self, connection_id: u64, now: Instant) -> Option<Transmission> {
+        let overdue = self.hedge_after()?;
+        let (&sequence, frame) = self.hedge_candidates(connection_id).find(|(_, frame)| {
+            frame
+                .sent_at
+                .is_some_and(|sent| now.saturating_duration_since(sent) >= overdue)
+        })?;
+        let transmission = Transmission {
+            sequence,
+            payload: frame.payload.clone(),
+            end_of_stream: frame.end_of_stream,
+            retransmission: true,
+        };
+        self.hedged.insert(sequence);
+        self.payload_bytes_hedged += transmission.payload.len() as u64;
+        Some(transmission)
+    }
+
+    /// When [`Self::next_hedge`] on `connection_id` could next find a frame, if nothing else
+    /// changes first (new data, an acknowledgement).
+    pub fn next_hedge_due(&self, connection_id: u64) -> Option<Instant> {
+        let overdue = self.hedge_after()?;
+        self.hedge_candidates(connection_id)
+            .filter_map(|(_, frame)| frame.sent_at)
+            .min()
+            .map(|sent| sent + overdue)
     }
 }
 
@@ -492,8 +607,8 @@ mod tests {
             outbound.enqueue(payload(byte, 1000), false).unwrap();
         }
         assert_eq!(outbound.unsent_bytes(), 3 * charge_of(1000));
-        let first = outbound.next_transmission(1).unwrap();
-        outbound.next_transmission(2).unwrap();
+        let first = outbound.next_transmission(1, Instant::now()).unwrap();
+        outbound.next_transmission(2, Instant::now()).unwrap();
         assert_eq!(outbound.unsent_bytes(), charge_of(1000));
         assert_eq!(outbound.buffered_bytes(), 3 * charge_of(1000));
         // The first frame arrived, then its connection was lost before the acknowledgement:
@@ -504,7 +619,7 @@ mod tests {
         assert_eq!(outbound.on_connection_lost(1), 1);
         assert_eq!(outbound.unsent_bytes(), 2 * charge_of(1000));
         outbound
-            .on_acknowledgement(inbound.acknowledgement())
+            .on_acknowledgement(inbound.acknowledgement(), Instant::now())
             .unwrap();
         assert_eq!(outbound.unsent_bytes(), charge_of(1000));
         assert_eq!(outbound.buffered_bytes(), 2 * charge_of(1000));
@@ -512,7 +627,7 @@ mod tests {
         assert_eq!(outbound.on_connection_lost(1), 0);
         assert_eq!(outbound.on_connection_lost(2), 1);
         assert_eq!(outbound.unsent_bytes(), 2 * charge_of(1000));
-        while outbound.next_transmission(3).is_some() {}
+        while outbound.next_transmission(3, Instant::now()).is_some() {}
         assert_eq!(outbound.unsent_bytes(), 0);
     }
 
@@ -520,18 +635,18 @@ mod tests {
     fn a_connection_finding_the_window_full_and_nothing_queued_counts_as_starved() {
         let mut outbound = OutboundChannel::new(charge_of(1000) * 2, charge_of(1000) * 100);
         // Nothing queued, window empty: the path or the sender, not the window.
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
         assert_eq!(outbound.send_window_starved, 0);
         outbound.enqueue(payload(0, 1000), false).unwrap();
-        assert!(outbound.next_transmission(1).is_some());
+        assert!(outbound.next_transmission(1, Instant::now()).is_some());
         // One frame out, room for another: not starved.
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
         assert_eq!(outbound.send_window_starved, 0);
         outbound.enqueue(payload(1, 1000), false).unwrap();
         assert!(!outbound.has_room_for(1000));
-        assert!(outbound.next_transmission(2).is_some());
+        assert!(outbound.next_transmission(2, Instant::now()).is_some());
         // Both out, the window full: a free connection starves.
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
         assert_eq!(outbound.send_window_starved, 1);
     }
 
@@ -544,35 +659,41 @@ mod tests {
             outbound.enqueue(payload(round, 1000), false).unwrap();
         }
         for _ in 0..2 {
-            let sent = outbound.next_transmission(1).unwrap();
+            let sent = outbound.next_transmission(1, Instant::now()).unwrap();
             inbound.on_data(sent.sequence, sent.payload, false).unwrap();
         }
         // Received (so no longer buffered here) but not consumed by the peer's application.
         assert!(
             outbound
-                .on_acknowledgement(inbound.acknowledgement())
+                .on_acknowledgement(inbound.acknowledgement(), Instant::now())
                 .unwrap()
         );
         assert_eq!(outbound.buffered_bytes(), 0);
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
         assert_eq!(
             outbound.send_window_holds, 0,
             "nothing queued: not the window's doing"
         );
         outbound.enqueue(payload(2, 1000), false).unwrap();
         outbound.enqueue(payload(3, 1000), false).unwrap();
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
         assert_eq!(outbound.send_window_holds, 1);
         // The application takes one frame: one more may go.
         let delivery = inbound.take_next().unwrap();
         inbound.mark_consumed(delivery.charge);
         assert!(
             outbound
-                .on_acknowledgement(inbound.acknowledgement())
+                .on_acknowledgement(inbound.acknowledgement(), Instant::now())
                 .unwrap()
         );
-        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 2);
-        assert_eq!(outbound.next_transmission(1), None);
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            2
+        );
+        assert_eq!(outbound.next_transmission(1, Instant::now()), None);
     }
 
     #[test]
@@ -582,13 +703,13 @@ mod tests {
         for round in 0..2u8 {
             assert!(outbound.has_room_for(1000));
             outbound.enqueue(payload(round, 1000), false).unwrap();
-            let sent = outbound.next_transmission(1).unwrap();
-            assert_eq!(outbound.next_transmission(1), None);
+            let sent = outbound.next_transmission(1, Instant::now()).unwrap();
+            assert_eq!(outbound.next_transmission(1, Instant::now()), None);
             inbound.on_data(sent.sequence, sent.payload, false).unwrap();
             let delivery = inbound.take_next().unwrap();
             inbound.mark_consumed(delivery.charge);
             outbound
-                .on_acknowledgement(inbound.acknowledgement())
+                .on_acknowledgement(inbound.acknowledgement(), Instant::now())
                 .unwrap();
         }
         assert!(outbound.all_acknowledged());
@@ -603,21 +724,42 @@ mod tests {
             outbound.enqueue(payload(0, 1000), false).unwrap();
         }
         assert!(!outbound.has_room_for(1000));
-        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 0);
-        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 1);
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            0
+        );
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            1
+        );
         assert!(
-            outbound.next_transmission(1).is_none(),
+            outbound.next_transmission(1, Instant::now()).is_none(),
             "credit for two frames only"
         );
         outbound
-            .on_acknowledgement(Acknowledgement {
-                contiguous_sequence: 2,
-                consumed_bytes: charge_of(1000),
-            })
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 2,
+                    consumed_bytes: charge_of(1000),
+                },
+                Instant::now(),
+            )
             .unwrap();
         assert!(outbound.has_room_for(1000));
-        assert_eq!(outbound.next_transmission(1).unwrap().sequence, 2);
-        assert!(outbound.next_transmission(1).is_none());
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            2
+        );
+        assert!(outbound.next_transmission(1, Instant::now()).is_none());
     }
 
     #[test]
@@ -628,29 +770,34 @@ mod tests {
         }
         // Frames 0, 2, 4 go on connection 1; 1, 3, 5 on connection 2.
         for index in 0..6 {
-            let transmission = outbound.next_transmission(1 + index % 2).unwrap();
+            let transmission = outbound
+                .next_transmission(1 + index % 2, Instant::now())
+                .unwrap();
             assert_eq!(transmission.sequence, index);
         }
         outbound
-            .on_acknowledgement(Acknowledgement {
-                contiguous_sequence: 3,
-                consumed_bytes: 0,
-            })
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 3,
+                    consumed_bytes: 0,
+                },
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(
             outbound.on_connection_lost(1),
             1,
             "only frame 4 is unacknowledged on 1"
         );
-        let resent = outbound.next_transmission(3).unwrap();
+        let resent = outbound.next_transmission(3, Instant::now()).unwrap();
         assert_eq!(resent.sequence, 4);
         assert!(resent.retransmission);
         assert!(
-            outbound.next_transmission(3).is_none(),
+            outbound.next_transmission(3, Instant::now()).is_none(),
             "frames on connection 2 stay there"
         );
         assert_eq!(outbound.on_connection_lost(2), 2);
-        let again: Vec<u64> = std::iter::from_fn(|| outbound.next_transmission(3))
+        let again: Vec<u64> = std::iter::from_fn(|| outbound.next_transmission(3, Instant::now()))
             .map(|transmission| transmission.sequence)
             .collect();
         assert_eq!(again, vec![3, 5]);
@@ -663,11 +810,188 @@ mod tests {
         outbound.enqueue(payload(0, 1), false).unwrap();
         assert!(
             outbound
-                .on_acknowledgement(Acknowledgement {
+                .on_acknowledgement(
+                    Acknowledgement {
+                        contiguous_sequence: 5,
+                        consumed_bytes: 0,
+                    },
+                    Instant::now()
+                )
+                .is_err()
+        );
+    }
+
+    /// Frames 0-3 written on connections 1 and 2 at `start`, frame 0 acknowledged 100 ms later
+    /// (the measured delay), the end of the stream queued and written on connection 1.
+    fn four_frames_and_one_acknowledged(start: Instant) -> OutboundChannel {
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        for byte in 0..4u8 {
+            outbound.enqueue(payload(byte, 100), false).unwrap();
+        }
+        for connection in [1, 2, 1, 2] {
+            outbound.next_transmission(connection, start).unwrap();
+        }
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 1,
+                    consumed_bytes: 0,
+                },
+                start + Duration::from_millis(100),
+            )
+            .unwrap();
+        outbound.enqueue(Bytes::new(), true).unwrap();
+        outbound
+            .next_transmission(1, start + Duration::from_millis(100))
+            .unwrap();
+        outbound
+    }
+
+    #[test]
+    fn an_overdue_frame_is_sent_once_more_on_another_connection_with_nothing_else_to_send() {
+        let start = Instant::now();
+        let mut outbound = four_frames_and_one_acknowledged(start);
+        assert_eq!(outbound.hedge_after(), Some(Duration::from_millis(150)));
+        // Not overdue yet: nothing, and when to look again.
+        let early = start + Duration::from_millis(120);
+        assert_eq!(outbound.next_hedge(3, early), None);
+        assert_eq!(
+            outbound.next_hedge_due(3),
+            Some(start + Duration::from_millis(150))
+        );
+        // Overdue: the lowest frames first, each once, never on the connection it is on.
+        let late = start + Duration::from_millis(160);
+        let on_connection_2: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(2, late))
+            .map(|hedge| {
+                assert!(hedge.retransmission);
+                hedge.sequence
+            })
+            .collect();
+        assert_eq!(
+            on_connection_2,
+            vec![2],
+            "frames 1 and 3 are on connection 2"
+        );
+        let on_connection_3: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(3, late))
+            .map(|hedge| hedge.sequence)
+            .collect();
+        assert_eq!(
+            on_connection_3,
+            vec![1, 3],
+            "the end marker is not overdue yet"
+        );
+        assert_eq!(outbound.payload_bytes_hedged, 300);
+        assert_eq!(outbound.payload_bytes_retransmitted, 0);
+        // The copies leave the frames where they were: acknowledged as usual, and a lost
+        // first connection still requeues its own.
+        assert!(outbound.unacknowledged_on(2));
+        assert_eq!(outbound.on_connection_lost(2), 2);
+        assert_eq!(
+            outbound
+                .next_transmission(3, late)
+                .map(|frame| frame.sequence),
+            Some(1)
+        );
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
                     contiguous_sequence: 5,
                     consumed_bytes: 0,
-                })
-                .is_err()
+                },
+                late,
+            )
+            .unwrap();
+        assert!(outbound.all_acknowledged());
+        assert_eq!(outbound.next_hedge(3, late + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn no_frame_is_hedged_before_the_end_of_the_stream_or_a_measured_delay() {
+        let start = Instant::now();
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        outbound.enqueue(payload(1, 100), false).unwrap();
+        outbound.next_transmission(1, start).unwrap();
+        let much_later = start + Duration::from_secs(10);
+        assert_eq!(outbound.hedge_after(), None);
+        assert_eq!(outbound.next_hedge(2, much_later), None);
+        assert_eq!(outbound.next_hedge_due(2), None);
+
+        // A frame waits for a connection: it goes first, and nothing is copied meanwhile.
+        let mut outbound = OutboundChannel::new(1 << 20, 1 << 20);
+        for byte in 0..3u8 {
+            outbound.enqueue(payload(byte, 100), false).unwrap();
+        }
+        outbound.next_transmission(1, start).unwrap();
+        outbound.next_transmission(2, start).unwrap();
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 1,
+                    consumed_bytes: 0,
+                },
+                start + Duration::from_millis(100),
+            )
+            .unwrap();
+        assert!(outbound.has_pending());
+        assert_eq!(outbound.next_hedge(3, much_later), None);
+        assert_eq!(outbound.next_hedge_due(3), None);
+        // Every frame written, but the stream goes on: still nothing.
+        outbound.next_transmission(1, start).unwrap();
+        assert_eq!(outbound.next_hedge(3, much_later), None);
+        assert_eq!(outbound.next_hedge_due(3), None);
+        // Its end written too: the overdue frames go again.
+        outbound.enqueue(Bytes::new(), true).unwrap();
+        outbound.next_transmission(2, much_later).unwrap();
+        assert_eq!(
+            outbound
+                .next_hedge(3, much_later)
+                .map(|hedge| hedge.sequence),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn at_most_a_megabyte_of_frames_awaits_acknowledgement_with_a_copy_on_the_way() {
+        let start = Instant::now();
+        let mut outbound = OutboundChannel::new(64 << 20, 64 << 20);
+        let frames = HEDGED_FRAMES_MAX as u64 * 2 + 1;
+        for _ in 0..frames {
+            outbound.enqueue(payload(7, 128 << 10), false).unwrap();
+        }
+        outbound.enqueue(Bytes::new(), true).unwrap();
+        for _ in 0..=frames {
+            outbound.next_transmission(1, start).unwrap();
+        }
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 1,
+                    consumed_bytes: 0,
+                },
+                start + Duration::from_millis(20),
+            )
+            .unwrap();
+        let late = start + Duration::from_secs(1);
+        let hedged: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(2, late))
+            .map(|hedge| hedge.sequence)
+            .collect();
+        assert_eq!(hedged, (1..=HEDGED_FRAMES_MAX as u64).collect::<Vec<_>>());
+        // Acknowledging two of them lets the next two go.
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 3,
+                    consumed_bytes: 0,
+                },
+                late,
+            )
+            .unwrap();
+        let next: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(2, late))
+            .map(|hedge| hedge.sequence)
+            .collect();
+        assert_eq!(
+            next,
+            vec![HEDGED_FRAMES_MAX as u64 + 1, HEDGED_FRAMES_MAX as u64 + 2]
         );
     }
 }

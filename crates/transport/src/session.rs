@@ -109,6 +109,9 @@ pub struct SessionOptions {
     /// cap; with a forecast of the link, [`crate::policy::pacing_limit_for`] of it). See
     /// [`Session::set_bulk_pacing_limit`].
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
+    /// Send an overdue bulk frame once more on a connection that has nothing else to send
+    /// (see [`crate::reliable::OutboundChannel::next_hedge`]).
+    pub hedge_overdue_frames: bool,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
 }
@@ -133,6 +136,7 @@ impl Default for SessionOptions {
             measurement_interval: Duration::from_secs(1),
             resume_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
+            hedge_overdue_frames: true,
             server_name: PINNED_SERVER_NAME.to_string(),
             rate_observer: None,
             bulk_pacing_limit_bytes_per_second: None,
@@ -329,6 +333,10 @@ pub struct SessionStats {
     pub bulk_bytes_acknowledged: u64,
     pub bulk_bytes_received: u64,
     pub bulk_bytes_retransmitted: u64,
+    /// Bulk payload sent a second time on another connection while the first copy was overdue
+    /// (`OutboundChannel::next_hedge`); the peer counts the copy that arrives second among its
+    /// `duplicate_frames_received`.
+    pub bulk_bytes_hedged: u64,
     pub duplicate_frames_received: u64,
     pub send_buffered_bytes: u64,
     /// The part of `send_buffered_bytes` (charged) waiting for a connection; the rest was
@@ -652,9 +660,10 @@ impl SessionShared {
             }
             (FrameKind::Ack, channel) => {
                 let ack = Acknowledgement::decode(&payload)?;
+                let now = Instant::now();
                 let changed = match channel {
-                    Channel::Bulk => core.bulk_out.on_acknowledgement(ack)?,
-                    Channel::Control => core.control_out.on_acknowledgement(ack)?,
+                    Channel::Bulk => core.bulk_out.on_acknowledgement(ack, now)?,
+                    Channel::Control => core.control_out.on_acknowledgement(ack, now)?,
                 };
                 drop(core);
                 if changed {
@@ -1132,6 +1141,7 @@ impl Session {
             bulk_bytes_acknowledged: core.bulk_out.payload_bytes_acknowledged,
             bulk_bytes_received: core.bulk_in.payload_bytes_received,
             bulk_bytes_retransmitted: core.bulk_out.payload_bytes_retransmitted,
+            bulk_bytes_hedged: core.bulk_out.payload_bytes_hedged,
             duplicate_frames_received: core.bulk_in.duplicate_frames
                 + core.control_in.duplicate_frames,
             send_buffered_bytes: core.bulk_out.buffered_bytes(),
@@ -1506,16 +1516,35 @@ async fn write_bulk(
         let notified = pin!(shared.bulk_writers.notified());
         let mut notified = notified;
         notified.as_mut().enable();
-        let (transmission, retired) = {
+        let (transmission, retired, hedge_due) = {
             let mut core = shared.lock();
             if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
                 return Ok(());
             }
             if index.is_some_and(|index| core.retiring.contains(&index)) {
                 // Retiring: no new frames; close once the peer has every frame sent here.
-                (None, !core.bulk_out.unacknowledged_on(connection_id))
+                (None, !core.bulk_out.unacknowledged_on(connection_id), None)
             } else {
-                (core.bulk_out.next_transmission(connection_id), false)
+                let now = Instant::now();
+                let hedge = shared.options.hedge_overdue_frames;
+                // Nothing new to send: an overdue frame of another connection, sent again here.
+                match core
+                    .bulk_out
+                    .next_transmission(connection_id, now)
+                    .or_else(|| {
+                        hedge
+                            .then(|| core.bulk_out.next_hedge(connection_id, now))
+                            .flatten()
+                    }) {
+                    Some(transmission) => (Some(transmission), false, None),
+                    None => (
+                        None,
+                        false,
+                        hedge
+                            .then(|| core.bulk_out.next_hedge_due(connection_id))
+                            .flatten(),
+                    ),
+                }
             }
         };
         if retired {
@@ -1543,7 +1572,15 @@ async fn write_bulk(
                     peer,
                     source,
                 })?;
-                notified.await;
+                match hedge_due {
+                    Some(due) => {
+                        tokio::select! {
+                            () = notified => {}
+                            () = tokio::time::sleep_until(due.into()) => {}
+                        }
+                    }
+                    None => notified.await,
+                }
             }
         }
     }
@@ -1580,7 +1617,7 @@ async fn write_control(
                 Some(ControlWork::Ack(Channel::Bulk, bulk_ack))
             } else {
                 core.control_out
-                    .next_transmission(connection_id)
+                    .next_transmission(connection_id, Instant::now())
                     .map(ControlWork::Data)
             }
         };

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use novacron_transport::{HostIdentity, Listener, PeerTrust, SessionOptions, TlsSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub const TEST_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -81,13 +82,18 @@ pub async fn within<T>(future: impl Future<Output = T>) -> T {
         .expect("test exceeded its deadline")
 }
 
-/// A TCP proxy between the dialer and the listener that can drop every connection at once.
+/// A TCP proxy between the dialer and the listener that can drop every connection at once, or
+/// stall one (it stops forwarding the dialer's bytes, without closing anything).
 pub struct CuttingProxy {
     pub address: SocketAddr,
     cut: broadcast::Sender<()>,
     pub connections: Arc<AtomicU64>,
     /// While set, new connections are closed at once (the path is down).
     blocked: Arc<std::sync::atomic::AtomicBool>,
+    /// The connection (by accept order) whose dialer-to-listener direction is stalled.
+    stalled: watch::Sender<Option<usize>>,
+    /// Bytes forwarded from the dialer, per connection in accept order.
+    forwarded: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>>,
 }
 
 impl CuttingProxy {
@@ -97,31 +103,83 @@ impl CuttingProxy {
         let (cut, _) = broadcast::channel(16);
         let connections = Arc::new(AtomicU64::new(0));
         let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stalled, _) = watch::channel(None);
+        let forwarded = Arc::new(std::sync::Mutex::new(Vec::new()));
         let proxy = CuttingProxy {
             address,
             cut: cut.clone(),
             connections: connections.clone(),
             blocked: blocked.clone(),
+            stalled: stalled.clone(),
+            forwarded: forwarded.clone(),
         };
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if blocked.load(Ordering::SeqCst) {
                     continue;
                 }
                 let mut cut_signal = cut.subscribe();
                 connections.fetch_add(1, Ordering::Relaxed);
+                let counter = Arc::new(AtomicU64::new(0));
+                let number = {
+                    let mut forwarded = forwarded.lock().unwrap();
+                    forwarded.push(counter.clone());
+                    forwarded.len() - 1
+                };
+                let mut stall = stalled.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let (mut from_dialer, mut to_dialer) = inbound.into_split();
+                    let (mut from_listener, mut to_listener) = outbound.into_split();
+                    let forward = async {
+                        let mut buffer = vec![0u8; 64 << 10];
+                        loop {
+                            // A dropped proxy stalls nothing.
+                            let _ = stall.wait_for(|stalled| *stalled != Some(number)).await;
+                            let read = from_dialer.read(&mut buffer).await?;
+                            if read == 0 {
+                                break;
+                            }
+                            to_listener.write_all(&buffer[..read]).await?;
+                            counter.fetch_add(read as u64, Ordering::Relaxed);
+                        }
+                        to_listener.shutdown().await
+                    };
+                    let backward = async {
+                        tokio::io::copy(&mut from_listener, &mut to_dialer).await?;
+                        to_dialer.shutdown().await
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { tokio::join!(forward, backward) } => {}
                         _ = cut_signal.recv() => {}
                     }
                 });
             }
         });
         proxy
+    }
+
+    /// Stalls the connection that has forwarded the most from the dialer so far (a bulk one
+    /// once data flows); returns its number for [`Self::forwarded_by`].
+    pub fn stall_busiest(&self) -> usize {
+        let busiest = self
+            .forwarded
+            .lock()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, counter)| counter.load(Ordering::Relaxed))
+            .map(|(number, _)| number)
+            .expect("a proxied connection");
+        self.stalled.send_replace(Some(busiest));
+        busiest
+    }
+
+    /// Bytes connection `number` forwarded from the dialer.
+    pub fn forwarded_by(&self, number: usize) -> u64 {
+        self.forwarded.lock().unwrap()[number].load(Ordering::Relaxed)
     }
 
     /// Drops every connection currently proxied (both directions, no shutdown).

@@ -207,6 +207,52 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
     .await;
 }
 
+/// A bulk connection that stops delivering (its path stalled, not cut: nothing resets it, and
+/// TCP would take 15 s to give up) no longer holds the end of the stream: once nothing else is
+/// left to send, its overdue frames go again on the other connection, and the receiver has
+/// everything while the stall lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_stuck_on_a_stalled_connection_arrive_by_another_at_the_end() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        let proxy = CuttingProxy::start(listener.local_addr()).await;
+        let payload = random_payload(16 << 20, 9);
+        let expected = blake3::hash(&payload);
+        let dialer = Session::connect(proxy.address, &dialer_tls, test_options(2))
+            .await
+            .unwrap();
+        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
+        let receiver_session = accepted.clone();
+        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        for piece in payload.slice(..8 << 20).chunks(1 << 20) {
+            dialer.send(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        wait_until("the first half to arrive", TEST_DEADLINE, || {
+            accepted.stats().bulk_bytes_received >= 4 << 20
+        })
+        .await;
+        let stalled = proxy.stall_busiest();
+        let forwarded_when_stalled = proxy.forwarded_by(stalled);
+        send_in_pieces(&dialer, &payload.slice(8 << 20..), 1 << 20).await;
+        let (total, hash) = receiver.await.unwrap();
+        assert_eq!(total, 16 << 20);
+        assert_eq!(hash, expected, "data lost, duplicated or reordered");
+        // At most the read the stall caught in flight crossed the stalled connection since.
+        assert!(
+            proxy.forwarded_by(stalled) <= forwarded_when_stalled + (64 << 10),
+            "the stalled connection delivered {} bytes more",
+            proxy.forwarded_by(stalled) - forwarded_when_stalled
+        );
+        dialer.flush().await.unwrap();
+        let stats = dialer.stats();
+        assert!(stats.bulk_bytes_hedged > 0, "{stats:?}");
+        assert_eq!(stats.reconnections, 0, "{stats:?}");
+    })
+    .await;
+}
+
 /// A session fails once it has been without connections for its resume timeout; one whose
 /// timeout is raised while it runs (as a post-copy migration does once the guest depends on the
 /// link) waits out a longer outage and then delivers everything, in order.
