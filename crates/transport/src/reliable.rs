@@ -264,9 +264,10 @@ impl OutboundChannel {
         }
         let mut changed = false;
         let mut newest_sent = None;
+        let mut covers_copies = false;
         while self.acknowledged_sequence < ack.contiguous_sequence {
             let sequence = self.acknowledged_sequence;
-            self.hedged.remove(&sequence);
+            covers_copies |= self.hedged.remove(&sequence);
             if let Some(frame) = self.frames.remove(&sequence) {
                 newest_sent = frame.sent_at.or(newest_sent);
                 self.buffered_bytes -= charge_of(frame.payload.len());
@@ -280,7 +281,9 @@ impl OutboundChannel {
             self.acknowledged_sequence += 1;
             changed = true;
         }
-        if let Some(sent) = newest_sent {
+        // Not measured across a copy: the frames it released waited for the stall it went
+        // around (as TCP takes no round trip from a retransmitted segment).
+        if let Some(sent) = newest_sent.filter(|_| !covers_copies) {
             let delay = now.saturating_duration_since(sent);
             self.acknowledgement_delay = Some(match self.acknowledgement_delay {
                 // An eighth of each new sample, as TCP smooths its round trip.
@@ -821,6 +824,19 @@ mod tests {
         );
     }
 
+    /// Acknowledges every frame below `contiguous` at `at` (the peer consumed nothing yet).
+    fn acknowledge_up_to(outbound: &mut OutboundChannel, contiguous: u64, at: Instant) {
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: contiguous,
+                    consumed_bytes: 0,
+                },
+                at,
+            )
+            .unwrap();
+    }
+
     /// Frames 0-3 written on connections 1 and 2 at `start`, frame 0 acknowledged 100 ms later
     /// (the measured delay), the end of the stream queued and written on connection 1.
     fn four_frames_and_one_acknowledged(start: Instant) -> OutboundChannel {
@@ -831,15 +847,7 @@ mod tests {
         for connection in [1, 2, 1, 2] {
             outbound.next_transmission(connection, start).unwrap();
         }
-        outbound
-            .on_acknowledgement(
-                Acknowledgement {
-                    contiguous_sequence: 1,
-                    consumed_bytes: 0,
-                },
-                start + Duration::from_millis(100),
-            )
-            .unwrap();
+        acknowledge_up_to(&mut outbound, 1, start + Duration::from_millis(100));
         outbound.enqueue(Bytes::new(), true).unwrap();
         outbound
             .next_transmission(1, start + Duration::from_millis(100))
@@ -892,16 +900,13 @@ mod tests {
                 .map(|frame| frame.sequence),
             Some(1)
         );
-        outbound
-            .on_acknowledgement(
-                Acknowledgement {
-                    contiguous_sequence: 5,
-                    consumed_bytes: 0,
-                },
-                late,
-            )
-            .unwrap();
+        acknowledge_up_to(&mut outbound, 5, late);
         assert!(outbound.all_acknowledged());
+        assert_eq!(
+            outbound.hedge_after(),
+            Some(Duration::from_millis(150)),
+            "no delay measured across a copy"
+        );
         assert_eq!(outbound.next_hedge(3, late + Duration::from_secs(1)), None);
     }
 
@@ -923,15 +928,7 @@ mod tests {
         }
         outbound.next_transmission(1, start).unwrap();
         outbound.next_transmission(2, start).unwrap();
-        outbound
-            .on_acknowledgement(
-                Acknowledgement {
-                    contiguous_sequence: 1,
-                    consumed_bytes: 0,
-                },
-                start + Duration::from_millis(100),
-            )
-            .unwrap();
+        acknowledge_up_to(&mut outbound, 1, start + Duration::from_millis(100));
         assert!(outbound.has_pending());
         assert_eq!(outbound.next_hedge(3, much_later), None);
         assert_eq!(outbound.next_hedge_due(3), None);
@@ -962,30 +959,14 @@ mod tests {
         for _ in 0..=frames {
             outbound.next_transmission(1, start).unwrap();
         }
-        outbound
-            .on_acknowledgement(
-                Acknowledgement {
-                    contiguous_sequence: 1,
-                    consumed_bytes: 0,
-                },
-                start + Duration::from_millis(20),
-            )
-            .unwrap();
+        acknowledge_up_to(&mut outbound, 1, start + Duration::from_millis(20));
         let late = start + Duration::from_secs(1);
         let hedged: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(2, late))
             .map(|hedge| hedge.sequence)
             .collect();
         assert_eq!(hedged, (1..=HEDGED_FRAMES_MAX as u64).collect::<Vec<_>>());
         // Acknowledging two of them lets the next two go.
-        outbound
-            .on_acknowledgement(
-                Acknowledgement {
-                    contiguous_sequence: 3,
-                    consumed_bytes: 0,
-                },
-                late,
-            )
-            .unwrap();
+        acknowledge_up_to(&mut outbound, 3, late);
         let next: Vec<u64> = std::iter::from_fn(|| outbound.next_hedge(2, late))
             .map(|hedge| hedge.sequence)
             .collect();

@@ -109,8 +109,8 @@ pub struct SessionOptions {
     /// cap; with a forecast of the link, [`crate::policy::pacing_limit_for`] of it). See
     /// [`Session::set_bulk_pacing_limit`].
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
-    /// Send an overdue bulk frame once more on a connection that has nothing else to send
-    /// (see [`crate::reliable::OutboundChannel::next_hedge`]).
+    /// At the end of the bulk stream, send an overdue frame once more on a connection that has
+    /// nothing else to send (see [`crate::reliable::OutboundChannel::next_hedge`]).
     pub hedge_overdue_frames: bool,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
@@ -1527,7 +1527,8 @@ async fn write_bulk(
             } else {
                 let now = Instant::now();
                 let hedge = shared.options.hedge_overdue_frames;
-                // Nothing new to send: an overdue frame of another connection, sent again here.
+                // Nothing new to send at the stream's end: an overdue frame of another
+                // connection, sent again here.
                 match core
                     .bulk_out
                     .next_transmission(connection_id, now)

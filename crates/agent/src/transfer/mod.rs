@@ -140,7 +140,9 @@ pub(crate) fn describe(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// True if an ENOSPC is anywhere in the chain.
+/// True if an ENOSPC is anywhere in the chain: as an `io::Error`, or in the text of an error
+/// that wraps one without exposing it as its source (redb's storage errors do: a chunk store
+/// index that could not commit on a full disk was reported as an internal error).
 pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(error) = current {
@@ -149,9 +151,12 @@ pub(crate) fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
+        if error.to_string().contains("No space left on device") {
+            return true;
+        }
         current = error.source();
     }
-    error.to_string().contains("No space left on device")
+    false
 }
 
 struct Outcome {
@@ -1667,6 +1672,28 @@ pub(crate) async fn close_quietly(session: Arc<Session>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error that keeps the OS error only in its text, as redb's storage errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("I/O error: {0}")]
+    struct TextOnly(String);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("chunk store index")]
+    struct Wrapper(#[source] TextOnly);
+
+    #[test]
+    fn a_full_disk_is_recognised_however_deep_and_however_wrapped() {
+        let full = std::io::Error::from_raw_os_error(28);
+        assert!(is_disk_full(&full));
+        let text = TextOnly(full.to_string());
+        assert!(
+            is_disk_full(&Wrapper(text)),
+            "the OS error only in a source's text"
+        );
+        let other = Wrapper(TextOnly(std::io::Error::from_raw_os_error(5).to_string()));
+        assert!(!is_disk_full(&other));
+    }
 
     fn ramp_of(samples: &[f64]) -> ProbeRamp {
         let mut ramp = ProbeRamp::default();
