@@ -151,8 +151,9 @@ impl CuttingProxy {
                         tokio::io::copy(&mut from_listener, &mut to_dialer).await?;
                         to_dialer.shutdown().await
                     };
+                    // Both directions to their end, or either one's error (a reset) ends both.
                     tokio::select! {
-                        _ = async { tokio::join!(forward, backward) } => {}
+                        _ = async { tokio::try_join!(forward, backward) } => {}
                         _ = cut_signal.recv() => {}
                     }
                 });
