@@ -729,7 +729,7 @@ impl Host {
                 ))
             })?;
         self.transfers
-            .probe_link(&address, fingerprint, duration, None)
+            .probe_link(&address, fingerprint, duration)
             .await?;
         self.get_link(&fingerprint_text).await
     }

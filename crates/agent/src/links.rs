@@ -252,6 +252,22 @@ impl LinkMonitor {
         self.registry.forecast(&peer, horizon)
     }
 
+    /// The forecast, only when the link was last measured at most `max_age` before `now`
+    /// (unix seconds): an old measurement may describe another path or another load.
+    pub fn recent_forecast(
+        &self,
+        peer: Fingerprint,
+        horizon: ForecastHorizon,
+        max_age: std::time::Duration,
+        now: u64,
+    ) -> Option<Forecast> {
+        let measured_at = self.last_measured_at(peer)?;
+        if now.saturating_sub(measured_at) > max_age.as_secs() {
+            return None;
+        }
+        self.forecast(peer, horizon)
+    }
+
     /// Adds the link gauges to `registry`.
     pub fn register_metrics(&self, registry: &mut Registry) {
         let metrics = &self.metrics;
@@ -480,6 +496,46 @@ mod tests {
                 "link_forecast_bits_per_second{{peer=\"{near}\",horizon=\"1s\"}}"
             )),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_forecast_is_recent_only_within_its_age_limit() {
+        let monitor = LinkMonitor::new();
+        let peer = Fingerprint([4; 32]);
+        let max_age = Duration::from_secs(600);
+        assert!(
+            monitor
+                .recent_forecast(peer, ForecastHorizon::FiveSeconds, max_age, unix_now())
+                .is_none(),
+            "never measured"
+        );
+        for _ in 0..10 {
+            monitor.observe(&sample(peer, 12_500_000, true));
+        }
+        let measured_at = monitor.last_measured_at(peer).expect("measured");
+        let recent = monitor
+            .recent_forecast(
+                peer,
+                ForecastHorizon::FiveSeconds,
+                max_age,
+                measured_at + 600,
+            )
+            .expect("a forecast within the limit");
+        assert_eq!(
+            Some(recent),
+            monitor.forecast(peer, ForecastHorizon::FiveSeconds)
+        );
+        assert!(
+            monitor
+                .recent_forecast(
+                    peer,
+                    ForecastHorizon::FiveSeconds,
+                    max_age,
+                    measured_at + 601
+                )
+                .is_none(),
+            "older than the limit"
         );
     }
 

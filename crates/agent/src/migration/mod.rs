@@ -55,13 +55,14 @@ pub(crate) use postcopy::{
     resume_postcopy_sourced_here,
 };
 
-/// A link measured longer ago than this is probed before a migration plans with it.
+/// A migration plans with the link's forecast only when the link was measured within this
+/// long; otherwise (and for a link never measured) its copy starts without one and measures the
+/// link itself: the plan follows from its first rate samples. No probe runs before a move: at
+/// 1 Gbit/s, 50 ms, 0.5 % loss a probe long enough to get past TCP's start-up took 2.1 s beyond
+/// the destination's preparation, more than the copy of a 512 MiB guest it planned, and the
+/// decisions a plan makes (the switch-over's moment, a throttle, post-copy) come after the
+/// first pass, which measures the link.
 const LINK_MEASUREMENT_MAX_AGE: Duration = Duration::from_secs(600);
-/// How long the probe before a migration sends at least, and at most while its rate still
-/// climbs (TCP's start-up on a 1 Gbit/s path with 50 ms round trips outlasts a second: a 1 s
-/// probe measured 100-160 Mbit/s there).
-const PLANNING_PROBE: Duration = Duration::from_secs(1);
-const PLANNING_PROBE_WHILE_RISING: Duration = Duration::from_secs(3);
 /// How long QEMU samples the guest's dirty pages before a move is planned.
 const DIRTY_RATE_SAMPLE: Duration = Duration::from_millis(500);
 /// Ceiling of the memory session's bulk send window. The proxy keeps the window near four
@@ -507,7 +508,6 @@ pub(crate) async fn run_source(
         disk: None,
         planner: ConvergencePlanner::new(),
         initial_dirty_rate: 0.0,
-        probed_rate: None,
         delivered: Arc::new(DeliveredPages::at_source()),
         postcopy_asked: false,
     };
@@ -652,21 +652,11 @@ struct Source<'a> {
     /// The guest's dirty rate (bytes/s) QEMU measured before the move; QEMU's own figure
     /// replaces it after the first pass.
     initial_dirty_rate: f64,
-    /// The rate the link probe before the move ended at (bytes/s), when there was one.
-    probed_rate: Option<f64>,
     /// Blocks the disk mirror delivered, which the memory session then sends as hashes.
     delivered: Arc<DeliveredPages>,
     /// QEMU was told to switch to post-copy: precopy's convergence is not planned any more
     /// (QEMU may still say `active` for a moment, and a new plan would hide the switch).
     postcopy_asked: bool,
-}
-
-/// The link a migration may probe before planning (see `probe_link_if_unmeasured`).
-#[derive(Clone, Copy)]
-struct LinkToProbe<'a> {
-    service: &'a Arc<TransferService>,
-    address: &'a str,
-    fingerprint: Fingerprint,
 }
 
 /// How to open another session to the destination.
@@ -689,7 +679,7 @@ impl Source<'_> {
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
         // The guest's dirty rate (QEMU samples it for half a second) is measured while the
-        // link is probed, the session opens and the destination prepares, not after. With a
+        // session opens and the destination prepares, not after. With a
         // disk to mirror first, it is measured after the mirror, closer to the memory phase it
         // plans.
         let qemu = self.qemu;
@@ -716,13 +706,8 @@ impl Source<'_> {
             .await
         };
         let (session, dial) = alongside(prepared, dirty_rate.as_mut()).await?;
-        let link = LinkToProbe {
-            service: &service,
-            address: &address,
-            fingerprint,
-        };
         let result = self
-            .with_session(&session, &dial, link, dirty_rate.as_mut())
+            .with_session(&session, &dial, dirty_rate.as_mut())
             .await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
@@ -748,58 +733,6 @@ impl Source<'_> {
     /// Shows `message` in the migration's record (`migration show`) while it is not finished.
     async fn say(&self, message: &str) {
         say_in_record(&self.shared, &self.id, message).await;
-    }
-
-    /// The plan needs the link's forecast. When this host has not measured the link to the
-    /// destination in [`LINK_MEASUREMENT_MAX_AGE`], it probes it first, for
-    /// [`PLANNING_PROBE`] (longer while its rate climbs). A failed probe only leaves the plan
-    /// without a forecast. Returns the rate the probe ended at (bytes per second).
-    async fn probe_link_if_unmeasured(
-        &self,
-        service: &Arc<crate::transfer::TransferService>,
-        address: &str,
-        fingerprint: Fingerprint,
-    ) -> Option<f64> {
-        let fresh = service
-            .links
-            .last_measured_at(fingerprint)
-            .is_some_and(|at| unix_now().saturating_sub(at) <= LINK_MEASUREMENT_MAX_AGE.as_secs());
-        if fresh {
-            return None;
-        }
-        let destination = self.migration.destination.clone();
-        let probing = format!(
-            "measuring the link to host {destination} ({} s probe, up to {} s while its rate \
-             climbs): no recent measurement to plan with",
-            PLANNING_PROBE.as_secs(),
-            PLANNING_PROBE_WHILE_RISING.as_secs()
-        );
-        self.say(&probing).await;
-        match service
-            .probe_link(
-                address,
-                fingerprint,
-                PLANNING_PROBE,
-                Some(PLANNING_PROBE_WHILE_RISING),
-            )
-            .await
-        {
-            Ok(outcome) => {
-                tracing::info!(
-                    vm = %self.name, %destination,
-                    mbit_per_second = outcome.last_rate_bytes_per_second * 8.0 / 1e6,
-                    acknowledged = outcome.bytes_acknowledged,
-                    seconds = outcome.elapsed.as_secs_f64(),
-                    "link probed before planning the migration"
-                );
-                Some(outcome.last_rate_bytes_per_second).filter(|rate| *rate > 0.0)
-            }
-            Err(error) => {
-                tracing::warn!(vm = %self.name, %destination, %error,
-                    "link probe failed; the migration plans without a forecast");
-                None
-            }
-        }
     }
 
     async fn copy_base_image(
@@ -903,42 +836,19 @@ impl Source<'_> {
         &mut self,
         session: &Arc<Session>,
         dial: &Dial,
-        link: LinkToProbe<'_>,
         mut dirty_rate: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
     ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
         let begin = Message::Migration(MigrationControl::Begin {
             id: self.id.clone(),
         });
-        // While the destination prepares (its QEMU starts), the boot files are indexed, the
-        // dirty rate is measured and an unmeasured link is probed (over a session of its own;
-        // the migration's is idle until the copy).
-        // A refusal ends the probe rather than waiting for it.
-        let refused = tokio::sync::Notify::new();
-        let begun = async {
-            let answer =
-                ask_destination(session, begin, "migration", &self.migration.destination).await;
-            if answer.is_err() {
-                refused.notify_one();
-            }
-            answer
-        };
-        // Boxed: inline, its state made this future's layout too deep for the compiler.
-        let probe =
-            Box::pin(self.probe_link_if_unmeasured(link.service, link.address, link.fingerprint));
-        let probed = async {
-            tokio::select! {
-                rate = probe => rate,
-                () = refused.notified() => None,
-            }
-        };
-        let (held_there, held_here, (), probed_rate) = tokio::join!(
-            begun,
+        // While the destination prepares (its QEMU starts), the boot files are indexed and the
+        // dirty rate is measured.
+        let (held_there, held_here, ()) = tokio::join!(
+            ask_destination(session, begin, "migration", &self.migration.destination),
             held_boot_files(&self.shared, &self.record),
             dirty_rate.as_mut(),
-            probed,
         );
-        self.probed_rate = probed_rate;
         let held_there = held_there?;
         let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()
@@ -966,26 +876,23 @@ impl Source<'_> {
         };
 
         let qmp = self.qemu.qmp();
-        // The adaptive send window starts from the link's forecast when this host has one.
+        // The adaptive send window starts from the link's forecast when this host measured the
+        // link recently (see `LINK_MEASUREMENT_MAX_AGE`).
         let forecast = self.shared.transfer_service().and_then(|service| {
-            service.links.forecast(
+            service.links.recent_forecast(
                 session.peer_fingerprint(),
                 novacron_bandwidth::ForecastHorizon::FiveSeconds,
+                LINK_MEASUREMENT_MAX_AGE,
+                unix_now(),
             )
         });
         let mut config = ProxyConfig {
             image_pages: self.base_image_pages().await.with_files(held),
             ..ProxyConfig::default()
         };
-        // The link model's forecast averages the probe's samples, TCP's ramp included; the
-        // rate the probe ended at is what the link carries now, and the higher of the two is
-        // taken (a forecast below the link caps the session's pacing until it is raised).
         let forecast_rate = forecast
             .filter(|forecast| forecast.expected_bits_per_sec > 0.0)
-            .map(|forecast| forecast.expected_bits_per_sec / 8.0)
-            .into_iter()
-            .chain(self.probed_rate)
-            .reduce(f64::max);
+            .map(|forecast| forecast.expected_bits_per_sec / 8.0);
         if let Some(rate) = forecast_rate {
             config.initial_rate_bytes_per_second = rate;
             config.initial_rate_is_measured = true;

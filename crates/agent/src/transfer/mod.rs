@@ -59,14 +59,6 @@ const PROBE_MEASUREMENT_INTERVAL: Duration = Duration::from_millis(250);
 /// held a 1 Gbit/s link with 0.5 % loss at 170 Mbit/s) measured TCP's ramp, not the link
 /// (329 Mbit/s on 1 Gbit/s before a migration).
 const PROBE_END_DEADLINE: Duration = Duration::from_secs(2);
-/// A probe asked to go on while its rate climbs stops once [`PROBE_FLAT_SAMPLES`] rate samples
-/// in a row came below this many times the best one before them.
-const PROBE_STILL_RISING: f64 = 1.2;
-/// See [`PROBE_STILL_RISING`]: TCP's start-up on a lossy path pauses for a sample now and then
-/// (a retransmission holds the ordered stream), and a probe that stopped at the first such
-/// sample ended on the ramp (312 against 608 Mbit/s on the same 1 Gbit/s link). The rate a
-/// probe reports is [`ProbeRamp::observed`].
-const PROBE_FLAT_SAMPLES: u32 = 2;
 
 /// Bytes a receiver keeps free beyond the image itself.
 const RECEIVE_HEADROOM_BYTES: u64 = 64 << 20;
@@ -872,7 +864,6 @@ impl TransferService {
         address: &str,
         fingerprint: Fingerprint,
         duration: Duration,
-        while_rising_up_to: Option<Duration>,
     ) -> Result<ProbeOutcome, AgentError> {
         if duration.is_zero() || duration > PROBE_MAX_DURATION {
             return Err(probe_duration_error(duration.as_secs_f64()));
@@ -938,26 +929,18 @@ impl TransferService {
         let started = Instant::now();
         let mut sent = 0u64;
         let mut result = Ok(());
-        // With `while_rising_up_to`, the probe goes on past `duration` while the rate still
-        // climbs (TCP's start-up on a long fast path lasts longer than a second), so its last
-        // sample is the link's rate rather than a point on the ramp.
         let (mut last_sample, mut ramp) = (0.0f64, ProbeRamp::default());
-        let end = |rising: bool| match while_rising_up_to {
-            Some(longest) if rising => longest.max(duration),
-            _ => duration,
-        };
         // The session's send window (not a wait of our own) holds the probe back, so its rate
         // samples count as a sender with more to send: the link's capacity. The window is the
         // session's whole (a smaller one held a lossy long path far below its rate), and what
         // it still holds at the end is dropped, not waited for (`ProbeDone`).
-        while started.elapsed() < end(ramp.rising()) && sent + chunk.len() as u64 <= PROBE_MAX_BYTES
-        {
+        while started.elapsed() < duration && sent + chunk.len() as u64 <= PROBE_MAX_BYTES {
             let sample = session.stats().measured_rate_bytes_per_second;
             if sample != last_sample {
                 ramp.observe(sample);
                 last_sample = sample;
             }
-            let remaining = end(ramp.rising()).saturating_sub(started.elapsed());
+            let remaining = duration.saturating_sub(started.elapsed());
             match tokio::time::timeout(remaining, session.send(chunk.clone())).await {
                 Err(_) => break,
                 Ok(Err(error)) => {
@@ -977,7 +960,6 @@ impl TransferService {
         result.map_err(|error| TransferFailure::session(&error).into_agent_error())?;
         let outcome = ProbeOutcome {
             bytes_acknowledged: stats.bulk_bytes_acknowledged,
-            elapsed,
             last_rate_bytes_per_second: ramp.observed(stats.measured_rate_bytes_per_second),
         };
         tracing::info!(
@@ -1588,8 +1570,6 @@ pub(crate) fn probe_duration_error(seconds: f64) -> AgentError {
 pub(crate) struct ProbeOutcome {
     /// Bytes the peer had acknowledged when the probe's time was up.
     pub bytes_acknowledged: u64,
-    /// The probe's sending time (not counting the session's set-up and close).
-    pub elapsed: Duration,
     /// The session's last rate sample (bytes acknowledged per measurement interval).
     pub last_rate_bytes_per_second: f64,
 }
@@ -1597,8 +1577,6 @@ pub(crate) struct ProbeOutcome {
 /// Follows a probe's rate samples (bytes per second, one per measurement interval).
 #[derive(Debug, Default, Clone)]
 struct ProbeRamp {
-    best: f64,
-    flat_samples: u32,
     last: Option<f64>,
     /// The best mean of two samples in a row.
     best_pair: f64,
@@ -1606,22 +1584,10 @@ struct ProbeRamp {
 
 impl ProbeRamp {
     fn observe(&mut self, sample: f64) {
-        if sample > self.best * PROBE_STILL_RISING && sample > 0.0 {
-            self.flat_samples = 0;
-        } else {
-            self.flat_samples += 1;
-        }
-        self.best = self.best.max(sample);
         if let Some(last) = self.last {
             self.best_pair = self.best_pair.max((last + sample) / 2.0);
         }
         self.last = Some(sample);
-    }
-
-    /// The rate still climbs: fewer than [`PROBE_FLAT_SAMPLES`] samples since one beat the
-    /// best before it by [`PROBE_STILL_RISING`].
-    fn rising(&self) -> bool {
-        self.flat_samples < PROBE_FLAT_SAMPLES
     }
 
     /// What the link carries: the best rate the probe held over two samples in a row, with
@@ -1704,15 +1670,9 @@ mod tests {
     }
 
     #[test]
-    fn a_probe_goes_on_through_one_flat_sample_of_its_ramp_and_reports_its_best_half_second() {
+    fn a_probe_reports_its_best_half_second() {
         // Megabits per second, one sample per quarter second: TCP's start-up with a pause.
-        let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0]);
-        assert!(ramp.rising(), "one flat sample is a pause, not the link");
-        let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0, 620.0]);
-        assert!(ramp.rising());
-        // Two samples in a row without a fifth more than the best: the link's rate.
         let ramp = ramp_of(&[40.0, 120.0, 300.0, 310.0, 620.0, 640.0, 600.0]);
-        assert!(!ramp.rising());
         assert_eq!(ramp.observed(600.0), 630.0, "the best two samples in a row");
         assert_eq!(ramp.observed(700.0), 650.0, "a newer final sample counts");
         // A stall at the end (the stream waiting for a retransmission) is not the link.
@@ -1721,7 +1681,6 @@ mod tests {
         // One sample alone, and nothing acknowledged yet.
         assert_eq!(ramp_of(&[80.0]).observed(80.0), 80.0);
         let ramp = ramp_of(&[0.0, 0.0]);
-        assert!(!ramp.rising());
         assert_eq!(ramp.observed(0.0), 0.0);
     }
 }
