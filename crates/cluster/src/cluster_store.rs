@@ -234,6 +234,13 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// Returns once this node's state machine holds everything committed before the call (one
+    /// read index from the leader): local reads after it are as fresh as linearizable reads
+    /// made at the call.
+    pub async fn read_fence(&self) -> Result<()> {
+        self.prepare_read(Consistency::Linearizable).await
+    }
+
     /// Reads one key from any node, as fresh as `consistency` asks.
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<KeyValue>> {
         novacron_store::kv::validate_key(key)?;

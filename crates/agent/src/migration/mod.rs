@@ -27,7 +27,7 @@
 
 use crate::AgentError;
 use crate::host::Shared;
-use crate::records::Versioned;
+use crate::records::{Records, Versioned};
 use crate::transfer::TransferService;
 use crate::transfer::protocol::{Message, MigrationControl};
 use novacron_migration::{
@@ -234,7 +234,9 @@ pub(crate) async fn request(
         total_seconds: None,
         memory_pipeline: None,
     };
-    forget_old_migrations(shared).await;
+    // Best effort and not the request's business: off its path (a list of every migration).
+    let records = shared.records.clone();
+    tokio::spawn(async move { forget_old_migrations(&records).await });
     if cold && !crate::storage::moves_disk(record) {
         return record_cold_move(shared, &vm, migration).await;
     }
@@ -272,8 +274,8 @@ fn beyond_history(migrations: &[MigrationRecord]) -> Vec<String> {
 }
 
 /// Best effort: a history that could not be trimmed now is trimmed at the next migration.
-async fn forget_old_migrations(shared: &Shared) {
-    let forgotten = match shared.records.migrations().await {
+async fn forget_old_migrations(records: &Records) {
+    let forgotten = match records.migrations().await {
         // A few hundred at a time: one store transaction each (a history grown before the
         // limit shrinks over the next migrations).
         Ok(migrations) => beyond_history(&migrations)
@@ -288,7 +290,7 @@ async fn forget_old_migrations(shared: &Shared) {
     if forgotten.is_empty() {
         return;
     }
-    match shared.records.delete_finished_migrations(&forgotten).await {
+    match records.delete_finished_migrations(&forgotten).await {
         Ok(()) => tracing::info!(
             forgotten = forgotten.len(),
             kept = MIGRATION_HISTORY,
@@ -948,7 +950,6 @@ impl Source<'_> {
             .map_err(|error| Failure::from(qmp_error(&self.name, error)))?;
         let mut events = self.qemu.subscribe_events();
         let stream = migrate_into_socket(&self.shared, self.qemu, &self.record, false).await?;
-        self.set_phase(memory_from, MigrationPhase::Memory).await?;
         let memory_started = Instant::now();
 
         let sender_session = session.clone();
@@ -956,6 +957,13 @@ impl Source<'_> {
         let mut sender = tokio::spawn(async move {
             send_migration_stream_duplex(stream, &sender_session, &config).await
         });
+        // Recorded while the first bytes flow: the store's round trip (across the region's
+        // link when its leader is there) is not worth holding QEMU's stream for. A cancel or a
+        // conflict found here stops the copy as one found later would.
+        if let Err(failure) = self.set_phase(memory_from, MigrationPhase::Memory).await {
+            sender.abort();
+            return Err(failure);
+        }
         let mut sent = None;
         let mut qemu_done = false;
         let mut stopped_at_ms = None;
@@ -2250,6 +2258,7 @@ pub(crate) async fn serve_destination(
     let shared = service.shared().clone();
     let prepared = prepare_destination(&shared, &session, &id).await;
     let PreparedDestination {
+        migration,
         record,
         qemu,
         image_pages,
@@ -2300,7 +2309,7 @@ pub(crate) async fn serve_destination(
         return;
     }
     let result = tokio::select! {
-        result = receive_and_wait(&shared, &session, &record, &qemu, &id, image_pages, &driving) => result,
+        result = receive_and_wait(&shared, &session, &migration, &record, &qemu, image_pages, &driving) => result,
         ended = ended_elsewhere(&shared, &id) => Err(ended),
     };
     match result {
@@ -2342,8 +2351,8 @@ pub(crate) async fn serve_destination(
 /// Only host `host` (by its transfer certificate, from its heartbeat) may drive this side of a
 /// migration: another host of the region, whose certificate the transfer listener trusts too,
 /// may not start, feed or resume it.
-async fn check_peer_is(shared: &Shared, session: &Session, host: &str) -> Result<(), AgentError> {
-    let heartbeats = shared.records.heartbeats().await?;
+async fn check_peer_is(records: &Records, session: &Session, host: &str) -> Result<(), AgentError> {
+    let heartbeats = records.heartbeats().await?;
     let expected = heartbeats
         .iter()
         .find(|beat| beat.host == host)
@@ -2410,9 +2419,11 @@ async fn prepare_destination(
     session: &Session,
     id: &str,
 ) -> Result<PreparedDestination, AgentError> {
+    // The checks below read four records: one fence, then local reads.
+    let records = shared.records.fenced().await?;
     let Some(Versioned {
         record: migration, ..
-    }) = shared.records.migration(id).await?
+    }) = records.migration(id).await?
     else {
         return Err(AgentError::MigrationNotFound {
             reference: id.to_string(),
@@ -2427,14 +2438,14 @@ async fn prepare_destination(
             ),
         ));
     }
-    check_peer_is(shared, session, &migration.source).await?;
+    check_peer_is(&records, session, &migration.source).await?;
     if migration.phase != MigrationPhase::Preparing || migration.cancel_requested {
         return Err(migration_error(
             ErrorCode::Conflict,
             format!("migration {id} is {} and cannot start", migration.phase),
         ));
     }
-    let Some(vm) = shared.records.vm(&migration.vm).await? else {
+    let Some(vm) = records.vm(&migration.vm).await? else {
         return Err(AgentError::VmNotFound {
             name: migration.vm.clone(),
         });
@@ -2449,14 +2460,12 @@ async fn prepare_destination(
     let image = match &record.spec.image_id {
         None => None,
         Some(id) => {
-            let image =
-                shared
-                    .records
-                    .image(id)
-                    .await?
-                    .ok_or_else(|| AgentError::ImageNotFound {
-                        reference: id.clone(),
-                    })?;
+            let image = records
+                .image(id)
+                .await?
+                .ok_or_else(|| AgentError::ImageNotFound {
+                    reference: id.clone(),
+                })?;
             if record.spec.storage.is_some() {
                 check_shared_disk(shared, &record, &image)?;
             } else if !shared.paths.image_file(&image.id, image.format).exists() {
@@ -2523,6 +2532,7 @@ async fn prepare_destination(
     }
     tracing::info!(vm = %record.spec.name, migration = %id, pid = qemu.pid(), "incoming qemu waits for the migration");
     Ok(PreparedDestination {
+        migration,
         record,
         qemu,
         image_pages,
@@ -2611,6 +2621,8 @@ fn check_shared_disk(
 
 /// What [`prepare_destination`] made ready.
 struct PreparedDestination {
+    /// The migration as the destination checked it.
+    migration: MigrationRecord,
     record: VmRecord,
     qemu: QemuVm,
     image_pages: SharedImagePages,
@@ -2763,9 +2775,9 @@ async fn build_image_page_index(
 async fn receive_and_wait(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
+    migration: &MigrationRecord,
     record: &VmRecord,
     qemu: &QemuVm,
-    id: &str,
     image_pages: SharedImagePages,
     driving: &PostcopyIncoming<'_>,
 ) -> Result<(), AgentError> {
@@ -2791,14 +2803,10 @@ async fn receive_and_wait(
         image_pages,
         ..ProxyConfig::default()
     };
-    let (postcopy, link_wait, source) = match shared.records.migration(id).await {
-        Ok(Some(migration)) => (
-            migration.record.when_not_converging == ConvergencePolicy::PostCopy,
-            Duration::from_secs(migration.record.post_copy_link_wait_secs),
-            migration.record.source,
-        ),
-        _ => (false, Duration::ZERO, String::new()),
-    };
+    let id = migration.id.as_str();
+    let postcopy = migration.when_not_converging == ConvergencePolicy::PostCopy;
+    let link_wait = Duration::from_secs(migration.post_copy_link_wait_secs);
+    let source = migration.source.clone();
     let receiving = {
         let session = session.clone();
         let config = config.clone();
@@ -2835,8 +2843,8 @@ async fn receive_and_wait(
             None,
         )
         .await?;
-        await_commit(session).await?;
-        resume_here(shared, qemu, record, id).await;
+        let desired = await_commit_and_desired_power(session, shared, record).await?;
+        resume_here(shared, qemu, record, id, desired).await;
         // The VM is this host's now. The rest of its memory comes in.
         let incoming = postcopy::Incoming {
             shared,
@@ -2881,8 +2889,8 @@ async fn receive_and_wait(
         ));
     }
     notify_loaded(session, qemu, checksum, Some(codec_time(&report.timing))).await?;
-    await_commit(session).await?;
-    resume_here(shared, qemu, record, id).await;
+    let desired = await_commit_and_desired_power(session, shared, record).await?;
+    resume_here(shared, qemu, record, id, desired).await;
     Ok(())
 }
 
@@ -3295,7 +3303,7 @@ pub(crate) async fn serve_destination_disk(
                 format!("migration {id} does not bring a disk to this host now"),
             ));
         }
-        check_peer_is(&shared, &session, &migration.source).await?;
+        check_peer_is(&shared.records, &session, &migration.source).await?;
         // The index the incoming migration built before answering Ready (shared, not rebuilt).
         let directory = shared.paths.vm_dir(&migration.vm_uuid);
         let record = shared
@@ -3363,15 +3371,40 @@ pub(crate) async fn serve_destination_disk(
 }
 
 /// The VM is this host's: run the guest and record when it resumed.
-async fn resume_here(shared: &Shared, qemu: &QemuVm, record: &VmRecord, id: &str) {
+/// The VM's desired power as the store has it (as the moved record had it when the store
+/// cannot say).
+async fn desired_power(shared: &Shared, record: &VmRecord) -> DesiredPower {
+    match shared.records.vm(record.spec.name.as_str()).await {
+        Ok(Some(vm)) => vm.record.desired,
+        _ => record.desired,
+    }
+}
+
+/// Waits for the source's commit, reading the VM's desired power meanwhile: the read's round
+/// trip (to the region's leader) is then not part of the guest's pause. A change of the desired
+/// power after this read is the reconciler's to apply, as any other.
+async fn await_commit_and_desired_power(
+    session: &Session,
+    shared: &Shared,
+    record: &VmRecord,
+) -> Result<DesiredPower, AgentError> {
+    let (committed, desired) = tokio::join!(await_commit(session), desired_power(shared, record));
+    committed.map(|()| desired)
+}
+
+/// Resumes the guest here (`desired`: running), or leaves it paused or quits a cold move's
+/// QEMU, and records when the guest resumed.
+async fn resume_here(
+    shared: &Shared,
+    qemu: &QemuVm,
+    record: &VmRecord,
+    id: &str,
+    desired: DesiredPower,
+) {
     if crate::storage::moves_disk(record) {
         close_disk_export(qemu).await;
     }
     let mut events = qemu.subscribe_events();
-    let desired = match shared.records.vm(record.spec.name.as_str()).await {
-        Ok(Some(vm)) => vm.record.desired,
-        _ => record.desired,
-    };
     match desired {
         DesiredPower::Running => {}
         DesiredPower::Paused => return,
@@ -3426,7 +3459,7 @@ async fn settle_after_failure(
                 if vm.record.status.host == shared.config.host_name
                     && vm.record.uuid == record.uuid =>
             {
-                resume_here(shared, qemu, record, id).await;
+                resume_here(shared, qemu, record, id, vm.record.desired).await;
                 return true;
             }
             (Ok(_), Ok(Some(migration))) if migration.record.phase.is_finished() => return false,

@@ -150,7 +150,7 @@ impl Incoming<'_> {
                     if receiving.is_some() => break received(result),
                 recovery = recoveries.next() => {
                     // Only the source holds the pages the guest lacks.
-                    if let Err(error) = check_peer_is(self.shared, &recovery.session, source).await {
+                    if let Err(error) = check_peer_is(&self.shared.records, &recovery.session, source).await {
                         tracing::warn!(vm = %name, migration = %id, %error, "a post-copy recovery refused");
                         refuse(recovery.request, recovery.session, &error).await;
                         continue;
