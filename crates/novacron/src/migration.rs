@@ -128,7 +128,7 @@ async fn follow(client: &Client, mut record: MigrationRecord) -> CliResult<Migra
     };
     let path = format!("/api/v1/migrations/{}", url_encode(&record.id));
     while !record.phase.is_finished() {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(FOLLOW_INTERVAL).await;
         record = client.get(&path).await?;
         let progress = &record.progress;
         let total = progress.memory_bytes.max(1);
@@ -150,6 +150,10 @@ async fn follow(client: &Client, mut record: MigrationRecord) -> CliResult<Migra
     bar.finish_and_clear();
     Ok(record)
 }
+
+/// How often `vm migrate` asks for the migration's record: its end shows within this (a move
+/// across a fast link takes a few seconds).
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a finished live move's summary waits for the destination's RESUME time.
 const RESUME_RECORD_WAIT: Duration = Duration::from_secs(6);
