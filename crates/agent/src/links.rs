@@ -46,6 +46,12 @@ struct SavedLink {
     steps: Vec<f32>,
 }
 
+/// Samples shorter than this do not set a link's peak: a quarter second of acknowledgements
+/// arrives in bursts (after a retransmission) and can exceed the link.
+const PEAK_SAMPLE_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+/// A peak older than this gives way to the next measuring sample, whatever its rate.
+const PEAK_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Starved samples in a row (1 s each by default) before a probe is asked for.
 pub(crate) const PROBE_AFTER_APPLICATION_LIMITED_SAMPLES: u32 = 4;
 
@@ -53,6 +59,9 @@ pub(crate) const PROBE_AFTER_APPLICATION_LIMITED_SAMPLES: u32 = 4;
 struct LinkDetail {
     last_address: Option<String>,
     last_measured_at: u64,
+    /// The highest rate one measuring sample saw (bytes per second), and when (unix seconds):
+    /// see [`LinkMonitor::recent_peak`]. Not saved.
+    peak: Option<(f64, u64)>,
     application_limited_samples: u64,
     application_limited_in_a_row: u32,
     probe_requested: bool,
@@ -124,10 +133,21 @@ impl LinkMonitor {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.registry
                 .observe(&peer, sample.bytes_acknowledged, sample.interval);
+            let now = unix_now();
             let mut details = self.details();
             let detail = details.entry(peer).or_default();
-            detail.last_measured_at = unix_now();
+            detail.last_measured_at = now;
             detail.application_limited_in_a_row = 0;
+            let interval = sample.interval.as_secs_f64();
+            if interval >= PEAK_SAMPLE_MIN.as_secs_f64() {
+                let rate = sample.bytes_acknowledged as f64 / interval;
+                let replaces = detail.peak.is_none_or(|(peak, at)| {
+                    rate >= peak || now.saturating_sub(at) > PEAK_KEPT.as_secs()
+                });
+                if replaces {
+                    detail.peak = Some((rate, now));
+                }
+            }
         } else if sample.bytes_acknowledged > 0 {
             // Sending, but the sender ran dry: a lower bound of the link, not a measurement.
             let mut details = self.details();
@@ -246,6 +266,25 @@ impl LinkMonitor {
         self.details()
             .get_mut(&peer)
             .is_some_and(|detail| std::mem::take(&mut detail.probe_requested))
+    }
+
+    /// The highest rate (bytes per second) a measuring sample of the link to `peer` saw, if
+    /// within `max_age` before `now` (unix seconds). A forecast averages what transfers moved,
+    /// their TCP ramps and their own send windows included, so it sits below the link after a
+    /// few short transfers (a migration's copy: 467, 328, then 312 Mbit/s forecast on a 1 Gbit/s
+    /// link over three moves, each move's pacing limit held by the last one's forecast); the
+    /// peak is what the link was seen to carry.
+    pub fn recent_peak(
+        &self,
+        peer: Fingerprint,
+        max_age: std::time::Duration,
+        now: u64,
+    ) -> Option<f64> {
+        self.details()
+            .get(&peer)
+            .and_then(|detail| detail.peak)
+            .filter(|(_, at)| now.saturating_sub(*at) <= max_age.as_secs())
+            .map(|(rate, _)| rate)
     }
 
     pub fn forecast(&self, peer: Fingerprint, horizon: ForecastHorizon) -> Option<Forecast> {
@@ -536,6 +575,30 @@ mod tests {
                 )
                 .is_none(),
             "older than the limit"
+        );
+    }
+
+    #[test]
+    fn a_link_keeps_its_peak_rate_for_a_while() {
+        let monitor = LinkMonitor::new();
+        let peer = Fingerprint([5; 32]);
+        let max_age = Duration::from_secs(600);
+        assert_eq!(monitor.recent_peak(peer, max_age, unix_now()), None);
+        monitor.observe(&sample(peer, 50_000_000, true));
+        monitor.observe(&sample(peer, 110_000_000, true));
+        monitor.observe(&sample(peer, 40_000_000, true));
+        // Not measurements: a starved sender, and a sample too short to trust.
+        monitor.observe(&sample(peer, 200_000_000, false));
+        monitor.observe(&RateSample {
+            interval: Duration::from_millis(250),
+            ..sample(peer, 100_000_000, true)
+        });
+        let now = unix_now();
+        assert_eq!(monitor.recent_peak(peer, max_age, now), Some(110e6));
+        assert_eq!(
+            monitor.recent_peak(peer, max_age, now + 601),
+            None,
+            "too old for the caller"
         );
     }
 

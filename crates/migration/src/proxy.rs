@@ -174,6 +174,11 @@ pub struct ProxyConfig {
     /// forecast and rising while the link carries more
     /// (`novacron_transport::policy::pacing_limit_for`).
     pub initial_rate_is_measured: bool,
+    /// With a measured initial rate, the rate the pacing limit is set over when higher: what
+    /// the link was seen to carry lately (its peak; a forecast averages short transfers' ramps
+    /// and sits below the link). The window's floor stays at the initial rate's products:
+    /// bytes queued at the switch-over are part of the guest's pause.
+    pub pacing_basis_bytes_per_second: Option<f64>,
     /// The most a full send window may take to cross the link at the rate measured, when the
     /// adaptive window grows past four bandwidth-delay products because it held the link back
     /// (a lossy path: see `SendWindow`). What a full window holds at the switch-over is part of
@@ -210,6 +215,7 @@ impl Default for ProxyConfig {
             adaptive_send_window_minimum: Some(2 << 20),
             initial_rate_bytes_per_second: 125e6,
             initial_rate_is_measured: false,
+            pacing_basis_bytes_per_second: None,
             window_drain_budget: Duration::from_millis(500),
             image_pages: SharedImagePages::default(),
             carry_return_path: false,
@@ -670,9 +676,12 @@ impl SendWindow {
             minimum.max(initial)
         });
         if !guessed {
-            session.set_bulk_pacing_limit(Some(novacron_transport::policy::pacing_limit_for(
-                config.initial_rate_bytes_per_second,
-            )));
+            let basis = config
+                .pacing_basis_bytes_per_second
+                .unwrap_or(0.0)
+                .max(config.initial_rate_bytes_per_second);
+            session
+                .set_bulk_pacing_limit(Some(novacron_transport::policy::pacing_limit_for(basis)));
         }
         Self {
             minimum,

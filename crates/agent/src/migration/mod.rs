@@ -898,6 +898,14 @@ impl Source<'_> {
         if let Some(rate) = forecast_rate {
             config.initial_rate_bytes_per_second = rate;
             config.initial_rate_is_measured = true;
+            config.pacing_basis_bytes_per_second =
+                self.shared.transfer_service().and_then(|service| {
+                    service.links.recent_peak(
+                        session.peer_fingerprint(),
+                        LINK_MEASUREMENT_MAX_AGE,
+                        unix_now(),
+                    )
+                });
         }
         // The plan before the move: the guest's dirty rate measured by QEMU (half a
         // second's sample), the link's forecast, no compression assumed.
@@ -2142,7 +2150,7 @@ async fn connect_to_destination(
     let options = novacron_migration::migration_session_options(SessionOptions {
         bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
         resume_timeout,
-        ..service.session_options_for(fingerprint)
+        ..service.session_options_for_recent(fingerprint, LINK_MEASUREMENT_MAX_AGE)
     });
     let tls = TlsSettings {
         identity: service.identity().clone(),

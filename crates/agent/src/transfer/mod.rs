@@ -553,15 +553,48 @@ impl TransferService {
     /// `novacron_transport::policy::pacing_limit_for`; the session raises the limit while the
     /// link carries more).
     pub(crate) fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
-        match self.forecast_bytes_per_second(peer) {
-            Some(rate) => SessionOptions {
-                bandwidth_hint_bytes_per_second: rate,
-                bulk_pacing_limit_bytes_per_second: Some(
-                    novacron_transport::policy::pacing_limit_for(rate),
-                ),
-                ..self.options.clone()
-            },
-            None => self.options.clone(),
+        let rate = self.forecast_bytes_per_second(peer);
+        self.session_options_with(rate, rate)
+    }
+
+    /// [`Self::session_options_for`], with the forecast only when the link to `peer` was
+    /// measured within `max_age` (a migration's rule: see `LINK_MEASUREMENT_MAX_AGE` there), and
+    /// the pacing limit over the higher of it and the link's recent peak
+    /// ([`crate::links::LinkMonitor::recent_peak`]).
+    pub(crate) fn session_options_for_recent(
+        &self,
+        peer: Fingerprint,
+        max_age: Duration,
+    ) -> SessionOptions {
+        let recent = |horizon| {
+            self.links
+                .recent_forecast(peer, horizon, max_age, novacron_types::unix_now())
+        };
+        let rate = recent(ForecastHorizon::FiveSeconds)
+            .or_else(|| recent(ForecastHorizon::OneSecond))
+            .map(|forecast| forecast.expected_bits_per_sec / 8.0)
+            .filter(|rate| *rate > 0.0);
+        let peak = self
+            .links
+            .recent_peak(peer, max_age, novacron_types::unix_now());
+        let pacing_basis = rate.map(|rate| peak.unwrap_or(rate).max(rate));
+        self.session_options_with(rate, pacing_basis)
+    }
+
+    /// The options with `forecast_bytes_per_second` as the first bandwidth estimate and
+    /// `pacing_basis` (bytes per second) under the pacing limit.
+    fn session_options_with(
+        &self,
+        forecast_bytes_per_second: Option<f64>,
+        pacing_basis: Option<f64>,
+    ) -> SessionOptions {
+        SessionOptions {
+            bandwidth_hint_bytes_per_second: forecast_bytes_per_second
+                .unwrap_or(self.options.bandwidth_hint_bytes_per_second),
+            bulk_pacing_limit_bytes_per_second: pacing_basis
+                .map(novacron_transport::policy::pacing_limit_for)
+                .or(self.options.bulk_pacing_limit_bytes_per_second),
+            ..self.options.clone()
         }
     }
 
