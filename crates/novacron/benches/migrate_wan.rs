@@ -14,7 +14,7 @@
 //! to the destination QEMU's RESUME event, QMP timestamps on one host clock) and whether the
 //! guest's workload carried on at the destination with its memory check passing. For `vm
 //! migrate` the time is the command's (from its start until it returned: the destination QEMU's
-//! launch, the session, the link probe of a first move, the commit) and the migration record's
+//! launch, the session, the commit) and the migration record's
 //! (`total_seconds`); for QEMU's methods from `migrate` until the destination has loaded the
 //! stream and `cont` was answered (the destination QEMU was launched before the clock started).
 
