@@ -681,9 +681,8 @@ impl Source<'_> {
         })?;
         let (address, fingerprint) = destination_endpoint(&self.shared, &self.migration).await?;
         // The guest's dirty rate (QEMU samples it for half a second) is measured while the
-        // session opens and the destination prepares, not after. With a
-        // disk to mirror first, it is measured after the mirror, closer to the memory phase it
-        // plans.
+        // session opens and the destination prepares, not after. With a disk to mirror first,
+        // it is measured after the mirror, closer to the memory phase it plans.
         let qemu = self.qemu;
         let measure_now = !crate::storage::moves_disk(&self.record);
         let dirty_rate = futures::future::maybe_done(async move {
@@ -3378,7 +3377,6 @@ pub(crate) async fn serve_destination_disk(
     crate::transfer::close_quietly(session).await;
 }
 
-/// The VM is this host's: run the guest and record when it resumed.
 /// The VM's desired power as the store has it (as the moved record had it when the store
 /// cannot say).
 async fn desired_power(shared: &Shared, record: &VmRecord) -> DesiredPower {
@@ -3400,8 +3398,8 @@ async fn await_commit_and_desired_power(
     committed.map(|()| desired)
 }
 
-/// Resumes the guest here (`desired`: running), or leaves it paused or quits a cold move's
-/// QEMU, and records when the guest resumed.
+/// The VM is this host's: runs the guest (`desired`: running; it stays paused, or a cold move's
+/// QEMU quits, otherwise) and records when it resumed.
 async fn resume_here(
     shared: &Shared,
     qemu: &QemuVm,
