@@ -3388,14 +3388,26 @@ async fn desired_power(shared: &Shared, record: &VmRecord) -> DesiredPower {
 
 /// Waits for the source's commit, reading the VM's desired power meanwhile: the read's round
 /// trip (to the region's leader) is then not part of the guest's pause. A change of the desired
-/// power after this read is the reconciler's to apply, as any other.
+/// power after this read is the reconciler's to apply, as any other. A commit that fails ends
+/// the wait at once, whatever the read is doing.
 async fn await_commit_and_desired_power(
     session: &Session,
     shared: &Shared,
     record: &VmRecord,
 ) -> Result<DesiredPower, AgentError> {
-    let (committed, desired) = tokio::join!(await_commit(session), desired_power(shared, record));
-    committed.map(|()| desired)
+    let commit = await_commit(session);
+    let desired = desired_power(shared, record);
+    tokio::pin!(commit, desired);
+    tokio::select! {
+        committed = &mut commit => {
+            committed?;
+            Ok(desired.await)
+        }
+        desired = &mut desired => {
+            commit.await?;
+            Ok(desired)
+        }
+    }
 }
 
 /// The VM is this host's: runs the guest (`desired`: running; it stays paused, or a cold move's
