@@ -20,6 +20,42 @@ async fn receive_all(session: &Session) -> (u64, blake3::Hash) {
     (total, hasher.finalize())
 }
 
+/// A session dialled through a [`CuttingProxy`], its accepted end receiving everything in the
+/// background.
+struct ThroughProxy {
+    dialer: Session,
+    accepted: Arc<Session>,
+    /// What the accepted end received: bytes and their BLAKE3.
+    receiver: tokio::task::JoinHandle<(u64, blake3::Hash)>,
+    proxy: CuttingProxy,
+    _listener: novacron_transport::Listener,
+}
+
+/// Both ends with `test_options(connections)`, the dialer's changed by `dialer_options`.
+async fn through_proxy(
+    connections: u32,
+    dialer_options: impl FnOnce(&mut SessionOptions),
+) -> ThroughProxy {
+    let (listener_tls, dialer_tls) = pinned_pair();
+    let listener = listen(&listener_tls, test_options(connections)).await;
+    let proxy = CuttingProxy::start(listener.local_addr()).await;
+    let mut options = test_options(connections);
+    dialer_options(&mut options);
+    let dialer = Session::connect(proxy.address, &dialer_tls, options)
+        .await
+        .unwrap();
+    let accepted = Arc::new(listener.accept().await.unwrap());
+    let receiver_session = accepted.clone();
+    let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+    ThroughProxy {
+        dialer,
+        accepted,
+        receiver,
+        proxy,
+        _listener: listener,
+    }
+}
+
 async fn send_in_pieces(session: &Session, payload: &Bytes, piece: usize) {
     let mut offset = 0;
     while offset < payload.len() {
@@ -160,20 +196,16 @@ async fn both_directions_and_the_control_channel_work_at_once() {
 async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
     init_tracing();
     within(async {
-        let (listener_tls, dialer_tls) = pinned_pair();
-        let listener = listen(&listener_tls, test_options(3)).await;
-        let proxy = CuttingProxy::start(listener.local_addr()).await;
         let payload = random_payload(48 << 20, 4);
         let expected = blake3::hash(&payload);
-        let mut options = test_options(3);
         // A small window keeps the sender from finishing before the cuts.
-        options.bulk_send_window_bytes = 2 << 20;
-        let dialer = Session::connect(proxy.address, &dialer_tls, options)
-            .await
-            .unwrap();
-        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
-        let receiver_session = accepted.clone();
-        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        let ThroughProxy {
+            dialer,
+            accepted,
+            receiver,
+            proxy,
+            _listener,
+        } = through_proxy(3, |options| options.bulk_send_window_bytes = 2 << 20).await;
         let sender = tokio::spawn(async move {
             send_in_pieces(&dialer, &payload, 1 << 20).await;
             dialer.flush().await.unwrap();
@@ -215,17 +247,15 @@ async fn transfer_resumes_after_every_connection_is_cut_mid_transfer() {
 async fn frames_stuck_on_a_stalled_connection_arrive_by_another_at_the_end() {
     init_tracing();
     within(async {
-        let (listener_tls, dialer_tls) = pinned_pair();
-        let listener = listen(&listener_tls, test_options(2)).await;
-        let proxy = CuttingProxy::start(listener.local_addr()).await;
         let payload = random_payload(16 << 20, 9);
         let expected = blake3::hash(&payload);
-        let dialer = Session::connect(proxy.address, &dialer_tls, test_options(2))
-            .await
-            .unwrap();
-        let accepted = std::sync::Arc::new(listener.accept().await.unwrap());
-        let receiver_session = accepted.clone();
-        let receiver = tokio::spawn(async move { receive_all(&receiver_session).await });
+        let ThroughProxy {
+            dialer,
+            accepted,
+            receiver,
+            proxy,
+            _listener,
+        } = through_proxy(2, |_| {}).await;
         for piece in payload.slice(..8 << 20).chunks(1 << 20) {
             dialer.send(Bytes::copy_from_slice(piece)).await.unwrap();
         }

@@ -553,7 +553,7 @@ impl TransferService {
     /// `novacron_transport::policy::pacing_limit_for`; the session raises the limit while the
     /// link carries more).
     pub(crate) fn session_options_for(&self, peer: Fingerprint) -> SessionOptions {
-        let rate = self.forecast_bytes_per_second(peer);
+        let rate = self.forecast_bytes_per_second(peer, None);
         self.session_options_with(rate, rate)
     }
 
@@ -566,14 +566,7 @@ impl TransferService {
         peer: Fingerprint,
         max_age: Duration,
     ) -> SessionOptions {
-        let recent = |horizon| {
-            self.links
-                .recent_forecast(peer, horizon, max_age, novacron_types::unix_now())
-        };
-        let rate = recent(ForecastHorizon::FiveSeconds)
-            .or_else(|| recent(ForecastHorizon::OneSecond))
-            .map(|forecast| forecast.expected_bits_per_sec / 8.0)
-            .filter(|rate| *rate > 0.0);
+        let rate = self.forecast_bytes_per_second(peer, Some(max_age));
         let peak = self
             .links
             .recent_peak(peer, max_age, novacron_types::unix_now());
@@ -598,11 +591,22 @@ impl TransferService {
         }
     }
 
-    /// The link model's forecast for `peer` (five seconds ahead, else one), bytes per second.
-    fn forecast_bytes_per_second(&self, peer: Fingerprint) -> Option<f64> {
-        self.links
-            .forecast(peer, ForecastHorizon::FiveSeconds)
-            .or_else(|| self.links.forecast(peer, ForecastHorizon::OneSecond))
+    /// The link model's forecast for `peer` (five seconds ahead, else one), bytes per second;
+    /// with `max_age`, only when the link was measured that recently.
+    fn forecast_bytes_per_second(
+        &self,
+        peer: Fingerprint,
+        max_age: Option<Duration>,
+    ) -> Option<f64> {
+        let forecast = |horizon| match max_age {
+            Some(max_age) => {
+                self.links
+                    .recent_forecast(peer, horizon, max_age, novacron_types::unix_now())
+            }
+            None => self.links.forecast(peer, horizon),
+        };
+        forecast(ForecastHorizon::FiveSeconds)
+            .or_else(|| forecast(ForecastHorizon::OneSecond))
             .map(|forecast| forecast.expected_bits_per_sec / 8.0)
             .filter(|rate| *rate > 0.0)
     }
@@ -1217,7 +1221,7 @@ impl TransferService {
     async fn serve_incoming(self: Arc<Self>, session: Session) {
         let peer = session.peer_fingerprint();
         // What this side sends (a pulled image) is paced as a dialer's would be.
-        if let Some(rate) = self.forecast_bytes_per_second(peer) {
+        if let Some(rate) = self.forecast_bytes_per_second(peer, None) {
             session.set_bulk_pacing_limit(Some(novacron_transport::policy::pacing_limit_for(rate)));
         }
         let session = Arc::new(session);
