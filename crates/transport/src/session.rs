@@ -843,7 +843,7 @@ impl Session {
                 options.minimum_bulk_connections,
                 options.maximum_bulk_connections,
             );
-        let dial_bulk = |index: u32| {
+        let dial_bulk = |index: u32, round_trip: Option<Duration>| {
             let dialer = dialer.clone();
             let options = options.clone();
             tokio::spawn(async move {
@@ -854,10 +854,12 @@ impl Session {
                     bulk_receive_window: options.bulk_receive_window_bytes,
                     control_receive_window: options.control_window_bytes,
                 };
-                dial(&dialer, &options, hello, None).await
+                dial(&dialer, &options, hello, round_trip, None).await
             })
         };
-        let mut early_bulk: Vec<_> = (1..=first_wave).map(dial_bulk).collect();
+        let mut early_bulk: Vec<_> = (1..=first_wave)
+            .map(|index| dial_bulk(index, None))
+            .collect();
         let (round_trip_measured, round_trip) = oneshot::channel();
         let second_wave = async {
             let Ok(round_trip) = round_trip.await else {
@@ -866,7 +868,9 @@ impl Session {
             let wanted = initial_bulk_count(&options, round_trip).max(first_wave);
             (
                 wanted,
-                (first_wave + 1..=wanted).map(dial_bulk).collect::<Vec<_>>(),
+                (first_wave + 1..=wanted)
+                    .map(|index| dial_bulk(index, Some(round_trip)))
+                    .collect::<Vec<_>>(),
             )
         };
         let control = dial(
@@ -879,6 +883,7 @@ impl Session {
                 bulk_receive_window: options.bulk_receive_window_bytes,
                 control_receive_window: options.control_window_bytes,
             },
+            None,
             Some(round_trip_measured),
         );
         let (established, (initial_bulk_connections, second_wave)) =
@@ -927,27 +932,28 @@ impl Session {
             0,
             Some(established.stream),
         ));
+        // The session is open with its control connection: a bulk connection still on its way
+        // (a lost packet in its handshake costs a retransmission) joins when it is up, instead
+        // of holding the session's first frames back until every one is.
         for (position, handle) in early_bulk.into_iter().enumerate() {
-            let first = match handle.await {
-                Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
-                    Some(bulk.stream)
-                }
-                Ok(Ok(_)) => {
-                    tracing::warn!(session = %shared.session_name, "bulk connection reached a different peer");
-                    None
-                }
-                Ok(Err(error)) => {
-                    tracing::debug!(session = %shared.session_name, error = %error, "early bulk connection failed");
-                    None
-                }
-                Err(_) => None,
-            };
-            tokio::spawn(maintain_connection(
-                shared.clone(),
-                Lane::Bulk,
-                position as u32 + 1,
-                first,
-            ));
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let first = match handle.await {
+                    Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
+                        Some(bulk.stream)
+                    }
+                    Ok(Ok(_)) => {
+                        tracing::warn!(session = %shared.session_name, "bulk connection reached a different peer");
+                        None
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(session = %shared.session_name, error = %error, "early bulk connection failed");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                maintain_connection(shared, Lane::Bulk, position as u32 + 1, first).await;
+            });
         }
         tokio::spawn(supervise(shared.clone()));
         Ok(Session { shared })
@@ -1193,25 +1199,37 @@ fn initial_bulk_count(options: &SessionOptions, round_trip: Duration) -> u32 {
     )
 }
 
-/// Opens one connection of a session: TCP, TLS, hello. `round_trip_measured` hears the TCP
-/// handshake's duration (a round trip) as soon as it is known.
+/// Opens one connection of a session: TCP (a second SYN beside the first when its answer is
+/// late, see [`socket::hedge_after`]; `round_trip` is the one known to the peer, if any), TLS,
+/// hello. `round_trip_measured` hears the TCP handshake's duration (a round trip) as soon as it
+/// is known.
 async fn dial(
     dialer: &DialerContext,
     options: &SessionOptions,
     hello: Hello,
+    round_trip: Option<Duration>,
     round_trip_measured: Option<oneshot::Sender<Duration>>,
 ) -> Result<EstablishedConnection, TransportError> {
     let peer = dialer.address;
     let attempt = async {
-        let started = Instant::now();
-        let tcp = socket::connect(peer, options.congestion_control.as_deref())
-            .await
-            .map_err(|source| TransportError::Io {
-                action: "connecting",
-                peer,
-                source,
-            })?;
-        let tcp_connect_time = started.elapsed();
+        let (tcp, tcp_connect_time, second_won) = socket::connect_hedged(
+            peer,
+            options.congestion_control.as_deref(),
+            socket::hedge_after(round_trip),
+        )
+        .await
+        .map_err(|source| TransportError::Io {
+            action: "connecting",
+            peer,
+            source,
+        })?;
+        if second_won {
+            tracing::debug!(
+                %peer,
+                connection_index = hello.connection_index,
+                "transport connection made by a second attempt: the first SYN's answer was late"
+            );
+        }
         if let Some(measured) = round_trip_measured {
             let _ = measured.send(tcp_connect_time);
         }
@@ -1312,7 +1330,8 @@ async fn maintain_connection(
                     bulk_receive_window: shared.options.bulk_receive_window_bytes,
                     control_receive_window: shared.options.control_window_bytes,
                 };
-                match dial(dialer, &shared.options, hello, None).await {
+                let round_trip = shared.lock().round_trip_estimate;
+                match dial(dialer, &shared.options, hello, round_trip, None).await {
                     Ok(established) if established.peer_fingerprint != shared.peer_fingerprint => {
                         shared.fail("peer identity changed on reconnection".to_string());
                         return;
@@ -1812,6 +1831,9 @@ pub struct ListenerStats {
     pub sessions_opened: u64,
     /// Connections attached to an existing session (bulk connections and resumptions).
     pub connections_attached: u64,
+    /// Connections closed by their peer before it sent a byte: a dialer's spare attempt that
+    /// lost to its first (see `socket::connect_hedged`), or a port check.
+    pub connections_abandoned: u64,
 }
 
 #[derive(Default)]
@@ -1820,6 +1842,7 @@ struct ListenerCounters {
     connections_refused: AtomicU64,
     sessions_opened: AtomicU64,
     connections_attached: AtomicU64,
+    connections_abandoned: AtomicU64,
 }
 
 type SessionRegistry = Mutex<HashMap<(Fingerprint, SessionId), Weak<SessionShared>>>;
@@ -1953,6 +1976,7 @@ impl Listener {
             connections_refused: counters.connections_refused.load(Ordering::Relaxed),
             sessions_opened: counters.sessions_opened.load(Ordering::Relaxed),
             connections_attached: counters.connections_attached.load(Ordering::Relaxed),
+            connections_abandoned: counters.connections_abandoned.load(Ordering::Relaxed),
         }
     }
 }
@@ -1986,6 +2010,30 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
+    // A dialer's spare attempt that lost to its first (`socket::connect_hedged`) connects and
+    // closes without a byte: not a refusal, nothing to warn about.
+    let handshake_deadline = tokio::time::Instant::now() + options.handshake_timeout;
+    let mut first_byte = [0u8; 1];
+    match tokio::time::timeout_at(handshake_deadline, tcp.peek(&mut first_byte)).await {
+        Ok(Ok(0)) => {
+            context
+                .counters
+                .connections_abandoned
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "transport connection closed before its handshake");
+            return;
+        }
+        // Bytes to read, or an error the handshake reports.
+        Ok(_) => {}
+        Err(_) => {
+            context
+                .counters
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, "transport handshake timed out");
+            return;
+        }
+    }
     let acceptor = context
         .acceptor
         .lock()
@@ -2020,7 +2068,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         Ok::<_, TransportError>((stream, peer_fingerprint, key_exchange_group, hello))
     };
     let (mut stream, peer_fingerprint, key_exchange_group, hello_bytes) =
-        match tokio::time::timeout(options.handshake_timeout, handshake).await {
+        match tokio::time::timeout_at(handshake_deadline, handshake).await {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(error)) => {
                 context

@@ -131,6 +131,41 @@ async fn a_client_without_certificate_gets_nothing_through() {
 }
 
 #[tokio::test]
+async fn a_connection_closed_before_a_byte_is_abandoned_not_refused() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        // A dialer's spare attempt that lost (or a port check): connects, sends nothing, closes.
+        drop(TcpStream::connect(listener.local_addr()).await.unwrap());
+        wait_until(
+            "the listener to count the abandoned connection",
+            Duration::from_secs(10),
+            || listener.stats().connections_abandoned >= 1,
+        )
+        .await;
+        assert_eq!(listener.stats().connections_refused, 0);
+        // Garbage is still a refusal.
+        let mut garbage = TcpStream::connect(listener.local_addr()).await.unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        wait_until(
+            "the listener to refuse garbage",
+            Duration::from_secs(10),
+            || listener.stats().connections_refused >= 1,
+        )
+        .await;
+        // And a real session still opens.
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, test_options(1))
+            .await
+            .unwrap();
+        let _accepted = listener.accept().await.unwrap();
+        assert_eq!(listener.stats().sessions_opened, 1);
+        dialer.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn cluster_ca_identities_connect_and_a_foreign_ca_is_refused() {
     init_tracing();
     within(async {
