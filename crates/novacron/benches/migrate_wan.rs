@@ -51,6 +51,10 @@ Options (defaults in brackets):
   --methods LIST       vm-migrate, multifd (QEMU multifd x4 + zstd), qemu (precopy),
                        xbzrle, comma-separated, in that order per run [vm-migrate,multifd]
   --runs N             every method N times, interleaved [1]
+
+Environment: MIGRATE_WAN_LOGS=DIR keeps both hosts' `serve` logs of each run in DIR;
+MIGRATE_WAN_LOG_FILTER sets their filter (NOVACRON_LOG, e.g.
+"info,novacron_transport=debug"; default "info,openraft=warn").
 "#;
 
 /// QEMU's downtime limit, for every method (`vm migrate`'s default).
@@ -236,6 +240,12 @@ fn start_region(region: &RunningRegion) -> Vec<TestHost> {
         test_host
             .extra_args
             .extend(["--host-name".to_string(), format!("host-{index}")]);
+        // `serve`'s log filter (`NOVACRON_LOG`), for logs kept with `MIGRATE_WAN_LOGS`.
+        if let Ok(filter) = std::env::var("MIGRATE_WAN_LOG_FILTER") {
+            test_host
+                .extra_env
+                .push(("NOVACRON_LOG".to_string(), filter));
+        }
         test_host.spawn_serve();
         hosts.push(test_host);
     }

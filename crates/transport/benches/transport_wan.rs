@@ -751,6 +751,9 @@ fn child_receive() -> anyhow::Result<()> {
     runtime.block_on(async {
         let tls = load_tls(&directory, "recv", "send")?;
         let mut options = SessionOptions::default();
+        if let Ok(hint) = std::env::var("DWCP_BENCH_HINT_MBIT") {
+            options.bandwidth_hint_bytes_per_second = hint.parse::<f64>()? * 1e6 / 8.0;
+        }
         if let Ok(window) = std::env::var("DWCP_BENCH_WINDOW_MIB") {
             options.bulk_receive_window_bytes = window.parse::<u64>()? * MIB;
         }

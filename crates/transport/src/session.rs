@@ -109,6 +109,9 @@ pub struct SessionOptions {
     /// cap; with a forecast of the link, [`crate::policy::pacing_limit_for`] of it). See
     /// [`Session::set_bulk_pacing_limit`].
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
+    /// How often the payload rate is compared with the pacing limit, which rises when the
+    /// rate fills it ([`crate::policy::raised_pacing_limit`]).
+    pub pacing_check_interval: Duration,
     /// At the end of the bulk stream, send an overdue frame once more on a connection that has
     /// nothing else to send (see [`crate::reliable::OutboundChannel::next_hedge`]).
     pub hedge_overdue_frames: bool,
@@ -140,6 +143,7 @@ impl Default for SessionOptions {
             server_name: PINNED_SERVER_NAME.to_string(),
             rate_observer: None,
             bulk_pacing_limit_bytes_per_second: None,
+            pacing_check_interval: crate::policy::PACING_CHECK_INTERVAL,
         }
     }
 }
@@ -1685,6 +1689,7 @@ async fn supervise(shared: Arc<SessionShared>) {
     });
     let mut last_measurement = Instant::now();
     let mut last_bytes = 0u64;
+    let (mut last_pacing_check, mut last_pacing_acknowledged) = (Instant::now(), 0u64);
     let (mut last_acknowledged, mut last_received) = (0u64, 0u64);
     let mut next_index = u32::MAX / 2;
     loop {
@@ -1712,6 +1717,21 @@ async fn supervise(shared: Arc<SessionShared>) {
             );
             return;
         }
+        let pacing_elapsed = last_pacing_check.elapsed();
+        if pacing_elapsed >= shared.options.pacing_check_interval {
+            let acknowledged = core.bulk_out.payload_bytes_acknowledged;
+            let rate =
+                (acknowledged - last_pacing_acknowledged) as f64 / pacing_elapsed.as_secs_f64();
+            if let Some(raised) = core
+                .bulk_pacing_limit
+                .and_then(|limit| crate::policy::raised_pacing_limit(limit, rate))
+            {
+                core.bulk_pacing_limit = Some(raised);
+                shared.share_pacing_limit(&core);
+                tracing::debug!(session = %shared.session_name, limit = raised, rate_mbit_per_second = rate * 8e-6, "transport pacing limit raised: the link carries more than forecast");
+            }
+            (last_pacing_check, last_pacing_acknowledged) = (Instant::now(), acknowledged);
+        }
         let elapsed = last_measurement.elapsed();
         if elapsed < shared.options.measurement_interval {
             continue;
@@ -1737,14 +1757,6 @@ async fn supervise(shared: Arc<SessionShared>) {
         }
         core.sender_blocked_since_measurement = false;
         core.measured_rate_bytes_per_second = rate;
-        if let Some(raised) = core
-            .bulk_pacing_limit
-            .and_then(|limit| crate::policy::raised_pacing_limit(limit, rate))
-        {
-            core.bulk_pacing_limit = Some(raised);
-            shared.share_pacing_limit(&core);
-            tracing::debug!(session = %shared.session_name, limit = raised, "transport pacing limit raised: the link carries more than forecast");
-        }
         last_measurement = Instant::now();
         last_bytes = bytes;
         let streams = core

@@ -770,8 +770,8 @@ async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
 
 /// The pacing limit holds the session's connections together below it (the kernel paces each
 /// at its share), whatever the path would carry: loopback carries gigabytes per second, and a
-/// limit of 16 MB/s over two connections makes 16 MiB take about a second (no measurement
-/// interval ends meanwhile to raise it). Only a lower bound on the time is checked; a slow
+/// limit of 16 MB/s over two connections makes 16 MiB take about a second (no pacing check
+/// comes meanwhile to raise it). Only a lower bound on the time is checked; a slow
 /// machine can only make it longer. Lifting the limit frees the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
@@ -782,7 +782,7 @@ async fn a_pacing_limit_holds_the_connections_below_it_until_lifted() {
         const LIMIT: u64 = 16_000_000;
         let options = SessionOptions {
             bulk_pacing_limit_bytes_per_second: Some(LIMIT),
-            measurement_interval: Duration::from_secs(30),
+            pacing_check_interval: Duration::from_secs(30),
             ..test_options(2)
         };
         let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
