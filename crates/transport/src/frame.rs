@@ -1,4 +1,4 @@
-//! The on-wire format inside each TLS connection (version 2). Pure encoding and decoding, no IO.
+//! The on-wire format inside each TLS connection (version 3). Pure encoding and decoding, no IO.
 //!
 //! A connection starts with a fixed-size hello from the dialer and a hello reply from the
 //! listener, then carries frames in both directions:
@@ -16,14 +16,17 @@
 //! striping, reassembly and resume (a frame delivered with the wrong sequence number or length
 //! fails it), so it needs a checksum, not a cryptographic hash. Version 1 used the first 16
 //! bytes of BLAKE3: 6 GB/s against XXH3's 24 GB/s on this project's machine, about 2 % of both
-//! cores in a migration at 1 Gbit/s, where the two cores are the limit. Decoding never
+//! cores in a migration at 1 Gbit/s, where the two cores are the limit. Version 3 added the
+//! padding frame (kind 3, bulk channel, sequence 0, no end-of-stream flag): bytes that warm a
+//! new connection's congestion control up before the session has data, outside the reliable
+//! stream (never acknowledged, resent or delivered). Decoding never
 //! allocates more than [`MAX_FRAME_PAYLOAD`] for one frame and rejects unknown kinds, channels,
 //! flags and versions.
 
 use crate::error::TransportError;
 
 pub const PROTOCOL_MAGIC: [u8; 4] = *b"NCTR";
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 pub const HELLO_LEN: usize = 44;
 pub const FRAME_HEADER_LEN: usize = 16;
 pub const FRAME_TAG_LEN: usize = 16;
@@ -146,6 +149,9 @@ pub enum FrameKind {
     Data = 1,
     /// Carries the receiver's cumulative acknowledgement and flow-control credit for a channel.
     Ack = 2,
+    /// Bytes the receiver reads and drops: a connection's warm-up (see
+    /// `Session::warm_up`). Bulk channel only, sequence 0.
+    Padding = 3,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +185,7 @@ impl FrameHeader {
         let kind = match bytes[0] {
             1 => FrameKind::Data,
             2 => FrameKind::Ack,
+            3 => FrameKind::Padding,
             other => return Err(protocol(format!("unknown frame kind {other}"))),
         };
         let channel = match bytes[1] {
@@ -204,6 +211,13 @@ impl FrameHeader {
             return Err(protocol(format!(
                 "acknowledgement frame with {payload_len} byte payload"
             )));
+        }
+        if kind == FrameKind::Padding
+            && (channel != Channel::Bulk || end_of_stream || sequence != 0)
+        {
+            return Err(protocol(
+                "padding frame off the bulk channel, with a sequence or ending a stream".into(),
+            ));
         }
         Ok(FrameHeader {
             kind,
@@ -324,13 +338,41 @@ mod tests {
             sequence: 1,
         }
         .encode();
-        for (index, value) in [(0usize, 9u8), (1, 2), (2, 0x80), (3, 1)] {
+        for (index, value) in [(0usize, 9u8), (0, 4), (1, 2), (2, 0x80), (3, 1)] {
             let mut bytes = good;
             bytes[index] = value;
             assert!(
                 FrameHeader::decode(&bytes).is_err(),
                 "byte {index} = {value}"
             );
+        }
+    }
+
+    #[test]
+    fn padding_is_bulk_only_unsequenced_and_never_ends_a_stream() {
+        let padding = FrameHeader {
+            kind: FrameKind::Padding,
+            channel: Channel::Bulk,
+            end_of_stream: false,
+            payload_len: 65_536,
+            sequence: 0,
+        };
+        assert_eq!(FrameHeader::decode(&padding.encode()).unwrap(), padding);
+        for bad in [
+            FrameHeader {
+                channel: Channel::Control,
+                ..padding
+            },
+            FrameHeader {
+                sequence: 7,
+                ..padding
+            },
+            FrameHeader {
+                end_of_stream: true,
+                ..padding
+            },
+        ] {
+            assert!(FrameHeader::decode(&bad.encode()).is_err(), "{bad:?}");
         }
     }
 

@@ -175,6 +175,11 @@ impl OutboundChannel {
     }
 
     /// Queues a frame; returns its sequence number. The caller checks `has_room_for` first.
+    /// Whether any frame (payload or the end of the stream) was ever queued.
+    pub fn anything_enqueued(&self) -> bool {
+        self.next_sequence > 0
+    }
+
     pub fn enqueue(&mut self, payload: Bytes, end_of_stream: bool) -> Result<u64, TransportError> {
         if self.end_of_stream_queued {
             return Err(TransportError::Protocol {

@@ -49,6 +49,17 @@ use crate::tls::{PINNED_SERVER_NAME, PeerTrust, TlsSettings};
 /// Read and write buffer per connection.
 pub const IO_BUFFER_BYTES: usize = 256 << 10;
 
+/// Whether a bulk connection with nothing to send pads at `now` ([`Session::warm_up`]): an
+/// open session, before its first frame was queued, until the warm-up's end.
+fn warming_up(core: &SessionCore, now: Instant) -> bool {
+    core.state == SessionState::Open
+        && !core.bulk_out.anything_enqueued()
+        && core.warm_up_until.is_some_and(|until| now < until)
+}
+
+/// One padding frame's payload ([`Session::warm_up`]).
+static PADDING: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Default bound on a session's bulk data in each direction (send window and receive window).
 ///
 /// The stream is ordered, so while one connection recovers a lost segment the receiver holds
@@ -366,6 +377,9 @@ pub struct SessionStats {
     /// The cap on the bulk connections' total sending rate, bytes per second (see
     /// [`Session::set_bulk_pacing_limit`]).
     pub bulk_pacing_limit_bytes_per_second: Option<u64>,
+    /// Padding sent to warm the bulk connections up ([`Session::warm_up`]), and received.
+    pub bulk_padding_bytes_sent: u64,
+    pub bulk_padding_bytes_received: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -413,6 +427,11 @@ struct SessionCore {
     sender_blocked_since_measurement: bool,
     measured_rate_bytes_per_second: f64,
     bulk_pacing_limit: Option<u64>,
+    /// Bulk connections send padding until then while nothing was queued (see
+    /// [`Session::warm_up`]).
+    warm_up_until: Option<Instant>,
+    padding_bytes_sent: u64,
+    padding_bytes_received: u64,
 }
 
 #[derive(Clone)]
@@ -496,6 +515,9 @@ impl SessionShared {
             sender_blocked_since_measurement: false,
             measured_rate_bytes_per_second: 0.0,
             bulk_pacing_limit: options.bulk_pacing_limit_bytes_per_second,
+            warm_up_until: None,
+            padding_bytes_sent: 0,
+            padding_bytes_received: 0,
         };
         let (shutdown, _) = watch::channel(false);
         let (bulk_pacing_share, _) = watch::channel(None);
@@ -661,6 +683,10 @@ impl SessionShared {
                     // A peer that closed may also have ended the bulk stream.
                     self.bulk_readers.notify_waiters();
                 }
+            }
+            // Decoding let only the bulk channel's through.
+            (FrameKind::Padding, _) => {
+                core.padding_bytes_received += payload.len() as u64;
             }
             (FrameKind::Ack, channel) => {
                 let ack = Acknowledgement::decode(&payload)?;
@@ -1099,11 +1125,23 @@ impl Session {
         self.shared.lock().resume_timeout = timeout;
     }
 
+    /// Keeps the bulk connections sending padding, for at most `duration`, until the first
+    /// frame is queued: a session opened before its data is ready (a migration's, while the
+    /// destination prepares) then starts with connections whose congestion control has ramped
+    /// up, instead of spending its first round trips in TCP's start-up. Padding is paced like
+    /// data, follows each socket's backpressure (so at most a socket's unsent limit of it waits
+    /// ahead of the first frame), is dropped by the peer and never resent. Counted in
+    /// [`SessionStats::bulk_padding_bytes_sent`].
+    pub fn warm_up(&self, duration: Duration) {
+        self.shared.lock().warm_up_until = Some(Instant::now() + duration);
+        self.shared.bulk_writers.notify_waiters();
+    }
+
     /// Caps the rate this side's bulk connections send at together, bytes per second of IP
     /// packets (`None` lifts the cap), from now on; the cap is shared evenly between the live
-    /// connections and follows their number, and the session raises it by half whenever a
-    /// measurement interval's rate fills nine tenths of it (the link carries more than
-    /// forecast). A sender with a forecast of the link sets it to
+    /// connections and follows their number, and the session raises it by half whenever the
+    /// rate over a pacing check (`SessionOptions::pacing_check_interval`) fills
+    /// [`crate::policy::PACING_FULL`] of it (the link carries more than forecast). A sender with a forecast of the link sets it to
     /// [`crate::policy::pacing_limit_for`] of the forecast: see there for why.
     pub fn set_bulk_pacing_limit(&self, bytes_per_second: Option<u64>) {
         let mut core = self.shared.lock();
@@ -1165,6 +1203,8 @@ impl Session {
             bulk_send_window_starved: core.bulk_out.send_window_starved,
             bulk_credit_holds: core.bulk_out.credit_holds,
             bulk_pacing_limit_bytes_per_second: core.bulk_pacing_limit,
+            bulk_padding_bytes_sent: core.padding_bytes_sent,
+            bulk_padding_bytes_received: core.padding_bytes_received,
         }
     }
 }
@@ -1539,14 +1579,20 @@ async fn write_bulk(
         let notified = pin!(shared.bulk_writers.notified());
         let mut notified = notified;
         notified.as_mut().enable();
-        let (transmission, retired, hedge_due) = {
+        let (transmission, retired, hedge_due, pad) = {
             let mut core = shared.lock();
             if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
                 return Ok(());
             }
+            let pad = warming_up(&core, Instant::now());
             if index.is_some_and(|index| core.retiring.contains(&index)) {
                 // Retiring: no new frames; close once the peer has every frame sent here.
-                (None, !core.bulk_out.unacknowledged_on(connection_id), None)
+                (
+                    None,
+                    !core.bulk_out.unacknowledged_on(connection_id),
+                    None,
+                    false,
+                )
             } else {
                 let now = Instant::now();
                 let hedge = shared.options.hedge_overdue_frames;
@@ -1560,13 +1606,14 @@ async fn write_bulk(
                             .then(|| core.bulk_out.next_hedge(connection_id, now))
                             .flatten()
                     }) {
-                    Some(transmission) => (Some(transmission), false, None),
+                    Some(transmission) => (Some(transmission), false, None, false),
                     None => (
                         None,
                         false,
                         hedge
                             .then(|| core.bulk_out.next_hedge_due(connection_id))
                             .flatten(),
+                        pad,
                     ),
                 }
             }
@@ -1589,6 +1636,24 @@ async fn write_bulk(
                     peer,
                 )
                 .await?;
+            }
+            None if pad => {
+                let padding = &PADDING[..PADDING.len().min(shared.options.max_frame_payload)];
+                let header = FrameHeader {
+                    kind: FrameKind::Padding,
+                    channel: Channel::Bulk,
+                    end_of_stream: false,
+                    payload_len: padding.len() as u32,
+                    sequence: 0,
+                };
+                write_frame(&mut writer, header, padding, peer).await?;
+                // Onto the socket now: its backpressure, not this buffer, paces the padding.
+                writer.flush().await.map_err(|source| TransportError::Io {
+                    action: "flushing frames",
+                    peer,
+                    source,
+                })?;
+                shared.lock().padding_bytes_sent += padding.len() as u64;
             }
             None => {
                 writer.flush().await.map_err(|source| TransportError::Io {
@@ -1717,6 +1782,14 @@ async fn supervise(shared: Arc<SessionShared>) {
             );
             return;
         }
+        // Rates count from the first bulk byte: the time a session sat open before (a
+        // migration's opens while the destination prepares) says nothing about the path, and
+        // a first measurement diluted by it cut a migration's send window to a third.
+        if core.bulk_out.payload_bytes_enqueued == 0 && core.bulk_in.payload_bytes_received == 0 {
+            last_measurement = Instant::now();
+            last_pacing_check = last_measurement;
+            continue;
+        }
         let pacing_elapsed = last_pacing_check.elapsed();
         if pacing_elapsed >= shared.options.pacing_check_interval {
             let acknowledged = core.bulk_out.payload_bytes_acknowledged;
@@ -1730,6 +1803,13 @@ async fn supervise(shared: Arc<SessionShared>) {
                 shared.share_pacing_limit(&core);
                 tracing::debug!(session = %shared.session_name, limit = raised, rate_mbit_per_second = rate * 8e-6, "transport pacing limit raised: the link carries more than forecast");
             }
+            tracing::trace!(
+                session = %shared.session_name,
+                rate_mbit_per_second = rate * 8e-6,
+                limit = core.bulk_pacing_limit,
+                send_buffered = core.bulk_out.buffered_bytes(),
+                "transport pacing check"
+            );
             (last_pacing_check, last_pacing_acknowledged) = (Instant::now(), acknowledged);
         }
         let elapsed = last_measurement.elapsed();
@@ -2238,4 +2318,33 @@ async fn refuse_connection(
     tracing::warn!(%peer, status = HelloStatus::describe(reply.status()), "transport hello refused");
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warm_up_pads_until_the_first_frame_or_its_end() {
+        let shared = SessionShared::new(
+            [7; 16],
+            Fingerprint([1; 32]),
+            SessionOptions::default(),
+            1 << 20,
+            1 << 20,
+            None,
+        );
+        let now = Instant::now();
+        let mut core = shared.lock();
+        assert!(!warming_up(&core, now), "only when asked");
+        core.warm_up_until = Some(now + Duration::from_secs(1));
+        assert!(warming_up(&core, now));
+        assert!(!warming_up(&core, now + Duration::from_secs(1)), "its end");
+        core.state = SessionState::PeerClosed;
+        assert!(!warming_up(&core, now), "the peer closed");
+        core.state = SessionState::Open;
+        // The end of an empty stream is a frame too.
+        core.bulk_out.enqueue(Bytes::new(), true).unwrap();
+        assert!(!warming_up(&core, now), "a frame is queued");
+    }
 }

@@ -702,19 +702,6 @@ async fn rate_samples_account_for_every_byte_and_flag_a_backlogged_sender() {
             .unwrap(),
         );
         let accepted = listener.accept().await.unwrap();
-        // Idle: samples come, with nothing moved and no backlog.
-        wait_until("idle samples", TEST_DEADLINE, || {
-            dialer_samples.lock().unwrap().len() >= 2
-        })
-        .await;
-        assert!(
-            dialer_samples
-                .lock()
-                .unwrap()
-                .iter()
-                .all(|sample| { sample.bytes_acknowledged == 0 && !sample.sender_backlogged })
-        );
-
         // The receiver does not read until the sender has been held back for a whole sample.
         let payload = random_payload(16 << 20, 9);
         let sending = Arc::clone(&dialer);
@@ -934,6 +921,112 @@ async fn a_listener_changes_whom_it_trusts_without_forgetting_its_sessions() {
                 .is_err(),
             "a peer no longer trusted opened a session"
         );
+    })
+    .await;
+}
+
+/// A session opened before its data is ready warms its bulk connections up with padding: the
+/// padding flows while nothing is queued, the peer drops it, it stops at the first frame (a
+/// frame or two per connection were on their way then), and the stream carries exactly what
+/// was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_up_pads_the_connections_until_data_comes_and_delivers_only_the_data() {
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(2)).await;
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, test_options(2))
+            .await
+            .unwrap();
+        let accepted = Arc::new(listener.accept().await.unwrap());
+        let payload = random_payload(8 << 20, 21);
+        dialer.warm_up(Duration::from_secs(600));
+        let peer = accepted.clone();
+        wait_until("padding to cross", TEST_DEADLINE, || {
+            dialer.stats().bulk_padding_bytes_sent >= 4 << 20
+                && peer.stats().bulk_padding_bytes_received >= 1 << 20
+        })
+        .await;
+        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        let padded_before_data = dialer.stats().bulk_padding_bytes_sent;
+        send_in_pieces(&dialer, &payload, 1 << 20).await;
+        assert_eq!(
+            receiver.await.unwrap(),
+            (payload.len() as u64, blake3::hash(&payload))
+        );
+        let stats = dialer.stats();
+        assert!(
+            // Per connection: the frame being written at the look, and one begun before
+            // the first frame was queued.
+            stats.bulk_padding_bytes_sent - padded_before_data <= 2 * 2 * (64 << 10),
+            "padding went on after the data: {stats:?}"
+        );
+        assert_eq!(stats.bulk_bytes_sent, payload.len() as u64);
+        dialer.close().await.unwrap();
+    })
+    .await;
+}
+
+/// A session's rate counts from its first bulk byte: the time it sat open before (a
+/// migration's session opens while the destination prepares) is not the path's. The first
+/// sample comes a whole interval after the first byte, not an interval after the opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_rate_sample_starts_at_the_first_byte() {
+    use novacron_transport::{RateObserver, RateSample};
+    use std::sync::Mutex;
+    init_tracing();
+    within(async {
+        const INTERVAL: Duration = Duration::from_millis(800);
+        let samples: Arc<Mutex<Vec<(std::time::Instant, RateSample)>>> = Arc::default();
+        let sink = Arc::clone(&samples);
+        let observer = RateObserver::new(move |sample| {
+            sink.lock()
+                .unwrap()
+                .push((std::time::Instant::now(), sample))
+        });
+        let (listener_tls, dialer_tls) = pinned_pair();
+        let listener = listen(&listener_tls, test_options(1)).await;
+        let options = SessionOptions {
+            measurement_interval: INTERVAL,
+            rate_observer: Some(observer),
+            ..test_options(1)
+        };
+        let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
+            .await
+            .unwrap();
+        let accepted = listener.accept().await.unwrap();
+        // Open and idle for most of an interval.
+        tokio::time::sleep(INTERVAL / 2).await;
+        assert!(samples.lock().unwrap().is_empty(), "no sample while idle");
+        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        let first_byte = std::time::Instant::now();
+        let payload = random_payload(1 << 20, 5);
+        dialer.send(payload.clone()).await.unwrap();
+        dialer.finish().await.unwrap();
+        assert_eq!(receiver.await.unwrap().0, payload.len() as u64);
+        wait_until("a rate sample", TEST_DEADLINE, || {
+            !samples.lock().unwrap().is_empty()
+        })
+        .await;
+        let (at, sample) = samples.lock().unwrap()[0];
+        // Lower bounds only: a slow machine can only make them later and longer.
+        assert!(
+            at.duration_since(first_byte) >= INTERVAL * 9 / 10,
+            "the first sample came {:?} after the first byte",
+            at.duration_since(first_byte)
+        );
+        assert!(sample.interval >= INTERVAL, "{sample:?}");
+        wait_until("every byte in the samples", TEST_DEADLINE, || {
+            samples
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, sample)| sample.bytes_acknowledged)
+                .sum::<u64>()
+                == payload.len() as u64
+        })
+        .await;
+        dialer.close().await.unwrap();
     })
     .await;
 }
