@@ -849,11 +849,18 @@ impl Source<'_> {
         if !crate::storage::moves_disk(&self.record) {
             session.warm_up(SESSION_WARM_UP_LIMIT);
         }
-        let (held_there, held_here, ()) = tokio::join!(
-            ask_destination(session, begin, "migration", &self.migration.destination),
-            held_boot_files(&self.shared, &self.record),
+        // The copy does not wait for the end of the dirty-rate sample: QEMU's downtime limit
+        // does not depend on it, and the plan takes it in when it ends (below).
+        let (held_there, held_here) = alongside(
+            async {
+                tokio::join!(
+                    ask_destination(session, begin, "migration", &self.migration.destination),
+                    held_boot_files(&self.shared, &self.record),
+                )
+            },
             dirty_rate.as_mut(),
-        );
+        )
+        .await;
         let held_there = held_there?;
         let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()
@@ -911,13 +918,20 @@ impl Source<'_> {
                 });
         }
         // The plan before the move: the guest's dirty rate measured by QEMU (half a
-        // second's sample), the link's forecast, no compression assumed.
-        self.initial_dirty_rate = match dirty_rate.as_mut().take_output().flatten() {
-            Some(rate) => rate,
-            None => measure_dirty_rate(self.qemu).await,
+        // second's sample, 0 until it ends when the destination was ready first), the link's
+        // forecast, no compression assumed.
+        let mut sampling = false;
+        self.initial_dirty_rate = match dirty_rate.as_mut().take_output() {
+            Some(Some(rate)) => rate,
+            // Measured after the disk's mirror.
+            Some(None) => measure_dirty_rate(self.qemu).await,
+            None => {
+                sampling = true;
+                0.0
+            }
         };
         let round_trip = session.stats().round_trip_estimate.unwrap_or_default();
-        let (plan, _) = self.planner.update(&PlanInputs {
+        let plan_inputs = PlanInputs {
             remaining_bytes: self.record.spec.memory_bytes,
             dirty_bytes_per_second: self.initial_dirty_rate,
             wire_bytes_per_second: forecast_rate.unwrap_or(0.0),
@@ -929,7 +943,8 @@ impl Source<'_> {
             ),
             round_trip,
             downtime_limit: Duration::from_millis(self.migration.downtime_limit_ms),
-        });
+        };
+        let (plan, _) = self.planner.update(&plan_inputs);
         self.note_plan(&plan, self.initial_dirty_rate, forecast_rate.is_some());
         let throttle = self.migration.when_not_converging == ConvergencePolicy::Throttle;
         let postcopy = self.migration.when_not_converging == ConvergencePolicy::PostCopy;
@@ -1015,6 +1030,12 @@ impl Source<'_> {
             tokio::select! {
                 result = &mut sender, if sent.is_none() => {
                     sent = Some(sender_outcome(result)?);
+                }
+                () = dirty_rate.as_mut(), if sampling => {
+                    sampling = false;
+                    if let Some(Some(rate)) = dirty_rate.as_mut().take_output() {
+                        self.planned_with_dirty_rate(rate, plan_inputs, throttle, forecast_rate.is_some()).await;
+                    }
                 }
                 event = events.recv() => {
                     if let Ok(event) = event
@@ -1224,6 +1245,36 @@ impl Source<'_> {
     }
 
     /// Puts the plan into the progress the record shows.
+    /// Takes the dirty-rate sample that ended after the copy began into the plan: the rate
+    /// stands in for QEMU's until its first pass reports one, and a throttled move starts its
+    /// throttle where the plan says (the downtime limit does not depend on it).
+    async fn planned_with_dirty_rate(
+        &mut self,
+        rate: f64,
+        inputs: PlanInputs,
+        throttle: bool,
+        link_known: bool,
+    ) {
+        self.initial_dirty_rate = rate;
+        let (plan, _) = self.planner.update(&PlanInputs {
+            dirty_bytes_per_second: rate,
+            ..inputs
+        });
+        tracing::debug!(vm = %self.name, dirty_bytes_per_second = rate, "the dirty-rate sample ended after the copy began");
+        self.note_plan(&plan, rate, link_known);
+        if throttle && plan.throttle_percent > 0 {
+            let parameters = json!({ "cpu-throttle-initial": plan.throttle_percent.clamp(20, 99) });
+            if let Err(error) = self
+                .qemu
+                .qmp()
+                .execute("migrate-set-parameters", Some(parameters))
+                .await
+            {
+                tracing::warn!(vm = %self.name, %error, "qemu's initial throttle not set");
+            }
+        }
+    }
+
     fn note_plan(&mut self, plan: &Plan, dirty_bytes_per_second: f64, link_known: bool) {
         let progress = &mut self.migration.progress;
         progress.qemu_downtime_limit_ms = Some(plan.qemu_downtime_limit_ms);
