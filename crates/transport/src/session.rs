@@ -1141,8 +1141,9 @@ impl Session {
     /// packets (`None` lifts the cap), from now on; the cap is shared evenly between the live
     /// connections and follows their number, and the session raises it by half whenever the
     /// rate over a pacing check (`SessionOptions::pacing_check_interval`) fills
-    /// [`crate::policy::PACING_FULL`] of it (the link carries more than forecast). A sender with a forecast of the link sets it to
-    /// [`crate::policy::pacing_limit_for`] of the forecast: see there for why.
+    /// [`crate::policy::PACING_FULL`] of it (the link carries more than forecast). A sender
+    /// with a forecast of the link sets it to [`crate::policy::pacing_limit_for`] of the
+    /// forecast: see there for why.
     pub fn set_bulk_pacing_limit(&self, bytes_per_second: Option<u64>) {
         let mut core = self.shared.lock();
         core.bulk_pacing_limit = bytes_per_second;
@@ -2102,36 +2103,26 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
-    // A dialer's spare attempt that lost to its first (`socket::connect_hedged`) connects and
-    // closes without a byte: not a refusal, nothing to warn about.
-    let handshake_deadline = tokio::time::Instant::now() + options.handshake_timeout;
-    let mut first_byte = [0u8; 1];
-    match tokio::time::timeout_at(handshake_deadline, tcp.peek(&mut first_byte)).await {
-        Ok(Ok(0)) => {
-            context
-                .counters
-                .connections_abandoned
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "transport connection closed before its handshake");
-            return;
-        }
-        // Bytes to read, or an error the handshake reports.
-        Ok(_) => {}
-        Err(_) => {
-            context
-                .counters
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, "transport handshake timed out");
-            return;
-        }
-    }
     let acceptor = context
         .acceptor
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
     let handshake = async {
+        // A dialer's spare attempt that lost to its first (`socket::connect_hedged`) connects
+        // and closes without a byte: not a refusal, nothing to warn about.
+        let mut first_byte = [0u8; 1];
+        let read = tcp
+            .peek(&mut first_byte)
+            .await
+            .map_err(|source| TransportError::Io {
+                action: "reading the handshake",
+                peer,
+                source,
+            })?;
+        if read == 0 {
+            return Ok(None);
+        }
         let mut stream = acceptor
             .accept(tcp)
             .await
@@ -2157,11 +2148,19 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                 peer,
                 source,
             })?;
-        Ok::<_, TransportError>((stream, peer_fingerprint, key_exchange_group, hello))
+        Ok::<_, TransportError>(Some((stream, peer_fingerprint, key_exchange_group, hello)))
     };
     let (mut stream, peer_fingerprint, key_exchange_group, hello_bytes) =
-        match tokio::time::timeout_at(handshake_deadline, handshake).await {
-            Ok(Ok(accepted)) => accepted,
+        match tokio::time::timeout(options.handshake_timeout, handshake).await {
+            Ok(Ok(Some(accepted))) => accepted,
+            Ok(Ok(None)) => {
+                context
+                    .counters
+                    .connections_abandoned
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "transport connection closed before its handshake");
+                return;
+            }
             Ok(Err(error)) => {
                 context
                     .counters

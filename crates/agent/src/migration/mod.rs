@@ -1244,7 +1244,6 @@ impl Source<'_> {
         Ok(SourceOutcome::Moved)
     }
 
-    /// Puts the plan into the progress the record shows.
     /// Takes the dirty-rate sample that ended after the copy began into the plan: the rate
     /// stands in for QEMU's until its first pass reports one, and a throttled move starts its
     /// throttle where the plan says (the downtime limit does not depend on it).
@@ -1275,6 +1274,7 @@ impl Source<'_> {
         }
     }
 
+    /// Puts the plan into the progress the record shows.
     fn note_plan(&mut self, plan: &Plan, dirty_bytes_per_second: f64, link_known: bool) {
         let progress = &mut self.migration.progress;
         progress.qemu_downtime_limit_ms = Some(plan.qemu_downtime_limit_ms);
