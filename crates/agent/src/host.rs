@@ -97,16 +97,10 @@ impl Hypervisor {
         if let Some(binaries) = self.located.get() {
             return Ok(binaries);
         }
-        let binaries = match (&self.system_binary, &self.img_binary) {
-            (None, None) => QemuBinaries::locate(),
-            (system, img) => QemuBinaries::from_paths(
-                system
-                    .clone()
-                    .unwrap_or_else(|| "qemu-system-x86_64".into()),
-                img.clone().unwrap_or_else(|| "qemu-img".into()),
-            ),
-        }
-        .map_err(|error: BinaryError| AgentError::MissingBinary(error))?;
+        // One given (`--qemu` alone, say): the other is found in PATH.
+        let binaries =
+            QemuBinaries::with_paths(self.system_binary.clone(), self.img_binary.clone())
+                .map_err(|error: BinaryError| AgentError::MissingBinary(error))?;
         let _ = self.located.set(binaries);
         self.located
             .get()

@@ -64,6 +64,26 @@ impl QemuBinaries {
         })
     }
 
+    /// Uses the paths given (from configuration; each must be an executable file) and finds
+    /// the others as [`Self::locate`] does.
+    pub fn with_paths(system: Option<PathBuf>, img: Option<PathBuf>) -> Result<Self, BinaryError> {
+        let system = match system {
+            Some(path) => path,
+            None => find_in_path(QEMU_SYSTEM_BINARY).ok_or(BinaryError::NotFound {
+                binary: QEMU_SYSTEM_BINARY,
+                package: QEMU_SYSTEM_PACKAGE,
+            })?,
+        };
+        let img = match img {
+            Some(path) => path,
+            None => find_in_path(QEMU_IMG_BINARY).ok_or(BinaryError::NotFound {
+                binary: QEMU_IMG_BINARY,
+                package: QEMU_IMG_PACKAGE,
+            })?,
+        };
+        Self::from_paths(system, img)
+    }
+
     /// Uses explicit paths (from configuration), checking that both are executable files.
     pub fn from_paths(
         system: impl Into<PathBuf>,
@@ -140,6 +160,34 @@ mod tests {
             message.contains("/nonexistent/qemu-system-x86_64"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_binary_not_given_is_found_in_path() {
+        // `/bin/sh` stands for a configured system emulator; qemu-img comes from PATH (or is
+        // reported missing with its package where it is not installed).
+        match QemuBinaries::with_paths(Some("/bin/sh".into()), None) {
+            Ok(binaries) => {
+                assert_eq!(binaries.system, PathBuf::from("/bin/sh"));
+                assert!(binaries.img.ends_with(QEMU_IMG_BINARY), "{binaries:?}");
+                assert!(binaries.img.is_absolute(), "{binaries:?}");
+            }
+            Err(error) => assert!(
+                matches!(
+                    error,
+                    BinaryError::NotFound {
+                        package: QEMU_IMG_PACKAGE,
+                        ..
+                    }
+                ),
+                "{error}"
+            ),
+        }
+        if find_in_path(QEMU_IMG_BINARY).is_some() {
+            let error =
+                QemuBinaries::with_paths(Some("/nonexistent/qemu".into()), None).unwrap_err();
+            assert!(error.to_string().contains("/nonexistent/qemu"), "{error}");
+        }
     }
 
     #[test]
