@@ -189,6 +189,16 @@ impl Records {
         }
     }
 
+    /// A view whose reads are this host's own copy of the store: no round trip, but possibly
+    /// behind the leader by what replication has not brought yet. For a guess that a fresh
+    /// read confirms before anything depends on it. Its writes are as usual.
+    pub fn local(&self) -> Records {
+        Records {
+            reads: Consistency::Local,
+            ..self.clone()
+        }
+    }
+
     /// Transactions and reads routed like the records' (through the leader in a region).
     pub fn store_routed(&self) -> &RecordStore {
         &self.store

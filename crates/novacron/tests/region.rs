@@ -1148,7 +1148,40 @@ fn assert_moved(record: &Value, from: &str, to: &str) {
 /// workload continues on the destination with its whole memory region re-verified.
 #[test]
 fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
-    let hosts = Hosts::start(3);
+    // host-2's QEMU refuses `-incoming` while a marker file exists: a destination that gives
+    // up after it answered the source (it answers before its QEMU starts).
+    let wrapper_directory = tempfile::tempdir().expect("wrapper directory");
+    let wrapper = wrapper_directory.path().join("qemu-system-x86_64");
+    let refuse_incoming = wrapper_directory.path().join("refuse-incoming");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             if [ -e {marker} ]; then\n\
+             \tfor argument in \"$@\"; do\n\
+             \t\tif [ \"$argument\" = -incoming ]; then\n\
+             \t\t\techo 'test wrapper: no incoming migration on this host now' >&2; exit 1\n\
+             \t\tfi\n\
+             \tdone\n\
+             fi\n\
+             exec qemu-system-x86_64 \"$@\"\n",
+            marker = refuse_incoming.display()
+        ),
+    )
+    .expect("write the qemu wrapper");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+            .expect("make the wrapper executable");
+    }
+    let hosts = Hosts::start_each(
+        3,
+        |index| match index {
+            2 => vec!["--qemu".to_string(), wrapper.display().to_string()],
+            _ => Vec::new(),
+        },
+        &[],
+    );
     form_region(&hosts);
     let first = &hosts.hosts[0];
     let vm = create_running_vm(
@@ -1186,6 +1219,23 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     let stderr = first.fails(&["vm", "migrate", "mover", "--cancel"], 6);
     assert!(stderr.contains("not being migrated"), "{stderr}");
     assert_eq!(qemu_processes(&uuid), 1, "still one qemu after refusals");
+
+    // The destination's QEMU does not start after it answered: the move fails with its
+    // reason, the VM runs on here, nothing is left on host-2.
+    std::fs::write(&refuse_incoming, "").expect("write the marker");
+    let started = first.json(&["vm", "migrate", "mover", "--to", "host-2", "--no-wait"]);
+    let id = started["id"].as_str().expect("migration id").to_string();
+    wait_for_failed_migration(first, &id, "no incoming migration on this host now");
+    wait_until_owned_by(first, "mover", "host-0", "running");
+    poll(
+        "one qemu for mover and nothing left on host-2",
+        Duration::from_secs(30),
+        || {
+            (qemu_processes(&uuid) == 1 && !hosts.hosts[2].vm_directory(&uuid).exists())
+                .then_some(())
+        },
+    );
+    std::fs::remove_file(&refuse_incoming).expect("remove the marker");
 
     // Live moves under the dirtying workload, host-0 -> host-1 (asked on host-2: any host takes
     // the request) and back: each time the workload's counter continues on the destination and

@@ -1028,9 +1028,12 @@ impl Source<'_> {
                 }
             }
             tokio::select! {
-                result = &mut sender, if sent.is_none() => {
-                    sent = Some(sender_outcome(result)?);
-                }
+                result = &mut sender, if sent.is_none() => match sender_outcome(result) {
+                    Ok(report) => sent = Some(report),
+                    Err(failure) => {
+                        return Err(destination_reason(&control, &self.migration.destination, failure).await);
+                    }
+                },
                 () = dirty_rate.as_mut(), if sampling => {
                     sampling = false;
                     if let Some(Some(rate)) = dirty_rate.as_mut().take_output() {
@@ -1038,6 +1041,20 @@ impl Source<'_> {
                     }
                 }
                 event = events.recv() => {
+                    if let Ok(event) = &event
+                        && event.event == "MIGRATION"
+                    {
+                        // QEMU's own word on its status, at once: the loop ends when the
+                        // stream is sent, loaded and QEMU completed, and a status seen only
+                        // at the next poll kept the guest paused up to a poll interval.
+                        match event.data["status"].as_str() {
+                            Some("completed") => qemu_done = true,
+                            Some("failed" | "cancelled" | "pre-switchover" | "postcopy-paused") => {
+                                poll.reset_immediately();
+                            }
+                            _ => {}
+                        }
+                    }
                     if let Ok(event) = event
                         && event.event == "STOP"
                         && stopped_at_ms.is_none()
@@ -2022,6 +2039,38 @@ fn sender_outcome(
         })
 }
 
+/// The destination's reason for a copy that broke, when its `Refused` notice arrives within a
+/// moment: a destination that answered `Begin` before its QEMU started gives up with a notice,
+/// then closes the session, and the broken stream may be seen first. Else `failure`.
+async fn destination_reason(
+    control: &novacron_transport::ControlChannel,
+    destination: &str,
+    failure: Failure,
+) -> Failure {
+    let notice = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match control.next_incoming().await {
+                Ok(Some(ControlIncoming::Notification(body))) => {
+                    if let Ok(Message::Migration(MigrationControl::Refused { code, message })) =
+                        Message::decode(&body)
+                    {
+                        return Some((code, message));
+                    }
+                }
+                Ok(Some(ControlIncoming::Request(_))) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    match notice {
+        Ok(Some((code, message))) => {
+            Failure::new(code, format!("host {destination} gave up: {message}"))
+        }
+        _ => failure,
+    }
+}
+
 fn event_unix_ms(event: &novacron_qemu::QmpEvent) -> u64 {
     let seconds = u64::try_from(event.timestamp_seconds).unwrap_or(0);
     let micros = u64::try_from(event.timestamp_microseconds).unwrap_or(0);
@@ -2328,7 +2377,21 @@ pub(crate) async fn serve_destination(
     id: String,
 ) {
     let shared = service.shared().clone();
-    let prepared = prepare_destination(&shared, &session, &id).await;
+    // A memory-only move that this host's own copy of the store already shows as one it may
+    // take is answered at once: the source's copy starts while this host's QEMU starts, and
+    // the stream waits in the session (its receive window) until that QEMU takes it. The
+    // checks run again on fresh reads before anything is made; a refusal after the answer is
+    // a notice.
+    let early = early_held_files(&shared, &session, &id).await;
+    let mut request = Some(request);
+    if let Some(held) = &early
+        && let Some(asked) = request.take()
+        && asked.respond(ready(held)).await.is_err()
+    {
+        crate::transfer::close_quietly(session).await;
+        return;
+    }
+    let prepared = prepare_destination(&shared, &session, &id, early).await;
     let PreparedDestination {
         migration,
         record,
@@ -2372,10 +2435,8 @@ pub(crate) async fn serve_destination(
     // Listed from the post-copy switch until this function returns (its QEMU stopped on a
     // failure): the reconciler leaves the QEMU to the migration meanwhile.
     let driving = PostcopyIncoming::new(&shared, &record.uuid);
-    if request
-        .respond(Message::Migration(MigrationControl::Ready { held_files }).encode())
-        .await
-        .is_err()
+    if let Some(asked) = request
+        && asked.respond(ready(&held_files)).await.is_err()
     {
         discard_incoming(&shared, &record, qemu).await;
         return;
@@ -2391,15 +2452,7 @@ pub(crate) async fn serve_destination(
         }
         Err(error) => {
             tracing::warn!(vm = %name, migration = %id, %error, "incoming migration abandoned");
-            let notice = Message::Migration(MigrationControl::Refused {
-                code: error.code(),
-                message: error.to_string(),
-            });
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                session.control().notify(notice.encode()),
-            )
-            .await;
+            give_up(&session, &error).await;
             crate::transfer::close_quietly(session).await;
             if driving.is_active() {
                 // Post-copy: its memory is split between the hosts and the stream is gone, so
@@ -2472,27 +2525,81 @@ async fn ended_elsewhere(shared: &Shared, id: &str) -> AgentError {
     }
 }
 
-/// Answers a source's request with the reason this host cannot take part, and closes the session.
+/// Answers a source's request with the reason this host cannot take part (a notice when the
+/// request was answered already), and closes the session.
 async fn refuse(
-    request: novacron_transport::ControlRequest,
+    request: Option<novacron_transport::ControlRequest>,
     session: Arc<Session>,
     error: &AgentError,
 ) {
-    let reply = Message::Migration(MigrationControl::Refused {
-        code: error.code(),
-        message: error.to_string(),
-    });
-    let _ = request.respond(reply.encode()).await;
+    match request {
+        Some(request) => {
+            let _ = request.respond(refusal(error).encode()).await;
+        }
+        None => give_up(&session, error).await,
+    }
     crate::transfer::close_quietly(session).await;
 }
 
-async fn prepare_destination(
-    shared: &Arc<Shared>,
+fn refusal(error: &AgentError) -> Message {
+    Message::Migration(MigrationControl::Refused {
+        code: error.code(),
+        message: error.to_string(),
+    })
+}
+
+/// Tells the source why this host gives up a migration it answered (`Refused` as a notice).
+async fn give_up(session: &Session, error: &AgentError) {
+    let notice = refusal(error).encode();
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.control().notify(notice)).await;
+}
+
+/// The `Ready` to a `Begin`: the identities of the boot files this host holds.
+fn ready(held: &[Arc<HeldFile>]) -> bytes::Bytes {
+    let held_files = held
+        .iter()
+        .flat_map(|file| file.identities())
+        .map(str::to_string)
+        .collect();
+    Message::Migration(MigrationControl::Ready { held_files }).encode()
+}
+
+/// The boot files a memory-only move's source may count on, when this host's own copy of the
+/// store shows the migration as one it may take ([`serve_destination`] answers before its
+/// QEMU starts); `None` otherwise (a disk to mirror, whose export must exist first, or a copy
+/// of the store behind the source's last write), and the answer waits for the preparation.
+async fn early_held_files(
+    shared: &Shared,
     session: &Session,
     id: &str,
-) -> Result<PreparedDestination, AgentError> {
-    // The checks below read four records: one fence, then local reads.
-    let records = shared.records.fenced().await?;
+) -> Option<Vec<Arc<HeldFile>>> {
+    let checked = check_destination(shared, &shared.records.local(), session, id)
+        .await
+        .inspect_err(|error| tracing::debug!(migration = %id, %error, "no early answer: the checks wait for fresh reads"))
+        .ok()?;
+    if crate::storage::moves_disk(&checked.record) {
+        return None;
+    }
+    Some(held_boot_files(shared, &checked.record).await)
+}
+
+/// What a destination checked before it takes a migration.
+struct Checked {
+    migration: MigrationRecord,
+    record: VmRecord,
+    image: Option<novacron_types::ImageRecord>,
+}
+
+/// Whether this host may take migration `id` from the session's peer: it is the migration's
+/// destination, the peer its source, the migration is being prepared, the VM is its subject,
+/// this host holds what the VM's disk needs and has room for its memory. Reads through
+/// `records` (fresh, or this host's own copy for a guess).
+async fn check_destination(
+    shared: &Shared,
+    records: &Records,
+    session: &Session,
+    id: &str,
+) -> Result<Checked, AgentError> {
     let Some(Versioned {
         record: migration, ..
     }) = records.migration(id).await?
@@ -2510,7 +2617,7 @@ async fn prepare_destination(
             ),
         ));
     }
-    check_peer_is(&records, session, &migration.source).await?;
+    check_peer_is(records, session, &migration.source).await?;
     if migration.phase != MigrationPhase::Preparing || migration.cancel_requested {
         return Err(migration_error(
             ErrorCode::Conflict,
@@ -2561,11 +2668,38 @@ async fn prepare_destination(
             available: novacron_types::ByteSize(available).to_string(),
         });
     }
+    Ok(Checked {
+        migration,
+        record,
+        image,
+    })
+}
+
+/// Checks the migration on fresh reads ([`check_destination`]) and makes the incoming VM.
+/// `held`: the boot files the source was told of in an early `Ready`, else found here.
+async fn prepare_destination(
+    shared: &Arc<Shared>,
+    session: &Session,
+    id: &str,
+    held: Option<Vec<Arc<HeldFile>>>,
+) -> Result<PreparedDestination, AgentError> {
+    // The checks read four records: one fence, then local reads.
+    let records = shared.records.fenced().await?;
+    let Checked {
+        migration,
+        record,
+        image,
+    } = check_destination(shared, &records, session, id).await?;
     let directory = shared.paths.vm_dir(&record.uuid);
     // The kernel and initrd are hashed and indexed (a first migration of a distribution
     // kernel: 0.1-0.3 s) while the VM's directory, disk and QEMU are made ready.
     let (held_files, made) = tokio::join!(
-        held_boot_files(shared, &record),
+        async {
+            match held {
+                Some(held) => held,
+                None => held_boot_files(shared, &record).await,
+            }
+        },
         make_incoming_vm(shared, &record, &migration, image.as_ref())
     );
     let (qemu, image_pages) = made?;
@@ -2575,11 +2709,6 @@ async fn prepare_destination(
             .flat_map(|file| file.parts())
             .map(|(_, index)| index),
     );
-    let held_files = held_files
-        .iter()
-        .flat_map(|file| file.identities())
-        .map(str::to_string)
-        .collect();
     if migration.when_not_converging == ConvergencePolicy::PostCopy
         && let Err(error) = qemu
             .qmp()
@@ -2698,8 +2827,8 @@ struct PreparedDestination {
     record: VmRecord,
     qemu: QemuVm,
     image_pages: SharedImagePages,
-    /// Digests of the held files in `image_pages`, for the `Ready`.
-    held_files: Vec<String>,
+    /// The held files in `image_pages`, for the `Ready`.
+    held_files: Vec<Arc<HeldFile>>,
 }
 
 /// A file as the held-file cache knows it: a file replaced or rewritten (another inode, size
@@ -3423,7 +3552,7 @@ pub(crate) async fn serve_destination_disk(
         Ok(connected) => connected,
         Err(error) => {
             tracing::warn!(migration = %id, %error, "disk session refused");
-            refuse(request, session, &error).await;
+            refuse(Some(request), session, &error).await;
             return;
         }
     };

@@ -71,7 +71,7 @@ pub(crate) async fn hand_over_recovery(
         ErrorCode::NotFound,
         format!("no post-copy of migration {id} waits for its stream on this host"),
     );
-    refuse(recovery.request, recovery.session, &error).await;
+    refuse(Some(recovery.request), recovery.session, &error).await;
 }
 
 /// Lists a post-copy in [`Shared::postcopy_recoveries`] until dropped, for
@@ -152,7 +152,7 @@ impl Incoming<'_> {
                     // Only the source holds the pages the guest lacks.
                     if let Err(error) = check_peer_is(&self.shared.records, &recovery.session, source).await {
                         tracing::warn!(vm = %name, migration = %id, %error, "a post-copy recovery refused");
-                        refuse(recovery.request, recovery.session, &error).await;
+                        refuse(Some(recovery.request), recovery.session, &error).await;
                         continue;
                     }
                     tracing::info!(vm = %name, migration = %id, "the source asks to resume the post-copy on a new session");
@@ -334,7 +334,7 @@ async fn take_recovery(
     let stream = match reopened {
         Ok(stream) => stream,
         Err(error) => {
-            refuse(recovery.request, recovery.session, &error).await;
+            refuse(Some(recovery.request), recovery.session, &error).await;
             return Err(error);
         }
     };
