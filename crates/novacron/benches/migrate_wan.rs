@@ -52,6 +52,12 @@ Options (defaults in brackets):
                        xbzrle, comma-separated, in that order per run [vm-migrate,multifd]
   --runs N             every method N times, interleaved [1]
 
+Columns: `time` is the command's own (`vm migrate`: CLI, API, store, session, the
+destination's QEMU, the copy, the commit, and the wait for the destination to record its
+RESUME moment, to print the pause; QEMU: `migrate` until the destination loaded and `cont`
+returned, its destination QEMU started before the clock); `until it ran there` ends at the
+destination's RESUME event for both.
+
 Environment: MIGRATE_WAN_LOGS=DIR keeps both hosts' `serve` logs of each run in DIR;
 MIGRATE_WAN_LOG_FILTER sets their filter (NOVACRON_LOG, e.g.
 "info,novacron_transport=debug"; default "info,openraft=warn").
@@ -168,6 +174,10 @@ struct Outcome {
     method: Method,
     /// `vm migrate`: the command's time; QEMU: `migrate` until the destination ran.
     seconds: f64,
+    /// From the command (QEMU: `migrate`) until the guest ran at the destination: its RESUME
+    /// event there (QMP timestamps on this host's clock). `vm migrate`'s own time goes on
+    /// while it waits for the destination to record that moment, to show the pause.
+    running_seconds: Option<f64>,
     /// `vm migrate`: the migration record's own time.
     record_seconds: Option<f64>,
     wire_bytes: u64,
@@ -365,6 +375,7 @@ fn vm_migrate(
     let before = last_workload_tick(&source.serial_log(&name)).map_or(0, |(tick, _)| tick);
     let wire_before = wire_bytes(region);
     let started = Instant::now();
+    let started_unix = unix_seconds();
     let output = source.cli(&["vm", "migrate", &name, "--to", "host-1", "-o", "json"]);
     let seconds = started.elapsed().as_secs_f64();
     let wire = wire_bytes(region) - wire_before;
@@ -392,6 +403,9 @@ fn vm_migrate(
         .as_u64()
         .zip(record["stopped_at_ms"].as_u64())
         .map(|(resumed, stopped)| resumed.saturating_sub(stopped) as f64);
+    let running_seconds = record["resumed_at_ms"]
+        .as_u64()
+        .map(|resumed| resumed as f64 / 1e3 - started_unix);
     let guest_continued = workload_carried_on(|| destination.serial_log(&name), before);
     destination.json(&["vm", "delete", &name, "--force"]);
     if let Some(directory) = std::env::var_os("MIGRATE_WAN_LOGS") {
@@ -404,6 +418,7 @@ fn vm_migrate(
     Ok(Outcome {
         method: Method::VmMigrate,
         seconds,
+        running_seconds,
         record_seconds: record["total_seconds"].as_f64(),
         wire_bytes: wire,
         pause_ms,
@@ -494,6 +509,7 @@ async fn qemu_migrate(
     let mut destination_events = destination.subscribe_events();
     let wire_before = wire_bytes(region);
     let started = Instant::now();
+    let started_unix = unix_seconds();
     source
         .qmp()
         .execute("migrate", Some(json!({ "uri": uri })))
@@ -523,6 +539,7 @@ async fn qemu_migrate(
     Ok(Outcome {
         method,
         seconds,
+        running_seconds: resumed.map(|resumed| resumed - started_unix),
         record_seconds: None,
         wire_bytes: wire,
         pause_ms: stopped
@@ -530,6 +547,13 @@ async fn qemu_migrate(
             .map(|(stopped, resumed)| (resumed - stopped) * 1e3),
         guest_continued,
     })
+}
+
+/// Now, in seconds since the Unix epoch (QMP events' clock).
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 fn print_table(options: &Options, outcomes: &[Outcome]) {
@@ -545,14 +569,17 @@ fn print_table(options: &Options, outcomes: &[Outcome]) {
         (options.workload_mib << 20) as f64 * 8.0 / (options.rate_mbit * 1e6)
     );
     println!(
-        "| method | time (s) | migration record (s) | on the link (MB) | real pause STOP→RESUME (ms) | guest continued |"
+        "| method | time (s) | until it ran there (s) | migration record (s) | on the link (MB) | real pause STOP→RESUME (ms) | guest continued |"
     );
-    println!("|---|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for outcome in outcomes {
         println!(
-            "| {} | {:.2} | {} | {:.1} | {} | {} |",
+            "| {} | {:.2} | {} | {} | {:.1} | {} | {} |",
             outcome.method.name(),
             outcome.seconds,
+            outcome
+                .running_seconds
+                .map_or("?".to_string(), |seconds| format!("{seconds:.2}")),
             outcome
                 .record_seconds
                 .map_or("—".to_string(), |seconds| format!("{seconds:.2}")),
@@ -564,17 +591,22 @@ fn print_table(options: &Options, outcomes: &[Outcome]) {
         );
     }
     for method in &options.methods {
-        let times: Vec<f64> = outcomes
-            .iter()
-            .filter(|outcome| outcome.method == *method)
-            .map(|outcome| outcome.seconds)
-            .collect();
-        if times.len() > 1 {
+        let mean = |seconds: &dyn Fn(&Outcome) -> Option<f64>| {
+            let times: Vec<f64> = outcomes
+                .iter()
+                .filter(|outcome| outcome.method == *method)
+                .filter_map(seconds)
+                .collect();
+            (times.len() > 1).then(|| (times.iter().sum::<f64>() / times.len() as f64, times.len()))
+        };
+        if let Some((time, runs)) = mean(&|outcome| Some(outcome.seconds)) {
+            let running = mean(&|outcome| outcome.running_seconds)
+                .map_or(String::new(), |(running, _)| {
+                    format!(", until it ran there {running:.2} s")
+                });
             println!(
-                "\n{}: mean {:.2} s over {} runs",
-                method.name(),
-                times.iter().sum::<f64>() / times.len() as f64,
-                times.len()
+                "\n{}: mean {time:.2} s{running} over {runs} runs",
+                method.name()
             );
         }
     }
