@@ -59,7 +59,7 @@ pub(crate) const PROBE_AFTER_APPLICATION_LIMITED_SAMPLES: u32 = 4;
 struct LinkDetail {
     last_address: Option<String>,
     last_measured_at: u64,
-    /// The highest rate one measuring sample saw (bytes per second), and when (unix seconds):
+    /// The highest rate one sample saw (bytes per second), and when (unix seconds):
     /// see [`LinkMonitor::recent_peak`]. Not saved.
     peak: Option<(f64, u64)>,
     application_limited_samples: u64,
@@ -150,8 +150,22 @@ impl LinkMonitor {
             }
         } else if sample.bytes_acknowledged > 0 {
             // Sending, but the sender ran dry: a lower bound of the link, not a measurement.
+            // Above the peak it still raises the peak: the link carried that much (a move
+            // whose source codec set the pace left its start-up's rate as the peak, and the
+            // next move's pacing limit started at a third of the link).
             let mut details = self.details();
             let detail = details.entry(peer).or_default();
+            let interval = sample.interval.as_secs_f64();
+            if interval >= PEAK_SAMPLE_MIN.as_secs_f64() {
+                let rate = sample.bytes_acknowledged as f64 / interval;
+                let now = unix_now();
+                let raises = detail.peak.is_none_or(|(peak, at)| {
+                    rate > peak || now.saturating_sub(at) > PEAK_KEPT.as_secs()
+                });
+                if raises {
+                    detail.peak = Some((rate, now));
+                }
+            }
             detail.application_limited_samples += 1;
             detail.application_limited_in_a_row += 1;
             if detail.application_limited_in_a_row >= PROBE_AFTER_APPLICATION_LIMITED_SAMPLES {
@@ -268,7 +282,8 @@ impl LinkMonitor {
             .is_some_and(|detail| std::mem::take(&mut detail.probe_requested))
     }
 
-    /// The highest rate (bytes per second) a measuring sample of the link to `peer` saw, if
+    /// The highest rate (bytes per second) a sample of at least half a second saw on the link
+    /// to `peer` (a measuring one, or a starved sender's above the measuring ones), if
     /// within `max_age` before `now` (unix seconds). A forecast averages what transfers moved,
     /// their TCP ramps and their own send windows included, so it sits below the link after a
     /// few short transfers (a migration's copy: 467, 328, then 312 Mbit/s forecast on a 1 Gbit/s
@@ -587,14 +602,17 @@ mod tests {
         monitor.observe(&sample(peer, 50_000_000, true));
         monitor.observe(&sample(peer, 110_000_000, true));
         monitor.observe(&sample(peer, 40_000_000, true));
-        // Not measurements: a starved sender, and a sample too short to trust.
-        monitor.observe(&sample(peer, 200_000_000, false));
+        // A starved sender below the peak, and a sample too short to trust.
+        monitor.observe(&sample(peer, 100_000_000, false));
         monitor.observe(&RateSample {
             interval: Duration::from_millis(250),
-            ..sample(peer, 100_000_000, true)
+            ..sample(peer, 300_000_000, true)
         });
         let now = unix_now();
         assert_eq!(monitor.recent_peak(peer, max_age, now), Some(110e6));
+        // A starved sender above it: the link carried at least that.
+        monitor.observe(&sample(peer, 120_000_000, false));
+        assert_eq!(monitor.recent_peak(peer, max_age, now), Some(120e6));
         assert_eq!(
             monitor.recent_peak(peer, max_age, now + 601),
             None,

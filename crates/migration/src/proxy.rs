@@ -174,10 +174,11 @@ pub struct ProxyConfig {
     /// forecast and rising while the link carries more
     /// (`novacron_transport::policy::pacing_limit_for`).
     pub initial_rate_is_measured: bool,
-    /// With a measured initial rate, the rate the pacing limit is set over when higher: what
-    /// the link was seen to carry lately (its peak; a forecast averages short transfers' ramps
-    /// and sits below the link). The window's floor stays at the initial rate's products:
-    /// bytes queued at the switch-over are part of the guest's pause.
+    /// With a measured initial rate, the rate the pacing limit and the window before the
+    /// session's first measurement are set over when higher: what the link was seen to carry
+    /// lately (its peak; a forecast averages short transfers' ramps and sits below the link).
+    /// The window's floor stays at the initial rate's products: bytes queued at the
+    /// switch-over are part of the guest's pause.
     pub pacing_basis_bytes_per_second: Option<f64>,
     /// The most a full send window may take to cross the link at the rate measured, when the
     /// adaptive window grows past four bandwidth-delay products because it held the link back
@@ -665,9 +666,18 @@ impl SendWindow {
             .stats()
             .round_trip_estimate
             .unwrap_or(Duration::from_millis(10));
-        let initial =
-            (Self::FACTOR * config.initial_rate_bytes_per_second * round_trip.as_secs_f64()) as u64;
+        let products = |rate: f64| (Self::FACTOR * rate * round_trip.as_secs_f64()) as u64;
         let guessed = !config.initial_rate_is_measured;
+        // Until the session measures the link, the window holds four products of the higher
+        // of the forecast and the link's recent peak (a forecast fed by short transfers' TCP
+        // start-ups sits far below the link: four products of it held a 1 Gbit/s link to
+        // 400-600 Mbit/s for the copy's first second); the floor for the rest of the copy,
+        // which the plan counts as in flight at the pause, stays the forecast's.
+        let initial = products(
+            config
+                .initial_rate_bytes_per_second
+                .max(config.pacing_basis_bytes_per_second.unwrap_or(0.0)),
+        );
         let floor = if guessed { 0 } else { initial };
         session.set_bulk_send_window(if guessed {
             minimum
