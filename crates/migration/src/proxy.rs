@@ -678,7 +678,11 @@ impl SendWindow {
                 .initial_rate_bytes_per_second
                 .max(config.pacing_basis_bytes_per_second.unwrap_or(0.0)),
         );
-        let floor = if guessed { 0 } else { initial };
+        let floor = if guessed {
+            0
+        } else {
+            products(config.initial_rate_bytes_per_second)
+        };
         session.set_bulk_send_window(if guessed {
             minimum
         } else {
