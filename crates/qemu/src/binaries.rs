@@ -53,14 +53,8 @@ impl QemuBinaries {
     /// Finds both binaries in `$PATH` (then `/usr/local/bin`, `/usr/bin`, `/bin`).
     pub fn locate() -> Result<Self, BinaryError> {
         Ok(Self {
-            system: find_in_path(QEMU_SYSTEM_BINARY).ok_or(BinaryError::NotFound {
-                binary: QEMU_SYSTEM_BINARY,
-                package: QEMU_SYSTEM_PACKAGE,
-            })?,
-            img: find_in_path(QEMU_IMG_BINARY).ok_or(BinaryError::NotFound {
-                binary: QEMU_IMG_BINARY,
-                package: QEMU_IMG_PACKAGE,
-            })?,
+            system: located(QEMU_SYSTEM_BINARY, QEMU_SYSTEM_PACKAGE)?,
+            img: located(QEMU_IMG_BINARY, QEMU_IMG_PACKAGE)?,
         })
     }
 
@@ -69,17 +63,11 @@ impl QemuBinaries {
     pub fn with_paths(system: Option<PathBuf>, img: Option<PathBuf>) -> Result<Self, BinaryError> {
         let system = match system {
             Some(path) => path,
-            None => find_in_path(QEMU_SYSTEM_BINARY).ok_or(BinaryError::NotFound {
-                binary: QEMU_SYSTEM_BINARY,
-                package: QEMU_SYSTEM_PACKAGE,
-            })?,
+            None => located(QEMU_SYSTEM_BINARY, QEMU_SYSTEM_PACKAGE)?,
         };
         let img = match img {
             Some(path) => path,
-            None => find_in_path(QEMU_IMG_BINARY).ok_or(BinaryError::NotFound {
-                binary: QEMU_IMG_BINARY,
-                package: QEMU_IMG_PACKAGE,
-            })?,
+            None => located(QEMU_IMG_BINARY, QEMU_IMG_PACKAGE)?,
         };
         Self::from_paths(system, img)
     }
@@ -122,6 +110,11 @@ impl QemuBinaries {
             })
         }
     }
+}
+
+/// `binary` from `$PATH` and the usual directories, or the error naming `package`.
+fn located(binary: &'static str, package: &'static str) -> Result<PathBuf, BinaryError> {
+    find_in_path(binary).ok_or(BinaryError::NotFound { binary, package })
 }
 
 fn find_in_path(binary: &str) -> Option<PathBuf> {
