@@ -989,12 +989,18 @@ async fn the_first_rate_sample_starts_at_the_first_byte() {
         // Open and idle for most of an interval.
         tokio::time::sleep(INTERVAL / 2).await;
         assert!(samples.lock().unwrap().is_empty(), "no sample while idle");
-        let receiver = tokio::spawn(async move { receive_all(&accepted).await });
+        // The accepted session lives on until the end: dropped, it would fail the dialer's
+        // session before its samples count every byte (a failed session samples no more).
+        let receiver = tokio::spawn(async move {
+            let received = receive_all(&accepted).await;
+            (received, accepted)
+        });
         let first_byte = std::time::Instant::now();
         let payload = random_payload(1 << 20, 5);
         dialer.send(payload.clone()).await.unwrap();
         dialer.finish().await.unwrap();
-        assert_eq!(receiver.await.unwrap().0, payload.len() as u64);
+        let ((received, _), _accepted) = receiver.await.unwrap();
+        assert_eq!(received, payload.len() as u64);
         wait_until("a rate sample", TEST_DEADLINE, || {
             !samples.lock().unwrap().is_empty()
         })
