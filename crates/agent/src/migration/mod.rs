@@ -8,7 +8,10 @@
 //!  dial the destination's transfer listener ────▶ Begin{id}: checks the record, starts QEMU
 //!                                      ◀──────── Ready       with -incoming (paused), and the
 //!                                                            digests of its kernel and initrd
-//!                                                            (held_files)
+//!                                                            (held_files); a memory-only move
+//!                                                            is answered before its QEMU
+//!                                                            starts, from this host's copy of
+//!                                                            the store (checked again fresh)
 //!  QEMU migrates into a unix socket here;
 //!  the proxy re-encodes it (phase memory) ──bulk─▶ the identical stream rebuilt into QEMU
 //!  STOP event (phase switch-over)

@@ -103,7 +103,9 @@ pub enum MigrationControl {
     /// waits paused to resume it on this session. Answered `Ready` once the destination QEMU
     /// listens for the resumed stream, or `Refused`.
     Recover { id: String },
-    /// Destination → source (reply): its QEMU waits for the stream. To a `Begin`, also what this
+    /// Destination → source (reply): send the stream. Its QEMU waits for it, or, to a memory-only
+    /// move's `Begin`, is about to (the stream waits in the session meanwhile; a failure to
+    /// start it comes as a `Refused` notice). To a `Begin`, also what this
     /// host holds and indexed of the VM's direct kernel boot: the BLAKE3 (hex) of each file,
     /// and for a kernel it unpacked the same followed by `/unpacked`
     /// (`novacron_migration::HeldFile`). RAM pages equal to a block of one the source holds
