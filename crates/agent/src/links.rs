@@ -152,7 +152,7 @@ impl LinkMonitor {
             // Sending, but the sender ran dry: a lower bound of the link, not a measurement.
             // Above the peak it still raises the peak: the link carried that much (a move
             // whose source codec set the pace left its start-up's rate as the peak, and the
-            // next move's pacing limit started at a third of the link).
+            // next move's pacing limit started below half the link).
             let mut details = self.details();
             let detail = details.entry(peer).or_default();
             let interval = sample.interval.as_secs_f64();
