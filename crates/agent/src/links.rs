@@ -67,6 +67,24 @@ struct LinkDetail {
     probe_requested: bool,
 }
 
+impl LinkDetail {
+    /// Makes `sample`'s rate the link's peak when the sample is at least half a second long
+    /// and its rate at least the peak, or the peak is older than [`PEAK_KEPT`].
+    fn note_peak(&mut self, sample: &RateSample, now: u64) {
+        let interval = sample.interval.as_secs_f64();
+        if interval < PEAK_SAMPLE_MIN.as_secs_f64() {
+            return;
+        }
+        let rate = sample.bytes_acknowledged as f64 / interval;
+        let replaces = self
+            .peak
+            .is_none_or(|(peak, at)| rate >= peak || now.saturating_sub(at) > PEAK_KEPT.as_secs());
+        if replaces {
+            self.peak = Some((rate, now));
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     peer: String,
@@ -138,16 +156,7 @@ impl LinkMonitor {
             let detail = details.entry(peer).or_default();
             detail.last_measured_at = now;
             detail.application_limited_in_a_row = 0;
-            let interval = sample.interval.as_secs_f64();
-            if interval >= PEAK_SAMPLE_MIN.as_secs_f64() {
-                let rate = sample.bytes_acknowledged as f64 / interval;
-                let replaces = detail.peak.is_none_or(|(peak, at)| {
-                    rate >= peak || now.saturating_sub(at) > PEAK_KEPT.as_secs()
-                });
-                if replaces {
-                    detail.peak = Some((rate, now));
-                }
-            }
+            detail.note_peak(sample, now);
         } else if sample.bytes_acknowledged > 0 {
             // Sending, but the sender ran dry: a lower bound of the link, not a measurement.
             // Above the peak it still raises the peak: the link carried that much (a move
@@ -155,17 +164,7 @@ impl LinkMonitor {
             // next move's pacing limit started below half the link).
             let mut details = self.details();
             let detail = details.entry(peer).or_default();
-            let interval = sample.interval.as_secs_f64();
-            if interval >= PEAK_SAMPLE_MIN.as_secs_f64() {
-                let rate = sample.bytes_acknowledged as f64 / interval;
-                let now = unix_now();
-                let raises = detail.peak.is_none_or(|(peak, at)| {
-                    rate > peak || now.saturating_sub(at) > PEAK_KEPT.as_secs()
-                });
-                if raises {
-                    detail.peak = Some((rate, now));
-                }
-            }
+            detail.note_peak(sample, unix_now());
             detail.application_limited_samples += 1;
             detail.application_limited_in_a_row += 1;
             if detail.application_limited_in_a_row >= PROBE_AFTER_APPLICATION_LIMITED_SAMPLES {
