@@ -58,3 +58,66 @@ pub enum TransportError {
     #[error("listener is shut down")]
     ListenerClosed,
 }
+
+impl TransportError {
+    /// A copy of this error for a second caller (I/O sources keep their kind and text).
+    pub fn replica(&self) -> TransportError {
+        let source = |source: &io::Error| io::Error::new(source.kind(), source.to_string());
+        match self {
+            TransportError::Certificate { action, reason } => TransportError::Certificate {
+                action,
+                reason: reason.clone(),
+            },
+            TransportError::InvalidFingerprint { text } => {
+                TransportError::InvalidFingerprint { text: text.clone() }
+            }
+            TransportError::TlsConfiguration { reason } => TransportError::TlsConfiguration {
+                reason: reason.clone(),
+            },
+            TransportError::InvalidOptions { reason } => TransportError::InvalidOptions {
+                reason: reason.clone(),
+            },
+            TransportError::Io {
+                action,
+                peer,
+                source: error,
+            } => TransportError::Io {
+                action,
+                peer: *peer,
+                source: source(error),
+            },
+            TransportError::Handshake {
+                peer,
+                source: error,
+            } => TransportError::Handshake {
+                peer: *peer,
+                source: source(error),
+            },
+            TransportError::Refused { peer, reason } => TransportError::Refused {
+                peer: *peer,
+                reason: reason.clone(),
+            },
+            TransportError::Protocol { reason } => TransportError::Protocol {
+                reason: reason.clone(),
+            },
+            TransportError::FrameIntegrity { channel, sequence } => {
+                TransportError::FrameIntegrity {
+                    channel: *channel,
+                    sequence: *sequence,
+                }
+            }
+            TransportError::ResumeTimedOut { session, seconds } => TransportError::ResumeTimedOut {
+                session: session.clone(),
+                seconds: *seconds,
+            },
+            TransportError::SessionClosed { session } => TransportError::SessionClosed {
+                session: session.clone(),
+            },
+            TransportError::SessionFailed { session, reason } => TransportError::SessionFailed {
+                session: session.clone(),
+                reason: reason.clone(),
+            },
+            TransportError::ListenerClosed => TransportError::ListenerClosed,
+        }
+    }
+}

@@ -1,7 +1,11 @@
-//! The on-wire format inside each TLS connection (version 3). Pure encoding and decoding, no IO.
+//! The on-wire format inside each TLS connection (version 4). Pure encoding and decoding, no IO.
 //!
 //! A connection starts with a fixed-size hello from the dialer and a hello reply from the
-//! listener, then carries frames in both directions:
+//! listener, then carries frames in both directions. The dialer does not wait for the reply:
+//! its frames may follow its hello at once, up to [`EARLY_WINDOW_BYTES`] (charged, see
+//! `reliable::charge_of`) on each channel until the reply announces the listener's windows,
+//! which are never smaller (version 4; version 3 dialers waited a round trip for the reply). A
+//! refused hello's reply is the last thing the listener sends on that connection.
 //!
 //! ```text
 //! hello / reply (44 bytes): magic "NCTR" | version u8 | purpose-or-status u8 | reserved u16
@@ -26,8 +30,11 @@
 use crate::error::TransportError;
 
 pub const PROTOCOL_MAGIC: [u8; 4] = *b"NCTR";
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 pub const HELLO_LEN: usize = 44;
+/// What a dialer may send on each channel of a new session before the listener's hello reply
+/// has announced its receive windows; every listener's windows are at least this.
+pub const EARLY_WINDOW_BYTES: u64 = 1 << 20;
 pub const FRAME_HEADER_LEN: usize = 16;
 pub const FRAME_TAG_LEN: usize = 16;
 /// Largest payload one frame may carry; a peer announcing more is a protocol violation.

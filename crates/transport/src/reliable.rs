@@ -308,6 +308,21 @@ impl OutboundChannel {
         Ok(changed)
     }
 
+    /// The peer announced its receive window (a dialer starts from the protocol's early window
+    /// until the listener's hello reply says more). The credit only grows: a window smaller
+    /// than the one assumed so far changes nothing (the peer's own rule keeps it at least
+    /// that). True when the credit grew.
+    pub fn raise_peer_receive_window(&mut self, window: u64) -> bool {
+        if window <= self.peer_receive_window {
+            return false;
+        }
+        self.peer_receive_window = window;
+        let credit_limit = self.peer_consumed.saturating_add(window);
+        let grew = credit_limit > self.credit_limit;
+        self.credit_limit = self.credit_limit.max(credit_limit);
+        grew
+    }
+
     /// Every frame assigned to the lost connection and not yet acknowledged goes back to pending.
     pub fn on_connection_lost(&mut self, connection_id: u64) -> usize {
         let mut requeued = 0;
@@ -768,6 +783,58 @@ mod tests {
             2
         );
         assert!(outbound.next_transmission(1, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn the_announced_receive_window_raises_the_early_credit_and_never_lowers_it() {
+        let mut outbound = OutboundChannel::new(charge_of(1000) * 8, charge_of(1000));
+        for _ in 0..4 {
+            outbound.enqueue(payload(0, 1000), false).unwrap();
+        }
+        assert!(outbound.next_transmission(1, Instant::now()).is_some());
+        assert!(
+            outbound.next_transmission(1, Instant::now()).is_none(),
+            "the early credit holds one frame"
+        );
+        assert!(
+            !outbound.raise_peer_receive_window(charge_of(500)),
+            "a smaller window changes nothing"
+        );
+        assert!(outbound.next_transmission(1, Instant::now()).is_none());
+        assert!(outbound.raise_peer_receive_window(charge_of(1000) * 3));
+        assert!(!outbound.raise_peer_receive_window(charge_of(1000) * 3));
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            1
+        );
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            2
+        );
+        assert!(outbound.next_transmission(1, Instant::now()).is_none());
+        // Later acknowledgements grant credit from the announced window.
+        outbound
+            .on_acknowledgement(
+                Acknowledgement {
+                    contiguous_sequence: 3,
+                    consumed_bytes: charge_of(1000),
+                },
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(
+            outbound
+                .next_transmission(1, Instant::now())
+                .unwrap()
+                .sequence,
+            3
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use crate::error::TransportError;
 use crate::frame::{
-    Acknowledgement, Channel, ConnectionPurpose, FRAME_HEADER_LEN, FRAME_TAG_LEN, FrameHeader,
-    FrameKind, HELLO_LEN, Hello, HelloStatus, MAX_FRAME_PAYLOAD, frame_tag,
+    Acknowledgement, Channel, ConnectionPurpose, EARLY_WINDOW_BYTES, FRAME_HEADER_LEN,
+    FRAME_TAG_LEN, FrameHeader, FrameKind, HELLO_LEN, Hello, HelloStatus, MAX_FRAME_PAYLOAD,
+    frame_tag,
 };
 use crate::identity::Fingerprint;
 use crate::policy::{
@@ -214,6 +215,13 @@ impl SessionOptions {
                     "{name} must hold at least one frame ({smallest_window} bytes)"
                 ));
             }
+        }
+        // A dialer sends this much before this side's hello reply announces its windows.
+        if self.bulk_receive_window_bytes < EARLY_WINDOW_BYTES {
+            return invalid(format!(
+                "bulk_receive_window_bytes must be at least {EARLY_WINDOW_BYTES} bytes (what a \
+                 peer may send before the hello reply)"
+            ));
         }
         let smallest_control = crate::reliable::charge_of(MAX_FRAME_PAYLOAD);
         if self.control_window_bytes < smallest_control {
@@ -432,6 +440,11 @@ struct SessionCore {
     warm_up_until: Option<Instant>,
     padding_bytes_sent: u64,
     padding_bytes_received: u64,
+    /// The listener accepted the session (its hello reply arrived); always true on the
+    /// listener's side.
+    peer_opened: bool,
+    /// Why the session's first connection ended before the listener accepted the session.
+    open_error: Option<TransportError>,
 }
 
 #[derive(Clone)]
@@ -518,6 +531,8 @@ impl SessionShared {
             warm_up_until: None,
             padding_bytes_sent: 0,
             padding_bytes_received: 0,
+            peer_opened: dialer.is_none(),
+            open_error: None,
         };
         let (shutdown, _) = watch::channel(false);
         let (bulk_pacing_share, _) = watch::channel(None);
@@ -567,6 +582,34 @@ impl SessionShared {
         }
         self.shutdown.send_replace(true);
         self.wake_everyone();
+    }
+
+    /// The listener accepted a connection (so the session) and announced its receive windows.
+    fn on_hello_reply(&self, reply: &Hello) {
+        let changed = {
+            let mut core = self.lock();
+            let bulk = core
+                .bulk_out
+                .raise_peer_receive_window(reply.bulk_receive_window);
+            let control = core
+                .control_out
+                .raise_peer_receive_window(reply.control_receive_window);
+            let opened = !std::mem::replace(&mut core.peer_opened, true);
+            bulk || control || opened
+        };
+        if changed {
+            self.wake_everyone();
+        }
+    }
+
+    /// The session's first connection ended before the listener accepted the session.
+    fn fail_to_open(&self, error: TransportError) {
+        let cause = std::error::Error::source(&error)
+            .map(|source| format!(": {source}"))
+            .unwrap_or_default();
+        let reason = format!("the peer did not open the session: {error}{cause}");
+        self.lock().open_error.get_or_insert(error);
+        self.fail(reason);
     }
 
     fn shut_down(&self) {
@@ -834,7 +877,10 @@ impl Drop for Session {
 
 impl Session {
     /// Dials `address`, authenticates both sides with `tls`, opens a session, and starts its bulk
-    /// connections in the background.
+    /// connections in the background. Returns once this side's TLS handshake is done and its
+    /// hello is sent, without waiting a round trip for the listener's answer: data sent at
+    /// once follows the hello. A listener that refuses this host fails the session a round trip
+    /// later; [`Session::opened`] waits for its answer and returns that refusal.
     pub async fn connect(
         address: SocketAddr,
         tls: &TlsSettings,
@@ -928,12 +974,14 @@ impl Session {
                 return Err(error);
             }
         };
+        // The listener's windows arrive with its hello reply; until then the protocol's early
+        // window bounds what is sent (see `frame`).
         let shared = SessionShared::new(
             session_id,
             established.peer_fingerprint,
             options.clone(),
-            established.reply.bulk_receive_window,
-            established.reply.control_receive_window,
+            EARLY_WINDOW_BYTES,
+            EARLY_WINDOW_BYTES,
             Some(dialer),
         );
         {
@@ -960,7 +1008,7 @@ impl Session {
             shared.clone(),
             Lane::Control,
             0,
-            Some(established.stream),
+            Some((established.stream, established.hello)),
         ));
         // The session is open with its control connection: a bulk connection still on its way
         // (a lost packet in its handshake costs a retransmission) joins when it is up, instead
@@ -970,7 +1018,7 @@ impl Session {
             tokio::spawn(async move {
                 let first = match handle.await {
                     Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
-                        Some(bulk.stream)
+                        Some((bulk.stream, bulk.hello))
                     }
                     Ok(Ok(_)) => {
                         tracing::warn!(session = %shared.session_name, "bulk connection reached a different peer");
@@ -987,6 +1035,34 @@ impl Session {
         }
         tokio::spawn(supervise(shared.clone()));
         Ok(Session { shared })
+    }
+
+    /// Waits until the listener has accepted the session. `connect` returns as soon as the
+    /// dialer's side of the TLS handshake is done and its hello is sent (data may follow at
+    /// once); a listener that refuses this host (an untrusted certificate, a refused hello)
+    /// says so a round trip later. The error is then the one that closed the session's first
+    /// connection (as `connect` returned it before protocol version 4). Returns at once on the
+    /// listener's side.
+    pub async fn opened(&self) -> Result<(), TransportError> {
+        let shared = &self.shared;
+        loop {
+            let notified = pin!(shared.senders.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            {
+                let core = shared.lock();
+                if core.peer_opened {
+                    return Ok(());
+                }
+                if let Some(error) = &core.open_error {
+                    return Err(error.replica());
+                }
+                if !matches!(core.state, SessionState::Open) {
+                    return Err(shared.terminal_error_locked(&core));
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Queues bulk data; waits while the send window is full (backpressure from the receiver).
@@ -1210,9 +1286,10 @@ impl Session {
     }
 }
 
+/// A connection whose hello is sent; its reply is read by [`read_frames`] before any frame.
 struct EstablishedConnection {
     stream: TlsStream<TcpStream>,
-    reply: Hello,
+    hello: Hello,
     peer_fingerprint: Fingerprint,
     key_exchange_group: Option<String>,
     congestion_control: Option<String>,
@@ -1246,8 +1323,9 @@ fn initial_bulk_count(options: &SessionOptions, round_trip: Duration) -> u32 {
 
 /// Opens one connection of a session: TCP (a second SYN beside the first when its answer is
 /// late, see [`socket::hedge_after`]; `round_trip` is the one known to the peer, if any), TLS,
-/// hello. `round_trip_measured` hears the TCP handshake's duration (a round trip) as soon as it
-/// is known.
+/// hello. Does not wait for the hello's reply: the connection's frames follow the hello at once
+/// and [`read_frames`] reads the reply first. `round_trip_measured` hears the TCP handshake's
+/// duration (a round trip) as soon as it is known.
 async fn dial(
     dialer: &DialerContext,
     options: &SessionOptions,
@@ -1312,24 +1390,9 @@ async fn dial(
             .await
             .map_err(io_error("sending hello"))?;
         stream.flush().await.map_err(io_error("sending hello"))?;
-        let mut reply = [0u8; HELLO_LEN];
-        stream
-            .read_exact(&mut reply)
-            .await
-            .map_err(io_error("reading hello reply"))?;
-        let reply = Hello::decode(&reply).map_err(|status| TransportError::Refused {
-            peer,
-            reason: format!("bad hello reply: {}", status.describe()),
-        })?;
-        if reply.status() != HelloStatus::Accepted || reply.session_id != hello.session_id {
-            return Err(TransportError::Refused {
-                peer,
-                reason: reply.status().describe().to_string(),
-            });
-        }
         Ok(EstablishedConnection {
             stream: TlsStream::Client(stream),
-            reply,
+            hello,
             peer_fingerprint,
             key_exchange_group,
             congestion_control,
@@ -1350,7 +1413,7 @@ async fn maintain_connection(
     shared: Arc<SessionShared>,
     lane: Lane,
     index: u32,
-    mut first: Option<TlsStream<TcpStream>>,
+    mut first: Option<(TlsStream<TcpStream>, Hello)>,
 ) {
     let Some(dialer) = shared.dialer.as_ref() else {
         return;
@@ -1383,11 +1446,7 @@ async fn maintain_connection(
                     }
                     Ok(established) => {
                         shared.lock().reconnections += 1;
-                        Some(established.stream)
-                    }
-                    Err(TransportError::Refused { reason, .. }) => {
-                        shared.fail(format!("peer refused to resume: {reason}"));
-                        return;
+                        Some((established.stream, established.hello))
                     }
                     Err(error) => {
                         tracing::debug!(
@@ -1399,9 +1458,9 @@ async fn maintain_connection(
                 }
             }
         };
-        if let Some(stream) = stream {
+        if let Some((stream, hello)) = stream {
             backoff = Duration::from_millis(20);
-            run_connection(&shared, stream, lane, Some(index)).await;
+            run_connection(&shared, stream, lane, Some(index), Some(hello)).await;
         }
         if shared.is_terminal() || shared.lock().retiring.remove(&index) {
             return;
@@ -1416,12 +1475,14 @@ async fn maintain_connection(
 
 /// Runs one authenticated connection until it fails or the session ends.
 /// `index` is the dialer's connection index (`None` on the listener's side, which never
-/// retires a connection: the dialer closes it).
+/// retires a connection: the dialer closes it). `hello` is the dialer's hello whose reply is
+/// still to be read (`None` on the listener's side).
 async fn run_connection(
     shared: &Arc<SessionShared>,
     stream: TlsStream<TcpStream>,
     lane: Lane,
     index: Option<u32>,
+    hello: Option<Hello>,
 ) {
     let connection_id = shared.register_connection(lane);
     let peer = stream
@@ -1440,9 +1501,10 @@ async fn run_connection(
         });
     let (reader, writer) = tokio::io::split(stream);
     let mut shutdown = shared.shutdown.subscribe();
+    let replied = AtomicBool::new(hello.is_none());
     let outcome = tokio::select! {
         _ = pace_connection(shared, pacing_handle.as_ref()) => Ok(()),
-        result = read_frames(shared, reader, peer) => result,
+        result = read_frames(shared, reader, peer, hello, &replied) => result,
         result = async {
             match lane {
                 Lane::Bulk => write_bulk(shared, writer, connection_id, index, peer).await,
@@ -1452,8 +1514,26 @@ async fn run_connection(
         _ = wait_for_shutdown(&mut shutdown) => Ok(()),
     };
     shared.connection_lost(connection_id);
+    let opening = hello.and_then(|hello| hello.purpose()) == Some(ConnectionPurpose::OpenSession);
     match outcome {
+        // The session's first connection ended before the listener accepted the session (a
+        // listener that refuses this side's certificate closes it after TLS): nothing to
+        // resume.
+        // The session's first connection was refused before the listener accepted the session
+        // (a refused hello, or a TLS alert: a listener that does not trust this side's
+        // certificate says so after the dialer's side of the handshake is done). Other losses
+        // before the reply are resumed like any: the listener may hold the session already.
+        Err(error)
+            if opening
+                && !replied.load(Ordering::Relaxed)
+                && (matches!(error, TransportError::Refused { .. }) || is_tls_alert(&error)) =>
+        {
+            shared.fail_to_open(error)
+        }
         Ok(()) => {}
+        Err(TransportError::Refused { reason, .. }) => {
+            shared.fail(format!("peer refused the connection: {reason}"));
+        }
         Err(error @ (TransportError::Protocol { .. } | TransportError::FrameIntegrity { .. })) => {
             shared.fail(error.to_string());
         }
@@ -1461,6 +1541,18 @@ async fn run_connection(
             tracing::debug!(session = %shared.session_name, connection_id, error = %error, "transport connection ended");
         }
     }
+}
+
+/// Whether an I/O error is the peer's TLS alert (a refusal, not a lost connection).
+fn is_tls_alert(error: &TransportError) -> bool {
+    let (TransportError::Io { source, .. } | TransportError::Handshake { source, .. }) = error
+    else {
+        return false;
+    };
+    source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|inner| matches!(inner, rustls::Error::AlertReceived(_)))
 }
 
 /// Keeps a bulk connection's pacing cap at its share of the session's limit; never returns
@@ -1491,8 +1583,40 @@ async fn read_frames(
     shared: &SessionShared,
     reader: ReadHalf<TlsStream<TcpStream>>,
     peer: SocketAddr,
+    hello: Option<Hello>,
+    replied: &AtomicBool,
 ) -> Result<(), TransportError> {
     let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
+    if let Some(hello) = hello {
+        let mut reply = [0u8; HELLO_LEN];
+        tokio::time::timeout(
+            shared.options.handshake_timeout,
+            reader.read_exact(&mut reply),
+        )
+        .await
+        .map_err(|_| TransportError::Io {
+            action: "reading hello reply",
+            peer,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello reply"),
+        })?
+        .map_err(|source| TransportError::Io {
+            action: "reading hello reply",
+            peer,
+            source,
+        })?;
+        let reply = Hello::decode(&reply).map_err(|status| TransportError::Refused {
+            peer,
+            reason: format!("bad hello reply: {}", status.describe()),
+        })?;
+        if reply.status() != HelloStatus::Accepted || reply.session_id != hello.session_id {
+            return Err(TransportError::Refused {
+                peer,
+                reason: reply.status().describe().to_string(),
+            });
+        }
+        replied.store(true, Ordering::Relaxed);
+        shared.on_hello_reply(&reply);
+    }
     let io_error = |source| TransportError::Io {
         action: "reading frames",
         peer,
@@ -2301,7 +2425,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             return;
         }
     }
-    run_connection(&shared, TlsStream::Server(stream), lane, None).await;
+    run_connection(&shared, TlsStream::Server(stream), lane, None, None).await;
 }
 
 async fn refuse_connection(
@@ -2317,7 +2441,18 @@ async fn refuse_connection(
     tracing::warn!(%peer, status = HelloStatus::describe(reply.status()), "transport hello refused");
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;
+    // The dialer's first frames may follow its hello (see `frame`): read them away until it
+    // closes, for a moment at most, since closing with unread bytes resets the connection and
+    // can discard the reply before the dialer reads it.
+    let mut discard = [0u8; 16 << 10];
+    let _ = tokio::time::timeout(REFUSAL_DRAIN_TIME, async {
+        while matches!(stream.read(&mut discard).await, Ok(read) if read > 0) {}
+    })
+    .await;
 }
+
+/// How long a refusing listener reads what the dialer sent behind its hello.
+const REFUSAL_DRAIN_TIME: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

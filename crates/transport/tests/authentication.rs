@@ -48,9 +48,7 @@ async fn listener_refuses_a_dialer_whose_fingerprint_is_not_pinned() {
         // Same pins on the dialer side, but a certificate the listener never pinned.
         dialer_tls.identity = HostIdentity::generate_self_signed("dialer").unwrap();
         let listener = listen(&listener_tls, test_options(1)).await;
-        let error = Session::connect(listener.local_addr(), &dialer_tls, test_options(1))
-            .await
-            .unwrap_err();
+        let error = refused_at_open(listener.local_addr(), &dialer_tls, test_options(1)).await;
         assert!(
             matches!(
                 error,
@@ -190,6 +188,8 @@ async fn cluster_ca_identities_connect_and_a_foreign_ca_is_refused() {
             .await
             .unwrap();
         let accepted = listener.accept().await.unwrap();
+        dialer.opened().await.unwrap();
+        accepted.opened().await.unwrap();
         dialer
             .send(Bytes::from_static(b"signed by the cluster"))
             .await
@@ -218,11 +218,7 @@ async fn cluster_ca_identities_connect_and_a_foreign_ca_is_refused() {
             trust,
         };
         let refused_before = listener.stats().connections_refused;
-        assert!(
-            Session::connect(listener.local_addr(), &foreign_tls, options)
-                .await
-                .is_err()
-        );
+        refused_at_open(listener.local_addr(), &foreign_tls, options).await;
         wait_until(
             "the listener to count the refusal",
             Duration::from_secs(10),

@@ -196,3 +196,21 @@ impl CuttingProxy {
         }
     }
 }
+
+/// What a dialer sees when the listener refuses to open its session: the error of `connect`,
+/// or of [`novacron_transport::Session::opened`] after it (TLS 1.3 completes the dialer's side
+/// of the handshake before the listener checks the dialer's certificate, and `connect` does not
+/// wait for the hello's reply).
+pub async fn refused_at_open(
+    address: SocketAddr,
+    tls: &TlsSettings,
+    options: SessionOptions,
+) -> novacron_transport::TransportError {
+    match novacron_transport::Session::connect(address, tls, options).await {
+        Ok(session) => session
+            .opened()
+            .await
+            .expect_err("the listener opened the session"),
+        Err(error) => error,
+    }
+}

@@ -914,12 +914,7 @@ async fn a_listener_changes_whom_it_trusts_without_forgetting_its_sessions() {
         narrowed.trust =
             novacron_transport::PeerTrust::PinnedFingerprints(vec![newcomer.fingerprint()]);
         listener.set_tls(&narrowed).unwrap();
-        assert!(
-            Session::connect(listener.local_addr(), &dialer_tls, options)
-                .await
-                .is_err(),
-            "a peer no longer trusted opened a session"
-        );
+        refused_at_open(listener.local_addr(), &dialer_tls, options).await;
     })
     .await;
 }
@@ -1043,4 +1038,89 @@ fn recorder() -> (Samples, novacron_transport::RateObserver) {
             .push((std::time::Instant::now(), sample))
     });
     (samples, observer)
+}
+
+/// The dialer's frames follow its hello at once (protocol version 4): a listener that has not
+/// answered yet already receives them; its refusal, when it comes, fails the session with the
+/// listener's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_follow_the_hello_before_its_reply_and_a_late_refusal_fails_the_session() {
+    use novacron_transport::frame::{
+        ConnectionPurpose, FRAME_HEADER_LEN, FRAME_TAG_LEN, FrameHeader, FrameKind, HELLO_LEN,
+        Hello, HelloStatus,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    within(async {
+        let (listener_tls, dialer_tls) = pinned_pair();
+        // A listener by hand: TLS, then the hello, and no reply until told.
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = tcp.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(listener_tls.server_config().unwrap());
+        let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel();
+        let (refuse_tx, refuse) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = tcp.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                let frames_tx = frames_tx.clone();
+                let mut refuse = refuse.clone();
+                tokio::spawn(async move {
+                    let mut stream = acceptor.accept(socket).await.unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    stream.read_exact(&mut hello).await.unwrap();
+                    let hello = Hello::decode(&hello).unwrap();
+                    if hello.purpose() == Some(ConnectionPurpose::OpenSession) {
+                        refuse.wait_for(|refuse| *refuse).await.unwrap();
+                        let reply = Hello {
+                            code: HelloStatus::UnsupportedVersion as u8,
+                            bulk_receive_window: 0,
+                            control_receive_window: 0,
+                            ..hello
+                        };
+                        stream.write_all(&reply.encode()).await.unwrap();
+                        stream.flush().await.unwrap();
+                        // Held open: the refusal alone must end the session.
+                        std::future::pending::<()>().await;
+                    }
+                    let mut header = [0u8; FRAME_HEADER_LEN];
+                    stream.read_exact(&mut header).await.unwrap();
+                    let header = FrameHeader::decode(&header).unwrap();
+                    let mut payload = vec![0u8; header.payload_len as usize + FRAME_TAG_LEN];
+                    stream.read_exact(&mut payload).await.unwrap();
+                    payload.truncate(header.payload_len as usize);
+                    let _ = frames_tx.send((hello.purpose(), header.kind, payload));
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        // `connect` returns without the reply (it waited for it before version 4).
+        let dialer = Session::connect(address, &dialer_tls, test_options(1))
+            .await
+            .unwrap();
+        dialer
+            .send(Bytes::from_static(b"sent before the reply"))
+            .await
+            .unwrap();
+        let (purpose, kind, payload) = frames.recv().await.unwrap();
+        assert_eq!(purpose, Some(ConnectionPurpose::Bulk));
+        assert_eq!(kind, FrameKind::Data);
+        assert_eq!(payload, b"sent before the reply");
+        refuse_tx.send_replace(true);
+        let error = dialer.flush().await.unwrap_err().to_string();
+        assert!(
+            error.contains("unsupported protocol version"),
+            "the listener's reason reaches the dialer: {error}"
+        );
+        let error = dialer.opened().await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                novacron_transport::TransportError::Refused { reason, .. }
+                    if reason.contains("unsupported protocol version")
+            ),
+            "{error}"
+        );
+    })
+    .await;
 }

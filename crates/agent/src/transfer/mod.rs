@@ -914,7 +914,7 @@ impl TransferService {
             measurement_interval: PROBE_MEASUREMENT_INTERVAL,
             ..self.session_options_for(fingerprint)
         };
-        let session = Session::connect(socket_address, &tls, options)
+        let session = open_session(socket_address, &tls, options)
             .await
             .map_err(|error| {
                 connect_failure(&error, address, fingerprint, self.fingerprint()).into_agent_error()
@@ -1035,7 +1035,7 @@ impl TransferService {
             identity: self.identity.clone(),
             trust: PeerTrust::PinnedFingerprints(vec![fingerprint]),
         };
-        let session = Session::connect(address, &tls, self.session_options_for(fingerprint))
+        let session = open_session(address, &tls, self.session_options_for(fingerprint))
             .await
             .map_err(|error| {
                 connect_failure(&error, &request.address, fingerprint, self.fingerprint())
@@ -1475,6 +1475,18 @@ async fn resolve_address(text: &str) -> Result<SocketAddr, AgentError> {
 }
 
 /// Maps a failed dial to what the user should do about it.
+/// Opens a session and waits until the peer has accepted it: a peer that does not trust this
+/// host refuses after the TLS handshake, a round trip after `connect` returns.
+async fn open_session(
+    address: SocketAddr,
+    tls: &TlsSettings,
+    options: SessionOptions,
+) -> Result<Session, TransportError> {
+    let session = Session::connect(address, tls, options).await?;
+    session.opened().await?;
+    Ok(session)
+}
+
 fn connect_failure(
     error: &TransportError,
     address: &str,
