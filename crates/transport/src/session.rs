@@ -1516,9 +1516,6 @@ async fn run_connection(
     shared.connection_lost(connection_id);
     let opening = hello.and_then(|hello| hello.purpose()) == Some(ConnectionPurpose::OpenSession);
     match outcome {
-        // The session's first connection ended before the listener accepted the session (a
-        // listener that refuses this side's certificate closes it after TLS): nothing to
-        // resume.
         // The session's first connection was refused before the listener accepted the session
         // (a refused hello, or a TLS alert: a listener that does not trust this side's
         // certificate says so after the dialer's side of the handshake is done). Other losses
