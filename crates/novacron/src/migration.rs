@@ -144,7 +144,7 @@ async fn follow(client: &Client, mut record: MigrationRecord) -> CliResult<Migra
         && record.resumed_at_ms.is_none()
         && tokio::time::Instant::now() < resume_deadline
     {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(RESUME_RECORD_POLL).await;
         record = client.get(&path).await?;
     }
     bar.finish_and_clear();
@@ -157,6 +157,10 @@ const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a finished live move's summary waits for the destination's RESUME time.
 const RESUME_RECORD_WAIT: Duration = Duration::from_secs(6);
+
+/// How often it asks meanwhile: the record comes a store write after the guest resumed, and
+/// the command's own time is what a user waits for.
+const RESUME_RECORD_POLL: Duration = Duration::from_millis(25);
 
 /// One line of progress: phase, stream vs wire bytes, rate, dirty rate, ETA, expected pause.
 fn progress_line(record: &MigrationRecord) -> String {
