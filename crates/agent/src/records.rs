@@ -277,15 +277,7 @@ impl Records {
         &self,
         key: &str,
     ) -> Result<Option<Versioned<T>>, AgentError> {
-        self.versioned_read(key, self.reads).await
-    }
-
-    async fn versioned_read<T: DeserializeOwned>(
-        &self,
-        key: &str,
-        reads: Consistency,
-    ) -> Result<Option<Versioned<T>>, AgentError> {
-        let Some(key_value) = self.store.get(key, reads).await? else {
+        let Some(key_value) = self.store.get(key, self.reads).await? else {
             return Ok(None);
         };
         Ok(Some(Versioned {
@@ -297,23 +289,15 @@ impl Records {
     /// Reads the record at `key`, lets `change` modify it and writes it back if it changed
     /// (compare-and-swap on its revision, retried when someone else wrote in between).
     /// `change` returns `Ok(false)` to leave the record as is; `missing` is the error when the
-    /// record does not exist. The first read is this view's (a [`Records::local`] view saves
-    /// a round trip when its copy is current); after a conflict, and when a local copy lacks
-    /// the record, it reads fresh.
+    /// record does not exist.
     async fn read_modify_write<T: DeserializeOwned + serde::Serialize>(
         &self,
         key: &str,
         missing: impl Fn() -> AgentError,
         mut change: impl FnMut(&mut T) -> Result<bool, AgentError>,
     ) -> Result<T, AgentError> {
-        let mut reads = self.reads;
         loop {
-            let current = self.versioned_read::<T>(key, reads).await?;
-            let Some(current) = current else {
-                if reads != Consistency::Linearizable {
-                    reads = Consistency::Linearizable;
-                    continue;
-                }
+            let Some(current) = self.versioned::<T>(key).await? else {
                 return Err(missing());
             };
             let mut record = current.record;
@@ -331,7 +315,6 @@ impl Records {
             if outcome.succeeded {
                 return Ok(record);
             }
-            reads = Consistency::Linearizable;
         }
     }
 

@@ -3647,12 +3647,8 @@ async fn resume_here(
     .ok()
     .flatten();
     if let Some(at) = resumed {
-        // From this host's copy first: the commit that preceded `cont` is usually there
-        // already, and a fresh read would cost a round trip to the leader (`vm migrate` waits
-        // for this record to show the pause).
         let _ = shared
             .records
-            .local()
             .update_migration(id, |migration| {
                 migration.resumed_at_ms = Some(at);
                 Ok(true)
