@@ -699,6 +699,10 @@ impl Source<'_> {
         let prepared = async {
             self.copy_base_image(&service, &address, fingerprint)
                 .await?;
+            // The `Begin` follows the session's hello at once.
+            let begin = Message::Migration(MigrationControl::Begin {
+                id: self.id.clone(),
+            });
             connect_to_destination(
                 &service,
                 &self.migration,
@@ -706,12 +710,13 @@ impl Source<'_> {
                 fingerprint,
                 SESSION_RESUME_TIMEOUT,
                 Instant::now() + CONNECT_RETRY_WINDOW,
+                Some(begin),
             )
             .await
         };
-        let (session, dial) = alongside(prepared, dirty_rate.as_mut()).await?;
+        let (session, dial, begun) = alongside(prepared, dirty_rate.as_mut()).await?;
         let result = self
-            .with_session(&session, &dial, dirty_rate.as_mut())
+            .with_session(&session, &dial, begun, dirty_rate.as_mut())
             .await;
         if let Some(disk) = self.disk.take() {
             disk.clean_up(self.qemu, &self.name).await;
@@ -834,18 +839,37 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// `dirty_rate` is the guest's dirty rate being measured since the move began (`None`
-    /// when it is to be measured after the disk mirror).
+    /// `begun` is the destination's answer to the `Begin` sent with the session; `dirty_rate`
+    /// is the guest's dirty rate being measured since the move began (`None` when it is to be
+    /// measured after the disk mirror).
     async fn with_session<F: Future<Output = Option<f64>>>(
         &mut self,
         session: &Arc<Session>,
         dial: &Dial,
+        begun: Option<PendingAnswer>,
         mut dirty_rate: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
     ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
-        let begin = Message::Migration(MigrationControl::Begin {
-            id: self.id.clone(),
-        });
+        let destination = self.migration.destination.clone();
+        let answer = async {
+            match begun {
+                Some(begun) => {
+                    let reply = begun.await.map_err(|error| {
+                        Failure::new(
+                            ErrorCode::Internal,
+                            format!("asking host {destination}: {error}"),
+                        )
+                    })?;
+                    destination_answer(reply, "migration", &destination)
+                }
+                None => {
+                    let begin = Message::Migration(MigrationControl::Begin {
+                        id: self.id.clone(),
+                    });
+                    ask_destination(session, begin, "migration", &destination).await
+                }
+            }
+        };
         // While the destination prepares (its QEMU starts), the boot files are indexed, the
         // dirty rate is measured and, when memory comes next, the session's connections warm
         // up on padding (a disk mirror first would share the link with it).
@@ -855,12 +879,7 @@ impl Source<'_> {
         // The copy does not wait for the end of the dirty-rate sample: QEMU's downtime limit
         // does not depend on it, and the plan takes it in when it ends (below).
         let (held_there, held_here) = alongside(
-            async {
-                tokio::join!(
-                    ask_destination(session, begin, "migration", &self.migration.destination),
-                    held_boot_files(&self.shared, &self.record),
-                )
-            },
+            async { tokio::join!(answer, held_boot_files(&self.shared, &self.record),) },
             dirty_rate.as_mut(),
         )
         .await;
@@ -2100,18 +2119,28 @@ async fn ask_destination(
     what: &str,
     destination: &str,
 ) -> Result<Vec<String>, Failure> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(60),
-        session.control().request(request.encode()),
-    )
-    .await
-    .map_err(|_| {
-        Failure::new(
-            ErrorCode::Unavailable,
-            format!("host {destination} did not answer the {what} within 60 s"),
-        )
-    })?
-    .map_err(|error| session_failure(&format!("asking host {destination}"), &error))?;
+    let reply =
+        tokio::time::timeout(ANSWER_TIMEOUT, session.control().request(request.encode())).await;
+    destination_answer(reply, what, destination)
+}
+
+/// The destination's answer to a `Begin` (its held files) or a refusal.
+fn destination_answer(
+    reply: Result<
+        Result<bytes::Bytes, novacron_transport::TransportError>,
+        tokio::time::error::Elapsed,
+    >,
+    what: &str,
+    destination: &str,
+) -> Result<Vec<String>, Failure> {
+    let reply = reply
+        .map_err(|_| {
+            Failure::new(
+                ErrorCode::Unavailable,
+                format!("host {destination} did not answer the {what} within 60 s"),
+            )
+        })?
+        .map_err(|error| session_failure(&format!("asking host {destination}"), &error))?;
     match Message::decode(&reply) {
         Ok(Message::Migration(MigrationControl::Ready { held_files })) => Ok(held_files),
         Ok(Message::Migration(MigrationControl::Refused { code, message })) => Err(Failure::new(
@@ -2253,8 +2282,10 @@ const SESSION_WARM_UP_LIMIT: Duration = Duration::from_secs(5);
 /// Opens a migration session to the destination at `address` (from its heartbeat), trying
 /// again until `until`: a host that just joined is trusted by the destination's listener only
 /// once its heartbeat has been seen there, and a post-copy's recovery waits for a link that is
-/// down. Returns the session (`resume_timeout` for a lost connection) and how to open another
-/// one (for the disk's NBD session).
+/// down. Returns the session (`resume_timeout` for a lost connection), how to open another
+/// one (for the disk's NBD session), and the answer to `first_request`: sent right behind the
+/// session's hello, so the destination's refusal of this host (said a round trip after the
+/// session is made) and its answer arrive together.
 async fn connect_to_destination(
     service: &TransferService,
     migration: &MigrationRecord,
@@ -2262,7 +2293,8 @@ async fn connect_to_destination(
     fingerprint: Fingerprint,
     resume_timeout: Duration,
     until: Instant,
-) -> Result<(Arc<Session>, Dial), Failure> {
+    first_request: Option<Message>,
+) -> Result<(Arc<Session>, Dial, Option<PendingAnswer>), Failure> {
     let options = novacron_migration::migration_session_options(SessionOptions {
         bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
         resume_timeout,
@@ -2284,9 +2316,28 @@ async fn connect_to_destination(
             )
         })?;
     let started = Instant::now();
-    let session = loop {
-        match Session::connect(socket_address, &tls, options.clone()).await {
-            Ok(session) => break session,
+    let (session, answer) = loop {
+        let opened = async {
+            let session = Arc::new(Session::connect(socket_address, &tls, options.clone()).await?);
+            let answer = first_request.as_ref().map(|request| {
+                let control = session.control();
+                let request = request.encode();
+                tokio::spawn(async move {
+                    tokio::time::timeout(ANSWER_TIMEOUT, control.request(request)).await
+                })
+            });
+            match session.opened().await {
+                Ok(()) => Ok((session, answer)),
+                Err(error) => {
+                    if let Some(answer) = answer {
+                        answer.abort();
+                    }
+                    Err(error)
+                }
+            }
+        };
+        match opened.await {
+            Ok(opened) => break opened,
             Err(error) if Instant::now() < until => {
                 tracing::info!(vm = %migration.vm, %destination,
                     error = %crate::transfer::describe(&error), "destination not reachable yet; retrying");
@@ -2314,8 +2365,16 @@ async fn connect_to_destination(
             ..options
         },
     };
-    Ok((Arc::new(session), dial))
+    Ok((session, dial, answer))
 }
+
+/// A request's answer on its way: [`ANSWER_TIMEOUT`] elapsed, or the transport's outcome.
+type PendingAnswer = tokio::task::JoinHandle<
+    Result<Result<bytes::Bytes, novacron_transport::TransportError>, tokio::time::error::Elapsed>,
+>;
+
+/// How long the source waits for the destination's answer to a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The destination's transfer address and certificate fingerprint, from its heartbeat. A host
 /// that just joined or restarted publishes its listener with a heartbeat after its first ones:

@@ -425,9 +425,16 @@ async fn resume_outgoing(
     }
     let (address, fingerprint) = destination_endpoint(shared, migration).await?;
     let link_wait = Duration::from_secs(migration.post_copy_link_wait_secs);
-    let (session, _) =
-        connect_to_destination(&service, migration, &address, fingerprint, link_wait, until)
-            .await?;
+    let (session, _, _) = connect_to_destination(
+        &service,
+        migration,
+        &address,
+        fingerprint,
+        link_wait,
+        until,
+        None,
+    )
+    .await?;
     let result = resume_on(shared, qemu, record, migration, &session).await;
     crate::transfer::close_quietly(session).await;
     result.map(Some)
