@@ -1045,24 +1045,18 @@ impl Session {
     /// listener's side.
     pub async fn opened(&self) -> Result<(), TransportError> {
         let shared = &self.shared;
-        loop {
-            let notified = pin!(shared.senders.notified());
-            let mut notified = notified;
-            notified.as_mut().enable();
-            {
-                let core = shared.lock();
-                if core.peer_opened {
-                    return Ok(());
-                }
-                if let Some(error) = &core.open_error {
-                    return Err(error.replica());
-                }
-                if !matches!(core.state, SessionState::Open) {
-                    return Err(shared.terminal_error_locked(&core));
-                }
+        self.wait_on_senders(|core| {
+            if core.peer_opened {
+                Some(Ok(()))
+            } else if let Some(error) = &core.open_error {
+                Some(Err(error.replica()))
+            } else if !matches!(core.state, SessionState::Open) {
+                Some(Err(shared.terminal_error_locked(core)))
+            } else {
+                None
             }
-            notified.await;
-        }
+        })
+        .await
     }
 
     /// Queues bulk data; waits while the send window is full (backpressure from the receiver).
@@ -1140,18 +1134,30 @@ impl Session {
         done: impl Fn(&SessionCore) -> bool,
     ) -> Result<(), TransportError> {
         let shared = &self.shared;
+        self.wait_on_senders(|core| {
+            if done(core) {
+                Some(Ok(()))
+            } else if matches!(core.state, SessionState::Failed(_) | SessionState::Closed) {
+                Some(Err(shared.terminal_error_locked(core)))
+            } else {
+                None
+            }
+        })
+        .await
+    }
+
+    /// Checks `outcome` under the session's lock whenever senders are woken (an
+    /// acknowledgement, the listener's answer, a failure) until it gives a result.
+    async fn wait_on_senders(
+        &self,
+        outcome: impl Fn(&SessionCore) -> Option<Result<(), TransportError>>,
+    ) -> Result<(), TransportError> {
         loop {
-            let notified = pin!(shared.senders.notified());
+            let notified = pin!(self.shared.senders.notified());
             let mut notified = notified;
             notified.as_mut().enable();
-            {
-                let core = shared.lock();
-                if done(&core) {
-                    return Ok(());
-                }
-                if matches!(core.state, SessionState::Failed(_) | SessionState::Closed) {
-                    return Err(shared.terminal_error_locked(&core));
-                }
+            if let Some(result) = outcome(&self.shared.lock()) {
+                return result;
             }
             notified.await;
         }
