@@ -702,7 +702,8 @@ impl Source<'_> {
             // The `Begin` follows the session's hello at once.
             let begin = Message::Migration(MigrationControl::Begin {
                 id: self.id.clone(),
-            });
+            })
+            .encode();
             connect_to_destination(
                 &service,
                 &self.migration,
@@ -710,7 +711,13 @@ impl Source<'_> {
                 fingerprint,
                 SESSION_RESUME_TIMEOUT,
                 Instant::now() + CONNECT_RETRY_WINDOW,
-                Some(begin),
+                |session| {
+                    let control = session.control();
+                    let begin = begin.clone();
+                    tokio::spawn(async move {
+                        tokio::time::timeout(ANSWER_TIMEOUT, control.request(begin)).await
+                    })
+                },
             )
             .await
         };
@@ -846,29 +853,19 @@ impl Source<'_> {
         &mut self,
         session: &Arc<Session>,
         dial: &Dial,
-        begun: Option<PendingAnswer>,
+        begun: PendingAnswer,
         mut dirty_rate: std::pin::Pin<&mut futures::future::MaybeDone<F>>,
     ) -> Result<SourceOutcome, Failure> {
         let control = session.control();
         let destination = self.migration.destination.clone();
         let answer = async {
-            match begun {
-                Some(begun) => {
-                    let reply = begun.await.map_err(|error| {
-                        Failure::new(
-                            ErrorCode::Internal,
-                            format!("asking host {destination}: {error}"),
-                        )
-                    })?;
-                    destination_answer(reply, "migration", &destination)
-                }
-                None => {
-                    let begin = Message::Migration(MigrationControl::Begin {
-                        id: self.id.clone(),
-                    });
-                    ask_destination(session, begin, "migration", &destination).await
-                }
-            }
+            let reply = begun.await.map_err(|error| {
+                Failure::new(
+                    ErrorCode::Internal,
+                    format!("asking host {destination}: {error}"),
+                )
+            })?;
+            destination_answer(reply, "migration", &destination)
         };
         // While the destination prepares (its QEMU starts), the boot files are indexed, the
         // dirty rate is measured and, when memory comes next, the session's connections warm
@@ -2283,18 +2280,18 @@ const SESSION_WARM_UP_LIMIT: Duration = Duration::from_secs(5);
 /// again until `until`: a host that just joined is trusted by the destination's listener only
 /// once its heartbeat has been seen there, and a post-copy's recovery waits for a link that is
 /// down. Returns the session (`resume_timeout` for a lost connection), how to open another
-/// one (for the disk's NBD session), and the answer to `first_request`: sent right behind the
-/// session's hello, so the destination's refusal of this host (said a round trip after the
-/// session is made) and its answer arrive together.
-async fn connect_to_destination(
+/// one (for the disk's NBD session), and what `on_session` returned: it runs as soon as a session
+/// is made, before the destination's answer to the session (a round trip later; a refusal of
+/// this host is retried), so a request it sends follows the session's hello.
+async fn connect_to_destination<T>(
     service: &TransferService,
     migration: &MigrationRecord,
     address: &str,
     fingerprint: Fingerprint,
     resume_timeout: Duration,
     until: Instant,
-    first_request: Option<Message>,
-) -> Result<(Arc<Session>, Dial, Option<PendingAnswer>), Failure> {
+    on_session: impl Fn(&Arc<Session>) -> T,
+) -> Result<(Arc<Session>, Dial, T), Failure> {
     let options = novacron_migration::migration_session_options(SessionOptions {
         bulk_send_window_bytes: SEND_WINDOW_CEILING_BYTES,
         resume_timeout,
@@ -2316,25 +2313,12 @@ async fn connect_to_destination(
             )
         })?;
     let started = Instant::now();
-    let (session, answer) = loop {
+    let (session, started_on) = loop {
+        // A session dropped here (refused) fails whatever `on_session` started on it.
         let opened = async {
             let session = Arc::new(Session::connect(socket_address, &tls, options.clone()).await?);
-            let answer = first_request.as_ref().map(|request| {
-                let control = session.control();
-                let request = request.encode();
-                tokio::spawn(async move {
-                    tokio::time::timeout(ANSWER_TIMEOUT, control.request(request)).await
-                })
-            });
-            match session.opened().await {
-                Ok(()) => Ok((session, answer)),
-                Err(error) => {
-                    if let Some(answer) = answer {
-                        answer.abort();
-                    }
-                    Err(error)
-                }
-            }
+            let started_on = on_session(&session);
+            session.opened().await.map(|()| (session, started_on))
         };
         match opened.await {
             Ok(opened) => break opened,
@@ -2365,7 +2349,7 @@ async fn connect_to_destination(
             ..options
         },
     };
-    Ok((session, dial, answer))
+    Ok((session, dial, started_on))
 }
 
 /// A request's answer on its way: [`ANSWER_TIMEOUT`] elapsed, or the transport's outcome.

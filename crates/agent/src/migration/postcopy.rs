@@ -432,7 +432,7 @@ async fn resume_outgoing(
         fingerprint,
         link_wait,
         until,
-        None,
+        |_| (),
     )
     .await?;
     let result = resume_on(shared, qemu, record, migration, &session).await;

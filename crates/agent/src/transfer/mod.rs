@@ -1474,7 +1474,6 @@ async fn resolve_address(text: &str) -> Result<SocketAddr, AgentError> {
     })
 }
 
-/// Maps a failed dial to what the user should do about it.
 /// Opens a session and waits until the peer has accepted it: a peer that does not trust this
 /// host refuses after the TLS handshake, a round trip after `connect` returns.
 async fn open_session(
@@ -1487,6 +1486,7 @@ async fn open_session(
     Ok(session)
 }
 
+/// Maps a failed dial to what the user should do about it.
 fn connect_failure(
     error: &TransportError,
     address: &str,
