@@ -1520,23 +1520,30 @@ async fn run_connection(
         _ = wait_for_shutdown(&mut shutdown) => Ok(()),
     };
     shared.connection_lost(connection_id);
-    let opening = hello.and_then(|hello| hello.purpose()) == Some(ConnectionPurpose::OpenSession);
+    let opened = shared.lock().peer_opened;
+    let bulk = hello.and_then(|hello| hello.purpose()) == Some(ConnectionPurpose::Bulk);
+    let refusal = |error: &TransportError| match error {
+        // A bulk connection may reach the listener before the session's first connection
+        // does (it waits for it a while): dialed again, as any lost connection.
+        TransportError::Refused { .. } => opened || !bulk,
+        // A listener that does not trust this host's certificate says so once the dialer's
+        // side of the TLS handshake is done (TLS 1.3), instead of the hello's reply.
+        _ => !replied.load(Ordering::Relaxed) && is_tls_alert(error),
+    };
     match outcome {
-        // The session's first connection was refused before the listener accepted the session
-        // (a refused hello, or a TLS alert: a listener that does not trust this side's
-        // certificate says so after the dialer's side of the handshake is done). Other losses
-        // before the reply are resumed like any: the listener may hold the session already.
-        Err(error)
-            if opening
-                && !replied.load(Ordering::Relaxed)
-                && (matches!(error, TransportError::Refused { .. }) || is_tls_alert(&error)) =>
-        {
-            shared.fail_to_open(error)
+        // Refused: nothing to resume. Other losses, before the reply too, are resumed like
+        // any (the listener may hold the session already).
+        Err(error) if refusal(&error) => {
+            if opened {
+                let cause = std::error::Error::source(&error)
+                    .map(|source| format!(": {source}"))
+                    .unwrap_or_default();
+                shared.fail(format!("the peer refused a connection: {error}{cause}"));
+            } else {
+                shared.fail_to_open(error);
+            }
         }
         Ok(()) => {}
-        Err(TransportError::Refused { reason, .. }) => {
-            shared.fail(format!("peer refused the connection: {reason}"));
-        }
         Err(error @ (TransportError::Protocol { .. } | TransportError::FrameIntegrity { .. })) => {
             shared.fail(error.to_string());
         }
@@ -2250,10 +2257,16 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         if read == 0 {
             return Ok(None);
         }
-        let mut stream = acceptor
-            .accept(tcp)
-            .await
-            .map_err(|source| TransportError::Handshake { peer, source })?;
+        let mut stream = match acceptor.accept(tcp).into_fallible().await {
+            Ok(stream) => stream,
+            Err((source, tcp)) => {
+                // Its alert is sent; the dialer's hello and first frames may follow it (see
+                // `frame`): read them away before closing, which would otherwise reset the
+                // connection and could lose the alert.
+                tokio::spawn(drain_before_close(tcp));
+                return Err(TransportError::Handshake { peer, source });
+            }
+        };
         let (_, connection) = stream.get_ref();
         let peer_fingerprint = connection
             .peer_certificates()
@@ -2444,9 +2457,13 @@ async fn refuse_connection(
     tracing::warn!(%peer, status = HelloStatus::describe(reply.status()), "transport hello refused");
     let _ = stream.write_all(&reply.encode()).await;
     let _ = stream.shutdown().await;
-    // The dialer's first frames may follow its hello (see `frame`): read them away until it
-    // closes, for a moment at most, since closing with unread bytes resets the connection and
-    // can discard the reply before the dialer reads it.
+    drain_before_close(stream).await;
+}
+
+/// Reads what a refused dialer sent behind its hello (see `frame`) until it closes, for a
+/// moment at most: closing with unread bytes resets the connection, which can discard the
+/// refusal before the dialer reads it.
+async fn drain_before_close(mut stream: impl tokio::io::AsyncRead + Unpin) {
     let mut discard = [0u8; 16 << 10];
     let _ = tokio::time::timeout(REFUSAL_DRAIN_TIME, async {
         while matches!(stream.read(&mut discard).await, Ok(read) if read > 0) {}

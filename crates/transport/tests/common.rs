@@ -207,10 +207,19 @@ pub async fn refused_at_open(
     options: SessionOptions,
 ) -> novacron_transport::TransportError {
     match novacron_transport::Session::connect(address, tls, options).await {
-        Ok(session) => session
-            .opened()
-            .await
-            .expect_err("the listener opened the session"),
+        Ok(session) => {
+            // Frames behind the hello, as a sender's would be: the listener's refusal must
+            // still reach the dialer (closing a connection with unread bytes resets it).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                session.send(random_payload(1 << 20, 1)),
+            )
+            .await;
+            session
+                .opened()
+                .await
+                .expect_err("the listener opened the session")
+        }
         Err(error) => error,
     }
 }
