@@ -1538,7 +1538,7 @@ async fn run_connection(
                 let cause = std::error::Error::source(&error)
                     .map(|source| format!(": {source}"))
                     .unwrap_or_default();
-                shared.fail(format!("the peer refused a connection: {error}{cause}"));
+                shared.fail(format!("{error}{cause}"));
             } else {
                 shared.fail_to_open(error);
             }
