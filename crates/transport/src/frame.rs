@@ -1,4 +1,4 @@
-//! The on-wire format inside each TLS connection (version 4). Pure encoding and decoding, no IO.
+//! The on-wire format inside each TLS connection (version 5). Pure encoding and decoding, no IO.
 //!
 //! A connection starts with a fixed-size hello from the dialer and a hello reply from the
 //! listener, then carries frames in both directions. The dialer does not wait for the reply:
@@ -23,14 +23,19 @@
 //! cores in a migration at 1 Gbit/s, where the two cores are the limit. Version 3 added the
 //! padding frame (kind 3, bulk channel, sequence 0, no end-of-stream flag): bytes that warm a
 //! new connection's congestion control up before the session has data, outside the reliable
-//! stream (never acknowledged, resent or delivered). Decoding never
+//! stream (never acknowledged, resent or delivered). Version 5 added the park frame (kind 4,
+//! control channel, sequence 0, no payload, no flags): its sender sends nothing more on this
+//! connection for its session. Either side parks a connection when its session shuts down
+//! cleanly; the other answers with a park of its own, and once both have crossed, the
+//! connection, authenticated and with its congestion state, waits for the dialer's next hello
+//! (a new session, see `session::ConnectionPool`) instead of closing. Decoding never
 //! allocates more than [`MAX_FRAME_PAYLOAD`] for one frame and rejects unknown kinds, channels,
 //! flags and versions.
 
 use crate::error::TransportError;
 
 pub const PROTOCOL_MAGIC: [u8; 4] = *b"NCTR";
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 pub const HELLO_LEN: usize = 44;
 /// What a dialer may send on each channel of a new session before the listener's hello reply
 /// has announced its receive windows; every listener's windows are at least this.
@@ -159,6 +164,10 @@ pub enum FrameKind {
     /// Bytes the receiver reads and drops: a connection's warm-up (see
     /// `Session::warm_up`). Bulk channel only, sequence 0.
     Padding = 3,
+    /// Its sender sends nothing more on this connection for the session; the connection may
+    /// carry the dialer's next hello once both sides have parked it. Control channel,
+    /// sequence 0, no payload.
+    Park = 4,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +202,7 @@ impl FrameHeader {
             1 => FrameKind::Data,
             2 => FrameKind::Ack,
             3 => FrameKind::Padding,
+            4 => FrameKind::Park,
             other => return Err(protocol(format!("unknown frame kind {other}"))),
         };
         let channel = match bytes[1] {
@@ -224,6 +234,14 @@ impl FrameHeader {
         {
             return Err(protocol(
                 "padding frame off the bulk channel, with a sequence or ending a stream".into(),
+            ));
+        }
+        if kind == FrameKind::Park
+            && (channel != Channel::Control || end_of_stream || sequence != 0 || payload_len != 0)
+        {
+            return Err(protocol(
+                "park frame off the control channel, with a payload, a sequence or ending a stream"
+                    .into(),
             ));
         }
         Ok(FrameHeader {
@@ -345,7 +363,7 @@ mod tests {
             sequence: 1,
         }
         .encode();
-        for (index, value) in [(0usize, 9u8), (0, 4), (1, 2), (2, 0x80), (3, 1)] {
+        for (index, value) in [(0usize, 9u8), (0, 5), (1, 2), (2, 0x80), (3, 1)] {
             let mut bytes = good;
             bytes[index] = value;
             assert!(
@@ -377,6 +395,38 @@ mod tests {
             FrameHeader {
                 end_of_stream: true,
                 ..padding
+            },
+        ] {
+            assert!(FrameHeader::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_park_is_an_empty_unsequenced_control_frame() {
+        let park = FrameHeader {
+            kind: FrameKind::Park,
+            channel: Channel::Control,
+            end_of_stream: false,
+            payload_len: 0,
+            sequence: 0,
+        };
+        assert_eq!(FrameHeader::decode(&park.encode()).unwrap(), park);
+        for bad in [
+            FrameHeader {
+                channel: Channel::Bulk,
+                ..park
+            },
+            FrameHeader {
+                payload_len: 1,
+                ..park
+            },
+            FrameHeader {
+                sequence: 3,
+                ..park
+            },
+            FrameHeader {
+                end_of_stream: true,
+                ..park
             },
         ] {
             assert!(FrameHeader::decode(&bad.encode()).is_err(), "{bad:?}");

@@ -8,6 +8,7 @@
 //! - [`reliable`]: sequence numbers, acknowledgements, flow control, reorder buffer (sans-IO).
 //! - [`policy`]: how many bulk connections to use (sans-IO).
 //! - [`session`]: the executor: [`Session`], [`Listener`], [`ControlChannel`].
+//! - [`pool`]: connections a finished session parked, for the next session to the same peer.
 //!
 //! At the end of a bulk stream, a frame overdue on one connection (behind a loss it has not
 //! repaired, or a stalled path) is sent once more on another that has nothing left to send; the
@@ -31,6 +32,7 @@ pub mod error;
 pub mod frame;
 pub mod identity;
 pub mod policy;
+pub mod pool;
 pub mod reliable;
 pub mod session;
 pub mod socket;
@@ -39,6 +41,7 @@ pub mod tls;
 
 pub use error::TransportError;
 pub use identity::{ClusterCertificateAuthority, Fingerprint, HostIdentity};
+pub use pool::ConnectionPool;
 pub use session::{
     ControlChannel, ControlIncoming, ControlRequest, DEFAULT_BULK_WINDOW_BYTES, Listener,
     ListenerStats, RateObserver, RateSample, Session, SessionId, SessionOptions, SessionStats,

@@ -43,6 +43,7 @@ use crate::policy::{
     RateMeasurement, StreamCountDecision, StreamCountPolicy, StreamCountPolicyConfig,
     initial_stream_count, startup_stream_count,
 };
+use crate::pool::{ConnectionPool, LISTENER_PARKED_IDLE, PoolKey};
 use crate::reliable::{InboundChannel, OutboundChannel, Reception, Transmission};
 use crate::socket;
 use crate::tls::{PINNED_SERVER_NAME, PeerTrust, TlsSettings};
@@ -129,6 +130,10 @@ pub struct SessionOptions {
     pub hedge_overdue_frames: bool,
     /// Name of the listener in its certificate (cluster CA trust only; ignored when pinned).
     pub server_name: String,
+    /// Dialer: where this session's connections are parked when it shuts down, and where it
+    /// looks for connections a finished session to the same peer left (see [`ConnectionPool`]).
+    /// `None`: every session dials its own and closes them.
+    pub connection_pool: Option<ConnectionPool>,
 }
 
 impl Default for SessionOptions {
@@ -156,6 +161,7 @@ impl Default for SessionOptions {
             rate_observer: None,
             bulk_pacing_limit_bytes_per_second: None,
             pacing_check_interval: crate::policy::PACING_CHECK_INTERVAL,
+            connection_pool: None,
         }
     }
 }
@@ -445,6 +451,12 @@ struct SessionCore {
     peer_opened: bool,
     /// Why the session's first connection ended before the listener accepted the session.
     open_error: Option<TransportError>,
+    /// The session shut down and parks its connections (see [`SessionShared::shut_down`]).
+    parking: bool,
+    /// Connections whose peer parked them: they park here too.
+    parking_connections: std::collections::HashSet<u64>,
+    /// Dialer: the session's first connection was a parked one (see `maintain_connection`).
+    first_control_reused: bool,
 }
 
 #[derive(Clone)]
@@ -452,6 +464,22 @@ struct DialerContext {
     address: SocketAddr,
     connector: TlsConnector,
     server_name: ServerName<'static>,
+    /// Which parked connections this dialer may use (see [`ConnectionPool`]).
+    pool_key: PoolKey,
+}
+
+/// How long a connection waits for its peer's park frame once it has sent its own (or for its
+/// writer to send one after the peer's), and how long a session that shut down gives its
+/// connections to park before closing them.
+const PARK_WAIT: Duration = Duration::from_secs(3);
+
+/// How a connection's writer stopped without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriterEnd {
+    /// The session ended (or the connection retired): close the connection.
+    Closed,
+    /// A park frame went out last: the connection may carry another session.
+    Parked,
 }
 
 struct SessionShared {
@@ -533,6 +561,9 @@ impl SessionShared {
             padding_bytes_received: 0,
             peer_opened: dialer.is_none(),
             open_error: None,
+            parking: false,
+            parking_connections: std::collections::HashSet::new(),
+            first_control_reused: false,
         };
         let (shutdown, _) = watch::channel(false);
         let (bulk_pacing_share, _) = watch::channel(None);
@@ -612,11 +643,14 @@ impl SessionShared {
         self.fail(reason);
     }
 
+    /// Ends the session here. Its connections park (see `frame`) when this side may keep
+    /// them (a listener, or a dialer with a [`ConnectionPool`]), else close.
     fn shut_down(&self) {
         {
             let mut core = self.lock();
             if matches!(core.state, SessionState::Open | SessionState::PeerClosed) {
                 core.state = SessionState::Closed;
+                core.parking = self.may_park();
             }
             core.pending_requests.clear();
         }
@@ -727,6 +761,8 @@ impl SessionShared {
                     self.bulk_readers.notify_waiters();
                 }
             }
+            // `read_frames` ends the connection's reading there.
+            (FrameKind::Park, _) => {}
             // Decoding let only the bulk channel's through.
             (FrameKind::Padding, _) => {
                 core.padding_bytes_received += payload.len() as u64;
@@ -770,6 +806,7 @@ impl SessionShared {
     fn connection_lost(&self, connection_id: u64) {
         let mut core = self.lock();
         core.live_connections.remove(&connection_id);
+        core.parking_connections.remove(&connection_id);
         self.share_pacing_limit(&core);
         let requeued_bulk = core.bulk_out.on_connection_lost(connection_id);
         let requeued_control = core.control_out.on_connection_lost(connection_id);
@@ -805,6 +842,19 @@ impl SessionShared {
             *current = share;
             changed
         });
+    }
+
+    /// Whether this side keeps connections after the session: the listener always (the
+    /// dialer decides whether to use them again), a dialer with a pool.
+    fn may_park(&self) -> bool {
+        self.dialer.is_none() || self.options.connection_pool.is_some()
+    }
+
+    /// The peer parked a connection: its writer parks it too.
+    fn on_peer_park(&self, connection_id: u64) {
+        self.lock().parking_connections.insert(connection_id);
+        self.bulk_writers.notify_waiters();
+        self.control_writer.notify_waiters();
     }
 
     fn is_terminal(&self) -> bool {
@@ -892,6 +942,7 @@ impl Session {
             PeerTrust::PinnedFingerprints(_) => PINNED_SERVER_NAME.to_string(),
             PeerTrust::ClusterCertificateAuthority { .. } => options.server_name.clone(),
         };
+        let pool_key = PoolKey::new(address, &server_name, tls);
         let server_name = ServerName::try_from(server_name.clone()).map_err(|_| {
             TransportError::InvalidOptions {
                 reason: format!("invalid server name {server_name:?}"),
@@ -901,13 +952,19 @@ impl Session {
             address,
             connector: TlsConnector::from(tls.client_config()?),
             server_name,
+            pool_key,
         };
         let session_id: SessionId = rand::random();
         let dial_started = Instant::now();
         // The first bulk connections are dialed alongside the control connection (the listener
         // holds them until the session exists), so data can flow one handshake earlier; more
         // follow as soon as the control connection's TCP handshake has measured the round trip
-        // (see `startup_stream_count`), one round trip behind.
+        // (see `startup_stream_count`), one round trip behind. Connections a finished session
+        // to this peer parked are all taken: each carries its share of the rate they reached.
+        let parked = options
+            .connection_pool
+            .as_ref()
+            .map_or(0, |pool| pool.available(&dialer.pool_key));
         let first_wave = options
             .initial_bulk_connections
             .unwrap_or(
@@ -915,6 +972,7 @@ impl Session {
                     .minimum_bulk_connections
                     .max(options.parallel_start_connections),
             )
+            .max(parked.saturating_sub(1) as u32)
             .clamp(
                 options.minimum_bulk_connections,
                 options.maximum_bulk_connections,
@@ -930,7 +988,7 @@ impl Session {
                     bulk_receive_window: options.bulk_receive_window_bytes,
                     control_receive_window: options.control_window_bytes,
                 };
-                dial(&dialer, &options, hello, round_trip, None).await
+                dial(&dialer, &options, hello, round_trip, None, true).await
             })
         };
         let mut early_bulk: Vec<_> = (1..=first_wave)
@@ -961,6 +1019,7 @@ impl Session {
             },
             None,
             Some(round_trip_measured),
+            true,
         );
         let (established, (initial_bulk_connections, second_wave)) =
             tokio::join!(control, second_wave);
@@ -990,6 +1049,7 @@ impl Session {
             core.congestion_control = established.congestion_control.clone();
             core.round_trip_estimate = Some(established.tcp_connect_time);
             core.target_bulk_connections = initial_bulk_connections;
+            core.first_control_reused = established.reused;
         }
         tracing::info!(
             session = %shared.session_name,
@@ -999,6 +1059,7 @@ impl Session {
             congestion_control = ?established.congestion_control,
             round_trip_ms = established.tcp_connect_time.as_secs_f64() * 1e3,
             bulk_connections = initial_bulk_connections,
+            parked_connections = parked,
             per_connection_window = options.per_connection_window_bytes,
             bandwidth_hint = options.bandwidth_hint_bytes_per_second,
             setup_ms = dial_started.elapsed().as_secs_f64() * 1e3,
@@ -1008,7 +1069,7 @@ impl Session {
             shared.clone(),
             Lane::Control,
             0,
-            Some((established.stream, established.hello)),
+            Some((established.stream, established.hello, established.reused)),
         ));
         // The session is open with its control connection: a bulk connection still on its way
         // (a lost packet in its handshake costs a retransmission) joins when it is up, instead
@@ -1018,7 +1079,7 @@ impl Session {
             tokio::spawn(async move {
                 let first = match handle.await {
                     Ok(Ok(bulk)) if bulk.peer_fingerprint == shared.peer_fingerprint => {
-                        Some((bulk.stream, bulk.hello))
+                        Some((bulk.stream, bulk.hello, bulk.reused))
                     }
                     Ok(Ok(_)) => {
                         tracing::warn!(session = %shared.session_name, "bulk connection reached a different peer");
@@ -1213,7 +1274,9 @@ impl Session {
     /// up, instead of spending its first round trips in TCP's start-up. Padding is paced like
     /// data, follows each socket's backpressure (so at most a socket's unsent limit of it waits
     /// ahead of the first frame), is dropped by the peer and never resent. Counted in
-    /// [`SessionStats::bulk_padding_bytes_sent`].
+    /// [`SessionStats::bulk_padding_bytes_sent`]. A connection a finished session parked (see
+    /// [`ConnectionPool`]) sends none: it has ramped up, and its window of padding in flight
+    /// (two bandwidth-delay products of BBR's) would hold the first frames back.
     pub fn warm_up(&self, duration: Duration) {
         self.shared.lock().warm_up_until = Some(Instant::now() + duration);
         self.shared.bulk_writers.notify_waiters();
@@ -1299,7 +1362,10 @@ struct EstablishedConnection {
     peer_fingerprint: Fingerprint,
     key_exchange_group: Option<String>,
     congestion_control: Option<String>,
+    /// The TCP handshake's duration, or for a parked connection the last known round trip.
     tcp_connect_time: Duration,
+    /// A connection a finished session parked (see [`ConnectionPool`]).
+    reused: bool,
 }
 
 /// The bulk connections a dialer starts with once the round trip is known: `options`'
@@ -1331,15 +1397,33 @@ fn initial_bulk_count(options: &SessionOptions, round_trip: Duration) -> u32 {
 /// late, see [`socket::hedge_after`]; `round_trip` is the one known to the peer, if any), TLS,
 /// hello. Does not wait for the hello's reply: the connection's frames follow the hello at once
 /// and [`read_frames`] reads the reply first. `round_trip_measured` hears the TCP handshake's
-/// duration (a round trip) as soon as it is known.
+/// duration (a round trip) as soon as it is known. With `parked`, a connection a finished
+/// session parked is used when there is one (a session's first connections; one dialed again
+/// after a loss is new: a parked connection that looked open may not be).
 async fn dial(
     dialer: &DialerContext,
     options: &SessionOptions,
     hello: Hello,
     round_trip: Option<Duration>,
     round_trip_measured: Option<oneshot::Sender<Duration>>,
+    parked: bool,
 ) -> Result<EstablishedConnection, TransportError> {
     let peer = dialer.address;
+    if let Some(pool) = options.connection_pool.as_ref().filter(|_| parked) {
+        while let Some(parked) = pool.take(&dialer.pool_key) {
+            match reuse_parked(parked, options, hello, peer).await {
+                Ok(established) => {
+                    if let Some(measured) = round_trip_measured {
+                        let _ = measured.send(established.tcp_connect_time);
+                    }
+                    return Ok(established);
+                }
+                Err(error) => {
+                    tracing::debug!(%peer, error = %error, "parked transport connection unusable")
+                }
+            }
+        }
+    }
     let attempt = async {
         let (tcp, tcp_connect_time, second_won) = socket::connect_hedged(
             peer,
@@ -1403,6 +1487,7 @@ async fn dial(
             key_exchange_group,
             congestion_control,
             tcp_connect_time,
+            reused: false,
         })
     };
     tokio::time::timeout(options.handshake_timeout, attempt)
@@ -1414,12 +1499,61 @@ async fn dial(
         })?
 }
 
+/// Sends `hello` on a connection a finished session parked: no TCP or TLS handshake, and the
+/// socket's congestion state (its rate) is the one that session left.
+async fn reuse_parked(
+    parked: crate::pool::Parked,
+    options: &SessionOptions,
+    hello: Hello,
+    peer: SocketAddr,
+) -> Result<EstablishedConnection, TransportError> {
+    let mut stream = parked.stream;
+    let (tcp, connection) = stream.get_ref();
+    let congestion_control = socket::configure_connected(
+        tcp,
+        options.congestion_control.as_deref(),
+        options.unsent_limit_bytes,
+    );
+    let peer_fingerprint = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
+        .ok_or_else(|| TransportError::Refused {
+            peer,
+            reason: "no peer certificate".to_string(),
+        })?;
+    let key_exchange_group = connection
+        .negotiated_key_exchange_group()
+        .map(|group| format!("{:?}", group.name()));
+    let sent = async {
+        stream.write_all(&hello.encode()).await?;
+        stream.flush().await
+    };
+    tokio::time::timeout(options.handshake_timeout, sent)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .map_err(|source| TransportError::Io {
+            action: "sending hello",
+            peer,
+            source,
+        })?;
+    Ok(EstablishedConnection {
+        stream,
+        hello,
+        peer_fingerprint,
+        key_exchange_group,
+        congestion_control,
+        tcp_connect_time: parked.round_trip,
+        reused: true,
+    })
+}
+
 /// Dialer side: keeps one connection slot alive, re-dialing after a loss, until the session ends.
 async fn maintain_connection(
     shared: Arc<SessionShared>,
     lane: Lane,
     index: u32,
-    mut first: Option<(TlsStream<TcpStream>, Hello)>,
+    mut first: Option<(TlsStream<TcpStream>, Hello, bool)>,
 ) {
     let Some(dialer) = shared.dialer.as_ref() else {
         return;
@@ -1434,6 +1568,16 @@ async fn maintain_connection(
             Some(stream) => Some(stream),
             None => {
                 let purpose = match lane {
+                    // A parked first connection that turned out dead never reached the
+                    // listener: the session is opened again on a new one.
+                    Lane::Control
+                        if {
+                            let core = shared.lock();
+                            core.first_control_reused && !core.peer_opened
+                        } =>
+                    {
+                        ConnectionPurpose::OpenSession
+                    }
                     Lane::Control => ConnectionPurpose::ResumeControl,
                     Lane::Bulk => ConnectionPurpose::Bulk,
                 };
@@ -1445,14 +1589,14 @@ async fn maintain_connection(
                     control_receive_window: shared.options.control_window_bytes,
                 };
                 let round_trip = shared.lock().round_trip_estimate;
-                match dial(dialer, &shared.options, hello, round_trip, None).await {
+                match dial(dialer, &shared.options, hello, round_trip, None, false).await {
                     Ok(established) if established.peer_fingerprint != shared.peer_fingerprint => {
                         shared.fail("peer identity changed on reconnection".to_string());
                         return;
                     }
                     Ok(established) => {
                         shared.lock().reconnections += 1;
-                        Some((established.stream, established.hello))
+                        Some((established.stream, established.hello, false))
                     }
                     Err(error) => {
                         tracing::debug!(
@@ -1464,9 +1608,17 @@ async fn maintain_connection(
                 }
             }
         };
-        if let Some((stream, hello)) = stream {
+        if let Some((stream, hello, reused)) = stream {
             backoff = Duration::from_millis(20);
-            run_connection(&shared, stream, lane, Some(index), Some(hello)).await;
+            let parked =
+                run_connection(&shared, stream, lane, Some(index), Some(hello), reused).await;
+            if let (Some(stream), Some(pool)) = (parked, &shared.options.connection_pool) {
+                let round_trip = shared
+                    .lock()
+                    .round_trip_estimate
+                    .unwrap_or(Duration::from_millis(100));
+                pool.put(dialer.pool_key.clone(), stream, round_trip);
+            }
         }
         if shared.is_terminal() || shared.lock().retiring.remove(&index) {
             return;
@@ -1479,17 +1631,20 @@ async fn maintain_connection(
     }
 }
 
-/// Runs one authenticated connection until it fails or the session ends.
+/// Runs one authenticated connection until it fails or the session ends. Returns the
+/// connection when both sides parked it (see `frame`), for another session.
 /// `index` is the dialer's connection index (`None` on the listener's side, which never
 /// retires a connection: the dialer closes it). `hello` is the dialer's hello whose reply is
-/// still to be read (`None` on the listener's side).
+/// still to be read (`None` on the listener's side). `reused`: a connection a finished
+/// session parked, whose congestion control needs no warm-up (see [`Session::warm_up`]).
 async fn run_connection(
     shared: &Arc<SessionShared>,
     stream: TlsStream<TcpStream>,
     lane: Lane,
     index: Option<u32>,
     hello: Option<Hello>,
-) {
+    reused: bool,
+) -> Option<TlsStream<TcpStream>> {
     let connection_id = shared.register_connection(lane);
     let peer = stream
         .get_ref()
@@ -1506,18 +1661,62 @@ async fn run_connection(
                 .ok()
         });
     let (reader, writer) = tokio::io::split(stream);
+    let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
+    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
     let mut shutdown = shared.shutdown.subscribe();
+    let may_park = shared.may_park();
     let replied = AtomicBool::new(hello.is_none());
-    let outcome = tokio::select! {
-        _ = pace_connection(shared, pacing_handle.as_ref()) => Ok(()),
-        result = read_frames(shared, reader, peer, hello, &replied) => result,
-        result = async {
+    let (outcome, parked) = {
+        let reading = pin!(read_frames(
+            shared,
+            &mut reader,
+            peer,
+            hello,
+            &replied,
+            connection_id
+        ));
+        let writing = pin!(async {
             match lane {
-                Lane::Bulk => write_bulk(shared, writer, connection_id, index, peer).await,
-                Lane::Control => write_control(shared, writer, connection_id, peer).await,
+                Lane::Bulk => {
+                    write_bulk(shared, &mut writer, connection_id, index, peer, !reused).await
+                }
+                Lane::Control => write_control(shared, &mut writer, connection_id, peer).await,
             }
-        } => result,
-        _ = wait_for_shutdown(&mut shutdown) => Ok(()),
+        });
+        let (mut reading, mut writing) = (reading, writing);
+        let first = tokio::select! {
+            _ = pace_connection(shared, pacing_handle.as_ref()) => ConnectionStep::Other,
+            result = &mut reading => ConnectionStep::Read(result),
+            result = &mut writing => ConnectionStep::Wrote(result),
+            // A session that parks its connections gives them a moment to (its writers send
+            // the park frames), then closes those still open.
+            _ = async {
+                wait_for_shutdown(&mut shutdown).await;
+                if may_park {
+                    tokio::time::sleep(PARK_WAIT).await;
+                }
+            } => ConnectionStep::Other,
+        };
+        match first {
+            // The peer parked the connection: so does this side's writer, once it has
+            // finished the frame it may be writing.
+            ConnectionStep::Read(Ok(())) => {
+                let parked = tokio::time::timeout(PARK_WAIT, &mut writing).await;
+                (Ok(()), matches!(parked, Ok(Ok(WriterEnd::Parked))))
+            }
+            // This side parked it: read on until the peer's park frame.
+            ConnectionStep::Wrote(Ok(WriterEnd::Parked)) => {
+                match tokio::time::timeout(PARK_WAIT, &mut reading).await {
+                    Ok(Ok(())) => (Ok(()), true),
+                    Ok(Err(error)) => (Err(error), false),
+                    Err(_) => (Ok(()), false),
+                }
+            }
+            ConnectionStep::Wrote(Ok(WriterEnd::Closed)) | ConnectionStep::Other => (Ok(()), false),
+            ConnectionStep::Read(Err(error)) | ConnectionStep::Wrote(Err(error)) => {
+                (Err(error), false)
+            }
+        }
     };
     shared.connection_lost(connection_id);
     let opened = shared.lock().peer_opened;
@@ -1551,6 +1750,27 @@ async fn run_connection(
             tracing::debug!(session = %shared.session_name, connection_id, error = %error, "transport connection ended");
         }
     }
+    // Both park frames crossed: nothing of this session follows on the connection.
+    if !parked || !reader.buffer().is_empty() || !writer.buffer().is_empty() {
+        return None;
+    }
+    if let Some(handle) = &pacing_handle
+        && let Err(error) = crate::sys::set_max_pacing_rate(handle, None)
+    {
+        tracing::debug!(%error, "cannot lift a parked connection's pacing cap");
+        return None;
+    }
+    tracing::debug!(session = %shared.session_name, connection_id, "transport connection parked");
+    Some(reader.into_inner().unsplit(writer.into_inner()))
+}
+
+/// What ended the first part of a connection's run (see `run_connection`).
+enum ConnectionStep {
+    /// The reader: an error, or the peer's park frame (`Ok`).
+    Read(Result<(), TransportError>),
+    Wrote(Result<WriterEnd, TransportError>),
+    /// The session's end, or its pacing task.
+    Other,
 }
 
 /// Whether an I/O error is the peer's TLS alert (a refusal, not a lost connection).
@@ -1589,14 +1809,16 @@ async fn pace_connection(shared: &SessionShared, socket: Option<&socket2::Socket
     }
 }
 
+/// Reads the hello's reply (dialer) and then frames, until an error or the peer's park frame
+/// (`Ok`: the peer sends nothing more on this connection).
 async fn read_frames(
     shared: &SessionShared,
-    reader: ReadHalf<TlsStream<TcpStream>>,
+    reader: &mut BufReader<ReadHalf<TlsStream<TcpStream>>>,
     peer: SocketAddr,
     hello: Option<Hello>,
     replied: &AtomicBool,
+    connection_id: u64,
 ) -> Result<(), TransportError> {
-    let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
     if let Some(hello) = hello {
         let mut reply = [0u8; HELLO_LEN];
         tokio::time::timeout(
@@ -1639,11 +1861,23 @@ async fn read_frames(
             .await
             .map_err(io_error)?;
         let header = FrameHeader::decode(&header_bytes)?;
+        if header.kind == FrameKind::Park {
+            let mut tag = [0u8; FRAME_TAG_LEN];
+            reader.read_exact(&mut tag).await.map_err(io_error)?;
+            if frame_tag(&header_bytes, &[]) != tag {
+                return Err(TransportError::FrameIntegrity {
+                    channel: header.channel as u8,
+                    sequence: header.sequence,
+                });
+            }
+            shared.on_peer_park(connection_id);
+            return Ok(());
+        }
         // Read into spare capacity: a frame's megabyte is not zeroed before it is overwritten.
         let length = header.payload_len as usize;
         let mut payload = BytesMut::with_capacity(length);
         while payload.len() < length {
-            let read = (&mut reader)
+            let read = (&mut *reader)
                 .take((length - payload.len()) as u64)
                 .read_buf(&mut payload)
                 .await
@@ -1674,7 +1908,7 @@ fn unspecified_peer() -> SocketAddr {
 }
 
 async fn write_frame(
-    writer: &mut BufWriter<WriteHalf<TlsStream<TcpStream>>>,
+    writer: &mut ConnectionWriter,
     header: FrameHeader,
     payload: &[u8],
     peer: SocketAddr,
@@ -1702,24 +1936,67 @@ fn data_header(channel: Channel, transmission: &Transmission) -> FrameHeader {
     }
 }
 
+type ConnectionWriter = BufWriter<WriteHalf<TlsStream<TcpStream>>>;
+
+/// Whether a connection's writer stops, and how: a failed session closes its connections; one
+/// that shut down parks them when it may (see [`SessionShared::shut_down`]), as does any
+/// connection the peer parked.
+fn writer_end(core: &SessionCore, connection_id: u64) -> Option<WriterEnd> {
+    match core.state {
+        SessionState::Failed(_) => Some(WriterEnd::Closed),
+        _ if core.parking || core.parking_connections.contains(&connection_id) => {
+            Some(WriterEnd::Parked)
+        }
+        SessionState::Closed => Some(WriterEnd::Closed),
+        SessionState::Open | SessionState::PeerClosed => None,
+    }
+}
+
+/// Flushes what the writer holds, then sends the park frame: the last this side sends on the
+/// connection for its session.
+async fn write_park(
+    writer: &mut ConnectionWriter,
+    peer: SocketAddr,
+) -> Result<WriterEnd, TransportError> {
+    let header = FrameHeader {
+        kind: FrameKind::Park,
+        channel: Channel::Control,
+        end_of_stream: false,
+        payload_len: 0,
+        sequence: 0,
+    };
+    write_frame(writer, header, &[], peer).await?;
+    writer.flush().await.map_err(|source| TransportError::Io {
+        action: "flushing frames",
+        peer,
+        source,
+    })?;
+    Ok(WriterEnd::Parked)
+}
+
+/// Sends the bulk frames this connection takes; while the session warms up (and `may_pad`:
+/// a new connection, not a parked one that kept its rate), padding.
 async fn write_bulk(
     shared: &SessionShared,
-    writer: WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut ConnectionWriter,
     connection_id: u64,
     index: Option<u32>,
     peer: SocketAddr,
-) -> Result<(), TransportError> {
-    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
+    may_pad: bool,
+) -> Result<WriterEnd, TransportError> {
     loop {
         let notified = pin!(shared.bulk_writers.notified());
         let mut notified = notified;
         notified.as_mut().enable();
+        let end = writer_end(&shared.lock(), connection_id);
+        match end {
+            Some(WriterEnd::Parked) => return write_park(writer, peer).await,
+            Some(WriterEnd::Closed) => return Ok(WriterEnd::Closed),
+            None => {}
+        }
         let (transmission, retired, hedge_due, pad) = {
             let mut core = shared.lock();
-            if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
-                return Ok(());
-            }
-            let pad = warming_up(&core, Instant::now());
+            let pad = may_pad && warming_up(&core, Instant::now());
             if index.is_some_and(|index| core.retiring.contains(&index)) {
                 // Retiring: no new frames; close once the peer has every frame sent here.
                 (
@@ -1760,12 +2037,12 @@ async fn write_bulk(
                 source,
             })?;
             tracing::info!(session = %shared.session_name, connection_id, "transport bulk connection closed: it did not raise the rate");
-            return Ok(());
+            return Ok(WriterEnd::Closed);
         }
         match transmission {
             Some(transmission) => {
                 write_frame(
-                    &mut writer,
+                    writer,
                     data_header(Channel::Bulk, &transmission),
                     &transmission.payload,
                     peer,
@@ -1781,7 +2058,7 @@ async fn write_bulk(
                     payload_len: padding.len() as u32,
                     sequence: 0,
                 };
-                write_frame(&mut writer, header, padding, peer).await?;
+                write_frame(writer, header, padding, peer).await?;
                 // Onto the socket now: its backpressure, not this buffer, paces the padding.
                 writer.flush().await.map_err(|source| TransportError::Io {
                     action: "flushing frames",
@@ -1817,20 +2094,22 @@ enum ControlWork {
 
 async fn write_control(
     shared: &SessionShared,
-    writer: WriteHalf<TlsStream<TcpStream>>,
+    writer: &mut ConnectionWriter,
     connection_id: u64,
     peer: SocketAddr,
-) -> Result<(), TransportError> {
-    let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
+) -> Result<WriterEnd, TransportError> {
     loop {
         let notified = pin!(shared.control_writer.notified());
         let mut notified = notified;
         notified.as_mut().enable();
+        let end = writer_end(&shared.lock(), connection_id);
+        match end {
+            Some(WriterEnd::Parked) => return write_park(writer, peer).await,
+            Some(WriterEnd::Closed) => return Ok(WriterEnd::Closed),
+            None => {}
+        }
         let work = {
             let mut core = shared.lock();
-            if matches!(core.state, SessionState::Closed | SessionState::Failed(_)) {
-                return Ok(());
-            }
             let bulk_ack = core.bulk_in.acknowledgement();
             let control_ack = core.control_in.acknowledgement();
             if core.last_control_ack_sent != Some(control_ack) {
@@ -1848,7 +2127,7 @@ async fn write_control(
         match work {
             Some(ControlWork::Data(transmission)) => {
                 write_frame(
-                    &mut writer,
+                    writer,
                     data_header(Channel::Control, &transmission),
                     &transmission.payload,
                     peer,
@@ -1863,7 +2142,7 @@ async fn write_control(
                     payload_len: crate::frame::ACK_PAYLOAD_LEN as u32,
                     sequence: 0,
                 };
-                write_frame(&mut writer, header, &ack.encode(), peer).await?;
+                write_frame(writer, header, &ack.encode(), peer).await?;
             }
             None => {
                 writer.flush().await.map_err(|source| TransportError::Io {
@@ -2061,6 +2340,10 @@ pub struct ListenerStats {
     /// Connections closed by their peer before it sent a byte: a dialer's spare attempt that
     /// lost to its first (see `socket::connect_hedged`), or a port check.
     pub connections_abandoned: u64,
+    /// Connections parked at the end of their session (see [`ConnectionPool`]).
+    pub connections_parked: u64,
+    /// Parked connections that carried the hello of another session.
+    pub connections_reused: u64,
 }
 
 #[derive(Default)]
@@ -2070,6 +2353,8 @@ struct ListenerCounters {
     sessions_opened: AtomicU64,
     connections_attached: AtomicU64,
     connections_abandoned: AtomicU64,
+    connections_parked: AtomicU64,
+    connections_reused: AtomicU64,
 }
 
 type SessionRegistry = Mutex<HashMap<(Fingerprint, SessionId), Weak<SessionShared>>>;
@@ -2084,6 +2369,11 @@ struct ListenerContext {
     new_sessions: mpsc::Sender<Session>,
     /// Woken whenever a session is registered.
     registered: Notify,
+    /// Counts the changes of whom the listener trusts: a parked connection authenticated
+    /// before the last change is closed instead of carrying another session.
+    trust_generation: AtomicU64,
+    /// The listener's end (parked connections stop waiting for a hello).
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Looks a session up; a connection may arrive just before the one that opens its session
@@ -2150,6 +2440,7 @@ impl Listener {
             source,
         })?;
         let (new_sessions, incoming) = mpsc::channel(64);
+        let (shutdown, _) = watch::channel(false);
         let context = Arc::new(ListenerContext {
             acceptor: Mutex::new(TlsAcceptor::from(tls.server_config()?)),
             options,
@@ -2157,8 +2448,9 @@ impl Listener {
             counters: ListenerCounters::default(),
             new_sessions,
             registered: Notify::new(),
+            trust_generation: AtomicU64::new(0),
+            shutdown: shutdown.subscribe(),
         });
-        let (shutdown, _) = watch::channel(false);
         tokio::spawn(accept_loop(tcp, context.clone(), shutdown.subscribe()));
         Ok(Listener {
             local_address,
@@ -2183,6 +2475,9 @@ impl Listener {
             .acceptor
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
+        self.context
+            .trust_generation
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -2204,6 +2499,8 @@ impl Listener {
             sessions_opened: counters.sessions_opened.load(Ordering::Relaxed),
             connections_attached: counters.connections_attached.load(Ordering::Relaxed),
             connections_abandoned: counters.connections_abandoned.load(Ordering::Relaxed),
+            connections_parked: counters.connections_parked.load(Ordering::Relaxed),
+            connections_reused: counters.connections_reused.load(Ordering::Relaxed),
         }
     }
 }
@@ -2290,7 +2587,8 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             })?;
         Ok::<_, TransportError>(Some((stream, peer_fingerprint, key_exchange_group, hello)))
     };
-    let (mut stream, peer_fingerprint, key_exchange_group, hello_bytes) =
+    let trust_generation = context.trust_generation.load(Ordering::Relaxed);
+    let (mut stream, peer_fingerprint, key_exchange_group, mut hello_bytes) =
         match tokio::time::timeout(options.handshake_timeout, handshake).await {
             Ok(Ok(Some(accepted))) => accepted,
             Ok(Ok(None)) => {
@@ -2318,6 +2616,71 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                 return;
             }
         };
+    let connection = AcceptedConnection {
+        peer,
+        peer_fingerprint,
+        key_exchange_group,
+        congestion_control,
+    };
+    // A parked connection waits for the dialer's next hello (see `ConnectionPool`).
+    loop {
+        let Some(TlsStream::Server(parked)) =
+            serve_hello(&context, &connection, stream, hello_bytes).await
+        else {
+            return;
+        };
+        stream = parked;
+        context
+            .counters
+            .connections_parked
+            .fetch_add(1, Ordering::Relaxed);
+        let mut shutdown = context.shutdown.clone();
+        let mut next = [0u8; HELLO_LEN];
+        let waited = tokio::select! {
+            read = tokio::time::timeout(LISTENER_PARKED_IDLE, stream.read_exact(&mut next)) => {
+                matches!(read, Ok(Ok(_)))
+            }
+            _ = wait_for_shutdown(&mut shutdown) => false,
+        };
+        if !waited {
+            tracing::debug!(%peer, "parked transport connection closed");
+            return;
+        }
+        if context.trust_generation.load(Ordering::Relaxed) != trust_generation {
+            // Its peer was authenticated under trust since changed: it must authenticate again.
+            tracing::info!(%peer, %peer_fingerprint, "parked transport connection closed: whom this host trusts changed since its handshake");
+            return;
+        }
+        context
+            .counters
+            .connections_reused
+            .fetch_add(1, Ordering::Relaxed);
+        hello_bytes = next;
+    }
+}
+
+/// What the listener knows of an authenticated connection.
+struct AcceptedConnection {
+    peer: SocketAddr,
+    peer_fingerprint: Fingerprint,
+    key_exchange_group: Option<String>,
+    congestion_control: Option<String>,
+}
+
+/// Answers a dialer's hello on an authenticated connection: opens its session or attaches the
+/// connection to one, then runs the connection. Returns it when it was parked.
+async fn serve_hello(
+    context: &Arc<ListenerContext>,
+    connection: &AcceptedConnection,
+    mut stream: tokio_rustls::server::TlsStream<TcpStream>,
+    hello_bytes: [u8; HELLO_LEN],
+) -> Option<TlsStream<TcpStream>> {
+    let options = &context.options;
+    let AcceptedConnection {
+        peer,
+        peer_fingerprint,
+        ..
+    } = *connection;
     let refuse = |status: HelloStatus, session_id: SessionId| Hello {
         code: status as u8,
         session_id,
@@ -2329,17 +2692,17 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         Ok(hello) if hello.purpose().is_some() => hello,
         Ok(hello) => {
             refuse_connection(
-                &context,
+                context,
                 stream,
                 refuse(HelloStatus::Malformed, hello.session_id),
                 peer,
             )
             .await;
-            return;
+            return None;
         }
         Err(status) => {
-            refuse_connection(&context, stream, refuse(status, [0; 16]), peer).await;
-            return;
+            refuse_connection(context, stream, refuse(status, [0; 16]), peer).await;
+            return None;
         }
     };
     let reply = Hello {
@@ -2371,8 +2734,8 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                         );
                         {
                             let mut core = shared.lock();
-                            core.key_exchange_group = key_exchange_group;
-                            core.congestion_control = congestion_control;
+                            core.key_exchange_group = connection.key_exchange_group.clone();
+                            core.congestion_control = connection.congestion_control.clone();
                         }
                         vacant.insert(Arc::downgrade(&shared));
                         Some(shared)
@@ -2382,28 +2745,28 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             context.registered.notify_waiters();
             let Some(shared) = created else {
                 refuse_connection(
-                    &context,
+                    context,
                     stream,
                     refuse(HelloStatus::Malformed, hello.session_id),
                     peer,
                 )
                 .await;
-                return;
+                return None;
             };
             (shared, Lane::Control, true)
         }
         Some(purpose) => {
-            let found = find_session(&context, &key).await;
+            let found = find_session(context, &key).await;
             let Some(shared) = found.filter(|shared| !shared.is_terminal()) else {
                 tracing::warn!(%peer, %peer_fingerprint, "connection for an unknown session refused");
                 refuse_connection(
-                    &context,
+                    context,
                     stream,
                     refuse(HelloStatus::UnknownSession, hello.session_id),
                     peer,
                 )
                 .await;
-                return;
+                return None;
             };
             let lane = if purpose == ConnectionPurpose::Bulk {
                 Lane::Bulk
@@ -2416,7 +2779,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
                 .fetch_add(1, Ordering::Relaxed);
             (shared, lane, false)
         }
-        None => return,
+        None => return None,
     };
     if let Err(error) = async {
         stream.write_all(&reply.encode()).await?;
@@ -2425,7 +2788,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
     .await
     {
         tracing::debug!(%peer, %error, "cannot send hello reply");
-        return;
+        return None;
     }
     if new_session {
         context
@@ -2438,10 +2801,10 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             shared: shared.clone(),
         };
         if context.new_sessions.send(session).await.is_err() {
-            return;
+            return None;
         }
     }
-    run_connection(&shared, TlsStream::Server(stream), lane, None, None).await;
+    run_connection(&shared, TlsStream::Server(stream), lane, None, None, false).await
 }
 
 async fn refuse_connection(

@@ -2428,7 +2428,19 @@ pub(crate) async fn serve_destination(
     // the stream waits in the session (its receive window) until that QEMU takes it. The
     // checks run again on fresh reads before anything is made; a refusal after the answer is
     // a notice.
-    let early = early_held_files(&shared, &session, &id).await;
+    // The fresh checks' fence starts alongside (its round trip to the leader overlaps the
+    // early look's wait for the record).
+    let asked_at = Instant::now();
+    let (early, fenced) = tokio::join!(
+        async {
+            let early = early_held_files(&shared, &session, &id).await;
+            if early.is_some() {
+                tracing::debug!(migration = %id, after_ms = asked_at.elapsed().as_millis() as u64, "answering early");
+            }
+            early
+        },
+        shared.records.fenced()
+    );
     let mut request = Some(request);
     if let Some(held) = &early
         && let Some(asked) = request.take()
@@ -2437,7 +2449,7 @@ pub(crate) async fn serve_destination(
         crate::transfer::close_quietly(session).await;
         return;
     }
-    let prepared = prepare_destination(&shared, &session, &id, early).await;
+    let prepared = prepare_destination(&shared, &session, &id, early, fenced).await;
     let PreparedDestination {
         migration,
         record,
@@ -2619,7 +2631,17 @@ async fn early_held_files(
     session: &Session,
     id: &str,
 ) -> Option<Vec<Arc<HeldFile>>> {
-    let checked = check_destination(shared, &shared.records.local(), session, id)
+    let local = shared.records.local();
+    // The `Begin` can come before the migration's record reaches this host's copy of the
+    // store: on a session that kept its connections it follows the source's last write by half
+    // a round trip, where a write's commit reaches a follower a round trip or more after it
+    // started. Wait for it a little. (That last write, the `preparing` phase, may still be on
+    // its way: `Early` takes `requested` too.)
+    let deadline = Instant::now() + EARLY_RECORD_WAIT;
+    while matches!(local.migration(id).await, Ok(None)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let checked = check_destination(shared, &local, Look::Early, session, id)
         .await
         .inspect_err(|error| tracing::debug!(migration = %id, %error, "no early answer: the checks wait for fresh reads"))
         .ok()?;
@@ -2629,6 +2651,10 @@ async fn early_held_files(
     Some(held_boot_files(shared, &checked.record).await)
 }
 
+/// How long a destination's early look waits for the migration's record to reach its copy of
+/// the store (see [`early_held_files`]).
+const EARLY_RECORD_WAIT: Duration = Duration::from_millis(150);
+
 /// What a destination checked before it takes a migration.
 struct Checked {
     migration: MigrationRecord,
@@ -2636,13 +2662,25 @@ struct Checked {
     image: Option<novacron_types::ImageRecord>,
 }
 
+/// Which look a destination's check is (see [`check_destination`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// A guess from this host's own copy of the store, which may lag behind the source's
+    /// last write: a migration still `requested` there passes (its source sends the `Begin`
+    /// after it wrote `preparing`).
+    Early,
+    /// On fresh reads, before anything is made.
+    Fresh,
+}
+
 /// Whether this host may take migration `id` from the session's peer: it is the migration's
 /// destination, the peer its source, the migration is being prepared, the VM is its subject,
 /// this host holds what the VM's disk needs and has room for its memory. Reads through
-/// `records` (fresh, or this host's own copy for a guess).
+/// `records` (fresh, or this host's own copy for an early guess).
 async fn check_destination(
     shared: &Shared,
     records: &Records,
+    look: Look,
     session: &Session,
     id: &str,
 ) -> Result<Checked, AgentError> {
@@ -2664,7 +2702,9 @@ async fn check_destination(
         ));
     }
     check_peer_is(records, session, &migration.source).await?;
-    if migration.phase != MigrationPhase::Preparing || migration.cancel_requested {
+    let startable = migration.phase == MigrationPhase::Preparing
+        || (look == Look::Early && migration.phase == MigrationPhase::Requested);
+    if !startable || migration.cancel_requested {
         return Err(migration_error(
             ErrorCode::Conflict,
             format!("migration {id} is {} and cannot start", migration.phase),
@@ -2721,21 +2761,22 @@ async fn check_destination(
     })
 }
 
-/// Checks the migration on fresh reads ([`check_destination`]) and makes the incoming VM.
+/// Checks the migration on fresh reads ([`check_destination`]; `fenced`: the records after a
+/// read fence taken when the request came, then local reads) and makes the incoming VM.
 /// `held`: the boot files the source was told of in an early `Ready`, else found here.
 async fn prepare_destination(
     shared: &Arc<Shared>,
     session: &Session,
     id: &str,
     held: Option<Vec<Arc<HeldFile>>>,
+    fenced: Result<Records, AgentError>,
 ) -> Result<PreparedDestination, AgentError> {
-    // The checks read four records: one fence, then local reads.
-    let records = shared.records.fenced().await?;
+    let records = fenced?;
     let Checked {
         migration,
         record,
         image,
-    } = check_destination(shared, &records, session, id).await?;
+    } = check_destination(shared, &records, Look::Fresh, session, id).await?;
     let directory = shared.paths.vm_dir(&record.uuid);
     // The kernel and initrd are hashed and indexed (a first migration of a distribution
     // kernel: 0.1-0.3 s) while the VM's directory, disk and QEMU are made ready.

@@ -25,8 +25,8 @@ use crate::{AgentError, images};
 use novacron_bandwidth::ForecastHorizon;
 use novacron_codec::ChunkStore;
 use novacron_transport::{
-    ControlIncoming, Fingerprint, HostIdentity, Listener, PeerTrust, Session, SessionOptions,
-    TlsSettings, TransportError,
+    ConnectionPool, ControlIncoming, Fingerprint, HostIdentity, Listener, PeerTrust, Session,
+    SessionOptions, TlsSettings, TransportError,
 };
 use novacron_types::{
     CreateTransferRequest, ErrorCode, ImageName, ImageRecord, PeerRecord, RECORD_FORMAT_VERSION,
@@ -528,6 +528,9 @@ impl TransferService {
             history,
             options: SessionOptions {
                 rate_observer: Some(links.rate_observer()),
+                // A finished session's connections carry the next one to the same host at the
+                // rate they reached (a migration's copy no longer starts from TCP's start-up).
+                connection_pool: Some(ConnectionPool::default()),
                 ..SessionOptions::default()
             },
             links,
