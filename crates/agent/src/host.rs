@@ -183,12 +183,14 @@ async fn save_links(links: Arc<crate::links::LinkMonitor>, path: std::path::Path
     }
 }
 
-/// Copies the links' models into their gauges once a second.
-async fn export_link_metrics(links: Arc<crate::links::LinkMonitor>) {
+/// Copies the links' models and the transfer connections' counts into their metrics once a
+/// second.
+async fn export_link_metrics(transfers: Arc<crate::transfer::TransferService>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
-        links.export_metrics();
+        transfers.links.export_metrics();
+        transfers.export_metrics();
     }
 }
 
@@ -430,7 +432,7 @@ impl Host {
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
             tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
-            tokio::spawn(export_link_metrics(transfers.links.clone())),
+            tokio::spawn(export_link_metrics(transfers.clone())),
             tokio::spawn(save_links(
                 transfers.links.clone(),
                 shared.paths.links_file(),
@@ -523,6 +525,7 @@ impl Host {
             metrics.store_last_applied_index.clone(),
         );
         self.transfers.links.register_metrics(registry);
+        self.transfers.register_metrics(registry);
     }
 
     pub async fn info(&self) -> Result<HostInfo, AgentError> {

@@ -1256,6 +1256,15 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         });
         tick = assert_workload_continues(&hosts.hosts[to], "mover", tick);
     }
+    // host-1's one outbound session, the move back, left its connections for the next one to
+    // host-0.
+    poll(
+        "host-1's parked connections in its metrics",
+        Duration::from_secs(30),
+        || {
+            (hosts.hosts[1].metric("novacron_transfer_parked_connections")? >= 1.0).then_some(())
+        },
+    );
     let shown = first.ok(&["migration", "show", "mover"]);
     assert!(
         shown.contains("completed") && shown.contains("host-0"),

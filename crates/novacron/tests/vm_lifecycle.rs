@@ -230,6 +230,8 @@ fn metrics_are_served_to_token_holders() {
         "novacron_api_requests_total",
         "novacron_store_term",
         "novacron_qemu_launches_total",
+        "novacron_transfer_parked_connections",
+        "novacron_transfer_connections_reused_total",
     ] {
         assert!(body.contains(metric), "{metric} is exported:\n{body}");
     }

@@ -13,8 +13,10 @@
 //! The listener keeps its end of a parked connection waiting for a hello for
 //! [`LISTENER_PARKED_IDLE`] and closes it if whom it trusts changed meanwhile; a dialer uses a
 //! parked connection for at most [`MAX_POOL_IDLE`] (less), and checks that the peer has not
-//! closed it before sending a hello. A parked connection that died unseen costs the session a
-//! new connection, as any lost one.
+//! closed it before sending a hello (keepalive, set on every connection, finds a dead peer
+//! meanwhile). A parked connection that died unseen costs the session a new connection, as any
+//! lost one. BBR's estimate does not age while idle: after a long pause it paces at the rate
+//! the path had, and corrects within its next probing cycles if the path changed.
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -29,10 +31,10 @@ use crate::identity::Fingerprint;
 use crate::tls::{PeerTrust, TlsSettings};
 
 /// How long the listener's end of a parked connection waits for the dialer's next hello.
-pub const LISTENER_PARKED_IDLE: Duration = Duration::from_secs(300);
+pub const LISTENER_PARKED_IDLE: Duration = Duration::from_secs(720);
 /// The longest a dialer keeps a parked connection: below [`LISTENER_PARKED_IDLE`], so the
 /// listener's end is still waiting when a hello comes.
-pub const MAX_POOL_IDLE: Duration = Duration::from_secs(240);
+pub const MAX_POOL_IDLE: Duration = Duration::from_secs(600);
 /// Parked connections kept per peer at most (a session uses up to its bulk maximum plus one).
 pub const MAX_PARKED_PER_PEER: usize = 33;
 

@@ -505,6 +505,16 @@ pub(crate) struct TransferService {
     options: SessionOptions,
     /// Throughput models of the links this host sends over (fed by every session's samples).
     pub links: Arc<LinkMonitor>,
+    metrics: TransferMetrics,
+}
+
+/// Gauges of the transfer service's connections (see [`TransferService::export_metrics`]).
+#[derive(Default)]
+struct TransferMetrics {
+    parked: prometheus_client::metrics::gauge::Gauge,
+    sessions_accepted: prometheus_client::metrics::counter::Counter,
+    connections_accepted: prometheus_client::metrics::counter::Counter,
+    connections_reused: prometheus_client::metrics::counter::Counter,
 }
 
 impl TransferService {
@@ -534,7 +544,56 @@ impl TransferService {
                 ..SessionOptions::default()
             },
             links,
+            metrics: TransferMetrics::default(),
         })
+    }
+
+    /// Adds the transfer connections' metrics to `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        let metrics = &self.metrics;
+        registry.register(
+            "transfer_parked_connections",
+            "authenticated connections a finished session left for the next one to the same host",
+            metrics.parked.clone(),
+        );
+        registry.register(
+            "transfer_sessions_accepted",
+            "transfer sessions other hosts opened to this one",
+            metrics.sessions_accepted.clone(),
+        );
+        registry.register(
+            "transfer_connections_accepted",
+            "TCP connections other hosts made to this host's transfer listener",
+            metrics.connections_accepted.clone(),
+        );
+        registry.register(
+            "transfer_connections_reused",
+            "connections a finished session parked that carried another session to this host",
+            metrics.connections_reused.clone(),
+        );
+    }
+
+    /// Copies the pool's size and the listener's counters into the metrics.
+    pub fn export_metrics(&self) {
+        let metrics = &self.metrics;
+        let parked = self
+            .options
+            .connection_pool
+            .as_ref()
+            .map_or(0, ConnectionPool::parked);
+        metrics.parked.set(parked as i64);
+        let Ok(listener) = self.listener.try_lock() else {
+            return;
+        };
+        if let Some(running) = listener.as_ref() {
+            let stats = running.listener.stats();
+            let catch_up = |counter: &prometheus_client::metrics::counter::Counter, total: u64| {
+                counter.inc_by(total.saturating_sub(counter.get()));
+            };
+            catch_up(&metrics.sessions_accepted, stats.sessions_opened);
+            catch_up(&metrics.connections_accepted, stats.connections_accepted);
+            catch_up(&metrics.connections_reused, stats.connections_reused);
+        }
     }
 
     pub fn fingerprint(&self) -> Fingerprint {

@@ -146,6 +146,25 @@ impl TestHost {
         format!("{}:{}", self.bind_ip, self.transfer_port)
     }
 
+    /// The value of Prometheus metric `name` (a line `name value`) in this host's `/metrics`,
+    /// if it is exported.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let token = std::fs::read_to_string(self.data_dir.join("admin.token")).ok()?;
+        let output = self
+            .command("curl")
+            .args([
+                "-s",
+                "-H",
+                &format!("Authorization: Bearer {}", token.trim()),
+                &format!("{}/metrics", self.server()),
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// A command for `program`, inside this host's namespace if it has one.
     pub fn command(&self, program: &str) -> Command {
         match &self.namespace {
