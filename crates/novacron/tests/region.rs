@@ -1261,9 +1261,7 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
     poll(
         "host-1's parked connections in its metrics",
         Duration::from_secs(30),
-        || {
-            (hosts.hosts[1].metric("novacron_transfer_parked_connections")? >= 1.0).then_some(())
-        },
+        || (hosts.hosts[1].metric("novacron_transfer_parked_connections")? >= 1.0).then_some(()),
     );
     let shown = first.ok(&["migration", "show", "mover"]);
     assert!(

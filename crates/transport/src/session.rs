@@ -1457,17 +1457,7 @@ async fn dial(
             .await
             .map_err(|source| TransportError::Handshake { peer, source })?;
         let (_, connection) = stream.get_ref();
-        let peer_fingerprint = connection
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
-            .ok_or_else(|| TransportError::Refused {
-                peer,
-                reason: "no peer certificate".to_string(),
-            })?;
-        let key_exchange_group = connection
-            .negotiated_key_exchange_group()
-            .map(|group| format!("{:?}", group.name()));
+        let (peer_fingerprint, key_exchange_group) = listener_identity(connection, peer)?;
         let io_error = |action| {
             move |source| TransportError::Io {
                 action,
@@ -1499,6 +1489,26 @@ async fn dial(
         })?
 }
 
+/// The listener's certificate fingerprint on a dialed connection, and the key exchange group
+/// its TLS handshake negotiated.
+fn listener_identity(
+    connection: &rustls::CommonState,
+    peer: SocketAddr,
+) -> Result<(Fingerprint, Option<String>), TransportError> {
+    let fingerprint = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
+        .ok_or_else(|| TransportError::Refused {
+            peer,
+            reason: "no peer certificate".to_string(),
+        })?;
+    let key_exchange_group = connection
+        .negotiated_key_exchange_group()
+        .map(|group| format!("{:?}", group.name()));
+    Ok((fingerprint, key_exchange_group))
+}
+
 /// Sends `hello` on a connection a finished session parked: no TCP or TLS handshake, and the
 /// socket's congestion state (its rate) is the one that session left.
 async fn reuse_parked(
@@ -1514,17 +1524,7 @@ async fn reuse_parked(
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
-    let peer_fingerprint = connection
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
-        .ok_or_else(|| TransportError::Refused {
-            peer,
-            reason: "no peer certificate".to_string(),
-        })?;
-    let key_exchange_group = connection
-        .negotiated_key_exchange_group()
-        .map(|group| format!("{:?}", group.name()));
+    let (peer_fingerprint, key_exchange_group) = listener_identity(connection, peer)?;
     let sent = async {
         stream.write_all(&hello.encode()).await?;
         stream.flush().await

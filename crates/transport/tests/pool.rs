@@ -146,31 +146,43 @@ async fn a_finished_sessions_connections_carry_the_next_session() {
     .await;
 }
 
+/// A listener, a pool, and a first session between them that exchanged a little and parked
+/// its three connections (one control, two bulk) at both ends.
+async fn parked_first_session(
+    listener_tls: &TlsSettings,
+    dialer_tls: &TlsSettings,
+    pool: &ConnectionPool,
+) -> novacron_transport::Listener {
+    let listener = listen(listener_tls, test_options(1)).await;
+    let address = listener.local_addr();
+    let dialer = Session::connect(address, dialer_tls, pooled_options(pool))
+        .await
+        .unwrap();
+    let accepted = listener.accept().await.unwrap();
+    exchange(
+        &dialer,
+        &accepted,
+        &random_payload(1 << 20, 5),
+        &Bytes::from_static(b"a"),
+    )
+    .await;
+    dialer.close().await.unwrap();
+    drop(accepted);
+    wait_until("parked", Duration::from_secs(10), || {
+        pool.parked_to(address) == 3 && listener.stats().connections_parked == 3
+    })
+    .await;
+    listener
+}
+
 #[tokio::test]
 async fn a_parked_connection_is_not_reused_once_the_listener_stops_trusting_the_dialer() {
     init_tracing();
     within(async {
         let (listener_tls, dialer_tls) = pinned_pair();
-        let listener = listen(&listener_tls, test_options(1)).await;
-        let address = listener.local_addr();
         let pool = ConnectionPool::default();
-        let dialer = Session::connect(address, &dialer_tls, pooled_options(&pool))
-            .await
-            .unwrap();
-        let accepted = listener.accept().await.unwrap();
-        exchange(
-            &dialer,
-            &accepted,
-            &random_payload(1 << 20, 5),
-            &Bytes::from_static(b"a"),
-        )
-        .await;
-        dialer.close().await.unwrap();
-        drop(accepted);
-        wait_until("parked", Duration::from_secs(10), || {
-            pool.parked_to(address) == 3 && listener.stats().connections_parked == 3
-        })
-        .await;
+        let listener = parked_first_session(&listener_tls, &dialer_tls, &pool).await;
+        let address = listener.local_addr();
 
         // The listener now trusts another host only.
         let stranger = HostIdentity::generate_self_signed("stranger").unwrap();
@@ -211,26 +223,9 @@ async fn a_session_opens_when_its_parked_connections_died_meanwhile() {
     init_tracing();
     within(async {
         let (listener_tls, dialer_tls) = pinned_pair();
-        let listener = listen(&listener_tls, test_options(1)).await;
-        let address = listener.local_addr();
         let pool = ConnectionPool::default();
-        let dialer = Session::connect(address, &dialer_tls, pooled_options(&pool))
-            .await
-            .unwrap();
-        let accepted = listener.accept().await.unwrap();
-        exchange(
-            &dialer,
-            &accepted,
-            &random_payload(1 << 20, 6),
-            &Bytes::from_static(b"b"),
-        )
-        .await;
-        dialer.close().await.unwrap();
-        drop(accepted);
-        wait_until("parked", Duration::from_secs(10), || {
-            pool.parked_to(address) == 3
-        })
-        .await;
+        let listener = parked_first_session(&listener_tls, &dialer_tls, &pool).await;
+        let address = listener.local_addr();
         // The listener restarts on the same port: its parked ends are closed, which the pool
         // sees.
         drop(listener);
