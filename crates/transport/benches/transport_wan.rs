@@ -34,6 +34,10 @@ const RECEIVER_COMPLETE: &str = "complete";
 /// (Mathis: about 4 Mbit/s at 50 ms RTT and 0.5 % loss).
 const CUBIC_LOSSY_BYTES: u64 = 16 * MIB;
 const CUBIC_LOSSY_FLOOR_BITS_PER_SECOND: f64 = 1e6;
+/// `novacron-kept`: the first session's size (an earlier transfer between the same hosts) and
+/// the pause before the timed one.
+const KEPT_WARM_UP_MIB: u64 = 256;
+const KEPT_IDLE: Duration = Duration::from_secs(5);
 
 struct Scenario {
     name: &'static str,
@@ -209,13 +213,14 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
             let link = (scenario.build)().context("cannot set up the emulated link")?;
             eprintln!("{label}: {tool}, {} MiB", scenario.size_bytes / MIB);
             let outcome = match tool.as_str() {
-                "novacron" => {
+                "novacron" | "novacron-kept" => {
                     run_novacron(
                         &link,
                         work.path(),
                         &data_file,
                         scenario,
                         None,
+                        tool == "novacron-kept",
                         &mut forecast,
                     )
                     .await
@@ -228,6 +233,7 @@ async fn run(options: BenchOptions) -> anyhow::Result<()> {
                             &data_file,
                             scenario,
                             Some(bits_per_second),
+                            false,
                             &mut forecast,
                         )
                         .await
@@ -279,6 +285,7 @@ fn tool_name(tool: &str) -> &'static str {
     match tool {
         "novacron" => "NovaCron transport",
         "novacron-forecast" => "NovaCron transport, link forecast from the run before",
+        "novacron-kept" => "NovaCron transport, on connections an earlier session left",
         "socat" => "single TCP stream (socat, system default cc)",
         "socat-cubic" => "single TCP stream (socat, cubic)",
         "rsync" => "rsync (daemon, one TCP stream)",
@@ -445,6 +452,7 @@ async fn run_novacron(
     data_file: &Path,
     scenario: &Scenario,
     forecast: Option<f64>,
+    kept: bool,
     measured: &mut Option<f64>,
 ) -> anyhow::Result<Measured> {
     let executable = std::env::current_exe()?;
@@ -471,8 +479,27 @@ async fn run_novacron(
     if let Some(bits_per_second) = forecast {
         sender.env("DWCP_BENCH_FORECAST", bits_per_second.to_string());
     }
-    let (seconds, receiver_text, sender_text) =
-        timed_transfer(receiver, sender, time_limit(scenario)).await?;
+    if kept {
+        // A first session of KEPT_WARM_UP_MIB, then KEPT_IDLE idle, then the timed one on the
+        // connections the first parked.
+        receiver.env("DWCP_BENCH_KEPT", "1");
+        sender.env("DWCP_BENCH_KEPT", "1");
+    }
+    let (mut seconds, receiver_text, sender_text) =
+        timed_transfer(receiver, sender, time_limit(scenario) + KEPT_IDLE * 4).await?;
+    if kept {
+        // From the timed session's connect (the sender's clock) to its last byte's arrival (the
+        // receiver's: the same host's clock).
+        let nanos = |text: &str, key: &str| -> anyhow::Result<u128> {
+            field(text, key)
+                .with_context(|| format!("no {key}"))?
+                .parse()
+                .with_context(|| format!("bad {key}"))
+        };
+        seconds = (nanos(&receiver_text, "complete_unix_ns")?
+            - nanos(&sender_text, "timed_start_unix_ns")?) as f64
+            / 1e9;
+    }
     let expected = hash_prefix(data_file, scenario.size_bytes)?;
     let received_hash = field(&receiver_text, "blake3").unwrap_or_default();
     if received_hash != expected.to_hex().as_str() {
@@ -480,12 +507,21 @@ async fn run_novacron(
     }
     *measured = field(&sender_text, "forecast_bits_per_second").and_then(|text| text.parse().ok());
     let note = format!(
-        "blake3 ok; {}control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}; {} MB sent twice (overdue frames, hedged)",
+        "blake3 ok; {}{}control request round trip during the transfer (ms): {}; {} bulk connections (chosen adaptively; connect RTT {} ms), cc {}, kx {}; {} MB sent twice (overdue frames, hedged)",
         forecast.map_or(String::new(), |bits_per_second| format!(
             "forecast {:.0} Mbit/s, pacing limit {:.0} Mbit/s at first; ",
             bits_per_second / 1e6,
             novacron_transport::policy::pacing_limit_for(bits_per_second / 8.0) as f64 * 8e-6
         )),
+        if kept {
+            format!(
+                "after a first session of {KEPT_WARM_UP_MIB} MiB and {} s idle, {} connections kept; ",
+                KEPT_IDLE.as_secs(),
+                field(&sender_text, "parked_taken").unwrap_or_default()
+            )
+        } else {
+            String::new()
+        },
         field(&sender_text, "control_round_trip_ms").unwrap_or_default(),
         field(&sender_text, "bulk_connections").unwrap_or_default(),
         field(&sender_text, "round_trip_estimate_ms").unwrap_or_default(),
@@ -498,6 +534,8 @@ async fn run_novacron(
     Ok((
         tool_name(if forecast.is_some() {
             "novacron-forecast"
+        } else if kept {
+            "novacron-kept"
         } else {
             "novacron"
         }),
@@ -505,6 +543,13 @@ async fn run_novacron(
         Some(seconds),
         note,
     ))
+}
+
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
 }
 
 fn field(text: &str, key: &str) -> Option<String> {
@@ -760,6 +805,13 @@ fn child_receive() -> anyhow::Result<()> {
         let listener = Listener::bind(listen, &tls, options).await?;
         println!("ready");
         std::io::stdout().flush()?;
+        if std::env::var_os("DWCP_BENCH_KEPT").is_some() {
+            // The earlier transfer: read and dropped.
+            let first = listener.accept().await?;
+            while first.recv().await?.is_some() {}
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), first.control().next_incoming()).await;
+        }
         let session = listener.accept().await?;
         // Answers the sender's control requests (the return path a migration needs) until the
         // sender closes the session.
@@ -780,6 +832,7 @@ fn child_receive() -> anyhow::Result<()> {
             total += chunk.len() as u64;
             hasher.update(&chunk);
         }
+        println!("complete_unix_ns={}", unix_nanos());
         println!("{RECEIVER_COMPLETE}");
         println!("bytes={total}");
         println!("blake3={}", hasher.finalize().to_hex());
@@ -872,6 +925,21 @@ fn child_send() -> anyhow::Result<()> {
         if let Ok(streams) = std::env::var("DWCP_BENCH_STREAMS") {
             options.initial_bulk_connections = Some(streams.parse()?);
             options.adapt_stream_count = false;
+        }
+        if std::env::var_os("DWCP_BENCH_KEPT").is_some() {
+            let pool = novacron_transport::ConnectionPool::default();
+            options.connection_pool = Some(pool.clone());
+            let first = Session::connect(peer, &tls, options.clone()).await?;
+            let mut block = vec![0u8; 4 << 20];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut block);
+            let block = Bytes::from(block);
+            for _ in 0..KEPT_WARM_UP_MIB / 4 {
+                first.send(block.clone()).await?;
+            }
+            first.close().await?;
+            tokio::time::sleep(KEPT_IDLE).await;
+            println!("parked_taken={}", pool.parked_to(peer));
+            println!("timed_start_unix_ns={}", unix_nanos());
         }
         let session = Session::connect(peer, &tls, options).await?;
         // Control round trips while the bulk data flows: every 100 ms, a small request the

@@ -965,14 +965,15 @@ impl Session {
             .connection_pool
             .as_ref()
             .map_or(0, |pool| pool.available(&dialer.pool_key));
+        // (A count the caller set stays: a multifd channel's session has one bulk connection.)
         let first_wave = options
             .initial_bulk_connections
             .unwrap_or(
                 options
                     .minimum_bulk_connections
-                    .max(options.parallel_start_connections),
+                    .max(options.parallel_start_connections)
+                    .max(parked.saturating_sub(1) as u32),
             )
-            .max(parked.saturating_sub(1) as u32)
             .clamp(
                 options.minimum_bulk_connections,
                 options.maximum_bulk_connections,
@@ -2477,7 +2478,7 @@ impl Listener {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
         self.context
             .trust_generation
-            .fetch_add(1, Ordering::Relaxed);
+            .fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -2534,6 +2535,9 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
+    // Read before the acceptor (`set_tls` replaces the acceptor, then counts): a connection
+    // made with an acceptor older than this count is never taken for a newer one's.
+    let trust_generation = context.trust_generation.load(Ordering::Acquire);
     let acceptor = context
         .acceptor
         .lock()
@@ -2587,7 +2591,6 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             })?;
         Ok::<_, TransportError>(Some((stream, peer_fingerprint, key_exchange_group, hello)))
     };
-    let trust_generation = context.trust_generation.load(Ordering::Relaxed);
     let (mut stream, peer_fingerprint, key_exchange_group, mut hello_bytes) =
         match tokio::time::timeout(options.handshake_timeout, handshake).await {
             Ok(Ok(Some(accepted))) => accepted,
@@ -2646,7 +2649,7 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             tracing::debug!(%peer, "parked transport connection closed");
             return;
         }
-        if context.trust_generation.load(Ordering::Relaxed) != trust_generation {
+        if context.trust_generation.load(Ordering::Acquire) != trust_generation {
             // Its peer was authenticated under trust since changed: it must authenticate again.
             tracing::info!(%peer, %peer_fingerprint, "parked transport connection closed: whom this host trusts changed since its handshake");
             return;
