@@ -91,6 +91,7 @@ impl BenchOptions {
             tools: [
                 "novacron",
                 "novacron-forecast",
+                "novacron-kept",
                 "socat",
                 "socat-cubic",
                 "rsync",
