@@ -508,7 +508,7 @@ pub(crate) struct TransferService {
     metrics: TransferMetrics,
 }
 
-/// Gauges of the transfer service's connections (see [`TransferService::export_metrics`]).
+/// Metrics of the transfer service's connections (see [`TransferService::export_metrics`]).
 #[derive(Default)]
 struct TransferMetrics {
     parked: prometheus_client::metrics::gauge::Gauge,
