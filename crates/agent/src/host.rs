@@ -185,7 +185,7 @@ async fn save_links(links: Arc<crate::links::LinkMonitor>, path: std::path::Path
 
 /// Copies the links' models and the transfer connections' counts into their metrics once a
 /// second.
-async fn export_link_metrics(transfers: Arc<crate::transfer::TransferService>) {
+async fn export_transfer_metrics(transfers: Arc<crate::transfer::TransferService>) {
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         interval.tick().await;
@@ -432,7 +432,7 @@ impl Host {
             tokio::spawn(crate::events::publish(store.clone(), events.clone())),
             tokio::spawn(crate::reconciler::run(shared.clone())),
             tokio::spawn(export_store_metrics(store.clone(), shared.clone())),
-            tokio::spawn(export_link_metrics(transfers.clone())),
+            tokio::spawn(export_transfer_metrics(transfers.clone())),
             tokio::spawn(save_links(
                 transfers.links.clone(),
                 shared.paths.links_file(),

@@ -1458,7 +1458,8 @@ async fn dial(
             .await
             .map_err(|source| TransportError::Handshake { peer, source })?;
         let (_, connection) = stream.get_ref();
-        let (peer_fingerprint, key_exchange_group) = listener_identity(connection, peer)?;
+        let (peer_fingerprint, key_exchange_group) =
+            peer_identity(connection, peer, "no peer certificate")?;
         let io_error = |action| {
             move |source| TransportError::Io {
                 action,
@@ -1490,11 +1491,12 @@ async fn dial(
         })?
 }
 
-/// The listener's certificate fingerprint on a dialed connection, and the key exchange group
-/// its TLS handshake negotiated.
-fn listener_identity(
+/// The peer's certificate fingerprint on an authenticated connection (refused with `missing`
+/// without one), and the key exchange group its TLS handshake negotiated.
+fn peer_identity(
     connection: &rustls::CommonState,
     peer: SocketAddr,
+    missing: &str,
 ) -> Result<(Fingerprint, Option<String>), TransportError> {
     let fingerprint = connection
         .peer_certificates()
@@ -1502,7 +1504,7 @@ fn listener_identity(
         .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
         .ok_or_else(|| TransportError::Refused {
             peer,
-            reason: "no peer certificate".to_string(),
+            reason: missing.to_string(),
         })?;
     let key_exchange_group = connection
         .negotiated_key_exchange_group()
@@ -1525,7 +1527,8 @@ async fn reuse_parked(
         options.congestion_control.as_deref(),
         options.unsent_limit_bytes,
     );
-    let (peer_fingerprint, key_exchange_group) = listener_identity(connection, peer)?;
+    let (peer_fingerprint, key_exchange_group) =
+        peer_identity(connection, peer, "no peer certificate")?;
     let sent = async {
         stream.write_all(&hello.encode()).await?;
         stream.flush().await
@@ -2569,17 +2572,8 @@ async fn handle_incoming(context: Arc<ListenerContext>, tcp: TcpStream, peer: So
             }
         };
         let (_, connection) = stream.get_ref();
-        let peer_fingerprint = connection
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|certificate| Fingerprint::of_certificate(certificate.as_ref()))
-            .ok_or_else(|| TransportError::Refused {
-                peer,
-                reason: "no client certificate".to_string(),
-            })?;
-        let key_exchange_group = connection
-            .negotiated_key_exchange_group()
-            .map(|group| format!("{:?}", group.name()));
+        let (peer_fingerprint, key_exchange_group) =
+            peer_identity(connection, peer, "no client certificate")?;
         let mut hello = [0u8; HELLO_LEN];
         stream
             .read_exact(&mut hello)
