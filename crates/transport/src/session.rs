@@ -372,6 +372,8 @@ pub struct SessionStats {
     /// written and is on its way to the peer.
     pub bulk_unsent_bytes: u64,
     pub receive_buffered_bytes: u64,
+    /// Connections opened again after one of the session's connections was lost (a connection
+    /// the stream-count policy adds is not one).
     pub reconnections: u64,
     /// How long the session has been without any connection (`None` while it has one); it
     /// fails once this passes its resume timeout.
@@ -1564,6 +1566,9 @@ async fn maintain_connection(
     };
     let mut backoff = Duration::from_millis(20);
     let mut shutdown = shared.shutdown.subscribe();
+    // A connection the policy added (or one whose first dial failed) is not a reconnection
+    // until this slot has had one and lost it.
+    let mut had_connection = first.is_some();
     loop {
         if shared.is_terminal() || shared.lock().state == SessionState::PeerClosed {
             return;
@@ -1599,7 +1604,10 @@ async fn maintain_connection(
                         return;
                     }
                     Ok(established) => {
-                        shared.lock().reconnections += 1;
+                        if had_connection {
+                            shared.lock().reconnections += 1;
+                        }
+                        had_connection = true;
                         Some((established.stream, established.hello, false))
                     }
                     Err(error) => {

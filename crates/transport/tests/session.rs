@@ -449,7 +449,11 @@ async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
     within(async {
         let (listener_tls, dialer_tls) = pinned_pair();
         let listener = listen(&listener_tls, test_options(1)).await;
-        let options = adaptive_options(3);
+        let (samples, observer) = recorder();
+        let options = SessionOptions {
+            rate_observer: Some(observer),
+            ..adaptive_options(3)
+        };
         let dialer = Session::connect(listener.local_addr(), &dialer_tls, options)
             .await
             .unwrap();
@@ -474,8 +478,17 @@ async fn stream_count_adapts_from_the_estimate_while_the_rate_rises() {
         }
         dialer.finish().await.unwrap();
         assert_eq!(receiver.await.unwrap(), sent);
+        // The stream was added on measured rates (the stats keep only the last interval's,
+        // which is nothing once the data is through), and an added stream is no reconnection.
+        let samples = samples.lock().unwrap();
+        assert!(
+            samples
+                .iter()
+                .any(|(_, sample)| sample.bytes_acknowledged > 0),
+            "{samples:?}"
+        );
         let stats = dialer.stats();
-        assert!(stats.measured_rate_bytes_per_second > 0.0, "{stats:?}");
+        assert_eq!(stats.reconnections, 0, "{stats:?}");
     })
     .await;
 }
