@@ -143,6 +143,9 @@ pub(crate) struct AgentMetrics {
     pub store_term: Gauge,
     pub store_last_log_index: Gauge,
     pub store_last_applied_index: Gauge,
+    /// Boot files (kernels, initrds) indexed ahead of migrations
+    /// (`crate::migration::keep_boot_files_indexed`).
+    pub boot_files_indexed: Gauge,
 }
 
 /// Copies the store's raft metrics into the gauges once a second.
@@ -426,6 +429,10 @@ impl Host {
             background.push(tokio::spawn(crate::transfer::follow_region_trust(
                 transfers.clone(),
             )));
+            background.push(tokio::spawn(crate::migration::keep_boot_files_indexed(
+                shared.clone(),
+                store.clone(),
+            )));
         }
         let (events, _) = broadcast::channel(1024);
         background.extend([
@@ -523,6 +530,11 @@ impl Host {
             "store_last_applied_index",
             "index of the last raft entry applied to this host's state machine",
             metrics.store_last_applied_index.clone(),
+        );
+        registry.register(
+            "migration_boot_files_indexed",
+            "kernels and initrds of the region's VMs this host keeps indexed for migrations",
+            metrics.boot_files_indexed.clone(),
         );
         self.transfers.links.register_metrics(registry);
         self.transfers.register_metrics(registry);

@@ -1195,6 +1195,15 @@ fn a_vm_moves_between_hosts_and_bad_requests_leave_it_where_it_is() {
         last_workload_tick(&first.serial_log("mover"))
     });
     assert_eq!(source_tick.1, 0, "the workload runs clean before the move");
+    // Every member keeps the region's boot files that it holds indexed before a move asks for
+    // them (the test guest's kernel and initrd are on every host).
+    for host in &hosts.hosts {
+        poll(
+            "boot files indexed ahead of moves",
+            Duration::from_secs(30),
+            || (host.metric("novacron_migration_boot_files_indexed")? >= 2.0).then_some(()),
+        );
+    }
 
     // Bad input: each refused with a clear error, nothing changes.
     let stderr = first.fails(&["vm", "migrate", "mover", "--to", "host-0"], 2);

@@ -232,6 +232,7 @@ fn metrics_are_served_to_token_holders() {
         "novacron_qemu_launches_total",
         "novacron_transfer_parked_connections",
         "novacron_transfer_connections_reused_total",
+        "novacron_migration_boot_files_indexed",
     ] {
         assert!(body.contains(metric), "{metric} is exported:\n{body}");
     }

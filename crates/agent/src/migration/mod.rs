@@ -52,7 +52,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod held_files;
 mod postcopy;
+
+use held_files::held_boot_files;
+pub(crate) use held_files::{HeldFileKey, keep_boot_files_indexed};
 pub(crate) use postcopy::{
     PostcopyRecovery, adopt_orphaned_postcopy, hand_over_recovery, postcopy_sourced_here,
     resume_postcopy_sourced_here,
@@ -2918,74 +2922,6 @@ struct PreparedDestination {
     held_files: Vec<Arc<HeldFile>>,
 }
 
-/// A file as the held-file cache knows it: a file replaced or rewritten (another inode, size
-/// or modification time) is hashed and indexed again.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct HeldFileKey {
-    path: std::path::PathBuf,
-    device: u64,
-    inode: u64,
-    length: u64,
-    modified_ns: i128,
-}
-
-impl HeldFileKey {
-    fn of(path: &std::path::Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let metadata = std::fs::metadata(path)?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            device: metadata.dev(),
-            inode: metadata.ino(),
-            length: metadata.len(),
-            modified_ns: i128::from(metadata.mtime()) * 1_000_000_000
-                + i128::from(metadata.mtime_nsec()),
-        })
-    }
-}
-
-/// The kernel and initrd of the VM's direct kernel boot, hashed and indexed with what the
-/// guest unpacks from them (the kernel, the initramfs's files; about 0.1 s for a distribution
-/// kernel): RAM pages equal to one of their blocks travel as hashes when both hosts hold the
-/// same file. Shared with the other migrations on this host using the same files now or in the
-/// last [`IMAGE_PAGE_INDEX_KEEP`] (an evacuation moves many VMs booted from one kernel); each
-/// file is indexed once however many migrations ask at once. A file that cannot be read is left
-/// out (the migration then sends those pages).
-async fn held_boot_files(shared: &Shared, record: &VmRecord) -> Vec<Arc<HeldFile>> {
-    let vm = record.spec.name.to_string();
-    let vm = &vm;
-    // The kernel and the initrd at the same time.
-    let opening = record.spec.kernel.iter().chain(&record.spec.initrd).map(|path| async move {
-        let opened = match HeldFileKey::of(path) {
-            Ok(key) => {
-                shared
-                    .held_file_indexes
-                    .get_or_build(key, || {
-                        let path = path.clone();
-                        async move {
-                            tokio::task::spawn_blocking(move || HeldFile::open(&path))
-                                .await
-                                .unwrap_or_else(|error| Err(std::io::Error::other(error)))
-                                .map(Arc::new)
-                        }
-                    })
-                    .await
-            }
-            Err(error) => Err(error),
-        };
-        opened
-            .inspect_err(|error| {
-                tracing::warn!(%vm, path = %path.display(), %error, "boot file not indexed; its pages are sent in full");
-            })
-            .ok()
-    });
-    futures::future::join_all(opening)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 /// How long a base image's page index stays in memory after a migration used it, so the next
 /// move of a VM on the same image (an evacuation moves many) does not read the image again.
 pub(crate) const IMAGE_PAGE_INDEX_KEEP: Duration = Duration::from_secs(600);
@@ -3818,29 +3754,6 @@ impl crate::Host {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_held_file_rewritten_or_replaced_gets_a_new_cache_key() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("vmlinuz");
-        std::fs::write(&path, b"kernel one").expect("write");
-        let first = HeldFileKey::of(&path).expect("key");
-        assert_eq!(
-            HeldFileKey::of(&path).expect("key"),
-            first,
-            "unchanged file"
-        );
-        // Replaced by a rename (another inode), same length.
-        let replacement = dir.path().join("vmlinuz.new");
-        std::fs::write(&replacement, b"kernel two").expect("write");
-        std::fs::rename(&replacement, &path).expect("rename");
-        let second = HeldFileKey::of(&path).expect("key");
-        assert_ne!(second, first);
-        // Rewritten in place with another length.
-        std::fs::write(&path, b"kernel three").expect("write");
-        assert_ne!(HeldFileKey::of(&path).expect("key"), second);
-        assert!(HeldFileKey::of(&dir.path().join("absent")).is_err());
-    }
 
     #[test]
     fn the_history_keeps_the_newest_finished_migrations_and_every_unfinished_one() {
