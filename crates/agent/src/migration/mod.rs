@@ -885,6 +885,7 @@ impl Source<'_> {
         )
         .await;
         let held_there = held_there?;
+        tracing::debug!(vm = %self.name, after_ms = self.started.elapsed().as_millis() as u64, "the destination answered");
         let held: Vec<&Arc<ImagePageIndex>> = held_here
             .iter()
             .flat_map(|file| file.parts())
@@ -1000,6 +1001,7 @@ impl Source<'_> {
         let mut events = self.qemu.subscribe_events();
         let stream = migrate_into_socket(&self.shared, self.qemu, &self.record, false).await?;
         let memory_started = Instant::now();
+        tracing::debug!(vm = %self.name, after_ms = self.started.elapsed().as_millis() as u64, "qemu migrates into the proxy");
 
         let sender_session = session.clone();
         let window_control = config.window_control.clone();
