@@ -128,10 +128,8 @@ pub(crate) async fn keep_boot_files_indexed(shared: Arc<Shared>, store: Store) {
             .collect();
         let named: HashSet<PathBuf> = records.iter().flat_map(boot_files).cloned().collect();
         let mut indexed = HashMap::new();
-        for path in most_used(records.iter().flat_map(boot_files), KEPT_AHEAD) {
-            if !path.exists() {
-                continue;
-            }
+        let held_here = |path: &Path| path.exists();
+        for path in most_used(records.iter().flat_map(boot_files), KEPT_AHEAD, held_here) {
             match held_boot_file(&shared, &path).await {
                 Ok(file) => {
                     indexed.insert(path, file);
@@ -175,8 +173,13 @@ pub(crate) async fn keep_boot_files_indexed(shared: Arc<Shared>, store: Store) {
     }
 }
 
-/// The `most` paths named most often among `named` (each VM's boot files; ties: by path).
-fn most_used<'a>(named: impl Iterator<Item = &'a PathBuf>, most: usize) -> Vec<PathBuf> {
+/// The `most` paths named most often among `named` (each VM's boot files; ties: by path) of
+/// those this host `holds`.
+fn most_used<'a>(
+    named: impl Iterator<Item = &'a PathBuf>,
+    most: usize,
+    holds: impl Fn(&Path) -> bool,
+) -> Vec<PathBuf> {
     let mut uses: HashMap<&PathBuf, usize> = HashMap::new();
     for path in named {
         *uses.entry(path).or_default() += 1;
@@ -185,8 +188,10 @@ fn most_used<'a>(named: impl Iterator<Item = &'a PathBuf>, most: usize) -> Vec<P
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     ranked
         .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| holds(path))
         .take(most)
-        .map(|(path, _)| path.clone())
+        .cloned()
         .collect()
 }
 
@@ -208,11 +213,24 @@ mod tests {
             "/k/other",
         ]);
         assert_eq!(
-            most_used(named.iter(), 3),
+            most_used(named.iter(), 3, |_| true),
             paths(&["/k/common", "/i/common", "/k/other"])
         );
-        assert_eq!(most_used(named.iter(), 10).len(), 4, "each file once");
-        assert!(most_used(std::iter::empty(), 3).is_empty());
+        assert_eq!(
+            most_used(named.iter(), 10, |_| true).len(),
+            4,
+            "each file once"
+        );
+        assert!(most_used(std::iter::empty(), 3, |_| true).is_empty());
+        // Files only other hosts hold leave room for the next ones.
+        assert_eq!(
+            most_used(named.iter(), 2, |path| !path.starts_with("/k")),
+            paths(&["/i/common"])
+        );
+        assert_eq!(
+            most_used(named.iter(), 2, |path| path != Path::new("/k/common")),
+            paths(&["/i/common", "/k/other"])
+        );
     }
 
     #[test]
