@@ -2436,25 +2436,28 @@ pub(crate) async fn serve_destination(
     // a notice.
     // The fresh checks' fence starts alongside (its round trip to the leader overlaps the
     // early look's wait for the record).
+    // The answer goes out as soon as the early look has it, not when the fence is through
+    // too (a round trip to the leader: joined, it held a first move's answer back 50 ms).
     let asked_at = Instant::now();
-    let (early, fenced) = tokio::join!(
+    let (answered, fenced) = tokio::join!(
         async {
             let early = early_held_files(&shared, &session, &id).await;
-            if early.is_some() {
+            let mut request = Some(request);
+            if let Some(held) = &early
+                && let Some(asked) = request.take()
+            {
                 tracing::debug!(migration = %id, after_ms = asked_at.elapsed().as_millis() as u64, "answering early");
+                asked.respond(ready(held)).await.map(|()| (early, None))
+            } else {
+                Ok((early, request))
             }
-            early
         },
         shared.records.fenced()
     );
-    let mut request = Some(request);
-    if let Some(held) = &early
-        && let Some(asked) = request.take()
-        && asked.respond(ready(held)).await.is_err()
-    {
+    let Ok((early, request)) = answered else {
         crate::transfer::close_quietly(session).await;
         return;
-    }
+    };
     let prepared = prepare_destination(&shared, &session, &id, early, fenced).await;
     let PreparedDestination {
         migration,
