@@ -31,7 +31,7 @@ pub(crate) struct HeldFileKey {
 }
 
 impl HeldFileKey {
-    pub(crate) fn of(path: &std::path::Path) -> std::io::Result<Self> {
+    fn of(path: &std::path::Path) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let metadata = std::fs::metadata(path)?;
         Ok(Self {

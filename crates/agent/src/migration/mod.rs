@@ -2435,9 +2435,8 @@ pub(crate) async fn serve_destination(
     // checks run again on fresh reads before anything is made; a refusal after the answer is
     // a notice.
     // The fresh checks' fence starts alongside (its round trip to the leader overlaps the
-    // early look's wait for the record).
-    // The answer goes out as soon as the early look has it, not when the fence is through
-    // too (a round trip to the leader: joined, it held a first move's answer back 50 ms).
+    // early look's wait for the record); the answer goes out as soon as the early look has it,
+    // not once the fence is through too (that held a first move's answer back 50 ms).
     let asked_at = Instant::now();
     let (answered, fenced) = tokio::join!(
         async {
