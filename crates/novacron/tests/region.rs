@@ -1759,6 +1759,23 @@ fn start_migration_and_wait_for_memory(
     id
 }
 
+/// Polls `observer` until migration `id` began its `passes`-th pass over memory; fails the
+/// test if it ends first.
+fn wait_for_passes(observer: &TestHost, id: &str, passes: u64) {
+    poll(
+        &format!("migration {id} in pass {passes}"),
+        Duration::from_secs(60),
+        || {
+            let record = observer.json(&["migration", "show", id]);
+            assert!(
+                !["failed", "cancelled", "completed"].contains(&record["phase"].as_str()?),
+                "migration {id} ended before pass {passes}: {record}"
+            );
+            (record["progress"]["passes"].as_u64()? >= passes).then_some(())
+        },
+    );
+}
+
 /// Polls `observer` until migration `id` is in `phase`; fails the test if it ends first.
 fn wait_for_migration_phase(observer: &TestHost, id: &str, phase: &str, timeout: Duration) {
     poll(&format!("migration {id} in {phase}"), timeout, || {
@@ -1833,9 +1850,11 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         assert_workload_continues(&hosts.hosts[0], "steady", before);
     };
 
-    // 1. The source's link is cut mid-memory: the source's session gives up after its resume
-    //    timeout; once the link is back it records the failure, and the destination removes
-    //    its QEMU.
+    // 1. The source's link is cut mid-memory, after the first pass (QEMU's auto-converge then
+    //    re-syncs its dirty bitmap every 5 s from its main loop, which blocks while the
+    //    migration stream cannot be written): the source's session gives up after its resume
+    //    timeout, the source's QEMU survives the failed migration; once the link is back the
+    //    source records the failure, and the destination removes its QEMU.
     let id = start_migration_and_wait_for_memory(
         &hosts.hosts[0],
         &hosts.hosts[1],
@@ -1843,6 +1862,7 @@ fn faults_during_a_live_migration_leave_the_vm_running_on_the_source() {
         "host-1",
         4 << 20,
     );
+    wait_for_passes(&hosts.hosts[0], &id, 2);
     hosts.set_link_up(0, false);
     poll(
         "the source to give up the cut-off migration",

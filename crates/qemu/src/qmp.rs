@@ -466,6 +466,30 @@ impl QmpClient {
     pub async fn query_migrate(&self) -> Result<Value, QmpError> {
         self.execute("query-migrate", None).await
     }
+
+    /// `migrate_cancel` of the outgoing migration, then `query-migrate` until
+    /// [`cancel_settled`] or `settle` passed. Returns the status last seen: a `cont` that
+    /// follows an ended migration does not meet one still cancelling.
+    pub async fn cancel_migration(&self, settle: Duration) -> Result<String, QmpError> {
+        // Refused only when there is nothing to cancel or it is a post-copy; the status says.
+        let _ = self.execute("migrate_cancel", None).await;
+        let deadline = tokio::time::Instant::now() + settle;
+        loop {
+            let info = self.query_migrate().await?;
+            let status = info["status"].as_str().unwrap_or("none").to_string();
+            if cancel_settled(&status) || tokio::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Whether a migration in `status` (`query-migrate`'s) is as a cancel leaves it: ended
+/// (`completed`, `failed`, `cancelled`, or none ran), or a post-copy (which cannot be
+/// cancelled).
+pub fn cancel_settled(status: &str) -> bool {
+    ["completed", "failed", "cancelled", "none"].contains(&status) || status.starts_with("postcopy")
 }
 
 async fn read_loop(

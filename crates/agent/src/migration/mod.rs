@@ -38,7 +38,7 @@ use novacron_migration::{
     ProxyError, ProxyReport, SharedImagePages, receive_migration_stream_duplex,
     send_migration_stream_duplex,
 };
-use novacron_qemu::{QemuVm, RunState};
+use novacron_qemu::{MigrationSocketKeeper, QemuVm, RunState};
 use novacron_transport::{
     ControlIncoming, Fingerprint, PeerTrust, Session, SessionOptions, TlsSettings,
 };
@@ -491,7 +491,7 @@ pub(crate) async fn run_source(
     if migration.record.phase != MigrationPhase::Requested {
         // A previous `serve` on this host was driving it and ended: QEMU's own migration died
         // with the socket, and the destination never got the commit.
-        let _ = qemu.qmp().execute("migrate_cancel", None).await;
+        cancel_qemu_migration(qemu).await;
         end_source(
             shared,
             name,
@@ -527,15 +527,18 @@ pub(crate) async fn run_source(
             SourceOutcome::Stayed
         }
         Err(failure) => {
-            let _ = qemu.qmp().execute("migrate_cancel", None).await;
+            cancel_qemu_migration(qemu).await;
             let (phase, code) = if failure.cancelled {
                 (MigrationPhase::Cancelled, None)
             } else {
                 (MigrationPhase::Failed, Some(failure.code))
             };
             tracing::warn!(vm = %name, migration = %id, reason = %failure.message, "migration ended; the vm stays on the source");
-            end_source(shared, name, id, phase, code, &failure.message).await;
+            // The guest runs again before the store hears of it: without a commit the VM is
+            // this one, and a store that does not answer (this host cut off) must not keep it
+            // paused.
             resume_source(qemu, record).await;
+            end_source(shared, name, id, phase, code, &failure.message).await;
             SourceOutcome::Stayed
         }
     }
@@ -582,6 +585,21 @@ impl From<AgentError> for Failure {
         Failure::new(error.code(), error.to_string())
     }
 }
+
+/// Cancels QEMU's outgoing migration and waits (up to [`CANCEL_SETTLE`]) until QEMU says it
+/// ended, so a `cont` that follows does not meet a migration still cancelling.
+async fn cancel_qemu_migration(qemu: &QemuVm) {
+    match qemu.qmp().cancel_migration(CANCEL_SETTLE).await {
+        Ok(status) if !novacron_qemu::qmp::cancel_settled(&status) => {
+            tracing::warn!(%status, "qemu's migration had not ended {} s after its cancel", CANCEL_SETTLE.as_secs());
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "qemu's migration could not be cancelled"),
+    }
+}
+
+/// How long the failure path waits for QEMU to end a cancelled migration.
+const CANCEL_SETTLE: Duration = Duration::from_secs(10);
 
 /// After a failed migration the source guest runs again (QEMU resumes it after most failures
 /// itself; after a completed QEMU migration whose commit was refused it waits in `postmigrate`).
@@ -1002,11 +1020,27 @@ impl Source<'_> {
         let stream = migrate_into_socket(&self.shared, self.qemu, &self.record, false).await?;
         let memory_started = Instant::now();
         tracing::debug!(vm = %self.name, after_ms = self.started.elapsed().as_millis() as u64, "qemu migrates into the proxy");
+        // With auto-converge, a proxy that fails must not close QEMU's socket under it (see
+        // `MigrationSocketKeeper`): the socket is drained until the cancel ends QEMU's migration.
+        let (stream, keeper) = if throttle {
+            let (stream, keeper) = MigrationSocketKeeper::keep(stream).map_err(|error| {
+                Failure::new(ErrorCode::Internal, format!("migration socket: {error}"))
+            })?;
+            (stream, Some(keeper))
+        } else {
+            (stream, None)
+        };
 
         let sender_session = session.clone();
         let window_control = config.window_control.clone();
         let mut sender = tokio::spawn(async move {
-            send_migration_stream_duplex(stream, &sender_session, &config).await
+            let sent = send_migration_stream_duplex(stream, &sender_session, &config).await;
+            if sent.is_err()
+                && let Some(keeper) = keeper
+            {
+                keeper.drain();
+            }
+            sent
         });
         // Recorded while the first bytes flow: the store's round trip (across the region's
         // link when its leader is there) is not worth holding QEMU's stream for. A cancel or a
