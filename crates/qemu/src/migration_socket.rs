@@ -10,7 +10,7 @@
 //! aborts QEMU (`migration_bitmap_sync_precopy: Assertion 'ram_state' failed`): the guest the
 //! failed migration was to leave running on the source dies. Reading what QEMU writes lets the
 //! blocked write finish, the timer's sync completes, and QEMU's main loop answers the
-//! `migrate_cancel` that follows ([`crate::Qmp::cancel_migration`]), whose clean-up stops the timer first. The reads are slow so
+//! `migrate_cancel` that follows ([`crate::QmpClient::cancel_migration`]), whose clean-up stops the timer first. The reads are slow so
 //! QEMU, seeing a slow link, does not finish the migration into them before the cancel lands.
 
 use std::time::Duration;
@@ -26,8 +26,9 @@ const DRAIN_PAUSE: Duration = Duration::from_millis(8);
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
 /// A second handle on QEMU's migration socket: while it lives, the socket stays open however
-/// the reader's halves of it end.
-pub struct MigrationSocketKeeper(UnixStream);
+/// the reader's halves of it end; dropped, it drains the socket (see [`Self::drain`]), so a
+/// reader given up on mid-way (a failed or aborted proxy) never closes the socket under QEMU.
+pub struct MigrationSocketKeeper(Option<UnixStream>);
 
 impl MigrationSocketKeeper {
     /// Splits `stream` into the stream the reader uses and a keeper of the same socket.
@@ -36,16 +37,29 @@ impl MigrationSocketKeeper {
         let kept = stream.try_clone()?;
         Ok((
             UnixStream::from_std(stream)?,
-            Self(UnixStream::from_std(kept)?),
+            Self(Some(UnixStream::from_std(kept)?)),
         ))
     }
 
     /// Reads and discards what QEMU still writes, slowly, until QEMU closes the socket (it does
-    /// once its migration ended) or [`DRAIN_LIMIT`] passes; then the socket closes. Runs on
-    /// its own task: call [`crate::Qmp::cancel_migration`] next.
+    /// once its migration ended: at once after a completed one) or [`DRAIN_LIMIT`] passes;
+    /// then the socket closes. Runs on its own task: call
+    /// [`crate::QmpClient::cancel_migration`] next when the migration is given up on.
     pub fn drain(self) {
-        let mut socket = self.0;
-        tokio::spawn(async move {
+        drop(self);
+    }
+}
+
+impl Drop for MigrationSocketKeeper {
+    fn drop(&mut self) {
+        let Some(mut socket) = self.0.take() else {
+            return;
+        };
+        // Outside a runtime (its shutdown) the socket just closes.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
             let mut buffer = vec![0u8; DRAIN_READ];
             let drained = tokio::time::timeout(DRAIN_LIMIT, async {
                 let mut total = 0u64;
@@ -59,9 +73,10 @@ impl MigrationSocketKeeper {
             })
             .await;
             match drained {
+                Ok(0) => {}
                 Ok(bytes) => tracing::debug!(bytes, "qemu's migration socket drained"),
                 Err(_) => tracing::warn!(
-                    "qemu kept writing into its failed migration's socket for {} s; closing it",
+                    "qemu kept writing into its given-up migration's socket for {} s; closing it",
                     DRAIN_LIMIT.as_secs()
                 ),
             }

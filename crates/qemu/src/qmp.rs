@@ -578,6 +578,30 @@ mod tests {
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
+    #[test]
+    fn a_cancel_settles_at_an_end_or_a_post_copy_and_not_before() {
+        for status in [
+            "completed",
+            "failed",
+            "cancelled",
+            "none",
+            "postcopy-active",
+            "postcopy-paused",
+        ] {
+            assert!(cancel_settled(status), "{status}");
+        }
+        for status in [
+            "setup",
+            "active",
+            "cancelling",
+            "device",
+            "pre-switchover",
+            "wait-unplug",
+        ] {
+            assert!(!cancel_settled(status), "{status}");
+        }
+    }
+
     /// A scripted QMP server: greeting, capabilities, then replies to each command by name.
     async fn fake_server(listener: UnixListener) {
         let (stream, _) = listener.accept().await.unwrap();

@@ -1,5 +1,6 @@
 //! A source QEMU whose migration stream stalls and is then given up on survives, when the
-//! reader gives up through [`MigrationSocketKeeper`] and [`Qmp::cancel_migration`].
+//! reader gives up through [`MigrationSocketKeeper`] and
+//! [`novacron_qemu::QmpClient::cancel_migration`].
 //!
 //! The hazard (QEMU 10 under TCG, with `auto-converge`): QEMU's 5-second dirty-bitmap sync
 //! timer blocks QEMU's main loop while the migration thread's write into the socket blocks;

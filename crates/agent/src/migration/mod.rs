@@ -1020,8 +1020,9 @@ impl Source<'_> {
         let stream = migrate_into_socket(&self.shared, self.qemu, &self.record, false).await?;
         let memory_started = Instant::now();
         tracing::debug!(vm = %self.name, after_ms = self.started.elapsed().as_millis() as u64, "qemu migrates into the proxy");
-        // With auto-converge, a proxy that fails must not close QEMU's socket under it (see
-        // `MigrationSocketKeeper`): the socket is drained until the cancel ends QEMU's migration.
+        // With auto-converge, a proxy that fails (or is dropped) must not close QEMU's socket
+        // under it (see `MigrationSocketKeeper`): the keeper, dropped with the sender, drains
+        // the socket until the cancel ends QEMU's migration.
         let (stream, keeper) = if throttle {
             let (stream, keeper) = MigrationSocketKeeper::keep(stream).map_err(|error| {
                 Failure::new(ErrorCode::Internal, format!("migration socket: {error}"))
@@ -1034,13 +1035,8 @@ impl Source<'_> {
         let sender_session = session.clone();
         let window_control = config.window_control.clone();
         let mut sender = tokio::spawn(async move {
-            let sent = send_migration_stream_duplex(stream, &sender_session, &config).await;
-            if sent.is_err()
-                && let Some(keeper) = keeper
-            {
-                keeper.drain();
-            }
-            sent
+            let _keeper = keeper;
+            send_migration_stream_duplex(stream, &sender_session, &config).await
         });
         // Recorded while the first bytes flow: the store's round trip (across the region's
         // link when its leader is there) is not worth holding QEMU's stream for. A cancel or a
