@@ -2,8 +2,8 @@
 //!
 //! It owns the QEMU process and nothing above it: it locates the binaries ([`binaries`]), probes
 //! whether KVM can really run a guest ([`accelerator`]), launches QEMU detached in its own session
-//! with a QMP socket, a pid file and a logged serial console ([`launch`]), talks QMP ([`qmp`]), keeps a migration's socket safe to give up on
-//! ([`migration_socket`]),
+//! with a QMP socket, a pid file and a logged serial console ([`launch`]), talks QMP ([`qmp`]),
+//! keeps an outgoing migration's socket safe to give up on ([`migration_socket`]),
 //! re-attaches to a QEMU left running by a previous `novacron serve`, watches for its exit and stops
 //! it ([`vm`]), and wraps `qemu-img` ([`image`]). [`test_guest`] finds the project's test guest. It keeps no desired state and makes no policy
 //! decisions (restart, placement): the VM manager above it does.

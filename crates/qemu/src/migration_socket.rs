@@ -5,13 +5,16 @@
 //! its main loop every 5 s when no pass began meanwhile. That sync waits, holding QEMU's big
 //! lock, for the bitmap lock that the migration thread holds while it blocks writing into our
 //! socket, so a transport that stalls for more than a few seconds stops QEMU's main loop (and
-//! its QMP) until the write completes. If the proxy then closes the socket, the failed
-//! migration's clean-up frees QEMU's RAM state while that timer still runs, and its next tick
-//! aborts QEMU (`migration_bitmap_sync_precopy: Assertion 'ram_state' failed`): the guest the
-//! failed migration was to leave running on the source dies. Reading what QEMU writes lets the
-//! blocked write finish, the timer's sync completes, and QEMU's main loop answers the
-//! `migrate_cancel` that follows ([`crate::QmpClient::cancel_migration`]), whose clean-up stops the timer first. The reads are slow so
-//! QEMU, seeing a slow link, does not finish the migration into them before the cancel lands.
+//! its QMP) until the write completes. If the reader then closes the socket, the tick resumes
+//! as the migration fails; under TCG its sync lets the big lock go while it waits for the vCPU,
+//! the failing migration stops the timer meanwhile, the tick re-arms it, the clean-up frees
+//! QEMU's RAM state, and the next tick aborts QEMU (`migration_bitmap_sync_precopy: Assertion
+//! 'ram_state' failed`): the guest the failed migration was to leave running on the source
+//! dies. Reading what QEMU writes lets the blocked write finish and the tick's sync complete
+//! while the migration still runs; QEMU's main loop then answers the `migrate_cancel` that
+//! follows ([`crate::QmpClient::cancel_migration`]), whose clean-up stops the timer first. The
+//! reads are slow so QEMU, seeing a slow link, does not finish the migration into them before
+//! the cancel lands.
 
 use std::time::Duration;
 

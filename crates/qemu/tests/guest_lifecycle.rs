@@ -274,14 +274,7 @@ async fn missing_qemu_binary_names_the_package() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_workload_reports_progress_and_intact_memory() {
     let run_dir = run_directory();
-    let mut spec = guest_spec("workload", run_dir.path(), None).await;
-    if let Some(kernel) = spec.kernel.as_mut() {
-        kernel.cmdline = Some(
-            "console=ttyS0 panic=-1 quiet novacron.workload=1 novacron.workload_mib=16".to_owned(),
-        );
-    }
-    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
-    let _cleanup = common::KillOnDrop::new(&vm);
+    let (vm, _cleanup) = common::launch_workload_guest("workload", run_dir.path(), 16).await;
     let console = vm.run_directory().console_log();
     let log = wait_for_console(&console, "NOVACRON-WORKLOAD tick=3 ").await;
     // The shell's prompt on the same console may precede a line: look for the marker anywhere.

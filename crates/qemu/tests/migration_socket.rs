@@ -12,8 +12,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{binaries, guest_spec, run_directory, wait_for_console};
-use novacron_qemu::{MigrationSocketKeeper, QemuVm};
+use common::{run_directory, wait_for_console};
+use novacron_qemu::MigrationSocketKeeper;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
@@ -24,14 +24,7 @@ const STALL_LIMIT: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_migration_given_up_through_the_keeper_leaves_the_source_running() {
     let run_dir = run_directory();
-    let mut spec = guest_spec("stalled", run_dir.path(), None).await;
-    if let Some(kernel) = spec.kernel.as_mut() {
-        kernel.cmdline = Some(
-            "console=ttyS0 panic=-1 quiet novacron.workload=1 novacron.workload_mib=16".to_owned(),
-        );
-    }
-    let vm = QemuVm::launch(&binaries(), &spec).await.expect("launch");
-    let _cleanup = common::KillOnDrop::new(&vm);
+    let (vm, _cleanup) = common::launch_workload_guest("stalled", run_dir.path(), 16).await;
     let console = vm.run_directory().console_log();
     wait_for_console(&console, "NOVACRON-WORKLOAD tick=1 ").await;
     let qmp = vm.qmp();

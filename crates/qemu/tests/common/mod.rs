@@ -45,6 +45,26 @@ pub async fn guest_spec(name: &str, run_dir: &Path, disk_size_bytes: Option<u64>
         .kernel(guest.kernel_boot(""))
 }
 
+/// The test guest running its memory workload over a `workload_mib` region (see
+/// `scripts/guest/workload.c`), launched; killed when the returned guard drops.
+pub async fn launch_workload_guest(
+    name: &str,
+    run_dir: &Path,
+    workload_mib: u32,
+) -> (novacron_qemu::QemuVm, KillOnDrop) {
+    let mut spec = guest_spec(name, run_dir, None).await;
+    if let Some(kernel) = spec.kernel.as_mut() {
+        kernel.cmdline = Some(format!(
+            "console=ttyS0 panic=-1 quiet novacron.workload=1 novacron.workload_mib={workload_mib}"
+        ));
+    }
+    let vm = novacron_qemu::QemuVm::launch(&binaries(), &spec)
+        .await
+        .expect("launch");
+    let cleanup = KillOnDrop::new(&vm);
+    (vm, cleanup)
+}
+
 /// Polls `log` until it contains `needle`; returns the log's content.
 pub async fn wait_for_console(log: &Path, needle: &str) -> String {
     match wait_for_console_text(log, needle, GUEST_DEADLINE).await {
