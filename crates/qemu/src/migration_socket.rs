@@ -29,8 +29,11 @@ const DRAIN_PAUSE: Duration = Duration::from_millis(8);
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 
 /// A second handle on QEMU's migration socket: while it lives, the socket stays open however
-/// the reader's halves of it end; dropped, it drains the socket (see [`Self::drain`]), so a
-/// reader given up on mid-way (a failed or aborted proxy) never closes the socket under QEMU.
+/// the reader's halves of it end. Dropped, it reads and discards what QEMU still writes,
+/// slowly, on a task of its own, until QEMU closes the socket (it does once its migration
+/// ended: at once after a completed one) or [`DRAIN_LIMIT`] passes; then the socket closes. So
+/// a reader given up on mid-way (a failed or aborted proxy) never closes the socket under QEMU;
+/// call [`crate::QmpClient::cancel_migration`] next when the migration is given up on.
 pub struct MigrationSocketKeeper(Option<UnixStream>);
 
 impl MigrationSocketKeeper {
@@ -42,14 +45,6 @@ impl MigrationSocketKeeper {
             UnixStream::from_std(stream)?,
             Self(Some(UnixStream::from_std(kept)?)),
         ))
-    }
-
-    /// Reads and discards what QEMU still writes, slowly, until QEMU closes the socket (it does
-    /// once its migration ended: at once after a completed one) or [`DRAIN_LIMIT`] passes;
-    /// then the socket closes. Runs on its own task: call
-    /// [`crate::QmpClient::cancel_migration`] next when the migration is given up on.
-    pub fn drain(self) {
-        drop(self);
     }
 }
 
@@ -92,8 +87,8 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    /// The keeper holds the socket open after the reader's handle is dropped, and its drain
-    /// reads what the peer still writes until the peer closes.
+    /// The keeper holds the socket open after the reader's handle is dropped, and dropped
+    /// itself reads what the peer still writes until the peer closes.
     #[tokio::test]
     async fn the_socket_stays_open_until_the_drain_reaches_the_peers_end() {
         let (ours, mut qemu) = UnixStream::pair().expect("socket pair");
@@ -108,7 +103,7 @@ mod tests {
             qemu.shutdown().await.expect("shutdown");
             qemu
         });
-        keeper.drain();
+        drop(keeper);
         let mut qemu = tokio::time::timeout(Duration::from_secs(30), writer)
             .await
             .expect("the drain let the write finish")

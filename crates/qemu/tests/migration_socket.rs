@@ -88,7 +88,7 @@ async fn a_stalled_migration_given_up_through_the_keeper_leaves_the_source_runni
     // Given up on as the source's proxy gives up: its handle goes, the keeper drains, and
     // the migration is cancelled.
     drop(reader);
-    keeper.drain();
+    drop(keeper);
     let status = qmp
         .cancel_migration(Duration::from_secs(60))
         .await
